@@ -1,0 +1,335 @@
+//! CPU backend: the numeric reference. f32 arithmetic over weights widened to f32 at upload,
+//! GEMM by the `gemm` crate, row loops spread over cores by rayon.
+//!
+//! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
+
+use super::{AttnShape, Backend, BackendError, Result};
+use crate::layout::AttnSpan;
+use crate::tensor::HostTensor;
+use rayon::prelude::*;
+
+/// A row-major (rows, cols) f32 matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mat {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl Mat {
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// A weight widened to f32, with its logical shape.
+pub struct CpuWeight {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+#[derive(Default)]
+pub struct CpuBackend;
+
+fn shape_err(op: &'static str, msg: String) -> BackendError {
+    BackendError::Shape { op, msg }
+}
+
+impl CpuBackend {
+    pub fn new() -> CpuBackend {
+        CpuBackend
+    }
+}
+
+/// out (T, N) = x (T, K) · w (N, K)ᵀ through the gemm crate.
+fn matmul_nt(x: &[f32], w: &[f32], t: usize, k: usize, n: usize, out: &mut [f32]) {
+    let threads = rayon::current_num_threads();
+    let par = if t * n * k >= 1 << 16 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the slices hold t*k, n*k and t*n elements, matching the strides below.
+    unsafe {
+        gemm::gemm(
+            t, n, k,
+            out.as_mut_ptr(), 1, n as isize, false,
+            x.as_ptr(), 1, k as isize,
+            w.as_ptr(), k as isize, 1,
+            0.0, 1.0, false, false, false, par,
+        );
+    }
+}
+
+impl Backend for CpuBackend {
+    type Act = Mat;
+    type Weight = CpuWeight;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
+        Ok(CpuWeight { shape: t.shape.clone(), data: t.to_f32() })
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Mat> {
+        if data.len() != rows * cols {
+            return Err(shape_err("upload", format!("{} values for ({rows}, {cols})", data.len())));
+        }
+        Ok(Mat { rows, cols, data: data.to_vec() })
+    }
+
+    fn download(&self, x: &Mat) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+
+    fn dims(&self, x: &Mat) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<Mat> {
+        let (v, c) = (table.shape[0], table.shape[1]);
+        let mut data = Vec::with_capacity(ids.len() * c);
+        for &id in ids {
+            let id = id as usize;
+            if id >= v {
+                return Err(shape_err("embed", format!("token id {id} outside the vocabulary of {v}")));
+            }
+            data.extend_from_slice(&table.data[id * c..(id + 1) * c]);
+        }
+        Ok(Mat { rows: ids.len(), cols: c, data })
+    }
+
+    fn linear(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<Mat> {
+        let (n, k) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
+        if x.cols != k {
+            return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
+        }
+        let mut out = vec![0f32; x.rows * n];
+        if x.rows > 0 {
+            matmul_nt(&x.data, &w.data, x.rows, k, n, &mut out);
+        }
+        if let Some(b) = b {
+            out.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b));
+        }
+        Ok(Mat { rows: x.rows, cols: n, data: out })
+    }
+
+    fn layer_norm(&self, x: &Mat, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Result<Mat> {
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols).for_each(|row| {
+            let n = row.len() as f64;
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = ((*v as f64 - mean) * inv) as f32 * w.data[i] + b.data[i];
+            }
+        });
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &Mat, w: &CpuWeight, eps: f32) -> Result<Mat> {
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols).for_each(|row| {
+            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
+            let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = *v * inv * w.data[i];
+            }
+        });
+        Ok(out)
+    }
+
+    fn rope(&self, x: &mut Mat, col0: usize, heads: usize, head_dim: usize, positions: &[u32], theta: f32) -> Result<()> {
+        if positions.len() != x.rows || col0 + heads * head_dim > x.cols {
+            return Err(shape_err("rope", format!("{} positions, {} rows, {} cols", positions.len(), x.rows, x.cols)));
+        }
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        let cols = x.cols;
+        x.data.par_chunks_mut(cols).zip(positions).for_each(|(row, &pos)| {
+            for (i, f) in inv_freq.iter().enumerate() {
+                let angle = pos as f32 * f;
+                let (sin, cos) = angle.sin_cos();
+                for h in 0..heads {
+                    let base = col0 + h * head_dim;
+                    let (a, b) = (row[base + i], row[base + i + half]);
+                    row[base + i] = a * cos - b * sin;
+                    row[base + i + half] = b * cos + a * sin;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn attention(&self, q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+        let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
+        if q.cols != h * d || k.cols != kvh * d || v.cols != kvh * d || spans.len() != q.rows || k.rows != v.rows {
+            return Err(shape_err("attention", format!("q {:?} k {:?} v {:?} spans {}", (q.rows, q.cols), (k.rows, k.cols), (v.rows, v.cols), spans.len())));
+        }
+        let group = h / kvh;
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; q.rows * h * d];
+        out.par_chunks_mut(h * d).enumerate().try_for_each(|(t, orow)| {
+            let span = spans[t];
+            let own_end = t + s.key_offset; // inclusive
+            if own_end >= k.rows || span.shared_end as usize > k.rows {
+                return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
+            }
+            let keys: Vec<usize> = (span.shared_start as usize..span.shared_end as usize).chain(span.own_start as usize..=own_end).collect();
+            let mut scores = vec![0f32; keys.len()];
+            for hh in 0..h {
+                let kv = hh / group;
+                let qv = &q.row(t)[hh * d..(hh + 1) * d];
+                let mut max = f32::NEG_INFINITY;
+                for (j, &key) in keys.iter().enumerate() {
+                    let kvec = &k.row(key)[kv * d..(kv + 1) * d];
+                    let dot: f32 = qv.iter().zip(kvec).map(|(a, b)| a * b).sum();
+                    scores[j] = dot * scale;
+                    max = max.max(scores[j]);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let o = &mut orow[hh * d..(hh + 1) * d];
+                for (j, &key) in keys.iter().enumerate() {
+                    let p = scores[j] / sum;
+                    let vvec = &v.row(key)[kv * d..(kv + 1) * d];
+                    o.iter_mut().zip(vvec).for_each(|(o, v)| *o += p * v);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Mat { rows: q.rows, cols: h * d, data: out })
+    }
+
+    fn gelu(&self, x: &mut Mat) -> Result<()> {
+        x.data.par_iter_mut().for_each(|v| *v = gelu_exact(*v));
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut Mat, up: &Mat) -> Result<()> {
+        if gate.data.len() != up.data.len() {
+            return Err(shape_err("silu_mul", format!("{} vs {} values", gate.data.len(), up.data.len())));
+        }
+        gate.data.par_iter_mut().zip(&up.data).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Mat, y: &Mat) -> Result<()> {
+        if x.data.len() != y.data.len() {
+            return Err(shape_err("add", format!("({}, {}) + ({}, {})", x.rows, x.cols, y.rows, y.cols)));
+        }
+        x.data.par_iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn cols(&self, x: &Mat, start: usize, width: usize) -> Result<Mat> {
+        if start + width > x.cols {
+            return Err(shape_err("cols", format!("[{start}, {}) of {} columns", start + width, x.cols)));
+        }
+        let data = x.data.chunks(x.cols).flat_map(|r| r[start..start + width].iter().copied()).collect();
+        Ok(Mat { rows: x.rows, cols: width, data })
+    }
+
+    fn rows(&self, x: &Mat, rows: &[u32]) -> Result<Mat> {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            if r as usize >= x.rows {
+                return Err(shape_err("rows", format!("row {r} of {}", x.rows)));
+            }
+            data.extend_from_slice(x.row(r as usize));
+        }
+        Ok(Mat { rows: rows.len(), cols: x.cols, data })
+    }
+
+    fn concat_rows(&self, a: &Mat, b: &Mat) -> Result<Mat> {
+        if a.cols != b.cols {
+            return Err(shape_err("concat_rows", format!("{} vs {} columns", a.cols, b.cols)));
+        }
+        let mut data = a.data.clone();
+        data.extend_from_slice(&b.data);
+        Ok(Mat { rows: a.rows + b.rows, cols: a.cols, data })
+    }
+
+    fn log_softmax_at(&self, logits: &Mat, targets: &[u32]) -> Result<Vec<f64>> {
+        if targets.len() != logits.rows {
+            return Err(shape_err("log_softmax_at", format!("{} targets for {} rows", targets.len(), logits.rows)));
+        }
+        logits
+            .data
+            .par_chunks(logits.cols)
+            .zip(targets)
+            .map(|(row, &t)| {
+                let t = t as usize;
+                if t >= row.len() {
+                    return Err(shape_err("log_softmax_at", format!("target {t} outside the vocabulary of {}", row.len())));
+                }
+                Ok(row[t] as f64 - logsumexp(row))
+            })
+            .collect()
+    }
+
+    fn log_softmax(&self, logits: &Mat) -> Result<Vec<f32>> {
+        let mut out = logits.data.clone();
+        out.par_chunks_mut(logits.cols).for_each(|row| {
+            let lse = logsumexp(row);
+            row.iter_mut().for_each(|v| *v = (*v as f64 - lse) as f32);
+        });
+        Ok(out)
+    }
+}
+
+fn logsumexp(row: &[f32]) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+}
+
+/// 0.5 x (1 + erf(x / √2)), as torch's default GELU.
+pub fn gelu_exact(x: f32) -> f32 {
+    (0.5 * x as f64 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2))) as f32
+}
+
+/// erf to ~1e-15 (W. J. Cody's rational approximations via erfc for |x| > 0.5).
+fn erf(x: f64) -> f64 {
+    // Abramowitz–Stegun 7.1.26 is only 1e-7; use the series / continued fraction split.
+    if x.abs() < 2.5 {
+        // Maclaurin series: converges fast for |x| < 2.5 in double precision.
+        let mut sum = x;
+        let mut term = x;
+        let x2 = x * x;
+        let mut n = 0.0;
+        loop {
+            n += 1.0;
+            term *= -x2 / n;
+            let add = term / (2.0 * n + 1.0);
+            sum += add;
+            if add.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc continued fraction (Lentz), accurate for |x| >= 2.5.
+        let ax = x.abs();
+        let mut f = ax;
+        let mut c = ax;
+        let mut dd = 0.0;
+        for i in 1..200 {
+            let a = i as f64 / 2.0;
+            dd = ax + a * dd;
+            dd = 1.0 / dd;
+            c = ax + a / c;
+            let delta = c * dd;
+            f *= delta;
+            if (delta - 1.0).abs() < 1e-16 {
+                break;
+            }
+        }
+        let erfc = (-ax * ax).exp() / (f * std::f64::consts::PI.sqrt());
+        (1.0 - erfc).copysign(x)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,87 @@
+//! The compute backend: a small set of ops over f32 activations and stored weights.
+//!
+//! Model code (src/model/) calls only these. `cpu` is the numeric reference; `cuda`
+//! must agree with it within the dtype's tolerance.
+
+pub mod cpu;
+
+use crate::layout::AttnSpan;
+use crate::tensor::HostTensor;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("shape mismatch in {op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error("device unavailable: {0}")]
+    Unavailable(String),
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+pub trait Backend: Send + Sync {
+    /// A (rows, cols) f32 activation matrix on the device.
+    type Act: Send;
+    /// A weight tensor on the device, in whatever form the backend computes with.
+    type Weight: Send + Sync;
+
+    fn name(&self) -> String;
+
+    // ---- memory ----
+    fn upload_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Act>;
+    fn download(&self, x: &Self::Act) -> Result<Vec<f32>>;
+    /// (rows, cols)
+    fn dims(&self, x: &Self::Act) -> (usize, usize);
+
+    // ---- ops ----
+    /// table (V, C), ids (T,) -> (T, C)
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Act>;
+    /// x (T, K) · w (N, K)ᵀ + b (N,) -> (T, N)
+    fn linear(&self, x: &Self::Act, w: &Self::Weight, b: Option<&Self::Weight>) -> Result<Self::Act>;
+    /// Row-wise LayerNorm with weight and bias (C,).
+    fn layer_norm(&self, x: &Self::Act, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Act>;
+    /// Row-wise RMSNorm with weight (C,).
+    fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act>;
+    /// Rotary embedding (rotate-half form) in place on columns [col0, col0 + heads·D) of x (T, ·).
+    fn rope(&self, x: &mut Self::Act, col0: usize, heads: usize, head_dim: usize, positions: &[u32], theta: f32) -> Result<()>;
+    /// q (T, H·D), k and v (S, KV·D) -> (T, H·D). Query row t attends key rows
+    /// [shared_start, shared_end) ∪ [own_start, t + key_offset] of its span, scaled by 1/√D.
+    fn attention(
+        &self,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        shape: AttnShape,
+        spans: &[AttnSpan],
+    ) -> Result<Self::Act>;
+    /// Exact (erf) GELU in place.
+    fn gelu(&self, x: &mut Self::Act) -> Result<()>;
+    /// gate <- silu(gate) * up
+    fn silu_mul(&self, gate: &mut Self::Act, up: &Self::Act) -> Result<()>;
+    /// x <- x + y
+    fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
+    /// Columns [start, start + width) of x as a new matrix.
+    fn cols(&self, x: &Self::Act, start: usize, width: usize) -> Result<Self::Act>;
+    /// The given rows of x, in order.
+    fn rows(&self, x: &Self::Act, rows: &[u32]) -> Result<Self::Act>;
+    /// a stacked on top of b.
+    fn concat_rows(&self, a: &Self::Act, b: &Self::Act) -> Result<Self::Act>;
+    /// logits (S, V), targets (S,) -> log softmax(logits)[s, targets[s]] (S,), accumulated in f64.
+    fn log_softmax_at(&self, logits: &Self::Act, targets: &[u32]) -> Result<Vec<f64>>;
+    /// logits (S, V) -> log softmax (S, V), for sampling.
+    fn log_softmax(&self, logits: &Self::Act) -> Result<Vec<f32>>;
+}
+
+/// Head counts of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Key row of query row 0: spans index key rows, and query row t's own key is
+    /// row t + key_offset (a KV cache's keys come first).
+    pub key_offset: usize,
+}

@@ -1,0 +1,264 @@
+//! Falcon (7B / 40B / 180B and relatives): HF config, tensor-name table, decoder block.
+//!
+//! Shapes: T rows, C hidden, H query heads, KV key/value heads, D head dim, F = ffn_hidden_size.
+//! Layer layouts (HF FalconDecoderLayer):
+//!   parallel, one norm (7B, and new arch with num_ln_in_parallel_attn = 1):
+//!       out = x + attn(ln(x)) + mlp(ln(x))
+//!   parallel, two norms (new_decoder_architecture: 40B, 180B):
+//!       out = x + attn(ln_attn(x)) + mlp(ln_mlp(x))
+//!   sequential (parallel_attn = false):
+//!       r = x + attn(ln(x)); out = r + mlp(ln_post(r))
+
+use super::{attention_block, get_checked, HfJson, LayerCache, ModelError, Part, Result, RowCtx, TensorSource, Weights};
+use crate::backend::Backend;
+use crate::config::{FalconLayout, Family, ModelConfig};
+use crate::tensor::HostTensor;
+
+pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfig> {
+    let j = HfJson { json, file };
+    let err = |field: &str, msg: &str| ModelError::Config { file: file.into(), field: field.into(), msg: msg.into() };
+    if j.bool_opt("alibi")?.unwrap_or(false) {
+        return Err(err("alibi", "ALiBi position biases are not supported (only rotary Falcon models); this checkpoint uses alibi=true"));
+    }
+    let hidden = match j.usize_opt("hidden_size")? {
+        Some(h) => h,
+        None => j.usize_opt("n_embed")?.ok_or_else(|| err("hidden_size", "required field is missing"))?,
+    };
+    let n_heads = match j.usize_opt("num_attention_heads")? {
+        Some(h) => h,
+        None => j.usize_opt("n_head")?.ok_or_else(|| err("num_attention_heads", "required field is missing"))?,
+    };
+    let n_layers = match j.usize_opt("num_hidden_layers")? {
+        Some(h) => h,
+        None => j.usize_opt("n_layer")?.ok_or_else(|| err("num_hidden_layers", "required field is missing"))?,
+    };
+    if n_heads == 0 || hidden % n_heads != 0 {
+        return Err(err("num_attention_heads", &format!("hidden_size {hidden} is not divisible by {n_heads} heads")));
+    }
+    let new_arch = j.bool_opt("new_decoder_architecture")?.unwrap_or(false);
+    let multi_query = j.bool_opt("multi_query")?.unwrap_or(true);
+    let parallel_attn = j.bool_opt("parallel_attn")?.unwrap_or(true);
+    let config_kv = match j.usize_opt("num_kv_heads")? {
+        Some(k) => k,
+        None => j.usize_opt("n_head_kv")?.unwrap_or(n_heads),
+    };
+    let n_kv_heads = if new_arch || !multi_query { config_kv } else { 1 };
+    let num_ln = j.usize_opt("num_ln_in_parallel_attn")?.unwrap_or(if new_arch { 2 } else { 1 });
+    if new_arch && !parallel_attn {
+        return Err(err("parallel_attn", "new_decoder_architecture requires parallel_attn=true (HF cannot run this layout either)"));
+    }
+    if new_arch && !(num_ln == 1 || num_ln == 2) {
+        return Err(err("num_ln_in_parallel_attn", "expected 1 or 2"));
+    }
+    if let Some(act) = json.get("activation").and_then(|v| v.as_str()) {
+        if act != "gelu" {
+            return Err(err("activation", &format!("only \"gelu\" is supported, found \"{act}\"")));
+        }
+    }
+    let eos = j.ids("eos_token_id")?;
+    Ok(ModelConfig {
+        family: Family::Falcon,
+        vocab_size: j.usize_opt("vocab_size")?.unwrap_or(65024),
+        hidden_size: hidden,
+        n_layers,
+        n_heads,
+        n_kv_heads,
+        head_dim: hidden / n_heads,
+        intermediate_size: j.usize_opt("ffn_hidden_size")?.unwrap_or(4 * hidden),
+        max_position: j.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+        sliding_window: None,
+        rope_theta: j.rope_theta(10000.0)?,
+        norm_eps: j.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5),
+        tied_embeddings: j.bool_opt("tie_word_embeddings")?.unwrap_or(true),
+        attention_bias: false,
+        mlp_bias: false,
+        falcon: Some(FalconLayout {
+            new_decoder_architecture: new_arch,
+            parallel_attn,
+            num_ln_in_parallel_attn: if new_arch { num_ln } else { 1 },
+            bias: j.bool_opt("bias")?.unwrap_or(false),
+        }),
+        bos_token_id: j.usize_opt("bos_token_id")?.map(|x| x as u32).or(Some(11)),
+        eos_token_ids: if json.get("eos_token_id").is_some() { eos } else { vec![11] },
+    })
+}
+
+fn layout(cfg: &ModelConfig) -> FalconLayout {
+    cfg.falcon.expect("validated falcon config carries its layout")
+}
+
+/// Which HF head block (of D rows) holds each row block of our [Q; K; V] order.
+/// HF fuses q, k, v per KV group (new arch), per head (multi-head) or as [Q; k; v] (multi-query).
+fn qkv_block_order(cfg: &ModelConfig) -> Vec<usize> {
+    let (h, kv) = (cfg.n_heads, cfg.n_kv_heads);
+    let (mut q, mut k, mut v) = (vec![], vec![], vec![]);
+    let l = layout(cfg);
+    if l.new_decoder_architecture {
+        let r = h / kv;
+        for g in 0..kv {
+            let base = g * (r + 2);
+            q.extend(base..base + r);
+            k.push(base + r);
+            v.push(base + r + 1);
+        }
+    } else if kv == h {
+        for i in 0..h {
+            q.push(3 * i);
+            k.push(3 * i + 1);
+            v.push(3 * i + 2);
+        }
+    } else {
+        q.extend(0..h);
+        k.push(h);
+        v.push(h + 1);
+    }
+    q.into_iter().chain(k).chain(v).collect()
+}
+
+fn qkv_row_order(cfg: &ModelConfig) -> Vec<usize> {
+    let d = cfg.head_dim;
+    qkv_block_order(cfg).into_iter().flat_map(|b| b * d..(b + 1) * d).collect()
+}
+
+/// (our short name, HF name) of the layer norms a layer of this layout has.
+fn norm_names(cfg: &ModelConfig, i: usize) -> Vec<(&'static str, String)> {
+    let l = layout(cfg);
+    let p = format!("transformer.h.{i}");
+    if l.new_decoder_architecture && l.num_ln_in_parallel_attn == 2 {
+        vec![("attn_norm", format!("{p}.ln_attn")), ("mlp_norm", format!("{p}.ln_mlp"))]
+    } else if l.parallel_attn {
+        vec![("attn_norm", format!("{p}.input_layernorm"))]
+    } else {
+        vec![("attn_norm", format!("{p}.input_layernorm")), ("mlp_norm", format!("{p}.post_attention_layernorm"))]
+    }
+}
+
+pub fn expected_tensors(cfg: &ModelConfig, part: Part) -> Vec<(String, Vec<usize>)> {
+    let (c, v, f, qkv) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.qkv_dim());
+    let mut out = vec![];
+    match part {
+        Part::Begin => out.push(("embed.weight".to_string(), vec![v, c])),
+        Part::End => {
+            out.push(("norm.weight".into(), vec![c]));
+            out.push(("norm.bias".into(), vec![c]));
+            out.push(("lm_head.weight".into(), vec![v, c]));
+        }
+        Part::Layer(i) => {
+            for (short, _) in norm_names(cfg, i) {
+                out.push((format!("{short}.weight"), vec![c]));
+                out.push((format!("{short}.bias"), vec![c]));
+            }
+            let bias = layout(cfg).bias;
+            for (name, rows, cols) in [("attn.qkv", qkv, c), ("attn.out", c, c), ("mlp.up", f, c), ("mlp.down", c, f)] {
+                out.push((format!("{name}.weight"), vec![rows, cols]));
+                if bias {
+                    out.push((format!("{name}.bias"), vec![rows]));
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Result<Vec<(String, HostTensor)>> {
+    let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+    let embed = "transformer.word_embeddings.weight";
+    let mut out = vec![];
+    match part {
+        Part::Begin => out.push(("embed.weight".into(), get_checked(src, embed, &[v, c])?)),
+        Part::End => {
+            out.push(("norm.weight".into(), get_checked(src, "transformer.ln_f.weight", &[c])?));
+            out.push(("norm.bias".into(), get_checked(src, "transformer.ln_f.bias", &[c])?));
+            let head = if cfg.tied_embeddings { embed } else { "lm_head.weight" };
+            out.push(("lm_head.weight".into(), get_checked(src, head, &[v, c])?));
+        }
+        Part::Layer(i) => {
+            let p = format!("transformer.h.{i}");
+            for (short, hf) in norm_names(cfg, i) {
+                out.push((format!("{short}.weight"), get_checked(src, &format!("{hf}.weight"), &[c])?));
+                out.push((format!("{short}.bias"), get_checked(src, &format!("{hf}.bias"), &[c])?));
+            }
+            let order = qkv_row_order(cfg);
+            let bias = layout(cfg).bias;
+            let qkv = format!("{p}.self_attention.query_key_value");
+            out.push(("attn.qkv.weight".into(), get_checked(src, &format!("{qkv}.weight"), &[cfg.qkv_dim(), c])?.select_rows(&order)));
+            if bias {
+                out.push(("attn.qkv.bias".into(), get_checked(src, &format!("{qkv}.bias"), &[cfg.qkv_dim()])?.select_rows(&order)));
+            }
+            for (short, hf, shape) in [
+                ("attn.out", format!("{p}.self_attention.dense"), [c, c]),
+                ("mlp.up", format!("{p}.mlp.dense_h_to_4h"), [f, c]),
+                ("mlp.down", format!("{p}.mlp.dense_4h_to_h"), [c, f]),
+            ] {
+                out.push((format!("{short}.weight"), get_checked(src, &format!("{hf}.weight"), &shape)?));
+                if bias {
+                    out.push((format!("{short}.bias"), get_checked(src, &format!("{hf}.bias"), &shape[..1])?));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// x (T, C) -> (T, C)
+pub fn layer_forward<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &Weights<B>,
+    mut x: B::Act,
+    ctx: &RowCtx,
+    cache: Option<&mut LayerCache<B>>,
+) -> Result<B::Act> {
+    let eps = cfg.norm_eps as f32;
+    let l = layout(cfg);
+    let attn_in = b.layer_norm(&x, w.get("attn_norm.weight")?, w.get("attn_norm.bias")?, eps)?; // (T, C)
+    let attn_out = attention_block(b, cfg, w, &attn_in, ctx, cache)?; // (T, C)
+    let mlp_in = if l.parallel_attn {
+        if w.opt("mlp_norm.weight").is_some() {
+            b.layer_norm(&x, w.get("mlp_norm.weight")?, w.get("mlp_norm.bias")?, eps)?
+        } else {
+            attn_in
+        }
+    } else {
+        b.add(&mut x, &attn_out)?; // x is now the residual after attention
+        b.layer_norm(&x, w.get("mlp_norm.weight")?, w.get("mlp_norm.bias")?, eps)?
+    };
+    let mut up = b.linear(&mlp_in, w.get("mlp.up.weight")?, w.opt("mlp.up.bias"))?; // (T, F)
+    b.gelu(&mut up)?;
+    let mut out = b.linear(&up, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"))?; // (T, C)
+    if l.parallel_attn {
+        b.add(&mut out, &attn_out)?;
+    }
+    b.add(&mut out, &x)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(new_arch: bool, h: usize, kv: usize) -> ModelConfig {
+        let json = serde_json::json!({
+            "model_type": "falcon", "hidden_size": h * 2, "num_attention_heads": h, "num_hidden_layers": 1,
+            "num_kv_heads": kv, "new_decoder_architecture": new_arch, "multi_query": kv == 1, "vocab_size": 10,
+        });
+        config_from_hf(&json, "config.json").unwrap()
+    }
+
+    #[test]
+    fn qkv_order_groups_heads_by_kv_group() {
+        // 4 query heads, 2 kv groups: HF blocks per group are [q q k v]
+        assert_eq!(qkv_block_order(&cfg(true, 4, 2)), vec![0, 1, 4, 5, 2, 6, 3, 7]);
+        // multi-head: per head [q k v]
+        assert_eq!(qkv_block_order(&cfg(false, 2, 2)), vec![0, 3, 1, 4, 2, 5]);
+        // multi-query: [Q.. k v] already in order
+        assert_eq!(qkv_block_order(&cfg(false, 3, 1)), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn alibi_is_refused_by_name() {
+        let json = serde_json::json!({"model_type": "falcon", "alibi": true});
+        let e = config_from_hf(&json, "x/config.json").unwrap_err().to_string();
+        assert!(e.contains("x/config.json") && e.contains("alibi"), "{e}");
+    }
+}

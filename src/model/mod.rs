@@ -1,0 +1,298 @@
+//! Model families: each file owns its HF config parsing, its tensor-name table and its block.
+//!
+//! A model is begin (embeddings) -> layers -> end (final norm + LM head), each stored in its
+//! own part file under the family's short tensor names.
+
+pub mod falcon;
+pub mod llama;
+
+use crate::backend::{AttnShape, Backend, BackendError};
+use crate::config::{Family, ModelConfig};
+use crate::layout::AttnSpan;
+use crate::tensor::HostTensor;
+use std::collections::HashMap;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("{file}: field `{field}`: {msg}")]
+    Config { file: String, field: String, msg: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("part {part}: missing tensor `{name}`")]
+    MissingTensor { part: String, name: String },
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    BadShape { name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("source checkpoint: {0}")]
+    Source(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// One file of the model directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Part {
+    Begin,
+    Layer(usize),
+    End,
+}
+
+impl Part {
+    pub fn name(self) -> String {
+        match self {
+            Part::Begin => "begin".into(),
+            Part::Layer(i) => format!("layer_{i:03}"),
+            Part::End => "end".into(),
+        }
+    }
+
+    pub fn file_name(self) -> String {
+        format!("{}.safetensors", self.name())
+    }
+
+    /// Every part of a model, in order.
+    pub fn all(n_layers: usize) -> Vec<Part> {
+        let mut v = vec![Part::Begin];
+        v.extend((0..n_layers).map(Part::Layer));
+        v.push(Part::End);
+        v
+    }
+}
+
+/// Where a converter reads checkpoint tensors by their Hugging Face names.
+pub trait TensorSource {
+    fn get(&self, hf_name: &str) -> Result<HostTensor>;
+    fn contains(&self, hf_name: &str) -> bool;
+}
+
+/// Parse an HF config.json of any supported family; the error names the file and field.
+pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfig> {
+    let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    let archs: Vec<&str> =
+        json.get("architectures").and_then(|a| a.as_array()).map(|a| a.iter().filter_map(|s| s.as_str()).collect()).unwrap_or_default();
+    let cfg = match model_type {
+        "falcon" | "RefinedWeb" | "RefinedWebModel" => falcon::config_from_hf(json, file)?,
+        "llama" | "mistral" | "yi" => llama::config_from_hf(json, file)?,
+        _ if archs.iter().any(|a| a.starts_with("Falcon") || a.starts_with("RW")) => falcon::config_from_hf(json, file)?,
+        _ if archs.iter().any(|a| a.starts_with("Llama") || a.starts_with("Mistral")) => llama::config_from_hf(json, file)?,
+        other => {
+            return Err(ModelError::Config {
+                file: file.into(),
+                field: "model_type".into(),
+                msg: format!("unsupported model type `{other}`; expected falcon, llama or mistral"),
+            })
+        }
+    };
+    cfg.validate(file).map_err(|e| ModelError::Config { file: file.into(), field: "config".into(), msg: e.to_string() })?;
+    Ok(cfg)
+}
+
+/// The tensors of one part under the family's short names, read from an HF-named source.
+pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Result<Vec<(String, HostTensor)>> {
+    match cfg.family {
+        Family::Falcon => falcon::convert_part(cfg, part, src),
+        Family::Llama => llama::convert_part(cfg, part, src),
+    }
+}
+
+/// The expected short names and shapes of one part, for checking a model directory.
+pub fn expected_tensors(cfg: &ModelConfig, part: Part) -> Vec<(String, Vec<usize>)> {
+    match cfg.family {
+        Family::Falcon => falcon::expected_tensors(cfg, part),
+        Family::Llama => llama::expected_tensors(cfg, part),
+    }
+}
+
+/// Read an HF tensor and check its shape.
+pub(crate) fn get_checked(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<HostTensor> {
+    let t = src.get(name)?;
+    if t.shape != shape {
+        return Err(ModelError::BadShape { name: name.into(), expected: shape.to_vec(), found: t.shape });
+    }
+    Ok(t)
+}
+
+/// A part's weights on a backend, by short name.
+pub struct Weights<B: Backend> {
+    pub part: Part,
+    map: HashMap<String, B::Weight>,
+}
+
+impl<B: Backend> Weights<B> {
+    pub fn upload(backend: &B, part: Part, tensors: &[(String, HostTensor)]) -> Result<Weights<B>> {
+        let mut map = HashMap::new();
+        for (name, t) in tensors {
+            map.insert(name.clone(), backend.upload_weight(t)?);
+        }
+        Ok(Weights { part, map })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&B::Weight> {
+        self.map.get(name).ok_or_else(|| ModelError::MissingTensor { part: self.part.name(), name: name.into() })
+    }
+
+    pub fn opt(&self, name: &str) -> Option<&B::Weight> {
+        self.map.get(name)
+    }
+}
+
+/// Keys and values of earlier tokens for one layer (generation).
+pub struct LayerCache<B: Backend> {
+    /// (S, KV·D)
+    pub k: Option<B::Act>,
+    /// (S, KV·D)
+    pub v: Option<B::Act>,
+}
+
+impl<B: Backend> Default for LayerCache<B> {
+    fn default() -> Self {
+        LayerCache { k: None, v: None }
+    }
+}
+
+/// What a layer needs to know about the rows it runs.
+pub struct RowCtx<'a> {
+    /// (T,) rotary positions
+    pub positions: &'a [u32],
+    /// (T,) attention spans over key rows
+    pub spans: &'a [AttnSpan],
+}
+
+/// Self-attention shared by every family: fused qkv projection, rotary on q and k,
+/// token-tree attention, output projection. `cache` gets this call's keys appended.
+pub(crate) fn attention_block<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &Weights<B>,
+    x: &B::Act,
+    ctx: &RowCtx,
+    cache: Option<&mut LayerCache<B>>,
+) -> Result<B::Act> {
+    let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let mut qkv = b.linear(x, w.get("attn.qkv.weight")?, w.opt("attn.qkv.bias"))?; // (T, (H + 2KV) D)
+    let theta = cfg.rope_theta as f32;
+    b.rope(&mut qkv, 0, h + kv, d, ctx.positions, theta)?; // q and k are adjacent columns
+    let q = b.cols(&qkv, 0, h * d)?; // (T, H D)
+    let mut k = b.cols(&qkv, h * d, kv * d)?; // (T, KV D)
+    let mut v = b.cols(&qkv, (h + kv) * d, kv * d)?; // (T, KV D)
+    let mut key_offset = 0;
+    if let Some(cache) = cache {
+        if let (Some(ck), Some(cv)) = (&cache.k, &cache.v) {
+            key_offset = b.dims(ck).0;
+            k = b.concat_rows(ck, &k)?;
+            v = b.concat_rows(cv, &v)?;
+        }
+        let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
+        let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
+        cache.k = Some(k);
+        cache.v = Some(v);
+        return Ok(b.linear(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"))?);
+    }
+    let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
+    let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
+    Ok(b.linear(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"))?)
+}
+
+/// begin: ids (T,) -> hidden (T, C)
+pub fn begin_forward<B: Backend>(b: &B, w: &Weights<B>, ids: &[u32]) -> Result<B::Act> {
+    Ok(b.embed(w.get("embed.weight")?, ids)?)
+}
+
+/// One decoder layer: hidden (T, C) -> hidden (T, C).
+pub fn layer_forward<B: Backend>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &Weights<B>,
+    x: B::Act,
+    ctx: &RowCtx,
+    cache: Option<&mut LayerCache<B>>,
+) -> Result<B::Act> {
+    match cfg.family {
+        Family::Falcon => falcon::layer_forward(b, cfg, w, x, ctx, cache),
+        Family::Llama => llama::layer_forward(b, cfg, w, x, ctx, cache),
+    }
+}
+
+/// end: hidden (T, C) at `rows` -> logits (R, V).
+pub fn end_logits<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, x: &B::Act, rows: &[u32]) -> Result<B::Act> {
+    let picked = b.rows(x, rows)?; // (R, C)
+    let normed = match cfg.family {
+        Family::Falcon => b.layer_norm(&picked, w.get("norm.weight")?, w.get("norm.bias")?, cfg.norm_eps as f32)?,
+        Family::Llama => b.rms_norm(&picked, w.get("norm.weight")?, cfg.norm_eps as f32)?,
+    };
+    Ok(b.linear(&normed, w.get("lm_head.weight")?, None)?) // (R, V)
+}
+
+/// Small helpers for reading HF config.json fields with the file and field in errors.
+pub(crate) struct HfJson<'a> {
+    pub json: &'a serde_json::Value,
+    pub file: &'a str,
+}
+
+impl HfJson<'_> {
+    fn err(&self, field: &str, msg: impl Into<String>) -> ModelError {
+        ModelError::Config { file: self.file.into(), field: field.into(), msg: msg.into() }
+    }
+
+    pub fn usize_opt(&self, field: &str) -> Result<Option<usize>> {
+        match self.json.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| self.err(field, format!("expected a non-negative integer, found {v}"))),
+        }
+    }
+
+    pub fn usize(&self, field: &str) -> Result<usize> {
+        self.usize_opt(field)?.ok_or_else(|| self.err(field, "required field is missing"))
+    }
+
+    pub fn f64_opt(&self, field: &str) -> Result<Option<f64>> {
+        match self.json.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
+        }
+    }
+
+    pub fn bool_opt(&self, field: &str) -> Result<Option<bool>> {
+        match self.json.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.err(field, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    /// rope_theta at the top level or inside rope_parameters / rope_scaling (newer checkpoints).
+    pub fn rope_theta(&self, default: f64) -> Result<f64> {
+        if let Some(t) = self.f64_opt("rope_theta")? {
+            return Ok(t);
+        }
+        for nested in ["rope_parameters", "rope_scaling"] {
+            if let Some(t) = self.json.get(nested).and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()) {
+                return Ok(t);
+            }
+        }
+        if let Some(rt) = self.json.get("rope_parameters").and_then(|p| p.get("rope_type")).and_then(|v| v.as_str()) {
+            if rt != "default" {
+                return Err(self.err("rope_parameters.rope_type", format!("rope scaling `{rt}` is not supported")));
+            }
+        }
+        if let Some(rs) = self.json.get("rope_scaling") {
+            if !rs.is_null() {
+                return Err(self.err("rope_scaling", "rope scaling is not supported"));
+            }
+        }
+        Ok(default)
+    }
+
+    /// A token id or a list of them (eos_token_id may be either).
+    pub fn ids(&self, field: &str) -> Result<Vec<u32>> {
+        match self.json.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(vec![]),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_u64().map(|x| x as u32).ok_or_else(|| self.err(field, format!("expected token ids, found {v}"))))
+                .collect(),
+            Some(v) => v.as_u64().map(|x| vec![x as u32]).ok_or_else(|| self.err(field, format!("expected a token id, found {v}"))),
+        }
+    }
+}
