@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod format;
 pub mod layout;
 pub mod model;
 pub mod score;

@@ -1,0 +1,1 @@
+//! See format/mod.rs.

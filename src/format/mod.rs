@@ -1,0 +1,51 @@
+//! The model directory and the checkpoints it is made from (DESIGN.md, "The model directory").
+//!
+//! Files: manifest.rs (manifest.json), model_dir.rs (open, read parts, verify),
+//! hf.rs (HF safetensors checkpoints), gguf.rs (llama.cpp's GGUF), convert.rs (checkpoint -> dir).
+
+pub mod convert;
+pub mod gguf;
+pub mod hf;
+pub mod manifest;
+pub mod model_dir;
+
+use crate::config::ModelConfig;
+use crate::model::{ModelError, TensorSource};
+use crate::tensor::DType;
+use thiserror::Error;
+
+/// Every error of reading or writing model files names the file.
+#[derive(Debug, Error)]
+pub enum FormatError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// The file's bytes do not follow its format (truncated, malformed header or JSON...).
+    #[error("{path}: {msg}")]
+    Malformed { path: String, msg: String },
+    #[error("{path}: {msg}")]
+    Unsupported { path: String, msg: String },
+    /// The file is well-formed but differs from what the manifest records.
+    #[error("{path}: {msg}")]
+    Mismatch { path: String, msg: String },
+    #[error("{path}: {source}")]
+    Model { path: String, source: ModelError },
+}
+
+pub type Result<T> = std::result::Result<T, FormatError>;
+
+impl FormatError {
+    pub fn io(path: &std::path::Path, source: std::io::Error) -> FormatError {
+        FormatError::Io { path: path.display().to_string(), source }
+    }
+}
+
+/// A source checkpoint that can be converted: tensors by HF names, its config and tokenizer.
+pub trait Checkpoint: TensorSource {
+    fn config(&self) -> &ModelConfig;
+    /// The HF tokenizer.json to store beside the parts.
+    fn tokenizer_json(&self) -> Result<Vec<u8>>;
+    /// The dtype the weights are stored in; the default output dtype.
+    fn native_dtype(&self) -> DType;
+    /// Where it was read from, for the manifest and messages.
+    fn origin(&self) -> String;
+}
