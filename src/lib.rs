@@ -7,5 +7,6 @@ pub mod format;
 pub mod layout;
 pub mod model;
 pub mod score;
+pub mod stage;
 pub mod tensor;
 pub mod tokenizer;

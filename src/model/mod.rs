@@ -158,6 +158,9 @@ pub struct RowCtx<'a> {
     pub positions: &'a [u32],
     /// (T,) attention spans over key rows
     pub spans: &'a [AttnSpan],
+    /// Generation: the rows of [cache; this call's keys] that form the next cache, in order,
+    /// so each sequence's keys stay contiguous (and finished sequences drop out).
+    pub cache_order: Option<&'a [u32]>,
 }
 
 /// Self-attention shared by every family: fused qkv projection, rotary on q and k,
@@ -177,21 +180,25 @@ pub(crate) fn attention_block<B: Backend>(
     let q = b.cols(&qkv, 0, h * d)?; // (T, H D)
     let mut k = b.cols(&qkv, h * d, kv * d)?; // (T, KV D)
     let mut v = b.cols(&qkv, (h + kv) * d, kv * d)?; // (T, KV D)
-    let mut key_offset = 0;
-    if let Some(cache) = cache {
-        if let (Some(ck), Some(cv)) = (&cache.k, &cache.v) {
-            key_offset = b.dims(ck).0;
-            k = b.concat_rows(ck, &k)?;
-            v = b.concat_rows(cv, &v)?;
-        }
-        let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
+    let Some(cache) = cache else {
+        let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
         let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
-        cache.k = Some(k);
-        cache.v = Some(v);
         return Ok(b.linear(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"))?);
+    };
+    let mut key_offset = 0;
+    if let (Some(ck), Some(cv)) = (&cache.k, &cache.v) {
+        key_offset = b.dims(ck).0;
+        k = b.concat_rows(ck, &k)?; // (S, KV D)
+        v = b.concat_rows(cv, &v)?;
     }
     let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
     let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
+    if let Some(order) = ctx.cache_order {
+        k = b.rows(&k, order)?;
+        v = b.rows(&v, order)?;
+    }
+    cache.k = Some(k);
+    cache.v = Some(v);
     Ok(b.linear(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"))?)
 }
 
