@@ -6,6 +6,7 @@ pub mod config;
 pub mod format;
 pub mod layout;
 pub mod model;
+pub mod sample;
 pub mod score;
 pub mod stage;
 pub mod tensor;
