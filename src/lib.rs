@@ -5,6 +5,7 @@ pub mod backend;
 pub mod config;
 pub mod format;
 pub mod generate;
+pub mod job;
 pub mod layout;
 pub mod model;
 pub mod sample;
