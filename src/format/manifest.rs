@@ -1,1 +1,175 @@
-//! See format/mod.rs.
+//! manifest.json: what a model directory holds, checked before any weight is read.
+
+use super::{FormatError, Result};
+use crate::config::{Family, ModelConfig};
+use crate::model::Part;
+use crate::tensor::DType;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Bumped when a reader of the previous version could misread a new directory.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One part file as written by convert.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartEntry {
+    /// `begin`, `layer_NNN` or `end` (model::Part::name).
+    pub name: String,
+    /// File name inside the model directory.
+    pub file: String,
+    pub bytes: u64,
+    /// Lowercase hex sha256 of the whole file.
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub family: Family,
+    pub config: ModelConfig,
+    /// Storage dtype of every tensor in every part.
+    pub dtype: DType,
+    /// In model order: begin, layer_000.., end.
+    pub parts: Vec<PartEntry>,
+    /// The tokenizer.json file name inside the directory.
+    pub tokenizer: String,
+    /// Derived from the config and the parts' hashes (see `compute_model_id`): two
+    /// directories with the same id hold the same model bit for bit.
+    pub model_id: String,
+    /// Where the weights came from (checkpoint directory or GGUF file).
+    pub source: String,
+}
+
+/// hex sha256 over the config's JSON and every part's sha256, in part order.
+pub fn compute_model_id(config: &ModelConfig, parts: &[PartEntry]) -> String {
+    let mut h = Sha256::new();
+    // serde_json writes struct fields in declaration order, so this is stable across runs.
+    h.update(serde_json::to_vec(config).unwrap_or_default());
+    for p in parts {
+        h.update(b"\n");
+        h.update(p.name.as_bytes());
+        h.update(b"=");
+        h.update(p.sha256.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Refuses dimensions whose tensor sizes overflow usize: every later shape computation
+/// (model::expected_tensors) multiplies them unchecked.
+pub(crate) fn check_sizes(cfg: &ModelConfig, path: &Path) -> Result<()> {
+    let mul = |a: usize, b: usize| a.checked_mul(b);
+    let ok = (|| {
+        let qkv = mul(cfg.n_kv_heads, 2)?.checked_add(cfg.n_heads)?;
+        mul(mul(qkv, cfg.head_dim)?, cfg.hidden_size)?;
+        mul(mul(cfg.n_heads, cfg.head_dim)?, cfg.hidden_size)?;
+        mul(mul(cfg.vocab_size, cfg.hidden_size)?, 4)?;
+        mul(mul(cfg.intermediate_size, cfg.hidden_size)?, 4)?;
+        cfg.n_layers.checked_add(2)
+    })();
+    match ok {
+        Some(_) => Ok(()),
+        None => Err(FormatError::Malformed { path: path.display().to_string(), msg: "model dimensions are too large (tensor sizes overflow)".into() }),
+    }
+}
+
+fn field<T: DeserializeOwned>(obj: &serde_json::Map<String, serde_json::Value>, name: &str, path: &Path) -> Result<T> {
+    let bad = |msg: String| FormatError::Malformed { path: path.display().to_string(), msg: format!("field `{name}`: {msg}") };
+    let v = obj.get(name).ok_or_else(|| bad("required field is missing".into()))?;
+    serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))
+}
+
+impl Manifest {
+    /// Read and check `dir/manifest.json`; every error names the file and the field.
+    pub fn load(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| FormatError::io(&path, e))?;
+        Manifest::parse(&bytes, &path)
+    }
+
+    /// Parse manifest bytes read from `path` (named in errors).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Manifest> {
+        let bad = |field: &str, msg: String| FormatError::Malformed { path: path.display().to_string(), msg: format!("field `{field}`: {msg}") };
+        let json: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("invalid JSON: {e}") })?;
+        let obj = json
+            .as_object()
+            .ok_or_else(|| FormatError::Malformed { path: path.display().to_string(), msg: "expected a JSON object".into() })?;
+        let format_version: u32 = field(obj, "format_version", path)?;
+        if format_version != FORMAT_VERSION {
+            return Err(FormatError::Unsupported {
+                path: path.display().to_string(),
+                msg: format!("field `format_version`: this build reads version {FORMAT_VERSION}, found {format_version}"),
+            });
+        }
+        let m = Manifest {
+            format_version,
+            family: field(obj, "family", path)?,
+            config: field(obj, "config", path)?,
+            dtype: field(obj, "dtype", path)?,
+            parts: field(obj, "parts", path)?,
+            tokenizer: field(obj, "tokenizer", path)?,
+            model_id: field(obj, "model_id", path)?,
+            source: field(obj, "source", path)?,
+        };
+        m.config.validate(&path.display().to_string()).map_err(|e| bad("config", e.to_string()))?;
+        check_sizes(&m.config, path)?;
+        if m.family != m.config.family {
+            return Err(bad("family", format!("`{}` but the config is `{}`", m.family.name(), m.config.family.name())));
+        }
+        m.check_parts(path)?;
+        if !is_plain_file_name(&m.tokenizer) {
+            return Err(bad("tokenizer", format!("`{}` must be a file name inside the directory", m.tokenizer)));
+        }
+        let id = compute_model_id(&m.config, &m.parts);
+        if id != m.model_id {
+            return Err(bad("model_id", format!("recorded {} but the config and part hashes give {id}", m.model_id)));
+        }
+        Ok(m)
+    }
+
+    /// Parts must be exactly begin, layer_000.., end with their standard file names.
+    fn check_parts(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| FormatError::Malformed { path: path.display().to_string(), msg: format!("field `parts`: {msg}") };
+        // Compared before building the expected list, so a huge n_layers allocates nothing.
+        if self.parts.len() != self.config.n_layers + 2 {
+            return Err(bad(format!("expected {} parts (begin, {} layers, end), found {}", self.config.n_layers + 2, self.config.n_layers, self.parts.len())));
+        }
+        for (entry, part) in self.parts.iter().zip(Part::all(self.config.n_layers)) {
+            if entry.name != part.name() || entry.file != part.file_name() {
+                return Err(bad(format!("expected part `{}` in `{}`, found `{}` in `{}`", part.name(), part.file_name(), entry.name, entry.file)));
+            }
+            let hex_ok = entry.sha256.len() == 64 && entry.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !hex_ok {
+                return Err(bad(format!("part `{}`: sha256 must be 64 lowercase hex digits", entry.name)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The recorded entry of one part.
+    pub fn part(&self, part: Part) -> Option<&PartEntry> {
+        let name = part.name();
+        self.parts.iter().find(|p| p.name == name)
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.bytes).sum()
+    }
+
+    /// Write `dir/manifest.json` (pretty, for people reading it).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("cannot serialise: {e}") })?;
+        std::fs::write(&path, text + "\n").map_err(|e| FormatError::io(&path, e))
+    }
+}
+
+/// A name that cannot leave the directory it is joined to.
+pub(crate) fn is_plain_file_name(name: &str) -> bool {
+    let p = Path::new(name);
+    !name.is_empty() && p.components().count() == 1 && p.file_name().is_some_and(|f| f == p.as_os_str())
+}

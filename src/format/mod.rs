@@ -2,12 +2,14 @@
 //!
 //! Files: manifest.rs (manifest.json), model_dir.rs (open, read parts, verify),
 //! hf.rs (HF safetensors checkpoints), gguf.rs (llama.cpp's GGUF), convert.rs (checkpoint -> dir).
+//! st.rs (one safetensors file: map, index, copy out, write).
 
 pub mod convert;
 pub mod gguf;
 pub mod hf;
 pub mod manifest;
 pub mod model_dir;
+mod st;
 
 use crate::config::ModelConfig;
 use crate::model::{ModelError, TensorSource};

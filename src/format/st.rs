@@ -1,0 +1,155 @@
+//! One safetensors file: mmap, parse and index the header, copy tensors out, write a part.
+//!
+//! Shared by the HF reader (hf.rs) and the model directory (model_dir.rs), so both treat
+//! untrusted bytes the same way: every malformed header is an error naming the file.
+
+use super::{FormatError, Result};
+use crate::tensor::{DType, HostTensor};
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Where one tensor lies in the mapped file.
+#[derive(Clone, Debug)]
+pub(crate) struct TensorEntry {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file (header included in the offset).
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A mapped, header-checked safetensors file. The header is parsed once at open; reads
+/// slice the mapping by the recorded offsets, so no borrow of the map outlives a call.
+pub(crate) struct StFile {
+    path: PathBuf,
+    mmap: Mmap,
+    tensors: HashMap<String, TensorEntry>,
+    /// Names in file (offset) order, for stable listings.
+    order: Vec<String>,
+}
+
+pub(crate) fn dtype_from_st(d: Dtype) -> Option<DType> {
+    match d {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::Bf16),
+        _ => None,
+    }
+}
+
+fn dtype_to_st(d: DType) -> Dtype {
+    match d {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::Bf16 => Dtype::BF16,
+    }
+}
+
+impl StFile {
+    pub fn open(path: &Path) -> Result<StFile> {
+        let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
+        // SAFETY: the map is read-only; a file truncated by another process while mapped
+        // would fault, which no safe API can prevent. Model files are written once (convert
+        // renames complete files into place) and never modified in place.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
+        let malformed = |msg: String| FormatError::Malformed { path: path.display().to_string(), msg };
+        let (header_len, meta) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| malformed(format!("not a valid safetensors file: {e}")))?;
+        // Offsets in the header count from the end of the header; 8 bytes of length precede it.
+        let base = 8 + header_len;
+        let mut entries: Vec<(String, TensorEntry)> = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                let (s, e) = info.data_offsets;
+                (name, TensorEntry { dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e })
+            })
+            .collect();
+        entries.sort_by_key(|(_, e)| e.start);
+        let order = entries.iter().map(|(n, _)| n.clone()).collect();
+        Ok(StFile { path: path.to_path_buf(), mmap, tensors: entries.into_iter().collect(), order })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names in file order.
+    pub fn names(&self) -> &[String] {
+        &self.order
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    /// A copy of tensor `name` in its stored dtype (F32, F16 or BF16).
+    pub fn read(&self, name: &str) -> Result<HostTensor> {
+        let path = self.path.display().to_string();
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| FormatError::Malformed { path: path.clone(), msg: format!("no tensor `{name}` in this file") })?;
+        let dtype = dtype_from_st(e.dtype).ok_or_else(|| FormatError::Unsupported {
+            path: path.clone(),
+            msg: format!("tensor `{name}` has dtype {:?}; only F32, F16 and BF16 are supported", e.dtype),
+        })?;
+        let data = self.mmap[e.start..e.end].to_vec();
+        // Touched pages of the map count toward our resident set until dropped; converting a
+        // whole checkpoint through one map would otherwise grow RSS to the checkpoint size.
+        // The page cache keeps them, so a later read of the same range is still cheap.
+        // SAFETY: nothing borrows this range any more (the data was copied above) and the
+        // map is read-only and file-backed, so dropped pages fault back in from the file.
+        let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+        Ok(HostTensor { dtype, shape: e.shape.clone(), data })
+    }
+}
+
+/// A HostTensor as the safetensors writer sees it.
+struct TensorRef<'a>(&'a HostTensor);
+
+impl View for TensorRef<'_> {
+    fn dtype(&self) -> Dtype {
+        dtype_to_st(self.0.dtype)
+    }
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.0.data)
+    }
+    fn data_len(&self) -> usize {
+        self.0.data.len()
+    }
+}
+
+/// Write `tensors` as one safetensors file; the crate streams the tensors through a buffered
+/// writer, so no second copy of the part is made in memory.
+pub(crate) fn write(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
+    let views = tensors.iter().map(|(n, t)| (n.as_str(), TensorRef(t)));
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("cannot write safetensors: {e}") })
+}
+
+/// (size in bytes, lowercase hex sha256) of a file, read in 1 MiB chunks.
+pub(crate) fn sha256_file(path: &Path) -> Result<(u64, String)> {
+    let mut file = File::open(path).map_err(|e| FormatError::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(|e| FormatError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((total, hex::encode(hasher.finalize())))
+}
