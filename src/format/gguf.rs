@@ -1,1 +1,0 @@
-//! See format/mod.rs.
