@@ -204,4 +204,29 @@ mod tests {
             assert!(p.is_ok(), "{r}");
         }
     }
+
+    fn splits(pre: &str, text: &str) -> Vec<String> {
+        use tokenizers::tokenizer::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let p: tokenizers::PreTokenizerWrapper = serde_json::from_value(pre_tokenizer(Some(pre), "t").unwrap()).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        p.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(t, _, _)| t.to_string()).collect()
+    }
+
+    #[test]
+    fn pre_tokenizers_split_numbers_their_own_way() {
+        let text = "Hello 12345 world";
+        assert_eq!(splits("gpt2", text), ["Hello", "Ġ12345", "Ġworld"]);
+        assert_eq!(splits("smollm", text), ["Hello", "Ġ", "1", "2", "3", "4", "5", "Ġworld"]);
+        assert_eq!(splits("llama-bpe", text), ["Hello", "Ġ", "123", "45", "Ġworld"]);
+        let err = pre_tokenizer(Some("qwen2"), "m.gguf").unwrap_err().to_string();
+        assert!(err.contains("m.gguf") && err.contains("qwen2"), "{err}");
+    }
+
+    #[test]
+    fn sentencepiece_vocab_is_refused_by_name() {
+        let v = GgufVocab { model: "llama".into(), tokens: vec!["a".into()], ..GgufVocab::default() };
+        let err = tokenizer_json(&v, "sp.gguf").unwrap_err().to_string();
+        assert!(err.contains("sp.gguf") && err.contains("tokenizer.ggml.model `llama`"), "{err}");
+    }
 }
