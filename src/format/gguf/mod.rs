@@ -1,0 +1,140 @@
+//! llama.cpp's GGUF as a convertible checkpoint: tensors dequantized to f32 under HF names,
+//! the config from its metadata, and a tokenizer.json rebuilt from its vocabulary.
+//!
+//! Files: parse.rs (container), dequant.rs (ggml types), meta.rs (config and vocabulary from
+//! metadata), names.rs (HF names, Q/K permutation).
+
+pub mod dequant;
+mod meta;
+pub mod names;
+pub mod parse;
+
+pub use dequant::GgmlType;
+pub use parse::{GgufHeader, TensorInfo, Value};
+
+use crate::config::ModelConfig;
+use crate::format::{Checkpoint, FormatError, Result};
+use crate::model::{self, ModelError, TensorSource};
+use crate::tensor::{DType, HostTensor};
+use crate::tokenizer::gguf::GgufVocab;
+use crate::tokenizer::TokenizerError;
+use memmap2::Mmap;
+use meta::Meta;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A GGUF file, mapped, with its header parsed and its config derived.
+pub struct GgufCheckpoint {
+    origin: String,
+    mmap: Mmap,
+    header: GgufHeader,
+    by_name: HashMap<String, usize>,
+    config: ModelConfig,
+}
+
+/// Open a GGUF checkpoint for conversion (the converter's entry point).
+pub fn open(path: &Path) -> Result<Box<dyn Checkpoint>> {
+    Ok(Box::new(GgufCheckpoint::open(path)?))
+}
+
+impl GgufCheckpoint {
+    pub fn open(path: &Path) -> Result<GgufCheckpoint> {
+        let origin = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|e| FormatError::io(path, e))?;
+        // Safety: the map is read-only; like every mmap'd model file we rely on nobody
+        // truncating it while we read (the same contract the safetensors parts have).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
+        let header = parse::parse(&mmap, &origin)?;
+        let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let has_tensor = |n: &str| header.tensors.iter().any(|t| t.name == n);
+        let config = Meta { map: &header.metadata, origin: &origin }.config(has_tensor)?;
+        Ok(GgufCheckpoint { origin, mmap, header, by_name, config })
+    }
+
+    pub fn header(&self) -> &GgufHeader {
+        &self.header
+    }
+
+    pub fn metadata(&self, key: &str) -> Option<&Value> {
+        self.header.metadata.get(key)
+    }
+
+    pub fn tensor_info(&self, gguf_name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(gguf_name).map(|&i| &self.header.tensors[i])
+    }
+
+    fn malformed(&self, msg: String) -> FormatError {
+        FormatError::Malformed { path: self.origin.clone(), msg }
+    }
+
+    fn unsupported(&self, msg: String) -> FormatError {
+        FormatError::Unsupported { path: self.origin.clone(), msg }
+    }
+
+    /// A tensor by its GGUF name, dequantized to f32, row-major, as stored (not unpermuted).
+    pub fn tensor_f32(&self, gguf_name: &str) -> Result<HostTensor> {
+        let info = self.tensor_info(gguf_name).ok_or_else(|| self.malformed(format!("no tensor named {gguf_name}")))?;
+        let bytes = self.mmap.get(info.start..info.end).ok_or_else(|| {
+            self.malformed(format!("tensor {gguf_name}: data range {}..{} outside the mapped file", info.start, info.end))
+        })?;
+        let values = dequant::dequantize(info.ggml_type, bytes).ok_or_else(|| {
+            self.unsupported(format!(
+                "tensor {gguf_name} has type {}; only F32, F16, BF16, Q8_0, Q4_0 and Q4_1 can be read",
+                info.ggml_type.name()
+            ))
+        })?;
+        Ok(HostTensor::from_f32(info.shape.clone(), &values))
+    }
+
+    /// The tokenizer fields of the metadata, checked for type.
+    pub fn vocab(&self) -> Result<GgufVocab> {
+        self.meta().vocab()
+    }
+
+    fn meta(&self) -> Meta<'_> {
+        Meta { map: &self.header.metadata, origin: &self.origin }
+    }
+
+    fn hf_tensor(&self, hf_name: &str) -> Result<HostTensor> {
+        let gname = names::gguf_name(hf_name, &self.config).ok_or_else(|| self.malformed(format!("no GGUF tensor corresponds to `{hf_name}`")))?;
+        let t = self.tensor_f32(&gname.name)?;
+        match gname.permuted_heads {
+            None => Ok(t),
+            Some(heads) => names::unpermute(&t, heads).ok_or_else(|| {
+                self.malformed(format!("tensor {}: shape {:?} does not split into {heads} heads of even size", gname.name, t.shape))
+            }),
+        }
+    }
+}
+
+impl TensorSource for GgufCheckpoint {
+    fn get(&self, hf_name: &str) -> model::Result<HostTensor> {
+        self.hf_tensor(hf_name).map_err(|e| ModelError::Source(e.to_string()))
+    }
+
+    fn contains(&self, hf_name: &str) -> bool {
+        names::gguf_name(hf_name, &self.config).is_some_and(|g| self.tensor_info(&g.name).is_some())
+    }
+}
+
+impl Checkpoint for GgufCheckpoint {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn tokenizer_json(&self) -> Result<Vec<u8>> {
+        crate::tokenizer::gguf::tokenizer_json(&self.vocab()?, &self.origin).map_err(|e| match e {
+            TokenizerError::Load { msg, .. } => self.unsupported(msg),
+            other => self.unsupported(other.to_string()),
+        })
+    }
+
+    fn native_dtype(&self) -> DType {
+        // Quantized blocks have no dense dtype; everything is handed out dequantized.
+        DType::F32
+    }
+
+    fn origin(&self) -> String {
+        self.origin.clone()
+    }
+}
