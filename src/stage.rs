@@ -40,6 +40,12 @@ impl HostGroup {
         Ok(HostGroup { layers, parts })
     }
 
+    /// Read the parts of `layers` from a model directory (only those files are opened).
+    pub fn from_dir(dir: &crate::format::model_dir::ModelDir, layers: Range<usize>) -> crate::format::Result<HostGroup> {
+        let n_layers = dir.config().n_layers;
+        HostGroup::read(layers, n_layers, |p| dir.read_part(p))
+    }
+
     pub fn bytes(&self) -> usize {
         self.parts.iter().flat_map(|(_, ts)| ts.iter().map(|(_, t)| t.data.len())).sum()
     }

