@@ -4,7 +4,6 @@
 mod common;
 
 use falcon_batch::backend::cpu::CpuBackend;
-use falcon_batch::backend::Backend;
 use falcon_batch::format::{convert::convert_path, model_dir::ModelDir};
 use falcon_batch::generate::{generate, GenOptions, GenRequest, LocalDecoder};
 use falcon_batch::layout::{MicroBatch, TokenizedDoc};
