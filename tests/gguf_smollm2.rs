@@ -14,13 +14,15 @@ fn root() -> PathBuf {
 }
 
 /// Missing weights fail loudly: a skipped test would hide that nothing was checked.
+fn model_path() -> PathBuf {
+    let path = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.exists(), "{} is missing: run `make fetch-model` first", path.display());
+    path
+}
+
 fn checkpoint() -> &'static GgufCheckpoint {
     static CK: OnceLock<GgufCheckpoint> = OnceLock::new();
-    CK.get_or_init(|| {
-        let path = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(path.exists(), "{} is missing: run `make fetch-model` first", path.display());
-        GgufCheckpoint::open(&path).unwrap_or_else(|e| panic!("{e}"))
-    })
+    CK.get_or_init(|| GgufCheckpoint::open(&model_path()).unwrap_or_else(|e| panic!("{e}")))
 }
 
 fn fixture(name: &str) -> Value {
@@ -88,9 +90,8 @@ fn unsupported_name_is_an_error_naming_the_file() {
 
 #[test]
 fn tokenizer_ids_match_transformers() {
-    let ck: Box<dyn Checkpoint> = gguf::open(&root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap_or_else(|e| {
-        panic!("{e} (run `make fetch-model` first if the file is missing)")
-    });
+    // Through the converter's entry point.
+    let ck: Box<dyn Checkpoint> = gguf::open(&model_path()).unwrap_or_else(|e| panic!("{e}"));
     let json = ck.tokenizer_json().unwrap_or_else(|e| panic!("{e}"));
     let tok = Tokenizer::from_bytes(&json, "smollm2 tokenizer.json").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(tok.vocab_size(), 49152);

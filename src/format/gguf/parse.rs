@@ -244,7 +244,7 @@ fn min_value_size(type_id: u32) -> Option<usize> {
     Some(match type_id {
         0 | 1 | 7 => 1,
         2 | 3 => 2,
-        4 | 5 | 6 => 4,
+        4..=6 => 4,
         8 | 10 | 11 | 12 => 8,
         9 => 12, // element type + length
         _ => return None,
@@ -325,20 +325,20 @@ pub fn parse(buf: &[u8], path: &str) -> Result<GgufHeader> {
 
 fn tensor_info(r: &Reader, name: String, dims: Vec<u64>, type_id: u32, offset: u64, alignment: u64, data_offset: u64) -> Result<TensorInfo> {
     let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| r.err(format!("tensor {name}: unknown ggml type id {type_id}")))?;
-    if dims.iter().any(|&d| d == 0) {
+    if dims.contains(&0) {
         return Err(r.err(format!("tensor {name}: zero-sized dimension in {dims:?}")));
     }
     let numel = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
     let numel = numel.filter(|&n| n <= isize::MAX as u64).ok_or_else(|| r.err(format!("tensor {name}: dims {dims:?} overflow")))?;
     let (block, block_bytes) = ggml_type.block();
-    if dims[0] % block as u64 != 0 {
+    if !dims[0].is_multiple_of(block as u64) {
         return Err(r.err(format!(
             "tensor {name}: innermost dim {} is not a multiple of the {} block size {block}",
             dims[0],
             ggml_type.name()
         )));
     }
-    if offset % alignment != 0 {
+    if !offset.is_multiple_of(alignment) {
         return Err(r.err(format!("tensor {name}: offset {offset} is not aligned to {alignment}")));
     }
     let nbytes = numel / block as u64 * block_bytes as u64;
