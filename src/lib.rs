@@ -6,6 +6,8 @@ pub mod config;
 pub mod format;
 pub mod layout;
 pub mod model;
+pub mod schedule;
 pub mod score;
 pub mod tensor;
 pub mod tokenizer;
+pub mod trace;
