@@ -3,13 +3,14 @@
 //!
 //! Files: plan.rs (cutting layers into groups under memory and speed), order.rs (each rank's
 //! work order), cost.rs (cost model and workload), simulate.rs (discrete-event prediction),
-//! presets.rs (known models' dimensions).
+//! tune.rs (choosing resident and group size by simulation), presets.rs (known models).
 
 pub mod cost;
 mod order;
 mod plan;
 pub mod presets;
 pub mod simulate;
+pub mod tune;
 #[cfg(test)]
 mod tests;
 
@@ -17,11 +18,12 @@ pub use order::Step;
 
 use crate::config::{Family, ModelConfig};
 use crate::model::{expected_tensors, Part};
+use serde::Serialize;
 use std::ops::Range;
 use thiserror::Error;
 
 /// What the planner needs to know about a model: sizes, not weights.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ModelShape {
     pub family: Family,
     pub n_layers: usize,
@@ -98,7 +100,7 @@ impl ModelShape {
 }
 
 /// One rank's capabilities, gathered from every rank before planning.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RankCaps {
     pub device_bytes: u64,
     /// Host memory this rank may pin; None when unknown (not checked).
@@ -109,7 +111,7 @@ pub struct RankCaps {
     pub device: String,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ScheduleOptions {
     /// Most layers in one group; None: as many as fit `resident` times in device memory.
     pub group_layers: Option<usize>,
@@ -134,7 +136,7 @@ impl Default for ScheduleOptions {
 
 /// Consecutive layers that run together on one rank; begin rides with the first group, end
 /// with the last.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Group {
     pub index: usize,
     pub layers: Range<usize>,
@@ -159,7 +161,7 @@ impl Group {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Schedule {
     pub shape: ModelShape,
     pub ranks: Vec<RankCaps>,
@@ -177,6 +179,8 @@ pub struct Schedule {
     pub host_bytes: Vec<u64>,
     /// Device bytes for activations of one micro-batch (working set and in/out buffers).
     pub activation_bytes: u64,
+    /// The options it was planned with: planning again with these gives the same Schedule.
+    pub options: ScheduleOptions,
 }
 
 #[derive(Debug, Error, PartialEq)]

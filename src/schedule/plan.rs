@@ -228,6 +228,7 @@ fn assemble(
         device_bytes,
         host_bytes,
         activation_bytes,
+        options: opts.clone(),
     }
 }
 

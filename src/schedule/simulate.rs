@@ -8,6 +8,7 @@
 use super::cost::{CostError, CostModel, Workload};
 use super::{Schedule, Step};
 use crate::trace::{Trace, Track};
+use serde::Serialize;
 use std::collections::VecDeque;
 use thiserror::Error;
 
@@ -27,7 +28,7 @@ pub enum SimError {
 }
 
 /// Seconds each rank spent per activity over the simulated span.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RankTime {
     pub compute_s: f64,
     pub copy_s: f64,
@@ -38,7 +39,8 @@ pub struct RankTime {
     pub wait_weights_s: f64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Bottleneck {
     Compute,
     Copy,
@@ -59,7 +61,7 @@ impl Bottleneck {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SimReport {
     pub docs: usize,
     pub docs_per_micro: usize,
