@@ -199,9 +199,16 @@ pub enum ScheduleError {
     HostTooSmall { rank: usize, need: String, have: String, hint: String },
 }
 
-/// Bytes as decimal gigabytes, the unit people buy GPUs in.
+/// Bytes in decimal units, the ones people buy GPUs in (GB unless that would read 0.0).
 pub fn gb(bytes: u64) -> String {
-    format!("{:.1} GB", bytes as f64 / 1e9)
+    let b = bytes as f64;
+    if b >= 1e8 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e5 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} KB", b / 1e3)
+    }
 }
 
 impl Schedule {
