@@ -191,3 +191,16 @@ fn trace_of_simulation_has_all_tracks() {
     }
     assert!(ev.iter().all(|e| e["ph"] != "X" || (e["ts"].as_f64().is_some() && e["dur"].as_f64().is_some_and(|d| d >= 0.0))));
 }
+
+#[test]
+fn tuner_trades_double_buffering_against_network_hops() {
+    let shape = f180();
+    let pick = |net: f64| {
+        let c = CostModel::from_flops(&shape, 71.0, 0.5, 24e9, net, 50e-6);
+        let t = tune::tune(&shape, &ranks(8, 24 * GB), &ScheduleOptions::default(), &c, &work(100_000), true, true).unwrap();
+        assert!(t.candidates.windows(2).all(|w| w[0].docs_per_hour >= w[1].docs_per_hour));
+        t.schedule.resident
+    };
+    assert_eq!(pick(125e6), 1); // 1 GbE: bigger groups, fewer hops
+    assert_eq!(pick(100e9), 2); // fast links: hide the copies
+}
