@@ -1,11 +1,12 @@
 //! falcon-batch command line: parse, call the library, map errors to exit codes.
 //!
-//! Exit codes: 0 success; 1 fatal error (nothing or nothing more was done);
-//! 2 usage error; 3 finished, but some documents failed (recorded in the output).
+//! Exit codes: 0 success; 1 fatal error (nothing, or nothing more, was done);
+//! 2 usage error; 3 finished, but some documents failed (they are recorded in the output).
+
+mod cli;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use falcon_batch::tensor::DType;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -18,112 +19,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Convert an HF checkpoint directory or a GGUF file into a per-layer model directory.
-    Convert(ConvertArgs),
+    Convert(cli::model::ConvertArgs),
     /// Show a model directory; --verify re-hashes every part.
-    Inspect(InspectArgs),
-}
-
-#[derive(clap::Args)]
-struct ConvertArgs {
-    /// HF checkpoint directory (config.json, *.safetensors, tokenizer.json) or a .gguf file.
-    #[arg(long)]
-    from: std::path::PathBuf,
-    /// Output model directory.
-    #[arg(long)]
-    to: std::path::PathBuf,
-    /// Storage dtype of the weights (default: the checkpoint's; f32 for dequantized GGUF).
-    #[arg(long)]
-    dtype: Option<String>,
-}
-
-#[derive(clap::Args)]
-struct InspectArgs {
-    model: std::path::PathBuf,
-    #[arg(long)]
-    verify: bool,
+    Inspect(cli::model::InspectArgs),
+    /// Plan the schedule for a model on a cluster and predict its throughput.
+    Plan(falcon_batch::plan_cmd::PlanArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Convert(a) => convert(a),
-        Command::Inspect(a) => inspect(a),
-    }
-}
-
-fn convert(a: ConvertArgs) -> Result<ExitCode> {
-    use falcon_batch::format::convert;
-    let dtype = match &a.dtype {
-        Some(s) => Some(DType::parse(s).ok_or_else(|| anyhow::anyhow!("--dtype: expected bf16, f16 or f32, found `{s}`"))?),
-        None => None,
-    };
-    let ckpt = convert::open_checkpoint(&a.from)?;
-    let cfg = ckpt.config();
-    let out_dtype = dtype.unwrap_or_else(|| ckpt.native_dtype());
-    println!("{}: {} model, {} layers, writing {} to {}", ckpt.origin(), cfg.family.name(), cfg.n_layers, out_dtype.name(), a.to.display());
-    let m = convert::convert_with(ckpt.as_ref(), &a.to, dtype, &mut |r| {
-        println!(
-            "[{:>4}/{}] {:<10} {:>3} tensors {:>10} {:.1}s",
-            r.index + 1,
-            r.total,
-            r.entry.name,
-            r.tensors,
-            human_bytes(r.entry.bytes),
-            r.seconds
-        );
-    })?;
-    println!("wrote {} ({} in {} parts), model id {}", a.to.display(), human_bytes(m.total_bytes()), m.parts.len(), m.model_id);
-    Ok(ExitCode::SUCCESS)
-}
-
-fn inspect(a: InspectArgs) -> Result<ExitCode> {
-    let dir = falcon_batch::format::model_dir::ModelDir::open(&a.model)?;
-    let m = dir.manifest();
-    let c = &m.config;
-    println!("model      {}", a.model.display());
-    println!("family     {}", c.family.name());
-    println!("layers     {}", c.n_layers);
-    println!("hidden     {}", c.hidden_size);
-    println!("heads      {} (kv heads {}, head dim {})", c.n_heads, c.n_kv_heads, c.head_dim);
-    println!("ffn        {}", c.intermediate_size);
-    println!("vocab      {}", c.vocab_size);
-    println!("context    {}", c.context_limit());
-    println!("rope theta {}", c.rope_theta);
-    println!("dtype      {}", m.dtype.name());
-    println!("model id   {}", m.model_id);
-    println!("source     {}", m.source);
-    println!("tokenizer  {}", m.tokenizer);
-    for p in &m.parts {
-        println!("  {:<12} {:>10}", p.file, human_bytes(p.bytes));
-    }
-    println!("total      {} in {} parts", human_bytes(m.total_bytes()), m.parts.len());
-    if !a.verify {
-        return Ok(ExitCode::SUCCESS);
-    }
-    let bad = dir.verify();
-    if bad.is_empty() {
-        println!("verify     all {} parts match the manifest", m.parts.len());
-        return Ok(ExitCode::SUCCESS);
-    }
-    for (part, problem) in &bad {
-        eprintln!("verify: part {part} differs: {problem}");
-    }
-    eprintln!("verify: {} of {} parts differ from the manifest", bad.len(), m.parts.len());
-    Ok(ExitCode::from(1))
-}
-
-/// Sizes as people read them (binary units).
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
+        Command::Convert(a) => cli::model::convert(a),
+        Command::Inspect(a) => cli::model::inspect(a),
+        Command::Plan(a) => {
+            print!("{}", falcon_batch::plan_cmd::run(&a)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

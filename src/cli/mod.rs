@@ -1,0 +1,3 @@
+//! The subcommands, one file per group of commands. Binary-only: the library has no CLI.
+
+pub mod model;
