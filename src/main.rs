@@ -22,6 +22,8 @@ enum Command {
     Convert(cli::model::ConvertArgs),
     /// Show a model directory; --verify re-hashes every part.
     Inspect(cli::model::InspectArgs),
+    /// Generate text from prompts.
+    Generate(cli::generate::GenerateArgs),
     /// Plan the schedule for a model on a cluster and predict its throughput.
     Plan(falcon_batch::plan_cmd::PlanArgs),
 }
@@ -30,6 +32,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Convert(a) => cli::model::convert(a),
         Command::Inspect(a) => cli::model::inspect(a),
+        Command::Generate(a) => cli::generate::run(a),
         Command::Plan(a) => {
             print!("{}", falcon_batch::plan_cmd::run(&a)?);
             Ok(ExitCode::SUCCESS)

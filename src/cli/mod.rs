@@ -1,3 +1,4 @@
 //! The subcommands, one file per group of commands. Binary-only: the library has no CLI.
 
 pub mod model;
+pub mod generate;
