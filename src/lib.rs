@@ -3,9 +3,11 @@
 
 pub mod backend;
 pub mod config;
+pub mod corpus;
 pub mod format;
 pub mod layout;
 pub mod model;
+pub mod results;
 pub mod score;
 pub mod tensor;
 pub mod tokenizer;
