@@ -109,6 +109,8 @@ fn choices_of(obj: &Map<String, Value>) -> Result<Vec<String>, String> {
         .iter()
         .enumerate()
         .map(|(i, v)| match v {
+            // A blank choice would score only the delimiter: no answer at all.
+            Value::String(s) if s.trim().is_empty() => Err(expected(&format!("\"choices\"[{i}]"), "a non-blank string", v)),
             Value::String(s) => Ok(s.clone()),
             other => Err(expected(&format!("\"choices\"[{i}]"), "a string", other)),
         })
@@ -159,7 +161,7 @@ fn ready(ctx: &LineCtx, obj: &Map<String, Value>, id: &str) -> Result<ReadyDoc, 
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
     };
-    let parts = split(ctx.tokenizer, &prompt, &choices).map_err(|e| match e.choice {
+    let parts = split(ctx.tokenizer, &prompt, &choices, &ctx.options.delimiter).map_err(|e| match e.choice {
         None => format!("field {prompt_field}: cannot tokenize: {}", e.msg),
         Some(c) => format!("field \"choices\"[{c}]: cannot tokenize: {}", e.msg),
     })?;

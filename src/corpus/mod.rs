@@ -42,7 +42,7 @@ pub struct ReadyDoc {
     pub doc: TokenizedDoc,
     /// Choice texts as given in the corpus (without the moved whitespace).
     pub choices: Vec<String>,
-    /// Per choice, characters of its continuation (moved whitespace included), for
+    /// Per choice, characters of its continuation (moved whitespace or delimiter included), for
     /// `score::score_document`.
     pub choice_chars: Vec<usize>,
     pub n_prompt_tokens: usize,
@@ -76,6 +76,9 @@ pub struct CorpusOptions {
     pub template: Template,
     /// Longest context the model takes; a document needing more positions fails.
     pub max_context: usize,
+    /// Put between a prompt that ends without whitespace and each choice (lm-eval's
+    /// `target_delimiter`); " " unless the language writes without spaces.
+    pub delimiter: String,
     /// Ids already in the results file (resume): parsed for duplicate detection, but
     /// neither tokenized nor yielded.
     pub skip_ids: HashSet<String>,
@@ -83,7 +86,7 @@ pub struct CorpusOptions {
 
 impl CorpusOptions {
     pub fn new(template: Template, max_context: usize) -> CorpusOptions {
-        CorpusOptions { template, max_context, skip_ids: HashSet::new() }
+        CorpusOptions { template, max_context, delimiter: " ".to_string(), skip_ids: HashSet::new() }
     }
 }
 

@@ -5,6 +5,12 @@
 //! following word, and the model never saw a lone space token before an answer. The
 //! choice's ids are those of `prompt + choice` after the prompt's ids, which keeps the
 //! merges the tokenizer makes across the boundary.
+//!
+//! When the prompt ends without whitespace (the default template ends in "Answer:"), the
+//! choice is joined with a delimiter, lm-eval's `target_delimiter` (" " by default), so
+//! "Answer:" + "Paris" is scored as " Paris", never as "Answer:Paris". A prompt that
+//! already ends in whitespace gets no delimiter: its whitespace is the delimiter, and
+//! adding one would make the double space lm-eval warns about.
 
 use crate::tokenizer::Tokenizer;
 
@@ -46,9 +52,10 @@ fn appended_specials(with: &[u32], plain: &[u32]) -> usize {
         .map_or(0, |start| with.len() - start - plain.len())
 }
 
-pub fn split(tokenizer: &Tokenizer, prompt: &str, choices: &[String]) -> Result<Split, SplitError> {
+pub fn split(tokenizer: &Tokenizer, prompt: &str, choices: &[String], delimiter: &str) -> Result<Split, SplitError> {
     let prompt_err = |e: crate::tokenizer::TokenizerError| SplitError { choice: None, msg: e.to_string() };
     let (context, moved) = move_whitespace(prompt);
+    let moved = if moved.is_empty() { delimiter } else { moved };
     let with = tokenizer.encode(context, true).map_err(prompt_err)?;
     let plain = tokenizer.encode(context, false).map_err(prompt_err)?;
     let tail = appended_specials(&with, &plain);
