@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod corpus;
 pub mod format;
 pub mod generate;
 pub mod job;
@@ -11,6 +12,7 @@ pub mod model;
 pub mod sample;
 pub mod plan_cmd;
 pub mod schedule;
+pub mod results;
 pub mod score;
 pub mod stage;
 pub mod tensor;

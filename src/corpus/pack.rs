@@ -1,0 +1,128 @@
+//! Grouping ready documents into micro-batches under a row budget.
+//!
+//! Greedy in input order, never reordering: results come out in corpus order and a
+//! resumed run packs the remaining documents the same way a fresh run would. Sorting by
+//! length would pack tighter, but the schedule's waves already hide uneven batches.
+
+use super::{PreparedDoc, ReadyDoc};
+use crate::layout::{MicroBatch, TokenizedDoc};
+
+/// Streaming packer: push documents one by one, get a batch back whenever the next
+/// document would not fit. Holds at most one batch of token ids.
+#[derive(Debug)]
+pub struct Batcher {
+    budget: usize,
+    pending: Vec<ReadyDoc>,
+    rows: usize,
+}
+
+impl Batcher {
+    /// `batch_tokens` is the most rows a micro-batch may have; a document bigger than
+    /// that still runs, alone.
+    pub fn new(batch_tokens: usize) -> Batcher {
+        Batcher { budget: batch_tokens, pending: Vec::new(), rows: 0 }
+    }
+
+    /// Add a document; returns the batch it closed, if any.
+    pub fn push(&mut self, doc: ReadyDoc) -> Option<Vec<ReadyDoc>> {
+        let rows = doc.doc.rows();
+        let closed = if !self.pending.is_empty() && self.rows + rows > self.budget { self.take() } else { None };
+        self.rows += rows;
+        self.pending.push(doc);
+        closed
+    }
+
+    /// The last, partly filled batch.
+    pub fn finish(&mut self) -> Option<Vec<ReadyDoc>> {
+        self.take()
+    }
+
+    fn take(&mut self) -> Option<Vec<ReadyDoc>> {
+        self.rows = 0;
+        if self.pending.is_empty() {
+            None
+        } else {
+            Some(std::mem::take(&mut self.pending))
+        }
+    }
+}
+
+/// Group the ok documents of `docs` (failed ones are skipped) into micro-batches of at
+/// most `batch_tokens` rows, in input order.
+pub fn pack(docs: &[PreparedDoc], batch_tokens: usize) -> Vec<Vec<&ReadyDoc>> {
+    let mut batches = Vec::new();
+    let mut current: Vec<&ReadyDoc> = Vec::new();
+    let mut rows = 0;
+    for doc in docs.iter().filter_map(|d| d.result.as_ref().ok()) {
+        let r = doc.doc.rows();
+        if !current.is_empty() && rows + r > batch_tokens {
+            batches.push(std::mem::take(&mut current));
+            rows = 0;
+        }
+        rows += r;
+        current.push(doc);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+/// The packed layout of a batch (MicroBatch::build wants owned TokenizedDocs).
+pub fn build_batch<'a>(docs: impl IntoIterator<Item = &'a ReadyDoc>) -> MicroBatch {
+    let docs: Vec<TokenizedDoc> = docs.into_iter().map(|d| d.doc.clone()).collect();
+    MicroBatch::build(&docs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(index: usize, prompt: usize, choice_lens: &[usize]) -> ReadyDoc {
+        let doc = TokenizedDoc {
+            index,
+            id: format!("d{index}"),
+            prompt: vec![1; prompt],
+            choices: choice_lens.iter().map(|&n| vec![2; n]).collect(),
+        };
+        ReadyDoc {
+            choices: choice_lens.iter().map(|n| format!("c{n}")).collect(),
+            choice_chars: choice_lens.to_vec(),
+            n_prompt_tokens: prompt,
+            answer: None,
+            doc,
+        }
+    }
+
+    fn prepared(r: Result<ReadyDoc, String>, index: usize) -> PreparedDoc {
+        PreparedDoc { index, line: index + 1, id: format!("d{index}"), result: r }
+    }
+
+    #[test]
+    fn packs_in_order_under_budget() {
+        // rows: 10+1+0 = 11, 5+2 = 7, 30 (over budget), 4
+        let docs = vec![
+            prepared(Ok(ready(0, 10, &[2, 1])), 0),
+            prepared(Err("bad".into()), 1),
+            prepared(Ok(ready(2, 5, &[3])), 2),
+            prepared(Ok(ready(3, 30, &[1])), 3),
+            prepared(Ok(ready(4, 4, &[1, 1])), 4),
+        ];
+        let batches = pack(&docs, 20);
+        let ids: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|d| d.doc.index).collect()).collect();
+        assert_eq!(ids, vec![vec![0, 2], vec![3], vec![4]]);
+        let b = build_batch(batches[0].iter().copied());
+        assert_eq!(b.rows(), 18);
+        assert_eq!(b.docs, vec![0, 2]);
+
+        // the streaming packer makes the same batches
+        let mut batcher = Batcher::new(20);
+        let mut streamed = Vec::new();
+        for d in docs.into_iter().filter_map(|d| d.result.ok()) {
+            streamed.extend(batcher.push(d));
+        }
+        streamed.extend(batcher.finish());
+        let ids2: Vec<Vec<usize>> = streamed.iter().map(|b| b.iter().map(|d| d.doc.index).collect()).collect();
+        assert_eq!(ids, ids2);
+    }
+}
