@@ -22,6 +22,10 @@ enum Command {
     Convert(cli::model::ConvertArgs),
     /// Show a model directory; --verify re-hashes every part.
     Inspect(cli::model::InspectArgs),
+    /// Score each document's answer choices; results to HDF5 (resumable).
+    Score(cli::score::ScoreArgs),
+    /// Print a results file as a table (with accuracy when the corpus has answers).
+    Show(cli::score::ShowArgs),
     /// Generate text from prompts.
     Generate(cli::generate::GenerateArgs),
     /// Plan the schedule for a model on a cluster and predict its throughput.
@@ -32,6 +36,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Convert(a) => cli::model::convert(a),
         Command::Inspect(a) => cli::model::inspect(a),
+        Command::Score(a) => cli::score::score(a),
+        Command::Show(a) => cli::score::show(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Plan(a) => {
             print!("{}", falcon_batch::plan_cmd::run(&a)?);
@@ -45,8 +51,23 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, leaving out a cause its parent's message already quotes.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
 }

@@ -2,3 +2,4 @@
 
 pub mod model;
 pub mod generate;
+pub mod score;

@@ -1,6 +1,9 @@
 //! Jobs: the score command (corpus -> micro-batches -> scorer -> results) and what runs a
 //! wave of micro-batches through the model, on this process or over the MPI pipeline.
 
+pub mod progress;
+pub mod score;
+
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::layout::MicroBatch;
