@@ -279,6 +279,32 @@ fn sample_corpora_read_and_pack() {
         let direct = MicroBatch::build(&b.iter().map(|d| d.doc.clone()).collect::<Vec<_>>());
         assert_eq!(mb, direct);
     }
-    let bad = read_all(&root.join("inputs/bad.jsonl"), &tok, options(2048)).unwrap();
-    assert!(bad.iter().any(|d| d.result.is_ok()) && bad.iter().any(|d| d.result.is_err()));
+    // inputs/bad.jsonl: one line of each bad kind between three good ones
+    let bad = read_all(&root.join("inputs/bad.jsonl"), &tok, options(8192)).unwrap();
+    let ok: Vec<&str> = bad.iter().filter(|d| d.result.is_ok()).map(|d| d.id.as_str()).collect();
+    assert_eq!(ok, ["good-receipt", "good-memo", "good-parcel"]);
+    let failed: Vec<(&str, &str)> = bad.iter().filter_map(|d| d.result.as_ref().err().map(|e| (d.id.as_str(), e.as_str()))).collect();
+    let expect = [
+        ("line:2", "invalid JSON"),
+        ("line:3", "invalid UTF-8"),
+        ("line:4", "expected a JSON object"),
+        ("line:5", "field \"id\": missing"),
+        ("line:6", "field \"id\": expected a non-empty string"),
+        ("line:7", "found 1234"),
+        ("line:9", "duplicate id \"good-receipt\""),
+        ("no-prompt", "field \"prompt\": missing"),
+        ("empty-prompt", "field \"prompt\": expected a non-empty string"),
+        ("missing-choices", "field \"choices\": missing"),
+        ("empty-choices", "found []"),
+        ("choice-not-string", "field \"choices\"[2]: expected a string, found 42"),
+        ("blank-choice", "field \"choices\"[1]: expected a non-blank string"),
+        ("too-long", "expected at most the model's context of 8192"),
+        ("prompt-and-text", "found both"),
+        ("text-without-question", "field \"question\": missing"),
+    ];
+    assert_eq!(failed.len(), expect.len(), "{failed:?}");
+    for ((id, msg), (want_id, needle)) in failed.iter().zip(expect) {
+        assert_eq!(*id, want_id, "{msg}");
+        assert!(msg.contains("bad.jsonl:") && msg.contains(needle), "{msg}");
+    }
 }

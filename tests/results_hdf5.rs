@@ -281,3 +281,27 @@ fn sigkill_mid_append_leaves_a_resumable_file() {
     assert_eq!(ids.len(), docs.len());
     assert!(reader("h5dump").arg("-H").arg(&path).status().unwrap().success());
 }
+
+#[test]
+fn doc_result_from_scores() {
+    use falcon_batch::corpus::ReadyDoc;
+    use falcon_batch::layout::TokenizedDoc;
+    use falcon_batch::score::score_document;
+    let ready = ReadyDoc {
+        doc: TokenizedDoc { index: 0, id: "inv-9".into(), prompt: vec![1, 2, 3], choices: vec![vec![4], vec![5, 6]] },
+        choices: vec!["12.40".into(), "9.80".into()],
+        choice_chars: vec![6, 5],
+        n_prompt_tokens: 3,
+        answer: Some("12.40".into()),
+    };
+    let scores = score_document(&[vec![-0.5], vec![-2.0, -1.0]], &ready.choice_chars, Norm::Sum);
+    let r = DocResult::scored(&ready, &scores).unwrap();
+    assert_eq!((r.id.as_str(), r.best, r.n_prompt_tokens, r.is_ok()), ("inv-9", Some(0), 3, true));
+    assert_eq!(r.choices[1].text, "9.80");
+    assert_eq!(r.choices[1].n_tokens, 2);
+    assert_eq!(r.choices[1].logprob, -3.0);
+    let short = score_document(&[vec![-0.5]], &[6], Norm::Sum);
+    assert!(DocResult::scored(&ready, &short).unwrap_err().to_string().contains("1 scores for 2 choices"));
+    let f = DocResult::failed("line:3", "c.jsonl:3: invalid JSON");
+    assert_eq!((f.status, f.best, f.choices.len()), (DocStatus::Error, None, 0));
+}
