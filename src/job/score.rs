@@ -67,6 +67,18 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
     Ok(Prepared { tokenizer, template, meta })
 }
 
+/// Fault injection for the restart tests: with FALCON_BATCH_KILL_AFTER_DOCS=N the process
+/// SIGKILLs itself once N documents are written, exactly as an OOM killer or scancel would.
+fn crash_point(written: usize) {
+    let limit = std::env::var("FALCON_BATCH_KILL_AFTER_DOCS").ok().and_then(|v| v.parse::<usize>().ok());
+    if limit.is_some_and(|n| written >= n) {
+        // SAFETY: raise only sends a signal to this process.
+        unsafe {
+            libc::raise(libc::SIGKILL);
+        }
+    }
+}
+
 /// A document waiting for its turn to be written (results go out in input order).
 enum Slot {
     Done(DocResult),
@@ -143,6 +155,7 @@ pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut
         if !out.is_empty() {
             writer.append(&out).map_err(|e| JobError::Output(e.to_string()))?;
             summary.added += out.len();
+            crash_point(summary.added);
             progress.docs(out.len(), out.iter().filter(|r| !r.is_ok()).count());
         }
         Ok(())

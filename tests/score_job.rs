@@ -1,0 +1,120 @@
+//! The score command end to end, through the binary: restart after SIGKILL, resume, refusal
+//! of a mismatched file, bad lines, exit codes, files that h5dump reads.
+
+use falcon_batch::results::read_results;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
+    c.env("HDF5_USE_FILE_LOCKING", "FALSE");
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.output().expect("run falcon-batch")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fb-score-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The llama_tied fixture as a model directory (word-level tokenizer over "t3", "t4", ...).
+fn model(dir: &Path) -> PathBuf {
+    let out = dir.join("model");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_tied");
+    let o = run(bin().args(["convert", "--from"]).arg(&fixture).arg("--to").arg(&out));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// n documents of the fixture's vocabulary, with a bad line every 7th line.
+fn corpus(dir: &Path, n: usize) -> PathBuf {
+    let mut lines = vec![];
+    for i in 0..n {
+        if i % 7 == 3 {
+            lines.push(format!("{{\"id\": \"bad{i}\", \"prompt\": \"t5 t6\", \"choices\": []}}"));
+            continue;
+        }
+        let words: Vec<String> = (0..(5 + i % 11)).map(|k| format!("t{}", 3 + (i * 7 + k * 13) % 90)).collect();
+        let choices: Vec<String> = (0..3).map(|c| format!("t{} t{}", 3 + (i + c * 31) % 90, 3 + (i * 3 + c) % 90)).collect();
+        lines.push(serde_json::json!({"id": format!("d{i}"), "prompt": words.join(" "), "choices": choices}).to_string());
+    }
+    let p = dir.join("corpus.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+fn score(model: &Path, docs: &Path, out: &Path) -> Command {
+    let mut c = bin();
+    c.arg("score").arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(out);
+    c.args(["--batch-tokens", "40", "--wave", "1", "--quiet"]);
+    c
+}
+
+#[test]
+fn killed_run_resumes_to_the_uninterrupted_result() {
+    let d = tmp("kill");
+    let (m, docs) = (model(&d), corpus(&d, 60));
+    let whole = d.join("whole.h5");
+    let o = run(&mut score(&m, &docs, &whole));
+    assert_eq!(o.status.code(), Some(3), "some lines are bad: exit 3; {}", String::from_utf8_lossy(&o.stderr));
+    let reference = read_results(&whole).unwrap();
+    assert_eq!(reference.len(), 60);
+    assert_eq!(reference.iter().filter(|r| !r.is_ok()).count(), 9);
+
+    let resumed = d.join("resumed.h5");
+    let o = run(score(&m, &docs, &resumed).env("FALCON_BATCH_KILL_AFTER_DOCS", "17"));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(o.status.signal(), Some(9), "the run must die by SIGKILL");
+    let partial = read_results(&resumed).unwrap();
+    assert!(partial.len() >= 17 && partial.len() < 60, "{} documents after the kill", partial.len());
+    let o = run(&mut score(&m, &docs, &resumed));
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_results(&resumed).unwrap(), reference, "resumed file differs from an uninterrupted run");
+
+    // A third run finds nothing to do and changes nothing.
+    let o = run(&mut score(&m, &docs, &resumed));
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(read_results(&resumed).unwrap(), reference);
+
+    // h5dump (HDF5's own tool) reads the ids and the schema attribute
+    let dump = run(Command::new("h5dump").env("HDF5_USE_FILE_LOCKING", "FALSE").args(["-a", "/schema", "-d", "/docs/id"]).arg(&resumed));
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.status.success() && text.contains("falcon-batch/scores/1") && text.contains("\"d58\""), "{text}");
+}
+
+#[test]
+fn mismatched_output_is_refused_and_csv_is_written() {
+    let d = tmp("mismatch");
+    let (m, docs) = (model(&d), corpus(&d, 10));
+    let out = d.join("r.h5");
+    let csv = d.join("r.csv");
+    let o = run(score(&m, &docs, &out).arg("--csv").arg(&csv));
+    assert_eq!(o.status.code(), Some(3));
+    let rows = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(rows.lines().count(), 1 + 9 * 3, "a header and one row per choice of the ok documents");
+    let o = run(score(&m, &docs, &out).args(["--norm", "mean"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("norm") && err.contains("--overwrite"), "{err}");
+    let o = run(score(&m, &docs, &out).args(["--norm", "mean", "--overwrite"]));
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn fatal_errors_happen_before_any_output() {
+    let d = tmp("fatal");
+    let m = model(&d);
+    let out = d.join("never.h5");
+    let o = run(&mut score(&m, &d.join("missing.jsonl"), &out));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing.jsonl"));
+    assert!(!out.exists(), "no output for a job that could not start");
+    let o = run(&mut score(&d.join("no-model"), &corpus(&d, 3), &out));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("manifest.json"));
+}
