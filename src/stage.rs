@@ -125,9 +125,21 @@ impl<B: Backend> Stage<B> {
 
     /// A whole micro-batch through this stage when it holds the entire model.
     pub fn score_batch(&self, b: &B, cfg: &ModelConfig, batch: &MicroBatch) -> Result<Vec<f64>, ModelError> {
-        let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
-        let x = self.embed(b, &batch.tokens)?;
-        let x = self.run_layers(b, cfg, x, &ctx, None)?;
-        self.scored_logprobs(b, cfg, &x, &batch.scored)
+        score_through(std::slice::from_ref(self), b, cfg, batch)
     }
+}
+
+/// A micro-batch through consecutive stages that together hold the whole model:
+/// log p(target) at its scored rows (S,).
+pub fn score_through<B: Backend>(stages: &[Stage<B>], b: &B, cfg: &ModelConfig, batch: &MicroBatch) -> Result<Vec<f64>, ModelError> {
+    let (first, last) = match (stages.first(), stages.last()) {
+        (Some(f), Some(l)) => (f, l),
+        _ => return Err(ModelError::Unsupported("no stages loaded".into())),
+    };
+    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
+    let mut x = first.embed(b, &batch.tokens)?; // (T, C)
+    for s in stages {
+        x = s.run_layers(b, cfg, x, &ctx, None)?;
+    }
+    last.scored_logprobs(b, cfg, &x, &batch.scored)
 }

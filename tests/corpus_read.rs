@@ -274,7 +274,7 @@ fn sample_corpora_read_and_pack() {
     let n: usize = batches.iter().map(Vec::len).sum();
     assert_eq!(n, docs.len());
     for b in &batches {
-        let mb = falcon_batch::corpus::build_batch(b.iter().copied());
+        let mb = falcon_batch::corpus::build_batch(b.iter());
         assert!(mb.rows() <= 4096 || b.len() == 1);
         let direct = MicroBatch::build(&b.iter().map(|d| d.doc.clone()).collect::<Vec<_>>());
         assert_eq!(mb, direct);

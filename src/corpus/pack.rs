@@ -48,23 +48,12 @@ impl Batcher {
 }
 
 /// Group the ok documents of `docs` (failed ones are skipped) into micro-batches of at
-/// most `batch_tokens` rows, in input order.
-pub fn pack(docs: &[PreparedDoc], batch_tokens: usize) -> Vec<Vec<&ReadyDoc>> {
-    let mut batches = Vec::new();
-    let mut current: Vec<&ReadyDoc> = Vec::new();
-    let mut rows = 0;
-    for doc in docs.iter().filter_map(|d| d.result.as_ref().ok()) {
-        let r = doc.doc.rows();
-        if !current.is_empty() && rows + r > batch_tokens {
-            batches.push(std::mem::take(&mut current));
-            rows = 0;
-        }
-        rows += r;
-        current.push(doc);
-    }
-    if !current.is_empty() {
-        batches.push(current);
-    }
+/// most `batch_tokens` rows, in input order: the same batches the streaming Batcher makes.
+pub fn pack(docs: &[PreparedDoc], batch_tokens: usize) -> Vec<Vec<ReadyDoc>> {
+    let mut batcher = Batcher::new(batch_tokens);
+    let mut batches: Vec<Vec<ReadyDoc>> =
+        docs.iter().filter_map(|d| d.result.as_ref().ok()).filter_map(|d| batcher.push(d.clone())).collect();
+    batches.extend(batcher.finish());
     batches
 }
 
@@ -111,7 +100,7 @@ mod tests {
         let batches = pack(&docs, 20);
         let ids: Vec<Vec<usize>> = batches.iter().map(|b| b.iter().map(|d| d.doc.index).collect()).collect();
         assert_eq!(ids, vec![vec![0, 2], vec![3], vec![4]]);
-        let b = build_batch(batches[0].iter().copied());
+        let b = build_batch(batches[0].iter());
         assert_eq!(b.rows(), 18);
         assert_eq!(b.docs, vec![0, 2]);
 

@@ -8,7 +8,7 @@ use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::layout::MicroBatch;
 use crate::model::ModelError;
-use crate::stage::Stage;
+use crate::stage::{score_through, Stage};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -38,20 +38,6 @@ pub struct LocalScorer<'a, B: Backend> {
 
 impl<B: Backend> BatchScorer for LocalScorer<'_, B> {
     fn score_wave(&mut self, wave: &[MicroBatch]) -> Result<Vec<Vec<f64>>, JobError> {
-        let b = self.backend;
-        let mut out = vec![];
-        for batch in wave {
-            let ctx = crate::model::RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
-            let (first, last) = match (self.stages.first(), self.stages.last()) {
-                (Some(f), Some(l)) => (f, l),
-                _ => return Err(JobError::Model(ModelError::Unsupported("no stages loaded".into()))),
-            };
-            let mut x = first.embed(b, &batch.tokens)?;
-            for s in self.stages {
-                x = s.run_layers(b, self.cfg, x, &ctx, None)?;
-            }
-            out.push(last.scored_logprobs(b, self.cfg, &x, &batch.scored)?);
-        }
-        Ok(out)
+        wave.iter().map(|batch| Ok(score_through(self.stages, self.backend, self.cfg, batch)?)).collect()
     }
 }
