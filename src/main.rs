@@ -20,6 +20,32 @@ enum Command {
     Convert(ConvertArgs),
     /// Show a model directory; --verify re-hashes every part.
     Inspect(InspectArgs),
+    /// Time decoder layers of a real model's shapes with synthetic weights (no files).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: falcon_batch::backend::select::DeviceChoice,
+    /// falcon-180b, falcon-40b, falcon-7b, llama-2-70b, smollm2-135m or tiny
+    #[arg(long)]
+    synthetic: String,
+    /// Layers in the streaming run (CUDA).
+    #[arg(long, default_value_t = 16)]
+    layers: usize,
+    /// Layers resident on the device in the streaming run: two groups of window/2 (CUDA).
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Timed repetitions per shape (median reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long, default_value = "results/bench.json")]
+    out: std::path::PathBuf,
+    /// Run presets whose layer is over 2 GB in f32 on the CPU.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]
@@ -46,6 +72,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Convert(_a) => anyhow::bail!("convert: not built yet"),
         Command::Inspect(_a) => anyhow::bail!("inspect: not built yet"),
+        Command::Bench(a) => {
+            let opts = falcon_batch::bench::BenchOptions {
+                device: a.device,
+                synthetic: a.synthetic,
+                layers: a.layers,
+                window: a.window,
+                reps: a.reps,
+                out: Some(a.out),
+                force: a.force,
+            };
+            falcon_batch::bench::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
