@@ -53,7 +53,9 @@ fn compile_error(file: &str, arch: &str, e: CompileError) -> BackendError {
         CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
         other => format!("{other:?}"),
     };
-    BackendError::Unavailable(format!("NVRTC could not compile kernels/{file} for {arch}:\n{detail}"))
+    // Device, not Unavailable: a GPU is there but our kernels are broken for it, which
+    // callers (auto selection, the parity tests) must not mistake for "no GPU".
+    BackendError::Device(format!("NVRTC could not compile kernels/{file} for {arch}:\n{detail}"))
 }
 
 impl Kernels {
