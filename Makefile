@@ -7,7 +7,7 @@ SMOL := models/smollm2-135m
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: deps build demo test fetch-model bench test-gpu clean-results
+.PHONY: deps build demo test fetch-model bench test-gpu test-gpu-build clean-results
 
 deps:
 	@scripts/setup-deps.sh
@@ -43,3 +43,21 @@ test: deps fetch-model
 
 clean-results:
 	rm -rf results/*.h5 results/*.csv results/*.json
+
+# GPU checks: CUDA vs CPU parity for every op and whole tiny models, then a layer benchmark.
+# Without a GPU every parity test prints "skipped: no CUDA device". GPU machines without
+# cargo run binaries built here by `make test-gpu-build` (carry target/release).
+test-gpu:
+	@if command -v cargo >/dev/null 2>&1; then \
+		cargo test --release --test cuda_parity -- --nocapture --test-threads=1 && \
+		cargo run --release -- bench --device cuda --synthetic falcon-7b --layers 8 --window 4 --out results/bench-falcon-7b.json; \
+	else \
+		t=$$(ls -t target/release/deps/cuda_parity-* 2>/dev/null | grep -v '\.d$$' | head -1); \
+		test -n "$$t" || { echo "no cargo and no prebuilt cuda_parity test binary: run 'make test-gpu-build' on the build machine"; exit 1; }; \
+		$$t --nocapture --test-threads=1 && \
+		target/release/falcon-batch bench --device cuda --synthetic falcon-7b --layers 8 --window 4 --out results/bench-falcon-7b.json; \
+	fi
+
+test-gpu-build:
+	cargo build --release
+	cargo test --release --test cuda_parity --no-run

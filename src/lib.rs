@@ -2,6 +2,7 @@
 //! split by layers over MPI ranks. See shared DESIGN.md and README.md.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod corpus;
 pub mod format;

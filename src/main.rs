@@ -28,6 +28,8 @@ enum Command {
     Show(cli::score::ShowArgs),
     /// Generate text from prompts.
     Generate(cli::generate::GenerateArgs),
+    /// Time decoder layers of a real model's shapes with synthetic weights (no files).
+    Bench(cli::bench::BenchArgs),
     /// Plan the schedule for a model on a cluster and predict its throughput.
     Plan(falcon_batch::plan_cmd::PlanArgs),
 }
@@ -39,6 +41,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Score(a) => cli::score::score(a),
         Command::Show(a) => cli::score::show(a),
         Command::Generate(a) => cli::generate::run(a),
+        Command::Bench(a) => cli::bench::run(a),
         Command::Plan(a) => {
             print!("{}", falcon_batch::plan_cmd::run(&a)?);
             Ok(ExitCode::SUCCESS)

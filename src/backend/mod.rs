@@ -4,6 +4,8 @@
 //! must agree with it within the dtype's tolerance.
 
 pub mod cpu;
+pub mod cuda;
+pub mod select;
 
 use crate::layout::AttnSpan;
 use crate::tensor::HostTensor;
@@ -73,6 +75,32 @@ pub trait Backend: Send + Sync {
     fn log_softmax_at(&self, logits: &Self::Act, targets: &[u32]) -> Result<Vec<f64>>;
     /// logits (S, V) -> log softmax (S, V), for sampling.
     fn log_softmax(&self, logits: &Self::Act) -> Result<Vec<f32>>;
+
+    // ---- additive, with defaults ----
+    /// Blocks until queued work is done (asynchronous backends); for timing.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// A synthetic weight of `shape`, uniform in [lo, hi) from a hash of (seed, index),
+    /// values rounded to bf16: every backend makes the same values (`uniform_bf16`).
+    /// Backends override this to make them where they live (no host traffic).
+    fn random_weight(&self, shape: &[usize], seed: u64, lo: f32, hi: f32) -> Result<Self::Weight> {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n as u64).map(|i| uniform_bf16(seed, i, lo, hi)).collect();
+        self.upload_weight(&HostTensor::from_f32(shape.to_vec(), &values))
+    }
+}
+
+/// Element `i` of the synthetic weight stream `seed` (splitmix64, the same hash as
+/// kernels/elementwise.cu `fill_uniform_bf16`), rounded to bf16.
+pub fn uniform_bf16(seed: u64, i: u64, lo: f32, hi: f32) -> f32 {
+    let mut z = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(i);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^= z >> 31;
+    let u = (z >> 40) as f32 * (1.0 / 16777216.0);
+    half::bf16::from_f32(lo + (hi - lo) * u).to_f32()
 }
 
 /// Head counts of one attention call.

@@ -121,6 +121,11 @@ pub struct Weights<B: Backend> {
 }
 
 impl<B: Backend> Weights<B> {
+    /// Weights already on the backend (streamed uploads, synthetic benchmark layers).
+    pub fn from_map(part: Part, map: HashMap<String, B::Weight>) -> Weights<B> {
+        Weights { part, map }
+    }
+
     pub fn upload(backend: &B, part: Part, tensors: &[(String, HostTensor)]) -> Result<Weights<B>> {
         let mut map = HashMap::new();
         for (name, t) in tensors {

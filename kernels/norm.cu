@@ -1,0 +1,40 @@
+// Row-wise norms. Weights and biases of norms are kept in f32 on the device (they are
+// tiny, and the CPU reference reads them exactly).
+//
+// x, out: (T, C) f32   w, b: (C,) f32
+// grid (T), block 256 (a multiple of 32): one row per block. Two passes over the row
+// (mean, then centred variance) like the CPU reference, which avoids E[x²]-E[x]² cancellation.
+extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                          const float* __restrict__ b, float* __restrict__ out,
+                                          unsigned int T, unsigned int C, float eps) {
+    __shared__ float scratch[32];
+    unsigned int t = blockIdx.x;
+    if (t >= T) return;  // uniform per block: no thread of this block reaches a barrier
+    const float* row = x + (unsigned long long)t * C;
+    float s = 0.0f;
+    for (unsigned int c = threadIdx.x; c < C; c += blockDim.x) s += row[c];
+    float mean = block_sum(s, scratch) / (float)C;
+    float v = 0.0f;
+    for (unsigned int c = threadIdx.x; c < C; c += blockDim.x) {
+        float d = row[c] - mean;
+        v += d * d;
+    }
+    float var = block_sum(v, scratch) / (float)C;
+    float inv = rsqrtf(var + eps);
+    float* o = out + (unsigned long long)t * C;
+    for (unsigned int c = threadIdx.x; c < C; c += blockDim.x) o[c] = (row[c] - mean) * inv * w[c] + b[c];
+}
+
+// x, out: (T, C) f32   w: (C,) f32
+extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                        float* __restrict__ out, unsigned int T, unsigned int C, float eps) {
+    __shared__ float scratch[32];
+    unsigned int t = blockIdx.x;
+    if (t >= T) return;
+    const float* row = x + (unsigned long long)t * C;
+    float s = 0.0f;
+    for (unsigned int c = threadIdx.x; c < C; c += blockDim.x) s += row[c] * row[c];
+    float inv = rsqrtf(block_sum(s, scratch) / (float)C + eps);
+    float* o = out + (unsigned long long)t * C;
+    for (unsigned int c = threadIdx.x; c < C; c += blockDim.x) o[c] = row[c] * inv * w[c];
+}

@@ -1,0 +1,24 @@
+// Rotary embedding, rotate-half form (HF Llama/Falcon): within each head, element i pairs
+// with i + D/2. The frequency and angle are computed in f32 exactly as the CPU reference
+// does (powf then pos * f), so both round the same way before sin/cos.
+//
+// x: (T, ld) f32, rotated in place on columns [col0, col0 + heads * D)
+// pos: (T,) u32
+// grid (ceil(heads * D/2 / 256), T), block 256: one thread per (head, pair).
+extern "C" __global__ void rope_f32(float* __restrict__ x, const unsigned int* __restrict__ pos,
+                                    unsigned int T, unsigned int ld, unsigned int col0,
+                                    unsigned int heads, unsigned int D, float theta) {
+    unsigned int t = blockIdx.y;
+    unsigned int half = D / 2;
+    unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T || idx >= heads * half) return;
+    unsigned int h = idx / half, i = idx % half;
+    float inv_freq = 1.0f / powf(theta, (2.0f * (float)i) / (float)D);
+    float angle = (float)pos[t] * inv_freq;
+    float s, c;
+    sincosf(angle, &s, &c);
+    float* p = x + (unsigned long long)t * ld + col0 + h * D;
+    float a = p[i], b = p[i + half];
+    p[i] = a * c - b * s;
+    p[i + half] = b * c + a * s;
+}

@@ -1,0 +1,27 @@
+#include <cstdio>
+#include <cstdlib>
+int main() {
+    int bad = 0; srand(2);
+    const unsigned T = 3, C = 1000, V = 3000;
+    std::vector<float> x(T * C), w(C), b(C), o(T * C);
+    for (auto* a : {&x, &w, &b}) for (auto& e : *a) e = (rand() / (float)RAND_MAX) * 4 - 2;
+    launch({T, 1, 1}, {256, 1, 1}, [&] { layer_norm_f32(x.data(), w.data(), b.data(), o.data(), T, C, 1e-5f); });
+    double worst = 0;
+    for (unsigned t = 0; t < T; t++) {
+        double m = 0, var = 0; for (unsigned c = 0; c < C; c++) m += x[t*C+c]; m /= C;
+        for (unsigned c = 0; c < C; c++) var += (x[t*C+c]-m)*(x[t*C+c]-m); var /= C;
+        for (unsigned c = 0; c < C; c++) worst = std::max(worst, fabs(o[t*C+c] - ((x[t*C+c]-m)/sqrt(var+1e-5)*w[c]+b[c])));
+    }
+    printf("layer_norm max err %.3g\n", worst); bad |= worst > 1e-4;
+    std::vector<float> l(T * V); for (auto& e : l) e = (rand() / (float)RAND_MAX) * 40 - 20;
+    std::vector<unsigned> tg = {0, V - 1, 17}; std::vector<double> r(T);
+    launch({T, 1, 1}, {256, 1, 1}, [&] { log_softmax_at_f32(l.data(), tg.data(), r.data(), T, V); });
+    worst = 0;
+    for (unsigned t = 0; t < T; t++) { double mx = -1e30, s = 0; for (unsigned i = 0; i < V; i++) mx = std::max(mx, (double)l[t*V+i]);
+        for (unsigned i = 0; i < V; i++) s += exp(l[t*V+i] - mx); worst = std::max(worst, fabs(r[t] - (l[t*V+tg[t]] - mx - log(s)))); }
+    printf("log_softmax_at max err %.3g\n", worst); bad |= worst > 1e-9;
+    std::vector<unsigned short> h(5); std::vector<float> f = {1.0f, 3.14159f, -2.5e-3f, 65504.f, 1.00390625f};
+    launch({1, 1, 1}, {32, 1, 1}, [&] { cast_f32_bf16(f.data(), h.data(), 5); });
+    printf("bf16 bits: %04x %04x %04x %04x %04x (want 3f80 4049 bb24 4780 3f80)\n", h[0], h[1], h[2], h[3], h[4]);
+    return bad;
+}

@@ -1,0 +1,192 @@
+//! CUDA backend (cudarc 0.19, libraries loaded at run time).
+//!
+//! Always compiled; `CudaBackend::new` checks at run time that libcuda, cuBLASLt and NVRTC
+//! load and that the device exists, and turns anything missing into
+//! `BackendError::Unavailable` (cudarc itself would panic at first use).
+//!
+//! Storage choices:
+//! - Activations (`CudaAct`) are f32 (rows, cols) row-major, like the CPU reference; every
+//!   op but the GEMM runs in f32. Before a GEMM the input is rounded to a bf16 staging copy
+//!   (cuBLASLt multiplies bf16 by bf16, accumulating in f32 into an f32 output).
+//! - Weights with 2+ dims (projections, embeddings, LM head) are bf16 on the device,
+//!   whatever the host dtype (narrowed with round-to-nearest-even on the host).
+//! - 1-D weights (norm weights, biases) stay f32: they are tiny, the norms read them in
+//!   f32 anyway, and the GEMM bias epilogue of an f32-output matmul reads an f32 vector.
+//!
+//! Ordering: all ops run on one compute stream. Weight uploads for streaming use a second
+//! stream forked from it (upload.rs). cudarc's per-buffer event tracking stays on, so a
+//! buffer written on one stream and read on the other is ordered without host syncs.
+
+mod gemm;
+mod kernels;
+mod ops;
+mod upload;
+
+pub use kernels::ATTN_MAX_HEAD_DIM;
+pub use upload::{PendingUpload, PinnedGroup};
+
+use super::{BackendError, Result};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+pub(crate) fn dev_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
+    let msg = format!("{e:?}");
+    if msg.contains("OUT_OF_MEMORY") {
+        BackendError::Device(format!("{what}: out of device memory ({msg})"))
+    } else {
+        BackendError::Device(format!("{what}: {msg}"))
+    }
+}
+
+/// A (rows, cols) f32 activation matrix on the device.
+pub struct CudaAct {
+    pub rows: usize,
+    pub cols: usize,
+    pub(crate) buf: CudaSlice<f32>,
+}
+
+pub(crate) enum WeightBuf {
+    /// 2+ dims, row-major
+    Bf16(CudaSlice<u16>),
+    /// 1 dim
+    F32(CudaSlice<f32>),
+}
+
+/// A weight on the device with its logical shape (see the module doc for its dtype).
+pub struct CudaWeight {
+    pub shape: Vec<usize>,
+    pub(crate) buf: WeightBuf,
+}
+
+impl CudaWeight {
+    pub fn bytes(&self) -> usize {
+        match &self.buf {
+            WeightBuf::Bf16(b) => b.len() * 2,
+            WeightBuf::F32(b) => b.len() * 4,
+        }
+    }
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    /// Every op runs here.
+    stream: Arc<CudaStream>,
+    /// Weight uploads for streaming, forked from `stream`.
+    copy_stream: Arc<CudaStream>,
+    k: kernels::Kernels,
+    gemm: gemm::Gemm,
+    name: String,
+    cc: (i32, i32),
+}
+
+/// Whether the libraries this backend loads are present (no device is touched).
+pub fn libraries_present() -> std::result::Result<(), String> {
+    // SAFETY: these only try to dlopen the library names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the NVIDIA driver library libcuda.so.1 was not found (no NVIDIA driver installed?)".into());
+    }
+    if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+        return Err("cuBLASLt (libcublasLt.so.13) was not found; install the CUDA 13 cuBLAS runtime".into());
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err("NVRTC (libnvrtc.so.13) was not found; install the CUDA 13 NVRTC runtime".into());
+    }
+    Ok(())
+}
+
+/// Number of CUDA devices, or why there are none usable.
+pub fn device_count() -> std::result::Result<usize, String> {
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the NVIDIA driver library libcuda.so.1 was not found".into());
+    }
+    CudaContext::device_count().map(|n| n.max(0) as usize).map_err(|e| format!("CUDA driver: {e:?}"))
+}
+
+/// Launch config for `n` elements with a grid-stride kernel (any grid size is correct).
+fn elementwise_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65535 * 8) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, compiles the kernels for it and sets up cuBLASLt.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        libraries_present().map_err(BackendError::Unavailable)?;
+        let count = device_count().map_err(BackendError::Unavailable)?;
+        if ordinal >= count {
+            return Err(BackendError::Unavailable(format!("CUDA device {ordinal} requested, {count} present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| BackendError::Unavailable(format!("opening CUDA device {ordinal}: {e:?}")))?;
+        let cc = ctx.compute_capability().map_err(|e| dev_err("compute capability", e))?;
+        if cc.0 < 7 || (cc.0 == 7 && cc.1 < 5) {
+            return Err(BackendError::Unavailable(format!(
+                "CUDA device {ordinal} has compute capability {}.{}; CUDA 13 needs 7.5 or newer",
+                cc.0, cc.1
+            )));
+        }
+        let dev_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        // A non-default stream: the legacy default stream would serialise with the copy stream.
+        let stream = ctx.new_stream().map_err(|e| dev_err("compute stream", e))?;
+        let copy_stream = stream.fork().map_err(|e| dev_err("copy stream", e))?;
+        let k = kernels::Kernels::compile(&ctx, cc.0, cc.1)?;
+        let gemm = gemm::Gemm::new(stream.clone(), cc.0)?;
+        let name = format!("cuda:{ordinal} ({dev_name}, sm_{}{})", cc.0, cc.1);
+        Ok(CudaBackend { ctx, stream, copy_stream, k, gemm, name, cc })
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(|e| dev_err("memory info", e))
+    }
+
+    /// Blocks until all work queued on the compute stream is done.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| dev_err("synchronize", e))
+    }
+
+    pub(crate) fn alloc_f32(&self, n: usize, what: &str) -> Result<CudaSlice<f32>> {
+        // SAFETY: every caller overwrites all n values before reading them.
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| dev_err(&format!("{what}: allocating {} bytes", n * 4), e))
+    }
+
+    pub(crate) fn act(&self, rows: usize, cols: usize, what: &str) -> Result<CudaAct> {
+        Ok(CudaAct { rows, cols, buf: self.alloc_f32(rows * cols, what)? })
+    }
+
+    /// Small host index arrays (ids, positions, spans, rows) go up synchronously-enough:
+    /// a pageable-memory copy returns once the source is staged.
+    pub(crate) fn upload_u32(&self, v: &[u32], what: &str) -> Result<CudaSlice<u32>> {
+        if v.is_empty() {
+            return unsafe { self.stream.alloc::<u32>(1) }.map_err(|e| dev_err(what, e));
+        }
+        self.stream.clone_htod(v).map_err(|e| dev_err(what, e))
+    }
+
+    /// A weight of `shape` with values uniform in [lo, hi), made on the device from a
+    /// hash of (seed, index): synthetic layers for the benchmark without host traffic.
+    pub fn random_weight(&self, shape: &[usize], seed: u64, lo: f32, hi: f32) -> Result<CudaWeight> {
+        let n: usize = shape.iter().product();
+        let what = format!("random weight {shape:?}");
+        let mut b16 = unsafe { self.stream.alloc::<u16>(n.max(1)) }.map_err(|e| dev_err(&what, e))?;
+        let n64 = n as u64;
+        if n > 0 {
+            let mut l = self.stream.launch_builder(&self.k.fill_uniform_bf16);
+            l.arg(&mut b16).arg(&n64).arg(&seed).arg(&lo).arg(&hi);
+            unsafe { l.launch(elementwise_cfg(n)) }.map_err(|e| dev_err("fill_uniform_bf16", e))?;
+        }
+        if shape.len() >= 2 {
+            return Ok(CudaWeight { shape: shape.to_vec(), buf: WeightBuf::Bf16(b16) });
+        }
+        let mut f = self.alloc_f32(n, &what)?;
+        if n > 0 {
+            let mut l = self.stream.launch_builder(&self.k.cast_bf16_f32);
+            l.arg(&b16).arg(&mut f).arg(&n64);
+            unsafe { l.launch(elementwise_cfg(n)) }.map_err(|e| dev_err("cast_bf16_f32", e))?;
+        }
+        Ok(CudaWeight { shape: shape.to_vec(), buf: WeightBuf::F32(f) })
+    }
+}

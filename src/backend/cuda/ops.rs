@@ -1,0 +1,347 @@
+//! `Backend` for `CudaBackend`: shape checks on the host (the same errors as the CPU
+//! reference), then one kernel or cuBLASLt call on the compute stream.
+//!
+//! Index arrays (token ids, rows, targets, spans) are host data: they are validated on the
+//! host before upload, so kernels never see an out-of-range index.
+
+use super::{dev_err, elementwise_cfg, upload, CudaAct, CudaBackend, CudaWeight, WeightBuf};
+use crate::backend::{AttnShape, Backend, BackendError, Result};
+use crate::layout::AttnSpan;
+use crate::tensor::HostTensor;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+fn shape_err(op: &'static str, msg: String) -> BackendError {
+    BackendError::Shape { op, msg }
+}
+
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn u32_of(op: &'static str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| shape_err(op, format!("dimension {v} exceeds the kernels' 32-bit indexing")))
+}
+
+fn bf16_of<'a>(op: &'static str, w: &'a CudaWeight) -> Result<&'a cudarc::driver::CudaSlice<u16>> {
+    match &w.buf {
+        WeightBuf::Bf16(b) => Ok(b),
+        WeightBuf::F32(_) => Err(shape_err(op, format!("expected a matrix weight, got shape {:?}", w.shape))),
+    }
+}
+
+fn vec_of<'a>(op: &'static str, w: &'a CudaWeight, len: usize) -> Result<&'a cudarc::driver::CudaSlice<f32>> {
+    match &w.buf {
+        WeightBuf::F32(b) if w.shape == [len] => Ok(b),
+        _ => Err(shape_err(op, format!("expected a vector of {len}, got shape {:?}", w.shape))),
+    }
+}
+
+impl CudaBackend {
+    fn launch_err(&self, op: &str) -> impl Fn(cudarc::driver::DriverError) -> BackendError + '_ {
+        let op = op.to_string();
+        move |e| dev_err(&format!("launching {op}"), e)
+    }
+
+    /// Grid-stride elementwise kernel over n values with one mutable and one optional input.
+    fn elementwise(&self, op: &'static str, x: &mut CudaAct, y: Option<&CudaAct>) -> Result<()> {
+        let n = x.rows * x.cols;
+        if let Some(y) = y {
+            if y.rows * y.cols != n {
+                return Err(shape_err(op, format!("({}, {}) with ({}, {})", x.rows, x.cols, y.rows, y.cols)));
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let f = match op {
+            "gelu" => &self.k.gelu_f32,
+            "silu_mul" => &self.k.silu_mul_f32,
+            _ => &self.k.add_f32,
+        };
+        let n64 = n as u64;
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&mut x.buf);
+        if let Some(y) = y {
+            l.arg(&y.buf);
+        }
+        l.arg(&n64);
+        unsafe { l.launch(elementwise_cfg(n)) }.map_err(self.launch_err(op))?;
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Act = CudaAct;
+    type Weight = CudaWeight;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn upload_weight(&self, t: &HostTensor) -> Result<CudaWeight> {
+        let what = format!("weight {:?}", t.shape);
+        let buf = if t.shape.len() >= 2 {
+            let host = upload::to_bf16_bits(t);
+            let dev = if host.is_empty() { unsafe { self.stream.alloc::<u16>(1) } } else { self.stream.clone_htod(&host) };
+            WeightBuf::Bf16(dev.map_err(|e| dev_err(&what, e))?)
+        } else {
+            let host = t.to_f32();
+            let dev = if host.is_empty() { unsafe { self.stream.alloc::<f32>(1) } } else { self.stream.clone_htod(&host) };
+            WeightBuf::F32(dev.map_err(|e| dev_err(&what, e))?)
+        };
+        Ok(CudaWeight { shape: t.shape.clone(), buf })
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaAct> {
+        if data.len() != rows * cols {
+            return Err(shape_err("upload", format!("{} values for ({rows}, {cols})", data.len())));
+        }
+        if data.is_empty() {
+            return self.act(rows, cols, "upload");
+        }
+        let buf = self.stream.clone_htod(data).map_err(|e| dev_err("upload", e))?;
+        Ok(CudaAct { rows, cols, buf })
+    }
+
+    fn download(&self, x: &CudaAct) -> Result<Vec<f32>> {
+        let mut v = self.stream.clone_dtoh(&x.buf).map_err(|e| dev_err("download", e))?;
+        self.synchronize()?;
+        v.truncate(x.rows * x.cols);
+        Ok(v)
+    }
+
+    fn dims(&self, x: &CudaAct) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.synchronize()
+    }
+
+    fn random_weight(&self, shape: &[usize], seed: u64, lo: f32, hi: f32) -> Result<CudaWeight> {
+        CudaBackend::random_weight(self, shape, seed, lo, hi)
+    }
+
+    fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaAct> {
+        let (v, c) = match table.shape[..] {
+            [v, c] => (v, c),
+            _ => return Err(shape_err("embed", format!("table of shape {:?}", table.shape))),
+        };
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= v) {
+            return Err(shape_err("embed", format!("token id {id} outside the vocabulary of {v}")));
+        }
+        let mut out = self.act(ids.len(), c, "embed")?;
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let d_ids = self.upload_u32(ids, "embed ids")?;
+        let (t32, c32) = (u32_of("embed", ids.len())?, u32_of("embed", c)?);
+        let mut l = self.stream.launch_builder(&self.k.embed_bf16);
+        l.arg(bf16_of("embed", table)?).arg(&d_ids).arg(&mut out.buf).arg(&t32).arg(&c32);
+        unsafe { l.launch(rows_cfg(ids.len())) }.map_err(self.launch_err("embed_bf16"))?;
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CudaAct, w: &CudaWeight, b: Option<&CudaWeight>) -> Result<CudaAct> {
+        let (n, k) = match w.shape[..] {
+            [n, k] => (n, k),
+            _ => return Err(shape_err("linear", format!("weight of shape {:?}", w.shape))),
+        };
+        if x.cols != k {
+            return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
+        }
+        let bias = b.map(|b| vec_of("linear", b, n)).transpose()?;
+        let mut out = self.act(x.rows, n, "linear output")?;
+        if x.rows == 0 {
+            return Ok(out);
+        }
+        // Stage x in bf16 for cuBLASLt (see the module doc of cuda/mod.rs).
+        let len = x.rows * k;
+        let mut x16 = unsafe { self.stream.alloc::<u16>(len) }.map_err(|e| dev_err("linear bf16 input", e))?;
+        let len64 = len as u64;
+        let mut l = self.stream.launch_builder(&self.k.cast_f32_bf16);
+        l.arg(&x.buf).arg(&mut x16).arg(&len64);
+        unsafe { l.launch(elementwise_cfg(len)) }.map_err(self.launch_err("cast_f32_bf16"))?;
+        self.gemm.linear(&x16, bf16_of("linear", w)?, bias, &mut out.buf, x.rows, k, n)?;
+        Ok(out)
+    }
+
+    fn layer_norm(&self, x: &CudaAct, w: &CudaWeight, b: &CudaWeight, eps: f32) -> Result<CudaAct> {
+        let (wv, bv) = (vec_of("layer_norm", w, x.cols)?, vec_of("layer_norm", b, x.cols)?);
+        let mut out = self.act(x.rows, x.cols, "layer_norm")?;
+        if x.rows == 0 {
+            return Ok(out);
+        }
+        let (t32, c32) = (u32_of("layer_norm", x.rows)?, u32_of("layer_norm", x.cols)?);
+        let mut l = self.stream.launch_builder(&self.k.layer_norm_f32);
+        l.arg(&x.buf).arg(wv).arg(bv).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&eps);
+        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(self.launch_err("layer_norm_f32"))?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaAct, w: &CudaWeight, eps: f32) -> Result<CudaAct> {
+        let wv = vec_of("rms_norm", w, x.cols)?;
+        let mut out = self.act(x.rows, x.cols, "rms_norm")?;
+        if x.rows == 0 {
+            return Ok(out);
+        }
+        let (t32, c32) = (u32_of("rms_norm", x.rows)?, u32_of("rms_norm", x.cols)?);
+        let mut l = self.stream.launch_builder(&self.k.rms_norm_f32);
+        l.arg(&x.buf).arg(wv).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&eps);
+        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(self.launch_err("rms_norm_f32"))?;
+        Ok(out)
+    }
+
+    fn rope(&self, x: &mut CudaAct, col0: usize, heads: usize, head_dim: usize, positions: &[u32], theta: f32) -> Result<()> {
+        if positions.len() != x.rows || col0 + heads * head_dim > x.cols {
+            return Err(shape_err("rope", format!("{} positions, {} rows, {} cols", positions.len(), x.rows, x.cols)));
+        }
+        let pairs = heads * (head_dim / 2);
+        if x.rows == 0 || pairs == 0 {
+            return Ok(());
+        }
+        let d_pos = self.upload_u32(positions, "rope positions")?;
+        let (t32, ld, c0, h32, d32) = (
+            u32_of("rope", x.rows)?,
+            u32_of("rope", x.cols)?,
+            u32_of("rope", col0)?,
+            u32_of("rope", heads)?,
+            u32_of("rope", head_dim)?,
+        );
+        let cfg = LaunchConfig { grid_dim: (pairs.div_ceil(256) as u32, t32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut l = self.stream.launch_builder(&self.k.rope_f32);
+        l.arg(&mut x.buf).arg(&d_pos).arg(&t32).arg(&ld).arg(&c0).arg(&h32).arg(&d32).arg(&theta);
+        unsafe { l.launch(cfg) }.map_err(self.launch_err("rope_f32"))?;
+        Ok(())
+    }
+
+    fn attention(&self, q: &CudaAct, k: &CudaAct, v: &CudaAct, s: AttnShape, spans: &[AttnSpan]) -> Result<CudaAct> {
+        let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
+        if kvh == 0 || h % kvh != 0 || q.cols != h * d || k.cols != kvh * d || v.cols != kvh * d || spans.len() != q.rows || k.rows != v.rows {
+            return Err(shape_err(
+                "attention",
+                format!("q {:?} k {:?} v {:?} spans {} heads {h}/{kvh}", (q.rows, q.cols), (k.rows, k.cols), (v.rows, v.cols), spans.len()),
+            ));
+        }
+        if d > super::ATTN_MAX_HEAD_DIM {
+            return Err(shape_err("attention", format!("head_dim {d} > {} is not supported by kernels/attention.cu", super::ATTN_MAX_HEAD_DIM)));
+        }
+        let mut flat = Vec::with_capacity(spans.len() * 3);
+        for (t, span) in spans.iter().enumerate() {
+            if t + s.key_offset >= k.rows || span.shared_end as usize > k.rows {
+                return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
+            }
+            flat.extend_from_slice(&[span.shared_start, span.shared_end, span.own_start]);
+        }
+        let mut out = self.act(q.rows, h * d, "attention")?;
+        if q.rows == 0 {
+            return Ok(out);
+        }
+        let d_spans = self.upload_u32(&flat, "attention spans")?;
+        let (t32, h32, kv32, d32, ko32) =
+            (u32_of("attention", q.rows)?, u32_of("attention", h)?, u32_of("attention", kvh)?, u32_of("attention", d)?, u32_of("attention", s.key_offset)?);
+        let scale = 1.0 / (d as f32).sqrt();
+        let rows_per_block = super::kernels::ATTN_ROWS_PER_BLOCK;
+        let cfg = LaunchConfig { grid_dim: (t32.div_ceil(rows_per_block), h32, 1), block_dim: (rows_per_block * 32, 1, 1), shared_mem_bytes: 0 };
+        let mut l = self.stream.launch_builder(&self.k.attention_f32);
+        l.arg(&q.buf).arg(&k.buf).arg(&v.buf).arg(&d_spans).arg(&mut out.buf);
+        l.arg(&t32).arg(&h32).arg(&kv32).arg(&d32).arg(&ko32).arg(&scale);
+        unsafe { l.launch(cfg) }.map_err(self.launch_err("attention_f32"))?;
+        Ok(out)
+    }
+
+    fn gelu(&self, x: &mut CudaAct) -> Result<()> {
+        self.elementwise("gelu", x, None)
+    }
+
+    fn silu_mul(&self, gate: &mut CudaAct, up: &CudaAct) -> Result<()> {
+        self.elementwise("silu_mul", gate, Some(up))
+    }
+
+    fn add(&self, x: &mut CudaAct, y: &CudaAct) -> Result<()> {
+        self.elementwise("add", x, Some(y))
+    }
+
+    fn cols(&self, x: &CudaAct, start: usize, width: usize) -> Result<CudaAct> {
+        if start + width > x.cols {
+            return Err(shape_err("cols", format!("[{start}, {}) of {} columns", start + width, x.cols)));
+        }
+        let mut out = self.act(x.rows, width, "cols")?;
+        if x.rows == 0 || width == 0 {
+            return Ok(out);
+        }
+        let (t32, c32, s32, w32) = (u32_of("cols", x.rows)?, u32_of("cols", x.cols)?, u32_of("cols", start)?, u32_of("cols", width)?);
+        let cfg = LaunchConfig { grid_dim: (width.div_ceil(256) as u32, t32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut l = self.stream.launch_builder(&self.k.cols_f32);
+        l.arg(&x.buf).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&s32).arg(&w32);
+        unsafe { l.launch(cfg) }.map_err(self.launch_err("cols_f32"))?;
+        Ok(out)
+    }
+
+    fn rows(&self, x: &CudaAct, rows: &[u32]) -> Result<CudaAct> {
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows) {
+            return Err(shape_err("rows", format!("row {r} of {}", x.rows)));
+        }
+        let mut out = self.act(rows.len(), x.cols, "rows")?;
+        if rows.is_empty() || x.cols == 0 {
+            return Ok(out);
+        }
+        let d_rows = self.upload_u32(rows, "row indices")?;
+        let (r32, c32) = (u32_of("rows", rows.len())?, u32_of("rows", x.cols)?);
+        let mut l = self.stream.launch_builder(&self.k.rows_f32);
+        l.arg(&x.buf).arg(&d_rows).arg(&mut out.buf).arg(&r32).arg(&c32);
+        unsafe { l.launch(rows_cfg(rows.len())) }.map_err(self.launch_err("rows_f32"))?;
+        Ok(out)
+    }
+
+    /// Two device-to-device copies: a concat kernel would only re-implement memcpy.
+    fn concat_rows(&self, a: &CudaAct, b: &CudaAct) -> Result<CudaAct> {
+        if a.cols != b.cols {
+            return Err(shape_err("concat_rows", format!("{} vs {} columns", a.cols, b.cols)));
+        }
+        let (na, nb) = (a.rows * a.cols, b.rows * b.cols);
+        let mut out = self.act(a.rows + b.rows, a.cols, "concat_rows")?;
+        if na > 0 {
+            let mut dst = out.buf.slice_mut(0..na);
+            self.stream.memcpy_dtod(&a.buf.slice(0..na), &mut dst).map_err(|e| dev_err("concat_rows", e))?;
+        }
+        if nb > 0 {
+            let mut dst = out.buf.slice_mut(na..na + nb);
+            self.stream.memcpy_dtod(&b.buf.slice(0..nb), &mut dst).map_err(|e| dev_err("concat_rows", e))?;
+        }
+        Ok(out)
+    }
+
+    fn log_softmax_at(&self, logits: &CudaAct, targets: &[u32]) -> Result<Vec<f64>> {
+        if targets.len() != logits.rows {
+            return Err(shape_err("log_softmax_at", format!("{} targets for {} rows", targets.len(), logits.rows)));
+        }
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= logits.cols) {
+            return Err(shape_err("log_softmax_at", format!("target {t} outside the vocabulary of {}", logits.cols)));
+        }
+        if targets.is_empty() {
+            return Ok(vec![]);
+        }
+        let d_t = self.upload_u32(targets, "targets")?;
+        let mut out = unsafe { self.stream.alloc::<f64>(targets.len()) }.map_err(|e| dev_err("log_softmax_at", e))?;
+        let (s32, v32) = (u32_of("log_softmax_at", logits.rows)?, u32_of("log_softmax_at", logits.cols)?);
+        let mut l = self.stream.launch_builder(&self.k.log_softmax_at_f32);
+        l.arg(&logits.buf).arg(&d_t).arg(&mut out).arg(&s32).arg(&v32);
+        unsafe { l.launch(rows_cfg(targets.len())) }.map_err(self.launch_err("log_softmax_at_f32"))?;
+        let v = self.stream.clone_dtoh(&out).map_err(|e| dev_err("log_softmax_at download", e))?;
+        self.synchronize()?;
+        Ok(v)
+    }
+
+    fn log_softmax(&self, logits: &CudaAct) -> Result<Vec<f32>> {
+        let mut out = self.act(logits.rows, logits.cols, "log_softmax")?;
+        if logits.rows == 0 || logits.cols == 0 {
+            return Ok(vec![]);
+        }
+        let (s32, v32) = (u32_of("log_softmax", logits.rows)?, u32_of("log_softmax", logits.cols)?);
+        let mut l = self.stream.launch_builder(&self.k.log_softmax_f32);
+        l.arg(&logits.buf).arg(&mut out.buf).arg(&s32).arg(&v32);
+        unsafe { l.launch(rows_cfg(logits.rows)) }.map_err(self.launch_err("log_softmax_f32"))?;
+        self.download(&out)
+    }
+}

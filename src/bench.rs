@@ -1,0 +1,320 @@
+//! `falcon-batch bench`: per-layer forward time of real layer shapes with synthetic
+//! weights (made where they live, no files), host-to-device bandwidth from pinned memory,
+//! and weight streaming through a small resident window. The JSON is what the planner's
+//! cost model reads (DESIGN.md, "Schedule").
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::select::{DeviceChoice, Resolved};
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::layout::{MicroBatch, TokenizedDoc};
+use crate::model::{self, Part, RowCtx, Weights};
+use crate::tensor::{DType, HostTensor};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub const PRESETS: &[&str] = &["falcon-180b", "falcon-40b", "falcon-7b", "llama-2-70b", "smollm2-135m", "tiny"];
+
+pub struct BenchOptions {
+    pub device: DeviceChoice,
+    pub synthetic: String,
+    /// Layers of the streaming run.
+    pub layers: usize,
+    /// Layers resident on the device during the streaming run (two groups of window / 2).
+    pub window: usize,
+    pub reps: usize,
+    pub out: Option<PathBuf>,
+    /// Allow presets whose f32 CPU layer is larger than 2 GB.
+    pub force: bool,
+}
+
+/// One timed forward: `label` (e.g. "4x2048"), total rows, median seconds per layer.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerTiming {
+    pub label: String,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamResult {
+    pub layers: usize,
+    pub window: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    /// layers x resident per-layer time at the same token count
+    pub resident_seconds: f64,
+    /// resident_seconds / seconds: 1.0 means the copies hide entirely under compute.
+    pub relative_throughput: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub backend: String,
+    pub model: String,
+    /// Bytes of one layer in the backend's storage (bf16 on CUDA, f32 on the CPU).
+    pub layer_bytes: usize,
+    /// [[tokens, seconds per layer], ...]: what the planner reads.
+    pub layer_seconds: Vec<(usize, f64)>,
+    pub timings: Vec<LayerTiming>,
+    pub h2d_seconds_per_layer: Option<f64>,
+    pub h2d_bytes_per_s: Option<f64>,
+    pub stream: Option<StreamResult>,
+}
+
+/// The HF config.json of a preset's real shapes (layer count included for reference).
+pub fn preset(name: &str) -> Result<ModelConfig> {
+    use serde_json::json;
+    let falcon_new = |h: usize, heads: usize, kv: usize, layers: usize| {
+        json!({"model_type": "falcon", "hidden_size": h, "num_attention_heads": heads, "num_kv_heads": kv,
+               "num_hidden_layers": layers, "new_decoder_architecture": true, "parallel_attn": true,
+               "bias": false, "vocab_size": 65024, "max_position_embeddings": 2048})
+    };
+    let llama = |h: usize, heads: usize, kv: usize, ffn: usize, layers: usize, vocab: usize, theta: f64| {
+        json!({"model_type": "llama", "hidden_size": h, "num_attention_heads": heads, "num_key_value_heads": kv,
+               "intermediate_size": ffn, "num_hidden_layers": layers, "vocab_size": vocab, "rope_theta": theta,
+               "rms_norm_eps": 1e-5, "max_position_embeddings": 4096})
+    };
+    let j = match name {
+        "falcon-180b" => falcon_new(14848, 232, 8, 80),
+        "falcon-40b" => falcon_new(8192, 128, 8, 60),
+        "falcon-7b" => json!({"model_type": "falcon", "hidden_size": 4544, "num_attention_heads": 71, "num_hidden_layers": 32,
+                              "multi_query": true, "parallel_attn": true, "bias": false, "vocab_size": 65024}),
+        "llama-2-70b" => llama(8192, 64, 8, 28672, 80, 32000, 10000.0),
+        "smollm2-135m" => llama(576, 9, 3, 1536, 30, 49152, 100000.0),
+        "tiny" => falcon_new(256, 8, 2, 4),
+        other => bail!("unknown synthetic model `{other}`; expected one of {}", PRESETS.join(", ")),
+    };
+    Ok(model::config_from_hf(&j, &format!("<preset {name}>"))?)
+}
+
+/// A micro-batch of `docs` documents of `rows_per_doc` rows each, as a token tree:
+/// a prompt plus 4 choices of 3 tokens (2 rows each), like the scoring workload.
+pub fn synthetic_batch(docs: usize, rows_per_doc: usize) -> MicroBatch {
+    let choice_rows = if rows_per_doc > 16 { 8 } else { 0 };
+    let docs: Vec<TokenizedDoc> = (0..docs)
+        .map(|d| TokenizedDoc {
+            index: d,
+            id: format!("synthetic-{d}"),
+            prompt: (0..(rows_per_doc - choice_rows) as u32).map(|t| t % 1000 + 1).collect(),
+            choices: if choice_rows > 0 { (0..4).map(|c| vec![c + 1, c + 2, c + 3]).collect() } else { vec![vec![1]] },
+        })
+        .collect();
+    MicroBatch::build(&docs)
+}
+
+fn weight_range(name: &str, shape: &[usize]) -> (f32, f32) {
+    if name.ends_with("norm.weight") {
+        (0.9, 1.1)
+    } else if name.ends_with(".bias") {
+        (-0.02, 0.02)
+    } else {
+        let a = 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt();
+        (-a, a)
+    }
+}
+
+/// One layer's synthetic weights, made by the backend.
+pub fn synthetic_layer<B: Backend>(b: &B, cfg: &ModelConfig, layer: usize) -> Result<Weights<B>> {
+    let mut map = HashMap::new();
+    for (i, (name, shape)) in model::expected_tensors(cfg, Part::Layer(layer)).into_iter().enumerate() {
+        let (lo, hi) = weight_range(&name, &shape);
+        let w = b.random_weight(&shape, (layer as u64) << 16 | i as u64, lo, hi).with_context(|| format!("weight {name}"))?;
+        map.insert(name, w);
+    }
+    Ok(Weights::from_map(Part::Layer(layer), map))
+}
+
+fn layer_params(cfg: &ModelConfig) -> usize {
+    model::expected_tensors(cfg, Part::Layer(0)).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+}
+
+fn input<B: Backend>(b: &B, rows: usize, cols: usize) -> Result<B::Act> {
+    let v: Vec<f32> = (0..rows * cols).map(|i| crate::backend::uniform_bf16(7, i as u64, -1.0, 1.0)).collect();
+    Ok(b.upload(&v, rows, cols)?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median seconds of one layer forward over `reps` runs, after one warm-up.
+fn time_layer<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, batch: &MicroBatch, reps: usize) -> Result<f64> {
+    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans };
+    let mut x = input(b, batch.rows(), cfg.hidden_size)?;
+    let mut times = vec![];
+    for r in 0..=reps {
+        b.sync()?;
+        let t0 = Instant::now();
+        x = model::layer_forward(b, cfg, w, x, &ctx, None)?;
+        b.sync()?;
+        if r > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
+const SHAPES: &[(&str, usize, usize)] = &[("100", 1, 100), ("2048", 1, 2048), ("4x2048", 4, 2048)];
+
+fn layer_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Vec<LayerTiming>> {
+    let w = synthetic_layer(b, cfg, 0)?;
+    let mut out = vec![];
+    for &(label, docs, rows) in SHAPES {
+        let batch = synthetic_batch(docs, rows);
+        let seconds = time_layer(b, cfg, &w, &batch, reps).with_context(|| format!("timing a layer at {label} tokens"))?;
+        eprintln!("  {label:>7} tokens: {:9.3} ms per layer", seconds * 1e3);
+        out.push(LayerTiming { label: label.into(), tokens: batch.rows(), seconds });
+    }
+    Ok(out)
+}
+
+/// One layer's host tensors (zeros: upload time does not depend on the values), bf16.
+fn host_layer(cfg: &ModelConfig) -> Vec<(String, HostTensor)> {
+    model::expected_tensors(cfg, Part::Layer(0))
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            (name, HostTensor { dtype: DType::Bf16, shape, data: vec![0u8; n * 2] })
+        })
+        .collect()
+}
+
+/// Best-of-3 seconds to copy one pinned layer to the device.
+fn h2d_layer(b: &CudaBackend, cfg: &ModelConfig) -> Result<(f64, usize)> {
+    let tensors: Vec<HostTensor> = host_layer(cfg).into_iter().map(|(_, t)| t).collect();
+    let group = Arc::new(b.pin(&tensors)?);
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        b.synchronize()?;
+        let t0 = Instant::now();
+        let p = b.prefetch(&group)?;
+        p.wait_host()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        drop(p.wait()?);
+    }
+    Ok((best, group.device_bytes()))
+}
+
+/// `layers` layers through a window of `window` resident layers: two groups of window/2
+/// layers, the next group's upload overlapping the current group's compute.
+fn stream_run(b: &CudaBackend, cfg: &ModelConfig, layers: usize, window: usize, batch: &MicroBatch) -> Result<f64> {
+    let per_group = (window / 2).max(1);
+    let groups = layers.div_ceil(per_group);
+    let (names, tensors): (Vec<String>, Vec<HostTensor>) = host_layer(cfg).into_iter().unzip();
+    // Two pinned groups, reused in turn: the copies are real, the host memory stays small.
+    let mut group_tensors = vec![];
+    for _ in 0..per_group {
+        group_tensors.extend(tensors.iter().cloned());
+    }
+    let pinned = [Arc::new(b.pin(&group_tensors)?), Arc::new(b.pin(&group_tensors)?)];
+    drop(group_tensors);
+    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans };
+    let mut x = input(b, batch.rows(), cfg.hidden_size)?;
+    b.synchronize()?;
+    let t0 = Instant::now();
+    let mut pending = Some(b.prefetch(&pinned[0])?);
+    for g in 0..groups {
+        let weights = pending.take().context("upload pipeline")?.wait()?;
+        if g + 1 < groups {
+            pending = Some(b.prefetch(&pinned[(g + 1) % 2])?);
+        }
+        let mut it = weights.into_iter();
+        for l in 0..per_group.min(layers - g * per_group) {
+            let map: HashMap<String, _> = names.iter().cloned().zip(it.by_ref().take(names.len())).collect();
+            let w = Weights::from_map(Part::Layer(g * per_group + l), map);
+            x = model::layer_forward(b, cfg, &w, x, &ctx, None)?;
+        }
+    }
+    b.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+fn report_from(b: &impl Backend, cfg: &ModelConfig, name: &str, backend: &str, timings: Vec<LayerTiming>, bytes_per: usize) -> BenchReport {
+    BenchReport {
+        device: b.name(),
+        backend: backend.into(),
+        model: name.into(),
+        layer_bytes: layer_params(cfg) * bytes_per,
+        layer_seconds: timings.iter().map(|t| (t.tokens, t.seconds)).collect(),
+        timings,
+        h2d_seconds_per_layer: None,
+        h2d_bytes_per_s: None,
+        stream: None,
+    }
+}
+
+pub fn run(o: &BenchOptions) -> Result<BenchReport> {
+    let cfg = preset(&o.synthetic)?;
+    let report = match o.device.resolve() {
+        Resolved::Cpu => {
+            let f32_bytes = layer_params(&cfg) * 4;
+            if f32_bytes > 2_000_000_000 && !o.force {
+                bail!(
+                    "a {} layer is {:.1} GB in f32 on the CPU; use --synthetic smollm2-135m or tiny, or --force",
+                    o.synthetic,
+                    f32_bytes as f64 / 1e9
+                );
+            }
+            let b = CpuBackend::new();
+            eprintln!("bench {} on {}", o.synthetic, b.name());
+            let t = layer_timings(&b, &cfg, o.reps.max(1))?;
+            report_from(&b, &cfg, &o.synthetic, "cpu", t, 4)
+        }
+        Resolved::Cuda(n) => {
+            let b = CudaBackend::new(n).context("opening the CUDA backend")?;
+            eprintln!("bench {} on {}", o.synthetic, b.name());
+            let t = layer_timings(&b, &cfg, o.reps.max(1))?;
+            let mut r = report_from(&b, &cfg, &o.synthetic, "cuda", t, 2);
+            let (secs, bytes) = h2d_layer(&b, &cfg).context("timing host-to-device copies")?;
+            r.h2d_seconds_per_layer = Some(secs);
+            r.h2d_bytes_per_s = Some(bytes as f64 / secs);
+            let batch = synthetic_batch(4, 2048);
+            let seconds = stream_run(&b, &cfg, o.layers, o.window, &batch).context("streaming run")?;
+            let per_layer = r.timings.last().map(|t| t.seconds).unwrap_or(0.0);
+            let resident = per_layer * o.layers as f64;
+            r.stream = Some(StreamResult {
+                layers: o.layers,
+                window: o.window,
+                tokens: batch.rows(),
+                seconds,
+                resident_seconds: resident,
+                relative_throughput: resident / seconds,
+            });
+            r
+        }
+    };
+    print_table(&report);
+    if let Some(path) = &o.out {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(report)
+}
+
+pub fn print_table(r: &BenchReport) {
+    println!("device: {}   model: {} (synthetic)   layer: {:.1} MB", r.device, r.model, r.layer_bytes as f64 / 1e6);
+    println!("{:>10} {:>8} {:>14} {:>14}", "batch", "tokens", "ms / layer", "tokens / s");
+    for t in &r.timings {
+        println!("{:>10} {:>8} {:>14.3} {:>14.0}", t.label, t.tokens, t.seconds * 1e3, t.tokens as f64 / t.seconds);
+    }
+    if let (Some(s), Some(bw)) = (r.h2d_seconds_per_layer, r.h2d_bytes_per_s) {
+        println!("host-to-device (pinned): {:.1} ms per layer, {:.2} GB/s", s * 1e3, bw / 1e9);
+    }
+    if let Some(s) = &r.stream {
+        println!(
+            "streaming {} layers through {} resident at {} tokens: {:.3} s vs {:.3} s resident -> {:.2}x of resident throughput",
+            s.layers, s.window, s.tokens, s.seconds, s.resident_seconds, s.relative_throughput
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! `falcon-batch bench`: decoder layers of a real model's shapes with synthetic weights.
+
+use anyhow::Result;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: falcon_batch::backend::select::DeviceChoice,
+    /// falcon-180b, falcon-40b, falcon-7b, llama-2-70b, smollm2-135m or tiny
+    #[arg(long)]
+    synthetic: String,
+    /// Layers in the streaming run (CUDA).
+    #[arg(long, default_value_t = 16)]
+    layers: usize,
+    /// Layers resident on the device in the streaming run: two groups of window/2 (CUDA).
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Timed repetitions per shape (median reported), after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long, default_value = "results/bench.json")]
+    out: std::path::PathBuf,
+    /// Run presets whose layer is over 2 GB in f32 on the CPU.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(a: BenchArgs) -> Result<ExitCode> {
+    let opts = falcon_batch::bench::BenchOptions {
+        device: a.device,
+        synthetic: a.synthetic,
+        layers: a.layers,
+        window: a.window,
+        reps: a.reps,
+        out: Some(a.out),
+        force: a.force,
+    };
+    falcon_batch::bench::run(&opts)?;
+    Ok(ExitCode::SUCCESS)
+}
