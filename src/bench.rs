@@ -147,7 +147,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Median seconds of one layer forward over `reps` runs, after one warm-up.
 fn time_layer<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, batch: &MicroBatch, reps: usize) -> Result<f64> {
-    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans };
+    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
     let mut x = input(b, batch.rows(), cfg.hidden_size)?;
     let mut times = vec![];
     for r in 0..=reps {
@@ -216,7 +216,7 @@ fn stream_run(b: &CudaBackend, cfg: &ModelConfig, layers: usize, window: usize, 
     }
     let pinned = [Arc::new(b.pin(&group_tensors)?), Arc::new(b.pin(&group_tensors)?)];
     drop(group_tensors);
-    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans };
+    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
     let mut x = input(b, batch.rows(), cfg.hidden_size)?;
     b.synchronize()?;
     let t0 = Instant::now();
