@@ -165,41 +165,20 @@ impl Backend for CpuBackend {
         if q.cols != h * d || k.cols != kvh * d || v.cols != kvh * d || spans.len() != q.rows || k.rows != v.rows {
             return Err(shape_err("attention", format!("q {:?} k {:?} v {:?} spans {}", (q.rows, q.cols), (k.rows, k.cols), (v.rows, v.cols), spans.len())));
         }
-        let group = h / kvh;
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; q.rows * h * d];
-        out.par_chunks_mut(h * d).enumerate().try_for_each(|(t, orow)| {
-            let span = spans[t];
-            let own_end = t + s.key_offset; // inclusive
-            if own_end >= k.rows || span.shared_end as usize > k.rows {
+        for (t, span) in spans.iter().enumerate() {
+            if t + s.key_offset >= k.rows || span.shared_end as usize > k.rows {
                 return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
             }
-            let keys: Vec<usize> = (span.shared_start as usize..span.shared_end as usize).chain(span.own_start as usize..=own_end).collect();
-            let mut scores = vec![0f32; keys.len()];
-            for hh in 0..h {
-                let kv = hh / group;
-                let qv = &q.row(t)[hh * d..(hh + 1) * d];
-                let mut max = f32::NEG_INFINITY;
-                for (j, &key) in keys.iter().enumerate() {
-                    let kvec = &k.row(key)[kv * d..(kv + 1) * d];
-                    let dot: f32 = qv.iter().zip(kvec).map(|(a, b)| a * b).sum();
-                    scores[j] = dot * scale;
-                    max = max.max(scores[j]);
-                }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let o = &mut orow[hh * d..(hh + 1) * d];
-                for (j, &key) in keys.iter().enumerate() {
-                    let p = scores[j] / sum;
-                    let vvec = &v.row(key)[kv * d..(kv + 1) * d];
-                    o.iter_mut().zip(vvec).for_each(|(o, v)| *o += p * v);
-                }
-            }
-            Ok(())
-        })?;
+        }
+        let mut out = vec![0f32; q.rows * h * d];
+        // Work items: (head, block of query rows); each writes its own (rows, D) slice of out.
+        let blocks: Vec<(usize, usize)> = (0..h).flat_map(|hh| (0..q.rows).step_by(ATTN_BLOCK).map(move |t0| (hh, t0))).collect();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        blocks.par_iter().for_each(|&(hh, t0)| {
+            let t1 = (t0 + ATTN_BLOCK).min(q.rows);
+            // SAFETY: blocks are disjoint in (rows, head columns), so no two items write the same element.
+            unsafe { attention_block_head(q, k, v, s, spans, hh, t0, t1, out_ptr) };
+        });
         Ok(Mat { rows: q.rows, cols: h * d, data: out })
     }
 
@@ -278,6 +257,65 @@ impl Backend for CpuBackend {
         });
         Ok(out)
     }
+}
+
+/// Query rows per attention work item: scores for a block are (ATTN_BLOCK, keys) floats.
+const ATTN_BLOCK: usize = 64;
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to hand disjoint output regions to rayon workers.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Attention of query rows [t0, t1) of head hh: scores (B, K) = q·kᵀ over the block's key
+/// range by GEMM, masked to each row's span, softmax, then out (B, D) = p · v by GEMM.
+///
+/// # Safety
+/// `out` points to (q.rows, H·D) floats, and no other caller writes rows [t0, t1) of head hh.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan], hh: usize, t0: usize, t1: usize, out: SendPtr) {
+    let (h, d) = (s.heads, s.head_dim);
+    let kv = hh / (h / s.kv_heads);
+    let rows = t1 - t0;
+    let k0 = spans[t0..t1].iter().map(|sp| sp.shared_start.min(sp.own_start) as usize).min().unwrap_or(0);
+    let k1 = t1 - 1 + s.key_offset + 1;
+    let nk = k1 - k0;
+    let mut scores = vec![0f32; rows * nk]; // (B, K)
+    let scale = 1.0 / (d as f32).sqrt();
+    gemm::gemm(
+        rows, nk, d,
+        scores.as_mut_ptr(), 1, nk as isize, false,
+        q.data.as_ptr().add(t0 * q.cols + hh * d), 1, q.cols as isize,
+        k.data.as_ptr().add(k0 * k.cols + kv * d), k.cols as isize, 1,
+        0.0, scale, false, false, false, gemm::Parallelism::None,
+    );
+    for (i, row) in scores.chunks_mut(nk).enumerate() {
+        let t = t0 + i;
+        let span = spans[t];
+        let mut max = f32::NEG_INFINITY;
+        for (j, sc) in row.iter_mut().enumerate() {
+            if span.attends((t + s.key_offset) as u32, (k0 + j) as u32) {
+                max = max.max(*sc);
+            } else {
+                *sc = f32::NEG_INFINITY;
+            }
+        }
+        let mut sum = 0f32;
+        for sc in row.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|sc| *sc *= inv);
+    }
+    gemm::gemm(
+        rows, d, nk,
+        out.0.add(t0 * h * d + hh * d), 1, (h * d) as isize, false,
+        scores.as_ptr(), 1, nk as isize,
+        v.data.as_ptr().add(k0 * v.cols + kv * d), 1, v.cols as isize,
+        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+    );
 }
 
 fn logsumexp(row: &[f32]) -> f64 {

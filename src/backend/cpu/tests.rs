@@ -180,3 +180,19 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(b.embed(&weight(&[4, 2], 3), &[9]).is_err());
     assert!(b.log_softmax_at(&mat(1, 4, 1), &[4]).is_err());
 }
+
+#[test]
+fn attention_across_blocks_matches_reference() {
+    // 3 documents, ~170 rows: several 64-row blocks, blocks spanning two documents
+    let docs: Vec<TokenizedDoc> = (0..3)
+        .map(|i| TokenizedDoc { index: i, id: format!("{i}"), prompt: (0..40 + 10 * i as u32).collect(), choices: vec![(0..9).collect(), (0..5).collect(), vec![1, 2]] })
+        .collect();
+    let batch = MicroBatch::build(&docs);
+    let t = batch.rows();
+    assert!(t > 2 * super::ATTN_BLOCK);
+    let b = CpuBackend::new();
+    let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 16, key_offset: 0 };
+    let (q, k, v) = (mat(t, 96, 21), mat(t, 32, 22), mat(t, 32, 23));
+    let out = b.attention(&q, &k, &v, shape, &batch.spans).unwrap();
+    assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &batch.spans), 1e-5);
+}
