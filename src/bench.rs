@@ -8,8 +8,8 @@ use crate::backend::cuda::CudaBackend;
 use crate::backend::select::{DeviceChoice, Resolved};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::layout::{MicroBatch, TokenizedDoc};
-use crate::model::{self, Part, RowCtx, Weights};
+use crate::layout::{AttnSpan, MicroBatch, TokenizedDoc};
+use crate::model::{self, LayerCache, Part, RowCtx, Weights};
 use crate::tensor::{DType, HostTensor};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -41,6 +41,13 @@ pub struct LayerTiming {
     pub seconds: f64,
 }
 
+/// One generation step of one layer: a single new token over `context` cached tokens.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeTiming {
+    pub context: usize,
+    pub seconds: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct StreamResult {
     pub layers: usize,
@@ -63,6 +70,8 @@ pub struct BenchReport {
     /// [[tokens, seconds per layer], ...]: what the planner reads.
     pub layer_seconds: Vec<(usize, f64)>,
     pub timings: Vec<LayerTiming>,
+    /// Per-layer decode step (generation) at each context length.
+    pub decode: Vec<DecodeTiming>,
     pub h2d_seconds_per_layer: Option<f64>,
     pub h2d_bytes_per_s: Option<f64>,
     pub stream: Option<StreamResult>,
@@ -162,6 +171,44 @@ fn time_layer<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, batch: &Micr
     Ok(median(times))
 }
 
+/// Median seconds of one layer's decode step: the KV cache is filled with `context` rows by a
+/// prefill, then single tokens run against it (each appending its key, as generation does).
+fn time_decode<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, context: usize, reps: usize) -> Result<f64> {
+    let positions: Vec<u32> = (0..context as u32).collect();
+    let spans = vec![AttnSpan::causal(0); context];
+    let mut cache = LayerCache::default();
+    let prefill = RowCtx { positions: &positions, spans: &spans, cache_order: None };
+    model::layer_forward(b, cfg, w, input(b, context, cfg.hidden_size)?, &prefill, Some(&mut cache))?;
+    let mut times = vec![];
+    for r in 0..=reps {
+        let pos = [(context + r) as u32];
+        let span = [AttnSpan::causal(0)];
+        let step = RowCtx { positions: &pos, spans: &span, cache_order: None };
+        let x = input(b, 1, cfg.hidden_size)?;
+        b.sync()?;
+        let t0 = Instant::now();
+        model::layer_forward(b, cfg, w, x, &step, Some(&mut cache))?;
+        b.sync()?;
+        if r > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
+const DECODE_CONTEXTS: &[usize] = &[100, 2048];
+
+fn decode_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Vec<DecodeTiming>> {
+    let w = synthetic_layer(b, cfg, 0)?;
+    let mut out = vec![];
+    for &context in DECODE_CONTEXTS {
+        let seconds = time_decode(b, cfg, &w, context, reps).with_context(|| format!("timing a decode step at context {context}"))?;
+        eprintln!("  decode at {context:>5} context: {:9.3} ms per layer", seconds * 1e3);
+        out.push(DecodeTiming { context, seconds });
+    }
+    Ok(out)
+}
+
 const SHAPES: &[(&str, usize, usize)] = &[("100", 1, 100), ("2048", 1, 2048), ("4x2048", 4, 2048)];
 
 fn layer_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Vec<LayerTiming>> {
@@ -245,6 +292,7 @@ fn report_from(b: &impl Backend, cfg: &ModelConfig, name: &str, backend: &str, t
         layer_bytes: layer_params(cfg) * bytes_per,
         layer_seconds: timings.iter().map(|t| (t.tokens, t.seconds)).collect(),
         timings,
+        decode: vec![],
         h2d_seconds_per_layer: None,
         h2d_bytes_per_s: None,
         stream: None,
@@ -266,13 +314,16 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             let b = CpuBackend::new();
             eprintln!("bench {} on {}", o.synthetic, b.name());
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
-            report_from(&b, &cfg, &o.synthetic, "cpu", t, 4)
+            let mut r = report_from(&b, &cfg, &o.synthetic, "cpu", t, 4);
+            r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
+            r
         }
         Resolved::Cuda(n) => {
             let b = CudaBackend::new(n).context("opening the CUDA backend")?;
             eprintln!("bench {} on {}", o.synthetic, b.name());
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cuda", t, 2);
+            r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
             let (secs, bytes) = h2d_layer(&b, &cfg).context("timing host-to-device copies")?;
             r.h2d_seconds_per_layer = Some(secs);
             r.h2d_bytes_per_s = Some(bytes as f64 / secs);
@@ -307,6 +358,9 @@ pub fn print_table(r: &BenchReport) {
     println!("{:>10} {:>8} {:>14} {:>14}", "batch", "tokens", "ms / layer", "tokens / s");
     for t in &r.timings {
         println!("{:>10} {:>8} {:>14.3} {:>14.0}", t.label, t.tokens, t.seconds * 1e3, t.tokens as f64 / t.seconds);
+    }
+    for d in &r.decode {
+        println!("{:>10} {:>8} {:>14.3} {:>14.1}", format!("decode@{}", d.context), 1, d.seconds * 1e3, 1.0 / d.seconds);
     }
     if let (Some(s), Some(bw)) = (r.h2d_seconds_per_layer, r.h2d_bytes_per_s) {
         println!("host-to-device (pinned): {:.1} ms per layer, {:.2} GB/s", s * 1e3, bw / 1e9);
