@@ -20,6 +20,8 @@ enum Command {
     Convert(ConvertArgs),
     /// Show a model directory; --verify re-hashes every part.
     Inspect(InspectArgs),
+    /// Plan the schedule for a model on a cluster and predict its throughput.
+    Plan(falcon_batch::plan_cmd::PlanArgs),
 }
 
 #[derive(clap::Args)]
@@ -46,6 +48,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Convert(_a) => anyhow::bail!("convert: not built yet"),
         Command::Inspect(_a) => anyhow::bail!("inspect: not built yet"),
+        Command::Plan(a) => {
+            print!("{}", falcon_batch::plan_cmd::run(&a)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,0 +1,365 @@
+//! `falcon-batch plan`: plan a schedule and predict its throughput before loading a weight.
+//! The CLI glue around schedule/: reads the model's manifest or a preset, an optional cost
+//! file, prints the plan and the simulation, writes the trace.
+
+use crate::config::ModelConfig;
+use crate::schedule::cost::{CostModel, LayerCost, MeasuredCosts, Workload, DEFAULT_EFFICIENCY};
+use crate::schedule::simulate::{simulate_traced, SimReport};
+use crate::schedule::tune::{tune, Candidate};
+use crate::schedule::{gb, presets, ModelShape, RankCaps, Schedule, ScheduleOptions};
+use crate::tensor::DType;
+use crate::trace::Trace;
+use crate::units::{parse_bytes, parse_rate, parse_seconds};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["model", "preset"])))]
+#[command(after_help = "Compute cost: with --tflops a layer over a micro-batch of T tokens costs \
+2 x (layer parameters) x T FLOPs for its matmuls plus 4 x L^2 x C for the attention of each \
+document of L tokens (hidden size C, no causal saving), at --efficiency of the peak (default 0.5), \
+plus 0.2 ms of kernel launches; the LM head costs 2 x C x V per scored position. With --costs the \
+layer time is interpolated from measured (tokens, seconds) points instead. Sizes: 24GB = 24e9 \
+bytes, 24GiB = 24 x 2^30; bandwidths: 24GB/s (bytes), 1Gbit or 10Gbit/s (bits).")]
+pub struct PlanArgs {
+    /// Model directory (reads manifest.json's "config" and "dtype").
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A known model instead of a directory: falcon-7b, falcon-40b, falcon-180b, llama-2-70b.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Number of ranks (one per GPU).
+    #[arg(long)]
+    ranks: usize,
+    /// Device memory per rank, e.g. 24GB or 24GiB.
+    #[arg(long)]
+    device_mem: String,
+    /// Host memory each rank may pin (a node's memory divided by its GPUs); unchecked if absent.
+    #[arg(long)]
+    host_mem: Option<String>,
+    /// Host-to-device bandwidth (pinned copies) [default: 24GB/s, or the cost file's].
+    #[arg(long)]
+    h2d: Option<String>,
+    /// Network bandwidth between ranks [default: 1Gbit, or the cost file's].
+    #[arg(long)]
+    net: Option<String>,
+    /// Network latency per message [default: 50us, or the cost file's].
+    #[arg(long)]
+    net_latency: Option<String>,
+    /// Peak dense bf16 TFLOPS of one device; compute cost derived from FLOPs (see below).
+    #[arg(long)]
+    tflops: Option<f64>,
+    /// Fraction of --tflops large matmuls reach.
+    #[arg(long, default_value_t = DEFAULT_EFFICIENCY)]
+    efficiency: f64,
+    /// Measured costs from `falcon-batch bench` (JSON: layer_seconds [[tokens, seconds], ...],
+    /// h2d_bytes_per_s, net_bytes_per_s, net_latency_s).
+    #[arg(long)]
+    costs: Option<PathBuf>,
+    /// Documents to score.
+    #[arg(long, default_value_t = 100_000)]
+    docs: usize,
+    /// Prompt tokens per document.
+    #[arg(long, default_value_t = 1500)]
+    doc_tokens: usize,
+    /// Answer choices per document.
+    #[arg(long, default_value_t = 4)]
+    choices: usize,
+    /// Tokens per choice.
+    #[arg(long, default_value_t = 4)]
+    choice_tokens: usize,
+    /// Most layers per group [default: chosen by simulation among the sizes that fit].
+    #[arg(long)]
+    group_layers: Option<usize>,
+    /// Groups kept on the device per rank; 2 copies the next group while computing
+    /// [default: chosen by simulation among 1-3; 2 without a cost model].
+    #[arg(long)]
+    resident: Option<usize>,
+    /// Micro-batches per wave [default: 4 per rank].
+    #[arg(long)]
+    wave: Option<usize>,
+    /// Token budget of a micro-batch (whole documents with their choices).
+    #[arg(long, default_value_t = 2048)]
+    batch_tokens: usize,
+    /// Relative speed of each rank, comma-separated (heterogeneous ranks).
+    #[arg(long)]
+    rank_speed: Option<String>,
+    /// Device memory kept free for the runtime.
+    #[arg(long, default_value = "1GiB")]
+    reserve: String,
+    /// Activations on the wire: f32 (as computed) or bf16 (half the bytes).
+    #[arg(long, default_value = "f32")]
+    wire_dtype: String,
+    /// Write the simulated timeline as Chrome trace JSON (open in Perfetto).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Print the schedule and prediction as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Print only the part files rank R reads, one per line (for slurm/stage-parts.sh).
+    #[arg(long, value_name = "R")]
+    parts_for_rank: Option<usize>,
+}
+
+/// The part of manifest.json the planner needs; the rest belongs to the format module.
+#[derive(Deserialize)]
+struct ManifestHead {
+    config: ModelConfig,
+    dtype: String,
+    #[serde(default)]
+    parts: Vec<ManifestPart>,
+}
+
+#[derive(Deserialize)]
+struct ManifestPart {
+    name: String,
+    file: String,
+}
+
+struct Model {
+    label: String,
+    shape: ModelShape,
+    /// Part name -> file name, from the manifest.
+    files: HashMap<String, String>,
+}
+
+fn load_model(args: &PlanArgs) -> Result<Model> {
+    if let Some(name) = &args.preset {
+        let Some(shape) = ModelShape::preset(name) else {
+            bail!("--preset: unknown model `{name}`; known: {}", presets::PRESETS.join(", "));
+        };
+        return Ok(Model { label: name.clone(), shape, files: HashMap::new() });
+    }
+    let Some(dir) = &args.model else { bail!("give --model DIR or --preset NAME") };
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--model: {}", path.display()))?;
+    let head: ManifestHead = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    head.config.validate(&path.display().to_string())?;
+    let Some(dtype) = DType::parse(&head.dtype) else {
+        bail!("{}: field `dtype`: unknown dtype `{}`", path.display(), head.dtype);
+    };
+    let files = head.parts.into_iter().map(|p| (p.name, p.file)).collect();
+    let shape = ModelShape::from_config(&head.config, dtype.size());
+    Ok(Model { label: dir.display().to_string(), shape, files })
+}
+
+fn flag<T, E: std::fmt::Display>(name: &str, r: std::result::Result<T, E>) -> Result<T> {
+    r.map_err(|e| anyhow::anyhow!("{name}: {e}"))
+}
+
+fn options(args: &PlanArgs) -> Result<(Vec<RankCaps>, ScheduleOptions)> {
+    let device = flag("--device-mem", parse_bytes(&args.device_mem))?;
+    let host = args.host_mem.as_deref().map(|h| flag("--host-mem", parse_bytes(h))).transpose()?;
+    let rank_speed = match &args.rank_speed {
+        None => None,
+        Some(list) => Some(
+            list.split(',')
+                .map(|v| flag("--rank-speed", v.trim().parse::<f64>()))
+                .collect::<Result<Vec<f64>>>()?,
+        ),
+    };
+    let ranks = (0..args.ranks)
+        .map(|r| RankCaps {
+            device_bytes: device,
+            host_bytes: host,
+            speed: rank_speed.as_ref().and_then(|s| s.get(r).copied()).unwrap_or(1.0),
+            device: "gpu".into(),
+        })
+        .collect();
+    let opts = ScheduleOptions {
+        group_layers: args.group_layers,
+        resident: args.resident.unwrap_or(2),
+        wave: args.wave,
+        batch_tokens: args.batch_tokens,
+        rank_speed,
+        reserve_bytes: flag("--reserve", parse_bytes(&args.reserve))?,
+    };
+    Ok((ranks, opts))
+}
+
+/// The cost model and a line saying where it came from. Explicit flags beat the cost file,
+/// which beats the defaults.
+fn cost_model(args: &PlanArgs, shape: &ModelShape) -> Result<(CostModel, String)> {
+    let measured = match &args.costs {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("--costs: {}", p.display()))?;
+            Some(flag("--costs", MeasuredCosts::parse(&text)).with_context(|| p.display().to_string())?)
+        }
+        None => None,
+    };
+    let rate = |name: &str, given: &Option<String>, file: Option<f64>, default: &str| -> Result<f64> {
+        match (given, file) {
+            (Some(v), _) => flag(name, parse_rate(v)),
+            (None, Some(f)) => Ok(f),
+            (None, None) => flag(name, parse_rate(default)),
+        }
+    };
+    let h2d = rate("--h2d", &args.h2d, measured.as_ref().and_then(|m| m.h2d_bytes_per_s), "24GB/s")?;
+    let net = rate("--net", &args.net, measured.as_ref().and_then(|m| m.net_bytes_per_s), "1Gbit")?;
+    let latency = match (&args.net_latency, measured.as_ref().and_then(|m| m.net_latency_s)) {
+        (Some(v), _) => flag("--net-latency", parse_seconds(v))?,
+        (None, Some(f)) => f,
+        (None, None) => 50e-6,
+    };
+    if !(args.efficiency > 0.0 && args.efficiency <= 1.0) {
+        bail!("--efficiency: must be in (0, 1], got {}", args.efficiency);
+    }
+    let (mut cost, source) = match (&measured, args.tflops) {
+        (Some(m), _) => {
+            let tflops = args.tflops.unwrap_or(0.0);
+            let mut c = CostModel::from_flops(shape, tflops.max(1.0), args.efficiency, h2d, net, latency);
+            c.layer = LayerCost::Table(m.layer_seconds.clone());
+            c.head_row_s = m.head_row_s.unwrap_or(if tflops > 0.0 { c.head_row_s } else { 0.0 });
+            (c, format!("measured layer costs ({} points)", m.layer_seconds.len()))
+        }
+        (None, Some(t)) if t > 0.0 && t.is_finite() => {
+            (CostModel::from_flops(shape, t, args.efficiency, h2d, net, latency), format!("{t} TFLOPS x {} efficiency", args.efficiency))
+        }
+        (None, Some(t)) => bail!("--tflops: must be positive, got {t}"),
+        (None, None) => bail!("give --tflops (peak of one device) or --costs (measured) to predict throughput"),
+    };
+    cost.wire_bytes = match args.wire_dtype.as_str() {
+        "f32" => 4,
+        "bf16" | "f16" => 2,
+        other => bail!("--wire-dtype: expected f32 or bf16, got `{other}`"),
+    };
+    let line = format!(
+        "{source}; h2d {:.1} GB/s; net {:.3} GB/s, latency {:.0} us; activations sent as {}",
+        h2d / 1e9,
+        net / 1e9,
+        latency * 1e6,
+        args.wire_dtype
+    );
+    Ok((cost, line))
+}
+
+fn workload(args: &PlanArgs) -> Workload {
+    Workload {
+        docs: args.docs,
+        doc_tokens: args.doc_tokens,
+        choices: args.choices,
+        choice_tokens: args.choice_tokens,
+        batch_tokens: args.batch_tokens,
+    }
+}
+
+/// Run the subcommand; returns what to print. --resident and --group-layers left open are
+/// chosen by simulation whenever a cost model is given, with or without --parts-for-rank, so
+/// staging and planning with the same flags agree.
+pub fn run(args: &PlanArgs) -> Result<String> {
+    let model = load_model(args)?;
+    let (ranks, opts) = options(args)?;
+    let work = workload(args);
+    let has_cost = args.tflops.is_some() || args.costs.is_some();
+    let free = (args.resident.is_none(), args.group_layers.is_none());
+    let (sched, cost, candidates) = if has_cost {
+        let (cost, line) = cost_model(args, &model.shape)?;
+        if free.0 || free.1 {
+            let t = tune(&model.shape, &ranks, &opts, &cost, &work, free.0, free.1)?;
+            (t.schedule, Some((cost, line)), t.candidates)
+        } else {
+            (Schedule::plan(&model.shape, &ranks, &opts)?, Some((cost, line)), vec![])
+        }
+    } else {
+        (Schedule::plan(&model.shape, &ranks, &opts)?, None, vec![])
+    };
+    if let Some(r) = args.parts_for_rank {
+        if r >= sched.n_ranks() {
+            bail!("--parts-for-rank: rank {r} does not exist (ranks 0-{})", sched.n_ranks() - 1);
+        }
+        let files: Vec<String> = sched
+            .parts_for_rank(r)
+            .into_iter()
+            .map(|name| model.files.get(&name).cloned().unwrap_or_else(|| format!("{name}.safetensors")))
+            .collect();
+        return Ok(files.iter().map(|f| format!("{f}\n")).collect());
+    }
+    let Some((cost, cost_line)) = cost else {
+        bail!("give --tflops (peak of one device) or --costs (measured) to predict throughput");
+    };
+    let mut trace = if args.trace.is_some() { Trace::for_rank(0) } else { Trace::disabled() };
+    let report = simulate_traced(&sched, &cost, &work, &mut trace)?;
+    if let Some(path) = &args.trace {
+        trace.write(path).with_context(|| format!("--trace: {}", path.display()))?;
+    }
+    if args.json {
+        let v = serde_json::json!({"model": model.label, "schedule": sched, "cost": cost_line, "report": report});
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+    }
+    let mut out = render(&model, &sched, &work, &cost_line, &report);
+    if !candidates.is_empty() {
+        let _ = writeln!(out, "\nchosen by simulation among (documents/hour):");
+        for c in &candidates {
+            let Candidate { resident, group_layers, docs_per_hour } = c;
+            let _ = writeln!(out, "  --resident {resident} --group-layers {group_layers}: {docs_per_hour:.0}");
+        }
+    }
+    Ok(out)
+}
+
+fn render(model: &Model, s: &Schedule, work: &Workload, cost_line: &str, rep: &SimReport) -> String {
+    let m = &s.shape;
+    let mut o = String::new();
+    let sizes: Vec<usize> = s.groups.iter().map(|g| g.layers.len()).collect();
+    let (lo, hi) = (sizes.iter().min().copied().unwrap_or(0), sizes.iter().max().copied().unwrap_or(0));
+    let _ = writeln!(
+        o,
+        "model {}: {} {} layers x {}, begin {}, end {}, {} in all",
+        model.label,
+        m.family.name(),
+        m.n_layers,
+        gb(m.layer_bytes),
+        gb(m.begin_bytes),
+        gb(m.end_bytes),
+        gb(m.total_bytes())
+    );
+    let _ = writeln!(
+        o,
+        "schedule: {} ranks, {} groups of {lo}-{hi} layers ({} per rank), resident {}, wave {} micro-batches; activations {} per micro-batch",
+        s.n_ranks(),
+        s.groups.len(),
+        s.groups.len() / s.n_ranks(),
+        s.resident,
+        s.wave,
+        gb(s.activation_bytes)
+    );
+    for r in 0..s.n_ranks() {
+        let _ = writeln!(o, "{}", s.describe_rank(r));
+    }
+    let k = s.options.group_layers.unwrap_or(hi);
+    let _ = writeln!(o, "flags for this plan: --resident {} --group-layers {k} --wave {} --batch-tokens {}", s.resident, s.wave, s.batch_tokens);
+    let _ = writeln!(o, "\nprediction ({cost_line}):");
+    let _ = writeln!(
+        o,
+        "  {} documents of {} tokens ({} + {} choices x {}), {} per micro-batch: {} micro-batches in {} waves{}",
+        rep.docs,
+        work.seq_tokens(),
+        work.doc_tokens,
+        work.choices,
+        work.choice_tokens,
+        rep.docs_per_micro,
+        rep.micro_batches,
+        rep.waves,
+        if rep.simulated_waves < rep.waves { format!(" ({} simulated, the rest extrapolated)", rep.simulated_waves) } else { String::new() }
+    );
+    let _ = writeln!(o, "  total {:.1} h, {:.0} documents/hour, {:.2} s per document", rep.total_s / 3600.0, rep.docs_per_hour, rep.total_s / rep.docs as f64);
+    let _ = writeln!(o, "  bottleneck: {}", rep.bottleneck.describe());
+    let _ = writeln!(o, "  network: {} per document between ranks", gb(rep.net_bytes_per_doc as u64));
+    let _ = writeln!(o, "  share of the first {:.0} s:  compute   copy   send   wait-input   wait-weights", rep.simulated_s);
+    for (r, t) in rep.ranks.iter().enumerate() {
+        let pct = |x: f64| 100.0 * x / rep.simulated_s.max(1e-12);
+        let _ = writeln!(
+            o,
+            "    rank {r:<3} {:>24.0}% {:>5.0}% {:>5.0}% {:>11.0}% {:>13.0}%",
+            pct(t.compute_s),
+            pct(t.copy_s),
+            pct(t.send_s),
+            pct(t.wait_input_s),
+            pct(t.wait_weights_s)
+        );
+    }
+    o
+}

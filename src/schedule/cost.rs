@@ -1,0 +1,177 @@
+//! What work costs: compute per layer as a function of tokens, copies and network. Either
+//! derived from the device's peak FLOP rate or measured by `falcon-batch bench`.
+
+use super::ModelShape;
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum CostError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerCost {
+    /// fixed + per_token * T + per_token2 * sum of squared document lengths (attention).
+    Linear { fixed_s: f64, per_token_s: f64, per_token2_s: f64 },
+    /// Measured (tokens, seconds) points, sorted by tokens; linear in between and beyond.
+    Table(Vec<(f64, f64)>),
+}
+
+impl LayerCost {
+    /// Seconds for one layer over a micro-batch of `docs` documents of `len` tokens each.
+    pub fn seconds(&self, docs: usize, len: usize) -> f64 {
+        let t = (docs * len) as f64;
+        match self {
+            LayerCost::Linear { fixed_s, per_token_s, per_token2_s } => {
+                fixed_s + per_token_s * t + per_token2_s * docs as f64 * (len * len) as f64
+            }
+            LayerCost::Table(points) => interpolate(points, t).max(0.0),
+        }
+    }
+}
+
+fn interpolate(points: &[(f64, f64)], t: f64) -> f64 {
+    match points {
+        [] => 0.0,
+        // One measurement: assume time proportional to tokens.
+        [(t0, s0)] => s0 * t / t0,
+        _ => {
+            let i = points.iter().position(|&(x, _)| x >= t).unwrap_or(points.len() - 1).clamp(1, points.len() - 1);
+            let ((x0, y0), (x1, y1)) = (points[i - 1], points[i]);
+            y0 + (y1 - y0) * (t - x0) / (x1 - x0)
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CostModel {
+    pub layer: LayerCost,
+    /// LM head seconds per scored position (it runs only where a log-prob is needed).
+    pub head_row_s: f64,
+    pub h2d_bytes_per_s: f64,
+    pub net_bytes_per_s: f64,
+    pub net_latency_s: f64,
+    /// Bytes per hidden value on the wire: 4 sends the f32 activations as they are.
+    pub wire_bytes: usize,
+}
+
+/// Fraction of peak the FLOP-derived cost model assumes large GEMMs reach.
+pub const DEFAULT_EFFICIENCY: f64 = 0.5;
+
+impl CostModel {
+    /// Compute from FLOPs at `efficiency` of `tflops` peak: a layer costs 2 * params FLOPs
+    /// per token for its matmuls plus 4 * L^2 * C per document of L tokens for attention
+    /// (scores and weighted sum, no causal saving), plus ~0.2 ms of kernel launches.
+    pub fn from_flops(shape: &ModelShape, tflops: f64, efficiency: f64, h2d: f64, net: f64, latency: f64) -> CostModel {
+        let rate = tflops * 1e12 * efficiency;
+        CostModel {
+            layer: LayerCost::Linear {
+                fixed_s: 2e-4,
+                per_token_s: 2.0 * shape.layer_params as f64 / rate,
+                per_token2_s: 4.0 * shape.hidden as f64 / rate,
+            },
+            head_row_s: 2.0 * (shape.hidden * shape.vocab) as f64 / rate,
+            h2d_bytes_per_s: h2d,
+            net_bytes_per_s: net,
+            net_latency_s: latency,
+            wire_bytes: 4,
+        }
+    }
+
+    pub fn check(&self) -> Result<(), CostError> {
+        for (name, v) in [("h2d bandwidth", self.h2d_bytes_per_s), ("network bandwidth", self.net_bytes_per_s)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(CostError::Invalid(format!("{name} must be positive, got {v}")));
+            }
+        }
+        if !(self.net_latency_s.is_finite() && self.net_latency_s >= 0.0) {
+            return Err(CostError::Invalid(format!("network latency must not be negative, got {}", self.net_latency_s)));
+        }
+        Ok(())
+    }
+}
+
+/// `falcon-batch bench` output: {"layer_seconds": [[tokens, seconds], ...], "h2d_bytes_per_s": ...,
+/// "net_bytes_per_s": ..., "net_latency_s": ...}; the three rates are optional.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasuredCosts {
+    pub layer_seconds: Vec<(f64, f64)>,
+    pub h2d_bytes_per_s: Option<f64>,
+    pub net_bytes_per_s: Option<f64>,
+    pub net_latency_s: Option<f64>,
+    /// LM head seconds per scored position, when measured.
+    #[serde(default)]
+    pub head_row_s: Option<f64>,
+}
+
+impl MeasuredCosts {
+    pub fn parse(json: &str) -> Result<MeasuredCosts, CostError> {
+        let mut m: MeasuredCosts = serde_json::from_str(json).map_err(|e| CostError::Invalid(e.to_string()))?;
+        if m.layer_seconds.is_empty() {
+            return Err(CostError::Invalid("layer_seconds is empty".into()));
+        }
+        if let Some(&(t, s)) = m.layer_seconds.iter().find(|&&(t, s)| !(t > 0.0 && t.is_finite() && s >= 0.0 && s.is_finite())) {
+            return Err(CostError::Invalid(format!("layer_seconds: bad point [{t}, {s}]")));
+        }
+        m.layer_seconds.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if m.layer_seconds.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(CostError::Invalid("layer_seconds: two points with the same token count".into()));
+        }
+        Ok(m)
+    }
+}
+
+/// The documents to score.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    pub docs: usize,
+    /// Prompt tokens per document.
+    pub doc_tokens: usize,
+    pub choices: usize,
+    pub choice_tokens: usize,
+    /// Token budget of a micro-batch; whole documents only (one pass scores all choices).
+    pub batch_tokens: usize,
+}
+
+impl Workload {
+    /// Tokens of one document packed with all its choices (one-pass scoring).
+    pub fn seq_tokens(&self) -> usize {
+        self.doc_tokens + self.choices * self.choice_tokens
+    }
+
+    pub fn docs_per_micro(&self) -> usize {
+        self.batch_tokens / self.seq_tokens().max(1)
+    }
+
+    pub fn micro_batches(&self) -> usize {
+        self.docs.div_ceil(self.docs_per_micro().max(1))
+    }
+
+    /// Positions per document whose next-token log-prob is needed: one per choice token.
+    pub fn scored_rows(&self) -> usize {
+        self.choices * self.choice_tokens
+    }
+
+    pub fn check(&self, context: usize) -> Result<(), CostError> {
+        if self.docs == 0 || self.doc_tokens == 0 {
+            return Err(CostError::Invalid("need at least one document of at least one token".into()));
+        }
+        if self.seq_tokens() > context {
+            return Err(CostError::Invalid(format!(
+                "a document with its choices is {} tokens, beyond the model's context of {context}",
+                self.seq_tokens()
+            )));
+        }
+        if self.docs_per_micro() == 0 {
+            return Err(CostError::Invalid(format!(
+                "--batch-tokens {} cannot hold one document with its choices ({} tokens)",
+                self.batch_tokens,
+                self.seq_tokens()
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+use super::cost::{CostModel, LayerCost, MeasuredCosts, Workload};
+use super::simulate::{simulate, simulate_traced, Bottleneck};
+use super::*;
+use crate::trace::Trace;
+
+const GB: u64 = 1_000_000_000;
+
+fn ranks(n: usize, device: u64) -> Vec<RankCaps> {
+    (0..n).map(|_| RankCaps { device_bytes: device, host_bytes: None, speed: 1.0, device: "test".into() }).collect()
+}
+
+fn f180() -> ModelShape {
+    ModelShape::preset("falcon-180b").unwrap()
+}
+
+fn cost(shape: &ModelShape) -> CostModel {
+    CostModel::from_flops(shape, 71.0, 0.5, 24e9, 125e6, 50e-6)
+}
+
+fn work(docs: usize) -> Workload {
+    Workload { docs, doc_tokens: 1500, choices: 4, choice_tokens: 4, batch_tokens: 2048 }
+}
+
+#[test]
+fn falcon_180b_shape_matches_published_size() {
+    let s = f180();
+    assert_eq!(s.n_layers, 80);
+    // ~4.4 GB per layer, ~360 GB in all (DESIGN.md).
+    assert!((4.3e9..4.5e9).contains(&(s.layer_bytes as f64)), "{}", s.layer_bytes);
+    assert!((355e9..365e9).contains(&(s.total_bytes() as f64)), "{}", s.total_bytes());
+    for p in presets::PRESETS {
+        assert!(ModelShape::preset(p).is_some(), "{p}");
+    }
+}
+
+#[test]
+fn groups_cover_every_layer_once_round_robin() {
+    let s = Schedule::plan(&f180(), &ranks(8, 24 * GB), &ScheduleOptions::default()).unwrap();
+    let mut next = 0;
+    for (g, grp) in s.groups.iter().enumerate() {
+        assert_eq!(grp.layers.start, next);
+        assert!(!grp.layers.is_empty());
+        assert_eq!(grp.owner, g % 8);
+        next = grp.layers.end;
+    }
+    assert_eq!(next, 80);
+    assert!(s.groups[0].has_begin && s.groups.last().unwrap().has_end);
+    assert_eq!(s.groups.len() % 8, 0);
+    for r in 0..8 {
+        assert!(s.device_bytes[r] <= 24 * GB, "{}", s.describe_rank(r));
+    }
+}
+
+#[test]
+fn group_layers_caps_group_size_and_oversize_is_refused() {
+    // Room for begin + 5 layers in one slot, as on the 24 GB cards of DESIGN.md plus headroom.
+    let opts = ScheduleOptions { group_layers: Some(5), resident: 1, ..Default::default() };
+    let s = Schedule::plan(&f180(), &ranks(8, 28 * GB), &opts).unwrap();
+    assert_eq!(s.groups.len(), 16);
+    assert!(s.groups.iter().all(|g| g.layers.len() == 5));
+    assert_eq!(s.describe_rank(1), format!("rank 1: layers 5-9, 45-49; resident 1; host {}; device {}", gb(s.host_bytes[1]), gb(s.device_bytes[1])));
+    let too_big = ScheduleOptions { group_layers: Some(6), resident: 1, ..Default::default() };
+    match Schedule::plan(&f180(), &ranks(8, 28 * GB), &too_big) {
+        Err(ScheduleError::GroupTooLarge { max, requested: 6, .. }) => assert_eq!(max, 5),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn too_small_device_and_host_say_what_fits() {
+    let e = Schedule::plan(&f180(), &ranks(8, 8 * GB), &ScheduleOptions::default()).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("--resident 1 would fit"), "{msg}");
+    let mut rs = ranks(8, 24 * GB);
+    rs.iter_mut().for_each(|r| r.host_bytes = Some(16 * GB));
+    let msg = Schedule::plan(&f180(), &rs, &ScheduleOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("at least 23 ranks"), "{msg}");
+    let msg = Schedule::plan(&f180(), &ranks(81, 24 * GB), &ScheduleOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("at most 80 ranks"), "{msg}");
+    let bad = ScheduleOptions { resident: 0, ..Default::default() };
+    assert!(matches!(Schedule::plan(&f180(), &ranks(8, 24 * GB), &bad), Err(ScheduleError::BadOption { option: "--resident", .. })));
+}
+
+#[test]
+fn faster_ranks_get_more_layers() {
+    let opts = ScheduleOptions { rank_speed: Some(vec![2.0, 1.0]), group_layers: Some(4), ..Default::default() };
+    let s = Schedule::plan(&f180(), &ranks(2, 48 * GB), &opts).unwrap();
+    let layers = |r: usize| s.rank_groups[r].iter().map(|&g| s.groups[g].layers.len()).sum::<usize>();
+    assert!(layers(0) > layers(1), "{} vs {}", layers(0), layers(1));
+    assert_eq!(layers(0) + layers(1), 80);
+    // Balanced: time per group within one layer's worth of each other.
+    let t0 = s.groups[2].layers.len() as f64 / 2.0;
+    let t1 = s.groups[3].layers.len() as f64;
+    assert!((t0 - t1).abs() <= 1.0, "{t0} {t1}");
+}
+
+#[test]
+fn plan_is_deterministic() {
+    let a = Schedule::plan(&f180(), &ranks(8, 24 * GB), &ScheduleOptions::default()).unwrap();
+    let b = Schedule::plan(&f180(), &ranks(8, 24 * GB), &ScheduleOptions::default()).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn work_order_zigzag_and_double_buffer() {
+    let opts = ScheduleOptions { group_layers: Some(2), resident: 2, wave: Some(3), ..Default::default() };
+    let s = Schedule::plan(&f180(), &ranks(8, 24 * GB), &opts).unwrap();
+    let mine = s.rank_groups[0].clone();
+    assert!(mine.len() > 2);
+    let order = s.work_order(0, &[3, 3]);
+    // Two loads up front, then all three micro-batches of the first group before the next.
+    assert_eq!(order[0], Step::Load { group: mine[0], slot: 0 });
+    assert_eq!(order[1], Step::Load { group: mine[1], slot: 1 });
+    assert_eq!(order[2], Step::Compute { group: mine[0], wave: 0, micro: 0 });
+    assert_eq!(order[4], Step::Compute { group: mine[0], wave: 0, micro: 2 });
+    assert_eq!(order[5], Step::Load { group: mine[2], slot: 0 });
+    let loads = order.iter().filter(|s| matches!(s, Step::Load { .. })).count();
+    assert_eq!(loads, 2 * mine.len());
+    assert_eq!(order.iter().filter(|s| matches!(s, Step::Compute { .. })).count(), 6 * mine.len());
+    assert_eq!(s.parts_for_rank(0)[0], "begin");
+    assert!(s.parts_for_rank(7).last().is_some_and(|p| p == "end"));
+    assert_eq!(s.parts_for_rank(1)[0], format!("layer_{:03}", s.groups[1].layers.start));
+}
+
+#[test]
+fn measured_costs_interpolate() {
+    let m = MeasuredCosts::parse(r#"{"layer_seconds": [[2048, 0.1], [100, 0.01]], "h2d_bytes_per_s": 6.3e9}"#).unwrap();
+    let l = LayerCost::Table(m.layer_seconds);
+    assert!((l.seconds(1, 1074) - 0.055).abs() < 1e-9);
+    assert!((l.seconds(1, 100) - 0.01).abs() < 1e-12);
+    assert!(MeasuredCosts::parse(r#"{"layer_seconds": []}"#).is_err());
+    assert!(MeasuredCosts::parse(r#"{"layer_seconds": [[0, 1]]}"#).is_err());
+}
+
+#[test]
+fn waves_and_double_buffering_pay_off() {
+    let shape = f180();
+    let c = cost(&shape);
+    let plan = |resident, wave| {
+        let opts = ScheduleOptions { resident, wave: Some(wave), ..Default::default() };
+        Schedule::plan(&shape, &ranks(8, 24 * GB), &opts).unwrap()
+    };
+    let mut c2 = c.clone();
+    c2.wire_bytes = 2;
+    let full = simulate(&plan(2, 32), &c2, &work(2000)).unwrap();
+    let one = simulate(&plan(2, 1), &c2, &work(2000)).unwrap();
+    assert!(full.docs_per_hour > 3.0 * one.docs_per_hour, "{} vs {}", full.docs_per_hour, one.docs_per_hour);
+    assert_eq!(one.bottleneck, Bottleneck::Pipeline);
+    // Everything computes: busy compute near the ideal of all work spread over 8 ranks.
+    let busy: f64 = full.ranks.iter().map(|r| r.compute_s).sum::<f64>() / 8.0;
+    assert!(busy / full.simulated_s > 0.7, "{busy} / {}", full.simulated_s);
+}
+
+#[test]
+fn extrapolation_matches_full_simulation() {
+    let shape = f180();
+    let opts = ScheduleOptions { wave: Some(4), ..Default::default() };
+    let s = Schedule::plan(&shape, &ranks(8, 24 * GB), &opts).unwrap();
+    let c = cost(&shape);
+    let short = simulate(&s, &c, &work(96)).unwrap(); // exactly 24 waves: simulated
+    let long = simulate(&s, &c, &work(400)).unwrap(); // 100 waves: extrapolated
+    assert_eq!(short.simulated_waves, short.waves);
+    assert!(long.simulated_waves < long.waves);
+    let rate = |r: &simulate::SimReport| r.docs_per_hour;
+    assert!((rate(&long) / rate(&short) - 1.0).abs() < 0.25, "{} {}", rate(&long), rate(&short));
+}
+
+#[test]
+fn single_rank_and_resident_one_run() {
+    let shape = ModelShape::preset("falcon-7b").unwrap();
+    let c = cost(&shape);
+    for (n, resident) in [(1, 1), (1, 2), (3, 1), (4, 3)] {
+        let opts = ScheduleOptions { resident, group_layers: Some(4), wave: Some(5), ..Default::default() };
+        let s = Schedule::plan(&shape, &ranks(n, 16 * GB), &opts).unwrap();
+        let rep = simulate(&s, &c, &work(37)).unwrap();
+        assert!(rep.total_s > 0.0 && rep.docs_per_hour.is_finite(), "{n} {resident}");
+    }
+}
+
+#[test]
+fn trace_of_simulation_has_all_tracks() {
+    let shape = f180();
+    let opts = ScheduleOptions { wave: Some(8), ..Default::default() };
+    let s = Schedule::plan(&shape, &ranks(8, 24 * GB), &opts).unwrap();
+    let mut t = Trace::for_rank(0);
+    simulate_traced(&s, &cost(&shape), &work(64), &mut t).unwrap();
+    let v = t.to_json();
+    let ev = v["traceEvents"].as_array().unwrap();
+    for cat in ["compute", "weight copy", "send", "receive", "wait"] {
+        assert!(ev.iter().any(|e| e["ph"] == "X" && e["cat"] == cat), "{cat}");
+    }
+    assert!(ev.iter().all(|e| e["ph"] != "X" || (e["ts"].as_f64().is_some() && e["dur"].as_f64().is_some_and(|d| d >= 0.0))));
+}
+
+#[test]
+fn tuner_trades_double_buffering_against_network_hops() {
+    let shape = f180();
+    let pick = |net: f64| {
+        let c = CostModel::from_flops(&shape, 71.0, 0.5, 24e9, net, 50e-6);
+        let t = tune::tune(&shape, &ranks(8, 24 * GB), &ScheduleOptions::default(), &c, &work(100_000), true, true).unwrap();
+        assert!(t.candidates.windows(2).all(|w| w[0].docs_per_hour >= w[1].docs_per_hour));
+        t.schedule.resident
+    };
+    assert_eq!(pick(125e6), 1); // 1 GbE: bigger groups, fewer hops
+    assert_eq!(pick(100e9), 2); // fast links: hide the copies
+}

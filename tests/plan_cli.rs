@@ -1,0 +1,71 @@
+//! The `plan` subcommand end to end: flags, errors naming the flag, --model manifests, trace.
+
+use std::process::Command;
+
+fn plan(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_falcon-batch")).arg("plan").args(args).output().expect("run falcon-batch");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+const F180: &[&str] = &["--preset", "falcon-180b", "--ranks", "8", "--device-mem", "24GB", "--h2d", "24GB/s", "--net", "1Gbit", "--tflops", "71", "--docs", "100000", "--doc-tokens", "1500", "--choices", "4"];
+
+#[test]
+fn falcon_180b_on_eight_3090s() {
+    let (ok, out, err) = plan(F180);
+    assert!(ok, "{err}");
+    for r in 0..8 {
+        assert!(out.contains(&format!("rank {r}: layers ")), "{out}");
+    }
+    assert!(out.contains("documents/hour") && out.contains("bottleneck:"), "{out}");
+}
+
+#[test]
+fn bad_values_name_the_flag() {
+    for (flag, value) in [("--device-mem", "24XB"), ("--h2d", "fast"), ("--net-latency", "1h"), ("--net", "0Gbit")] {
+        let mut args: Vec<&str> = F180.to_vec();
+        args.extend([flag, value]);
+        // Later flags repeat earlier ones: replace instead.
+        if let Some(i) = F180.iter().position(|a| *a == flag) {
+            args = F180.to_vec();
+            args[i + 1] = value;
+        }
+        let (ok, _, err) = plan(&args);
+        assert!(!ok && err.contains(flag), "{flag}: {err}");
+    }
+    let (ok, _, err) = plan(&["--preset", "falcon-999b", "--ranks", "2", "--device-mem", "24GB", "--tflops", "1"]);
+    assert!(!ok && err.contains("--preset"), "{err}");
+    let (ok, _, err) = plan(&["--preset", "falcon-180b", "--ranks", "8", "--device-mem", "8GB", "--tflops", "71", "--resident", "2"]);
+    assert!(!ok && err.contains("--resident 1 would fit"), "{err}");
+}
+
+#[test]
+fn model_dir_parts_json_and_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = serde_json::json!({
+        "family": "llama", "dtype": "f32",
+        "config": {
+            "family": "llama", "vocab_size": 64, "hidden_size": 16, "n_layers": 6, "n_heads": 4, "n_kv_heads": 2,
+            "head_dim": 4, "intermediate_size": 32, "max_position": 128, "sliding_window": null, "rope_theta": 10000.0,
+            "norm_eps": 1e-5, "tied_embeddings": false, "attention_bias": false, "mlp_bias": false, "falcon": null,
+            "bos_token_id": 1, "eos_token_ids": [2]
+        },
+        "parts": [{"name": "begin", "file": "begin.safetensors", "bytes": 1, "sha256": ""}]
+    });
+    std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
+    let m = dir.path().to_str().unwrap();
+    let base = ["--model", m, "--ranks", "3", "--device-mem", "1MB", "--resident", "1", "--group-layers", "1", "--batch-tokens", "64", "--reserve", "0"];
+    let (ok, out, err) = plan(&[&base[..], &["--parts-for-rank", "0"]].concat());
+    assert!(ok, "{err}");
+    assert_eq!(out, "begin.safetensors\nlayer_000.safetensors\nlayer_003.safetensors\n");
+    let (_, out, _) = plan(&[&base[..], &["--parts-for-rank", "2"]].concat());
+    assert_eq!(out, "layer_002.safetensors\nlayer_005.safetensors\nend.safetensors\n");
+    let trace = dir.path().join("t.json");
+    let t = trace.to_str().unwrap();
+    let (ok, out, err) = plan(&[&base[..], &["--tflops", "1", "--docs", "50", "--doc-tokens", "20", "--json", "--trace", t]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["schedule"]["groups"].as_array().unwrap().len(), 6);
+    assert!(v["report"]["docs_per_hour"].as_f64().unwrap() > 0.0);
+    let tr: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert!(tr["traceEvents"].as_array().unwrap().iter().any(|e| e["ph"] == "X" && e["cat"] == "compute"));
+}
