@@ -57,9 +57,8 @@ pub struct Cluster {
     /// Point-to-point traffic of the pipeline.
     pub(crate) data: Comm,
     watchdog: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
-    // Field order is drop order: the communicators are freed before MPI is finalized.
-    _data_comm: SimpleCommunicator,
-    _beat_comm: Option<SimpleCommunicator>,
+    /// The communicators behind `data` and the watchdog's; freed before MPI is finalized.
+    comms: Vec<SimpleCommunicator>,
     universe: Option<Universe>,
 }
 
@@ -101,7 +100,7 @@ impl Cluster {
         let data = Comm::new(&data_comm, rank);
         data.errors_return()?;
         let live = Liveness::default();
-        let mut cluster = Cluster { rank, size, local_rank, live, data, watchdog: None, _data_comm: data_comm, _beat_comm: None, universe: Some(universe) };
+        let mut cluster = Cluster { rank, size, local_rank, live, data, watchdog: None, comms: vec![data_comm], universe: Some(universe) };
         if size > 1 {
             let beat_comm = world.duplicate();
             let beat = Comm::new(&beat_comm, rank);
@@ -113,7 +112,7 @@ impl Cluster {
                 .spawn(move || watchdog(beat, size, peer_timeout(), s, l))
                 .map_err(|e| PipelineError::Mpi(format!("cannot start the watchdog thread: {e}")))?;
             cluster.watchdog = Some((stop, handle));
-            cluster._beat_comm = Some(beat_comm);
+            cluster.comms.push(beat_comm);
         }
         Ok(cluster)
     }
@@ -192,9 +191,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_watchdog();
-        // The universe (MPI_Finalize) goes last, after the communicators it owns.
-        let u = self.universe.take();
-        drop(u);
+        // MPI_Comm_free is illegal after MPI_Finalize: communicators first, then the universe.
+        self.comms.clear();
+        drop(self.universe.take());
     }
 }
 

@@ -14,12 +14,5 @@ pub fn llama_config() -> ModelConfig {
 
 /// A word-level tokenizer over "t0" .. "t{n-1}" (ids = indices), split on whitespace.
 pub fn word_tokenizer(n: usize) -> falcon_batch::tokenizer::Tokenizer {
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..n).map(|i| (format!("t{i}"), serde_json::json!(i))).collect();
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
-    });
-    falcon_batch::tokenizer::Tokenizer::from_bytes(json.to_string().as_bytes(), "test tokenizer").unwrap()
+    falcon_batch::testing::word_tokenizer(n).unwrap()
 }
