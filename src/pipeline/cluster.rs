@@ -68,12 +68,19 @@ fn peer_timeout() -> Duration {
     Duration::from_secs_f64(s.unwrap_or(10.0))
 }
 
-/// Runs `f` on a fresh thread after `after`, unless the process has ended by then: the
+/// One line to stderr in a single write, so lines of ranks sharing mpirun's output do not
+/// interleave mid-line.
+pub(crate) fn say(msg: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{msg}\n").as_bytes());
+}
+
+/// Prints `msg` and ends the process with `code` after `after`, unless it has ended by then: the
 /// backstop for MPI calls that might never return (abort, finalize) with a peer gone.
 fn exit_after(after: Duration, code: i32, msg: String) {
     std::thread::spawn(move || {
         std::thread::sleep(after);
-        eprintln!("{msg}");
+        say(&msg);
         // SAFETY: _exit ends the process at once; nothing of ours needs unwinding.
         unsafe { libc::_exit(code) };
     });
@@ -166,7 +173,7 @@ impl Cluster {
 
     /// Print `msg` and end every rank with a non-zero code; returns only never.
     pub fn abort(&self, msg: &str) -> ! {
-        eprintln!("rank {}: {msg}", self.rank);
+        say(&format!("rank {}: {msg}", self.rank));
         // MPI_Abort asks the launcher to end the job; should that stall, leave anyway.
         exit_after(Duration::from_secs(5), EXIT_LOST, format!("rank {}: MPI_Abort did not return; exiting", self.rank));
         self.data.abort(EXIT_LOST)
@@ -229,7 +236,7 @@ fn watchdog(beat: Comm, size: usize, timeout: Duration, stop: Arc<AtomicBool>, l
             let silent = now.duration_since(*seen);
             if silent > timeout {
                 live.mark_lost(peer);
-                eprintln!("rank {}: lost contact with rank {peer} (no heartbeat for {:.1} s); aborting", beat.rank, silent.as_secs_f64());
+                say(&format!("rank {}: lost contact with rank {peer} (no heartbeat for {:.1} s); aborting", beat.rank, silent.as_secs_f64()));
                 // Give the main thread a moment to fail its own wait with the same name, then
                 // end the job ourselves in case it is busy outside MPI.
                 std::thread::sleep(Duration::from_secs(1));
