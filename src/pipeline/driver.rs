@@ -2,7 +2,7 @@
 //! micro-batch layouts, a generation step, a cache reset, stop), then every rank runs its
 //! share of it (worker.rs).
 
-use super::transport::Pending;
+use super::transport::SendQueue;
 use super::worker::{Head, Item, Worker};
 use super::PipelineError;
 use crate::backend::Backend;
@@ -22,19 +22,35 @@ enum Command {
 }
 
 impl<B: Backend + 'static> Worker<B> {
-    /// Rank 0: send `cmd` to every other rank and wait until each has it.
-    fn broadcast(&self, cmd: &Command) -> Result<(), PipelineError> {
+    /// Rank 0: start sending `cmd` to every other rank. The returned sends must be waited
+    /// for; a wave's command is waited for after rank 0's own share of the wave, so rank 0
+    /// computes while the layouts travel.
+    fn post(&self, cmd: &Command) -> Result<SendQueue<u8>, PipelineError> {
         if self.rank != 0 {
             return Err(PipelineError::NotDriver(self.rank));
         }
-        let (comm, live) = self.comm();
+        let (comm, _) = self.comm();
         let bytes = serde_json::to_vec(cmd).map_err(|e| PipelineError::Mpi(format!("encoding a command: {e}")))?;
         let n = self.schedule().n_ranks();
-        let sends: Vec<Pending<u8>> = (1..n).map(|peer| comm.isend(bytes.clone(), peer, TAG_COMMAND)).collect::<Result<_, _>>()?;
-        for s in sends {
-            s.wait(live)?;
+        let mut sends = SendQueue::default();
+        for peer in 1..n {
+            sends.push(comm.isend(bytes.clone(), peer, TAG_COMMAND)?);
         }
-        Ok(())
+        Ok(sends)
+    }
+
+    /// Rank 0: send `cmd` to every other rank and wait until each has it.
+    fn broadcast(&self, cmd: &Command) -> Result<(), PipelineError> {
+        let mut sends = self.post(cmd)?;
+        sends.wait_all(self.comm().1)
+    }
+
+    /// Rank 0: a command and its own share of the work it describes.
+    fn post_and_run<T>(&mut self, cmd: &Command, work: impl FnOnce(&mut Self) -> Result<T, PipelineError>) -> Result<T, PipelineError> {
+        let mut sends = self.post(cmd)?;
+        let out = work(self)?;
+        sends.wait_all(self.comm().1)?;
+        Ok(out)
     }
 
     /// Rank 0: tell every rank the job is over (their `serve` returns Ok).
@@ -101,8 +117,7 @@ impl<'w, B: Backend + 'static> PipelineScorer<'w, B> {
 
 impl<B: Backend + 'static> BatchScorer for PipelineScorer<'_, B> {
     fn score_wave(&mut self, wave: &[MicroBatch]) -> Result<Vec<Vec<f64>>, JobError> {
-        self.worker.broadcast(&Command::Score(wave.to_vec()))?;
-        Ok(self.worker.score(wave)?)
+        Ok(self.worker.post_and_run(&Command::Score(wave.to_vec()), |w| w.score(wave))?)
     }
 }
 
@@ -130,8 +145,7 @@ impl<B: Backend + 'static> Decoder for PipelineDecoder<'_, B> {
         if let Some(e) = self.failed_reset.take() {
             return Err(GenerateError::Transport(e));
         }
-        self.worker.broadcast(&Command::Step(batch.clone()))?;
-        let flat = self.worker.step(batch)?; // (R, V)
+        let flat = self.worker.post_and_run(&Command::Step(batch.clone()), |w| w.step(batch))?; // (R, V)
         // Logits were widened from f32 for the trip; narrowing gives back the same values.
         Ok(flat.chunks(self.vocab.max(1)).map(|r| r.iter().map(|&v| v as f32).collect()).collect())
     }

@@ -142,3 +142,33 @@ impl<B: Backend> Drop for WeightWindow<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::testing::{llama_config, random_group};
+
+    #[test]
+    fn window_keeps_at_most_resident_groups_and_prefetches_the_next() {
+        let cfg = match llama_config(3) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        for resident in [1, 2, 3] {
+            let host: Vec<HostGroup> = (0..3).map(|l| random_group(&cfg, l..l + 1, 1)).collect();
+            let mut w = WeightWindow::new(Arc::new(CpuBackend::new()), host, resident).expect("window");
+            for idx in [0, 1, 2, 0, 1, 2] {
+                let (stage, _) = w.acquire(idx).expect("acquire");
+                assert_eq!(stage.layers, idx..idx + 1);
+                assert!(w.uploaded() + w.loading.len() <= resident, "resident {resident}: {} uploaded", w.uploaded());
+            }
+            // Two waves over three groups: every acquire loads unless all three stay resident;
+            // with two slots the next wave's first group is already on its way.
+            let loads = w.copies.len() + w.loading.len();
+            let expected = if resident >= 3 { 3 } else { 6 + usize::from(resident == 2) };
+            assert_eq!(loads, expected, "resident {resident}");
+        }
+    }
+
+}

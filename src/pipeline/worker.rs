@@ -118,8 +118,8 @@ impl<B: Backend + 'static> Worker<B> {
     /// output for each item, in order; elsewhere it is empty.
     pub(crate) fn run(&mut self, items: &[Item], with_cache: bool) -> Result<Vec<Vec<f64>>, PipelineError> {
         let (rank, vocab, c) = (self.rank, self.cfg.vocab_size, self.cfg.hidden_size);
-        let n_groups = self.schedule.groups.len();
-        let last_owner = self.schedule.owner(n_groups - 1);
+        let last_group = self.schedule.groups.len().checked_sub(1).ok_or_else(|| PipelineError::Mpi("the schedule has no groups".into()))?;
+        let last_owner = self.schedule.owner(last_group);
         // Rank 0 posts the receives of the results now, so they land while it computes.
         let mut result_recvs: Vec<Pending<f64>> = vec![];
         if rank == 0 && last_owner != 0 {
@@ -157,9 +157,10 @@ impl<B: Backend + 'static> Worker<B> {
                 let x = match next_recv.take() {
                     Some(recv) => {
                         next_recv = post(&self.comm, m + 1)?;
-                        let wait_start = Instant::now();
+                        let (posted, wait_start) = (recv.posted, Instant::now());
                         let data = recv.wait(&self.live)?; // (T, C)
                         let end = Instant::now();
+                        self.trace.span(Track::Recv, &format!("g{g} mb{m}"), since(self.t0, posted), since(self.t0, end), &[]);
                         self.trace.span(Track::Wait, &format!("input g{g} mb{m}"), since(self.t0, wait_start), since(self.t0, end), &[]);
                         self.backend.upload(&data, t, c).map_err(ModelError::from)?
                     }

@@ -1,5 +1,5 @@
 //! Shared test helpers: small random models built in memory.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use falcon_batch::config::ModelConfig;
 pub use falcon_batch::testing::{rand_values, random_group, random_part};
