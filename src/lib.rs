@@ -10,13 +10,16 @@ pub mod generate;
 pub mod job;
 pub mod layout;
 pub mod model;
-pub mod sample;
+#[cfg(feature = "mpi")]
+pub mod pipeline;
 pub mod plan_cmd;
+pub mod sample;
 pub mod schedule;
 pub mod results;
 pub mod score;
 pub mod stage;
 pub mod tensor;
+pub mod testing;
 pub mod tokenizer;
 pub mod trace;
 pub mod units;

@@ -1,0 +1,274 @@
+//! Self-check of the MPI pipeline on a small random model that every rank builds from the
+//! same seed: waves of micro-batches through PipelineScorer must give LocalScorer's log-probs,
+//! and greedy generation through PipelineDecoder LocalDecoder's tokens.
+//!
+//!     mpirun --oversubscribe -np 3 target/debug/examples/pipeline_check --layers 6 --group-layers 1
+//!
+//! With --parts DIR each rank reads its weights from DIR/rank<R>/<part>.safetensors, written
+//! beforehand by `pipeline_check --write-parts DIR --ranks N` (each rank's folder holds only
+//! that rank's parts). --kill-rank R makes rank R SIGKILL itself after --kill-after-ms while
+//! rank 0 keeps scoring: the other ranks must then exit non-zero naming rank R.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use falcon_batch::backend::cpu::CpuBackend;
+use falcon_batch::config::ModelConfig;
+use falcon_batch::generate::{generate, GenOptions, GenRequest, LocalDecoder};
+use falcon_batch::job::{BatchScorer, LocalScorer};
+use falcon_batch::layout::{MicroBatch, TokenizedDoc};
+use falcon_batch::model::Part;
+use falcon_batch::pipeline::{read_rank_groups, serve, Cluster, Identity, PipelineDecoder, PipelineScorer, Worker};
+use falcon_batch::sample::SamplingOptions;
+use falcon_batch::schedule::{ModelShape, RankCaps, Schedule, ScheduleOptions};
+use falcon_batch::stage::Stage;
+use falcon_batch::tensor::{DType, HostTensor};
+use falcon_batch::testing::{falcon_config, llama_config, rand_values, random_group, random_model_part, word_tokenizer};
+use falcon_batch::trace::Trace;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SEED: u64 = 11;
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, default_value = "llama")]
+    family: String,
+    #[arg(long, default_value_t = 6)]
+    layers: usize,
+    #[arg(long, default_value_t = 1)]
+    group_layers: usize,
+    #[arg(long, default_value_t = 1)]
+    resident: usize,
+    #[arg(long, default_value_t = 2)]
+    waves: usize,
+    /// Micro-batches per wave.
+    #[arg(long, default_value_t = 3)]
+    wave: usize,
+    #[arg(long)]
+    generate: bool,
+    #[arg(long)]
+    parts: Option<PathBuf>,
+    #[arg(long)]
+    write_parts: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
+    #[arg(long)]
+    kill_rank: Option<usize>,
+    #[arg(long, default_value_t = 1500)]
+    kill_after_ms: u64,
+    /// Pretend this rank loaded a different model (tests the identity check).
+    #[arg(long)]
+    odd_model_on_rank: Option<usize>,
+    #[arg(long)]
+    trace: Option<PathBuf>,
+}
+
+fn config(a: &Args) -> Result<ModelConfig> {
+    Ok(match a.family.as_str() {
+        "llama" => llama_config(a.layers)?,
+        "falcon" => falcon_config(a.layers, true, true, false)?,
+        other => bail!("unknown family {other}"),
+    })
+}
+
+fn options(a: &Args) -> ScheduleOptions {
+    ScheduleOptions { group_layers: Some(a.group_layers), resident: a.resident, wave: Some(a.wave), batch_tokens: 64, ..Default::default() }
+}
+
+/// A CPU rank with room to spare: the check is about data flow, not memory.
+fn cpu_caps() -> RankCaps {
+    RankCaps { device_bytes: 64 << 30, host_bytes: None, speed: 1.0, device: "cpu".into() }
+}
+
+fn plan(cfg: &ModelConfig, a: &Args, ranks: &[RankCaps]) -> Result<Schedule> {
+    Ok(Schedule::plan(&ModelShape::from_config(cfg, 4), ranks, &options(a))?)
+}
+
+fn part_path(dir: &Path, rank: usize, part: Part) -> PathBuf {
+    dir.join(format!("rank{rank}")).join(part.file_name())
+}
+
+fn write_parts(cfg: &ModelConfig, a: &Args, dir: &Path) -> Result<()> {
+    let sched = plan(cfg, a, &vec![cpu_caps(); a.ranks])?;
+    for rank in 0..a.ranks {
+        for &g in &sched.rank_groups[rank] {
+            for part in sched.groups[g].parts() {
+                let path = part_path(dir, rank, part);
+                std::fs::create_dir_all(path.parent().context("part path has a folder")?)?;
+                let tensors = random_model_part(cfg, part, SEED);
+                let views = tensors
+                    .iter()
+                    .map(|(n, t)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), &t.data)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                safetensors::tensor::serialize_to_file(views, None, &path)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_part(path: &Path) -> Result<Vec<(String, HostTensor)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(st.tensors().into_iter().map(|(n, v)| (n, HostTensor { dtype: DType::F32, shape: v.shape().to_vec(), data: v.data().to_vec() })).collect())
+}
+
+/// Deterministic documents: prompts of 3..10 tokens, 2..3 choices of 1..4 tokens.
+fn waves(cfg: &ModelConfig, a: &Args) -> Vec<Vec<MicroBatch>> {
+    let r = rand_values(10_000, 5, 1.0);
+    let mut k = 0;
+    let mut next = |n: usize| {
+        k += 1;
+        ((r[k % r.len()] + 1.0) * 0.5 * n as f32) as usize % n
+    };
+    let mut out = vec![];
+    for _ in 0..a.waves {
+        let mut wave = vec![];
+        for _ in 0..a.wave {
+            let docs: Vec<TokenizedDoc> = (0..2)
+                .map(|i| TokenizedDoc {
+                    index: i,
+                    id: format!("d{i}"),
+                    prompt: (0..3 + next(8)).map(|_| next(cfg.vocab_size) as u32).collect(),
+                    choices: (0..2 + next(2)).map(|_| (0..1 + next(4)).map(|_| next(cfg.vocab_size) as u32).collect()).collect(),
+                })
+                .collect();
+            wave.push(MicroBatch::build(&docs));
+        }
+        out.push(wave);
+    }
+    out
+}
+
+fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
+    if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.len() != y.len()) {
+        bail!("result shapes differ");
+    }
+    Ok(a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max))
+}
+
+/// Rank 0: score (and generate) through the pipeline and compare with one process.
+fn drive(worker: &mut Worker<CpuBackend>, cfg: &ModelConfig, a: &Args) -> Result<()> {
+    let b = CpuBackend::new();
+    let whole = [Stage::upload(&b, &random_group(cfg, 0..cfg.n_layers, SEED))?];
+    let mut local = LocalScorer { backend: &b, cfg, stages: &whole };
+    let waves = waves(cfg, a);
+    let start = Instant::now();
+    let mut scorer = PipelineScorer::new(worker)?;
+    let mut worst = 0.0f64;
+    for (i, wave) in waves.iter().enumerate().cycle() {
+        let got = scorer.score_wave(wave)?;
+        let want = local.score_wave(wave)?;
+        worst = worst.max(max_diff(&got, &want)?);
+        if worst > 1e-6 {
+            bail!("wave {i}: pipeline log-probs differ from the local scorer by {worst:e}");
+        }
+        // A kill test keeps the ring busy until the killed rank is noticed.
+        let more = a.kill_rank.is_some() && start.elapsed() < Duration::from_secs(60);
+        if i + 1 == waves.len() && !more {
+            break;
+        }
+    }
+    println!("pipeline_check: {} waves of {} scored within {worst:e} of the local scorer", waves.len(), a.wave);
+    if a.generate {
+        let tok = word_tokenizer(cfg.vocab_size)?;
+        let reqs: Vec<GenRequest> = [vec![1u32, 5, 9], vec![3, 3, 7, 2, 8], vec![4]]
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| GenRequest { id: format!("p{i}"), prompt: String::new(), prompt_ids: ids.clone() })
+            .collect();
+        let opts = GenOptions { max_new_tokens: 6, sampling: SamplingOptions::default(), stop: vec![], eos: vec![], max_position: cfg.max_position };
+        let mut dec = PipelineDecoder::new(worker)?;
+        let got = generate(&mut dec, &tok, &reqs, &opts, |_, _| {})?;
+        let want = generate(&mut LocalDecoder::new(&b, cfg, &whole), &tok, &reqs, &opts, |_, _| {})?;
+        for (g, w) in got.iter().zip(&want) {
+            if g.tokens != w.tokens {
+                bail!("prompt {}: pipeline generated {:?}, local {:?}", g.id, g.tokens, w.tokens);
+            }
+        }
+        println!("pipeline_check: greedy generation equals the local decoder ({} prompts)", reqs.len());
+    }
+    worker.stop()?;
+    Ok(())
+}
+
+fn run(cluster: &Cluster, cfg: &ModelConfig, a: &Args) -> Result<Trace> {
+    let model_id = match a.odd_model_on_rank {
+        Some(r) if r == cluster.rank => "some-other-model".to_string(),
+        _ => format!("random-{}-{}-seed{SEED}", a.family, a.layers),
+    };
+    let identity = Identity { model_id, options_hash: format!("{:?}", options(a)) };
+    let ranks = cluster.exchange(&identity, &cpu_caps())?;
+    let sched = plan(cfg, a, &ranks)?;
+    if cluster.rank == 0 {
+        (0..cluster.size).for_each(|r| eprintln!("{}", sched.describe_rank(r)));
+    }
+    let host = match &a.parts {
+        Some(dir) => read_rank_groups(&sched, cluster.rank, |p| read_part(&part_path(dir, cluster.rank, p)))?,
+        None => read_rank_groups(&sched, cluster.rank, |p| Ok::<_, anyhow::Error>(random_model_part(cfg, p, SEED)))?,
+    };
+    let trace = if a.trace.is_some() { Trace::for_rank(cluster.rank) } else { Trace::disabled() };
+    let mut worker = Worker::new(cluster, Arc::new(CpuBackend::new()), cfg.clone(), sched, host, trace)?;
+    if a.kill_rank == Some(cluster.rank) {
+        let after = Duration::from_millis(a.kill_after_ms);
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            // SAFETY: signalling our own process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        });
+    }
+    if cluster.rank == 0 {
+        drive(&mut worker, cfg, a)?;
+    } else {
+        serve(&mut worker)?;
+    }
+    if worker.uploaded_groups() > a.resident {
+        bail!("rank {}: {} groups uploaded, more than --resident {}", cluster.rank, worker.uploaded_groups(), a.resident);
+    }
+    Ok(std::mem::take(&mut worker.trace))
+}
+
+fn main() -> std::process::ExitCode {
+    let a = Args::parse();
+    let cfg = match config(&a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Some(dir) = &a.write_parts {
+        return match write_parts(&cfg, &a, dir) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
+    let cluster = match Cluster::init() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match run(&cluster, &cfg, &a) {
+        Ok(trace) => {
+            if let Some(path) = &a.trace {
+                let path = path.with_extension(format!("rank{}.json", cluster.rank));
+                if let Err(e) = trace.write(&path) {
+                    eprintln!("rank {}: writing {}: {e}", cluster.rank, path.display());
+                }
+            }
+            cluster.finish();
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) if cluster.size > 1 => cluster.abort(&format!("{e:#}")),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! One rank's part of a wave: every micro-batch through each of its groups in turn (FlexGen's
+//! zig-zag: the whole wave through one group before the next group's weights are needed), with
+//! hidden states arriving from the previous group's owner and leaving for the next one's.
+//!
+//! Overlap: the receive of micro-batch m+1 is posted before m computes, sends are not waited
+//! for until the wave ends, and the next group's weights upload on the loader thread.
+//!
+//! Shapes: T rows of a micro-batch, C hidden, S scored rows, R logit rows, V vocabulary.
+
+use super::cluster::Cluster;
+use super::transport::{Comm, Liveness, Pending, SendQueue};
+use super::weights::WeightWindow;
+use super::PipelineError;
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::layout::{AttnSpan, ScoredRow};
+use crate::model::{LayerCache, ModelError, RowCtx};
+use crate::schedule::Schedule;
+use crate::stage::{HostGroup, Stage};
+use crate::trace::{Trace, Track};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Tag of the last group's outputs on their way to rank 0.
+const TAG_RESULT: i32 = 11;
+/// Hidden states entering group g travel under TAG_HIDDEN + g, so a message can never be
+/// taken for another group's input.
+const TAG_HIDDEN: i32 = 1000;
+
+/// What the last group computes for an item.
+#[derive(Clone, Copy)]
+pub(crate) enum Head<'a> {
+    /// log p(target) at the scored rows (S,).
+    Score(&'a [ScoredRow]),
+    /// Logits (R, V) at these rows, flattened.
+    Logits(&'a [u32]),
+}
+
+/// One micro-batch (or generation step) as the layers see it.
+pub(crate) struct Item<'a> {
+    /// (T,)
+    pub tokens: &'a [u32],
+    /// (T,)
+    pub positions: &'a [u32],
+    /// (T,)
+    pub spans: &'a [AttnSpan],
+    pub cache_order: Option<&'a [u32]>,
+    pub head: Head<'a>,
+}
+
+impl Item<'_> {
+    fn ctx(&self) -> RowCtx<'_> {
+        RowCtx { positions: self.positions, spans: self.spans, cache_order: self.cache_order }
+    }
+
+    /// Values the last group returns for this item.
+    fn out_len(&self, vocab: usize) -> usize {
+        match self.head {
+            Head::Score(s) => s.len(),
+            Head::Logits(rows) => rows.len() * vocab,
+        }
+    }
+}
+
+/// A rank's state across waves: its weights, its generation caches and its timeline.
+pub struct Worker<B: Backend> {
+    pub rank: usize,
+    backend: Arc<B>,
+    cfg: ModelConfig,
+    schedule: Schedule,
+    comm: Comm,
+    live: Liveness,
+    window: WeightWindow<B>,
+    /// Generation: per group this rank owns, one cache per layer of the group. The caches
+    /// stay on this rank with their group even when its weights are swapped out.
+    caches: HashMap<usize, Vec<LayerCache<B>>>,
+    pub trace: Trace,
+    t0: Instant,
+}
+
+impl<B: Backend + 'static> Worker<B> {
+    /// `host` holds this rank's groups in execution order (see weights::read_rank_groups).
+    /// The worker uses the cluster's communicator: keep the Cluster alive while it runs.
+    pub fn new(cluster: &Cluster, backend: Arc<B>, cfg: ModelConfig, schedule: Schedule, host: Vec<HostGroup>, trace: Trace) -> Result<Worker<B>, PipelineError> {
+        let rank = cluster.rank;
+        if schedule.n_ranks() != cluster.size {
+            return Err(PipelineError::Mpi(format!("the schedule plans {} ranks but the job has {}", schedule.n_ranks(), cluster.size)));
+        }
+        let expected: Vec<_> = schedule.rank_groups[rank].iter().map(|&g| schedule.groups[g].layers.clone()).collect();
+        let got: Vec<_> = host.iter().map(|h| h.layers.clone()).collect();
+        if expected != got {
+            return Err(PipelineError::Mpi(format!("rank {rank} was given layer groups {got:?}, the schedule gives it {expected:?}")));
+        }
+        let window = WeightWindow::new(backend.clone(), host, schedule.resident)?;
+        Ok(Worker { rank, backend, cfg, schedule, comm: cluster.data, live: cluster.live.clone(), window, caches: HashMap::new(), trace, t0: Instant::now() })
+    }
+
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    pub(crate) fn comm(&self) -> (&Comm, &Liveness) {
+        (&self.comm, &self.live)
+    }
+
+    /// Forget every generation cache.
+    pub fn reset_caches(&mut self) {
+        self.caches.clear();
+    }
+
+    /// Groups uploaded to the backend right now.
+    pub fn uploaded_groups(&self) -> usize {
+        self.window.uploaded()
+    }
+
+    /// Run `items` through this rank's groups. On rank 0 the result is the last group's
+    /// output for each item, in order; elsewhere it is empty.
+    pub(crate) fn run(&mut self, items: &[Item], with_cache: bool) -> Result<Vec<Vec<f64>>, PipelineError> {
+        let (rank, vocab, c) = (self.rank, self.cfg.vocab_size, self.cfg.hidden_size);
+        let last_group = self.schedule.groups.len().checked_sub(1).ok_or_else(|| PipelineError::Mpi("the schedule has no groups".into()))?;
+        let last_owner = self.schedule.owner(last_group);
+        // Rank 0 posts the receives of the results now, so they land while it computes.
+        let mut result_recvs: Vec<Pending<f64>> = vec![];
+        if rank == 0 && last_owner != 0 {
+            for item in items {
+                result_recvs.push(self.comm.irecv::<f64>(item.out_len(vocab), last_owner, TAG_RESULT)?);
+            }
+        }
+        let mut local_results: Vec<Vec<f64>> = vec![];
+        let mut sends: SendQueue<f32> = SendQueue::default();
+        let mut result_sends: SendQueue<f64> = SendQueue::default();
+        let mine = self.schedule.rank_groups[rank].clone();
+        for (idx, &g) in mine.iter().enumerate() {
+            let group = self.schedule.groups[g].clone();
+            let prev_owner = (!group.has_begin).then(|| self.schedule.owner(g - 1));
+            let next_owner = (!group.has_end).then(|| self.schedule.owner(g + 1));
+            let post = |comm: &Comm, m: usize| -> Result<Option<Pending<f32>>, PipelineError> {
+                match (prev_owner, items.get(m)) {
+                    (Some(p), Some(item)) => Ok(Some(comm.irecv::<f32>(item.tokens.len() * c, p, TAG_HIDDEN + g as i32)?)),
+                    _ => Ok(None),
+                }
+            };
+            let mut next_recv = post(&self.comm, 0)?;
+            let acquired_at = Instant::now();
+            let (stage, waited) = self.window.acquire(idx)?;
+            if waited.as_secs_f64() > 0.0 {
+                self.trace.span(Track::Wait, &format!("weights g{g}"), since(self.t0, acquired_at), since(self.t0, acquired_at) + waited.as_secs_f64(), &[]);
+            }
+            let mut caches = if with_cache {
+                Some(self.caches.remove(&g).unwrap_or_else(|| group.layers.clone().map(|_| LayerCache::default()).collect::<Vec<_>>()))
+            } else {
+                None
+            };
+            for (m, item) in items.iter().enumerate() {
+                let t = item.tokens.len();
+                let x = match next_recv.take() {
+                    Some(recv) => {
+                        next_recv = post(&self.comm, m + 1)?;
+                        let (posted, wait_start) = (recv.posted, Instant::now());
+                        let data = recv.wait(&self.live)?; // (T, C)
+                        let end = Instant::now();
+                        self.trace.span(Track::Recv, &format!("g{g} mb{m}"), since(self.t0, posted), since(self.t0, end), &[]);
+                        self.trace.span(Track::Wait, &format!("input g{g} mb{m}"), since(self.t0, wait_start), since(self.t0, end), &[]);
+                        self.backend.upload(&data, t, c).map_err(ModelError::from)?
+                    }
+                    None => stage.embed(&*self.backend, item.tokens)?,
+                };
+                let start = Instant::now();
+                let x = stage.run_layers(&*self.backend, &self.cfg, x, &item.ctx(), caches.as_deref_mut())?;
+                match next_owner {
+                    Some(next) => {
+                        let data = self.backend.download(&x).map_err(ModelError::from)?; // (T, C)
+                        sends.push(self.comm.isend(data, next, TAG_HIDDEN + g as i32 + 1)?);
+                    }
+                    None => {
+                        let out = head(&*self.backend, &self.cfg, stage, &x, item.head)?;
+                        if rank == 0 {
+                            local_results.push(out);
+                        } else {
+                            result_sends.push(self.comm.isend(out, 0, TAG_RESULT)?);
+                        }
+                    }
+                }
+                self.trace.span(Track::Compute, &format!("g{g} mb{m}"), since(self.t0, start), since(self.t0, Instant::now()), &[("tokens", t as f64)]);
+                sends.poll()?;
+            }
+            if let Some(c) = caches {
+                self.caches.insert(g, c);
+            }
+        }
+        sends.wait_all(&self.live)?;
+        result_sends.wait_all(&self.live)?;
+        self.record_copies_and_sends(&sends, &result_sends);
+        if rank != 0 {
+            return Ok(vec![]);
+        }
+        if last_owner == 0 {
+            return Ok(local_results);
+        }
+        let mut out = vec![];
+        for r in result_recvs {
+            let posted = r.posted;
+            out.push(r.wait(&self.live)?);
+            self.trace.span(Track::Recv, "results", since(self.t0, posted), since(self.t0, Instant::now()), &[]);
+        }
+        Ok(out)
+    }
+
+    fn record_copies_and_sends(&mut self, sends: &SendQueue<f32>, result_sends: &SendQueue<f64>) {
+        if !self.trace.is_enabled() {
+            self.window.copies.clear();
+            return;
+        }
+        let mine = self.schedule.rank_groups[self.rank].clone();
+        for (idx, start, end) in std::mem::take(&mut self.window.copies) {
+            let g = mine.get(idx).copied().unwrap_or(idx);
+            let (s, e) = (since(self.t0, start), since(self.t0, end));
+            self.trace.span(Track::Copy, &format!("load g{g}"), s, e, &[]);
+        }
+        for (posted, done, peer) in sends.finished.iter().chain(result_sends.finished.iter()) {
+            let (s, e) = (since(self.t0, *posted), since(self.t0, *done));
+            self.trace.span(Track::Send, &format!("to rank {peer}"), s, e, &[]);
+        }
+    }
+}
+
+/// Seconds from `t0` to `t`: trace times.
+fn since(t0: Instant, t: Instant) -> f64 {
+    t.duration_since(t0).as_secs_f64()
+}
+
+/// The last group's output for one item, as f64 (log-probs, or logits widened exactly).
+fn head<B: Backend>(b: &B, cfg: &ModelConfig, stage: &Stage<B>, x: &B::Act, head: Head) -> Result<Vec<f64>, ModelError> {
+    match head {
+        Head::Score(scored) => stage.scored_logprobs(b, cfg, x, scored),
+        Head::Logits(rows) => {
+            let logits = stage.logits(b, cfg, x, rows)?; // (R, V)
+            Ok(b.download(&logits)?.into_iter().map(f64::from).collect())
+        }
+    }
+}
