@@ -9,7 +9,7 @@ use super::hf::{model_error, HfCheckpoint};
 use super::manifest::{check_sizes, compute_model_id, Manifest, PartEntry, FORMAT_VERSION};
 use super::{gguf, st, Checkpoint, FormatError, Result};
 use crate::model::{self, Part};
-use crate::tensor::DType;
+use crate::tensor::{DType, HostTensor};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -116,7 +116,7 @@ fn write_all(ckpt: &dyn Checkpoint, dir: &Path, dtype: DType, on_part: &mut dyn 
 fn write_part(ckpt: &dyn Checkpoint, dir: &Path, part: Part, dtype: DType, origin: &Path) -> Result<(PartEntry, usize)> {
     let tensors = model::convert_part(ckpt.config(), part, ckpt).map_err(|e| model_error(origin, e))?;
     // Consuming the list frees each source tensor as soon as its cast copy exists.
-    let tensors: Vec<_> = tensors.into_iter().map(|(n, t)| if t.dtype == dtype { (n, t) } else { (n, t.to_dtype(dtype)) }).collect();
+    let tensors: Vec<_> = tensors.into_iter().map(|(n, t)| (n, cast(t, dtype))).collect();
     let count = tensors.len();
     let path = dir.join(part.file_name());
     st::write(&path, &tensors)?;
@@ -125,4 +125,21 @@ fn write_part(ckpt: &dyn Checkpoint, dir: &Path, part: Part, dtype: DType, origi
     std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| FormatError::io(&path, e))?;
     let (bytes, sha256) = st::sha256_file(&path)?;
     Ok((PartEntry { name: part.name(), file: part.file_name(), bytes, sha256 }, count))
+}
+
+/// Elements cast per step: `HostTensor::to_dtype` widens its whole input to f32 first, which
+/// for a vocabulary-sized tensor would be a second full copy.
+const CAST_CHUNK: usize = 1 << 20;
+
+/// `t` stored as `dtype`, with at most one chunk of scratch beyond the input and output.
+fn cast(t: HostTensor, dtype: DType) -> HostTensor {
+    if t.dtype == dtype {
+        return t;
+    }
+    let mut data = Vec::with_capacity(t.numel() * dtype.size());
+    for chunk in t.data.chunks(CAST_CHUNK * t.dtype.size()) {
+        let piece = HostTensor { dtype: t.dtype, shape: vec![chunk.len() / t.dtype.size()], data: chunk.to_vec() };
+        data.extend_from_slice(&piece.to_dtype(dtype).data);
+    }
+    HostTensor { dtype, shape: t.shape, data }
 }

@@ -50,8 +50,11 @@ fn plain_file_name(index: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// HF tensor name -> shard file name, from model.safetensors.index.json.
+type WeightMap = HashMap<String, String>;
+
 /// The shard files of a checkpoint directory and, for sharded ones, the expected tensor -> shard map.
-fn shard_files(dir: &Path) -> Result<(Vec<String>, Option<HashMap<String, String>>)> {
+fn shard_files(dir: &Path) -> Result<(Vec<String>, Option<WeightMap>)> {
     let index_path = dir.join(INDEX_FILE);
     if index_path.exists() {
         let json = read_json(&index_path)?;

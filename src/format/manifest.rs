@@ -173,3 +173,69 @@ pub(crate) fn is_plain_file_name(name: &str) -> bool {
     let p = Path::new(name);
     !name.is_empty() && p.components().count() == 1 && p.file_name().is_some_and(|f| f == p.as_os_str())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ModelConfig {
+        let json = serde_json::json!({"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2,
+            "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 4});
+        crate::model::config_from_hf(&json, "config.json").unwrap()
+    }
+
+    fn entry(name: &str, sha: char) -> PartEntry {
+        PartEntry { name: name.into(), file: format!("{name}.safetensors"), bytes: 1, sha256: sha.to_string().repeat(64) }
+    }
+
+    #[test]
+    fn model_id_depends_on_config_and_every_hash() {
+        let parts = vec![entry("begin", 'a'), entry("layer_000", 'b'), entry("end", 'c')];
+        let id = compute_model_id(&cfg(), &parts);
+        assert_eq!(id, compute_model_id(&cfg(), &parts.clone()));
+        let mut other = parts.clone();
+        other[1].sha256 = "d".repeat(64);
+        assert_ne!(id, compute_model_id(&cfg(), &other));
+        let mut c = cfg();
+        c.rope_theta = 1.0;
+        assert_ne!(id, compute_model_id(&c, &parts));
+    }
+
+    #[test]
+    fn save_then_parse_round_trips_and_checks_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = vec![entry("begin", 'a'), entry("layer_000", 'b'), entry("end", 'c')];
+        let mut m = Manifest {
+            format_version: FORMAT_VERSION,
+            family: Family::Llama,
+            config: cfg(),
+            dtype: DType::Bf16,
+            model_id: compute_model_id(&cfg(), &parts),
+            parts,
+            tokenizer: "tokenizer.json".into(),
+            source: "test".into(),
+        };
+        m.save(dir.path()).unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), m);
+        m.model_id = "0".repeat(64);
+        m.save(dir.path()).unwrap();
+        let e = Manifest::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("manifest.json") && e.contains("model_id"), "{e}");
+    }
+
+    #[test]
+    fn file_names_stay_inside_the_directory() {
+        assert!(is_plain_file_name("layer_000.safetensors"));
+        for bad in ["", "..", ".", "../x", "a/b", "/etc/passwd"] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn overflowing_dimensions_are_refused() {
+        let mut c = cfg();
+        c.vocab_size = usize::MAX / 2;
+        let e = check_sizes(&c, Path::new("m/manifest.json")).unwrap_err().to_string();
+        assert!(e.contains("m/manifest.json"), "{e}");
+    }
+}

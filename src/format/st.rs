@@ -24,6 +24,9 @@ pub(crate) struct TensorEntry {
     pub end: usize,
 }
 
+/// Bytes copied out of the map between two releases of its pages.
+const COPY_CHUNK: usize = 16 << 20;
+
 /// A mapped, header-checked safetensors file. The header is parsed once at open; reads
 /// slice the mapping by the recorded offsets, so no borrow of the map outlives a call.
 pub(crate) struct StFile {
@@ -100,13 +103,20 @@ impl StFile {
             path: path.clone(),
             msg: format!("tensor `{name}` has dtype {:?}; only F32, F16 and BF16 are supported", e.dtype),
         })?;
-        let data = self.mmap[e.start..e.end].to_vec();
-        // Touched pages of the map count toward our resident set until dropped; converting a
-        // whole checkpoint through one map would otherwise grow RSS to the checkpoint size.
-        // The page cache keeps them, so a later read of the same range is still cheap.
-        // SAFETY: nothing borrows this range any more (the data was copied above) and the
-        // map is read-only and file-backed, so dropped pages fault back in from the file.
-        let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+        // Touched pages of the map count toward our resident set until dropped, so copying a
+        // whole tensor at once would hold it twice (mapped + copy) and reading a checkpoint
+        // through one map would grow RSS toward its size. Copy in chunks and drop each
+        // chunk's pages; the page cache keeps them, so re-reading stays cheap.
+        let mut data = Vec::with_capacity(e.end - e.start);
+        let mut at = e.start;
+        while at < e.end {
+            let stop = (at + COPY_CHUNK).min(e.end);
+            data.extend_from_slice(&self.mmap[at..stop]);
+            // SAFETY: nothing borrows this range any more (it was copied just above) and the
+            // map is read-only and file-backed, so dropped pages fault back in from the file.
+            let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, at, stop - at) };
+            at = stop;
+        }
         Ok(HostTensor { dtype, shape: e.shape.clone(), data })
     }
 }
