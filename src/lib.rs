@@ -10,7 +10,6 @@ pub mod generate;
 pub mod job;
 pub mod layout;
 pub mod model;
-#[cfg(feature = "mpi")]
 pub mod pipeline;
 pub mod plan_cmd;
 pub mod sample;

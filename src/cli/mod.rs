@@ -4,3 +4,4 @@ pub mod model;
 pub mod generate;
 pub mod score;
 pub mod bench;
+pub mod ranks;

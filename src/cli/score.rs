@@ -1,13 +1,15 @@
 //! `falcon-batch score` and `falcon-batch show`.
 
 use anyhow::{anyhow, Context, Result};
-use falcon_batch::backend::cpu::CpuBackend;
+use super::ranks::{run_ranks, RankJob, ScheduleArgs};
+use falcon_batch::backend::Backend;
 use falcon_batch::format::model_dir::ModelDir;
+use falcon_batch::job::launch::{launch, DeviceInfo, LaunchOptions, Launched};
 use falcon_batch::job::score::{self, ScoreOptions};
-use falcon_batch::job::LocalScorer;
+use falcon_batch::pipeline::{serve, Cluster, PipelineScorer};
+use falcon_batch::trace::Trace;
 use falcon_batch::results::read_results;
 use falcon_batch::score::Norm;
-use falcon_batch::stage::{HostGroup, Stage};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +49,8 @@ pub struct ScoreArgs {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
 }
 
 pub fn score(a: ScoreArgs) -> Result<ExitCode> {
@@ -55,38 +59,60 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         return Err(anyhow!("--batch-tokens must be at least 1"));
     }
     let opts = ScoreOptions {
-        docs: a.docs,
-        out: a.out,
-        csv: a.csv,
+        docs: a.docs.clone(),
+        out: a.out.clone(),
+        csv: a.csv.clone(),
         norm,
-        template: a.template,
+        template: a.template.clone(),
         batch_tokens: a.batch_tokens,
         wave: a.wave,
         overwrite: a.overwrite,
         quiet: a.quiet,
     };
-    let dir = ModelDir::open(&a.model)?;
-    let cfg = dir.config().clone();
-    let prepared = score::prepare(&dir, &opts)?;
-    let backend = CpuBackend::new();
-    let host = HostGroup::from_dir(&dir, 0..cfg.n_layers)?;
-    let stages = vec![Stage::upload(&backend, &host)?];
-    drop(host);
-    let mut scorer = LocalScorer { backend: &backend, cfg: &cfg, stages: &stages };
-    let s = score::run(&dir, &opts, prepared, &mut scorer)?;
-    if !opts.quiet {
-        eprintln!(
-            "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
-            opts.out.display(),
-            s.docs_in_file,
-            s.failed_in_file,
-            s.added,
-            s.resumed,
-            s.seconds,
-            s.tokens as f64 / s.seconds.max(1e-9)
-        );
+    let launch = LaunchOptions {
+        model: a.model.clone(),
+        schedule: a.schedule.options(Some(a.wave), a.batch_tokens),
+        job_options: format!("score norm={} template={:?} batch_tokens={}", norm.name(), a.template, a.batch_tokens),
+        trace: a.schedule.trace.is_some(),
+    };
+    run_ranks(a.schedule.device, a.schedule.trace.as_deref(), ScoreJob { opts, launch })
+}
+
+struct ScoreJob {
+    opts: ScoreOptions,
+    launch: LaunchOptions,
+}
+
+impl RankJob for ScoreJob {
+    fn run<B: Backend + 'static>(&self, cluster: &Cluster, backend: B, device: DeviceInfo) -> Result<(ExitCode, Trace)> {
+        // The writer checks the corpus, tokenizer and template before any weight is read.
+        let prepared = if cluster.rank == 0 { Some(score::prepare(&ModelDir::open_for(&self.launch.model, &[])?, &self.opts)?) } else { None };
+        let Launched { dir, mut worker } = launch(cluster, backend, device, &self.launch)?;
+        let Some(prepared) = prepared else {
+            serve(&mut worker)?;
+            return Ok((ExitCode::SUCCESS, std::mem::take(&mut worker.trace)));
+        };
+        let summary = {
+            let mut scorer = PipelineScorer::new(&mut worker)?;
+            score::run(&dir, &self.opts, prepared, &mut scorer)
+        };
+        worker.stop()?;
+        let s = summary?;
+        if !self.opts.quiet {
+            eprintln!(
+                "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
+                self.opts.out.display(),
+                s.docs_in_file,
+                s.failed_in_file,
+                s.added,
+                s.resumed,
+                s.seconds,
+                s.tokens as f64 / s.seconds.max(1e-9)
+            );
+        }
+        let code = if s.failed_in_file > 0 { ExitCode::from(EXIT_SOME_FAILED) } else { ExitCode::SUCCESS };
+        Ok((code, std::mem::take(&mut worker.trace)))
     }
-    Ok(if s.failed_in_file > 0 { ExitCode::from(EXIT_SOME_FAILED) } else { ExitCode::SUCCESS })
 }
 
 #[derive(clap::Args)]

@@ -1,6 +1,7 @@
 //! Jobs: the score command (corpus -> micro-batches -> scorer -> results) and what runs a
 //! wave of micro-batches through the model, on this process or over the MPI pipeline.
 
+pub mod launch;
 pub mod progress;
 pub mod score;
 
@@ -17,6 +18,10 @@ pub enum JobError {
     Model(#[from] ModelError),
     #[error("{0}")]
     Transport(String),
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
+    #[error(transparent)]
+    Schedule(#[from] crate::schedule::ScheduleError),
     #[error("{0}")]
     Input(String),
     #[error("{0}")]

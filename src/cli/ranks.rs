@@ -1,0 +1,89 @@
+//! What every multi-rank command shares: MPI start-up, choosing this rank's backend, the
+//! schedule flags, and ending the job so no rank hangs.
+
+use anyhow::Result;
+use falcon_batch::backend::cpu::CpuBackend;
+use falcon_batch::backend::cuda::CudaBackend;
+use falcon_batch::backend::select::{cuda_available, DeviceChoice};
+use falcon_batch::job::launch::{cpu_memory_per_rank, DeviceInfo};
+use falcon_batch::pipeline::Cluster;
+use falcon_batch::schedule::ScheduleOptions;
+use falcon_batch::trace::Trace;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Flags that shape the schedule; every rank must be given the same ones.
+#[derive(clap::Args, Debug)]
+pub struct ScheduleArgs {
+    /// auto (CUDA when a GPU is present, GPU = local rank), cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Most layers per group [default: as many as fit the device].
+    #[arg(long)]
+    pub group_layers: Option<usize>,
+    /// Groups kept on the device per rank; 2 copies the next group in while computing.
+    #[arg(long, default_value_t = 2)]
+    pub resident: usize,
+    /// Relative speed of each rank, comma-separated (heterogeneous ranks).
+    #[arg(long, value_delimiter = ',')]
+    pub rank_speed: Option<Vec<f64>>,
+    /// Chrome trace of each rank's timeline: FILE.rank<R>.json (open in Perfetto).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+}
+
+impl ScheduleArgs {
+    pub fn options(&self, wave: Option<usize>, batch_tokens: usize) -> ScheduleOptions {
+        ScheduleOptions {
+            group_layers: self.group_layers,
+            resident: self.resident,
+            wave,
+            batch_tokens,
+            rank_speed: self.rank_speed.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A job body, run with whichever backend this rank gets.
+pub trait RankJob {
+    fn run<B: falcon_batch::backend::Backend + 'static>(&self, cluster: &Cluster, backend: B, device: DeviceInfo) -> Result<(ExitCode, Trace)>;
+}
+
+fn run_on_device(cluster: &Cluster, choice: DeviceChoice, job: &impl RankJob) -> Result<(ExitCode, Trace)> {
+    let cuda = match choice {
+        DeviceChoice::Cpu => None,
+        DeviceChoice::Cuda(n) => Some(n),
+        DeviceChoice::Auto => cuda_available().ok().map(|count| cluster.local_rank % count),
+    };
+    match cuda {
+        None => {
+            let info = DeviceInfo { name: "cpu".into(), memory_bytes: cpu_memory_per_rank(), weight_bytes: 4 };
+            job.run(cluster, CpuBackend::new(), info)
+        }
+        Some(n) => {
+            let b = CudaBackend::new(n)?;
+            let (free, _total) = b.memory()?;
+            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: free as u64, weight_bytes: 2 };
+            job.run(cluster, b, info)
+        }
+    }
+}
+
+/// Start MPI (a singleton without mpirun), run the job on this rank, and end cleanly: an
+/// error on any rank of a multi-rank job aborts them all, so none waits for it forever.
+pub fn run_ranks(choice: DeviceChoice, trace: Option<&Path>, job: impl RankJob) -> Result<ExitCode> {
+    let cluster = Cluster::init()?;
+    match run_on_device(&cluster, choice, &job) {
+        Ok((code, t)) => {
+            if let Some(path) = trace {
+                let path = path.with_extension(format!("rank{}.json", cluster.rank));
+                t.write(&path)?;
+            }
+            cluster.finish();
+            Ok(code)
+        }
+        Err(e) if cluster.size > 1 => cluster.abort(&format!("{e:#}")),
+        Err(e) => Err(e),
+    }
+}

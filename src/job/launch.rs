@@ -1,0 +1,63 @@
+//! Start-up of every rank of a job: agree on the model and options, plan the schedule, read
+//! only this rank's parts, and build its pipeline worker.
+
+use super::JobError;
+use crate::backend::Backend;
+use crate::format::model_dir::ModelDir;
+use crate::model::Part;
+use crate::pipeline::{read_rank_groups, Cluster, Identity, Worker};
+use crate::schedule::{ModelShape, RankCaps, Schedule, ScheduleOptions};
+use crate::trace::Trace;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct LaunchOptions {
+    pub model: PathBuf,
+    pub schedule: ScheduleOptions,
+    /// Everything else every rank must agree on (norm, template, sampling...), as text.
+    pub job_options: String,
+    pub trace: bool,
+}
+
+/// What a rank offers: its device, memory for weights, bytes per stored weight element.
+pub struct DeviceInfo {
+    pub name: String,
+    pub memory_bytes: u64,
+    pub weight_bytes: usize,
+}
+
+pub struct Launched<B: Backend> {
+    /// The model directory, checked for this rank's parts only.
+    pub dir: ModelDir,
+    pub worker: Worker<B>,
+}
+
+/// Memory a CPU rank may use for weights: what the node has available, shared by its ranks.
+pub fn cpu_memory_per_rank() -> u64 {
+    let available_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .unwrap_or(8 << 20);
+    let local_ranks = std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(1).max(1);
+    available_kb * 1024 / local_ranks
+}
+
+pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: DeviceInfo, opts: &LaunchOptions) -> Result<Launched<B>, JobError> {
+    let manifest_only = ModelDir::open_for(&opts.model, &[])?;
+    let cfg = manifest_only.config().clone();
+    let identity = Identity {
+        model_id: manifest_only.manifest().model_id.clone(),
+        options_hash: format!("{:?} {}", opts.schedule, opts.job_options),
+    };
+    let caps = RankCaps { device_bytes: device.memory_bytes, host_bytes: None, speed: 1.0, device: device.name };
+    let ranks = cluster.exchange(&identity, &caps)?;
+    let shape = ModelShape::from_config(&cfg, device.weight_bytes);
+    let schedule = Schedule::plan(&shape, &ranks, &opts.schedule)?;
+    eprintln!("{}", schedule.describe_rank(cluster.rank));
+    let parts: Vec<Part> = schedule.rank_groups[cluster.rank].iter().flat_map(|&g| schedule.groups[g].parts()).collect();
+    let dir = ModelDir::open_for(&opts.model, &parts)?;
+    let host = read_rank_groups(&schedule, cluster.rank, |p| dir.read_part(p))?;
+    let trace = if opts.trace { Trace::for_rank(cluster.rank) } else { Trace::disabled() };
+    let worker = Worker::new(cluster, Arc::new(backend), cfg, schedule, host, trace)?;
+    Ok(Launched { dir, worker })
+}

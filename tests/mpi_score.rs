@@ -1,0 +1,128 @@
+//! `falcon-batch score` under real mpirun: the same scores for -np 1..4 with several layer
+//! groups per rank, and a job killed mid-run resumes to the uninterrupted file.
+
+use falcon_batch::results::{read_results, DocResult};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("fb-mpi-score-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+/// SmolLM2 (30 layers) converted once, and the first 6 sample documents plus a bad line.
+fn inputs() -> &'static (PathBuf, PathBuf) {
+    static IN: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    IN.get_or_init(|| {
+        let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(gguf.exists(), "{} is missing: run `make fetch-model` first", gguf.display());
+        let model = tmp().join("smollm2");
+        let o = Command::new(env!("CARGO_BIN_EXE_falcon-batch")).args(["convert", "--from"]).arg(&gguf).arg("--to").arg(&model).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let sample = std::fs::read_to_string(root().join("inputs/sample.jsonl")).unwrap();
+        let mut lines: Vec<&str> = sample.lines().take(6).collect();
+        lines.insert(3, "{\"id\": \"broken\", \"choices\": [\"x\"]}");
+        let docs = tmp().join("docs.jsonl");
+        std::fs::write(&docs, lines.join("\n") + "\n").unwrap();
+        (model, docs)
+    })
+}
+
+fn mpirun(np: usize, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Output {
+    let (model, docs) = inputs();
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "-np", &np.to_string()]);
+    for (k, v) in env {
+        c.args(["-x", &format!("{k}={v}")]);
+    }
+    c.arg(env!("CARGO_BIN_EXE_falcon-batch")).args(["score", "--device", "cpu", "--quiet"]);
+    c.arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(out).args(args);
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("HDF5_USE_FILE_LOCKING", "FALSE");
+    c.output().expect("mpirun")
+}
+
+fn assert_same(a: &[DocResult], b: &[DocResult], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x.id, &x.status, x.best), (&y.id, &y.status, y.best), "{what}");
+        for (cx, cy) in x.choices.iter().zip(&y.choices) {
+            for (p, q) in [(cx.logprob, cy.logprob), (cx.logprob_mean, cy.logprob_mean), (cx.prob, cy.prob)] {
+                assert!((p - q).abs() <= 1e-6, "{what}: doc {}: {p} vs {q}", x.id);
+            }
+        }
+    }
+}
+
+fn reference() -> &'static Vec<DocResult> {
+    static R: OnceLock<Vec<DocResult>> = OnceLock::new();
+    R.get_or_init(|| {
+        let out = tmp().join("np1-resident.h5");
+        let o = mpirun(1, &["--batch-tokens", "400", "--wave", "2"], &out, &[]);
+        assert_eq!(o.status.code(), Some(3), "one bad line: exit 3\n{}", String::from_utf8_lossy(&o.stderr));
+        let r = read_results(&out).unwrap();
+        assert_eq!(r.len(), 7);
+        r
+    })
+}
+
+#[test]
+fn same_scores_on_one_to_four_ranks_with_several_groups_each() {
+    let want = reference();
+    for (np, group) in [(1, "10"), (2, "5"), (3, "5"), (4, "4")] {
+        let out = tmp().join(format!("np{np}.h5"));
+        let o = mpirun(np, &["--group-layers", group, "--resident", "1", "--batch-tokens", "400", "--wave", "2"], &out, &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "-np {np}: {err}");
+        for r in 0..np {
+            assert!(err.contains(&format!("rank {r}: layers")), "-np {np}: rank {r} did not print its part:\n{err}");
+        }
+        assert_same(want, &read_results(&out).unwrap(), &format!("-np {np}, --group-layers {group}"));
+    }
+}
+
+#[test]
+fn killed_job_resumes_to_the_uninterrupted_result() {
+    let want = reference();
+    let out = tmp().join("killed.h5");
+    // one document per micro-batch and wave, so results reach the file one by one
+    let args = ["--group-layers", "5", "--batch-tokens", "64", "--wave", "1"];
+    let o = mpirun(3, &args, &out, &[("FALCON_BATCH_KILL_AFTER_DOCS", "3")]);
+    assert!(!o.status.success(), "the killed job must fail");
+    let partial = read_results(&out).unwrap();
+    assert!(partial.len() >= 3 && partial.len() < 7, "{} documents after the kill", partial.len());
+    let o = mpirun(3, &args, &out, &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(want, &read_results(&out).unwrap(), "resumed under mpirun");
+}
+
+#[test]
+fn ranks_with_different_options_refuse_to_start() {
+    // rank 1 gets another norm through a per-rank environment: the options hash differs
+    let (model, docs) = inputs();
+    let out = tmp().join("mismatch.h5");
+    let bin = env!("CARGO_BIN_EXE_falcon-batch");
+    let common = format!("score --device cpu --quiet --model {} --docs {} --out {}", model.display(), docs.display(), out.display());
+    let o = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "1", bin])
+        .args(common.split(' '))
+        .args([":", "-np", "1", bin])
+        .args(common.split(' '))
+        .args(["--norm", "mean"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("rank 1"), "{err}");
+}
