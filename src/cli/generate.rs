@@ -1,12 +1,15 @@
 //! `falcon-batch generate`: one prompt streamed to stdout, or a prompts file as a batch job.
 
 use anyhow::{anyhow, bail, Context, Result};
-use falcon_batch::backend::cpu::CpuBackend;
+use super::ranks::{run_ranks, RankJob, ScheduleArgs};
+use falcon_batch::backend::Backend;
 use falcon_batch::format::model_dir::ModelDir;
-use falcon_batch::generate::{generate, GenOptions, GenRequest, LocalDecoder};
+use falcon_batch::generate::{generate, GenOptions, GenOutput, GenRequest};
+use falcon_batch::job::launch::{launch, DeviceInfo, LaunchOptions, Launched};
+use falcon_batch::pipeline::{serve, Cluster, PipelineDecoder};
 use falcon_batch::sample::SamplingOptions;
-use falcon_batch::stage::{HostGroup, Stage};
 use falcon_batch::tokenizer::Tokenizer;
+use falcon_batch::trace::Trace;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,6 +49,8 @@ pub struct GenerateArgs {
     /// Do not stop at the model's end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
 }
 
 /// (id, prompt) pairs of a prompts file; a bad line is an error naming the file and line.
@@ -81,54 +86,90 @@ fn validate(a: &GenerateArgs) -> Result<SamplingOptions> {
 
 pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let sampling = validate(&a)?;
-    let dir = ModelDir::open(&a.model)?;
-    let cfg = dir.config().clone();
-    let tok = Tokenizer::from_file(&dir.tokenizer_path())?;
-    let pairs = match (&a.prompt, &a.prompts) {
-        (Some(p), _) => vec![("prompt".to_string(), p.clone())],
-        (None, Some(path)) => read_prompts(path)?,
-        (None, None) => bail!("give --prompt or --prompts"),
+    let launch = LaunchOptions {
+        model: a.model.clone(),
+        schedule: a.schedule.options(Some(1), 2048),
+        job_options: format!("generate {sampling:?} max_new_tokens={} stop={:?} ignore_eos={}", a.max_new_tokens, a.stop, a.ignore_eos),
+        trace: a.schedule.trace.is_some(),
     };
-    let reqs = pairs
-        .into_iter()
-        .map(|(id, prompt)| Ok(GenRequest { prompt_ids: tok.encode(&prompt, true)?, id, prompt }))
-        .collect::<Result<Vec<_>>>()?;
-    let opts = GenOptions {
-        max_new_tokens: a.max_new_tokens,
-        sampling,
-        stop: a.stop.clone(),
-        eos: if a.ignore_eos { vec![] } else { cfg.eos_token_ids.clone() },
-        max_position: cfg.max_position,
-    };
-    let backend = CpuBackend::new();
-    let stages = vec![Stage::upload(&backend, &HostGroup::from_dir(&dir, 0..cfg.n_layers)?)?];
-    let mut dec = LocalDecoder::new(&backend, &cfg, &stages);
-    let stream = a.prompt.is_some() && a.out.is_none();
-    let mut stdout = std::io::stdout();
-    let outputs = generate(&mut dec, &tok, &reqs, &opts, |_, delta| {
-        if stream {
-            let _ = write!(stdout, "{delta}");
-            let _ = stdout.flush();
-        }
-    })?;
-    if stream {
-        println!();
+    let choice = a.schedule.device;
+    let trace = a.schedule.trace.clone();
+    run_ranks(choice, trace.as_deref(), GenerateJob { args: a, sampling, launch })
+}
+
+struct GenerateJob {
+    args: GenerateArgs,
+    sampling: SamplingOptions,
+    launch: LaunchOptions,
+}
+
+impl GenerateJob {
+    /// The prompts, tokenized; on the writer rank only, before any weight is read.
+    fn requests(&self, tok: &Tokenizer) -> Result<Vec<GenRequest>> {
+        let pairs = match (&self.args.prompt, &self.args.prompts) {
+            (Some(p), _) => vec![("prompt".to_string(), p.clone())],
+            (None, Some(path)) => read_prompts(path)?,
+            (None, None) => bail!("give --prompt or --prompts"),
+        };
+        pairs.into_iter().map(|(id, prompt)| Ok(GenRequest { prompt_ids: tok.encode(&prompt, true)?, id, prompt })).collect()
     }
-    match &a.out {
-        Some(path) => {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?);
-            for o in &outputs {
-                writeln!(f, "{}", serde_json::to_string(o)?)?;
+
+    fn write(&self, outputs: &[GenOutput], streamed: bool) -> Result<()> {
+        match &self.args.out {
+            Some(path) => {
+                let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?);
+                for o in outputs {
+                    writeln!(f, "{}", serde_json::to_string(o)?)?;
+                }
+                f.flush()?;
+                eprintln!("wrote {} generations to {}", outputs.len(), path.display());
             }
-            f.flush()?;
-            eprintln!("wrote {} generations to {}", outputs.len(), path.display());
-        }
-        None if !stream => {
-            for o in &outputs {
-                println!("{}", serde_json::to_string(o)?);
+            None if !streamed => {
+                for o in outputs {
+                    println!("{}", serde_json::to_string(o)?);
+                }
             }
+            None => println!(),
         }
-        None => {}
+        Ok(())
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+impl RankJob for GenerateJob {
+    fn run<B: Backend + 'static>(&self, cluster: &Cluster, backend: B, device: DeviceInfo) -> Result<(ExitCode, Trace)> {
+        let prepared = if cluster.rank == 0 {
+            let dir = ModelDir::open_for(&self.args.model, &[])?;
+            let tok = Tokenizer::from_file(&dir.tokenizer_path())?;
+            let reqs = self.requests(&tok)?;
+            Some((tok, reqs, dir.config().clone()))
+        } else {
+            None
+        };
+        let Launched { mut worker, .. } = launch(cluster, backend, device, &self.launch)?;
+        let Some((tok, reqs, cfg)) = prepared else {
+            serve(&mut worker)?;
+            return Ok((ExitCode::SUCCESS, std::mem::take(&mut worker.trace)));
+        };
+        let opts = GenOptions {
+            max_new_tokens: self.args.max_new_tokens,
+            sampling: self.sampling.clone(),
+            stop: self.args.stop.clone(),
+            eos: if self.args.ignore_eos { vec![] } else { cfg.eos_token_ids.clone() },
+            max_position: cfg.max_position,
+        };
+        let stream = self.args.prompt.is_some() && self.args.out.is_none();
+        let mut stdout = std::io::stdout();
+        let outputs = {
+            let mut dec = PipelineDecoder::new(&mut worker)?;
+            generate(&mut dec, &tok, &reqs, &opts, |_, delta| {
+                if stream {
+                    let _ = write!(stdout, "{delta}");
+                    let _ = stdout.flush();
+                }
+            })
+        };
+        worker.stop()?;
+        self.write(&outputs?, stream)?;
+        Ok((ExitCode::SUCCESS, std::mem::take(&mut worker.trace)))
+    }
 }
