@@ -209,7 +209,7 @@ fn decode_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<V
     Ok(out)
 }
 
-const SHAPES: &[(&str, usize, usize)] = &[("100", 1, 100), ("2048", 1, 2048), ("4x2048", 4, 2048)];
+const SHAPES: &[(&str, usize, usize)] = &[("100", 1, 100), ("512", 1, 512), ("2048", 1, 2048), ("4x2048", 4, 2048)];
 
 fn layer_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Vec<LayerTiming>> {
     let w = synthetic_layer(b, cfg, 0)?;

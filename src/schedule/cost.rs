@@ -96,7 +96,7 @@ impl CostModel {
 /// `falcon-batch bench` output: {"layer_seconds": [[tokens, seconds], ...], "h2d_bytes_per_s": ...,
 /// "net_bytes_per_s": ..., "net_latency_s": ...}; the three rates are optional.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Other fields (a `falcon-batch bench` report carries many) are ignored, so its JSON is a cost file as is.
 pub struct MeasuredCosts {
     pub layer_seconds: Vec<(f64, f64)>,
     pub h2d_bytes_per_s: Option<f64>,
