@@ -92,9 +92,8 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
         job_options: format!("generate {sampling:?} max_new_tokens={} stop={:?} ignore_eos={}", a.max_new_tokens, a.stop, a.ignore_eos),
         trace: a.schedule.trace.is_some(),
     };
-    let choice = a.schedule.device;
-    let trace = a.schedule.trace.clone();
-    run_ranks(choice, trace.as_deref(), GenerateJob { args: a, sampling, launch })
+    let schedule = a.schedule.clone();
+    run_ranks(&schedule, GenerateJob { args: a, sampling, launch })
 }
 
 struct GenerateJob {

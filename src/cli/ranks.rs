@@ -9,15 +9,19 @@ use falcon_batch::job::launch::{cpu_memory_per_rank, DeviceInfo};
 use falcon_batch::pipeline::Cluster;
 use falcon_batch::schedule::ScheduleOptions;
 use falcon_batch::trace::Trace;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Flags that shape the schedule; every rank must be given the same ones.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct ScheduleArgs {
     /// auto (CUDA when a GPU is present, GPU = local rank), cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Memory for weights per rank, as given to `falcon-batch plan` (e.g. 24GB) [default:
+    /// the device's free memory]. Give the same value to staging and scoring.
+    #[arg(long, value_parser = parse_device_mem)]
+    pub device_mem: Option<u64>,
     /// Most layers per group [default: as many as fit the device].
     #[arg(long)]
     pub group_layers: Option<usize>,
@@ -45,12 +49,16 @@ impl ScheduleArgs {
     }
 }
 
+fn parse_device_mem(s: &str) -> Result<u64, String> {
+    falcon_batch::units::parse_bytes(s).map_err(|e| e.to_string())
+}
+
 /// A job body, run with whichever backend this rank gets.
 pub trait RankJob {
     fn run<B: falcon_batch::backend::Backend + 'static>(&self, cluster: &Cluster, backend: B, device: DeviceInfo) -> Result<(ExitCode, Trace)>;
 }
 
-fn run_on_device(cluster: &Cluster, choice: DeviceChoice, job: &impl RankJob) -> Result<(ExitCode, Trace)> {
+fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64>, job: &impl RankJob) -> Result<(ExitCode, Trace)> {
     let cuda = match choice {
         DeviceChoice::Cpu => None,
         DeviceChoice::Cuda(n) => Some(n),
@@ -58,13 +66,13 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, job: &impl RankJob) ->
     };
     match cuda {
         None => {
-            let info = DeviceInfo { name: "cpu".into(), memory_bytes: cpu_memory_per_rank(), weight_bytes: 4 };
+            let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank), weight_bytes: 4 };
             job.run(cluster, CpuBackend::new(), info)
         }
         Some(n) => {
             let b = CudaBackend::new(n)?;
             let (free, _total) = b.memory()?;
-            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: free as u64, weight_bytes: 2 };
+            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64), weight_bytes: 2 };
             job.run(cluster, b, info)
         }
     }
@@ -72,11 +80,11 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, job: &impl RankJob) ->
 
 /// Start MPI (a singleton without mpirun), run the job on this rank, and end cleanly: an
 /// error on any rank of a multi-rank job aborts them all, so none waits for it forever.
-pub fn run_ranks(choice: DeviceChoice, trace: Option<&Path>, job: impl RankJob) -> Result<ExitCode> {
+pub fn run_ranks(args: &ScheduleArgs, job: impl RankJob) -> Result<ExitCode> {
     let cluster = Cluster::init()?;
-    match run_on_device(&cluster, choice, &job) {
+    match run_on_device(&cluster, args.device, args.device_mem, &job) {
         Ok((code, t)) => {
-            if let Some(path) = trace {
+            if let Some(path) = &args.trace {
                 let path = path.with_extension(format!("rank{}.json", cluster.rank));
                 t.write(&path)?;
             }

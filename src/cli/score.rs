@@ -75,7 +75,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         job_options: format!("score norm={} template={:?} batch_tokens={}", norm.name(), a.template, a.batch_tokens),
         trace: a.schedule.trace.is_some(),
     };
-    run_ranks(a.schedule.device, a.schedule.trace.as_deref(), ScoreJob { opts, launch })
+    run_ranks(&a.schedule, ScoreJob { opts, launch })
 }
 
 struct ScoreJob {
