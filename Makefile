@@ -41,6 +41,22 @@ demo: build $(SMOL)/manifest.json
 test: deps fetch-model
 	$(CARGO) test --release
 
+# CPU benchmark against llama.cpp (llama-cpp-python) on the same GGUF, same documents, same
+# machine: scoring docs/s and tokens/s, decode s/token at ~100 and ~2048 tokens of context.
+# Needs a Python with llama-cpp-python, tokenizers, numpy, gguf: .venv-bench is made (network,
+# a llama.cpp compile) unless BENCH_PYTHON names one. Writes results/bench-cpu.json.
+BENCH_PYTHON ?=
+BENCH_ARGS ?=
+.venv-bench/bin/python:
+	python3 -m venv .venv-bench
+	.venv-bench/bin/pip install llama-cpp-python tokenizers numpy gguf
+
+bench: build $(SMOL)/manifest.json $(if $(BENCH_PYTHON),,.venv-bench/bin/python)
+	@mkdir -p results
+	$(if $(BENCH_PYTHON),$(BENCH_PYTHON),.venv-bench/bin/python) scripts/bench_cpu.py --bin $(BIN) \
+		--model $(SMOL) --gguf $(GGUF) --f32-gguf models/SmolLM2-135M-Instruct.F32.gguf \
+		--docs inputs/sample.jsonl --threads $$(nproc) --out results/bench-cpu.json $(BENCH_ARGS)
+
 clean-results:
 	rm -rf results/*.h5 results/*.csv results/*.json
 
