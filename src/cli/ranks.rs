@@ -66,13 +66,13 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
     };
     match cuda {
         None => {
-            let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank), weight_bytes: 4 };
+            let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank) };
             job.run(cluster, CpuBackend::new(), info)
         }
         Some(n) => {
             let b = CudaBackend::new(n)?;
             let (free, _total) = b.memory()?;
-            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64), weight_bytes: 2 };
+            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64) };
             job.run(cluster, b, info)
         }
     }

@@ -19,11 +19,10 @@ pub struct LaunchOptions {
     pub trace: bool,
 }
 
-/// What a rank offers: its device, memory for weights, bytes per stored weight element.
+/// What a rank offers: its device and the memory it has for weights.
 pub struct DeviceInfo {
     pub name: String,
     pub memory_bytes: u64,
-    pub weight_bytes: usize,
 }
 
 pub struct Launched<B: Backend> {
@@ -51,7 +50,9 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
     };
     let caps = RankCaps { device_bytes: device.memory_bytes, host_bytes: None, speed: 1.0, device: device.name };
     let ranks = cluster.exchange(&identity, &caps)?;
-    let shape = ModelShape::from_config(&cfg, device.weight_bytes);
+    // Sizes from the manifest's dtype, as `falcon-batch plan --model` computes them: every
+    // rank (CPU or GPU) and the Slurm staging step must arrive at the same schedule.
+    let shape = ModelShape::from_config(&cfg, manifest_only.manifest().dtype.size());
     let schedule = Schedule::plan(&shape, &ranks, &opts.schedule)?;
     eprintln!("{}", schedule.describe_rank(cluster.rank));
     let parts: Vec<Part> = schedule.rank_groups[cluster.rank].iter().flat_map(|&g| schedule.groups[g].parts()).collect();
