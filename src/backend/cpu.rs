@@ -41,8 +41,44 @@ impl CpuBackend {
     }
 }
 
-/// out (T, N) = x (T, K) · w (N, K)ᵀ through the gemm crate.
+/// Rows up to which `matmul_nt` streams the weight once as dot products (decode steps):
+/// there the work is reading the weight, which the packing of a GEMM only slows down.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// sum_i a[i] b[i] with independent partial sums, so the loop vectorizes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// out (T, N) = x (T, K) · w (N, K)ᵀ: dot products for a few rows, the gemm crate otherwise.
 fn matmul_nt(x: &[f32], w: &[f32], t: usize, k: usize, n: usize, out: &mut [f32]) {
+    if t <= GEMV_MAX_ROWS {
+        // out is (T, N) row-major; work over blocks of weight rows, each row read once for all T.
+        const BLOCK: usize = 64;
+        let mut cols = vec![0f32; n * t]; // (N, T)
+        cols.par_chunks_mut(BLOCK * t).enumerate().for_each(|(blk, chunk)| {
+            for (j, o) in chunk.chunks_mut(t).enumerate() {
+                let wrow = &w[(blk * BLOCK + j) * k..(blk * BLOCK + j + 1) * k];
+                for (r, o) in o.iter_mut().enumerate() {
+                    *o = dot(&x[r * k..(r + 1) * k], wrow);
+                }
+            }
+        });
+        for r in 0..t {
+            for j in 0..n {
+                out[r * n + j] = cols[j * t + r];
+            }
+        }
+        return;
+    }
     let threads = rayon::current_num_threads();
     let par = if t * n * k >= 1 << 16 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the slices hold t*k, n*k and t*n elements, matching the strides below.

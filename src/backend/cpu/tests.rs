@@ -196,3 +196,12 @@ fn attention_across_blocks_matches_reference() {
     let out = b.attention(&q, &k, &v, shape, &batch.spans).unwrap();
     assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &batch.spans), 1e-5);
 }
+
+#[test]
+fn linear_few_rows_path_matches_loops() {
+    let b = CpuBackend::new();
+    for t in 1..=super::GEMV_MAX_ROWS + 1 {
+        let (x, w) = (mat(t, 203, 31), weight(&[130, 203], 32));
+        assert_close(&b.linear(&x, &w, None).unwrap().data, &linear_ref(&x, &w, None), 1e-5);
+    }
+}
