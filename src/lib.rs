@@ -11,7 +11,6 @@ pub mod job;
 pub mod layout;
 pub mod model;
 pub mod pipeline;
-pub mod plan_cmd;
 pub mod sample;
 pub mod schedule;
 pub mod results;

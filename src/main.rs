@@ -31,7 +31,7 @@ enum Command {
     /// Time decoder layers of a real model's shapes with synthetic weights (no files).
     Bench(cli::bench::BenchArgs),
     /// Plan the schedule for a model on a cluster and predict its throughput.
-    Plan(falcon_batch::plan_cmd::PlanArgs),
+    Plan(cli::plan::PlanArgs),
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -43,7 +43,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate(a) => cli::generate::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Plan(a) => {
-            print!("{}", falcon_batch::plan_cmd::run(&a)?);
+            print!("{}", cli::plan::run(&a)?);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -5,3 +5,4 @@ pub mod generate;
 pub mod score;
 pub mod bench;
 pub mod ranks;
+pub mod plan;

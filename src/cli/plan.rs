@@ -2,14 +2,14 @@
 //! The CLI glue around schedule/: reads the model's manifest or a preset, an optional cost
 //! file, prints the plan and the simulation, writes the trace.
 
-use crate::config::ModelConfig;
-use crate::schedule::cost::{CostModel, LayerCost, MeasuredCosts, Workload, DEFAULT_EFFICIENCY};
-use crate::schedule::simulate::{simulate_traced, SimReport};
-use crate::schedule::tune::{tune, Candidate};
-use crate::schedule::{gb, presets, ModelShape, RankCaps, Schedule, ScheduleOptions};
-use crate::tensor::DType;
-use crate::trace::Trace;
-use crate::units::{parse_bytes, parse_rate, parse_seconds};
+use falcon_batch::config::ModelConfig;
+use falcon_batch::schedule::cost::{CostModel, LayerCost, MeasuredCosts, Workload, DEFAULT_EFFICIENCY};
+use falcon_batch::schedule::simulate::{simulate_traced, SimReport};
+use falcon_batch::schedule::tune::{tune, Candidate};
+use falcon_batch::schedule::{gb, presets, ModelShape, RankCaps, Schedule, ScheduleOptions};
+use falcon_batch::tensor::DType;
+use falcon_batch::trace::Trace;
+use falcon_batch::units::{parse_bytes, parse_rate, parse_seconds};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::collections::HashMap;
