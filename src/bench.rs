@@ -11,7 +11,48 @@ use crate::config::ModelConfig;
 use crate::layout::{AttnSpan, MicroBatch, TokenizedDoc};
 use crate::model::{self, LayerCache, Part, RowCtx, Weights};
 use crate::tensor::{DType, HostTensor};
-use anyhow::{bail, Context, Result};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error("{what}: {source}")]
+    Backend { what: String, source: crate::backend::BackendError },
+    #[error("{what}: {source}")]
+    Model { what: String, source: crate::model::ModelError },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+impl From<crate::backend::BackendError> for BenchError {
+    fn from(source: crate::backend::BackendError) -> Self {
+        BenchError::Backend { what: "bench".into(), source }
+    }
+}
+
+impl From<crate::model::ModelError> for BenchError {
+    fn from(source: crate::model::ModelError) -> Self {
+        BenchError::Model { what: "bench".into(), source }
+    }
+}
+
+/// Names the step that failed (the backend's message alone does not say which).
+trait During<T> {
+    fn during(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<BenchError>> During<T> for std::result::Result<T, E> {
+    fn during(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| match e.into() {
+            BenchError::Backend { source, .. } => BenchError::Backend { what: what(), source },
+            BenchError::Model { source, .. } => BenchError::Model { what: what(), source },
+            other => other,
+        })
+    }
+}
+
+pub type Result<T> = std::result::Result<T, BenchError>;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -98,7 +139,7 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         "llama-2-70b" => llama(8192, 64, 8, 28672, 80, 32000, 10000.0),
         "smollm2-135m" => llama(576, 9, 3, 1536, 30, 49152, 100000.0),
         "tiny" => falcon_new(256, 8, 2, 4),
-        other => bail!("unknown synthetic model `{other}`; expected one of {}", PRESETS.join(", ")),
+        other => return Err(BenchError::Invalid(format!("unknown synthetic model `{other}`; expected one of {}", PRESETS.join(", ")))),
     };
     Ok(model::config_from_hf(&j, &format!("<preset {name}>"))?)
 }
@@ -134,7 +175,7 @@ pub fn synthetic_layer<B: Backend>(b: &B, cfg: &ModelConfig, layer: usize) -> Re
     let mut map = HashMap::new();
     for (i, (name, shape)) in model::expected_tensors(cfg, Part::Layer(layer)).into_iter().enumerate() {
         let (lo, hi) = weight_range(&name, &shape);
-        let w = b.random_weight(&shape, (layer as u64) << 16 | i as u64, lo, hi).with_context(|| format!("weight {name}"))?;
+        let w = b.random_weight(&shape, (layer as u64) << 16 | i as u64, lo, hi).during(|| format!("weight {name}"))?;
         map.insert(name, w);
     }
     Ok(Weights::from_map(Part::Layer(layer), map))
@@ -202,7 +243,7 @@ fn decode_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<V
     let w = synthetic_layer(b, cfg, 0)?;
     let mut out = vec![];
     for &context in DECODE_CONTEXTS {
-        let seconds = time_decode(b, cfg, &w, context, reps).with_context(|| format!("timing a decode step at context {context}"))?;
+        let seconds = time_decode(b, cfg, &w, context, reps).during(|| format!("timing a decode step at context {context}"))?;
         eprintln!("  decode at {context:>5} context: {:9.3} ms per layer", seconds * 1e3);
         out.push(DecodeTiming { context, seconds });
     }
@@ -216,7 +257,7 @@ fn layer_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Ve
     let mut out = vec![];
     for &(label, docs, rows) in SHAPES {
         let batch = synthetic_batch(docs, rows);
-        let seconds = time_layer(b, cfg, &w, &batch, reps).with_context(|| format!("timing a layer at {label} tokens"))?;
+        let seconds = time_layer(b, cfg, &w, &batch, reps).during(|| format!("timing a layer at {label} tokens"))?;
         eprintln!("  {label:>7} tokens: {:9.3} ms per layer", seconds * 1e3);
         out.push(LayerTiming { label: label.into(), tokens: batch.rows(), seconds });
     }
@@ -269,7 +310,7 @@ fn stream_run(b: &CudaBackend, cfg: &ModelConfig, layers: usize, window: usize, 
     let t0 = Instant::now();
     let mut pending = Some(b.prefetch(&pinned[0])?);
     for g in 0..groups {
-        let weights = pending.take().context("upload pipeline")?.wait()?;
+        let weights = pending.take().ok_or_else(|| BenchError::Invalid("the upload pipeline ran dry".into()))?.wait()?;
         if g + 1 < groups {
             pending = Some(b.prefetch(&pinned[(g + 1) % 2])?);
         }
@@ -305,11 +346,11 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         Resolved::Cpu => {
             let f32_bytes = layer_params(&cfg) * 4;
             if f32_bytes > 2_000_000_000 && !o.force {
-                bail!(
+                return Err(BenchError::Invalid(format!(
                     "a {} layer is {:.1} GB in f32 on the CPU; use --synthetic smollm2-135m or tiny, or --force",
                     o.synthetic,
                     f32_bytes as f64 / 1e9
-                );
+                )));
             }
             let b = CpuBackend::new();
             eprintln!("bench {} on {}", o.synthetic, b.name());
@@ -319,16 +360,16 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             r
         }
         Resolved::Cuda(n) => {
-            let b = CudaBackend::new(n).context("opening the CUDA backend")?;
+            let b = CudaBackend::new(n).during(|| "opening the CUDA backend".into())?;
             eprintln!("bench {} on {}", o.synthetic, b.name());
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cuda", t, 2);
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
-            let (secs, bytes) = h2d_layer(&b, &cfg).context("timing host-to-device copies")?;
+            let (secs, bytes) = h2d_layer(&b, &cfg).during(|| "timing host-to-device copies".into())?;
             r.h2d_seconds_per_layer = Some(secs);
             r.h2d_bytes_per_s = Some(bytes as f64 / secs);
             let batch = synthetic_batch(4, 2048);
-            let seconds = stream_run(&b, &cfg, o.layers, o.window, &batch).context("streaming run")?;
+            let seconds = stream_run(&b, &cfg, o.layers, o.window, &batch).during(|| "streaming run".into())?;
             let per_layer = r.timings.last().map(|t| t.seconds).unwrap_or(0.0);
             let resident = per_layer * o.layers as f64;
             r.stream = Some(StreamResult {
@@ -345,9 +386,10 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     print_table(&report);
     if let Some(path) = &o.out {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| BenchError::Io { path: dir.display().to_string(), source })?;
         }
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+        let json = serde_json::to_string_pretty(&report).map_err(|e| BenchError::Invalid(format!("bench report: {e}")))?;
+        std::fs::write(path, json + "\n").map_err(|source| BenchError::Io { path: path.display().to_string(), source })?;
         eprintln!("wrote {}", path.display());
     }
     Ok(report)

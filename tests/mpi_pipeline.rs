@@ -1,7 +1,6 @@
 //! The MPI pipeline under real mpirun: examples/pipeline_check runs a random model over 1-4
 //! ranks and compares with one process; a killed rank ends every other rank; ranks that
 //! disagree on the model refuse to start.
-#![cfg(feature = "mpi")]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

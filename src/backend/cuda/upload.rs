@@ -2,10 +2,12 @@
 //! copied to the device on the copy stream, so the next group's upload overlaps the
 //! current group's compute on the compute stream.
 //!
-//!     let group = Arc::new(backend.pin(&tensors)?);   // once: convert + page-lock
-//!     let pending = backend.prefetch(&group)?;         // async H2D on the copy stream
-//!     ... compute the current group ...
-//!     let weights = pending.wait()?;                   // compute stream waits on the copy
+//! ```text
+//! let group = Arc::new(backend.pin(&tensors)?);   // once: convert + page-lock
+//! let pending = backend.prefetch(&group)?;         // async H2D on the copy stream
+//! ... compute the current group ...
+//! let weights = pending.wait()?;                   // compute stream waits on the copy
+//! ```
 //!
 //! `wait` orders on the GPU (the compute stream waits on the copy's event); it does not
 //! block the host.
