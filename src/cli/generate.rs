@@ -5,11 +5,11 @@ use super::ranks::{run_ranks, RankJob, ScheduleArgs};
 use falcon_batch::backend::Backend;
 use falcon_batch::format::model_dir::ModelDir;
 use falcon_batch::generate::{generate, GenOptions, GenOutput, GenRequest};
-use falcon_batch::job::launch::{launch, DeviceInfo, LaunchOptions, Launched};
-use falcon_batch::pipeline::{serve, Cluster, PipelineDecoder};
+use falcon_batch::config::ModelConfig;
+use falcon_batch::job::launch::{LaunchOptions, Launched};
+use falcon_batch::pipeline::PipelineDecoder;
 use falcon_batch::sample::SamplingOptions;
 use falcon_batch::tokenizer::Tokenizer;
-use falcon_batch::trace::Trace;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -135,20 +135,21 @@ impl GenerateJob {
 }
 
 impl RankJob for GenerateJob {
-    fn run<B: Backend + 'static>(&self, cluster: &Cluster, backend: B, device: DeviceInfo) -> Result<(ExitCode, Trace)> {
-        let prepared = if cluster.rank == 0 {
-            let dir = ModelDir::open_for(&self.args.model, &[])?;
-            let tok = Tokenizer::from_file(&dir.tokenizer_path())?;
-            let reqs = self.requests(&tok)?;
-            Some((tok, reqs, dir.config().clone()))
-        } else {
-            None
-        };
-        let Launched { mut worker, .. } = launch(cluster, backend, device, &self.launch)?;
-        let Some((tok, reqs, cfg)) = prepared else {
-            serve(&mut worker)?;
-            return Ok((ExitCode::SUCCESS, std::mem::take(&mut worker.trace)));
-        };
+    /// The tokenizer, the tokenized prompts and the model's config.
+    type Prepared = (Tokenizer, Vec<GenRequest>, ModelConfig);
+
+    fn launch_options(&self) -> &LaunchOptions {
+        &self.launch
+    }
+
+    fn prepare(&self) -> Result<Self::Prepared> {
+        let dir = ModelDir::open_for(&self.args.model, &[])?;
+        let tok = Tokenizer::from_file(&dir.tokenizer_path())?;
+        let reqs = self.requests(&tok)?;
+        Ok((tok, reqs, dir.config().clone()))
+    }
+
+    fn drive<B: Backend + 'static>(&self, (tok, reqs, cfg): Self::Prepared, launched: &mut Launched<B>) -> Result<ExitCode> {
         let opts = GenOptions {
             max_new_tokens: self.args.max_new_tokens,
             sampling: self.sampling.clone(),
@@ -158,17 +159,14 @@ impl RankJob for GenerateJob {
         };
         let stream = self.args.prompt.is_some() && self.args.out.is_none();
         let mut stdout = std::io::stdout();
-        let outputs = {
-            let mut dec = PipelineDecoder::new(&mut worker)?;
-            generate(&mut dec, &tok, &reqs, &opts, |_, delta| {
-                if stream {
-                    let _ = write!(stdout, "{delta}");
-                    let _ = stdout.flush();
-                }
-            })
-        };
-        worker.stop()?;
-        self.write(&outputs?, stream)?;
-        Ok((ExitCode::SUCCESS, std::mem::take(&mut worker.trace)))
+        let mut dec = PipelineDecoder::new(&mut launched.worker)?;
+        let outputs = generate(&mut dec, &tok, &reqs, &opts, |_, delta| {
+            if stream {
+                let _ = write!(stdout, "{delta}");
+                let _ = stdout.flush();
+            }
+        })?;
+        self.write(&outputs, stream)?;
+        Ok(ExitCode::SUCCESS)
     }
 }

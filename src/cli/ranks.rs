@@ -5,8 +5,9 @@ use anyhow::Result;
 use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::backend::cuda::CudaBackend;
 use falcon_batch::backend::select::{cuda_available, DeviceChoice};
-use falcon_batch::job::launch::{cpu_memory_per_rank, DeviceInfo};
-use falcon_batch::pipeline::Cluster;
+use falcon_batch::backend::Backend;
+use falcon_batch::job::launch::{cpu_memory_per_rank, launch, DeviceInfo, LaunchOptions, Launched};
+use falcon_batch::pipeline::{serve, Cluster};
 use falcon_batch::schedule::ScheduleOptions;
 use falcon_batch::trace::Trace;
 use std::path::PathBuf;
@@ -53,9 +54,32 @@ fn parse_device_mem(s: &str) -> Result<u64, String> {
     falcon_batch::units::parse_bytes(s).map_err(|e| e.to_string())
 }
 
-/// A job body, run with whichever backend this rank gets.
+/// A multi-rank command: the writer rank prepares and drives it; the other ranks serve.
 pub trait RankJob {
-    fn run<B: falcon_batch::backend::Backend + 'static>(&self, cluster: &Cluster, backend: B, device: DeviceInfo) -> Result<(ExitCode, Trace)>;
+    /// What the writer needs, made before any weight is read so bad inputs fail first.
+    type Prepared;
+    fn launch_options(&self) -> &LaunchOptions;
+    fn prepare(&self) -> Result<Self::Prepared>;
+    /// The writer's work over the pipeline; the worker is stopped afterwards either way.
+    fn drive<B: Backend + 'static>(&self, prepared: Self::Prepared, launched: &mut Launched<B>) -> Result<ExitCode>;
+}
+
+/// One rank's part of a job: prepare (writer), launch, then drive (writer) or serve (others).
+fn run_job<B: Backend + 'static>(cluster: &Cluster, backend: B, device: DeviceInfo, job: &impl RankJob) -> Result<(ExitCode, Trace)> {
+    let prepared = if cluster.rank == 0 { Some(job.prepare()?) } else { None };
+    let mut launched = launch(cluster, backend, device, job.launch_options())?;
+    let code = match prepared {
+        None => {
+            serve(&mut launched.worker)?;
+            ExitCode::SUCCESS
+        }
+        Some(p) => {
+            let result = job.drive(p, &mut launched);
+            launched.worker.stop()?;
+            result?
+        }
+    };
+    Ok((code, std::mem::take(&mut launched.worker.trace)))
 }
 
 fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64>, job: &impl RankJob) -> Result<(ExitCode, Trace)> {
@@ -67,13 +91,13 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
     match cuda {
         None => {
             let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank) };
-            job.run(cluster, CpuBackend::new(), info)
+            run_job(cluster, CpuBackend::new(), info, job)
         }
         Some(n) => {
             let b = CudaBackend::new(n)?;
             let (free, _total) = b.memory()?;
             let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64) };
-            job.run(cluster, b, info)
+            run_job(cluster, b, info, job)
         }
     }
 }

@@ -4,10 +4,9 @@ use anyhow::{anyhow, Context, Result};
 use super::ranks::{run_ranks, RankJob, ScheduleArgs};
 use falcon_batch::backend::Backend;
 use falcon_batch::format::model_dir::ModelDir;
-use falcon_batch::job::launch::{launch, DeviceInfo, LaunchOptions, Launched};
+use falcon_batch::job::launch::{LaunchOptions, Launched};
 use falcon_batch::job::score::{self, ScoreOptions};
-use falcon_batch::pipeline::{serve, Cluster, PipelineScorer};
-use falcon_batch::trace::Trace;
+use falcon_batch::pipeline::PipelineScorer;
 use falcon_batch::results::read_results;
 use falcon_batch::score::Norm;
 use std::collections::HashMap;
@@ -84,20 +83,20 @@ struct ScoreJob {
 }
 
 impl RankJob for ScoreJob {
-    fn run<B: Backend + 'static>(&self, cluster: &Cluster, backend: B, device: DeviceInfo) -> Result<(ExitCode, Trace)> {
-        // The writer checks the corpus, tokenizer and template before any weight is read.
-        let prepared = if cluster.rank == 0 { Some(score::prepare(&ModelDir::open_for(&self.launch.model, &[])?, &self.opts)?) } else { None };
-        let Launched { dir, mut worker } = launch(cluster, backend, device, &self.launch)?;
-        let Some(prepared) = prepared else {
-            serve(&mut worker)?;
-            return Ok((ExitCode::SUCCESS, std::mem::take(&mut worker.trace)));
-        };
-        let summary = {
-            let mut scorer = PipelineScorer::new(&mut worker)?;
-            score::run(&dir, &self.opts, prepared, &mut scorer)
-        };
-        worker.stop()?;
-        let s = summary?;
+    type Prepared = score::Prepared;
+
+    fn launch_options(&self) -> &LaunchOptions {
+        &self.launch
+    }
+
+    /// The corpus, tokenizer and template, checked before any weight is read.
+    fn prepare(&self) -> Result<score::Prepared> {
+        Ok(score::prepare(&ModelDir::open_for(&self.launch.model, &[])?, &self.opts)?)
+    }
+
+    fn drive<B: Backend + 'static>(&self, prepared: score::Prepared, launched: &mut Launched<B>) -> Result<ExitCode> {
+        let mut scorer = PipelineScorer::new(&mut launched.worker)?;
+        let s = score::run(&launched.dir, &self.opts, prepared, &mut scorer)?;
         if !self.opts.quiet {
             eprintln!(
                 "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
@@ -110,8 +109,7 @@ impl RankJob for ScoreJob {
                 s.tokens as f64 / s.seconds.max(1e-9)
             );
         }
-        let code = if s.failed_in_file > 0 { ExitCode::from(EXIT_SOME_FAILED) } else { ExitCode::SUCCESS };
-        Ok((code, std::mem::take(&mut worker.trace)))
+        Ok(if s.failed_in_file > 0 { ExitCode::from(EXIT_SOME_FAILED) } else { ExitCode::SUCCESS })
     }
 }
 
