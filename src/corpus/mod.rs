@@ -99,6 +99,18 @@ pub struct CorpusStats {
     pub failed: usize,
 }
 
+/// Open the corpus file, or say why it cannot be read (missing, unreadable, a directory).
+pub fn open_corpus(path: &Path) -> Result<File, CorpusError> {
+    let name = path.display().to_string();
+    let file = File::open(path).map_err(|source| CorpusError::Io { path: name.clone(), source })?;
+    // Opening a directory succeeds on Unix; reading it fails. Catch it before any work.
+    match file.metadata() {
+        Ok(m) if m.is_dir() => Err(CorpusError::Io { path: name, source: std::io::Error::other("is a directory, expected a JSONL file") }),
+        Err(source) => Err(CorpusError::Io { path: name, source }),
+        Ok(_) => Ok(file),
+    }
+}
+
 /// Streaming reader: one [`PreparedDoc`] per non-blank line not in `skip_ids`, read on
 /// demand so a large corpus is never held in memory.
 pub struct CorpusReader<'t> {
@@ -119,16 +131,7 @@ impl<'t> CorpusReader<'t> {
     /// document is read.
     pub fn open(path: &Path, tokenizer: &'t Tokenizer, options: CorpusOptions) -> Result<CorpusReader<'t>, CorpusError> {
         let name = path.display().to_string();
-        let file = File::open(path).map_err(|source| CorpusError::Io { path: name.clone(), source })?;
-        // Opening a directory succeeds on Unix; reading it fails. Catch it before any work.
-        match file.metadata() {
-            Ok(m) if m.is_dir() => {
-                let source = std::io::Error::other("is a directory, expected a JSONL file");
-                return Err(CorpusError::Io { path: name, source });
-            }
-            Err(source) => return Err(CorpusError::Io { path: name, source }),
-            Ok(_) => {}
-        }
+        let file = open_corpus(path)?;
         Ok(CorpusReader::from_reader(&name, BufReader::with_capacity(1 << 20, file), tokenizer, options))
     }
 

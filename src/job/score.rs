@@ -3,7 +3,7 @@
 
 use super::progress::Progress;
 use super::{BatchScorer, JobError};
-use crate::corpus::{build_batch, Batcher, CorpusOptions, CorpusReader, ReadyDoc, Template, DEFAULT_TEMPLATE};
+use crate::corpus::{build_batch, open_corpus, Batcher, CorpusOptions, CorpusReader, ReadyDoc, Template, DEFAULT_TEMPLATE};
 use crate::format::model_dir::ModelDir;
 use crate::layout::MicroBatch;
 use crate::results::{export_csv, read_results, DocResult, ResultsWriter, RunMeta};
@@ -52,11 +52,7 @@ pub struct Prepared {
 
 pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError> {
     // An unreadable corpus is fatal before anything is loaded or any output is touched.
-    match std::fs::metadata(&opts.docs) {
-        Ok(m) if m.is_dir() => return Err(JobError::Input(format!("{}: is a directory, expected a JSONL file", opts.docs.display()))),
-        Ok(_) => {}
-        Err(e) => return Err(JobError::Input(format!("{}: cannot read: {e}", opts.docs.display()))),
-    }
+    open_corpus(&opts.docs).map_err(|e| JobError::Input(e.to_string()))?;
     let tokenizer = Tokenizer::from_file(&dir.tokenizer_path()).map_err(|e| JobError::Input(e.to_string()))?;
     let template = match &opts.template {
         Some(path) => Template::from_file(path),
