@@ -123,8 +123,8 @@ fn write_part(ckpt: &dyn Checkpoint, dir: &Path, part: Part, dtype: DType, origi
     drop(tensors);
     // Durable before the manifest that vouches for it is written.
     std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| FormatError::io(&path, e))?;
-    let (bytes, sha256) = st::sha256_file(&path)?;
-    Ok((PartEntry { name: part.name(), file: part.file_name(), bytes, sha256 }, count))
+    let h = st::hash_file(&path)?;
+    Ok((PartEntry { name: part.name(), file: part.file_name(), bytes: h.bytes, sha256: h.sha256, xxh3: Some(h.xxh3) }, count))
 }
 
 /// Elements cast per step: `HostTensor::to_dtype` widens its whole input to f32 first, which

@@ -23,6 +23,10 @@ pub struct PartEntry {
     pub bytes: u64,
     /// Lowercase hex sha256 of the whole file.
     pub sha256: String,
+    /// xxh3-128 of the whole file (32 lowercase hex digits), checked by every rank while it
+    /// reads the part; absent in directories converted before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xxh3: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -141,9 +145,11 @@ impl Manifest {
             if entry.name != part.name() || entry.file != part.file_name() {
                 return Err(bad(format!("expected part `{}` in `{}`, found `{}` in `{}`", part.name(), part.file_name(), entry.name, entry.file)));
             }
-            let hex_ok = entry.sha256.len() == 64 && entry.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if !hex_ok {
+            if !is_hex(&entry.sha256, 64) {
                 return Err(bad(format!("part `{}`: sha256 must be 64 lowercase hex digits", entry.name)));
+            }
+            if entry.xxh3.as_deref().is_some_and(|h| !is_hex(h, 32)) {
+                return Err(bad(format!("part `{}`: xxh3 must be 32 lowercase hex digits", entry.name)));
             }
         }
         Ok(())
@@ -153,6 +159,12 @@ impl Manifest {
     pub fn part(&self, part: Part) -> Option<&PartEntry> {
         let name = part.name();
         self.parts.iter().find(|p| p.name == name)
+    }
+
+    /// False for directories converted before parts carried the fast hash: their parts
+    /// load unchecked (`inspect --verify` still checks the sha256).
+    pub fn has_fast_hashes(&self) -> bool {
+        self.parts.iter().all(|p| p.xxh3.is_some())
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -166,6 +178,10 @@ impl Manifest {
             .map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("cannot serialise: {e}") })?;
         std::fs::write(&path, text + "\n").map_err(|e| FormatError::io(&path, e))
     }
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A name that cannot leave the directory it is joined to.
@@ -185,7 +201,7 @@ mod tests {
     }
 
     fn entry(name: &str, sha: char) -> PartEntry {
-        PartEntry { name: name.into(), file: format!("{name}.safetensors"), bytes: 1, sha256: sha.to_string().repeat(64) }
+        PartEntry { name: name.into(), file: format!("{name}.safetensors"), bytes: 1, sha256: sha.to_string().repeat(64), xxh3: Some(sha.to_string().repeat(32)) }
     }
 
     #[test]

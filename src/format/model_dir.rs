@@ -31,9 +31,17 @@ impl ModelDir {
     }
 
     /// Read the manifest and check only `parts` (headers, shapes, sizes): a rank's start-up.
+    /// Their contents are checked against the fast hash when `read_part` reads them.
     pub fn open_for(dir: &Path, parts: &[Part]) -> Result<ModelDir> {
         let md = ModelDir { dir: dir.to_path_buf(), manifest: Manifest::load(dir)? };
         md.check_parts(parts)?;
+        if !parts.is_empty() && !md.manifest.has_fast_hashes() {
+            eprintln!(
+                "notice: {} has no fast content hashes (converted by an older falcon-batch): parts load unchecked; \
+                 `falcon-batch inspect --verify` checks them, converting again adds the hashes",
+                dir.join(super::manifest::MANIFEST_FILE).display()
+            );
+        }
         Ok(md)
     }
 
@@ -101,10 +109,29 @@ impl ModelDir {
         parts.iter().try_for_each(|&p| self.open_part(p).map(|_| ()))
     }
 
-    /// The tensors of one part under their short names, in the family table's order.
+    /// The tensors of one part under their short names, in the family table's order, after
+    /// checking the file's content against the manifest's fast hash (when it has one): a
+    /// corrupt part stops the job here, before any compute.
     pub fn read_part(&self, part: Part) -> Result<Vec<(String, HostTensor)>> {
         let file = self.open_part(part)?;
-        model::expected_tensors(self.config(), part).into_iter().map(|(name, _)| Ok((name.clone(), file.read(&name)?))).collect()
+        let (mut tensors, xxh3) = file.read_all_hashed()?;
+        let entry = self.entry(part)?;
+        if let Some(want) = &entry.xxh3 {
+            if *want != xxh3 {
+                return Err(mismatch(
+                    file.path(),
+                    format!(
+                        "part `{}`: content hash xxh3 {xxh3}, the manifest records {want}: the file is corrupt or changed \
+                         since convert; copy it again or convert again",
+                        part.name()
+                    ),
+                ));
+            }
+        }
+        model::expected_tensors(self.config(), part)
+            .into_iter()
+            .map(|(name, _)| tensors.remove(&name).map(|t| (name.clone(), t)).ok_or_else(|| mismatch(file.path(), format!("missing tensor `{name}`"))))
+            .collect()
     }
 
     /// Re-hash every part against the manifest: (part name, problem) for each that differs.
@@ -114,10 +141,13 @@ impl ModelDir {
 
     fn verify_one(&self, entry: &PartEntry) -> Option<String> {
         let path = self.dir.join(&entry.file);
-        match st::sha256_file(&path) {
+        match st::hash_file(&path) {
             Err(e) => Some(e.to_string()),
-            Ok((bytes, _)) if bytes != entry.bytes => Some(format!("{}: {bytes} bytes, the manifest records {}", path.display(), entry.bytes)),
-            Ok((_, sha)) if sha != entry.sha256 => Some(format!("{}: sha256 {sha}, the manifest records {}", path.display(), entry.sha256)),
+            Ok(h) if h.bytes != entry.bytes => Some(format!("{}: {} bytes, the manifest records {}", path.display(), h.bytes, entry.bytes)),
+            Ok(h) if h.sha256 != entry.sha256 => Some(format!("{}: sha256 {}, the manifest records {}", path.display(), h.sha256, entry.sha256)),
+            Ok(h) if entry.xxh3.as_ref().is_some_and(|x| *x != h.xxh3) => {
+                Some(format!("{}: xxh3 {}, the manifest records {}", path.display(), h.xxh3, entry.xxh3.as_deref().unwrap_or("")))
+            }
             Ok(_) => None,
         }
     }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::Xxh3;
 
 /// Where one tensor lies in the mapped file.
 #[derive(Clone, Debug)]
@@ -119,6 +120,44 @@ impl StFile {
         }
         Ok(HostTensor { dtype, shape: e.shape.clone(), data })
     }
+
+    /// Every tensor, copied out in file order, and the fast content hash of the whole file
+    /// (`content_hash` of the same bytes), computed in the same pass: each chunk is hashed
+    /// while it is hot from the copy, so checking costs no second read of the file.
+    pub fn read_all_hashed(&self) -> Result<(HashMap<String, HostTensor>, String)> {
+        let mut hasher = Xxh3::new();
+        let mut out = HashMap::with_capacity(self.order.len());
+        let mut hashed = 0; // bytes of the file fed to the hasher so far
+        for name in &self.order {
+            let e = &self.tensors[name];
+            // The header, and any padding between tensors, is hashed too.
+            if e.start > hashed {
+                hasher.update(&self.mmap[hashed..e.start]);
+            }
+            let t = self.read(name)?;
+            hasher.update(&t.data[hashed.saturating_sub(e.start)..]);
+            hashed = hashed.max(e.end);
+            out.insert(name.clone(), t);
+        }
+        if self.mmap.len() > hashed {
+            hasher.update(&self.mmap[hashed..]);
+        }
+        Ok((out, hash_hex(&hasher)))
+    }
+}
+
+/// The manifest's fast content hash: xxh3-128 of the whole file, 32 lowercase hex digits.
+/// Fast enough (several GB/s) for every rank to check every part it loads; sha256 stays
+/// for `inspect --verify` and the model id.
+fn hash_hex(h: &Xxh3) -> String {
+    format!("{:032x}", h.digest128())
+}
+
+/// What hashing a whole file gives: its size and both content hashes.
+pub(crate) struct FileHashes {
+    pub bytes: u64,
+    pub sha256: String,
+    pub xxh3: String,
 }
 
 /// A HostTensor as the safetensors writer sees it.
@@ -147,10 +186,11 @@ pub(crate) fn write(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()>
         .map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("cannot write safetensors: {e}") })
 }
 
-/// (size in bytes, lowercase hex sha256) of a file, read in 1 MiB chunks.
-pub(crate) fn sha256_file(path: &Path) -> Result<(u64, String)> {
+/// Size, sha256 and xxh3-128 of a file in one read, 1 MiB at a time.
+pub(crate) fn hash_file(path: &Path) -> Result<FileHashes> {
     let mut file = File::open(path).map_err(|e| FormatError::io(path, e))?;
-    let mut hasher = Sha256::new();
+    let mut sha = Sha256::new();
+    let mut fast = Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
@@ -158,8 +198,9 @@ pub(crate) fn sha256_file(path: &Path) -> Result<(u64, String)> {
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
+        sha.update(&buf[..n]);
+        fast.update(&buf[..n]);
         total += n as u64;
     }
-    Ok((total, hex::encode(hasher.finalize())))
+    Ok(FileHashes { bytes: total, sha256: hex::encode(sha.finalize()), xxh3: hash_hex(&fast) })
 }
