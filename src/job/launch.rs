@@ -57,7 +57,17 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
     eprintln!("{}", schedule.describe_rank(cluster.rank));
     let parts: Vec<Part> = schedule.rank_groups[cluster.rank].iter().flat_map(|&g| schedule.groups[g].parts()).collect();
     let dir = ModelDir::open_for(&opts.model, &parts)?;
+    let started = std::time::Instant::now();
     let host = read_rank_groups(&schedule, cluster.rank, |p| dir.read_part(p))?;
+    let bytes: u64 = parts.iter().filter_map(|&p| dir.manifest().part(p)).map(|e| e.bytes).sum();
+    let checked = if dir.manifest().has_fast_hashes() { "content hashes checked" } else { "not checked: no fast hashes" };
+    eprintln!(
+        "rank {}: read {} parts, {:.1} MiB in {:.2} s ({checked})",
+        cluster.rank,
+        parts.len(),
+        bytes as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
     let trace = if opts.trace { Trace::for_rank(cluster.rank) } else { Trace::disabled() };
     let worker = Worker::new(cluster, Arc::new(backend), cfg, schedule, host, trace)?;
     Ok(Launched { dir, worker })
