@@ -88,6 +88,27 @@ fn killed_run_resumes_to_the_uninterrupted_result() {
 }
 
 #[test]
+fn sigterm_stops_after_the_batch_in_flight_and_the_rerun_completes() {
+    let d = tmp("term");
+    let (m, docs) = (model(&d), corpus(&d, 40));
+    let whole = d.join("whole.h5");
+    run(&mut score(&m, &docs, &whole));
+    let reference = read_results(&whole).unwrap();
+
+    let out = d.join("stopped.h5");
+    let o = run(score(&m, &docs, &out).env("FALCON_BATCH_TERM_AFTER_DOCS", "11"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(75), "SIGTERM: exit 75 (EX_TEMPFAIL); {e}");
+    assert!(e.contains("stopped by SIGTERM") && e.contains("run the same command again"), "{e}");
+    let partial = read_results(&out).unwrap();
+    assert!(partial.len() >= 11 && partial.len() < 40, "{} documents after SIGTERM", partial.len());
+    assert_eq!(partial[..], reference[..partial.len()], "what was written before the stop is final");
+    let o = run(&mut score(&m, &docs, &out));
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_results(&out).unwrap(), reference, "stopped + resumed differs from an uninterrupted run");
+}
+
+#[test]
 fn mismatched_output_is_refused_and_csv_is_written() {
     let d = tmp("mismatch");
     let (m, docs) = (model(&d), corpus(&d, 10));

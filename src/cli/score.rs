@@ -6,6 +6,7 @@ use falcon_batch::backend::Backend;
 use falcon_batch::format::model_dir::ModelDir;
 use falcon_batch::job::launch::{LaunchOptions, Launched};
 use falcon_batch::job::score::{self, ScoreOptions};
+use falcon_batch::job::stop;
 use falcon_batch::pipeline::PipelineScorer;
 use falcon_batch::results::read_results;
 use falcon_batch::score::Norm;
@@ -74,6 +75,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
         job_options: format!("score norm={} template={:?} batch_tokens={}", norm.name(), a.template, a.batch_tokens),
         trace: a.schedule.trace.is_some(),
     };
+    stop::install();
     run_ranks(&a.schedule, ScoreJob { opts, launch })
 }
 
@@ -108,6 +110,14 @@ impl RankJob for ScoreJob {
                 s.seconds,
                 s.tokens as f64 / s.seconds.max(1e-9)
             );
+        }
+        if s.stopped {
+            eprintln!(
+                "{}: stopped by SIGTERM with {} documents in the file; run the same command again to resume",
+                self.opts.out.display(),
+                s.docs_in_file
+            );
+            return Ok(ExitCode::from(stop::EXIT_STOPPED));
         }
         Ok(if s.failed_in_file > 0 { ExitCode::from(EXIT_SOME_FAILED) } else { ExitCode::SUCCESS })
     }

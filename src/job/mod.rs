@@ -4,6 +4,7 @@
 pub mod launch;
 pub mod progress;
 pub mod score;
+pub mod stop;
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;

@@ -41,6 +41,9 @@ pub struct ScoreSummary {
     /// Rows (tokens) this run sent through the model.
     pub tokens: usize,
     pub seconds: f64,
+    /// SIGTERM stopped the run after the micro-batch in flight; documents not yet in the
+    /// file are scored when the same command runs again.
+    pub stopped: bool,
 }
 
 /// What one run needs before any document is read: fatal problems surface here.
@@ -64,13 +67,16 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
 }
 
 /// Fault injection for the restart tests: with FALCON_BATCH_KILL_AFTER_DOCS=N the process
-/// SIGKILLs itself once N documents are written, exactly as an OOM killer or scancel would.
+/// SIGKILLs itself once N documents are written, exactly as an OOM killer or scancel would;
+/// FALCON_BATCH_TERM_AFTER_DOCS=N sends itself SIGTERM instead, as Slurm preemption does.
 fn crash_point(written: usize) {
-    let limit = std::env::var("FALCON_BATCH_KILL_AFTER_DOCS").ok().and_then(|v| v.parse::<usize>().ok());
-    if limit.is_some_and(|n| written >= n) {
-        // SAFETY: raise only sends a signal to this process.
-        unsafe {
-            libc::raise(libc::SIGKILL);
+    let after = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<usize>().ok()).is_some_and(|n| written >= n);
+    for (var, signal) in [("FALCON_BATCH_KILL_AFTER_DOCS", libc::SIGKILL), ("FALCON_BATCH_TERM_AFTER_DOCS", libc::SIGTERM)] {
+        if after(var) {
+            // SAFETY: raise only sends a signal to this process.
+            unsafe {
+                libc::raise(signal);
+            }
         }
     }
 }
@@ -172,12 +178,18 @@ pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut
             run_wave(&mut wave, &mut finished, &mut summary, &mut progress)?;
         }
         flush(&mut queue, &mut finished, &mut summary, &mut progress)?;
+        if super::stop::requested() {
+            summary.stopped = true;
+            break;
+        }
     }
-    if let Some(batch) = batcher.finish() {
-        wave.push(batch);
+    if !summary.stopped {
+        if let Some(batch) = batcher.finish() {
+            wave.push(batch);
+        }
+        run_wave(&mut wave, &mut finished, &mut summary, &mut progress)?;
+        flush(&mut queue, &mut finished, &mut summary, &mut progress)?;
     }
-    run_wave(&mut wave, &mut finished, &mut summary, &mut progress)?;
-    flush(&mut queue, &mut finished, &mut summary, &mut progress)?;
     writer.close().map_err(|e| JobError::Output(e.to_string()))?;
     progress.finish();
 
