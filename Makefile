@@ -7,10 +7,14 @@ SMOL := models/smollm2-135m
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: deps build demo test fetch-model bench test-gpu test-gpu-build clean-results
+.PHONY: deps test-deps build demo test fetch-model bench test-gpu test-gpu-build clean-results
 
 deps:
 	@scripts/setup-deps.sh
+
+# The tests also start a real Slurm cluster (tests/slurm_cluster.rs).
+test-deps:
+	@scripts/setup-deps.sh --slurm
 
 build: deps
 	$(CARGO) build --release
@@ -38,7 +42,7 @@ demo: build $(SMOL)/manifest.json
 	$(BIN) score --model $(SMOL) --docs inputs/sample.jsonl --out results/demo.h5 --csv results/demo.csv --overwrite
 	$(BIN) show results/demo.h5 --docs inputs/sample.jsonl
 
-test: deps fetch-model
+test: test-deps fetch-model
 	$(CARGO) test --release
 
 # CPU benchmark against llama.cpp (llama-cpp-python) on the same GGUF, same documents, same

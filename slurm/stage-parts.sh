@@ -39,9 +39,12 @@ if (( last >= ranks )); then
     last=$((ranks - 1))
 fi
 for ((r = first; r <= last; r++)); do
+    # A command substitution, not a process substitution: a failing plan stops the staging.
+    listed=$("$bin" plan --model "$model" --ranks "$ranks" --parts-for-rank "$r" "$@") \
+        || { echo "stage-parts: \`falcon-batch plan ... --parts-for-rank $r\` failed (PLAN_FLAGS must be plan flags)" >&2; exit 1; }
     while IFS= read -r part; do
         [[ -n "$part" ]] && files+=("$part")
-    done < <("$bin" plan --model "$model" --ranks "$ranks" --parts-for-rank "$r" "$@")
+    done <<< "$listed"
 done
 
 # Ranks on one node may share parts (begin/end, or a small model); copy each once.
