@@ -98,3 +98,5 @@ macro_rules! fixture_tests {
 }
 
 fixture_tests!(falcon_7b, falcon_40b, falcon_new_1ln, falcon_seq_bias, falcon_untied, llama_gqa, llama_tied, mistral);
+// rope scaling: llama3 and linear in the Hub form (top-level rope_theta + rope_scaling), llama3 in transformers 5's rope_parameters
+fixture_tests!(llama31, llama_linear, llama3_params);
