@@ -59,6 +59,35 @@ impl RopeScaling {
         *self == RopeScaling::None
     }
 
+    fn check(&self, head_dim: usize) -> Result<(), String> {
+        let positive = |name: &str, v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { Err(format!("rope scaling {name} must be a positive number, got {v}")) };
+        match self {
+            RopeScaling::None => Ok(()),
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor } => positive("factor", *factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                positive("factor", *factor)?;
+                positive("low_freq_factor", *low_freq_factor)?;
+                positive("high_freq_factor", *high_freq_factor)?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(format!("llama3 rope scaling needs high_freq_factor > low_freq_factor, got {high_freq_factor} and {low_freq_factor}"));
+                }
+                if *original_max_position == 0 {
+                    return Err("llama3 rope scaling original_max_position_embeddings must be positive, got 0".into());
+                }
+                Ok(())
+            }
+            RopeScaling::Freqs { factors } => {
+                if factors.len() != head_dim / 2 {
+                    return Err(format!("rope frequency factors: expected head_dim / 2 = {} values, got {}", head_dim / 2, factors.len()));
+                }
+                match factors.iter().find(|f| !(**f > 0.0 && f.is_finite())) {
+                    Some(f) => Err(format!("rope frequency factors must be positive, found {f}")),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
     /// Short description for `model info`.
     pub fn describe(&self) -> String {
         match self {
@@ -106,37 +135,6 @@ pub struct ModelConfig {
     pub falcon: Option<FalconLayout>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
-}
-
-impl RopeScaling {
-    fn check(&self, head_dim: usize) -> Result<(), String> {
-        let positive = |name: &str, v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { Err(format!("rope scaling {name} must be a positive number, got {v}")) };
-        match self {
-            RopeScaling::None => Ok(()),
-            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor } => positive("factor", *factor),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
-                positive("factor", *factor)?;
-                positive("low_freq_factor", *low_freq_factor)?;
-                positive("high_freq_factor", *high_freq_factor)?;
-                if high_freq_factor <= low_freq_factor {
-                    return Err(format!("llama3 rope scaling needs high_freq_factor > low_freq_factor, got {high_freq_factor} and {low_freq_factor}"));
-                }
-                if *original_max_position == 0 {
-                    return Err("llama3 rope scaling original_max_position_embeddings must be positive, got 0".into());
-                }
-                Ok(())
-            }
-            RopeScaling::Freqs { factors } => {
-                if factors.len() != head_dim / 2 {
-                    return Err(format!("rope frequency factors: expected head_dim / 2 = {} values, got {}", head_dim / 2, factors.len()));
-                }
-                match factors.iter().find(|f| !(**f > 0.0 && f.is_finite())) {
-                    Some(f) => Err(format!("rope frequency factors must be positive, found {f}")),
-                    None => Ok(()),
-                }
-            }
-        }
-    }
 }
 
 #[derive(Debug, Error)]
