@@ -1,20 +1,22 @@
 // Rotary embedding, rotate-half form (HF Llama/Falcon): within each head, element i pairs
-// with i + D/2. The frequency and angle are computed in f32 exactly as the CPU reference
-// does (powf then pos * f), so both round the same way before sin/cos.
+// with i + D/2. The host computes the (D/2) inverse frequencies once, HF's way (scaling
+// included), so this kernel only forms the angle pos * inv_freq in f32 as the CPU reference
+// does before sin/cos.
 //
 // x: (T, ld) f32, rotated in place on columns [col0, col0 + heads * D)
 // pos: (T,) u32
+// inv_freq: (D/2,) f32
 // grid (ceil(heads * D/2 / 256), T), block 256: one thread per (head, pair).
 extern "C" __global__ void rope_f32(float* __restrict__ x, const unsigned int* __restrict__ pos,
+                                    const float* __restrict__ inv_freq,
                                     unsigned int T, unsigned int ld, unsigned int col0,
-                                    unsigned int heads, unsigned int D, float theta) {
+                                    unsigned int heads, unsigned int D) {
     unsigned int t = blockIdx.y;
     unsigned int half = D / 2;
     unsigned int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T || idx >= heads * half) return;
     unsigned int h = idx / half, i = idx % half;
-    float inv_freq = 1.0f / powf(theta, (2.0f * (float)i) / (float)D);
-    float angle = (float)pos[t] * inv_freq;
+    float angle = (float)pos[t] * inv_freq[i];
     float s, c;
     sincosf(angle, &s, &c);
     float* p = x + (unsigned long long)t * ld + col0 + h * D;

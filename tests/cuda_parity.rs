@@ -95,8 +95,10 @@ fn rope_and_elementwise() {
     let positions: Vec<u32> = (0..37).map(|i| i * 57).collect(); // up to 2052: large angles
     for (heads, d, col0, cols) in [(6, 64, 0, 6 * 64 + 128), (3, 128, 64, 64 + 3 * 128 + 64)] {
         let (mut xc, mut xg) = act2(&c, &g, 37, cols, 8);
-        c.rope(&mut xc, col0, heads, d, &positions, 10000.0).unwrap();
-        g.rope(&mut xg, col0, heads, d, &positions, 10000.0).unwrap();
+        // a scaled table (like llama3's): each frequency divided by its own factor
+        let inv_freq: Vec<f32> = (0..d / 2).map(|i| 10000f32.powf(-((2 * i) as f32) / d as f32) / (1.0 + 0.25 * i as f32)).collect();
+        c.rope(&mut xc, col0, heads, d, &positions, &inv_freq).unwrap();
+        g.rope(&mut xg, col0, heads, d, &positions, &inv_freq).unwrap();
         assert_close("rope", &g.download(&xg).unwrap(), &xc.data, F32_TOL);
     }
 

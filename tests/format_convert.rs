@@ -286,3 +286,30 @@ fn cli_convert_prints_one_line_per_part() {
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("--dtype"));
 }
+
+/// Issue 8: a Llama-3.1 config.json in the Hub form converts with its llama3 scaling, which the
+/// manifest keeps; a rope type we do not run stops the conversion naming the file and value.
+#[test]
+fn hub_rope_scaling_survives_conversion_and_unknown_types_stop_it() {
+    use falcon_batch::config::RopeScaling;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = llama_config(1);
+    let tensors = random_tensors(&llama_shapes(&cfg), DType::F32);
+    cfg["rope_theta"] = serde_json::json!(500000.0);
+    cfg["rope_scaling"] = serde_json::json!({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_type": "llama3"});
+    let src = tmp.path().join("hf31");
+    write_checkpoint(&src, &cfg, &tensors, 1);
+    let out = tmp.path().join("out31");
+    convert_path(&src, &out, None).unwrap();
+    let md = ModelDir::open(&out).unwrap();
+    let want = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192 };
+    assert_eq!((md.config().rope_theta, &md.config().rope_scaling), (500000.0, &want));
+    assert!(md.verify().is_empty());
+
+    cfg["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    let src = tmp.path().join("hf_yarn");
+    write_checkpoint(&src, &cfg, &tensors, 1);
+    let e = convert_path(&src, &tmp.path().join("out_yarn"), None).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("rope_scaling.rope_type") && e.contains("yarn"), "{e}");
+}

@@ -296,6 +296,56 @@ fn clear_errors_name_the_file_and_problem() {
     assert!(err_text(r).1.contains("truncated"));
 }
 
+/// The tiny file with metadata added (or replaced) and extra tensors.
+fn open_with(meta: &[(&'static str, Value)], extra: Vec<(&'static str, Vec<u64>, u32, Vec<u8>)>) -> (tempfile::TempDir, String, falcon_batch::format::Result<GgufCheckpoint>) {
+    let mut m = tiny_meta("llama");
+    m.retain(|(k, _)| !meta.iter().any(|(k2, _)| k2 == k));
+    m.extend(meta.iter().cloned());
+    let mut tensors = tiny_tensors();
+    tensors.extend(extra);
+    open_bytes(&write_gguf(&m, &tensors))
+}
+
+#[test]
+fn rope_scaling_is_read_as_llama_cpp_reads_it() {
+    use falcon_batch::config::RopeScaling;
+    let scaling = |meta: &[(&'static str, Value)], extra| {
+        let (_d, _p, r) = open_with(meta, extra);
+        r.unwrap_or_else(|e| panic!("{e}")).config().rope_scaling.clone()
+    };
+    let s = |x: &str| Value::Str(x.into());
+    assert_eq!(scaling(&[], vec![]), RopeScaling::None);
+    let linear = [("llama.rope.scaling.type", s("linear")), ("llama.rope.scaling.factor", Value::F32(4.0))];
+    assert_eq!(scaling(&linear, vec![]), RopeScaling::Linear { factor: 4.0 });
+    // no type key means linear; the factor may sit under the older key
+    assert_eq!(scaling(&[("llama.rope.scale_linear", Value::F32(2.0))], vec![]), RopeScaling::Linear { factor: 2.0 });
+    // type none switches a factor off
+    assert_eq!(scaling(&[("llama.rope.scaling.type", s("none")), ("llama.rope.scaling.factor", Value::F32(4.0))], vec![]), RopeScaling::None);
+    // Llama-3.x: rope_freqs.weight (D/2) divides each frequency
+    let factors: Vec<f32> = (0..HEAD_DIM / 2).map(|i| 1.0 + i as f32).collect();
+    let freqs = vec![("rope_freqs.weight", vec![(HEAD_DIM / 2) as u64], 0, f32_bytes(&factors))];
+    assert_eq!(scaling(&[], freqs), RopeScaling::Freqs { factors });
+}
+
+#[test]
+fn rope_and_bias_layouts_we_do_not_run_are_refused_by_name() {
+    let refused = |meta: &[(&'static str, Value)], extra, want: &[&str]| {
+        let (_d, path, r) = open_with(meta, extra);
+        let (e, s) = err_text(r);
+        assert!(matches!(e, FormatError::Unsupported { .. } | FormatError::Malformed { .. }) && s.contains(&path), "{s}");
+        for w in want {
+            assert!(s.contains(w), "{s} lacks {w}");
+        }
+    };
+    let yarn = [("llama.rope.scaling.type", Value::Str("yarn".into())), ("llama.rope.scaling.factor", Value::F32(4.0))];
+    refused(&yarn, vec![], &["llama.rope.scaling.type", "`yarn`"]);
+    refused(&[("llama.rope.dimension_count", Value::U32(8))], vec![], &["llama.rope.dimension_count", "8", "partial rotary"]);
+    let short = vec![("rope_freqs.weight", vec![3], 0, f32_bytes(&[1.0, 2.0, 3.0]))];
+    refused(&[], short, &["rope frequency factors", "expected head_dim / 2 = 8", "got 3"]);
+    let q_bias = vec![("blk.0.attn_q.bias", vec![HIDDEN as u64], 0, f32_bytes(&[0.0; HIDDEN]))];
+    refused(&[], q_bias, &["blk.0.attn_q.bias", "blk.0.attn_output.bias"]);
+}
+
 #[test]
 fn every_truncation_is_an_error_naming_the_file() {
     let bytes = tiny_file();

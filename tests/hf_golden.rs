@@ -41,13 +41,24 @@ fn read_shards(dir: &Path) -> Shards {
     Shards(map)
 }
 
+fn fixture_dir(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn read_golden(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture_dir(name).join("golden.json")).unwrap()).unwrap()
+}
+
 fn check_fixture(name: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let dir = fixture_dir(name);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let cfg = model::config_from_hf(&json, "config.json").unwrap();
-    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let src = read_shards(&dir);
-    let host = HostGroup::read(0..cfg.n_layers, cfg.n_layers, |p: Part| model::convert_part(&cfg, p, &src)).unwrap();
+    check_against_golden(name, &cfg, &read_shards(&dir), &read_golden(name));
+}
+
+/// Converted from `src` under `cfg`, the model's log-probs and greedy ids are HF's.
+fn check_against_golden(name: &str, cfg: &falcon_batch::config::ModelConfig, src: &dyn TensorSource, golden: &serde_json::Value) {
+    let host = HostGroup::read(0..cfg.n_layers, cfg.n_layers, |p: Part| model::convert_part(cfg, p, src)).unwrap();
     let b = CpuBackend::new();
     let stage = Stage::upload(&b, &host).unwrap();
     let mut worst = 0f64;
@@ -60,9 +71,9 @@ fn check_fixture(name: &str) {
         let spans = vec![AttnSpan::causal(0); n];
         let ctx = RowCtx { positions: &positions, spans: &spans, cache_order: None };
         let x = stage.embed(&b, &ids[..n]).unwrap();
-        let x = stage.run_layers(&b, &cfg, x, &ctx, None).unwrap();
+        let x = stage.run_layers(&b, cfg, x, &ctx, None).unwrap();
         let rows: Vec<u32> = (0..n as u32 - 1).collect();
-        let logits = stage.logits(&b, &cfg, &x, &rows).unwrap();
+        let logits = stage.logits(&b, cfg, &x, &rows).unwrap();
         let got = b_log_softmax_at(&b, &logits, &ids[1..n]);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() < 1e-4, "{name}: token {} of a {}-token sequence: {g} vs HF {w}", i + 1, ids.len());
@@ -70,7 +81,7 @@ fn check_fixture(name: &str) {
         }
     }
     eprintln!("{name}: max |Δ logprob| = {worst:.2e}");
-    check_greedy(name, &cfg, &b, stage, &golden);
+    check_greedy(name, cfg, &b, stage, golden);
 }
 
 /// HF's greedy generate (eos disabled), token for token.
@@ -98,3 +109,19 @@ macro_rules! fixture_tests {
 }
 
 fixture_tests!(falcon_7b, falcon_40b, falcon_new_1ln, falcon_seq_bias, falcon_untied, llama_gqa, llama_tied, mistral);
+// rope scaling: llama3 and linear in the Hub form (top-level rope_theta + rope_scaling), llama3 in transformers 5's rope_parameters
+fixture_tests!(llama31, llama_linear, llama3_params);
+
+/// The llama31 fixture as llama.cpp writes a Llama-3.x GGUF (tests/fixtures/make_rope_gguf.py):
+/// its rope scaling is the rope_freqs tensor, and the log-probs are still HF's.
+#[test]
+fn llama31_gguf() {
+    use falcon_batch::config::RopeScaling;
+    use falcon_batch::format::gguf::GgufCheckpoint;
+    use falcon_batch::format::Checkpoint;
+    let ck = GgufCheckpoint::open(&fixture_dir("llama31_gguf").join("model.gguf")).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = ck.config().clone();
+    let RopeScaling::Freqs { factors } = &cfg.rope_scaling else { panic!("rope_freqs not read: {:?}", cfg.rope_scaling) };
+    assert_eq!(factors.len(), cfg.head_dim / 2);
+    check_against_golden("llama31_gguf", &cfg, &ck, &read_golden("llama31"));
+}

@@ -174,12 +174,14 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn rope(&self, x: &mut Mat, col0: usize, heads: usize, head_dim: usize, positions: &[u32], theta: f32) -> Result<()> {
-        if positions.len() != x.rows || col0 + heads * head_dim > x.cols {
-            return Err(shape_err("rope", format!("{} positions, {} rows, {} cols", positions.len(), x.rows, x.cols)));
+    fn rope(&self, x: &mut Mat, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
+        if positions.len() != x.rows || col0 + heads * head_dim > x.cols || inv_freq.len() != head_dim / 2 {
+            return Err(shape_err(
+                "rope",
+                format!("{} positions, {} rows, {} cols, {} frequencies for head dim {head_dim}", positions.len(), x.rows, x.cols, inv_freq.len()),
+            ));
         }
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
         let cols = x.cols;
         x.data.par_chunks_mut(cols).zip(positions).for_each(|(row, &pos)| {
             for (i, f) in inv_freq.iter().enumerate() {

@@ -47,8 +47,9 @@ pub trait Backend: Send + Sync {
     fn layer_norm(&self, x: &Self::Act, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Act>;
     /// Row-wise RMSNorm with weight (C,).
     fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act>;
-    /// Rotary embedding (rotate-half form) in place on columns [col0, col0 + heads·D) of x (T, ·).
-    fn rope(&self, x: &mut Self::Act, col0: usize, heads: usize, head_dim: usize, positions: &[u32], theta: f32) -> Result<()>;
+    /// Rotary embedding (rotate-half form) in place on columns [col0, col0 + heads·D) of x (T, ·):
+    /// pair i of a head at position p turns by p · inv_freq[i], inv_freq (D/2).
+    fn rope(&self, x: &mut Self::Act, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()>;
     /// q (T, H·D), k and v (S, KV·D) -> (T, H·D). Query row t attends key rows
     /// [shared_start, shared_end) ∪ [own_start, t + key_offset] of its span, scaled by 1/√D.
     fn attention(

@@ -62,6 +62,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     println!("vocab      {}", c.vocab_size);
     println!("context    {}", c.context_limit());
     println!("rope theta {}", c.rope_theta);
+    println!("rope scale {}", c.rope_scaling.describe());
     println!("dtype      {}", m.dtype.name());
     println!("model id   {}", m.model_id);
     println!("source     {}", m.source);

@@ -56,6 +56,8 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
         }
     }
     let eos = j.ids("eos_token_id")?;
+    let max_position = j.usize_opt("max_position_embeddings")?.unwrap_or(2048);
+    let (rope_theta, rope_scaling) = j.rope(10000.0, max_position)?;
     Ok(ModelConfig {
         family: Family::Falcon,
         vocab_size: j.usize_opt("vocab_size")?.unwrap_or(65024),
@@ -65,9 +67,10 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
         n_kv_heads,
         head_dim: hidden / n_heads,
         intermediate_size: j.usize_opt("ffn_hidden_size")?.unwrap_or(4 * hidden),
-        max_position: j.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+        max_position,
         sliding_window: None,
-        rope_theta: j.rope_theta(10000.0)?,
+        rope_theta,
+        rope_scaling,
         norm_eps: j.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5),
         tied_embeddings: j.bool_opt("tie_word_embeddings")?.unwrap_or(true),
         attention_bias: false,

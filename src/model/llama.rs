@@ -16,14 +16,24 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
     if n_heads == 0 {
         return Err(err("num_attention_heads", "must be positive".into()));
     }
-    if let Some(act) = json.get("hidden_act").and_then(|v| v.as_str()) {
-        if act != "silu" {
-            return Err(err("hidden_act", format!("only \"silu\" is supported, found \"{act}\"")));
-        }
+    match json.get("hidden_act") {
+        None | Some(serde_json::Value::Null) => {}
+        // HF's ACT2FN maps both names to SiLU.
+        Some(serde_json::Value::String(act)) if act == "silu" || act == "swish" => {}
+        Some(other) => return Err(err("hidden_act", format!("only \"silu\" is supported, found {other}"))),
     }
     let is_mistral = json.get("model_type").and_then(|v| v.as_str()) == Some("mistral");
     let max_position = j.usize_opt("max_position_embeddings")?.unwrap_or(if is_mistral { 32768 } else { 2048 });
-    let sliding_window = if is_mistral { j.usize_opt("sliding_window")? } else { None };
+    // HF Llama has no sliding window whatever config.json says; MistralConfig defaults to 4096
+    // when the key is absent (Mistral-7B-v0.1) and an explicit null turns it off (v0.2 on).
+    let sliding_window = match (is_mistral, json.get("sliding_window")) {
+        (false, _) => None,
+        (true, None) => Some(4096),
+        (true, Some(_)) => j.usize_opt("sliding_window")?,
+    };
+    // HF Mistral builds every projection without a bias; Llama reads the two flags.
+    let bias_flag = |field: &str| -> Result<bool> { if is_mistral { Ok(false) } else { Ok(j.bool_opt(field)?.unwrap_or(false)) } };
+    let (rope_theta, rope_scaling) = j.rope(10000.0, max_position)?;
     Ok(ModelConfig {
         family: Family::Llama,
         vocab_size: j.usize_opt("vocab_size")?.unwrap_or(32000),
@@ -35,11 +45,12 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
         intermediate_size: j.usize("intermediate_size")?,
         max_position,
         sliding_window,
-        rope_theta: j.rope_theta(10000.0)?,
+        rope_theta,
+        rope_scaling,
         norm_eps: j.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
         tied_embeddings: j.bool_opt("tie_word_embeddings")?.unwrap_or(false),
-        attention_bias: j.bool_opt("attention_bias")?.unwrap_or(false),
-        mlp_bias: j.bool_opt("mlp_bias")?.unwrap_or(false),
+        attention_bias: bias_flag("attention_bias")?,
+        mlp_bias: bias_flag("mlp_bias")?,
         falcon: None,
         bos_token_id: j.usize_opt("bos_token_id")?.map(|x| x as u32),
         eos_token_ids: j.ids("eos_token_id")?,
@@ -64,6 +75,9 @@ pub fn expected_tensors(cfg: &ModelConfig, part: Part) -> Vec<(String, Vec<usize
                 out.push(("attn.qkv.bias".into(), vec![qkv]));
             }
             out.push(("attn.out.weight".into(), vec![c, hd]));
+            if cfg.attention_bias {
+                out.push(("attn.out.bias".into(), vec![c]));
+            }
             for (name, rows, cols) in [("mlp.gate", f, c), ("mlp.up", f, c), ("mlp.down", c, f)] {
                 out.push((format!("{name}.weight"), vec![rows, cols]));
                 if cfg.mlp_bias {
@@ -103,6 +117,9 @@ pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Re
                 ));
             }
             out.push(("attn.out.weight".into(), proj("o", "weight", &[c, hd])?));
+            if cfg.attention_bias {
+                out.push(("attn.out.bias".into(), proj("o", "bias", &[c])?));
+            }
             for (short, hf, shape) in [("mlp.gate", "gate_proj", [f, c]), ("mlp.up", "up_proj", [f, c]), ("mlp.down", "down_proj", [c, f])] {
                 out.push((format!("{short}.weight"), get_checked(src, &format!("{p}.mlp.{hf}.weight"), &shape)?));
                 if cfg.mlp_bias {

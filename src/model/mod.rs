@@ -7,7 +7,7 @@ pub mod falcon;
 pub mod llama;
 
 use crate::backend::{AttnShape, Backend, BackendError};
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, ModelConfig, RopeScaling};
 use crate::layout::AttnSpan;
 use crate::tensor::HostTensor;
 use std::collections::HashMap;
@@ -180,8 +180,9 @@ pub(crate) fn attention_block<B: Backend>(
 ) -> Result<B::Act> {
     let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
     let mut qkv = b.linear(x, w.get("attn.qkv.weight")?, w.opt("attn.qkv.bias"))?; // (T, (H + 2KV) D)
-    let theta = cfg.rope_theta as f32;
-    b.rope(&mut qkv, 0, h + kv, d, ctx.positions, theta)?; // q and k are adjacent columns
+    // (D/2); recomputed per call because it is D/2 powf, nothing next to the projections.
+    let inv_freq = cfg.rope_inv_freq();
+    b.rope(&mut qkv, 0, h + kv, d, ctx.positions, &inv_freq)?; // q and k are adjacent columns
     let q = b.cols(&qkv, 0, h * d)?; // (T, H D)
     let mut k = b.cols(&qkv, h * d, kv * d)?; // (T, KV D)
     let mut v = b.cols(&qkv, (h + kv) * d, kv * d)?; // (T, KV D)
@@ -273,27 +274,75 @@ impl HfJson<'_> {
         }
     }
 
-    /// rope_theta at the top level or inside rope_parameters / rope_scaling (newer checkpoints).
-    pub fn rope_theta(&self, default: f64) -> Result<f64> {
-        if let Some(t) = self.f64_opt("rope_theta")? {
-            return Ok(t);
+    /// rope_theta and its scaling, read as HF's RotaryEmbeddingConfigMixin does: the scaling dict
+    /// is `rope_scaling` (Hub checkpoints) or else `rope_parameters` (transformers 5); rope_theta
+    /// comes from that dict, else the top level, else `default_theta`. `max_position` is the
+    /// model's max_position_embeddings, llama3's fallback for its original context.
+    pub fn rope(&self, default_theta: f64, max_position: usize) -> Result<(f64, RopeScaling)> {
+        let is_set = |v: &serde_json::Value| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty());
+        let (dict_name, dict) = match (self.json.get("rope_scaling"), self.json.get("rope_parameters")) {
+            (Some(rs), _) if is_set(rs) => ("rope_scaling", rs),
+            (_, Some(rp)) if is_set(rp) => ("rope_parameters", rp),
+            _ => ("rope_parameters", &serde_json::Value::Null),
+        };
+        if !dict.is_null() && !dict.is_object() {
+            return Err(self.err(dict_name, format!("expected an object, found {dict}")));
         }
-        for nested in ["rope_parameters", "rope_scaling"] {
-            if let Some(t) = self.json.get(nested).and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()) {
-                return Ok(t);
+        let nested = HfJson { json: dict, file: self.file };
+        // Errors about a key of the dict name it as `rope_scaling.factor`.
+        let prefixed = |e: ModelError| match e {
+            ModelError::Config { file, field, msg } => ModelError::Config { file, field: format!("{dict_name}.{field}"), msg },
+            other => other,
+        };
+        let theta = match nested.f64_opt("rope_theta").map_err(prefixed)? {
+            Some(t) => t,
+            None => self.f64_opt("rope_theta")?.unwrap_or(default_theta),
+        };
+        // HF's scaled rope types rotate only the first partial_rotary_factor of each head; the
+        // families here rotate whole heads.
+        let partial = match nested.f64_opt("partial_rotary_factor").map_err(prefixed)? {
+            Some(p) => Some((format!("{dict_name}.partial_rotary_factor"), p)),
+            None => self.f64_opt("partial_rotary_factor")?.map(|p| ("partial_rotary_factor".to_string(), p)),
+        };
+        if let Some((field, p)) = partial {
+            if p != 1.0 {
+                return Err(self.err(&field, format!("partial rotary embeddings are not supported (only 1.0, the whole head), found {p}")));
             }
         }
-        if let Some(rt) = self.json.get("rope_parameters").and_then(|p| p.get("rope_type")).and_then(|v| v.as_str()) {
-            if rt != "default" {
-                return Err(self.err("rope_parameters.rope_type", format!("rope scaling `{rt}` is not supported")));
+        let type_key = if dict.get("rope_type").is_some() { "rope_type" } else { "type" };
+        let rope_type = match dict.get(type_key) {
+            None | Some(serde_json::Value::Null) => "default",
+            Some(v) => v.as_str().ok_or_else(|| self.err(&format!("{dict_name}.{type_key}"), format!("expected a string, found {v}")))?,
+        };
+        let factor = || nested.f64_opt("factor").map_err(prefixed)?.ok_or_else(|| self.err(&format!("{dict_name}.factor"), format!("required for rope type `{rope_type}`")));
+        let scaling = match rope_type {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: factor()? },
+            "dynamic" => RopeScaling::Dynamic { factor: factor()? },
+            "llama3" => {
+                let required = |key: &str| {
+                    nested.f64_opt(key).map_err(prefixed)?.ok_or_else(|| self.err(&format!("{dict_name}.{key}"), "required for rope type `llama3`"))
+                };
+                // HF lets a top-level original_max_position_embeddings win over the dict's.
+                let original = match self.usize_opt("original_max_position_embeddings")? {
+                    Some(o) => o,
+                    None => nested.usize_opt("original_max_position_embeddings").map_err(prefixed)?.unwrap_or(max_position),
+                };
+                RopeScaling::Llama3 {
+                    factor: factor()?,
+                    low_freq_factor: required("low_freq_factor")?,
+                    high_freq_factor: required("high_freq_factor")?,
+                    original_max_position: original,
+                }
             }
-        }
-        if let Some(rs) = self.json.get("rope_scaling") {
-            if !rs.is_null() {
-                return Err(self.err("rope_scaling", "rope scaling is not supported"));
+            other => {
+                return Err(self.err(
+                    &format!("{dict_name}.{type_key}"),
+                    format!("rope scaling `{other}` is not supported (supported: default, linear, dynamic, llama3)"),
+                ))
             }
-        }
-        Ok(default)
+        };
+        Ok((theta, scaling))
     }
 
     /// A token id or a list of them (eos_token_id may be either).

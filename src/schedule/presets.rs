@@ -1,7 +1,7 @@
 //! Published dimensions of the models the planner knows by name, so `plan` can answer
 //! "would this fit and how fast" before anyone downloads 360 GB of weights.
 
-use crate::config::{FalconLayout, Family, ModelConfig};
+use crate::config::{FalconLayout, Family, ModelConfig, RopeScaling};
 
 /// Names accepted by `--preset`.
 pub const PRESETS: &[&str] = &["falcon-7b", "falcon-40b", "falcon-180b", "llama-2-70b"];
@@ -20,6 +20,7 @@ pub fn preset(name: &str) -> Option<(ModelConfig, usize)> {
         max_position: 2048,
         sliding_window: None,
         rope_theta: 10000.0,
+        rope_scaling: RopeScaling::None,
         norm_eps: 1e-5,
         tied_embeddings: false,
         attention_bias: false,
@@ -50,6 +51,7 @@ pub fn preset(name: &str) -> Option<(ModelConfig, usize)> {
             max_position: 4096,
             sliding_window: None,
             rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
             norm_eps: 1e-5,
             tied_embeddings: false,
             attention_bias: false,

@@ -140,9 +140,10 @@ fn rope_rotates_pairs_half_apart() {
     let b = CpuBackend::new();
     let mut x = mat(2, 8, 13);
     let orig = x.clone();
-    b.rope(&mut x, 0, 2, 4, &[0, 3], 10000.0).unwrap();
+    // theta 10000, D 4: frequencies 10000^(-0/4) and 10000^(-2/4)
+    b.rope(&mut x, 0, 2, 4, &[0, 3], &[1.0, 0.01]).unwrap();
     assert_eq!(x.row(0), orig.row(0), "position 0 is the identity");
-    // head 1, pair i = 1: frequency 10000^(-2/4) = 0.01
+    // head 1, pair i = 1: frequency 0.01
     let angle = 3.0f32 * 0.01;
     let (a, c) = (orig.row(1)[4 + 1], orig.row(1)[4 + 3]);
     assert!((x.row(1)[5] - (a * angle.cos() - c * angle.sin())).abs() < 1e-6);

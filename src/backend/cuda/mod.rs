@@ -160,8 +160,18 @@ impl CudaBackend {
     /// Small host index arrays (ids, positions, spans, rows) go up synchronously-enough:
     /// a pageable-memory copy returns once the source is staged.
     pub(crate) fn upload_u32(&self, v: &[u32], what: &str) -> Result<CudaSlice<u32>> {
+        self.upload_small(v, what)
+    }
+
+    /// Small host f32 tables (the rotary frequencies), like `upload_u32`.
+    pub(crate) fn upload_f32(&self, v: &[f32], what: &str) -> Result<CudaSlice<f32>> {
+        self.upload_small(v, what)
+    }
+
+    fn upload_small<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, v: &[T], what: &str) -> Result<CudaSlice<T>> {
         if v.is_empty() {
-            return unsafe { self.stream.alloc::<u32>(1) }.map_err(|e| dev_err(what, e));
+            // SAFETY: a one-element placeholder no kernel reads (callers launch nothing for empty input).
+            return unsafe { self.stream.alloc::<T>(1) }.map_err(|e| dev_err(what, e));
         }
         self.stream.clone_htod(v).map_err(|e| dev_err(what, e))
     }

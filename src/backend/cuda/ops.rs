@@ -192,15 +192,19 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn rope(&self, x: &mut CudaAct, col0: usize, heads: usize, head_dim: usize, positions: &[u32], theta: f32) -> Result<()> {
-        if positions.len() != x.rows || col0 + heads * head_dim > x.cols {
-            return Err(shape_err("rope", format!("{} positions, {} rows, {} cols", positions.len(), x.rows, x.cols)));
+    fn rope(&self, x: &mut CudaAct, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
+        if positions.len() != x.rows || col0 + heads * head_dim > x.cols || inv_freq.len() != head_dim / 2 {
+            return Err(shape_err(
+                "rope",
+                format!("{} positions, {} rows, {} cols, {} frequencies for head dim {head_dim}", positions.len(), x.rows, x.cols, inv_freq.len()),
+            ));
         }
         let pairs = heads * (head_dim / 2);
         if x.rows == 0 || pairs == 0 {
             return Ok(());
         }
         let d_pos = self.upload_u32(positions, "rope positions")?;
+        let d_freq = self.upload_f32(inv_freq, "rope frequencies")?;
         let (t32, ld, c0, h32, d32) = (
             u32_of("rope", x.rows)?,
             u32_of("rope", x.cols)?,
@@ -210,7 +214,7 @@ impl Backend for CudaBackend {
         );
         let cfg = LaunchConfig { grid_dim: (pairs.div_ceil(256) as u32, t32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&self.k.rope_f32);
-        l.arg(&mut x.buf).arg(&d_pos).arg(&t32).arg(&ld).arg(&c0).arg(&h32).arg(&d32).arg(&theta);
+        l.arg(&mut x.buf).arg(&d_pos).arg(&d_freq).arg(&t32).arg(&ld).arg(&c0).arg(&h32).arg(&d32);
         unsafe { l.launch(cfg) }.map_err(self.launch_err("rope_f32"))?;
         Ok(())
     }

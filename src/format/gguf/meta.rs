@@ -2,7 +2,7 @@
 //! Every error names the file and the key, and what type was expected.
 
 use super::parse::Value;
-use crate::config::{ConfigError, Family, ModelConfig};
+use crate::config::{ConfigError, Family, ModelConfig, RopeScaling};
 use crate::format::{FormatError, Result};
 use crate::tokenizer::gguf::GgufVocab;
 use std::collections::HashMap;
@@ -64,18 +64,14 @@ impl Meta<'_> {
         self.array(key)?.iter().map(|x| x.as_str().map(str::to_string).ok_or_else(|| self.expected(key, "an array of strings", x))).collect()
     }
 
-    /// The model config; `has_tensor` tells which optional tensors (output, biases) exist.
-    pub fn config(&self, has_tensor: impl Fn(&str) -> bool) -> Result<ModelConfig> {
+    /// The model config; `has_tensor` tells which optional tensors (output, biases) exist,
+    /// `rope_freqs` holds the values of the file's `rope_freqs.weight` if it has one.
+    pub fn config(&self, has_tensor: impl Fn(&str) -> bool, rope_freqs: Option<Vec<f32>>) -> Result<ModelConfig> {
         let arch = self.str("general.architecture")?.ok_or_else(|| self.malformed("required metadata `general.architecture` is missing".into()))?;
         if arch != "llama" {
             return Err(self.unsupported(format!("general.architecture `{arch}` is not supported (expected llama)")));
         }
         let k = |name: &str| format!("llama.{name}");
-        if let Some(scaling) = self.str(&k("rope.scaling.type"))? {
-            if scaling != "none" {
-                return Err(self.unsupported(format!("llama.rope.scaling.type `{scaling}` is not supported")));
-            }
-        }
         let hidden = self.usize(&k("embedding_length"))?;
         let n_heads = self.usize(&k("attention.head_count"))?;
         let n_kv_heads = self.usize_opt(&k("attention.head_count_kv"))?.unwrap_or(n_heads);
@@ -86,6 +82,19 @@ impl Meta<'_> {
             None => self.usize(&k("vocab_size"))?,
         };
         let norm_key = k("attention.layer_norm_rms_epsilon");
+        if let Some(n_rot) = self.usize_opt(&k("rope.dimension_count"))? {
+            if n_rot != head_dim {
+                return Err(self.unsupported(format!(
+                    "llama.rope.dimension_count {n_rot}: partial rotary embeddings are not supported (expected the head dim, {head_dim})"
+                )));
+            }
+        }
+        let attention_bias = has_tensor("blk.0.attn_q.bias");
+        if attention_bias && !has_tensor("blk.0.attn_output.bias") {
+            return Err(self.unsupported(
+                "blk.0.attn_q.bias without blk.0.attn_output.bias: biases on q/k/v only are not the Llama attention_bias layout (q, k, v and o)".into(),
+            ));
+        }
         let cfg = ModelConfig {
             family: Family::Llama,
             vocab_size,
@@ -98,10 +107,11 @@ impl Meta<'_> {
             max_position: self.usize(&k("context_length"))?,
             sliding_window: None,
             rope_theta: self.f64(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            rope_scaling: self.rope_scaling(rope_freqs)?,
             norm_eps: self.f64(&norm_key)?.ok_or_else(|| self.malformed(format!("required metadata `{norm_key}` is missing")))?,
             // llama.cpp uses the embedding matrix as the head when there is no output.weight.
             tied_embeddings: !has_tensor("output.weight"),
-            attention_bias: has_tensor("blk.0.attn_q.bias"),
+            attention_bias,
             mlp_bias: has_tensor("blk.0.ffn_gate.bias"),
             falcon: None,
             bos_token_id: self.id("tokenizer.ggml.bos_token_id")?,
@@ -111,6 +121,29 @@ impl Meta<'_> {
             ConfigError::Invalid { msg, .. } => self.malformed(format!("config from metadata: {msg}")),
         })?;
         Ok(cfg)
+    }
+
+    /// llama.cpp's reading: `rope.scaling.type` defaults to linear, its factor is
+    /// `rope.scaling.factor` (or the older `rope.scale_linear`), type none turns scaling off, and
+    /// `rope_freqs` divides each frequency on top of a linear factor.
+    fn rope_scaling(&self, rope_freqs: Option<Vec<f32>>) -> Result<RopeScaling> {
+        let type_key = "llama.rope.scaling.type";
+        let kind = self.str(type_key)?.unwrap_or("linear");
+        let factor = match self.f64("llama.rope.scaling.factor")? {
+            Some(f) => Some(f),
+            None => self.f64("llama.rope.scale_linear")?,
+        };
+        let linear = match kind {
+            "none" => 1.0,
+            // llama.cpp reads a factor of 0 (or none) as no scaling.
+            "linear" => factor.filter(|f| *f != 0.0).unwrap_or(1.0),
+            other => return Err(self.unsupported(format!("metadata `{type_key}`: rope scaling `{other}` is not supported (supported: none, linear)"))),
+        };
+        Ok(match rope_freqs {
+            Some(factors) => RopeScaling::Freqs { factors: factors.iter().map(|f| f * linear as f32).collect() },
+            None if linear == 1.0 => RopeScaling::None,
+            None => RopeScaling::Linear { factor: linear },
+        })
     }
 
     pub fn vocab(&self) -> Result<GgufVocab> {

@@ -47,7 +47,12 @@ impl GgufCheckpoint {
         let header = parse::parse(&mmap, &origin)?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let has_tensor = |n: &str| header.tensors.iter().any(|t| t.name == n);
-        let config = Meta { map: &header.metadata, origin: &origin }.config(has_tensor)?;
+        // Llama-3.x files carry their rope scaling as llama.cpp's per-frequency divisors.
+        let rope_freqs = match header.tensors.iter().find(|t| t.name == ROPE_FREQS) {
+            Some(info) => Some(read_f32(&mmap, info, &origin)?.to_f32()),
+            None => None,
+        };
+        let config = Meta { map: &header.metadata, origin: &origin }.config(has_tensor, rope_freqs)?;
         Ok(GgufCheckpoint { origin, mmap, header, by_name, config })
     }
 
@@ -74,16 +79,7 @@ impl GgufCheckpoint {
     /// A tensor by its GGUF name, dequantized to f32, row-major, as stored (not unpermuted).
     pub fn tensor_f32(&self, gguf_name: &str) -> Result<HostTensor> {
         let info = self.tensor_info(gguf_name).ok_or_else(|| self.malformed(format!("no tensor named {gguf_name}")))?;
-        let bytes = self.mmap.get(info.start..info.end).ok_or_else(|| {
-            self.malformed(format!("tensor {gguf_name}: data range {}..{} outside the mapped file", info.start, info.end))
-        })?;
-        let values = dequant::dequantize(info.ggml_type, bytes).ok_or_else(|| {
-            self.unsupported(format!(
-                "tensor {gguf_name} has type {}; only F32, F16, BF16, Q8_0, Q4_0 and Q4_1 can be read",
-                info.ggml_type.name()
-            ))
-        })?;
-        Ok(HostTensor::from_f32(info.shape.clone(), &values))
+        read_f32(&self.mmap, info, &self.origin)
     }
 
     /// The tokenizer fields of the metadata, checked for type.
@@ -105,6 +101,23 @@ impl GgufCheckpoint {
             }),
         }
     }
+}
+
+/// llama.cpp's rope frequency divisors (D/2), written for Llama-3.x rope scaling.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// One tensor of the mapped file, dequantized to f32.
+fn read_f32(mmap: &Mmap, info: &TensorInfo, origin: &str) -> Result<HostTensor> {
+    let name = &info.name;
+    let bytes = mmap.get(info.start..info.end).ok_or_else(|| FormatError::Malformed {
+        path: origin.to_string(),
+        msg: format!("tensor {name}: data range {}..{} outside the mapped file", info.start, info.end),
+    })?;
+    let values = dequant::dequantize(info.ggml_type, bytes).ok_or_else(|| FormatError::Unsupported {
+        path: origin.to_string(),
+        msg: format!("tensor {name} has type {}; only F32, F16, BF16, Q8_0, Q4_0 and Q4_1 can be read", info.ggml_type.name()),
+    })?;
+    Ok(HostTensor::from_f32(info.shape.clone(), &values))
 }
 
 impl TensorSource for GgufCheckpoint {
