@@ -11,6 +11,7 @@ use thiserror::Error;
 pub enum Family {
     Falcon,
     Llama,
+    Qwen2,
 }
 
 impl Family {
@@ -18,6 +19,7 @@ impl Family {
         match self {
             Family::Falcon => "falcon",
             Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
         }
     }
 }
