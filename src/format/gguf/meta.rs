@@ -199,7 +199,15 @@ impl Meta<'_> {
         let model = self.str("tokenizer.ggml.model")?.ok_or_else(|| self.malformed("required metadata `tokenizer.ggml.model` is missing".into()))?;
         Ok(GgufVocab {
             model: model.to_string(),
-            pre: self.str("tokenizer.ggml.pre")?.map(str::to_string),
+            pre: match self.str("tokenizer.ggml.pre")? {
+                Some(pre) => Some(pre.to_string()),
+                // Files converted before llama.cpp recorded the pre-tokenizer (mid-2024) lack
+                // the key; for these architectures the vocabulary can only be their own.
+                None => match self.str("general.architecture")? {
+                    Some(arch @ ("falcon" | "qwen2")) => Some(arch.to_string()),
+                    _ => None,
+                },
+            },
             tokens: self.strings("tokenizer.ggml.tokens")?,
             token_types,
             merges: self.strings("tokenizer.ggml.merges")?,
@@ -257,6 +265,8 @@ mod tests {
         m.remove("falcon.attention.layer_norm_epsilon");
         let e = config(&m, &[]).unwrap_err().to_string();
         assert!(e.contains("falcon.attention.layer_norm_epsilon"), "{e}");
+        m.insert("tokenizer.ggml.model".into(), Value::Str("gpt2".into()));
+        assert_eq!(Meta { map: &m, origin: "f.gguf" }.vocab().unwrap().pre.as_deref(), Some("falcon"), "falcon's own split when the key is absent");
         m.insert("general.architecture".into(), Value::Str("bloom".into()));
         let e = config(&m, &[]).unwrap_err().to_string();
         assert!(e.contains("`bloom`") && e.contains("llama, qwen2 or falcon"), "{e}");
