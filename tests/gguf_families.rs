@@ -100,6 +100,25 @@ fn qwen2_gguf_matches_hf() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The "falcon" pre-tokenizer on the same vocabulary and merges gives HF's ids with
+/// tiiuae/falcon-7b's pre-tokenizer (the falcon GGUF fixtures carry no merges to test it).
+#[test]
+fn falcon_pre_tokenizer_matches_hf() {
+    let ck = GgufCheckpoint::open(&fixtures().join("gguf_qwen2/qwen2.f32.gguf")).unwrap_or_else(|e| panic!("{e}"));
+    let mut vocab = ck.vocab().unwrap();
+    vocab.pre = Some("falcon".into());
+    let json = falcon_batch::tokenizer::gguf::tokenizer_json(&vocab, "qwen2.f32.gguf").unwrap();
+    let tok = Tokenizer::from_bytes(&json, "falcon-style tokenizer.json").unwrap();
+    for t in json_texts() {
+        let text = t["text"].as_str().unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), ids(&t["falcon_ids"]), "{text:?}");
+    }
+}
+
+fn json_texts() -> Vec<Value> {
+    json(&fixtures().join("gguf_qwen2/tokens.json"))["texts"].as_array().unwrap().clone()
+}
+
 fn falcon_layout(cfg: &ModelConfig) -> FalconLayout {
     cfg.falcon.unwrap()
 }
