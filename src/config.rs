@@ -11,6 +11,7 @@ use thiserror::Error;
 pub enum Family {
     Falcon,
     Llama,
+    Qwen2,
 }
 
 impl Family {
@@ -18,6 +19,7 @@ impl Family {
         match self {
             Family::Falcon => "falcon",
             Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
         }
     }
 }
@@ -129,7 +131,8 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
     pub norm_eps: f64,
     pub tied_embeddings: bool,
-    /// Llama family (HF attention_bias): the q, k, v and o projections carry biases.
+    /// The q, k and v projections carry biases (HF Llama's attention_bias, and every Qwen2);
+    /// whether the output projection does too is `attn_out_bias`.
     pub attention_bias: bool,
     pub mlp_bias: bool,
     pub falcon: Option<FalconLayout>,
@@ -144,6 +147,12 @@ pub enum ConfigError {
 }
 
 impl ModelConfig {
+    /// The attention output projection carries a bias: HF Llama's attention_bias covers q, k,
+    /// v and o, while Qwen2 biases q, k and v only.
+    pub fn attn_out_bias(&self) -> bool {
+        self.attention_bias && self.family == Family::Llama
+    }
+
     /// Width of the fused qkv projection output: (H + 2 KV) D.
     pub fn qkv_dim(&self) -> usize {
         (self.n_heads + 2 * self.n_kv_heads) * self.head_dim

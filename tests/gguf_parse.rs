@@ -268,9 +268,9 @@ fn err_text(r: falcon_batch::format::Result<GgufCheckpoint>) -> (FormatError, St
 
 #[test]
 fn clear_errors_name_the_file_and_problem() {
-    let (_d, path, r) = open_bytes(&write_gguf(&tiny_meta("falcon"), &tiny_tensors()));
+    let (_d, path, r) = open_bytes(&write_gguf(&tiny_meta("gptneox"), &tiny_tensors()));
     let (e, s) = err_text(r);
-    assert!(matches!(e, FormatError::Unsupported { .. }) && s.contains(&path) && s.contains("general.architecture `falcon`"), "{s}");
+    assert!(matches!(e, FormatError::Unsupported { .. }) && s.contains(&path) && s.contains("general.architecture `gptneox`"), "{s}");
 
     let mut tensors = tiny_tensors();
     tensors[7] = ("blk.0.attn_output.weight", vec![256, 32], 12, vec![0; 32 * 144]);

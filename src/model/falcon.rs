@@ -118,7 +118,8 @@ fn qkv_block_order(cfg: &ModelConfig) -> Vec<usize> {
     q.into_iter().chain(k).chain(v).collect()
 }
 
-fn qkv_row_order(cfg: &ModelConfig) -> Vec<usize> {
+/// For each row of our [Q; K; V] order, the HF row it comes from.
+pub(crate) fn qkv_row_order(cfg: &ModelConfig) -> Vec<usize> {
     let d = cfg.head_dim;
     qkv_block_order(cfg).into_iter().flat_map(|b| b * d..(b + 1) * d).collect()
 }

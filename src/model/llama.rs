@@ -75,7 +75,7 @@ pub fn expected_tensors(cfg: &ModelConfig, part: Part) -> Vec<(String, Vec<usize
                 out.push(("attn.qkv.bias".into(), vec![qkv]));
             }
             out.push(("attn.out.weight".into(), vec![c, hd]));
-            if cfg.attention_bias {
+            if cfg.attn_out_bias() {
                 out.push(("attn.out.bias".into(), vec![c]));
             }
             for (name, rows, cols) in [("mlp.gate", f, c), ("mlp.up", f, c), ("mlp.down", c, f)] {
@@ -117,7 +117,7 @@ pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Re
                 ));
             }
             out.push(("attn.out.weight".into(), proj("o", "weight", &[c, hd])?));
-            if cfg.attention_bias {
+            if cfg.attn_out_bias() {
                 out.push(("attn.out.bias".into(), proj("o", "bias", &[c])?));
             }
             for (short, hf, shape) in [("mlp.gate", "gate_proj", [f, c]), ("mlp.up", "up_proj", [f, c]), ("mlp.down", "down_proj", [c, f])] {

@@ -5,6 +5,7 @@
 
 pub mod falcon;
 pub mod llama;
+pub mod qwen2;
 
 use crate::backend::{AttnShape, Backend, BackendError};
 use crate::config::{Family, ModelConfig, RopeScaling};
@@ -75,13 +76,15 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
     let cfg = match model_type {
         "falcon" | "RefinedWeb" | "RefinedWebModel" => falcon::config_from_hf(json, file)?,
         "llama" | "mistral" | "yi" => llama::config_from_hf(json, file)?,
+        "qwen2" => qwen2::config_from_hf(json, file)?,
         _ if archs.iter().any(|a| a.starts_with("Falcon") || a.starts_with("RW")) => falcon::config_from_hf(json, file)?,
         _ if archs.iter().any(|a| a.starts_with("Llama") || a.starts_with("Mistral")) => llama::config_from_hf(json, file)?,
+        _ if archs.iter().any(|a| *a == "Qwen2ForCausalLM") => qwen2::config_from_hf(json, file)?,
         other => {
             return Err(ModelError::Config {
                 file: file.into(),
                 field: "model_type".into(),
-                msg: format!("unsupported model type `{other}`; expected falcon, llama or mistral"),
+                msg: format!("unsupported model type `{other}`; expected falcon, llama, mistral or qwen2"),
             })
         }
     };
@@ -94,6 +97,7 @@ pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Re
     match cfg.family {
         Family::Falcon => falcon::convert_part(cfg, part, src),
         Family::Llama => llama::convert_part(cfg, part, src),
+        Family::Qwen2 => qwen2::convert_part(cfg, part, src),
     }
 }
 
@@ -102,6 +106,7 @@ pub fn expected_tensors(cfg: &ModelConfig, part: Part) -> Vec<(String, Vec<usize
     match cfg.family {
         Family::Falcon => falcon::expected_tensors(cfg, part),
         Family::Llama => llama::expected_tensors(cfg, part),
+        Family::Qwen2 => qwen2::expected_tensors(cfg, part),
     }
 }
 
@@ -225,6 +230,7 @@ pub fn layer_forward<B: Backend>(
     match cfg.family {
         Family::Falcon => falcon::layer_forward(b, cfg, w, x, ctx, cache),
         Family::Llama => llama::layer_forward(b, cfg, w, x, ctx, cache),
+        Family::Qwen2 => qwen2::layer_forward(b, cfg, w, x, ctx, cache),
     }
 }
 
@@ -233,7 +239,7 @@ pub fn end_logits<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, x: &B::A
     let picked = b.rows(x, rows)?; // (R, C)
     let normed = match cfg.family {
         Family::Falcon => b.layer_norm(&picked, w.get("norm.weight")?, w.get("norm.bias")?, cfg.norm_eps as f32)?,
-        Family::Llama => b.rms_norm(&picked, w.get("norm.weight")?, cfg.norm_eps as f32)?,
+        Family::Llama | Family::Qwen2 => b.rms_norm(&picked, w.get("norm.weight")?, cfg.norm_eps as f32)?,
     };
     Ok(b.linear(&normed, w.get("lm_head.weight")?, None)?) // (R, V)
 }

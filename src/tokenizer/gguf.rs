@@ -17,6 +17,14 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 const LLAMA3_SPLIT: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2's split (llama.cpp "qwen2"), as in the Qwen2 / Qwen2.5 tokenizer.json: Llama-3's
+/// with one digit per piece.
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Falcon's digit grouping (tiiuae/falcon-* tokenizer.json; llama.cpp "falcon").
+const FALCON_DIGIT_TRIPLES: &str = "[0-9][0-9][0-9]";
+
 /// The vocabulary part of a GGUF's metadata, as the format module reads it.
 #[derive(Clone, Debug, Default)]
 pub struct GgufVocab {
@@ -56,13 +64,32 @@ fn pre_tokenizer(pre: Option<&str>, origin: &str) -> Result<Value, TokenizerErro
             byte_level_regex,
         ]}),
         "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" | "dbrx" | "falcon3" => split_then_bytes(LLAMA3_SPLIT),
+        "qwen2" => split_then_bytes(QWEN2_SPLIT),
+        // Falcon's HF pipeline: punctuation runs apart, GPT-2's split, digit runs apart from
+        // what precedes them, then every three digits isolated. llama.cpp's regex list for
+        // "falcon" approximates the same.
+        "falcon" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Punctuation", "behavior": "Contiguous"},
+            byte_level_regex,
+            {"type": "Digits", "individual_digits": false},
+            {"type": "Split", "pattern": {"Regex": FALCON_DIGIT_TRIPLES}, "behavior": "Isolated", "invert": false},
+        ]}),
         other => {
             return Err(TokenizerError::Load {
                 path: origin.into(),
-                msg: format!("tokenizer.ggml.pre `{other}` is not supported (supported: gpt2, smollm, starcoder, llama-bpe)"),
+                msg: format!("tokenizer.ggml.pre `{other}` is not supported (supported: gpt2, smollm, starcoder, llama-bpe, qwen2, falcon)"),
             })
         }
     })
+}
+
+/// The normalizer HF's tokenizer.json carries for a `tokenizer.ggml.pre` value: Qwen2's
+/// composes to NFC before splitting (llama.cpp does not, so HF's ids are the reference).
+fn normalizer(pre: Option<&str>) -> Value {
+    match pre {
+        Some("qwen2") => json!({"type": "NFC"}),
+        _ => Value::Null,
+    }
 }
 
 /// GPT-2's byte-to-character table: printable bytes stand for themselves, the rest are
@@ -169,7 +196,7 @@ pub fn tokenizer_json(vocab: &GgufVocab, origin: &str) -> Result<Vec<u8>, Tokeni
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
+        "normalizer": normalizer(vocab.pre.as_deref()),
         "pre_tokenizer": pre_tokenizer(vocab.pre.as_deref(), origin)?,
         "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials},
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
@@ -198,7 +225,7 @@ mod tests {
 
     #[test]
     fn regex_constants_compile() {
-        for r in [LLAMA3_SPLIT] {
+        for r in [LLAMA3_SPLIT, QWEN2_SPLIT, FALCON_DIGIT_TRIPLES] {
             let j = json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
             let p: Result<tokenizers::PreTokenizerWrapper, _> = serde_json::from_value(j);
             assert!(p.is_ok(), "{r}");
@@ -219,8 +246,10 @@ mod tests {
         assert_eq!(splits("gpt2", text), ["Hello", "Ġ12345", "Ġworld"]);
         assert_eq!(splits("smollm", text), ["Hello", "Ġ", "1", "2", "3", "4", "5", "Ġworld"]);
         assert_eq!(splits("llama-bpe", text), ["Hello", "Ġ", "123", "45", "Ġworld"]);
-        let err = pre_tokenizer(Some("qwen2"), "m.gguf").unwrap_err().to_string();
-        assert!(err.contains("m.gguf") && err.contains("qwen2"), "{err}");
+        assert_eq!(splits("qwen2", text), ["Hello", "Ġ", "1", "2", "3", "4", "5", "Ġworld"]);
+        assert_eq!(splits("falcon", "Hello 12345, world!!"), ["Hello", "Ġ", "123", "45", ",", "Ġworld", "!!"]);
+        let err = pre_tokenizer(Some("deepseek-llm"), "m.gguf").unwrap_err().to_string();
+        assert!(err.contains("m.gguf") && err.contains("deepseek-llm"), "{err}");
     }
 
     #[test]

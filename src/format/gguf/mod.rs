@@ -2,7 +2,7 @@
 //! the config from its metadata, and a tokenizer.json rebuilt from its vocabulary.
 //!
 //! Files: parse.rs (container), dequant.rs (ggml types), meta.rs (config and vocabulary from
-//! metadata), names.rs (HF names, Q/K permutation).
+//! metadata), names.rs (HF names, llama's Q/K permutation, Falcon's fused QKV order).
 
 pub mod dequant;
 mod meta;
@@ -94,12 +94,14 @@ impl GgufCheckpoint {
     fn hf_tensor(&self, hf_name: &str) -> Result<HostTensor> {
         let gname = names::gguf_name(hf_name, &self.config).ok_or_else(|| self.malformed(format!("no GGUF tensor corresponds to `{hf_name}`")))?;
         let t = self.tensor_f32(&gname.name)?;
-        match gname.permuted_heads {
-            None => Ok(t),
-            Some(heads) => names::unpermute(&t, heads).ok_or_else(|| {
-                self.malformed(format!("tensor {}: shape {:?} does not split into {heads} heads of even size", gname.name, t.shape))
-            }),
-        }
+        let shape = t.shape.clone();
+        names::to_hf_rows(t, gname.rows, &self.config).ok_or_else(|| {
+            let want = match gname.rows {
+                names::Rows::RopePairs(heads) => format!("{heads} heads of even size"),
+                _ => format!("{} rows of q, k and v", self.config.qkv_dim()),
+            };
+            self.malformed(format!("tensor {}: shape {shape:?} does not split into {want}", gname.name))
+        })
     }
 }
 
