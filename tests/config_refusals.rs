@@ -185,6 +185,10 @@ fn mistral_reads_what_hf_mistral_reads() {
     assert!(!c.attention_bias && !c.mlp_bias);
     // HF Llama has no sliding window
     assert_eq!(parse(&llama(json!({"sliding_window": 64}))).sliding_window, None);
+    // MistralConfig's default context when max_position_embeddings is absent
+    let mut bare = llama(json!({"model_type": "mistral"}));
+    bare.as_object_mut().unwrap().remove("max_position_embeddings");
+    assert_eq!(parse(&bare).max_position, 4096 * 32);
 }
 
 #[test]

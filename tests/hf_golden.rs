@@ -111,8 +111,8 @@ macro_rules! fixture_tests {
 }
 
 fixture_tests!(falcon_7b, falcon_40b, falcon_new_1ln, falcon_seq_bias, falcon_untied, llama_gqa, llama_tied, mistral, qwen2, qwen2_untied);
-// rope scaling: llama3 and linear in the Hub form (top-level rope_theta + rope_scaling), llama3 in transformers 5's rope_parameters
-fixture_tests!(llama31, llama_linear, llama3_params);
+// rope scaling: llama3 and linear (Llama and Falcon) in the Hub form (top-level rope_theta + rope_scaling), llama3 in transformers 5's rope_parameters
+fixture_tests!(llama31, llama_linear, llama3_params, falcon_linear);
 
 /// The llama31 fixture as llama.cpp writes a Llama-3.x GGUF (tests/fixtures/make_rope_gguf.py):
 /// its rope scaling is the rope_freqs tensor, and the log-probs are still HF's.

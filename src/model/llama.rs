@@ -23,7 +23,8 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
         Some(other) => return Err(err("hidden_act", format!("only \"silu\" is supported, found {other}"))),
     }
     let is_mistral = json.get("model_type").and_then(|v| v.as_str()) == Some("mistral");
-    let max_position = j.usize_opt("max_position_embeddings")?.unwrap_or(if is_mistral { 32768 } else { 2048 });
+    // HF's defaults: LlamaConfig 2048, MistralConfig 4096 * 32.
+    let max_position = j.usize_opt("max_position_embeddings")?.unwrap_or(if is_mistral { 4096 * 32 } else { 2048 });
     // HF Llama has no sliding window whatever config.json says; MistralConfig defaults to 4096
     // when the key is absent (Mistral-7B-v0.1) and an explicit null turns it off (v0.2 on).
     let sliding_window = match (is_mistral, json.get("sliding_window")) {
