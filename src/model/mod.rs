@@ -79,7 +79,7 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
         "qwen2" => qwen2::config_from_hf(json, file)?,
         _ if archs.iter().any(|a| a.starts_with("Falcon") || a.starts_with("RW")) => falcon::config_from_hf(json, file)?,
         _ if archs.iter().any(|a| a.starts_with("Llama") || a.starts_with("Mistral")) => llama::config_from_hf(json, file)?,
-        _ if archs.iter().any(|a| *a == "Qwen2ForCausalLM") => qwen2::config_from_hf(json, file)?,
+        _ if archs.contains(&"Qwen2ForCausalLM") => qwen2::config_from_hf(json, file)?,
         other => {
             return Err(ModelError::Config {
                 file: file.into(),
