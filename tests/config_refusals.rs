@@ -91,7 +91,7 @@ fn falcon_layouts_hf_cannot_run_or_we_do_not_implement_are_refused() {
 
 #[test]
 fn unknown_model_types_are_refused() {
-    refused(json!({"model_type": "qwen2", "hidden_size": 8}), "model_type", "qwen2");
+    refused(json!({"model_type": "gemma2", "hidden_size": 8}), "model_type", "gemma2");
 }
 
 // ---- implemented readings ----------------------------------------------------------------------
