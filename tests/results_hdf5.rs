@@ -19,7 +19,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn meta() -> RunMeta {
-    RunMeta { model_id: "smollm2-135m".into(), norm: Norm::Char, template: "Document: {text}\nAnswer:".into() }
+    RunMeta { model_id: "smollm2-135m".into(), norm: Norm::Char, template: "Document: {text}\nAnswer:".into(), delimiter: " ".into() }
 }
 
 fn ok_doc(id: &str, n: usize) -> DocResult {
@@ -153,6 +153,7 @@ fn another_run_is_refused_until_overwrite() {
         (RunMeta { model_id: "falcon-180b".into(), ..meta() }, "model"),
         (RunMeta { norm: Norm::Sum, ..meta() }, "norm"),
         (RunMeta { template: "{text}".into(), ..meta() }, "template"),
+        (RunMeta { delimiter: String::new(), ..meta() }, "target_delimiter"),
     ];
     for (m, attr) in &cases {
         let err = ResultsWriter::open(&path, m.clone(), false).err().unwrap().to_string();

@@ -22,7 +22,7 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// The llama_tied fixture as a model directory (word-level tokenizer over "t3", "t4", ...).
+/// The llama_tied fixture as a model directory (its byte-level BPE reads "t3 t17 ..." too).
 fn model(dir: &Path) -> PathBuf {
     let out = dir.join("model");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_tied");

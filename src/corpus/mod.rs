@@ -22,7 +22,7 @@ use crate::tokenizer::Tokenizer;
 
 pub use pack::{build_batch, pack, Batcher};
 pub use template::{Template, DEFAULT_TEMPLATE};
-pub use tokenize::{move_whitespace, split, Split, SplitError};
+pub use tokenize::{joint, move_whitespace, split, Split, SplitError};
 
 #[derive(Debug, Error)]
 pub enum CorpusError {

@@ -62,6 +62,8 @@ pub struct RunMeta {
     pub norm: Norm,
     /// The prompt template's source text (`corpus::Template::source`).
     pub template: String,
+    /// Put between a prompt and a choice where neither side has whitespace (`--target-delimiter`).
+    pub delimiter: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
