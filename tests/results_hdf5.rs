@@ -168,6 +168,18 @@ fn another_run_is_refused_until_overwrite() {
     assert!(ResultsWriter::open(&path, cases[0].0.clone(), false).unwrap().1.is_empty());
 }
 
+/// A file from before `--target-delimiter` was recorded is not resumed under a guess.
+#[test]
+fn a_file_without_the_delimiter_is_refused() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.h5");
+    write_three(&path);
+    hdf5::File::open_rw(&path).unwrap().delete_attr("target_delimiter").unwrap();
+    let err = ResultsWriter::open(&path, meta(), false).err().unwrap().to_string();
+    assert!(err.contains("records no target_delimiter") && err.contains("--overwrite") && err.contains("old.h5"), "{err}");
+}
+
 #[test]
 fn foreign_and_empty_files() {
     let _serial = serial();

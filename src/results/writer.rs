@@ -388,7 +388,9 @@ fn check_meta(file: &File, meta: &RunMeta, path: &str) -> Result<(), ResultsErro
         ("target_delimiter", meta.delimiter.as_str()),
     ];
     for (attr, want) in wanted {
-        let found = read_str_attr(file, attr).unwrap_or_default();
+        let Some(found) = read_str_attr(file, attr) else {
+            return Err(ResultsError::Unrecorded { path: path.into(), attr, wanted: want.to_string() });
+        };
         if found != want {
             return Err(ResultsError::Mismatch { path: path.into(), attr, found, wanted: want.to_string() });
         }
