@@ -4,6 +4,8 @@
 use falcon_batch::config::ModelConfig;
 pub use falcon_batch::testing::{rand_values, random_group, random_part};
 
+pub mod docs;
+
 pub fn falcon_config(new_arch: bool, parallel: bool, bias: bool) -> ModelConfig {
     falcon_batch::testing::falcon_config(3, new_arch, parallel, bias).unwrap()
 }
