@@ -35,6 +35,10 @@ import time
 
 TEMPLATE = "Document: {text}\nQuestion: {question}\nAnswer:"
 
+# The choice split rule (DESIGN.md, "Choice scoring"), shared with the fixture scripts.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
+from lm_eval_split import choice_joint  # noqa: E402
+
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,6 +49,8 @@ def parse_args():
     ap.add_argument("--f32-gguf", default="models/SmolLM2-135M-Instruct.F32.gguf",
                     help="F32 GGUF made from --gguf (dequantized) if missing; 'none' to skip")
     ap.add_argument("--docs", default="inputs/sample.jsonl")
+    ap.add_argument("--target-delimiter", default=" ",
+                    help='between prompt and choice where neither side has whitespace (as score\'s; "" for none)')
     ap.add_argument("--threads", type=int, default=2, help="threads for both (RAYON_NUM_THREADS / n_threads)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each timing; the min is kept")
     ap.add_argument("--contexts", default="100,2048", help="decode context lengths (tokens)")
@@ -95,10 +101,10 @@ def render(doc):
     return TEMPLATE.replace("{text}", doc["text"]).replace("{question}", doc["question"])
 
 
-def tokenize_docs(tok, docs):
+def tokenize_docs(tok, docs, delimiter):
     """falcon-batch's split rule (lm-eval): trailing whitespace of the prompt moves to the front of
-    each choice, else a single space delimiter; prompt ids = encode(prompt); choice ids =
-    encode(prompt + continuation)[len(prompt ids):]."""
+    each choice; the delimiter goes in only where neither side of the joint has whitespace;
+    prompt ids = encode(prompt); choice ids = encode(prompt + joint + choice)[len(prompt ids):]."""
     out = []
     for d in docs:
         prompt = render(d)
@@ -107,7 +113,7 @@ def tokenize_docs(tok, docs):
         p_ids = tok.encode(stripped).ids
         choices = []
         for c in d["choices"]:
-            full = tok.encode(stripped + (ws if ws else " ") + c).ids
+            full = tok.encode(stripped + choice_joint(ws, c, delimiter) + c).ids
             assert full[: len(p_ids)] == p_ids, f"{d['id']}: prompt ids are not a prefix"
             choices.append(full[len(p_ids):])
         out.append({"id": d["id"], "prompt": p_ids, "choices": choices})
@@ -129,7 +135,7 @@ def fb_score(args, workdir):
     out_h5 = os.path.join(workdir, "bench.h5")
     out_csv = os.path.join(workdir, "bench.csv")
     cmd = [args.bin, "score", "--model", args.model, "--docs", args.docs, "--out", out_h5,
-           "--csv", out_csv, "--overwrite"]
+           "--csv", out_csv, "--overwrite", "--target-delimiter", args.target_delimiter]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=fb_env(args.threads), capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -281,7 +287,7 @@ def main():
 
     tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
     docs = load_docs(args.docs)
-    tdocs = tokenize_docs(tok, docs)
+    tdocs = tokenize_docs(tok, docs, args.target_delimiter)
     n_docs = len(tdocs)
     n_rows = sum(rows_run(t) for t in tdocs)
     n_prompt = sum(len(t["prompt"]) for t in tdocs)

@@ -9,11 +9,22 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// Without a subcommand falcon-batch scores (`mpirun -np 8 falcon-batch --docs corpus.jsonl`),
+/// with the model and output found when not given; `falcon-batch score` names them.
 #[derive(Parser)]
-#[command(name = "falcon-batch", version, about = "Score documents against answer choices with big LLMs split by layers")]
+#[command(
+    name = "falcon-batch",
+    version,
+    about = "Score documents against answer choices with big LLMs split by layers",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    override_usage = "falcon-batch [--model DIR] --docs corpus.jsonl [--out results/NAME.h5] [SCORE OPTIONS]\n       falcon-batch <COMMAND>"
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    score: cli::score::DefaultScoreArgs,
 }
 
 #[derive(Subcommand)]
@@ -35,7 +46,10 @@ enum Command {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.command {
+    let Some(command) = cli.command else {
+        return cli::score::score_by_default(cli.score);
+    };
+    match command {
         Command::Convert(a) => cli::model::convert(a),
         Command::Inspect(a) => cli::model::inspect(a),
         Command::Score(a) => cli::score::score(a),

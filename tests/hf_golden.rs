@@ -7,39 +7,9 @@ use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::generate::{generate, GenOptions, GenRequest, LocalDecoder};
 use falcon_batch::layout::AttnSpan;
 use falcon_batch::sample::SamplingOptions;
-use falcon_batch::model::{self, ModelError, Part, RowCtx, TensorSource};
+use falcon_batch::model::{self, Part, RowCtx, TensorSource};
 use falcon_batch::stage::{HostGroup, Stage};
-use falcon_batch::tensor::{DType, HostTensor};
-use std::collections::HashMap;
 use std::path::Path;
-
-/// Minimal reader of an HF checkpoint's safetensors (sharded or not), test-only.
-struct Shards(HashMap<String, HostTensor>);
-
-impl TensorSource for Shards {
-    fn get(&self, name: &str) -> Result<HostTensor, ModelError> {
-        self.0.get(name).cloned().ok_or_else(|| ModelError::Source(format!("no tensor {name}")))
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.0.contains_key(name)
-    }
-}
-
-fn read_shards(dir: &Path) -> Shards {
-    let mut map = HashMap::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "safetensors") {
-            let bytes = std::fs::read(&p).unwrap();
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            for (name, view) in st.tensors() {
-                assert_eq!(view.dtype(), safetensors::Dtype::F32);
-                map.insert(name.to_string(), HostTensor { dtype: DType::F32, shape: view.shape().to_vec(), data: view.data().to_vec() });
-            }
-        }
-    }
-    Shards(map)
-}
 
 fn fixture_dir(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -53,7 +23,7 @@ fn check_fixture(name: &str) {
     let dir = fixture_dir(name);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let cfg = model::config_from_hf(&json, "config.json").unwrap();
-    check_against_golden(name, &cfg, &read_shards(&dir), &read_golden(name));
+    check_against_golden(name, &cfg, &common::read_shards(&dir), &read_golden(name));
 }
 
 /// Converted from `src` under `cfg`, the model's log-probs and greedy ids are HF's.

@@ -19,7 +19,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn meta() -> RunMeta {
-    RunMeta { model_id: "smollm2-135m".into(), norm: Norm::Char, template: "Document: {text}\nAnswer:".into() }
+    RunMeta { model_id: "smollm2-135m".into(), norm: Norm::Char, template: "Document: {text}\nAnswer:".into(), delimiter: " ".into() }
 }
 
 fn ok_doc(id: &str, n: usize) -> DocResult {
@@ -153,6 +153,7 @@ fn another_run_is_refused_until_overwrite() {
         (RunMeta { model_id: "falcon-180b".into(), ..meta() }, "model"),
         (RunMeta { norm: Norm::Sum, ..meta() }, "norm"),
         (RunMeta { template: "{text}".into(), ..meta() }, "template"),
+        (RunMeta { delimiter: String::new(), ..meta() }, "target_delimiter"),
     ];
     for (m, attr) in &cases {
         let err = ResultsWriter::open(&path, m.clone(), false).err().unwrap().to_string();
@@ -165,6 +166,18 @@ fn another_run_is_refused_until_overwrite() {
     assert!(read_results(&path).unwrap().is_empty());
     // and the replaced file now belongs to the new run
     assert!(ResultsWriter::open(&path, cases[0].0.clone(), false).unwrap().1.is_empty());
+}
+
+/// A file from before `--target-delimiter` was recorded is not resumed under a guess.
+#[test]
+fn a_file_without_the_delimiter_is_refused() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.h5");
+    write_three(&path);
+    hdf5::File::open_rw(&path).unwrap().delete_attr("target_delimiter").unwrap();
+    let err = ResultsWriter::open(&path, meta(), false).err().unwrap().to_string();
+    assert!(err.contains("records no target_delimiter") && err.contains("--overwrite") && err.contains("old.h5"), "{err}");
 }
 
 #[test]

@@ -22,7 +22,7 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// The llama_tied fixture as a model directory (word-level tokenizer over "t3", "t4", ...).
+/// The llama_tied fixture as a model directory (its byte-level BPE reads "t3 t17 ..." too).
 fn model(dir: &Path) -> PathBuf {
     let out = dir.join("model");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_tied");
@@ -138,4 +138,74 @@ fn fatal_errors_happen_before_any_output() {
     let o = run(&mut score(&d.join("no-model"), &corpus(&d, 3), &out));
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("manifest.json"));
+}
+
+/// `falcon-batch --docs corpus.jsonl` (no subcommand) in `cwd`, without $FALCON_BATCH_MODEL
+/// unless `env_model` is given.
+fn default_run(cwd: &Path, docs: &Path, env_model: Option<&Path>) -> Output {
+    let mut c = bin();
+    c.current_dir(cwd).env_remove("FALCON_BATCH_MODEL").arg("--docs").arg(docs).args(["--batch-tokens", "40", "--wave", "1"]);
+    if let Some(m) = env_model {
+        c.env("FALCON_BATCH_MODEL", m);
+    }
+    run(&mut c)
+}
+
+#[test]
+fn no_subcommand_scores_with_the_defaults_printed() {
+    let d = tmp("default");
+    let docs = corpus(&d, 3);
+    // $FALCON_BATCH_MODEL names the model; the output goes to results/<corpus name>.h5
+    let from_env = d.join("from-env");
+    std::fs::create_dir_all(&from_env).unwrap();
+    let m = model(&d);
+    let o = default_run(&from_env, &docs, Some(&m));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains(&format!("--model {} (from $FALCON_BATCH_MODEL)", m.display())), "{err}");
+    assert!(err.contains("--out results/corpus.h5 (results/<corpus name>.h5)"), "{err}");
+    assert_eq!(read_results(&from_env.join("results/corpus.h5")).unwrap().len(), 3);
+
+    // else the only model directory under models/ (a GGUF file beside it is not one)
+    let single = d.join("single");
+    std::fs::create_dir_all(single.join("models")).unwrap();
+    std::fs::rename(&m, single.join("models/tiny")).unwrap();
+    std::fs::write(single.join("models/other.gguf"), b"GGUF").unwrap();
+    let o = default_run(&single, &docs, None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("--model models/tiny (the only model directory under models/)"), "{err}");
+    let first = read_results(&single.join("results/corpus.h5")).unwrap();
+    assert_eq!(first, read_results(&from_env.join("results/corpus.h5")).unwrap());
+
+    // several: an error listing them, before any output
+    let several = d.join("several");
+    for name in ["a", "b"] {
+        std::fs::create_dir_all(several.join("models").join(name)).unwrap();
+        std::fs::write(several.join("models").join(name).join("manifest.json"), b"{}").unwrap();
+    }
+    let o = default_run(&several, &docs, None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("several model directories: models/a, models/b") && err.contains("--model"), "{err}");
+    assert!(!several.join("results").exists());
+
+    // none: an error saying what is there (nothing, or no models/ at all)
+    let none = d.join("none");
+    std::fs::create_dir_all(none.join("models")).unwrap();
+    std::fs::write(none.join("models/SmolLM2.gguf"), b"GGUF").unwrap();
+    let o = default_run(&none, &docs, None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("holds no model directory") && err.contains("models/SmolLM2.gguf") && err.contains("falcon-batch convert"), "{err}");
+    let bare = d.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    let o = default_run(&bare, &docs, None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("models/ cannot be read") && err.contains("FALCON_BATCH_MODEL"), "{err}");
+
+    // nothing at all is a usage error; `score` still wants its flags
+    assert_eq!(run(&mut bin()).status.code(), Some(2));
+    assert_eq!(run(bin().arg("score").arg("--docs").arg(&docs)).status.code(), Some(2));
 }

@@ -75,3 +75,21 @@ fn logprobs_and_greedy_generation_match_hf() {
         assert_eq!(out[0].tokens, ids(&run["new_ids"]), "greedy continuation of {prompt:?}");
     }
 }
+
+/// The choice split conventions on the real tokenizer (rebuilt from the GGUF metadata) and
+/// model: the ids of tests/fixtures/smollm2/conventions.json (lm-eval's rule on HF's
+/// tokenizer) and HF's log-probs of each pair alone, all documents packed several per
+/// micro-batch.
+#[test]
+fn both_choice_conventions_match_hf() {
+    let dir = ModelDir::open(model_dir()).unwrap();
+    let cfg = dir.config().clone();
+    let tok = Tokenizer::from_file(&dir.tokenizer_path()).unwrap();
+    let (delimiter, golden) = common::docs::golden_docs(&fixture("conventions.json"));
+    let prepared = common::docs::read_corpus(&tok, cfg.context_limit(), &golden, &delimiter);
+    common::docs::check_split("SmolLM2", &prepared, &golden);
+    let b = CpuBackend::new();
+    let stage = Stage::upload(&b, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap();
+    let worst = common::docs::check_packed("SmolLM2", &b, &cfg, &stage, &prepared, &golden, 1e-4);
+    eprintln!("SmolLM2 conventions: max |Δ logprob| vs HF float32 = {worst:.2e}");
+}

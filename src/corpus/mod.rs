@@ -22,7 +22,7 @@ use crate::tokenizer::Tokenizer;
 
 pub use pack::{build_batch, pack, Batcher};
 pub use template::{Template, DEFAULT_TEMPLATE};
-pub use tokenize::{move_whitespace, split, Split, SplitError};
+pub use tokenize::{joint, move_whitespace, split, Split, SplitError};
 
 #[derive(Debug, Error)]
 pub enum CorpusError {
@@ -76,8 +76,8 @@ pub struct CorpusOptions {
     pub template: Template,
     /// Longest context the model takes; a document needing more positions fails.
     pub max_context: usize,
-    /// Put between a prompt that ends without whitespace and each choice (lm-eval's
-    /// `target_delimiter`); " " unless the language writes without spaces.
+    /// Put between the prompt and a choice where neither side of the joint has whitespace
+    /// (lm-eval's `target_delimiter`); " " unless the language writes without spaces.
     pub delimiter: String,
     /// Ids already in the results file (resume): parsed for duplicate detection, but
     /// neither tokenized nor yielded.

@@ -3,14 +3,15 @@
 //! Trailing whitespace of the prompt moves to the front of each choice, so "Answer: " +
 //! "Paris" is scored as "Answer:" + " Paris": BPE vocabularies attach the space to the
 //! following word, and the model never saw a lone space token before an answer. The
-//! choice's ids are those of `prompt + choice` after the prompt's ids, which keeps the
-//! merges the tokenizer makes across the boundary.
+//! choice's ids are those of `prompt + joint + choice` after the prompt's ids, which keeps
+//! the merges the tokenizer makes across the boundary.
 //!
-//! When the prompt ends without whitespace (the default template ends in "Answer:"), the
-//! choice is joined with a delimiter, lm-eval's `target_delimiter` (" " by default), so
-//! "Answer:" + "Paris" is scored as " Paris", never as "Answer:Paris". A prompt that
-//! already ends in whitespace gets no delimiter: its whitespace is the delimiter, and
-//! adding one would make the double space lm-eval warns about.
+//! The delimiter (lm-eval's `target_delimiter`, " " by default) goes in only where neither
+//! side of the joint has whitespace: "Answer:" + "Paris" is scored as " Paris", never as
+//! "Answer:Paris". A choice that already begins with whitespace (" Paris", the form raw HF
+//! and lm-eval loglikelihood requests use) is taken as it is, and so is a prompt that ends
+//! in whitespace: adding the delimiter there would make the double space (one token more,
+//! one the model rarely saw) that lm-eval warns about.
 
 use crate::tokenizer::Tokenizer;
 
@@ -20,7 +21,8 @@ pub struct Split {
     pub prompt: Vec<u32>,
     /// Per choice: continuation ids (possibly empty: the caller decides what that means).
     pub choices: Vec<Vec<u32>>,
-    /// Per choice: characters of the continuation including the moved whitespace.
+    /// Per choice: characters of the continuation, the joint actually used (moved
+    /// whitespace or delimiter) included.
     pub chars: Vec<usize>,
 }
 
@@ -52,10 +54,21 @@ fn appended_specials(with: &[u32], plain: &[u32]) -> usize {
         .map_or(0, |start| with.len() - start - plain.len())
 }
 
+/// What goes between the prompt (without its trailing whitespace) and a choice: the
+/// prompt's own trailing whitespace, else the delimiter unless the choice begins with
+/// whitespace, else nothing.
+pub fn joint<'a>(moved: &'a str, choice: &str, delimiter: &'a str) -> &'a str {
+    let choice_has_space = choice.chars().next().is_some_and(char::is_whitespace);
+    if !moved.is_empty() || choice_has_space {
+        moved
+    } else {
+        delimiter
+    }
+}
+
 pub fn split(tokenizer: &Tokenizer, prompt: &str, choices: &[String], delimiter: &str) -> Result<Split, SplitError> {
     let prompt_err = |e: crate::tokenizer::TokenizerError| SplitError { choice: None, msg: e.to_string() };
     let (context, moved) = move_whitespace(prompt);
-    let moved = if moved.is_empty() { delimiter } else { moved };
     let with = tokenizer.encode(context, true).map_err(prompt_err)?;
     let plain = tokenizer.encode(context, false).map_err(prompt_err)?;
     let tail = appended_specials(&with, &plain);
@@ -64,9 +77,10 @@ pub fn split(tokenizer: &Tokenizer, prompt: &str, choices: &[String], delimiter:
     let mut out = Split { prompt: prompt_ids, choices: Vec::with_capacity(choices.len()), chars: Vec::new() };
     let mut whole_text = String::with_capacity(context.len() + 64);
     for (c, choice) in choices.iter().enumerate() {
+        let joint = joint(moved, choice, delimiter);
         whole_text.clear();
         whole_text.push_str(context);
-        whole_text.push_str(moved);
+        whole_text.push_str(joint);
         whole_text.push_str(choice);
         let whole = tokenizer
             .encode(&whole_text, true)
@@ -74,7 +88,7 @@ pub fn split(tokenizer: &Tokenizer, prompt: &str, choices: &[String], delimiter:
         let end = whole.len().saturating_sub(tail);
         let start = out.prompt.len().min(end);
         out.choices.push(whole[start..end].to_vec());
-        out.chars.push(moved.chars().count() + choice.chars().count());
+        out.chars.push(joint.chars().count() + choice.chars().count());
     }
     Ok(out)
 }
@@ -96,5 +110,57 @@ mod tests {
         assert_eq!(appended_specials(&[5, 6, 2], &[5, 6]), 1);
         assert_eq!(appended_specials(&[1, 5, 6, 2, 3], &[5, 6]), 2);
         assert_eq!(appended_specials(&[1], &[]), 0);
+    }
+
+    #[test]
+    fn joint_follows_the_rule() {
+        assert_eq!(joint("", "Paris", " "), " ");
+        assert_eq!(joint("", " Paris", " "), "");
+        assert_eq!(joint("", "\nParis", " "), "");
+        assert_eq!(joint(" ", "Paris", " "), " ");
+        assert_eq!(joint("\n", "Paris", " "), "\n");
+        assert_eq!(joint(" ", " Paris", " "), " ");
+        assert_eq!(joint("", "Paris", ""), "");
+        assert_eq!(joint("", "Paris", "\n"), "\n");
+    }
+
+    /// A fixture's byte-level BPE (tests/fixtures/make_fixtures.py), where " EUR" and "EUR"
+    /// are different tokens; llama_tied's adds <s> in front.
+    fn fixture_tokenizer(name: &str) -> Tokenizer {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).join("tokenizer.json");
+        Tokenizer::from_file(&path).unwrap()
+    }
+
+    /// The continuation text the split scored, decoded from its ids.
+    fn scored(tok: &Tokenizer, prompt: &str, choice: &str, delimiter: &str) -> (String, usize) {
+        let s = split(tok, prompt, &[choice.to_string()], delimiter).unwrap();
+        let (context, _) = move_whitespace(prompt);
+        let whole = tok.encode(&format!("{context}{}{choice}", joint(move_whitespace(prompt).1, choice, delimiter)), true).unwrap();
+        assert_eq!(whole, [s.prompt.clone(), s.choices[0].clone()].concat(), "the prompt ids are a prefix");
+        assert_eq!(s.prompt, tok.encode(context, true).unwrap());
+        (tok.decode(&s.choices[0], false).unwrap(), s.chars[0])
+    }
+
+    #[test]
+    fn both_conventions_with_a_real_tokenizer() {
+        for name in ["falcon_7b", "llama_tied"] {
+            let tok = fixture_tokenizer(name);
+            // a choice with its own leading space keeps exactly that one
+            assert_eq!(scored(&tok, "The invoice currency is", " EUR", " "), (" EUR".into(), 4));
+            // "Answer:" + "Paris": the delimiter goes in
+            assert_eq!(scored(&tok, "Question: Which city?\nAnswer:", "Paris", " "), (" Paris".into(), 6));
+            // the prompt's trailing whitespace moves to the choice, no delimiter added
+            assert_eq!(scored(&tok, "Total due: ", "$120.00", " "), (" $120.00".into(), 8));
+            assert_eq!(scored(&tok, "Ship to:\n", "Paris", " "), ("\nParis".into(), 6));
+            assert_eq!(scored(&tok, "Answer: ", " Paris", " "), ("  Paris".into(), 7));
+            // no delimiter: the choice follows the prompt directly
+            assert_eq!(scored(&tok, "Answer:", "Paris", ""), ("Paris".into(), 5));
+            assert_eq!(scored(&tok, "The invoice currency is", " EUR", ""), (" EUR".into(), 4));
+        }
+        // the space matters to this tokenizer: " EUR" is one token longer than "EUR"
+        let tok = fixture_tokenizer("falcon_7b");
+        let lead = split(&tok, "The invoice currency is", &[" EUR".to_string(), "EUR".to_string()], " ").unwrap();
+        assert_eq!(lead.choices[0], lead.choices[1], "\"EUR\" gets the delimiter, \" EUR\" its own space");
+        assert_eq!(lead.choices[0].len(), tok.encode("EUR", false).unwrap().len() + 1);
     }
 }

@@ -20,6 +20,9 @@ pub struct ScoreOptions {
     pub csv: Option<PathBuf>,
     pub norm: Norm,
     pub template: Option<PathBuf>,
+    /// Put between a prompt and a choice where neither side has whitespace (lm-eval's
+    /// `target_delimiter`).
+    pub delimiter: String,
     /// Most rows (tokens) in one micro-batch.
     pub batch_tokens: usize,
     /// Micro-batches per wave.
@@ -62,7 +65,12 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
         None => Template::parse(DEFAULT_TEMPLATE, "the default template"),
     }
     .map_err(|e| JobError::Input(e.to_string()))?;
-    let meta = RunMeta { model_id: dir.manifest().model_id.clone(), norm: opts.norm, template: template.source().to_string() };
+    let meta = RunMeta {
+        model_id: dir.manifest().model_id.clone(),
+        norm: opts.norm,
+        template: template.source().to_string(),
+        delimiter: opts.delimiter.clone(),
+    };
     Ok(Prepared { tokenizer, template, meta })
 }
 
@@ -113,6 +121,7 @@ pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut
     let resumed = done.len();
     let mut copts = CorpusOptions::new(template, dir.config().context_limit());
     copts.skip_ids = done;
+    copts.delimiter = opts.delimiter.clone();
     let reader = CorpusReader::open(&opts.docs, &tokenizer, copts).map_err(|e| JobError::Input(e.to_string()))?;
     let mut progress = Progress::new(&opts.docs, resumed, opts.quiet);
 

@@ -47,6 +47,11 @@ pub enum ResultsError {
          pass --overwrite to replace it, or choose another output file"
     )]
     Mismatch { path: String, attr: &'static str, found: String, wanted: String },
+    #[error(
+        "{path}: records no {attr} (made by an older falcon-batch) but this run uses {attr} {wanted:?}; \
+         pass --overwrite to replace it, or choose another output file"
+    )]
+    Unrecorded { path: String, attr: &'static str, wanted: String },
     #[error("{path}: not a falcon-batch results file ({why}); pass --overwrite to replace it, or choose another output file")]
     NotResults { path: String, why: String },
     #[error("{path}: {msg}")]
@@ -62,6 +67,8 @@ pub struct RunMeta {
     pub norm: Norm,
     /// The prompt template's source text (`corpus::Template::source`).
     pub template: String,
+    /// Put between a prompt and a choice where neither side has whitespace (`--target-delimiter`).
+    pub delimiter: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -381,9 +381,16 @@ fn check_meta(file: &File, meta: &RunMeta, path: &str) -> Result<(), ResultsErro
         Some(s) => return Err(ResultsError::NotResults { path: path.into(), why: format!("schema {s:?}, expected {SCHEMA:?}") }),
         None => return Err(ResultsError::NotResults { path: path.into(), why: "no schema attribute".into() }),
     }
-    let wanted = [("model", meta.model_id.as_str()), ("norm", meta.norm.name()), ("template", meta.template.as_str())];
+    let wanted = [
+        ("model", meta.model_id.as_str()),
+        ("norm", meta.norm.name()),
+        ("template", meta.template.as_str()),
+        ("target_delimiter", meta.delimiter.as_str()),
+    ];
     for (attr, want) in wanted {
-        let found = read_str_attr(file, attr).unwrap_or_default();
+        let Some(found) = read_str_attr(file, attr) else {
+            return Err(ResultsError::Unrecorded { path: path.into(), attr, wanted: want.to_string() });
+        };
         if found != want {
             return Err(ResultsError::Mismatch { path: path.into(), attr, found, wanted: want.to_string() });
         }
@@ -416,6 +423,7 @@ fn build_empty(path: &Path, meta: &RunMeta, created: Option<&str>) -> Result<(),
         ("model", meta.model_id.as_str()),
         ("norm", meta.norm.name()),
         ("template", meta.template.as_str()),
+        ("target_delimiter", meta.delimiter.as_str()),
         ("created", created.unwrap_or(&now)),
         ("version", env!("CARGO_PKG_VERSION")),
     ] {

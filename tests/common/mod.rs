@@ -4,6 +4,8 @@
 use falcon_batch::config::ModelConfig;
 pub use falcon_batch::testing::{rand_values, random_group, random_part};
 
+pub mod docs;
+
 pub fn falcon_config(new_arch: bool, parallel: bool, bias: bool) -> ModelConfig {
     falcon_batch::testing::falcon_config(3, new_arch, parallel, bias).unwrap()
 }
@@ -15,4 +17,53 @@ pub fn llama_config() -> ModelConfig {
 /// A word-level tokenizer over "t0" .. "t{n-1}" (ids = indices), split on whitespace.
 pub fn word_tokenizer(n: usize) -> falcon_batch::tokenizer::Tokenizer {
     falcon_batch::testing::word_tokenizer(n).unwrap()
+}
+
+/// An HF fixture of tests/fixtures (made by make_fixtures.py): its config, all its layers
+/// converted from its safetensors, and its golden.json.
+pub struct HfFixture {
+    pub dir: std::path::PathBuf,
+    pub cfg: ModelConfig,
+    pub host: falcon_batch::stage::HostGroup,
+    pub golden: serde_json::Value,
+}
+
+/// Minimal reader of an HF checkpoint's safetensors (sharded or not), test-only.
+pub struct Shards(std::collections::HashMap<String, falcon_batch::tensor::HostTensor>);
+
+impl falcon_batch::model::TensorSource for Shards {
+    fn get(&self, name: &str) -> Result<falcon_batch::tensor::HostTensor, falcon_batch::model::ModelError> {
+        self.0.get(name).cloned().ok_or_else(|| falcon_batch::model::ModelError::Source(format!("no tensor {name}")))
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+}
+
+pub fn read_shards(dir: &std::path::Path) -> Shards {
+    use falcon_batch::tensor::{DType, HostTensor};
+    let mut map = std::collections::HashMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&p).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (name, view) in st.tensors() {
+                assert_eq!(view.dtype(), safetensors::Dtype::F32);
+                map.insert(name.to_string(), HostTensor { dtype: DType::F32, shape: view.shape().to_vec(), data: view.data().to_vec() });
+            }
+        }
+    }
+    Shards(map)
+}
+
+pub fn hf_fixture(name: &str) -> HfFixture {
+    use falcon_batch::model::{self, Part};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let read = |f: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap() };
+    let cfg = model::config_from_hf(&read("config.json"), "config.json").unwrap();
+    let src = read_shards(&dir);
+    let host = falcon_batch::stage::HostGroup::read(0..cfg.n_layers, cfg.n_layers, |p: Part| model::convert_part(&cfg, p, &src)).unwrap();
+    let golden = read("golden.json");
+    HfFixture { dir, cfg, host, golden }
 }
