@@ -32,6 +32,17 @@ pub struct GgufCheckpoint {
     config: ModelConfig,
 }
 
+/// The model config a parsed header's metadata gives (`origin` names the file in errors).
+pub fn header_config(header: &GgufHeader, origin: &str) -> Result<ModelConfig> {
+    let has_tensor = |n: &str| header.tensors.iter().any(|t| t.name == n);
+    Meta { map: &header.metadata, origin }.config(has_tensor)
+}
+
+/// The tokenizer fields of a parsed header's metadata, checked for type.
+pub fn header_vocab(header: &GgufHeader, origin: &str) -> Result<GgufVocab> {
+    Meta { map: &header.metadata, origin }.vocab()
+}
+
 /// Open a GGUF checkpoint for conversion (the converter's entry point).
 pub fn open(path: &Path) -> Result<Box<dyn Checkpoint>> {
     Ok(Box::new(GgufCheckpoint::open(path)?))
@@ -46,8 +57,7 @@ impl GgufCheckpoint {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
         let header = parse::parse(&mmap, &origin)?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        let has_tensor = |n: &str| header.tensors.iter().any(|t| t.name == n);
-        let config = Meta { map: &header.metadata, origin: &origin }.config(has_tensor)?;
+        let config = header_config(&header, &origin)?;
         Ok(GgufCheckpoint { origin, mmap, header, by_name, config })
     }
 
@@ -88,11 +98,7 @@ impl GgufCheckpoint {
 
     /// The tokenizer fields of the metadata, checked for type.
     pub fn vocab(&self) -> Result<GgufVocab> {
-        self.meta().vocab()
-    }
-
-    fn meta(&self) -> Meta<'_> {
-        Meta { map: &self.header.metadata, origin: &self.origin }
+        header_vocab(&self.header, &self.origin)
     }
 
     fn hf_tensor(&self, hf_name: &str) -> Result<HostTensor> {
