@@ -7,7 +7,7 @@ SMOL := models/smollm2-135m
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: deps test-deps build demo test fetch-model bench test-gpu test-gpu-build clean-results
+.PHONY: deps test-deps build demo test fetch-model bench test-gpu test-gpu-build clean-results fuzz
 
 deps:
 	@scripts/setup-deps.sh
@@ -81,3 +81,23 @@ test-gpu:
 test-gpu-build:
 	cargo build --release
 	cargo test --release --test cuda_parity --no-run
+
+# Fuzz the parsers of untrusted files (libFuzzer through cargo-fuzz: `cargo install
+# cargo-fuzz`), each target for FUZZ_SECONDS, one after another. Seeds: fuzz/corpus/<target>
+# (committed, made by fuzz/make_seeds.py); what libFuzzer adds goes to fuzz/work/<target>
+# and a crashing input to fuzz/artifacts/<target> (both git-ignored). RUSTC_BOOTSTRAP lets
+# a stable toolchain take the sanitizer flags cargo-fuzz passes.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := safetensors_header gguf manifest corpus_line
+FUZZ_FLAGS ?= -rss_limit_mb=2048 -timeout=10
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || { echo "make fuzz needs cargo-fuzz: cargo install cargo-fuzz"; exit 1; }
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p work/$$t; \
+		echo "fuzz $$t for $(FUZZ_SECONDS) s"; \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run $$t work/$$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) $(FUZZ_FLAGS) \
+			> work/$$t.log 2>&1; rc=$$?; \
+		grep -E "^(Done [0-9]+ runs|SUMMARY|==[0-9]+== ERROR)|panicked" work/$$t.log; \
+		test $$rc -eq 0 || { echo "$$t failed: see fuzz/work/$$t.log and fuzz/artifacts/$$t"; exit 1; }; \
+	done

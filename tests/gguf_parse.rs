@@ -420,3 +420,12 @@ fn missing_file_names_it() {
     let err = GgufCheckpoint::open(Path::new("/nonexistent/x.gguf")).err().unwrap().to_string();
     assert!(err.contains("/nonexistent/x.gguf"), "{err}");
 }
+
+/// Found by the fuzzer's review: F32 dims of 2^31 x 2^31 fit isize but their 2^64 bytes wrapped
+/// to 0, so a tensor with no data passed the range check.
+#[test]
+fn tensor_bytes_that_overflow_are_refused() {
+    let bytes = write_gguf(&[], &[("huge", vec![1 << 31, 1 << 31], 0, vec![])]);
+    let e = parse(&bytes, "huge.gguf").unwrap_err().to_string();
+    assert!(e.starts_with("huge.gguf: tensor huge: data range") && e.contains("outside file"), "{e}");
+}

@@ -318,3 +318,28 @@ fn doc_result_from_scores() {
     let f = DocResult::failed("line:3", "c.jsonl:3: invalid JSON");
     assert_eq!((f.status, f.best, f.choices.len()), (DocStatus::Error, None, 0));
 }
+
+/// The room for the next append is held beside the file while writing (really allocated,
+/// so a full disk shows up there first) and removed on close.
+#[test]
+fn room_is_held_beside_the_file_while_writing() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scores.h5");
+    let reserve = dir.path().join("scores.h5.reserve");
+    let (mut w, _) = ResultsWriter::open(&path, meta(), false).unwrap();
+    w.append(&[ok_doc("a", 2)]).unwrap();
+    let held = std::fs::metadata(&reserve).expect("a reserve file while writing");
+    use std::os::unix::fs::MetadataExt;
+    assert!(held.len() >= 1 << 20 && held.blocks() * 512 >= 1 << 20, "{} bytes, {} blocks", held.len(), held.blocks());
+    w.close().unwrap();
+    assert!(!reserve.exists(), "the reserve is removed on close");
+    // A killed run's reserve is taken over and removed by the next writer.
+    std::fs::write(&reserve, b"left by a killed run").unwrap();
+    let (mut w, done) = ResultsWriter::open(&path, meta(), false).unwrap();
+    assert_eq!(done.len(), 1);
+    w.append(&[ok_doc("b", 1)]).unwrap();
+    drop(w);
+    assert!(!reserve.exists());
+    assert_eq!(read_results(&path).unwrap().len(), 2);
+}

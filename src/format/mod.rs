@@ -9,7 +9,7 @@ pub mod gguf;
 pub mod hf;
 pub mod manifest;
 pub mod model_dir;
-mod st;
+pub mod st;
 
 use crate::config::ModelConfig;
 use crate::model::{ModelError, TensorSource};

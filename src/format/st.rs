@@ -17,7 +17,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 /// Where one tensor lies in the mapped file.
 #[derive(Clone, Debug)]
-pub(crate) struct TensorEntry {
+pub struct TensorEntry {
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     /// Absolute byte range in the file (header included in the offset).
@@ -36,6 +36,36 @@ pub(crate) struct StFile {
     tensors: HashMap<String, TensorEntry>,
     /// Names in file (offset) order, for stable listings.
     order: Vec<String>,
+}
+
+/// Index the header of a safetensors file held in `bytes` (`path` names it in errors):
+/// each tensor with its absolute byte range, in file (offset) order. Every range is checked
+/// to lie inside `bytes`, so slicing by it cannot panic. This is the whole parse `StFile`
+/// does on open, exposed so the fuzz target can run it on arbitrary bytes.
+pub fn parse_bytes(bytes: &[u8], path: &Path) -> Result<Vec<(String, TensorEntry)>> {
+    let malformed = |msg: String| FormatError::Malformed { path: path.display().to_string(), msg };
+    let (header_len, meta) =
+        SafeTensors::read_metadata(bytes).map_err(|e| malformed(format!("not a valid safetensors file: {e}")))?;
+    // Offsets in the header count from the end of the header; 8 bytes of length precede it.
+    let base = 8 + header_len;
+    let mut entries = Vec::new();
+    for (name, info) in meta.tensors() {
+        let (s, e) = info.data_offsets;
+        let (start, end) = (base.checked_add(s), base.checked_add(e));
+        match (start, end) {
+            (Some(start), Some(end)) if start <= end && end <= bytes.len() => {
+                entries.push((name, TensorEntry { dtype: info.dtype, shape: info.shape.clone(), start, end }));
+            }
+            _ => {
+                return Err(malformed(format!(
+                    "tensor `{name}`: data offsets {s}..{e} after the {base} byte header lie outside the {} byte file",
+                    bytes.len()
+                )))
+            }
+        }
+    }
+    entries.sort_by_key(|(_, e)| e.start);
+    Ok(entries)
 }
 
 pub(crate) fn dtype_from_st(d: Dtype) -> Option<DType> {
@@ -62,20 +92,7 @@ impl StFile {
         // would fault, which no safe API can prevent. Model files are written once (convert
         // renames complete files into place) and never modified in place.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
-        let malformed = |msg: String| FormatError::Malformed { path: path.display().to_string(), msg };
-        let (header_len, meta) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| malformed(format!("not a valid safetensors file: {e}")))?;
-        // Offsets in the header count from the end of the header; 8 bytes of length precede it.
-        let base = 8 + header_len;
-        let mut entries: Vec<(String, TensorEntry)> = meta
-            .tensors()
-            .into_iter()
-            .map(|(name, info)| {
-                let (s, e) = info.data_offsets;
-                (name, TensorEntry { dtype: info.dtype, shape: info.shape.clone(), start: base + s, end: base + e })
-            })
-            .collect();
-        entries.sort_by_key(|(_, e)| e.start);
+        let entries = parse_bytes(&mmap, path)?;
         let order = entries.iter().map(|(n, _)| n.clone()).collect();
         Ok(StFile { path: path.to_path_buf(), mmap, tensors: entries.into_iter().collect(), order })
     }

@@ -206,7 +206,10 @@ pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut
     summary.docs_in_file = all.len();
     summary.failed_in_file = all.iter().filter(|r| !r.is_ok()).count();
     if let Some(csv) = &opts.csv {
-        export_csv(&opts.out, csv).map_err(|e| JobError::Output(e.to_string()))?;
+        export_csv(&opts.out, csv).map_err(|e| {
+            let out = opts.out.display();
+            JobError::Output(format!("{e}; {out} holds every document: run the same command again to write the CSV"))
+        })?;
     }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)

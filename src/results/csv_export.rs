@@ -10,15 +10,27 @@ use super::{read_results, ResultsError};
 pub fn export_csv(h5_path: &Path, csv_path: &Path) -> Result<usize, ResultsError> {
     let docs = read_results(h5_path)?;
     let name = csv_path.display().to_string();
-    let err = |source| ResultsError::Csv { path: name.clone(), source };
     // Write next to the target and rename: a reader never sees half a CSV.
     let mut tmp = csv_path.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));
-    let mut w = csv::Writer::from_path(&tmp).map_err(err)?;
+    let written = write_rows(&docs, Path::new(&tmp), &name);
+    if written.is_err() {
+        // A full disk must not leave a half CSV beside the real one.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let rows = written?;
+    std::fs::rename(&tmp, csv_path).map_err(|source| ResultsError::Io { path: name.clone(), source })?;
+    Ok(rows)
+}
+
+/// The header and one row per choice into `tmp`; `name` is the CSV path for messages.
+fn write_rows(docs: &[super::DocResult], tmp: &Path, name: &str) -> Result<usize, ResultsError> {
+    let err = |source| ResultsError::Csv { path: name.to_string(), source };
+    let mut w = csv::Writer::from_path(tmp).map_err(err)?;
     w.write_record(["id", "choice", "text", "n_tokens", "logprob", "logprob_mean", "logprob_per_char", "prob", "is_best"])
         .map_err(err)?;
     let mut rows = 0;
-    for d in &docs {
+    for d in docs {
         for (i, c) in d.choices.iter().enumerate() {
             let is_best = d.best == Some(i);
             w.write_record([
@@ -36,8 +48,6 @@ pub fn export_csv(h5_path: &Path, csv_path: &Path) -> Result<usize, ResultsError
             rows += 1;
         }
     }
-    w.flush().map_err(|source| ResultsError::Io { path: name.clone(), source })?;
-    drop(w);
-    std::fs::rename(&tmp, csv_path).map_err(|source| ResultsError::Io { path: name.clone(), source })?;
+    w.flush().map_err(|source| ResultsError::Io { path: name.to_string(), source })?;
     Ok(rows)
 }

@@ -8,6 +8,7 @@
 
 mod csv_export;
 mod read;
+mod reserve;
 mod writer;
 
 use thiserror::Error;
@@ -56,6 +57,12 @@ pub enum ResultsError {
     NotResults { path: String, why: String },
     #[error("{path}: {msg}")]
     Corrupt { path: String, msg: String },
+    /// The output's file system (or quota) is full. `kept` documents are in the file, whole.
+    #[error(
+        "{path}: no space left on device: {what}; the file holds the {kept} documents finished so far; \
+         free space and run the same command again to resume"
+    )]
+    NoSpace { path: String, what: String, kept: usize },
     #[error("document {id:?}: {scores} scores for {choices} choices")]
     ScoreCount { id: String, scores: usize, choices: usize },
 }

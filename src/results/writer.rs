@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use hdf5::types::VarLenUnicode;
 use hdf5::{Dataset, File, Group, H5Type};
 
+use super::reserve::{is_no_space, Reserve, MIN_RESERVE};
 use super::{At, DocResult, ResultsError, RunMeta, SCHEMA};
 
 // ~1024 documents or 4096 choice rows per chunk: a few appends per chunk at typical batch
@@ -29,6 +30,8 @@ pub struct ResultsWriter {
     /// repair on the next open, so further appends here would build on a torn tail.
     broken: bool,
     closed: bool,
+    /// Room held for the next append (see reserve.rs); None once closed.
+    reserve: Option<Reserve>,
 }
 
 /// Root attribute: 1 when the last writer closed the file, 0 while one has it open. HDF5
@@ -118,6 +121,14 @@ pub(super) fn read_readable<T: H5Type + Clone>(ds: &Dataset, n: usize) -> Vec<T>
         match ds.read_slice_1d::<T, _>(out.len()..end) {
             Ok(block) => out.extend(block.iter().cloned()),
             Err(e) => {
+                // A block fails whole when any element in it does (a string whose heap
+                // collection was never written): keep the readable rows before that one.
+                while out.len() < end {
+                    match ds.read_slice_1d::<T, _>(out.len()..out.len() + 1) {
+                        Ok(one) => out.extend(one.iter().cloned()),
+                        Err(_) => break,
+                    }
+                }
                 tracing::warn!("{}: unreadable from row {}: {e}", ds.name(), out.len());
                 break;
             }
@@ -175,7 +186,24 @@ impl ResultsWriter {
         if fresh {
             create(path, &meta)?;
         }
-        ResultsWriter::resume(path, &meta)
+        let (mut w, done) = ResultsWriter::resume(path, &meta)?;
+        let reserve = Reserve::open(path).map_err(|source| ResultsError::Io { path: Reserve::path_for(path).display().to_string(), source })?;
+        // Held from the first append on, so resuming a finished run needs no free space.
+        w.reserve = Some(reserve);
+        Ok((w, done))
+    }
+
+    /// Grow the reserve to `bytes`; a full file system is reported as NoSpace, naming the
+    /// output file, before anything is written.
+    fn hold(&mut self, bytes: u64, what: &str) -> Result<(), ResultsError> {
+        let Some(reserve) = self.reserve.as_mut() else { return Ok(()) };
+        reserve.hold(bytes).map_err(|source| {
+            if is_no_space(&source) {
+                ResultsError::NoSpace { path: self.name.clone(), what: format!("{what} (up to {bytes} bytes)"), kept: self.n_docs }
+            } else {
+                ResultsError::Io { path: Reserve::path_for(&self.path).display().to_string(), source }
+            }
+        })
     }
 
     fn resume(path: &Path, meta: &RunMeta) -> Result<(ResultsWriter, HashSet<String>), ResultsError> {
@@ -207,6 +235,7 @@ impl ResultsWriter {
             repair_note: None,
             broken: false,
             closed: false,
+            reserve: None,
         };
         let done = w.repair()?;
         if let Some(kept) = rebuilt {
@@ -262,10 +291,42 @@ impl ResultsWriter {
                 msg: "an earlier append failed; reopen the file (it repairs the tail) before writing more".into(),
             });
         }
+        // Make sure the room this append can need is free, then hand it to HDF5.
+        let need = append_bytes(self.n_docs, self.n_rows, docs);
+        self.hold(need, &format!("no room for the next {} documents", docs.len()))?;
+        if let Some(r) = self.reserve.as_mut() {
+            r.release().map_err(|source| ResultsError::Io { path: Reserve::path_for(&self.path).display().to_string(), source })?;
+        }
         self.broken = true;
-        self.write(docs)?;
+        if let Err(e) = self.write(docs) {
+            return Err(self.no_space(e));
+        }
         self.broken = false;
+        // Take the room back for the next append; if the disk filled meanwhile, that append
+        // stops before writing (the documents just written are safe).
+        let _ = self.reserve.as_mut().map(|r| r.hold(need));
         Ok(())
+    }
+
+    /// An HDF5 failure for lack of space, said plainly. The reserve makes this rare (only
+    /// another process filling the disk during the append); the file may then need the
+    /// repair that the next open does.
+    fn no_space(&self, e: ResultsError) -> ResultsError {
+        let full = match &e {
+            ResultsError::Hdf5 { source, .. } => {
+                let text = source.to_string();
+                text.contains("errno = 28") || text.contains("errno = 122") || text.contains("No space left on device")
+            }
+            _ => false,
+        };
+        match (full, e) {
+            (true, ResultsError::Hdf5 { path, what, .. }) => ResultsError::NoSpace {
+                path,
+                what: format!("{what} failed (the next run repairs the file's tail)"),
+                kept: self.n_docs,
+            },
+            (_, e) => e,
+        }
     }
 
     fn write(&mut self, docs: &[DocResult]) -> Result<(), ResultsError> {
@@ -326,6 +387,10 @@ impl ResultsWriter {
     }
 
     fn finish(&mut self) -> Result<(), ResultsError> {
+        // The reserve's room is what the closing mark is written with.
+        if let Some(r) = self.reserve.take() {
+            r.remove();
+        }
         if self.closed || self.broken {
             return Ok(()); // a broken writer leaves the mark at 0: the next open rebuilds
         }
@@ -340,6 +405,25 @@ impl Drop for ResultsWriter {
             tracing::warn!("{e}");
         }
     }
+}
+
+/// At most what appending `docs` after `n_docs` documents and `n_rows` choice rows can
+/// make HDF5 allocate: every chunk it may start, each string in the global heap with its
+/// object header, all doubled, plus room for B-tree nodes and a new heap collection.
+fn append_bytes(n_docs: usize, n_rows: usize, docs: &[DocResult]) -> u64 {
+    let new_chunks = |at: usize, add: usize, chunk: usize| (at + add).div_ceil(chunk) - at.div_ceil(chunk);
+    let rows: usize = docs.iter().map(|d| d.choices.len()).sum();
+    // Bytes per element in a chunk: strings are 16-byte heap references.
+    let doc_chunk_bytes = DOC_CHUNK * (3 * 16 + 4 + 4 + 8 + 4);
+    let choice_chunk_bytes = CHOICE_CHUNK * (16 + 4 + 4 * 8);
+    let chunks = new_chunks(n_docs, docs.len(), DOC_CHUNK) * doc_chunk_bytes + new_chunks(n_rows, rows, CHOICE_CHUNK) * choice_chunk_bytes;
+    let string = |s: &str| s.len() + 32;
+    let strings: usize = docs
+        .iter()
+        .map(|d| string(&d.id) + string(&d.error) + string(d.status.as_str()) + d.choices.iter().map(|c| string(&c.text)).sum::<usize>())
+        .sum();
+    let raw = chunks + strings + docs.len() * 20 + rows * 36;
+    (2 * raw as u64 + (256 << 10)).max(MIN_RESERVE)
 }
 
 /// Rewrite the whole documents of a file that was not closed cleanly into a new file

@@ -32,6 +32,23 @@ pub struct GgufCheckpoint {
     config: ModelConfig,
 }
 
+/// The model config a parsed header's metadata gives (`origin` names the file in errors).
+/// The model config of a parsed header; `file` is the whole file, for the tensors the config
+/// reads (Llama-3.x files carry their rope scaling as llama.cpp's per-frequency divisors).
+pub fn header_config(header: &GgufHeader, file: &[u8], origin: &str) -> Result<ModelConfig> {
+    let has_tensor = |n: &str| header.tensors.iter().any(|t| t.name == n);
+    let rope_freqs = match header.tensors.iter().find(|t| t.name == ROPE_FREQS) {
+        Some(info) => Some(read_f32(file, info, origin)?.to_f32()),
+        None => None,
+    };
+    Meta { map: &header.metadata, origin }.config(has_tensor, rope_freqs)
+}
+
+/// The tokenizer fields of a parsed header's metadata, checked for type.
+pub fn header_vocab(header: &GgufHeader, origin: &str) -> Result<GgufVocab> {
+    Meta { map: &header.metadata, origin }.vocab()
+}
+
 /// Open a GGUF checkpoint for conversion (the converter's entry point).
 pub fn open(path: &Path) -> Result<Box<dyn Checkpoint>> {
     Ok(Box::new(GgufCheckpoint::open(path)?))
@@ -46,13 +63,7 @@ impl GgufCheckpoint {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
         let header = parse::parse(&mmap, &origin)?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        let has_tensor = |n: &str| header.tensors.iter().any(|t| t.name == n);
-        // Llama-3.x files carry their rope scaling as llama.cpp's per-frequency divisors.
-        let rope_freqs = match header.tensors.iter().find(|t| t.name == ROPE_FREQS) {
-            Some(info) => Some(read_f32(&mmap, info, &origin)?.to_f32()),
-            None => None,
-        };
-        let config = Meta { map: &header.metadata, origin: &origin }.config(has_tensor, rope_freqs)?;
+        let config = header_config(&header, &mmap, &origin)?;
         Ok(GgufCheckpoint { origin, mmap, header, by_name, config })
     }
 
@@ -84,11 +95,7 @@ impl GgufCheckpoint {
 
     /// The tokenizer fields of the metadata, checked for type.
     pub fn vocab(&self) -> Result<GgufVocab> {
-        self.meta().vocab()
-    }
-
-    fn meta(&self) -> Meta<'_> {
-        Meta { map: &self.header.metadata, origin: &self.origin }
+        header_vocab(&self.header, &self.origin)
     }
 
     fn hf_tensor(&self, hf_name: &str) -> Result<HostTensor> {
@@ -109,7 +116,7 @@ impl GgufCheckpoint {
 const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// One tensor of the mapped file, dequantized to f32.
-fn read_f32(mmap: &Mmap, info: &TensorInfo, origin: &str) -> Result<HostTensor> {
+fn read_f32(mmap: &[u8], info: &TensorInfo, origin: &str) -> Result<HostTensor> {
     let name = &info.name;
     let bytes = mmap.get(info.start..info.end).ok_or_else(|| FormatError::Malformed {
         path: origin.to_string(),

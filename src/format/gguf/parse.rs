@@ -341,9 +341,11 @@ fn tensor_info(r: &Reader, name: String, dims: Vec<u64>, type_id: u32, offset: u
     if !offset.is_multiple_of(alignment) {
         return Err(r.err(format!("tensor {name}: offset {offset} is not aligned to {alignment}")));
     }
-    let nbytes = numel / block as u64 * block_bytes as u64;
+    // Checked: a type with more bytes than elements per block (F32: 4 per 1) can overflow
+    // u64 for dims that fit; the range check below then refuses it.
+    let nbytes = (numel / block as u64).checked_mul(block_bytes as u64);
     let start = data_offset.checked_add(offset);
-    let end = start.and_then(|s| s.checked_add(nbytes));
+    let end = start.zip(nbytes).and_then(|(s, n)| s.checked_add(n));
     match (start, end) {
         (Some(s), Some(e)) if e <= r.buf.len() as u64 => Ok(TensorInfo {
             name,
@@ -355,7 +357,7 @@ fn tensor_info(r: &Reader, name: String, dims: Vec<u64>, type_id: u32, offset: u
         _ => Err(r.err(format!(
             "tensor {name}: data range {}..{} outside file of {} bytes",
             data_offset.saturating_add(offset),
-            data_offset.saturating_add(offset).saturating_add(nbytes),
+            data_offset.saturating_add(offset).saturating_add(nbytes.unwrap_or(u64::MAX)),
             r.buf.len()
         ))),
     }
