@@ -199,8 +199,9 @@ fn pinned_prefetch_matches_direct_upload() {
     let table = host(&[30, 64], 50, -1.0, 1.0);
     let tensors = vec![table.to_dtype(DType::Bf16), host(&[64], 51, -1.0, 1.0), table.to_dtype(DType::F16)];
     let group = Arc::new(g.pin(&tensors).unwrap());
-    let pending = g.prefetch(&group).unwrap();
-    let w = pending.wait().unwrap();
+    let mut t = g.prefetch(&group, None).unwrap();
+    let w = g.wait(&mut t).unwrap();
+    assert!(g.wait(&mut t).is_err(), "a second wait is refused");
     assert_eq!(w.len(), 3);
     let ids: Vec<u32> = (0..30).collect();
     let direct = g.upload_weight(&table).unwrap();
@@ -208,6 +209,16 @@ fn pinned_prefetch_matches_direct_upload() {
     assert_close("prefetched bf16", &g.download(&g.embed(&w[0], &ids).unwrap()).unwrap(), &want, 0.0);
     assert_close("prefetched f16", &g.download(&g.embed(&w[2], &ids).unwrap()).unwrap(), &want, 1e-3);
     assert_eq!(w[1].shape, vec![64]);
+    // The slot is reused by a copy of other values: the compute after it sees the new ones.
+    let (slot, span) = g.release(t, w).unwrap();
+    assert!(span.is_some(), "a finished copy has a host-clock span");
+    let other = host(&[30, 64], 52, -1.0, 1.0);
+    let group2 = Arc::new(g.pin(&[other.to_dtype(DType::Bf16), host(&[64], 53, -1.0, 1.0), other.to_dtype(DType::F16)]).unwrap());
+    let mut t2 = g.prefetch(&group2, Some(slot)).unwrap();
+    let w2 = g.wait(&mut t2).unwrap();
+    let want2 = g.download(&g.embed(&g.upload_weight(&other).unwrap(), &ids).unwrap()).unwrap();
+    assert_close("reused slot", &g.download(&g.embed(&w2[0], &ids).unwrap()).unwrap(), &want2, 0.0);
+    assert!(g.release(t2, w2.into_iter().take(2).collect()).is_err(), "releasing part of a group is refused");
 }
 
 fn tiny_model(json: serde_json::Value) -> (falcon_batch::config::ModelConfig, Vec<(Part, Vec<(String, HostTensor)>)>) {
