@@ -8,7 +8,7 @@
 //! stage the caller computes with is borrowed from the window: while it is in use, the window
 //! cannot be asked for another group, so no copy can overwrite it. This does not compile:
 //!
-//! ```compile_fail
+//! ```compile_fail,E0499
 //! # use falcon_batch::pipeline::WeightWindow;
 //! # use falcon_batch::backend::cpu::CpuBackend;
 //! # fn f(w: &mut WeightWindow<CpuBackend>) {
