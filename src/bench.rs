@@ -365,6 +365,25 @@ fn stream_run<B: Backend>(b: &Arc<B>, cfg: &ModelConfig, layers: usize, window: 
     Ok(t0.elapsed().as_secs_f64())
 }
 
+/// One layer's copy, the one-tensor copy ceiling, and `o.layers` layers streamed through a
+/// window of `o.window` against all resident at the token count of `batch` (one of SHAPES).
+fn stream_figures<B: Backend>(b: Arc<B>, cfg: &ModelConfig, o: &BenchOptions, r: &mut BenchReport, bytes_per: usize, batch: MicroBatch) -> Result<()> {
+    let (secs, bytes) = h2d_layer(&*b, cfg, bytes_per).during(|| "timing host-to-device copies".into())?;
+    r.h2d_seconds_per_layer = Some(secs);
+    r.h2d_bytes_per_s = Some(bytes as f64 / secs);
+    r.h2d_peak_bytes_per_s = Some(h2d_peak(&*b, cfg, bytes_per).during(|| "timing the pinned copy ceiling".into())?);
+    let seconds = stream_run(&b, cfg, o.layers, o.window, &batch).during(|| "streaming run".into())?;
+    let per_layer = r
+        .timings
+        .iter()
+        .find(|t| t.tokens == batch.rows())
+        .map(|t| t.seconds)
+        .ok_or_else(|| BenchError::Invalid(format!("no resident layer timing at {} tokens", batch.rows())))?;
+    let resident = per_layer * o.layers as f64;
+    r.stream = Some(StreamResult { layers: o.layers, window: o.window, tokens: batch.rows(), seconds, resident_seconds: resident, relative_throughput: resident / seconds });
+    Ok(())
+}
+
 fn report_from(b: &impl Backend, cfg: &ModelConfig, name: &str, backend: &str, timings: Vec<LayerTiming>, bytes_per: usize) -> BenchReport {
     BenchReport {
         device: b.name(),
@@ -398,6 +417,8 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cpu", t, 4);
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
+            // The copy thread's figures: a memcpy per group, and 512 tokens so it stays short.
+            stream_figures(Arc::new(b), &cfg, o, &mut r, 4, synthetic_batch(1, 512))?;
             r
         }
         Resolved::Cuda(n) => {
@@ -406,23 +427,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cuda", t, 2);
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
-            let (secs, bytes) = h2d_layer(&b, &cfg, 2).during(|| "timing host-to-device copies".into())?;
-            r.h2d_seconds_per_layer = Some(secs);
-            r.h2d_bytes_per_s = Some(bytes as f64 / secs);
-            r.h2d_peak_bytes_per_s = Some(h2d_peak(&b, &cfg, 2).during(|| "timing the pinned copy ceiling".into())?);
-            let batch = synthetic_batch(4, 2048);
-            let b = Arc::new(b);
-            let seconds = stream_run(&b, &cfg, o.layers, o.window, &batch).during(|| "streaming run".into())?;
-            let per_layer = r.timings.last().map(|t| t.seconds).unwrap_or(0.0);
-            let resident = per_layer * o.layers as f64;
-            r.stream = Some(StreamResult {
-                layers: o.layers,
-                window: o.window,
-                tokens: batch.rows(),
-                seconds,
-                resident_seconds: resident,
-                relative_throughput: resident / seconds,
-            });
+            stream_figures(Arc::new(b), &cfg, o, &mut r, 2, synthetic_batch(4, 2048))?;
             r
         }
     };

@@ -340,18 +340,22 @@ fn models_score_like_the_cpu_through_the_streaming_window() {
         .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), p))
         .collect();
     models.sort();
-    let smol = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    // FALCON_BATCH_SMOLLM2: a GGUF of SmolLM2's real weights (gpu-check.sh carries the
+    // first blocks only, scripts/make_smollm2_slice.py).
+    let smol: std::path::PathBuf =
+        std::env::var_os("FALCON_BATCH_SMOLLM2").map(Into::into).unwrap_or_else(|| root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
     if smol.exists() {
-        models.push(("smollm2-135m".into(), smol));
+        let stem = smol.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        models.push((format!("smollm2:{stem}"), smol));
     } else {
-        println!("PARITY smollm2-135m skipped: {} not present", smol.display());
+        println!("PARITY smollm2 skipped: {} not present", smol.display());
     }
     let c = CpuBackend::new();
     let g = cuda().map(Arc::new);
     let tmp = std::env::temp_dir().join(format!("fb-cuda-parity-{}", std::process::id()));
     let mut failures = vec![];
     for (name, src) in models {
-        let dir_path = tmp.join(&name);
+        let dir_path = tmp.join(name.replace(':', "-"));
         let _ = std::fs::remove_dir_all(&dir_path);
         convert_path(&src, &dir_path, None).unwrap_or_else(|e| panic!("{name}: convert: {e}"));
         let dir = ModelDir::open(&dir_path).unwrap();
