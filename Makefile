@@ -7,7 +7,7 @@ SMOL := models/smollm2-135m
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: deps test-deps build demo test fetch-model bench test-gpu test-gpu-build clean-results fuzz
+.PHONY: deps test-deps build demo test fetch-model bench test-gpu test-gpu-build gpu-check-build clean-results fuzz
 
 deps:
 	@scripts/setup-deps.sh
@@ -101,3 +101,17 @@ fuzz:
 		grep -E "^(Done [0-9]+ runs|SUMMARY|==[0-9]+== ERROR)|panicked" work/$$t.log; \
 		test $$rc -eq 0 || { echo "$$t failed: see fuzz/work/$$t.log and fuzz/artifacts/$$t"; exit 1; }; \
 	done
+
+# The one prepared GPU check (scripts/gpu-check.sh, docs/PERFORMANCE.md "GPU"): builds here,
+# strips the binaries into .gpu-carry/ with a 4-block slice of SmolLM2 (the whole GGUF is
+# over the 64 MiB a device call carries). There: `scripts/gpu-check.sh`, carrying .gpu-carry.
+SLICE_PYTHON ?= python3
+gpu-check-build: $(GGUF)
+	$(CARGO) build --release
+	$(CARGO) test --release --test cuda_parity --no-run
+	mkdir -p .gpu-carry
+	objcopy --strip-debug target/release/falcon-batch .gpu-carry/falcon-batch
+	t=$$(ls -t target/release/deps/cuda_parity-* | grep -v '\.d$$' | head -1) && objcopy --strip-debug "$$t" .gpu-carry/cuda_parity
+	$(SLICE_PYTHON) scripts/make_smollm2_slice.py $(GGUF) .gpu-carry/smollm2-slice.gguf --blocks 4 || \
+		echo "no SmolLM2 slice (needs the gguf package: SLICE_PYTHON=...); gpu-check.sh skips its SmolLM2 rows"
+	du -ch .gpu-carry/* | tail -1

@@ -5,6 +5,8 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
+use crate::pipeline::WeightWindow;
+use crate::stage::GroupLayout;
 use crate::backend::select::{DeviceChoice, Resolved};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
@@ -115,6 +117,8 @@ pub struct BenchReport {
     pub decode: Vec<DecodeTiming>,
     pub h2d_seconds_per_layer: Option<f64>,
     pub h2d_bytes_per_s: Option<f64>,
+    /// One layer-sized tensor copied in one piece: the pinned copy's ceiling.
+    pub h2d_peak_bytes_per_s: Option<f64>,
     pub stream: Option<StreamResult>,
 }
 
@@ -264,65 +268,120 @@ fn layer_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Ve
     Ok(out)
 }
 
-/// One layer's host tensors (zeros: upload time does not depend on the values), bf16.
+/// One layer's host tensors in bf16, each tiling a short random block (weights' range):
+/// realistic values (zeros can run faster than real data) at memcpy speed even for
+/// Falcon-180B's 4.4 GB layers.
 fn host_layer(cfg: &ModelConfig) -> Vec<(String, HostTensor)> {
+    const BLOCK: usize = 1 << 16;
     model::expected_tensors(cfg, Part::Layer(0))
         .into_iter()
-        .map(|(name, shape)| {
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let (lo, hi) = weight_range(&name, &shape);
+            let block: Vec<u8> = (0..BLOCK as u64).flat_map(|j| half::bf16::from_f32(crate::backend::uniform_bf16(i as u64, j, lo, hi)).to_le_bytes()).collect();
             let n: usize = shape.iter().product();
-            (name, HostTensor { dtype: DType::Bf16, shape, data: vec![0u8; n * 2] })
+            let mut data = Vec::with_capacity(n * 2);
+            while data.len() < n * 2 {
+                let k = (n * 2 - data.len()).min(block.len());
+                data.extend_from_slice(&block[..k]);
+            }
+            (name, HostTensor { dtype: DType::Bf16, shape, data })
         })
         .collect()
 }
 
-/// Best-of-3 seconds to copy one pinned layer to the device.
-fn h2d_layer(b: &CudaBackend, cfg: &ModelConfig) -> Result<(f64, usize)> {
-    let tensors: Vec<HostTensor> = host_layer(cfg).into_iter().map(|(_, t)| t).collect();
-    let group = Arc::new(b.pin(&tensors)?);
+/// Seconds of one copy of `group` into a slot, until compute could use it (best of 3),
+/// through the streaming contract. Also the device bytes moved.
+fn time_copy<B: Backend>(b: &B, group: &Arc<B::Pinned>, n_tensors: usize) -> Result<f64> {
     let mut best = f64::INFINITY;
+    let mut slot = None;
     for _ in 0..3 {
-        b.synchronize()?;
+        b.sync()?;
         let t0 = Instant::now();
-        let p = b.prefetch(&group)?;
-        p.wait_host()?;
+        let mut t = b.prefetch(group, slot.take())?;
+        let w = b.wait(&mut t)?;
+        b.sync()?; // the compute stream has waited for the copy
         best = best.min(t0.elapsed().as_secs_f64());
-        drop(p.wait()?);
+        if w.len() != n_tensors {
+            return Err(BenchError::Invalid(format!("a copy of {n_tensors} tensors returned {}", w.len())));
+        }
+        slot = Some(b.release(t, w)?.0);
     }
-    Ok((best, group.device_bytes()))
+    Ok(best)
 }
 
-/// `layers` layers through a window of `window` resident layers: two groups of window/2
-/// layers, the next group's upload overlapping the current group's compute.
-fn stream_run(b: &CudaBackend, cfg: &ModelConfig, layers: usize, window: usize, batch: &MicroBatch) -> Result<f64> {
+/// Seconds to copy one pinned layer to the device, and its bytes there.
+fn h2d_layer<B: Backend>(b: &B, cfg: &ModelConfig, bytes_per: usize) -> Result<(f64, usize)> {
+    let tensors: Vec<HostTensor> = host_layer(cfg).into_iter().map(|(_, t)| t).collect();
+    let group = Arc::new(b.pin(&tensors)?);
+    Ok((time_copy(b, &group, tensors.len())?, layer_params(cfg) * bytes_per))
+}
+
+/// Bytes per second of one large pinned tensor (as many elements as a layer) copied in one
+/// piece: the ceiling a layer's copy (dozens of tensors) is compared with.
+fn h2d_peak<B: Backend>(b: &B, cfg: &ModelConfig, bytes_per: usize) -> Result<f64> {
+    let n = layer_params(cfg);
+    let t = HostTensor { dtype: DType::Bf16, shape: vec![n / 4096, 4096], data: vec![0x3fu8; (n / 4096) * 4096 * 2] };
+    let group = Arc::new(b.pin(std::slice::from_ref(&t))?);
+    Ok(((n / 4096) * 4096 * bytes_per) as f64 / time_copy(b, &group, 1)?)
+}
+
+/// `layers` layers through a window of `window` resident layers (two groups of window/2
+/// layers) by the real jobs' WeightWindow: the next group's copy overlaps the current
+/// group's compute. Two pinned groups serve every group (same shapes), so host memory stays
+/// at two groups.
+fn stream_run<B: Backend>(b: &Arc<B>, cfg: &ModelConfig, layers: usize, window: usize, batch: &MicroBatch) -> Result<f64> {
     let per_group = (window / 2).max(1);
     let groups = layers.div_ceil(per_group);
     let (names, tensors): (Vec<String>, Vec<HostTensor>) = host_layer(cfg).into_iter().unzip();
-    // Two pinned groups, reused in turn: the copies are real, the host memory stays small.
     let mut group_tensors = vec![];
     for _ in 0..per_group {
         group_tensors.extend(tensors.iter().cloned());
     }
+    drop(tensors);
     let pinned = [Arc::new(b.pin(&group_tensors)?), Arc::new(b.pin(&group_tensors)?)];
     drop(group_tensors);
-    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
-    let mut x = input(b, batch.rows(), cfg.hidden_size)?;
-    b.synchronize()?;
-    let t0 = Instant::now();
-    let mut pending = Some(b.prefetch(&pinned[0])?);
-    for g in 0..groups {
-        let weights = pending.take().ok_or_else(|| BenchError::Invalid("the upload pipeline ran dry".into()))?.wait()?;
-        if g + 1 < groups {
-            pending = Some(b.prefetch(&pinned[(g + 1) % 2])?);
-        }
-        let mut it = weights.into_iter();
-        for l in 0..per_group.min(layers - g * per_group) {
-            let map: HashMap<String, _> = names.iter().cloned().zip(it.by_ref().take(names.len())).collect();
-            let w = Weights::from_map(Part::Layer(g * per_group + l), map);
-            x = model::layer_forward(b, cfg, &w, x, &ctx, None)?;
-        }
+    let layouts: Vec<GroupLayout> = (0..groups)
+        .map(|g| {
+            let ls = g * per_group..((g + 1) * per_group).min(layers);
+            GroupLayout { layers: ls.clone(), parts: ls.map(|l| (Part::Layer(l), names.clone())).collect() }
+        })
+        .collect();
+    // A short last group cannot share a full group's host copy.
+    if let Some(last) = layouts.last().filter(|l| l.layers.len() < per_group) {
+        return Err(BenchError::Invalid(format!("--layers {layers} is not a multiple of the group size {per_group} (last group {:?})", last.layers)));
     }
-    b.synchronize()?;
+    let host: Vec<Arc<B::Pinned>> = (0..groups).map(|g| pinned[g % 2].clone()).collect();
+    let mut w = WeightWindow::from_pinned(b.clone(), layouts, host, 2)?;
+    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
+    let mut x = input(&**b, batch.rows(), cfg.hidden_size)?;
+    b.sync()?;
+    let t0 = Instant::now();
+    for g in 0..groups {
+        let (stage, _) = w.acquire(g)?;
+        x = stage.run_layers(&**b, cfg, x, &ctx, None)?;
+    }
+    b.sync()?;
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// One layer's copy, the one-tensor copy ceiling, and `o.layers` layers streamed through a
+/// window of `o.window` against all resident at the token count of `batch` (one of SHAPES).
+fn stream_figures<B: Backend>(b: Arc<B>, cfg: &ModelConfig, o: &BenchOptions, r: &mut BenchReport, bytes_per: usize, batch: MicroBatch) -> Result<()> {
+    let (secs, bytes) = h2d_layer(&*b, cfg, bytes_per).during(|| "timing host-to-device copies".into())?;
+    r.h2d_seconds_per_layer = Some(secs);
+    r.h2d_bytes_per_s = Some(bytes as f64 / secs);
+    r.h2d_peak_bytes_per_s = Some(h2d_peak(&*b, cfg, bytes_per).during(|| "timing the pinned copy ceiling".into())?);
+    let seconds = stream_run(&b, cfg, o.layers, o.window, &batch).during(|| "streaming run".into())?;
+    let per_layer = r
+        .timings
+        .iter()
+        .find(|t| t.tokens == batch.rows())
+        .map(|t| t.seconds)
+        .ok_or_else(|| BenchError::Invalid(format!("no resident layer timing at {} tokens", batch.rows())))?;
+    let resident = per_layer * o.layers as f64;
+    r.stream = Some(StreamResult { layers: o.layers, window: o.window, tokens: batch.rows(), seconds, resident_seconds: resident, relative_throughput: resident / seconds });
+    Ok(())
 }
 
 fn report_from(b: &impl Backend, cfg: &ModelConfig, name: &str, backend: &str, timings: Vec<LayerTiming>, bytes_per: usize) -> BenchReport {
@@ -336,6 +395,7 @@ fn report_from(b: &impl Backend, cfg: &ModelConfig, name: &str, backend: &str, t
         decode: vec![],
         h2d_seconds_per_layer: None,
         h2d_bytes_per_s: None,
+        h2d_peak_bytes_per_s: None,
         stream: None,
     }
 }
@@ -357,6 +417,8 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cpu", t, 4);
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
+            // The copy thread's figures: a memcpy per group, and 512 tokens so it stays short.
+            stream_figures(Arc::new(b), &cfg, o, &mut r, 4, synthetic_batch(1, 512))?;
             r
         }
         Resolved::Cuda(n) => {
@@ -365,21 +427,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cuda", t, 2);
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
-            let (secs, bytes) = h2d_layer(&b, &cfg).during(|| "timing host-to-device copies".into())?;
-            r.h2d_seconds_per_layer = Some(secs);
-            r.h2d_bytes_per_s = Some(bytes as f64 / secs);
-            let batch = synthetic_batch(4, 2048);
-            let seconds = stream_run(&b, &cfg, o.layers, o.window, &batch).during(|| "streaming run".into())?;
-            let per_layer = r.timings.last().map(|t| t.seconds).unwrap_or(0.0);
-            let resident = per_layer * o.layers as f64;
-            r.stream = Some(StreamResult {
-                layers: o.layers,
-                window: o.window,
-                tokens: batch.rows(),
-                seconds,
-                resident_seconds: resident,
-                relative_throughput: resident / seconds,
-            });
+            stream_figures(Arc::new(b), &cfg, o, &mut r, 2, synthetic_batch(4, 2048))?;
             r
         }
     };
@@ -406,6 +454,9 @@ pub fn print_table(r: &BenchReport) {
     }
     if let (Some(s), Some(bw)) = (r.h2d_seconds_per_layer, r.h2d_bytes_per_s) {
         println!("host-to-device (pinned): {:.1} ms per layer, {:.2} GB/s", s * 1e3, bw / 1e9);
+    }
+    if let (Some(peak), Some(bw)) = (r.h2d_peak_bytes_per_s, r.h2d_bytes_per_s) {
+        println!("pinned copy ceiling (one tensor): {:.2} GB/s; a layer's copy reaches {:.0}% of it", peak / 1e9, 100.0 * bw / peak);
     }
     if let Some(s) = &r.stream {
         println!(

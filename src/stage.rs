@@ -49,6 +49,35 @@ impl HostGroup {
     pub fn bytes(&self) -> usize {
         self.parts.iter().flat_map(|(_, ts)| ts.iter().map(|(_, t)| t.data.len())).sum()
     }
+
+    /// The tensors in one flat order (what a backend pins), and the layout naming them.
+    pub fn split(self) -> (GroupLayout, Vec<HostTensor>) {
+        let mut parts = vec![];
+        let mut tensors = vec![];
+        for (part, ts) in self.parts {
+            let (names, ts): (Vec<String>, Vec<HostTensor>) = ts.into_iter().unzip();
+            parts.push((part, names));
+            tensors.extend(ts);
+        }
+        (GroupLayout { layers: self.layers, parts }, tensors)
+    }
+}
+
+/// Names of a group's tensors in their flat (pinned) order, part by part.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupLayout {
+    pub layers: Range<usize>,
+    pub parts: Vec<(Part, Vec<String>)>,
+}
+
+impl GroupLayout {
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|(_, n)| n.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 pub struct Stage<B: Backend> {
@@ -62,14 +91,46 @@ impl<B: Backend> Stage<B> {
     pub fn upload(b: &B, host: &HostGroup) -> Result<Stage<B>, ModelError> {
         let mut stage = Stage { layers: host.layers.clone(), begin: None, blocks: vec![], end: None };
         for (part, tensors) in &host.parts {
-            let w = Weights::upload(b, *part, tensors)?;
-            match part {
-                Part::Begin => stage.begin = Some(w),
-                Part::Layer(_) => stage.blocks.push(w),
-                Part::End => stage.end = Some(w),
-            }
+            stage.put(Weights::upload(b, *part, tensors)?);
         }
         Ok(stage)
+    }
+
+    /// A stage over weights already on the backend, in `layout`'s flat order (a streamed
+    /// group after `Backend::wait`).
+    pub fn from_weights(layout: &GroupLayout, weights: Vec<B::Weight>) -> Result<Stage<B>, ModelError> {
+        if weights.len() != layout.len() {
+            return Err(ModelError::Unsupported(format!("layers {:?}: {} weights for {} tensors", layout.layers, weights.len(), layout.len())));
+        }
+        let mut stage = Stage { layers: layout.layers.clone(), begin: None, blocks: vec![], end: None };
+        let mut it = weights.into_iter();
+        for (part, names) in &layout.parts {
+            let map = names.iter().cloned().zip(it.by_ref().take(names.len())).collect();
+            stage.put(Weights::from_map(*part, map));
+        }
+        Ok(stage)
+    }
+
+    /// The weights back in `layout`'s flat order (for `Backend::release`).
+    pub fn into_weights(self, layout: &GroupLayout) -> Result<Vec<B::Weight>, ModelError> {
+        let mut by_part: Vec<Weights<B>> = self.begin.into_iter().chain(self.blocks).chain(self.end).collect();
+        let mut out = Vec::with_capacity(layout.len());
+        for (part, names) in &layout.parts {
+            let i = by_part.iter().position(|w| w.part == *part).ok_or_else(|| ModelError::Unsupported(format!("layers {:?}: part {} is not in this stage", layout.layers, part.name())))?;
+            let mut map = by_part.swap_remove(i).into_map();
+            for name in names {
+                out.push(map.remove(name).ok_or_else(|| ModelError::MissingTensor { part: part.name(), name: name.clone() })?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn put(&mut self, w: Weights<B>) {
+        match w.part {
+            Part::Begin => self.begin = Some(w),
+            Part::Layer(_) => self.blocks.push(w),
+            Part::End => self.end = Some(w),
+        }
     }
 
     pub fn has_begin(&self) -> bool {

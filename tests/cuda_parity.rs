@@ -201,8 +201,9 @@ fn pinned_prefetch_matches_direct_upload() {
     let table = host(&[30, 64], 50, -1.0, 1.0);
     let tensors = vec![table.to_dtype(DType::Bf16), host(&[64], 51, -1.0, 1.0), table.to_dtype(DType::F16)];
     let group = Arc::new(g.pin(&tensors).unwrap());
-    let pending = g.prefetch(&group).unwrap();
-    let w = pending.wait().unwrap();
+    let mut t = g.prefetch(&group, None).unwrap();
+    let w = g.wait(&mut t).unwrap();
+    assert!(g.wait(&mut t).is_err(), "a second wait is refused");
     assert_eq!(w.len(), 3);
     let ids: Vec<u32> = (0..30).collect();
     let direct = g.upload_weight(&table).unwrap();
@@ -210,6 +211,16 @@ fn pinned_prefetch_matches_direct_upload() {
     assert_close("prefetched bf16", &g.download(&g.embed(&w[0], &ids).unwrap()).unwrap(), &want, 0.0);
     assert_close("prefetched f16", &g.download(&g.embed(&w[2], &ids).unwrap()).unwrap(), &want, 1e-3);
     assert_eq!(w[1].shape, vec![64]);
+    // The slot is reused by a copy of other values: the compute after it sees the new ones.
+    let (slot, span) = g.release(t, w).unwrap();
+    assert!(span.is_some(), "a finished copy has a host-clock span");
+    let other = host(&[30, 64], 52, -1.0, 1.0);
+    let group2 = Arc::new(g.pin(&[other.to_dtype(DType::Bf16), host(&[64], 53, -1.0, 1.0), other.to_dtype(DType::F16)]).unwrap());
+    let mut t2 = g.prefetch(&group2, Some(slot)).unwrap();
+    let w2 = g.wait(&mut t2).unwrap();
+    let want2 = g.download(&g.embed(&g.upload_weight(&other).unwrap(), &ids).unwrap()).unwrap();
+    assert_close("reused slot", &g.download(&g.embed(&w2[0], &ids).unwrap()).unwrap(), &want2, 0.0);
+    assert!(g.release(t2, w2.into_iter().take(2).collect()).is_err(), "releasing part of a group is refused");
 }
 
 fn tiny_model(json: serde_json::Value) -> (falcon_batch::config::ModelConfig, Vec<(Part, Vec<(String, HostTensor)>)>) {
@@ -277,4 +288,113 @@ fn tiny_models_forward_parity() {
             assert!((x - y).abs() < 3e-2 * (1.0 + y.abs()), "{name}: scored row {i}: cuda {x} vs cpu {y}");
         }
     }
+}
+
+/// The checkout the data files are read from: FALCON_BATCH_ROOT where the test binary was
+/// carried to another machine (scripts/gpu-check.sh), else the build's source tree.
+fn data_root() -> std::path::PathBuf {
+    std::env::var_os("FALCON_BATCH_ROOT").map(Into::into).unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+}
+
+/// Pseudo-random documents over the vocabulary: a prompt and 3 choices of 1-3 tokens each.
+fn parity_docs(vocab: usize, n: usize, prompt_len: usize) -> Vec<TokenizedDoc> {
+    let id = |i: usize| ((i as u64).wrapping_mul(2654435761) % (vocab as u64 - 1) + 1) as u32;
+    (0..n)
+        .map(|d| TokenizedDoc {
+            index: d,
+            id: format!("doc{d}"),
+            prompt: (0..prompt_len + 7 * d).map(|t| id(d * 1000 + t)).collect(),
+            choices: (0..3).map(|c| (0..1 + (c + d) % 3).map(|t| id(d * 1000 + 500 + c * 10 + t)).collect()).collect(),
+        })
+        .collect()
+}
+
+/// Per doc, the best choice by summed log-prob and its margin over the second best.
+fn best_choices(batch: &MicroBatch, logprobs: &[f64]) -> Vec<(usize, f64)> {
+    let n_docs = batch.docs.len();
+    let mut sums = vec![vec![0f64; 3]; n_docs];
+    for (s, lp) in batch.scored.iter().zip(logprobs) {
+        sums[s.doc as usize][s.choice as usize] += lp;
+    }
+    sums.iter()
+        .map(|c| {
+            let mut idx: Vec<usize> = (0..c.len()).collect();
+            idx.sort_by(|a, b| c[*b].total_cmp(&c[*a]));
+            (idx[0], c[idx[0]] - c[idx[1]])
+        })
+        .collect()
+}
+
+/// Every fixture and SmolLM2 (when its GGUF is there), converted to a model directory,
+/// scored on the CPU (all resident) and on CUDA through the streaming WeightWindow (one
+/// layer per group, 2 slots): per-token log-probs within 0.05, the same best choice where
+/// the CPU's margin is over 0.1 nats. Prints one `PARITY` line per model for the report.
+#[test]
+fn models_score_like_the_cpu_through_the_streaming_window() {
+    use falcon_batch::format::{convert::convert_path, model_dir::ModelDir};
+    use falcon_batch::pipeline::WeightWindow;
+    use falcon_batch::stage::{score_through, HostGroup, Stage};
+    let root = data_root();
+    let mut models: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(root.join("tests/fixtures"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").exists() && p.join("golden.json").exists())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), p))
+        .collect();
+    models.sort();
+    // FALCON_BATCH_SMOLLM2: a GGUF of SmolLM2's real weights (gpu-check.sh carries the
+    // first blocks only, scripts/make_smollm2_slice.py).
+    let smol: std::path::PathBuf =
+        std::env::var_os("FALCON_BATCH_SMOLLM2").map(Into::into).unwrap_or_else(|| root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if smol.exists() {
+        let stem = smol.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        models.push((format!("smollm2:{stem}"), smol));
+    } else {
+        println!("PARITY smollm2 skipped: {} not present", smol.display());
+    }
+    let c = CpuBackend::new();
+    let g = cuda().map(Arc::new);
+    let tmp = std::env::temp_dir().join(format!("fb-cuda-parity-{}", std::process::id()));
+    let mut failures = vec![];
+    for (name, src) in models {
+        let dir_path = tmp.join(name.replace(':', "-"));
+        let _ = std::fs::remove_dir_all(&dir_path);
+        convert_path(&src, &dir_path, None).unwrap_or_else(|e| panic!("{name}: convert: {e}"));
+        let dir = ModelDir::open(&dir_path).unwrap();
+        let cfg = dir.config().clone();
+        let n = cfg.n_layers;
+        let prompt_len = if name.starts_with("smollm2") { 120 } else { 12 };
+        let batch = MicroBatch::build(&parity_docs(cfg.vocab_size, 6, prompt_len.min(cfg.context_limit().saturating_sub(30))));
+        let whole = [Stage::upload(&c, &HostGroup::from_dir(&dir, 0..n).unwrap()).unwrap()];
+        let want = score_through(&whole, &c, &cfg, &batch).unwrap();
+        let Some(g) = &g else { continue };
+        let host: Vec<HostGroup> = (0..n).map(|l| HostGroup::from_dir(&dir, l..l + 1).unwrap()).collect();
+        let mut w = WeightWindow::new(g.clone(), host, 2).unwrap();
+        let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
+        let mut x = w.acquire(0).unwrap().0.embed(&**g, &batch.tokens).unwrap();
+        let mut got = vec![];
+        for l in 0..n {
+            let (stage, _) = w.acquire(l).unwrap();
+            x = stage.run_layers(&**g, &cfg, x, &ctx, None).unwrap();
+            if l + 1 == n {
+                got = stage.scored_logprobs(&**g, &cfg, &x, &batch.scored).unwrap();
+            }
+        }
+        let max_abs = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+        let (bc, bg) = (best_choices(&batch, &want), best_choices(&batch, &got));
+        let checked: Vec<usize> = (0..bc.len()).filter(|&d| bc[d].1 > 0.1).collect();
+        let same = checked.iter().filter(|&&d| bc[d].0 == bg[d].0).count();
+        let ok = max_abs <= 0.05 && same == checked.len();
+        println!(
+            "PARITY {name} {} rows={} max_abs_token_logprob_diff={max_abs:.5} best_same={same}/{} (cpu margin > 0.1)",
+            if ok { "pass" } else { "FAIL" },
+            got.len(),
+            checked.len()
+        );
+        if !ok {
+            failures.push(name);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    assert!(failures.is_empty(), "CUDA differs from the CPU on {failures:?}");
 }

@@ -3,10 +3,14 @@
 //!
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
 
-use super::{AttnShape, Backend, BackendError, Result};
+use super::{AttnShape, Backend, BackendError, CopySpan, Result};
 use crate::layout::AttnSpan;
 use crate::tensor::HostTensor;
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+mod stream;
+pub use stream::{CpuPinned, CpuSlot, CpuTransfer};
 
 /// A row-major (rows, cols) f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,7 +33,10 @@ pub struct CpuWeight {
 }
 
 #[derive(Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// The weight copy thread (stream.rs), started by the first prefetch.
+    copier: Mutex<Option<stream::Copier>>,
+}
 
 fn shape_err(op: &'static str, msg: String) -> BackendError {
     BackendError::Shape { op, msg }
@@ -37,7 +44,7 @@ fn shape_err(op: &'static str, msg: String) -> BackendError {
 
 impl CpuBackend {
     pub fn new() -> CpuBackend {
-        CpuBackend
+        CpuBackend::default()
     }
 }
 
@@ -103,6 +110,26 @@ impl Backend for CpuBackend {
 
     fn upload_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
         Ok(CpuWeight { shape: t.shape.clone(), data: t.to_f32() })
+    }
+
+    type Pinned = CpuPinned;
+    type Slot = CpuSlot;
+    type Transfer = CpuTransfer;
+
+    fn pin(&self, tensors: &[HostTensor]) -> Result<CpuPinned> {
+        self.stream_pin(tensors)
+    }
+
+    fn prefetch(&self, group: &Arc<CpuPinned>, slot: Option<CpuSlot>) -> Result<CpuTransfer> {
+        self.stream_prefetch(group, slot)
+    }
+
+    fn wait(&self, transfer: &mut CpuTransfer) -> Result<Vec<CpuWeight>> {
+        self.stream_wait(transfer)
+    }
+
+    fn release(&self, transfer: CpuTransfer, weights: Vec<CpuWeight>) -> Result<(CpuSlot, Option<CopySpan>)> {
+        self.stream_release(transfer, weights)
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Mat> {

@@ -9,6 +9,8 @@ pub mod select;
 
 use crate::layout::AttnSpan;
 use crate::tensor::HostTensor;
+use std::sync::Arc;
+use std::time::Instant;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -19,6 +21,9 @@ pub enum BackendError {
     Unavailable(String),
     #[error("device error: {0}")]
     Device(String),
+    /// The streaming contract was broken by the caller (see `Backend::wait` / `release`).
+    #[error("weight streaming: {0}")]
+    Streaming(String),
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -33,6 +38,40 @@ pub trait Backend: Send + Sync {
 
     // ---- memory ----
     fn upload_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
+
+    // ---- weight streaming (DESIGN.md, "Schedule") ----
+    //
+    // pin (once per group, at start) -> prefetch into a free slot (returns at once) ->
+    // wait where compute reaches the group -> compute -> release after its last op, which
+    // makes the slot free for the next prefetch. A slot is a value: it exists only while no
+    // weight reads its memory (release consumes the weights), so a copy can never overwrite
+    // weights still in use.
+
+    /// A group's weights in host memory, converted once to what the device computes with
+    /// (CPU: f32; CUDA: bf16 matrices and f32 vectors, page-locked), read by every copy.
+    type Pinned: Send + Sync;
+    /// Device memory for one group, handed from one copy to the next.
+    type Slot: Send;
+    /// A copy into a slot, started by `prefetch`: the event compute waits on, then the
+    /// group's record of residency until `release`.
+    type Transfer: Send;
+
+    /// Converts `tensors` (a group's, in a fixed order) for streaming. Costs host time and
+    /// memory once per group.
+    fn pin(&self, tensors: &[HostTensor]) -> Result<Self::Pinned>;
+    /// Starts copying `group` into `slot` (None: fresh memory) off the compute path (the
+    /// CPU's copy thread, CUDA's copy stream) and returns at once.
+    fn prefetch(&self, group: &Arc<Self::Pinned>, slot: Option<Self::Slot>) -> Result<Self::Transfer>;
+    /// Called where compute reaches the group: orders what follows after the copy (the CPU
+    /// blocks until its copy thread is done; CUDA's compute stream waits on the copy's
+    /// event, the host does not) and hands over the weights, in `pin`'s order. A second
+    /// call on the same transfer is refused.
+    fn wait(&self, transfer: &mut Self::Transfer) -> Result<Vec<Self::Weight>>;
+    /// After the last op that reads `weights` (all of the transfer's, as `wait` gave them):
+    /// their memory becomes a slot again. CUDA records an event on the compute stream here,
+    /// which the next copy into the slot waits for. Weights of another transfer, or missing
+    /// ones, are refused. Also returns when the copy ran on the host clock, where known.
+    fn release(&self, transfer: Self::Transfer, weights: Vec<Self::Weight>) -> Result<(Self::Slot, Option<CopySpan>)>;
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Act>;
     fn download(&self, x: &Self::Act) -> Result<Vec<f32>>;
     /// (rows, cols)
@@ -92,6 +131,9 @@ pub trait Backend: Send + Sync {
         self.upload_weight(&HostTensor::from_f32(shape.to_vec(), &values))
     }
 }
+
+/// When a weight copy ran, on the host clock (the trace's weight-copy track).
+pub type CopySpan = (Instant, Instant);
 
 /// Element `i` of the synthetic weight stream `seed` (splitmix64, the same hash as
 /// kernels/elementwise.cu `fill_uniform_bf16`), rounded to bf16.

@@ -139,6 +139,11 @@ impl<B: Backend> Weights<B> {
         Ok(Weights { part, map })
     }
 
+    /// The weights by name, handing them back (a streamed group's release).
+    pub fn into_map(self) -> HashMap<String, B::Weight> {
+        self.map
+    }
+
     pub fn get(&self, name: &str) -> Result<&B::Weight> {
         self.map.get(name).ok_or_else(|| ModelError::MissingTensor { part: self.part.name(), name: name.into() })
     }

@@ -19,7 +19,7 @@ mod worker;
 
 pub use cluster::{Cluster, Identity, EXIT_LOST};
 pub use driver::{serve, PipelineDecoder, PipelineScorer};
-pub use weights::read_rank_groups;
+pub use weights::{read_rank_groups, WeightWindow};
 pub use worker::Worker;
 
 use crate::generate::GenerateError;

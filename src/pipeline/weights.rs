@@ -1,20 +1,29 @@
-//! This rank's weights: every group it owns in host memory, at most `resident` of them
-//! uploaded to the backend, and the next ones uploaded by a loader thread while the current
-//! one computes.
+//! This rank's weights: every group it owns pinned in host memory (converted once, at start,
+//! to what the backend computes with), at most `resident` of them in device slots, and the
+//! next ones copied in while the current one computes, through the backend's streaming
+//! contract (`Backend::pin / prefetch / wait / release`, DESIGN.md "Schedule"). The same
+//! window runs on the CPU backend (a copy thread) and on CUDA (a copy stream).
 //!
-//! The loader thread is where a CUDA backend's copy stream plugs in: `Stage::upload` runs
-//! there, off the compute thread (on the CPU backend it is the conversion to f32). Uploads run
-//! one at a time in request order, as a single copy engine would.
+//! A slot is freed only by `release`, which takes the group's weights back by value, and the
+//! stage the caller computes with is borrowed from the window: while it is in use, the window
+//! cannot be asked for another group, so no copy can overwrite it. This does not compile:
+//!
+//! ```compile_fail,E0499
+//! # use falcon_batch::pipeline::WeightWindow;
+//! # use falcon_batch::backend::cpu::CpuBackend;
+//! # fn f(w: &mut WeightWindow<CpuBackend>) {
+//! let (current, _) = w.acquire(0).unwrap();
+//! let (next, _) = w.acquire(1).unwrap(); // may reuse group 0's slot
+//! let _ = (current.layers.clone(), next.layers.clone()); // group 0 still in use
+//! # }
+//! ```
 
 use crate::backend::Backend;
 use crate::model::{ModelError, Part};
 use crate::schedule::Schedule;
-use crate::stage::{HostGroup, Stage};
+use crate::stage::{GroupLayout, HostGroup, Stage};
 use crate::tensor::HostTensor;
-use std::collections::VecDeque;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Read the host copies of `rank`'s groups, in its execution order, touching only the parts
@@ -28,117 +37,144 @@ pub fn read_rank_groups<E>(
     schedule.rank_groups[rank].iter().map(|&g| HostGroup::read(schedule.groups[g].layers.clone(), n_layers, &mut read)).collect()
 }
 
-/// A finished upload, timed for the trace.
-struct Loaded<B: Backend> {
-    /// Index into the rank's groups.
-    idx: usize,
-    stage: Result<Stage<B>, ModelError>,
-    start: Instant,
-    end: Instant,
-}
+/// One weight copy that happened, for the trace: (index into the rank's groups, start, end).
+pub type GroupCopy = (usize, Instant, Instant);
 
-/// One weight upload that happened, for the trace: (index into the rank's groups, start, end).
-pub type CopySpan = (usize, Instant, Instant);
+/// A group in a slot: its copy in flight, or arrived and computing.
+enum Held<B: Backend> {
+    Loading(B::Transfer),
+    Ready(B::Transfer, Stage<B>),
+}
 
 pub struct WeightWindow<B: Backend> {
-    host_len: usize,
-    host: Vec<Arc<HostGroup>>,
+    backend: Arc<B>,
+    layouts: Vec<GroupLayout>,
+    /// The rank's groups, pinned once. Dropped after its copy when every group stays resident.
+    pinned: Vec<Option<Arc<B::Pinned>>>,
     resident: usize,
-    /// Uploaded groups: (index into the rank's groups, stage).
-    slots: Vec<(usize, Stage<B>)>,
-    /// Requested uploads not yet received, in request order.
-    loading: VecDeque<usize>,
-    jobs: Option<Sender<(usize, Arc<HostGroup>)>>,
-    done: Receiver<Loaded<B>>,
-    thread: Option<JoinHandle<()>>,
-    pub copies: Vec<CopySpan>,
+    /// Groups in slots: (index into the rank's groups, state).
+    held: Vec<(usize, Held<B>)>,
+    /// Released slots, reused by the next copies (slots never used yet are made on demand).
+    free: Vec<B::Slot>,
+    /// Copies whose groups were released, for the trace.
+    pub copies: Vec<GroupCopy>,
 }
 
-impl<B: Backend + 'static> WeightWindow<B> {
+impl<B: Backend> WeightWindow<B> {
+    /// Pins every group (the host copies are converted once here and then dropped).
     pub fn new(backend: Arc<B>, host: Vec<HostGroup>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
-        let (jobs, rx) = channel::<(usize, Arc<HostGroup>)>();
-        let (tx, done) = channel::<Loaded<B>>();
-        let thread = std::thread::Builder::new()
-            .name("weight-loader".into())
-            .spawn(move || {
-                for (idx, group) in rx {
-                    let start = Instant::now();
-                    let stage = Stage::upload(&*backend, &group);
-                    if tx.send(Loaded { idx, stage, start, end: Instant::now() }).is_err() {
-                        break; // the window is gone: nobody wants the rest
-                    }
-                }
-            })
-            .map_err(|e| ModelError::Unsupported(format!("cannot start the weight loader thread: {e}")))?;
-        Ok(WeightWindow {
-            host_len: host.len(),
-            host: host.into_iter().map(Arc::new).collect(),
-            resident: resident.max(1),
-            slots: vec![],
-            loading: VecDeque::new(),
-            jobs: Some(jobs),
-            done,
-            thread: Some(thread),
-            copies: vec![],
-        })
+        let mut layouts = vec![];
+        let mut pinned = vec![];
+        for group in host {
+            let (layout, tensors) = group.split();
+            pinned.push(Arc::new(backend.pin(&tensors)?));
+            layouts.push(layout);
+        }
+        WeightWindow::from_pinned(backend, layouts, pinned, resident)
     }
 
-    fn request(&mut self, idx: usize) -> Result<(), ModelError> {
-        let jobs = self.jobs.as_ref().ok_or_else(|| ModelError::Unsupported("weight loader already stopped".into()))?;
-        jobs.send((idx, self.host[idx].clone())).map_err(|_| ModelError::Unsupported("the weight loader thread died".into()))?;
-        self.loading.push_back(idx);
+    /// A window over groups already pinned; one pinned group may serve several layouts of
+    /// the same shapes (the synthetic benchmark streams many layers from two host copies).
+    pub fn from_pinned(backend: Arc<B>, layouts: Vec<GroupLayout>, pinned: Vec<Arc<B::Pinned>>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
+        if layouts.len() != pinned.len() {
+            return Err(ModelError::Unsupported(format!("weight window: {} layouts for {} pinned groups", layouts.len(), pinned.len())));
+        }
+        Ok(WeightWindow { backend, layouts, pinned: pinned.into_iter().map(Some).collect(), resident: resident.max(1), held: vec![], free: vec![], copies: vec![] })
+    }
+
+    fn slots(&self) -> usize {
+        self.resident.min(self.layouts.len())
+    }
+
+    fn position(&self, idx: usize) -> Option<usize> {
+        self.held.iter().position(|(i, _)| *i == idx)
+    }
+
+    /// Starts copying group `idx` into a free slot.
+    fn start(&mut self, idx: usize) -> Result<(), ModelError> {
+        let group = self.pinned[idx]
+            .as_ref()
+            .ok_or_else(|| ModelError::Unsupported(format!("group {idx} was dropped from host memory as always resident, yet it is needed again")))?;
+        let transfer = self.backend.prefetch(group, self.free.pop())?;
+        self.held.push((idx, Held::Loading(transfer)));
         Ok(())
     }
 
-    fn receive(&mut self, loaded: Loaded<B>) -> Result<(), ModelError> {
-        self.loading.retain(|&i| i != loaded.idx);
-        self.copies.push((loaded.idx, loaded.start, loaded.end));
-        self.slots.push((loaded.idx, loaded.stage?));
+    /// Gives a group's slot back after its last use (a group still in flight is waited for:
+    /// its copy must finish before the slot can be written again).
+    fn evict(&mut self, idx: usize, held: Held<B>) -> Result<(), ModelError> {
+        let (transfer, weights) = match held {
+            Held::Ready(t, stage) => (t, stage.into_weights(&self.layouts[idx])?),
+            Held::Loading(mut t) => {
+                let w = self.backend.wait(&mut t)?;
+                (t, w)
+            }
+        };
+        let (slot, span) = self.backend.release(transfer, weights)?;
+        self.free.push(slot);
+        if let Some((s, e)) = span {
+            self.copies.push((idx, s, e));
+        }
         Ok(())
     }
 
-    fn is_resident(&self, idx: usize) -> bool {
-        self.slots.iter().any(|(i, _)| *i == idx)
-    }
-
-    /// The stage of the rank's `idx`-th group, uploading it if needed, and how long that
-    /// waited. Groups outside the next `resident` in execution order (cyclic: after the
-    /// last comes the next wave's first) are dropped, and the free slots start uploading the
-    /// following groups, so they load while this one computes.
+    /// The stage of the rank's `idx`-th group, and how long compute waited for its copy.
+    /// Groups outside the next `resident` in execution order (cyclic: after the last comes
+    /// the next wave's first) give their slots back, and the free slots start copying the
+    /// following groups, so they arrive while this one computes.
     pub fn acquire(&mut self, idx: usize) -> Result<(&Stage<B>, Duration), ModelError> {
-        let k = self.host_len;
-        let window: Vec<usize> = (0..self.resident.min(k)).map(|j| (idx + j) % k).collect();
-        self.slots.retain(|(i, _)| window.contains(i));
-        for &g in &window {
-            let busy = self.slots.len() + self.loading.len();
-            if !self.is_resident(g) && !self.loading.contains(&g) && (g == idx || busy < window.len()) {
-                self.request(g)?;
+        let k = self.layouts.len();
+        if idx >= k {
+            return Err(ModelError::Unsupported(format!("weight window: group {idx} asked for, the rank has {k}")));
+        }
+        let window: Vec<usize> = (0..self.slots()).map(|j| (idx + j) % k).collect();
+        let mut i = 0;
+        while i < self.held.len() {
+            if window.contains(&self.held[i].0) {
+                i += 1;
+            } else {
+                let (g, h) = self.held.swap_remove(i);
+                self.evict(g, h)?;
             }
         }
-        while let Ok(l) = self.done.try_recv() {
-            self.receive(l)?;
+        for &g in &window {
+            if self.position(g).is_none() && self.held.len() < self.slots() {
+                self.start(g)?;
+            }
         }
-        let start = Instant::now();
-        while !self.is_resident(idx) {
-            let l = self.done.recv().map_err(|_| ModelError::Unsupported("the weight loader thread died".into()))?;
-            self.receive(l)?;
+        let pos = self.position(idx).ok_or_else(|| ModelError::Unsupported(format!("group {idx} found no free slot in the weight window")))?;
+        let started = Instant::now();
+        if let (_, Held::Loading(_)) = &self.held[pos] {
+            let (g, held) = self.held.swap_remove(pos);
+            let Held::Loading(mut t) = held else {
+                return Err(ModelError::Unsupported(format!("group {g} changed state in the weight window")));
+            };
+            let weights = self.backend.wait(&mut t)?;
+            let stage = Stage::from_weights(&self.layouts[g], weights)?;
+            self.held.push((g, Held::Ready(t, stage)));
+            if self.slots() == k {
+                self.pinned[g] = None; // stays resident for good: no second copy
+            }
         }
-        let waited = start.elapsed();
-        let stage = self.slots.iter().find(|(i, _)| *i == idx).map(|(_, s)| s);
-        stage.map(|s| (s, waited)).ok_or_else(|| ModelError::Unsupported(format!("group {idx} vanished from the weight window")))
+        let waited = started.elapsed();
+        match self.held.iter().find(|(i, _)| *i == idx) {
+            Some((_, Held::Ready(_, stage))) => Ok((stage, waited)),
+            _ => Err(ModelError::Unsupported(format!("group {idx} vanished from the weight window"))),
+        }
     }
 
-    /// How many groups are uploaded now (tests check the `resident` bound with it).
+    /// How many slots hold a group now, arrived or in flight (tests check `resident` with it).
     pub fn uploaded(&self) -> usize {
-        self.slots.len()
+        self.held.len()
     }
 }
 
 impl<B: Backend> Drop for WeightWindow<B> {
     fn drop(&mut self) {
-        self.jobs = None; // ends the loader's loop
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // Copies in flight end before their slots' memory goes (CPU: the copy thread
+        // finishes its queue; CUDA: the pinned group's drop waits for its last copy).
+        for (g, h) in std::mem::take(&mut self.held) {
+            let _ = self.evict(g, h);
         }
     }
 }
@@ -147,28 +183,70 @@ impl<B: Backend> Drop for WeightWindow<B> {
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
+    use crate::bench::synthetic_batch;
+    use crate::stage::score_through;
     use crate::testing::{llama_config, random_group};
 
-    #[test]
-    fn window_keeps_at_most_resident_groups_and_prefetches_the_next() {
-        let cfg = match llama_config(3) {
+    fn cfg(layers: usize) -> crate::config::ModelConfig {
+        match llama_config(layers) {
             Ok(c) => c,
             Err(e) => panic!("{e}"),
-        };
-        for resident in [1, 2, 3] {
-            let host: Vec<HostGroup> = (0..3).map(|l| random_group(&cfg, l..l + 1, 1)).collect();
-            let mut w = WeightWindow::new(Arc::new(CpuBackend::new()), host, resident).expect("window");
-            for idx in [0, 1, 2, 0, 1, 2] {
-                let (stage, _) = w.acquire(idx).expect("acquire");
-                assert_eq!(stage.layers, idx..idx + 1);
-                assert!(w.uploaded() + w.loading.len() <= resident, "resident {resident}: {} uploaded", w.uploaded());
-            }
-            // Two waves over three groups: every acquire loads unless all three stay resident;
-            // with two slots the next wave's first group is already on its way.
-            let loads = w.copies.len() + w.loading.len();
-            let expected = if resident >= 3 { 3 } else { 6 + usize::from(resident == 2) };
-            assert_eq!(loads, expected, "resident {resident}");
         }
     }
 
+    #[test]
+    fn window_keeps_at_most_resident_groups_and_prefetches_the_next() {
+        let cfg = cfg(3);
+        for resident in [1, 2, 3] {
+            let host: Vec<HostGroup> = (0..3).map(|l| random_group(&cfg, l..l + 1, 1)).collect();
+            let mut w = WeightWindow::new(Arc::new(CpuBackend::new()), host, resident).expect("window");
+            let mut copies = 0;
+            for idx in [0, 1, 2, 0, 1, 2] {
+                let before: Vec<usize> = w.held.iter().map(|(i, _)| *i).collect();
+                let (stage, _) = w.acquire(idx).expect("acquire");
+                assert_eq!(stage.layers, idx..idx + 1);
+                assert!(w.uploaded() <= resident, "resident {resident}: {} in slots", w.uploaded());
+                copies += w.held.iter().filter(|(i, _)| !before.contains(i)).count();
+                if resident == 2 {
+                    // The next group is on its way while this one computes.
+                    assert!(w.position((idx + 1) % 3).is_some(), "group {} not prefetched", (idx + 1) % 3);
+                }
+            }
+            // Two waves over three groups: every acquire copies unless all three stay resident;
+            // with two slots the next wave's first group is already on its way.
+            let expected = if resident >= 3 { 3 } else { 6 + usize::from(resident == 2) };
+            assert_eq!(copies, expected, "resident {resident}");
+        }
+    }
+
+    #[test]
+    fn streamed_scores_equal_all_resident_and_slots_are_reused() {
+        let cfg = cfg(5);
+        let b = Arc::new(CpuBackend::new());
+        let ranges = [0..1, 1..3, 3..4, 4..5];
+        let stages: Vec<Stage<CpuBackend>> = ranges.iter().map(|r| Stage::upload(&*b, &random_group(&cfg, r.clone(), 9)).expect("upload")).collect();
+        let batch = synthetic_batch(2, 24);
+        let want = score_through(&stages, &*b, &cfg, &batch).expect("resident");
+        for resident in [1, 2, 3, 4] {
+            let host: Vec<HostGroup> = ranges.iter().map(|r| random_group(&cfg, r.clone(), 9)).collect();
+            let mut w = WeightWindow::new(b.clone(), host, resident).expect("window");
+            for wave in 0..3 {
+                let ctx = crate::model::RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
+                let (first, _) = w.acquire(0).expect("acquire");
+                let mut x = first.embed(&*b, &batch.tokens).expect("embed");
+                let mut got = vec![];
+                for idx in 0..ranges.len() {
+                    let (stage, _) = w.acquire(idx).expect("acquire");
+                    x = stage.run_layers(&*b, &cfg, x, &ctx, None).expect("layers");
+                    if idx + 1 == ranges.len() {
+                        got = stage.scored_logprobs(&*b, &cfg, &x, &batch.scored).expect("head");
+                    }
+                }
+                assert_eq!(got, want, "resident {resident}, wave {wave}: streamed scores differ");
+            }
+            if resident < ranges.len() {
+                assert!(!w.copies.is_empty(), "resident {resident}: released copies are traced");
+            }
+        }
+    }
 }

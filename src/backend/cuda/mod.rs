@@ -13,9 +13,10 @@
 //! - 1-D weights (norm weights, biases) stay f32: they are tiny, the norms read them in
 //!   f32 anyway, and the GEMM bias epilogue of an f32-output matmul reads an f32 vector.
 //!
-//! Ordering: all ops run on one compute stream. Weight uploads for streaming use a second
-//! stream forked from it (upload.rs). cudarc's per-buffer event tracking stays on, so a
-//! buffer written on one stream and read on the other is ordered without host syncs.
+//! Ordering: all ops run on one compute stream. Weight streaming copies on a second stream
+//! forked from it, ordered by explicit events both ways (upload.rs: compute waits on a
+//! copy's `done`, a copy into a reused slot waits on the slot's `readers_done`). cudarc's
+//! per-buffer event tracking stays on as well.
 
 mod gemm;
 mod kernels;
@@ -23,11 +24,12 @@ mod ops;
 mod upload;
 
 pub use kernels::ATTN_MAX_HEAD_DIM;
-pub use upload::{PendingUpload, PinnedGroup};
+pub use upload::{CudaSlot, CudaTransfer, PinnedGroup};
 
 use super::{BackendError, Result};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
+use std::time::Instant;
 
 pub(crate) fn dev_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
     let msg = format!("{e:?}");
@@ -71,8 +73,11 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     /// Every op runs here.
     stream: Arc<CudaStream>,
-    /// Weight uploads for streaming, forked from `stream`.
+    /// Weight copies for streaming, forked from `stream`.
     copy_stream: Arc<CudaStream>,
+    /// A timing event that had completed at this host instant: device event times become
+    /// host times for the trace (upload.rs `host_span`).
+    clock: (CudaEvent, Instant),
     k: kernels::Kernels,
     gemm: gemm::Gemm,
     name: String,
@@ -131,7 +136,10 @@ impl CudaBackend {
         let k = kernels::Kernels::compile(&ctx, cc.0, cc.1)?;
         let gemm = gemm::Gemm::new(stream.clone(), cc.0)?;
         let name = format!("cuda:{ordinal} ({dev_name}, sm_{}{})", cc.0, cc.1);
-        Ok(CudaBackend { ctx, stream, copy_stream, k, gemm, name, cc })
+        let anchor = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| dev_err("clock event", e))?;
+        anchor.synchronize().map_err(|e| dev_err("clock event", e))?;
+        let clock = (anchor, Instant::now());
+        Ok(CudaBackend { ctx, stream, copy_stream, clock, k, gemm, name, cc })
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {

@@ -4,8 +4,9 @@
 //! Index arrays (token ids, rows, targets, spans) are host data: they are validated on the
 //! host before upload, so kernels never see an out-of-range index.
 
-use super::{dev_err, elementwise_cfg, upload, CudaAct, CudaBackend, CudaWeight, WeightBuf};
-use crate::backend::{AttnShape, Backend, BackendError, Result};
+use super::{dev_err, elementwise_cfg, upload, CudaAct, CudaBackend, CudaSlot, CudaTransfer, CudaWeight, PinnedGroup, WeightBuf};
+use crate::backend::{AttnShape, Backend, BackendError, CopySpan, Result};
+use std::sync::Arc;
 use crate::layout::AttnSpan;
 use crate::tensor::HostTensor;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -90,6 +91,26 @@ impl Backend for CudaBackend {
             WeightBuf::F32(dev.map_err(|e| dev_err(&what, e))?)
         };
         Ok(CudaWeight { shape: t.shape.clone(), buf })
+    }
+
+    type Pinned = PinnedGroup;
+    type Slot = CudaSlot;
+    type Transfer = CudaTransfer;
+
+    fn pin(&self, tensors: &[HostTensor]) -> Result<PinnedGroup> {
+        self.stream_pin(tensors)
+    }
+
+    fn prefetch(&self, group: &Arc<PinnedGroup>, slot: Option<CudaSlot>) -> Result<CudaTransfer> {
+        self.stream_prefetch(group, slot)
+    }
+
+    fn wait(&self, transfer: &mut CudaTransfer) -> Result<Vec<CudaWeight>> {
+        self.stream_wait(transfer)
+    }
+
+    fn release(&self, transfer: CudaTransfer, weights: Vec<CudaWeight>) -> Result<(CudaSlot, Option<CopySpan>)> {
+        self.stream_release(transfer, weights)
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaAct> {

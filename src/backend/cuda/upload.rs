@@ -1,23 +1,25 @@
-//! Weight streaming: a group's weights wait in pinned (page-locked) host memory and are
-//! copied to the device on the copy stream, so the next group's upload overlaps the
-//! current group's compute on the compute stream.
+//! Weight streaming (the Backend contract): a group's weights wait in pinned (page-locked)
+//! host memory, converted once to the device's storage dtypes, and are copied into a slot's
+//! device buffers on the copy stream, so the next group's copy overlaps the current group's
+//! kernels on the compute stream.
 //!
 //! ```text
-//! let group = Arc::new(backend.pin(&tensors)?);   // once: convert + page-lock
-//! let pending = backend.prefetch(&group)?;         // async H2D on the copy stream
-//! ... compute the current group ...
-//! let weights = pending.wait()?;                   // compute stream waits on the copy
+//! pin:      convert + page-lock, once per group
+//! prefetch: copy stream waits for the slot's release event (its last readers), records
+//!           `start`, copies every tensor, records `done`; the host returns at once
+//! wait:     compute stream waits on `done` (cuStreamWaitEvent); the host does not block
+//! release:  records `readers_done` on the compute stream after the group's last kernel;
+//!           the buffers go back into the slot, and the next copy into it waits for that
 //! ```
-//!
-//! `wait` orders on the GPU (the compute stream waits on the copy's event); it does not
-//! block the host.
 
 use super::{dev_err, CudaBackend, CudaWeight, WeightBuf};
-use crate::backend::Result;
+use crate::backend::{BackendError, CopySpan, Result};
 use crate::tensor::{DType, HostTensor};
-use cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, PinnedHostSlice};
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Writes `t` as bf16 bit patterns (round to nearest even when narrowing from f32).
 fn write_bf16(t: &HostTensor, out: &mut [u16]) {
@@ -41,7 +43,7 @@ pub(crate) fn to_bf16_bits(t: &HostTensor) -> Vec<u16> {
 }
 
 /// Where one tensor sits in a group's pinned buffers.
-struct Slot {
+struct Entry {
     shape: Vec<usize>,
     /// Offset and length in `bf16` (matrices) or `f32` (vectors), in elements.
     offset: usize,
@@ -51,7 +53,7 @@ struct Slot {
 
 /// A group's weights in pinned host memory, already in device storage dtype.
 pub struct PinnedGroup {
-    slots: Vec<Slot>,
+    entries: Vec<Entry>,
     bf16: PinnedHostSlice<u16>,
     f32: PinnedHostSlice<f32>,
     /// The last copy out of this group; dropping the group waits for it, because the DMA
@@ -62,7 +64,7 @@ pub struct PinnedGroup {
 impl PinnedGroup {
     /// Bytes this group takes on the device.
     pub fn device_bytes(&self) -> usize {
-        self.slots.iter().map(|s| s.len * if s.matrix { 2 } else { 4 }).sum()
+        self.entries.iter().map(|s| s.len * if s.matrix { 2 } else { 4 }).sum()
     }
 }
 
@@ -77,44 +79,44 @@ impl Drop for PinnedGroup {
     }
 }
 
-/// Copies in flight on the copy stream; `wait` hands the weights to the compute stream.
-pub struct PendingUpload {
-    weights: Vec<CudaWeight>,
+/// Device buffers of a released group, and the event after its last readers.
+#[derive(Default)]
+pub struct CudaSlot {
+    bufs: Vec<WeightBuf>,
+    readers_done: Option<CudaEvent>,
+}
+
+/// A copy on the copy stream; after `wait`, the shapes it handed to compute.
+pub struct CudaTransfer {
+    weights: Option<Vec<CudaWeight>>,
+    handed: Option<Vec<Vec<usize>>>,
+    start: CudaEvent,
     done: CudaEvent,
-    compute: Arc<CudaStream>,
-    bytes: usize,
+    /// The pinned pages must outlive the DMA that reads them.
     _group: Arc<PinnedGroup>,
 }
 
-impl PendingUpload {
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
+/// A timing event (the default flags disable timing).
+fn timed_event(stream: &cudarc::driver::CudaStream, what: &str) -> Result<CudaEvent> {
+    stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| dev_err(what, e))
+}
 
-    /// Whether the copies have finished (never blocks).
-    pub fn is_ready(&self) -> bool {
-        self.done.is_complete()
-    }
-
-    /// Blocks the host until the copies are done (for timing).
-    pub fn wait_host(&self) -> Result<()> {
-        self.done.synchronize().map_err(|e| dev_err("waiting for weight upload", e))
-    }
-
-    /// Orders the compute stream after the copies and returns the weights, in the order
-    /// they were given to `pin`.
-    pub fn wait(self) -> Result<Vec<CudaWeight>> {
-        self.compute.wait(&self.done).map_err(|e| dev_err("ordering compute after weight upload", e))?;
-        Ok(self.weights)
-    }
+/// A buffer of the slot with exactly this kind and length (layers of one model have the
+/// same shapes, so a slot is reused without allocating), taken out of it.
+fn take_buf(bufs: &mut Vec<WeightBuf>, matrix: bool, len: usize) -> Option<WeightBuf> {
+    let i = bufs.iter().position(|b| match b {
+        WeightBuf::Bf16(d) => matrix && d.len() == len,
+        WeightBuf::F32(d) => !matrix && d.len() == len,
+    })?;
+    Some(bufs.swap_remove(i))
 }
 
 impl CudaBackend {
     /// Converts `tensors` to device dtypes (matrices bf16, vectors f32) in freshly
     /// page-locked host memory. Costs host time and pinned memory, once per group.
-    pub fn pin(&self, tensors: &[HostTensor]) -> Result<PinnedGroup> {
+    pub(super) fn stream_pin(&self, tensors: &[HostTensor]) -> Result<PinnedGroup> {
         let (mut n16, mut n32) = (0usize, 0usize);
-        let mut slots = Vec::with_capacity(tensors.len());
+        let mut entries = Vec::with_capacity(tensors.len());
         for t in tensors {
             let matrix = t.shape.len() >= 2;
             let offset = if matrix { n16 } else { n32 };
@@ -123,7 +125,7 @@ impl CudaBackend {
             } else {
                 n32 += t.numel();
             }
-            slots.push(Slot { shape: t.shape.clone(), offset, len: t.numel(), matrix });
+            entries.push(Entry { shape: t.shape.clone(), offset, len: t.numel(), matrix });
         }
         let what = format!("pinning {} bytes of host memory", n16 * 2 + n32 * 4);
         // SAFETY: every element is written below before any copy reads it.
@@ -132,7 +134,7 @@ impl CudaBackend {
         {
             let h16 = b16.as_mut_slice().map_err(|e| dev_err(&what, e))?;
             let h32 = b32.as_mut_slice().map_err(|e| dev_err(&what, e))?;
-            for (t, s) in tensors.iter().zip(&slots) {
+            for (t, s) in tensors.iter().zip(&entries) {
                 if s.matrix {
                     write_bf16(t, &mut h16[s.offset..s.offset + s.len]);
                 } else {
@@ -140,28 +142,38 @@ impl CudaBackend {
                 }
             }
         }
-        Ok(PinnedGroup { slots, bf16: b16, f32: b32, last_copy: Mutex::new(None) })
+        Ok(PinnedGroup { entries, bf16: b16, f32: b32, last_copy: Mutex::new(None) })
     }
 
-    /// Starts copying `group` to the device on the copy stream and returns at once.
-    /// The copy stream does not wait for queued compute: the destination buffers are new
-    /// allocations, so the upload may run under the current group's kernels.
-    pub fn prefetch(&self, group: &Arc<PinnedGroup>) -> Result<PendingUpload> {
+    /// Queues the copies of `group` into `slot` on the copy stream and returns at once.
+    pub(super) fn stream_prefetch(&self, group: &Arc<PinnedGroup>, slot: Option<CudaSlot>) -> Result<CudaTransfer> {
         let cs = &self.copy_stream;
+        let CudaSlot { mut bufs, readers_done } = slot.unwrap_or_default();
+        if let Some(ev) = &readers_done {
+            // The slot's previous group may still be read by queued kernels.
+            cs.wait(ev).map_err(|e| dev_err("ordering a weight copy after the slot's last readers", e))?;
+        }
         let h16 = group.bf16.as_slice().map_err(|e| dev_err("pinned buffer", e))?;
         let h32 = group.f32.as_slice().map_err(|e| dev_err("pinned buffer", e))?;
-        let mut weights = Vec::with_capacity(group.slots.len());
-        for s in &group.slots {
-            let what = format!("uploading weight {:?}", s.shape);
+        let start = timed_event(cs, "recording a weight copy's start")?;
+        let mut weights = Vec::with_capacity(group.entries.len());
+        for s in &group.entries {
+            let what = format!("copying weight {:?} to the device", s.shape);
             let n = s.len.max(1);
             let buf = if s.matrix {
-                let mut d = unsafe { cs.alloc::<u16>(n) }.map_err(|e| dev_err(&what, e))?;
+                let mut d = match take_buf(&mut bufs, true, n) {
+                    Some(WeightBuf::Bf16(d)) => d,
+                    _ => unsafe { cs.alloc::<u16>(n) }.map_err(|e| dev_err(&what, e))?,
+                };
                 if s.len > 0 {
                     cs.memcpy_htod(&h16[s.offset..s.offset + s.len], &mut d).map_err(|e| dev_err(&what, e))?;
                 }
                 WeightBuf::Bf16(d)
             } else {
-                let mut d = unsafe { cs.alloc::<f32>(n) }.map_err(|e| dev_err(&what, e))?;
+                let mut d = match take_buf(&mut bufs, false, n) {
+                    Some(WeightBuf::F32(d)) => d,
+                    _ => unsafe { cs.alloc::<f32>(n) }.map_err(|e| dev_err(&what, e))?,
+                };
                 if s.len > 0 {
                     cs.memcpy_htod(&h32[s.offset..s.offset + s.len], &mut d).map_err(|e| dev_err(&what, e))?;
                 }
@@ -169,17 +181,52 @@ impl CudaBackend {
             };
             weights.push(CudaWeight { shape: s.shape.clone(), buf });
         }
-        let done = cs.record_event(None).map_err(|e| dev_err("recording upload event", e))?;
-        let guard = cs.record_event(None).map_err(|e| dev_err("recording upload event", e))?;
+        // Buffers of other sizes left in the slot are freed here, after their readers
+        // (cudarc orders a buffer's free after its recorded reads).
+        drop(bufs);
+        let done = timed_event(cs, "recording a weight copy's end")?;
+        let guard = cs.record_event(None).map_err(|e| dev_err("recording a weight copy's end", e))?;
         if let Ok(mut g) = group.last_copy.lock() {
             *g = Some(guard);
         }
-        Ok(PendingUpload { weights, done, compute: self.stream.clone(), bytes: group.device_bytes(), _group: group.clone() })
+        Ok(CudaTransfer { weights: Some(weights), handed: None, start, done, _group: group.clone() })
     }
 
-    /// `pin` then `prefetch`, for a group that is uploaded once.
-    pub fn prefetch_tensors(&self, tensors: &[HostTensor]) -> Result<PendingUpload> {
-        let group = Arc::new(self.pin(tensors)?);
-        self.prefetch(&group)
+    /// Orders the compute stream after the copies and hands over the weights.
+    pub(super) fn stream_wait(&self, t: &mut CudaTransfer) -> Result<Vec<CudaWeight>> {
+        let weights = t.weights.take().ok_or_else(|| BackendError::Streaming("wait called twice: this transfer's weights were already handed out".into()))?;
+        self.stream.wait(&t.done).map_err(|e| dev_err("ordering compute after a weight copy", e))?;
+        t.handed = Some(weights.iter().map(|w| w.shape.clone()).collect());
+        Ok(weights)
+    }
+
+    /// Marks the end of the group's reads on the compute stream and returns its buffers.
+    pub(super) fn stream_release(&self, t: CudaTransfer, weights: Vec<CudaWeight>) -> Result<(CudaSlot, Option<CopySpan>)> {
+        let handed = t.handed.as_ref().ok_or_else(|| BackendError::Streaming("release before wait: the copy may still be writing this slot".into()))?;
+        let given: Vec<&Vec<usize>> = weights.iter().map(|w| &w.shape).collect();
+        if given.len() != handed.len() || given.iter().zip(handed).any(|(a, b)| *a != b) {
+            return Err(BackendError::Streaming(format!(
+                "release got {} weights that are not the {} this transfer handed out: the slot would be reused while its weights are in use",
+                given.len(),
+                handed.len()
+            )));
+        }
+        let readers_done = self.stream.record_event(None).map_err(|e| dev_err("recording the end of a group's compute", e))?;
+        let span = self.host_span(&t.start, &t.done);
+        Ok((CudaSlot { bufs: weights.into_iter().map(|w| w.buf).collect(), readers_done: Some(readers_done) }, span))
+    }
+
+    /// When the copy between `start` and `done` ran on the host clock, if it has finished
+    /// (never blocks: an unfinished copy has no span yet).
+    fn host_span(&self, start: &CudaEvent, done: &CudaEvent) -> Option<CopySpan> {
+        if !done.try_is_complete().ok()? {
+            return None;
+        }
+        let (anchor, at) = &self.clock;
+        let to_host = |ev: &CudaEvent| -> Option<Instant> {
+            let ms = anchor.elapsed_ms(ev).ok()?;
+            Some(*at + Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
+        };
+        Some((to_host(start)?, to_host(done)?))
     }
 }
