@@ -247,7 +247,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let cluster = match Cluster::init() {
+    let mut cluster = match Cluster::init() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -256,13 +256,14 @@ fn main() -> std::process::ExitCode {
     };
     match run(&cluster, &cfg, &a) {
         Ok(trace) => {
+            cluster.stop_liveness();
             if let Some(path) = &a.trace {
                 let path = path.with_extension(format!("rank{}.json", cluster.rank));
                 if let Err(e) = trace.write(&path) {
                     eprintln!("rank {}: writing {}: {e}", cluster.rank, path.display());
                 }
             }
-            cluster.finish();
+            cluster.finish(0);
             std::process::ExitCode::SUCCESS
         }
         Err(e) if cluster.size > 1 => cluster.abort(&format!("{e:#}")),

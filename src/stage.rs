@@ -63,6 +63,7 @@ impl<B: Backend> Stage<B> {
         let mut stage = Stage { layers: host.layers.clone(), begin: None, blocks: vec![], end: None };
         for (part, tensors) in &host.parts {
             let w = Weights::upload(b, *part, tensors)?;
+            crate::liveness::advanced();
             match part {
                 Part::Begin => stage.begin = Some(w),
                 Part::Layer(_) => stage.blocks.push(w),
@@ -106,6 +107,7 @@ impl<B: Backend> Stage<B> {
         for (i, w) in self.blocks.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             x = model::layer_forward(b, cfg, w, x, ctx, cache)?;
+            crate::liveness::advanced();
         }
         Ok(x)
     }

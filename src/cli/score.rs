@@ -94,7 +94,7 @@ impl RankJob for ScoreJob {
         Ok(score::prepare(&ModelDir::open_for(&self.launch.model, &[])?, &self.opts)?)
     }
 
-    fn drive<B: Backend + 'static>(&self, prepared: score::Prepared, launched: &mut Launched<B>) -> Result<ExitCode> {
+    fn drive<B: Backend + 'static>(&self, prepared: score::Prepared, launched: &mut Launched<B>) -> Result<u8> {
         let mut scorer = PipelineScorer::new(&mut launched.worker)?;
         let s = score::run(&launched.dir, &self.opts, prepared, &mut scorer)?;
         if !self.opts.quiet {
@@ -109,7 +109,7 @@ impl RankJob for ScoreJob {
                 s.tokens as f64 / s.seconds.max(1e-9)
             );
         }
-        Ok(if s.failed_in_file > 0 { ExitCode::from(EXIT_SOME_FAILED) } else { ExitCode::SUCCESS })
+        Ok(if s.failed_in_file > 0 { EXIT_SOME_FAILED } else { 0 })
     }
 }
 

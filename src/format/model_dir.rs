@@ -104,7 +104,14 @@ impl ModelDir {
     /// The tensors of one part under their short names, in the family table's order.
     pub fn read_part(&self, part: Part) -> Result<Vec<(String, HostTensor)>> {
         let file = self.open_part(part)?;
-        model::expected_tensors(self.config(), part).into_iter().map(|(name, _)| Ok((name.clone(), file.read(&name)?))).collect()
+        model::expected_tensors(self.config(), part)
+            .into_iter()
+            .map(|(name, _)| {
+                let t = file.read(&name)?;
+                crate::liveness::advanced();
+                Ok((name, t))
+            })
+            .collect()
     }
 
     /// Re-hash every part against the manifest: (part name, problem) for each that differs.
