@@ -101,7 +101,7 @@ fn killed_rank_ends_the_others_through_mpirun() {
     let _g = serial();
     let out = mpirun(3, &[], &["--kill-rank", "1", "--kill-after-ms", "1500"]);
     let (t, took) = (out.text(), out.took);
-    assert!(!out.success() && !out.timed_out(), "{t}");
+    assert!(!out.success() && !out.timed_out, "{t}");
     assert!(took < Duration::from_secs(30), "took {took:?}:\n{t}");
     assert!(t.contains("rank 1"), "{t}");
 }

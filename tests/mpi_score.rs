@@ -106,7 +106,7 @@ fn killed_job_resumes_to_the_uninterrupted_result() {
     // one document per micro-batch and wave, so results reach the file one by one
     let args = ["--group-layers", "5", "--batch-tokens", "64", "--wave", "1"];
     let o = mpirun(3, &args, &out, &[("FALCON_BATCH_KILL_AFTER_DOCS", "3")]);
-    assert!(!o.success() && !o.timed_out(), "the killed job must fail: {}", o.text());
+    assert!(!o.success() && !o.timed_out, "the killed job must fail: {}", o.text());
     let partial = read_results(&out).unwrap();
     assert!(partial.len() >= 3 && partial.len() < 7, "{} documents after the kill", partial.len());
     let o = mpirun(3, &args, &out, &[]);
@@ -131,7 +131,7 @@ fn ranks_with_different_options_refuse_to_start() {
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     let o = run_limited(&c, LIMIT);
     let err = &o.stderr;
-    assert!(!o.success() && !o.timed_out(), "{}", o.text());
+    assert!(!o.success() && !o.timed_out, "{}", o.text());
     assert!(err.contains("rank 1"), "{err}");
 }
 

@@ -183,7 +183,7 @@ fn a_link_cut_mid_run_ends_every_process_within_60_s_and_the_same_command_resume
     let r = job.wait();
     let ended = cut_at.elapsed();
     let t = r.text();
-    assert!(!r.success() && !r.timed_out(), "the job must fail on its own, exit {:?}:\n{t}", r.status);
+    assert!(!r.success() && !r.timed_out, "the job must fail on its own, exit {:?}:\n{t}", r.status);
     assert!(ended < Duration::from_secs(60), "the job took {:.1} s to end after the cut:\n{t}", ended.as_secs_f64());
     assert!(t.contains(&format!("lost contact with rank 2 ({})", hosts.host(3))), "rank 2 on {} is not named:\n{t}", hosts.host(3));
     // Nothing of the job is left on any host (the daemon behind the cut may take a few

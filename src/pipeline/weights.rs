@@ -12,6 +12,7 @@ use crate::schedule::Schedule;
 use crate::stage::{HostGroup, Stage};
 use crate::tensor::HostTensor;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -51,6 +52,8 @@ pub struct WeightWindow<B: Backend> {
     jobs: Option<Sender<(usize, Arc<HostGroup>)>>,
     done: Receiver<Loaded<B>>,
     thread: Option<JoinHandle<()>>,
+    /// Set when the window goes away: the loader skips the uploads still queued.
+    closing: Arc<AtomicBool>,
     pub copies: Vec<CopySpan>,
 }
 
@@ -58,10 +61,15 @@ impl<B: Backend + 'static> WeightWindow<B> {
     pub fn new(backend: Arc<B>, host: Vec<HostGroup>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
         let (jobs, rx) = channel::<(usize, Arc<HostGroup>)>();
         let (tx, done) = channel::<Loaded<B>>();
+        let closing = Arc::new(AtomicBool::new(false));
+        let stop = closing.clone();
         let thread = std::thread::Builder::new()
             .name("weight-loader".into())
             .spawn(move || {
                 for (idx, group) in rx {
+                    if stop.load(Ordering::SeqCst) {
+                        break; // the window is closing: the rest of the queue is not wanted
+                    }
                     let start = Instant::now();
                     let stage = Stage::upload(&*backend, &group);
                     if tx.send(Loaded { idx, stage, start, end: Instant::now() }).is_err() {
@@ -79,6 +87,7 @@ impl<B: Backend + 'static> WeightWindow<B> {
             jobs: Some(jobs),
             done,
             thread: Some(thread),
+            closing,
             copies: vec![],
         })
     }
@@ -136,6 +145,7 @@ impl<B: Backend + 'static> WeightWindow<B> {
 
 impl<B: Backend> Drop for WeightWindow<B> {
     fn drop(&mut self) {
+        self.closing.store(true, Ordering::SeqCst);
         self.jobs = None; // ends the loader's loop
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -6,8 +6,8 @@
 //! is killed, so nothing it started outlives the test.
 
 use std::io::Read;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A finished command.
@@ -16,6 +16,8 @@ pub struct Ran {
     pub stdout: String,
     pub stderr: String,
     pub took: Duration,
+    /// Whether `timeout` had to end it: it ran to its limit.
+    pub timed_out: bool,
 }
 
 impl Ran {
@@ -32,10 +34,6 @@ impl Ran {
         self.status.code()
     }
 
-    /// Whether `timeout` had to end it (124, or killed after the grace period).
-    pub fn timed_out(&self) -> bool {
-        self.status.code() == Some(124) || self.status.signal() == Some(9) || self.status.code() == Some(137)
-    }
 }
 
 /// A command running under its limit; dropping it kills its process group.
@@ -90,7 +88,10 @@ impl Running {
             let _ = f.reopen().and_then(|mut r| r.read_to_string(&mut s));
             s
         };
-        Ran { status, stdout: read(&self.out), stderr: read(&self.err), took }
+        // timeout exits 124, or 137 when it had to kill; a command may exit so too by itself
+        // (mpirun does 137 for a rank killed by SIGKILL), so the clock decides.
+        let timed_out = took >= self.limit && matches!(status.code(), Some(124) | Some(137));
+        Ran { status, stdout: read(&self.out), stderr: read(&self.err), took, timed_out }
     }
 
     /// What it has written to stderr so far.
@@ -125,5 +126,28 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.kill_group();
         let _ = self.child.wait();
+    }
+}
+
+/// `Command::output` with a hard limit, for tests that want a plain `Output`.
+pub trait OutputWithin {
+    /// Runs as spawn_limited does; Err(NotFound) when the program cannot be found (so a
+    /// test can tell "not installed" from "failed").
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output>;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output> {
+        let program = std::path::Path::new(self.get_program());
+        let found = if program.components().count() > 1 {
+            program.exists()
+        } else {
+            std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        };
+        if !found {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} not found", program.display())));
+        }
+        let r = run_limited(self, limit);
+        Ok(Output { status: r.status, stdout: r.stdout.into_bytes(), stderr: r.stderr.into_bytes() })
     }
 }
