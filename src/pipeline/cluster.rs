@@ -140,7 +140,8 @@ fn rank_name(hosts: &OnceLock<Vec<String>>, rank: usize, me: usize) -> String {
 }
 
 impl Cluster {
-    /// Initialise MPI (a singleton when started without mpirun) and start the heartbeat and backstop threads.
+    /// Initialise MPI (a singleton when started without mpirun) and, with peers, start the
+    /// heartbeat and backstop threads.
     pub fn init() -> Result<Cluster, PipelineError> {
         let (universe, threading) = mpi::initialize_with_threading(Threading::Multiple)
             .ok_or_else(|| PipelineError::Mpi("MPI was already initialised in this process".into()))?;
