@@ -134,6 +134,19 @@ fn killed_rank_is_named_by_every_survivor_watchdog() {
     assert!(!t.contains("scored within"), "rank 0 finished as if nothing happened:\n{t}");
 }
 
+/// A rank whose main thread hangs (a device call, a file system) while its heartbeats go on
+/// does not keep the job alive: liveness is progress, so every rank ends, naming it.
+#[test]
+fn a_stalled_rank_with_live_heartbeats_ends_the_job() {
+    let _g = serial();
+    let out = mpirun(3, &["-x", "FALCON_BATCH_PEER_TIMEOUT_S=3"], &["--stall-rank", "1", "--kill-after-ms", "1500"]);
+    let (t, took) = (out.text(), out.took);
+    assert!(!out.success() && !out.timed_out, "{t}");
+    assert!(took < Duration::from_secs(30), "took {took:?}:\n{t}");
+    assert!(t.lines().any(|l| l.contains("rank 1 (") && l.contains("no progress")), "rank 1 is not named:\n{t}");
+    assert!(!t.contains("scored within"), "rank 0 finished as if nothing happened:\n{t}");
+}
+
 #[test]
 fn ranks_with_a_different_model_refuse_to_start() {
     let _g = serial();

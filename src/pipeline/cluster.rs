@@ -3,12 +3,14 @@
 //!
 //! Liveness is progress, not an answering thread. Two threads run beside the pipeline:
 //! - the heartbeat thread tells every peer, twice a second, how far this rank's work has come
-//!   (its `liveness::count()`), and notes when it last heard from each peer and when each
-//!   last advanced. A heartbeat whose count has not moved keeps nobody alive.
+//!   (its `liveness::count()`) and which peer its main thread waits for, and notes when it
+//!   last heard from each peer, when each last advanced and whom each waits for. A heartbeat
+//!   whose count has not moved keeps nobody alive.
 //! - the backstop makes no MPI call at all. When neither this rank nor any peer has advanced
-//!   for the peer timeout, it prints which rank and host it lost (the one silent longest, or
-//!   the one the main thread waits for), makes every wait fail with that name, and ends the
-//!   process a moment later. A blocked MPI call, a dead peer, a cut link, a hung device or
+//!   for the peer timeout, it prints which rank and host it lost (the one silent longest;
+//!   else the end of the chain of waits that starts here: the rank that waits for nobody,
+//!   stuck in a call), makes every wait fail with that name, and ends the process a moment
+//!   later. A blocked MPI call, a dead peer, a cut link, a hung device or
 //!   file system all end the job this way instead of hanging it; mpirun then ends the rest.
 
 use super::transport::{Comm, Liveness, Pending};
@@ -58,7 +60,11 @@ struct PeerView {
     heard_ms: Vec<AtomicU64>,
     /// When the peer's progress count last moved.
     advanced_ms: Vec<AtomicU64>,
+    /// The rank the peer's main thread waits for, as its last heartbeat said (NOBODY: none).
+    waits_for: Vec<AtomicU64>,
 }
+
+const NOBODY: u64 = u64::MAX;
 
 /// A helper thread and how to stop it.
 struct Helper {
@@ -173,9 +179,10 @@ impl Cluster {
             let view = Arc::new(PeerView {
                 heard_ms: (0..size).map(|_| AtomicU64::new(0)).collect(),
                 advanced_ms: (0..size).map(|_| AtomicU64::new(0)).collect(),
+                waits_for: (0..size).map(|_| AtomicU64::new(NOBODY)).collect(),
             });
-            let v = view.clone();
-            cluster.heartbeat = Some(Helper::spawn("mpi-heartbeat", move |stop| heartbeat(beat, size, &v, &stop))?);
+            let (v, l) = (view.clone(), cluster.live.clone());
+            cluster.heartbeat = Some(Helper::spawn("mpi-heartbeat", move |stop| heartbeat(beat, size, &v, &l, &stop))?);
             let b = Backstop { rank, size, timeout: liveness::peer_timeout(), view, live: cluster.live.clone(), hosts: cluster.hosts.clone() };
             cluster.backstop = Some(Helper::spawn("liveness-backstop", move |stop| b.run(&stop))?);
         }
@@ -270,7 +277,7 @@ impl Drop for Cluster {
 }
 
 /// The heartbeat loop; see the module comment. It never decides anything: it only reports.
-fn heartbeat(beat: Comm, size: usize, view: &PeerView, stop: &AtomicBool) {
+fn heartbeat(beat: Comm, size: usize, view: &PeerView, live: &Liveness, stop: &AtomicBool) {
     let mut sends: Vec<Option<Pending<u64>>> = (0..size).map(|_| None).collect();
     let mut recvs: Vec<Pending<u64>> = vec![];
     let mut last_count = vec![0u64; size];
@@ -286,7 +293,8 @@ fn heartbeat(beat: Comm, size: usize, view: &PeerView, stop: &AtomicBool) {
                     None => true,
                 };
                 if done {
-                    sends[peer] = beat.isend(vec![liveness::count()], peer, TAG_HEARTBEAT).ok();
+                    let waits = live.waiting().map_or(NOBODY, |(w, _)| w as u64);
+                    sends[peer] = beat.isend(vec![liveness::count(), waits], peer, TAG_HEARTBEAT).ok();
                 }
             }
         }
@@ -297,12 +305,13 @@ fn heartbeat(beat: Comm, size: usize, view: &PeerView, stop: &AtomicBool) {
         while i < recvs.len() {
             let from = recvs[i].peer();
             match recvs[i].try_finish() {
-                Ok(Some(count)) => {
+                Ok(Some(beat)) => {
                     recvs.swap_remove(i);
                     if from < size {
                         let now = liveness::now_ms();
                         view.heard_ms[from].store(now, Ordering::SeqCst);
-                        let c = count.first().copied().unwrap_or(0);
+                        view.waits_for[from].store(beat.get(1).copied().unwrap_or(NOBODY), Ordering::SeqCst);
+                        let c = beat.first().copied().unwrap_or(0);
                         if c > last_count[from] {
                             last_count[from] = c;
                             view.advanced_ms[from].store(now, Ordering::SeqCst);
@@ -355,38 +364,51 @@ impl Backstop {
     }
 
     /// Which rank to blame, and the message: the peer silent longest when its silence stands
-    /// out, else the one the main thread waits for, else this rank itself.
+    /// out; else the end of the chain of waits from this rank (each rank's main thread waits
+    /// for the next; the last waits for nobody: it is computing, or stuck in a call).
     fn verdict(&self, now: u64, stalled_ms: u64) -> (usize, String) {
         let name = |r: usize| rank_name(&self.hosts, r, self.rank);
         let me = name(self.rank);
         let stalled = stalled_ms as f64 / 1000.0;
-        let waiting = self.live.waiting();
-        let waiting_text = match waiting {
-            Some((w, what)) => format!("; waiting for a {what} from {}", name(w)),
-            None => String::new(),
-        };
         let silent = (0..self.size)
             .filter(|&p| p != self.rank)
             .map(|p| (p, now.saturating_sub(self.view.heard_ms[p].load(Ordering::SeqCst))))
             .max_by_key(|(_, s)| *s);
         let stands_out = (self.timeout.as_millis() as u64 / 2).max(1000);
-        match (silent, waiting) {
-            (Some((p, s)), _) if s > stands_out => (
-                p,
-                format!(
-                    "{me}: lost contact with {}: nothing heard from it for {:.1} s and no progress anywhere for {stalled:.1} s{waiting_text}; ending the job",
-                    name(p),
-                    s as f64 / 1000.0
-                ),
-            ),
-            (_, Some((w, what))) => (
-                w,
-                format!("{me}: lost contact with {}: no progress for {stalled:.1} s while waiting for a {what} from it (it answers but does not advance); ending the job", name(w)),
-            ),
-            _ => (
-                self.rank,
-                format!("{me}: no progress for {stalled:.1} s and not waiting for any peer (stuck in a device call or the file system?); ending the job"),
-            ),
+        if let Some((p, s)) = silent.filter(|(_, s)| *s > stands_out) {
+            let waiting = match self.live.waiting() {
+                Some((w, what)) => format!("; waiting for a {what} from {}", name(w)),
+                None => String::new(),
+            };
+            let msg = format!(
+                "{me}: lost contact with {}: nothing heard from it for {:.1} s and no progress anywhere for {stalled:.1} s{waiting}; ending the job",
+                name(p),
+                s as f64 / 1000.0
+            );
+            return (p, msg);
         }
+        let mut chain = vec![self.rank];
+        let mut next = self.live.waiting().map(|(w, _)| w);
+        while let Some(w) = next.filter(|w| *w < self.size && !chain.contains(w)) {
+            chain.push(w);
+            next = match self.view.waits_for[w].load(Ordering::SeqCst) {
+                NOBODY => None,
+                v => Some(v as usize),
+            };
+        }
+        let end = chain.last().copied().unwrap_or(self.rank);
+        if end == self.rank {
+            return (
+                end,
+                format!("{me}: no progress for {stalled:.1} s and this rank waits for no peer (stuck in a device call, an MPI call or the file system?); ending the job"),
+            );
+        }
+        let waits: Vec<String> = chain.iter().map(|r| format!("rank {r}")).collect();
+        let msg = format!(
+            "{me}: lost contact with {}: no progress anywhere for {stalled:.1} s; the waits go {}, and rank {end} answers but waits for no peer (stuck in a call?); ending the job",
+            name(end),
+            waits.join(" -> ")
+        );
+        (end, msg)
     }
 }

@@ -12,7 +12,7 @@ use mpi::ffi;
 use mpi::raw::AsRaw;
 use mpi::traits::Equivalence;
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,11 +25,21 @@ pub struct Liveness {
     lost: Arc<AtomicUsize>,
     /// `usize::MAX` when not waiting, else peer * 2 + 1 for a receive, peer * 2 for a send.
     waiting: Arc<AtomicUsize>,
+    /// `liveness::now_ms()` of the wait loop's last poll: a wait that stopped polling is a
+    /// thread stuck in a call, not one waiting for a peer.
+    polled_ms: Arc<AtomicU64>,
 }
+
+/// A waiting thread polls every 200 us; one silent for this long is stuck in a call.
+const POLL_STALE_MS: u64 = 1000;
 
 impl Default for Liveness {
     fn default() -> Self {
-        Liveness { lost: Arc::new(AtomicUsize::new(usize::MAX)), waiting: Arc::new(AtomicUsize::new(usize::MAX)) }
+        Liveness {
+            lost: Arc::new(AtomicUsize::new(usize::MAX)),
+            waiting: Arc::new(AtomicUsize::new(usize::MAX)),
+            polled_ms: Arc::new(AtomicU64::new(0)),
+        }
     }
 }
 
@@ -46,17 +56,25 @@ impl Liveness {
     }
 
     fn waiting_for(&self, peer: usize, receive: bool) {
+        self.polled();
         self.waiting.store(peer * 2 + usize::from(receive), Ordering::SeqCst);
+    }
+
+    fn polled(&self) {
+        self.polled_ms.store(crate::liveness::now_ms(), Ordering::Relaxed);
     }
 
     fn done_waiting(&self) {
         self.waiting.store(usize::MAX, Ordering::SeqCst);
     }
 
-    /// The peer the main thread waits for now, and whether for a "receive" or a "send".
+    /// The peer the main thread waits for now, and whether for a "receive" or a "send";
+    /// None when it is not waiting, or has stopped polling (stuck inside a call).
     pub fn waiting(&self) -> Option<(usize, &'static str)> {
+        let fresh = crate::liveness::now_ms().saturating_sub(self.polled_ms.load(Ordering::Relaxed)) < POLL_STALE_MS;
         match self.waiting.load(Ordering::SeqCst) {
             usize::MAX => None,
+            _ if !fresh => None,
             w => Some((w / 2, if w % 2 == 1 { "receive" } else { "send" })),
         }
     }
@@ -159,6 +177,7 @@ impl<T: Equivalence> Pending<T> {
             if let Some(rank) = live.lost() {
                 return Err(PipelineError::Lost { peer: rank, during: self.what.to_string() });
             }
+            live.polled();
             backoff.pause();
         }
     }
@@ -247,6 +266,7 @@ impl Comm {
             if let Some(rank) = live.lost() {
                 return Err(PipelineError::Lost { peer: rank, during: "receive".into() });
             }
+            live.polled();
             backoff.pause();
         }
     }
