@@ -7,7 +7,8 @@
 //! With --parts DIR each rank reads its weights from DIR/rank<R>/<part>.safetensors, written
 //! beforehand by `pipeline_check --write-parts DIR --ranks N` (each rank's folder holds only
 //! that rank's parts). --kill-rank R makes rank R SIGKILL itself after --kill-after-ms while
-//! rank 0 keeps scoring: the other ranks must then exit non-zero naming rank R.
+//! rank 0 keeps scoring: the other ranks must then exit non-zero naming rank R. --stall-rank R
+//! freezes rank R's main thread instead, its heartbeats still going: the job must end too.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
@@ -57,6 +58,10 @@ struct Args {
     kill_rank: Option<usize>,
     #[arg(long, default_value_t = 1500)]
     kill_after_ms: u64,
+    /// Freeze this rank's main thread after --kill-after-ms, as a hung device call or file
+    /// system would, while its other threads (the heartbeats) carry on.
+    #[arg(long)]
+    stall_rank: Option<usize>,
     /// Pretend this rank loaded a different model (tests the identity check).
     #[arg(long)]
     odd_model_on_rank: Option<usize>,
@@ -165,7 +170,7 @@ fn drive(worker: &mut Worker<CpuBackend>, cfg: &ModelConfig, a: &Args) -> Result
             bail!("wave {i}: pipeline log-probs differ from the local scorer by {worst:e}");
         }
         // A kill test keeps the ring busy until the killed rank is noticed.
-        let more = a.kill_rank.is_some() && start.elapsed() < Duration::from_secs(60);
+        let more = (a.kill_rank.is_some() || a.stall_rank.is_some()) && start.elapsed() < Duration::from_secs(60);
         if i + 1 == waves.len() && !more {
             break;
         }
@@ -218,6 +223,9 @@ fn run(cluster: &Cluster, cfg: &ModelConfig, a: &Args) -> Result<Trace> {
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         });
     }
+    if a.stall_rank == Some(cluster.rank) {
+        stall_main_thread_after(Duration::from_millis(a.kill_after_ms));
+    }
     if cluster.rank == 0 {
         drive(&mut worker, cfg, a)?;
     } else {
@@ -227,6 +235,26 @@ fn run(cluster: &Cluster, cfg: &ModelConfig, a: &Args) -> Result<Trace> {
         bail!("rank {}: {} groups uploaded, more than --resident {}", cluster.rank, worker.uploaded_groups(), a.resident);
     }
     Ok(std::mem::take(&mut worker.trace))
+}
+
+/// A signal handler that never returns: the thread it interrupts is stuck for good.
+extern "C" fn stall_forever(_: libc::c_int) {
+    loop {
+        // SAFETY: sleep is async-signal-safe.
+        unsafe { libc::sleep(1000) };
+    }
+}
+
+/// After `after`, interrupt the calling thread with a handler that never returns.
+fn stall_main_thread_after(after: Duration) {
+    // SAFETY: installing a handler and signalling a live thread of this process.
+    let main = unsafe { libc::pthread_self() };
+    unsafe { libc::signal(libc::SIGUSR1, stall_forever as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    let main = main as usize; // pthread_t is an integer on Linux; carried across the thread
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        unsafe { libc::pthread_kill(main as libc::pthread_t, libc::SIGUSR1) };
+    });
 }
 
 fn main() -> std::process::ExitCode {
@@ -247,7 +275,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let cluster = match Cluster::init() {
+    let mut cluster = match Cluster::init() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -256,13 +284,14 @@ fn main() -> std::process::ExitCode {
     };
     match run(&cluster, &cfg, &a) {
         Ok(trace) => {
+            cluster.stop_liveness();
             if let Some(path) = &a.trace {
                 let path = path.with_extension(format!("rank{}.json", cluster.rank));
                 if let Err(e) = trace.write(&path) {
                     eprintln!("rank {}: writing {}: {e}", cluster.rank, path.display());
                 }
             }
-            cluster.finish();
+            cluster.finish(0);
             std::process::ExitCode::SUCCESS
         }
         Err(e) if cluster.size > 1 => cluster.abort(&format!("{e:#}")),

@@ -55,9 +55,9 @@ down() {
     local ns
     for ns in $(our_namespaces); do
         # Processes left on a host (orted, ranks) would keep its namespace alive.
-        local pids
-        pids=$(ip netns pids "$ns" 2>/dev/null || true)
-        [[ -n $pids ]] && kill -9 $pids 2>/dev/null || true
+        local pids=()
+        mapfile -t pids < <(ip netns pids "$ns" 2>/dev/null || true)
+        if [[ ${#pids[@]} -gt 0 ]]; then kill -9 "${pids[@]}" 2>/dev/null || true; fi
         ip netns del "$ns" 2>/dev/null || true
     done
     local link
@@ -142,12 +142,20 @@ reachable() {
     [[ $err == *"refused"* ]]
 }
 
-host_exec() { # HOST CMD...: CMD on HOST, in its own UTS namespace named after it
+# on_host NS CMD...: CMD in namespace NS and in a UTS namespace of its own, so that it and
+# everything it starts see the host name NS.
+on_host() {
+    local ns=$1; shift
+    # shellcheck disable=SC2016 # $0 and $@ are the inner shell's
+    ip netns exec "$ns" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$ns" "$@"
+}
+
+host_exec() { # HOST CMD...: CMD on HOST
     need_root
     local ns; ns=$(ns_of "$1"); shift
     [[ $# -gt 0 ]] || die "exec HOST CMD...: no command"
     ip netns list | awk '{print $1}' | grep -qx "$ns" || die "host $ns does not exist (run '$0 up N' first)"
-    exec ip netns exec "$ns" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$ns" "$@"
+    on_host "$ns" "$@"
 }
 
 # What mpirun runs instead of `ssh [options] HOST COMMAND...`: like ssh, it fails, naming
@@ -163,7 +171,7 @@ rsh_agent() {
         echo "testhosts rsh-agent: connect to host $ns ($SUBNET.$num): no route to host" >&2
         exit 255
     fi
-    exec ip netns exec "$ns" unshare --uts sh -c 'hostname "$0" && exec sh -c "$1"' "$ns" "$*"
+    on_host "$ns" sh -c "$*"
 }
 
 mpirun_args() {
@@ -195,7 +203,7 @@ case $cmd in
         up "$n" "$rate"
         trap down EXIT INT TERM
         rc=0
-        ip netns exec "$PREFIX-h1" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$PREFIX-h1" "$@" || rc=$?
+        on_host "$PREFIX-h1" "$@" || rc=$?
         exit $rc
         ;;
     exec) host_exec "$@" ;;

@@ -9,6 +9,7 @@ pub mod format;
 pub mod generate;
 pub mod job;
 pub mod layout;
+pub mod liveness;
 pub mod model;
 pub mod pipeline;
 pub mod sample;

@@ -92,6 +92,7 @@ impl<B: Backend> Stage<B> {
         let mut stage = Stage { layers: host.layers.clone(), begin: None, blocks: vec![], end: None };
         for (part, tensors) in &host.parts {
             stage.put(Weights::upload(b, *part, tensors)?);
+            crate::liveness::advanced();
         }
         Ok(stage)
     }
@@ -167,6 +168,7 @@ impl<B: Backend> Stage<B> {
         for (i, w) in self.blocks.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             x = model::layer_forward(b, cfg, w, x, ctx, cache)?;
+            crate::liveness::advanced();
         }
         Ok(x)
     }

@@ -1,5 +1,6 @@
 //! Convert small random HF checkpoints of both families and read them back.
 
+mod common;
 mod format_common;
 
 use falcon_batch::config::Family;
@@ -10,7 +11,12 @@ use falcon_batch::format::Checkpoint;
 use falcon_batch::model::{self, Part, TensorSource};
 use falcon_batch::tensor::{DType, HostTensor};
 use format_common::*;
+use common::proc::OutputWithin;
 use std::path::Path;
+use std::time::Duration;
+
+/// Every launch is killed, with its process group, past this.
+const LIMIT: Duration = Duration::from_secs(300);
 
 /// Every part read back equals what the family converter makes from the source, cast.
 fn assert_parts_match_source(md: &ModelDir, src: &HfCheckpoint) {
@@ -143,7 +149,7 @@ fn flipped_byte_is_named_by_verify_and_inspect() {
     assert_eq!(bad[0].0, "layer_001");
     assert!(bad[0].1.contains("layer_001.safetensors"), "{}", bad[0].1);
 
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_falcon-batch")).args(["inspect", "--verify"]).arg(&out).output().unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_falcon-batch")).args(["inspect", "--verify"]).arg(&out).output_within(LIMIT).unwrap();
     assert_eq!(run.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("layer_001"), "{stderr}");
@@ -266,7 +272,7 @@ fn cli_convert_prints_one_line_per_part() {
         .arg(&src)
         .arg("--to")
         .arg(&out)
-        .output()
+        .output_within(LIMIT)
         .unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
@@ -274,14 +280,14 @@ fn cli_convert_prints_one_line_per_part() {
         assert_eq!(stdout.lines().filter(|l| l.contains(part)).count(), 1, "{stdout}");
     }
     assert_eq!(ModelDir::open(&out).unwrap().manifest().dtype, DType::Bf16);
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_falcon-batch")).args(["inspect", "--verify"]).arg(&out).output().unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_falcon-batch")).args(["inspect", "--verify"]).arg(&out).output_within(LIMIT).unwrap();
     assert!(run.status.success());
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_falcon-batch"))
         .args(["convert", "--dtype", "int8", "--from"])
         .arg(&src)
         .arg("--to")
         .arg(tmp.path().join("m2"))
-        .output()
+        .output_within(LIMIT)
         .unwrap();
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("--dtype"));

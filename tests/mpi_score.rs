@@ -1,10 +1,17 @@
 //! `falcon-batch score` under real mpirun: the same scores for -np 1..4 with several layer
 //! groups per rank, and a job killed mid-run resumes to the uninterrupted file.
 
+mod common;
+
+use common::proc::{run_limited, Ran};
 use falcon_batch::results::{read_results, DocResult};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Every launch is killed, with its process group, past this.
+const LIMIT: Duration = Duration::from_secs(300);
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,8 +34,10 @@ fn inputs() -> &'static (PathBuf, PathBuf) {
         let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(gguf.exists(), "{} is missing: run `make fetch-model` first", gguf.display());
         let model = tmp().join("smollm2");
-        let o = Command::new(env!("CARGO_BIN_EXE_falcon-batch")).args(["convert", "--from"]).arg(&gguf).arg("--to").arg(&model).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
+        c.args(["convert", "--from"]).arg(&gguf).arg("--to").arg(&model);
+        let o = run_limited(&c, LIMIT);
+        assert!(o.success(), "{}", o.stderr);
         let sample = std::fs::read_to_string(root().join("inputs/sample.jsonl")).unwrap();
         let mut lines: Vec<&str> = sample.lines().take(6).collect();
         lines.insert(3, "{\"id\": \"broken\", \"choices\": [\"x\"]}");
@@ -38,7 +47,7 @@ fn inputs() -> &'static (PathBuf, PathBuf) {
     })
 }
 
-fn mpirun(np: usize, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Output {
+fn mpirun(np: usize, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Ran {
     let (model, docs) = inputs();
     let mut c = Command::new("mpirun");
     c.args(["--oversubscribe", "-np", &np.to_string()]);
@@ -48,7 +57,7 @@ fn mpirun(np: usize, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Output 
     c.arg(env!("CARGO_BIN_EXE_falcon-batch")).args(["score", "--device", "cpu", "--quiet"]);
     c.arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(out).args(args);
     c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("HDF5_USE_FILE_LOCKING", "FALSE");
-    c.output().expect("mpirun")
+    run_limited(&c, LIMIT)
 }
 
 fn assert_same(a: &[DocResult], b: &[DocResult], what: &str) {
@@ -68,7 +77,7 @@ fn reference() -> &'static Vec<DocResult> {
     R.get_or_init(|| {
         let out = tmp().join("np1-resident.h5");
         let o = mpirun(1, &["--batch-tokens", "400", "--wave", "2"], &out, &[]);
-        assert_eq!(o.status.code(), Some(3), "one bad line: exit 3\n{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.code(), Some(3), "one bad line: exit 3\n{}", o.stderr);
         let r = read_results(&out).unwrap();
         assert_eq!(r.len(), 7);
         r
@@ -81,8 +90,8 @@ fn same_scores_on_one_to_four_ranks_with_several_groups_each() {
     for (np, group) in [(1, "10"), (2, "5"), (3, "5"), (4, "4")] {
         let out = tmp().join(format!("np{np}.h5"));
         let o = mpirun(np, &["--group-layers", group, "--resident", "1", "--batch-tokens", "400", "--wave", "2"], &out, &[]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(3), "-np {np}: {err}");
+        let err = &o.stderr;
+        assert_eq!(o.code(), Some(3), "-np {np}: {err}");
         for r in 0..np {
             assert!(err.contains(&format!("rank {r}: layers")), "-np {np}: rank {r} did not print its part:\n{err}");
         }
@@ -97,11 +106,11 @@ fn killed_job_resumes_to_the_uninterrupted_result() {
     // one document per micro-batch and wave, so results reach the file one by one
     let args = ["--group-layers", "5", "--batch-tokens", "64", "--wave", "1"];
     let o = mpirun(3, &args, &out, &[("FALCON_BATCH_KILL_AFTER_DOCS", "3")]);
-    assert!(!o.status.success(), "the killed job must fail");
+    assert!(!o.success() && !o.timed_out, "the killed job must fail: {}", o.text());
     let partial = read_results(&out).unwrap();
     assert!(partial.len() >= 3 && partial.len() < 7, "{} documents after the kill", partial.len());
     let o = mpirun(3, &args, &out, &[]);
-    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.code(), Some(3), "{}", o.stderr);
     assert_same(want, &read_results(&out).unwrap(), "resumed under mpirun");
 }
 
@@ -112,33 +121,31 @@ fn ranks_with_different_options_refuse_to_start() {
     let out = tmp().join("mismatch.h5");
     let bin = env!("CARGO_BIN_EXE_falcon-batch");
     let common = format!("score --device cpu --quiet --model {} --docs {} --out {}", model.display(), docs.display(), out.display());
-    let o = Command::new("mpirun")
-        .args(["--oversubscribe", "-np", "1", bin])
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "-np", "1", bin])
         .args(common.split(' '))
         .args([":", "-np", "1", bin])
         .args(common.split(' '))
         .args(["--norm", "mean"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let o = run_limited(&c, LIMIT);
+    let err = &o.stderr;
+    assert!(!o.success() && !o.timed_out, "{}", o.text());
     assert!(err.contains("rank 1"), "{err}");
 }
 
 fn generate_on(np: usize, args: &[&str]) -> String {
     let (model, _) = inputs();
-    let o = Command::new("mpirun")
-        .args(["--oversubscribe", "-np", &np.to_string(), env!("CARGO_BIN_EXE_falcon-batch"), "generate", "--device", "cpu", "--model"])
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "-np", &np.to_string(), env!("CARGO_BIN_EXE_falcon-batch"), "generate", "--device", "cpu", "--model"])
         .arg(model)
         .args(args)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "-np {np}: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let o = run_limited(&c, LIMIT);
+    assert!(o.success(), "-np {np}: {}", o.stderr);
+    o.stdout
 }
 
 #[test]

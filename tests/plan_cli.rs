@@ -1,9 +1,16 @@
 //! The `plan` subcommand end to end: flags, errors naming the flag, --model manifests, trace.
 
+mod common;
+
+use common::proc::OutputWithin;
 use std::process::Command;
+use std::time::Duration;
+
+/// Every launch is killed, with its process group, past this.
+const LIMIT: Duration = Duration::from_secs(300);
 
 fn plan(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_falcon-batch")).arg("plan").args(args).output().expect("run falcon-batch");
+    let out = Command::new(env!("CARGO_BIN_EXE_falcon-batch")).arg("plan").args(args).output_within(LIMIT).expect("run falcon-batch");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

@@ -1,9 +1,16 @@
 //! The score command end to end, through the binary: restart after SIGKILL, resume, refusal
 //! of a mismatched file, bad lines, exit codes, files that h5dump reads.
 
+mod common;
+
+use common::proc::OutputWithin;
 use falcon_batch::results::read_results;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Every launch is killed, with its process group, past this.
+const LIMIT: Duration = Duration::from_secs(300);
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
@@ -12,7 +19,7 @@ fn bin() -> Command {
 }
 
 fn run(c: &mut Command) -> Output {
-    c.output().expect("run falcon-batch")
+    c.output_within(LIMIT).expect("run falcon-batch")
 }
 
 fn tmp(name: &str) -> PathBuf {

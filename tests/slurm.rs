@@ -1,9 +1,16 @@
 //! The Slurm scripts: syntax, shellcheck, and staging on a fake model directory copies
 //! exactly the parts the node's ranks need.
 
+mod common;
+
+use common::proc::OutputWithin;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
+
+/// Every launch is killed, with its process group, past this.
+const LIMIT: Duration = Duration::from_secs(300);
 
 const SCRIPTS: &[&str] = &["slurm/falcon-batch.sbatch", "slurm/stage-parts.sh", "slurm/run-rank.sh"];
 
@@ -14,14 +21,14 @@ fn root() -> &'static Path {
 #[test]
 fn scripts_parse() {
     for s in SCRIPTS {
-        let out = Command::new("bash").arg("-n").arg(root().join(s)).output().expect("bash");
+        let out = Command::new("bash").arg("-n").arg(root().join(s)).output_within(LIMIT).expect("bash");
         assert!(out.status.success(), "{s}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
 #[test]
 fn scripts_pass_shellcheck() {
-    let Ok(out) = Command::new("shellcheck").args(SCRIPTS).current_dir(root()).output() else {
+    let Ok(out) = Command::new("shellcheck").args(SCRIPTS).current_dir(root()).output_within(LIMIT) else {
         eprintln!("shellcheck not installed; skipped");
         return;
     };
@@ -65,7 +72,7 @@ fn stage_parts_copies_exactly_the_needed_files() {
             .args(["--ranks", "3", "--first-rank", first, "--local-ranks", "2", "--"])
             .args(["--device-mem", "1MB", "--reserve", "0", "--resident", "1", "--group-layers", "1", "--batch-tokens", "64"])
             .env("FALCON_BATCH", env!("CARGO_BIN_EXE_falcon-batch"))
-            .output()
+            .output_within(LIMIT)
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     };

@@ -149,7 +149,7 @@ impl RankJob for GenerateJob {
         Ok((tok, reqs, dir.config().clone()))
     }
 
-    fn drive<B: Backend + 'static>(&self, (tok, reqs, cfg): Self::Prepared, launched: &mut Launched<B>) -> Result<ExitCode> {
+    fn drive<B: Backend + 'static>(&self, (tok, reqs, cfg): Self::Prepared, launched: &mut Launched<B>) -> Result<u8> {
         let opts = GenOptions {
             max_new_tokens: self.args.max_new_tokens,
             sampling: self.sampling.clone(),
@@ -167,6 +167,6 @@ impl RankJob for GenerateJob {
             }
         })?;
         self.write(&outputs, stream)?;
-        Ok(ExitCode::SUCCESS)
+        Ok(0)
     }
 }

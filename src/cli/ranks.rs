@@ -60,29 +60,40 @@ pub trait RankJob {
     type Prepared;
     fn launch_options(&self) -> &LaunchOptions;
     fn prepare(&self) -> Result<Self::Prepared>;
-    /// The writer's work over the pipeline; the worker is stopped afterwards either way.
-    fn drive<B: Backend + 'static>(&self, prepared: Self::Prepared, launched: &mut Launched<B>) -> Result<ExitCode>;
+    /// The writer's work over the pipeline, and the process's exit code; the worker is
+    /// stopped afterwards.
+    fn drive<B: Backend + 'static>(&self, prepared: Self::Prepared, launched: &mut Launched<B>) -> Result<u8>;
+}
+
+/// An error on one rank of a multi-rank job ends every rank at once, before anything local
+/// is torn down: dropping a Worker joins its weight loader, which finishes its queue first,
+/// and the peers must not wait on that. A single process just returns the error.
+fn or_abort<T>(cluster: &Cluster, r: Result<T>) -> Result<T> {
+    match r {
+        Err(e) if cluster.size > 1 => cluster.abort(&format!("{e:#}")),
+        other => other,
+    }
 }
 
 /// One rank's part of a job: prepare (writer), launch, then drive (writer) or serve (others).
-fn run_job<B: Backend + 'static>(cluster: &Cluster, backend: B, device: DeviceInfo, job: &impl RankJob) -> Result<(ExitCode, Trace)> {
-    let prepared = if cluster.rank == 0 { Some(job.prepare()?) } else { None };
-    let mut launched = launch(cluster, backend, device, job.launch_options())?;
+fn run_job<B: Backend + 'static>(cluster: &Cluster, backend: B, device: DeviceInfo, job: &impl RankJob) -> Result<(u8, Trace)> {
+    let prepared = if cluster.rank == 0 { Some(or_abort(cluster, job.prepare())?) } else { None };
+    let mut launched = or_abort(cluster, launch(cluster, backend, device, job.launch_options()).map_err(anyhow::Error::from))?;
     let code = match prepared {
         None => {
-            serve(&mut launched.worker)?;
-            ExitCode::SUCCESS
+            or_abort(cluster, serve(&mut launched.worker).map_err(anyhow::Error::from))?;
+            0
         }
         Some(p) => {
-            let result = job.drive(p, &mut launched);
-            launched.worker.stop()?;
-            result?
+            let code = or_abort(cluster, job.drive(p, &mut launched))?;
+            or_abort(cluster, launched.worker.stop().map_err(anyhow::Error::from))?;
+            code
         }
     };
     Ok((code, std::mem::take(&mut launched.worker.trace)))
 }
 
-fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64>, job: &impl RankJob) -> Result<(ExitCode, Trace)> {
+fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64>, job: &impl RankJob) -> Result<(u8, Trace)> {
     let cuda = match choice {
         DeviceChoice::Cpu => None,
         DeviceChoice::Cuda(n) => Some(n),
@@ -94,8 +105,8 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
             run_job(cluster, CpuBackend::new(), info, job)
         }
         Some(n) => {
-            let b = CudaBackend::new(n)?;
-            let (free, _total) = b.memory()?;
+            let b = or_abort(cluster, CudaBackend::new(n).map_err(anyhow::Error::from))?;
+            let (free, _total) = or_abort(cluster, b.memory().map_err(anyhow::Error::from))?;
             let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64) };
             run_job(cluster, b, info, job)
         }
@@ -103,19 +114,16 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
 }
 
 /// Start MPI (a singleton without mpirun), run the job on this rank, and end cleanly: an
-/// error on any rank of a multi-rank job aborts them all, so none waits for it forever.
+/// error on any rank of a multi-rank job aborts them all, so none waits for it forever, and
+/// the job's exit code survives MPI_Finalize.
 pub fn run_ranks(args: &ScheduleArgs, job: impl RankJob) -> Result<ExitCode> {
-    let cluster = Cluster::init()?;
-    match run_on_device(&cluster, args.device, args.device_mem, &job) {
-        Ok((code, t)) => {
-            if let Some(path) = &args.trace {
-                let path = path.with_extension(format!("rank{}.json", cluster.rank));
-                t.write(&path)?;
-            }
-            cluster.finish();
-            Ok(code)
-        }
-        Err(e) if cluster.size > 1 => cluster.abort(&format!("{e:#}")),
-        Err(e) => Err(e),
+    let mut cluster = Cluster::init()?;
+    let (code, t) = run_on_device(&cluster, args.device, args.device_mem, &job)?;
+    cluster.stop_liveness();
+    if let Some(path) = &args.trace {
+        let path = path.with_extension(format!("rank{}.json", cluster.rank));
+        t.write(&path)?;
     }
+    cluster.finish(code);
+    Ok(ExitCode::from(code))
 }

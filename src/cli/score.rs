@@ -227,7 +227,7 @@ impl RankJob for ScoreJob {
         Ok(score::prepare(&ModelDir::open_for(&self.launch.model, &[])?, &self.opts)?)
     }
 
-    fn drive<B: Backend + 'static>(&self, prepared: score::Prepared, launched: &mut Launched<B>) -> Result<ExitCode> {
+    fn drive<B: Backend + 'static>(&self, prepared: score::Prepared, launched: &mut Launched<B>) -> Result<u8> {
         let mut scorer = PipelineScorer::new(&mut launched.worker)?;
         let s = score::run(&launched.dir, &self.opts, prepared, &mut scorer)?;
         if !self.opts.quiet {
@@ -248,9 +248,9 @@ impl RankJob for ScoreJob {
                 self.opts.out.display(),
                 s.docs_in_file
             );
-            return Ok(ExitCode::from(stop::EXIT_STOPPED));
+            return Ok(stop::EXIT_STOPPED);
         }
-        Ok(if s.failed_in_file > 0 { ExitCode::from(EXIT_SOME_FAILED) } else { ExitCode::SUCCESS })
+        Ok(if s.failed_in_file > 0 { EXIT_SOME_FAILED } else { 0 })
     }
 }
 

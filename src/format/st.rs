@@ -155,6 +155,8 @@ impl StFile {
             hasher.update(&t.data[hashed.saturating_sub(e.start)..]);
             hashed = hashed.max(e.end);
             out.insert(name.clone(), t);
+            // A large part takes a while: each tensor read is progress for the watchdog.
+            crate::liveness::advanced();
         }
         if self.mmap.len() > hashed {
             hasher.update(&self.mmap[hashed..]);

@@ -165,6 +165,7 @@ pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut
         }
         if !out.is_empty() {
             writer.append(&out).map_err(|e| JobError::Output(e.to_string()))?;
+            crate::liveness::advanced();
             summary.added += out.len();
             crash_point(summary.added);
             progress.docs(out.len(), out.iter().filter(|r| !r.is_ok()).count());
@@ -174,6 +175,7 @@ pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut
 
     for item in reader {
         let doc = item.map_err(|e| JobError::Input(e.to_string()))?;
+        crate::liveness::advanced();
         match doc.result {
             Err(msg) => queue.push_back(Slot::Done(DocResult::failed(&doc.id, &msg))),
             Ok(ready) => {

@@ -1,30 +1,37 @@
-//! The MPI job as this rank sees it: who we are, who the others are, and whether they are
-//! still there.
+//! The MPI job as this rank sees it: who we are, who the others are, and whether the job is
+//! still moving (DESIGN.md, "Failure and liveness").
 //!
-//! A watchdog thread sends a heartbeat to every peer twice a second on its own communicator
-//! and notes when it last heard from each. Silence longer than the timeout means the peer is
-//! gone (killed, crashed, its node lost): the watchdog marks it lost so every wait in
-//! transport.rs returns an error naming it, prints "rank R: lost contact with rank Q", and
-//! aborts the job a moment later even if the main thread is busy elsewhere (rank 0 inside the
-//! job driver). A thread is needed because a rank may compute, or rank 0 write results, for
-//! longer than any sensible timeout without touching MPI.
+//! Liveness is progress, not an answering thread. Two threads run beside the pipeline:
+//! - the heartbeat thread tells every peer, twice a second, how far this rank's work has come
+//!   (its `liveness::count()`) and which peer its main thread waits for, and notes when it
+//!   last heard from each peer, when each last advanced and whom each waits for. A heartbeat
+//!   whose count has not moved keeps nobody alive.
+//! - the backstop makes no MPI call at all. When neither this rank nor any peer has advanced
+//!   for the peer timeout, it prints which rank and host it lost (the one silent longest;
+//!   else the end of the chain of waits that starts here: the rank that waits for nobody,
+//!   stuck in a call), makes every wait fail with that name, and ends the process a moment
+//!   later. A blocked MPI call, a dead peer, a cut link, a hung device or
+//!   file system all end the job this way instead of hanging it; mpirun then ends the rest.
 
 use super::transport::{Comm, Liveness, Pending};
 use super::PipelineError;
+use crate::liveness;
 use crate::schedule::RankCaps;
 use mpi::environment::{Threading, Universe};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 const TAG_HEARTBEAT: i32 = 1;
 const TAG_HELLO: i32 = 2;
-/// Exit code of a rank that gave up on a lost peer.
+/// Exit code of a rank that gave up on a lost peer or on a job that stopped moving.
 pub const EXIT_LOST: i32 = 70;
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// How long `finish` waits for a thread to stop: one stuck inside MPI is left behind.
+const THREAD_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// What every rank must agree on before any work starts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +54,48 @@ struct Hello {
     speed: f64,
 }
 
+/// What the heartbeat thread knows of each peer, in `liveness::now_ms()` milliseconds.
+struct PeerView {
+    /// When any heartbeat last came from the peer.
+    heard_ms: Vec<AtomicU64>,
+    /// When the peer's progress count last moved.
+    advanced_ms: Vec<AtomicU64>,
+    /// The rank the peer's main thread waits for, as its last heartbeat said (NOBODY: none).
+    waits_for: Vec<AtomicU64>,
+}
+
+const NOBODY: u64 = u64::MAX;
+
+/// A helper thread and how to stop it.
+struct Helper {
+    stop: Arc<AtomicBool>,
+    /// Gets a message (or hangs up) when the thread has ended.
+    ended: Receiver<()>,
+}
+
+impl Helper {
+    fn spawn(name: &str, body: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Result<Helper, PipelineError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, ended) = channel();
+        let s = stop.clone();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                body(s);
+                let _ = tx.send(());
+            })
+            .map_err(|e| PipelineError::Mpi(format!("cannot start the {name} thread: {e}")))?;
+        Ok(Helper { stop, ended })
+    }
+
+    /// Ask the thread to end and wait a little: one stuck in a call is left behind (it dies
+    /// with the process) rather than hanging the exit.
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.ended.recv_timeout(THREAD_STOP_WAIT);
+    }
+}
+
 /// This process's place in the MPI job.
 pub struct Cluster {
     pub rank: usize,
@@ -56,16 +105,13 @@ pub struct Cluster {
     pub live: Liveness,
     /// Point-to-point traffic of the pipeline.
     pub(crate) data: Comm,
-    watchdog: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
-    /// The communicators behind `data` and the watchdog's; freed before MPI is finalized.
+    /// Every rank's host name, once the ranks have introduced themselves.
+    hosts: Arc<OnceLock<Vec<String>>>,
+    heartbeat: Option<Helper>,
+    backstop: Option<Helper>,
+    /// The communicators behind `data` and the heartbeats'; freed before MPI is finalized.
     comms: Vec<SimpleCommunicator>,
     universe: Option<Universe>,
-}
-
-/// Seconds of silence after which a peer counts as lost: FALCON_BATCH_PEER_TIMEOUT_S, else 10.
-fn peer_timeout() -> Duration {
-    let s = std::env::var("FALCON_BATCH_PEER_TIMEOUT_S").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0);
-    Duration::from_secs_f64(s.unwrap_or(10.0))
 }
 
 /// One line to stderr in a single write, so lines of ranks sharing mpirun's output do not
@@ -86,8 +132,22 @@ fn exit_after(after: Duration, code: i32, msg: String) {
     });
 }
 
+fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "unknown host".into())
+}
+
+/// "rank R (host)" as far as the host is known.
+fn rank_name(hosts: &OnceLock<Vec<String>>, rank: usize, me: usize) -> String {
+    match hosts.get().and_then(|h| h.get(rank)) {
+        Some(h) => format!("rank {rank} ({h})"),
+        None if rank == me => format!("rank {rank} ({})", this_host()),
+        None => format!("rank {rank} (host unknown: lost before the ranks introduced themselves)"),
+    }
+}
+
 impl Cluster {
-    /// Initialise MPI (a singleton when started without mpirun) and start the watchdog.
+    /// Initialise MPI (a singleton when started without mpirun) and, with peers, start the
+    /// heartbeat and backstop threads.
     pub fn init() -> Result<Cluster, PipelineError> {
         let (universe, threading) = mpi::initialize_with_threading(Threading::Multiple)
             .ok_or_else(|| PipelineError::Mpi("MPI was already initialised in this process".into()))?;
@@ -95,7 +155,7 @@ impl Cluster {
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         if size > 1 && threading != Threading::Multiple {
             return Err(PipelineError::Mpi(format!(
-                "the MPI library grants {threading:?} threading; the pipeline needs Multiple for its watchdog thread"
+                "the MPI library grants {threading:?} threading; the pipeline needs Multiple for its heartbeat thread"
             )));
         }
         let local_rank = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
@@ -107,19 +167,24 @@ impl Cluster {
         let data = Comm::new(&data_comm, rank);
         data.errors_return()?;
         let live = Liveness::default();
-        let mut cluster = Cluster { rank, size, local_rank, live, data, watchdog: None, comms: vec![data_comm], universe: Some(universe) };
+        liveness::epoch();
+        let hosts = Arc::new(OnceLock::new());
+        let mut cluster =
+            Cluster { rank, size, local_rank, live, data, hosts, heartbeat: None, backstop: None, comms: vec![data_comm], universe: Some(universe) };
         if size > 1 {
             let beat_comm = world.duplicate();
             let beat = Comm::new(&beat_comm, rank);
             beat.errors_return()?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let (s, l) = (stop.clone(), cluster.live.clone());
-            let handle = std::thread::Builder::new()
-                .name("mpi-watchdog".into())
-                .spawn(move || watchdog(beat, size, peer_timeout(), s, l))
-                .map_err(|e| PipelineError::Mpi(format!("cannot start the watchdog thread: {e}")))?;
-            cluster.watchdog = Some((stop, handle));
             cluster.comms.push(beat_comm);
+            let view = Arc::new(PeerView {
+                heard_ms: (0..size).map(|_| AtomicU64::new(0)).collect(),
+                advanced_ms: (0..size).map(|_| AtomicU64::new(0)).collect(),
+                waits_for: (0..size).map(|_| AtomicU64::new(NOBODY)).collect(),
+            });
+            let (v, l) = (view.clone(), cluster.live.clone());
+            cluster.heartbeat = Some(Helper::spawn("mpi-heartbeat", move |stop| heartbeat(beat, size, &v, &l, &stop))?);
+            let b = Backstop { rank, size, timeout: liveness::peer_timeout(), view, live: cluster.live.clone(), hosts: cluster.hosts.clone() };
+            cluster.backstop = Some(Helper::spawn("liveness-backstop", move |stop| b.run(&stop))?);
         }
         Ok(cluster)
     }
@@ -127,7 +192,7 @@ impl Cluster {
     /// Exchange identities and capabilities with every rank. Every rank gets the same
     /// answer, so when one rank differs every rank refuses, naming it.
     pub fn exchange(&self, identity: &Identity, caps: &RankCaps) -> Result<Vec<RankCaps>, PipelineError> {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let host = this_host();
         let mine = Hello {
             rank: self.rank,
             host,
@@ -153,6 +218,7 @@ impl Cluster {
             s.wait(&self.live)?;
         }
         let hellos: Vec<Hello> = hellos.into_iter().flatten().collect();
+        let _ = self.hosts.set(hellos.iter().map(|h| h.host.clone()).collect());
         let reference = &hellos[0];
         for h in &hellos[1..] {
             if h.identity != reference.identity {
@@ -171,49 +237,55 @@ impl Cluster {
             .collect())
     }
 
-    /// Print `msg` and end every rank with a non-zero code; returns only never.
+    /// Print `msg` and end every rank with a non-zero code; returns only never. Call it
+    /// before tearing down any local state (a loader draining its queue, buffers being
+    /// freed), so the other ranks stop at once instead of waiting on this one.
     pub fn abort(&self, msg: &str) -> ! {
-        say(&format!("rank {}: {msg}", self.rank));
+        say(&format!("{}: {msg}", rank_name(&self.hosts, self.rank, self.rank)));
         // MPI_Abort asks the launcher to end the job; should that stall, leave anyway.
         exit_after(Duration::from_secs(5), EXIT_LOST, format!("rank {}: MPI_Abort did not return; exiting", self.rank));
         self.data.abort(EXIT_LOST)
     }
 
-    /// Stop the watchdog and finalize MPI, never hanging there: finalize is a collective
-    /// step with peers that may be gone.
-    pub fn finish(mut self) {
-        self.stop_watchdog();
-        exit_after(Duration::from_secs(20), 0, format!("rank {}: MPI_Finalize did not return in 20 s; exiting", self.rank));
-        drop(self);
+    /// Stop the heartbeats and the backstop: the job's work is over (a trace may take a
+    /// while to write, and the peers stop their heartbeats as they finish).
+    pub fn stop_liveness(&mut self) {
+        if let Some(b) = self.backstop.take() {
+            b.stop();
+        }
+        if let Some(h) = self.heartbeat.take() {
+            h.stop();
+        }
     }
 
-    fn stop_watchdog(&mut self) {
-        if let Some((stop, handle)) = self.watchdog.take() {
-            stop.store(true, Ordering::SeqCst);
-            let _ = handle.join();
-        }
+    /// Finalize MPI, never hanging there: finalize is a collective step with peers that may
+    /// be gone, so after 20 s the process exits anyway, with `code`, the job's exit code.
+    pub fn finish(mut self, code: u8) {
+        self.stop_liveness();
+        exit_after(Duration::from_secs(20), i32::from(code), format!("rank {}: MPI_Finalize did not return in 20 s; exiting", self.rank));
+        drop(self);
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        self.stop_watchdog();
+        self.stop_liveness();
         // MPI_Comm_free is illegal after MPI_Finalize: communicators first, then the universe.
         self.comms.clear();
         drop(self.universe.take());
     }
 }
 
-/// The watchdog loop; see the module comment.
-fn watchdog(beat: Comm, size: usize, timeout: Duration, stop: Arc<AtomicBool>, live: Liveness) {
-    let start = Instant::now();
-    let mut last_seen = vec![start; size];
-    let mut sends: Vec<Option<Pending<u8>>> = (0..size).map(|_| None).collect();
-    let mut next_beat = start;
+/// The heartbeat loop; see the module comment. It never decides anything: it only reports.
+fn heartbeat(beat: Comm, size: usize, view: &PeerView, live: &Liveness, stop: &AtomicBool) {
+    let mut sends: Vec<Option<Pending<u64>>> = (0..size).map(|_| None).collect();
+    let mut recvs: Vec<Pending<u64>> = vec![];
+    let mut last_count = vec![0u64; size];
+    let mut next_beat = liveness::now_ms();
     while !stop.load(Ordering::SeqCst) {
-        let now = Instant::now();
+        let now = liveness::now_ms();
         if now >= next_beat {
-            next_beat = now + HEARTBEAT_EVERY;
+            next_beat = now + HEARTBEAT_EVERY.as_millis() as u64;
             for peer in (0..size).filter(|&p| p != beat.rank) {
                 // One heartbeat in flight per peer: a stuck one to a dead peer is not repeated.
                 let done = match &mut sends[peer] {
@@ -221,31 +293,122 @@ fn watchdog(beat: Comm, size: usize, timeout: Duration, stop: Arc<AtomicBool>, l
                     None => true,
                 };
                 if done {
-                    sends[peer] = beat.isend(vec![0u8], peer, TAG_HEARTBEAT).ok();
+                    let waits = live.waiting().map_or(NOBODY, |(w, _)| w as u64);
+                    sends[peer] = beat.isend(vec![liveness::count(), waits], peer, TAG_HEARTBEAT).ok();
                 }
             }
         }
-        while let Ok(Some(p)) = beat.try_recv_any_len::<u8>(None, TAG_HEARTBEAT) {
-            let from = p.peer();
-            if p.wait(&live).is_ok() && from < size {
-                last_seen[from] = Instant::now();
-            }
+        while let Ok(Some(p)) = beat.try_recv_any_len::<u64>(None, TAG_HEARTBEAT) {
+            recvs.push(p);
         }
-        let now = Instant::now();
-        if let Some((peer, seen)) = last_seen.iter().enumerate().filter(|(p, _)| *p != beat.rank).min_by_key(|(_, t)| **t) {
-            let silent = now.duration_since(*seen);
-            if silent > timeout {
-                live.mark_lost(peer);
-                say(&format!("rank {}: lost contact with rank {peer} (no heartbeat for {:.1} s); aborting", beat.rank, silent.as_secs_f64()));
-                // Give the main thread a moment to fail its own wait with the same name, then
-                // end the job ourselves in case it is busy outside MPI.
-                std::thread::sleep(Duration::from_secs(1));
-                exit_after(Duration::from_secs(3), EXIT_LOST, format!("rank {}: MPI_Abort did not return; exiting", beat.rank));
-                beat.abort(EXIT_LOST);
+        let mut i = 0;
+        while i < recvs.len() {
+            let from = recvs[i].peer();
+            match recvs[i].try_finish() {
+                Ok(Some(beat)) => {
+                    recvs.swap_remove(i);
+                    if from < size {
+                        let now = liveness::now_ms();
+                        view.heard_ms[from].store(now, Ordering::SeqCst);
+                        view.waits_for[from].store(beat.get(1).copied().unwrap_or(NOBODY), Ordering::SeqCst);
+                        let c = beat.first().copied().unwrap_or(0);
+                        if c > last_count[from] {
+                            last_count[from] = c;
+                            view.advanced_ms[from].store(now, Ordering::SeqCst);
+                        }
+                    }
+                }
+                Ok(None) => i += 1,
+                Err(_) => {
+                    recvs.swap_remove(i);
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     // Unfinished heartbeats are small and eager; their buffers are leaked by Pending if MPI
-    // still holds them, which costs a byte per peer once per run.
+    // still holds them, which costs a few bytes per peer once per run.
+}
+
+/// The liveness backstop; see the module comment. No MPI call in here.
+struct Backstop {
+    rank: usize,
+    size: usize,
+    timeout: Duration,
+    view: Arc<PeerView>,
+    live: Liveness,
+    hosts: Arc<OnceLock<Vec<String>>>,
+}
+
+impl Backstop {
+    fn run(&self, stop: &AtomicBool) {
+        let timeout_ms = self.timeout.as_millis() as u64;
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = liveness::now_ms();
+            let peers_ms = self.view.advanced_ms.iter().map(|a| a.load(Ordering::SeqCst)).max().unwrap_or(0);
+            let last = liveness::last_ms().max(peers_ms);
+            if now.saturating_sub(last) <= timeout_ms || stop.load(Ordering::SeqCst) {
+                continue;
+            }
+            let (lost, msg) = self.verdict(now, now - last);
+            say(&msg);
+            self.live.mark_lost(lost);
+            // The main thread's wait now fails with the same name and aborts through MPI;
+            // should it be stuck (in MPI, a device call, a file system), end here.
+            std::thread::sleep(Duration::from_secs(2));
+            say(&format!("rank {}: ending the process (exit {EXIT_LOST})", self.rank));
+            // SAFETY: _exit ends the process at once; nothing of ours needs unwinding.
+            unsafe { libc::_exit(EXIT_LOST) };
+        }
+    }
+
+    /// Which rank to blame, and the message: the peer silent longest when its silence stands
+    /// out; else the end of the chain of waits from this rank (each rank's main thread waits
+    /// for the next; the last waits for nobody: it is computing, or stuck in a call).
+    fn verdict(&self, now: u64, stalled_ms: u64) -> (usize, String) {
+        let name = |r: usize| rank_name(&self.hosts, r, self.rank);
+        let me = name(self.rank);
+        let stalled = stalled_ms as f64 / 1000.0;
+        let silent = (0..self.size)
+            .filter(|&p| p != self.rank)
+            .map(|p| (p, now.saturating_sub(self.view.heard_ms[p].load(Ordering::SeqCst))))
+            .max_by_key(|(_, s)| *s);
+        let stands_out = (self.timeout.as_millis() as u64 / 2).max(1000);
+        if let Some((p, s)) = silent.filter(|(_, s)| *s > stands_out) {
+            let waiting = match self.live.waiting() {
+                Some((w, what)) => format!("; waiting for a {what} from {}", name(w)),
+                None => String::new(),
+            };
+            let msg = format!(
+                "{me}: lost contact with {}: nothing heard from it for {:.1} s and no progress anywhere for {stalled:.1} s{waiting}; ending the job",
+                name(p),
+                s as f64 / 1000.0
+            );
+            return (p, msg);
+        }
+        let mut chain = vec![self.rank];
+        let mut next = self.live.waiting().map(|(w, _)| w);
+        while let Some(w) = next.filter(|w| *w < self.size && !chain.contains(w)) {
+            chain.push(w);
+            next = match self.view.waits_for[w].load(Ordering::SeqCst) {
+                NOBODY => None,
+                v => Some(v as usize),
+            };
+        }
+        let end = chain.last().copied().unwrap_or(self.rank);
+        if end == self.rank {
+            return (
+                end,
+                format!("{me}: no progress for {stalled:.1} s and this rank waits for no peer (stuck in a device call, an MPI call or the file system?); ending the job"),
+            );
+        }
+        let waits: Vec<String> = chain.iter().map(|r| format!("rank {r}")).collect();
+        let msg = format!(
+            "{me}: lost contact with {}: no progress anywhere for {stalled:.1} s; the waits go {}, and rank {end} answers but waits for no peer (stuck in a call?); ending the job",
+            name(end),
+            waits.join(" -> ")
+        );
+        (end, msg)
+    }
 }

@@ -6,10 +6,10 @@
 //! layouts to every rank once; hidden states (T, C) f32 then travel group g -> g+1 (rank
 //! (g+1) mod N); only the last group's outputs come back to rank 0.
 //!
-//! Files: cluster.rs (MPI init, identity check, watchdog, abort/finalize), transport.rs
-//! (non-blocking messages polled against the watchdog), weights.rs (host groups, the resident
-//! window and the loader thread), worker.rs (one rank's share of a wave), driver.rs (the
-//! scorer, the decoder, serve).
+//! Files: cluster.rs (MPI init, identity check, heartbeats, liveness backstop,
+//! abort/finalize), transport.rs (non-blocking messages polled against the backstop),
+//! weights.rs (host groups, the resident window and the loader thread), worker.rs (one rank's
+//! share of a wave), driver.rs (the scorer, the decoder, serve).
 
 mod cluster;
 mod driver;

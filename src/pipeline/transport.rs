@@ -4,37 +4,78 @@
 //! hidden state is computed, sent and forgotten while the next micro-batch computes), which a
 //! lexical `request::scope` cannot express without keeping every buffer of a wave alive.
 //! Why polling: a blocking MPI wait on a dead peer never returns; `MPI_Test` in a loop lets
-//! the wait notice the watchdog's verdict (cluster.rs) and give up with the peer's name.
+//! the wait notice the liveness backstop's verdict (cluster.rs) and give up with the peer's
+//! name, and every completed message counts as progress (crate::liveness).
 
 use super::PipelineError;
 use mpi::ffi;
 use mpi::raw::AsRaw;
 use mpi::traits::Equivalence;
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The verdict of the watchdog, shared by every wait: `usize::MAX` while every peer is alive,
-/// else the rank that went silent.
+/// What the main thread's waits and the liveness backstop (cluster.rs) share: the rank the
+/// backstop gave up on (every wait then fails naming it), and the peer the main thread is
+/// waiting for right now (the backstop names it).
 #[derive(Clone, Debug)]
-pub struct Liveness(Arc<AtomicUsize>);
+pub struct Liveness {
+    /// `usize::MAX` while every peer counts as alive, else the rank given up on.
+    lost: Arc<AtomicUsize>,
+    /// `usize::MAX` when not waiting, else peer * 2 + 1 for a receive, peer * 2 for a send.
+    waiting: Arc<AtomicUsize>,
+    /// `liveness::now_ms()` of the wait loop's last poll: a wait that stopped polling is a
+    /// thread stuck in a call, not one waiting for a peer.
+    polled_ms: Arc<AtomicU64>,
+}
+
+/// A waiting thread polls every 200 us; one silent for this long is stuck in a call.
+const POLL_STALE_MS: u64 = 1000;
 
 impl Default for Liveness {
     fn default() -> Self {
-        Liveness(Arc::new(AtomicUsize::new(usize::MAX)))
+        Liveness {
+            lost: Arc::new(AtomicUsize::new(usize::MAX)),
+            waiting: Arc::new(AtomicUsize::new(usize::MAX)),
+            polled_ms: Arc::new(AtomicU64::new(0)),
+        }
     }
 }
 
 impl Liveness {
     pub fn mark_lost(&self, rank: usize) {
-        let _ = self.0.compare_exchange(usize::MAX, rank, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.lost.compare_exchange(usize::MAX, rank, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     pub fn lost(&self) -> Option<usize> {
-        match self.0.load(Ordering::SeqCst) {
+        match self.lost.load(Ordering::SeqCst) {
             usize::MAX => None,
             r => Some(r),
+        }
+    }
+
+    fn waiting_for(&self, peer: usize, receive: bool) {
+        self.polled();
+        self.waiting.store(peer * 2 + usize::from(receive), Ordering::SeqCst);
+    }
+
+    fn polled(&self) {
+        self.polled_ms.store(crate::liveness::now_ms(), Ordering::Relaxed);
+    }
+
+    fn done_waiting(&self) {
+        self.waiting.store(usize::MAX, Ordering::SeqCst);
+    }
+
+    /// The peer the main thread waits for now, and whether for a "receive" or a "send";
+    /// None when it is not waiting, or has stopped polling (stuck inside a call).
+    pub fn waiting(&self) -> Option<(usize, &'static str)> {
+        let fresh = crate::liveness::now_ms().saturating_sub(self.polled_ms.load(Ordering::Relaxed)) < POLL_STALE_MS;
+        match self.waiting.load(Ordering::SeqCst) {
+            usize::MAX => None,
+            _ if !fresh => None,
+            w => Some((w / 2, if w % 2 == 1 { "receive" } else { "send" })),
         }
     }
 }
@@ -108,11 +149,19 @@ impl<T: Equivalence> Pending<T> {
         Ok((flag != 0).then_some(status))
     }
 
-    /// Poll until done; give up when the watchdog has declared a peer lost.
+    /// Poll until done; give up when the backstop has declared a peer lost.
     pub fn wait(mut self, live: &Liveness) -> Result<Vec<T>, PipelineError> {
+        live.waiting_for(self.peer, self.what.starts_with("receive"));
+        let result = self.poll_until_done(live);
+        live.done_waiting();
+        result
+    }
+
+    fn poll_until_done(&mut self, live: &Liveness) -> Result<Vec<T>, PipelineError> {
         let mut backoff = Backoff(0);
         loop {
             if let Some(status) = self.test()? {
+                crate::liveness::advanced();
                 let mut count: c_int = 0;
                 // SAFETY: status was filled by the completed MPI_Test.
                 check(unsafe { ffi::MPI_Get_count(&status, datatype::<T>(), &mut count) }, self.what)?;
@@ -128,6 +177,7 @@ impl<T: Equivalence> Pending<T> {
             if let Some(rank) = live.lost() {
                 return Err(PipelineError::Lost { peer: rank, during: self.what.to_string() });
             }
+            live.polled();
             backoff.pause();
         }
     }
@@ -197,15 +247,26 @@ impl Comm {
         tag: i32,
         live: &Liveness,
     ) -> Result<(usize, Vec<T>), PipelineError> {
+        if let Some(p) = peer {
+            live.waiting_for(p, true);
+        }
+        let found = self.probe_until_found(peer, tag, live);
+        live.done_waiting();
+        let found = found?;
+        let source = found.peer;
+        Ok((source, found.wait(live)?))
+    }
+
+    fn probe_until_found<T: Equivalence + Default + Clone>(&self, peer: Option<usize>, tag: i32, live: &Liveness) -> Result<Pending<T>, PipelineError> {
         let mut backoff = Backoff(0);
         loop {
             if let Some(found) = self.try_recv_any_len(peer, tag)? {
-                let source = found.peer;
-                return Ok((source, found.wait(live)?));
+                return Ok(found);
             }
             if let Some(rank) = live.lost() {
                 return Err(PipelineError::Lost { peer: rank, during: "receive".into() });
             }
+            live.polled();
             backoff.pause();
         }
     }
@@ -265,6 +326,7 @@ impl<T: Equivalence> SendQueue<T> {
         let mut i = 0;
         while i < self.pending.len() {
             if self.pending[i].try_finish()?.is_some() {
+                crate::liveness::advanced();
                 let p = self.pending.swap_remove(i);
                 self.finished.push((p.posted, Instant::now(), p.peer));
             } else {

@@ -1,5 +1,9 @@
-//! Shared test helpers: small random models built in memory.
+//! Shared test helpers: small random models built in memory; launching processes with a
+//! hard limit (proc); test hosts on network namespaces (hosts).
 #![allow(dead_code, unused_imports)]
+
+pub mod hosts;
+pub mod proc;
 
 use falcon_batch::config::ModelConfig;
 pub use falcon_batch::testing::{rand_values, random_group, random_part};
