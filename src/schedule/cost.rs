@@ -47,7 +47,7 @@ fn interpolate(points: &[(f64, f64)], t: f64) -> f64 {
 
 /// How hidden states travel between ranks. Compute accumulates in f32 everywhere; only the
 /// hop is narrowed, so bf16 halves the bytes of a network-bound plan for a rounding of each
-/// value to 8 mantissa bits (the weights of a bf16 model carry no more than that).
+/// value to 8 significant bits (the weights of a bf16 model carry no more than that).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WireDtype {
     F32,
