@@ -117,8 +117,9 @@ def reshape(hosts, rate):
 
 def hop_mode():
     """Large hops with and without the progress thread (FALCON_BATCH_PROGRESS_US=0). A hop's
-    time is from rank 0 posting the send to rank 1's wait for it ending, counted only where
-    rank 1 was idle waiting (so the end is the arrival); clocks share the start barrier."""
+    time runs from when both sides have posted (rank 0 its send, rank 1 its receive) to the
+    end of rank 1's wait for it, with the share of it rank 0 spent computing (no MPI call of
+    its own); clocks share the start barrier."""
     rate = a.rate or "50mbit"
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(k|m|g)bit", rate)
     rate_bytes = float(m.group(1)) * {"k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] / 8
@@ -152,16 +153,17 @@ def hop_mode():
                 ev = [e for e in json.load(open(trace))["traceEvents"] if e.get("ph") == "X"]
                 sends = sorted((e for e in ev if e["pid"] == 0 and e["cat"] == "send"), key=lambda e: e["ts"])
                 recvs = sorted((e for e in ev if e["pid"] == 1 and e["cat"] == "receive"), key=lambda e: e["ts"])
-                waits = {e["name"].replace("input ", ""): e for e in ev if e["pid"] == 1 and e["cat"] == "wait"}
+                computes = [e for e in ev if e["pid"] == 0 and e["cat"] == "compute"]
                 for i, (snd, rcv) in enumerate(zip(sends, recvs)):
-                    w = waits.get(rcv["name"])
-                    if w is None or w["dur"] < 1000:
-                        continue  # rank 1 was busy: its wait ended later than the arrival
-                    hop_s = (rcv["ts"] + rcv["dur"] - snd["ts"]) / 1e6
-                    ideal = rcv["args"]["bytes"] / rate_bytes
-                    rows.append((us, rep, i, rcv["args"]["bytes"], hop_s, ideal, load))
+                    # The bytes can move once both sides have posted; the hop ends when they are in.
+                    start, end = max(snd["ts"], rcv["ts"]), rcv["ts"] + rcv["dur"]
+                    busy = sum(max(0, min(end, c["ts"] + c["dur"]) - max(start, c["ts"])) for c in computes)
+                    hop_s, ideal = (end - start) / 1e6, rcv["args"]["bytes"] / rate_bytes
+                    share = busy / max(end - start, 1)
+                    rows.append({"progress_us": us, "rep": rep, "hop": i, "bytes": rcv["args"]["bytes"], "seconds": hop_s,
+                                 "link_seconds": ideal, "sender_computing": share, "load": load})
                     print(f"  progress {us} us, rep {rep}, hop {i}: {rcv['args']['bytes'] / 1e6:.1f} MB in {hop_s:.2f} s "
-                          f"(link alone {ideal:.2f} s), load {load:.1f}", flush=True)
+                          f"(link alone {ideal:.2f} s), sender computing {100 * share:.0f}% of it, load {load:.1f}", flush=True)
     finally:
         sh([th, "down"])
     json.dump(rows, open(os.path.join(a.out, "hops.json"), "w"))
