@@ -20,11 +20,13 @@ use falcon_batch::layout::{MicroBatch, TokenizedDoc};
 use falcon_batch::model::Part;
 use falcon_batch::pipeline::{read_rank_groups, serve, Cluster, Identity, PipelineDecoder, PipelineScorer, Worker};
 use falcon_batch::sample::SamplingOptions;
+use falcon_batch::schedule::cost::WireDtype;
 use falcon_batch::schedule::{ModelShape, RankCaps, Schedule, ScheduleOptions};
 use falcon_batch::stage::Stage;
 use falcon_batch::tensor::{DType, HostTensor};
 use falcon_batch::testing::{falcon_config, llama_config, rand_values, random_group, random_model_part, word_tokenizer};
 use falcon_batch::trace::Trace;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,23 +159,39 @@ fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
 fn drive(worker: &mut Worker<CpuBackend>, cfg: &ModelConfig, a: &Args) -> Result<()> {
     let b = CpuBackend::new();
     let whole = [Stage::upload(&b, &random_group(cfg, 0..cfg.n_layers, SEED))?];
-    let mut local = LocalScorer { backend: &b, cfg, stages: &whole };
+    let mut local = LocalScorer { backend: &b, cfg, stages: &whole, done: VecDeque::new() };
     let waves = waves(cfg, a);
     let start = Instant::now();
     let mut scorer = PipelineScorer::new(worker)?;
     let mut worst = 0.0f64;
-    for (i, wave) in waves.iter().enumerate().cycle() {
-        let got = scorer.score_wave(wave)?;
-        let want = local.score_wave(wave)?;
-        worst = worst.max(max_diff(&got, &want)?);
-        if worst > 1e-6 {
+    // Waves go in as the score job sends them: up to the scorer's depth (two) in flight.
+    let mut in_flight: VecDeque<usize> = VecDeque::new();
+    let mut check = |i: usize, got: Vec<Vec<f64>>, worst: &mut f64| -> Result<()> {
+        local.submit(&waves[i])?;
+        let want = local.collect()?;
+        *worst = worst.max(max_diff(&got, &want)?);
+        if *worst > 1e-6 {
             bail!("wave {i}: pipeline log-probs differ from the local scorer by {worst:e}");
         }
+        Ok(())
+    };
+    for (i, wave) in waves.iter().enumerate().cycle() {
+        if in_flight.len() >= scorer.depth() {
+            let oldest = in_flight.pop_front().unwrap_or(i);
+            let got = scorer.collect()?;
+            check(oldest, got, &mut worst)?;
+        }
+        scorer.submit(wave)?;
+        in_flight.push_back(i);
         // A kill test keeps the ring busy until the killed rank is noticed.
         let more = (a.kill_rank.is_some() || a.stall_rank.is_some()) && start.elapsed() < Duration::from_secs(60);
         if i + 1 == waves.len() && !more {
             break;
         }
+    }
+    while let Some(oldest) = in_flight.pop_front() {
+        let got = scorer.collect()?;
+        check(oldest, got, &mut worst)?;
     }
     println!("pipeline_check: {} waves of {} scored within {worst:e} of the local scorer", waves.len(), a.wave);
     if a.generate {
@@ -203,7 +221,7 @@ fn run(cluster: &Cluster, cfg: &ModelConfig, a: &Args) -> Result<Trace> {
         Some(r) if r == cluster.rank => "some-other-model".to_string(),
         _ => format!("random-{}-{}-seed{SEED}", a.family, a.layers),
     };
-    let identity = Identity { model_id, options_hash: format!("{:?}", options(a)) };
+    let identity = Identity { model_id, options_hash: format!("{:?}", options(a)), wire_dtype: WireDtype::F32.name().to_string() };
     let ranks = cluster.exchange(&identity, &cpu_caps())?;
     let sched = plan(cfg, a, &ranks)?;
     if cluster.rank == 0 {
@@ -214,7 +232,7 @@ fn run(cluster: &Cluster, cfg: &ModelConfig, a: &Args) -> Result<Trace> {
         None => read_rank_groups(&sched, cluster.rank, |p| Ok::<_, anyhow::Error>(random_model_part(cfg, p, SEED)))?,
     };
     let trace = if a.trace.is_some() { Trace::for_rank(cluster.rank) } else { Trace::disabled() };
-    let mut worker = Worker::new(cluster, Arc::new(CpuBackend::new()), cfg.clone(), sched, host, trace)?;
+    let mut worker = Worker::new(cluster, Arc::new(CpuBackend::new()), cfg.clone(), sched, host, trace, WireDtype::F32)?;
     if a.kill_rank == Some(cluster.rank) {
         let after = Duration::from_millis(a.kill_after_ms);
         std::thread::spawn(move || {

@@ -1,12 +1,14 @@
-//! Per-rank timelines in Chrome's trace-event JSON ({"traceEvents": [...]}, open in Perfetto
-//! or chrome://tracing). One process per rank, one thread per track. Spans are kept in
-//! memory and written once at the end, so recording costs a push and nothing when disabled.
+//! Timelines in Chrome's trace-event JSON ({"traceEvents": [...]}, open in Perfetto or
+//! chrome://tracing). One process per rank, one thread per track. Spans are kept in memory
+//! and written once at the end, so recording costs a push and nothing when disabled; a
+//! multi-rank job sends every rank's recorder to rank 0, which merges them into one file.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::path::Path;
 
 /// The lanes of a rank's timeline.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Track {
     Compute,
     Copy,
@@ -33,18 +35,18 @@ impl Track {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Span {
     pid: usize,
     track: Track,
     name: String,
     start_s: f64,
     end_s: f64,
-    args: Vec<(&'static str, f64)>,
+    args: Vec<(String, f64)>,
 }
 
 /// A recorder of spans. Times are seconds from the start of the run.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Trace {
     enabled: bool,
     rank: usize,
@@ -90,7 +92,7 @@ impl Trace {
         if !self.ranks_seen.contains(&rank) {
             self.ranks_seen.push(rank);
         }
-        self.spans.push(Span { pid: rank, track, name: name.to_string(), start_s, end_s: end_s.max(start_s), args: args.to_vec() });
+        self.spans.push(Span { pid: rank, track, name: name.to_string(), start_s, end_s: end_s.max(start_s), args: args.iter().map(|(k, v)| (k.to_string(), *v)).collect() });
     }
 
     /// Take another rank's spans (gathered to one rank before writing).
@@ -114,7 +116,7 @@ impl Trace {
             }
         }
         for s in &self.spans {
-            let args: serde_json::Map<String, Value> = s.args.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+            let args: serde_json::Map<String, Value> = s.args.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
             events.push(json!({
                 "name": s.name,
                 "cat": s.track.name(),

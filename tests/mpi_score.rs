@@ -166,3 +166,100 @@ fn generation_is_the_same_on_any_number_of_ranks() {
     let sample = ["--prompts", p, "--max-new-tokens", "12", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7", "--group-layers", "5"];
     assert_eq!(generate_on(1, &sample), generate_on(3, &sample));
 }
+
+/// The whole sample corpus (26 documents), for the wire-dtype comparison.
+fn full_sample() -> PathBuf {
+    let p = tmp().join("sample.jsonl");
+    if !p.exists() {
+        std::fs::copy(root().join("inputs/sample.jsonl"), &p).unwrap();
+    }
+    p
+}
+
+fn score_full(np: usize, wire: &str, out: &Path) -> Vec<DocResult> {
+    let (model, _) = inputs();
+    let o = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", &np.to_string()])
+        .arg(env!("CARGO_BIN_EXE_falcon-batch"))
+        .args(["score", "--device", "cpu", "--quiet", "--wire-dtype", wire, "--batch-tokens", "512", "--model"])
+        .arg(model)
+        .arg("--docs")
+        .arg(full_sample())
+        .arg("--out")
+        .arg(out)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "-np {np} --wire-dtype {wire}: {}", String::from_utf8_lossy(&o.stderr));
+    read_results(out).unwrap()
+}
+
+#[test]
+fn bf16_wire_keeps_the_best_choices_of_f32_wire() {
+    // f32 on the wire equals one process exactly (the test above); bf16 rounds each hidden
+    // value to 8 significant bits at each hop. Measured on this corpus (docs/PERFORMANCE.md):
+    // at most 0.022 nats per choice (0.0062 per token) after one hop and 0.057 after two;
+    // the bound allows 0.05 per hop, a little over twice the one-hop worst case.
+    let want = score_full(2, "f32", &tmp().join("wire-f32.h5"));
+    assert_eq!(want.len(), 26);
+    for np in [2, 3] {
+        let got = score_full(np, "bf16", &tmp().join(format!("wire-bf16-np{np}.h5")));
+        let hops = (np - 1) as f64;
+        let mut worst: f64 = 0.0;
+        for (x, y) in want.iter().zip(&got) {
+            assert_eq!((&x.id, x.best), (&y.id, y.best), "-np {np}: best choice of {} differs with bf16 on the wire", x.id);
+            for (cx, cy) in x.choices.iter().zip(&y.choices) {
+                worst = worst.max((cx.logprob - cy.logprob).abs());
+            }
+        }
+        eprintln!("-np {np}: bf16 vs f32 wire, max |Δ logprob| per choice {worst:.4}");
+        assert!(worst <= 0.05 * hops, "-np {np}: bf16 wire moved a choice's log-prob by {worst}");
+    }
+}
+
+#[test]
+fn ranks_with_different_wire_dtypes_refuse_to_start() {
+    let (model, docs) = inputs();
+    let out = tmp().join("wire-mismatch.h5");
+    let bin = env!("CARGO_BIN_EXE_falcon-batch");
+    let common = format!("score --device cpu --quiet --model {} --docs {} --out {}", model.display(), docs.display(), out.display());
+    let o = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "1", bin])
+        .args(common.split(' '))
+        .args([":", "-np", "1", bin])
+        .args(common.split(' '))
+        .args(["--wire-dtype", "bf16"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("rank 1") && err.contains("--wire-dtype bf16") && err.contains("--wire-dtype f32"), "{err}");
+}
+
+#[test]
+fn one_trace_per_job_with_a_track_per_rank_and_the_planners_wave() {
+    let trace = tmp().join("job-trace.json");
+    let out = tmp().join("traced.h5");
+    // No --wave: the planner's (4 per rank = 12) applies, so the 6 one-document micro-batches
+    // travel as one wave (mb0..mb5); the old fixed --wave 4 would have stopped at mb3.
+    let o = mpirun(3, &["--group-layers", "5", "--batch-tokens", "64", "--trace", trace.to_str().unwrap()], &out, &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events = v["traceEvents"].as_array().unwrap();
+    let mut pids: Vec<u64> = events.iter().filter(|e| e["ph"] == "X").map(|e| e["pid"].as_u64().unwrap()).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids, vec![0, 1, 2], "one process track per rank");
+    let named: Vec<&str> = events.iter().filter(|e| e["name"] == "process_name").map(|e| e["args"]["name"].as_str().unwrap()).collect();
+    assert_eq!(named, vec!["rank 0", "rank 1", "rank 2"]);
+    for e in events.iter().filter(|e| e["ph"] == "X") {
+        assert!(e["ts"].as_f64().unwrap() >= 0.0 && e["dur"].as_f64().unwrap() >= 0.0, "{e}");
+    }
+    assert!(events.iter().any(|e| e["ph"] == "X" && e["name"] == "g0 mb5"), "the planner's wave did not apply");
+    let stray: Vec<_> = std::fs::read_dir(tmp()).unwrap().flatten().filter(|f| f.file_name().to_string_lossy().contains(".rank")).collect();
+    assert!(stray.is_empty(), "per-rank trace files were written: {stray:?}");
+}

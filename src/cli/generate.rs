@@ -89,6 +89,7 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let launch = LaunchOptions {
         model: a.model.clone(),
         schedule: a.schedule.options(Some(1), 2048),
+        wire: a.schedule.wire_dtype,
         job_options: format!("generate {sampling:?} max_new_tokens={} stop={:?} ignore_eos={}", a.max_new_tokens, a.stop, a.ignore_eos),
         trace: a.schedule.trace.is_some(),
     };

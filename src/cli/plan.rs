@@ -3,7 +3,7 @@
 //! file, prints the plan and the simulation, writes the trace.
 
 use falcon_batch::config::ModelConfig;
-use falcon_batch::schedule::cost::{CostModel, LayerCost, MeasuredCosts, Workload, DEFAULT_EFFICIENCY};
+use falcon_batch::schedule::cost::{CostModel, LayerCost, MeasuredCosts, WireDtype, Workload, DEFAULT_EFFICIENCY};
 use falcon_batch::schedule::simulate::{simulate_traced, SimReport};
 use falcon_batch::schedule::tune::{tune, Candidate};
 use falcon_batch::schedule::{gb, presets, ModelShape, RankCaps, Schedule, ScheduleOptions};
@@ -90,9 +90,10 @@ pub struct PlanArgs {
     /// Device memory kept free for the runtime.
     #[arg(long, default_value = "1GiB")]
     reserve: String,
-    /// Activations on the wire: f32 (as computed) or bf16 (half the bytes).
-    #[arg(long, default_value = "f32")]
-    wire_dtype: String,
+    /// Activations on the wire: f32 (as computed) or bf16 (half the bytes) [default: bf16
+    /// when the weights are bf16 or narrower, f32 otherwise].
+    #[arg(long)]
+    wire_dtype: Option<WireDtype>,
     /// Write the simulated timeline as Chrome trace JSON (open in Perfetto).
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -221,19 +222,21 @@ fn cost_model(args: &PlanArgs, shape: &ModelShape) -> Result<(CostModel, String)
         (None, Some(t)) => bail!("--tflops: must be positive, got {t}"),
         (None, None) => bail!("give --tflops (peak of one device) or --costs (measured) to predict throughput"),
     };
-    cost.wire_bytes = match args.wire_dtype.as_str() {
-        "f32" => 4,
-        "bf16" | "f16" => 2,
-        other => bail!("--wire-dtype: expected f32 or bf16, got `{other}`"),
-    };
+    let wire = wire_dtype(args, shape);
+    cost.wire_bytes = wire.bytes();
     let line = format!(
         "{source}; h2d {:.1} GB/s; net {:.3} GB/s, latency {:.0} us; activations sent as {}",
         h2d / 1e9,
         net / 1e9,
         latency * 1e6,
-        args.wire_dtype
+        wire.name()
     );
     Ok((cost, line))
+}
+
+/// --wire-dtype, or the default `score` takes for these weights.
+fn wire_dtype(args: &PlanArgs, shape: &ModelShape) -> WireDtype {
+    args.wire_dtype.unwrap_or(WireDtype::default_for(shape.dtype_bytes))
 }
 
 fn workload(args: &PlanArgs) -> Workload {
@@ -289,7 +292,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         let v = serde_json::json!({"model": model.label, "schedule": sched, "cost": cost_line, "report": report});
         return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
     }
-    let mut out = render(&model, &sched, &work, &cost_line, &report);
+    let mut out = render(&model, &sched, &work, &cost_line, &report, wire_dtype(args, &model.shape));
     if !candidates.is_empty() {
         let _ = writeln!(out, "\nchosen by simulation among (documents/hour):");
         for c in &candidates {
@@ -300,7 +303,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     Ok(out)
 }
 
-fn render(model: &Model, s: &Schedule, work: &Workload, cost_line: &str, rep: &SimReport) -> String {
+fn render(model: &Model, s: &Schedule, work: &Workload, cost_line: &str, rep: &SimReport, wire: WireDtype) -> String {
     let m = &s.shape;
     let mut o = String::new();
     let sizes: Vec<usize> = s.groups.iter().map(|g| g.layers.len()).collect();
@@ -330,7 +333,14 @@ fn render(model: &Model, s: &Schedule, work: &Workload, cost_line: &str, rep: &S
         let _ = writeln!(o, "{}", s.describe_rank(r));
     }
     let k = s.options.group_layers.unwrap_or(hi);
-    let _ = writeln!(o, "flags for this plan: --resident {} --group-layers {k} --wave {} --batch-tokens {}", s.resident, s.wave, s.batch_tokens);
+    let _ = writeln!(
+        o,
+        "flags for this plan: --resident {} --group-layers {k} --wave {} --batch-tokens {} --wire-dtype {}",
+        s.resident,
+        s.wave,
+        s.batch_tokens,
+        wire.name()
+    );
     let _ = writeln!(o, "\nprediction ({cost_line}):");
     let _ = writeln!(
         o,

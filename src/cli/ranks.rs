@@ -7,7 +7,8 @@ use falcon_batch::backend::cuda::CudaBackend;
 use falcon_batch::backend::select::{cuda_available, DeviceChoice};
 use falcon_batch::backend::Backend;
 use falcon_batch::job::launch::{cpu_memory_per_rank, launch, DeviceInfo, LaunchOptions, Launched};
-use falcon_batch::pipeline::{serve, Cluster};
+use falcon_batch::pipeline::{gather_trace, serve, Cluster};
+use falcon_batch::schedule::cost::WireDtype;
 use falcon_batch::schedule::ScheduleOptions;
 use falcon_batch::trace::Trace;
 use std::path::PathBuf;
@@ -32,7 +33,12 @@ pub struct ScheduleArgs {
     /// Relative speed of each rank, comma-separated (heterogeneous ranks).
     #[arg(long, value_delimiter = ',')]
     pub rank_speed: Option<Vec<f64>>,
-    /// Chrome trace of each rank's timeline: FILE.rank<R>.json (open in Perfetto).
+    /// Hidden states between ranks travel as f32 or bf16 [default: bf16 when the weights are
+    /// bf16 or narrower, f32 otherwise]. Every rank must be given the same.
+    #[arg(long)]
+    pub wire_dtype: Option<WireDtype>,
+    /// One Chrome trace of the whole job, a process track per rank, written by rank 0 (open
+    /// in Perfetto).
     #[arg(long)]
     pub trace: Option<PathBuf>,
 }
@@ -119,11 +125,17 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
 pub fn run_ranks(args: &ScheduleArgs, job: impl RankJob) -> Result<ExitCode> {
     let mut cluster = Cluster::init()?;
     let (code, t) = run_on_device(&cluster, args.device, args.device_mem, &job)?;
-    cluster.stop_liveness();
     if let Some(path) = &args.trace {
-        let path = path.with_extension(format!("rank{}.json", cluster.rank));
-        t.write(&path)?;
+        // Every rank took part in the job, so every rank takes part in the gather, still
+        // under the liveness backstop.
+        match gather_trace(&cluster, t) {
+            Ok(Some(all)) => all.write(path).map_err(|e| anyhow::anyhow!("--trace: {}: {e}", path.display()))?,
+            Ok(None) => {}
+            Err(e) if cluster.size > 1 => cluster.abort(&format!("gathering the trace: {e}")),
+            Err(e) => return Err(e.into()),
+        }
     }
+    cluster.stop_liveness();
     cluster.finish(code);
     Ok(ExitCode::from(code))
 }

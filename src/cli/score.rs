@@ -71,9 +71,9 @@ pub struct ScoreFlags {
     /// Most tokens in one micro-batch.
     #[arg(long, default_value_t = 2048)]
     batch_tokens: usize,
-    /// Micro-batches per wave.
-    #[arg(long, default_value_t = 4)]
-    wave: usize,
+    /// Micro-batches per wave [default: the planner's, 4 per rank].
+    #[arg(long)]
+    wave: Option<usize>,
     /// Replace an output file made with another model, template, norm or delimiter.
     #[arg(long)]
     overwrite: bool,
@@ -190,13 +190,15 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
         template: a.template.clone(),
         delimiter: a.target_delimiter.clone(),
         batch_tokens: a.batch_tokens,
-        wave: a.wave,
+        // The schedule's wave once every rank has planned it (see drive).
+        wave: a.wave.unwrap_or(0),
         overwrite: a.overwrite,
         quiet: a.quiet,
     };
     let launch = LaunchOptions {
         model,
-        schedule: a.schedule.options(Some(a.wave), a.batch_tokens),
+        schedule: a.schedule.options(a.wave, a.batch_tokens),
+        wire: a.schedule.wire_dtype,
         job_options: format!(
             "score norm={} template={:?} delimiter={:?} batch_tokens={}",
             norm.name(),
@@ -228,8 +230,9 @@ impl RankJob for ScoreJob {
     }
 
     fn drive<B: Backend + 'static>(&self, prepared: score::Prepared, launched: &mut Launched<B>) -> Result<u8> {
+        let opts = ScoreOptions { wave: launched.worker.schedule().wave, ..self.opts.clone() };
         let mut scorer = PipelineScorer::new(&mut launched.worker)?;
-        let s = score::run(&launched.dir, &self.opts, prepared, &mut scorer)?;
+        let s = score::run(&launched.dir, &opts, prepared, &mut scorer)?;
         if !self.opts.quiet {
             eprintln!(
                 "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",

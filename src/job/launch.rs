@@ -6,6 +6,7 @@ use crate::backend::Backend;
 use crate::format::model_dir::ModelDir;
 use crate::model::Part;
 use crate::pipeline::{read_rank_groups, Cluster, Identity, Worker};
+use crate::schedule::cost::WireDtype;
 use crate::schedule::{ModelShape, RankCaps, Schedule, ScheduleOptions};
 use crate::trace::Trace;
 use std::path::PathBuf;
@@ -17,6 +18,8 @@ pub struct LaunchOptions {
     /// Everything else every rank must agree on (norm, template, sampling...), as text.
     pub job_options: String,
     pub trace: bool,
+    /// Hidden states between ranks; None: the default for the manifest's dtype.
+    pub wire: Option<WireDtype>,
 }
 
 /// What a rank offers: its device and the memory it has for weights.
@@ -44,9 +47,12 @@ pub fn cpu_memory_per_rank() -> u64 {
 pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: DeviceInfo, opts: &LaunchOptions) -> Result<Launched<B>, JobError> {
     let manifest_only = ModelDir::open_for(&opts.model, &[])?;
     let cfg = manifest_only.config().clone();
+    let wire = opts.wire.unwrap_or(WireDtype::default_for(manifest_only.manifest().dtype.size()));
     let identity = Identity {
         model_id: manifest_only.manifest().model_id.clone(),
-        options_hash: format!("{:?} {}", opts.schedule, opts.job_options),
+        // The trace is gathered by every rank at the end, so all must agree to write one.
+        options_hash: format!("{:?} {} trace={}", opts.schedule, opts.job_options, opts.trace),
+        wire_dtype: wire.name().to_string(),
     };
     let caps = RankCaps { device_bytes: device.memory_bytes, host_bytes: None, speed: 1.0, device: device.name };
     let ranks = cluster.exchange(&identity, &caps)?;
@@ -69,6 +75,6 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
         started.elapsed().as_secs_f64()
     );
     let trace = if opts.trace { Trace::for_rank(cluster.rank) } else { Trace::disabled() };
-    let worker = Worker::new(cluster, Arc::new(backend), cfg, schedule, host, trace)?;
+    let worker = Worker::new(cluster, Arc::new(backend), cfg, schedule, host, trace, wire)?;
     Ok(Launched { dir, worker })
 }

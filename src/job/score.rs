@@ -110,6 +110,42 @@ fn doc_scores(batch: &MicroBatch, docs: &[ReadyDoc], logprobs: &[f64], norm: Nor
         .collect()
 }
 
+/// Waves submitted to the scorer and not yet collected, with their documents, oldest first.
+struct Waves<'s> {
+    scorer: &'s mut dyn BatchScorer,
+    depth: usize,
+    in_flight: VecDeque<(Vec<Vec<ReadyDoc>>, Vec<MicroBatch>)>,
+    norm: Norm,
+}
+
+impl Waves<'_> {
+    /// Submit a wave of micro-batches (documents per micro-batch), first collecting the oldest
+    /// when `depth` waves are already in flight.
+    fn submit(&mut self, wave: Vec<Vec<ReadyDoc>>, finished: &mut HashMap<u64, DocResult>, summary: &mut ScoreSummary, progress: &mut Progress) -> Result<(), JobError> {
+        if self.in_flight.len() >= self.depth {
+            self.collect(finished, summary, progress)?;
+        }
+        let batches: Vec<MicroBatch> = wave.iter().map(|docs| build_batch(docs.iter())).collect();
+        self.scorer.submit(&batches)?;
+        self.in_flight.push_back((wave, batches));
+        Ok(())
+    }
+
+    /// Collect the oldest wave into `finished`; false when none was in flight.
+    fn collect(&mut self, finished: &mut HashMap<u64, DocResult>, summary: &mut ScoreSummary, progress: &mut Progress) -> Result<bool, JobError> {
+        let Some((wave, batches)) = self.in_flight.pop_front() else { return Ok(false) };
+        let logprobs = self.scorer.collect()?;
+        for ((docs, batch), lps) in wave.iter().zip(&batches).zip(&logprobs) {
+            summary.tokens += batch.rows();
+            progress.tokens(batch.rows());
+            for (d, r) in docs.iter().zip(doc_scores(batch, docs, lps, self.norm)) {
+                finished.insert(d.doc.index as u64, r);
+            }
+        }
+        Ok(true)
+    }
+}
+
 /// Runs the whole job on the writer rank. `scorer` runs the model (here or over MPI).
 pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut dyn BatchScorer) -> Result<ScoreSummary, JobError> {
     let start = Instant::now();
@@ -131,22 +167,7 @@ pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut
     let mut wave: Vec<Vec<ReadyDoc>> = vec![];
     let mut summary = ScoreSummary { resumed, ..Default::default() };
 
-    let mut run_wave = |wave: &mut Vec<Vec<ReadyDoc>>, finished: &mut HashMap<u64, DocResult>, summary: &mut ScoreSummary, progress: &mut Progress| -> Result<(), JobError> {
-        if wave.is_empty() {
-            return Ok(());
-        }
-        let batches: Vec<MicroBatch> = wave.iter().map(|docs| build_batch(docs.iter())).collect();
-        let logprobs = scorer.score_wave(&batches)?;
-        for ((docs, batch), lps) in wave.iter().zip(&batches).zip(&logprobs) {
-            summary.tokens += batch.rows();
-            progress.tokens(batch.rows());
-            for (d, r) in docs.iter().zip(doc_scores(batch, docs, lps, opts.norm)) {
-                finished.insert(d.doc.index as u64, r);
-            }
-        }
-        wave.clear();
-        Ok(())
-    };
+    let mut waves = Waves { depth: scorer.depth().max(1), scorer, in_flight: VecDeque::new(), norm: opts.norm };
     let mut flush = |queue: &mut VecDeque<Slot>, finished: &mut HashMap<u64, DocResult>, summary: &mut ScoreSummary, progress: &mut Progress| -> Result<(), JobError> {
         let mut out = vec![];
         while let Some(slot) = queue.front() {
@@ -186,7 +207,9 @@ pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut
             }
         }
         if wave.len() >= opts.wave.max(1) {
-            run_wave(&mut wave, &mut finished, &mut summary, &mut progress)?;
+            // Reading, tokenising and writing happen between these calls, while the waves in
+            // flight keep the other ranks busy.
+            waves.submit(std::mem::take(&mut wave), &mut finished, &mut summary, &mut progress)?;
         }
         flush(&mut queue, &mut finished, &mut summary, &mut progress)?;
         if super::stop::requested() {
@@ -198,9 +221,15 @@ pub fn run(dir: &ModelDir, opts: &ScoreOptions, prepared: Prepared, scorer: &mut
         if let Some(batch) = batcher.finish() {
             wave.push(batch);
         }
-        run_wave(&mut wave, &mut finished, &mut summary, &mut progress)?;
+        if !wave.is_empty() {
+            waves.submit(wave, &mut finished, &mut summary, &mut progress)?;
+        }
+    }
+    // Waves already on the ring finish either way: a stop writes their documents too.
+    while waves.collect(&mut finished, &mut summary, &mut progress)? {
         flush(&mut queue, &mut finished, &mut summary, &mut progress)?;
     }
+    flush(&mut queue, &mut finished, &mut summary, &mut progress)?;
     writer.close().map_err(|e| JobError::Output(e.to_string()))?;
     progress.finish();
 

@@ -40,6 +40,8 @@ pub struct Identity {
     pub model_id: String,
     /// Hash of the options that shape the schedule and the results.
     pub options_hash: String,
+    /// How hidden states travel (f32, bf16): both ends of a hop must read the same bytes.
+    pub wire_dtype: String,
 }
 
 /// One rank's introduction, exchanged at start.
@@ -225,8 +227,16 @@ impl Cluster {
                 return Err(PipelineError::Mismatch {
                     rank: h.rank,
                     msg: format!(
-                        "rank {} ({}) sees model `{}` with options {}, rank 0 ({}) sees model `{}` with options {}",
-                        h.rank, h.host, h.identity.model_id, h.identity.options_hash, reference.host, reference.identity.model_id, reference.identity.options_hash
+                        "rank {} ({}) sees model `{}` with options {} and --wire-dtype {}, rank 0 ({}) sees model `{}` with options {} and --wire-dtype {}",
+                        h.rank,
+                        h.host,
+                        h.identity.model_id,
+                        h.identity.options_hash,
+                        h.identity.wire_dtype,
+                        reference.host,
+                        reference.identity.model_id,
+                        reference.identity.options_hash,
+                        reference.identity.wire_dtype
                     ),
                 });
             }

@@ -2,16 +2,20 @@
 //! micro-batch layouts, a generation step, a cache reset, stop), then every rank runs its
 //! share of it (worker.rs).
 
+use super::cluster::Cluster;
 use super::transport::SendQueue;
-use super::worker::{Head, Item, Worker};
+use super::worker::{Head, InFlight, Item, Worker};
 use super::PipelineError;
 use crate::backend::Backend;
 use crate::generate::{Decoder, GenerateError, StepBatch};
 use crate::job::{BatchScorer, JobError};
 use crate::layout::MicroBatch;
+use crate::trace::Trace;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 
 const TAG_COMMAND: i32 = 10;
+const TAG_TRACE: i32 = 12;
 
 #[derive(Serialize, Deserialize)]
 enum Command {
@@ -59,11 +63,16 @@ impl<B: Backend + 'static> Worker<B> {
     }
 
     fn score(&mut self, wave: &[MicroBatch]) -> Result<Vec<Vec<f64>>, PipelineError> {
+        let started = self.score_start(wave)?;
+        self.finish(started)
+    }
+
+    fn score_start(&mut self, wave: &[MicroBatch]) -> Result<InFlight, PipelineError> {
         let items: Vec<Item> = wave
             .iter()
             .map(|b| Item { tokens: &b.tokens, positions: &b.positions, spans: &b.spans, cache_order: None, head: Head::Score(&b.scored) })
             .collect();
-        self.run(&items, false)
+        self.start(&items, false)
     }
 
     /// One generation step; on rank 0 the logits (R, V) flattened.
@@ -101,9 +110,13 @@ pub fn serve<B: Backend + 'static>(worker: &mut Worker<B>) -> Result<(), Pipelin
     }
 }
 
-/// The distributed BatchScorer, used by the job driver on rank 0.
+/// The distributed BatchScorer, used by the job driver on rank 0. It keeps two waves in
+/// flight: once rank 0 has computed its share of a wave it returns to the job, which reads and
+/// tokenises the next documents, submits the next wave and writes finished results while the
+/// other ranks still work on this one, so the ring never drains between waves.
 pub struct PipelineScorer<'w, B: Backend> {
     worker: &'w mut Worker<B>,
+    in_flight: VecDeque<InFlight>,
 }
 
 impl<'w, B: Backend + 'static> PipelineScorer<'w, B> {
@@ -111,13 +124,26 @@ impl<'w, B: Backend + 'static> PipelineScorer<'w, B> {
         if worker.rank != 0 {
             return Err(PipelineError::NotDriver(worker.rank));
         }
-        Ok(PipelineScorer { worker })
+        Ok(PipelineScorer { worker, in_flight: VecDeque::new() })
     }
 }
 
 impl<B: Backend + 'static> BatchScorer for PipelineScorer<'_, B> {
-    fn score_wave(&mut self, wave: &[MicroBatch]) -> Result<Vec<Vec<f64>>, JobError> {
-        Ok(self.worker.post_and_run(&Command::Score(wave.to_vec()), |w| w.score(wave))?)
+    fn submit(&mut self, wave: &[MicroBatch]) -> Result<(), JobError> {
+        let command = self.worker.post(&Command::Score(wave.to_vec()))?;
+        let mut started = self.worker.score_start(wave)?;
+        started.command = Some(command);
+        self.in_flight.push_back(started);
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<Vec<Vec<f64>>, JobError> {
+        let oldest = self.in_flight.pop_front().ok_or_else(|| JobError::Transport("collect without a wave in flight".into()))?;
+        Ok(self.worker.finish(oldest)?)
+    }
+
+    fn depth(&self) -> usize {
+        2
     }
 }
 
@@ -156,4 +182,23 @@ impl<B: Backend + 'static> Decoder for PipelineDecoder<'_, B> {
             self.failed_reset = Some(e.to_string());
         }
     }
+}
+
+/// The end of a traced job: every rank sends its recorder to rank 0, which returns all of them
+/// merged (one process track per rank; their clocks share the worker's start barrier).
+/// Other ranks return None.
+pub fn gather_trace(cluster: &Cluster, mine: Trace) -> Result<Option<Trace>, PipelineError> {
+    let (comm, live) = (&cluster.data, &cluster.live);
+    if cluster.rank != 0 {
+        let bytes = serde_json::to_vec(&mine).map_err(|e| PipelineError::Mpi(format!("encoding the trace: {e}")))?;
+        comm.isend(bytes, 0, TAG_TRACE)?.wait(live)?;
+        return Ok(None);
+    }
+    let mut all = mine;
+    for peer in 1..cluster.size {
+        let (_, bytes) = comm.recv_any_len::<u8>(Some(peer), TAG_TRACE, live)?;
+        let t: Trace = serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadMessage { from: peer, msg: format!("trace: {e}") })?;
+        all.merge(t);
+    }
+    Ok(Some(all))
 }

@@ -3,22 +3,25 @@
 //! Every rank computes the same Schedule. Rank 0 runs the job driver and calls the
 //! distributed `PipelineScorer` (or `PipelineDecoder`); every other rank calls `serve`, which
 //! follows rank 0's commands until told to stop. Per wave, rank 0 sends the micro-batch
-//! layouts to every rank once; hidden states (T, C) f32 then travel group g -> g+1 (rank
-//! (g+1) mod N); only the last group's outputs come back to rank 0.
+//! layouts to every rank once; hidden states (T, C) then travel group g -> g+1 (rank
+//! (g+1) mod N) in the wire dtype (f32 or bf16, wire.rs); only the last group's outputs come
+//! back to rank 0. Rank 0 keeps two score waves in flight (driver.rs).
 //!
 //! Files: cluster.rs (MPI init, identity check, heartbeats, liveness backstop,
 //! abort/finalize), transport.rs (non-blocking messages polled against the backstop),
-//! weights.rs (host groups, the resident window and the loader thread), worker.rs (one rank's
-//! share of a wave), driver.rs (the scorer, the decoder, serve).
+//! weights.rs (host groups and the resident window over the backend's streaming contract),
+//! wire.rs (the hop's encoding), worker.rs (one rank's share of a wave), driver.rs (the
+//! scorer, the decoder, serve, the trace gather).
 
 mod cluster;
 mod driver;
 mod transport;
 mod weights;
+mod wire;
 mod worker;
 
 pub use cluster::{Cluster, Identity, EXIT_LOST};
-pub use driver::{serve, PipelineDecoder, PipelineScorer};
+pub use driver::{gather_trace, serve, PipelineDecoder, PipelineScorer};
 pub use weights::{read_rank_groups, WeightWindow};
 pub use worker::Worker;
 

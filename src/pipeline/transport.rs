@@ -101,6 +101,9 @@ fn check(code: c_int, what: &str) -> Result<(), PipelineError> {
     }
 }
 
+/// A tag no message carries: probing for it only drives MPI's progress.
+const TAG_NEVER: i32 = 9;
+
 fn datatype<T: Equivalence>() -> ffi::MPI_Datatype {
     T::equivalent_datatype().as_raw()
 }
@@ -295,6 +298,39 @@ impl Comm {
         Ok(Some(Pending { req, buf: Some(buf), peer: from, what: "receive", posted: Instant::now() }))
     }
 
+    /// Wait until every rank has reached this point (a polled MPI_Ibarrier, so a dead peer
+    /// ends the wait with its name). Ranks leave within about one network latency of each
+    /// other, which is what aligns their trace clocks.
+    pub fn barrier(&self, live: &Liveness) -> Result<(), PipelineError> {
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: raw is a valid communicator; req is an out-parameter.
+        check(unsafe { ffi::MPI_Ibarrier(self.raw, &mut req) }, "barrier")?;
+        let mut backoff = Backoff(0);
+        loop {
+            let mut flag: c_int = 0;
+            let mut status = empty_status();
+            // SAFETY: req came from MPI_Ibarrier above.
+            check(unsafe { ffi::MPI_Test(&mut req, &mut flag, &mut status) }, "barrier")?;
+            if flag != 0 {
+                return Ok(());
+            }
+            if let Some(rank) = live.lost() {
+                return Err(PipelineError::Lost { peer: rank, during: "barrier".into() });
+            }
+            backoff.pause();
+        }
+    }
+
+    /// Let MPI move the bytes of messages in flight. Open MPI's TCP transport only writes to
+    /// its sockets inside MPI calls, so a large send posted before a long computation would
+    /// otherwise sit until the next call; a probe for a tag nobody sends is such a call.
+    pub fn progress(&self) {
+        let mut flag: c_int = 0;
+        let mut status = empty_status();
+        // SAFETY: plain out-parameters on a valid communicator.
+        unsafe { ffi::MPI_Iprobe(ffi::RSMPI_ANY_SOURCE, TAG_NEVER, self.raw, &mut flag, &mut status) };
+    }
+
     /// Tell the runtime to end every rank. Does not return.
     pub fn abort(&self, code: i32) -> ! {
         // SAFETY: raw is a valid communicator.
@@ -343,5 +379,42 @@ impl<T: Equivalence> SendQueue<T> {
             self.finished.push((posted, Instant::now(), peer));
         }
         Ok(())
+    }
+}
+
+/// A thread that calls `Comm::progress` every `every` while it lives, so a large hop keeps
+/// moving while this rank computes or rank 0 reads and writes files.
+pub struct ProgressThread {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProgressThread {
+    /// None when `every` is zero (progress only inside the pipeline's own calls).
+    pub fn start(comm: Comm, every: Duration) -> Result<Option<ProgressThread>, PipelineError> {
+        if every.is_zero() {
+            return Ok(None);
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("mpi-progress".into())
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    comm.progress();
+                    std::thread::sleep(every);
+                }
+            })
+            .map_err(|e| PipelineError::Mpi(format!("cannot start the MPI progress thread: {e}")))?;
+        Ok(Some(ProgressThread { stop, handle: Some(handle) }))
+    }
+}
+
+impl Drop for ProgressThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }

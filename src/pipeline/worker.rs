@@ -8,19 +8,21 @@
 //! Shapes: T rows of a micro-batch, C hidden, S scored rows, R logit rows, V vocabulary.
 
 use super::cluster::Cluster;
-use super::transport::{Comm, Liveness, Pending, SendQueue};
+use super::transport::{Comm, Liveness, Pending, ProgressThread, SendQueue};
+use super::wire::{decode, encode};
 use super::weights::WeightWindow;
 use super::PipelineError;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::layout::{AttnSpan, ScoredRow};
 use crate::model::{LayerCache, ModelError, RowCtx};
+use crate::schedule::cost::WireDtype;
 use crate::schedule::Schedule;
 use crate::stage::{HostGroup, Stage};
 use crate::trace::{Trace, Track};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Tag of the last group's outputs on their way to rank 0.
 const TAG_RESULT: i32 = 11;
@@ -63,6 +65,21 @@ impl Item<'_> {
     }
 }
 
+/// A wave this rank has done its compute for, with its messages still in flight.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    /// Rank 0: the last group's outputs, one receive per item.
+    result_recvs: Vec<Pending<f64>>,
+    /// Rank 0 when it owns the last group: the outputs computed here.
+    local: Vec<Vec<f64>>,
+    /// Hidden states (wire bytes) on their way to the next group's owner.
+    sends: SendQueue<u8>,
+    /// The last group's outputs on their way to rank 0.
+    result_sends: SendQueue<f64>,
+    /// Rank 0: the command describing the wave, on its way to every rank.
+    pub(crate) command: Option<SendQueue<u8>>,
+}
+
 /// A rank's state across waves: its weights, its generation caches and its timeline.
 pub struct Worker<B: Backend> {
     pub rank: usize,
@@ -76,13 +93,25 @@ pub struct Worker<B: Backend> {
     /// stay on this rank with their group even when its weights are swapped out.
     caches: HashMap<usize, Vec<LayerCache<B>>>,
     pub trace: Trace,
+    /// Trace time zero, taken as every rank leaves one barrier: all ranks' clocks line up.
     t0: Instant,
+    wire: WireDtype,
+    /// Keeps sends moving between this rank's own MPI calls (None: FALCON_BATCH_PROGRESS_US=0).
+    _progress: Option<ProgressThread>,
 }
 
 impl<B: Backend + 'static> Worker<B> {
     /// `host` holds this rank's groups in execution order (see weights::read_rank_groups).
     /// The worker uses the cluster's communicator: keep the Cluster alive while it runs.
-    pub fn new(cluster: &Cluster, backend: Arc<B>, cfg: ModelConfig, schedule: Schedule, host: Vec<HostGroup>, trace: Trace) -> Result<Worker<B>, PipelineError> {
+    pub fn new(
+        cluster: &Cluster,
+        backend: Arc<B>,
+        cfg: ModelConfig,
+        schedule: Schedule,
+        host: Vec<HostGroup>,
+        trace: Trace,
+        wire: WireDtype,
+    ) -> Result<Worker<B>, PipelineError> {
         let rank = cluster.rank;
         if schedule.n_ranks() != cluster.size {
             return Err(PipelineError::Mpi(format!("the schedule plans {} ranks but the job has {}", schedule.n_ranks(), cluster.size)));
@@ -93,7 +122,23 @@ impl<B: Backend + 'static> Worker<B> {
             return Err(PipelineError::Mpi(format!("rank {rank} was given layer groups {got:?}, the schedule gives it {expected:?}")));
         }
         let window = WeightWindow::new(backend.clone(), host, schedule.resident)?;
-        Ok(Worker { rank, backend, cfg, schedule, comm: cluster.data, live: cluster.live.clone(), window, caches: HashMap::new(), trace, t0: Instant::now() })
+        let progress = if cluster.size > 1 { ProgressThread::start(cluster.data, progress_every())? } else { None };
+        cluster.data.barrier(&cluster.live)?;
+        let t0 = Instant::now();
+        Ok(Worker {
+            rank,
+            backend,
+            cfg,
+            schedule,
+            comm: cluster.data,
+            live: cluster.live.clone(),
+            window,
+            caches: HashMap::new(),
+            trace,
+            t0,
+            wire,
+            _progress: progress,
+        })
     }
 
     pub fn schedule(&self) -> &Schedule {
@@ -117,27 +162,33 @@ impl<B: Backend + 'static> Worker<B> {
     /// Run `items` through this rank's groups. On rank 0 the result is the last group's
     /// output for each item, in order; elsewhere it is empty.
     pub(crate) fn run(&mut self, items: &[Item], with_cache: bool) -> Result<Vec<Vec<f64>>, PipelineError> {
+        let wave = self.start(items, with_cache)?;
+        self.finish(wave)
+    }
+
+    /// This rank's share of the compute of `items`; the wave's sends and (on rank 0) the
+    /// receives of its results stay in flight in the returned InFlight, so rank 0 can begin
+    /// the next wave, read and write files while the rest of the ring works on this one.
+    pub(crate) fn start(&mut self, items: &[Item], with_cache: bool) -> Result<InFlight, PipelineError> {
         let (rank, vocab, c) = (self.rank, self.cfg.vocab_size, self.cfg.hidden_size);
+        let wire = self.wire;
         let last_group = self.schedule.groups.len().checked_sub(1).ok_or_else(|| PipelineError::Mpi("the schedule has no groups".into()))?;
         let last_owner = self.schedule.owner(last_group);
+        let mut wave = InFlight::default();
         // Rank 0 posts the receives of the results now, so they land while it computes.
-        let mut result_recvs: Vec<Pending<f64>> = vec![];
         if rank == 0 && last_owner != 0 {
             for item in items {
-                result_recvs.push(self.comm.irecv::<f64>(item.out_len(vocab), last_owner, TAG_RESULT)?);
+                wave.result_recvs.push(self.comm.irecv::<f64>(item.out_len(vocab), last_owner, TAG_RESULT)?);
             }
         }
-        let mut local_results: Vec<Vec<f64>> = vec![];
-        let mut sends: SendQueue<f32> = SendQueue::default();
-        let mut result_sends: SendQueue<f64> = SendQueue::default();
         let mine = self.schedule.rank_groups[rank].clone();
         for (idx, &g) in mine.iter().enumerate() {
             let group = self.schedule.groups[g].clone();
             let prev_owner = (!group.has_begin).then(|| self.schedule.owner(g - 1));
             let next_owner = (!group.has_end).then(|| self.schedule.owner(g + 1));
-            let post = |comm: &Comm, m: usize| -> Result<Option<Pending<f32>>, PipelineError> {
+            let post = |comm: &Comm, m: usize| -> Result<Option<Pending<u8>>, PipelineError> {
                 match (prev_owner, items.get(m)) {
-                    (Some(p), Some(item)) => Ok(Some(comm.irecv::<f32>(item.tokens.len() * c, p, TAG_HIDDEN + g as i32)?)),
+                    (Some(p), Some(item)) => Ok(Some(comm.irecv::<u8>(item.tokens.len() * c * wire.bytes(), p, TAG_HIDDEN + g as i32)?)),
                     _ => Ok(None),
                 }
             };
@@ -158,10 +209,11 @@ impl<B: Backend + 'static> Worker<B> {
                     Some(recv) => {
                         next_recv = post(&self.comm, m + 1)?;
                         let (posted, wait_start) = (recv.posted, Instant::now());
-                        let data = recv.wait(&self.live)?; // (T, C)
+                        let bytes = recv.wait(&self.live)?;
                         let end = Instant::now();
-                        self.trace.span(Track::Recv, &format!("g{g} mb{m}"), since(self.t0, posted), since(self.t0, end), &[]);
+                        self.trace.span(Track::Recv, &format!("g{g} mb{m}"), since(self.t0, posted), since(self.t0, end), &[("bytes", bytes.len() as f64)]);
                         self.trace.span(Track::Wait, &format!("input g{g} mb{m}"), since(self.t0, wait_start), since(self.t0, end), &[]);
+                        let data = decode(&bytes, wire); // (T, C)
                         self.backend.upload(&data, t, c).map_err(ModelError::from)?
                     }
                     None => stage.embed(&*self.backend, item.tokens)?,
@@ -171,35 +223,43 @@ impl<B: Backend + 'static> Worker<B> {
                 match next_owner {
                     Some(next) => {
                         let data = self.backend.download(&x).map_err(ModelError::from)?; // (T, C)
-                        sends.push(self.comm.isend(data, next, TAG_HIDDEN + g as i32 + 1)?);
+                        wave.sends.push(self.comm.isend(encode(&data, wire), next, TAG_HIDDEN + g as i32 + 1)?);
                     }
                     None => {
                         let out = head(&*self.backend, &self.cfg, stage, &x, item.head)?;
                         if rank == 0 {
-                            local_results.push(out);
+                            wave.local.push(out);
                         } else {
-                            result_sends.push(self.comm.isend(out, 0, TAG_RESULT)?);
+                            wave.result_sends.push(self.comm.isend(out, 0, TAG_RESULT)?);
                         }
                     }
                 }
                 self.trace.span(Track::Compute, &format!("g{g} mb{m}"), since(self.t0, start), since(self.t0, Instant::now()), &[("tokens", t as f64)]);
-                sends.poll()?;
+                wave.sends.poll()?;
             }
             if let Some(c) = caches {
                 self.caches.insert(g, c);
             }
         }
-        sends.wait_all(&self.live)?;
-        result_sends.wait_all(&self.live)?;
-        self.record_copies_and_sends(&sends, &result_sends);
-        if rank != 0 {
+        Ok(wave)
+    }
+
+    /// Wait for a started wave's sends and (rank 0) its results.
+    pub(crate) fn finish(&mut self, mut wave: InFlight) -> Result<Vec<Vec<f64>>, PipelineError> {
+        if let Some(mut command) = wave.command.take() {
+            command.wait_all(&self.live)?;
+        }
+        wave.sends.wait_all(&self.live)?;
+        wave.result_sends.wait_all(&self.live)?;
+        self.record_copies_and_sends(&wave.sends, &wave.result_sends);
+        if self.rank != 0 {
             return Ok(vec![]);
         }
-        if last_owner == 0 {
-            return Ok(local_results);
+        if wave.result_recvs.is_empty() {
+            return Ok(wave.local);
         }
         let mut out = vec![];
-        for r in result_recvs {
+        for r in wave.result_recvs {
             let posted = r.posted;
             out.push(r.wait(&self.live)?);
             self.trace.span(Track::Recv, "results", since(self.t0, posted), since(self.t0, Instant::now()), &[]);
@@ -207,7 +267,7 @@ impl<B: Backend + 'static> Worker<B> {
         Ok(out)
     }
 
-    fn record_copies_and_sends(&mut self, sends: &SendQueue<f32>, result_sends: &SendQueue<f64>) {
+    fn record_copies_and_sends(&mut self, sends: &SendQueue<u8>, result_sends: &SendQueue<f64>) {
         if !self.trace.is_enabled() {
             self.window.copies.clear();
             return;
@@ -223,6 +283,14 @@ impl<B: Backend + 'static> Worker<B> {
             self.trace.span(Track::Send, &format!("to rank {peer}"), s, e, &[]);
         }
     }
+}
+
+/// How often the progress thread drives MPI: FALCON_BATCH_PROGRESS_US microseconds (0 turns it
+/// off, to measure what it buys), else 500 us: a 1 GbE link moves ~60 kB in that time, well
+/// within a socket buffer, so the link never idles for want of a call.
+fn progress_every() -> Duration {
+    let us = std::env::var("FALCON_BATCH_PROGRESS_US").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(500);
+    Duration::from_micros(us)
 }
 
 /// Seconds from `t0` to `t`: trace times.

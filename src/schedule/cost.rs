@@ -45,6 +45,57 @@ fn interpolate(points: &[(f64, f64)], t: f64) -> f64 {
     }
 }
 
+/// How hidden states travel between ranks. Compute accumulates in f32 everywhere; only the
+/// hop is narrowed, so bf16 halves the bytes of a network-bound plan for a rounding of each
+/// value to 8 significant bits (the weights of a bf16 model carry no more than that).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum WireDtype {
+    F32,
+    Bf16,
+}
+
+impl WireDtype {
+    pub fn parse(s: &str) -> Option<WireDtype> {
+        match s {
+            "f32" => Some(WireDtype::F32),
+            "bf16" => Some(WireDtype::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WireDtype::F32 => "f32",
+            WireDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per value on the wire.
+    pub fn bytes(self) -> usize {
+        match self {
+            WireDtype::F32 => 4,
+            WireDtype::Bf16 => 2,
+        }
+    }
+
+    /// The default for weights stored with `weight_bytes` per value: bf16 when the weights are
+    /// bf16 or narrower (the hop then loses nothing the weights had), f32 otherwise.
+    pub fn default_for(weight_bytes: usize) -> WireDtype {
+        if weight_bytes <= 2 {
+            WireDtype::Bf16
+        } else {
+            WireDtype::F32
+        }
+    }
+}
+
+impl std::str::FromStr for WireDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<WireDtype, String> {
+        WireDtype::parse(s).ok_or_else(|| format!("expected f32 or bf16, got `{s}`"))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct CostModel {
     pub layer: LayerCost,

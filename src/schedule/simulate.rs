@@ -16,6 +16,9 @@ use thiserror::Error;
 const SIM_WAVES: usize = 24;
 /// Spans kept in a trace; beyond this the timeline is long enough to read.
 const TRACE_LIMIT: usize = 400_000;
+/// Open MPI's TCP eager limit (btl_tcp_eager_limit, 64 KiB): a larger message moves only once
+/// its receive is posted.
+const EAGER_BYTES: f64 = 65536.0;
 
 #[derive(Debug, Error, PartialEq)]
 pub enum SimError {
@@ -242,8 +245,17 @@ impl<'a> Run<'a> {
                 if g.has_end {
                     dur += (docs * self.work.scored_rows()) as f64 * self.cost.head_row_s / speed;
                 }
+                let hop_s = self.hop_seconds(docs * seq);
+                let large = (docs * seq * s.shape.hidden * self.cost.wire_bytes) as f64 > EAGER_BYTES;
                 let st = &mut self.ranks[r];
-                let input = if needs_input { st.inbox.pop_front().unwrap_or(0.0) } else { 0.0 };
+                let mut input = if needs_input { st.inbox.pop_front().unwrap_or(0.0) } else { 0.0 };
+                // The pipeline posts the receive of a group's first micro-batch when it starts
+                // that group (the next wave's only once it has the wave's command); a large
+                // message waits for that receive, so a hop that was ready earlier still has to
+                // cross the link after it. Later micro-batches' receives are posted a step ahead.
+                if needs_input && micro == 0 && large {
+                    input = input.max(st.compute_free + hop_s);
+                }
                 let weights = st.loaded[group];
                 let start = st.compute_free.max(input).max(weights);
                 let idle = start - st.compute_free;
@@ -278,11 +290,17 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Seconds one hop of `tokens` hidden rows takes on an idle link.
+    fn hop_seconds(&self, tokens: usize) -> f64 {
+        let bytes = (tokens * self.s.shape.hidden * self.cost.wire_bytes) as f64;
+        self.cost.net_latency_s + bytes / self.cost.net_bytes_per_s
+    }
+
     fn send(&mut self, from: usize, to: usize, ready: f64, tokens: usize, label: Option<(usize, usize, usize)>, trace: &mut Trace) {
         let bytes = (tokens * self.s.shape.hidden * self.cost.wire_bytes) as f64;
+        let dur = self.hop_seconds(tokens);
         let st = &mut self.ranks[from];
         let start = st.link_free.max(ready);
-        let dur = self.cost.net_latency_s + bytes / self.cost.net_bytes_per_s;
         st.link_free = start + dur;
         st.time.send_s += dur;
         self.ranks[to].inbox.push_back(start + dur);
