@@ -178,8 +178,8 @@ fn full_sample() -> PathBuf {
 
 fn score_full(np: usize, wire: &str, out: &Path) -> Vec<DocResult> {
     let (model, _) = inputs();
-    let o = Command::new("mpirun")
-        .args(["--oversubscribe", "-np", &np.to_string()])
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "-np", &np.to_string()])
         .arg(env!("CARGO_BIN_EXE_falcon-batch"))
         .args(["score", "--device", "cpu", "--quiet", "--wire-dtype", wire, "--batch-tokens", "512", "--model"])
         .arg(model)
@@ -189,10 +189,9 @@ fn score_full(np: usize, wire: &str, out: &Path) -> Vec<DocResult> {
         .arg(out)
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("HDF5_USE_FILE_LOCKING", "FALSE")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "-np {np} --wire-dtype {wire}: {}", String::from_utf8_lossy(&o.stderr));
+        .env("HDF5_USE_FILE_LOCKING", "FALSE");
+    let o = run_limited(&c, LIMIT);
+    assert!(o.success(), "-np {np} --wire-dtype {wire}: {}", o.stderr);
     read_results(out).unwrap()
 }
 
@@ -225,18 +224,17 @@ fn ranks_with_different_wire_dtypes_refuse_to_start() {
     let out = tmp().join("wire-mismatch.h5");
     let bin = env!("CARGO_BIN_EXE_falcon-batch");
     let common = format!("score --device cpu --quiet --model {} --docs {} --out {}", model.display(), docs.display(), out.display());
-    let o = Command::new("mpirun")
-        .args(["--oversubscribe", "-np", "1", bin])
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "-np", "1", bin])
         .args(common.split(' '))
         .args([":", "-np", "1", bin])
         .args(common.split(' '))
         .args(["--wire-dtype", "bf16"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let o = run_limited(&c, LIMIT);
+    let err = &o.stderr;
+    assert!(!o.success());
     assert!(err.contains("rank 1") && err.contains("--wire-dtype bf16") && err.contains("--wire-dtype f32"), "{err}");
 }
 
@@ -247,7 +245,7 @@ fn one_trace_per_job_with_a_track_per_rank_and_the_planners_wave() {
     // No --wave: the planner's (4 per rank = 12) applies, so the 6 one-document micro-batches
     // travel as one wave (mb0..mb5); the old fixed --wave 4 would have stopped at mb3.
     let o = mpirun(3, &["--group-layers", "5", "--batch-tokens", "64", "--trace", trace.to_str().unwrap()], &out, &[]);
-    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.code(), Some(3), "{}", o.stderr);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
     let events = v["traceEvents"].as_array().unwrap();
     let mut pids: Vec<u64> = events.iter().filter(|e| e["ph"] == "X").map(|e| e["pid"].as_u64().unwrap()).collect();
