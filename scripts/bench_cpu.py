@@ -18,7 +18,7 @@
     its own id, as many documents as fit one decode of --mc-batch tokens, kv_unified, logits only at
     the scored rows, llama_memory_clear between decodes. On the F32 GGUF and on a Q8_0 GGUF made
     here from it.
-(a3) HF transformers on the CPU (torch, /work/venv-style Python given by --hf-python), scoring the
+(a3) HF transformers on the CPU (torch, in the Python given by --hf-python), scoring the
     lm-eval way: each (prompt, choice) its own sequence, a document's pairs one batch
     (scripts/bench_hf_lmeval.py), on the first --hf-docs documents (it is slow).
 (a4) this machine's sgemm ceiling: numpy (OpenBLAS) float32 matmul on --threads threads at the
@@ -63,7 +63,7 @@ def parse_args():
     ap.add_argument("--mc-batch", type=int, default=2048, help="tokens per decode for llama.cpp's multiple-choice method")
     ap.add_argument("--mc-ubatch", type=int, default=512, help="llama.cpp n_ubatch for the multiple-choice method")
     ap.add_argument("--hf-python", default="", help="a Python with torch + transformers + gguf for the HF peer ('' skips it)")
-    ap.add_argument("--hf-docs", type=int, default=16, help="documents the HF peer scores (it is slow)")
+    ap.add_argument("--hf-docs", type=int, default=8, help="documents the HF peer scores (it is slow)")
     ap.add_argument("--skip-per-choice", action="store_true", help="skip llama.cpp's per-choice route (a)")
     ap.add_argument("--docs", default="inputs/sample.jsonl")
     ap.add_argument("--threads", type=int, default=2, help="threads for both (RAYON_NUM_THREADS / n_threads)")
@@ -322,7 +322,9 @@ def llama_mc_score(path, args, tdocs):
     model = L.llama_model_load_from_file(path.encode(), mp)
     if not model:
         sys.exit(f"llama.cpp could not load {path}")
-    max_seq = 256  # LLAMA_MAX_SEQ
+    groups = mc_pack(tdocs, args.mc_batch, 256)  # 256: LLAMA_MAX_SEQ
+    # As the perplexity tool does: as many sequences as the fullest decode needs, no more.
+    max_seq = max(sum(len(td["choices"]) for td in g) for g in groups)
     cp = L.llama_context_default_params()
     cp.n_ctx = args.mc_batch
     cp.n_batch = args.mc_batch
@@ -339,7 +341,7 @@ def llama_mc_score(path, args, tdocs):
     mem = L.llama_get_memory(ctx)
     t_loaded = time.perf_counter()
     lp = {}
-    for group in mc_pack(tdocs, args.mc_batch, max_seq):
+    for group in groups:
         n = 0
         seq0 = 0
         wanted = []  # per document: (first output row of each choice's tokens)
@@ -395,7 +397,7 @@ def hf_score(args, tdocs, workdir):
     with open(ids_path, "w") as f:
         json.dump(tdocs, f)
     here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [args.hf_python, os.path.join(here, "bench_hf_lmeval.py"), "--gguf", args.f32_gguf, "--ids", ids_path,
+    cmd = [args.hf_python, os.path.join(here, "bench_hf_lmeval.py"), "--model", args.model, "--ids", ids_path,
            "--threads", str(args.threads), "--out", out_path]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -507,7 +509,7 @@ def main():
         ggufs = []
     with open(os.path.join(args.model, "manifest.json")) as f:
         cfg = json.load(f)["config"]
-    hf_docs = tdocs[: args.hf_docs] if args.hf_python and args.f32_gguf != "none" else []
+    hf_docs = tdocs[: args.hf_docs] if args.hf_python else []
 
     # ---- (a) scoring, runs interleaved, min of repeats
     fb_runs, ll_runs = [], {name: [] for name, _ in ggufs}
@@ -699,7 +701,7 @@ def markdown(res, ggufs, mc_names=()):
     la = lambda e: f" (load {e['loadavg'][0]:.2f})" if e.get("loadavg") else ""
     lines[-1] = lines[-1].replace(f"| {fb['wall_s']:.2f} |", f"| {fb['wall_s']:.2f}{la(fb)} |", 1)
     for key, label in [(f"llama.cpp multiple-choice {n}", (f"llama.cpp multiple-choice batching", f"{n} GGUF"))
-                       for n in mc_names] + [("HF transformers (lm-eval way)", ("HF transformers, lm-eval way", "f32 (from F32 GGUF)"))]:
+                       for n in mc_names] + [("HF transformers (lm-eval way)", ("HF transformers, lm-eval way", "f32 (the model dir's)"))]:
         if key not in s:
             continue
         e = s[key]
