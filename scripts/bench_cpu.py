@@ -505,6 +505,7 @@ def main():
             print(f"making {args.q8_gguf} (Q8_0 of {args.f32_gguf})", file=sys.stderr)
             make_q8_gguf(args.f32_gguf, args.q8_gguf)
         mc_ggufs.append(("Q8_0", args.q8_gguf))
+    decode_ggufs = ggufs  # decode compares with every GGUF; --skip-per-choice drops route (a) only
     if args.skip_per_choice:
         ggufs = []
     with open(os.path.join(args.model, "manifest.json")) as f:
@@ -635,7 +636,7 @@ def main():
     decode = {}
     if not args.skip_decode:
         steps = args.new_tokens
-        llms = {name: llama_load(path, args) for name, path in ggufs}
+        llms = {name: llama_load(path, args) for name, path in decode_ggufs}
         for ctx in [int(x) for x in args.contexts.split(",")]:
             plen = min(ctx, args.n_ctx - steps - 1)
             text, plen = prompt_of_length(tok, docs, plen)
@@ -684,11 +685,12 @@ def main():
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
-    print(markdown(result, ggufs, [n for n, _ in mc_ggufs]))
+    print(markdown(result, ggufs, [n for n, _ in mc_ggufs], decode_ggufs))
     print(f"\nwritten {args.out}", file=sys.stderr)
 
 
-def markdown(res, ggufs, mc_names=()):
+def markdown(res, ggufs, mc_names=(), decode_ggufs=None):
+    decode_ggufs = ggufs if decode_ggufs is None else decode_ggufs
     s = res["scoring"]
     fb = s["falcon-batch"]
     c = res["corpus"]
@@ -698,7 +700,7 @@ def markdown(res, ggufs, mc_names=()):
              "|---|---|---:|---:|---:|---:|---:|---:|",
              f"| falcon-batch score | f32 (dequantized Q4_1) | {fb['wall_s']:.2f} | {fb['docs_per_s']:.3f} | "
              f"{fb['tokens_per_s']:.0f} | 1 | | |"]
-    la = lambda e: f" (load {e['loadavg'][0]:.2f})" if e.get("loadavg") else ""
+    la = lambda e: f" (load avg {e['loadavg'][0]:.2f})" if e.get("loadavg") else ""
     lines[-1] = lines[-1].replace(f"| {fb['wall_s']:.2f} |", f"| {fb['wall_s']:.2f}{la(fb)} |", 1)
     for key, label in [(f"llama.cpp multiple-choice {n}", (f"llama.cpp multiple-choice batching", f"{n} GGUF"))
                        for n in mc_names] + [("HF transformers (lm-eval way)", ("HF transformers, lm-eval way", "f32 (the model dir's)"))]:
@@ -729,12 +731,12 @@ def markdown(res, ggufs, mc_names=()):
     if res["decode"]:
         lines += ["", "Decode (greedy, one sequence), seconds per new token:", "",
                   "| context (prompt tokens) | falcon-batch s/token | " +
-                  " | ".join(f"llama.cpp {n} s/token | falcon-batch / llama.cpp {n}" for n, _ in ggufs) + " |",
-                  "|---:|---:|" + "---:|---:|" * len(ggufs)]
+                  " | ".join(f"llama.cpp {n} s/token | falcon-batch / llama.cpp {n}" for n, _ in decode_ggufs) + " |",
+                  "|---:|---:|" + "---:|---:|" * len(decode_ggufs)]
         for ctx, e in res["decode"].items():
             row = f"| {e['prompt_tokens']} | {e['falcon-batch']['s_per_token']:.4f} | "
             row += " | ".join(f"{e['llama.cpp ' + n]['s_per_token']:.4f} | "
-                              f"{e['llama.cpp ' + n]['ratio_fb_over_llama_s_per_token']:.2f}" for n, _ in ggufs)
+                              f"{e['llama.cpp ' + n]['ratio_fb_over_llama_s_per_token']:.2f}" for n, _ in decode_ggufs)
             lines.append(row + " |")
     return "\n".join(lines)
 
