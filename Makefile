@@ -45,11 +45,15 @@ demo: build $(SMOL)/manifest.json
 test: test-deps fetch-model
 	$(CARGO) test --release
 
-# CPU benchmark against llama.cpp (llama-cpp-python) on the same GGUF, same documents, same
-# machine: scoring docs/s and tokens/s, decode s/token at ~100 and ~2048 tokens of context.
-# Needs a Python with llama-cpp-python, tokenizers, numpy, gguf: .venv-bench is made (network,
-# a llama.cpp compile) unless BENCH_PYTHON names one. Writes results/bench-cpu.json.
+# CPU benchmark, one run, repeats interleaved, minimum kept, load averages recorded: falcon-batch
+# against llama.cpp (llama-cpp-python) scoring each choice from the prompt's KV cache and with its
+# own multiple-choice batching (F32 and Q8_0 GGUF), HF transformers scoring the lm-eval way (when
+# BENCH_HF_PYTHON has torch + transformers), and numpy's sgemm ceiling; decode s/token at ~100 and
+# ~2048 tokens of context. Needs a Python with llama-cpp-python, tokenizers, numpy, gguf:
+# .venv-bench is made (network, a llama.cpp compile) unless BENCH_PYTHON names one.
+# Writes results/bench-cpu.json and prints the table of docs/PERFORMANCE.md.
 BENCH_PYTHON ?=
+BENCH_HF_PYTHON ?=
 BENCH_ARGS ?=
 .venv-bench/bin/python:
 	python3 -m venv .venv-bench
@@ -59,6 +63,7 @@ bench: build $(SMOL)/manifest.json $(if $(BENCH_PYTHON),,.venv-bench/bin/python)
 	@mkdir -p results
 	$(if $(BENCH_PYTHON),$(BENCH_PYTHON),.venv-bench/bin/python) scripts/bench_cpu.py --bin $(BIN) \
 		--model $(SMOL) --gguf $(GGUF) --f32-gguf models/SmolLM2-135M-Instruct.F32.gguf \
+		--q8-gguf models/SmolLM2-135M-Instruct.Q8_0.gguf --hf-python "$(BENCH_HF_PYTHON)" \
 		--docs inputs/sample.jsonl --threads $$(nproc) --out results/bench-cpu.json $(BENCH_ARGS)
 
 clean-results:

@@ -12,6 +12,20 @@
     (falcon-batch's split rule, computed with the `tokenizers` package from the model dir's
     tokenizer.json), so the log-probs are comparable: prints agreement on the best choice and
     the largest |delta| of a choice log-prob.
+(a2) llama.cpp's own multiple-choice method (its perplexity tool's --multiple-choice/--hellaswag
+    way), through llama-cpp-python's low-level batch API: each document's prompt goes into the
+    batch once, tagged with every choice's sequence id, each choice's tokens (but its last) under
+    its own id, as many documents as fit one decode of --mc-batch tokens, kv_unified, logits only at
+    the scored rows, llama_memory_clear between decodes. On the F32 GGUF and on a Q8_0 GGUF made
+    here from it.
+(a3) HF transformers on the CPU (torch, in the Python given by --hf-python), scoring the
+    lm-eval way: each (prompt, choice) its own sequence, a document's pairs one batch
+    (scripts/bench_hf_lmeval.py), on the first --hf-docs documents (it is slow).
+(a4) this machine's sgemm ceiling: numpy (OpenBLAS) float32 matmul on --threads threads at the
+    model's decoder GEMM shapes and a square one, best GFLOP/s kept; falcon-batch's decoder-GEMM
+    FLOP rate (2·rows·decoder linear weights / seconds) as a fraction of it.
+Every timing is repeated --repeats times, the repeats interleaved across engines, the minimum
+kept, and the load average read before each run is recorded next to it.
 (b) decode: seconds per new token at ~100 and ~2048 tokens of context. falcon-batch:
     (time(generate --max-new-tokens 33) - time(--max-new-tokens 1)) / 32, min of --repeats runs,
     so loading and prefill cancel. llama.cpp: eval the prompt, then time 32 single-token evals
@@ -48,6 +62,13 @@ def parse_args():
                     help="the GGUF the model dir was converted from")
     ap.add_argument("--f32-gguf", default="models/SmolLM2-135M-Instruct.F32.gguf",
                     help="F32 GGUF made from --gguf (dequantized) if missing; 'none' to skip")
+    ap.add_argument("--q8-gguf", default="models/SmolLM2-135M-Instruct.Q8_0.gguf",
+                    help="Q8_0 GGUF made from --f32-gguf if missing; 'none' to skip")
+    ap.add_argument("--mc-batch", type=int, default=2048, help="tokens per decode for llama.cpp's multiple-choice method")
+    ap.add_argument("--mc-ubatch", type=int, default=512, help="llama.cpp n_ubatch for the multiple-choice method")
+    ap.add_argument("--hf-python", default="", help="a Python with torch + transformers + gguf for the HF peer ('' skips it)")
+    ap.add_argument("--hf-docs", type=int, default=8, help="documents the HF peer scores (it is slow)")
+    ap.add_argument("--skip-per-choice", action="store_true", help="skip llama.cpp's per-choice route (a)")
     ap.add_argument("--docs", default="inputs/sample.jsonl")
     ap.add_argument("--target-delimiter", default=" ",
                     help='between prompt and choice where neither side has whitespace (as score\'s; "" for none)')
@@ -245,6 +266,186 @@ def llama_decode(llm, prompt_ids, steps):
     return (time.perf_counter() - t0) / steps
 
 
+def make_q8_gguf(src_f32, dst):
+    """Quantize every 2-D tensor whose rows are whole 32-value blocks of `src_f32` to Q8_0, as
+    llama.cpp's quantize does for an all-Q8_0 file; norms and other 1-D tensors stay F32."""
+    import numpy as np
+    import gguf
+    r = gguf.GGUFReader(src_f32)
+    arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    w = gguf.GGUFWriter(dst + ".part", arch=arch)
+    for field in r.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        vt = field.types[0]
+        sub = field.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
+        val = field.contents()
+        if field.name == gguf.Keys.General.FILE_TYPE:
+            val = int(gguf.LlamaFileType.MOSTLY_Q8_0)
+        w.add_key_value(field.name, val, vt, sub_type=sub)
+    for t in r.tensors:
+        data = np.asarray(t.data, dtype=np.float32)
+        if data.ndim == 2 and data.shape[-1] % 32 == 0:
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(t.name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=gguf.GGMLQuantizationType.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(dst + ".part", dst)
+
+
+def mc_pack(tdocs, n_batch, max_seq):
+    """Documents in order, as many per decode as fit n_batch tokens and max_seq sequence ids."""
+    groups, cur, toks, seqs = [], [], 0, 0
+    for td in tdocs:
+        n = rows_run(td)
+        if n > n_batch:
+            sys.exit(f"{td['id']}: {n} rows do not fit --mc-batch {n_batch}")
+        k = len(td["choices"])
+        if cur and (toks + n > n_batch or seqs + k > max_seq):
+            groups.append(cur)
+            cur, toks, seqs = [], 0, 0
+        cur.append(td)
+        toks += n
+        seqs += k
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def llama_mc_score(path, args, tdocs):
+    """llama.cpp's multiple-choice batching (perplexity.cpp --multiple-choice): prompt rows carry
+    every choice's sequence id, choice rows their own; logits only where a choice token is scored."""
+    import ctypes
+    import numpy as np
+    import llama_cpp as L
+    t0 = time.perf_counter()
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    model = L.llama_model_load_from_file(path.encode(), mp)
+    if not model:
+        sys.exit(f"llama.cpp could not load {path}")
+    groups = mc_pack(tdocs, args.mc_batch, 256)  # 256: LLAMA_MAX_SEQ
+    # As the perplexity tool does: as many sequences as the fullest decode needs, no more.
+    max_seq = max(sum(len(td["choices"]) for td in g) for g in groups)
+    cp = L.llama_context_default_params()
+    cp.n_ctx = args.mc_batch
+    cp.n_batch = args.mc_batch
+    cp.n_ubatch = min(args.mc_ubatch, args.mc_batch)
+    cp.n_seq_max = max_seq
+    cp.n_threads = args.threads
+    cp.n_threads_batch = args.threads
+    cp.kv_unified = True
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        sys.exit(f"llama.cpp could not make a context for {path}")
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    batch = L.llama_batch_init(args.mc_batch, 0, max_seq)
+    mem = L.llama_get_memory(ctx)
+    t_loaded = time.perf_counter()
+    lp = {}
+    for group in groups:
+        n = 0
+        seq0 = 0
+        wanted = []  # per document: (first output row of each choice's tokens)
+        out_row = 0
+
+        def put(tok, pos, seq_ids, logits):
+            nonlocal n
+            batch.token[n] = tok
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = len(seq_ids)
+            for j, sid in enumerate(seq_ids):
+                batch.seq_id[n][j] = sid
+            batch.logits[n] = logits
+            n += 1
+
+        for td in group:
+            p, chs = td["prompt"], td["choices"]
+            ids = list(range(seq0, seq0 + len(chs)))
+            for i, tok in enumerate(p):
+                put(tok, i, ids, i == len(p) - 1)
+            prompt_row = out_row
+            out_row += 1
+            firsts = []
+            for ci, c in enumerate(chs):
+                firsts.append(out_row)
+                for j, tok in enumerate(c[:-1]):
+                    put(tok, len(p) + j, [seq0 + ci], True)
+                out_row += len(c) - 1
+            wanted.append((td, prompt_row, firsts))
+            seq0 += len(chs)
+        batch.n_tokens = n
+        if L.llama_decode(ctx, batch) != 0:
+            sys.exit("llama_decode failed")
+        logits = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(out_row, n_vocab))
+        for td, prompt_row, firsts in wanted:
+            res = []
+            for ci, c in enumerate(td["choices"]):
+                rows = [prompt_row] + list(range(firsts[ci], firsts[ci] + len(c) - 1))
+                ls = log_softmax_rows(logits[rows])
+                res.append((ci, len(c), float(sum(ls[j, tokid] for j, tokid in enumerate(c)))))
+            lp[td["id"]] = res
+        L.llama_memory_clear(mem, True)
+    t1 = time.perf_counter()
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return {"load_s": t_loaded - t0, "score_s": t1 - t_loaded, "total_s": t1 - t0}, lp
+
+
+def hf_score(args, tdocs, workdir):
+    ids_path = os.path.join(workdir, "hf-ids.json")
+    out_path = os.path.join(workdir, "hf-out.json")
+    with open(ids_path, "w") as f:
+        json.dump(tdocs, f)
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [args.hf_python, os.path.join(here, "bench_hf_lmeval.py"), "--model", args.model, "--ids", ids_path,
+           "--threads", str(args.threads), "--out", out_path]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"warning: HF peer failed (rc={p.returncode}), skipped:\n{p.stderr[-2000:]}", file=sys.stderr)
+        return None, None
+    r = json.load(open(out_path))
+    lp = {k: [tuple(x) for x in v] for k, v in r["logprobs"].items()}
+    return {"load_s": r["load_s"], "score_s": r["score_s"], "total_s": r["load_s"] + r["score_s"]}, lp
+
+
+def decoder_gemm_weights(cfg):
+    """Weights of one decoder layer's linear maps (what its GEMMs multiply by), from the manifest config."""
+    c, h, kv, d = cfg["hidden_size"], cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
+    if cfg["family"] == "falcon":
+        i = cfg.get("intermediate_size") or 4 * c
+        return c * (h + 2 * kv) * d + h * d * c + 2 * c * i
+    return c * h * d + 2 * c * kv * d + h * d * c + 3 * c * cfg["intermediate_size"]
+
+
+def sgemm_ceiling(cfg, threads, seconds=0.4):
+    """numpy float32 matmul GFLOP/s at the decoder's shapes (M = 512 rows) and at 1536³; best kept."""
+    import numpy as np
+    c, i = cfg["hidden_size"], cfg.get("intermediate_size") or 4 * cfg["hidden_size"]
+    qkv = (cfg["n_heads"] + 2 * cfg["n_kv_heads"]) * cfg["head_dim"]
+    shapes = [(512, c, qkv), (512, c, 2 * i), (512, i, c), (2048, c, 2 * i), (1536, 1536, 1536)]
+    res = {}
+    for m, k, n in shapes:
+        a = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
+        b = np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+        out = np.empty((m, n), dtype=np.float32)
+        np.matmul(a, b, out=out)
+        best, spent = float("inf"), 0.0
+        while spent < seconds:
+            t = time.perf_counter()
+            np.matmul(a, b, out=out)
+            dt = time.perf_counter() - t
+            best, spent = min(best, dt), spent + dt
+        res[f"{m}x{k}x{n}"] = 2 * m * k * n / best / 1e9
+    return max(res.values()), res
+
+
 # ---------------------------------------------------------------- decode prompts
 
 def prompt_of_length(tok, docs, n):
@@ -270,6 +471,8 @@ def prompt_of_length(tok, docs, n):
 def main():
     args = parse_args()
     maybe_reexec(args)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
     try:
         import numpy as np  # noqa: F401
         from tokenizers import Tokenizer
@@ -302,17 +505,57 @@ def main():
             os.makedirs(os.path.dirname(os.path.abspath(args.f32_gguf)), exist_ok=True)
             make_f32_gguf(args.gguf, args.f32_gguf)
         ggufs.append(("F32", args.f32_gguf))
+    mc_ggufs = [(n, p) for n, p in ggufs if n == "F32"]
+    if mc_ggufs and args.q8_gguf and args.q8_gguf != "none":
+        if not os.path.exists(args.q8_gguf):
+            print(f"making {args.q8_gguf} (Q8_0 of {args.f32_gguf})", file=sys.stderr)
+            make_q8_gguf(args.f32_gguf, args.q8_gguf)
+        mc_ggufs.append(("Q8_0", args.q8_gguf))
+    decode_ggufs = ggufs  # decode compares with every GGUF; --skip-per-choice drops route (a) only
+    if args.skip_per_choice:
+        ggufs = []
+    with open(os.path.join(args.model, "manifest.json")) as f:
+        cfg = json.load(f)["config"]
+    hf_docs = tdocs[: args.hf_docs] if args.hf_python else []
 
     # ---- (a) scoring, runs interleaved, min of repeats
     fb_runs, ll_runs = [], {name: [] for name, _ in ggufs}
+    mc_runs, mc_lp = {name: [] for name, _ in mc_ggufs}, {}
+    hf_runs, hf_lp, sgemm_runs = [], None, []
     fb_lp, ll_lp, fb_cmd = None, {}, None
     for rep in range(args.repeats):
+        la = os.getloadavg()
         wall, own, lp, fb_cmd = fb_score(args, workdir)
-        fb_runs.append({"wall_s": wall, "own": own})
+        fb_runs.append({"wall_s": wall, "own": own, "loadavg": la})
         fb_lp = lp
         print(f"[score {rep + 1}/{args.repeats}] falcon-batch {wall:.2f} s ({own['line']})", file=sys.stderr)
+        for name, path in mc_ggufs:
+            la = os.getloadavg()
+            t, lp = llama_mc_score(path, args, tdocs)
+            t["loadavg"] = la
+            mc_runs[name].append(t)
+            mc_lp[name] = lp
+            print(f"[score {rep + 1}/{args.repeats}] llama.cpp multiple-choice {name} load {t['load_s']:.2f} s + "
+                  f"score {t['score_s']:.2f} s (load avg {la[0]:.2f})", file=sys.stderr)
+        if hf_docs:
+            la = os.getloadavg()
+            t, lp = hf_score(args, hf_docs, workdir)
+            if t is None:
+                hf_docs = []
+            else:
+                t["loadavg"] = la
+                hf_runs.append(t)
+                hf_lp = lp
+                print(f"[score {rep + 1}/{args.repeats}] HF transformers ({len(hf_docs)} docs) load {t['load_s']:.2f} s + "
+                      f"score {t['score_s']:.2f} s (load avg {la[0]:.2f})", file=sys.stderr)
+        la = os.getloadavg()
+        best, shapes = sgemm_ceiling(cfg, args.threads)
+        sgemm_runs.append({"gflops": best, "shapes": shapes, "loadavg": la})
+        print(f"[score {rep + 1}/{args.repeats}] numpy sgemm ceiling {best:.1f} GFLOP/s (load avg {la[0]:.2f})", file=sys.stderr)
         for name, path in ggufs:
+            la = os.getloadavg()
             t, lp = llama_score(path, args, tdocs)
+            t["loadavg"] = la
             ll_runs[name].append(t)
             ll_lp[name] = lp
             print(f"[score {rep + 1}/{args.repeats}] llama.cpp {name} load {t['load_s']:.2f} s + "
@@ -326,28 +569,71 @@ def main():
             print(f"warning: {td['id']}: choice token counts {got} (falcon-batch) vs {want} (here)", file=sys.stderr)
 
     fb_best = min(fb_runs, key=lambda r: r["wall_s"])
+    fb_dps = n_docs / fb_best["wall_s"]
+    gemm_flops = 2.0 * n_rows * cfg["n_layers"] * decoder_gemm_weights(cfg)
+    ceiling = max(sgemm_runs, key=lambda r: r["gflops"])
+    own_s = min((r["own"]["seconds"] for r in fb_runs if r["own"]["seconds"]), default=None)
+    flop_rate = {
+        "decoder_gemm_flops": gemm_flops,
+        "falcon_batch_gflops_wall": gemm_flops / fb_best["wall_s"] / 1e9,
+        "falcon_batch_gflops_own": gemm_flops / own_s / 1e9 if own_s else None,
+        "sgemm_ceiling_gflops": ceiling["gflops"], "sgemm_shapes_gflops": ceiling["shapes"],
+        "sgemm_loadavg": ceiling["loadavg"], "sgemm_runs_gflops": [r["gflops"] for r in sgemm_runs],
+    }
+    flop_rate["fraction_of_ceiling_wall"] = flop_rate["falcon_batch_gflops_wall"] / ceiling["gflops"]
+    if own_s:
+        flop_rate["fraction_of_ceiling_own"] = flop_rate["falcon_batch_gflops_own"] / ceiling["gflops"]
+
+    def agreement(lpa, lpb, ids):
+        agree, maxd = 0, 0.0
+        for i in ids:
+            a = [x for _, _, x in lpa[i]]
+            b = [x for _, _, x in lpb[i]]
+            agree += int(max(range(len(a)), key=a.__getitem__) == max(range(len(b)), key=b.__getitem__))
+            maxd = max(maxd, max(abs(x - y) for x, y in zip(a, b)))
+        return agree, maxd
+
+    peers = {}
+    for name, _ in mc_ggufs:
+        best = min(mc_runs[name], key=lambda r: r["total_s"])
+        agree, maxd = agreement(fb_lp, mc_lp[name], [t["id"] for t in tdocs])
+        peers[f"llama.cpp multiple-choice {name}"] = {
+            "wall_s": best["total_s"], "load_s": best["load_s"], "score_s": best["score_s"],
+            "docs": n_docs, "docs_per_s": n_docs / best["total_s"], "tokens_per_s": n_rows / best["total_s"],
+            "runs_total_s": [r["total_s"] for r in mc_runs[name]], "loadavg": best["loadavg"],
+            "best_choice_agreement": agree, "max_abs_delta_logprob": maxd,
+            "ratio_fb_over_it_docs_per_s": fb_dps / (n_docs / best["total_s"]),
+        }
+    if hf_runs:
+        best = min(hf_runs, key=lambda r: r["total_s"])
+        nd = len(hf_docs)
+        agree, maxd = agreement(fb_lp, hf_lp, [t["id"] for t in hf_docs])
+        hf_rows = sum(rows_run(t) for t in hf_docs)
+        peers["HF transformers (lm-eval way)"] = {
+            "wall_s": best["total_s"], "load_s": best["load_s"], "score_s": best["score_s"],
+            "docs": nd, "docs_per_s": nd / best["total_s"], "tokens_per_s": hf_rows / best["total_s"],
+            "runs_total_s": [r["total_s"] for r in hf_runs], "loadavg": best["loadavg"],
+            "best_choice_agreement": agree, "max_abs_delta_logprob": maxd,
+            "ratio_fb_over_it_docs_per_s": fb_dps / (nd / best["total_s"]),
+        }
     scoring = {
         "falcon-batch": {
             "wall_s": fb_best["wall_s"], "docs_per_s": n_docs / fb_best["wall_s"],
             "tokens_per_s": n_rows / fb_best["wall_s"], "own_summary": fb_best["own"]["line"],
             "own_seconds": fb_best["own"]["seconds"], "own_tokens_per_s": fb_best["own"]["tokens_per_s"],
-            "runs_wall_s": [r["wall_s"] for r in fb_runs], "command": fb_cmd,
+            "runs_wall_s": [r["wall_s"] for r in fb_runs], "command": fb_cmd, "loadavg": fb_best["loadavg"],
         }
     }
+    scoring.update(peers)
     for name, _ in ggufs:
         best = min(ll_runs[name], key=lambda r: r["total_s"])
         lpa, lpb = fb_lp, ll_lp[name]
-        agree, maxd = 0, 0.0
-        for td in tdocs:
-            a = [x for _, _, x in lpa[td["id"]]]
-            b = [x for _, _, x in lpb[td["id"]]]
-            agree += int(max(range(len(a)), key=a.__getitem__) == max(range(len(b)), key=b.__getitem__))
-            maxd = max(maxd, max(abs(x - y) for x, y in zip(a, b)))
+        agree, maxd = agreement(lpa, lpb, [t["id"] for t in tdocs])
         scoring[f"llama.cpp {name}"] = {
             "wall_s": best["total_s"], "load_s": best["load_s"], "score_s": best["score_s"],
             "docs_per_s": n_docs / best["total_s"], "tokens_per_s": n_rows / best["total_s"],
             "score_only_tokens_per_s": n_rows / best["score_s"],
-            "runs_total_s": [r["total_s"] for r in ll_runs[name]],
+            "runs_total_s": [r["total_s"] for r in ll_runs[name]], "loadavg": best["loadavg"],
             "best_choice_agreement": agree, "max_abs_delta_logprob": maxd,
             "ratio_fb_over_llama_docs_per_s": (n_docs / fb_best["wall_s"]) / (n_docs / best["total_s"]),
         }
@@ -356,7 +642,7 @@ def main():
     decode = {}
     if not args.skip_decode:
         steps = args.new_tokens
-        llms = {name: llama_load(path, args) for name, path in ggufs}
+        llms = {name: llama_load(path, args) for name, path in decode_ggufs}
         for ctx in [int(x) for x in args.contexts.split(",")]:
             plen = min(ctx, args.n_ctx - steps - 1)
             text, plen = prompt_of_length(tok, docs, plen)
@@ -394,17 +680,23 @@ def main():
         "model": {"dir": args.model, "ggufs": dict((n, p) for n, p in ggufs)},
         "llama_cpp_method": "prompt evaluated once; each choice (all but its last token) evaluated from the "
                             "prompt's KV cache, truncated back to the prompt between choices; logits_all=True",
-        "repeats": args.repeats, "scoring": scoring, "decode": decode,
+        "llama_cpp_multiple_choice_method": f"llama-cpp-python low-level batch API: prompt rows tagged with every "
+                                            f"choice's sequence id, choice rows (all but the last token) with their own, "
+                                            f"documents packed into decodes of {args.mc_batch} tokens (n_ubatch "
+                                            f"{min(args.mc_ubatch, args.mc_batch)}), kv_unified, logits only at scored rows, "
+                                            "llama_memory_clear between decodes",
+        "repeats": args.repeats, "scoring": scoring, "flop_rate": flop_rate, "decode": decode,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
-    print(markdown(result, ggufs))
+    print(markdown(result, ggufs, [n for n, _ in mc_ggufs], decode_ggufs))
     print(f"\nwritten {args.out}", file=sys.stderr)
 
 
-def markdown(res, ggufs):
+def markdown(res, ggufs, mc_names=(), decode_ggufs=None):
+    decode_ggufs = ggufs if decode_ggufs is None else decode_ggufs
     s = res["scoring"]
     fb = s["falcon-batch"]
     c = res["corpus"]
@@ -414,12 +706,30 @@ def markdown(res, ggufs):
              "|---|---|---:|---:|---:|---:|---:|---:|",
              f"| falcon-batch score | f32 (dequantized Q4_1) | {fb['wall_s']:.2f} | {fb['docs_per_s']:.3f} | "
              f"{fb['tokens_per_s']:.0f} | 1 | | |"]
+    la = lambda e: f" (load avg {e['loadavg'][0]:.2f})" if e.get("loadavg") else ""
+    lines[-1] = lines[-1].replace(f"| {fb['wall_s']:.2f} |", f"| {fb['wall_s']:.2f}{la(fb)} |", 1)
+    for key, label in [(f"llama.cpp multiple-choice {n}", (f"llama.cpp multiple-choice batching", f"{n} GGUF"))
+                       for n in mc_names] + [("HF transformers (lm-eval way)", ("HF transformers, lm-eval way", "f32 (the model dir's)"))]:
+        if key not in s:
+            continue
+        e = s[key]
+        lines.append(f"| {label[0]} ({e['docs']} docs) | {label[1]} | {e['wall_s']:.2f}{la(e)} | {e['docs_per_s']:.3f} | "
+                     f"{e['tokens_per_s']:.0f} | {e['ratio_fb_over_it_docs_per_s']:.2f} | {e['best_choice_agreement']}/{e['docs']} | "
+                     f"{e['max_abs_delta_logprob']:.3f} |")
     for name, _ in ggufs:
         e = s[f"llama.cpp {name}"]
         lines.append(f"| llama.cpp (prompt once + per-choice evals) | {name} GGUF | {e['wall_s']:.2f} "
                      f"(load {e['load_s']:.2f}) | {e['docs_per_s']:.3f} | {e['tokens_per_s']:.0f} | "
                      f"{e['ratio_fb_over_llama_docs_per_s']:.2f} | {e['best_choice_agreement']}/{c['docs']} | "
                      f"{e['max_abs_delta_logprob']:.3f} |")
+    fr = res.get("flop_rate")
+    if fr:
+        lines += ["", f"Decoder-GEMM FLOP rate: falcon-batch {fr['falcon_batch_gflops_wall']:.1f} GFLOP/s over its wall time "
+                  f"({fr['fraction_of_ceiling_wall']:.2f} of the sgemm ceiling)"
+                  + (f", {fr['falcon_batch_gflops_own']:.1f} GFLOP/s over its own scoring time "
+                     f"({fr['fraction_of_ceiling_own']:.2f})" if fr.get('falcon_batch_gflops_own') else "")
+                  + f"; numpy/OpenBLAS sgemm ceiling {fr['sgemm_ceiling_gflops']:.1f} GFLOP/s (load {fr['sgemm_loadavg'][0]:.2f}; "
+                  + ", ".join(f"{k}: {v:.0f}" for k, v in fr["sgemm_shapes_gflops"].items()) + ")"]
     lines.append("")
     lines.append(f"load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in res['machine']['loadavg_at_start'])}, "
                  f"at end {tuple(round(x, 2) for x in res['machine']['loadavg_at_end'])}")
@@ -427,12 +737,12 @@ def markdown(res, ggufs):
     if res["decode"]:
         lines += ["", "Decode (greedy, one sequence), seconds per new token:", "",
                   "| context (prompt tokens) | falcon-batch s/token | " +
-                  " | ".join(f"llama.cpp {n} s/token | falcon-batch / llama.cpp {n}" for n, _ in ggufs) + " |",
-                  "|---:|---:|" + "---:|---:|" * len(ggufs)]
+                  " | ".join(f"llama.cpp {n} s/token | falcon-batch / llama.cpp {n}" for n, _ in decode_ggufs) + " |",
+                  "|---:|---:|" + "---:|---:|" * len(decode_ggufs)]
         for ctx, e in res["decode"].items():
             row = f"| {e['prompt_tokens']} | {e['falcon-batch']['s_per_token']:.4f} | "
             row += " | ".join(f"{e['llama.cpp ' + n]['s_per_token']:.4f} | "
-                              f"{e['llama.cpp ' + n]['ratio_fb_over_llama_s_per_token']:.2f}" for n, _ in ggufs)
+                              f"{e['llama.cpp ' + n]['ratio_fb_over_llama_s_per_token']:.2f}" for n, _ in decode_ggufs)
             lines.append(row + " |")
     return "\n".join(lines)
 

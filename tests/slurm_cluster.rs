@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const PLAN_FLAGS: &str = "--device-mem 4GB --resident 1 --group-layers 4 --batch-tokens 512";
+// A small wave (1 micro-batch per rank) so that a SIGTERM mid-run finishes within KillWait.
+const PLAN_FLAGS: &str = "--device-mem 4GB --resident 1 --group-layers 4 --batch-tokens 512 --wave 4";
 const RANKS: usize = 4;
 
 fn root() -> &'static Path {

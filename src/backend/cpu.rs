@@ -1,5 +1,6 @@
 //! CPU backend: the numeric reference. f32 arithmetic over weights widened to f32 at upload,
-//! GEMM by the `gemm` crate, row loops spread over cores by rayon.
+//! GEMM by the `gemm` crate, row loops spread over cores by rayon, elementwise math by the
+//! vectorised f32 functions of `vmath` (each tested against an f64 plain-loop reference).
 //!
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
 
@@ -7,10 +8,14 @@ use super::{AttnShape, Backend, BackendError, CopySpan, Result};
 use crate::layout::AttnSpan;
 use crate::tensor::HostTensor;
 use rayon::prelude::*;
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 mod stream;
+mod vmath;
 pub use stream::{CpuPinned, CpuSlot, CpuTransfer};
+pub use vmath::{erf_one as erf_f32, exp_one as exp_f32, gelu_one as gelu_f32};
 
 /// A row-major (rows, cols) f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,40 +70,60 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// out (T, N) = x (T, K) · w (N, K)ᵀ: dot products for a few rows, the gemm crate otherwise.
-fn matmul_nt(x: &[f32], w: &[f32], t: usize, k: usize, n: usize, out: &mut [f32]) {
+/// out (T, N) = x (T, K) · w (N, K)ᵀ, plus what out already holds when `accumulate` (a bias):
+/// dot products for a few rows, the gemm crate otherwise.
+///
+/// # Safety
+/// `out` points to t·n writable floats; unless `accumulate` they may be uninitialised (every one
+/// is written, none read).
+unsafe fn matmul_nt(x: &[f32], w: &[f32], t: usize, k: usize, n: usize, out: *mut f32, accumulate: bool) {
     if t <= GEMV_MAX_ROWS {
-        // out is (T, N) row-major; work over blocks of weight rows, each row read once for all T.
+        // Work over blocks of weight rows, each row read once for all T; blocks write disjoint
+        // columns of out.
         const BLOCK: usize = 64;
-        let mut cols = vec![0f32; n * t]; // (N, T)
-        cols.par_chunks_mut(BLOCK * t).enumerate().for_each(|(blk, chunk)| {
-            for (j, o) in chunk.chunks_mut(t).enumerate() {
-                let wrow = &w[(blk * BLOCK + j) * k..(blk * BLOCK + j + 1) * k];
-                for (r, o) in o.iter_mut().enumerate() {
-                    *o = dot(&x[r * k..(r + 1) * k], wrow);
+        let out = SendPtr(out);
+        (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|blk| {
+            let out = out;
+            for j in blk * BLOCK..((blk + 1) * BLOCK).min(n) {
+                let wrow = &w[j * k..(j + 1) * k];
+                for r in 0..t {
+                    let o = out.0.add(r * n + j);
+                    let v = dot(&x[r * k..(r + 1) * k], wrow);
+                    *o = if accumulate { *o + v } else { v };
                 }
             }
         });
-        for r in 0..t {
-            for j in 0..n {
-                out[r * n + j] = cols[j * t + r];
-            }
-        }
         return;
     }
     let threads = rayon::current_num_threads();
     let par = if t * n * k >= 1 << 16 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the slices hold t*k, n*k and t*n elements, matching the strides below.
-    unsafe {
-        gemm::gemm(
-            t, n, k,
-            out.as_mut_ptr(), 1, n as isize, false,
-            x.as_ptr(), 1, k as isize,
-            w.as_ptr(), k as isize, 1,
-            0.0, 1.0, false, false, false, par,
-        );
-    }
+    // The slices hold t*k and n*k elements, matching the strides below; dst = 1·dst + 1·x·wᵀ
+    // when accumulating, x·wᵀ otherwise.
+    gemm::gemm(
+        t, n, k,
+        out, 1, n as isize, accumulate,
+        x.as_ptr(), 1, k as isize,
+        w.as_ptr(), k as isize, 1,
+        1.0, 1.0, false, false, false, par,
+    );
 }
+
+/// A (rows, cols) matrix whose rows `f` fills from the matching rows of `x`, in parallel,
+/// without zero-filling first: f must write every element of its output row. Callers pass
+/// cols = 0 whenever x has no columns.
+fn map_rows(x: &Mat, cols: usize, f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + Sync) -> Mat {
+    let len = x.rows * cols;
+    let mut data: Vec<f32> = Vec::with_capacity(len);
+    if len > 0 {
+        data.spare_capacity_mut()[..len].par_chunks_mut(cols).zip(x.data.par_chunks(x.cols)).for_each(|(o, r)| f(r, o));
+    }
+    // SAFETY: f wrote each of the x.rows rows of cols values.
+    unsafe { data.set_len(len) };
+    Mat { rows: x.rows, cols, data }
+}
+
+/// Elements per parallel work item of the elementwise ops.
+const ELEMWISE_CHUNK: usize = 1 << 14;
 
 impl Backend for CpuBackend {
     type Act = Mat;
@@ -165,40 +190,56 @@ impl Backend for CpuBackend {
         if x.cols != k {
             return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
         }
-        let mut out = vec![0f32; x.rows * n];
-        if x.rows > 0 {
-            matmul_nt(&x.data, &w.data, x.rows, k, n, &mut out);
-        }
         if let Some(b) = b {
-            out.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b));
+            if b.data.len() != n {
+                return Err(shape_err("linear", format!("bias of {} values for {n} outputs", b.data.len())));
+            }
+        }
+        let len = x.rows * n;
+        let mut out: Vec<f32> = Vec::with_capacity(len); // (T, N)
+        // The bias goes in first and the product is added to it: one pass over out, no zero-fill.
+        if let Some(b) = b {
+            for _ in 0..x.rows {
+                out.extend_from_slice(&b.data);
+            }
+        }
+        if len > 0 {
+            // SAFETY: out has room for T·N values; matmul_nt writes each (adding to the bias rows
+            // when there are some), so all len are initialised before set_len.
+            unsafe {
+                matmul_nt(&x.data, &w.data, x.rows, k, n, out.as_mut_ptr(), b.is_some());
+                out.set_len(len);
+            }
         }
         Ok(Mat { rows: x.rows, cols: n, data: out })
     }
 
     fn layer_norm(&self, x: &Mat, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Result<Mat> {
-        let mut out = x.clone();
-        out.data.par_chunks_mut(x.cols).for_each(|row| {
+        if w.data.len() != x.cols || b.data.len() != x.cols {
+            return Err(shape_err("layer_norm", format!("{} columns, weight {} and bias {}", x.cols, w.data.len(), b.data.len())));
+        }
+        Ok(map_rows(x, x.cols, |row, out| {
             let n = row.len() as f64;
             let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
             let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
             let inv = 1.0 / (var + eps as f64).sqrt();
-            for (i, v) in row.iter_mut().enumerate() {
-                *v = ((*v as f64 - mean) * inv) as f32 * w.data[i] + b.data[i];
+            for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
+                o.write(((v as f64 - mean) * inv) as f32 * w.data[i] + b.data[i]);
             }
-        });
-        Ok(out)
+        }))
     }
 
     fn rms_norm(&self, x: &Mat, w: &CpuWeight, eps: f32) -> Result<Mat> {
-        let mut out = x.clone();
-        out.data.par_chunks_mut(x.cols).for_each(|row| {
+        if w.data.len() != x.cols {
+            return Err(shape_err("rms_norm", format!("{} columns, weight {}", x.cols, w.data.len())));
+        }
+        Ok(map_rows(x, x.cols, |row, out| {
             let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
-            for (i, v) in row.iter_mut().enumerate() {
-                *v = *v * inv * w.data[i];
+            for ((o, &v), &g) in out.iter_mut().zip(row).zip(&w.data) {
+                o.write(v * inv * g);
             }
-        });
-        Ok(out)
+        }))
     }
 
     fn rope(&self, x: &mut Mat, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
@@ -235,20 +276,27 @@ impl Backend for CpuBackend {
                 return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
             }
         }
-        let mut out = vec![0f32; q.rows * h * d];
-        // Work items: (head, block of query rows); each writes its own (rows, D) slice of out.
-        let blocks: Vec<(usize, usize)> = (0..h).flat_map(|hh| (0..q.rows).step_by(ATTN_BLOCK).map(move |t0| (hh, t0))).collect();
+        let len = q.rows * h * d;
+        let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
+        // Work items: (head, block of query rows of one document); each writes its own (rows, D)
+        // slice of out, and every row attends at least its own key, so all of out is written.
+        let blocks = query_blocks(spans);
+        let items: Vec<(usize, usize, usize)> = (0..h).flat_map(|hh| blocks.iter().map(move |&(t0, t1)| (hh, t0, t1))).collect();
         let out_ptr = SendPtr(out.as_mut_ptr());
-        blocks.par_iter().for_each(|&(hh, t0)| {
-            let t1 = (t0 + ATTN_BLOCK).min(q.rows);
-            // SAFETY: blocks are disjoint in (rows, head columns), so no two items write the same element.
-            unsafe { attention_block_head(q, k, v, s, spans, hh, t0, t1, out_ptr) };
+        items.par_iter().for_each(|&(hh, t0, t1)| {
+            SCORES.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                // SAFETY: items are disjoint in (rows, head columns), so no two write the same element.
+                unsafe { attention_block_head(q, k, v, s, spans, hh, t0, t1, out_ptr, &mut scratch) };
+            });
         });
+        // SAFETY: the blocks cover rows [0, T) for every head, each writing its (rows, D) slice.
+        unsafe { out.set_len(len) };
         Ok(Mat { rows: q.rows, cols: h * d, data: out })
     }
 
     fn gelu(&self, x: &mut Mat) -> Result<()> {
-        x.data.par_iter_mut().for_each(|v| *v = gelu_exact(*v));
+        x.data.par_chunks_mut(ELEMWISE_CHUNK).for_each(vmath::gelu_slice);
         Ok(())
     }
 
@@ -256,7 +304,7 @@ impl Backend for CpuBackend {
         if gate.data.len() != up.data.len() {
             return Err(shape_err("silu_mul", format!("{} vs {} values", gate.data.len(), up.data.len())));
         }
-        gate.data.par_iter_mut().zip(&up.data).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+        gate.data.par_chunks_mut(ELEMWISE_CHUNK).zip(up.data.par_chunks(ELEMWISE_CHUNK)).for_each(|(g, u)| vmath::silu_mul_slice(g, u));
         Ok(())
     }
 
@@ -272,8 +320,11 @@ impl Backend for CpuBackend {
         if start + width > x.cols {
             return Err(shape_err("cols", format!("[{start}, {}) of {} columns", start + width, x.cols)));
         }
-        let data = x.data.chunks(x.cols).flat_map(|r| r[start..start + width].iter().copied()).collect();
-        Ok(Mat { rows: x.rows, cols: width, data })
+        Ok(map_rows(x, width, |row, out| {
+            for (o, &v) in out.iter_mut().zip(&row[start..start + width]) {
+                o.write(v);
+            }
+        }))
     }
 
     fn rows(&self, x: &Mat, rows: &[u32]) -> Result<Mat> {
@@ -327,26 +378,71 @@ impl Backend for CpuBackend {
 /// Query rows per attention work item: scores for a block are (ATTN_BLOCK, keys) floats.
 const ATTN_BLOCK: usize = 64;
 
+thread_local! {
+    /// Each worker's (B, K) scores buffer, kept between blocks and calls: grown, never refilled.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: only used to hand disjoint output regions to rayon workers.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+/// The first key a row can see: its document's first token.
+fn span_first_key(sp: &AttnSpan) -> u32 {
+    sp.shared_start.min(sp.own_start)
+}
+
+/// Query rows cut into blocks of at most ATTN_BLOCK rows that never cross a document boundary,
+/// so a block's key range is its own document's keys, not its neighbour's too.
+fn query_blocks(spans: &[AttnSpan]) -> Vec<(usize, usize)> {
+    let mut blocks = vec![];
+    let mut t0 = 0;
+    for t in 1..=spans.len() {
+        if t == spans.len() || t - t0 == ATTN_BLOCK || span_first_key(&spans[t]) != span_first_key(&spans[t0]) {
+            blocks.push((t0, t));
+            t0 = t;
+        }
+    }
+    blocks
+}
+
+/// The keys row `row` attends as at most two disjoint, ordered intervals relative to key k0,
+/// clipped to [0, nk): the span's shared interval and its own [own_start, row].
+fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> [(usize, usize); 2] {
+    let clip = |a: usize, b: usize| (a.saturating_sub(k0).min(nk), b.saturating_sub(k0).min(nk));
+    let shared = clip(sp.shared_start as usize, sp.shared_end as usize);
+    let own = clip(sp.own_start as usize, row + 1);
+    let (first, second) = if shared.0 <= own.0 { (shared, own) } else { (own, shared) };
+    if first.0 >= first.1 {
+        [second, (second.1, second.1)]
+    } else if second.0 <= first.1 {
+        // Overlapping or touching: one interval.
+        [(first.0, first.1.max(second.1)), (nk, nk)]
+    } else {
+        [first, second]
+    }
+}
+
 /// Attention of query rows [t0, t1) of head hh: scores (B, K) = q·kᵀ over the block's key
-/// range by GEMM, masked to each row's span, softmax, then out (B, D) = p · v by GEMM.
+/// range by GEMM, softmax over each row's attended intervals (the rest set to 0 by slice),
+/// then out (B, D) = p · v by GEMM.
 ///
 /// # Safety
 /// `out` points to (q.rows, H·D) floats, and no other caller writes rows [t0, t1) of head hh.
 #[allow(clippy::too_many_arguments)]
-unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan], hh: usize, t0: usize, t1: usize, out: SendPtr) {
+unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan], hh: usize, t0: usize, t1: usize, out: SendPtr, scratch: &mut Vec<f32>) {
     let (h, d) = (s.heads, s.head_dim);
     let kv = hh / (h / s.kv_heads);
     let rows = t1 - t0;
-    let k0 = spans[t0..t1].iter().map(|sp| sp.shared_start.min(sp.own_start) as usize).min().unwrap_or(0);
-    let k1 = t1 - 1 + s.key_offset + 1;
+    let k0 = spans[t0..t1].iter().map(|sp| span_first_key(sp) as usize).min().unwrap_or(0);
+    let k1 = spans[t0..t1].iter().map(|sp| sp.shared_end as usize).max().unwrap_or(0).max(t1 + s.key_offset);
     let nk = k1 - k0;
-    let mut scores = vec![0f32; rows * nk]; // (B, K)
+    if scratch.len() < rows * nk {
+        scratch.resize(rows * nk, 0.0);
+    }
+    let scores = &mut scratch[..rows * nk]; // (B, K), fully written by the GEMM
     let scale = 1.0 / (d as f32).sqrt();
     gemm::gemm(
         rows, nk, d,
@@ -357,22 +453,15 @@ unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &
     );
     for (i, row) in scores.chunks_mut(nk).enumerate() {
         let t = t0 + i;
-        let span = spans[t];
-        let mut max = f32::NEG_INFINITY;
-        for (j, sc) in row.iter_mut().enumerate() {
-            if span.attends((t + s.key_offset) as u32, (k0 + j) as u32) {
-                max = max.max(*sc);
-            } else {
-                *sc = f32::NEG_INFINITY;
-            }
-        }
-        let mut sum = 0f32;
-        for sc in row.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
+        let [(a0, a1), (b0, b1)] = attended_intervals(&spans[t], t + s.key_offset, k0, nk);
+        let max = row[a0..a1].iter().chain(&row[b0..b1]).copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum = vmath::exp_shift_sum(&mut row[a0..a1], max) + vmath::exp_shift_sum(&mut row[b0..b1], max);
         let inv = 1.0 / sum;
-        row.iter_mut().for_each(|sc| *sc *= inv);
+        row[..a0].fill(0.0);
+        row[a0..a1].iter_mut().for_each(|p| *p *= inv);
+        row[a1..b0.max(a1)].fill(0.0);
+        row[b0..b1].iter_mut().for_each(|p| *p *= inv);
+        row[b1.max(a1)..].fill(0.0);
     }
     gemm::gemm(
         rows, d, nk,
@@ -386,52 +475,6 @@ unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &
 fn logsumexp(row: &[f32]) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
-}
-
-/// 0.5 x (1 + erf(x / √2)), as torch's default GELU.
-pub fn gelu_exact(x: f32) -> f32 {
-    (0.5 * x as f64 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2))) as f32
-}
-
-/// erf to ~1e-15 (W. J. Cody's rational approximations via erfc for |x| > 0.5).
-fn erf(x: f64) -> f64 {
-    // Abramowitz–Stegun 7.1.26 is only 1e-7; use the series / continued fraction split.
-    if x.abs() < 2.5 {
-        // Maclaurin series: converges fast for |x| < 2.5 in double precision.
-        let mut sum = x;
-        let mut term = x;
-        let x2 = x * x;
-        let mut n = 0.0;
-        loop {
-            n += 1.0;
-            term *= -x2 / n;
-            let add = term / (2.0 * n + 1.0);
-            sum += add;
-            if add.abs() < 1e-17 * sum.abs() {
-                break;
-            }
-        }
-        sum * 2.0 / std::f64::consts::PI.sqrt()
-    } else {
-        // erfc continued fraction (Lentz), accurate for |x| >= 2.5.
-        let ax = x.abs();
-        let mut f = ax;
-        let mut c = ax;
-        let mut dd = 0.0;
-        for i in 1..200 {
-            let a = i as f64 / 2.0;
-            dd = ax + a * dd;
-            dd = 1.0 / dd;
-            c = ax + a / c;
-            let delta = c * dd;
-            f *= delta;
-            if (delta - 1.0).abs() < 1e-16 {
-                break;
-            }
-        }
-        let erfc = (-ax * ax).exp() / (f * std::f64::consts::PI.sqrt());
-        (1.0 - erfc).copysign(x)
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::backend::cuda::CudaBackend;
 use falcon_batch::backend::select::{cuda_available, DeviceChoice};
 use falcon_batch::backend::Backend;
-use falcon_batch::job::launch::{cpu_memory_per_rank, launch, DeviceInfo, LaunchOptions, Launched};
+use falcon_batch::job::launch::{cpu_memory_per_rank, cpu_threads_per_rank, launch, DeviceInfo, LaunchOptions, Launched};
 use falcon_batch::pipeline::{gather_trace, serve, Cluster};
 use falcon_batch::schedule::cost::WireDtype;
 use falcon_batch::schedule::ScheduleOptions;
@@ -107,13 +107,16 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
     };
     match cuda {
         None => {
-            let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank) };
+            // One pool per rank sized from the ranks on this node; an error means the pool was
+            // built already (a second job in one process), which then keeps its size.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(cpu_threads_per_rank()).build_global();
+            let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank), held_weight_bytes: Some(4) };
             run_job(cluster, CpuBackend::new(), info, job)
         }
         Some(n) => {
             let b = or_abort(cluster, CudaBackend::new(n).map_err(anyhow::Error::from))?;
             let (free, _total) = or_abort(cluster, b.memory().map_err(anyhow::Error::from))?;
-            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64) };
+            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64), held_weight_bytes: None };
             run_job(cluster, b, info, job)
         }
     }
