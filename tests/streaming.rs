@@ -68,7 +68,7 @@ fn score_job_streams_groups_with_copies_overlapping_compute() {
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "streamed scores differ from all-resident ones");
 
-    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("trace.rank0.json")).expect("trace")).expect("trace JSON");
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("trace.json")).expect("trace")).expect("trace JSON");
     let (copies, compute) = (spans(&trace, "weight copy"), spans(&trace, "compute"));
     // 6 groups, 2 slots: at least the 5 groups released before the end were copied and traced.
     assert!(copies.len() >= 5, "{} copies traced: {copies:?}", copies.len());
