@@ -4,6 +4,7 @@
 mod common;
 
 use common::proc::{run_limited, Ran};
+use common::smol::{self, assert_same_results, bin, root};
 use falcon_batch::results::{read_results, DocResult};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,70 +14,68 @@ use std::time::Duration;
 /// Every launch is killed, with its process group, past this.
 const LIMIT: Duration = Duration::from_secs(300);
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn tmp() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("fb-mpi-score-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    })
+    DIR.get_or_init(|| smol::fresh_dir(&std::env::temp_dir(), "fb-mpi-score"))
 }
 
 /// SmolLM2 (30 layers) converted once, and the first 6 sample documents plus a bad line.
 fn inputs() -> &'static (PathBuf, PathBuf) {
     static IN: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     IN.get_or_init(|| {
-        let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(gguf.exists(), "{} is missing: run `make fetch-model` first", gguf.display());
         let model = tmp().join("smollm2");
-        let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
-        c.args(["convert", "--from"]).arg(&gguf).arg("--to").arg(&model);
-        let o = run_limited(&c, LIMIT);
-        assert!(o.success(), "{}", o.stderr);
-        let sample = std::fs::read_to_string(root().join("inputs/sample.jsonl")).unwrap();
-        let mut lines: Vec<&str> = sample.lines().take(6).collect();
-        lines.insert(3, "{\"id\": \"broken\", \"choices\": [\"x\"]}");
+        smol::convert_smollm2(&model, &[], LIMIT);
+        let mut lines = smol::sample_lines(6);
+        lines.insert(3, "{\"id\": \"broken\", \"choices\": [\"x\"]}".to_string());
         let docs = tmp().join("docs.jsonl");
-        std::fs::write(&docs, lines.join("\n") + "\n").unwrap();
+        smol::write_corpus(&docs, &lines);
         (model, docs)
     })
 }
 
-fn mpirun(np: usize, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Ran {
-    let (model, docs) = inputs();
+/// `mpirun --oversubscribe -np N`, with `env` passed to the ranks and what every launch here needs.
+fn mpirun(np: usize, env: &[(&str, &str)]) -> Command {
     let mut c = Command::new("mpirun");
     c.args(["--oversubscribe", "-np", &np.to_string()]);
     for (k, v) in env {
         c.args(["-x", &format!("{k}={v}")]);
     }
-    c.arg(env!("CARGO_BIN_EXE_falcon-batch")).args(["score", "--device", "cpu", "--quiet"]);
-    c.arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(out).args(args);
     c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").env("HDF5_USE_FILE_LOCKING", "FALSE");
+    c
+}
+
+/// `score` of `docs` on `np` ranks.
+fn score_on(np: usize, docs: &Path, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Ran {
+    let (model, _) = inputs();
+    let mut c = mpirun(np, env);
+    c.arg(bin()).args(["score", "--device", "cpu", "--quiet"]);
+    c.arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(out).args(args);
     run_limited(&c, LIMIT)
 }
 
-fn assert_same(a: &[DocResult], b: &[DocResult], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}");
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!((&x.id, &x.status, x.best), (&y.id, &y.status, y.best), "{what}");
-        for (cx, cy) in x.choices.iter().zip(&y.choices) {
-            for (p, q) in [(cx.logprob, cy.logprob), (cx.logprob_mean, cy.logprob_mean), (cx.prob, cy.prob)] {
-                assert!((p - q).abs() <= 1e-6, "{what}: doc {}: {p} vs {q}", x.id);
-            }
-        }
-    }
+/// `score` of the 7-line corpus on `np` ranks.
+fn score(np: usize, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Ran {
+    score_on(np, &inputs().1, args, out, env)
+}
+
+/// Two ranks whose command lines differ by `rank1_extra` on rank 1 (an MPMD launch).
+fn two_ranks_differing_by(rank1_extra: &[&str], out: &Path) -> Ran {
+    let (model, docs) = inputs();
+    let common = format!("score --device cpu --quiet --model {} --docs {} --out {}", model.display(), docs.display(), out.display());
+    let mut c = mpirun(1, &[]);
+    c.arg(bin()).args(common.split(' ')).args([":", "-np", "1"]).arg(bin()).args(common.split(' ')).args(rank1_extra);
+    run_limited(&c, LIMIT)
+}
+
+fn assert_same(want: &[DocResult], got: &[DocResult], what: &str) {
+    assert_same_results(want, got, 1e-6, what)
 }
 
 fn reference() -> &'static Vec<DocResult> {
     static R: OnceLock<Vec<DocResult>> = OnceLock::new();
     R.get_or_init(|| {
         let out = tmp().join("np1-resident.h5");
-        let o = mpirun(1, &["--batch-tokens", "400", "--wave", "2"], &out, &[]);
+        let o = score(1, &["--batch-tokens", "400", "--wave", "2"], &out, &[]);
         assert_eq!(o.code(), Some(3), "one bad line: exit 3\n{}", o.stderr);
         let r = read_results(&out).unwrap();
         assert_eq!(r.len(), 7);
@@ -89,7 +88,7 @@ fn same_scores_on_one_to_four_ranks_with_several_groups_each() {
     let want = reference();
     for (np, group) in [(1, "10"), (2, "5"), (3, "5"), (4, "4")] {
         let out = tmp().join(format!("np{np}.h5"));
-        let o = mpirun(np, &["--group-layers", group, "--resident", "1", "--batch-tokens", "400", "--wave", "2"], &out, &[]);
+        let o = score(np, &["--group-layers", group, "--resident", "1", "--batch-tokens", "400", "--wave", "2"], &out, &[]);
         let err = &o.stderr;
         assert_eq!(o.code(), Some(3), "-np {np}: {err}");
         for r in 0..np {
@@ -105,11 +104,11 @@ fn killed_job_resumes_to_the_uninterrupted_result() {
     let out = tmp().join("killed.h5");
     // one document per micro-batch and wave, so results reach the file one by one
     let args = ["--group-layers", "5", "--batch-tokens", "64", "--wave", "1"];
-    let o = mpirun(3, &args, &out, &[("FALCON_BATCH_KILL_AFTER_DOCS", "3")]);
+    let o = score(3, &args, &out, &[("FALCON_BATCH_KILL_AFTER_DOCS", "3")]);
     assert!(!o.success() && !o.timed_out, "the killed job must fail: {}", o.text());
     let partial = read_results(&out).unwrap();
     assert!(partial.len() >= 3 && partial.len() < 7, "{} documents after the kill", partial.len());
-    let o = mpirun(3, &args, &out, &[]);
+    let o = score(3, &args, &out, &[]);
     assert_eq!(o.code(), Some(3), "{}", o.stderr);
     assert_same(want, &read_results(&out).unwrap(), "resumed under mpirun");
 }
@@ -117,19 +116,8 @@ fn killed_job_resumes_to_the_uninterrupted_result() {
 #[test]
 fn ranks_with_different_options_refuse_to_start() {
     // rank 1 gets another norm through a per-rank environment: the options hash differs
-    let (model, docs) = inputs();
     let out = tmp().join("mismatch.h5");
-    let bin = env!("CARGO_BIN_EXE_falcon-batch");
-    let common = format!("score --device cpu --quiet --model {} --docs {} --out {}", model.display(), docs.display(), out.display());
-    let mut c = Command::new("mpirun");
-    c.args(["--oversubscribe", "-np", "1", bin])
-        .args(common.split(' '))
-        .args([":", "-np", "1", bin])
-        .args(common.split(' '))
-        .args(["--norm", "mean"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    let o = run_limited(&c, LIMIT);
+    let o = two_ranks_differing_by(&["--norm", "mean"], &out);
     let err = &o.stderr;
     assert!(!o.success() && !o.timed_out, "{}", o.text());
     assert!(err.contains("rank 1"), "{err}");
@@ -137,12 +125,8 @@ fn ranks_with_different_options_refuse_to_start() {
 
 fn generate_on(np: usize, args: &[&str]) -> String {
     let (model, _) = inputs();
-    let mut c = Command::new("mpirun");
-    c.args(["--oversubscribe", "-np", &np.to_string(), env!("CARGO_BIN_EXE_falcon-batch"), "generate", "--device", "cpu", "--model"])
-        .arg(model)
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let mut c = mpirun(np, &[]);
+    c.arg(bin()).args(["generate", "--device", "cpu", "--model"]).arg(model).args(args);
     let o = run_limited(&c, LIMIT);
     assert!(o.success(), "-np {np}: {}", o.stderr);
     o.stdout
@@ -177,20 +161,7 @@ fn full_sample() -> PathBuf {
 }
 
 fn score_full(np: usize, wire: &str, out: &Path) -> Vec<DocResult> {
-    let (model, _) = inputs();
-    let mut c = Command::new("mpirun");
-    c.args(["--oversubscribe", "-np", &np.to_string()])
-        .arg(env!("CARGO_BIN_EXE_falcon-batch"))
-        .args(["score", "--device", "cpu", "--quiet", "--wire-dtype", wire, "--batch-tokens", "512", "--model"])
-        .arg(model)
-        .arg("--docs")
-        .arg(full_sample())
-        .arg("--out")
-        .arg(out)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("HDF5_USE_FILE_LOCKING", "FALSE");
-    let o = run_limited(&c, LIMIT);
+    let o = score_on(np, &full_sample(), &["--wire-dtype", wire, "--batch-tokens", "512"], out, &[]);
     assert!(o.success(), "-np {np} --wire-dtype {wire}: {}", o.stderr);
     read_results(out).unwrap()
 }
@@ -220,19 +191,8 @@ fn bf16_wire_keeps_the_best_choices_of_f32_wire() {
 
 #[test]
 fn ranks_with_different_wire_dtypes_refuse_to_start() {
-    let (model, docs) = inputs();
     let out = tmp().join("wire-mismatch.h5");
-    let bin = env!("CARGO_BIN_EXE_falcon-batch");
-    let common = format!("score --device cpu --quiet --model {} --docs {} --out {}", model.display(), docs.display(), out.display());
-    let mut c = Command::new("mpirun");
-    c.args(["--oversubscribe", "-np", "1", bin])
-        .args(common.split(' '))
-        .args([":", "-np", "1", bin])
-        .args(common.split(' '))
-        .args(["--wire-dtype", "bf16"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    let o = run_limited(&c, LIMIT);
+    let o = two_ranks_differing_by(&["--wire-dtype", "bf16"], &out);
     let err = &o.stderr;
     assert!(!o.success());
     assert!(err.contains("rank 1") && err.contains("--wire-dtype bf16") && err.contains("--wire-dtype f32"), "{err}");
@@ -244,7 +204,7 @@ fn one_trace_per_job_with_a_track_per_rank_and_the_planners_wave() {
     let out = tmp().join("traced.h5");
     // No --wave: the planner's (4 per rank = 12) applies, so the 6 one-document micro-batches
     // travel as one wave (mb0..mb5); the old fixed --wave 4 would have stopped at mb3.
-    let o = mpirun(3, &["--group-layers", "5", "--batch-tokens", "64", "--trace", trace.to_str().unwrap()], &out, &[]);
+    let o = score(3, &["--group-layers", "5", "--batch-tokens", "64", "--trace", trace.to_str().unwrap()], &out, &[]);
     assert_eq!(o.code(), Some(3), "{}", o.stderr);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
     let events = v["traceEvents"].as_array().unwrap();

@@ -9,6 +9,7 @@ mod common;
 
 use common::hosts::TestHosts;
 use common::proc::{run_limited, spawn_limited};
+use common::smol::{self, assert_same_results, bin, root};
 use falcon_batch::results::{read_results, DocResult};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,38 +25,19 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_falcon-batch"))
-}
-
 fn tmp() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("fb-multi-host-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("temp dir");
-        d
-    })
+    DIR.get_or_init(|| smol::fresh_dir(&std::env::temp_dir(), "fb-multi-host"))
 }
 
 /// SmolLM2 (30 layers) converted once, and the first 8 sample documents.
 fn inputs() -> &'static (PathBuf, PathBuf) {
     static IN: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     IN.get_or_init(|| {
-        let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(gguf.exists(), "{} is missing: run `make fetch-model` first", gguf.display());
         let model = tmp().join("smollm2");
-        let mut c = Command::new(bin());
-        c.args(["convert", "--from"]).arg(&gguf).arg("--to").arg(&model);
-        let r = run_limited(&c, LIMIT);
-        assert!(r.success(), "convert: {}", r.text());
-        let sample = std::fs::read_to_string(root().join("inputs/sample.jsonl")).expect("inputs/sample.jsonl");
+        smol::convert_smollm2(&model, &[], LIMIT);
         let docs = tmp().join("docs.jsonl");
-        std::fs::write(&docs, sample.lines().take(8).collect::<Vec<_>>().join("\n") + "\n").expect("write docs");
+        smol::write_corpus(&docs, &smol::sample_lines(8));
         (model, docs)
     })
 }
@@ -85,18 +67,6 @@ fn reference() -> &'static Vec<DocResult> {
     })
 }
 
-fn assert_same(want: &[DocResult], got: &[DocResult], what: &str) {
-    assert_eq!(want.len(), got.len(), "{what}");
-    for (x, y) in want.iter().zip(got) {
-        assert_eq!((&x.id, &x.status, x.best), (&y.id, &y.status, y.best), "{what}");
-        for (cx, cy) in x.choices.iter().zip(&y.choices) {
-            for (p, q) in [(cx.logprob, cy.logprob), (cx.logprob_mean, cy.logprob_mean), (cx.prob, cy.prob)] {
-                assert!((p - q).abs() <= 1e-6, "{what}: doc {}: {p} vs {q}", x.id);
-            }
-        }
-    }
-}
-
 const ENV: [(&str, &str); 1] = [("HDF5_USE_FILE_LOCKING", "FALSE")];
 
 #[test]
@@ -117,7 +87,7 @@ fn scores_and_generation_over_2_to_4_hosts_equal_one_process() {
         let r = run_limited(&hosts.mpirun(np, n_hosts, &ENV, bin(), &args), LIMIT);
         let what = format!("-np {np} over {n_hosts} hosts");
         assert_eq!(r.code(), Some(0), "{what}: {}", r.text());
-        assert_same(want, &read_results(&out).expect("read results"), &what);
+        assert_same_results(want, &read_results(&out).expect("read results"), 1e-6, &what);
         eprintln!("{what}: same scores, {:.1} s", r.took.as_secs_f64());
     }
 
@@ -209,7 +179,7 @@ fn a_link_cut_mid_run_ends_every_process_within_60_s_and_the_same_command_resume
     hosts.restore(3);
     let r = run_limited(&hosts.mpirun(3, 3, &env, bin(), &args), LIMIT);
     assert_eq!(r.code(), Some(0), "the resumed job: {}", r.text());
-    assert_same(want, &read_results(&out).expect("read the resumed results"), "resumed after a cut link");
+    assert_same_results(want, &read_results(&out).expect("read the resumed results"), 1e-6, "resumed after a cut link");
 }
 
 fn process_name(pid: &str) -> String {

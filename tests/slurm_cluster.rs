@@ -6,6 +6,9 @@
 //! Needs root (namespaces, mounts) and the Slurm packages (`scripts/setup-deps.sh --slurm`,
 //! which `make test` runs): without them this test fails; it does not skip.
 
+mod common;
+
+use common::smol::{self, root};
 use falcon_batch::results::{read_results, DocResult};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -15,10 +18,6 @@ use std::time::{Duration, Instant};
 // A small wave (1 micro-batch per rank) so that a SIGTERM mid-run finishes within KillWait.
 const PLAN_FLAGS: &str = "--device-mem 4GB --resident 1 --group-layers 4 --batch-tokens 512 --wave 4";
 const RANKS: usize = 4;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Runs a command to completion under a hard limit (timeout kills it and its children).
 fn run(args: &[&str], limit_s: u64, env: &[(&str, &str)]) -> Output {
@@ -102,11 +101,8 @@ fn work() -> Work {
     }
     let bin = dir.join("falcon-batch");
     std::fs::copy(env!("CARGO_BIN_EXE_falcon-batch"), &bin).unwrap();
-    let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(gguf.exists(), "{} is missing: run `make fetch-model` first", gguf.display());
     let model = dir.join("smollm2");
-    let o = run(&[bin.to_str().unwrap(), "convert", "--from", gguf.to_str().unwrap(), "--to", model.to_str().unwrap(), "--dtype", "bf16"], 300, &[]);
-    ok(&o, "convert");
+    smol::convert_smollm2(&model, &["--dtype", "bf16"], Duration::from_secs(300));
     let docs = dir.join("docs.jsonl");
     std::fs::copy(root().join("inputs/sample.jsonl"), &docs).unwrap();
     Work { dir, model, docs, bin }
@@ -193,15 +189,7 @@ fn mpirun_reference(w: &Work) -> Vec<DocResult> {
 }
 
 fn assert_same(got: &[DocResult], want: &[DocResult], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: document count");
-    let ids: BTreeSet<&str> = got.iter().map(|d| d.id.as_str()).collect();
-    assert_eq!(ids.len(), got.len(), "{what}: every document exactly once");
-    for (x, y) in got.iter().zip(want) {
-        assert_eq!((&x.id, &x.status, x.best), (&y.id, &y.status, y.best), "{what}");
-        for (cx, cy) in x.choices.iter().zip(&y.choices) {
-            assert!((cx.logprob - cy.logprob).abs() <= 1e-6, "{what}: doc {}: {} vs {}", x.id, cx.logprob, cy.logprob);
-        }
-    }
+    smol::assert_same_results(want, got, 1e-6, what)
 }
 
 /// What `plan --parts-for-rank` says ranks `ranks` read, plus manifest and tokenizer.

@@ -3,13 +3,12 @@
 //! by the backend's copy thread. The rank's trace must show copies running while the compute
 //! track is busy, and the scores must equal an all-resident run exactly.
 
+mod common;
+
+use common::smol;
 use falcon_batch::results::read_results;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
@@ -39,16 +38,11 @@ fn spans(trace: &serde_json::Value, track: &str) -> Vec<(f64, f64, String)> {
 
 #[test]
 fn score_job_streams_groups_with_copies_overlapping_compute() {
-    let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(gguf.exists(), "{} is missing: run `make fetch-model` first", gguf.display());
-    let d: PathBuf = std::env::temp_dir().join(format!("fb-streaming-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("temp dir");
+    let d: PathBuf = smol::fresh_dir(&std::env::temp_dir(), "fb-streaming");
     let model = d.join("smollm2");
-    run(bin().arg("convert").arg("--from").arg(&gguf).arg("--to").arg(&model));
+    smol::convert_smollm2(&model, &[], std::time::Duration::from_secs(300));
     let docs = d.join("docs.jsonl");
-    let sample = std::fs::read_to_string(root().join("inputs/sample.jsonl")).expect("inputs/sample.jsonl");
-    std::fs::write(&docs, sample.lines().take(4).collect::<Vec<_>>().join("\n") + "\n").expect("write corpus");
+    smol::write_corpus(&docs, &smol::sample_lines(4));
 
     let score = |out: &Path, resident: &str, trace: Option<&Path>| {
         let mut c = bin();
