@@ -14,11 +14,11 @@ use super::weights::WeightWindow;
 use super::PipelineError;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::layout::{AttnSpan, ScoredRow};
+use crate::token_tree::{AttnSpan, ScoredRow};
 use crate::model::{LayerCache, ModelError, RowCtx};
 use crate::schedule::cost::WireDtype;
 use crate::schedule::Schedule;
-use crate::stage::{HostGroup, Stage};
+use crate::group::{HostGroup, DeviceGroup};
 use crate::trace::{Trace, Track};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -299,7 +299,7 @@ fn since(t0: Instant, t: Instant) -> f64 {
 }
 
 /// The last group's output for one item, as f64 (log-probs, or logits widened exactly).
-fn head<B: Backend>(b: &B, cfg: &ModelConfig, stage: &Stage<B>, x: &B::Act, head: Head) -> Result<Vec<f64>, ModelError> {
+fn head<B: Backend>(b: &B, cfg: &ModelConfig, stage: &DeviceGroup<B>, x: &B::Act, head: Head) -> Result<Vec<f64>, ModelError> {
     match head {
         Head::Score(scored) => stage.scored_logprobs(b, cfg, x, scored),
         Head::Logits(rows) => {

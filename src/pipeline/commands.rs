@@ -9,7 +9,7 @@ use super::PipelineError;
 use crate::backend::Backend;
 use crate::generate::{Decoder, GenerateError, StepBatch};
 use crate::job::{BatchScorer, JobError};
-use crate::layout::MicroBatch;
+use crate::token_tree::MicroBatch;
 use crate::trace::Trace;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;

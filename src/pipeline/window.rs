@@ -21,7 +21,7 @@
 use crate::backend::Backend;
 use crate::model::{ModelError, Part};
 use crate::schedule::Schedule;
-use crate::stage::{GroupLayout, HostGroup, Stage};
+use crate::group::{GroupTensorNames, HostGroup, DeviceGroup};
 use crate::tensor::HostTensor;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,12 +43,12 @@ pub type GroupCopy = (usize, Instant, Instant);
 /// A group in a slot: its copy in flight, or arrived and computing.
 enum Held<B: Backend> {
     Loading(B::Transfer),
-    Ready(B::Transfer, Stage<B>),
+    Ready(B::Transfer, DeviceGroup<B>),
 }
 
 pub struct WeightWindow<B: Backend> {
     backend: Arc<B>,
-    layouts: Vec<GroupLayout>,
+    layouts: Vec<GroupTensorNames>,
     /// The rank's groups, pinned once. Dropped after its copy when every group stays resident.
     pinned: Vec<Option<Arc<B::Pinned>>>,
     resident: usize,
@@ -75,7 +75,7 @@ impl<B: Backend> WeightWindow<B> {
 
     /// A window over groups already pinned; one pinned group may serve several layouts of
     /// the same shapes (the synthetic benchmark streams many layers from two host copies).
-    pub fn from_pinned(backend: Arc<B>, layouts: Vec<GroupLayout>, pinned: Vec<Arc<B::Pinned>>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
+    pub fn from_pinned(backend: Arc<B>, layouts: Vec<GroupTensorNames>, pinned: Vec<Arc<B::Pinned>>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
         if layouts.len() != pinned.len() {
             return Err(ModelError::Unsupported(format!("weight window: {} layouts for {} pinned groups", layouts.len(), pinned.len())));
         }
@@ -122,7 +122,7 @@ impl<B: Backend> WeightWindow<B> {
     /// Groups outside the next `resident` in execution order (cyclic: after the last comes
     /// the next wave's first) give their slots back, and the free slots start copying the
     /// following groups, so they arrive while this one computes.
-    pub fn acquire(&mut self, idx: usize) -> Result<(&Stage<B>, Duration), ModelError> {
+    pub fn acquire(&mut self, idx: usize) -> Result<(&DeviceGroup<B>, Duration), ModelError> {
         let k = self.layouts.len();
         if idx >= k {
             return Err(ModelError::Unsupported(format!("weight window: group {idx} asked for, the rank has {k}")));
@@ -150,7 +150,7 @@ impl<B: Backend> WeightWindow<B> {
                 return Err(ModelError::Unsupported(format!("group {g} changed state in the weight window")));
             };
             let weights = self.backend.wait(&mut t)?;
-            let stage = Stage::from_weights(&self.layouts[g], weights)?;
+            let stage = DeviceGroup::from_weights(&self.layouts[g], weights)?;
             self.held.push((g, Held::Ready(t, stage)));
             if self.slots() == k {
                 self.pinned[g] = None; // stays resident for good: no second copy
@@ -184,7 +184,7 @@ mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
     use crate::bench::synthetic_batch;
-    use crate::stage::score_through;
+    use crate::group::score_through;
     use crate::testing::{llama_config, random_group};
 
     fn cfg(layers: usize) -> crate::config::ModelConfig {
@@ -224,7 +224,7 @@ mod tests {
         let cfg = cfg(5);
         let b = Arc::new(CpuBackend::new());
         let ranges = [0..1, 1..3, 3..4, 4..5];
-        let stages: Vec<Stage<CpuBackend>> = ranges.iter().map(|r| Stage::upload(&*b, &random_group(&cfg, r.clone(), 9)).expect("upload")).collect();
+        let stages: Vec<DeviceGroup<CpuBackend>> = ranges.iter().map(|r| DeviceGroup::upload(&*b, &random_group(&cfg, r.clone(), 9)).expect("upload")).collect();
         let batch = synthetic_batch(2, 24);
         let want = score_through(&stages, &*b, &cfg, &batch).expect("resident");
         for resident in [1, 2, 3, 4] {
