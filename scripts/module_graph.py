@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 def module_of(path: Path) -> tuple:
     rel = path.relative_to(SRC).with_suffix("")
     parts = list(rel.parts)
-    if parts[-1] == "mod" or parts == ["lib"]:
+    if parts[-1] == "mod" or parts in (["lib"], ["main"]):
         parts = parts[:-1]
     return tuple(parts)
 
@@ -95,10 +95,31 @@ def references(text: str, me: tuple, is_dir_module: bool) -> list:
     return out
 
 
+def test_only_files(files: list) -> set:
+    """Modules declared `#[cfg(test)] mod x;` in their parent: test code in a file of its own."""
+    out = set()
+    for f in files:
+        text = f.read_text()
+        for m in re.finditer(r"#\[cfg\(test\)\]\s*mod\s+(\w+)\s*;", text):
+            out.add(module_of(f) + (m.group(1),))
+    return out
+
+
 def main() -> int:
     with_tests = "--tests" in sys.argv
     files = sorted(SRC.rglob("*.rs"))
-    modules = {module_of(f): f for f in files if f.name != "main.rs" and "cli" not in f.relative_to(SRC).parts}
+    # The library; the binary (main.rs, cli/) is checked as its own crate below.
+    lib = [f for f in files if f.name != "main.rs" and "cli" not in f.relative_to(SRC).parts]
+    bin_files = [f for f in files if f.name == "main.rs" or "cli" in f.relative_to(SRC).parts]
+    failed = check(lib, with_tests, "library")
+    failed |= check(bin_files, with_tests, "binary")
+    return 1 if failed else 0
+
+
+def check(files: list, with_tests: bool, what: str) -> bool:
+    skip = set() if with_tests else test_only_files(files)
+    modules = {module_of(f): f for f in files}
+    modules = {m: f for m, f in modules.items() if m not in skip}
     deps = {}
     for mod, f in modules.items():
         text = strip_comments(f.read_text())
@@ -135,14 +156,14 @@ def main() -> int:
                         graph[a].add(b)
         cycles += find_cycles(graph)
     for c in cycles:
-        print("cycle:", " -> ".join("::".join(m) for m in c + [c[0]]))
+        print(f"{what}: cycle among", ", ".join("::".join(m) for m in c))
     if not cycles:
-        print(f"no import cycles among {len(modules)} modules ({'with' if with_tests else 'without'} test modules)")
-    return 1 if cycles else 0
+        print(f"{what}: no import cycles among {len(modules)} modules ({'with' if with_tests else 'without'} test modules)")
+    return bool(cycles)
 
 
 def find_cycles(graph: dict) -> list:
-    """One cycle per strongly connected component with more than one node (Tarjan)."""
+    """The strongly connected components with more than one node (Tarjan): each holds a cycle."""
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
 
     def strong(v):
