@@ -76,8 +76,8 @@ pub fn serve<B: Backend + 'static>(worker: &mut Worker<B>) -> Result<(), Pipelin
         return Err(PipelineError::Mpi("rank 0 drives the pipeline; it must not call serve".into()));
     }
     loop {
-        let (comm, live) = worker.comm();
-        let (_, bytes) = comm.recv_any_len::<u8>(Some(0), TAG_COMMAND, live)?;
+        let (comm, waits) = worker.comm();
+        let (_, bytes) = comm.recv_any_len::<u8>(Some(0), TAG_COMMAND, waits)?;
         let cmd: Command = serde_json::from_slice(&bytes).map_err(|e| PipelineError::BadMessage { from: 0, msg: format!("command: {e}") })?;
         match cmd {
             Command::Score(wave) => {

@@ -10,7 +10,7 @@
 
 use super::cluster::Cluster;
 use super::rows::{read_out, ForwardRows};
-use super::transport::{Comm, Liveness, Pending, ProgressThread, SendQueue};
+use super::transport::{Comm, WaitState, Pending, ProgressThread, SendQueue};
 use super::window::WeightWindow;
 use super::wire::{decode, encode};
 use super::PipelineError;
@@ -53,7 +53,7 @@ pub struct Worker<B: Backend> {
     cfg: ModelConfig,
     schedule: Schedule,
     comm: Comm,
-    live: Liveness,
+    waits: WaitState,
     window: WeightWindow<B>,
     /// Generation: per group this rank owns, one cache per layer of the group. The caches
     /// stay on this rank with their group even when its weights are swapped out.
@@ -89,7 +89,7 @@ impl<B: Backend + 'static> Worker<B> {
         }
         let window = WeightWindow::new(backend.clone(), host, schedule.resident)?;
         let progress = if cluster.size > 1 { ProgressThread::start(cluster.data, progress_every())? } else { None };
-        cluster.data.barrier(&cluster.live)?;
+        cluster.data.barrier(&cluster.waits)?;
         let t0 = Instant::now();
         Ok(Worker {
             rank,
@@ -97,7 +97,7 @@ impl<B: Backend + 'static> Worker<B> {
             cfg,
             schedule,
             comm: cluster.data,
-            live: cluster.live.clone(),
+            waits: cluster.waits.clone(),
             window,
             caches: HashMap::new(),
             trace,
@@ -111,8 +111,8 @@ impl<B: Backend + 'static> Worker<B> {
         &self.schedule
     }
 
-    pub(crate) fn comm(&self) -> (&Comm, &Liveness) {
-        (&self.comm, &self.live)
+    pub(crate) fn comm(&self) -> (&Comm, &WaitState) {
+        (&self.comm, &self.waits)
     }
 
     /// Forget every generation cache.
@@ -176,7 +176,7 @@ impl<B: Backend + 'static> Worker<B> {
                     Some(recv) => {
                         next_recv = recv_input(&self.comm, m + 1)?;
                         let (posted, wait_start) = (recv.posted, Instant::now());
-                        let bytes = recv.wait(&self.live)?;
+                        let bytes = recv.wait(&self.waits)?;
                         let end = Instant::now();
                         self.trace.span(Track::Recv, &format!("g{g} mb{m}"), since(self.t0, posted), since(self.t0, end), &[("bytes", bytes.len() as f64)]);
                         self.trace.span(Track::Wait, &format!("input g{g} mb{m}"), since(self.t0, wait_start), since(self.t0, end), &[]);
@@ -214,10 +214,10 @@ impl<B: Backend + 'static> Worker<B> {
     /// Wait for a started wave's sends and (rank 0) its results.
     pub(crate) fn finish(&mut self, mut wave: InFlight) -> Result<Vec<Vec<f64>>, PipelineError> {
         if let Some(mut command) = wave.command.take() {
-            command.wait_all(&self.live)?;
+            command.wait_all(&self.waits)?;
         }
-        wave.sends.wait_all(&self.live)?;
-        wave.result_sends.wait_all(&self.live)?;
+        wave.sends.wait_all(&self.waits)?;
+        wave.result_sends.wait_all(&self.waits)?;
         self.record_copies_and_sends(&wave.sends, &wave.result_sends);
         if self.rank != 0 {
             return Ok(vec![]);
@@ -228,7 +228,7 @@ impl<B: Backend + 'static> Worker<B> {
         let mut out = vec![];
         for r in wave.result_recvs {
             let posted = r.posted;
-            out.push(r.wait(&self.live)?);
+            out.push(r.wait(&self.waits)?);
             self.trace.span(Track::Recv, "results", since(self.t0, posted), since(self.t0, Instant::now()), &[]);
         }
         Ok(out)

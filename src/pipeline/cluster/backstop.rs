@@ -5,7 +5,7 @@
 use super::heartbeat::{PeerView, NOBODY};
 use super::{rank_name, say, EXIT_LOST};
 use crate::liveness;
-use crate::pipeline::transport::Liveness;
+use crate::pipeline::transport::WaitState;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -16,7 +16,7 @@ pub(super) struct Backstop {
     pub size: usize,
     pub timeout: Duration,
     pub view: Arc<PeerView>,
-    pub live: Liveness,
+    pub waits: WaitState,
     pub hosts: Arc<OnceLock<Vec<String>>>,
 }
 
@@ -33,7 +33,7 @@ impl Backstop {
             }
             let (lost, msg) = self.verdict(now, now - last);
             say(&msg);
-            self.live.mark_lost(lost);
+            self.waits.mark_lost(lost);
             // The main thread's wait now fails with the same name and aborts through MPI;
             // should it be stuck (in MPI, a device call, a file system), end here.
             std::thread::sleep(Duration::from_secs(2));
@@ -56,7 +56,7 @@ impl Backstop {
             .max_by_key(|(_, s)| *s);
         let stands_out = (self.timeout.as_millis() as u64 / 2).max(1000);
         if let Some((p, s)) = silent.filter(|(_, s)| *s > stands_out) {
-            let waiting = match self.live.waiting() {
+            let waiting = match self.waits.waiting() {
                 Some((w, what)) => format!("; waiting for a {what} from {}", name(w)),
                 None => String::new(),
             };
@@ -68,7 +68,7 @@ impl Backstop {
             return (p, msg);
         }
         let mut chain = vec![self.rank];
-        let mut next = self.live.waiting().map(|(w, _)| w);
+        let mut next = self.waits.waiting().map(|(w, _)| w);
         while let Some(w) = next.filter(|w| *w < self.size && !chain.contains(w)) {
             chain.push(w);
             next = match self.view.waits_for[w].load(Ordering::SeqCst) {

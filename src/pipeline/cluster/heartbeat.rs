@@ -3,7 +3,7 @@
 //! decides anything: the backstop reads what it noted.
 
 use crate::liveness;
-use crate::pipeline::transport::{Comm, Liveness, Pending};
+use crate::pipeline::transport::{Comm, WaitState, Pending};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ impl PeerView {
 pub(super) const NOBODY: u64 = u64::MAX;
 
 /// The heartbeat loop, until `stop`.
-pub(super) fn heartbeat(beat: Comm, size: usize, view: &PeerView, live: &Liveness, stop: &AtomicBool) {
+pub(super) fn heartbeat(beat: Comm, size: usize, view: &PeerView, waits: &WaitState, stop: &AtomicBool) {
     let mut sends: Vec<Option<Pending<u64>>> = (0..size).map(|_| None).collect();
     let mut recvs: Vec<Pending<u64>> = vec![];
     let mut last_count = vec![0u64; size];
@@ -50,7 +50,7 @@ pub(super) fn heartbeat(beat: Comm, size: usize, view: &PeerView, live: &Livenes
                     None => true,
                 };
                 if done {
-                    let waits = live.waiting().map_or(NOBODY, |(w, _)| w as u64);
+                    let waits = waits.waiting().map_or(NOBODY, |(w, _)| w as u64);
                     sends[peer] = beat.isend(vec![liveness::count(), waits], peer, TAG_HEARTBEAT).ok();
                 }
             }

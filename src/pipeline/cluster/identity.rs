@@ -124,12 +124,12 @@ impl Cluster {
         let mut hellos: Vec<Option<Hello>> = vec![None; self.size];
         hellos[self.rank] = Some(mine);
         for peer in (0..self.size).filter(|&p| p != self.rank) {
-            let (_, b) = self.data.recv_any_len::<u8>(Some(peer), TAG_HELLO, &self.live)?;
+            let (_, b) = self.data.recv_any_len::<u8>(Some(peer), TAG_HELLO, &self.waits)?;
             let h: Hello = serde_json::from_slice(&b).map_err(|e| PipelineError::BadMessage { from: peer, msg: format!("introduction: {e}") })?;
             hellos[peer] = Some(h);
         }
         for s in sends {
-            s.wait(&self.live)?;
+            s.wait(&self.waits)?;
         }
         let hellos: Vec<Hello> = hellos.into_iter().flatten().collect();
         let _ = self.hosts.set(hellos.iter().map(|h| h.host.clone()).collect());

@@ -1,7 +1,7 @@
 //! This process's place in the MPI job: MPI start and end, who we are, and the two threads
 //! that tell whether the job is still moving (DESIGN.md, "Failure and liveness").
 //!
-//! Liveness is progress, not an answering thread. Two threads run beside the pipeline:
+//! WaitState is progress, not an answering thread. Two threads run beside the pipeline:
 //! - the heartbeat thread tells every peer, twice a second, how far this rank's work has come
 //!   (its `liveness::count()`) and which peer its main thread waits for, and notes when it
 //!   last heard from each peer, when each last advanced and whom each waits for. A heartbeat
@@ -22,7 +22,7 @@ mod identity;
 
 pub use identity::Identity;
 
-use super::transport::{Comm, Liveness};
+use super::transport::{Comm, WaitState};
 use super::PipelineError;
 use crate::liveness;
 use backstop::Backstop;
@@ -75,7 +75,7 @@ pub struct Cluster {
     pub size: usize,
     /// Rank among the processes on this node (which GPU to take).
     pub local_rank: usize,
-    pub live: Liveness,
+    pub waits: WaitState,
     /// Point-to-point traffic of the pipeline.
     pub(crate) data: Comm,
     /// Every rank's host name, once the ranks have introduced themselves.
@@ -140,20 +140,20 @@ impl Cluster {
         let data_comm = world.duplicate();
         let data = Comm::new(&data_comm, rank);
         data.errors_return()?;
-        let live = Liveness::default();
+        let waits = WaitState::default();
         liveness::epoch();
         let hosts = Arc::new(OnceLock::new());
         let mut cluster =
-            Cluster { rank, size, local_rank, live, data, hosts, heartbeat: None, backstop: None, comms: vec![data_comm], universe: Some(universe) };
+            Cluster { rank, size, local_rank, waits, data, hosts, heartbeat: None, backstop: None, comms: vec![data_comm], universe: Some(universe) };
         if size > 1 {
             let beat_comm = world.duplicate();
             let beat = Comm::new(&beat_comm, rank);
             beat.errors_return()?;
             cluster.comms.push(beat_comm);
             let view = Arc::new(PeerView::new(size));
-            let (v, l) = (view.clone(), cluster.live.clone());
+            let (v, l) = (view.clone(), cluster.waits.clone());
             cluster.heartbeat = Some(Helper::spawn("mpi-heartbeat", move |stop| heartbeat(beat, size, &v, &l, &stop))?);
-            let b = Backstop { rank, size, timeout: liveness::peer_timeout(), view, live: cluster.live.clone(), hosts: cluster.hosts.clone() };
+            let b = Backstop { rank, size, timeout: liveness::peer_timeout(), view, waits: cluster.waits.clone(), hosts: cluster.hosts.clone() };
             cluster.backstop = Some(Helper::spawn("liveness-backstop", move |stop| b.run(&stop))?);
         }
         Ok(cluster)

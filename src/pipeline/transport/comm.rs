@@ -1,7 +1,7 @@
 //! The communicator handle: start sends and receives, probe, barrier and abort, every wait
 //! polled against the liveness backstop.
 
-use super::{check, empty_status, Backoff, Liveness, Pending};
+use super::{check, empty_status, Backoff, WaitState, Pending};
 use crate::pipeline::PipelineError;
 use mpi::ffi;
 use mpi::raw::AsRaw;
@@ -74,28 +74,28 @@ impl Comm {
         &self,
         peer: Option<usize>,
         tag: i32,
-        live: &Liveness,
+        waits: &WaitState,
     ) -> Result<(usize, Vec<T>), PipelineError> {
         if let Some(p) = peer {
-            live.waiting_for(p, true);
+            waits.waiting_for(p, true);
         }
-        let found = self.probe_until_found(peer, tag, live);
-        live.done_waiting();
+        let found = self.probe_until_found(peer, tag, waits);
+        waits.done_waiting();
         let found = found?;
         let source = found.peer;
-        Ok((source, found.wait(live)?))
+        Ok((source, found.wait(waits)?))
     }
 
-    fn probe_until_found<T: Equivalence + Default + Clone>(&self, peer: Option<usize>, tag: i32, live: &Liveness) -> Result<Pending<T>, PipelineError> {
+    fn probe_until_found<T: Equivalence + Default + Clone>(&self, peer: Option<usize>, tag: i32, waits: &WaitState) -> Result<Pending<T>, PipelineError> {
         let mut backoff = Backoff(0);
         loop {
             if let Some(found) = self.try_recv_any_len(peer, tag)? {
                 return Ok(found);
             }
-            if let Some(rank) = live.lost() {
+            if let Some(rank) = waits.lost() {
                 return Err(PipelineError::Lost { peer: rank, during: "receive".into() });
             }
-            live.polled();
+            waits.polled();
             backoff.pause();
         }
     }
@@ -127,7 +127,7 @@ impl Comm {
     /// Wait until every rank has reached this point (a polled MPI_Ibarrier, so a dead peer
     /// ends the wait with its name). Ranks leave within about one network latency of each
     /// other, which is what aligns their trace clocks.
-    pub fn barrier(&self, live: &Liveness) -> Result<(), PipelineError> {
+    pub fn barrier(&self, waits: &WaitState) -> Result<(), PipelineError> {
         let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
         // SAFETY: raw is a valid communicator; req is an out-parameter.
         check(unsafe { ffi::MPI_Ibarrier(self.raw, &mut req) }, "barrier")?;
@@ -140,7 +140,7 @@ impl Comm {
             if flag != 0 {
                 return Ok(());
             }
-            if let Some(rank) = live.lost() {
+            if let Some(rank) = waits.lost() {
                 return Err(PipelineError::Lost { peer: rank, during: "barrier".into() });
             }
             backoff.pause();

@@ -8,18 +8,18 @@
 //! peer's name, and every completed message counts as progress (crate::liveness).
 //!
 //! Files: comm.rs (the communicator handle: post, probe, barrier, abort), pending.rs (a
-//! message in flight and its buffer; a queue of sends), waits.rs (what the waits and the
+//! message in flight and its buffer; a queue of sends), wait_state.rs (what the waits and the
 //! backstop share), progress.rs (the thread that keeps sends moving).
 
 mod comm;
 mod pending;
 mod progress;
-mod waits;
+mod wait_state;
 
 pub use comm::Comm;
 pub use pending::{Pending, SendQueue};
 pub use progress::ProgressThread;
-pub use waits::Liveness;
+pub use wait_state::WaitState;
 
 use super::PipelineError;
 use mpi::ffi;

@@ -2,7 +2,7 @@
 //! their wave ends.
 
 use super::comm::datatype;
-use super::{check, empty_status, Backoff, Liveness};
+use super::{check, empty_status, Backoff, WaitState};
 use crate::pipeline::PipelineError;
 use mpi::ffi;
 use mpi::traits::Equivalence;
@@ -35,14 +35,14 @@ impl<T: Equivalence> Pending<T> {
     }
 
     /// Poll until done; give up when the backstop has declared a peer lost.
-    pub fn wait(mut self, live: &Liveness) -> Result<Vec<T>, PipelineError> {
-        live.waiting_for(self.peer, self.what.starts_with("receive"));
-        let result = self.poll_until_done(live);
-        live.done_waiting();
+    pub fn wait(mut self, waits: &WaitState) -> Result<Vec<T>, PipelineError> {
+        waits.waiting_for(self.peer, self.what.starts_with("receive"));
+        let result = self.poll_until_done(waits);
+        waits.done_waiting();
         result
     }
 
-    fn poll_until_done(&mut self, live: &Liveness) -> Result<Vec<T>, PipelineError> {
+    fn poll_until_done(&mut self, waits: &WaitState) -> Result<Vec<T>, PipelineError> {
         let mut backoff = Backoff(0);
         loop {
             if let Some(status) = self.test()? {
@@ -59,10 +59,10 @@ impl<T: Equivalence> Pending<T> {
                 }
                 return Ok(buf);
             }
-            if let Some(rank) = live.lost() {
+            if let Some(rank) = waits.lost() {
                 return Err(PipelineError::Lost { peer: rank, during: self.what.to_string() });
             }
-            live.polled();
+            waits.polled();
             backoff.pause();
         }
     }
@@ -114,10 +114,10 @@ impl<T: Equivalence> SendQueue<T> {
         Ok(())
     }
 
-    pub fn wait_all(&mut self, live: &Liveness) -> Result<(), PipelineError> {
+    pub fn wait_all(&mut self, waits: &WaitState) -> Result<(), PipelineError> {
         for p in self.pending.drain(..) {
             let (posted, peer) = (p.posted, p.peer);
-            p.wait(live)?;
+            p.wait(waits)?;
             self.finished.push((posted, Instant::now(), peer));
         }
         Ok(())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 /// backstop gave up on (every wait then fails naming it), and the peer the main thread is
 /// waiting for right now (the backstop names it).
 #[derive(Clone, Debug)]
-pub struct Liveness {
+pub struct WaitState {
     /// `usize::MAX` while every peer counts as alive, else the rank given up on.
     lost: Arc<AtomicUsize>,
     /// `usize::MAX` when not waiting, else peer * 2 + 1 for a receive, peer * 2 for a send.
@@ -21,9 +21,9 @@ pub struct Liveness {
 /// A waiting thread polls every 200 us; one silent for this long is stuck in a call.
 const POLL_STALE_MS: u64 = 1000;
 
-impl Default for Liveness {
+impl Default for WaitState {
     fn default() -> Self {
-        Liveness {
+        WaitState {
             lost: Arc::new(AtomicUsize::new(usize::MAX)),
             waiting: Arc::new(AtomicUsize::new(usize::MAX)),
             polled_ms: Arc::new(AtomicU64::new(0)),
@@ -31,7 +31,7 @@ impl Default for Liveness {
     }
 }
 
-impl Liveness {
+impl WaitState {
     pub fn mark_lost(&self, rank: usize) {
         let _ = self.lost.compare_exchange(usize::MAX, rank, Ordering::SeqCst, Ordering::SeqCst);
     }
