@@ -89,7 +89,7 @@ pub struct Cluster {
 
 /// One line to stderr in a single write, so lines of ranks sharing mpirun's output do not
 /// interleave mid-line.
-pub(crate) fn say(msg: &str) {
+fn say(msg: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("{msg}\n").as_bytes());
 }
