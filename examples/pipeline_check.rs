@@ -14,15 +14,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::config::ModelConfig;
-use falcon_batch::generate::{generate, GenOptions, GenRequest, LocalDecoder};
-use falcon_batch::job::{BatchScorer, LocalScorer};
-use falcon_batch::layout::{MicroBatch, TokenizedDoc};
+use falcon_batch::generate::{generate, GenOptions, GenRequest};
+use falcon_batch::runner::{BatchScorer, LocalDecoder, LocalScorer};
+use falcon_batch::token_tree::{MicroBatch, TokenizedDoc};
 use falcon_batch::model::Part;
 use falcon_batch::pipeline::{read_rank_groups, serve, Cluster, Identity, PipelineDecoder, PipelineScorer, Worker};
 use falcon_batch::sample::SamplingOptions;
 use falcon_batch::schedule::cost::WireDtype;
 use falcon_batch::schedule::{ModelShape, RankCaps, Schedule, ScheduleOptions};
-use falcon_batch::stage::Stage;
+use falcon_batch::group::DeviceGroup;
 use falcon_batch::tensor::{DType, HostTensor};
 use falcon_batch::testing::{falcon_config, llama_config, rand_values, random_group, random_model_part, word_tokenizer};
 use falcon_batch::trace::Trace;
@@ -158,8 +158,8 @@ fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
 /// Rank 0: score (and generate) through the pipeline and compare with one process.
 fn drive(worker: &mut Worker<CpuBackend>, cfg: &ModelConfig, a: &Args) -> Result<()> {
     let b = CpuBackend::new();
-    let whole = [Stage::upload(&b, &random_group(cfg, 0..cfg.n_layers, SEED))?];
-    let mut local = LocalScorer { backend: &b, cfg, stages: &whole, done: VecDeque::new() };
+    let whole = [DeviceGroup::upload(&b, &random_group(cfg, 0..cfg.n_layers, SEED))?];
+    let mut local = LocalScorer { backend: &b, cfg, groups: &whole, done: VecDeque::new() };
     let waves = waves(cfg, a);
     let start = Instant::now();
     let mut scorer = PipelineScorer::new(worker)?;
@@ -221,7 +221,7 @@ fn run(cluster: &Cluster, cfg: &ModelConfig, a: &Args) -> Result<Trace> {
         Some(r) if r == cluster.rank => "some-other-model".to_string(),
         _ => format!("random-{}-{}-seed{SEED}", a.family, a.layers),
     };
-    let identity = Identity { model_id, options_hash: format!("{:?}", options(a)), wire_dtype: WireDtype::F32.name().to_string() };
+    let identity = Identity { model_id, options: serde_json::to_value(options(a))?, wire_dtype: WireDtype::F32.name().to_string() };
     let ranks = cluster.exchange(&identity, &cpu_caps())?;
     let sched = plan(cfg, a, &ranks)?;
     if cluster.rank == 0 {

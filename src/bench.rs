@@ -6,11 +6,11 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::pipeline::WeightWindow;
-use crate::stage::GroupLayout;
+use crate::group::GroupTensorNames;
 use crate::backend::select::{DeviceChoice, Resolved};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::layout::{AttnSpan, MicroBatch, TokenizedDoc};
+use crate::token_tree::{AttnSpan, MicroBatch, TokenizedDoc};
 use crate::model::{self, LayerCache, Part, RowCtx, Weights};
 use crate::tensor::{DType, HostTensor};
 use thiserror::Error;
@@ -341,10 +341,10 @@ fn stream_run<B: Backend>(b: &Arc<B>, cfg: &ModelConfig, layers: usize, window: 
     drop(tensors);
     let pinned = [Arc::new(b.pin(&group_tensors)?), Arc::new(b.pin(&group_tensors)?)];
     drop(group_tensors);
-    let layouts: Vec<GroupLayout> = (0..groups)
+    let layouts: Vec<GroupTensorNames> = (0..groups)
         .map(|g| {
             let ls = g * per_group..((g + 1) * per_group).min(layers);
-            GroupLayout { layers: ls.clone(), parts: ls.map(|l| (Part::Layer(l), names.clone())).collect() }
+            GroupTensorNames { layers: ls.clone(), parts: ls.map(|l| (Part::Layer(l), names.clone())).collect() }
         })
         .collect();
     // A short last group cannot share a full group's host copy.
@@ -358,8 +358,8 @@ fn stream_run<B: Backend>(b: &Arc<B>, cfg: &ModelConfig, layers: usize, window: 
     b.sync()?;
     let t0 = Instant::now();
     for g in 0..groups {
-        let (stage, _) = w.acquire(g)?;
-        x = stage.run_layers(&**b, cfg, x, &ctx, None)?;
+        let (group, _) = w.acquire(g)?;
+        x = group.run_layers(&**b, cfg, x, &ctx, None)?;
     }
     b.sync()?;
     Ok(t0.elapsed().as_secs_f64())

@@ -1,15 +1,15 @@
 //! Text generation: every prompt advances one token per step in one batch, each sequence
 //! keeping its keys and values in the per-layer caches (re-laid each step so a sequence's
-//! rows stay contiguous and finished sequences drop out).
+//! rows stay contiguous and finished sequences drop out). The steps run through a
+//! runner::Decoder: on this process or over the pipeline.
 //!
 //! Shapes: T new rows of a step, S cached rows, V vocabulary.
 
-use crate::backend::Backend;
-use crate::config::ModelConfig;
-use crate::layout::AttnSpan;
-use crate::model::{LayerCache, ModelError, RowCtx};
+use crate::model::ModelError;
+use crate::pipeline::PipelineError;
+use crate::runner::{Decoder, StepBatch};
 use crate::sample::{Sampler, SamplingOptions};
-use crate::stage::Stage;
+use crate::token_tree::AttnSpan;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -22,66 +22,8 @@ pub enum GenerateError {
     Tokenizer(#[from] TokenizerError),
     #[error("prompt `{id}`: {msg}")]
     Prompt { id: String, msg: String },
-    #[error("{0}")]
-    Transport(String),
-}
-
-/// One step's rows: the new tokens of every active sequence.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct StepBatch {
-    /// (T,)
-    pub tokens: Vec<u32>,
-    /// (T,)
-    pub positions: Vec<u32>,
-    /// (T,) over key rows [cache (S); new (T)]
-    pub spans: Vec<AttnSpan>,
-    /// Rows of [cache; new] that form the next cache.
-    pub cache_order: Vec<u32>,
-    /// Per active sequence, the row whose logits give its next token.
-    pub last_rows: Vec<u32>,
-}
-
-/// Runs a step through the whole model and returns the logits (V,) at each `last_rows` row.
-pub trait Decoder {
-    fn step(&mut self, batch: &StepBatch) -> Result<Vec<Vec<f32>>, GenerateError>;
-    /// Forget all cached keys (before a new batch of prompts).
-    fn reset(&mut self);
-}
-
-/// All stages on this process, run one after another.
-pub struct LocalDecoder<'a, B: Backend> {
-    pub backend: &'a B,
-    pub cfg: &'a ModelConfig,
-    pub stages: &'a [Stage<B>],
-    caches: Vec<Vec<LayerCache<B>>>,
-}
-
-impl<'a, B: Backend> LocalDecoder<'a, B> {
-    pub fn new(backend: &'a B, cfg: &'a ModelConfig, stages: &'a [Stage<B>]) -> Self {
-        let mut d = LocalDecoder { backend, cfg, stages, caches: vec![] };
-        d.reset();
-        d
-    }
-}
-
-impl<B: Backend> Decoder for LocalDecoder<'_, B> {
-    fn step(&mut self, batch: &StepBatch) -> Result<Vec<Vec<f32>>, GenerateError> {
-        let b = self.backend;
-        let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: Some(&batch.cache_order) };
-        let first = self.stages.first().ok_or_else(|| ModelError::Unsupported("no stages".into()))?;
-        let mut x = first.embed(b, &batch.tokens)?; // (T, C)
-        for (stage, caches) in self.stages.iter().zip(self.caches.iter_mut()) {
-            x = stage.run_layers(b, self.cfg, x, &ctx, Some(caches))?;
-        }
-        let last = self.stages.last().ok_or_else(|| ModelError::Unsupported("no stages".into()))?;
-        let logits = last.logits(b, self.cfg, &x, &batch.last_rows)?; // (R, V)
-        let flat = b.download(&logits).map_err(ModelError::from)?;
-        Ok(flat.chunks(self.cfg.vocab_size).map(|r| r.to_vec()).collect())
-    }
-
-    fn reset(&mut self) {
-        self.caches = self.stages.iter().map(|s| (0..s.layers.len()).map(|_| LayerCache::default()).collect()).collect();
-    }
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,13 +110,16 @@ fn stable_prefix(text: &str) -> &str {
 
 /// Generate for every request together. `on_text(i, delta)` receives each sequence's new text
 /// as it is made (for streaming a single prompt).
-pub fn generate(
-    dec: &mut dyn Decoder,
+pub fn generate<D: Decoder + ?Sized>(
+    dec: &mut D,
     tok: &Tokenizer,
     reqs: &[GenRequest],
     opts: &GenOptions,
     mut on_text: impl FnMut(usize, &str),
-) -> Result<Vec<GenOutput>, GenerateError> {
+) -> Result<Vec<GenOutput>, GenerateError>
+where
+    GenerateError: From<D::Error>,
+{
     dec.reset();
     let mut seqs = vec![];
     for (i, r) in reqs.iter().enumerate() {

@@ -3,7 +3,7 @@
 //! A rank is alive when its work advances, not when some thread answers. Every place where
 //! the work really moves on calls `advanced()`: a tensor read from a part file, a layer
 //! computed, a group uploaded, a message delivered, a document read or written. The
-//! pipeline's backstop (pipeline/cluster.rs) reads the stamp, and the peers' stamps that
+//! pipeline's backstop (pipeline/cluster/backstop.rs) reads the stamp, and the peers' stamps that
 //! heartbeats carry, and ends the process when none has moved for the peer timeout, so a
 //! blocked MPI call, a hung device or a hung file system ends the job instead of keeping it
 //! alive.

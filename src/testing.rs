@@ -4,7 +4,7 @@
 
 use crate::config::ModelConfig;
 use crate::model::{self, ModelError, Part};
-use crate::stage::HostGroup;
+use crate::group::HostGroup;
 use crate::tensor::HostTensor;
 use std::convert::Infallible;
 use std::ops::Range;

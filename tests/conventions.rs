@@ -10,9 +10,9 @@ use common::docs::{check_packed, check_split, compare, golden_docs, jsonl, read_
 use common::{hf_fixture, HfFixture};
 use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::corpus::PreparedDoc;
-use falcon_batch::layout::{MicroBatch, TokenizedDoc};
+use falcon_batch::token_tree::{MicroBatch, TokenizedDoc};
 use falcon_batch::results::read_results;
-use falcon_batch::stage::Stage;
+use falcon_batch::group::DeviceGroup;
 use falcon_batch::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -35,20 +35,20 @@ fn check_fixture(name: &str) {
     let ready = check_split(name, &prepared, &golden);
 
     let b = CpuBackend::new();
-    let stage = Stage::upload(&b, &fx.host).unwrap();
+    let group = DeviceGroup::upload(&b, &fx.host).unwrap();
     let mut worst = 0f64;
 
     // 2. each (prompt, choice) pair alone, as HF scored it
     for (r, g) in ready.iter().zip(&golden) {
         for (c, want) in g.logprobs.iter().enumerate() {
             let single = TokenizedDoc { index: 0, id: g.id.clone(), prompt: r.doc.prompt.clone(), choices: vec![r.doc.choices[c].clone()] };
-            let got = stage.score_batch(&b, &fx.cfg, &MicroBatch::build(&[single])).unwrap();
+            let got = group.score_batch(&b, &fx.cfg, &MicroBatch::build(&[single])).unwrap();
             worst = worst.max(compare(&format!("{name} {} choice {c} alone", g.id), &got, want, TOL));
         }
     }
 
     // 3. packed: several documents per micro-batch, all choices of each in one token tree
-    worst = worst.max(check_packed(name, &b, &fx.cfg, &stage, &prepared, &golden, TOL));
+    worst = worst.max(check_packed(name, &b, &fx.cfg, &group, &prepared, &golden, TOL));
     eprintln!("{name}: max |Δ logprob| vs HF = {worst:.2e}");
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use falcon_batch::corpus::{pack, read_all, CorpusOptions, CorpusReader, PreparedDoc, Template};
-use falcon_batch::layout::MicroBatch;
+use falcon_batch::token_tree::MicroBatch;
 use falcon_batch::tokenizer::Tokenizer;
 use serde_json::json;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;

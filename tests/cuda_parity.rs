@@ -10,7 +10,7 @@
 use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::backend::cuda::CudaBackend;
 use falcon_batch::backend::{AttnShape, Backend, BackendError};
-use falcon_batch::layout::{AttnSpan, MicroBatch, TokenizedDoc};
+use falcon_batch::token_tree::{AttnSpan, MicroBatch, TokenizedDoc};
 use falcon_batch::model::{self, Part, RowCtx, Weights};
 use falcon_batch::tensor::{DType, HostTensor};
 use std::sync::Arc;
@@ -333,7 +333,7 @@ fn best_choices(batch: &MicroBatch, logprobs: &[f64]) -> Vec<(usize, f64)> {
 fn models_score_like_the_cpu_through_the_streaming_window() {
     use falcon_batch::format::{convert::convert_path, model_dir::ModelDir};
     use falcon_batch::pipeline::WeightWindow;
-    use falcon_batch::stage::{score_through, HostGroup, Stage};
+    use falcon_batch::group::{score_through, HostGroup, DeviceGroup};
     let root = data_root();
     let mut models: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(root.join("tests/fixtures"))
         .unwrap()
@@ -365,7 +365,7 @@ fn models_score_like_the_cpu_through_the_streaming_window() {
         let n = cfg.n_layers;
         let prompt_len = if name.starts_with("smollm2") { 120 } else { 12 };
         let batch = MicroBatch::build(&parity_docs(cfg.vocab_size, 6, prompt_len.min(cfg.context_limit().saturating_sub(30))));
-        let whole = [Stage::upload(&c, &HostGroup::from_dir(&dir, 0..n).unwrap()).unwrap()];
+        let whole = [DeviceGroup::upload(&c, &HostGroup::from_dir(&dir, 0..n).unwrap()).unwrap()];
         let want = score_through(&whole, &c, &cfg, &batch).unwrap();
         let Some(g) = &g else { continue };
         let host: Vec<HostGroup> = (0..n).map(|l| HostGroup::from_dir(&dir, l..l + 1).unwrap()).collect();
@@ -374,10 +374,10 @@ fn models_score_like_the_cpu_through_the_streaming_window() {
         let mut x = w.acquire(0).unwrap().0.embed(&**g, &batch.tokens).unwrap();
         let mut got = vec![];
         for l in 0..n {
-            let (stage, _) = w.acquire(l).unwrap();
-            x = stage.run_layers(&**g, &cfg, x, &ctx, None).unwrap();
+            let (group, _) = w.acquire(l).unwrap();
+            x = group.run_layers(&**g, &cfg, x, &ctx, None).unwrap();
             if l + 1 == n {
-                got = stage.scored_logprobs(&**g, &cfg, &x, &batch.scored).unwrap();
+                got = group.scored_logprobs(&**g, &cfg, &x, &batch.scored).unwrap();
             }
         }
         let max_abs = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);

@@ -6,11 +6,12 @@ mod common;
 use common::*;
 use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::config::ModelConfig;
-use falcon_batch::generate::{generate, Finish, GenOptions, GenRequest, LocalDecoder};
-use falcon_batch::layout::AttnSpan;
+use falcon_batch::generate::{generate, Finish, GenOptions, GenRequest};
+use falcon_batch::runner::LocalDecoder;
+use falcon_batch::token_tree::AttnSpan;
 use falcon_batch::model::RowCtx;
 use falcon_batch::sample::{argmax, SamplingOptions};
-use falcon_batch::stage::Stage;
+use falcon_batch::group::DeviceGroup;
 
 fn opts(n: usize) -> GenOptions {
     GenOptions { max_new_tokens: n, sampling: SamplingOptions::default(), stop: vec![], eos: vec![], max_position: 64 }
@@ -21,15 +22,15 @@ fn req(id: &str, ids: &[u32]) -> GenRequest {
 }
 
 /// Greedy continuation by running the full sequence every step, no cache.
-fn greedy_without_cache(b: &CpuBackend, cfg: &ModelConfig, stage: &Stage<CpuBackend>, prompt: &[u32], n: usize) -> Vec<u32> {
+fn greedy_without_cache(b: &CpuBackend, cfg: &ModelConfig, group: &DeviceGroup<CpuBackend>, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut ids = prompt.to_vec();
     for _ in 0..n {
         let positions: Vec<u32> = (0..ids.len() as u32).collect();
         let spans = vec![AttnSpan::causal(0); ids.len()];
         let ctx = RowCtx { positions: &positions, spans: &spans, cache_order: None };
-        let x = stage.embed(b, &ids).unwrap();
-        let x = stage.run_layers(b, cfg, x, &ctx, None).unwrap();
-        let logits = stage.logits(b, cfg, &x, &[ids.len() as u32 - 1]).unwrap();
+        let x = group.embed(b, &ids).unwrap();
+        let x = group.run_layers(b, cfg, x, &ctx, None).unwrap();
+        let logits = group.logits(b, cfg, &x, &[ids.len() as u32 - 1]).unwrap();
         ids.push(argmax(&logits.data) as u32);
     }
     ids[prompt.len()..].to_vec()
@@ -39,14 +40,14 @@ fn greedy_without_cache(b: &CpuBackend, cfg: &ModelConfig, stage: &Stage<CpuBack
 fn cached_batched_generation_matches_recompute() {
     for cfg in [llama_config(), falcon_config(true, true, false), falcon_config(false, false, true)] {
         let b = CpuBackend::new();
-        let stages = vec![Stage::upload(&b, &random_group(&cfg, 0..cfg.n_layers, 3)).unwrap()];
+        let groups = vec![DeviceGroup::upload(&b, &random_group(&cfg, 0..cfg.n_layers, 3)).unwrap()];
         let tok = word_tokenizer(cfg.vocab_size);
         let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5], vec![7], vec![9, 8, 7, 6, 5, 4, 3, 2]];
         let reqs: Vec<GenRequest> = prompts.iter().enumerate().map(|(i, p)| req(&i.to_string(), p)).collect();
-        let mut dec = LocalDecoder::new(&b, &cfg, &stages);
+        let mut dec = LocalDecoder::new(&b, &cfg, &groups);
         let batched = generate(&mut dec, &tok, &reqs, &opts(10), |_, _| {}).unwrap();
         for (p, out) in prompts.iter().zip(&batched) {
-            assert_eq!(out.tokens, greedy_without_cache(&b, &cfg, &stages[0], p, 10), "prompt {p:?}");
+            assert_eq!(out.tokens, greedy_without_cache(&b, &cfg, &groups[0], p, 10), "prompt {p:?}");
             assert_eq!(out.finish, Finish::Length);
             let alone = generate(&mut dec, &tok, &[req("x", p)], &opts(10), |_, _| {}).unwrap();
             assert_eq!(alone[0].tokens, out.tokens);
@@ -60,9 +61,9 @@ fn cached_batched_generation_matches_recompute() {
 fn eos_and_stop_end_a_sequence_early() {
     let cfg = llama_config();
     let b = CpuBackend::new();
-    let stages = vec![Stage::upload(&b, &random_group(&cfg, 0..3, 3)).unwrap()];
+    let groups = vec![DeviceGroup::upload(&b, &random_group(&cfg, 0..3, 3)).unwrap()];
     let tok = word_tokenizer(cfg.vocab_size);
-    let mut dec = LocalDecoder::new(&b, &cfg, &stages);
+    let mut dec = LocalDecoder::new(&b, &cfg, &groups);
     let free = generate(&mut dec, &tok, &[req("a", &[1, 2, 3])], &opts(8), |_, _| {}).unwrap();
     let third = free[0].tokens[2];
     let mut o = opts(8);

@@ -6,9 +6,9 @@ use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::config::{FalconLayout, Family, ModelConfig};
 use falcon_batch::format::gguf::GgufCheckpoint;
 use falcon_batch::format::{convert::convert_path, model_dir::ModelDir, Checkpoint};
-use falcon_batch::layout::{MicroBatch, TokenizedDoc};
+use falcon_batch::token_tree::{MicroBatch, TokenizedDoc};
 use falcon_batch::model;
-use falcon_batch::stage::{HostGroup, Stage};
+use falcon_batch::group::{HostGroup, DeviceGroup};
 use falcon_batch::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,7 @@ fn convert(gguf: &Path, tmp: &tempfile::TempDir) -> ModelDir {
 fn worst_logprob_diff(dir: &ModelDir, golden: &Value) -> f64 {
     let cfg = dir.config().clone();
     let b = CpuBackend::new();
-    let stage = Stage::upload(&b, &HostGroup::from_dir(dir, 0..cfg.n_layers).unwrap()).unwrap();
+    let group = DeviceGroup::upload(&b, &HostGroup::from_dir(dir, 0..cfg.n_layers).unwrap()).unwrap();
     let seqs = golden["sequences"].as_array().unwrap();
     let docs: Vec<TokenizedDoc> = seqs
         .iter()
@@ -51,7 +51,7 @@ fn worst_logprob_diff(dir: &ModelDir, golden: &Value) -> f64 {
             TokenizedDoc { index: i, id: i.to_string(), prompt: all[..1].to_vec(), choices: vec![all[1..].to_vec()] }
         })
         .collect();
-    let got = stage.score_batch(&b, &cfg, &MicroBatch::build(&docs)).unwrap();
+    let got = group.score_batch(&b, &cfg, &MicroBatch::build(&docs)).unwrap();
     let want: Vec<f64> = seqs.iter().flat_map(|s| s["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect();
     assert_eq!(got.len(), want.len());
     got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max)

@@ -4,11 +4,12 @@
 mod common;
 
 use falcon_batch::backend::cpu::CpuBackend;
-use falcon_batch::generate::{generate, GenOptions, GenRequest, LocalDecoder};
-use falcon_batch::layout::AttnSpan;
+use falcon_batch::generate::{generate, GenOptions, GenRequest};
+use falcon_batch::runner::LocalDecoder;
+use falcon_batch::token_tree::AttnSpan;
 use falcon_batch::sample::SamplingOptions;
 use falcon_batch::model::{self, Part, RowCtx, TensorSource};
-use falcon_batch::stage::{HostGroup, Stage};
+use falcon_batch::group::{HostGroup, DeviceGroup};
 use std::path::Path;
 
 fn fixture_dir(name: &str) -> std::path::PathBuf {
@@ -30,7 +31,7 @@ fn check_fixture(name: &str) {
 fn check_against_golden(name: &str, cfg: &falcon_batch::config::ModelConfig, src: &dyn TensorSource, golden: &serde_json::Value) {
     let host = HostGroup::read(0..cfg.n_layers, cfg.n_layers, |p: Part| model::convert_part(cfg, p, src)).unwrap();
     let b = CpuBackend::new();
-    let stage = Stage::upload(&b, &host).unwrap();
+    let group = DeviceGroup::upload(&b, &host).unwrap();
     let mut worst = 0f64;
     for seq in golden["sequences"].as_array().unwrap() {
         let ids: Vec<u32> = seq["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -42,10 +43,10 @@ fn check_against_golden(name: &str, cfg: &falcon_batch::config::ModelConfig, src
         let positions: Vec<u32> = (0..n as u32).collect();
         let spans = vec![AttnSpan::causal(0); n];
         let ctx = RowCtx { positions: &positions, spans: &spans, cache_order: None };
-        let x = stage.embed(&b, &ids[..n]).unwrap();
-        let x = stage.run_layers(&b, cfg, x, &ctx, None).unwrap();
+        let x = group.embed(&b, &ids[..n]).unwrap();
+        let x = group.run_layers(&b, cfg, x, &ctx, None).unwrap();
         let rows: Vec<u32> = (0..n as u32 - 1).collect();
-        let logits = stage.logits(&b, cfg, &x, &rows).unwrap();
+        let logits = group.logits(&b, cfg, &x, &rows).unwrap();
         let got = b_log_softmax_at(&b, &logits, &ids[1..n]);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() < 1e-4, "{name}: token {} of a {}-token sequence: {g} vs HF {w}", i + 1, ids.len());
@@ -53,14 +54,14 @@ fn check_against_golden(name: &str, cfg: &falcon_batch::config::ModelConfig, src
         }
     }
     eprintln!("{name}: max |Δ logprob| = {worst:.2e}");
-    check_greedy(name, cfg, &b, stage, golden);
+    check_greedy(name, cfg, &b, group, golden);
 }
 
 /// HF's greedy generate (eos disabled), token for token.
-fn check_greedy(name: &str, cfg: &falcon_batch::config::ModelConfig, b: &CpuBackend, stage: Stage<CpuBackend>, golden: &serde_json::Value) {
-    let stages = vec![stage];
+fn check_greedy(name: &str, cfg: &falcon_batch::config::ModelConfig, b: &CpuBackend, group: DeviceGroup<CpuBackend>, golden: &serde_json::Value) {
+    let groups = vec![group];
     let tok = common::word_tokenizer(cfg.vocab_size);
-    let mut dec = LocalDecoder::new(b, cfg, &stages);
+    let mut dec = LocalDecoder::new(b, cfg, &groups);
     for g in golden["greedy"].as_array().unwrap() {
         let ids = |k: &str| -> Vec<u32> { g[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
         let (prompt, want) = (ids("prompt"), ids("new_ids"));

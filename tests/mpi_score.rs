@@ -115,7 +115,7 @@ fn killed_job_resumes_to_the_uninterrupted_result() {
 
 #[test]
 fn ranks_with_different_options_refuse_to_start() {
-    // rank 1 gets another norm through a per-rank environment: the options hash differs
+    // rank 1 gets another norm through a per-rank environment: the options differ
     let out = tmp().join("mismatch.h5");
     let o = two_ranks_differing_by(&["--norm", "mean"], &out);
     let err = &o.stderr;

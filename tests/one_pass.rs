@@ -7,9 +7,9 @@ use common::*;
 use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::backend::Backend;
 use falcon_batch::config::ModelConfig;
-use falcon_batch::layout::{MicroBatch, TokenizedDoc};
+use falcon_batch::token_tree::{MicroBatch, TokenizedDoc};
 use falcon_batch::model::RowCtx;
-use falcon_batch::stage::Stage;
+use falcon_batch::group::DeviceGroup;
 
 fn docs() -> Vec<TokenizedDoc> {
     vec![
@@ -19,21 +19,21 @@ fn docs() -> Vec<TokenizedDoc> {
 }
 
 /// Each choice alone: the plain causal sequence prompt + choice, one document per batch.
-fn scores_separately(b: &CpuBackend, cfg: &ModelConfig, stage: &Stage<CpuBackend>, doc: &TokenizedDoc) -> Vec<f64> {
+fn scores_separately(b: &CpuBackend, cfg: &ModelConfig, group: &DeviceGroup<CpuBackend>, doc: &TokenizedDoc) -> Vec<f64> {
     let mut out = vec![];
     for c in &doc.choices {
         let single = TokenizedDoc { index: 0, id: "x".into(), prompt: doc.prompt.clone(), choices: vec![c.clone()] };
-        out.extend(stage.score_batch(b, cfg, &MicroBatch::build(&[single])).unwrap());
+        out.extend(group.score_batch(b, cfg, &MicroBatch::build(&[single])).unwrap());
     }
     out
 }
 
 fn check_one_pass(cfg: &ModelConfig) {
     let b = CpuBackend::new();
-    let stage = Stage::upload(&b, &random_group(cfg, 0..cfg.n_layers, 42)).unwrap();
+    let group = DeviceGroup::upload(&b, &random_group(cfg, 0..cfg.n_layers, 42)).unwrap();
     let batch = MicroBatch::build(&docs());
-    let together = stage.score_batch(&b, cfg, &batch).unwrap();
-    let separate: Vec<f64> = docs().iter().flat_map(|d| scores_separately(&b, cfg, &stage, d)).collect();
+    let together = group.score_batch(&b, cfg, &batch).unwrap();
+    let separate: Vec<f64> = docs().iter().flat_map(|d| scores_separately(&b, cfg, &group, d)).collect();
     assert_eq!(together.len(), separate.len());
     for (i, (t, s)) in together.iter().zip(&separate).enumerate() {
         assert!((t - s).abs() < 1e-5, "scored row {i}: one pass {t} vs alone {s}");
@@ -59,9 +59,9 @@ fn one_pass_equals_separate_falcon_layouts() {
 fn three_chunks_equal_the_whole_model() {
     for cfg in [llama_config(), falcon_config(true, true, false)] {
         let b = CpuBackend::new();
-        let whole = Stage::upload(&b, &random_group(&cfg, 0..3, 7)).unwrap();
-        let chunks: Vec<Stage<CpuBackend>> =
-            [0..1, 1..2, 2..3].into_iter().map(|r| Stage::upload(&b, &random_group(&cfg, r, 7)).unwrap()).collect();
+        let whole = DeviceGroup::upload(&b, &random_group(&cfg, 0..3, 7)).unwrap();
+        let chunks: Vec<DeviceGroup<CpuBackend>> =
+            [0..1, 1..2, 2..3].into_iter().map(|r| DeviceGroup::upload(&b, &random_group(&cfg, r, 7)).unwrap()).collect();
         assert!(chunks[0].has_begin() && !chunks[0].has_end() && chunks[2].has_end());
         let batch = MicroBatch::build(&docs());
         let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };

@@ -298,7 +298,7 @@ fn sigkill_mid_append_leaves_a_resumable_file() {
 #[test]
 fn doc_result_from_scores() {
     use falcon_batch::corpus::ReadyDoc;
-    use falcon_batch::layout::TokenizedDoc;
+    use falcon_batch::token_tree::TokenizedDoc;
     use falcon_batch::score::score_document;
     let ready = ReadyDoc {
         doc: TokenizedDoc { index: 0, id: "inv-9".into(), prompt: vec![1, 2, 3], choices: vec![vec![4], vec![5, 6]] },

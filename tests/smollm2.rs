@@ -5,10 +5,11 @@ mod common;
 
 use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::format::{convert::convert_path, model_dir::ModelDir};
-use falcon_batch::generate::{generate, GenOptions, GenRequest, LocalDecoder};
-use falcon_batch::layout::{MicroBatch, TokenizedDoc};
+use falcon_batch::generate::{generate, GenOptions, GenRequest};
+use falcon_batch::runner::LocalDecoder;
+use falcon_batch::token_tree::{MicroBatch, TokenizedDoc};
 use falcon_batch::sample::SamplingOptions;
-use falcon_batch::stage::{HostGroup, Stage};
+use falcon_batch::group::{HostGroup, DeviceGroup};
 use falcon_batch::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -43,7 +44,7 @@ fn logprobs_and_greedy_generation_match_hf() {
     let dir = ModelDir::open(model_dir()).unwrap();
     let cfg = dir.config().clone();
     let b = CpuBackend::new();
-    let stages = vec![Stage::upload(&b, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap()];
+    let groups = vec![DeviceGroup::upload(&b, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap()];
 
     // All reference documents scored in one packed micro-batch (each as a one-choice tree).
     let refs = fixture("logprobs.json");
@@ -55,7 +56,7 @@ fn logprobs_and_greedy_generation_match_hf() {
         .map(|(i, d)| TokenizedDoc { index: i, id: i.to_string(), prompt: ids(&d["prompt_ids"]), choices: vec![ids(&d["continuation_ids"])] })
         .collect();
     let batch = MicroBatch::build(&docs);
-    let got = stages[0].score_batch(&b, &cfg, &batch).unwrap();
+    let got = groups[0].score_batch(&b, &cfg, &batch).unwrap();
     let want: Vec<f64> = refs["docs"].as_array().unwrap().iter().flat_map(|d| d["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap())).collect();
     assert_eq!(got.len(), want.len());
     let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max);
@@ -63,7 +64,7 @@ fn logprobs_and_greedy_generation_match_hf() {
     assert!(worst < 1e-4, "max |Δ logprob| {worst}");
 
     let tok = Tokenizer::from_file(&dir.tokenizer_path()).unwrap();
-    let mut dec = LocalDecoder::new(&b, &cfg, &stages);
+    let mut dec = LocalDecoder::new(&b, &cfg, &groups);
     let gen = fixture("generate.json");
     for run in gen["runs"].as_array().unwrap() {
         let prompt = run["prompt"].as_str().unwrap();
@@ -89,7 +90,7 @@ fn both_choice_conventions_match_hf() {
     let prepared = common::docs::read_corpus(&tok, cfg.context_limit(), &golden, &delimiter);
     common::docs::check_split("SmolLM2", &prepared, &golden);
     let b = CpuBackend::new();
-    let stage = Stage::upload(&b, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap();
-    let worst = common::docs::check_packed("SmolLM2", &b, &cfg, &stage, &prepared, &golden, 1e-4);
+    let group = DeviceGroup::upload(&b, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap();
+    let worst = common::docs::check_packed("SmolLM2", &b, &cfg, &group, &prepared, &golden, 1e-4);
     eprintln!("SmolLM2 conventions: max |Δ logprob| vs HF float32 = {worst:.2e}");
 }

@@ -5,7 +5,7 @@
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
 
 use super::{AttnShape, Backend, BackendError, CopySpan, Result};
-use crate::layout::AttnSpan;
+use crate::token_tree::AttnSpan;
 use crate::tensor::HostTensor;
 use rayon::prelude::*;
 use std::cell::RefCell;

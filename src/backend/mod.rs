@@ -7,7 +7,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod select;
 
-use crate::layout::AttnSpan;
+use crate::token_tree::AttnSpan;
 use crate::tensor::HostTensor;
 use std::sync::Arc;
 use std::time::Instant;

@@ -90,7 +90,13 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
         model: a.model.clone(),
         schedule: a.schedule.options(Some(1), 2048),
         wire: a.schedule.wire_dtype,
-        job_options: format!("generate {sampling:?} max_new_tokens={} stop={:?} ignore_eos={}", a.max_new_tokens, a.stop, a.ignore_eos),
+        job_options: serde_json::json!({
+            "command": "generate",
+            "sampling": sampling,
+            "max_new_tokens": a.max_new_tokens,
+            "stop": a.stop,
+            "ignore_eos": a.ignore_eos,
+        }),
         trace: a.schedule.trace.is_some(),
     };
     let schedule = a.schedule.clone();

@@ -199,13 +199,13 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
         model,
         schedule: a.schedule.options(a.wave, a.batch_tokens),
         wire: a.schedule.wire_dtype,
-        job_options: format!(
-            "score norm={} template={:?} delimiter={:?} batch_tokens={}",
-            norm.name(),
-            a.template,
-            a.target_delimiter,
-            a.batch_tokens
-        ),
+        job_options: serde_json::json!({
+            "command": "score",
+            "norm": norm.name(),
+            "template": a.template.as_ref().map(|p| p.to_string_lossy().into_owned()),
+            "delimiter": a.target_delimiter,
+            "batch_tokens": a.batch_tokens,
+        }),
         trace: a.schedule.trace.is_some(),
     };
     stop::install();

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use super::tokenize::split;
 use super::{CorpusOptions, PreparedDoc, ReadyDoc};
-use crate::layout::TokenizedDoc;
+use crate::token_tree::TokenizedDoc;
 use crate::tokenizer::Tokenizer;
 
 /// First line of every id seen so far, for duplicate messages.

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
-use crate::layout::TokenizedDoc;
+use crate::token_tree::TokenizedDoc;
 use crate::tokenizer::Tokenizer;
 
 pub use pack::{build_batch, pack, Batcher};

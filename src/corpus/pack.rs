@@ -5,7 +5,7 @@
 //! length would pack tighter, but the schedule's waves already hide uneven batches.
 
 use super::{PreparedDoc, ReadyDoc};
-use crate::layout::{MicroBatch, TokenizedDoc};
+use crate::token_tree::{MicroBatch, TokenizedDoc};
 
 /// Streaming packer: push documents one by one, get a batch back whenever the next
 /// document would not fit. Holds at most one batch of token ids.
@@ -57,7 +57,7 @@ pub fn pack(docs: &[PreparedDoc], batch_tokens: usize) -> Vec<Vec<ReadyDoc>> {
     batches
 }
 
-/// The packed layout of a batch (MicroBatch::build wants owned TokenizedDocs).
+/// The token tree of a batch (MicroBatch::build wants owned TokenizedDocs).
 pub fn build_batch<'a>(docs: impl IntoIterator<Item = &'a ReadyDoc>) -> MicroBatch {
     let docs: Vec<TokenizedDoc> = docs.into_iter().map(|d| d.doc.clone()).collect();
     MicroBatch::build(&docs)

@@ -1,25 +1,31 @@
-//! Jobs: the score command (corpus -> micro-batches -> scorer -> results) and what runs a
-//! wave of micro-batches through the model, on this process or over the MPI pipeline.
+//! Jobs on the writer rank and what every rank does to start one: the score command (corpus ->
+//! micro-batches -> a runner::BatchScorer -> results) and the start-up of a rank's pipeline
+//! worker; JobError, their error.
+//!
+//! Files: launch.rs (every rank's start-up), resources.rs (a CPU rank's share of its node),
+//! score.rs (the score job), waves.rs (waves in flight on the scorer), in_order.rs (results
+//! written in input order), progress.rs (progress on stderr), stop.rs (SIGTERM), fault.rs
+//! (fault injection for the restart tests).
 
+mod fault;
+mod in_order;
 pub mod launch;
 pub mod progress;
+pub mod resources;
 pub mod score;
 pub mod stop;
+mod waves;
 
-use crate::backend::Backend;
-use crate::config::ModelConfig;
-use crate::layout::MicroBatch;
 use crate::model::ModelError;
-use crate::stage::{score_through, Stage};
-use std::collections::VecDeque;
+use crate::pipeline::PipelineError;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum JobError {
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("{0}")]
-    Transport(String),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
     #[error(transparent)]
     Format(#[from] crate::format::FormatError),
     #[error(transparent)]
@@ -28,39 +34,4 @@ pub enum JobError {
     Input(String),
     #[error("{0}")]
     Output(String),
-}
-
-/// Runs waves of micro-batches through the whole model. Waves are submitted and collected
-/// in order; up to `depth` may be in flight, so the job reads and writes between the calls
-/// while the model works.
-pub trait BatchScorer {
-    /// Start a wave (a scorer may compute all of it here).
-    fn submit(&mut self, wave: &[MicroBatch]) -> Result<(), JobError>;
-    /// The oldest submitted wave's results: for each micro-batch, log p(target) at its
-    /// scored rows, in order.
-    fn collect(&mut self) -> Result<Vec<Vec<f64>>, JobError>;
-    /// Waves submitted before the oldest must be collected.
-    fn depth(&self) -> usize {
-        1
-    }
-}
-
-/// Every stage on this process, run one after another.
-pub struct LocalScorer<'a, B: Backend> {
-    pub backend: &'a B,
-    pub cfg: &'a ModelConfig,
-    pub stages: &'a [Stage<B>],
-    pub done: VecDeque<Vec<Vec<f64>>>,
-}
-
-impl<B: Backend> BatchScorer for LocalScorer<'_, B> {
-    fn submit(&mut self, wave: &[MicroBatch]) -> Result<(), JobError> {
-        let out = wave.iter().map(|batch| Ok(score_through(self.stages, self.backend, self.cfg, batch)?)).collect::<Result<_, JobError>>()?;
-        self.done.push_back(out);
-        Ok(())
-    }
-
-    fn collect(&mut self) -> Result<Vec<Vec<f64>>, JobError> {
-        self.done.pop_front().ok_or_else(|| JobError::Transport("collect without a wave in flight".into()))
-    }
 }

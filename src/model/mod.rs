@@ -9,7 +9,7 @@ pub mod qwen2;
 
 use crate::backend::{AttnShape, Backend, BackendError};
 use crate::config::{Family, ModelConfig, RopeScaling};
-use crate::layout::AttnSpan;
+use crate::token_tree::AttnSpan;
 use crate::tensor::HostTensor;
 use std::collections::HashMap;
 use thiserror::Error;

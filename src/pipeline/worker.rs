@@ -1,6 +1,7 @@
-//! One rank's part of a wave: every micro-batch through each of its groups in turn (FlexGen's
-//! zig-zag: the whole wave through one group before the next group's weights are needed), with
-//! hidden states arriving from the previous group's owner and leaving for the next one's.
+//! A rank's worker: its groups' weights and generation caches, and its part of each wave:
+//! every pass through each of its groups in turn (FlexGen's zig-zag: the whole wave through
+//! one group before the next group's weights are needed), with hidden states arriving from
+//! the previous group's owner and leaving for the next one's.
 //!
 //! Overlap: the receive of micro-batch m+1 is posted before m computes, sends are not waited
 //! for until the wave ends, and the next group's weights upload on the loader thread.
@@ -8,17 +9,17 @@
 //! Shapes: T rows of a micro-batch, C hidden, S scored rows, R logit rows, V vocabulary.
 
 use super::cluster::Cluster;
-use super::transport::{Comm, Liveness, Pending, ProgressThread, SendQueue};
+use super::rows::{read_out, ForwardRows};
+use super::transport::{Comm, WaitState, Pending, ProgressThread, SendQueue};
+use super::window::WeightWindow;
 use super::wire::{decode, encode};
-use super::weights::WeightWindow;
 use super::PipelineError;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::layout::{AttnSpan, ScoredRow};
-use crate::model::{LayerCache, ModelError, RowCtx};
+use crate::group::HostGroup;
+use crate::model::{LayerCache, ModelError};
 use crate::schedule::cost::WireDtype;
 use crate::schedule::Schedule;
-use crate::stage::{HostGroup, Stage};
 use crate::trace::{Trace, Track};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,45 +31,10 @@ const TAG_RESULT: i32 = 11;
 /// taken for another group's input.
 const TAG_HIDDEN: i32 = 1000;
 
-/// What the last group computes for an item.
-#[derive(Clone, Copy)]
-pub(crate) enum Head<'a> {
-    /// log p(target) at the scored rows (S,).
-    Score(&'a [ScoredRow]),
-    /// Logits (R, V) at these rows, flattened.
-    Logits(&'a [u32]),
-}
-
-/// One micro-batch (or generation step) as the layers see it.
-pub(crate) struct Item<'a> {
-    /// (T,)
-    pub tokens: &'a [u32],
-    /// (T,)
-    pub positions: &'a [u32],
-    /// (T,)
-    pub spans: &'a [AttnSpan],
-    pub cache_order: Option<&'a [u32]>,
-    pub head: Head<'a>,
-}
-
-impl Item<'_> {
-    fn ctx(&self) -> RowCtx<'_> {
-        RowCtx { positions: self.positions, spans: self.spans, cache_order: self.cache_order }
-    }
-
-    /// Values the last group returns for this item.
-    fn out_len(&self, vocab: usize) -> usize {
-        match self.head {
-            Head::Score(s) => s.len(),
-            Head::Logits(rows) => rows.len() * vocab,
-        }
-    }
-}
-
 /// A wave this rank has done its compute for, with its messages still in flight.
 #[derive(Default)]
 pub(crate) struct InFlight {
-    /// Rank 0: the last group's outputs, one receive per item.
+    /// Rank 0: the last group's outputs, one receive per pass.
     result_recvs: Vec<Pending<f64>>,
     /// Rank 0 when it owns the last group: the outputs computed here.
     local: Vec<Vec<f64>>,
@@ -87,7 +53,7 @@ pub struct Worker<B: Backend> {
     cfg: ModelConfig,
     schedule: Schedule,
     comm: Comm,
-    live: Liveness,
+    waits: WaitState,
     window: WeightWindow<B>,
     /// Generation: per group this rank owns, one cache per layer of the group. The caches
     /// stay on this rank with their group even when its weights are swapped out.
@@ -101,7 +67,7 @@ pub struct Worker<B: Backend> {
 }
 
 impl<B: Backend + 'static> Worker<B> {
-    /// `host` holds this rank's groups in execution order (see weights::read_rank_groups).
+    /// `host` holds this rank's groups in execution order (see window::read_rank_groups).
     /// The worker uses the cluster's communicator: keep the Cluster alive while it runs.
     pub fn new(
         cluster: &Cluster,
@@ -123,7 +89,7 @@ impl<B: Backend + 'static> Worker<B> {
         }
         let window = WeightWindow::new(backend.clone(), host, schedule.resident)?;
         let progress = if cluster.size > 1 { ProgressThread::start(cluster.data, progress_every())? } else { None };
-        cluster.data.barrier(&cluster.live)?;
+        cluster.data.barrier(&cluster.waits)?;
         let t0 = Instant::now();
         Ok(Worker {
             rank,
@@ -131,7 +97,7 @@ impl<B: Backend + 'static> Worker<B> {
             cfg,
             schedule,
             comm: cluster.data,
-            live: cluster.live.clone(),
+            waits: cluster.waits.clone(),
             window,
             caches: HashMap::new(),
             trace,
@@ -145,8 +111,8 @@ impl<B: Backend + 'static> Worker<B> {
         &self.schedule
     }
 
-    pub(crate) fn comm(&self) -> (&Comm, &Liveness) {
-        (&self.comm, &self.live)
+    pub(crate) fn comm(&self) -> (&Comm, &WaitState) {
+        (&self.comm, &self.waits)
     }
 
     /// Forget every generation cache.
@@ -159,17 +125,17 @@ impl<B: Backend + 'static> Worker<B> {
         self.window.uploaded()
     }
 
-    /// Run `items` through this rank's groups. On rank 0 the result is the last group's
-    /// output for each item, in order; elsewhere it is empty.
-    pub(crate) fn run(&mut self, items: &[Item], with_cache: bool) -> Result<Vec<Vec<f64>>, PipelineError> {
-        let wave = self.start(items, with_cache)?;
+    /// Run `passes` through this rank's groups. On rank 0 the result is the last group's
+    /// output for each pass, in order; elsewhere it is empty.
+    pub(crate) fn run(&mut self, passes: &[ForwardRows], with_cache: bool) -> Result<Vec<Vec<f64>>, PipelineError> {
+        let wave = self.start(passes, with_cache)?;
         self.finish(wave)
     }
 
-    /// This rank's share of the compute of `items`; the wave's sends and (on rank 0) the
+    /// This rank's share of the compute of `passes`; the wave's sends and (on rank 0) the
     /// receives of its results stay in flight in the returned InFlight, so rank 0 can begin
     /// the next wave, read and write files while the rest of the ring works on this one.
-    pub(crate) fn start(&mut self, items: &[Item], with_cache: bool) -> Result<InFlight, PipelineError> {
+    pub(crate) fn start(&mut self, passes: &[ForwardRows], with_cache: bool) -> Result<InFlight, PipelineError> {
         let (rank, vocab, c) = (self.rank, self.cfg.vocab_size, self.cfg.hidden_size);
         let wire = self.wire;
         let last_group = self.schedule.groups.len().checked_sub(1).ok_or_else(|| PipelineError::Mpi("the schedule has no groups".into()))?;
@@ -177,56 +143,57 @@ impl<B: Backend + 'static> Worker<B> {
         let mut wave = InFlight::default();
         // Rank 0 posts the receives of the results now, so they land while it computes.
         if rank == 0 && last_owner != 0 {
-            for item in items {
-                wave.result_recvs.push(self.comm.irecv::<f64>(item.out_len(vocab), last_owner, TAG_RESULT)?);
+            for pass in passes {
+                wave.result_recvs.push(self.comm.irecv::<f64>(pass.out_len(vocab), last_owner, TAG_RESULT)?);
             }
         }
         let mine = self.schedule.rank_groups[rank].clone();
         for (idx, &g) in mine.iter().enumerate() {
-            let group = self.schedule.groups[g].clone();
-            let prev_owner = (!group.has_begin).then(|| self.schedule.owner(g - 1));
-            let next_owner = (!group.has_end).then(|| self.schedule.owner(g + 1));
-            let post = |comm: &Comm, m: usize| -> Result<Option<Pending<u8>>, PipelineError> {
-                match (prev_owner, items.get(m)) {
-                    (Some(p), Some(item)) => Ok(Some(comm.irecv::<u8>(item.tokens.len() * c * wire.bytes(), p, TAG_HIDDEN + g as i32)?)),
+            let planned = self.schedule.groups[g].clone();
+            let prev_owner = (!planned.has_begin).then(|| self.schedule.owner(g - 1));
+            let next_owner = (!planned.has_end).then(|| self.schedule.owner(g + 1));
+            // The receive of pass m's input from the previous group's owner, if it has one.
+            let recv_input = |comm: &Comm, m: usize| -> Result<Option<Pending<u8>>, PipelineError> {
+                match (prev_owner, passes.get(m)) {
+                    (Some(p), Some(pass)) => Ok(Some(comm.irecv::<u8>(pass.tokens.len() * c * wire.bytes(), p, TAG_HIDDEN + g as i32)?)),
                     _ => Ok(None),
                 }
             };
-            let mut next_recv = post(&self.comm, 0)?;
+            let mut next_recv = recv_input(&self.comm, 0)?;
             let acquired_at = Instant::now();
-            let (stage, waited) = self.window.acquire(idx)?;
+            let (group, waited) = self.window.acquire(idx)?;
             if waited.as_secs_f64() > 0.0 {
                 self.trace.span(Track::Wait, &format!("weights g{g}"), since(self.t0, acquired_at), since(self.t0, acquired_at) + waited.as_secs_f64(), &[]);
             }
             let mut caches = if with_cache {
-                Some(self.caches.remove(&g).unwrap_or_else(|| group.layers.clone().map(|_| LayerCache::default()).collect::<Vec<_>>()))
+                Some(self.caches.remove(&g).unwrap_or_else(|| planned.layers.clone().map(|_| LayerCache::default()).collect::<Vec<_>>()))
             } else {
                 None
             };
-            for (m, item) in items.iter().enumerate() {
-                let t = item.tokens.len();
+            for (m, pass) in passes.iter().enumerate() {
+                let t = pass.tokens.len();
                 let x = match next_recv.take() {
                     Some(recv) => {
-                        next_recv = post(&self.comm, m + 1)?;
+                        next_recv = recv_input(&self.comm, m + 1)?;
                         let (posted, wait_start) = (recv.posted, Instant::now());
-                        let bytes = recv.wait(&self.live)?;
+                        let bytes = recv.wait(&self.waits)?;
                         let end = Instant::now();
                         self.trace.span(Track::Recv, &format!("g{g} mb{m}"), since(self.t0, posted), since(self.t0, end), &[("bytes", bytes.len() as f64)]);
                         self.trace.span(Track::Wait, &format!("input g{g} mb{m}"), since(self.t0, wait_start), since(self.t0, end), &[]);
                         let data = decode(&bytes, wire); // (T, C)
                         self.backend.upload(&data, t, c).map_err(ModelError::from)?
                     }
-                    None => stage.embed(&*self.backend, item.tokens)?,
+                    None => group.embed(&*self.backend, pass.tokens)?,
                 };
                 let start = Instant::now();
-                let x = stage.run_layers(&*self.backend, &self.cfg, x, &item.ctx(), caches.as_deref_mut())?;
+                let x = group.run_layers(&*self.backend, &self.cfg, x, &pass.ctx(), caches.as_deref_mut())?;
                 match next_owner {
                     Some(next) => {
                         let data = self.backend.download(&x).map_err(ModelError::from)?; // (T, C)
                         wave.sends.push(self.comm.isend(encode(&data, wire), next, TAG_HIDDEN + g as i32 + 1)?);
                     }
                     None => {
-                        let out = head(&*self.backend, &self.cfg, stage, &x, item.head)?;
+                        let out = read_out(&*self.backend, &self.cfg, group, &x, pass.outputs)?;
                         if rank == 0 {
                             wave.local.push(out);
                         } else {
@@ -247,10 +214,10 @@ impl<B: Backend + 'static> Worker<B> {
     /// Wait for a started wave's sends and (rank 0) its results.
     pub(crate) fn finish(&mut self, mut wave: InFlight) -> Result<Vec<Vec<f64>>, PipelineError> {
         if let Some(mut command) = wave.command.take() {
-            command.wait_all(&self.live)?;
+            command.wait_all(&self.waits)?;
         }
-        wave.sends.wait_all(&self.live)?;
-        wave.result_sends.wait_all(&self.live)?;
+        wave.sends.wait_all(&self.waits)?;
+        wave.result_sends.wait_all(&self.waits)?;
         self.record_copies_and_sends(&wave.sends, &wave.result_sends);
         if self.rank != 0 {
             return Ok(vec![]);
@@ -261,7 +228,7 @@ impl<B: Backend + 'static> Worker<B> {
         let mut out = vec![];
         for r in wave.result_recvs {
             let posted = r.posted;
-            out.push(r.wait(&self.live)?);
+            out.push(r.wait(&self.waits)?);
             self.trace.span(Track::Recv, "results", since(self.t0, posted), since(self.t0, Instant::now()), &[]);
         }
         Ok(out)
@@ -296,15 +263,4 @@ fn progress_every() -> Duration {
 /// Seconds from `t0` to `t`: trace times.
 fn since(t0: Instant, t: Instant) -> f64 {
     t.duration_since(t0).as_secs_f64()
-}
-
-/// The last group's output for one item, as f64 (log-probs, or logits widened exactly).
-fn head<B: Backend>(b: &B, cfg: &ModelConfig, stage: &Stage<B>, x: &B::Act, head: Head) -> Result<Vec<f64>, ModelError> {
-    match head {
-        Head::Score(scored) => stage.scored_logprobs(b, cfg, x, scored),
-        Head::Logits(rows) => {
-            let logits = stage.logits(b, cfg, x, rows)?; // (R, V)
-            Ok(b.download(&logits)?.into_iter().map(f64::from).collect())
-        }
-    }
 }

@@ -2,7 +2,7 @@
 //! (prompt, choice) pair as lm-eval splits it and HF scores it alone.
 
 use falcon_batch::corpus::{CorpusOptions, CorpusReader, PreparedDoc, ReadyDoc, Template};
-use falcon_batch::layout::MicroBatch;
+use falcon_batch::token_tree::MicroBatch;
 use falcon_batch::tokenizer::Tokenizer;
 use serde_json::Value;
 
@@ -105,12 +105,12 @@ pub fn compare(what: &str, got: &[f64], want: &[f64], tol: f64) -> f64 {
 
 
 /// All documents packed under `budget(..)` rows, several per micro-batch, each batch scored
-/// in one pass on `stage`, against the golden per token; returns the largest difference.
+/// in one pass on `group`, against the golden per token; returns the largest difference.
 pub fn check_packed<B: falcon_batch::backend::Backend>(
     what: &str,
     b: &B,
     cfg: &falcon_batch::config::ModelConfig,
-    stage: &falcon_batch::stage::Stage<B>,
+    group: &falcon_batch::group::DeviceGroup<B>,
     prepared: &[PreparedDoc],
     golden: &[GoldenDoc],
     tol: f64,
@@ -122,7 +122,7 @@ pub fn check_packed<B: falcon_batch::backend::Backend>(
     let (mut worst, mut seen) = (0f64, 0);
     for docs in &batches {
         let batch = falcon_batch::corpus::build_batch(docs.iter());
-        let lps = stage.score_batch(b, cfg, &batch).unwrap();
+        let lps = group.score_batch(b, cfg, &batch).unwrap();
         for (d, got) in docs.iter().zip(per_choice(&batch, docs, &lps)) {
             let g = &golden[d.doc.index];
             assert_eq!(d.doc.id, g.id);

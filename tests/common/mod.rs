@@ -30,7 +30,7 @@ pub fn word_tokenizer(n: usize) -> falcon_batch::tokenizer::Tokenizer {
 pub struct HfFixture {
     pub dir: std::path::PathBuf,
     pub cfg: ModelConfig,
-    pub host: falcon_batch::stage::HostGroup,
+    pub host: falcon_batch::group::HostGroup,
     pub golden: serde_json::Value,
 }
 
@@ -69,7 +69,7 @@ pub fn hf_fixture(name: &str) -> HfFixture {
     let read = |f: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap() };
     let cfg = model::config_from_hf(&read("config.json"), "config.json").unwrap();
     let src = read_shards(&dir);
-    let host = falcon_batch::stage::HostGroup::read(0..cfg.n_layers, cfg.n_layers, |p: Part| model::convert_part(&cfg, p, &src)).unwrap();
+    let host = falcon_batch::group::HostGroup::read(0..cfg.n_layers, cfg.n_layers, |p: Part| model::convert_part(&cfg, p, &src)).unwrap();
     let golden = read("golden.json");
     HfFixture { dir, cfg, host, golden }
 }

@@ -1,7 +1,7 @@
 //! The fast CPU ops against plain-loop references (llama2.c style).
 
 use super::*;
-use crate::layout::{MicroBatch, TokenizedDoc};
+use crate::token_tree::{MicroBatch, TokenizedDoc};
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {

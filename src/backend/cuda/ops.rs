@@ -7,7 +7,7 @@
 use super::{dev_err, elementwise_cfg, upload, CudaAct, CudaBackend, CudaSlot, CudaTransfer, CudaWeight, PinnedGroup, WeightBuf};
 use crate::backend::{AttnShape, Backend, BackendError, CopySpan, Result};
 use std::sync::Arc;
-use crate::layout::AttnSpan;
+use crate::token_tree::AttnSpan;
 use crate::tensor::HostTensor;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 

@@ -1,11 +1,11 @@
-//! This rank's weights: every group it owns pinned in host memory (converted once, at start,
-//! to what the backend computes with), at most `resident` of them in device slots, and the
-//! next ones copied in while the current one computes, through the backend's streaming
+//! The weight window: every group this rank owns pinned in host memory (converted once, at
+//! start, to what the backend computes with), at most `resident` of them in device slots, and
+//! the next ones copied in while the current one computes, through the backend's streaming
 //! contract (`Backend::pin / prefetch / wait / release`, DESIGN.md "Schedule"). The same
 //! window runs on the CPU backend (a copy thread) and on CUDA (a copy stream).
 //!
 //! A slot is freed only by `release`, which takes the group's weights back by value, and the
-//! stage the caller computes with is borrowed from the window: while it is in use, the window
+//! group the caller computes with is borrowed from the window: while it is in use, the window
 //! cannot be asked for another group, so no copy can overwrite it. This does not compile:
 //!
 //! ```compile_fail,E0499
@@ -21,7 +21,7 @@
 use crate::backend::Backend;
 use crate::model::{ModelError, Part};
 use crate::schedule::Schedule;
-use crate::stage::{GroupLayout, HostGroup, Stage};
+use crate::group::{DeviceGroup, GroupTensorNames, HostGroup};
 use crate::tensor::HostTensor;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,12 +43,13 @@ pub type GroupCopy = (usize, Instant, Instant);
 /// A group in a slot: its copy in flight, or arrived and computing.
 enum Held<B: Backend> {
     Loading(B::Transfer),
-    Ready(B::Transfer, Stage<B>),
+    Ready(B::Transfer, DeviceGroup<B>),
 }
 
 pub struct WeightWindow<B: Backend> {
     backend: Arc<B>,
-    layouts: Vec<GroupLayout>,
+    /// Per group, its tensors' names in pinned order.
+    names: Vec<GroupTensorNames>,
     /// The rank's groups, pinned once. Dropped after its copy when every group stays resident.
     pinned: Vec<Option<Arc<B::Pinned>>>,
     resident: usize,
@@ -63,27 +64,27 @@ pub struct WeightWindow<B: Backend> {
 impl<B: Backend> WeightWindow<B> {
     /// Pins every group (the host copies are converted once here and then dropped).
     pub fn new(backend: Arc<B>, host: Vec<HostGroup>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
-        let mut layouts = vec![];
+        let mut names = vec![];
         let mut pinned = vec![];
         for group in host {
-            let (layout, tensors) = group.split();
+            let (group_names, tensors) = group.split();
             pinned.push(Arc::new(backend.pin(&tensors)?));
-            layouts.push(layout);
+            names.push(group_names);
         }
-        WeightWindow::from_pinned(backend, layouts, pinned, resident)
+        WeightWindow::from_pinned(backend, names, pinned, resident)
     }
 
-    /// A window over groups already pinned; one pinned group may serve several layouts of
+    /// A window over groups already pinned; one pinned group may serve several groups of
     /// the same shapes (the synthetic benchmark streams many layers from two host copies).
-    pub fn from_pinned(backend: Arc<B>, layouts: Vec<GroupLayout>, pinned: Vec<Arc<B::Pinned>>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
-        if layouts.len() != pinned.len() {
-            return Err(ModelError::Unsupported(format!("weight window: {} layouts for {} pinned groups", layouts.len(), pinned.len())));
+    pub fn from_pinned(backend: Arc<B>, names: Vec<GroupTensorNames>, pinned: Vec<Arc<B::Pinned>>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
+        if names.len() != pinned.len() {
+            return Err(ModelError::Unsupported(format!("weight window: {} groups named for {} pinned groups", names.len(), pinned.len())));
         }
-        Ok(WeightWindow { backend, layouts, pinned: pinned.into_iter().map(Some).collect(), resident: resident.max(1), held: vec![], free: vec![], copies: vec![] })
+        Ok(WeightWindow { backend, names, pinned: pinned.into_iter().map(Some).collect(), resident: resident.max(1), held: vec![], free: vec![], copies: vec![] })
     }
 
     fn slots(&self) -> usize {
-        self.resident.min(self.layouts.len())
+        self.resident.min(self.names.len())
     }
 
     fn position(&self, idx: usize) -> Option<usize> {
@@ -104,7 +105,7 @@ impl<B: Backend> WeightWindow<B> {
     /// its copy must finish before the slot can be written again).
     fn evict(&mut self, idx: usize, held: Held<B>) -> Result<(), ModelError> {
         let (transfer, weights) = match held {
-            Held::Ready(t, stage) => (t, stage.into_weights(&self.layouts[idx])?),
+            Held::Ready(t, group) => (t, group.into_weights(&self.names[idx])?),
             Held::Loading(mut t) => {
                 let w = self.backend.wait(&mut t)?;
                 (t, w)
@@ -118,12 +119,12 @@ impl<B: Backend> WeightWindow<B> {
         Ok(())
     }
 
-    /// The stage of the rank's `idx`-th group, and how long compute waited for its copy.
+    /// The rank's `idx`-th group, and how long compute waited for its copy.
     /// Groups outside the next `resident` in execution order (cyclic: after the last comes
     /// the next wave's first) give their slots back, and the free slots start copying the
     /// following groups, so they arrive while this one computes.
-    pub fn acquire(&mut self, idx: usize) -> Result<(&Stage<B>, Duration), ModelError> {
-        let k = self.layouts.len();
+    pub fn acquire(&mut self, idx: usize) -> Result<(&DeviceGroup<B>, Duration), ModelError> {
+        let k = self.names.len();
         if idx >= k {
             return Err(ModelError::Unsupported(format!("weight window: group {idx} asked for, the rank has {k}")));
         }
@@ -150,15 +151,15 @@ impl<B: Backend> WeightWindow<B> {
                 return Err(ModelError::Unsupported(format!("group {g} changed state in the weight window")));
             };
             let weights = self.backend.wait(&mut t)?;
-            let stage = Stage::from_weights(&self.layouts[g], weights)?;
-            self.held.push((g, Held::Ready(t, stage)));
+            let group = DeviceGroup::from_weights(&self.names[g], weights)?;
+            self.held.push((g, Held::Ready(t, group)));
             if self.slots() == k {
                 self.pinned[g] = None; // stays resident for good: no second copy
             }
         }
         let waited = started.elapsed();
         match self.held.iter().find(|(i, _)| *i == idx) {
-            Some((_, Held::Ready(_, stage))) => Ok((stage, waited)),
+            Some((_, Held::Ready(_, group))) => Ok((group, waited)),
             _ => Err(ModelError::Unsupported(format!("group {idx} vanished from the weight window"))),
         }
     }
@@ -183,9 +184,9 @@ impl<B: Backend> Drop for WeightWindow<B> {
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
-    use crate::bench::synthetic_batch;
-    use crate::stage::score_through;
+    use crate::group::score_through;
     use crate::testing::{llama_config, random_group};
+    use crate::token_tree::{MicroBatch, TokenizedDoc};
 
     fn cfg(layers: usize) -> crate::config::ModelConfig {
         match llama_config(layers) {
@@ -203,8 +204,8 @@ mod tests {
             let mut copies = 0;
             for idx in [0, 1, 2, 0, 1, 2] {
                 let before: Vec<usize> = w.held.iter().map(|(i, _)| *i).collect();
-                let (stage, _) = w.acquire(idx).expect("acquire");
-                assert_eq!(stage.layers, idx..idx + 1);
+                let (group, _) = w.acquire(idx).expect("acquire");
+                assert_eq!(group.layers, idx..idx + 1);
                 assert!(w.uploaded() <= resident, "resident {resident}: {} in slots", w.uploaded());
                 copies += w.held.iter().filter(|(i, _)| !before.contains(i)).count();
                 if resident == 2 {
@@ -224,9 +225,10 @@ mod tests {
         let cfg = cfg(5);
         let b = Arc::new(CpuBackend::new());
         let ranges = [0..1, 1..3, 3..4, 4..5];
-        let stages: Vec<Stage<CpuBackend>> = ranges.iter().map(|r| Stage::upload(&*b, &random_group(&cfg, r.clone(), 9)).expect("upload")).collect();
-        let batch = synthetic_batch(2, 24);
-        let want = score_through(&stages, &*b, &cfg, &batch).expect("resident");
+        let groups: Vec<DeviceGroup<CpuBackend>> = ranges.iter().map(|r| DeviceGroup::upload(&*b, &random_group(&cfg, r.clone(), 9)).expect("upload")).collect();
+        let doc = |i: usize| TokenizedDoc { index: i, id: format!("d{i}"), prompt: (1..17).collect(), choices: vec![vec![3, 4, 5], vec![6, 7]] };
+        let batch = MicroBatch::build(&[doc(0), doc(1)]);
+        let want = score_through(&groups, &*b, &cfg, &batch).expect("resident");
         for resident in [1, 2, 3, 4] {
             let host: Vec<HostGroup> = ranges.iter().map(|r| random_group(&cfg, r.clone(), 9)).collect();
             let mut w = WeightWindow::new(b.clone(), host, resident).expect("window");
@@ -236,10 +238,10 @@ mod tests {
                 let mut x = first.embed(&*b, &batch.tokens).expect("embed");
                 let mut got = vec![];
                 for idx in 0..ranges.len() {
-                    let (stage, _) = w.acquire(idx).expect("acquire");
-                    x = stage.run_layers(&*b, &cfg, x, &ctx, None).expect("layers");
+                    let (group, _) = w.acquire(idx).expect("acquire");
+                    x = group.run_layers(&*b, &cfg, x, &ctx, None).expect("layers");
                     if idx + 1 == ranges.len() {
-                        got = stage.scored_logprobs(&*b, &cfg, &x, &batch.scored).expect("head");
+                        got = group.scored_logprobs(&*b, &cfg, &x, &batch.scored).expect("head");
                     }
                 }
                 assert_eq!(got, want, "resident {resident}, wave {wave}: streamed scores differ");

@@ -1,4 +1,5 @@
-//! The packed token-tree layout of a micro-batch (DESIGN.md, "Choice scoring").
+//! A micro-batch as a packed token tree: its rows, attention spans and scored rows
+//! (DESIGN.md, "Choice scoring").
 //!
 //! Several documents share one sequence of T rows with no padding. A document is its
 //! prompt followed by each choice's tokens except the last (the last token is only ever

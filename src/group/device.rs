@@ -1,0 +1,140 @@
+//! A group's weights on a backend and the forward pass over them: embed (begin), its layers,
+//! the LM head (end). Weights arrive as a HostGroup and are uploaded, or come streamed in
+//! ahead of use through the weight window (pipeline::WeightWindow).
+//!
+//! Shapes: T rows of a micro-batch, C hidden, S scored rows, R logit rows, V vocabulary.
+
+use super::{GroupTensorNames, HostGroup};
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::model::{self, LayerCache, ModelError, Part, RowCtx, Weights};
+use crate::token_tree::{MicroBatch, ScoredRow};
+use std::ops::Range;
+
+/// A group on a backend: begin, one `Weights` per layer, end (each part's tensors by name).
+pub struct DeviceGroup<B: Backend> {
+    pub layers: Range<usize>,
+    begin: Option<Weights<B>>,
+    blocks: Vec<Weights<B>>,
+    end: Option<Weights<B>>,
+}
+
+impl<B: Backend> DeviceGroup<B> {
+    pub fn upload(b: &B, host: &HostGroup) -> Result<DeviceGroup<B>, ModelError> {
+        let mut group = DeviceGroup { layers: host.layers.clone(), begin: None, blocks: vec![], end: None };
+        for (part, tensors) in &host.parts {
+            group.put(Weights::upload(b, *part, tensors)?);
+            crate::liveness::advanced();
+        }
+        Ok(group)
+    }
+
+    /// A group over weights already on the backend, in `names`' flat order (a streamed
+    /// group after `Backend::wait`).
+    pub fn from_weights(names: &GroupTensorNames, weights: Vec<B::Weight>) -> Result<DeviceGroup<B>, ModelError> {
+        if weights.len() != names.len() {
+            return Err(ModelError::Unsupported(format!("layers {:?}: {} weights for {} tensors", names.layers, weights.len(), names.len())));
+        }
+        let mut group = DeviceGroup { layers: names.layers.clone(), begin: None, blocks: vec![], end: None };
+        let mut it = weights.into_iter();
+        for (part, part_names) in &names.parts {
+            let map = part_names.iter().cloned().zip(it.by_ref().take(part_names.len())).collect();
+            group.put(Weights::from_map(*part, map));
+        }
+        Ok(group)
+    }
+
+    /// The weights back in `names`' flat order (for `Backend::release`).
+    pub fn into_weights(self, names: &GroupTensorNames) -> Result<Vec<B::Weight>, ModelError> {
+        let mut by_part: Vec<Weights<B>> = self.begin.into_iter().chain(self.blocks).chain(self.end).collect();
+        let mut out = Vec::with_capacity(names.len());
+        for (part, part_names) in &names.parts {
+            let i = by_part.iter().position(|w| w.part == *part).ok_or_else(|| ModelError::Unsupported(format!("layers {:?}: part {} is not in this group", names.layers, part.name())))?;
+            let mut map = by_part.swap_remove(i).into_map();
+            for name in part_names {
+                out.push(map.remove(name).ok_or_else(|| ModelError::MissingTensor { part: part.name(), name: name.clone() })?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn put(&mut self, w: Weights<B>) {
+        match w.part {
+            Part::Begin => self.begin = Some(w),
+            Part::Layer(_) => self.blocks.push(w),
+            Part::End => self.end = Some(w),
+        }
+    }
+
+    pub fn has_begin(&self) -> bool {
+        self.begin.is_some()
+    }
+
+    pub fn has_end(&self) -> bool {
+        self.end.is_some()
+    }
+
+    fn begin(&self) -> Result<&Weights<B>, ModelError> {
+        self.begin.as_ref().ok_or_else(|| ModelError::Unsupported(format!("layers {:?} do not include the embeddings", self.layers)))
+    }
+
+    fn end(&self) -> Result<&Weights<B>, ModelError> {
+        self.end.as_ref().ok_or_else(|| ModelError::Unsupported(format!("layers {:?} do not include the LM head", self.layers)))
+    }
+
+    /// ids (T,) -> hidden (T, C)
+    pub fn embed(&self, b: &B, ids: &[u32]) -> Result<B::Act, ModelError> {
+        model::begin_forward(b, self.begin()?, ids)
+    }
+
+    /// hidden (T, C) -> hidden (T, C) through every layer of the range. With `caches`
+    /// (one per layer of the range), keys and values are appended for generation.
+    pub fn run_layers(
+        &self,
+        b: &B,
+        cfg: &ModelConfig,
+        mut x: B::Act,
+        ctx: &RowCtx,
+        mut caches: Option<&mut [LayerCache<B>]>,
+    ) -> Result<B::Act, ModelError> {
+        for (i, w) in self.blocks.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = model::layer_forward(b, cfg, w, x, ctx, cache)?;
+            crate::liveness::advanced();
+        }
+        Ok(x)
+    }
+
+    /// hidden (T, C) -> logits (R, V) at `rows`.
+    pub fn logits(&self, b: &B, cfg: &ModelConfig, x: &B::Act, rows: &[u32]) -> Result<B::Act, ModelError> {
+        model::end_logits(b, cfg, self.end()?, x, rows)
+    }
+
+    /// hidden (T, C) -> log p(target | row) at each scored row (S,).
+    pub fn scored_logprobs(&self, b: &B, cfg: &ModelConfig, x: &B::Act, scored: &[ScoredRow]) -> Result<Vec<f64>, ModelError> {
+        let rows: Vec<u32> = scored.iter().map(|s| s.row).collect();
+        let targets: Vec<u32> = scored.iter().map(|s| s.target).collect();
+        let logits = self.logits(b, cfg, x, &rows)?; // (S, V)
+        Ok(b.log_softmax_at(&logits, &targets)?)
+    }
+
+    /// A whole micro-batch through this group when it holds the entire model.
+    pub fn score_batch(&self, b: &B, cfg: &ModelConfig, batch: &MicroBatch) -> Result<Vec<f64>, ModelError> {
+        score_through(std::slice::from_ref(self), b, cfg, batch)
+    }
+}
+
+/// A micro-batch through consecutive groups that together hold the whole model:
+/// log p(target) at its scored rows (S,).
+pub fn score_through<B: Backend>(groups: &[DeviceGroup<B>], b: &B, cfg: &ModelConfig, batch: &MicroBatch) -> Result<Vec<f64>, ModelError> {
+    let (first, last) = match (groups.first(), groups.last()) {
+        (Some(f), Some(l)) => (f, l),
+        _ => return Err(ModelError::Unsupported("no groups loaded".into())),
+    };
+    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
+    let mut x = first.embed(b, &batch.tokens)?; // (T, C)
+    for g in groups {
+        x = g.run_layers(b, cfg, x, &ctx, None)?;
+    }
+    last.scored_logprobs(b, cfg, &x, &batch.scored)
+}

@@ -1,0 +1,68 @@
+//! One forward pass as a rank's layers see it: the rows of a micro-batch or of a generation
+//! step, and what the last group reads out of them.
+//!
+//! Shapes: T rows, S scored rows, R logit rows, V vocabulary.
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::group::DeviceGroup;
+use crate::model::{ModelError, RowCtx};
+use crate::runner::StepBatch;
+use crate::token_tree::{AttnSpan, MicroBatch, ScoredRow};
+
+/// What the last group computes for a pass.
+#[derive(Clone, Copy)]
+pub(crate) enum OutputRows<'a> {
+    /// log p(target) at the scored rows (S,).
+    Scored(&'a [ScoredRow]),
+    /// Logits (R, V) at these rows, flattened.
+    Logits(&'a [u32]),
+}
+
+/// The rows of one forward pass: a micro-batch or a generation step.
+pub(crate) struct ForwardRows<'a> {
+    /// (T,)
+    pub tokens: &'a [u32],
+    /// (T,)
+    pub positions: &'a [u32],
+    /// (T,)
+    pub spans: &'a [AttnSpan],
+    /// Generation: the rows of [cache; new] that form the next cache.
+    pub cache_order: Option<&'a [u32]>,
+    pub outputs: OutputRows<'a>,
+}
+
+impl<'a> ForwardRows<'a> {
+    /// A scoring pass over a micro-batch's token tree.
+    pub fn scoring(b: &'a MicroBatch) -> ForwardRows<'a> {
+        ForwardRows { tokens: &b.tokens, positions: &b.positions, spans: &b.spans, cache_order: None, outputs: OutputRows::Scored(&b.scored) }
+    }
+
+    /// A generation step: logits at each sequence's last row.
+    pub fn step(s: &'a StepBatch) -> ForwardRows<'a> {
+        ForwardRows { tokens: &s.tokens, positions: &s.positions, spans: &s.spans, cache_order: Some(&s.cache_order), outputs: OutputRows::Logits(&s.last_rows) }
+    }
+
+    pub fn ctx(&self) -> RowCtx<'_> {
+        RowCtx { positions: self.positions, spans: self.spans, cache_order: self.cache_order }
+    }
+
+    /// Values the last group returns for this pass.
+    pub fn out_len(&self, vocab: usize) -> usize {
+        match self.outputs {
+            OutputRows::Scored(s) => s.len(),
+            OutputRows::Logits(rows) => rows.len() * vocab,
+        }
+    }
+}
+
+/// The last group's output for one pass, as f64 (log-probs, or logits widened exactly).
+pub(crate) fn read_out<B: Backend>(b: &B, cfg: &ModelConfig, group: &DeviceGroup<B>, x: &B::Act, outputs: OutputRows) -> Result<Vec<f64>, ModelError> {
+    match outputs {
+        OutputRows::Scored(scored) => group.scored_logprobs(b, cfg, x, scored),
+        OutputRows::Logits(rows) => {
+            let logits = group.logits(b, cfg, x, rows)?; // (R, V)
+            Ok(b.download(&logits)?.into_iter().map(f64::from).collect())
+        }
+    }
+}

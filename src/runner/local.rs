@@ -1,0 +1,74 @@
+//! The whole model on this process: its groups run one after another, for the score job
+//! (LocalScorer) and generation (LocalDecoder). The reference the pipeline is checked against.
+//!
+//! Shapes: T rows, C hidden, R logit rows, V vocabulary.
+
+use super::{BatchScorer, Decoder, StepBatch};
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::group::{score_through, DeviceGroup};
+use crate::model::{LayerCache, ModelError, RowCtx};
+use crate::token_tree::MicroBatch;
+use std::collections::VecDeque;
+
+/// Every group on this process, run one after another; a wave is computed when submitted.
+pub struct LocalScorer<'a, B: Backend> {
+    pub backend: &'a B,
+    pub cfg: &'a ModelConfig,
+    pub groups: &'a [DeviceGroup<B>],
+    /// Results of the waves submitted and not yet collected, oldest first.
+    pub done: VecDeque<Vec<Vec<f64>>>,
+}
+
+impl<B: Backend> BatchScorer for LocalScorer<'_, B> {
+    type Error = ModelError;
+
+    fn submit(&mut self, wave: &[MicroBatch]) -> Result<(), ModelError> {
+        let out = wave.iter().map(|batch| score_through(self.groups, self.backend, self.cfg, batch)).collect::<Result<_, _>>()?;
+        self.done.push_back(out);
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<Vec<Vec<f64>>, ModelError> {
+        self.done.pop_front().ok_or_else(|| ModelError::Unsupported("collect without a wave in flight".into()))
+    }
+}
+
+/// All groups on this process, run one after another, each layer keeping its cache.
+pub struct LocalDecoder<'a, B: Backend> {
+    pub backend: &'a B,
+    pub cfg: &'a ModelConfig,
+    pub groups: &'a [DeviceGroup<B>],
+    /// Per group, one cache per layer of the group.
+    caches: Vec<Vec<LayerCache<B>>>,
+}
+
+impl<'a, B: Backend> LocalDecoder<'a, B> {
+    pub fn new(backend: &'a B, cfg: &'a ModelConfig, groups: &'a [DeviceGroup<B>]) -> Self {
+        let mut d = LocalDecoder { backend, cfg, groups, caches: vec![] };
+        d.reset();
+        d
+    }
+}
+
+impl<B: Backend> Decoder for LocalDecoder<'_, B> {
+    type Error = ModelError;
+
+    fn step(&mut self, batch: &StepBatch) -> Result<Vec<Vec<f32>>, ModelError> {
+        let b = self.backend;
+        let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: Some(&batch.cache_order) };
+        let first = self.groups.first().ok_or_else(|| ModelError::Unsupported("no groups".into()))?;
+        let mut x = first.embed(b, &batch.tokens)?; // (T, C)
+        for (group, caches) in self.groups.iter().zip(self.caches.iter_mut()) {
+            x = group.run_layers(b, self.cfg, x, &ctx, Some(caches))?;
+        }
+        let last = self.groups.last().ok_or_else(|| ModelError::Unsupported("no groups".into()))?;
+        let logits = last.logits(b, self.cfg, &x, &batch.last_rows)?; // (R, V)
+        let flat = b.download(&logits)?;
+        Ok(flat.chunks(self.cfg.vocab_size).map(|r| r.to_vec()).collect())
+    }
+
+    fn reset(&mut self) {
+        self.caches = self.groups.iter().map(|g| (0..g.layers.len()).map(|_| LayerCache::default()).collect()).collect();
+    }
+}
