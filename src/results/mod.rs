@@ -7,8 +7,11 @@
 //! Document i owns rows choice_offset[i] .. choice_offset[i] + n_choices[i] of /choices.
 
 mod csv_export;
+mod h5;
 mod read;
+mod recover;
 mod reserve;
+mod schema;
 mod writer;
 
 use thiserror::Error;

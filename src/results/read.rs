@@ -5,7 +5,8 @@ use std::path::Path;
 use hdf5::types::VarLenUnicode;
 use hdf5::File;
 
-use super::writer::{dataset, read_readable, read_str_attr, valid_prefix};
+use super::h5::{dataset, read_readable, read_str_attr};
+use super::schema::{valid_prefix, CHOICE_SETS, DOC_SETS};
 use super::{ChoiceRow, DocResult, DocStatus, ResultsError, SCHEMA};
 
 fn strings(v: Vec<VarLenUnicode>) -> Vec<String> {
@@ -30,8 +31,8 @@ pub fn read_results(path: &Path) -> Result<Vec<DocResult>, ResultsError> {
     let d = |name: &str| dataset(&docs, name, &p);
     let c = |name: &str| dataset(&choices, name, &p);
 
-    let n = super::writer::DOC_SETS.iter().map(|s| d(s).map(|ds| ds.size())).collect::<Result<Vec<_>, _>>()?.into_iter().min().unwrap_or(0);
-    let rows = super::writer::CHOICE_SETS.iter().map(|s| c(s).map(|ds| ds.size())).collect::<Result<Vec<_>, _>>()?.into_iter().min().unwrap_or(0);
+    let n = DOC_SETS.iter().map(|s| d(s).map(|ds| ds.size())).collect::<Result<Vec<_>, _>>()?.into_iter().min().unwrap_or(0);
+    let rows = CHOICE_SETS.iter().map(|s| c(s).map(|ds| ds.size())).collect::<Result<Vec<_>, _>>()?.into_iter().min().unwrap_or(0);
     // Read what is readable, then keep the whole documents within it (see valid_prefix).
     let ids = strings(read_readable(&d("id")?, n));
     let status: Vec<VarLenUnicode> = read_readable(&d("status")?, n);

@@ -1,21 +1,16 @@
-//! The HDF5 writer: create or resume, append + flush, torn-tail repair.
+//! The results writer: create or resume a file, append documents and flush, cut a torn tail.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use hdf5::types::VarLenUnicode;
-use hdf5::{Dataset, File, Group, H5Type};
+use hdf5::{Dataset, File, Group};
 
+use super::h5::{dataset, extend, int32, read_prefix, vlu};
+use super::recover::rebuild;
 use super::reserve::{is_no_space, Reserve, MIN_RESERVE};
-use super::{At, DocResult, ResultsError, RunMeta, SCHEMA};
-
-// ~1024 documents or 4096 choice rows per chunk: a few appends per chunk at typical batch
-// sizes, and small enough that the last, partly filled chunk costs little.
-const DOC_CHUNK: usize = 1024;
-const CHOICE_CHUNK: usize = 4096;
-
-pub(super) const DOC_SETS: [&str; 7] = ["id", "status", "error", "n_prompt_tokens", "best", "choice_offset", "n_choices"];
-pub(super) const CHOICE_SETS: [&str; 6] = ["text", "n_tokens", "logprob", "logprob_mean", "logprob_per_char", "prob"];
+use super::schema::{check_meta, closed_cleanly, create, set_closed, valid_prefix, CHOICE_CHUNK, CHOICE_SETS, DOC_CHUNK, DOC_SETS};
+use super::{At, DocResult, ResultsError, RunMeta};
 
 pub struct ResultsWriter {
     path: PathBuf,
@@ -32,138 +27,6 @@ pub struct ResultsWriter {
     closed: bool,
     /// Room held for the next append (see reserve.rs); None once closed.
     reserve: Option<Reserve>,
-}
-
-/// Root attribute: 1 when the last writer closed the file, 0 while one has it open. HDF5
-/// (1.10, no SWMR) updates metadata in place, so a job killed mid-append can leave the
-/// file readable but not safely writable; a file found not closed cleanly is rebuilt
-/// from what it holds before anything is appended.
-const CLOSED_ATTR: &str = "closed_cleanly";
-
-fn set_closed(file: &File, closed: bool, path: &str) -> Result<(), ResultsError> {
-    let what = format!("marking the file {}", if closed { "closed" } else { "open" });
-    let attr = match file.attr(CLOSED_ATTR) {
-        Ok(a) => a,
-        Err(_) => file.new_attr::<u8>().shape(()).create(CLOSED_ATTR).at(path, &what)?,
-    };
-    attr.write_scalar(&u8::from(closed)).at(path, &what)?;
-    file.flush().at(path, &what)
-}
-
-// Not bound by hdf5-metno-sys; exported by libhdf5 since 1.10.2 (Debian's 1.10.8 here,
-// Ubuntu 24.04's 1.10.10 on the GPU machines). hid_t is 64-bit since 1.10.
-extern "C" {
-    fn H5Fincrement_filesize(file_id: i64, increment: u64) -> i32;
-}
-
-/// A killed writer can leave metadata pointing past the end-of-allocation the superblock
-/// records ("len exceeds EOA" on read) although the bytes are in the file; move the EOA
-/// to the end of the file, as `h5clear --increment=0` does, so they can be read.
-fn extend_eoa(path: &Path) -> Result<(), ResultsError> {
-    let name = path.display().to_string();
-    let file = File::open_rw(path).at(&name, "opening to recover")?;
-    // SAFETY: `file` keeps the id open for the call; sync() holds hdf5-metno's global
-    // lock, as its own FFI calls do, since the library is not thread-safe.
-    let rc = hdf5::sync::sync(|| unsafe { H5Fincrement_filesize(file.id(), 0) });
-    if rc < 0 {
-        return Err(ResultsError::Corrupt { path: name, msg: "cannot move the end of allocation to the end of file".into() });
-    }
-    file.flush().at(&name, "flushing")
-}
-
-fn closed_cleanly(file: &File) -> bool {
-    file.attr(CLOSED_ATTR).and_then(|a| a.read_scalar::<u8>()).is_ok_and(|v| v == 1)
-}
-
-/// An HDF5 string; NUL cannot be stored in one, so it becomes U+FFFD (the corpus already
-/// refuses NUL in ids, so this only touches free text).
-pub(super) fn vlu(s: &str) -> VarLenUnicode {
-    let clean = if s.contains('\0') { s.replace('\0', "\u{FFFD}") } else { s.to_string() };
-    clean.parse().unwrap_or_default()
-}
-
-fn int32(n: usize) -> i32 {
-    i32::try_from(n).unwrap_or(i32::MAX)
-}
-
-fn write_str_attr(file: &File, name: &str, value: &str, path: &str) -> Result<(), ResultsError> {
-    let what = format!("writing attribute {name}");
-    let attr = file.new_attr::<VarLenUnicode>().shape(()).create(name).at(path, &what)?;
-    attr.write_scalar(&vlu(value)).at(path, &what)
-}
-
-pub(super) fn read_str_attr(file: &File, name: &str) -> Option<String> {
-    let attr = file.attr(name).ok()?;
-    attr.read_scalar::<VarLenUnicode>().ok().map(|v| v.as_str().to_string())
-}
-
-fn create_set<T: H5Type>(group: &Group, name: &str, chunk: usize, path: &str) -> Result<(), ResultsError> {
-    group.new_dataset::<T>().chunk(chunk).shape(0..).create(name).at(path, &format!("creating {name}"))?;
-    Ok(())
-}
-
-/// Resize `ds` to hold `data` after its first `at` rows and write it there.
-fn extend<T: H5Type>(ds: &Dataset, at: usize, data: &[T], path: &str) -> Result<(), ResultsError> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    let what = format!("appending to {}", ds.name());
-    ds.resize(at + data.len()).at(path, &what)?;
-    ds.write_slice(data, at..at + data.len()).at(path, &what)
-}
-
-/// The first elements of a 1-D dataset, up to `n`, read in blocks; stops short at the
-/// first block that cannot be read (a killed writer's tail), which callers treat as torn.
-pub(super) fn read_readable<T: H5Type + Clone>(ds: &Dataset, n: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let end = (out.len() + DOC_CHUNK).min(n);
-        match ds.read_slice_1d::<T, _>(out.len()..end) {
-            Ok(block) => out.extend(block.iter().cloned()),
-            Err(e) => {
-                // A block fails whole when any element in it does (a string whose heap
-                // collection was never written): keep the readable rows before that one.
-                while out.len() < end {
-                    match ds.read_slice_1d::<T, _>(out.len()..out.len() + 1) {
-                        Ok(one) => out.extend(one.iter().cloned()),
-                        Err(_) => break,
-                    }
-                }
-                tracing::warn!("{}: unreadable from row {}: {e}", ds.name(), out.len());
-                break;
-            }
-        }
-    }
-    out
-}
-
-/// The first `n` elements of a 1-D dataset.
-pub(super) fn read_prefix<T: H5Type + Clone>(ds: &Dataset, n: usize, path: &str) -> Result<Vec<T>, ResultsError> {
-    if n == 0 {
-        return Ok(Vec::new());
-    }
-    Ok(ds.read_slice_1d::<T, _>(0..n).at(path, &format!("reading {}", ds.name()))?.to_vec())
-}
-
-pub(super) fn dataset(group: &Group, name: &str, path: &str) -> Result<Dataset, ResultsError> {
-    group
-        .dataset(name)
-        .map_err(|e| ResultsError::Corrupt { path: path.to_string(), msg: format!("missing dataset {}/{name}: {e}", group.name()) })
-}
-
-/// The longest prefix of documents whose status was written (the commit marker, written
-/// last) and whose choice rows are contiguous and present: (documents, choice rows).
-pub(super) fn valid_prefix(status: &[VarLenUnicode], offsets: &[i64], counts: &[i32], choice_rows: usize) -> (usize, usize) {
-    let mut end = 0usize;
-    for (i, ((s, &off), &n)) in status.iter().zip(offsets).zip(counts).enumerate() {
-        let ok_status = matches!(s.as_str(), "ok" | "error");
-        let next = usize::try_from(n).ok().map(|n| end + n);
-        match next {
-            Some(next) if ok_status && off == end as i64 && next <= choice_rows => end = next,
-            _ => return (i, end),
-        }
-    }
-    (status.len().min(offsets.len()).min(counts.len()), end)
 }
 
 impl ResultsWriter {
@@ -206,7 +69,7 @@ impl ResultsWriter {
         })
     }
 
-    fn resume(path: &Path, meta: &RunMeta) -> Result<(ResultsWriter, HashSet<String>), ResultsError> {
+    pub(super) fn resume(path: &Path, meta: &RunMeta) -> Result<(ResultsWriter, HashSet<String>), ResultsError> {
         let name = path.display().to_string();
         let open = || {
             File::open_rw(path)
@@ -424,108 +287,4 @@ fn append_bytes(n_docs: usize, n_rows: usize, docs: &[DocResult]) -> u64 {
         .sum();
     let raw = chunks + strings + docs.len() * 20 + rows * 36;
     (2 * raw as u64 + (256 << 10)).max(MIN_RESERVE)
-}
-
-/// Rewrite the whole documents of a file that was not closed cleanly into a new file
-/// (temporary name, then renamed over it); returns how many were kept.
-fn rebuild(path: &Path, meta: &RunMeta) -> Result<usize, ResultsError> {
-    let name = path.display().to_string();
-    extend_eoa(path)?;
-    let docs = super::read_results(path).map_err(|e| ResultsError::Corrupt {
-        path: name.clone(),
-        msg: format!("the last writer did not close the file and it cannot be read back ({e}); pass --overwrite to start again"),
-    })?;
-    let created = File::open(path).ok().and_then(|f| read_str_attr(&f, "created"));
-    let tmp = tmp_path(path);
-    let result = (|| {
-        build_empty(&tmp, meta, created.as_deref())?;
-        let (mut w, _) = ResultsWriter::resume(&tmp, meta)?;
-        for chunk in docs.chunks(4096) {
-            w.append(chunk)?;
-        }
-        w.close()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|source| ResultsError::Io { path: name, source })?;
-    Ok(docs.len())
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    PathBuf::from(tmp)
-}
-
-fn check_meta(file: &File, meta: &RunMeta, path: &str) -> Result<(), ResultsError> {
-    match read_str_attr(file, "schema") {
-        Some(s) if s == SCHEMA => {}
-        Some(s) => return Err(ResultsError::NotResults { path: path.into(), why: format!("schema {s:?}, expected {SCHEMA:?}") }),
-        None => return Err(ResultsError::NotResults { path: path.into(), why: "no schema attribute".into() }),
-    }
-    let wanted = [
-        ("model", meta.model_id.as_str()),
-        ("norm", meta.norm.name()),
-        ("template", meta.template.as_str()),
-        ("target_delimiter", meta.delimiter.as_str()),
-    ];
-    for (attr, want) in wanted {
-        let Some(found) = read_str_attr(file, attr) else {
-            return Err(ResultsError::Unrecorded { path: path.into(), attr, wanted: want.to_string() });
-        };
-        if found != want {
-            return Err(ResultsError::Mismatch { path: path.into(), attr, found, wanted: want.to_string() });
-        }
-    }
-    Ok(())
-}
-
-/// Build the empty file under a temporary name and rename it into place, so the path
-/// never holds a half-created file (and --overwrite replaces the old one atomically).
-fn create(path: &Path, meta: &RunMeta) -> Result<(), ResultsError> {
-    let name = path.display().to_string();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| ResultsError::Io { path: dir.display().to_string(), source })?;
-    }
-    let tmp = tmp_path(path);
-    if let Err(e) = build_empty(&tmp, meta, None) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|source| ResultsError::Io { path: name, source })
-}
-
-/// A closed, empty results file at `path`; `created` keeps the original run's date.
-fn build_empty(path: &Path, meta: &RunMeta, created: Option<&str>) -> Result<(), ResultsError> {
-    let name = path.display().to_string();
-    let file = File::create(path).at(&name, "creating")?;
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    for (attr, value) in [
-        ("schema", SCHEMA),
-        ("model", meta.model_id.as_str()),
-        ("norm", meta.norm.name()),
-        ("template", meta.template.as_str()),
-        ("target_delimiter", meta.delimiter.as_str()),
-        ("created", created.unwrap_or(&now)),
-        ("version", env!("CARGO_PKG_VERSION")),
-    ] {
-        write_str_attr(&file, attr, value, &name)?;
-    }
-    let docs = file.create_group("docs").at(&name, "creating /docs")?;
-    create_set::<VarLenUnicode>(&docs, "id", DOC_CHUNK, &name)?;
-    create_set::<VarLenUnicode>(&docs, "status", DOC_CHUNK, &name)?;
-    create_set::<VarLenUnicode>(&docs, "error", DOC_CHUNK, &name)?;
-    create_set::<i32>(&docs, "n_prompt_tokens", DOC_CHUNK, &name)?;
-    create_set::<i32>(&docs, "best", DOC_CHUNK, &name)?;
-    create_set::<i64>(&docs, "choice_offset", DOC_CHUNK, &name)?;
-    create_set::<i32>(&docs, "n_choices", DOC_CHUNK, &name)?;
-    let choices = file.create_group("choices").at(&name, "creating /choices")?;
-    create_set::<VarLenUnicode>(&choices, "text", CHOICE_CHUNK, &name)?;
-    create_set::<i32>(&choices, "n_tokens", CHOICE_CHUNK, &name)?;
-    for set in ["logprob", "logprob_mean", "logprob_per_char", "prob"] {
-        create_set::<f64>(&choices, set, CHOICE_CHUNK, &name)?;
-    }
-    set_closed(&file, true, &name)
 }

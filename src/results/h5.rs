@@ -1,0 +1,84 @@
+//! Typed HDF5 access the results file is built from: strings, scalar attributes, extendable
+//! 1-D datasets and reading their prefixes.
+
+use hdf5::types::VarLenUnicode;
+use hdf5::{Dataset, File, Group, H5Type};
+
+use super::schema::DOC_CHUNK;
+use super::{At, ResultsError};
+
+/// An HDF5 string; NUL cannot be stored in one, so it becomes U+FFFD (the corpus already
+/// refuses NUL in ids, so this only touches free text).
+pub(super) fn vlu(s: &str) -> VarLenUnicode {
+    let clean = if s.contains('\0') { s.replace('\0', "\u{FFFD}") } else { s.to_string() };
+    clean.parse().unwrap_or_default()
+}
+
+pub(super) fn int32(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+pub(super) fn write_str_attr(file: &File, name: &str, value: &str, path: &str) -> Result<(), ResultsError> {
+    let what = format!("writing attribute {name}");
+    let attr = file.new_attr::<VarLenUnicode>().shape(()).create(name).at(path, &what)?;
+    attr.write_scalar(&vlu(value)).at(path, &what)
+}
+
+pub(super) fn read_str_attr(file: &File, name: &str) -> Option<String> {
+    let attr = file.attr(name).ok()?;
+    attr.read_scalar::<VarLenUnicode>().ok().map(|v| v.as_str().to_string())
+}
+
+pub(super) fn create_set<T: H5Type>(group: &Group, name: &str, chunk: usize, path: &str) -> Result<(), ResultsError> {
+    group.new_dataset::<T>().chunk(chunk).shape(0..).create(name).at(path, &format!("creating {name}"))?;
+    Ok(())
+}
+
+/// Resize `ds` to hold `data` after its first `at` rows and write it there.
+pub(super) fn extend<T: H5Type>(ds: &Dataset, at: usize, data: &[T], path: &str) -> Result<(), ResultsError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let what = format!("appending to {}", ds.name());
+    ds.resize(at + data.len()).at(path, &what)?;
+    ds.write_slice(data, at..at + data.len()).at(path, &what)
+}
+
+/// The first elements of a 1-D dataset, up to `n`, read in blocks; stops short at the
+/// first block that cannot be read (a killed writer's tail), which callers treat as torn.
+pub(super) fn read_readable<T: H5Type + Clone>(ds: &Dataset, n: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let end = (out.len() + DOC_CHUNK).min(n);
+        match ds.read_slice_1d::<T, _>(out.len()..end) {
+            Ok(block) => out.extend(block.iter().cloned()),
+            Err(e) => {
+                // A block fails whole when any element in it does (a string whose heap
+                // collection was never written): keep the readable rows before that one.
+                while out.len() < end {
+                    match ds.read_slice_1d::<T, _>(out.len()..out.len() + 1) {
+                        Ok(one) => out.extend(one.iter().cloned()),
+                        Err(_) => break,
+                    }
+                }
+                tracing::warn!("{}: unreadable from row {}: {e}", ds.name(), out.len());
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The first `n` elements of a 1-D dataset.
+pub(super) fn read_prefix<T: H5Type + Clone>(ds: &Dataset, n: usize, path: &str) -> Result<Vec<T>, ResultsError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(ds.read_slice_1d::<T, _>(0..n).at(path, &format!("reading {}", ds.name()))?.to_vec())
+}
+
+pub(super) fn dataset(group: &Group, name: &str, path: &str) -> Result<Dataset, ResultsError> {
+    group
+        .dataset(name)
+        .map_err(|e| ResultsError::Corrupt { path: path.to_string(), msg: format!("missing dataset {}/{name}: {e}", group.name()) })
+}
