@@ -58,25 +58,38 @@ fn compile_error(file: &str, arch: &str, e: CompileError) -> BackendError {
     BackendError::Device(format!("NVRTC could not compile kernels/{file} for {arch}:\n{detail}"))
 }
 
+/// Every kernel file as the backend compiles it: (file name, source, kernel names).
+pub fn kernel_files() -> &'static [(&'static str, &'static str, &'static [&'static str])] {
+    FILES
+}
+
+/// NVRTC's PTX for one kernel file, compiled exactly as the backend does: common.cuh pasted
+/// in front, the same options, for the virtual architecture `compute_{major}{minor}`. Needs
+/// NVRTC only (no driver, no device), so a machine without a GPU can check the kernels
+/// compile (tests/nvrtc_kernels.rs).
+pub fn compile_file(file: &str, src: &str, major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx> {
+    // CompileOptions wants a &'static str; one short string per file is leaked.
+    let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+    let opts = CompileOptions {
+        arch: Some(arch),
+        name: Some(file.to_string()),
+        // Precise division and sqrt: the CPU reference is IEEE f32/f64.
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ..Default::default()
+    };
+    let full = format!("{COMMON}\n#line 1 \"{file}\"\n{src}");
+    compile_ptx_with_opts(full, opts).map_err(|e| compile_error(file, arch, e))
+}
+
 impl Kernels {
     /// Compiles every kernel file for `compute_{major}{minor}` and loads it into `ctx`.
     /// PTX for the virtual architecture (not sm_XX): cudarc reads the program's PTX, which
     /// NVRTC only emits for virtual targets; the driver JIT-compiles it for the real GPU.
     pub fn compile(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> Result<Kernels> {
-        // CompileOptions wants a &'static str; one short string per backend is leaked.
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let mut funcs = std::collections::HashMap::new();
         for (file, src, names) in FILES {
-            let opts = CompileOptions {
-                arch: Some(arch),
-                name: Some((*file).to_string()),
-                // Precise division and sqrt: the CPU reference is IEEE f32/f64.
-                prec_div: Some(true),
-                prec_sqrt: Some(true),
-                ..Default::default()
-            };
-            let full = format!("{COMMON}\n#line 1 \"{file}\"\n{src}");
-            let ptx = compile_ptx_with_opts(full, opts).map_err(|e| compile_error(file, arch, e))?;
+            let ptx = compile_file(file, src, major, minor)?;
             let module = ctx.load_module(ptx).map_err(|e| dev_err(&format!("loading kernels/{file}"), e))?;
             for name in *names {
                 let f = module.load_function(name).map_err(|e| dev_err(&format!("kernel {name} in kernels/{file}"), e))?;

@@ -23,7 +23,7 @@ mod kernels;
 mod ops;
 mod upload;
 
-pub use kernels::ATTN_MAX_HEAD_DIM;
+pub use kernels::{compile_file, kernel_files, ATTN_MAX_HEAD_DIM};
 pub use upload::{CudaSlot, CudaTransfer, PinnedGroup};
 
 use super::{BackendError, Result};
