@@ -1,5 +1,5 @@
 //! Every kernels/*.cu file through NVRTC exactly as the CUDA backend compiles it (common.cuh
-//! in front, the same options) for compute_90 (H100/H200) and compute_80, then, where
+//! in front, the same options) for compute_90 (H100/H200), compute_80 and compute_75 (the portable mma), then, where
 //! `FALCON_PTXAS` names a ptxas, through ptxas for the real architecture with -v, failing
 //! on any register spill. Needs NVRTC but no driver or GPU: `scripts/nvrtc-check.sh` puts
 //! the CUDA 13 NVRTC and ptxas wheels' libraries on the path. Where libnvrtc is not found
@@ -17,7 +17,7 @@ fn kernels_compile_with_nvrtc_and_ptxas_without_spills() {
     let dir = std::env::temp_dir().join(format!("fb-nvrtc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut failures = vec![];
-    for (major, minor) in [(9, 0), (8, 0)] {
+    for (major, minor) in [(9, 0), (8, 0), (7, 5)] {
         for (file, src, names) in kernel_files() {
             let ptx = match compile_file(file, src, major, minor) {
                 Ok(p) => p.to_src(),
@@ -59,5 +59,5 @@ fn kernels_compile_with_nvrtc_and_ptxas_without_spills() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    println!("NVRTC compiled {} kernel files for compute_90 and compute_80", kernel_files().len());
+    println!("NVRTC compiled {} kernel files for compute_90, compute_80 and compute_75", kernel_files().len());
 }

@@ -15,7 +15,7 @@ const FILES: &[(&str, &str, &[&str])] = &[
     ("embed.cu", include_str!("../../../kernels/embed.cu"), &["embed_bf16"]),
     ("norm.cu", include_str!("../../../kernels/norm.cu"), &["layer_norm_f32", "rms_norm_f32"]),
     ("rope.cu", include_str!("../../../kernels/rope.cu"), &["rope_f32"]),
-    ("attention.cu", include_str!("../../../kernels/attention.cu"), &["attention_f32"]),
+    ("attention.cu", include_str!("../../../kernels/attention.cu"), &["flash_attention_f32"]),
     (
         "elementwise.cu",
         include_str!("../../../kernels/elementwise.cu"),
@@ -25,17 +25,21 @@ const FILES: &[(&str, &str, &[&str])] = &[
     ("softmax.cu", include_str!("../../../kernels/softmax.cu"), &["log_softmax_at_f32", "log_softmax_f32"]),
 ];
 
-/// Largest head dim attention.cu's register and shared-memory tiles hold (ATT_MAXD).
+/// Largest head dim attention.cu's register and shared-memory tiles hold (FA_MAXD).
 pub const ATTN_MAX_HEAD_DIM: usize = 128;
-/// Query rows per attention block (ATT_WARPS).
-pub const ATTN_ROWS_PER_BLOCK: u32 = 8;
+/// (query row, head) pairs per attention block (FA_BM).
+pub const ATTN_BLOCK_ROWS: usize = 64;
+/// Keys per attention tile (FA_BK).
+pub const ATTN_TILE_KEYS: usize = 32;
+/// Threads per attention block (FA_WARPS * 32).
+pub const ATTN_THREADS: u32 = 128;
 
 pub struct Kernels {
     pub embed_bf16: CudaFunction,
     pub layer_norm_f32: CudaFunction,
     pub rms_norm_f32: CudaFunction,
     pub rope_f32: CudaFunction,
-    pub attention_f32: CudaFunction,
+    pub flash_attention_f32: CudaFunction,
     pub gelu_f32: CudaFunction,
     pub silu_mul_f32: CudaFunction,
     pub add_f32: CudaFunction,
@@ -104,7 +108,7 @@ impl Kernels {
             layer_norm_f32: take("layer_norm_f32")?,
             rms_norm_f32: take("rms_norm_f32")?,
             rope_f32: take("rope_f32")?,
-            attention_f32: take("attention_f32")?,
+            flash_attention_f32: take("flash_attention_f32")?,
             gelu_f32: take("gelu_f32")?,
             silu_mul_f32: take("silu_mul_f32")?,
             add_f32: take("add_f32")?,

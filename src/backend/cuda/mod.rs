@@ -18,9 +18,11 @@
 //! copy's `done`, a copy into a reused slot waits on the slot's `readers_done`). cudarc's
 //! per-buffer event tracking stays on as well.
 
+mod attn_plan;
 mod gemm;
 mod kernels;
 mod ops;
+mod prepared;
 mod upload;
 
 pub use kernels::{compile_file, kernel_files, ATTN_MAX_HEAD_DIM};
@@ -80,6 +82,8 @@ pub struct CudaBackend {
     clock: (CudaEvent, Instant),
     k: kernels::Kernels,
     gemm: gemm::Gemm,
+    /// Positions, spans and tile plans of the micro-batches in flight (prepared.rs).
+    prepared: prepared::Prepared,
     name: String,
     cc: (i32, i32),
 }
@@ -139,7 +143,7 @@ impl CudaBackend {
         let anchor = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| dev_err("clock event", e))?;
         anchor.synchronize().map_err(|e| dev_err("clock event", e))?;
         let clock = (anchor, Instant::now());
-        Ok(CudaBackend { ctx, stream, copy_stream, clock, k, gemm, name, cc })
+        Ok(CudaBackend { ctx, stream, copy_stream, clock, k, gemm, prepared: Default::default(), name, cc })
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {

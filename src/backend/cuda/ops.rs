@@ -224,8 +224,8 @@ impl Backend for CudaBackend {
         if x.rows == 0 || pairs == 0 {
             return Ok(());
         }
-        let d_pos = self.upload_u32(positions, "rope positions")?;
-        let d_freq = self.upload_f32(inv_freq, "rope frequencies")?;
+        let d_pos = self.prepared.positions(self, positions)?;
+        let d_freq = self.prepared.freqs(self, inv_freq)?;
         let (t32, ld, c0, h32, d32) = (
             u32_of("rope", x.rows)?,
             u32_of("rope", x.cols)?,
@@ -233,9 +233,10 @@ impl Backend for CudaBackend {
             u32_of("rope", heads)?,
             u32_of("rope", head_dim)?,
         );
-        let cfg = LaunchConfig { grid_dim: (pairs.div_ceil(256) as u32, t32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // Rows in x (up to 2^31 - 1 blocks), pairs in y: any row count the planner allows.
+        let cfg = LaunchConfig { grid_dim: (t32, u32_of("rope", pairs.div_ceil(256))?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&self.k.rope_f32);
-        l.arg(&mut x.buf).arg(&d_pos).arg(&d_freq).arg(&t32).arg(&ld).arg(&c0).arg(&h32).arg(&d32);
+        l.arg(&mut x.buf).arg(&*d_pos).arg(&*d_freq).arg(&t32).arg(&ld).arg(&c0).arg(&h32).arg(&d32);
         unsafe { l.launch(cfg) }.map_err(self.launch_err("rope_f32"))?;
         Ok(())
     }
@@ -251,27 +252,34 @@ impl Backend for CudaBackend {
         if d > super::ATTN_MAX_HEAD_DIM {
             return Err(shape_err("attention", format!("head_dim {d} > {} is not supported by kernels/attention.cu", super::ATTN_MAX_HEAD_DIM)));
         }
-        let mut flat = Vec::with_capacity(spans.len() * 3);
         for (t, span) in spans.iter().enumerate() {
             if t + s.key_offset >= k.rows || span.shared_end as usize > k.rows {
                 return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
             }
-            flat.extend_from_slice(&[span.shared_start, span.shared_end, span.own_start]);
+        }
+        if kvh > 65535 {
+            return Err(shape_err("attention", format!("{kvh} kv heads: the kernel's grid holds at most 65535")));
         }
         let mut out = self.act(q.rows, h * d, "attention")?;
         if q.rows == 0 {
             return Ok(out);
         }
-        let d_spans = self.upload_u32(&flat, "attention spans")?;
-        let (t32, h32, kv32, d32, ko32) =
-            (u32_of("attention", q.rows)?, u32_of("attention", h)?, u32_of("attention", kvh)?, u32_of("attention", d)?, u32_of("attention", s.key_offset)?);
+        let rows = self.prepared.attention(self, spans, s.key_offset, h / kvh)?;
+        let (t32, h32, kv32, d32, s32, ko32) = (
+            u32_of("attention", q.rows)?,
+            u32_of("attention", h)?,
+            u32_of("attention", kvh)?,
+            u32_of("attention", d)?,
+            u32_of("attention", k.rows)?,
+            u32_of("attention", s.key_offset)?,
+        );
         let scale = 1.0 / (d as f32).sqrt();
-        let rows_per_block = super::kernels::ATTN_ROWS_PER_BLOCK;
-        let cfg = LaunchConfig { grid_dim: (t32.div_ceil(rows_per_block), h32, 1), block_dim: (rows_per_block * 32, 1, 1), shared_mem_bytes: 0 };
-        let mut l = self.stream.launch_builder(&self.k.attention_f32);
-        l.arg(&q.buf).arg(&k.buf).arg(&v.buf).arg(&d_spans).arg(&mut out.buf);
-        l.arg(&t32).arg(&h32).arg(&kv32).arg(&d32).arg(&ko32).arg(&scale);
-        unsafe { l.launch(cfg) }.map_err(self.launch_err("attention_f32"))?;
+        let blocks = u32_of("attention", rows.blocks)?;
+        let cfg = LaunchConfig { grid_dim: (blocks, kv32, 1), block_dim: (super::kernels::ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut l = self.stream.launch_builder(&self.k.flash_attention_f32);
+        l.arg(&q.buf).arg(&k.buf).arg(&v.buf).arg(&rows.spans).arg(&rows.tile_off).arg(&rows.tile_start).arg(&mut out.buf);
+        l.arg(&t32).arg(&h32).arg(&kv32).arg(&d32).arg(&s32).arg(&ko32).arg(&scale);
+        unsafe { l.launch(cfg) }.map_err(self.launch_err("flash_attention_f32"))?;
         Ok(out)
     }
 
@@ -296,7 +304,7 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let (t32, c32, s32, w32) = (u32_of("cols", x.rows)?, u32_of("cols", x.cols)?, u32_of("cols", start)?, u32_of("cols", width)?);
-        let cfg = LaunchConfig { grid_dim: (width.div_ceil(256) as u32, t32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (t32, u32_of("cols", width.div_ceil(256))?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&self.k.cols_f32);
         l.arg(&x.buf).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&s32).arg(&w32);
         unsafe { l.launch(cfg) }.map_err(self.launch_err("cols_f32"))?;
