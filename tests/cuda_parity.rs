@@ -82,6 +82,26 @@ fn embed_linear_and_norms() {
         assert_close(&format!("linear {t}x{k}x{n}"), &g.download(&g.linear(&xg, &wg, None).unwrap()).unwrap(), &want, BF16_TOL);
     }
 
+    // The residual through beta = 1, with and without bias; then the plan cache: the same
+    // shapes again build no new cuBLASLt plan.
+    for bias in [true, false] {
+        let (xc, xg) = act2(&c, &g, 40, 96, 15);
+        let (wc, wg) = w2(&c, &g, &host(&[130, 96], 16, -0.2, 0.2));
+        let (bc, bg) = w2(&c, &g, &host(&[130], 17, -1.0, 1.0));
+        let (rc, rg) = act2(&c, &g, 40, 130, 18);
+        let want = c.linear_residual(&xc, &wc, bias.then_some(&bc), rc).unwrap().data;
+        let got = g.download(&g.linear_residual(&xg, &wg, bias.then_some(&bg), rg).unwrap()).unwrap();
+        assert_close(&format!("linear_residual bias={bias}"), &got, &want, BF16_TOL);
+    }
+    let built = g.gemm_plans_built();
+    let (xg, rg) = (g.upload(&rand_vec(40 * 96, 19), 40, 96).unwrap(), g.upload(&rand_vec(40 * 130, 20), 40, 130).unwrap());
+    let (wg, bg) = (g.upload_weight(&host(&[130, 96], 16, -0.2, 0.2)).unwrap(), g.upload_weight(&host(&[130], 17, -1.0, 1.0)).unwrap());
+    g.linear_residual(&xg, &wg, Some(&bg), rg).unwrap();
+    g.linear(&xg, &wg, Some(&bg)).unwrap();
+    assert_eq!(g.gemm_plans_built(), built, "repeated shapes reuse their cuBLASLt plans");
+    let bad = g.upload(&[0.0; 12], 3, 4).unwrap();
+    assert!(g.linear_residual(&xg, &wg, None, bad).is_err(), "a residual of the wrong shape is an error");
+
     let (xc, xg) = act2(&c, &g, 9, 1000, 5);
     let (wc, wg) = w2(&c, &g, &host(&[1000], 6, 0.5, 1.5));
     let (bc, bg) = w2(&c, &g, &host(&[1000], 7, -0.5, 0.5));

@@ -23,6 +23,7 @@ mod gemm;
 mod kernels;
 mod ops;
 mod prepared;
+mod track;
 mod upload;
 
 pub use kernels::{compile_file, kernel_files, ATTN_MAX_HEAD_DIM};
@@ -84,6 +85,8 @@ pub struct CudaBackend {
     gemm: gemm::Gemm,
     /// Positions, spans and tile plans of the micro-batches in flight (prepared.rs).
     prepared: prepared::Prepared,
+    /// Ops queued since the last wait, for errors (track.rs).
+    queued: track::Queued,
     name: String,
     cc: (i32, i32),
 }
@@ -143,7 +146,7 @@ impl CudaBackend {
         let anchor = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| dev_err("clock event", e))?;
         anchor.synchronize().map_err(|e| dev_err("clock event", e))?;
         let clock = (anchor, Instant::now());
-        Ok(CudaBackend { ctx, stream, copy_stream, clock, k, gemm, prepared: Default::default(), name, cc })
+        Ok(CudaBackend { ctx, stream, copy_stream, clock, k, gemm, prepared: Default::default(), queued: track::Queued::from_env(), name, cc })
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {
@@ -157,7 +160,9 @@ impl CudaBackend {
 
     /// Blocks until all work queued on the compute stream is done.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| dev_err("synchronize", e))
+        self.stream.synchronize().map_err(|e| self.wait_err("synchronize", e))?;
+        self.waited();
+        Ok(())
     }
 
     pub(crate) fn alloc_f32(&self, n: usize, what: &str) -> Result<CudaSlice<f32>> {
@@ -198,7 +203,7 @@ impl CudaBackend {
         if n > 0 {
             let mut l = self.stream.launch_builder(&self.k.fill_uniform_bf16);
             l.arg(&mut b16).arg(&n64).arg(&seed).arg(&lo).arg(&hi);
-            unsafe { l.launch(elementwise_cfg(n)) }.map_err(|e| dev_err("fill_uniform_bf16", e))?;
+            self.launched("fill_uniform_bf16", unsafe { l.launch(elementwise_cfg(n)) })?;
         }
         if shape.len() >= 2 {
             return Ok(CudaWeight { shape: shape.to_vec(), buf: WeightBuf::Bf16(b16) });
@@ -207,7 +212,7 @@ impl CudaBackend {
         if n > 0 {
             let mut l = self.stream.launch_builder(&self.k.cast_bf16_f32);
             l.arg(&b16).arg(&mut f).arg(&n64);
-            unsafe { l.launch(elementwise_cfg(n)) }.map_err(|e| dev_err("cast_bf16_f32", e))?;
+            self.launched("cast_bf16_f32", unsafe { l.launch(elementwise_cfg(n)) })?;
         }
         Ok(CudaWeight { shape: shape.to_vec(), buf: WeightBuf::F32(f) })
     }
