@@ -99,6 +99,7 @@ fn embed_linear_and_norms() {
     g.linear_residual(&xg, &wg, Some(&bg), rg).unwrap();
     g.linear(&xg, &wg, Some(&bg)).unwrap();
     assert_eq!(g.gemm_plans_built(), built, "repeated shapes reuse their cuBLASLt plans");
+    println!("PARITY gemm-plan-cache pass {built} plans for the shapes so far, none rebuilt on repeats");
     let bad = g.upload(&[0.0; 12], 3, 4).unwrap();
     assert!(g.linear_residual(&xg, &wg, None, bad).is_err(), "a residual of the wrong shape is an error");
 
@@ -172,7 +173,16 @@ fn check_attention(c: &CpuBackend, g: &CudaBackend, shape: AttnShape, spans: &[A
     let (vc, vg) = act2(c, g, keys, kv * d, seed + 2);
     let want = c.attention(&qc, &kc, &vc, shape, spans).unwrap().data;
     let got = g.download(&g.attention(&qg, &kg, &vg, shape, spans).unwrap()).unwrap();
+    report_attention(&format!("h{h}/kv{kv}/d{d}/T{t}/offset{}", shape.key_offset), &got, &want);
     assert_close(&format!("attention {shape:?} T={t}"), &got, &want, ATTN_TOL);
+}
+
+/// One `PARITY` line for gpu-check.sh's report: the flash kernel's largest difference.
+fn report_attention(name: &str, got: &[f32], want: &[f32]) {
+    let max = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let ok = got.iter().zip(want).all(|(x, y)| (x - y).abs() <= ATTN_TOL * (scale + y.abs()));
+    println!("PARITY attention:{name} {} max_abs_diff={max:.5} largest={scale:.3} (tolerance {ATTN_TOL} relative)", if ok { "pass" } else { "FAIL" });
 }
 
 #[test]
@@ -224,6 +234,7 @@ fn row_counts_past_the_grid_y_limit() {
     let shape = AttnShape { heads: 1, kv_heads: 1, head_dim: 16, key_offset: 0 };
     let want = c.attention(&qc, &kc, &vc, shape, &spans).unwrap().data;
     let got = g.download(&g.attention(&qg, &kg, &vg, shape, &spans).unwrap()).unwrap();
+    report_attention("70000-rows", &got, &want);
     assert_close("attention at 70000 rows", &got, &want, ATTN_TOL);
 }
 
