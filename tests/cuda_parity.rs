@@ -154,6 +154,14 @@ fn gathers_and_log_softmax() {
     let cat = g.download(&g.concat_rows(&xg, &yg).unwrap()).unwrap();
     assert_close("concat_rows", &cat, &c.concat_rows(&xc, &yc).unwrap().data, 0.0);
 
+    // Large activations go through the pinned staging pool: back-to-back uploads (the
+    // second must not overwrite the first's buffer while its copy is queued), then both back.
+    let big: Vec<Vec<f32>> = (0..3).map(|i| rand_vec(300_000 + 1000 * i, 70 + i as u64)).collect();
+    let up: Vec<_> = big.iter().map(|v| g.upload(v, v.len() / 100, 100).unwrap()).collect();
+    for (v, a) in big.iter().zip(&up) {
+        assert_close("staged upload and download", &g.download(a).unwrap(), v, 0.0);
+    }
+
     let v: Vec<f32> = rand_vec(4 * 65024, 14).iter().map(|x| x * 20.0).collect();
     let (lc, lg) = (c.upload(&v, 4, 65024).unwrap(), g.upload(&v, 4, 65024).unwrap());
     let targets = [0u32, 65023, 17, 40000];

@@ -23,6 +23,7 @@ mod gemm;
 mod kernels;
 mod ops;
 mod prepared;
+mod staging;
 mod track;
 mod upload;
 
@@ -85,6 +86,8 @@ pub struct CudaBackend {
     gemm: gemm::Gemm,
     /// Positions, spans and tile plans of the micro-batches in flight (prepared.rs).
     prepared: prepared::Prepared,
+    /// Pinned buffers for activation uploads and downloads (staging.rs).
+    staging: staging::Staging,
     /// Ops queued since the last wait, for errors (track.rs).
     queued: track::Queued,
     name: String,
@@ -146,7 +149,7 @@ impl CudaBackend {
         let anchor = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| dev_err("clock event", e))?;
         anchor.synchronize().map_err(|e| dev_err("clock event", e))?;
         let clock = (anchor, Instant::now());
-        Ok(CudaBackend { ctx, stream, copy_stream, clock, k, gemm, prepared: Default::default(), queued: track::Queued::from_env(), name, cc })
+        Ok(CudaBackend { ctx, stream, copy_stream, clock, k, gemm, prepared: Default::default(), staging: Default::default(), queued: track::Queued::from_env(), name, cc })
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {

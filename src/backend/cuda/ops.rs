@@ -148,14 +148,22 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return self.act(rows, cols, "upload");
         }
-        let buf = self.stream.clone_htod(data).map_err(|e| dev_err("upload", e))?;
+        let buf = if data.len() >= super::staging::MIN_STAGED {
+            self.staging.upload(self, data)?
+        } else {
+            self.stream.clone_htod(data).map_err(|e| dev_err("upload", e))?
+        };
         Ok(CudaAct { rows, cols, buf })
     }
 
     fn download(&self, x: &CudaAct) -> Result<Vec<f32>> {
+        let n = x.rows * x.cols;
+        if n >= super::staging::MIN_STAGED {
+            return self.staging.download(self, &x.buf, n);
+        }
         let mut v = self.stream.clone_dtoh(&x.buf).map_err(|e| self.wait_err("download", e))?;
         self.synchronize()?;
-        v.truncate(x.rows * x.cols);
+        v.truncate(n);
         Ok(v)
     }
 
