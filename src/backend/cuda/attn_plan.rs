@@ -46,7 +46,7 @@ pub fn plan_tiles(spans: &[AttnSpan], key_offset: usize, group: usize, block_row
         iv.sort_unstable();
         // Greedy cover: each tile starts at the first attended key past the previous tile.
         let mut covered = 0usize;
-        for &(a, e) in iv.iter() {
+        for &(a, e) in iv.iter().filter(|(a, e)| a < e) {
             let mut k = a.max(covered);
             while k < e {
                 starts.push(k as u32);
