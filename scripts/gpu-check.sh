@@ -243,7 +243,7 @@ for t in fb["timings"]:
     else:
         row(f"layer T={t['label']}", None, speed + "; no HF figure")
 for a in fb.get("attention", []):
-    row(f"attention alone T={a['label']}", None, f"{a['seconds'] * 1e3:.3f} ms, {a['tflops']:.1f} TFLOP/s on the attended (query, key) pairs (bf16 mma; H100/H200 dense bf16 peak ~990)")
+    row(f"attention alone T={a['label']}", None, f"{a['seconds'] * 1e3:.3f} ms, {a['tflops']:.3g} TFLOP/s on the attended (query, key) pairs (bf16 mma; H100/H200 dense bf16 peak ~990)")
 for d in fb.get("decode", []):
     row(f"decode step at context {d['context']}", None, f"{d['seconds'] * 1e3:.3f} ms per layer")
 bw, peak, secs = fb.get("h2d_bytes_per_s"), fb.get("h2d_peak_bytes_per_s"), fb.get("h2d_seconds_per_layer")

@@ -302,7 +302,7 @@ fn attention_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Resul
         }
         let seconds = median(times);
         let tflops = (4 * d * h * pairs) as f64 / seconds / 1e12;
-        eprintln!("  attention {label:>7} tokens: {:9.3} ms ({tflops:.1} TFLOP/s)", seconds * 1e3);
+        eprintln!("  attention {label:>7} tokens: {:9.3} ms ({tflops:.3} TFLOP/s)", seconds * 1e3);
         out.push(AttnTiming { label: label.into(), tokens: t, seconds, tflops });
     }
     Ok(out)
@@ -496,7 +496,7 @@ pub fn print_table(r: &BenchReport) {
         println!("{:>10} {:>8} {:>14.3} {:>14.1}", format!("decode@{}", d.context), 1, d.seconds * 1e3, 1.0 / d.seconds);
     }
     for a in &r.attention {
-        println!("{:>10} {:>8} {:>14.3} {:>14} attention only, {:.1} TFLOP/s", a.label, a.tokens, a.seconds * 1e3, "", a.tflops);
+        println!("{:>10} {:>8} {:>14.3} {:>14} attention only, {:.3} TFLOP/s", a.label, a.tokens, a.seconds * 1e3, "", a.tflops);
     }
     if let (Some(s), Some(bw)) = (r.h2d_seconds_per_layer, r.h2d_bytes_per_s) {
         println!("host-to-device (pinned): {:.1} ms per layer, {:.2} GB/s", s * 1e3, bw / 1e9);
