@@ -1,10 +1,10 @@
 // Row and column gathers. Row indices are checked on the host before launch.
 
 // out (T, W) = x (T, C)[:, start .. start + W)
-// grid (ceil(W / 256), T), block 256
+// grid (T, ceil(W / 256)), block 256: rows in x, whose limit (2^31 - 1) holds any row count
 extern "C" __global__ void cols_f32(const float* __restrict__ x, float* __restrict__ out, unsigned int T,
                                     unsigned int C, unsigned int start, unsigned int W) {
-    unsigned int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned int t = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     if (t >= T || c >= W) return;
     out[(unsigned long long)t * W + c] = x[(unsigned long long)t * C + start + c];
 }

@@ -10,11 +10,13 @@
 #
 # Steps (each under its own timeout, all under GPU_CHECK_BUDGET_S, default 450 s):
 #   0. the CUDA backend opens (else: report "no CUDA device", exit 2, nothing else runs)
-#   1. CUDA vs CPU parity: every op, every fixture and the SmolLM2 slice through the
-#      streaming window (per-token log-prob within 0.05, same best choice where the CPU
-#      margin is over 0.1 nats)
+#   1. CUDA vs CPU parity: every op (flash attention on packed token trees, GQA groups up
+#      to 29, past 65535 rows; linear_residual; the cuBLASLt plan cache), every fixture and
+#      the SmolLM2 slice through the streaming window (per-token log-prob within 0.05,
+#      same best choice where the CPU margin is over 0.1 nats)
 #   2. mpirun -np 2 on one GPU (one layer group each, 1 slot) equals one CPU process
-#   3. falcon-batch bench --synthetic falcon-180b: layers at T=100/512/2048/4x2048, decode,
+#   3. falcon-batch bench --synthetic falcon-180b: layers at T=100/512/2048/4x2048, the
+#      attention op alone at the same shapes (TFLOP/s), decode,
 #      one layer's pinned copy vs the one-tensor pinned ceiling, 16 layers streamed through
 #      a window of 4 vs all resident; beside it scripts/bench_hf_falcon_layer.py (HF
 #      transformers' FalconDecoderLayer) on the same shapes
@@ -240,6 +242,8 @@ for t in fb["timings"]:
             f"{speed}; HF {peer * 1e3:.3f} ms; {ratio:.2f}x HF" + (f" (target {want}x)" if want else ""))
     else:
         row(f"layer T={t['label']}", None, speed + "; no HF figure")
+for a in fb.get("attention", []):
+    row(f"attention alone T={a['label']}", None, f"{a['seconds'] * 1e3:.3f} ms, {a['tflops']:.3g} TFLOP/s on the attended (query, key) pairs (bf16 mma; H100/H200 dense bf16 peak ~990)")
 for d in fb.get("decode", []):
     row(f"decode step at context {d['context']}", None, f"{d['seconds'] * 1e3:.3f} ms per layer")
 bw, peak, secs = fb.get("h2d_bytes_per_s"), fb.get("h2d_peak_bytes_per_s"), fb.get("h2d_seconds_per_layer")

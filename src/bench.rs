@@ -84,6 +84,16 @@ pub struct LayerTiming {
     pub seconds: f64,
 }
 
+/// The attention op alone on a shape's token tree: median seconds, and the multiply-adds
+/// of the (query, key) pairs it attends as TFLOP/s (4 D flops a pair and head).
+#[derive(Clone, Debug, Serialize)]
+pub struct AttnTiming {
+    pub label: String,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tflops: f64,
+}
+
 /// One generation step of one layer: a single new token over `context` cached tokens.
 #[derive(Clone, Debug, Serialize)]
 pub struct DecodeTiming {
@@ -115,6 +125,8 @@ pub struct BenchReport {
     pub timings: Vec<LayerTiming>,
     /// Per-layer decode step (generation) at each context length.
     pub decode: Vec<DecodeTiming>,
+    /// The attention op alone at each shape.
+    pub attention: Vec<AttnTiming>,
     pub h2d_seconds_per_layer: Option<f64>,
     pub h2d_bytes_per_s: Option<f64>,
     /// One layer-sized tensor copied in one piece: the pinned copy's ceiling.
@@ -268,6 +280,34 @@ fn layer_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Ve
     Ok(out)
 }
 
+fn attention_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Vec<AttnTiming>> {
+    let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+    let shape = crate::backend::AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
+    let mut out = vec![];
+    for &(label, docs, rows) in SHAPES {
+        let batch = synthetic_batch(docs, rows);
+        let t = batch.rows();
+        let pairs: usize = batch.spans.iter().enumerate().map(|(r, s)| (s.shared_end - s.shared_start) as usize + (r + 1 - s.own_start as usize)).sum();
+        let (q, k, v) = (input(b, t, h * d)?, input(b, t, kv * d)?, input(b, t, kv * d)?);
+        let mut times = vec![];
+        for r in 0..=reps {
+            b.sync()?;
+            let t0 = Instant::now();
+            let o = b.attention(&q, &k, &v, shape, &batch.spans)?;
+            b.sync()?;
+            drop(o);
+            if r > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        let seconds = median(times);
+        let tflops = (4 * d * h * pairs) as f64 / seconds / 1e12;
+        eprintln!("  attention {label:>7} tokens: {:9.3} ms ({tflops:.3} TFLOP/s)", seconds * 1e3);
+        out.push(AttnTiming { label: label.into(), tokens: t, seconds, tflops });
+    }
+    Ok(out)
+}
+
 /// One layer's host tensors in bf16, each tiling a short random block (weights' range):
 /// realistic values (zeros can run faster than real data) at memcpy speed even for
 /// Falcon-180B's 4.4 GB layers.
@@ -393,6 +433,7 @@ fn report_from(b: &impl Backend, cfg: &ModelConfig, name: &str, backend: &str, t
         layer_seconds: timings.iter().map(|t| (t.tokens, t.seconds)).collect(),
         timings,
         decode: vec![],
+        attention: vec![],
         h2d_seconds_per_layer: None,
         h2d_bytes_per_s: None,
         h2d_peak_bytes_per_s: None,
@@ -417,6 +458,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cpu", t, 4);
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
+            r.attention = attention_timings(&b, &cfg, o.reps.max(1)).during(|| "timing attention".into())?;
             // The copy thread's figures: a memcpy per group, and 512 tokens so it stays short.
             stream_figures(Arc::new(b), &cfg, o, &mut r, 4, synthetic_batch(1, 512))?;
             r
@@ -427,6 +469,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cuda", t, 2);
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
+            r.attention = attention_timings(&b, &cfg, o.reps.max(1)).during(|| "timing attention".into())?;
             stream_figures(Arc::new(b), &cfg, o, &mut r, 2, synthetic_batch(4, 2048))?;
             r
         }
@@ -451,6 +494,9 @@ pub fn print_table(r: &BenchReport) {
     }
     for d in &r.decode {
         println!("{:>10} {:>8} {:>14.3} {:>14.1}", format!("decode@{}", d.context), 1, d.seconds * 1e3, 1.0 / d.seconds);
+    }
+    for a in &r.attention {
+        println!("{:>10} {:>8} {:>14.3} {:>14} attention only, {:.3} TFLOP/s", a.label, a.tokens, a.seconds * 1e3, "", a.tflops);
     }
     if let (Some(s), Some(bw)) = (r.h2d_seconds_per_layer, r.h2d_bytes_per_s) {
         println!("host-to-device (pinned): {:.1} ms per layer, {:.2} GB/s", s * 1e3, bw / 1e9);

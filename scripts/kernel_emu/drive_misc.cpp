@@ -23,5 +23,27 @@ int main() {
     std::vector<unsigned short> h(5); std::vector<float> f = {1.0f, 3.14159f, -2.5e-3f, 65504.f, 1.00390625f};
     launch({1, 1, 1}, {32, 1, 1}, [&] { cast_f32_bf16(f.data(), h.data(), 5); });
     printf("bf16 bits: %04x %04x %04x %04x %04x (want 3f80 4049 bb24 4780 3f80)\n", h[0], h[1], h[2], h[3], h[4]);
+    // rope and cols with rows in grid x (any row count), columns in y.
+    {
+        const unsigned R = 5, heads = 3, D = 16, ld = heads * D + 8, half = D / 2;
+        std::vector<float> xr(R * ld), x0, fr(half); std::vector<unsigned> pos(R);
+        for (auto& e : xr) e = (rand() / (float)RAND_MAX) * 2 - 1;
+        for (unsigned i = 0; i < half; i++) fr[i] = powf(10000.f, -(float)i / half);
+        for (unsigned r = 0; r < R; r++) pos[r] = 37 * r;
+        x0 = xr;
+        launch({R, (heads * half + 255) / 256, 1}, {256, 1, 1}, [&] { rope_f32(xr.data(), pos.data(), fr.data(), R, ld, 4, heads, D); });
+        double w = 0;
+        for (unsigned r = 0; r < R; r++) for (unsigned h = 0; h < heads; h++) for (unsigned i = 0; i < half; i++) {
+            const float* p = &x0[r * ld + 4 + h * D]; double a = pos[r] * (double)fr[i];
+            w = std::max(w, fabs(xr[r * ld + 4 + h * D + i] - (p[i] * cos(a) - p[i + half] * sin(a))));
+            w = std::max(w, fabs(xr[r * ld + 4 + h * D + i + half] - (p[i + half] * cos(a) + p[i] * sin(a))));
+        }
+        printf("rope max err %.3g\n", w); bad |= w > 1e-3;
+        std::vector<float> c(R * 300);
+        launch({R, (300 + 255) / 256, 1}, {256, 1, 1}, [&] { cols_f32(xr.data(), c.data(), R, ld, 2, 300 > ld - 2 ? ld - 2 : 300); });
+        unsigned W = ld - 2; w = 0;
+        for (unsigned r = 0; r < R; r++) for (unsigned j = 0; j < W; j++) w = std::max(w, (double)fabs(c[r * W + j] - xr[r * ld + 2 + j]));
+        printf("cols max err %.3g\n", w); bad |= w != 0;
+    }
     return bad;
 }

@@ -13,6 +13,7 @@
 #define __shared__ static
 #define __restrict__ __restrict
 #define __launch_bounds__(x)
+#define __align__(n) __attribute__((aligned(n)))
 using std::min; using std::max;
 struct dim3_ { unsigned x = 0, y = 0, z = 0; };
 thread_local dim3_ threadIdx, blockIdx;
@@ -34,6 +35,11 @@ template <class T> T shfl_idx(T v, int src) {
 }
 template <class T> T __shfl_xor_sync(unsigned, T v, int o) { return shfl_idx(v, (threadIdx.x & 31) ^ o); }
 template <class T> T __shfl_sync(unsigned, T v, int src) { return shfl_idx(v, src); }
+inline int __any_sync(unsigned, int p) {
+    int any = p != 0;
+    for (int o = 16; o > 0; o >>= 1) any |= __shfl_xor_sync(0xffffffffu, any, o);
+    return any;
+}
 inline void sincosf(float a, float* s, float* c) { *s = sinf(a); *c = cosf(a); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline void launch(dim3_ grid, dim3_ block, std::function<void()> k) {

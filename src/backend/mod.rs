@@ -82,6 +82,14 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Act>;
     /// x (T, K) · w (N, K)ᵀ + b (N,) -> (T, N)
     fn linear(&self, x: &Self::Act, w: &Self::Weight, b: Option<&Self::Weight>) -> Result<Self::Act>;
+    /// x (T, K) · w (N, K)ᵀ + b (N,) + residual (T, N) -> (T, N), reusing the residual's
+    /// memory. The reference is `linear` then `add`; a backend may fuse the sum into the
+    /// GEMM (CUDA: beta = 1).
+    fn linear_residual(&self, x: &Self::Act, w: &Self::Weight, b: Option<&Self::Weight>, residual: Self::Act) -> Result<Self::Act> {
+        let mut y = self.linear(x, w, b)?;
+        self.add(&mut y, &residual)?;
+        Ok(y)
+    }
     /// Row-wise LayerNorm with weight and bias (C,).
     fn layer_norm(&self, x: &Self::Act, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Result<Self::Act>;
     /// Row-wise RMSNorm with weight (C,).

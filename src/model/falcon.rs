@@ -229,12 +229,10 @@ pub fn layer_forward<B: Backend>(
     };
     let mut up = b.linear(&mlp_in, w.get("mlp.up.weight")?, w.opt("mlp.up.bias"))?; // (T, F)
     b.gelu(&mut up)?;
-    let mut out = b.linear(&up, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"))?; // (T, C)
     if l.parallel_attn {
-        b.add(&mut out, &attn_out)?;
+        b.add(&mut x, &attn_out)?; // the residual of both branches
     }
-    b.add(&mut out, &x)?;
-    Ok(out)
+    Ok(b.linear_residual(&up, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"), x)?) // (T, C)
 }
 
 #[cfg(test)]

@@ -149,7 +149,5 @@ pub fn layer_forward<B: Backend>(
     let mut gate = b.linear(&mlp_in, w.get("mlp.gate.weight")?, w.opt("mlp.gate.bias"))?; // (T, F)
     let up = b.linear(&mlp_in, w.get("mlp.up.weight")?, w.opt("mlp.up.bias"))?; // (T, F)
     b.silu_mul(&mut gate, &up)?;
-    let mut out = b.linear(&gate, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"))?; // (T, C)
-    b.add(&mut out, &x)?;
-    Ok(out)
+    Ok(b.linear_residual(&gate, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"), x)?) // (T, C)
 }

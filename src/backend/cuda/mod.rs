@@ -18,12 +18,16 @@
 //! copy's `done`, a copy into a reused slot waits on the slot's `readers_done`). cudarc's
 //! per-buffer event tracking stays on as well.
 
+mod attn_plan;
 mod gemm;
 mod kernels;
 mod ops;
+mod prepared;
+mod staging;
+mod track;
 mod upload;
 
-pub use kernels::ATTN_MAX_HEAD_DIM;
+pub use kernels::{compile_file, kernel_files, ATTN_MAX_HEAD_DIM};
 pub use upload::{CudaSlot, CudaTransfer, PinnedGroup};
 
 use super::{BackendError, Result};
@@ -80,6 +84,12 @@ pub struct CudaBackend {
     clock: (CudaEvent, Instant),
     k: kernels::Kernels,
     gemm: gemm::Gemm,
+    /// Positions, spans and tile plans of the micro-batches in flight (prepared.rs).
+    prepared: prepared::Prepared,
+    /// Pinned buffers for activation uploads and downloads (staging.rs).
+    staging: staging::Staging,
+    /// Ops queued since the last wait, for errors (track.rs).
+    queued: track::Queued,
     name: String,
     cc: (i32, i32),
 }
@@ -139,7 +149,7 @@ impl CudaBackend {
         let anchor = stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| dev_err("clock event", e))?;
         anchor.synchronize().map_err(|e| dev_err("clock event", e))?;
         let clock = (anchor, Instant::now());
-        Ok(CudaBackend { ctx, stream, copy_stream, clock, k, gemm, name, cc })
+        Ok(CudaBackend { ctx, stream, copy_stream, clock, k, gemm, prepared: Default::default(), staging: Default::default(), queued: track::Queued::from_env(), name, cc })
     }
 
     pub fn compute_capability(&self) -> (i32, i32) {
@@ -153,7 +163,9 @@ impl CudaBackend {
 
     /// Blocks until all work queued on the compute stream is done.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| dev_err("synchronize", e))
+        self.stream.synchronize().map_err(|e| self.wait_err("synchronize", e))?;
+        self.waited();
+        Ok(())
     }
 
     pub(crate) fn alloc_f32(&self, n: usize, what: &str) -> Result<CudaSlice<f32>> {
@@ -194,7 +206,7 @@ impl CudaBackend {
         if n > 0 {
             let mut l = self.stream.launch_builder(&self.k.fill_uniform_bf16);
             l.arg(&mut b16).arg(&n64).arg(&seed).arg(&lo).arg(&hi);
-            unsafe { l.launch(elementwise_cfg(n)) }.map_err(|e| dev_err("fill_uniform_bf16", e))?;
+            self.launched("fill_uniform_bf16", unsafe { l.launch(elementwise_cfg(n)) })?;
         }
         if shape.len() >= 2 {
             return Ok(CudaWeight { shape: shape.to_vec(), buf: WeightBuf::Bf16(b16) });
@@ -203,7 +215,7 @@ impl CudaBackend {
         if n > 0 {
             let mut l = self.stream.launch_builder(&self.k.cast_bf16_f32);
             l.arg(&b16).arg(&mut f).arg(&n64);
-            unsafe { l.launch(elementwise_cfg(n)) }.map_err(|e| dev_err("cast_bf16_f32", e))?;
+            self.launched("cast_bf16_f32", unsafe { l.launch(elementwise_cfg(n)) })?;
         }
         Ok(CudaWeight { shape: shape.to_vec(), buf: WeightBuf::F32(f) })
     }

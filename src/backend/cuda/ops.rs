@@ -38,11 +38,6 @@ fn vec_of<'a>(op: &'static str, w: &'a CudaWeight, len: usize) -> Result<&'a cud
 }
 
 impl CudaBackend {
-    fn launch_err(&self, op: &str) -> impl Fn(cudarc::driver::DriverError) -> BackendError + '_ {
-        let op = op.to_string();
-        move |e| dev_err(&format!("launching {op}"), e)
-    }
-
     /// Grid-stride elementwise kernel over n values with one mutable and one optional input.
     fn elementwise(&self, op: &'static str, x: &mut CudaAct, y: Option<&CudaAct>) -> Result<()> {
         let n = x.rows * x.cols;
@@ -66,8 +61,41 @@ impl CudaBackend {
             l.arg(&y.buf);
         }
         l.arg(&n64);
-        unsafe { l.launch(elementwise_cfg(n)) }.map_err(self.launch_err(op))?;
+        self.launched(op, unsafe { l.launch(elementwise_cfg(n)) })?;
         Ok(())
+    }
+}
+
+impl CudaBackend {
+    /// out (T, N) = x (T, K) · w (N, K)ᵀ [+ b] [+ out where `residual`].
+    fn gemm_into(&self, x: &CudaAct, w: &CudaWeight, b: Option<&CudaWeight>, out: &mut CudaAct, residual: bool) -> Result<()> {
+        let op = if residual { "linear_residual" } else { "linear" };
+        let (n, k) = match w.shape[..] {
+            [n, k] => (n, k),
+            _ => return Err(shape_err(op, format!("weight of shape {:?}", w.shape))),
+        };
+        if x.cols != k || out.rows != x.rows || out.cols != n {
+            return Err(shape_err(op, format!("x ({}, {}) and output ({}, {}) with weight ({n}, {k})", x.rows, x.cols, out.rows, out.cols)));
+        }
+        let bias = b.map(|b| vec_of(op, b, n)).transpose()?;
+        if x.rows == 0 {
+            return Ok(());
+        }
+        // Stage x in bf16 for cuBLASLt (see the module doc of cuda/mod.rs).
+        let len = x.rows * k;
+        let mut x16 = unsafe { self.stream.alloc::<u16>(len) }.map_err(|e| dev_err("linear bf16 input", e))?;
+        let len64 = len as u64;
+        let mut l = self.stream.launch_builder(&self.k.cast_f32_bf16);
+        l.arg(&x.buf).arg(&mut x16).arg(&len64);
+        self.launched("cast_f32_bf16", unsafe { l.launch(elementwise_cfg(len)) })?;
+        self.gemm.linear(&x16, bf16_of(op, w)?, bias, &mut out.buf, residual, x.rows, k, n)?;
+        self.queued_op(op);
+        Ok(())
+    }
+
+    /// cuBLASLt plans built so far (one per shape; repeats reuse them).
+    pub fn gemm_plans_built(&self) -> usize {
+        self.gemm.plans_built()
     }
 }
 
@@ -120,14 +148,22 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return self.act(rows, cols, "upload");
         }
-        let buf = self.stream.clone_htod(data).map_err(|e| dev_err("upload", e))?;
+        let buf = if data.len() >= super::staging::MIN_STAGED {
+            self.staging.upload(self, data)?
+        } else {
+            self.stream.clone_htod(data).map_err(|e| dev_err("upload", e))?
+        };
         Ok(CudaAct { rows, cols, buf })
     }
 
     fn download(&self, x: &CudaAct) -> Result<Vec<f32>> {
-        let mut v = self.stream.clone_dtoh(&x.buf).map_err(|e| dev_err("download", e))?;
+        let n = x.rows * x.cols;
+        if n >= super::staging::MIN_STAGED {
+            return self.staging.download(self, &x.buf, n);
+        }
+        let mut v = self.stream.clone_dtoh(&x.buf).map_err(|e| self.wait_err("download", e))?;
         self.synchronize()?;
-        v.truncate(x.rows * x.cols);
+        v.truncate(n);
         Ok(v)
     }
 
@@ -159,32 +195,21 @@ impl Backend for CudaBackend {
         let (t32, c32) = (u32_of("embed", ids.len())?, u32_of("embed", c)?);
         let mut l = self.stream.launch_builder(&self.k.embed_bf16);
         l.arg(bf16_of("embed", table)?).arg(&d_ids).arg(&mut out.buf).arg(&t32).arg(&c32);
-        unsafe { l.launch(rows_cfg(ids.len())) }.map_err(self.launch_err("embed_bf16"))?;
+        self.launched("embed_bf16", unsafe { l.launch(rows_cfg(ids.len())) })?;
         Ok(out)
     }
 
     fn linear(&self, x: &CudaAct, w: &CudaWeight, b: Option<&CudaWeight>) -> Result<CudaAct> {
-        let (n, k) = match w.shape[..] {
-            [n, k] => (n, k),
-            _ => return Err(shape_err("linear", format!("weight of shape {:?}", w.shape))),
-        };
-        if x.cols != k {
-            return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
-        }
-        let bias = b.map(|b| vec_of("linear", b, n)).transpose()?;
+        let n = w.shape.first().copied().unwrap_or(0);
         let mut out = self.act(x.rows, n, "linear output")?;
-        if x.rows == 0 {
-            return Ok(out);
-        }
-        // Stage x in bf16 for cuBLASLt (see the module doc of cuda/mod.rs).
-        let len = x.rows * k;
-        let mut x16 = unsafe { self.stream.alloc::<u16>(len) }.map_err(|e| dev_err("linear bf16 input", e))?;
-        let len64 = len as u64;
-        let mut l = self.stream.launch_builder(&self.k.cast_f32_bf16);
-        l.arg(&x.buf).arg(&mut x16).arg(&len64);
-        unsafe { l.launch(elementwise_cfg(len)) }.map_err(self.launch_err("cast_f32_bf16"))?;
-        self.gemm.linear(&x16, bf16_of("linear", w)?, bias, &mut out.buf, x.rows, k, n)?;
+        self.gemm_into(x, w, b, &mut out, false)?;
         Ok(out)
+    }
+
+    /// The residual is the GEMM's C with beta = 1, written over in place.
+    fn linear_residual(&self, x: &CudaAct, w: &CudaWeight, b: Option<&CudaWeight>, mut residual: CudaAct) -> Result<CudaAct> {
+        self.gemm_into(x, w, b, &mut residual, true)?;
+        Ok(residual)
     }
 
     fn layer_norm(&self, x: &CudaAct, w: &CudaWeight, b: &CudaWeight, eps: f32) -> Result<CudaAct> {
@@ -196,7 +221,7 @@ impl Backend for CudaBackend {
         let (t32, c32) = (u32_of("layer_norm", x.rows)?, u32_of("layer_norm", x.cols)?);
         let mut l = self.stream.launch_builder(&self.k.layer_norm_f32);
         l.arg(&x.buf).arg(wv).arg(bv).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&eps);
-        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(self.launch_err("layer_norm_f32"))?;
+        self.launched("layer_norm_f32", unsafe { l.launch(rows_cfg(x.rows)) })?;
         Ok(out)
     }
 
@@ -209,7 +234,7 @@ impl Backend for CudaBackend {
         let (t32, c32) = (u32_of("rms_norm", x.rows)?, u32_of("rms_norm", x.cols)?);
         let mut l = self.stream.launch_builder(&self.k.rms_norm_f32);
         l.arg(&x.buf).arg(wv).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&eps);
-        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(self.launch_err("rms_norm_f32"))?;
+        self.launched("rms_norm_f32", unsafe { l.launch(rows_cfg(x.rows)) })?;
         Ok(out)
     }
 
@@ -224,8 +249,8 @@ impl Backend for CudaBackend {
         if x.rows == 0 || pairs == 0 {
             return Ok(());
         }
-        let d_pos = self.upload_u32(positions, "rope positions")?;
-        let d_freq = self.upload_f32(inv_freq, "rope frequencies")?;
+        let d_pos = self.prepared.positions(self, positions)?;
+        let d_freq = self.prepared.freqs(self, inv_freq)?;
         let (t32, ld, c0, h32, d32) = (
             u32_of("rope", x.rows)?,
             u32_of("rope", x.cols)?,
@@ -233,10 +258,11 @@ impl Backend for CudaBackend {
             u32_of("rope", heads)?,
             u32_of("rope", head_dim)?,
         );
-        let cfg = LaunchConfig { grid_dim: (pairs.div_ceil(256) as u32, t32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // Rows in x (up to 2^31 - 1 blocks), pairs in y: any row count the planner allows.
+        let cfg = LaunchConfig { grid_dim: (t32, u32_of("rope", pairs.div_ceil(256))?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&self.k.rope_f32);
-        l.arg(&mut x.buf).arg(&d_pos).arg(&d_freq).arg(&t32).arg(&ld).arg(&c0).arg(&h32).arg(&d32);
-        unsafe { l.launch(cfg) }.map_err(self.launch_err("rope_f32"))?;
+        l.arg(&mut x.buf).arg(&*d_pos).arg(&*d_freq).arg(&t32).arg(&ld).arg(&c0).arg(&h32).arg(&d32);
+        self.launched("rope_f32", unsafe { l.launch(cfg) })?;
         Ok(())
     }
 
@@ -251,27 +277,34 @@ impl Backend for CudaBackend {
         if d > super::ATTN_MAX_HEAD_DIM {
             return Err(shape_err("attention", format!("head_dim {d} > {} is not supported by kernels/attention.cu", super::ATTN_MAX_HEAD_DIM)));
         }
-        let mut flat = Vec::with_capacity(spans.len() * 3);
         for (t, span) in spans.iter().enumerate() {
             if t + s.key_offset >= k.rows || span.shared_end as usize > k.rows {
                 return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
             }
-            flat.extend_from_slice(&[span.shared_start, span.shared_end, span.own_start]);
+        }
+        if kvh > 65535 {
+            return Err(shape_err("attention", format!("{kvh} kv heads: the kernel's grid holds at most 65535")));
         }
         let mut out = self.act(q.rows, h * d, "attention")?;
         if q.rows == 0 {
             return Ok(out);
         }
-        let d_spans = self.upload_u32(&flat, "attention spans")?;
-        let (t32, h32, kv32, d32, ko32) =
-            (u32_of("attention", q.rows)?, u32_of("attention", h)?, u32_of("attention", kvh)?, u32_of("attention", d)?, u32_of("attention", s.key_offset)?);
+        let rows = self.prepared.attention(self, spans, s.key_offset, h / kvh)?;
+        let (t32, h32, kv32, d32, s32, ko32) = (
+            u32_of("attention", q.rows)?,
+            u32_of("attention", h)?,
+            u32_of("attention", kvh)?,
+            u32_of("attention", d)?,
+            u32_of("attention", k.rows)?,
+            u32_of("attention", s.key_offset)?,
+        );
         let scale = 1.0 / (d as f32).sqrt();
-        let rows_per_block = super::kernels::ATTN_ROWS_PER_BLOCK;
-        let cfg = LaunchConfig { grid_dim: (t32.div_ceil(rows_per_block), h32, 1), block_dim: (rows_per_block * 32, 1, 1), shared_mem_bytes: 0 };
-        let mut l = self.stream.launch_builder(&self.k.attention_f32);
-        l.arg(&q.buf).arg(&k.buf).arg(&v.buf).arg(&d_spans).arg(&mut out.buf);
-        l.arg(&t32).arg(&h32).arg(&kv32).arg(&d32).arg(&ko32).arg(&scale);
-        unsafe { l.launch(cfg) }.map_err(self.launch_err("attention_f32"))?;
+        let blocks = u32_of("attention", rows.blocks)?;
+        let cfg = LaunchConfig { grid_dim: (blocks, kv32, 1), block_dim: (super::kernels::ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let mut l = self.stream.launch_builder(&self.k.flash_attention_f32);
+        l.arg(&q.buf).arg(&k.buf).arg(&v.buf).arg(&rows.spans).arg(&rows.tile_off).arg(&rows.tile_start).arg(&mut out.buf);
+        l.arg(&t32).arg(&h32).arg(&kv32).arg(&d32).arg(&s32).arg(&ko32).arg(&scale);
+        self.launched("flash_attention_f32", unsafe { l.launch(cfg) })?;
         Ok(out)
     }
 
@@ -296,10 +329,10 @@ impl Backend for CudaBackend {
             return Ok(out);
         }
         let (t32, c32, s32, w32) = (u32_of("cols", x.rows)?, u32_of("cols", x.cols)?, u32_of("cols", start)?, u32_of("cols", width)?);
-        let cfg = LaunchConfig { grid_dim: (width.div_ceil(256) as u32, t32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (t32, u32_of("cols", width.div_ceil(256))?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&self.k.cols_f32);
         l.arg(&x.buf).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&s32).arg(&w32);
-        unsafe { l.launch(cfg) }.map_err(self.launch_err("cols_f32"))?;
+        self.launched("cols_f32", unsafe { l.launch(cfg) })?;
         Ok(out)
     }
 
@@ -315,7 +348,7 @@ impl Backend for CudaBackend {
         let (r32, c32) = (u32_of("rows", rows.len())?, u32_of("rows", x.cols)?);
         let mut l = self.stream.launch_builder(&self.k.rows_f32);
         l.arg(&x.buf).arg(&d_rows).arg(&mut out.buf).arg(&r32).arg(&c32);
-        unsafe { l.launch(rows_cfg(rows.len())) }.map_err(self.launch_err("rows_f32"))?;
+        self.launched("rows_f32", unsafe { l.launch(rows_cfg(rows.len())) })?;
         Ok(out)
     }
 
@@ -352,8 +385,8 @@ impl Backend for CudaBackend {
         let (s32, v32) = (u32_of("log_softmax_at", logits.rows)?, u32_of("log_softmax_at", logits.cols)?);
         let mut l = self.stream.launch_builder(&self.k.log_softmax_at_f32);
         l.arg(&logits.buf).arg(&d_t).arg(&mut out).arg(&s32).arg(&v32);
-        unsafe { l.launch(rows_cfg(targets.len())) }.map_err(self.launch_err("log_softmax_at_f32"))?;
-        let v = self.stream.clone_dtoh(&out).map_err(|e| dev_err("log_softmax_at download", e))?;
+        self.launched("log_softmax_at_f32", unsafe { l.launch(rows_cfg(targets.len())) })?;
+        let v = self.stream.clone_dtoh(&out).map_err(|e| self.wait_err("log_softmax_at download", e))?;
         self.synchronize()?;
         Ok(v)
     }
@@ -366,7 +399,7 @@ impl Backend for CudaBackend {
         let (s32, v32) = (u32_of("log_softmax", logits.rows)?, u32_of("log_softmax", logits.cols)?);
         let mut l = self.stream.launch_builder(&self.k.log_softmax_f32);
         l.arg(&logits.buf).arg(&mut out.buf).arg(&s32).arg(&v32);
-        unsafe { l.launch(rows_cfg(logits.rows)) }.map_err(self.launch_err("log_softmax_f32"))?;
+        self.launched("log_softmax_f32", unsafe { l.launch(rows_cfg(logits.rows)) })?;
         self.download(&out)
     }
 }

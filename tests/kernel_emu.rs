@@ -1,0 +1,27 @@
+//! The CUDA kernels' logic on the CPU: scripts/kernel_emu/run.sh compiles kernels/*.cu with
+//! g++ against a small emulation of the CUDA subset they use (a std::thread per CUDA
+//! thread, barriers for __syncthreads and shuffles, the portable mma the flash attention
+//! kernel falls back to without sm_80) and checks them against dense references: flash
+//! attention on packed token trees (GQA groups of 3 and 29, zero-padded head dims, masked
+//! tiles skipped), norms, log-softmax, rope, gathers, bf16 rounding. Without g++ it prints
+//! "skipped" and passes.
+
+#[test]
+fn kernels_match_dense_references_in_the_cpu_emulator() {
+    if std::process::Command::new("g++").arg("--version").output().is_err() {
+        println!("skipped: no g++ to build scripts/kernel_emu");
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let tmp = std::env::temp_dir().join(format!("fb-kernel-emu-{}", std::process::id()));
+    let out = std::process::Command::new("sh")
+        .arg(format!("{root}/scripts/kernel_emu/run.sh"))
+        .env("TMPDIR", &tmp)
+        .output()
+        .expect("running scripts/kernel_emu/run.sh");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    assert!(out.status.success(), "kernel emulator failed:\n{text}");
+    assert_eq!(text.matches("flash_attention").count(), 3, "every attention case ran:\n{text}");
+}
