@@ -4,7 +4,7 @@
 //!
 //! Host-only and independent of the device, so it is unit-tested on any machine.
 
-use crate::layout::AttnSpan;
+use crate::token_tree::AttnSpan;
 
 /// Block b's tiles are `starts[offsets[b] .. offsets[b + 1]]`; a tile is keys
 /// `[start, start + tile)`.
@@ -62,7 +62,7 @@ pub fn plan_tiles(spans: &[AttnSpan], key_offset: usize, group: usize, block_row
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{MicroBatch, TokenizedDoc};
+    use crate::token_tree::{MicroBatch, TokenizedDoc};
 
     /// Every key any row of a block attends lies in one of its tiles, and no tile of a block
     /// is attended by none of its rows.

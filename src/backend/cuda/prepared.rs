@@ -10,7 +10,7 @@
 use super::attn_plan::plan_tiles;
 use super::kernels::{ATTN_BLOCK_ROWS, ATTN_TILE_KEYS};
 use super::{CudaBackend, Result};
-use crate::layout::AttnSpan;
+use crate::token_tree::AttnSpan;
 use cudarc::driver::CudaSlice;
 use std::sync::{Arc, Mutex};
 
