@@ -11,7 +11,7 @@ use crate::backend::select::{DeviceChoice, Resolved};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::token_tree::{AttnSpan, MicroBatch, TokenizedDoc};
-use crate::model::{self, LayerCache, Part, RowCtx, Weights};
+use crate::model::{self, LayerCache, Part, RowCtx, PartWeights};
 use crate::tensor::{DType, HostTensor};
 use thiserror::Error;
 
@@ -187,14 +187,14 @@ fn weight_range(name: &str, shape: &[usize]) -> (f32, f32) {
 }
 
 /// One layer's synthetic weights, made by the backend.
-pub fn synthetic_layer<B: Backend>(b: &B, cfg: &ModelConfig, layer: usize) -> Result<Weights<B>> {
+pub fn synthetic_layer<B: Backend>(b: &B, cfg: &ModelConfig, layer: usize) -> Result<PartWeights<B>> {
     let mut map = HashMap::new();
     for (i, (name, shape)) in model::expected_tensors(cfg, Part::Layer(layer)).into_iter().enumerate() {
         let (lo, hi) = weight_range(&name, &shape);
         let w = b.random_weight(&shape, (layer as u64) << 16 | i as u64, lo, hi).during(|| format!("weight {name}"))?;
         map.insert(name, w);
     }
-    Ok(Weights::from_map(Part::Layer(layer), map))
+    Ok(PartWeights::from_map(Part::Layer(layer), map))
 }
 
 fn layer_params(cfg: &ModelConfig) -> usize {
@@ -212,7 +212,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median seconds of one layer forward over `reps` runs, after one warm-up.
-fn time_layer<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, batch: &MicroBatch, reps: usize) -> Result<f64> {
+fn time_layer<B: Backend>(b: &B, cfg: &ModelConfig, w: &PartWeights<B>, batch: &MicroBatch, reps: usize) -> Result<f64> {
     let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
     let mut x = input(b, batch.rows(), cfg.hidden_size)?;
     let mut times = vec![];
@@ -230,7 +230,7 @@ fn time_layer<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, batch: &Micr
 
 /// Median seconds of one layer's decode step: the KV cache is filled with `context` rows by a
 /// prefill, then single tokens run against it (each appending its key, as generation does).
-fn time_decode<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, context: usize, reps: usize) -> Result<f64> {
+fn time_decode<B: Backend>(b: &B, cfg: &ModelConfig, w: &PartWeights<B>, context: usize, reps: usize) -> Result<f64> {
     let positions: Vec<u32> = (0..context as u32).collect();
     let spans = vec![AttnSpan::causal(0); context];
     let mut cache = LayerCache::default();

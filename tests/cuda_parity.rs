@@ -11,7 +11,7 @@ use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::backend::cuda::CudaBackend;
 use falcon_batch::backend::{AttnShape, Backend, BackendError};
 use falcon_batch::token_tree::{AttnSpan, MicroBatch, TokenizedDoc};
-use falcon_batch::model::{self, Part, RowCtx, Weights};
+use falcon_batch::model::{self, Part, RowCtx, PartWeights};
 use falcon_batch::tensor::{DType, HostTensor};
 use std::sync::Arc;
 
@@ -312,7 +312,7 @@ fn tiny_model(json: serde_json::Value) -> (falcon_batch::config::ModelConfig, Ve
 
 /// begin -> layers -> end at the scored rows -> log p(target), on one backend.
 fn forward<B: Backend>(b: &B, cfg: &falcon_batch::config::ModelConfig, parts: &[(Part, Vec<(String, HostTensor)>)], batch: &MicroBatch) -> Vec<f64> {
-    let w: Vec<Weights<B>> = parts.iter().map(|(p, t)| Weights::upload(b, *p, t).unwrap()).collect();
+    let w: Vec<PartWeights<B>> = parts.iter().map(|(p, t)| PartWeights::upload(b, *p, t).unwrap()).collect();
     let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
     let mut x = model::begin_forward(b, &w[0], &batch.tokens).unwrap();
     for lw in &w[1..w.len() - 1] {

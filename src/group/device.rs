@@ -7,23 +7,23 @@
 use super::{GroupTensorNames, HostGroup};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::model::{self, LayerCache, ModelError, Part, RowCtx, Weights};
+use crate::model::{self, LayerCache, ModelError, Part, RowCtx, PartWeights};
 use crate::token_tree::{MicroBatch, ScoredRow};
 use std::ops::Range;
 
-/// A group on a backend: begin, one `Weights` per layer, end (each part's tensors by name).
+/// A group on a backend: begin, one `PartWeights` per layer, end (each part's tensors by name).
 pub struct DeviceGroup<B: Backend> {
     pub layers: Range<usize>,
-    begin: Option<Weights<B>>,
-    blocks: Vec<Weights<B>>,
-    end: Option<Weights<B>>,
+    begin: Option<PartWeights<B>>,
+    blocks: Vec<PartWeights<B>>,
+    end: Option<PartWeights<B>>,
 }
 
 impl<B: Backend> DeviceGroup<B> {
     pub fn upload(b: &B, host: &HostGroup) -> Result<DeviceGroup<B>, ModelError> {
         let mut group = DeviceGroup { layers: host.layers.clone(), begin: None, blocks: vec![], end: None };
         for (part, tensors) in &host.parts {
-            group.put(Weights::upload(b, *part, tensors)?);
+            group.put(PartWeights::upload(b, *part, tensors)?);
             crate::liveness::advanced();
         }
         Ok(group)
@@ -39,14 +39,14 @@ impl<B: Backend> DeviceGroup<B> {
         let mut it = weights.into_iter();
         for (part, part_names) in &names.parts {
             let map = part_names.iter().cloned().zip(it.by_ref().take(part_names.len())).collect();
-            group.put(Weights::from_map(*part, map));
+            group.put(PartWeights::from_map(*part, map));
         }
         Ok(group)
     }
 
     /// The weights back in `names`' flat order (for `Backend::release`).
     pub fn into_weights(self, names: &GroupTensorNames) -> Result<Vec<B::Weight>, ModelError> {
-        let mut by_part: Vec<Weights<B>> = self.begin.into_iter().chain(self.blocks).chain(self.end).collect();
+        let mut by_part: Vec<PartWeights<B>> = self.begin.into_iter().chain(self.blocks).chain(self.end).collect();
         let mut out = Vec::with_capacity(names.len());
         for (part, part_names) in &names.parts {
             let i = by_part.iter().position(|w| w.part == *part).ok_or_else(|| ModelError::Unsupported(format!("layers {:?}: part {} is not in this group", names.layers, part.name())))?;
@@ -58,7 +58,7 @@ impl<B: Backend> DeviceGroup<B> {
         Ok(out)
     }
 
-    fn put(&mut self, w: Weights<B>) {
+    fn put(&mut self, w: PartWeights<B>) {
         match w.part {
             Part::Begin => self.begin = Some(w),
             Part::Layer(_) => self.blocks.push(w),
@@ -74,11 +74,11 @@ impl<B: Backend> DeviceGroup<B> {
         self.end.is_some()
     }
 
-    fn begin(&self) -> Result<&Weights<B>, ModelError> {
+    fn begin(&self) -> Result<&PartWeights<B>, ModelError> {
         self.begin.as_ref().ok_or_else(|| ModelError::Unsupported(format!("layers {:?} do not include the embeddings", self.layers)))
     }
 
-    fn end(&self) -> Result<&Weights<B>, ModelError> {
+    fn end(&self) -> Result<&PartWeights<B>, ModelError> {
         self.end.as_ref().ok_or_else(|| ModelError::Unsupported(format!("layers {:?} do not include the LM head", self.layers)))
     }
 

@@ -9,7 +9,7 @@
 //!   sequential (parallel_attn = false):
 //!       r = x + attn(ln(x)); out = r + mlp(ln_post(r))
 
-use super::{attention_block, get_checked, HfJson, LayerCache, ModelError, Part, Result, RowCtx, TensorSource, Weights};
+use super::{attention_block, get_checked, HfJson, LayerCache, ModelError, Part, Result, RowCtx, TensorSource, PartWeights};
 use crate::backend::Backend;
 use crate::config::{FalconLayout, Family, ModelConfig};
 use crate::tensor::HostTensor;
@@ -208,7 +208,7 @@ pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Re
 pub fn layer_forward<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
-    w: &Weights<B>,
+    w: &PartWeights<B>,
     mut x: B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,

@@ -3,7 +3,7 @@
 //! Shapes: T rows, C hidden, H query heads, KV key/value heads, D head dim, F intermediate.
 //!     h = x + attn(rms(x));  out = h + down(silu(gate(rms(h))) * up(rms(h)))
 
-use super::{attention_block, get_checked, HfJson, LayerCache, ModelError, Part, Result, RowCtx, TensorSource, Weights};
+use super::{attention_block, get_checked, HfJson, LayerCache, ModelError, Part, Result, RowCtx, TensorSource, PartWeights};
 use crate::backend::Backend;
 use crate::config::{Family, ModelConfig};
 use crate::tensor::HostTensor;
@@ -136,7 +136,7 @@ pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Re
 pub fn layer_forward<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
-    w: &Weights<B>,
+    w: &PartWeights<B>,
     mut x: B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,

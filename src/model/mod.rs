@@ -120,23 +120,23 @@ pub(crate) fn get_checked(src: &dyn TensorSource, name: &str, shape: &[usize]) -
 }
 
 /// A part's weights on a backend, by short name.
-pub struct Weights<B: Backend> {
+pub struct PartWeights<B: Backend> {
     pub part: Part,
     map: HashMap<String, B::Weight>,
 }
 
-impl<B: Backend> Weights<B> {
+impl<B: Backend> PartWeights<B> {
     /// Weights already on the backend (streamed uploads, synthetic benchmark layers).
-    pub fn from_map(part: Part, map: HashMap<String, B::Weight>) -> Weights<B> {
-        Weights { part, map }
+    pub fn from_map(part: Part, map: HashMap<String, B::Weight>) -> PartWeights<B> {
+        PartWeights { part, map }
     }
 
-    pub fn upload(backend: &B, part: Part, tensors: &[(String, HostTensor)]) -> Result<Weights<B>> {
+    pub fn upload(backend: &B, part: Part, tensors: &[(String, HostTensor)]) -> Result<PartWeights<B>> {
         let mut map = HashMap::new();
         for (name, t) in tensors {
             map.insert(name.clone(), backend.upload_weight(t)?);
         }
-        Ok(Weights { part, map })
+        Ok(PartWeights { part, map })
     }
 
     /// The weights by name, handing them back (a streamed group's release).
@@ -183,7 +183,7 @@ pub struct RowCtx<'a> {
 pub(crate) fn attention_block<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
-    w: &Weights<B>,
+    w: &PartWeights<B>,
     x: &B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
@@ -219,7 +219,7 @@ pub(crate) fn attention_block<B: Backend>(
 }
 
 /// begin: ids (T,) -> hidden (T, C)
-pub fn begin_forward<B: Backend>(b: &B, w: &Weights<B>, ids: &[u32]) -> Result<B::Act> {
+pub fn begin_forward<B: Backend>(b: &B, w: &PartWeights<B>, ids: &[u32]) -> Result<B::Act> {
     Ok(b.embed(w.get("embed.weight")?, ids)?)
 }
 
@@ -227,7 +227,7 @@ pub fn begin_forward<B: Backend>(b: &B, w: &Weights<B>, ids: &[u32]) -> Result<B
 pub fn layer_forward<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
-    w: &Weights<B>,
+    w: &PartWeights<B>,
     x: B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
@@ -240,7 +240,7 @@ pub fn layer_forward<B: Backend>(
 }
 
 /// end: hidden (T, C) at `rows` -> logits (R, V).
-pub fn end_logits<B: Backend>(b: &B, cfg: &ModelConfig, w: &Weights<B>, x: &B::Act, rows: &[u32]) -> Result<B::Act> {
+pub fn end_logits<B: Backend>(b: &B, cfg: &ModelConfig, w: &PartWeights<B>, x: &B::Act, rows: &[u32]) -> Result<B::Act> {
     let picked = b.rows(x, rows)?; // (R, C)
     let normed = match cfg.family {
         Family::Falcon => b.layer_norm(&picked, w.get("norm.weight")?, w.get("norm.bias")?, cfg.norm_eps as f32)?,
