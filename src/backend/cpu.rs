@@ -1,6 +1,7 @@
-//! CPU backend: the numeric reference. f32 arithmetic over weights widened to f32 at upload,
-//! GEMM by the `gemm` crate, row loops spread over cores by rayon, elementwise math by the
-//! vectorised f32 functions of `vmath` (each tested against an f64 plain-loop reference).
+//! CPU backend: the numeric reference. f32 arithmetic over weights widened to f32 at upload
+//! (matrices packed there for the own GEMM of `gemm.rs`), attention's small GEMMs by the `gemm`
+//! crate, row loops spread over cores by rayon, elementwise math by the vectorised f32
+//! functions of `vmath` (each tested against an f64 plain-loop reference).
 //!
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
 
@@ -11,7 +12,9 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
+use gemm::Kernel;
 
+mod gemm;
 mod stream;
 mod vmath;
 pub use stream::{CpuPinned, CpuSlot, CpuTransfer};
@@ -34,7 +37,51 @@ impl Mat {
 /// A weight widened to f32, with its logical shape.
 pub struct CpuWeight {
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    /// Vectors: the values. Matrices (N, K): packed for `Kernel::detect()` (gemm.rs), so that
+    /// only `linear` and `embed`'s row lookup read them.
+    data: Vec<f32>,
+}
+
+impl CpuWeight {
+    /// `values` in row-major order for `shape`; a matrix (2 dimensions) is packed here, once.
+    pub fn new(shape: Vec<usize>, values: Vec<f32>) -> CpuWeight {
+        let data = match shape[..] {
+            [n, k] => gemm::pack(Kernel::detect(), &values, n, k),
+            _ => values,
+        };
+        CpuWeight { shape, data }
+    }
+
+    fn from_host(t: &HostTensor) -> CpuWeight {
+        CpuWeight::new(t.shape.clone(), t.to_f32())
+    }
+
+    /// (N, K) of a matrix.
+    fn matrix(&self) -> Option<(usize, usize)> {
+        match self.shape[..] {
+            [n, k] => Some((n, k)),
+            _ => None,
+        }
+    }
+
+    /// Row `r` of a matrix appended to `out`.
+    fn push_row(&self, r: usize, out: &mut Vec<f32>) {
+        match self.matrix() {
+            Some((_, k)) => gemm::unpack_row(Kernel::detect(), &self.data, k, r, out),
+            None => out.push(self.data[r]),
+        }
+    }
+
+    /// The values in row-major order, whatever the layout.
+    pub fn to_rows(&self) -> Vec<f32> {
+        let rows = self.shape.first().copied().unwrap_or(1);
+        let mut out = Vec::with_capacity(self.shape.iter().product());
+        match self.matrix() {
+            Some(_) => (0..rows).for_each(|r| self.push_row(r, &mut out)),
+            None => out.extend_from_slice(&self.data),
+        }
+        out
+    }
 }
 
 #[derive(Default)]
@@ -51,61 +98,6 @@ impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend::default()
     }
-}
-
-/// Rows up to which `matmul_nt` streams the weight once as dot products (decode steps):
-/// there the work is reading the weight, which the packing of a GEMM only slows down.
-const GEMV_MAX_ROWS: usize = 4;
-
-/// sum_i a[i] b[i] with independent partial sums, so the loop vectorizes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// out (T, N) = x (T, K) · w (N, K)ᵀ, plus what out already holds when `accumulate` (a bias):
-/// dot products for a few rows, the gemm crate otherwise.
-///
-/// # Safety
-/// `out` points to t·n writable floats; unless `accumulate` they may be uninitialised (every one
-/// is written, none read).
-unsafe fn matmul_nt(x: &[f32], w: &[f32], t: usize, k: usize, n: usize, out: *mut f32, accumulate: bool) {
-    if t <= GEMV_MAX_ROWS {
-        // Work over blocks of weight rows, each row read once for all T; blocks write disjoint
-        // columns of out.
-        const BLOCK: usize = 64;
-        let out = SendPtr(out);
-        (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|blk| {
-            let out = out;
-            for j in blk * BLOCK..((blk + 1) * BLOCK).min(n) {
-                let wrow = &w[j * k..(j + 1) * k];
-                for r in 0..t {
-                    let o = out.0.add(r * n + j);
-                    let v = dot(&x[r * k..(r + 1) * k], wrow);
-                    *o = if accumulate { *o + v } else { v };
-                }
-            }
-        });
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    let par = if t * n * k >= 1 << 16 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // The slices hold t*k and n*k elements, matching the strides below; dst = 1·dst + 1·x·wᵀ
-    // when accumulating, x·wᵀ otherwise.
-    gemm::gemm(
-        t, n, k,
-        out, 1, n as isize, accumulate,
-        x.as_ptr(), 1, k as isize,
-        w.as_ptr(), k as isize, 1,
-        1.0, 1.0, false, false, false, par,
-    );
 }
 
 /// A (rows, cols) matrix whose rows `f` fills from the matching rows of `x`, in parallel,
@@ -134,7 +126,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
-        Ok(CpuWeight { shape: t.shape.clone(), data: t.to_f32() })
+        Ok(CpuWeight::from_host(t))
     }
 
     type Pinned = CpuPinned;
@@ -173,43 +165,35 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<Mat> {
-        let (v, c) = (table.shape[0], table.shape[1]);
+        let (v, c) = table.matrix().ok_or_else(|| shape_err("embed", format!("table of shape {:?}", table.shape)))?;
         let mut data = Vec::with_capacity(ids.len() * c);
         for &id in ids {
             let id = id as usize;
             if id >= v {
                 return Err(shape_err("embed", format!("token id {id} outside the vocabulary of {v}")));
             }
-            data.extend_from_slice(&table.data[id * c..(id + 1) * c]);
+            table.push_row(id, &mut data);
         }
         Ok(Mat { rows: ids.len(), cols: c, data })
     }
 
     fn linear(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<Mat> {
-        let (n, k) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
+        let (n, k) = w.matrix().ok_or_else(|| shape_err("linear", format!("weight of shape {:?}", w.shape)))?;
         if x.cols != k {
             return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
         }
         if let Some(b) = b {
-            if b.data.len() != n {
-                return Err(shape_err("linear", format!("bias of {} values for {n} outputs", b.data.len())));
+            if b.data.len() != n || b.matrix().is_some() {
+                return Err(shape_err("linear", format!("bias of shape {:?} for {n} outputs", b.shape)));
             }
         }
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, N)
-        // The bias goes in first and the product is added to it: one pass over out, no zero-fill.
-        if let Some(b) = b {
-            for _ in 0..x.rows {
-                out.extend_from_slice(&b.data);
-            }
-        }
-        if len > 0 {
-            // SAFETY: out has room for T·N values; matmul_nt writes each (adding to the bias rows
-            // when there are some), so all len are initialised before set_len.
-            unsafe {
-                matmul_nt(&x.data, &w.data, x.rows, k, n, out.as_mut_ptr(), b.is_some());
-                out.set_len(len);
-            }
+        // SAFETY: out has room for T·N values, which matmul writes (the bias is its start value),
+        // x holds T·K, w is packed (N, K) for the detected kernel, the bias N values.
+        unsafe {
+            gemm::matmul(Kernel::detect(), &x.data, x.rows, k, &w.data, n, b.map(|b| &b.data[..]), out.as_mut_ptr());
+            out.set_len(len);
         }
         Ok(Mat { rows: x.rows, cols: n, data: out })
     }
@@ -444,12 +428,12 @@ unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &
     }
     let scores = &mut scratch[..rows * nk]; // (B, K), fully written by the GEMM
     let scale = 1.0 / (d as f32).sqrt();
-    gemm::gemm(
+    ::gemm::gemm(
         rows, nk, d,
         scores.as_mut_ptr(), 1, nk as isize, false,
         q.data.as_ptr().add(t0 * q.cols + hh * d), 1, q.cols as isize,
         k.data.as_ptr().add(k0 * k.cols + kv * d), k.cols as isize, 1,
-        0.0, scale, false, false, false, gemm::Parallelism::None,
+        0.0, scale, false, false, false, ::gemm::Parallelism::None,
     );
     for (i, row) in scores.chunks_mut(nk).enumerate() {
         let t = t0 + i;
@@ -463,12 +447,12 @@ unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &
         row[b0..b1].iter_mut().for_each(|p| *p *= inv);
         row[b1.max(a1)..].fill(0.0);
     }
-    gemm::gemm(
+    ::gemm::gemm(
         rows, d, nk,
         out.0.add(t0 * h * d + hh * d), 1, (h * d) as isize, false,
         scores.as_ptr(), 1, nk as isize,
         v.data.as_ptr().add(k0 * v.cols + kv * d), 1, v.cols as isize,
-        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+        0.0, 1.0, false, false, false, ::gemm::Parallelism::None,
     );
 }
 
