@@ -13,10 +13,22 @@ pub struct GemmTiming {
     pub t: usize,
     pub k: usize,
     pub n: usize,
-    /// `CpuBackend::linear`, output allocation included.
+    /// `CpuBackend::linear`, output allocation included, over wall time.
     pub linear_gflops: f64,
     /// The `gemm` crate (packs w on every call), into a preallocated output.
     pub gemm_crate_gflops: f64,
+    /// The same over the process's CPU time (all threads): what a loaded machine does not
+    /// distort much, a per-core efficiency rather than a speed.
+    pub linear_cpu_gflops: f64,
+    pub gemm_crate_cpu_gflops: f64,
+}
+
+/// CPU seconds this process has used, all threads.
+fn cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// "512x576x1536,1x576x576" -> [(T, K, N), ...]
@@ -32,18 +44,18 @@ pub fn parse_shapes(s: &str) -> Result<Vec<(usize, usize, usize)>> {
         .collect()
 }
 
-/// Seconds of the fastest of `reps` runs, each run repeating `f` for at least 0.1 s.
-fn best_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
-    (0..reps)
-        .map(|_| {
-            let (start, mut calls) = (Instant::now(), 0u32);
-            while calls == 0 || start.elapsed().as_secs_f64() < 0.1 {
-                f();
-                calls += 1;
-            }
-            start.elapsed().as_secs_f64() / calls as f64
-        })
-        .fold(f64::INFINITY, f64::min)
+/// (wall, CPU) seconds per call of `f`, repeated for at least 0.1 s.
+fn seconds_per_call(mut f: impl FnMut()) -> (f64, f64) {
+    let (start, cpu0, mut calls) = (Instant::now(), cpu_seconds(), 0u32);
+    while calls == 0 || start.elapsed().as_secs_f64() < 0.1 {
+        f();
+        calls += 1;
+    }
+    (start.elapsed().as_secs_f64() / calls as f64, (cpu_seconds() - cpu0) / calls as f64)
+}
+
+fn min2(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
+    (a.0.min(b.0), a.1.min(b.1))
 }
 
 pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTiming>> {
@@ -57,16 +69,16 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
         let w = b.random_weight(&[n, k], 2, -1.0, 1.0)?;
         let mut dst = vec![0f32; t * n];
         let flops = 2.0 * (t * k * n) as f64;
-        let (mut ours, mut theirs) = (f64::INFINITY, f64::INFINITY);
+        let (mut ours, mut theirs) = ((f64::INFINITY, f64::INFINITY), (f64::INFINITY, f64::INFINITY));
         let mut err = None;
         // Interleaved: a load spike hits both alike.
         for _ in 0..reps.max(1) {
-            ours = ours.min(best_seconds(1, || {
+            ours = min2(ours, seconds_per_call(|| {
                 if let Err(e) = b.linear(&x, &w, None) {
                     err = Some(e);
                 }
             }));
-            theirs = theirs.min(best_seconds(1, || {
+            theirs = min2(theirs, seconds_per_call(|| {
                 // SAFETY: dst holds t·n floats, xv t·k and wv n·k, matching the strides.
                 unsafe {
                     gemm::gemm(
@@ -82,8 +94,12 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
         if let Some(e) = err {
             return Err(e.into());
         }
-        let row = GemmTiming { t, k, n, linear_gflops: flops / ours / 1e9, gemm_crate_gflops: flops / theirs / 1e9 };
-        eprintln!("gemm {t}x{k}x{n}: linear {:.1} GFLOP/s, gemm crate {:.1} GFLOP/s", row.linear_gflops, row.gemm_crate_gflops);
+        let g = |s: f64| flops / s / 1e9;
+        let row = GemmTiming { t, k, n, linear_gflops: g(ours.0), gemm_crate_gflops: g(theirs.0), linear_cpu_gflops: g(ours.1), gemm_crate_cpu_gflops: g(theirs.1) };
+        eprintln!(
+            "gemm {t}x{k}x{n}: linear {:.1} GFLOP/s ({:.1} per CPU-s), gemm crate {:.1} ({:.1} per CPU-s)",
+            row.linear_gflops, row.linear_cpu_gflops, row.gemm_crate_gflops, row.gemm_crate_cpu_gflops
+        );
         out.push(row);
     }
     Ok(out)
