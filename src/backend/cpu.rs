@@ -236,16 +236,17 @@ impl Backend for CpuBackend {
         let half = head_dim / 2;
         let cols = x.cols;
         x.data.par_chunks_mut(cols).zip(positions).for_each(|(row, &pos)| {
-            for (i, f) in inv_freq.iter().enumerate() {
-                let angle = pos as f32 * f;
-                let (sin, cos) = angle.sin_cos();
-                for h in 0..heads {
-                    let base = col0 + h * head_dim;
-                    let (a, b) = (row[base + i], row[base + i + half]);
-                    row[base + i] = a * cos - b * sin;
-                    row[base + i + half] = b * cos + a * sin;
+            ROPE_TABLE.with(|table| {
+                let mut table = table.borrow_mut();
+                // cos (D/2) then sin (D/2) of this position, once for all heads.
+                table.clear();
+                table.extend(inv_freq.iter().map(|f| (pos as f32 * f).cos()));
+                table.extend(inv_freq.iter().map(|f| (pos as f32 * f).sin()));
+                let (cos, sin) = table.split_at(half);
+                for head in row[col0..col0 + heads * head_dim].chunks_exact_mut(head_dim) {
+                    vmath::rotate_half(head, cos, sin);
                 }
-            }
+            });
         });
         Ok(())
     }
@@ -363,6 +364,8 @@ impl Backend for CpuBackend {
 const ATTN_BLOCK: usize = 64;
 
 thread_local! {
+    /// Each worker's cos and sin of one position (D), for `rope`.
+    static ROPE_TABLE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Each worker's (B, K) scores buffer, kept between blocks and calls: grown, never refilled.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }

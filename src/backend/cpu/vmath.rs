@@ -1,7 +1,7 @@
-//! f32 exp, erf and GELU over slices, written as branch-free loops the compiler vectorises.
+//! f32 exp, erf, GELU and RoPE's rotation over slices, written as branch-free loops the compiler vectorises.
 //!
-//! The build targets baseline x86-64 (SSE2, no FMA), so each slice function has an AVX2+FMA
-//! copy chosen at run time: the same `#[inline(always)]` body compiled twice.
+//! The build targets baseline x86-64 (SSE2, no FMA), so each slice function has AVX2+FMA and
+//! AVX-512 copies chosen at run time: the same `#[inline(always)]` body compiled three times.
 //!
 //! Accuracy (tests in cpu/tests.rs against f64): exp ~2e-7 relative, erf ~3e-7 absolute,
 //! GELU ~3e-7·max(1, |x|): below what f32 activations carry and what HF's goldens test.
@@ -107,13 +107,15 @@ fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
     gate.iter_mut().zip(up).for_each(|(g, u)| *g = *g / (1.0 + exp_one(-*g)) * u);
 }
 
-/// x[i] = e^(x[i] - shift); returns the sum (8 partial sums, so the loop vectorises).
+/// x[i] = e^(x[i] - shift); returns the sum (16 partial sums, so the loop vectorises at either
+/// vector width).
 #[inline(always)]
 fn exp_shift_sum_body(x: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut chunks = x.chunks_exact_mut(8);
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
-        for i in 0..8 {
+        for i in 0..LANES {
             c[i] = exp_one(c[i] - shift);
             acc[i] += c[i];
         }
@@ -126,21 +128,45 @@ fn exp_shift_sum_body(x: &mut [f32], shift: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Each slice function: the AVX2+FMA copy where the CPU has it, the baseline one otherwise.
+/// head (D) <- its rotate-half rotation: pair (i, i + D/2) turns by the angle of cos[i], sin[i].
+#[inline(always)]
+fn rotate_half_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let (a, b) = head.split_at_mut(cos.len());
+    for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+        let (x, y) = (*a, *b);
+        *a = x * c - y * s;
+        *b = y * c + x * s;
+    }
+}
+
+/// Each slice function: the AVX-512 copy, else the AVX2+FMA one, where the CPU has them, the
+/// baseline one otherwise.
 macro_rules! dispatch {
-    ($(#[$doc:meta])* $name:ident, $fast:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+    ($(#[$doc:meta])* $name:ident, $fast:ident, $wide:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $fast($($arg: $ty),*) -> $ret {
             $body($($arg),*)
         }
 
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn $wide($($arg: $ty),*) -> $ret {
+            $body($($arg),*)
+        }
+
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has the features the copy was compiled for.
-                return unsafe { $fast($($arg),*) };
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features the copy was compiled for.
+                    return unsafe { $wide($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { $fast($($arg),*) };
+                }
             }
             $body($($arg),*)
         }
@@ -149,13 +175,17 @@ macro_rules! dispatch {
 
 dispatch!(
     /// x = GELU(x) in place.
-    gelu_slice, gelu_avx2, gelu_body, (x: &mut [f32]) -> ()
+    gelu_slice, gelu_avx2, gelu_avx512, gelu_body, (x: &mut [f32]) -> ()
 );
 dispatch!(
     /// gate = SiLU(gate) · up, elementwise.
-    silu_mul_slice, silu_mul_avx2, silu_mul_body, (gate: &mut [f32], up: &[f32]) -> ()
+    silu_mul_slice, silu_mul_avx2, silu_mul_avx512, silu_mul_body, (gate: &mut [f32], up: &[f32]) -> ()
 );
 dispatch!(
     /// x = e^(x - shift) in place, returning the sum: the softmax numerators.
-    exp_shift_sum, exp_shift_sum_avx2, exp_shift_sum_body, (x: &mut [f32], shift: f32) -> f32
+    exp_shift_sum, exp_shift_sum_avx2, exp_shift_sum_avx512, exp_shift_sum_body, (x: &mut [f32], shift: f32) -> f32
+);
+dispatch!(
+    /// RoPE's rotation of one head (D) by per-pair cos and sin (D/2 each).
+    rotate_half, rotate_half_avx2, rotate_half_avx512, rotate_half_body, (head: &mut [f32], cos: &[f32], sin: &[f32]) -> ()
 );
