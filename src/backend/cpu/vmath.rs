@@ -99,12 +99,17 @@ pub fn gelu_one(x: f32) -> f32 {
 
 #[inline(always)]
 fn gelu_body(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v = gelu_one(*v));
+    // A plain loop: `for_each`'s closure was outlined, compiled without the target features.
+    for v in x.iter_mut() {
+        *v = gelu_one(*v);
+    }
 }
 
 #[inline(always)]
 fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
-    gate.iter_mut().zip(up).for_each(|(g, u)| *g = *g / (1.0 + exp_one(-*g)) * u);
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp_one(-*g)) * u;
+    }
 }
 
 /// x[i] = e^(x[i] - shift); returns the sum (16 partial sums, so the loop vectorises at either
