@@ -82,15 +82,19 @@ pub fn packed_len(kernel: Kernel, n: usize, k: usize) -> usize {
     n.div_ceil(kernel.nr()) * k * kernel.nr()
 }
 
-/// w (N, K) row-major -> panels (N / NR, K, NR), the last panel's missing rows zero.
+/// w (N, K) row-major -> panels (N / NR, K, NR), the last panel's missing rows zero; panels
+/// in parallel (a model's weights are packed once, at load, on every core).
 pub fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let nr = kernel.nr();
     let mut out = vec![0f32; packed_len(kernel, n, k)]; // (panels, K, NR)
-    for (j, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
-        let base = (j / nr) * k * nr + j % nr;
-        for (kk, &v) in row.iter().enumerate() {
-            out[base + kk * nr] = v;
-        }
+    if k > 0 {
+        out.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| {
+            for (lane, row) in w[p * nr * k..].chunks_exact(k).take(nr.min(n - p * nr)).enumerate() {
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[kk * nr + lane] = v;
+                }
+            }
+        });
     }
     out
 }
