@@ -360,6 +360,10 @@ impl Backend for CpuBackend {
     }
 }
 
+/// Query rows per block up to which attention runs as dot products and row updates (decode
+/// steps) instead of GEMMs.
+const FEW_QUERY_ROWS: usize = 4;
+
 /// Query rows per attention work item: scores for a block are (ATTN_BLOCK, keys) floats.
 const ATTN_BLOCK: usize = 64;
 
@@ -413,8 +417,8 @@ fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> [(usiz
 }
 
 /// Attention of query rows [t0, t1) of head hh: scores (B, K) = q·kᵀ over the block's key
-/// range by GEMM, softmax over each row's attended intervals (the rest set to 0 by slice),
-/// then out (B, D) = p · v by GEMM.
+/// range, softmax over each row's attended intervals (the rest set to 0 by slice), then
+/// out (B, D) = p · v; by GEMMs, or for a few rows by dot products and row updates.
 ///
 /// # Safety
 /// `out` points to (q.rows, H·D) floats, and no other caller writes rows [t0, t1) of head hh.
@@ -429,15 +433,24 @@ unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &
     if scratch.len() < rows * nk {
         scratch.resize(rows * nk, 0.0);
     }
-    let scores = &mut scratch[..rows * nk]; // (B, K), fully written by the GEMM
+    let scores = &mut scratch[..rows * nk]; // (B, K), fully written by the GEMM or the dots
     let scale = 1.0 / (d as f32).sqrt();
-    ::gemm::gemm(
-        rows, nk, d,
-        scores.as_mut_ptr(), 1, nk as isize, false,
-        q.data.as_ptr().add(t0 * q.cols + hh * d), 1, q.cols as isize,
-        k.data.as_ptr().add(k0 * k.cols + kv * d), k.cols as isize, 1,
-        0.0, scale, false, false, false, ::gemm::Parallelism::None,
-    );
+    let (kbase, vbase) = (k0 * k.cols + kv * d, k0 * v.cols + kv * d);
+    if rows <= FEW_QUERY_ROWS {
+        // Decode: the keys streamed once as dot products; the GEMM's packing of K costs more.
+        for (i, row) in scores.chunks_mut(nk).enumerate() {
+            let qrow = &q.data[(t0 + i) * q.cols + hh * d..][..d];
+            vmath::scaled_dots(qrow, &k.data[kbase..], k.cols, scale, row);
+        }
+    } else {
+        ::gemm::gemm(
+            rows, nk, d,
+            scores.as_mut_ptr(), 1, nk as isize, false,
+            q.data.as_ptr().add(t0 * q.cols + hh * d), 1, q.cols as isize,
+            k.data.as_ptr().add(kbase), k.cols as isize, 1,
+            0.0, scale, false, false, false, ::gemm::Parallelism::None,
+        );
+    }
     for (i, row) in scores.chunks_mut(nk).enumerate() {
         let t = t0 + i;
         let [(a0, a1), (b0, b1)] = attended_intervals(&spans[t], t + s.key_offset, k0, nk);
@@ -450,11 +463,24 @@ unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &
         row[b0..b1].iter_mut().for_each(|p| *p *= inv);
         row[b1.max(a1)..].fill(0.0);
     }
+    if rows <= FEW_QUERY_ROWS {
+        for (i, row) in scores.chunks(nk).enumerate() {
+            let t = t0 + i;
+            // SAFETY: row t's head-hh slice (D) of out is this call's alone (see the contract).
+            let o = std::slice::from_raw_parts_mut(out.0.add(t * h * d + hh * d), d);
+            o.fill(0.0);
+            // Only the attended intervals: the rest of the row is 0.
+            for (a, b) in attended_intervals(&spans[t], t + s.key_offset, k0, nk).into_iter().filter(|(a, b)| a < b) {
+                vmath::weighted_sum(&row[a..b], &v.data[vbase + a * v.cols..], v.cols, o);
+            }
+        }
+        return;
+    }
     ::gemm::gemm(
         rows, d, nk,
         out.0.add(t0 * h * d + hh * d), 1, (h * d) as isize, false,
         scores.as_ptr(), 1, nk as isize,
-        v.data.as_ptr().add(k0 * v.cols + kv * d), 1, v.cols as isize,
+        v.data.as_ptr().add(vbase), 1, v.cols as isize,
         0.0, 1.0, false, false, false, ::gemm::Parallelism::None,
     );
 }

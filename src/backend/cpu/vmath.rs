@@ -144,6 +144,41 @@ fn rotate_half_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// sum_i a[i] b[i] with 16 partial sums, so the loop vectorises.
+#[inline(always)]
+fn dot_one(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// out[j] = scale · q · rows[j·stride..][..q.len()] for each j: attention scores of one query
+/// row against out.len() key rows, streamed once.
+#[inline(always)]
+fn scaled_dots_body(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = scale * dot_one(q, &rows[j * stride..j * stride + q.len()]);
+    }
+}
+
+/// out += Σ_j p[j] · rows[j·stride..][..out.len()]: one query row's attention-weighted values.
+#[inline(always)]
+fn weighted_sum_body(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let d = out.len();
+    for (j, &w) in p.iter().enumerate() {
+        for (o, &v) in out.iter_mut().zip(&rows[j * stride..j * stride + d]) {
+            *o += w * v;
+        }
+    }
+}
+
 /// Each slice function: the AVX-512 copy, else the AVX2+FMA one, where the CPU has them, the
 /// baseline one otherwise.
 macro_rules! dispatch {
@@ -193,4 +228,12 @@ dispatch!(
 dispatch!(
     /// RoPE's rotation of one head (D) by per-pair cos and sin (D/2 each).
     rotate_half, rotate_half_avx2, rotate_half_avx512, rotate_half_body, (head: &mut [f32], cos: &[f32], sin: &[f32]) -> ()
+);
+dispatch!(
+    /// out[j] = scale · (q · row j of `rows`), rows `stride` apart.
+    scaled_dots, scaled_dots_avx2, scaled_dots_avx512, scaled_dots_body, (q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) -> ()
+);
+dispatch!(
+    /// out += Σ_j p[j] · row j of `rows`, rows `stride` apart.
+    weighted_sum, weighted_sum_avx2, weighted_sum_avx512, weighted_sum_body, (p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) -> ()
 );
