@@ -114,6 +114,27 @@ fn map_rows(x: &Mat, cols: usize, f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + 
     Mat { rows: x.rows, cols, data }
 }
 
+/// A (rows, cols) matrix whose row i is a copy of `row(i)` (cols values), copied in parallel
+/// blocks: a KV cache grown by a row per decode step is copied whole every step, and one
+/// thread's memcpy leaves the other core idle.
+fn gather_rows<'a>(rows: usize, cols: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Mat {
+    let len = rows * cols;
+    let mut data: Vec<f32> = Vec::with_capacity(len);
+    if len > 0 {
+        let block = ELEMWISE_CHUNK.div_ceil(cols);
+        data.spare_capacity_mut()[..len].par_chunks_mut(block * cols).enumerate().for_each(|(bi, out)| {
+            for (i, o) in out.chunks_mut(cols).enumerate() {
+                for (o, &v) in o.iter_mut().zip(row(bi * block + i)) {
+                    o.write(v);
+                }
+            }
+        });
+    }
+    // SAFETY: each of the rows' cols values was written above.
+    unsafe { data.set_len(len) };
+    Mat { rows, cols, data }
+}
+
 /// Elements per parallel work item of the elementwise ops.
 const ELEMWISE_CHUNK: usize = 1 << 14;
 
@@ -313,23 +334,17 @@ impl Backend for CpuBackend {
     }
 
     fn rows(&self, x: &Mat, rows: &[u32]) -> Result<Mat> {
-        let mut data = Vec::with_capacity(rows.len() * x.cols);
-        for &r in rows {
-            if r as usize >= x.rows {
-                return Err(shape_err("rows", format!("row {r} of {}", x.rows)));
-            }
-            data.extend_from_slice(x.row(r as usize));
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows) {
+            return Err(shape_err("rows", format!("row {r} of {}", x.rows)));
         }
-        Ok(Mat { rows: rows.len(), cols: x.cols, data })
+        Ok(gather_rows(rows.len(), x.cols, |i| x.row(rows[i] as usize)))
     }
 
     fn concat_rows(&self, a: &Mat, b: &Mat) -> Result<Mat> {
         if a.cols != b.cols {
             return Err(shape_err("concat_rows", format!("{} vs {} columns", a.cols, b.cols)));
         }
-        let mut data = a.data.clone();
-        data.extend_from_slice(&b.data);
-        Ok(Mat { rows: a.rows + b.rows, cols: a.cols, data })
+        Ok(gather_rows(a.rows + b.rows, a.cols, |i| if i < a.rows { a.row(i) } else { b.row(i - a.rows) }))
     }
 
     fn log_softmax_at(&self, logits: &Mat, targets: &[u32]) -> Result<Vec<f64>> {

@@ -364,3 +364,19 @@ fn decode_attention_over_a_long_cache_matches_reference() {
         assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
     }
 }
+
+#[test]
+fn rows_and_concat_rows_copy_in_order() {
+    // Big enough for several parallel blocks.
+    let b = CpuBackend::new();
+    let (x, y) = (mat(3000, 24, 80), mat(2, 24, 81));
+    let both = b.concat_rows(&x, &y).unwrap();
+    assert_eq!((both.rows, both.cols), (3002, 24));
+    assert_eq!(&both.data[..x.data.len()], &x.data[..]);
+    assert_eq!(both.row(3001), y.row(1));
+    let order: Vec<u32> = (0..3002).rev().collect();
+    let rev = b.rows(&both, &order).unwrap();
+    assert!((0..3002).all(|i| rev.row(i) == both.row(3001 - i)));
+    assert!(b.rows(&both, &[3002]).is_err());
+    assert!(b.concat_rows(&x, &mat(1, 5, 1)).is_err());
+}
