@@ -15,6 +15,8 @@ use crate::model::{self, LayerCache, Part, RowCtx, PartWeights};
 use crate::tensor::{DType, HostTensor};
 use thiserror::Error;
 
+pub mod gemm;
+
 #[derive(Debug, Error)]
 pub enum BenchError {
     #[error("{what}: {source}")]

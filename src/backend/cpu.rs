@@ -1,6 +1,7 @@
-//! CPU backend: the numeric reference. f32 arithmetic over weights widened to f32 at upload,
-//! GEMM by the `gemm` crate, row loops spread over cores by rayon, elementwise math by the
-//! vectorised f32 functions of `vmath` (each tested against an f64 plain-loop reference).
+//! CPU backend: the numeric reference. f32 arithmetic over weights widened to f32 at upload
+//! (matrices packed there for the own GEMM of `gemm.rs`), attention's small GEMMs by the `gemm`
+//! crate, row loops spread over cores by rayon, elementwise math by the vectorised f32
+//! functions of `vmath` (each tested against an f64 plain-loop reference).
 //!
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
 
@@ -11,7 +12,9 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
+use gemm::Kernel;
 
+mod gemm;
 mod stream;
 mod vmath;
 pub use stream::{CpuPinned, CpuSlot, CpuTransfer};
@@ -34,7 +37,51 @@ impl Mat {
 /// A weight widened to f32, with its logical shape.
 pub struct CpuWeight {
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    /// Vectors: the values. Matrices (N, K): packed for `Kernel::detect()` (gemm.rs), so that
+    /// only `linear` and `embed`'s row lookup read them.
+    data: Vec<f32>,
+}
+
+impl CpuWeight {
+    /// `values` in row-major order for `shape`; a matrix (2 dimensions) is packed here, once.
+    pub fn new(shape: Vec<usize>, values: Vec<f32>) -> CpuWeight {
+        let data = match shape[..] {
+            [n, k] => gemm::pack(Kernel::detect(), &values, n, k),
+            _ => values,
+        };
+        CpuWeight { shape, data }
+    }
+
+    fn from_host(t: &HostTensor) -> CpuWeight {
+        CpuWeight::new(t.shape.clone(), t.to_f32())
+    }
+
+    /// (N, K) of a matrix.
+    fn matrix(&self) -> Option<(usize, usize)> {
+        match self.shape[..] {
+            [n, k] => Some((n, k)),
+            _ => None,
+        }
+    }
+
+    /// Row `r` of a matrix appended to `out`.
+    fn push_row(&self, r: usize, out: &mut Vec<f32>) {
+        match self.matrix() {
+            Some((_, k)) => gemm::unpack_row(Kernel::detect(), &self.data, k, r, out),
+            None => out.push(self.data[r]),
+        }
+    }
+
+    /// The values in row-major order, whatever the layout.
+    pub fn to_rows(&self) -> Vec<f32> {
+        let rows = self.shape.first().copied().unwrap_or(1);
+        let mut out = Vec::with_capacity(self.shape.iter().product());
+        match self.matrix() {
+            Some(_) => (0..rows).for_each(|r| self.push_row(r, &mut out)),
+            None => out.extend_from_slice(&self.data),
+        }
+        out
+    }
 }
 
 #[derive(Default)]
@@ -53,61 +100,6 @@ impl CpuBackend {
     }
 }
 
-/// Rows up to which `matmul_nt` streams the weight once as dot products (decode steps):
-/// there the work is reading the weight, which the packing of a GEMM only slows down.
-const GEMV_MAX_ROWS: usize = 4;
-
-/// sum_i a[i] b[i] with independent partial sums, so the loop vectorizes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// out (T, N) = x (T, K) · w (N, K)ᵀ, plus what out already holds when `accumulate` (a bias):
-/// dot products for a few rows, the gemm crate otherwise.
-///
-/// # Safety
-/// `out` points to t·n writable floats; unless `accumulate` they may be uninitialised (every one
-/// is written, none read).
-unsafe fn matmul_nt(x: &[f32], w: &[f32], t: usize, k: usize, n: usize, out: *mut f32, accumulate: bool) {
-    if t <= GEMV_MAX_ROWS {
-        // Work over blocks of weight rows, each row read once for all T; blocks write disjoint
-        // columns of out.
-        const BLOCK: usize = 64;
-        let out = SendPtr(out);
-        (0..n.div_ceil(BLOCK)).into_par_iter().for_each(|blk| {
-            let out = out;
-            for j in blk * BLOCK..((blk + 1) * BLOCK).min(n) {
-                let wrow = &w[j * k..(j + 1) * k];
-                for r in 0..t {
-                    let o = out.0.add(r * n + j);
-                    let v = dot(&x[r * k..(r + 1) * k], wrow);
-                    *o = if accumulate { *o + v } else { v };
-                }
-            }
-        });
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    let par = if t * n * k >= 1 << 16 && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // The slices hold t*k and n*k elements, matching the strides below; dst = 1·dst + 1·x·wᵀ
-    // when accumulating, x·wᵀ otherwise.
-    gemm::gemm(
-        t, n, k,
-        out, 1, n as isize, accumulate,
-        x.as_ptr(), 1, k as isize,
-        w.as_ptr(), k as isize, 1,
-        1.0, 1.0, false, false, false, par,
-    );
-}
-
 /// A (rows, cols) matrix whose rows `f` fills from the matching rows of `x`, in parallel,
 /// without zero-filling first: f must write every element of its output row. Callers pass
 /// cols = 0 whenever x has no columns.
@@ -122,6 +114,27 @@ fn map_rows(x: &Mat, cols: usize, f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + 
     Mat { rows: x.rows, cols, data }
 }
 
+/// A (rows, cols) matrix whose row i is a copy of `row(i)` (cols values), copied in parallel
+/// blocks: a KV cache grown by a row per decode step is copied whole every step, and one
+/// thread's memcpy leaves the other core idle.
+fn gather_rows<'a>(rows: usize, cols: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Mat {
+    let len = rows * cols;
+    let mut data: Vec<f32> = Vec::with_capacity(len);
+    if len > 0 {
+        let block = ELEMWISE_CHUNK.div_ceil(cols);
+        data.spare_capacity_mut()[..len].par_chunks_mut(block * cols).enumerate().for_each(|(bi, out)| {
+            for (i, o) in out.chunks_mut(cols).enumerate() {
+                for (o, &v) in o.iter_mut().zip(row(bi * block + i)) {
+                    o.write(v);
+                }
+            }
+        });
+    }
+    // SAFETY: each of the rows' cols values was written above.
+    unsafe { data.set_len(len) };
+    Mat { rows, cols, data }
+}
+
 /// Elements per parallel work item of the elementwise ops.
 const ELEMWISE_CHUNK: usize = 1 << 14;
 
@@ -134,7 +147,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
-        Ok(CpuWeight { shape: t.shape.clone(), data: t.to_f32() })
+        Ok(CpuWeight::from_host(t))
     }
 
     type Pinned = CpuPinned;
@@ -173,43 +186,35 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<Mat> {
-        let (v, c) = (table.shape[0], table.shape[1]);
+        let (v, c) = table.matrix().ok_or_else(|| shape_err("embed", format!("table of shape {:?}", table.shape)))?;
         let mut data = Vec::with_capacity(ids.len() * c);
         for &id in ids {
             let id = id as usize;
             if id >= v {
                 return Err(shape_err("embed", format!("token id {id} outside the vocabulary of {v}")));
             }
-            data.extend_from_slice(&table.data[id * c..(id + 1) * c]);
+            table.push_row(id, &mut data);
         }
         Ok(Mat { rows: ids.len(), cols: c, data })
     }
 
     fn linear(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<Mat> {
-        let (n, k) = (w.shape[0], w.shape.get(1).copied().unwrap_or(1));
+        let (n, k) = w.matrix().ok_or_else(|| shape_err("linear", format!("weight of shape {:?}", w.shape)))?;
         if x.cols != k {
             return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
         }
         if let Some(b) = b {
-            if b.data.len() != n {
-                return Err(shape_err("linear", format!("bias of {} values for {n} outputs", b.data.len())));
+            if b.data.len() != n || b.matrix().is_some() {
+                return Err(shape_err("linear", format!("bias of shape {:?} for {n} outputs", b.shape)));
             }
         }
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, N)
-        // The bias goes in first and the product is added to it: one pass over out, no zero-fill.
-        if let Some(b) = b {
-            for _ in 0..x.rows {
-                out.extend_from_slice(&b.data);
-            }
-        }
-        if len > 0 {
-            // SAFETY: out has room for T·N values; matmul_nt writes each (adding to the bias rows
-            // when there are some), so all len are initialised before set_len.
-            unsafe {
-                matmul_nt(&x.data, &w.data, x.rows, k, n, out.as_mut_ptr(), b.is_some());
-                out.set_len(len);
-            }
+        // SAFETY: out has room for T·N values, which matmul writes (the bias is its start value),
+        // x holds T·K, w is packed (N, K) for the detected kernel, the bias N values.
+        unsafe {
+            gemm::matmul(Kernel::detect(), &x.data, x.rows, k, &w.data, n, b.map(|b| &b.data[..]), out.as_mut_ptr());
+            out.set_len(len);
         }
         Ok(Mat { rows: x.rows, cols: n, data: out })
     }
@@ -252,16 +257,17 @@ impl Backend for CpuBackend {
         let half = head_dim / 2;
         let cols = x.cols;
         x.data.par_chunks_mut(cols).zip(positions).for_each(|(row, &pos)| {
-            for (i, f) in inv_freq.iter().enumerate() {
-                let angle = pos as f32 * f;
-                let (sin, cos) = angle.sin_cos();
-                for h in 0..heads {
-                    let base = col0 + h * head_dim;
-                    let (a, b) = (row[base + i], row[base + i + half]);
-                    row[base + i] = a * cos - b * sin;
-                    row[base + i + half] = b * cos + a * sin;
+            ROPE_TABLE.with(|table| {
+                let mut table = table.borrow_mut();
+                // cos (D/2) then sin (D/2) of this position, once for all heads.
+                table.clear();
+                table.extend(inv_freq.iter().map(|f| (pos as f32 * f).cos()));
+                table.extend(inv_freq.iter().map(|f| (pos as f32 * f).sin()));
+                let (cos, sin) = table.split_at(half);
+                for head in row[col0..col0 + heads * head_dim].chunks_exact_mut(head_dim) {
+                    vmath::rotate_half(head, cos, sin);
                 }
-            }
+            });
         });
         Ok(())
     }
@@ -328,23 +334,17 @@ impl Backend for CpuBackend {
     }
 
     fn rows(&self, x: &Mat, rows: &[u32]) -> Result<Mat> {
-        let mut data = Vec::with_capacity(rows.len() * x.cols);
-        for &r in rows {
-            if r as usize >= x.rows {
-                return Err(shape_err("rows", format!("row {r} of {}", x.rows)));
-            }
-            data.extend_from_slice(x.row(r as usize));
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows) {
+            return Err(shape_err("rows", format!("row {r} of {}", x.rows)));
         }
-        Ok(Mat { rows: rows.len(), cols: x.cols, data })
+        Ok(gather_rows(rows.len(), x.cols, |i| x.row(rows[i] as usize)))
     }
 
     fn concat_rows(&self, a: &Mat, b: &Mat) -> Result<Mat> {
         if a.cols != b.cols {
             return Err(shape_err("concat_rows", format!("{} vs {} columns", a.cols, b.cols)));
         }
-        let mut data = a.data.clone();
-        data.extend_from_slice(&b.data);
-        Ok(Mat { rows: a.rows + b.rows, cols: a.cols, data })
+        Ok(gather_rows(a.rows + b.rows, a.cols, |i| if i < a.rows { a.row(i) } else { b.row(i - a.rows) }))
     }
 
     fn log_softmax_at(&self, logits: &Mat, targets: &[u32]) -> Result<Vec<f64>> {
@@ -375,10 +375,16 @@ impl Backend for CpuBackend {
     }
 }
 
+/// Query rows per block up to which attention runs as dot products and row updates (decode
+/// steps) instead of GEMMs.
+const FEW_QUERY_ROWS: usize = 4;
+
 /// Query rows per attention work item: scores for a block are (ATTN_BLOCK, keys) floats.
 const ATTN_BLOCK: usize = 64;
 
 thread_local! {
+    /// Each worker's cos and sin of one position (D), for `rope`.
+    static ROPE_TABLE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Each worker's (B, K) scores buffer, kept between blocks and calls: grown, never refilled.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -426,8 +432,8 @@ fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> [(usiz
 }
 
 /// Attention of query rows [t0, t1) of head hh: scores (B, K) = q·kᵀ over the block's key
-/// range by GEMM, softmax over each row's attended intervals (the rest set to 0 by slice),
-/// then out (B, D) = p · v by GEMM.
+/// range, softmax over each row's attended intervals (the rest set to 0 by slice), then
+/// out (B, D) = p · v; by GEMMs, or for a few rows by dot products and row updates.
 ///
 /// # Safety
 /// `out` points to (q.rows, H·D) floats, and no other caller writes rows [t0, t1) of head hh.
@@ -442,15 +448,24 @@ unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &
     if scratch.len() < rows * nk {
         scratch.resize(rows * nk, 0.0);
     }
-    let scores = &mut scratch[..rows * nk]; // (B, K), fully written by the GEMM
+    let scores = &mut scratch[..rows * nk]; // (B, K), fully written by the GEMM or the dots
     let scale = 1.0 / (d as f32).sqrt();
-    gemm::gemm(
-        rows, nk, d,
-        scores.as_mut_ptr(), 1, nk as isize, false,
-        q.data.as_ptr().add(t0 * q.cols + hh * d), 1, q.cols as isize,
-        k.data.as_ptr().add(k0 * k.cols + kv * d), k.cols as isize, 1,
-        0.0, scale, false, false, false, gemm::Parallelism::None,
-    );
+    let (kbase, vbase) = (k0 * k.cols + kv * d, k0 * v.cols + kv * d);
+    if rows <= FEW_QUERY_ROWS {
+        // Decode: the keys streamed once as dot products; the GEMM's packing of K costs more.
+        for (i, row) in scores.chunks_mut(nk).enumerate() {
+            let qrow = &q.data[(t0 + i) * q.cols + hh * d..][..d];
+            vmath::scaled_dots(qrow, &k.data[kbase..], k.cols, scale, row);
+        }
+    } else {
+        ::gemm::gemm(
+            rows, nk, d,
+            scores.as_mut_ptr(), 1, nk as isize, false,
+            q.data.as_ptr().add(t0 * q.cols + hh * d), 1, q.cols as isize,
+            k.data.as_ptr().add(kbase), k.cols as isize, 1,
+            0.0, scale, false, false, false, ::gemm::Parallelism::None,
+        );
+    }
     for (i, row) in scores.chunks_mut(nk).enumerate() {
         let t = t0 + i;
         let [(a0, a1), (b0, b1)] = attended_intervals(&spans[t], t + s.key_offset, k0, nk);
@@ -463,12 +478,25 @@ unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &
         row[b0..b1].iter_mut().for_each(|p| *p *= inv);
         row[b1.max(a1)..].fill(0.0);
     }
-    gemm::gemm(
+    if rows <= FEW_QUERY_ROWS {
+        for (i, row) in scores.chunks(nk).enumerate() {
+            let t = t0 + i;
+            // SAFETY: row t's head-hh slice (D) of out is this call's alone (see the contract).
+            let o = std::slice::from_raw_parts_mut(out.0.add(t * h * d + hh * d), d);
+            o.fill(0.0);
+            // Only the attended intervals: the rest of the row is 0.
+            for (a, b) in attended_intervals(&spans[t], t + s.key_offset, k0, nk).into_iter().filter(|(a, b)| a < b) {
+                vmath::weighted_sum(&row[a..b], &v.data[vbase + a * v.cols..], v.cols, o);
+            }
+        }
+        return;
+    }
+    ::gemm::gemm(
         rows, d, nk,
         out.0.add(t0 * h * d + hh * d), 1, (h * d) as isize, false,
         scores.as_ptr(), 1, nk as isize,
-        v.data.as_ptr().add(k0 * v.cols + kv * d), 1, v.cols as isize,
-        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+        v.data.as_ptr().add(vbase), 1, v.cols as isize,
+        0.0, 1.0, false, false, false, ::gemm::Parallelism::None,
     );
 }
 

@@ -9,8 +9,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     device: falcon_batch::backend::select::DeviceChoice,
     /// falcon-180b, falcon-40b, falcon-7b, llama-2-70b, smollm2-135m or tiny
+    #[arg(long, required_unless_present = "gemm")]
+    synthetic: Option<String>,
+    /// Instead of layers: GEMM GFLOP/s of `linear` and of the gemm crate at these shapes
+    /// (TxKxN, comma-separated), as JSON on stdout.
     #[arg(long)]
-    synthetic: String,
+    gemm: Option<String>,
     /// Layers in the streaming run (CUDA).
     #[arg(long, default_value_t = 16)]
     layers: usize,
@@ -28,9 +32,16 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
+    if let Some(shapes) = &a.gemm {
+        let shapes = falcon_batch::bench::gemm::parse_shapes(shapes)?;
+        let rows = falcon_batch::bench::gemm::run(&shapes, a.reps)?;
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(synthetic) = a.synthetic else { anyhow::bail!("--synthetic is required") };
     let opts = falcon_batch::bench::BenchOptions {
         device: a.device,
-        synthetic: a.synthetic,
+        synthetic,
         layers: a.layers,
         window: a.window,
         reps: a.reps,

@@ -15,7 +15,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// A group's weights widened to f32 once, in `pin`'s order.
+/// A group's weights widened to f32 (and matrices packed) once, in `pin`'s order: every copy
+/// of it is a plain copy.
 pub struct CpuPinned {
     tensors: Vec<CpuWeight>,
 }
@@ -128,7 +129,7 @@ fn start_copier() -> Result<Copier> {
 
 impl CpuBackend {
     pub(super) fn stream_pin(&self, tensors: &[HostTensor]) -> Result<CpuPinned> {
-        Ok(CpuPinned { tensors: tensors.iter().map(|t| CpuWeight { shape: t.shape.clone(), data: t.to_f32() }).collect() })
+        Ok(CpuPinned { tensors: tensors.iter().map(CpuWeight::from_host).collect() })
     }
 
     pub(super) fn stream_prefetch(&self, group: &Arc<CpuPinned>, slot: Option<CpuSlot>) -> Result<CpuTransfer> {
@@ -206,7 +207,7 @@ mod tests {
         let mut t1 = b.prefetch(&g1, None).expect("prefetch");
         let mut t2 = b.prefetch(&g2, None).expect("prefetch");
         let w1 = b.wait(&mut t1).expect("wait");
-        assert_eq!(w1[0].data[3], 1103.0);
+        assert_eq!(w1[0].to_rows()[3], 1103.0);
         let addr = w1[0].data.as_ptr();
         let (slot, span) = b.release(t1, w1).expect("release");
         let (start, end) = span.expect("a finished copy has a span");
@@ -217,7 +218,7 @@ mod tests {
         let mut t3 = b.prefetch(&g1, Some(slot)).expect("prefetch");
         let w3 = b.wait(&mut t3).expect("wait");
         assert_eq!(w3[0].data.as_ptr(), addr, "the slot's memory is reused");
-        assert_eq!((w3[0].data[0], w3[1].data[7]), (1100.0, 1207.0));
+        assert_eq!((w3[0].to_rows()[0], w3[1].data[7]), (1100.0, 1207.0));
         b.release(t3, w3).expect("release");
         b.release(t2, w2).expect("release");
     }

@@ -15,7 +15,7 @@ fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn weight(shape: &[usize], seed: u64) -> CpuWeight {
-    CpuWeight { shape: shape.to_vec(), data: rand_vec(shape.iter().product(), seed) }
+    CpuWeight::new(shape.to_vec(), rand_vec(shape.iter().product(), seed))
 }
 
 fn mat(rows: usize, cols: usize, seed: u64) -> Mat {
@@ -32,12 +32,13 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32) {
 /// out[t][n] = sum_k x[t][k] w[n][k] + b[n]
 fn linear_ref(x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Vec<f32> {
     let (n, k) = (w.shape[0], w.shape[1]);
+    let w = w.to_rows();
     let mut out = vec![0f32; x.rows * n];
     for t in 0..x.rows {
         for j in 0..n {
             let mut acc = 0f64;
             for i in 0..k {
-                acc += x.data[t * k + i] as f64 * w.data[j * k + i] as f64;
+                acc += x.data[t * k + i] as f64 * w[j * k + i] as f64;
             }
             out[t * n + j] = acc as f32 + b.map_or(0.0, |b| b.data[j]);
         }
@@ -343,9 +344,39 @@ fn attention_across_blocks_matches_reference() {
 #[test]
 fn linear_few_rows_path_matches_loops() {
     let b = CpuBackend::new();
-    for t in 1..=super::GEMV_MAX_ROWS + 1 {
+    for t in 1..=13 {
         let (x, w, bias) = (mat(t, 203, 31), weight(&[130, 203], 32), weight(&[130], 33));
         assert_close(&b.linear(&x, &w, None).unwrap().data, &linear_ref(&x, &w, None), 1e-5);
         assert_close(&b.linear(&x, &w, Some(&bias)).unwrap().data, &linear_ref(&x, &w, Some(&bias)), 1e-5);
     }
+}
+
+#[test]
+fn decode_attention_over_a_long_cache_matches_reference() {
+    // One and three new rows over 300 cached keys: the few-rows (dot product) path, D = 40 (not
+    // a multiple of the vector width).
+    let b = CpuBackend::new();
+    for new in [1, 3] {
+        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: 40, key_offset: 300 };
+        let spans = vec![AttnSpan::causal(0); new];
+        let (q, k, v) = (mat(new, 160, 70), mat(300 + new, 80, 71), mat(300 + new, 80, 72));
+        let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
+        assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
+    }
+}
+
+#[test]
+fn rows_and_concat_rows_copy_in_order() {
+    // Big enough for several parallel blocks.
+    let b = CpuBackend::new();
+    let (x, y) = (mat(3000, 24, 80), mat(2, 24, 81));
+    let both = b.concat_rows(&x, &y).unwrap();
+    assert_eq!((both.rows, both.cols), (3002, 24));
+    assert_eq!(&both.data[..x.data.len()], &x.data[..]);
+    assert_eq!(both.row(3001), y.row(1));
+    let order: Vec<u32> = (0..3002).rev().collect();
+    let rev = b.rows(&both, &order).unwrap();
+    assert!((0..3002).all(|i| rev.row(i) == both.row(3001 - i)));
+    assert!(b.rows(&both, &[3002]).is_err());
+    assert!(b.concat_rows(&x, &mat(1, 5, 1)).is_err());
 }

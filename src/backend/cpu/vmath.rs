@@ -1,7 +1,7 @@
-//! f32 exp, erf and GELU over slices, written as branch-free loops the compiler vectorises.
+//! f32 exp, erf, GELU and RoPE's rotation over slices, written as branch-free loops the compiler vectorises.
 //!
-//! The build targets baseline x86-64 (SSE2, no FMA), so each slice function has an AVX2+FMA
-//! copy chosen at run time: the same `#[inline(always)]` body compiled twice.
+//! The build targets baseline x86-64 (SSE2, no FMA), so each slice function has AVX2+FMA and
+//! AVX-512 copies chosen at run time: the same `#[inline(always)]` body compiled three times.
 //!
 //! Accuracy (tests in cpu/tests.rs against f64): exp ~2e-7 relative, erf ~3e-7 absolute,
 //! GELU ~3e-7·max(1, |x|): below what f32 activations carry and what HF's goldens test.
@@ -99,21 +99,28 @@ pub fn gelu_one(x: f32) -> f32 {
 
 #[inline(always)]
 fn gelu_body(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v = gelu_one(*v));
+    // A plain loop: `for_each`'s closure was outlined, compiled without the target features.
+    for v in x.iter_mut() {
+        *v = gelu_one(*v);
+    }
 }
 
 #[inline(always)]
 fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
-    gate.iter_mut().zip(up).for_each(|(g, u)| *g = *g / (1.0 + exp_one(-*g)) * u);
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + exp_one(-*g)) * u;
+    }
 }
 
-/// x[i] = e^(x[i] - shift); returns the sum (8 partial sums, so the loop vectorises).
+/// x[i] = e^(x[i] - shift); returns the sum (16 partial sums, so the loop vectorises at either
+/// vector width).
 #[inline(always)]
 fn exp_shift_sum_body(x: &mut [f32], shift: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut chunks = x.chunks_exact_mut(8);
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
-        for i in 0..8 {
+        for i in 0..LANES {
             c[i] = exp_one(c[i] - shift);
             acc[i] += c[i];
         }
@@ -126,21 +133,80 @@ fn exp_shift_sum_body(x: &mut [f32], shift: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Each slice function: the AVX2+FMA copy where the CPU has it, the baseline one otherwise.
+/// head (D) <- its rotate-half rotation: pair (i, i + D/2) turns by the angle of cos[i], sin[i].
+#[inline(always)]
+fn rotate_half_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let (a, b) = head.split_at_mut(cos.len());
+    for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+        let (x, y) = (*a, *b);
+        *a = x * c - y * s;
+        *b = y * c + x * s;
+    }
+}
+
+/// sum_i a[i] b[i] with 16 partial sums, so the loop vectorises.
+#[inline(always)]
+fn dot_one(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// out[j] = scale · q · rows[j·stride..][..q.len()] for each j: attention scores of one query
+/// row against out.len() key rows, streamed once.
+#[inline(always)]
+fn scaled_dots_body(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = scale * dot_one(q, &rows[j * stride..j * stride + q.len()]);
+    }
+}
+
+/// out += Σ_j p[j] · rows[j·stride..][..out.len()]: one query row's attention-weighted values.
+#[inline(always)]
+fn weighted_sum_body(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let d = out.len();
+    for (j, &w) in p.iter().enumerate() {
+        for (o, &v) in out.iter_mut().zip(&rows[j * stride..j * stride + d]) {
+            *o += w * v;
+        }
+    }
+}
+
+/// Each slice function: the AVX-512 copy, else the AVX2+FMA one, where the CPU has them, the
+/// baseline one otherwise.
 macro_rules! dispatch {
-    ($(#[$doc:meta])* $name:ident, $fast:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+    ($(#[$doc:meta])* $name:ident, $fast:ident, $wide:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $fast($($arg: $ty),*) -> $ret {
             $body($($arg),*)
         }
 
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn $wide($($arg: $ty),*) -> $ret {
+            $body($($arg),*)
+        }
+
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has the features the copy was compiled for.
-                return unsafe { $fast($($arg),*) };
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features the copy was compiled for.
+                    return unsafe { $wide($($arg),*) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { $fast($($arg),*) };
+                }
             }
             $body($($arg),*)
         }
@@ -149,13 +215,25 @@ macro_rules! dispatch {
 
 dispatch!(
     /// x = GELU(x) in place.
-    gelu_slice, gelu_avx2, gelu_body, (x: &mut [f32]) -> ()
+    gelu_slice, gelu_avx2, gelu_avx512, gelu_body, (x: &mut [f32]) -> ()
 );
 dispatch!(
     /// gate = SiLU(gate) · up, elementwise.
-    silu_mul_slice, silu_mul_avx2, silu_mul_body, (gate: &mut [f32], up: &[f32]) -> ()
+    silu_mul_slice, silu_mul_avx2, silu_mul_avx512, silu_mul_body, (gate: &mut [f32], up: &[f32]) -> ()
 );
 dispatch!(
     /// x = e^(x - shift) in place, returning the sum: the softmax numerators.
-    exp_shift_sum, exp_shift_sum_avx2, exp_shift_sum_body, (x: &mut [f32], shift: f32) -> f32
+    exp_shift_sum, exp_shift_sum_avx2, exp_shift_sum_avx512, exp_shift_sum_body, (x: &mut [f32], shift: f32) -> f32
+);
+dispatch!(
+    /// RoPE's rotation of one head (D) by per-pair cos and sin (D/2 each).
+    rotate_half, rotate_half_avx2, rotate_half_avx512, rotate_half_body, (head: &mut [f32], cos: &[f32], sin: &[f32]) -> ()
+);
+dispatch!(
+    /// out[j] = scale · (q · row j of `rows`), rows `stride` apart.
+    scaled_dots, scaled_dots_avx2, scaled_dots_avx512, scaled_dots_body, (q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) -> ()
+);
+dispatch!(
+    /// out += Σ_j p[j] · row j of `rows`, rows `stride` apart.
+    weighted_sum, weighted_sum_avx2, weighted_sum_avx512, weighted_sum_body, (p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) -> ()
 );

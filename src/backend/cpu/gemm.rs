@@ -1,0 +1,412 @@
+//! The `linear` GEMM: out (T, N) = x (T, K) · w (N, K)ᵀ + bias, over weights packed once into
+//! column panels, by a register-blocked micro-kernel chosen at run time (AVX-512, AVX2+FMA, or
+//! plain loops), threads splitting (row block, panel range) tasks in one fork/join.
+//!
+//! Packed layout: w's N rows cut into panels of NR rows (the last one zero-padded); a panel is
+//! (K, NR) row-major, so element (n, k) is at (n / NR)·K·NR + k·NR + n % NR and the micro-kernel
+//! reads a panel front to back. The same loop serves decode (T <= MR rows: each panel streamed
+//! once, the weight-read-bound GEMV) and prefill.
+//!
+//! Blocking: a (KC, NR) panel slice stays in L1 while every MR-row tile of an MC-row block goes
+//! past it; the (MC, KC) block of x stays in L2 across the task's panels. x is not packed: a
+//! tile reads MR rows of x at stride K, KC values each (KC·MR floats, in L1 too).
+
+use super::SendPtr;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Most depth of a K block: a (KC, 32) panel slice is 32 KiB of the 48 KiB L1, next to a
+/// tile's (12, KC) of x. Measured best of 128..384 at SmolLM2's shapes.
+const KC: usize = 256;
+/// Most rows of x per block: (MC, KC) is 480 KiB of the 2 MiB L2. Measured best of 96..2048.
+const MC: usize = 480;
+/// Below this many multiply-adds a call runs on the calling thread: forking costs more.
+const SERIAL_MACS: usize = 1 << 15;
+/// Tasks per thread: more than one so a thread slowed by another process is caught up by stealing.
+const TASKS_PER_THREAD: usize = 4;
+
+/// A micro-kernel and the panel width its packing uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// 12 rows x 32 columns in 24 zmm accumulators.
+    Avx512,
+    /// 6 rows x 16 columns in 12 ymm accumulators.
+    Avx2,
+    /// 4 rows x 16 columns, plain loops (whatever the baseline target vectorises).
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs (detected once).
+    pub fn detect() -> Kernel {
+        static KERNEL: OnceLock<Kernel> = OnceLock::new();
+        *KERNEL.get_or_init(|| *Kernel::available().first().unwrap_or(&Kernel::Portable))
+    }
+
+    /// Every kernel this CPU runs, fastest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut ks = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                ks.push(Kernel::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                ks.push(Kernel::Avx2);
+            }
+        }
+        ks.push(Kernel::Portable);
+        ks
+    }
+
+    /// Panel width: columns of out per tile.
+    pub fn nr(self) -> usize {
+        match self {
+            Kernel::Avx512 => 32,
+            Kernel::Avx2 | Kernel::Portable => 16,
+        }
+    }
+
+    /// Rows of out per tile.
+    pub fn mr(self) -> usize {
+        match self {
+            Kernel::Avx512 => 12,
+            Kernel::Avx2 => 6,
+            Kernel::Portable => 4,
+        }
+    }
+}
+
+/// Floats the packed form of an (n, k) matrix takes.
+pub fn packed_len(kernel: Kernel, n: usize, k: usize) -> usize {
+    n.div_ceil(kernel.nr()) * k * kernel.nr()
+}
+
+/// w (N, K) row-major -> panels (N / NR, K, NR), the last panel's missing rows zero; panels
+/// in parallel (a model's weights are packed once, at load, on every core).
+pub fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let nr = kernel.nr();
+    let mut out = vec![0f32; packed_len(kernel, n, k)]; // (panels, K, NR)
+    if k > 0 {
+        out.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| {
+            for (lane, row) in w[p * nr * k..].chunks_exact(k).take(nr.min(n - p * nr)).enumerate() {
+                for (kk, &v) in row.iter().enumerate() {
+                    panel[kk * nr + lane] = v;
+                }
+            }
+        });
+    }
+    out
+}
+
+/// Row `j` (K values) of the matrix that `packed` holds: the row lookup of tied embeddings.
+pub fn unpack_row(kernel: Kernel, packed: &[f32], k: usize, j: usize, out: &mut Vec<f32>) {
+    let nr = kernel.nr();
+    let base = (j / nr) * k * nr + j % nr;
+    out.extend((0..k).map(|kk| packed[base + kk * nr]));
+}
+
+/// How a tile's accumulators start.
+#[derive(Clone, Copy)]
+enum Init {
+    Zero,
+    /// The panel's NR bias values (fewer at the last panel: only `ncols` are read).
+    Bias(*const f32),
+    /// What out holds: a later K block.
+    Load,
+}
+
+/// out (T, N) = x (T, K) · wᵀ (+ bias (N,)), w packed by `pack` with the same kernel.
+///
+/// # Safety
+/// `out` points to t·n writable floats (they may be uninitialised: every one is written before
+/// any is read); `x` holds t·k values, `w` packed_len(n, k), `bias` n.
+pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: *mut f32) {
+    debug_assert!(x.len() >= t * k && w.len() >= packed_len(kernel, n, k) && bias.is_none_or(|b| b.len() >= n));
+    if t == 0 || n == 0 {
+        return;
+    }
+    let (nr, mr) = (kernel.nr(), kernel.mr());
+    let panels = n.div_ceil(nr);
+    let threads = rayon::current_num_threads();
+    let want = if t * n * k < SERIAL_MACS { 1 } else { threads * TASKS_PER_THREAD };
+    // Panels first (each task then reads only its part of w); rows as well when there are few
+    // panels, in whole MR tiles.
+    let panel_parts = panels.min(want);
+    let row_parts = want.div_ceil(panel_parts).min(t.div_ceil(mr));
+    let rows_per = t.div_ceil(row_parts).div_ceil(mr) * mr;
+    let row_parts = t.div_ceil(rows_per);
+    let out = SendPtr(out);
+    let task = |i: usize| {
+        let (rp, pp) = (i / panel_parts, i % panel_parts);
+        let (r0, r1) = (rp * rows_per, ((rp + 1) * rows_per).min(t));
+        let (p0, p1) = (pp * panels / panel_parts, (pp + 1) * panels / panel_parts);
+        // SAFETY: tasks write disjoint (rows, panels) blocks of out; the caller's contract covers
+        // the rest.
+        unsafe { block(kernel, x, k, w, n, bias, out, r0..r1, p0..p1) };
+    };
+    let tasks = row_parts * panel_parts;
+    if tasks == 1 {
+        task(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+/// The block size that cuts `len` into the fewest blocks of at most `max`, all equal but the
+/// last, rounded up to a multiple of `unit`.
+fn even_split(len: usize, max: usize, unit: usize) -> usize {
+    let blocks = len.div_ceil(max).max(1);
+    len.div_ceil(blocks).div_ceil(unit) * unit
+}
+
+/// Rows `rows` and panels `panels` of out, K block by K block.
+///
+/// # Safety
+/// As `matmul`, and no one else writes this block of out meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(kernel: Kernel, x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: SendPtr, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+    let (nr, mr) = (kernel.nr(), kernel.mr());
+    // Blocks of equal size (rows in whole tiles): 576 = 3 x 192, not 256 + 256 + 64.
+    let mc = even_split(rows.len(), MC, mr);
+    let kc_max = even_split(k, KC, 1).max(1);
+    for m0 in rows.clone().step_by(mc) {
+        let m1 = (m0 + mc).min(rows.end);
+        for k0 in (0..k.max(1)).step_by(kc_max) {
+            let kc = kc_max.min(k - k0);
+            for p in panels.clone() {
+                let ncols = nr.min(n - p * nr);
+                let b = w.as_ptr().add(p * k * nr + k0 * nr);
+                let init = match (k0, bias) {
+                    (0, Some(bias)) => Init::Bias(bias.as_ptr().add(p * nr)),
+                    (0, None) => Init::Zero,
+                    _ => Init::Load,
+                };
+                for i0 in (m0..m1).step_by(mr) {
+                    let tile = Tile { kc, a: x.as_ptr().add(i0 * k + k0), lda: k, b, c: out.0.add(i0 * n + p * nr), ldc: n, ncols, init };
+                    tile.run(kernel, mr.min(m1 - i0));
+                }
+            }
+        }
+    }
+}
+
+/// One (rows, ncols) tile of out over one K block: out[i][j] (=|+=) Σ_p a[i·lda + p]·b[p·NR + j].
+struct Tile {
+    kc: usize,
+    /// x at the tile's first row and the block's first column.
+    a: *const f32,
+    lda: usize,
+    /// The panel at the block's first K row: (kc, NR).
+    b: *const f32,
+    /// out at the tile's first row and the panel's first column.
+    c: *mut f32,
+    ldc: usize,
+    /// Valid columns of the panel (NR except at the last one).
+    ncols: usize,
+    init: Init,
+}
+
+/// Calls `$f::<R>($tile)` for R = `$rows`, one of the listed literals.
+macro_rules! by_rows {
+    ($f:ident, $rows:expr, $tile:expr, $($r:literal)*) => {
+        match $rows {
+            $($r => $f::<$r>($tile),)*
+            _ => unreachable!("tile rows are at most the kernel's MR"),
+        }
+    };
+}
+
+impl Tile {
+    /// # Safety
+    /// The pointers cover `rows` x `ncols` of out, `rows` x kc of x, kc x NR of the panel, and
+    /// `kernel` runs on this CPU.
+    unsafe fn run(&self, kernel: Kernel, rows: usize) {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => by_rows!(tile_avx512, rows, self, 1 2 3 4 5 6 7 8 9 10 11 12),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => by_rows!(tile_avx2, rows, self, 1 2 3 4 5 6),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx512 | Kernel::Avx2 => unreachable!("x86 kernels are never detected elsewhere"),
+            Kernel::Portable => by_rows!(tile_portable, rows, self, 1 2 3 4),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512<const R: usize>(t: &Tile) {
+    use std::arch::x86_64::*;
+    let m = if t.ncols >= 32 { u32::MAX } else { (1u32 << t.ncols) - 1 };
+    let (m0, m1) = (m as u16, (m >> 16) as u16);
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    match t.init {
+        Init::Zero => {}
+        Init::Bias(p) => {
+            let v = [_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16))];
+            acc = [v; R];
+        }
+        Init::Load => {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let c = t.c.add(i * t.ldc);
+                *a = [_mm512_maskz_loadu_ps(m0, c), _mm512_maskz_loadu_ps(m1, c.wrapping_add(16))];
+            }
+        }
+    }
+    for p in 0..t.kc {
+        let b = t.b.add(p * 32);
+        let (b0, b1) = (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16)));
+        for (i, a) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(*t.a.add(i * t.lda + p));
+            a[0] = _mm512_fmadd_ps(x, b0, a[0]);
+            a[1] = _mm512_fmadd_ps(x, b1, a[1]);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let c = t.c.add(i * t.ldc);
+        _mm512_mask_storeu_ps(c, m0, a[0]);
+        _mm512_mask_storeu_ps(c.wrapping_add(16), m1, a[1]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const R: usize>(t: &Tile) {
+    use std::arch::x86_64::*;
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let n = t.ncols as i32;
+    let (m0, m1) = (_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes), _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8), lanes));
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    match t.init {
+        Init::Zero => {}
+        Init::Bias(p) => {
+            let v = [_mm256_maskload_ps(p, m0), _mm256_maskload_ps(p.wrapping_add(8), m1)];
+            acc = [v; R];
+        }
+        Init::Load => {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let c = t.c.add(i * t.ldc);
+                *a = [_mm256_maskload_ps(c, m0), _mm256_maskload_ps(c.wrapping_add(8), m1)];
+            }
+        }
+    }
+    for p in 0..t.kc {
+        let b = t.b.add(p * 16);
+        let (b0, b1) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
+        for (i, a) in acc.iter_mut().enumerate() {
+            let x = _mm256_set1_ps(*t.a.add(i * t.lda + p));
+            a[0] = _mm256_fmadd_ps(x, b0, a[0]);
+            a[1] = _mm256_fmadd_ps(x, b1, a[1]);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let c = t.c.add(i * t.ldc);
+        _mm256_maskstore_ps(c, m0, a[0]);
+        _mm256_maskstore_ps(c.wrapping_add(8), m1, a[1]);
+    }
+}
+
+unsafe fn tile_portable<const R: usize>(t: &Tile) {
+    const NR: usize = 16;
+    let mut acc = [[0f32; NR]; R];
+    match t.init {
+        Init::Zero => {}
+        Init::Bias(p) => {
+            for a in acc.iter_mut() {
+                a[..t.ncols].copy_from_slice(std::slice::from_raw_parts(p, t.ncols));
+            }
+        }
+        Init::Load => {
+            for (i, a) in acc.iter_mut().enumerate() {
+                a[..t.ncols].copy_from_slice(std::slice::from_raw_parts(t.c.add(i * t.ldc), t.ncols));
+            }
+        }
+    }
+    for p in 0..t.kc {
+        let b = std::slice::from_raw_parts(t.b.add(p * NR), NR);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let x = *t.a.add(i * t.lda + p);
+            for (o, &w) in a.iter_mut().zip(b) {
+                *o += x * w;
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        std::slice::from_raw_parts_mut(t.c.add(i * t.ldc), t.ncols).copy_from_slice(&a[..t.ncols]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// out[t][j] = Σ_k x[t][k]·w[j][k] + b[j], in f64.
+    fn reference(x: &[f32], w: &[f32], b: Option<&[f32]>, t: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; t * n];
+        for r in 0..t {
+            for j in 0..n {
+                let mut acc = 0f64;
+                for i in 0..k {
+                    acc += x[r * k + i] as f64 * w[j * k + i] as f64;
+                }
+                out[r * n + j] = (acc + b.map_or(0.0, |b| b[j] as f64)) as f32;
+            }
+        }
+        out
+    }
+
+    fn run(kernel: Kernel, x: &[f32], w: &[f32], b: Option<&[f32]>, t: usize, k: usize, n: usize) -> Vec<f32> {
+        let packed = pack(kernel, w, n, k);
+        let mut out = vec![f32::NAN; t * n];
+        // SAFETY: out holds t·n floats, x t·k, packed its packed_len, b n.
+        unsafe { matmul(kernel, x, t, k, &packed, n, b, out.as_mut_ptr()) };
+        out
+    }
+
+    #[test]
+    fn every_kernel_matches_the_triple_loop_on_awkward_shapes() {
+        // T: one row, fewer than MR, more than MC; K: under, across and not a multiple of KC;
+        // N: odd, under one panel, a partial last panel.
+        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (13, 385, 97), (513, 77, 65), (4, 1, 40), (2, 600, 1)];
+        for kernel in Kernel::available() {
+            for (si, &(t, k, n)) in shapes.iter().enumerate() {
+                let (x, w, b) = (values(t * k, si as u64), values(n * k, 100 + si as u64), values(n, 200 + si as u64));
+                for bias in [None, Some(&b[..])] {
+                    let got = run(kernel, &x, &w, bias, t, k, n);
+                    let want = reference(&x, &w, bias, t, k, n);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - e).abs() <= 2e-6 * (k as f32).sqrt() * (1.0 + e.abs()), "{kernel:?} {t}x{k}x{n} bias {} at {i}: {g} vs {e}", bias.is_some());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packing_keeps_every_row_readable() {
+        for kernel in Kernel::available() {
+            let (n, k) = (37, 11);
+            let w = values(n * k, 7);
+            let packed = pack(kernel, &w, n, k);
+            assert_eq!(packed.len(), packed_len(kernel, n, k));
+            for j in 0..n {
+                let mut row = vec![];
+                unpack_row(kernel, &packed, k, j, &mut row);
+                assert_eq!(row, &w[j * k..(j + 1) * k]);
+            }
+        }
+    }
+}
