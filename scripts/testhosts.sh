@@ -177,8 +177,10 @@ rsh_agent() {
 mpirun_args() {
     [[ -f $STATE/hostfile ]] || die "no hosts with prefix '$PREFIX' (run '$0 up N' first)"
     # TCP only, on the test subnet; daemons launched one by one through the agent; the
-    # daemons' own links probed every few seconds so a cut one is noticed.
-    echo "--hostfile $STATE/hostfile --mca plm_rsh_agent $STATE/rsh-agent --mca plm_rsh_no_tree_spawn 1" \
+    # daemons' own links probed every few seconds so a cut one is noticed. No binding: Open
+    # MPI binds each rank to one core when -np <= 2, and every test host reports the same
+    # cores, so one rank per host would put all ranks (and all their threads) on CPU 0.
+    echo "--bind-to none --hostfile $STATE/hostfile --mca plm_rsh_agent $STATE/rsh-agent --mca plm_rsh_no_tree_spawn 1" \
         "--mca btl tcp,self --mca btl_tcp_if_include $SUBNET.0/24 --mca oob_tcp_if_include $SUBNET.0/24" \
         "--mca oob_tcp_keepalive_time 4 --mca oob_tcp_keepalive_intvl 2 --mca oob_tcp_keepalive_probes 3"
 }

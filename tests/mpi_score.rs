@@ -221,3 +221,25 @@ fn one_trace_per_job_with_a_track_per_rank_and_the_planners_wave() {
     let stray: Vec<_> = std::fs::read_dir(tmp()).unwrap().flatten().filter(|f| f.file_name().to_string_lossy().contains(".rank")).collect();
     assert!(stray.is_empty(), "per-rank trace files were written: {stray:?}");
 }
+
+/// Open MPI binds each rank to one core when -np <= 2: a CPU rank left fewer CPUs than its
+/// share of the node says so at start and names the fix; an unbound one says nothing.
+#[test]
+fn a_rank_bound_to_fewer_cpus_than_its_share_says_so() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: this machine has one CPU, so no binding leaves a rank short");
+        return;
+    }
+    let (model, docs) = inputs();
+    for (bind, warns) in [("core", true), ("none", false)] {
+        let out = tmp().join(format!("bind-{bind}.h5"));
+        let mut c = mpirun(1, &[]);
+        c.args(["--bind-to", bind]).arg(bin()).args(["score", "--device", "cpu", "--quiet"]);
+        c.arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(&out);
+        let o = run_limited(&c, LIMIT);
+        // The corpus holds one broken line: exit code 3 (done, with failed documents).
+        assert!(!o.timed_out && o.code() == Some(3), "--bind-to {bind}: {}", o.text());
+        let said = o.stderr.contains("this rank may run only on CPU") && o.stderr.contains("--bind-to none");
+        assert_eq!(said, warns, "--bind-to {bind}: {}", o.stderr);
+    }
+}

@@ -87,6 +87,8 @@ fn scores_and_generation_over_2_to_4_hosts_equal_one_process() {
         let r = run_limited(&hosts.mpirun(np, n_hosts, &ENV, bin(), &args), LIMIT);
         let what = format!("-np {np} over {n_hosts} hosts");
         assert_eq!(r.code(), Some(0), "{what}: {}", r.text());
+        // Each host reports the same cores: the harness must not bind every rank to core 0.
+        assert!(!r.stderr.contains("may run only on CPU"), "{what}: ranks bound by mpirun: {}", r.stderr);
         assert_same_results(want, &read_results(&out).expect("read results"), 1e-6, &what);
         eprintln!("{what}: same scores, {:.1} s", r.took.as_secs_f64());
     }

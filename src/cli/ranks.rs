@@ -110,7 +110,11 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
         None => {
             // One pool per rank sized from the ranks on this node; an error means the pool was
             // built already (a second job in one process), which then keeps its size.
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(cpu_threads_per_rank()).build_global();
+            let share = cpu_threads_per_rank();
+            if let Some(w) = &share.warning {
+                eprintln!("falcon-batch: rank {}: {w}", cluster.rank);
+            }
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(share.threads).build_global();
             let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank), held_weight_bytes: Some(4) };
             run_job(cluster, CpuBackend::new(), info, job)
         }
