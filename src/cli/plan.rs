@@ -3,7 +3,7 @@
 //! file, prints the plan and the simulation, writes the trace.
 
 use falcon_batch::config::ModelConfig;
-use falcon_batch::schedule::cost::{CostModel, LayerCost, MeasuredCosts, WireDtype, Workload, DEFAULT_EFFICIENCY};
+use falcon_batch::schedule::cost::{CostModel, LayerCost, MeasuredCosts, WireDtype, Workload, DEFAULT_EFFICIENCY, TCP_PAYLOAD_SHARE};
 use falcon_batch::schedule::simulate::{simulate_traced, SimReport};
 use falcon_batch::schedule::tune::{tune, Candidate};
 use falcon_batch::schedule::{gb, presets, ModelShape, RankCaps, Schedule, ScheduleOptions};
@@ -225,9 +225,10 @@ fn cost_model(args: &PlanArgs, shape: &ModelShape) -> Result<(CostModel, String)
     let wire = wire_dtype(args, shape);
     cost.wire_bytes = wire.bytes();
     let line = format!(
-        "{source}; h2d {:.1} GB/s; net {:.3} GB/s, latency {:.0} us; activations sent as {}",
+        "{source}; h2d {:.1} GB/s; net {:.3} GB/s ({:.3} GB/s of TCP payload), latency {:.0} us; activations sent as {}",
         h2d / 1e9,
         net / 1e9,
+        net * TCP_PAYLOAD_SHARE / 1e9,
         latency * 1e6,
         wire.name()
     );

@@ -102,11 +102,18 @@ pub struct CostModel {
     /// LM head seconds per scored position (it runs only where a log-prob is needed).
     pub head_row_s: f64,
     pub h2d_bytes_per_s: f64,
+    /// The link's rate, framing included (see TCP_PAYLOAD_SHARE).
     pub net_bytes_per_s: f64,
     pub net_latency_s: f64,
     /// Bytes per hidden value on the wire: 4 sends the f32 activations as they are.
     pub wire_bytes: usize,
 }
+
+/// Share of an Ethernet link's rate that a TCP stream's payload gets: of each 1538 bytes a
+/// full frame takes on the wire (1500 MTU + Ethernet header, FCS, preamble and gap), 1448 are
+/// payload (IP and TCP headers with timestamps take 52): the familiar 941 Mbit/s on 1 GbE.
+/// Rates given to the planner (`--net`, a cost file's `net_bytes_per_s`) are link rates.
+pub const TCP_PAYLOAD_SHARE: f64 = 1448.0 / 1538.0;
 
 /// Fraction of peak the FLOP-derived cost model assumes large GEMMs reach.
 pub const DEFAULT_EFFICIENCY: f64 = 0.5;

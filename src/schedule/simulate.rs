@@ -5,7 +5,7 @@
 //! starts when the link is free. Long runs are periodic after the ring fills, so only the
 //! first waves are simulated and the rest extrapolated from their steady rate.
 
-use super::cost::{CostError, CostModel, Workload};
+use super::cost::{CostError, CostModel, Workload, TCP_PAYLOAD_SHARE};
 use super::{Schedule, Step};
 use crate::trace::{Trace, Track};
 use serde::Serialize;
@@ -290,10 +290,11 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Seconds one hop of `tokens` hidden rows takes on an idle link.
+    /// Seconds one hop of `tokens` hidden rows takes on an idle link: the link's rate counts
+    /// the TCP/IP and Ethernet framing too, of which the activations get TCP_PAYLOAD_SHARE.
     fn hop_seconds(&self, tokens: usize) -> f64 {
         let bytes = (tokens * self.s.shape.hidden * self.cost.wire_bytes) as f64;
-        self.cost.net_latency_s + bytes / self.cost.net_bytes_per_s
+        self.cost.net_latency_s + bytes / (self.cost.net_bytes_per_s * TCP_PAYLOAD_SHARE)
     }
 
     fn send(&mut self, from: usize, to: usize, ready: f64, tokens: usize, label: Option<(usize, usize, usize)>, trace: &mut Trace) {
