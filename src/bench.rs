@@ -340,7 +340,7 @@ fn time_copy<B: Backend>(b: &B, group: &Arc<B::Pinned>, n_tensors: usize) -> Res
     for _ in 0..3 {
         b.sync()?;
         let t0 = Instant::now();
-        let mut t = b.prefetch(group, slot.take())?;
+        let mut t = b.prefetch(group.clone(), slot.take())?;
         let w = b.wait(&mut t)?;
         b.sync()?; // the compute stream has waited for the copy
         best = best.min(t0.elapsed().as_secs_f64());

@@ -267,7 +267,7 @@ fn pinned_prefetch_matches_direct_upload() {
     let table = host(&[30, 64], 50, -1.0, 1.0);
     let tensors = vec![table.to_dtype(DType::Bf16), host(&[64], 51, -1.0, 1.0), table.to_dtype(DType::F16)];
     let group = Arc::new(g.pin(&tensors).unwrap());
-    let mut t = g.prefetch(&group, None).unwrap();
+    let mut t = g.prefetch(group.clone(), None).unwrap();
     let w = g.wait(&mut t).unwrap();
     assert!(g.wait(&mut t).is_err(), "a second wait is refused");
     assert_eq!(w.len(), 3);
@@ -282,7 +282,7 @@ fn pinned_prefetch_matches_direct_upload() {
     assert!(span.is_some(), "a finished copy has a host-clock span");
     let other = host(&[30, 64], 52, -1.0, 1.0);
     let group2 = Arc::new(g.pin(&[other.to_dtype(DType::Bf16), host(&[64], 53, -1.0, 1.0), other.to_dtype(DType::F16)]).unwrap());
-    let mut t2 = g.prefetch(&group2, Some(slot)).unwrap();
+    let mut t2 = g.prefetch(group2, Some(slot)).unwrap();
     let w2 = g.wait(&mut t2).unwrap();
     let want2 = g.download(&g.embed(&g.upload_weight(&other).unwrap(), &ids).unwrap()).unwrap();
     assert_close("reused slot", &g.download(&g.embed(&w2[0], &ids).unwrap()).unwrap(), &want2, 0.0);

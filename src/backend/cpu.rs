@@ -7,7 +7,7 @@
 
 use super::{AttnShape, Backend, BackendError, CopySpan, Result};
 use crate::token_tree::AttnSpan;
-use crate::tensor::HostTensor;
+use crate::tensor::{DType, HostTensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -53,6 +53,13 @@ impl CpuWeight {
     }
 
     fn from_host(t: &HostTensor) -> CpuWeight {
+        // An f32 matrix is packed straight from the file's bytes: no widened copy between.
+        #[cfg(target_endian = "little")]
+        if let ([n, k], DType::F32) = (&t.shape[..], t.dtype) {
+            if let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(&t.data) {
+                return CpuWeight { shape: t.shape.clone(), data: gemm::pack(Kernel::detect(), values, *n, *k) };
+            }
+        }
         CpuWeight::new(t.shape.clone(), t.to_f32())
     }
 
@@ -158,7 +165,7 @@ impl Backend for CpuBackend {
         self.stream_pin(tensors)
     }
 
-    fn prefetch(&self, group: &Arc<CpuPinned>, slot: Option<CpuSlot>) -> Result<CpuTransfer> {
+    fn prefetch(&self, group: Arc<CpuPinned>, slot: Option<CpuSlot>) -> Result<CpuTransfer> {
         self.stream_prefetch(group, slot)
     }
 

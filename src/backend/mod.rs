@@ -60,8 +60,10 @@ pub trait Backend: Send + Sync {
     /// memory once per group.
     fn pin(&self, tensors: &[HostTensor]) -> Result<Self::Pinned>;
     /// Starts copying `group` into `slot` (None: fresh memory) off the compute path (the
-    /// CPU's copy thread, CUDA's copy stream) and returns at once.
-    fn prefetch(&self, group: &Arc<Self::Pinned>, slot: Option<Self::Slot>) -> Result<Self::Transfer>;
+    /// CPU's copy thread, CUDA's copy stream) and returns at once. A caller that will not
+    /// copy the group again hands over its last reference: the CPU then moves the group into
+    /// the slot instead of copying it (CUDA copies either way).
+    fn prefetch(&self, group: Arc<Self::Pinned>, slot: Option<Self::Slot>) -> Result<Self::Transfer>;
     /// Called where compute reaches the group: orders what follows after the copy (the CPU
     /// blocks until its copy thread is done; CUDA's compute stream waits on the copy's
     /// event, the host does not) and hands over the weights, in `pin`'s order. A second

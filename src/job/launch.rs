@@ -6,11 +6,14 @@ use super::JobError;
 use crate::backend::Backend;
 use crate::format::model_dir::ModelDir;
 use crate::model::Part;
+use crate::tensor::HostTensor;
 use crate::pipeline::{read_rank_groups, Cluster, Identity, Worker};
 use crate::schedule::cost::WireDtype;
 use crate::schedule::{ModelShape, RankCaps, Schedule, ScheduleOptions};
 use crate::trace::Trace;
+use rayon::prelude::*;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -59,7 +62,14 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
     let parts: Vec<Part> = schedule.rank_groups[cluster.rank].iter().flat_map(|&g| schedule.groups[g].parts()).collect();
     let dir = ModelDir::open_for(&opts.model, &parts)?;
     let started = std::time::Instant::now();
-    let host = read_rank_groups(&schedule, cluster.rank, |p| dir.read_part(p))?;
+    // Parts are read (copied out of the map and hashed) on the rank's threads at once, then
+    // handed to the groups in execution order.
+    let mut read: HashMap<Part, Vec<(String, HostTensor)>> =
+        parts.par_iter().map(|&p| dir.read_part(p).map(|t| (p, t))).collect::<Result<_, _>>()?;
+    let host = read_rank_groups(&schedule, cluster.rank, |p| match read.remove(&p) {
+        Some(tensors) => Ok(tensors),
+        None => dir.read_part(p), // a part two groups share
+    })?;
     let bytes: u64 = parts.iter().filter_map(|&p| dir.manifest().part(p)).map(|e| e.bytes).sum();
     let checked = if dir.manifest().has_fast_hashes() { "content hashes checked" } else { "not checked: no fast hashes" };
     eprintln!(

@@ -50,7 +50,8 @@ pub struct WeightWindow<B: Backend> {
     backend: Arc<B>,
     /// Per group, its tensors' names in pinned order.
     names: Vec<GroupTensorNames>,
-    /// The rank's groups, pinned once. Dropped after its copy when every group stays resident.
+    /// The rank's groups, pinned once. When every group stays resident, each is handed to its
+    /// one copy instead (and so dropped, or moved into its slot).
     pinned: Vec<Option<Arc<B::Pinned>>>,
     resident: usize,
     /// Groups in slots: (index into the rank's groups, state).
@@ -93,10 +94,11 @@ impl<B: Backend> WeightWindow<B> {
 
     /// Starts copying group `idx` into a free slot.
     fn start(&mut self, idx: usize) -> Result<(), ModelError> {
-        let group = self.pinned[idx]
-            .as_ref()
-            .ok_or_else(|| ModelError::Unsupported(format!("group {idx} was dropped from host memory as always resident, yet it is needed again")))?;
-        let transfer = self.backend.prefetch(group, self.free.pop())?;
+        let missing = || ModelError::Unsupported(format!("group {idx} was dropped from host memory as always resident, yet it is needed again"));
+        // A group that stays resident for good is never copied again: hand over the host
+        // copy itself (the CPU then moves it instead of copying).
+        let group = if self.slots() == self.names.len() { self.pinned[idx].take() } else { self.pinned[idx].clone() };
+        let transfer = self.backend.prefetch(group.ok_or_else(missing)?, self.free.pop())?;
         self.held.push((idx, Held::Loading(transfer)));
         Ok(())
     }
@@ -153,9 +155,6 @@ impl<B: Backend> WeightWindow<B> {
             let weights = self.backend.wait(&mut t)?;
             let group = DeviceGroup::from_weights(&self.names[g], weights)?;
             self.held.push((g, Held::Ready(t, group)));
-            if self.slots() == k {
-                self.pinned[g] = None; // stays resident for good: no second copy
-            }
         }
         let waited = started.elapsed();
         match self.held.iter().find(|(i, _)| *i == idx) {

@@ -66,7 +66,8 @@ pub struct CpuTransfer {
 }
 
 struct Job {
-    group: Arc<CpuPinned>,
+    /// Taken by the copy thread.
+    group: Option<Arc<CpuPinned>>,
     slot: CpuSlot,
     event: Arc<CopyEvent>,
 }
@@ -119,7 +120,13 @@ fn start_copier() -> Result<Copier> {
         .spawn(move || {
             for mut job in rx {
                 let start = Instant::now();
-                let weights = copy_into(&job.group, std::mem::take(&mut job.slot));
+                let slot = std::mem::take(&mut job.slot);
+                let weights = match job.group.take().map(Arc::try_unwrap) {
+                    // Nobody will copy this group again: its memory becomes the slot's.
+                    Some(Ok(group)) => group.tensors,
+                    Some(Err(shared)) => copy_into(&shared, slot),
+                    None => vec![],
+                };
                 job.event.complete(Ok(weights), (start, Instant::now()));
             }
         })
@@ -132,14 +139,14 @@ impl CpuBackend {
         Ok(CpuPinned { tensors: tensors.iter().map(CpuWeight::from_host).collect() })
     }
 
-    pub(super) fn stream_prefetch(&self, group: &Arc<CpuPinned>, slot: Option<CpuSlot>) -> Result<CpuTransfer> {
+    pub(super) fn stream_prefetch(&self, group: Arc<CpuPinned>, slot: Option<CpuSlot>) -> Result<CpuTransfer> {
         let event = Arc::new(CopyEvent { state: Mutex::new(EventState::Pending), cv: Condvar::new() });
         let mut copier = self.copier.lock().unwrap_or_else(|e| e.into_inner());
         if copier.is_none() {
             *copier = Some(start_copier()?);
         }
         let jobs = copier.as_ref().and_then(|c| c.jobs.as_ref()).ok_or_else(|| BackendError::Streaming("the copy thread is stopped".into()))?;
-        let job = Job { group: group.clone(), slot: slot.unwrap_or_default(), event: event.clone() };
+        let job = Job { group: Some(group), slot: slot.unwrap_or_default(), event: event.clone() };
         jobs.send(job).map_err(|_| BackendError::Streaming("the copy thread died".into()))?;
         Ok(CpuTransfer { event, handed: None })
     }
@@ -204,8 +211,8 @@ mod tests {
     fn copies_arrive_in_order_and_reuse_slot_memory() {
         let b = CpuBackend::new();
         let (g1, g2) = (group(&b, 1.0), group(&b, 2.0));
-        let mut t1 = b.prefetch(&g1, None).expect("prefetch");
-        let mut t2 = b.prefetch(&g2, None).expect("prefetch");
+        let mut t1 = b.prefetch(g1.clone(), None).expect("prefetch");
+        let mut t2 = b.prefetch(g2.clone(), None).expect("prefetch");
         let w1 = b.wait(&mut t1).expect("wait");
         assert_eq!(w1[0].to_rows()[3], 1103.0);
         let addr = w1[0].data.as_ptr();
@@ -215,7 +222,7 @@ mod tests {
         let w2 = b.wait(&mut t2).expect("wait");
         assert_eq!(w2[1].data[0], 2200.0);
         // Group 1 again, into the slot group 1 just left: same memory, group 1's values.
-        let mut t3 = b.prefetch(&g1, Some(slot)).expect("prefetch");
+        let mut t3 = b.prefetch(g1.clone(), Some(slot)).expect("prefetch");
         let w3 = b.wait(&mut t3).expect("wait");
         assert_eq!(w3[0].data.as_ptr(), addr, "the slot's memory is reused");
         assert_eq!((w3[0].to_rows()[0], w3[1].data[7]), (1100.0, 1207.0));
@@ -223,12 +230,30 @@ mod tests {
         b.release(t2, w2).expect("release");
     }
 
+    /// A group handed over by its last holder is moved into the slot, not copied; one still
+    /// held elsewhere is copied.
+    #[test]
+    fn a_group_nobody_keeps_is_moved_not_copied() {
+        let b = CpuBackend::new();
+        let g = group(&b, 3.0);
+        let addr = g.tensors[0].data.as_ptr();
+        let mut kept = b.prefetch(g.clone(), None).expect("prefetch");
+        let w = b.wait(&mut kept).expect("wait");
+        assert_ne!(w[0].data.as_ptr(), addr, "a group still held elsewhere is copied");
+        b.release(kept, w).expect("release");
+        let mut moved = b.prefetch(g, None).expect("prefetch");
+        let w = b.wait(&mut moved).expect("wait");
+        assert_eq!(w[0].data.as_ptr(), addr, "the last reference's memory becomes the slot's");
+        assert_eq!(w[0].to_rows()[3], 3103.0);
+        b.release(moved, w).expect("release");
+    }
+
     /// Every way to hand a slot back while its weights may still be read or written is refused.
     #[test]
     fn ordering_faults_are_refused() {
         let b = CpuBackend::new();
         let (g1, g2) = (group(&b, 1.0), group(&b, 2.0));
-        let (mut t1, mut t2) = (b.prefetch(&g1, None).expect("prefetch"), b.prefetch(&g2, None).expect("prefetch"));
+        let (mut t1, mut t2) = (b.prefetch(g1.clone(), None).expect("prefetch"), b.prefetch(g2.clone(), None).expect("prefetch"));
         let (w1, w2) = (b.wait(&mut t1).expect("wait"), b.wait(&mut t2).expect("wait"));
         // A second wait would hand the same memory out twice.
         assert!(refused(b.wait(&mut t1)));
@@ -239,7 +264,7 @@ mod tests {
         w1.pop();
         assert!(refused(b.release(t2, w1)));
         // Release before wait: the copy thread may still be writing.
-        let t3 = b.prefetch(&g1, None).expect("prefetch");
+        let t3 = b.prefetch(g1.clone(), None).expect("prefetch");
         assert!(refused(b.release(t3, vec![])));
     }
 }

@@ -129,8 +129,8 @@ impl Backend for CudaBackend {
         self.stream_pin(tensors)
     }
 
-    fn prefetch(&self, group: &Arc<PinnedGroup>, slot: Option<CudaSlot>) -> Result<CudaTransfer> {
-        self.stream_prefetch(group, slot)
+    fn prefetch(&self, group: Arc<PinnedGroup>, slot: Option<CudaSlot>) -> Result<CudaTransfer> {
+        self.stream_prefetch(&group, slot)
     }
 
     fn wait(&self, transfer: &mut CudaTransfer) -> Result<Vec<CudaWeight>> {
