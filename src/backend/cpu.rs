@@ -354,6 +354,15 @@ impl Backend for CpuBackend {
         Ok(gather_rows(a.rows + b.rows, a.cols, |i| if i < a.rows { a.row(i) } else { b.row(i - a.rows) }))
     }
 
+    fn append_rows(&self, cache: &mut Mat, new: &Mat) -> Result<()> {
+        if cache.cols != new.cols {
+            return Err(shape_err("append_rows", format!("{} vs {} columns", cache.cols, new.cols)));
+        }
+        cache.data.extend_from_slice(&new.data);
+        cache.rows += new.rows;
+        Ok(())
+    }
+
     fn log_softmax_at(&self, logits: &Mat, targets: &[u32]) -> Result<Vec<f64>> {
         if targets.len() != logits.rows {
             return Err(shape_err("log_softmax_at", format!("{} targets for {} rows", targets.len(), logits.rows)));

@@ -132,6 +132,14 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// cache <- cache stacked on top of new: a generation cache growing by a step's rows.
+    /// Backends whose matrices can grow in place override it (the CPU: amortised, no copy of
+    /// the rows already there); the default is `concat_rows`.
+    fn append_rows(&self, cache: &mut Self::Act, new: &Self::Act) -> Result<()> {
+        *cache = self.concat_rows(cache, new)?;
+        Ok(())
+    }
+
     /// A synthetic weight of `shape`, uniform in [lo, hi) from a hash of (seed, index),
     /// values rounded to bf16: every backend makes the same values (`uniform_bf16`).
     /// Backends override this to make them where they live (no host traffic).

@@ -202,10 +202,11 @@ pub(crate) fn attention_block<B: Backend>(
         return Ok(b.linear(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"))?);
     };
     let mut key_offset = 0;
-    if let (Some(ck), Some(cv)) = (&cache.k, &cache.v) {
-        key_offset = b.dims(ck).0;
-        k = b.concat_rows(ck, &k)?; // (S, KV D)
-        v = b.concat_rows(cv, &v)?;
+    if let (Some(mut ck), Some(mut cv)) = (cache.k.take(), cache.v.take()) {
+        key_offset = b.dims(&ck).0;
+        b.append_rows(&mut ck, &k)?; // (S, KV D)
+        b.append_rows(&mut cv, &v)?;
+        (k, v) = (ck, cv);
     }
     let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
     let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)

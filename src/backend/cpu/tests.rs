@@ -380,3 +380,18 @@ fn rows_and_concat_rows_copy_in_order() {
     assert!(b.rows(&both, &[3002]).is_err());
     assert!(b.concat_rows(&x, &mat(1, 5, 1)).is_err());
 }
+
+#[test]
+fn append_rows_grows_in_place_to_what_concat_rows_makes() {
+    let b = CpuBackend::new();
+    let mut cache = mat(5, 24, 82);
+    let mut want = mat(5, 24, 82);
+    for step in 0..40u64 {
+        let new = mat(1 + (step % 3) as usize, 24, 83 + step);
+        want = b.concat_rows(&want, &new).unwrap();
+        b.append_rows(&mut cache, &new).unwrap();
+    }
+    assert_eq!((cache.rows, cache.cols), (want.rows, want.cols));
+    assert_eq!(cache.data, want.data);
+    assert!(b.append_rows(&mut cache, &mat(1, 5, 1)).is_err());
+}
