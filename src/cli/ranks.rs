@@ -114,7 +114,10 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
             if let Some(w) = &share.warning {
                 eprintln!("falcon-batch: rank {}: {w}", cluster.rank);
             }
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(share.threads).build_global();
+            // This thread (which runs the job) is the pool's worker 0: its parallel ops start
+            // in the pool instead of handing each op to a worker and sleeping until it is done,
+            // which costs a wake-up per op (hundreds per decoded token).
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(share.threads).use_current_thread().build_global();
             let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank), held_weight_bytes: Some(4) };
             run_job(cluster, CpuBackend::new(), info, job)
         }

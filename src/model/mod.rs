@@ -210,13 +210,19 @@ pub(crate) fn attention_block<B: Backend>(
     }
     let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
     let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
-    if let Some(order) = ctx.cache_order {
+    // One sequence (or nothing to regroup): the cache is already in order.
+    if let Some(order) = ctx.cache_order.filter(|o| !is_identity(o, b.dims(&k).0)) {
         k = b.rows(&k, order)?;
         v = b.rows(&v, order)?;
     }
     cache.k = Some(k);
     cache.v = Some(v);
     Ok(b.linear(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"))?)
+}
+
+/// Whether `order` lists rows 0..n in order: a gather by it would copy the matrix unchanged.
+fn is_identity(order: &[u32], n: usize) -> bool {
+    order.len() == n && order.iter().enumerate().all(|(i, &r)| r as usize == i)
 }
 
 /// begin: ids (T,) -> hidden (T, C)
