@@ -169,7 +169,10 @@ unsafe fn block(kernel: Kernel, x: &[f32], k: usize, w: &[f32], n: usize, bias: 
     let (nr, mr) = (kernel.nr(), kernel.mr());
     // Blocks of equal size (rows in whole tiles): 576 = 3 x 192, not 256 + 256 + 64.
     let mc = even_split(rows.len(), MC, mr);
-    let kc_max = even_split(k, KC, 1).max(1);
+    // K blocks keep a tile of x cached while it meets many panels; a single row tile (decode)
+    // meets each panel once, so it streams every panel whole: the task's panels are then one
+    // contiguous run of memory, which the prefetchers follow across pages.
+    let kc_max = if rows.len() <= mr { k.max(1) } else { even_split(k, KC, 1).max(1) };
     for m0 in rows.clone().step_by(mc) {
         let m1 = (m0 + mc).min(rows.end);
         for k0 in (0..k.max(1)).step_by(kc_max) {
