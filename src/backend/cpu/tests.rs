@@ -353,15 +353,17 @@ fn linear_few_rows_path_matches_loops() {
 
 #[test]
 fn decode_attention_over_a_long_cache_matches_reference() {
-    // One and three new rows over 300 cached keys: the few-rows (dot product) path, D = 40 (not
-    // a multiple of the vector width).
+    // One and three new rows over 300 cached keys: the few-rows (dot product) path, at D = 40
+    // (not a multiple of the vector width) and the head sizes with their own loops (64, 128).
     let b = CpuBackend::new();
-    for new in [1, 3] {
-        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: 40, key_offset: 300 };
-        let spans = vec![AttnSpan::causal(0); new];
-        let (q, k, v) = (mat(new, 160, 70), mat(300 + new, 80, 71), mat(300 + new, 80, 72));
-        let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
-        assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
+    for d in [40, 64, 128] {
+        for new in [1, 3] {
+            let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: d, key_offset: 300 };
+            let spans = vec![AttnSpan::causal(0); new];
+            let (q, k, v) = (mat(new, 4 * d, 70), mat(300 + new, 2 * d, 71), mat(300 + new, 2 * d, 72));
+            let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
+            assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
+        }
     }
 }
 

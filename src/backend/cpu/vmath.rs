@@ -163,14 +163,54 @@ fn dot_one(a: &[f32], b: &[f32]) -> f32 {
 /// row against out.len() key rows, streamed once.
 #[inline(always)]
 fn scaled_dots_body(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    match q.len() {
+        64 => scaled_dots_fixed::<64>(q, rows, stride, scale, out),
+        128 => scaled_dots_fixed::<128>(q, rows, stride, scale, out),
+        d => {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = scale * dot_one(q, &rows[j * stride..j * stride + d]);
+            }
+        }
+    }
+}
+
+/// scaled_dots for a head size known at compile time (the common 64 and 128): the loops
+/// unroll and the query stays in registers.
+#[inline(always)]
+fn scaled_dots_fixed<const D: usize>(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let q = &q[..D];
     for (j, o) in out.iter_mut().enumerate() {
-        *o = scale * dot_one(q, &rows[j * stride..j * stride + q.len()]);
+        *o = scale * dot_one(q, &rows[j * stride..][..D]);
     }
 }
 
 /// out += Σ_j p[j] · rows[j·stride..][..out.len()]: one query row's attention-weighted values.
 #[inline(always)]
 fn weighted_sum_body(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    match out.len() {
+        64 => weighted_sum_fixed::<64>(p, rows, stride, out),
+        128 => weighted_sum_fixed::<128>(p, rows, stride, out),
+        _ => weighted_sum_any(p, rows, stride, out),
+    }
+}
+
+/// weighted_sum for a head size known at compile time: the sum stays in registers across the
+/// rows instead of going through `out` for each.
+#[inline(always)]
+fn weighted_sum_fixed<const D: usize>(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let mut acc = [0f32; D];
+    for (j, &w) in p.iter().enumerate() {
+        for (a, &v) in acc.iter_mut().zip(&rows[j * stride..][..D]) {
+            *a += w * v;
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o += a;
+    }
+}
+
+#[inline(always)]
+fn weighted_sum_any(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     let d = out.len();
     for (j, &w) in p.iter().enumerate() {
         for (o, &v) in out.iter_mut().zip(&rows[j * stride..j * stride + d]) {
