@@ -123,11 +123,11 @@ fn start_copier() -> Result<Copier> {
                 let slot = std::mem::take(&mut job.slot);
                 let weights = match job.group.take().map(Arc::try_unwrap) {
                     // Nobody will copy this group again: its memory becomes the slot's.
-                    Some(Ok(group)) => group.tensors,
-                    Some(Err(shared)) => copy_into(&shared, slot),
-                    None => vec![],
+                    Some(Ok(group)) => Ok(group.tensors),
+                    Some(Err(shared)) => Ok(copy_into(&shared, slot)),
+                    None => Err(BackendError::Streaming("a copy was queued without its group".into())),
                 };
-                job.event.complete(Ok(weights), (start, Instant::now()));
+                job.event.complete(weights, (start, Instant::now()));
             }
         })
         .map_err(|e| BackendError::Unavailable(format!("cannot start the weight copy thread: {e}")))?;
