@@ -79,6 +79,9 @@ up() {
     if ! munge -n </dev/null >/dev/null 2>&1; then
         mkdir -p /run/munge && chown munge:munge /run/munge
         runuser -u munge -- munged
+        # `down` stops it again: a munged left to die with the test leaves its socket behind,
+        # and PMIx then retries that socket for 2.25 s in every later Open MPI start.
+        touch "$STATE/munged-ours"
     fi
     slurmctld -f "$CONF" -i
     local k
@@ -118,6 +121,9 @@ down() {
     for pidfile in "$STATE"/slurmd.*.pid "$STATE"/slurmctld.pid; do
         [[ -f $pidfile ]] && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
     done
+    if [[ -f $STATE/munged-ours && -f /run/munge/munged.pid ]]; then
+        kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
+    fi
     "$HOSTS" down
     rm -rf "$STATE"
 }
