@@ -1,7 +1,8 @@
 //! CPU backend: the numeric reference. f32 arithmetic over weights widened to f32 at upload
-//! (matrices packed there for the own GEMM of `gemm.rs`), attention's small GEMMs by the `gemm`
-//! crate, row loops spread over cores by rayon, elementwise math by the vectorised f32
-//! functions of `vmath` (each tested against an f64 plain-loop reference).
+//! (matrices packed there for the own GEMM of `gemm.rs`; attention, in `attention.rs`, runs its
+//! products through the same micro-kernel), row loops spread over cores by rayon, elementwise
+//! math by the vectorised f32 functions of `vmath` (each tested against an f64 plain-loop
+//! reference).
 //!
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
 
@@ -14,6 +15,7 @@ use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 use gemm::Kernel;
 
+mod attention;
 mod gemm;
 mod stream;
 mod vmath;
@@ -280,32 +282,7 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
-        if q.cols != h * d || k.cols != kvh * d || v.cols != kvh * d || spans.len() != q.rows || k.rows != v.rows {
-            return Err(shape_err("attention", format!("q {:?} k {:?} v {:?} spans {}", (q.rows, q.cols), (k.rows, k.cols), (v.rows, v.cols), spans.len())));
-        }
-        for (t, span) in spans.iter().enumerate() {
-            if t + s.key_offset >= k.rows || span.shared_end as usize > k.rows {
-                return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
-            }
-        }
-        let len = q.rows * h * d;
-        let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
-        // Work items: (head, block of query rows of one document); each writes its own (rows, D)
-        // slice of out, and every row attends at least its own key, so all of out is written.
-        let blocks = query_blocks(spans);
-        let items: Vec<(usize, usize, usize)> = (0..h).flat_map(|hh| blocks.iter().map(move |&(t0, t1)| (hh, t0, t1))).collect();
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        items.par_iter().for_each(|&(hh, t0, t1)| {
-            SCORES.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                // SAFETY: items are disjoint in (rows, head columns), so no two write the same element.
-                unsafe { attention_block_head(q, k, v, s, spans, hh, t0, t1, out_ptr, &mut scratch) };
-            });
-        });
-        // SAFETY: the blocks cover rows [0, T) for every head, each writing its (rows, D) slice.
-        unsafe { out.set_len(len) };
-        Ok(Mat { rows: q.rows, cols: h * d, data: out })
+        attention::attention(q, k, v, s, spans)
     }
 
     fn gelu(&self, x: &mut Mat) -> Result<()> {
@@ -391,18 +368,9 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Query rows per block up to which attention runs as dot products and row updates (decode
-/// steps) instead of GEMMs.
-const FEW_QUERY_ROWS: usize = 4;
-
-/// Query rows per attention work item: scores for a block are (ATTN_BLOCK, keys) floats.
-const ATTN_BLOCK: usize = 64;
-
 thread_local! {
     /// Each worker's cos and sin of one position (D), for `rope`.
     static ROPE_TABLE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Each worker's (B, K) scores buffer, kept between blocks and calls: grown, never refilled.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 #[derive(Clone, Copy)]
@@ -411,114 +379,11 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// The first key a row can see: its document's first token.
-fn span_first_key(sp: &AttnSpan) -> u32 {
-    sp.shared_start.min(sp.own_start)
-}
-
-/// Query rows cut into blocks of at most ATTN_BLOCK rows that never cross a document boundary,
-/// so a block's key range is its own document's keys, not its neighbour's too.
-fn query_blocks(spans: &[AttnSpan]) -> Vec<(usize, usize)> {
-    let mut blocks = vec![];
-    let mut t0 = 0;
-    for t in 1..=spans.len() {
-        if t == spans.len() || t - t0 == ATTN_BLOCK || span_first_key(&spans[t]) != span_first_key(&spans[t0]) {
-            blocks.push((t0, t));
-            t0 = t;
-        }
-    }
-    blocks
-}
-
-/// The keys row `row` attends as at most two disjoint, ordered intervals relative to key k0,
-/// clipped to [0, nk): the span's shared interval and its own [own_start, row].
-fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> [(usize, usize); 2] {
-    let clip = |a: usize, b: usize| (a.saturating_sub(k0).min(nk), b.saturating_sub(k0).min(nk));
-    let shared = clip(sp.shared_start as usize, sp.shared_end as usize);
-    let own = clip(sp.own_start as usize, row + 1);
-    let (first, second) = if shared.0 <= own.0 { (shared, own) } else { (own, shared) };
-    if first.0 >= first.1 {
-        [second, (second.1, second.1)]
-    } else if second.0 <= first.1 {
-        // Overlapping or touching: one interval.
-        [(first.0, first.1.max(second.1)), (nk, nk)]
-    } else {
-        [first, second]
-    }
-}
-
-/// Attention of query rows [t0, t1) of head hh: scores (B, K) = q·kᵀ over the block's key
-/// range, softmax over each row's attended intervals (the rest set to 0 by slice), then
-/// out (B, D) = p · v; by GEMMs, or for a few rows by dot products and row updates.
-///
-/// # Safety
-/// `out` points to (q.rows, H·D) floats, and no other caller writes rows [t0, t1) of head hh.
-#[allow(clippy::too_many_arguments)]
-unsafe fn attention_block_head(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan], hh: usize, t0: usize, t1: usize, out: SendPtr, scratch: &mut Vec<f32>) {
-    let (h, d) = (s.heads, s.head_dim);
-    let kv = hh / (h / s.kv_heads);
-    let rows = t1 - t0;
-    let k0 = spans[t0..t1].iter().map(|sp| span_first_key(sp) as usize).min().unwrap_or(0);
-    let k1 = spans[t0..t1].iter().map(|sp| sp.shared_end as usize).max().unwrap_or(0).max(t1 + s.key_offset);
-    let nk = k1 - k0;
-    if scratch.len() < rows * nk {
-        scratch.resize(rows * nk, 0.0);
-    }
-    let scores = &mut scratch[..rows * nk]; // (B, K), fully written by the GEMM or the dots
-    let scale = 1.0 / (d as f32).sqrt();
-    let (kbase, vbase) = (k0 * k.cols + kv * d, k0 * v.cols + kv * d);
-    if rows <= FEW_QUERY_ROWS {
-        // Decode: the keys streamed once as dot products; the GEMM's packing of K costs more.
-        for (i, row) in scores.chunks_mut(nk).enumerate() {
-            let qrow = &q.data[(t0 + i) * q.cols + hh * d..][..d];
-            vmath::scaled_dots(qrow, &k.data[kbase..], k.cols, scale, row);
-        }
-    } else {
-        ::gemm::gemm(
-            rows, nk, d,
-            scores.as_mut_ptr(), 1, nk as isize, false,
-            q.data.as_ptr().add(t0 * q.cols + hh * d), 1, q.cols as isize,
-            k.data.as_ptr().add(kbase), k.cols as isize, 1,
-            0.0, scale, false, false, false, ::gemm::Parallelism::None,
-        );
-    }
-    for (i, row) in scores.chunks_mut(nk).enumerate() {
-        let t = t0 + i;
-        let [(a0, a1), (b0, b1)] = attended_intervals(&spans[t], t + s.key_offset, k0, nk);
-        let max = row[a0..a1].iter().chain(&row[b0..b1]).copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum = vmath::exp_shift_sum(&mut row[a0..a1], max) + vmath::exp_shift_sum(&mut row[b0..b1], max);
-        let inv = 1.0 / sum;
-        row[..a0].fill(0.0);
-        row[a0..a1].iter_mut().for_each(|p| *p *= inv);
-        row[a1..b0.max(a1)].fill(0.0);
-        row[b0..b1].iter_mut().for_each(|p| *p *= inv);
-        row[b1.max(a1)..].fill(0.0);
-    }
-    if rows <= FEW_QUERY_ROWS {
-        for (i, row) in scores.chunks(nk).enumerate() {
-            let t = t0 + i;
-            // SAFETY: row t's head-hh slice (D) of out is this call's alone (see the contract).
-            let o = std::slice::from_raw_parts_mut(out.0.add(t * h * d + hh * d), d);
-            o.fill(0.0);
-            // Only the attended intervals: the rest of the row is 0.
-            for (a, b) in attended_intervals(&spans[t], t + s.key_offset, k0, nk).into_iter().filter(|(a, b)| a < b) {
-                vmath::weighted_sum(&row[a..b], &v.data[vbase + a * v.cols..], v.cols, o);
-            }
-        }
-        return;
-    }
-    ::gemm::gemm(
-        rows, d, nk,
-        out.0.add(t0 * h * d + hh * d), 1, (h * d) as isize, false,
-        scores.as_ptr(), 1, nk as isize,
-        v.data.as_ptr().add(vbase), 1, v.cols as isize,
-        0.0, 1.0, false, false, false, ::gemm::Parallelism::None,
-    );
-}
-
+/// ln Σ e^row: the max in f32 (exact), the exponentials by vmath in f32 (2e-7 each), the sum
+/// in f64.
 fn logsumexp(row: &[f32]) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln()
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max as f64 + vmath::sum_exp_shifted(row, max).ln()
 }
 
 #[cfg(test)]

@@ -99,6 +99,39 @@ pub fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     out
 }
 
+/// `pack` of w (N, K) whose row j starts at src[j·ld]: one attention head's keys, rows of a
+/// wider matrix.
+pub fn pack_rows(kernel: Kernel, src: &[f32], n: usize, k: usize, ld: usize) -> Vec<f32> {
+    let nr = kernel.nr();
+    let mut out = vec![0f32; packed_len(kernel, n, k)]; // (panels, K, NR)
+    if k > 0 {
+        for (p, panel) in out.chunks_exact_mut(k * nr).enumerate() {
+            for lane in 0..nr.min(n - p * nr) {
+                for (kk, &v) in src[(p * nr + lane) * ld..][..k].iter().enumerate() {
+                    panel[kk * nr + lane] = v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `pack` of w = srcᵀ, src (K, N) with row kk at src[kk·ld]: one attention head's values, for
+/// p (B, K) · v (K, D).
+pub fn pack_cols(kernel: Kernel, src: &[f32], k: usize, n: usize, ld: usize) -> Vec<f32> {
+    let nr = kernel.nr();
+    let mut out = vec![0f32; packed_len(kernel, n, k)]; // (panels, K, NR)
+    if k > 0 {
+        for (p, panel) in out.chunks_exact_mut(k * nr).enumerate() {
+            let (c0, width) = (p * nr, nr.min(n - p * nr));
+            for kk in 0..k {
+                panel[kk * nr..][..width].copy_from_slice(&src[kk * ld + c0..][..width]);
+            }
+        }
+    }
+    out
+}
+
 /// Row `j` (K values) of the matrix that `packed` holds: the row lookup of tied embeddings.
 pub fn unpack_row(kernel: Kernel, packed: &[f32], k: usize, j: usize, out: &mut Vec<f32>) {
     let nr = kernel.nr();
@@ -150,6 +183,43 @@ pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n
         task(0);
     } else {
         (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+/// out (t, n) = x (t, k) · wᵀ on the calling thread, x's rows `lda` apart and out's `ldc`; w
+/// in `pack`'s panels, panel p at w + p·panel_stride (k·NR when w is exactly (n, k); larger
+/// when the product reads a window of a bigger packed matrix). The row tile of rows [r0, r1)
+/// computes only out's first `used(r0, r1).0` columns, over the first `used(r0, r1).1` of the
+/// depth: attention's masks say where a tile's scores are never read or its probabilities are
+/// all 0. No K blocks: attention's depths (D, or a block's keys) keep a panel in L1 or L2.
+///
+/// # Safety
+/// `x` covers t rows at stride lda of k values, `out` t rows at stride ldc of n writable
+/// floats, `w` n.div_ceil(NR) panels of k·NR values; columns past a tile's `used` are left
+/// as they were.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_tiles(
+    kernel: Kernel,
+    x: *const f32,
+    lda: usize,
+    t: usize,
+    k: usize,
+    w: *const f32,
+    panel_stride: usize,
+    n: usize,
+    out: *mut f32,
+    ldc: usize,
+    used: impl Fn(usize, usize) -> (usize, usize),
+) {
+    let (nr, mr) = (kernel.nr(), kernel.mr());
+    for r0 in (0..t).step_by(mr) {
+        let r1 = (r0 + mr).min(t);
+        let (cols, depth) = used(r0, r1);
+        let (cols, depth) = (cols.min(n), depth.min(k));
+        for p in 0..cols.div_ceil(nr) {
+            let tile = Tile { kc: depth, a: x.add(r0 * lda), lda, b: w.add(p * panel_stride), c: out.add(r0 * ldc + p * nr), ldc, ncols: nr.min(cols - p * nr), init: Init::Zero };
+            tile.run(kernel, r1 - r0);
+        }
     }
 }
 

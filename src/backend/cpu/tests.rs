@@ -276,6 +276,21 @@ fn log_softmax_at_is_normalised() {
 }
 
 #[test]
+fn log_softmax_at_matches_f64_over_a_vocabulary_row() {
+    // A 49 152-wide row (SmolLM2's vocabulary) with logits spread like a model's: the f32
+    // exponentials summed in blocks stay within 1e-6 nats of an f64 log-sum-exp.
+    let b = CpuBackend::new();
+    let logits = Mat { rows: 2, cols: 49_152, data: (0..2 * 49_152).map(|i| ((i * 7919) % 2003) as f32 * 0.01 - 12.0).collect() };
+    let got = b.log_softmax_at(&logits, &[5, 49_151]).unwrap();
+    for (r, &t) in [5usize, 49_151].iter().enumerate() {
+        let row = logits.row(r);
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        assert!((got[r] - (row[t] as f64 - lse)).abs() < 1e-6, "row {r}: {} vs {}", got[r], row[t] as f64 - lse);
+    }
+}
+
+#[test]
 fn bad_shapes_are_errors_not_panics() {
     let b = CpuBackend::new();
     assert!(b.linear(&mat(2, 3, 1), &weight(&[4, 5], 2), None).is_err());
@@ -291,16 +306,16 @@ fn query_blocks_stop_at_documents_and_block_size() {
         .map(|i| TokenizedDoc { index: i, id: format!("{i}"), prompt: (0..70 + i as u32).collect(), choices: vec![vec![1, 2, 3], vec![4]] })
         .collect();
     let batch = MicroBatch::build(&docs);
-    let blocks = super::query_blocks(&batch.spans);
+    let blocks = super::attention::query_blocks(&batch.spans);
     assert_eq!(blocks.first().map(|b| b.0), Some(0));
     assert_eq!(blocks.last().map(|b| b.1), Some(batch.rows()));
     for w in blocks.windows(2) {
         assert_eq!(w[0].1, w[1].0, "blocks are contiguous");
     }
     for &(t0, t1) in &blocks {
-        assert!(t1 - t0 <= super::ATTN_BLOCK);
-        let first = super::span_first_key(&batch.spans[t0]);
-        assert!(batch.spans[t0..t1].iter().all(|sp| super::span_first_key(sp) == first), "block {t0}..{t1} crosses a document");
+        assert!(t1 - t0 <= super::attention::ATTN_BLOCK);
+        let first = super::attention::span_first_key(&batch.spans[t0]);
+        assert!(batch.spans[t0..t1].iter().all(|sp| super::attention::span_first_key(sp) == first), "block {t0}..{t1} crosses a document");
     }
     // 72 rows per document: a full block and a short one each.
     assert_eq!(blocks.len(), 6);
@@ -333,7 +348,7 @@ fn attention_across_blocks_matches_reference() {
         .collect();
     let batch = MicroBatch::build(&docs);
     let t = batch.rows();
-    assert!(t > 2 * super::ATTN_BLOCK);
+    assert!(t > 2 * super::attention::ATTN_BLOCK);
     let b = CpuBackend::new();
     let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: 16, key_offset: 0 };
     let (q, k, v) = (mat(t, 96, 21), mat(t, 32, 22), mat(t, 32, 23));
@@ -364,6 +379,33 @@ fn decode_attention_over_a_long_cache_matches_reference() {
             let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
             assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
         }
+    }
+}
+
+#[test]
+fn prefill_attention_through_the_micro_kernel_matches_reference() {
+    // Blocks of many rows run both products through gemm.rs's tiles, each tile only as far as
+    // its rows attend: row counts not a multiple of the tile's 12, head sizes not a multiple of
+    // the panel's 32 (40) and the common ones, over cached keys (a chunked prefill) and over a
+    // packed batch of documents with choices (two intervals per row).
+    let b = CpuBackend::new();
+    for d in [40, 64, 128] {
+        for (new, cached) in [(5, 0), (30, 50), (77, 3)] {
+            let shape = AttnShape { heads: 3, kv_heads: 1, head_dim: d, key_offset: cached };
+            let spans = vec![AttnSpan::causal(0); new];
+            let (q, k, v) = (mat(new, 3 * d, 90), mat(cached + new, d, 91), mat(cached + new, d, 92));
+            let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
+            assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
+        }
+        let docs: Vec<TokenizedDoc> = (0..2)
+            .map(|i| TokenizedDoc { index: i, id: format!("{i}"), prompt: (0..23 + 31 * i as u32).collect(), choices: vec![(0..13).collect(), (0..6).collect(), vec![1]] })
+            .collect();
+        let batch = MicroBatch::build(&docs);
+        let t = batch.rows();
+        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: d, key_offset: 0 };
+        let (q, k, v) = (mat(t, 4 * d, 93), mat(t, 2 * d, 94), mat(t, 2 * d, 95));
+        let out = b.attention(&q, &k, &v, shape, &batch.spans).unwrap();
+        assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &batch.spans), 1e-5);
     }
 }
 

@@ -1,0 +1,211 @@
+//! CPU attention over token-tree spans: work items of (head, block of one document's query
+//! rows); per item scores = q·kᵀ over the block's keys, a softmax over each row's attended
+//! intervals (the rest of the row set to 0 by slice), out = p·v.
+//!
+//! Shapes: T query rows, S key rows, H heads, KV key/value heads, D head dim; B rows of a
+//! block, K keys of a block.
+//!
+//! Prefill blocks run both products through gemm.rs's micro-kernel, over each KV head's K and
+//! V packed once per call (every block of the head reads its window of them), each row tile
+//! only as far as its rows attend (the causal triangle's far side and the keys after a block's
+//! last choice are never multiplied). Decode (a few rows) streams the keys as dot products
+//! instead: packing K would cost more than the product.
+
+use super::gemm::{self, Kernel};
+use super::{shape_err, vmath, Mat, SendPtr};
+use crate::backend::{AttnShape, Result};
+use crate::token_tree::AttnSpan;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Query rows per block up to which attention runs as dot products and row updates (decode
+/// steps) instead of GEMMs.
+const FEW_QUERY_ROWS: usize = 4;
+
+/// Query rows per attention work item: scores for a block are (ATTN_BLOCK, keys) floats.
+pub(super) const ATTN_BLOCK: usize = 64;
+
+thread_local! {
+    /// Each worker's (B, K) scores buffer, kept between blocks and calls: grown, never refilled.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Every KV head's keys and values in gemm.rs's panels, for the blocks' products.
+struct PackedKv {
+    /// Per KV head: its (S, D) keys as the matrix of `pack` (panels of NR keys).
+    keys: Vec<Vec<f32>>,
+    /// Per KV head: vᵀ (D, S) (panels of NR head columns, S deep).
+    values: Vec<Vec<f32>>,
+    /// Key rows: the values' panel depth.
+    keys_len: usize,
+}
+
+impl PackedKv {
+    fn new(k: &Mat, v: &Mat, s: AttnShape) -> PackedKv {
+        let (kernel, d) = (Kernel::detect(), s.head_dim);
+        let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..s.kv_heads)
+            .into_par_iter()
+            .map(|kv| (gemm::pack_rows(kernel, &k.data[kv * d..], k.rows, d, k.cols), gemm::pack_cols(kernel, &v.data[kv * d..], v.rows, d, v.cols)))
+            .collect();
+        let (keys, values) = heads.into_iter().unzip();
+        PackedKv { keys, values, keys_len: k.rows }
+    }
+}
+
+/// out (T, H·D) = softmax(q kᵀ / √D over each row's spans) v; q (T, H·D), k and v (S, KV·D).
+pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+    let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
+    if q.cols != h * d || k.cols != kvh * d || v.cols != kvh * d || spans.len() != q.rows || k.rows != v.rows {
+        return Err(shape_err("attention", format!("q {:?} k {:?} v {:?} spans {}", (q.rows, q.cols), (k.rows, k.cols), (v.rows, v.cols), spans.len())));
+    }
+    for (t, span) in spans.iter().enumerate() {
+        if t + s.key_offset >= k.rows || span.shared_end as usize > k.rows {
+            return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
+        }
+    }
+    let len = q.rows * h * d;
+    let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
+    // Work items: (head, block of query rows of one document); each writes its own (rows, D)
+    // slice of out, and every row attends at least its own key, so all of out is written.
+    let blocks = query_blocks(spans);
+    let items: Vec<(usize, usize, usize)> = (0..h).flat_map(|hh| blocks.iter().map(move |&(t0, t1)| (hh, t0, t1))).collect();
+    let packed = blocks.iter().any(|(t0, t1)| t1 - t0 > FEW_QUERY_ROWS).then(|| PackedKv::new(k, v, s));
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    items.par_iter().for_each(|&(hh, t0, t1)| {
+        SCORES.with(|scores| {
+            let mut scores = scores.borrow_mut();
+            // SAFETY: items are disjoint in (rows, head columns), so no two write the same element.
+            unsafe { block_head(q, k, v, packed.as_ref(), s, spans, hh, t0, t1, out_ptr, &mut scores) };
+        });
+    });
+    // SAFETY: the blocks cover rows [0, T) for every head, each writing its (rows, D) slice.
+    unsafe { out.set_len(len) };
+    Ok(Mat { rows: q.rows, cols: h * d, data: out })
+}
+
+/// The first key a row can see: its document's first token.
+pub(super) fn span_first_key(sp: &AttnSpan) -> u32 {
+    sp.shared_start.min(sp.own_start)
+}
+
+/// Query rows cut into blocks of at most ATTN_BLOCK rows that never cross a document boundary,
+/// so a block's key range is its own document's keys, not its neighbour's too.
+pub(super) fn query_blocks(spans: &[AttnSpan]) -> Vec<(usize, usize)> {
+    let mut blocks = vec![];
+    let mut t0 = 0;
+    for t in 1..=spans.len() {
+        if t == spans.len() || t - t0 == ATTN_BLOCK || span_first_key(&spans[t]) != span_first_key(&spans[t0]) {
+            blocks.push((t0, t));
+            t0 = t;
+        }
+    }
+    blocks
+}
+
+/// The keys row `row` attends as at most two disjoint, ordered intervals relative to key k0,
+/// clipped to [0, nk): the span's shared interval and its own [own_start, row].
+fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> [(usize, usize); 2] {
+    let clip = |a: usize, b: usize| (a.saturating_sub(k0).min(nk), b.saturating_sub(k0).min(nk));
+    let shared = clip(sp.shared_start as usize, sp.shared_end as usize);
+    let own = clip(sp.own_start as usize, row + 1);
+    let (first, second) = if shared.0 <= own.0 { (shared, own) } else { (own, shared) };
+    if first.0 >= first.1 {
+        [second, (second.1, second.1)]
+    } else if second.0 <= first.1 {
+        // Overlapping or touching: one interval.
+        [(first.0, first.1.max(second.1)), (nk, nk)]
+    } else {
+        [first, second]
+    }
+}
+
+/// One past the last key (relative to k0) that any of rows [r0, r1) attends.
+fn keys_attended_by(spans: &[AttnSpan], s: AttnShape, rows: std::ops::Range<usize>, k0: usize, nk: usize) -> usize {
+    rows.map(|t| {
+        let [(a0, a1), (b0, b1)] = attended_intervals(&spans[t], t + s.key_offset, k0, nk);
+        (if b0 < b1 { b1 } else { 0 }).max(if a0 < a1 { a1 } else { 0 })
+    })
+    .max()
+    .unwrap_or(0)
+}
+
+/// Attention of query rows [t0, t1) of head hh (see the module doc); `packed` is there when
+/// any block of the call has more than FEW_QUERY_ROWS rows.
+///
+/// # Safety
+/// `out` points to (q.rows, H·D) floats, and no other caller writes rows [t0, t1) of head hh.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_head(q: &Mat, k: &Mat, v: &Mat, packed: Option<&PackedKv>, s: AttnShape, spans: &[AttnSpan], hh: usize, t0: usize, t1: usize, out: SendPtr, scratch: &mut Vec<f32>) {
+    let (h, d) = (s.heads, s.head_dim);
+    let kv = hh / (h / s.kv_heads);
+    let rows = t1 - t0;
+    let kernel = Kernel::detect();
+    let gemm_kv = packed.filter(|_| rows > FEW_QUERY_ROWS);
+    let first = spans[t0..t1].iter().map(|sp| span_first_key(sp) as usize).min().unwrap_or(0);
+    // The products start at a panel of keys: the few keys before the block's first are masked.
+    let k0 = if gemm_kv.is_some() { first / kernel.nr() * kernel.nr() } else { first };
+    let k1 = spans[t0..t1].iter().map(|sp| sp.shared_end as usize).max().unwrap_or(0).max(t1 + s.key_offset);
+    let nk = k1 - k0;
+    if scratch.len() < rows * nk {
+        scratch.resize(rows * nk, 0.0);
+    }
+    let scores = &mut scratch[..rows * nk]; // (B, K)
+    let scale = 1.0 / (d as f32).sqrt();
+    // The scores' scale: the dot products apply it, the GEMM leaves it to the softmax.
+    let score_scale = match gemm_kv {
+        None => {
+            for (i, row) in scores.chunks_mut(nk).enumerate() {
+                let qrow = &q.data[(t0 + i) * q.cols + hh * d..][..d];
+                vmath::scaled_dots(qrow, &k.data[k0 * k.cols + kv * d..], k.cols, scale, row);
+            }
+            1.0
+        }
+        Some(p) => {
+            let panel = k0 / kernel.nr() * d * kernel.nr(); // the panel holding key k0
+            // SAFETY: q holds rows t0.. of H·D values (head hh's D at hh·D), scores (rows, nk),
+            // the packed keys nk keys from k0; a tile leaves columns past its rows' last attended
+            // key unwritten, and the softmax below writes every column outside the intervals.
+            gemm::matmul_tiles(kernel, q.data.as_ptr().add(t0 * q.cols + hh * d), q.cols, rows, d, p.keys[kv].as_ptr().add(panel), d * kernel.nr(), nk, scores.as_mut_ptr(), nk, |r0, r1| {
+                (keys_attended_by(spans, s, t0 + r0..t0 + r1, k0, nk), d)
+            });
+            scale
+        }
+    };
+    for (i, row) in scores.chunks_mut(nk).enumerate() {
+        let t = t0 + i;
+        let [(a0, a1), (b0, b1)] = attended_intervals(&spans[t], t + s.key_offset, k0, nk);
+        let max = row[a0..a1].iter().chain(&row[b0..b1]).copied().fold(f32::NEG_INFINITY, f32::max);
+        let shift = max * score_scale;
+        let sum = vmath::exp_scaled_shift_sum(&mut row[a0..a1], score_scale, shift) + vmath::exp_scaled_shift_sum(&mut row[b0..b1], score_scale, shift);
+        let inv = 1.0 / sum;
+        row[..a0].fill(0.0);
+        row[a0..a1].iter_mut().for_each(|p| *p *= inv);
+        row[a1..b0.max(a1)].fill(0.0);
+        row[b0..b1].iter_mut().for_each(|p| *p *= inv);
+        row[b1.max(a1)..].fill(0.0);
+    }
+    match gemm_kv {
+        None => {
+            let vbase = k0 * v.cols + kv * d;
+            for (i, row) in scores.chunks(nk).enumerate() {
+                let t = t0 + i;
+                // SAFETY: row t's head-hh slice (D) of out is this call's alone (see the contract).
+                let o = std::slice::from_raw_parts_mut(out.0.add(t * h * d + hh * d), d);
+                o.fill(0.0);
+                // Only the attended intervals: the rest of the row is 0.
+                for (a, b) in attended_intervals(&spans[t], t + s.key_offset, k0, nk).into_iter().filter(|(a, b)| a < b) {
+                    vmath::weighted_sum(&row[a..b], &v.data[vbase + a * v.cols..], v.cols, o);
+                }
+            }
+        }
+        Some(p) => {
+            let nr = kernel.nr();
+            // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
+            // vᵀ's panels are keys_len deep, read from key k0; p's row is 0 past its rows' last
+            // attended key, so the depth stops there.
+            gemm::matmul_tiles(kernel, scores.as_ptr(), nk, rows, nk, p.values[kv].as_ptr().add(k0 * nr), p.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, |r0, r1| {
+                (d, keys_attended_by(spans, s, t0 + r0..t0 + r1, k0, nk))
+            });
+        }
+    }
+}
