@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
-use gemm::Kernel;
+use gemm::{Kernel, Out};
 
 mod attention;
 mod gemm;
@@ -107,6 +107,20 @@ impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend::default()
     }
+}
+
+/// N of x (T, K) · w (N, K)ᵀ + b (N,), or why the shapes do not fit.
+fn linear_shape(x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<usize> {
+    let (n, k) = w.matrix().ok_or_else(|| shape_err("linear", format!("weight of shape {:?}", w.shape)))?;
+    if x.cols != k {
+        return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
+    }
+    if let Some(b) = b {
+        if b.data.len() != n || b.matrix().is_some() {
+            return Err(shape_err("linear", format!("bias of shape {:?} for {n} outputs", b.shape)));
+        }
+    }
+    Ok(n)
 }
 
 /// A (rows, cols) matrix whose rows `f` fills from the matching rows of `x`, in parallel,
@@ -208,24 +222,26 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<Mat> {
-        let (n, k) = w.matrix().ok_or_else(|| shape_err("linear", format!("weight of shape {:?}", w.shape)))?;
-        if x.cols != k {
-            return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
-        }
-        if let Some(b) = b {
-            if b.data.len() != n || b.matrix().is_some() {
-                return Err(shape_err("linear", format!("bias of shape {:?} for {n} outputs", b.shape)));
-            }
-        }
+        let n = linear_shape(x, w, b)?;
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, N)
         // SAFETY: out has room for T·N values, which matmul writes (the bias is its start value),
         // x holds T·K, w is packed (N, K) for the detected kernel, the bias N values.
         unsafe {
-            gemm::matmul(Kernel::detect(), &x.data, x.rows, k, &w.data, n, b.map(|b| &b.data[..]), out.as_mut_ptr());
+            gemm::matmul(Kernel::detect(), &x.data, x.rows, x.cols, &w.data, n, b.map(|b| &b.data[..]), out.as_mut_ptr(), Out::Write);
             out.set_len(len);
         }
         Ok(Mat { rows: x.rows, cols: n, data: out })
+    }
+
+    fn linear_residual(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>, mut residual: Mat) -> Result<Mat> {
+        let n = linear_shape(x, w, b)?;
+        if (residual.rows, residual.cols) != (x.rows, n) {
+            return Err(shape_err("linear_residual", format!("residual ({}, {}) for a ({}, {n}) product", residual.rows, residual.cols, x.rows)));
+        }
+        // SAFETY: as in `linear`; the residual's T·N values are the accumulators' start.
+        unsafe { gemm::matmul(Kernel::detect(), &x.data, x.rows, x.cols, &w.data, n, b.map(|b| &b.data[..]), residual.data.as_mut_ptr(), Out::Accumulate) };
+        Ok(residual)
     }
 
     fn layer_norm(&self, x: &Mat, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Result<Mat> {

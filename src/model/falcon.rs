@@ -209,29 +209,27 @@ pub fn layer_forward<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
     w: &PartWeights<B>,
-    mut x: B::Act,
+    x: B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
 ) -> Result<B::Act> {
     let eps = cfg.norm_eps as f32;
     let l = layout(cfg);
     let attn_in = b.layer_norm(&x, w.get("attn_norm.weight")?, w.get("attn_norm.bias")?, eps)?; // (T, C)
-    let attn_out = attention_block(b, cfg, w, &attn_in, ctx, cache)?; // (T, C)
-    let mlp_in = if l.parallel_attn {
-        if w.opt("mlp_norm.weight").is_some() {
-            b.layer_norm(&x, w.get("mlp_norm.weight")?, w.get("mlp_norm.bias")?, eps)?
-        } else {
-            attn_in
-        }
-    } else {
-        b.add(&mut x, &attn_out)?; // x is now the residual after attention
-        b.layer_norm(&x, w.get("mlp_norm.weight")?, w.get("mlp_norm.bias")?, eps)?
+    // Parallel attention: the MLP reads the layer's input as well, so a norm of its own is taken
+    // before the attention is summed into x.
+    let parallel_mlp_in = match (l.parallel_attn, w.opt("mlp_norm.weight")) {
+        (true, Some(norm)) => Some(b.layer_norm(&x, norm, w.get("mlp_norm.bias")?, eps)?),
+        _ => None,
+    };
+    let x = attention_block(b, cfg, w, &attn_in, ctx, cache, x)?; // x + attention (T, C)
+    let mlp_in = match parallel_mlp_in {
+        Some(m) => m,
+        None if l.parallel_attn => attn_in,
+        None => b.layer_norm(&x, w.get("mlp_norm.weight")?, w.get("mlp_norm.bias")?, eps)?,
     };
     let mut up = b.linear(&mlp_in, w.get("mlp.up.weight")?, w.opt("mlp.up.bias"))?; // (T, F)
     b.gelu(&mut up)?;
-    if l.parallel_attn {
-        b.add(&mut x, &attn_out)?; // the residual of both branches
-    }
     Ok(b.linear_residual(&up, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"), x)?) // (T, C)
 }
 

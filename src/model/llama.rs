@@ -137,14 +137,13 @@ pub fn layer_forward<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
     w: &PartWeights<B>,
-    mut x: B::Act,
+    x: B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
 ) -> Result<B::Act> {
     let eps = cfg.norm_eps as f32;
     let attn_in = b.rms_norm(&x, w.get("attn_norm.weight")?, eps)?; // (T, C)
-    let attn_out = attention_block(b, cfg, w, &attn_in, ctx, cache)?; // (T, C)
-    b.add(&mut x, &attn_out)?;
+    let x = attention_block(b, cfg, w, &attn_in, ctx, cache, x)?; // x + attention (T, C)
     let mlp_in = b.rms_norm(&x, w.get("mlp_norm.weight")?, eps)?; // (T, C)
     let mut gate = b.linear(&mlp_in, w.get("mlp.gate.weight")?, w.opt("mlp.gate.bias"))?; // (T, F)
     let up = b.linear(&mlp_in, w.get("mlp.up.weight")?, w.opt("mlp.up.bias"))?; // (T, F)

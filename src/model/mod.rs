@@ -179,7 +179,8 @@ pub struct RowCtx<'a> {
 }
 
 /// Self-attention shared by every family: fused qkv projection, rotary on q and k,
-/// token-tree attention, output projection. `cache` gets this call's keys appended.
+/// token-tree attention, output projection summed into `residual` (the GEMM adds it). `cache`
+/// gets this call's keys appended. x (T, C) normed, residual (T, C) -> residual + attention.
 pub(crate) fn attention_block<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
@@ -187,6 +188,7 @@ pub(crate) fn attention_block<B: Backend>(
     x: &B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
+    residual: B::Act,
 ) -> Result<B::Act> {
     let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
     let mut qkv = b.linear(x, w.get("attn.qkv.weight")?, w.opt("attn.qkv.bias"))?; // (T, (H + 2KV) D)
@@ -199,7 +201,7 @@ pub(crate) fn attention_block<B: Backend>(
     let Some(cache) = cache else {
         let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
         let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
-        return Ok(b.linear(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"))?);
+        return Ok(b.linear_residual(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"), residual)?);
     };
     let mut key_offset = 0;
     if let (Some(mut ck), Some(mut cv)) = (cache.k.take(), cache.v.take()) {
@@ -217,7 +219,7 @@ pub(crate) fn attention_block<B: Backend>(
     }
     cache.k = Some(k);
     cache.v = Some(v);
-    Ok(b.linear(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"))?)
+    Ok(b.linear_residual(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"), residual)?)
 }
 
 /// Whether `order` lists rows 0..n in order: a gather by it would copy the matrix unchanged.

@@ -145,16 +145,28 @@ enum Init {
     Zero,
     /// The panel's NR bias values (fewer at the last panel: only `ncols` are read).
     Bias(*const f32),
-    /// What out holds: a later K block.
+    /// What out holds: a later K block, or the first over a residual.
     Load,
+    /// What out holds plus the panel's bias: the first K block over a residual.
+    LoadBias(*const f32),
 }
 
-/// out (T, N) = x (T, K) · wᵀ (+ bias (N,)), w packed by `pack` with the same kernel.
+/// What `matmul` does with out's values.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    /// Overwrite them (they may be uninitialised).
+    Write,
+    /// Add the product to them: a residual summed inside the GEMM.
+    Accumulate,
+}
+
+/// out (T, N) (+)= x (T, K) · wᵀ (+ bias (N,)), w packed by `pack` with the same kernel.
 ///
 /// # Safety
-/// `out` points to t·n writable floats (they may be uninitialised: every one is written before
-/// any is read); `x` holds t·k values, `w` packed_len(n, k), `bias` n.
-pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: *mut f32) {
+/// `out` points to t·n writable floats (with `Out::Write` they may be uninitialised: every one
+/// is written before any is read); `x` holds t·k values, `w` packed_len(n, k), `bias` n.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: *mut f32, mode: Out) {
     debug_assert!(x.len() >= t * k && w.len() >= packed_len(kernel, n, k) && bias.is_none_or(|b| b.len() >= n));
     if t == 0 || n == 0 {
         return;
@@ -176,7 +188,7 @@ pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n
         let (p0, p1) = (pp * panels / panel_parts, (pp + 1) * panels / panel_parts);
         // SAFETY: tasks write disjoint (rows, panels) blocks of out; the caller's contract covers
         // the rest.
-        unsafe { block(kernel, x, k, w, n, bias, out, r0..r1, p0..p1) };
+        unsafe { block(kernel, x, k, w, n, bias, out, mode, r0..r1, p0..p1) };
     };
     let tasks = row_parts * panel_parts;
     if tasks == 1 {
@@ -235,7 +247,7 @@ fn even_split(len: usize, max: usize, unit: usize) -> usize {
 /// # Safety
 /// As `matmul`, and no one else writes this block of out meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(kernel: Kernel, x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: SendPtr, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+unsafe fn block(kernel: Kernel, x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: SendPtr, mode: Out, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
     let (nr, mr) = (kernel.nr(), kernel.mr());
     // Blocks of equal size (rows in whole tiles): 576 = 3 x 192, not 256 + 256 + 64.
     let mc = even_split(rows.len(), MC, mr);
@@ -250,9 +262,10 @@ unsafe fn block(kernel: Kernel, x: &[f32], k: usize, w: &[f32], n: usize, bias: 
             for p in panels.clone() {
                 let ncols = nr.min(n - p * nr);
                 let b = w.as_ptr().add(p * k * nr + k0 * nr);
-                let init = match (k0, bias) {
-                    (0, Some(bias)) => Init::Bias(bias.as_ptr().add(p * nr)),
-                    (0, None) => Init::Zero,
+                let init = match (k0, bias, mode) {
+                    (0, Some(bias), Out::Write) => Init::Bias(bias.as_ptr().add(p * nr)),
+                    (0, None, Out::Write) => Init::Zero,
+                    (0, Some(bias), Out::Accumulate) => Init::LoadBias(bias.as_ptr().add(p * nr)),
                     _ => Init::Load,
                 };
                 for i0 in (m0..m1).step_by(mr) {
@@ -326,6 +339,13 @@ unsafe fn tile_avx512<const R: usize>(t: &Tile) {
                 *a = [_mm512_maskz_loadu_ps(m0, c), _mm512_maskz_loadu_ps(m1, c.wrapping_add(16))];
             }
         }
+        Init::LoadBias(p) => {
+            let v = [_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16))];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let c = t.c.add(i * t.ldc);
+                *a = [_mm512_add_ps(v[0], _mm512_maskz_loadu_ps(m0, c)), _mm512_add_ps(v[1], _mm512_maskz_loadu_ps(m1, c.wrapping_add(16)))];
+            }
+        }
     }
     for p in 0..t.kc {
         let b = t.b.add(p * 32);
@@ -363,6 +383,13 @@ unsafe fn tile_avx2<const R: usize>(t: &Tile) {
                 *a = [_mm256_maskload_ps(c, m0), _mm256_maskload_ps(c.wrapping_add(8), m1)];
             }
         }
+        Init::LoadBias(p) => {
+            let v = [_mm256_maskload_ps(p, m0), _mm256_maskload_ps(p.wrapping_add(8), m1)];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let c = t.c.add(i * t.ldc);
+                *a = [_mm256_add_ps(v[0], _mm256_maskload_ps(c, m0)), _mm256_add_ps(v[1], _mm256_maskload_ps(c.wrapping_add(8), m1))];
+            }
+        }
     }
     for p in 0..t.kc {
         let b = t.b.add(p * 16);
@@ -393,6 +420,14 @@ unsafe fn tile_portable<const R: usize>(t: &Tile) {
         Init::Load => {
             for (i, a) in acc.iter_mut().enumerate() {
                 a[..t.ncols].copy_from_slice(std::slice::from_raw_parts(t.c.add(i * t.ldc), t.ncols));
+            }
+        }
+        Init::LoadBias(p) => {
+            let bias = std::slice::from_raw_parts(p, t.ncols);
+            for (i, a) in acc.iter_mut().enumerate() {
+                for ((o, &c), &b) in a.iter_mut().zip(std::slice::from_raw_parts(t.c.add(i * t.ldc), t.ncols)).zip(bias) {
+                    *o = c + b;
+                }
             }
         }
     }
@@ -433,11 +468,16 @@ mod tests {
         out
     }
 
-    fn run(kernel: Kernel, x: &[f32], w: &[f32], b: Option<&[f32]>, t: usize, k: usize, n: usize) -> Vec<f32> {
+    /// The product written over NaNs, or added to `residual`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(kernel: Kernel, x: &[f32], w: &[f32], b: Option<&[f32]>, t: usize, k: usize, n: usize, residual: Option<&[f32]>) -> Vec<f32> {
         let packed = pack(kernel, w, n, k);
-        let mut out = vec![f32::NAN; t * n];
+        let (mut out, mode) = match residual {
+            Some(r) => (r.to_vec(), Out::Accumulate),
+            None => (vec![f32::NAN; t * n], Out::Write),
+        };
         // SAFETY: out holds t·n floats, x t·k, packed its packed_len, b n.
-        unsafe { matmul(kernel, x, t, k, &packed, n, b, out.as_mut_ptr()) };
+        unsafe { matmul(kernel, x, t, k, &packed, n, b, out.as_mut_ptr(), mode) };
         out
     }
 
@@ -449,11 +489,20 @@ mod tests {
         for kernel in Kernel::available() {
             for (si, &(t, k, n)) in shapes.iter().enumerate() {
                 let (x, w, b) = (values(t * k, si as u64), values(n * k, 100 + si as u64), values(n, 200 + si as u64));
-                for bias in [None, Some(&b[..])] {
-                    let got = run(kernel, &x, &w, bias, t, k, n);
-                    let want = reference(&x, &w, bias, t, k, n);
+                let residual = values(t * n, 300 + si as u64);
+                for (bias, res) in [(None, None), (Some(&b[..]), None), (None, Some(&residual[..])), (Some(&b[..]), Some(&residual[..]))] {
+                    let got = run(kernel, &x, &w, bias, t, k, n, res);
+                    let mut want = reference(&x, &w, bias, t, k, n);
+                    if let Some(r) = res {
+                        want.iter_mut().zip(r).for_each(|(e, r)| *e += r);
+                    }
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                        assert!((g - e).abs() <= 2e-6 * (k as f32).sqrt() * (1.0 + e.abs()), "{kernel:?} {t}x{k}x{n} bias {} at {i}: {g} vs {e}", bias.is_some());
+                        assert!(
+                            (g - e).abs() <= 2e-6 * (k as f32).sqrt() * (1.0 + e.abs()),
+                            "{kernel:?} {t}x{k}x{n} bias {} residual {} at {i}: {g} vs {e}",
+                            bias.is_some(),
+                            res.is_some()
+                        );
                     }
                 }
             }
