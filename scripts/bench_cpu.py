@@ -26,9 +26,9 @@
     FLOP rate (2·rows·decoder linear weights / seconds) as a fraction of it.
 Every timing is repeated --repeats times, the repeats interleaved across engines, the minimum
 kept, and the load average read before each run is recorded next to it.
-(b) decode: seconds per new token at ~100 and ~2048 tokens of context. falcon-batch:
-    (time(generate --max-new-tokens 33) - time(--max-new-tokens 1)) / 32, min of --repeats runs,
-    so loading and prefill cancel. llama.cpp: eval the prompt, then time 32 single-token evals
+(b) decode: seconds per new token at ~100 and ~2048 tokens of context. falcon-batch: the
+    32 one-token steps after the prompt's prefill, as `generate` times them itself (its stderr
+    summary), min of --repeats runs. llama.cpp: eval the prompt, then time 32 single-token evals
     with greedy (argmax) sampling.
 (c) a markdown table on stdout and a JSON file (--out, default results/bench-cpu.json).
 
@@ -182,15 +182,19 @@ def fb_score(args, workdir):
     return wall, own, lp, " ".join(cmd)
 
 
-def fb_generate_time(args, prompt_text, n):
+def fb_decode_time(args, prompt_text, steps):
+    """Seconds per decode step: `generate` times its own steps (its stderr summary: the
+    prompt's prefill apart, then `steps` one-token steps), so the prefill's run-to-run noise
+    (seconds at 2000 tokens) stays out of a figure of milliseconds."""
     cmd = [args.bin, "generate", "--model", args.model, "--prompt", prompt_text,
-           "--max-new-tokens", str(n), "--ignore-eos"]
-    t0 = time.perf_counter()
+           "--max-new-tokens", str(steps + 1), "--ignore-eos"]
     p = subprocess.run(cmd, env=fb_env(args.threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    dt = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"falcon-batch generate failed (rc={p.returncode}):\n{p.stderr[-4000:]}")
-    return dt
+    m = re.search(r"prefill (\d+) prompt tokens in ([0-9.]+) s; (\d+) decode steps in ([0-9.]+) s", p.stderr)
+    if not m or int(m.group(3)) != steps:
+        sys.exit(f"falcon-batch generate printed no step summary for {steps} steps:\n{p.stderr[-2000:]}")
+    return float(m.group(4)) / steps, float(m.group(2))
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -657,13 +661,10 @@ def main():
             plen = min(ctx, args.n_ctx - steps - 1)
             text, plen = prompt_of_length(tok, docs, plen)
             p_ids = tok.encode(text).ids
-            t1s, tNs = [], []
-            for rep in range(args.repeats):
-                t1s.append(fb_generate_time(args, text, 1))
-                tNs.append(fb_generate_time(args, text, steps + 1))
-            fb_s = (min(tNs) - min(t1s)) / steps
+            runs = [fb_decode_time(args, text, steps) for _ in range(args.repeats)]
+            fb_s = min(r[0] for r in runs)
             entry = {"prompt_tokens": plen, "falcon-batch": {
-                "s_per_token": fb_s, "t_1_s": t1s, f"t_{steps + 1}_s": tNs}}
+                "s_per_token": fb_s, "s_per_token_runs": [r[0] for r in runs], "prefill_s": [r[1] for r in runs]}}
             for name, llm in llms.items():
                 ts = [llama_decode(llm, p_ids, steps) for _ in range(args.repeats)]
                 entry[f"llama.cpp {name}"] = {"s_per_token": min(ts), "runs": ts,

@@ -8,6 +8,7 @@ use falcon_batch::generate::{generate, GenOptions, GenOutput, GenRequest};
 use falcon_batch::config::ModelConfig;
 use falcon_batch::job::launch::{LaunchOptions, Launched};
 use falcon_batch::pipeline::PipelineDecoder;
+use falcon_batch::runner::{Decoder, StepBatch};
 use falcon_batch::sample::SamplingOptions;
 use falcon_batch::tokenizer::Tokenizer;
 use std::io::Write;
@@ -166,14 +167,53 @@ impl RankJob for GenerateJob {
         };
         let stream = self.args.prompt.is_some() && self.args.out.is_none();
         let mut stdout = std::io::stdout();
-        let mut dec = PipelineDecoder::new(&mut launched.worker)?;
+        let mut dec = Timed::new(PipelineDecoder::new(&mut launched.worker)?);
         let outputs = generate(&mut dec, &tok, &reqs, &opts, |_, delta| {
             if stream {
                 let _ = write!(stdout, "{delta}");
                 let _ = stdout.flush();
             }
         })?;
+        eprintln!("{}", dec.summary());
         self.write(&outputs, stream)?;
         Ok(0)
+    }
+}
+
+/// A decoder whose steps are timed: the first runs the prompts (prefill), the rest one token
+/// per sequence each, so a user (and `make bench`) sees the decode rate apart from the prefill.
+struct Timed<D> {
+    inner: D,
+    /// (rows, seconds) of each step
+    steps: Vec<(usize, f64)>,
+}
+
+impl<D: Decoder> Timed<D> {
+    fn new(inner: D) -> Self {
+        Timed { inner, steps: vec![] }
+    }
+
+    fn summary(&self) -> String {
+        let Some(&(prompt_rows, prefill)) = self.steps.first() else { return "generate: no steps ran".into() };
+        let rest = &self.steps[1..];
+        let decode: f64 = rest.iter().map(|s| s.1).sum();
+        let per_step = if rest.is_empty() { String::new() } else { format!(": {:.2} ms per step", 1e3 * decode / rest.len() as f64) };
+        format!("generate: prefill {prompt_rows} prompt tokens in {prefill:.3} s; {} decode steps in {decode:.3} s{per_step}", rest.len())
+    }
+}
+
+impl<D: Decoder> Decoder for Timed<D> {
+    type Error = D::Error;
+
+    fn step(&mut self, batch: &StepBatch) -> Result<Vec<Vec<f32>>, Self::Error> {
+        let started = std::time::Instant::now();
+        let logits = self.inner.step(batch)?;
+        self.steps.push((batch.tokens.len(), started.elapsed().as_secs_f64()));
+        Ok(logits)
+    }
+
+    fn reset(&mut self) {
+        self.inner.reset();
+        self.steps.clear();
     }
 }
