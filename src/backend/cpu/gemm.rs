@@ -88,32 +88,29 @@ pub fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let nr = kernel.nr();
     let mut out = vec![0f32; packed_len(kernel, n, k)]; // (panels, K, NR)
     if k > 0 {
-        out.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| {
-            for (lane, row) in w[p * nr * k..].chunks_exact(k).take(nr.min(n - p * nr)).enumerate() {
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[kk * nr + lane] = v;
-                }
-            }
-        });
+        out.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| pack_panel(panel, p, w, n, k, k, nr));
     }
     out
 }
 
-/// `pack` of w (N, K) whose row j starts at src[j·ld]: one attention head's keys, rows of a
-/// wider matrix.
+/// `pack` of w (N, K) whose row j starts at src[j·ld], on the calling thread: one attention
+/// head's keys, rows of a wider matrix.
 pub fn pack_rows(kernel: Kernel, src: &[f32], n: usize, k: usize, ld: usize) -> Vec<f32> {
     let nr = kernel.nr();
     let mut out = vec![0f32; packed_len(kernel, n, k)]; // (panels, K, NR)
     if k > 0 {
-        for (p, panel) in out.chunks_exact_mut(k * nr).enumerate() {
-            for lane in 0..nr.min(n - p * nr) {
-                for (kk, &v) in src[(p * nr + lane) * ld..][..k].iter().enumerate() {
-                    panel[kk * nr + lane] = v;
-                }
-            }
-        }
+        out.chunks_exact_mut(k * nr).enumerate().for_each(|(p, panel)| pack_panel(panel, p, src, n, k, ld, nr));
     }
     out
+}
+
+/// Panel p (K, NR) of w (N, K), w's row j at src[j·ld]; lanes past N stay as they are (zero).
+fn pack_panel(panel: &mut [f32], p: usize, src: &[f32], n: usize, k: usize, ld: usize, nr: usize) {
+    for lane in 0..nr.min(n - p * nr) {
+        for (kk, &v) in src[(p * nr + lane) * ld..][..k].iter().enumerate() {
+            panel[kk * nr + lane] = v;
+        }
+    }
 }
 
 /// `pack` of w = srcᵀ, src (K, N) with row kk at src[kk·ld]: one attention head's values, for
