@@ -250,8 +250,8 @@ impl Backend for CpuBackend {
         }
         Ok(map_rows(x, x.cols, |row, out| {
             let n = row.len() as f64;
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let mean = vmath::sum_f64(row) / n;
+            let var = vmath::sum_sq_dev(row, mean) / n;
             let inv = 1.0 / (var + eps as f64).sqrt();
             for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
                 o.write(((v as f64 - mean) * inv) as f32 * w.data[i] + b.data[i]);
@@ -264,7 +264,7 @@ impl Backend for CpuBackend {
             return Err(shape_err("rms_norm", format!("{} columns, weight {}", x.cols, w.data.len())));
         }
         Ok(map_rows(x, x.cols, |row, out| {
-            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len() as f64;
+            let ms = vmath::sum_sq_dev(row, 0.0) / row.len() as f64;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
             for ((o, &v), &g) in out.iter_mut().zip(row).zip(&w.data) {
                 o.write(v * inv * g);

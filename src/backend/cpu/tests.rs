@@ -291,6 +291,30 @@ fn log_softmax_at_matches_f64_over_a_vocabulary_row() {
 }
 
 #[test]
+fn norms_of_wide_rows_with_an_offset_match_f64() {
+    // 577 columns (72 chunks of the 8 f64 partial sums and a tail), values around 100 so the
+    // variance is a small difference of large numbers.
+    let b = CpuBackend::new();
+    let x = Mat { rows: 2, cols: 577, data: (0..2 * 577).map(|i| 100.0 + ((i * 37) % 101) as f32 * 0.01).collect() };
+    let w = CpuWeight::new(vec![577], vec![1.0; 577]);
+    let zero = CpuWeight::new(vec![577], vec![0.0; 577]);
+    let ln = b.layer_norm(&x, &w, &zero, 1e-5).unwrap();
+    let rms = b.rms_norm(&x, &w, 1e-6).unwrap();
+    for r in 0..2 {
+        let row: Vec<f64> = x.row(r).iter().map(|&v| v as f64).collect();
+        let mean = row.iter().sum::<f64>() / 577.0;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 577.0;
+        let ms = row.iter().map(|v| v * v).sum::<f64>() / 577.0;
+        for i in 0..577 {
+            let want_ln = (row[i] - mean) / (var + 1e-5).sqrt();
+            let want_rms = row[i] / (ms + 1e-6).sqrt();
+            assert!((ln.row(r)[i] as f64 - want_ln).abs() < 1e-4, "layer_norm row {r} col {i}");
+            assert!((rms.row(r)[i] as f64 - want_rms).abs() < 1e-5, "rms_norm row {r} col {i}");
+        }
+    }
+}
+
+#[test]
 fn bad_shapes_are_errors_not_panics() {
     let b = CpuBackend::new();
     assert!(b.linear(&mat(2, 3, 1), &weight(&[4, 5], 2), None).is_err());

@@ -155,6 +155,37 @@ fn sum_exp_shifted_body(x: &[f32], shift: f32) -> f64 {
     total
 }
 
+/// Σ (x[i] - shift)² in f64 (shift 0: the sum of squares of RMSNorm), in 8 f64 partial sums:
+/// one sum in order is a chain of dependent f64 adds, 4 cycles per element.
+#[inline(always)]
+fn sum_sq_dev_body(x: &[f32], shift: f64) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let d = c[i] as f64 - shift;
+            acc[i] += d * d;
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| (v as f64 - shift) * (v as f64 - shift)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Σ x[i] in f64, in 8 partial sums (see sum_sq_dev_body).
+#[inline(always)]
+fn sum_f64_body(x: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + chunks.remainder().iter().map(|&v| v as f64).sum::<f64>()
+}
+
 /// head (D) <- its rotate-half rotation: pair (i, i + D/2) turns by the angle of cos[i], sin[i].
 #[inline(always)]
 fn rotate_half_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -300,6 +331,14 @@ dispatch!(
 dispatch!(
     /// Σ e^(x - shift), the softmax denominator of a row of logits, in f64.
     sum_exp_shifted, sum_exp_shifted_avx2, sum_exp_shifted_avx512, sum_exp_shifted_body, (x: &[f32], shift: f32) -> f64
+);
+dispatch!(
+    /// Σ (x - shift)² in f64: a norm's variance (or mean square) of one row.
+    sum_sq_dev, sum_sq_dev_avx2, sum_sq_dev_avx512, sum_sq_dev_body, (x: &[f32], shift: f64) -> f64
+);
+dispatch!(
+    /// Σ x in f64: a norm's mean of one row.
+    sum_f64, sum_f64_avx2, sum_f64_avx512, sum_f64_body, (x: &[f32]) -> f64
 );
 dispatch!(
     /// RoPE's rotation of one head (D) by per-pair cos and sin (D/2 each).
