@@ -174,7 +174,7 @@ unsafe fn block_head(q: &Mat, k: &Mat, v: &Mat, packed: Option<&PackedKv>, s: At
     for (i, row) in scores.chunks_mut(nk).enumerate() {
         let t = t0 + i;
         let [(a0, a1), (b0, b1)] = attended_intervals(&spans[t], t + s.key_offset, k0, nk);
-        let max = row[a0..a1].iter().chain(&row[b0..b1]).copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = vmath::max(&row[a0..a1]).max(vmath::max(&row[b0..b1]));
         let shift = max * score_scale;
         let sum = vmath::exp_scaled_shift_sum(&mut row[a0..a1], score_scale, shift) + vmath::exp_scaled_shift_sum(&mut row[b0..b1], score_scale, shift);
         let inv = 1.0 / sum;

@@ -7,19 +7,24 @@
 //! reads a panel front to back. The same loop serves decode (T <= MR rows: each panel streamed
 //! once, the weight-read-bound GEMV) and prefill.
 //!
-//! Blocking: a (KC, NR) panel slice stays in L1 while every MR-row tile of an MC-row block goes
-//! past it; the (MC, KC) block of x stays in L2 across the task's panels. x is not packed: a
-//! tile reads MR rows of x at stride K, KC values each (KC·MR floats, in L1 too).
+//! Blocking: a (KC, NR) panel slice stays in L2 while every MR-row tile of an MC-row block goes
+//! past it, and the (MC, KC) block of x stays in L2 or L3 across the task's panels. x is not
+//! packed: a tile reads MR rows of x at stride K, KC values each. KC is large, so a decoder's
+//! K is one block: a tile of out is written once, never reloaded between K blocks.
 
 use super::SendPtr;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
-/// Most depth of a K block: a (KC, 32) panel slice is 32 KiB of the 48 KiB L1, next to a
-/// tile's (12, KC) of x. Measured best of 128..384 at SmolLM2's shapes.
-const KC: usize = 256;
-/// Most rows of x per block: (MC, KC) is 480 KiB of the 2 MiB L2. Measured best of 96..2048.
-const MC: usize = 480;
+/// Most depth of a K block: a (KC, 32) panel slice is 256 KiB, a quarter of a Zen 4 core's L2.
+/// The micro-kernel streams its panel from L2 at full speed, and K blocks cost a reload and
+/// store of out each: at SmolLM2's shapes (T = 2048) no K blocks gave 213 GFLOP/s on 2 threads
+/// against 200 with KC = 256 (3 blocks of 192), and 1024x4544x1024 was no slower at 4544 than
+/// at 1536 or 2048 (`bench --gemm`, 2026-12-01 session 6).
+const KC: usize = 2048;
+/// Most rows of x per block: (MC, K) of SmolLM2's K = 576 is 540 KiB, in L2 beside the panel.
+/// 120..2048 measured within noise of each other; 60 slower.
+const MC: usize = 240;
 /// Below this many multiply-adds a call runs on the calling thread: forking costs more.
 const SERIAL_MACS: usize = 1 << 15;
 /// Tasks per thread: more than one so a thread slowed by another process is caught up by stealing.
@@ -482,7 +487,7 @@ mod tests {
     fn every_kernel_matches_the_triple_loop_on_awkward_shapes() {
         // T: one row, fewer than MR, more than MC; K: under, across and not a multiple of KC;
         // N: odd, under one panel, a partial last panel.
-        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (13, 385, 97), (513, 77, 65), (4, 1, 40), (2, 600, 1)];
+        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (13, 385, 97), (513, 77, 65), (4, 1, 40), (2, 600, 1), (14, 2 * KC + 3, 35)];
         for kernel in Kernel::available() {
             for (si, &(t, k, n)) in shapes.iter().enumerate() {
                 let (x, w, b) = (values(t * k, si as u64), values(n * k, 100 + si as u64), values(n, 200 + si as u64));

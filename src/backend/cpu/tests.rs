@@ -463,3 +463,24 @@ fn append_rows_grows_in_place_to_what_concat_rows_makes() {
     assert_eq!(cache.data, want.data);
     assert!(b.append_rows(&mut cache, &mat(1, 5, 1)).is_err());
 }
+
+#[test]
+fn softmax_numerators_and_max_at_every_tail_length() {
+    use super::vmath;
+    // Lengths around the 16-lane vector: empty, tails only, whole vectors plus a tail.
+    for n in 0..50 {
+        let x: Vec<f32> = rand_vec(n, 60 + n as u64).iter().map(|v| v * 8.0).collect();
+        let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(vmath::max(&x), want_max, "max of {n}");
+        let (scale, shift) = (0.125f32, 0.3f32);
+        let mut got = x.clone();
+        let sum = vmath::exp_scaled_shift_sum(&mut got, scale, shift);
+        let mut want_sum = 0f64;
+        for (g, &v) in got.iter().zip(&x) {
+            let want = ((v * scale - shift) as f64).exp();
+            assert!((*g as f64 - want).abs() <= 3e-7 * want, "e^({v}·{scale} - {shift}) = {g}, want {want}");
+            want_sum += want;
+        }
+        assert!((sum as f64 - want_sum).abs() <= 1e-6 * want_sum.max(1.0), "sum of {n}: {sum} vs {want_sum}");
+    }
+}

@@ -19,7 +19,8 @@ pub fn exp_one(x: f32) -> f32 {
     let xc = x.clamp(-87.0, 88.0);
     // e^x = 2^n · e^r with r in [-ln2/2, ln2/2]; e^r by its Taylor series to r^7/7!
     // (truncation 5e-9 there).
-    let n = (xc * LOG2E + ROUND_MAGIC) - ROUND_MAGIC;
+    let rounded = xc * LOG2E + ROUND_MAGIC; // n + 1.5·2^23: n is in its low mantissa bits
+    let n = rounded - ROUND_MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
     p = p * r + 1.0 / 720.0;
@@ -29,7 +30,10 @@ pub fn exp_one(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n built from n's bits, not from `n as i32`: Rust's saturating cast compiled to one
+    // scalar cvttss2si per lane, a third of SiLU's and the softmax's time (perf annotate).
+    let n_int = rounded.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32; // n in [-126, 127]
+    let scale = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -125,12 +129,31 @@ fn exp_scaled_shift_sum_body(x: &mut [f32], scale: f32, shift: f32) -> f32 {
             acc[i] += c[i];
         }
     }
-    let mut tail = 0.0;
-    for v in chunks.into_remainder() {
-        *v = exp_one(*v * scale - shift);
-        tail += *v;
+    // The tail as one more vector (scores rows are short: a choice's own keys are a few), the
+    // lanes past it left out of the sum.
+    let rest = chunks.into_remainder();
+    let mut lanes = [0f32; LANES];
+    lanes[..rest.len()].copy_from_slice(rest);
+    for i in 0..LANES {
+        lanes[i] = exp_one(lanes[i] * scale - shift);
+        acc[i] += if i < rest.len() { lanes[i] } else { 0.0 };
     }
-    acc.iter().sum::<f32>() + tail
+    rest.copy_from_slice(&lanes[..rest.len()]);
+    acc.iter().sum::<f32>()
+}
+
+/// The largest of x (-inf when empty), in 16 lanes: `f32::max`'s fold stays one scalar chain.
+#[inline(always)]
+fn max_body(x: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    chunks.remainder().iter().chain(&acc).copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// Σ e^(x[i] - shift) in f64: f32 exponentials summed in 16 f32 lanes over blocks of 256, each
@@ -327,6 +350,10 @@ dispatch!(
     /// x = e^(x·scale - shift) in place, returning the sum: the softmax numerators of scores
     /// still to be scaled.
     exp_scaled_shift_sum, exp_scaled_shift_sum_avx2, exp_scaled_shift_sum_avx512, exp_scaled_shift_sum_body, (x: &mut [f32], scale: f32, shift: f32) -> f32
+);
+dispatch!(
+    /// The largest value of x; -inf when x is empty.
+    max, max_avx2, max_avx512, max_body, (x: &[f32]) -> f32
 );
 dispatch!(
     /// Σ e^(x - shift), the softmax denominator of a row of logits, in f64.
