@@ -190,7 +190,7 @@ fn gelu_ref(x: f64) -> f64 {
 /// x from -lim to lim in n steps, plus the edges of the approximations' intervals.
 fn grid(lim: f32, n: usize) -> Vec<f32> {
     let mut xs: Vec<f32> = (0..=n).map(|i| -lim + 2.0 * lim * i as f32 / n as f32).collect();
-    xs.extend([0.0, -0.0, 1.0, -1.0, 0.999_999_9, 1.000_000_1, 4.0, -4.0, 4.000_001, 1.414_213_5, 5.656_854]);
+    xs.extend([0.0, -0.0, 1.0, -1.0, 0.999_999_9, 1.000_000_1, 4.0, -4.0, 4.000_001, std::f32::consts::SQRT_2, 5.656_854]);
     xs
 }
 

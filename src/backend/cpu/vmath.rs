@@ -43,7 +43,7 @@ pub fn exp_one(x: f32) -> f32 {
 
 /// 2/√π · (-1)^n / (n! (2n+1)), n = 0..9: erf(z) = z · Σ c_n z^2n, truncation < 2e-8 for z <= 1.
 const ERF_TAYLOR: [f32; 10] = [
-    1.128_379_2,
+    std::f32::consts::FRAC_2_SQRT_PI,
     -0.376_126_4,
     0.112_837_92,
     -0.026_866_171,
