@@ -407,6 +407,27 @@ fn decode_attention_over_a_long_cache_matches_reference() {
 }
 
 #[test]
+fn decode_by_key_chunks_over_tree_spans_matches_reference() {
+    // Decode rows of several sequences over one cache, as `generate` with a token tree steps
+    // them: a plain causal row, a row attending a shared prefix and its own new key, and a row
+    // of another document (its own block). 700 keys make several chunks per KV head, and each
+    // chunk serves a group of 3 query heads.
+    let b = CpuBackend::new();
+    let cached = 700;
+    let spans = vec![
+        AttnSpan::causal(0),
+        AttnSpan { shared_start: 0, shared_end: 250, own_start: cached as u32 + 1 },
+        AttnSpan { shared_start: 300, shared_end: 650, own_start: cached as u32 + 2 },
+    ];
+    for d in [40, 64] {
+        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: d, key_offset: cached };
+        let (q, k, v) = (mat(3, 6 * d, 96), mat(cached + 3, 2 * d, 97), mat(cached + 3, 2 * d, 98));
+        let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
+        assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
+    }
+}
+
+#[test]
 fn prefill_attention_through_the_micro_kernel_matches_reference() {
     // Blocks of many rows run both products through gemm.rs's tiles, each tile only as far as
     // its rows attend: row counts not a multiple of the tile's 12, head sizes not a multiple of
