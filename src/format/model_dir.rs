@@ -104,6 +104,20 @@ impl ModelDir {
         Ok(file)
     }
 
+    /// Asks the kernel to read these parts' files into the page cache now, all of them at
+    /// once, so the parallel copies that follow find them there instead of each waiting on its
+    /// own page faults: a cold start, from a local disk or a network file system, reads with a
+    /// deep queue. Advice only: a file the kernel does not prefetch is read as before.
+    pub fn prefetch(&self, parts: &[Part]) {
+        use std::os::fd::AsRawFd;
+        for entry in parts.iter().filter_map(|&p| self.manifest.part(p)) {
+            if let Ok(f) = std::fs::File::open(self.dir.join(&entry.file)) {
+                // SAFETY: posix_fadvise only reads the descriptor, which is open.
+                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+            }
+        }
+    }
+
     /// Cheap start-up check of just these parts: sizes, headers, names, shapes, dtype.
     pub fn check_parts(&self, parts: &[Part]) -> Result<()> {
         parts.iter().try_for_each(|&p| self.open_part(p).map(|_| ()))

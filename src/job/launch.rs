@@ -62,6 +62,7 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
     let parts: Vec<Part> = schedule.rank_groups[cluster.rank].iter().flat_map(|&g| schedule.groups[g].parts()).collect();
     let dir = ModelDir::open_for(&opts.model, &parts)?;
     let started = std::time::Instant::now();
+    dir.prefetch(&parts);
     // Parts are read (copied out of the map and hashed) on the rank's threads at once, then
     // handed to the groups in execution order.
     let mut read: HashMap<Part, Vec<(String, HostTensor)>> =
