@@ -9,10 +9,10 @@
 //! V packed once per call (every block of the head reads its window of them), each row tile
 //! only as far as its rows attend (the causal triangle's far side and the keys after a block's
 //! last choice are never multiplied). Decode (a few rows) streams the keys as dot products
-//! instead: packing K would cost more than the product. A call of decode rows only splits each
-//! KV head's keys into chunks (flash-decoding): one work item reads its chunk of K and V once
-//! for every query head of the group, keeping a softmax partial per (row, head), and the
-//! partials are merged at the end, so the cache is read once and the threads share it evenly.
+//! instead: packing K would cost more than the product. A call of decode rows only splits the
+//! keys into chunks (flash-decoding): one work item reads its chunk of K and V, all KV heads,
+//! once for every query head, keeping a softmax partial per (row, head), and the partials are
+//! merged at the end, so the cache is read once, in order, and the threads share it evenly.
 
 use super::gemm::{self, Kernel};
 use super::{shape_err, vmath, Mat, SendPtr};
@@ -29,7 +29,7 @@ const FEW_QUERY_ROWS: usize = 4;
 pub(super) const ATTN_BLOCK: usize = 64;
 
 /// Fewest keys in a decode chunk: below this a chunk's partial and merge cost more than its keys.
-const DECODE_CHUNK_KEYS: usize = 128;
+const DECODE_CHUNK_KEYS: usize = 64;
 /// Decode work items per thread wanted: several, so a thread slowed by another process is caught
 /// up by the others.
 const DECODE_ITEMS_PER_THREAD: usize = 4;
@@ -95,10 +95,9 @@ pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSp
     Ok(Mat { rows: q.rows, cols: h * d, data: out })
 }
 
-/// One decode work item: keys [c0, c1) of KV head `kv` for the rows of block `block`.
+/// One decode work item: keys [c0, c1) of every KV head for the rows of block `block`.
 struct DecodeChunk {
     block: usize,
-    kv: usize,
     c0: usize,
     c1: usize,
 }
@@ -109,55 +108,55 @@ fn decode_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan],
     let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
     let group = h / kvh;
     let scale = 1.0 / (d as f32).sqrt();
-    // Each block's keys: from its rows' first key to the last any of them attends.
-    let key_range = |&(t0, t1): &(usize, usize)| {
+    // A chunk holds every KV head's keys: a key's row of the cache (KV·D) is read whole, in
+    // address order, once per step (one item per head read a third of each row, the rest
+    // left to other threads at other times: half the bandwidth of the weights' stream).
+    let want = rayon::current_num_threads() * DECODE_ITEMS_PER_THREAD;
+    let per_block = want.div_ceil(blocks.len());
+    let mut chunks = vec![];
+    for (bi, &(t0, t1)) in blocks.iter().enumerate() {
+        // The block's keys: from its rows' first key to the last any of them attends.
         let first = spans[t0..t1].iter().map(|sp| span_first_key(sp) as usize).min().unwrap_or(0);
         let end = spans[t0..t1].iter().map(|sp| sp.shared_end as usize).max().unwrap_or(0).max(t1 + s.key_offset);
-        (first, end)
-    };
-    let want = rayon::current_num_threads() * DECODE_ITEMS_PER_THREAD;
-    let per_head_block = want.div_ceil(kvh * blocks.len());
-    let mut chunks = vec![];
-    for (bi, blk) in blocks.iter().enumerate() {
-        let (first, end) = key_range(blk);
-        let n = per_head_block.min((end - first).div_ceil(DECODE_CHUNK_KEYS)).max(1);
+        let n = per_block.min((end - first).div_ceil(DECODE_CHUNK_KEYS)).max(1);
         let len = (end - first).div_ceil(n);
-        for kv in 0..kvh {
-            chunks.extend((first..end).step_by(len).map(|c0| DecodeChunk { block: bi, kv, c0, c1: (c0 + len).min(end) }));
-        }
+        chunks.extend((first..end).step_by(len).map(|c0| DecodeChunk { block: bi, c0, c1: (c0 + len).min(end) }));
     }
-    // Per chunk, per (row of its block, head of its group): max score, Σ e^(score - max), and
-    // the unnormalised output Σ e^(score - max)·v (D): (rows, group, D + 2).
+    // Per chunk, per (KV head, row of its block, head of the group): max score,
+    // Σ e^(score - max), and the unnormalised output Σ e^(score - max)·v (D):
+    // (KV, rows, group, D + 2).
     let partials: Vec<Vec<f32>> = chunks
         .par_iter()
         .map(|c| {
             let (t0, t1) = blocks[c.block];
-            let mut part = Vec::with_capacity((t1 - t0) * group * (d + 2));
+            let mut part = Vec::with_capacity(kvh * (t1 - t0) * group * (d + 2));
             SCORES.with(|scores| {
                 let mut scores = scores.borrow_mut();
-                for t in t0..t1 {
-                    for hh in c.kv * group..(c.kv + 1) * group {
-                        let qrow = &q.data[t * q.cols + hh * d..][..d];
+                for kv in 0..kvh {
+                    for t in t0..t1 {
                         let [first, second] = attended_intervals(&spans[t], t + s.key_offset, 0, k.rows);
                         let segs = [first, second].map(|(a, b)| (a.max(c.c0), b.min(c.c1)));
                         let nk: usize = segs.iter().map(|(a, b)| b.saturating_sub(*a)).sum();
                         if scores.len() < nk {
                             scores.resize(nk, 0.0);
                         }
-                        let mut at = 0;
-                        for &(a, b) in segs.iter().filter(|(a, b)| a < b) {
-                            vmath::scaled_dots(qrow, &k.data[a * k.cols + c.kv * d..], k.cols, scale, &mut scores[at..at + b - a]);
-                            at += b - a;
-                        }
-                        let max = vmath::max(&scores[..nk]);
-                        let sum = if nk > 0 { vmath::exp_scaled_shift_sum(&mut scores[..nk], 1.0, max) } else { 0.0 };
-                        part.extend([max, sum]);
-                        let o0 = part.len();
-                        part.resize(o0 + d, 0.0);
-                        let mut at = 0;
-                        for &(a, b) in segs.iter().filter(|(a, b)| a < b) {
-                            vmath::weighted_sum(&scores[at..at + b - a], &v.data[a * v.cols + c.kv * d..], v.cols, &mut part[o0..]);
-                            at += b - a;
+                        for hh in kv * group..(kv + 1) * group {
+                            let qrow = &q.data[t * q.cols + hh * d..][..d];
+                            let mut at = 0;
+                            for &(a, b) in segs.iter().filter(|(a, b)| a < b) {
+                                vmath::scaled_dots(qrow, &k.data[a * k.cols + kv * d..], k.cols, scale, &mut scores[at..at + b - a]);
+                                at += b - a;
+                            }
+                            let max = vmath::max(&scores[..nk]);
+                            let sum = if nk > 0 { vmath::exp_scaled_shift_sum(&mut scores[..nk], 1.0, max) } else { 0.0 };
+                            part.extend([max, sum]);
+                            let o0 = part.len();
+                            part.resize(o0 + d, 0.0);
+                            let mut at = 0;
+                            for &(a, b) in segs.iter().filter(|(a, b)| a < b) {
+                                vmath::weighted_sum(&scores[at..at + b - a], &v.data[a * v.cols + kv * d..], v.cols, &mut part[o0..]);
+                                at += b - a;
+                            }
                         }
                     }
                 }
@@ -165,27 +164,29 @@ fn decode_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan],
             part
         })
         .collect();
-    // Merge each (row, head)'s chunks: chunks of one (block, KV head) are consecutive.
+    // Merge each (row, head)'s chunks: the chunks of one block are consecutive.
     let mut out = vec![0f32; q.rows * h * d]; // (T, H·D)
     let mut i = 0;
     while i < chunks.len() {
-        let (bi, kv) = (chunks[i].block, chunks[i].kv);
-        let j = (i..chunks.len()).find(|&j| chunks[j].block != bi || chunks[j].kv != kv).unwrap_or(chunks.len());
+        let bi = chunks[i].block;
+        let j = (i..chunks.len()).find(|&j| chunks[j].block != bi).unwrap_or(chunks.len());
         let (t0, t1) = blocks[bi];
-        for (r, t) in (t0..t1).enumerate() {
-            for g in 0..group {
-                let at = (r * group + g) * (d + 2);
-                let max = partials[i..j].iter().map(|p| p[at]).fold(f32::NEG_INFINITY, f32::max);
-                let o = &mut out[t * h * d + (kv * group + g) * d..][..d];
-                let mut sum = 0f32;
-                for p in &partials[i..j] {
-                    let w = vmath::exp_one(p[at] - max);
-                    sum += w * p[at + 1];
-                    o.iter_mut().zip(&p[at + 2..at + 2 + d]).for_each(|(o, x)| *o += w * x);
+        for kv in 0..kvh {
+            for (r, t) in (t0..t1).enumerate() {
+                for g in 0..group {
+                    let at = ((kv * (t1 - t0) + r) * group + g) * (d + 2);
+                    let max = partials[i..j].iter().map(|p| p[at]).fold(f32::NEG_INFINITY, f32::max);
+                    let o = &mut out[t * h * d + (kv * group + g) * d..][..d];
+                    let mut sum = 0f32;
+                    for p in &partials[i..j] {
+                        let w = vmath::exp_one(p[at] - max);
+                        sum += w * p[at + 1];
+                        o.iter_mut().zip(&p[at + 2..at + 2 + d]).for_each(|(o, x)| *o += w * x);
+                    }
+                    // Every row attends its own key, so some chunk's sum is positive.
+                    let inv = 1.0 / sum;
+                    o.iter_mut().for_each(|x| *x *= inv);
                 }
-                // Every row attends its own key, so some chunk's sum is positive.
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|x| *x *= inv);
             }
         }
         i = j;
