@@ -112,7 +112,7 @@ fn decode_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan],
     // address order, once per step (one item per head read a third of each row, the rest
     // left to other threads at other times: half the bandwidth of the weights' stream).
     let want = rayon::current_num_threads() * DECODE_ITEMS_PER_THREAD;
-    let per_block = want.div_ceil(blocks.len());
+    let per_block = want.div_ceil(blocks.len().max(1));
     let mut chunks = vec![];
     for (bi, &(t0, t1)) in blocks.iter().enumerate() {
         // The block's keys: from its rows' first key to the last any of them attends.

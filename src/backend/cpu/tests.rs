@@ -428,6 +428,14 @@ fn decode_by_key_chunks_over_tree_spans_matches_reference() {
 }
 
 #[test]
+fn attention_of_no_rows_is_empty() {
+    let b = CpuBackend::new();
+    let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 8, key_offset: 0 };
+    let out = b.attention(&mat(0, 16, 1), &mat(0, 8, 2), &mat(0, 8, 3), shape, &[]).unwrap();
+    assert_eq!((out.rows, out.data.len()), (0, 0));
+}
+
+#[test]
 fn prefill_attention_through_the_micro_kernel_matches_reference() {
     // Blocks of many rows run both products through gemm.rs's tiles, each tile only as far as
     // its rows attend: row counts not a multiple of the tile's 12, head sizes not a multiple of
