@@ -72,22 +72,23 @@ pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSp
             return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
         }
     }
-    let len = q.rows * h * d;
-    let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
-    // Work items: (head, block of query rows of one document); each writes its own (rows, D)
-    // slice of out, and every row attends at least its own key, so all of out is written.
     let blocks = query_blocks(spans);
     if blocks.iter().all(|(t0, t1)| t1 - t0 <= FEW_QUERY_ROWS) {
         return Ok(decode_attention(q, k, v, s, spans, &blocks));
     }
+    // Some block has more than FEW_QUERY_ROWS rows, so its products read the packed K and V.
+    let packed = PackedKv::new(k, v, s);
+    let len = q.rows * h * d;
+    let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
+    // Work items: (head, block of query rows of one document); each writes its own (rows, D)
+    // slice of out, and every row attends at least its own key, so all of out is written.
     let items: Vec<(usize, usize, usize)> = (0..h).flat_map(|hh| blocks.iter().map(move |&(t0, t1)| (hh, t0, t1))).collect();
-    let packed = blocks.iter().any(|(t0, t1)| t1 - t0 > FEW_QUERY_ROWS).then(|| PackedKv::new(k, v, s));
     let out_ptr = SendPtr(out.as_mut_ptr());
     items.par_iter().for_each(|&(hh, t0, t1)| {
         SCORES.with(|scores| {
             let mut scores = scores.borrow_mut();
             // SAFETY: items are disjoint in (rows, head columns), so no two write the same element.
-            unsafe { block_head(q, k, v, packed.as_ref(), s, spans, hh, t0, t1, out_ptr, &mut scores) };
+            unsafe { block_head(q, k, v, &packed, s, spans, hh, t0, t1, out_ptr, &mut scores) };
         });
     });
     // SAFETY: the blocks cover rows [0, T) for every head, each writing its (rows, D) slice.
@@ -115,9 +116,7 @@ fn decode_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan],
     let per_block = want.div_ceil(blocks.len().max(1));
     let mut chunks = vec![];
     for (bi, &(t0, t1)) in blocks.iter().enumerate() {
-        // The block's keys: from its rows' first key to the last any of them attends.
-        let first = spans[t0..t1].iter().map(|sp| span_first_key(sp) as usize).min().unwrap_or(0);
-        let end = spans[t0..t1].iter().map(|sp| sp.shared_end as usize).max().unwrap_or(0).max(t1 + s.key_offset);
+        let (first, end) = block_keys(spans, s, t0, t1);
         let n = per_block.min((end - first).div_ceil(DECODE_CHUNK_KEYS)).max(1);
         let len = (end - first).div_ceil(n);
         chunks.extend((first..end).step_by(len).map(|c0| DecodeChunk { block: bi, c0, c1: (c0 + len).min(end) }));
@@ -194,6 +193,14 @@ fn decode_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan],
     Mat { rows: q.rows, cols: h * d, data: out }
 }
 
+/// The keys rows [t0, t1) can see: from their first row's first key to one past the last any
+/// of them attends (its shared interval's end or its own key).
+fn block_keys(spans: &[AttnSpan], s: AttnShape, t0: usize, t1: usize) -> (usize, usize) {
+    let first = spans[t0..t1].iter().map(|sp| span_first_key(sp) as usize).min().unwrap_or(0);
+    let end = spans[t0..t1].iter().map(|sp| sp.shared_end as usize).max().unwrap_or(0).max(t1 + s.key_offset);
+    (first, end)
+}
+
 /// The first key a row can see: its document's first token.
 pub(super) fn span_first_key(sp: &AttnSpan) -> u32 {
     sp.shared_start.min(sp.own_start)
@@ -240,22 +247,21 @@ fn keys_attended_by(spans: &[AttnSpan], s: AttnShape, rows: std::ops::Range<usiz
     .unwrap_or(0)
 }
 
-/// Attention of query rows [t0, t1) of head hh (see the module doc); `packed` is there when
-/// any block of the call has more than FEW_QUERY_ROWS rows.
+/// Attention of query rows [t0, t1) of head hh (see the module doc): through `packed` when the
+/// block has more than FEW_QUERY_ROWS rows, by dot products otherwise.
 ///
 /// # Safety
 /// `out` points to (q.rows, H·D) floats, and no other caller writes rows [t0, t1) of head hh.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_head(q: &Mat, k: &Mat, v: &Mat, packed: Option<&PackedKv>, s: AttnShape, spans: &[AttnSpan], hh: usize, t0: usize, t1: usize, out: SendPtr, scratch: &mut Vec<f32>) {
+unsafe fn block_head(q: &Mat, k: &Mat, v: &Mat, packed: &PackedKv, s: AttnShape, spans: &[AttnSpan], hh: usize, t0: usize, t1: usize, out: SendPtr, scratch: &mut Vec<f32>) {
     let (h, d) = (s.heads, s.head_dim);
     let kv = hh / (h / s.kv_heads);
     let rows = t1 - t0;
     let kernel = Kernel::detect();
-    let gemm_kv = packed.filter(|_| rows > FEW_QUERY_ROWS);
-    let first = spans[t0..t1].iter().map(|sp| span_first_key(sp) as usize).min().unwrap_or(0);
+    let gemm_kv = (rows > FEW_QUERY_ROWS).then_some(packed);
+    let (first, k1) = block_keys(spans, s, t0, t1);
     // The products start at a panel of keys: the few keys before the block's first are masked.
     let k0 = if gemm_kv.is_some() { first / kernel.nr() * kernel.nr() } else { first };
-    let k1 = spans[t0..t1].iter().map(|sp| sp.shared_end as usize).max().unwrap_or(0).max(t1 + s.key_offset);
     let nk = k1 - k0;
     if scratch.len() < rows * nk {
         scratch.resize(rows * nk, 0.0);
