@@ -398,7 +398,7 @@ unsafe impl Sync for SendPtr {}
 /// ln Σ e^row: the max in f32 (exact), the exponentials by vmath in f32 (2e-7 each), the sum
 /// in f64.
 fn logsumexp(row: &[f32]) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = vmath::max(row);
     max as f64 + vmath::sum_exp_shifted(row, max).ln()
 }
 

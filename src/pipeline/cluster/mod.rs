@@ -128,7 +128,8 @@ fn rank_name(hosts: &OnceLock<Vec<String>>, rank: usize, me: usize) -> String {
 ///
 /// A singleton has no peer either, so it also skips loading and probing the network
 /// transports (the InfiniPath/PSM, OFI and UCX components each open their libraries and look
-/// for hardware): only the self one. One-document score 1.35-1.5 s -> 1.05-1.2 s here. Each setting only where the user has not made it.
+/// for hardware): only the self one. One-document score 1.35-1.5 s -> 1.05-1.2 s here. Each
+/// setting only where the user has not made it.
 fn singleton_defaults() {
     let launched = ["OMPI_COMM_WORLD_SIZE", "PMIX_NAMESPACE", "PMIX_RANK", "PMI_RANK"]
         .iter()
