@@ -410,8 +410,8 @@ fn decode_attention_over_a_long_cache_matches_reference() {
 fn decode_by_key_chunks_over_tree_spans_matches_reference() {
     // Decode rows of several sequences over one cache, as `generate` with a token tree steps
     // them: a plain causal row, a row attending a shared prefix and its own new key, and a row
-    // of another document (its own block). 700 keys make several chunks per KV head, and each
-    // chunk serves a group of 3 query heads.
+    // of another document (its own block). 700 keys make several chunks, and each chunk serves
+    // both KV heads, each with its group of 3 query heads.
     let b = CpuBackend::new();
     let cached = 700;
     let spans = vec![
