@@ -513,3 +513,30 @@ fn softmax_numerators_and_max_at_every_tail_length() {
         assert!((sum as f64 - want_sum).abs() <= 1e-6 * want_sum.max(1.0), "sum of {n}: {sum} vs {want_sum}");
     }
 }
+
+#[test]
+fn dots_and_weighted_sums_at_every_length() {
+    // The decode kernels: keys four at a time with a scalar tail, rows two at a time with an odd
+    // one left, both asking for rows ahead (past the end near the last ones), at the head sizes
+    // with their own kernels (64, 128) and one without (40), rows wider than the head.
+    for d in [40, 64, 128] {
+        let stride = 3 * d + 8;
+        let q = mat(1, d, 5).data;
+        for n in 0..40 {
+            let rows = mat(n.max(1), stride, 6).data;
+            let mut dots = vec![0f32; n];
+            vmath::scaled_dots(&q, &rows, stride, 0.125, &mut dots);
+            for (j, &got) in dots.iter().enumerate() {
+                let want: f64 = (0..d).map(|c| q[c] as f64 * rows[j * stride + c] as f64).sum::<f64>() * 0.125;
+                assert!((got as f64 - want).abs() < 1e-5, "dot {j} of {n} at D = {d}: {got} vs {want}");
+            }
+            let p = mat(1, n.max(1), 7).data[..n].to_vec();
+            let mut out = vec![0.5f32; d];
+            vmath::weighted_sum(&p, &rows, stride, &mut out);
+            for (c, &got) in out.iter().enumerate() {
+                let want = 0.5 + (0..n).map(|j| p[j] as f64 * rows[j * stride + c] as f64).sum::<f64>();
+                assert!((got as f64 - want).abs() < 1e-5, "weighted sum column {c} over {n} rows at D = {d}: {got} vs {want}");
+            }
+        }
+    }
+}
