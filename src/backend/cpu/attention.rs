@@ -1,6 +1,6 @@
-//! CPU attention over token-tree spans: work items of (head, block of one document's query
-//! rows); per item scores = q·kᵀ over the block's keys, a softmax over each row's attended
-//! intervals (the rest of the row set to 0 by slice), out = p·v.
+//! CPU attention over token-tree spans: work items of blocks of one document's query rows, all
+//! heads; per head scores = q·kᵀ over the block's keys, a softmax over each row's attended
+//! intervals (the rest of the row set to 0 by slice), out = p·v scaled by 1/Σ.
 //!
 //! Shapes: T query rows, S key rows, H heads, KV key/value heads, D head dim; B rows of a
 //! block, K keys of a block.
@@ -52,11 +52,17 @@ struct PackedKv {
 impl PackedKv {
     fn new(k: &Mat, v: &Mat, s: AttnShape) -> PackedKv {
         let (kernel, d) = (Kernel::detect(), s.head_dim);
-        let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..s.kv_heads)
+        // Keys and values of each KV head apart: SmolLM2's 3 KV heads are 6 tasks on 2 threads,
+        // not 3 (one thread packing two heads while the other waits).
+        let mut packed: Vec<Vec<f32>> = (0..2 * s.kv_heads)
             .into_par_iter()
-            .map(|kv| (gemm::pack_rows(kernel, &k.data[kv * d..], k.rows, d, k.cols), gemm::pack_cols(kernel, &v.data[kv * d..], v.rows, d, v.cols)))
+            .map(|i| match (i / 2, i % 2) {
+                (kv, 0) => gemm::pack_rows(kernel, &k.data[kv * d..], k.rows, d, k.cols),
+                (kv, _) => gemm::pack_cols(kernel, &v.data[kv * d..], v.rows, d, v.cols),
+            })
             .collect();
-        let (keys, values) = heads.into_iter().unzip();
+        let values = (0..s.kv_heads).map(|kv| std::mem::take(&mut packed[2 * kv + 1])).collect();
+        let keys = (0..s.kv_heads).map(|kv| std::mem::take(&mut packed[2 * kv])).collect();
         PackedKv { keys, values, keys_len: k.rows }
     }
 }
@@ -80,15 +86,18 @@ pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSp
     let packed = PackedKv::new(k, v, s);
     let len = q.rows * h * d;
     let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
-    // Work items: (head, block of query rows of one document); each writes its own (rows, D)
-    // slice of out, and every row attends at least its own key, so all of out is written.
-    let items: Vec<(usize, usize, usize)> = (0..h).flat_map(|hh| blocks.iter().map(move |&(t0, t1)| (hh, t0, t1))).collect();
+    // Work items: blocks of query rows of one document, every head; each writes its own rows of
+    // out, and every row attends at least its own key, so all of out is written. The block's
+    // intervals are worked out once for its heads.
     let out_ptr = SendPtr(out.as_mut_ptr());
-    items.par_iter().for_each(|&(hh, t0, t1)| {
+    blocks.par_iter().for_each(|&(t0, t1)| {
         SCORES.with(|scores| {
             let mut scores = scores.borrow_mut();
-            // SAFETY: items are disjoint in (rows, head columns), so no two write the same element.
-            unsafe { block_head(q, k, v, &packed, s, spans, hh, t0, t1, out_ptr, &mut scores) };
+            let b = Block::new(spans, s, t0, t1);
+            for hh in 0..h {
+                // SAFETY: blocks are disjoint in rows, so no two items write the same element.
+                unsafe { block_head(q, k, v, &packed, s, &b, hh, out_ptr, &mut scores) };
+            }
         });
     });
     // SAFETY: the blocks cover rows [0, T) for every head, each writing its (rows, D) slice.
@@ -237,92 +246,107 @@ fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> [(usiz
     }
 }
 
-/// One past the last key (relative to k0) that any of rows [r0, r1) attends.
-fn keys_attended_by(spans: &[AttnSpan], s: AttnShape, rows: std::ops::Range<usize>, k0: usize, nk: usize) -> usize {
-    rows.map(|t| {
-        let [(a0, a1), (b0, b1)] = attended_intervals(&spans[t], t + s.key_offset, k0, nk);
-        (if b0 < b1 { b1 } else { 0 }).max(if a0 < a1 { a1 } else { 0 })
-    })
-    .max()
-    .unwrap_or(0)
+/// A block of query rows [t0, t1) and what every head's products need of its spans.
+struct Block {
+    t0: usize,
+    t1: usize,
+    /// The first key of the products: a whole panel of keys where they run as GEMMs.
+    k0: usize,
+    /// Keys from k0 to one past the last any row attends.
+    nk: usize,
+    /// Per row, the keys it attends relative to k0 (`attended_intervals`).
+    intervals: Vec<[(usize, usize); 2]>,
+    /// Per row, one past the last key it attends relative to k0.
+    ends: Vec<usize>,
+    /// The products run through the packed K and V (more than FEW_QUERY_ROWS rows).
+    gemm: bool,
 }
 
-/// Attention of query rows [t0, t1) of head hh (see the module doc): through `packed` when the
-/// block has more than FEW_QUERY_ROWS rows, by dot products otherwise.
+impl Block {
+    fn new(spans: &[AttnSpan], s: AttnShape, t0: usize, t1: usize) -> Block {
+        let gemm = t1 - t0 > FEW_QUERY_ROWS;
+        let (first, k1) = block_keys(spans, s, t0, t1);
+        let nr = Kernel::detect().nr();
+        // The products start at a panel of keys: the few keys before the block's first are masked.
+        let k0 = if gemm { first / nr * nr } else { first };
+        let nk = k1 - k0;
+        let intervals: Vec<_> = (t0..t1).map(|t| attended_intervals(&spans[t], t + s.key_offset, k0, nk)).collect();
+        let ends = intervals.iter().map(|&[(a0, a1), (b0, b1)]| (if b0 < b1 { b1 } else { 0 }).max(if a0 < a1 { a1 } else { 0 })).collect();
+        Block { t0, t1, k0, nk, intervals, ends, gemm }
+    }
+
+    /// One past the last key (relative to k0) that any of the block's rows [r0, r1) attends.
+    fn keys_attended_by(&self, r0: usize, r1: usize) -> usize {
+        self.ends[r0..r1].iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// Attention of block `b`'s rows for head hh (see the module doc): through `packed` when the
+/// block runs as GEMMs, by dot products otherwise. Each row's probabilities are left
+/// unnormalised through p·v and its output scaled by 1/Σ after: D values, not the row's keys.
 ///
 /// # Safety
-/// `out` points to (q.rows, H·D) floats, and no other caller writes rows [t0, t1) of head hh.
+/// `out` points to (q.rows, H·D) floats, and no other caller writes the block's rows of head hh.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_head(q: &Mat, k: &Mat, v: &Mat, packed: &PackedKv, s: AttnShape, spans: &[AttnSpan], hh: usize, t0: usize, t1: usize, out: SendPtr, scratch: &mut Vec<f32>) {
+unsafe fn block_head(q: &Mat, k: &Mat, v: &Mat, packed: &PackedKv, s: AttnShape, b: &Block, hh: usize, out: SendPtr, scratch: &mut Vec<f32>) {
     let (h, d) = (s.heads, s.head_dim);
     let kv = hh / (h / s.kv_heads);
-    let rows = t1 - t0;
+    let (t0, rows, k0, nk) = (b.t0, b.t1 - b.t0, b.k0, b.nk);
     let kernel = Kernel::detect();
-    let gemm_kv = (rows > FEW_QUERY_ROWS).then_some(packed);
-    let (first, k1) = block_keys(spans, s, t0, t1);
-    // The products start at a panel of keys: the few keys before the block's first are masked.
-    let k0 = if gemm_kv.is_some() { first / kernel.nr() * kernel.nr() } else { first };
-    let nk = k1 - k0;
-    if scratch.len() < rows * nk {
-        scratch.resize(rows * nk, 0.0);
+    if scratch.len() < rows * (nk + 1) {
+        scratch.resize(rows * (nk + 1), 0.0);
     }
-    let scores = &mut scratch[..rows * nk]; // (B, K)
+    let (scores, inv) = scratch[..rows * (nk + 1)].split_at_mut(rows * nk); // (B, K), (B,)
     let scale = 1.0 / (d as f32).sqrt();
     // The scores' scale: the dot products apply it, the GEMM leaves it to the softmax.
-    let score_scale = match gemm_kv {
-        None => {
-            for (i, row) in scores.chunks_mut(nk).enumerate() {
-                let qrow = &q.data[(t0 + i) * q.cols + hh * d..][..d];
-                vmath::scaled_dots(qrow, &k.data[k0 * k.cols + kv * d..], k.cols, scale, row);
-            }
-            1.0
+    let score_scale = if b.gemm {
+        let panel = k0 / kernel.nr() * d * kernel.nr(); // the panel holding key k0
+        // SAFETY: q holds rows t0.. of H·D values (head hh's D at hh·D), scores (rows, nk),
+        // the packed keys nk keys from k0; a tile leaves columns past its rows' last attended
+        // key unwritten, and the softmax below writes every column outside the intervals.
+        gemm::matmul_tiles(kernel, q.data.as_ptr().add(t0 * q.cols + hh * d), q.cols, rows, d, packed.keys[kv].as_ptr().add(panel), d * kernel.nr(), nk, scores.as_mut_ptr(), nk, |r0, r1| {
+            (b.keys_attended_by(r0, r1), d)
+        });
+        scale
+    } else {
+        for (i, row) in scores.chunks_mut(nk).enumerate() {
+            let qrow = &q.data[(t0 + i) * q.cols + hh * d..][..d];
+            vmath::scaled_dots(qrow, &k.data[k0 * k.cols + kv * d..], k.cols, scale, row);
         }
-        Some(p) => {
-            let panel = k0 / kernel.nr() * d * kernel.nr(); // the panel holding key k0
-            // SAFETY: q holds rows t0.. of H·D values (head hh's D at hh·D), scores (rows, nk),
-            // the packed keys nk keys from k0; a tile leaves columns past its rows' last attended
-            // key unwritten, and the softmax below writes every column outside the intervals.
-            gemm::matmul_tiles(kernel, q.data.as_ptr().add(t0 * q.cols + hh * d), q.cols, rows, d, p.keys[kv].as_ptr().add(panel), d * kernel.nr(), nk, scores.as_mut_ptr(), nk, |r0, r1| {
-                (keys_attended_by(spans, s, t0 + r0..t0 + r1, k0, nk), d)
-            });
-            scale
-        }
+        1.0
     };
-    for (i, row) in scores.chunks_mut(nk).enumerate() {
-        let t = t0 + i;
-        let [(a0, a1), (b0, b1)] = attended_intervals(&spans[t], t + s.key_offset, k0, nk);
+    for ((row, inv), &[(a0, a1), (b0, b1)]) in scores.chunks_mut(nk).zip(inv.iter_mut()).zip(&b.intervals) {
         let max = vmath::max(&row[a0..a1]).max(vmath::max(&row[b0..b1]));
         let shift = max * score_scale;
         let sum = vmath::exp_scaled_shift_sum(&mut row[a0..a1], score_scale, shift) + vmath::exp_scaled_shift_sum(&mut row[b0..b1], score_scale, shift);
-        let inv = 1.0 / sum;
+        *inv = 1.0 / sum;
         row[..a0].fill(0.0);
-        row[a0..a1].iter_mut().for_each(|p| *p *= inv);
         row[a1..b0.max(a1)].fill(0.0);
-        row[b0..b1].iter_mut().for_each(|p| *p *= inv);
         row[b1.max(a1)..].fill(0.0);
     }
-    match gemm_kv {
-        None => {
-            let vbase = k0 * v.cols + kv * d;
-            for (i, row) in scores.chunks(nk).enumerate() {
-                let t = t0 + i;
-                // SAFETY: row t's head-hh slice (D) of out is this call's alone (see the contract).
-                let o = std::slice::from_raw_parts_mut(out.0.add(t * h * d + hh * d), d);
-                o.fill(0.0);
-                // Only the attended intervals: the rest of the row is 0.
-                for (a, b) in attended_intervals(&spans[t], t + s.key_offset, k0, nk).into_iter().filter(|(a, b)| a < b) {
-                    vmath::weighted_sum(&row[a..b], &v.data[vbase + a * v.cols..], v.cols, o);
-                }
+    // The block's rows of head hh in out: row i at out + (t0 + i)·H·D + hh·D.
+    let out_row = |i: usize| std::slice::from_raw_parts_mut(out.0.add((t0 + i) * h * d + hh * d), d);
+    if b.gemm {
+        let nr = kernel.nr();
+        // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
+        // vᵀ's panels are keys_len deep, read from key k0; p's row is 0 past its rows' last
+        // attended key, so the depth stops there.
+        gemm::matmul_tiles(kernel, scores.as_ptr(), nk, rows, nk, packed.values[kv].as_ptr().add(k0 * nr), packed.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, |r0, r1| {
+            (d, b.keys_attended_by(r0, r1))
+        });
+    } else {
+        let vbase = k0 * v.cols + kv * d;
+        for (i, row) in scores.chunks(nk).enumerate() {
+            // SAFETY: row t's head-hh slice (D) of out is this call's alone (see the contract).
+            let o = out_row(i);
+            o.fill(0.0);
+            // Only the attended intervals: the rest of the row is 0.
+            for (a, b) in b.intervals[i].into_iter().filter(|(a, b)| a < b) {
+                vmath::weighted_sum(&row[a..b], &v.data[vbase + a * v.cols..], v.cols, o);
             }
         }
-        Some(p) => {
-            let nr = kernel.nr();
-            // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
-            // vᵀ's panels are keys_len deep, read from key k0; p's row is 0 past its rows' last
-            // attended key, so the depth stops there.
-            gemm::matmul_tiles(kernel, scores.as_ptr(), nk, rows, nk, p.values[kv].as_ptr().add(k0 * nr), p.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, |r0, r1| {
-                (d, keys_attended_by(spans, s, t0 + r0..t0 + r1, k0, nk))
-            });
-        }
+    }
+    for (i, &inv) in inv.iter().enumerate() {
+        out_row(i).iter_mut().for_each(|x| *x *= inv);
     }
 }

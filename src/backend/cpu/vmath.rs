@@ -16,20 +16,34 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 /// e^x. Below -87.3 (e^x under f32's smallest normal) it is 0; above 88 it saturates at e^88.
 #[inline(always)]
 pub fn exp_one(x: f32) -> f32 {
+    exp_in::<false>(x)
+}
+
+/// a·b + c, in one rounding where FUSED: the AVX2 and AVX-512 copies of the slice functions
+/// (their target has FMA, so `mul_add` is one instruction, and exp's polynomial takes 10
+/// instructions instead of 20); in the baseline copy `mul_add` would be a libm call.
+#[inline(always)]
+fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `exp_one`, with its multiply-adds fused where FUSED.
+#[inline(always)]
+fn exp_in<const FUSED: bool>(x: f32) -> f32 {
     let xc = x.clamp(-87.0, 88.0);
     // e^x = 2^n · e^r with r in [-ln2/2, ln2/2]; e^r by its Taylor series to r^7/7!
     // (truncation 5e-9 there).
-    let rounded = xc * LOG2E + ROUND_MAGIC; // n + 1.5·2^23: n is in its low mantissa bits
+    let rounded = madd::<FUSED>(xc, LOG2E, ROUND_MAGIC); // n + 1.5·2^23: n is in its low mantissa bits
     let n = rounded - ROUND_MAGIC;
-    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r = madd::<FUSED>(-n, LN2_LO, madd::<FUSED>(-n, LN2_HI, xc));
     let mut p = 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = madd::<FUSED>(p, r, c);
+    }
     // 2^n built from n's bits, not from `n as i32`: Rust's saturating cast compiled to one
     // scalar cvttss2si per lane, a third of SiLU's and the softmax's time (perf annotate).
     let n_int = rounded.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32; // n in [-126, 127]
@@ -86,11 +100,16 @@ fn horner(coeffs: &[f32], x: f32) -> f32 {
 /// under half an ulp of 1). Both halves are computed and one selected, so the loop has no branch.
 #[inline(always)]
 pub fn erf_one(x: f32) -> f32 {
+    erf_in::<false>(x)
+}
+
+#[inline(always)]
+fn erf_in<const FUSED: bool>(x: f32) -> f32 {
     let z = x.abs().min(4.0);
     let z2 = z * z;
     let small = z * horner(&ERF_TAYLOR, z2);
     let s = (z - 1.0) * (2.0 / 3.0) - 1.0;
-    let large = 1.0 - exp_one(-z2) * horner(&ERFC_SCALED_FIT, s);
+    let large = 1.0 - exp_in::<FUSED>(-z2) * horner(&ERFC_SCALED_FIT, s);
     let v = if z < 1.0 { small } else { large };
     v.copysign(x)
 }
@@ -98,34 +117,39 @@ pub fn erf_one(x: f32) -> f32 {
 /// 0.5 x (1 + erf(x / √2)): torch's default (exact) GELU.
 #[inline(always)]
 pub fn gelu_one(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf_one(x * std::f32::consts::FRAC_1_SQRT_2))
+    gelu_in::<false>(x)
 }
 
 #[inline(always)]
-fn gelu_body(x: &mut [f32]) {
+fn gelu_in<const FUSED: bool>(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_in::<FUSED>(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+fn gelu_body<const FUSED: bool>(x: &mut [f32]) {
     // A plain loop: `for_each`'s closure was outlined, compiled without the target features.
     for v in x.iter_mut() {
-        *v = gelu_one(*v);
+        *v = gelu_in::<FUSED>(*v);
     }
 }
 
 #[inline(always)]
-fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
+fn silu_mul_body<const FUSED: bool>(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + exp_one(-*g)) * u;
+        *g = *g / (1.0 + exp_in::<FUSED>(-*g)) * u;
     }
 }
 
 /// x[i] = e^(x[i]·scale - shift); returns the sum (16 partial sums, so the loop vectorises at
 /// either vector width).
 #[inline(always)]
-fn exp_scaled_shift_sum_body(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+fn exp_scaled_shift_sum_body<const FUSED: bool>(x: &mut [f32], scale: f32, shift: f32) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            c[i] = exp_one(c[i] * scale - shift);
+            c[i] = exp_in::<FUSED>(madd::<FUSED>(c[i], scale, -shift));
             acc[i] += c[i];
         }
     }
@@ -135,7 +159,7 @@ fn exp_scaled_shift_sum_body(x: &mut [f32], scale: f32, shift: f32) -> f32 {
     let mut lanes = [0f32; LANES];
     lanes[..rest.len()].copy_from_slice(rest);
     for i in 0..LANES {
-        lanes[i] = exp_one(lanes[i] * scale - shift);
+        lanes[i] = exp_in::<FUSED>(madd::<FUSED>(lanes[i], scale, -shift));
         acc[i] += if i < rest.len() { lanes[i] } else { 0.0 };
     }
     rest.copy_from_slice(&lanes[..rest.len()]);
@@ -160,7 +184,7 @@ fn max_body(x: &[f32]) -> f32 {
 /// block's sum added in f64, so a 150 000-entry vocabulary row keeps f64-like accuracy
 /// (relative error ~1e-6 at worst, against 2e-7 per exponential).
 #[inline(always)]
-fn sum_exp_shifted_body(x: &[f32], shift: f32) -> f64 {
+fn sum_exp_shifted_body<const FUSED: bool>(x: &[f32], shift: f32) -> f64 {
     const LANES: usize = 16;
     const BLOCK: usize = 256;
     let mut total = 0f64;
@@ -169,10 +193,10 @@ fn sum_exp_shifted_body(x: &[f32], shift: f32) -> f64 {
         let mut chunks = block.chunks_exact(LANES);
         for c in &mut chunks {
             for i in 0..LANES {
-                acc[i] += exp_one(c[i] - shift);
+                acc[i] += exp_in::<FUSED>(c[i] - shift);
             }
         }
-        let tail: f32 = chunks.remainder().iter().map(|&v| exp_one(v - shift)).sum();
+        let tail: f32 = chunks.remainder().iter().map(|&v| exp_in::<FUSED>(v - shift)).sum();
         total += (acc.iter().sum::<f32>() + tail) as f64;
     }
     total
@@ -308,16 +332,23 @@ fn weighted_sum_any(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
 /// baseline one otherwise.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident, $fast:ident, $wide:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        dispatch!(@copies $(#[$doc])* $name, $fast, $wide, $body, $body, $body, ($($arg: $ty),*) -> $ret);
+    };
+    // A body generic over FUSED (see `madd`): fused in the copies whose target has FMA.
+    (fused $(#[$doc:meta])* $name:ident, $fast:ident, $wide:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        dispatch!(@copies $(#[$doc])* $name, $fast, $wide, $body::<true>, $body::<true>, $body::<false>, ($($arg: $ty),*) -> $ret);
+    };
+    (@copies $(#[$doc:meta])* $name:ident, $fast:ident, $wide:ident, $fast_body:path, $wide_body:path, $base_body:path, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         unsafe fn $fast($($arg: $ty),*) -> $ret {
-            $body($($arg),*)
+            $fast_body($($arg),*)
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx2,fma")]
         unsafe fn $wide($($arg: $ty),*) -> $ret {
-            $body($($arg),*)
+            $wide_body($($arg),*)
         }
 
         $(#[$doc])*
@@ -333,20 +364,23 @@ macro_rules! dispatch {
                     return unsafe { $fast($($arg),*) };
                 }
             }
-            $body($($arg),*)
+            $base_body($($arg),*)
         }
     };
 }
 
 dispatch!(
+    fused
     /// x = GELU(x) in place.
     gelu_slice, gelu_avx2, gelu_avx512, gelu_body, (x: &mut [f32]) -> ()
 );
 dispatch!(
+    fused
     /// gate = SiLU(gate) · up, elementwise.
     silu_mul_slice, silu_mul_avx2, silu_mul_avx512, silu_mul_body, (gate: &mut [f32], up: &[f32]) -> ()
 );
 dispatch!(
+    fused
     /// x = e^(x·scale - shift) in place, returning the sum: the softmax numerators of scores
     /// still to be scaled.
     exp_scaled_shift_sum, exp_scaled_shift_sum_avx2, exp_scaled_shift_sum_avx512, exp_scaled_shift_sum_body, (x: &mut [f32], scale: f32, shift: f32) -> f32
@@ -356,6 +390,7 @@ dispatch!(
     max, max_avx2, max_avx512, max_body, (x: &[f32]) -> f32
 );
 dispatch!(
+    fused
     /// Σ e^(x - shift), the softmax denominator of a row of logits, in f64.
     sum_exp_shifted, sum_exp_shifted_avx2, sum_exp_shifted_avx512, sum_exp_shifted_body, (x: &[f32], shift: f32) -> f64
 );
