@@ -10,13 +10,13 @@ use super::{AttnShape, Backend, BackendError, CopySpan, Result};
 use crate::token_tree::AttnSpan;
 use crate::tensor::{DType, HostTensor};
 use rayon::prelude::*;
-use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 use gemm::{Kernel, Out};
 
 mod attention;
 mod gemm;
+mod rope;
 mod stream;
 mod vmath;
 pub use stream::{CpuPinned, CpuSlot, CpuTransfer};
@@ -97,6 +97,8 @@ impl CpuWeight {
 pub struct CpuBackend {
     /// The weight copy thread (stream.rs), started by the first prefetch.
     copier: Mutex<Option<stream::Copier>>,
+    /// RoPE's cos and sin of recent positions, for the layers that follow (rope.rs).
+    rope_tables: rope::RopeTables,
 }
 
 fn shape_err(op: &'static str, msg: String) -> BackendError {
@@ -279,20 +281,13 @@ impl Backend for CpuBackend {
                 format!("{} positions, {} rows, {} cols, {} frequencies for head dim {head_dim}", positions.len(), x.rows, x.cols, inv_freq.len()),
             ));
         }
-        let half = head_dim / 2;
+        let table = self.rope_tables.get(positions, inv_freq);
         let cols = x.cols;
-        x.data.par_chunks_mut(cols).zip(positions).for_each(|(row, &pos)| {
-            ROPE_TABLE.with(|table| {
-                let mut table = table.borrow_mut();
-                // cos (D/2) then sin (D/2) of this position, once for all heads.
-                table.clear();
-                table.extend(inv_freq.iter().map(|f| (pos as f32 * f).cos()));
-                table.extend(inv_freq.iter().map(|f| (pos as f32 * f).sin()));
-                let (cos, sin) = table.split_at(half);
-                for head in row[col0..col0 + heads * head_dim].chunks_exact_mut(head_dim) {
-                    vmath::rotate_half(head, cos, sin);
-                }
-            });
+        x.data.par_chunks_mut(cols).enumerate().for_each(|(t, row)| {
+            let (cos, sin) = table.row(t);
+            for head in row[col0..col0 + heads * head_dim].chunks_exact_mut(head_dim) {
+                vmath::rotate_half(head, cos, sin);
+            }
         });
         Ok(())
     }
@@ -382,11 +377,6 @@ impl Backend for CpuBackend {
         });
         Ok(out)
     }
-}
-
-thread_local! {
-    /// Each worker's cos and sin of one position (D), for `rope`.
-    static ROPE_TABLE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 #[derive(Clone, Copy)]

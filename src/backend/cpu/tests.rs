@@ -151,6 +151,26 @@ fn rope_rotates_pairs_half_apart() {
     assert!((x.row(1)[7] - (c * angle.cos() + a * angle.sin())).abs() < 1e-6);
 }
 
+#[test]
+fn rope_tables_kept_between_calls_match_fresh_ones() {
+    // One backend rotating many position sets (more than it keeps) and two frequency sets over
+    // the same positions, against a fresh backend per call: a kept table is only ever reused for
+    // the same positions and frequencies.
+    let b = CpuBackend::new();
+    let freqs = [vec![1.0, 0.1, 0.01, 0.001], vec![0.5, 0.05, 0.005, 0.0005]];
+    let sets: Vec<Vec<u32>> = (0..12).map(|i| (0..5).map(|t| (t * (i + 1)) as u32).collect()).collect();
+    for round in 0..2 {
+        for (i, positions) in sets.iter().enumerate() {
+            let f = &freqs[(i + round) % 2];
+            let mut got = mat(5, 24, 80 + i as u64);
+            let mut want = got.clone();
+            b.rope(&mut got, 8, 2, 8, positions, f).unwrap();
+            CpuBackend::new().rope(&mut want, 8, 2, 8, positions, f).unwrap();
+            assert_eq!(got, want, "round {round}, position set {i}");
+        }
+    }
+}
+
 /// erf in f64 to ~1e-15: Maclaurin series below 2.5, erfc's continued fraction (Lentz) above.
 fn erf_ref(x: f64) -> f64 {
     if x.abs() < 2.5 {
