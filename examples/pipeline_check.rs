@@ -118,7 +118,7 @@ fn write_parts(cfg: &ModelConfig, a: &Args, dir: &Path) -> Result<()> {
 fn read_part(path: &Path) -> Result<Vec<(String, HostTensor)>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    Ok(st.tensors().into_iter().map(|(n, v)| (n, HostTensor { dtype: DType::F32, shape: v.shape().to_vec(), data: v.data().to_vec() })).collect())
+    Ok(st.tensors().into_iter().map(|(n, v)| (n, HostTensor { dtype: DType::F32, shape: v.shape().to_vec(), data: v.data().to_vec().into() })).collect())
 }
 
 /// Deterministic documents: prompts of 3..10 tokens, 2..3 choices of 1..4 tokens.

@@ -327,7 +327,7 @@ fn host_layer(cfg: &ModelConfig) -> Vec<(String, HostTensor)> {
                 let k = (n * 2 - data.len()).min(block.len());
                 data.extend_from_slice(&block[..k]);
             }
-            (name, HostTensor { dtype: DType::Bf16, shape, data })
+            (name, HostTensor { dtype: DType::Bf16, shape, data: data.into() })
         })
         .collect()
 }
@@ -363,7 +363,7 @@ fn h2d_layer<B: Backend>(b: &B, cfg: &ModelConfig, bytes_per: usize) -> Result<(
 /// piece: the ceiling a layer's copy (dozens of tensors) is compared with.
 fn h2d_peak<B: Backend>(b: &B, cfg: &ModelConfig, bytes_per: usize) -> Result<f64> {
     let n = layer_params(cfg);
-    let t = HostTensor { dtype: DType::Bf16, shape: vec![n / 4096, 4096], data: vec![0x3fu8; (n / 4096) * 4096 * 2] };
+    let t = HostTensor { dtype: DType::Bf16, shape: vec![n / 4096, 4096], data: vec![0x3fu8; (n / 4096) * 4096 * 2].into() };
     let group = Arc::new(b.pin(std::slice::from_ref(&t))?);
     Ok(((n / 4096) * 4096 * bytes_per) as f64 / time_copy(b, &group, 1)?)
 }

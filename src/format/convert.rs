@@ -138,8 +138,8 @@ fn cast(t: HostTensor, dtype: DType) -> HostTensor {
     }
     let mut data = Vec::with_capacity(t.numel() * dtype.size());
     for chunk in t.data.chunks(CAST_CHUNK * t.dtype.size()) {
-        let piece = HostTensor { dtype: t.dtype, shape: vec![chunk.len() / t.dtype.size()], data: chunk.to_vec() };
+        let piece = HostTensor { dtype: t.dtype, shape: vec![chunk.len() / t.dtype.size()], data: chunk.to_vec().into() };
         data.extend_from_slice(&piece.to_dtype(dtype).data);
     }
-    HostTensor { dtype, shape: t.shape, data }
+    HostTensor { dtype, shape: t.shape, data: data.into() }
 }

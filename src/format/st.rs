@@ -1,10 +1,11 @@
-//! One safetensors file: mmap, parse and index the header, copy tensors out, write a part.
+//! One safetensors file: mmap, parse and index the header, copy tensors out (or hand out ranges
+//! of the shared map), write a part.
 //!
 //! Shared by the HF reader (hf.rs) and the model directory (model_dir.rs), so both treat
 //! untrusted bytes the same way: every malformed header is an error naming the file.
 
 use super::{FormatError, Result};
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::{Bytes, DType, HostTensor};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use sha2::{Digest, Sha256};
@@ -13,6 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use xxhash_rust::xxh3::Xxh3;
 
 /// Where one tensor lies in the mapped file.
@@ -25,14 +27,15 @@ pub struct TensorEntry {
     pub end: usize,
 }
 
-/// Bytes copied out of the map between two releases of its pages.
+/// Bytes copied out of the map between two releases of its pages (and hashed per watchdog beat).
 const COPY_CHUNK: usize = 16 << 20;
 
 /// A mapped, header-checked safetensors file. The header is parsed once at open; reads
 /// slice the mapping by the recorded offsets, so no borrow of the map outlives a call.
 pub(crate) struct StFile {
     path: PathBuf,
-    mmap: Mmap,
+    /// Shared with the tensors `read_all_hashed` hands out.
+    mmap: Arc<Mmap>,
     tensors: HashMap<String, TensorEntry>,
     /// Names in file (offset) order, for stable listings.
     order: Vec<String>,
@@ -94,7 +97,7 @@ impl StFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
         let entries = parse_bytes(&mmap, path)?;
         let order = entries.iter().map(|(n, _)| n.clone()).collect();
-        Ok(StFile { path: path.to_path_buf(), mmap, tensors: entries.into_iter().collect(), order })
+        Ok(StFile { path: path.to_path_buf(), mmap: Arc::new(mmap), tensors: entries.into_iter().collect(), order })
     }
 
     pub fn path(&self) -> &Path {
@@ -110,8 +113,8 @@ impl StFile {
         self.tensors.get(name)
     }
 
-    /// A copy of tensor `name` in its stored dtype (F32, F16 or BF16).
-    pub fn read(&self, name: &str) -> Result<HostTensor> {
+    /// Tensor `name`'s entry and its dtype (F32, F16 or BF16; others are refused).
+    fn stored(&self, name: &str) -> Result<(&TensorEntry, DType)> {
         let path = self.path.display().to_string();
         let e = self
             .tensors
@@ -121,6 +124,12 @@ impl StFile {
             path: path.clone(),
             msg: format!("tensor `{name}` has dtype {:?}; only F32, F16 and BF16 are supported", e.dtype),
         })?;
+        Ok((e, dtype))
+    }
+
+    /// A copy of tensor `name` in its stored dtype (F32, F16 or BF16).
+    pub fn read(&self, name: &str) -> Result<HostTensor> {
+        let (e, dtype) = self.stored(name)?;
         // Touched pages of the map count toward our resident set until dropped, so copying a
         // whole tensor at once would hold it twice (mapped + copy) and reading a checkpoint
         // through one map would grow RSS toward its size. Copy in chunks and drop each
@@ -135,31 +144,25 @@ impl StFile {
             let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, at, stop - at) };
             at = stop;
         }
-        Ok(HostTensor { dtype, shape: e.shape.clone(), data })
+        Ok(HostTensor { dtype, shape: e.shape.clone(), data: data.into() })
     }
 
-    /// Every tensor, copied out in file order, and the fast content hash of the whole file
-    /// (`content_hash` of the same bytes), computed in the same pass: each chunk is hashed
-    /// while it is hot from the copy, so checking costs no second read of the file.
+    /// Every tensor in file order, as ranges of the map (no copy: the backend converts them
+    /// anyway), and the fast content hash of the whole file (`content_hash` of the same
+    /// bytes). The map's pages stay in the resident set until the last tensor is dropped:
+    /// they are the file's page cache, which the kernel can reclaim, not memory of our own.
     pub fn read_all_hashed(&self) -> Result<(HashMap<String, HostTensor>, String)> {
         let mut hasher = Xxh3::new();
         let mut out = HashMap::with_capacity(self.order.len());
-        let mut hashed = 0; // bytes of the file fed to the hasher so far
         for name in &self.order {
-            let e = &self.tensors[name];
-            // The header, and any padding between tensors, is hashed too.
-            if e.start > hashed {
-                hasher.update(&self.mmap[hashed..e.start]);
-            }
-            let t = self.read(name)?;
-            hasher.update(&t.data[hashed.saturating_sub(e.start)..]);
-            hashed = hashed.max(e.end);
-            out.insert(name.clone(), t);
-            // A large part takes a while: each tensor read is progress for the watchdog.
-            crate::liveness::advanced();
+            let (e, dtype) = self.stored(name)?;
+            out.insert(name.clone(), HostTensor { dtype, shape: e.shape.clone(), data: Bytes::Mapped { map: self.mmap.clone(), range: e.start..e.end } });
         }
-        if self.mmap.len() > hashed {
-            hasher.update(&self.mmap[hashed..]);
+        // The header, the tensors and any padding between them, in chunks: each is progress
+        // for the watchdog on a large part.
+        for chunk in self.mmap.chunks(COPY_CHUNK) {
+            hasher.update(chunk);
+            crate::liveness::advanced();
         }
         Ok((out, hash_hex(&hasher)))
     }

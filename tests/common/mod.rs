@@ -56,7 +56,7 @@ pub fn read_shards(dir: &std::path::Path) -> Shards {
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             for (name, view) in st.tensors() {
                 assert_eq!(view.dtype(), safetensors::Dtype::F32);
-                map.insert(name.to_string(), HostTensor { dtype: DType::F32, shape: view.shape().to_vec(), data: view.data().to_vec() });
+                map.insert(name.to_string(), HostTensor { dtype: DType::F32, shape: view.shape().to_vec(), data: view.data().to_vec().into() });
             }
         }
     }
