@@ -87,10 +87,7 @@ fn bin() -> Command {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fb-conventions-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp::dir(&format!("fb-conventions-{name}"))
 }
 
 fn ok(c: &mut Command) -> String {

@@ -16,7 +16,7 @@ const LIMIT: Duration = Duration::from_secs(300);
 
 fn tmp() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| smol::fresh_dir(&std::env::temp_dir(), "fb-mpi-score"))
+    DIR.get_or_init(|| common::tmp::dir("fb-mpi-score"))
 }
 
 /// SmolLM2 (30 layers) converted once, and the first 6 sample documents plus a bad line.

@@ -27,7 +27,7 @@ fn serial() -> MutexGuard<'static, ()> {
 
 fn tmp() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| smol::fresh_dir(&std::env::temp_dir(), "fb-multi-host"))
+    DIR.get_or_init(|| common::tmp::dir("fb-multi-host"))
 }
 
 /// SmolLM2 (30 layers) converted once, and the first 8 sample documents.

@@ -23,10 +23,7 @@ fn run(c: &mut Command) -> Output {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fb-score-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp::dir(&format!("fb-score-{name}"))
 }
 
 /// The llama_tied fixture as a model directory (its byte-level BPE reads "t3 t17 ..." too).

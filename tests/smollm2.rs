@@ -24,8 +24,7 @@ fn model_dir() -> &'static PathBuf {
     DIR.get_or_init(|| {
         let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(gguf.exists(), "{} is missing: run `make fetch-model` first", gguf.display());
-        let out = std::env::temp_dir().join(format!("falcon-batch-smollm2-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&out);
+        let out = common::tmp::dir("falcon-batch-smollm2").join("model");
         convert_path(&gguf, &out, None).expect("convert SmolLM2");
         out
     })

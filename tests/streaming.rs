@@ -38,7 +38,7 @@ fn spans(trace: &serde_json::Value, track: &str) -> Vec<(f64, f64, String)> {
 
 #[test]
 fn score_job_streams_groups_with_copies_overlapping_compute() {
-    let d: PathBuf = smol::fresh_dir(&std::env::temp_dir(), "fb-streaming");
+    let d: PathBuf = common::tmp::dir("fb-streaming");
     let model = d.join("smollm2");
     smol::convert_smollm2(&model, &[], std::time::Duration::from_secs(300));
     let docs = d.join("docs.jsonl");

@@ -2,6 +2,8 @@
 //! any compute: a bit-flipped tensor stops the job naming the part and file; a directory
 //! from before the fast hash still loads, with a notice.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -20,10 +22,7 @@ fn stderr(o: &Output) -> String {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fb-integrity-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp::dir(&format!("fb-integrity-{name}"))
 }
 
 fn convert(dir: &Path) -> PathBuf {

@@ -1,11 +1,12 @@
 //! Shared test helpers: small random models built in memory; launching processes with a
 //! hard limit (proc); test hosts on network namespaces (hosts); the converted SmolLM2 and
-//! sample corpus the process-launching tests score (smol).
+//! sample corpus the process-launching tests score (smol); test directories removed at exit (tmp).
 #![allow(dead_code, unused_imports)]
 
 pub mod hosts;
 pub mod proc;
 pub mod smol;
+pub mod tmp;
 
 use falcon_batch::config::ModelConfig;
 pub use falcon_batch::testing::{rand_values, random_group, random_part};

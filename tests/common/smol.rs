@@ -16,14 +16,6 @@ pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_falcon-batch"))
 }
 
-/// A fresh directory `<temp>/<tag>-<pid>` (what a previous run left there is removed).
-pub fn fresh_dir(parent: &Path, tag: &str) -> PathBuf {
-    let d = parent.join(format!("{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
-    d
-}
-
 /// `falcon-batch convert` of the SmolLM2 GGUF into `to` (`extra`: e.g. `--dtype bf16`).
 pub fn convert_smollm2(to: &Path, extra: &[&str], limit: Duration) {
     let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
