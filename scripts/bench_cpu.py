@@ -25,7 +25,10 @@
     model's decoder GEMM shapes and a square one, best GFLOP/s kept; falcon-batch's decoder-GEMM
     FLOP rate (2·rows·decoder linear weights / seconds) as a fraction of it.
 Every timing is repeated --repeats times, the repeats interleaved across engines, the minimum
-kept, and the load average read before each run is recorded next to it.
+kept, and the load average read before each run is recorded next to it. Before each run the
+engine's weight files are read once into the page cache, the same for every engine: this VM
+drops page-cache pages that go unread for a while (kdamond), and a run that found its weights
+dropped read them from disk instead (2-3 s for falcon-batch's 621 MB, in its wall time).
 (b) decode: seconds per new token at ~100 and ~2048 tokens of context. falcon-batch: the
     32 one-token steps after the prompt's prefill, as `generate` times them itself (its stderr
     summary), min of --repeats runs. llama.cpp: eval the prompt, then time 32 single-token evals
@@ -151,6 +154,16 @@ def rows_run(td):
 
 
 # ---------------------------------------------------------------- falcon-batch
+
+def warm(path):
+    """Read `path` (a file, or every file under a directory) once, so that the run after finds it
+    in the page cache: every engine alike, before each of its timed runs."""
+    files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    for name in files:
+        with open(name, "rb") as f:
+            while f.read(16 << 20):
+                pass
+
 
 def fb_env(threads):
     return dict(os.environ, RAYON_NUM_THREADS=str(threads))
@@ -538,12 +551,14 @@ def main():
     hf_runs, hf_lp, sgemm_runs = [], None, []
     fb_lp, ll_lp, fb_cmd = None, {}, None
     for rep in range(args.repeats):
+        warm(args.model)
         la = os.getloadavg()
         wall, own, lp, fb_cmd = fb_score(args, workdir)
         fb_runs.append({"wall_s": wall, "own": own, "loadavg": la})
         fb_lp = lp
         print(f"[score {rep + 1}/{args.repeats}] falcon-batch {wall:.2f} s ({own['line']})", file=sys.stderr)
         for name, path in mc_ggufs:
+            warm(path)
             la = os.getloadavg()
             t, lp = llama_mc_score(path, args, tdocs)
             t["loadavg"] = la
@@ -552,6 +567,7 @@ def main():
             print(f"[score {rep + 1}/{args.repeats}] llama.cpp multiple-choice {name} load {t['load_s']:.2f} s + "
                   f"score {t['score_s']:.2f} s (load avg {la[0]:.2f})", file=sys.stderr)
         if hf_docs:
+            warm(args.model)
             la = os.getloadavg()
             t, lp = hf_score(args, hf_docs, workdir)
             if t is None:
@@ -567,6 +583,7 @@ def main():
         sgemm_runs.append({"gflops": best, "shapes": shapes, "loadavg": la})
         print(f"[score {rep + 1}/{args.repeats}] numpy sgemm ceiling {best:.1f} GFLOP/s (load avg {la[0]:.2f})", file=sys.stderr)
         for name, path in ggufs:
+            warm(path)
             la = os.getloadavg()
             t, lp = llama_score(path, args, tdocs)
             t["loadavg"] = la
@@ -666,7 +683,12 @@ def main():
             entry = {"prompt_tokens": plen, "falcon-batch": {
                 "s_per_token": fb_s, "s_per_token_runs": [r[0] for r in runs], "prefill_s": [r[1] for r in runs]}}
             for name, llm in llms.items():
-                ts = [llama_decode(llm, p_ids, steps) for _ in range(args.repeats)]
+                # llama.cpp maps its GGUF: pages dropped since the last run would be read back
+                # from disk inside the timed steps.
+                ts = []
+                for _ in range(args.repeats):
+                    warm(dict(decode_ggufs)[name])
+                    ts.append(llama_decode(llm, p_ids, steps))
                 entry[f"llama.cpp {name}"] = {"s_per_token": min(ts), "runs": ts,
                                               "ratio_fb_over_llama_s_per_token": fb_s / min(ts)}
             decode[str(ctx)] = entry
