@@ -151,6 +151,8 @@ impl StFile {
     /// anyway), and the fast content hash of the whole file (`content_hash` of the same
     /// bytes). The map's pages stay in the resident set until the last tensor is dropped:
     /// they are the file's page cache, which the kernel can reclaim, not memory of our own.
+    /// The hash vouches for what the backend reads later from the same map because model files
+    /// are never modified in place (see `open`).
     pub fn read_all_hashed(&self) -> Result<(HashMap<String, HostTensor>, String)> {
         let mut hasher = Xxh3::new();
         let mut out = HashMap::with_capacity(self.order.len());

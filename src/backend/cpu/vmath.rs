@@ -2,6 +2,8 @@
 //!
 //! The build targets baseline x86-64 (SSE2, no FMA), so each slice function has AVX2+FMA and
 //! AVX-512 copies chosen at run time: the same `#[inline(always)]` body compiled three times.
+//! The bodies with e^x are generic over FUSED (`madd`): fused multiply-adds in the two copies
+//! whose target has FMA, a multiply and an add in the baseline one.
 //!
 //! Accuracy (tests in cpu/tests.rs against f64): exp ~2e-7 relative, erf ~3e-7 absolute,
 //! GELU ~3e-7·max(1, |x|): below what f32 activations carry and what HF's goldens test.
