@@ -2,7 +2,7 @@
 //!
 //! Files: manifest.rs (manifest.json), model_dir.rs (open, read parts, verify),
 //! hf.rs (HF safetensors checkpoints), gguf.rs (llama.cpp's GGUF), convert.rs (checkpoint -> dir).
-//! st.rs (one safetensors file: map, index, copy out, write).
+//! st.rs (one safetensors file: map, index, copy out or hand out ranges of the map, write).
 
 pub mod convert;
 pub mod gguf;

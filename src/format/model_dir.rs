@@ -105,8 +105,8 @@ impl ModelDir {
     }
 
     /// Asks the kernel to read these parts' files into the page cache now, all of them at
-    /// once, so the parallel copies that follow find them there instead of each waiting on its
-    /// own page faults: a cold start, from a local disk or a network file system, reads with a
+    /// once, so the parallel hashing that follows finds them there instead of each waiting on
+    /// its own page faults: a cold start, from a local disk or a network file system, reads with a
     /// deep queue. Advice only: a file the kernel does not prefetch is read as before.
     pub fn prefetch(&self, parts: &[Part]) {
         use std::os::fd::AsRawFd;

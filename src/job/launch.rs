@@ -63,8 +63,8 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
     let dir = ModelDir::open_for(&opts.model, &parts)?;
     let started = std::time::Instant::now();
     dir.prefetch(&parts);
-    // Parts are read (copied out of the map and hashed) on the rank's threads at once, then
-    // handed to the groups in execution order.
+    // Parts are read (hashed over their file map, tensors left as ranges of it) on the rank's
+    // threads at once, then handed to the groups in execution order.
     let mut read: HashMap<Part, Vec<(String, HostTensor)>> =
         parts.par_iter().map(|&p| dir.read_part(p).map(|t| (p, t))).collect::<Result<_, _>>()?;
     let host = read_rank_groups(&schedule, cluster.rank, |p| match read.remove(&p) {
