@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use gemm::{Kernel, Out};
 
 mod attention;
+mod decode;
 mod gemm;
 mod rope;
 mod stream;

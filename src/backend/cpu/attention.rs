@@ -9,10 +9,8 @@
 //! V packed once per call (every block of the head reads its window of them), each row tile
 //! only as far as its rows attend (the causal triangle's far side and the keys after a block's
 //! last choice are never multiplied). Decode (a few rows) streams the keys as dot products
-//! instead: packing K would cost more than the product. A call of decode rows only splits the
-//! keys into chunks (flash-decoding): one work item reads its chunk of K and V, all KV heads,
-//! once for every query head, keeping a softmax partial per (row, head), and the partials are
-//! merged at the end, so the cache is read once, in order, and the threads share it evenly.
+//! instead: packing K would cost more than the product. A call of decode rows only goes to
+//! decode.rs (key chunks, flash-decoding).
 
 use super::gemm::{self, Kernel};
 use super::{shape_err, vmath, Mat, SendPtr};
@@ -28,15 +26,10 @@ const FEW_QUERY_ROWS: usize = 4;
 /// Query rows per attention work item: scores for a block are (ATTN_BLOCK, keys) floats.
 pub(super) const ATTN_BLOCK: usize = 64;
 
-/// Fewest keys in a decode chunk: below this a chunk's partial and merge cost more than its keys.
-const DECODE_CHUNK_KEYS: usize = 64;
-/// Decode work items per thread wanted: several, so a thread slowed by another process is caught
-/// up by the others.
-const DECODE_ITEMS_PER_THREAD: usize = 4;
 
 thread_local! {
     /// Each worker's (B, K) scores buffer, kept between blocks and calls: grown, never refilled.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub(super) static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Every KV head's keys and values in gemm.rs's panels, for the blocks' products.
@@ -80,7 +73,7 @@ pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSp
     }
     let blocks = query_blocks(spans);
     if blocks.iter().all(|(t0, t1)| t1 - t0 <= FEW_QUERY_ROWS) {
-        return Ok(decode_attention(q, k, v, s, spans, &blocks));
+        return Ok(super::decode::decode_attention(q, k, v, s, spans, &blocks));
     }
     // Some block has more than FEW_QUERY_ROWS rows, so its products read the packed K and V.
     let packed = PackedKv::new(k, v, s);
@@ -105,106 +98,9 @@ pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSp
     Ok(Mat { rows: q.rows, cols: h * d, data: out })
 }
 
-/// One decode work item: keys [c0, c1) of every KV head for the rows of block `block`.
-struct DecodeChunk {
-    block: usize,
-    c0: usize,
-    c1: usize,
-}
-
-/// Attention of decode rows (every block at most FEW_QUERY_ROWS rows) by key chunks; see the
-/// module doc. Same result as `block_head`'s dot-product path up to f32 rounding.
-fn decode_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)]) -> Mat {
-    let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
-    let group = h / kvh;
-    let scale = 1.0 / (d as f32).sqrt();
-    // A chunk holds every KV head's keys: a key's row of the cache (KV·D) is read whole, in
-    // address order, once per step (one item per head read a third of each row, the rest
-    // left to other threads at other times: half the bandwidth of the weights' stream).
-    let want = rayon::current_num_threads() * DECODE_ITEMS_PER_THREAD;
-    let per_block = want.div_ceil(blocks.len().max(1));
-    let mut chunks = vec![];
-    for (bi, &(t0, t1)) in blocks.iter().enumerate() {
-        let (first, end) = block_keys(spans, s, t0, t1);
-        let n = per_block.min((end - first).div_ceil(DECODE_CHUNK_KEYS)).max(1);
-        let len = (end - first).div_ceil(n);
-        chunks.extend((first..end).step_by(len).map(|c0| DecodeChunk { block: bi, c0, c1: (c0 + len).min(end) }));
-    }
-    // Per chunk, per (KV head, row of its block, head of the group): max score,
-    // Σ e^(score - max), and the unnormalised output Σ e^(score - max)·v (D):
-    // (KV, rows, group, D + 2).
-    let partials: Vec<Vec<f32>> = chunks
-        .par_iter()
-        .map(|c| {
-            let (t0, t1) = blocks[c.block];
-            let mut part = Vec::with_capacity(kvh * (t1 - t0) * group * (d + 2));
-            SCORES.with(|scores| {
-                let mut scores = scores.borrow_mut();
-                for kv in 0..kvh {
-                    for t in t0..t1 {
-                        let [first, second] = attended_intervals(&spans[t], t + s.key_offset, 0, k.rows);
-                        let segs = [first, second].map(|(a, b)| (a.max(c.c0), b.min(c.c1)));
-                        let nk: usize = segs.iter().map(|(a, b)| b.saturating_sub(*a)).sum();
-                        if scores.len() < nk {
-                            scores.resize(nk, 0.0);
-                        }
-                        for hh in kv * group..(kv + 1) * group {
-                            let qrow = &q.data[t * q.cols + hh * d..][..d];
-                            let mut at = 0;
-                            for &(a, b) in segs.iter().filter(|(a, b)| a < b) {
-                                vmath::scaled_dots(qrow, &k.data[a * k.cols + kv * d..], k.cols, scale, &mut scores[at..at + b - a]);
-                                at += b - a;
-                            }
-                            let max = vmath::max(&scores[..nk]);
-                            let sum = if nk > 0 { vmath::exp_scaled_shift_sum(&mut scores[..nk], 1.0, max) } else { 0.0 };
-                            part.extend([max, sum]);
-                            let o0 = part.len();
-                            part.resize(o0 + d, 0.0);
-                            let mut at = 0;
-                            for &(a, b) in segs.iter().filter(|(a, b)| a < b) {
-                                vmath::weighted_sum(&scores[at..at + b - a], &v.data[a * v.cols + kv * d..], v.cols, &mut part[o0..]);
-                                at += b - a;
-                            }
-                        }
-                    }
-                }
-            });
-            part
-        })
-        .collect();
-    // Merge each (row, head)'s chunks: the chunks of one block are consecutive.
-    let mut out = vec![0f32; q.rows * h * d]; // (T, H·D)
-    let mut i = 0;
-    while i < chunks.len() {
-        let bi = chunks[i].block;
-        let j = (i..chunks.len()).find(|&j| chunks[j].block != bi).unwrap_or(chunks.len());
-        let (t0, t1) = blocks[bi];
-        for kv in 0..kvh {
-            for (r, t) in (t0..t1).enumerate() {
-                for g in 0..group {
-                    let at = ((kv * (t1 - t0) + r) * group + g) * (d + 2);
-                    let max = partials[i..j].iter().map(|p| p[at]).fold(f32::NEG_INFINITY, f32::max);
-                    let o = &mut out[t * h * d + (kv * group + g) * d..][..d];
-                    let mut sum = 0f32;
-                    for p in &partials[i..j] {
-                        let w = vmath::exp_one(p[at] - max);
-                        sum += w * p[at + 1];
-                        o.iter_mut().zip(&p[at + 2..at + 2 + d]).for_each(|(o, x)| *o += w * x);
-                    }
-                    // Every row attends its own key, so some chunk's sum is positive.
-                    let inv = 1.0 / sum;
-                    o.iter_mut().for_each(|x| *x *= inv);
-                }
-            }
-        }
-        i = j;
-    }
-    Mat { rows: q.rows, cols: h * d, data: out }
-}
-
 /// The keys rows [t0, t1) can see: from their first row's first key to one past the last any
 /// of them attends (its shared interval's end or its own key).
-fn block_keys(spans: &[AttnSpan], s: AttnShape, t0: usize, t1: usize) -> (usize, usize) {
+pub(super) fn block_keys(spans: &[AttnSpan], s: AttnShape, t0: usize, t1: usize) -> (usize, usize) {
     let first = spans[t0..t1].iter().map(|sp| span_first_key(sp) as usize).min().unwrap_or(0);
     let end = spans[t0..t1].iter().map(|sp| sp.shared_end as usize).max().unwrap_or(0).max(t1 + s.key_offset);
     (first, end)
@@ -231,7 +127,7 @@ pub(super) fn query_blocks(spans: &[AttnSpan]) -> Vec<(usize, usize)> {
 
 /// The keys row `row` attends as at most two disjoint, ordered intervals relative to key k0,
 /// clipped to [0, nk): the span's shared interval and its own [own_start, row].
-fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> [(usize, usize); 2] {
+pub(super) fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> [(usize, usize); 2] {
     let clip = |a: usize, b: usize| (a.saturating_sub(k0).min(nk), b.saturating_sub(k0).min(nk));
     let shared = clip(sp.shared_start as usize, sp.shared_end as usize);
     let own = clip(sp.own_start as usize, row + 1);

@@ -573,3 +573,37 @@ fn dots_and_weighted_sums_at_every_length() {
         }
     }
 }
+
+#[test]
+fn group_kernels_match_f64_for_every_group_size_and_length() {
+    // The decode kernels over one KV head's query heads: groups of 1-7 (tiles of 3 and their
+    // remainders), keys four at a time with a tail, at D = 64 (its own kernels) and 40 and 128
+    // (the per-head fallback), rows wider than the head and outputs strided as decode lays them.
+    for d in [40, 64, 128] {
+        let stride = 3 * d + 8;
+        for g in 1..=7 {
+            let q = mat(g, d, 5).data; // (G, D)
+            for n in [0, 1, 3, 4, 5, 8, 21, 39] {
+                let rows = mat(n.max(1), stride, 6).data;
+                let out_stride = n + 3;
+                let mut dots = vec![0f32; g * out_stride];
+                decode::group_scaled_dots(&q, d, &rows, stride, 0.125, n, &mut dots, out_stride);
+                let p = mat(g, out_stride, 7).data; // (G, n + 3)
+                let mut sums = vec![0.5f32; g * (d + 2)];
+                decode::group_weighted_sum(g, &p, out_stride, &rows, stride, n, &mut sums, d, d + 2);
+                for i in 0..g {
+                    for j in 0..n {
+                        let want: f64 = (0..d).map(|c| q[i * d + c] as f64 * rows[j * stride + c] as f64).sum::<f64>() * 0.125;
+                        let got = dots[i * out_stride + j] as f64;
+                        assert!((got - want).abs() < 1e-5, "dot head {i} key {j} of {n}, G = {g}, D = {d}: {got} vs {want}");
+                    }
+                    for c in 0..d {
+                        let want = 0.5 + (0..n).map(|j| p[i * out_stride + j] as f64 * rows[j * stride + c] as f64).sum::<f64>();
+                        let got = sums[i * (d + 2) + c] as f64;
+                        assert!((got - want).abs() < 1e-5, "sum head {i} column {c} over {n}, G = {g}, D = {d}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}

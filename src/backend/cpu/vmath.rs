@@ -413,6 +413,17 @@ dispatch!(
     scaled_dots_loops, scaled_dots_avx2, scaled_dots_avx512, scaled_dots_body, (q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) -> ()
 );
 
+/// Asks for `data` to be brought into the cache, a 64-byte line at a time: a hint to run ahead
+/// of a stream, with no effect on any value.
+pub fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in data.chunks(16) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch of an address inside `data`; it reads nothing a program can see.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+    }
+}
+
 /// out[j] = scale · (q · row j of `rows`), rows `stride` apart.
 pub fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,298 @@
+//! CPU attention of decode rows (a few query rows per document, over a long cache) by key
+//! chunks (flash-decoding): one work item reads its chunk of K and V, every KV head, keeping a
+//! softmax partial per (row, head); the partials are merged at the end, so the cache is read
+//! once, in address order, and the threads share it evenly.
+//!
+//! Shapes: T query rows, S key rows, H heads, KV key/value heads, G = H / KV query heads per KV
+//! head, D head dim; n keys of a sub-block.
+//!
+//! Within a chunk the keys go by sub-blocks of a few rows of the cache, read whole (all KV
+//! heads) while the next sub-block is fetched. Each KV head's row is loaded once for the G
+//! query heads that share it (`group_scaled_dots`, `group_weighted_sum`); the plain per-head
+//! functions of vmath.rs are their reference and their fallback.
+
+use super::attention::{attended_intervals, block_keys, SCORES};
+use super::{vmath, Mat};
+use crate::backend::AttnShape;
+use crate::token_tree::AttnSpan;
+use rayon::prelude::*;
+
+/// Fewest keys in a decode chunk: below this a chunk's partial and merge cost more than its keys.
+const DECODE_CHUNK_KEYS: usize = 64;
+/// Decode work items per thread wanted: several, so a thread slowed by another process is caught
+/// up by the others.
+const DECODE_ITEMS_PER_THREAD: usize = 4;
+/// Bytes of cache rows in a sub-block: the group kernels run over one while it is in L1, and
+/// the next is fetched meanwhile. 8-32 KB measured alike; 16 KB is 21 rows of SmolLM2's cache.
+const DECODE_SUB_BLOCK_BYTES: usize = 16 << 10;
+
+/// One decode work item: keys [c0, c1) of every KV head for the rows of block `block`.
+struct DecodeChunk {
+    block: usize,
+    c0: usize,
+    c1: usize,
+}
+
+/// Attention of decode rows (every block at most a few rows) by key chunks; see the module doc.
+/// Same result as the prefill path's dot products up to f32 rounding.
+pub(super) fn decode_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)]) -> Mat {
+    let (h, d) = (s.heads, s.head_dim);
+    let g = h / s.kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let want = rayon::current_num_threads() * DECODE_ITEMS_PER_THREAD;
+    let per_block = want.div_ceil(blocks.len().max(1));
+    let mut chunks = vec![];
+    for (bi, &(t0, t1)) in blocks.iter().enumerate() {
+        let (first, end) = block_keys(spans, s, t0, t1);
+        let n = per_block.min((end - first).div_ceil(DECODE_CHUNK_KEYS)).max(1);
+        let len = (end - first).div_ceil(n);
+        chunks.extend((first..end).step_by(len).map(|c0| DecodeChunk { block: bi, c0, c1: (c0 + len).min(end) }));
+    }
+    // Per chunk, per (row of its block, head): max score, Σ e^(score - max), and the
+    // unnormalised output Σ e^(score - max)·v (D): (rows, H, D + 2).
+    let partials: Vec<Vec<f32>> = chunks
+        .par_iter()
+        .map(|c| {
+            let (t0, t1) = blocks[c.block];
+            let mut part = vec![0f32; (t1 - t0) * h * (d + 2)];
+            SCORES.with(|scores| {
+                let mut scores = scores.borrow_mut();
+                for (t, part) in (t0..t1).zip(part.chunks_mut(h * (d + 2))) {
+                    let [first, second] = attended_intervals(&spans[t], t + s.key_offset, 0, k.rows);
+                    let segs = [first, second].map(|(a, b)| (a.max(c.c0), b.min(c.c1))).into_iter().filter(|(a, b)| a < b);
+                    let nk: usize = segs.clone().map(|(a, b)| b - a).sum();
+                    if scores.len() < h * nk {
+                        scores.resize(h * nk, 0.0);
+                    }
+                    let scores = &mut scores[..h * nk]; // (H, nk)
+                    let qrow = &q.data[t * q.cols..][..h * d]; // (H, D)
+                    let mut at = 0;
+                    for (a, b) in segs.clone() {
+                        sub_blocks(k, a, b, s.kv_heads, |j0, n, kv| {
+                            let out = &mut scores[kv * g * nk + at + j0 - a..];
+                            group_scaled_dots(&qrow[kv * g * d..][..g * d], d, &k.data[j0 * k.cols + kv * d..], k.cols, scale, n, out, nk);
+                        });
+                        at += b - a;
+                    }
+                    for (p, sc) in part.chunks_mut(d + 2).zip(scores.chunks_mut(nk.max(1))) {
+                        let max = vmath::max(&sc[..nk]);
+                        p[0] = max;
+                        p[1] = if nk > 0 { vmath::exp_scaled_shift_sum(&mut sc[..nk], 1.0, max) } else { 0.0 };
+                    }
+                    let mut at = 0;
+                    for (a, b) in segs {
+                        sub_blocks(v, a, b, s.kv_heads, |j0, n, kv| {
+                            let p = &scores[kv * g * nk + at + j0 - a..];
+                            let out = &mut part[kv * g * (d + 2) + 2..];
+                            group_weighted_sum(g, p, nk, &v.data[j0 * v.cols + kv * d..], v.cols, n, out, d, d + 2);
+                        });
+                        at += b - a;
+                    }
+                }
+            });
+            part
+        })
+        .collect();
+    // Merge each (row, head)'s chunks: the chunks of one block are consecutive.
+    let mut out = vec![0f32; q.rows * h * d]; // (T, H·D)
+    let mut i = 0;
+    while i < chunks.len() {
+        let bi = chunks[i].block;
+        let j = (i..chunks.len()).find(|&j| chunks[j].block != bi).unwrap_or(chunks.len());
+        let (t0, t1) = blocks[bi];
+        for (r, t) in (t0..t1).enumerate() {
+            for hh in 0..h {
+                let at = (r * h + hh) * (d + 2);
+                let max = partials[i..j].iter().map(|p| p[at]).fold(f32::NEG_INFINITY, f32::max);
+                let o = &mut out[(t * h + hh) * d..][..d];
+                let mut sum = 0f32;
+                for p in &partials[i..j] {
+                    let w = vmath::exp_one(p[at] - max);
+                    sum += w * p[at + 1];
+                    o.iter_mut().zip(&p[at + 2..at + 2 + d]).for_each(|(o, x)| *o += w * x);
+                }
+                // Every row attends its own key, so some chunk's sum is positive.
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+        i = j;
+    }
+    Mat { rows: q.rows, cols: h * d, data: out }
+}
+
+/// Calls `f(j0, n, kv)` for each sub-block [j0, j0 + n) of rows [a, b) of the cache `m`
+/// (S, KV·D), in order, and each KV head. The next sub-block is asked for a KV-th at a time,
+/// before each head's call: the pass over the cache is one stream in address order, running a
+/// sub-block ahead of the kernels, with the requests spread between them (all at once, they
+/// fill the core's miss buffers and stall it with the kernel's own work still to do).
+fn sub_blocks(m: &Mat, a: usize, b: usize, kvh: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let sub = (DECODE_SUB_BLOCK_BYTES / (m.cols * 4)).max(1);
+    vmath::prefetch(&m.data[a * m.cols..(a + sub).min(b) * m.cols]);
+    for j0 in (a..b).step_by(sub) {
+        let n = sub.min(b - j0);
+        let next = &m.data[(j0 + n) * m.cols..(j0 + n + sub).min(b) * m.cols];
+        let piece = next.len().div_ceil(kvh);
+        for kv in 0..kvh {
+            vmath::prefetch(&next[(kv * piece).min(next.len())..((kv + 1) * piece).min(next.len())]);
+            f(j0, n, kv);
+        }
+    }
+}
+
+/// Heads of a KV group run together by the D = 64 kernels: 3 queries (or sums) are 12
+/// registers, next to 4 of a key row and 12 accumulators.
+const GROUP_TILE: usize = 3;
+
+/// out[i·out_stride + j] = scale · (q_i · row j of `rows`) for j < n and each of the G query
+/// heads of one KV group, q (G, D); rows `stride` apart. Each row is loaded once for the group.
+pub(super) fn group_scaled_dots(q: &[f32], d: usize, rows: &[f32], stride: usize, scale: f32, n: usize, out: &mut [f32], out_stride: usize) {
+    let g = q.len() / d;
+    if n == 0 || g == 0 {
+        return;
+    }
+    assert!(rows.len() >= (n - 1) * stride + d && out.len() >= (g - 1) * out_stride + n, "group_scaled_dots: slices too short");
+    #[cfg(target_arch = "x86_64")]
+    if d == 64 && is_x86_feature_detected!("avx512f") {
+        let mut i = 0;
+        while i < g {
+            let tile = GROUP_TILE.min(g - i);
+            // SAFETY: AVX-512F is present; heads i..i + tile of q hold 64 values each, the n rows
+            // are inside `rows` and their outputs inside `out` (asserted above).
+            unsafe {
+                let (qp, op) = (q.as_ptr().add(i * 64), out.as_mut_ptr().add(i * out_stride));
+                match tile {
+                    3 => zmm::group_dots::<3>(qp, rows.as_ptr(), stride, scale, n, op, out_stride),
+                    2 => zmm::group_dots::<2>(qp, rows.as_ptr(), stride, scale, n, op, out_stride),
+                    _ => zmm::group_dots::<1>(qp, rows.as_ptr(), stride, scale, n, op, out_stride),
+                }
+            }
+            i += tile;
+        }
+        return;
+    }
+    for (i, qh) in q.chunks_exact(d).enumerate() {
+        vmath::scaled_dots(qh, rows, stride, scale, &mut out[i * out_stride..][..n]);
+    }
+}
+
+/// out[i·out_stride..][..D] += Σ_j p[i·p_stride + j] · row j of `rows`, j < n, for each of the
+/// `g` query heads of one KV group; rows `stride` apart. Each row is loaded once for the group.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn group_weighted_sum(g: usize, p: &[f32], p_stride: usize, rows: &[f32], stride: usize, n: usize, out: &mut [f32], d: usize, out_stride: usize) {
+    if n == 0 || g == 0 {
+        return;
+    }
+    let fits = rows.len() >= (n - 1) * stride + d && p.len() >= (g - 1) * p_stride + n && out.len() >= (g - 1) * out_stride + d;
+    assert!(fits, "group_weighted_sum: slices too short");
+    #[cfg(target_arch = "x86_64")]
+    if d == 64 && is_x86_feature_detected!("avx512f") {
+        let mut i = 0;
+        while i < g {
+            let tile = GROUP_TILE.min(g - i);
+            // SAFETY: AVX-512F is present; the n rows are inside `rows`, heads i..i + tile's n
+            // weights inside p and their 64 outputs inside `out` (asserted above).
+            unsafe {
+                let (pp, op) = (p.as_ptr().add(i * p_stride), out.as_mut_ptr().add(i * out_stride));
+                match tile {
+                    3 => zmm::group_sums::<3>(pp, p_stride, rows.as_ptr(), stride, n, op, out_stride),
+                    2 => zmm::group_sums::<2>(pp, p_stride, rows.as_ptr(), stride, n, op, out_stride),
+                    _ => zmm::group_sums::<1>(pp, p_stride, rows.as_ptr(), stride, n, op, out_stride),
+                }
+            }
+            i += tile;
+        }
+        return;
+    }
+    for i in 0..g {
+        vmath::weighted_sum(&p[i * p_stride..][..n], rows, stride, &mut out[i * out_stride..][..d]);
+    }
+}
+
+/// The D = 64 group kernels (4 registers a row).
+#[cfg(target_arch = "x86_64")]
+mod zmm {
+    use std::arch::x86_64::*;
+
+    /// [Σa, Σb, Σc, Σd] of four vectors: pairs interleaved and added, then the 128-bit lanes.
+    #[inline(always)]
+    unsafe fn sum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+        let x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
+        let lo = _mm512_castps512_ps256(x);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+        let y = _mm256_add_ps(lo, hi);
+        _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1))
+    }
+
+    #[inline(always)]
+    unsafe fn row(r: *const f32) -> [__m512; 4] {
+        [_mm512_loadu_ps(r), _mm512_loadu_ps(r.add(16)), _mm512_loadu_ps(r.add(32)), _mm512_loadu_ps(r.add(48))]
+    }
+
+    #[inline(always)]
+    unsafe fn dot(q: &[__m512; 4], r: &[__m512; 4]) -> __m512 {
+        let a = _mm512_mul_ps(q[0], r[0]);
+        let a = _mm512_fmadd_ps(q[1], r[1], a);
+        let a = _mm512_fmadd_ps(q[2], r[2], a);
+        _mm512_fmadd_ps(q[3], r[3], a)
+    }
+
+    /// Scores of TG heads (q: TG × 64) over n rows, four keys at a time.
+    ///
+    /// # Safety
+    /// AVX-512F; q holds TG·64 values, rows n rows of 64 `stride` apart, out TG rows of n
+    /// `out_stride` apart.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn group_dots<const TG: usize>(q: *const f32, rows: *const f32, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
+        let qv: [[__m512; 4]; TG] = std::array::from_fn(|i| row(q.add(i * 64)));
+        let sv = _mm_set1_ps(scale);
+        let mut j = 0;
+        while j + 4 <= n {
+            let mut acc = [[_mm512_setzero_ps(); 4]; TG]; // [head][key]
+            for u in 0..4 {
+                let r = row(rows.add((j + u) * stride));
+                for (a, qh) in acc.iter_mut().zip(&qv) {
+                    a[u] = dot(qh, &r);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm_storeu_ps(out.add(i * out_stride + j), _mm_mul_ps(sv, sum4(a[0], a[1], a[2], a[3])));
+            }
+            j += 4;
+        }
+        for j in j..n {
+            let r = row(rows.add(j * stride));
+            for (i, qh) in qv.iter().enumerate() {
+                *out.add(i * out_stride + j) = scale * _mm512_reduce_add_ps(dot(qh, &r));
+            }
+        }
+    }
+
+    /// out_i (64) += Σ_j p_i[j] · row j for TG heads.
+    ///
+    /// # Safety
+    /// AVX-512F; p holds TG rows of n weights `p_stride` apart, rows n rows of 64 `stride`
+    /// apart, out TG rows of 64 `out_stride` apart.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn group_sums<const TG: usize>(p: *const f32, p_stride: usize, rows: *const f32, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; TG];
+        for j in 0..n {
+            let r = row(rows.add(j * stride));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*p.add(i * p_stride + j));
+                for c in 0..4 {
+                    a[c] = _mm512_fmadd_ps(w, r[c], a[c]);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            for (c, a) in a.iter().enumerate() {
+                let o = out.add(i * out_stride + c * 16);
+                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *a));
+            }
+        }
+    }
+}
