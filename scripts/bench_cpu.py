@@ -31,8 +31,9 @@ drops page-cache pages that go unread for a while (kdamond), and a run that foun
 dropped read them from disk instead (2-3 s for falcon-batch's 621 MB, in its wall time).
 (b) decode: seconds per new token at ~100 and ~2048 tokens of context. falcon-batch: the
     32 one-token steps after the prompt's prefill, as `generate` times them itself (its stderr
-    summary), min of --repeats runs. llama.cpp: eval the prompt, then time 32 single-token evals
-    with greedy (argmax) sampling.
+    summary), min of --repeats runs, with its f32 cache (the default) and with `--kv-cache f16`
+    (as llama.cpp keeps its cache unless told otherwise). llama.cpp: eval the prompt, then time
+    32 single-token evals with greedy (argmax) sampling.
 (c) a markdown table on stdout and a JSON file (--out, default results/bench-cpu.json).
 
 Needs llama_cpp, tokenizers and numpy: run it with a Python that has them, or pass --python PATH
@@ -195,12 +196,12 @@ def fb_score(args, workdir):
     return wall, own, lp, " ".join(cmd)
 
 
-def fb_decode_time(args, prompt_text, steps):
+def fb_decode_time(args, prompt_text, steps, kv_cache="f32"):
     """Seconds per decode step: `generate` times its own steps (its stderr summary: the
     prompt's prefill apart, then `steps` one-token steps), so the prefill's run-to-run noise
     (seconds at 2000 tokens) stays out of a figure of milliseconds."""
     cmd = [args.bin, "generate", "--model", args.model, "--prompt", prompt_text,
-           "--max-new-tokens", str(steps + 1), "--ignore-eos"]
+           "--max-new-tokens", str(steps + 1), "--ignore-eos", "--kv-cache", kv_cache]
     p = subprocess.run(cmd, env=fb_env(args.threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if p.returncode != 0:
         sys.exit(f"falcon-batch generate failed (rc={p.returncode}):\n{p.stderr[-4000:]}")
@@ -678,10 +679,16 @@ def main():
             plen = min(ctx, args.n_ctx - steps - 1)
             text, plen = prompt_of_length(tok, docs, plen)
             p_ids = tok.encode(text).ids
-            runs = [fb_decode_time(args, text, steps) for _ in range(args.repeats)]
-            fb_s = min(r[0] for r in runs)
-            entry = {"prompt_tokens": plen, "falcon-batch": {
-                "s_per_token": fb_s, "s_per_token_runs": [r[0] for r in runs], "prefill_s": [r[1] for r in runs]}}
+            runs = {kv: [] for kv in ("f32", "f16")}
+            for _ in range(args.repeats):
+                for kv, rs in runs.items():
+                    rs.append(fb_decode_time(args, text, steps, kv))
+            entry = {"prompt_tokens": plen}
+            for kv, rs in runs.items():
+                entry["falcon-batch" if kv == "f32" else "falcon-batch f16 cache"] = {
+                    "s_per_token": min(r[0] for r in rs), "s_per_token_runs": [r[0] for r in rs], "prefill_s": [r[1] for r in rs]}
+            fb_s = entry["falcon-batch"]["s_per_token"]
+            fb16_s = entry["falcon-batch f16 cache"]["s_per_token"]
             for name, llm in llms.items():
                 # llama.cpp maps its GGUF: pages dropped since the last run would be read back
                 # from disk inside the timed steps.
@@ -690,9 +697,10 @@ def main():
                     warm(dict(decode_ggufs)[name])
                     ts.append(llama_decode(llm, p_ids, steps))
                 entry[f"llama.cpp {name}"] = {"s_per_token": min(ts), "runs": ts,
-                                              "ratio_fb_over_llama_s_per_token": fb_s / min(ts)}
+                                              "ratio_fb_over_llama_s_per_token": fb_s / min(ts),
+                                              "ratio_fb_f16_cache_over_llama_s_per_token": fb16_s / min(ts)}
             decode[str(ctx)] = entry
-            print(f"[decode ctx {plen}] falcon-batch {fb_s * 1000:.1f} ms/token; " + "; ".join(
+            print(f"[decode ctx {plen}] falcon-batch {fb_s * 1000:.1f} ms/token (f16 cache {fb16_s * 1000:.1f}); " + "; ".join(
                 f"llama.cpp {n} {entry['llama.cpp ' + n]['s_per_token'] * 1000:.1f} ms/token" for n in llms),
                 file=sys.stderr)
         del llms
@@ -769,13 +777,16 @@ def markdown(res, ggufs, mc_names=(), decode_ggufs=None):
     lines.append(f"falcon-batch's own summary: `{fb['own_summary']}`")
     if res["decode"]:
         lines += ["", "Decode (greedy, one sequence), seconds per new token:", "",
-                  "| context (prompt tokens) | falcon-batch s/token | " +
-                  " | ".join(f"llama.cpp {n} s/token | falcon-batch / llama.cpp {n}" for n, _ in decode_ggufs) + " |",
+                  "| context (prompt tokens) | falcon-batch s/token (f16 cache) | " +
+                  " | ".join(f"llama.cpp {n} s/token | falcon-batch / llama.cpp {n} (f16 cache)" for n, _ in decode_ggufs) + " |",
                   "|---:|---:|" + "---:|---:|" * len(decode_ggufs)]
         for ctx, e in res["decode"].items():
-            row = f"| {e['prompt_tokens']} | {e['falcon-batch']['s_per_token']:.4f} | "
+            f16 = e.get("falcon-batch f16 cache")
+            row = f"| {e['prompt_tokens']} | {e['falcon-batch']['s_per_token']:.4f}" + (f" ({f16['s_per_token']:.4f})" if f16 else "") + " | "
             row += " | ".join(f"{e['llama.cpp ' + n]['s_per_token']:.4f} | "
-                              f"{e['llama.cpp ' + n]['ratio_fb_over_llama_s_per_token']:.2f}" for n, _ in decode_ggufs)
+                              f"{e['llama.cpp ' + n]['ratio_fb_over_llama_s_per_token']:.2f}"
+                              + (f" ({e['llama.cpp ' + n]['ratio_fb_f16_cache_over_llama_s_per_token']:.2f})" if f16 else "")
+                              for n, _ in decode_ggufs)
             lines.append(row + " |")
     return "\n".join(lines)
 

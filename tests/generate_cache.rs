@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use falcon_batch::backend::cpu::CpuBackend;
+use falcon_batch::backend::KvDtype;
 use falcon_batch::config::ModelConfig;
 use falcon_batch::generate::{generate, Finish, GenOptions, GenRequest};
 use falcon_batch::runner::LocalDecoder;
@@ -79,4 +80,23 @@ fn eos_and_stop_end_a_sequence_early() {
     assert_eq!(stopped[0].finish, Finish::Stop);
     assert!(!stopped[0].text.contains(&format!("t{third}")));
     assert_eq!(streamed.trim_end(), stopped[0].text.trim_end());
+}
+
+#[test]
+fn an_f16_cache_generates_what_recompute_in_f32_does() {
+    // Keys and values rounded to f16 as they enter the cache (batched prompts regroup it): the
+    // greedy tokens of these models are those of the f32 recompute. A model with a near tie
+    // between its two best tokens could differ, which is why f16 is an option, not the default.
+    for cfg in [llama_config(), falcon_config(true, true, false), falcon_config(false, false, true)] {
+        let (b32, b16) = (CpuBackend::new(), CpuBackend::with_kv_dtype(KvDtype::F16));
+        let groups = vec![DeviceGroup::upload(&b32, &random_group(&cfg, 0..cfg.n_layers, 3)).unwrap()];
+        let tok = word_tokenizer(cfg.vocab_size);
+        let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5], vec![7], vec![9, 8, 7, 6, 5, 4, 3, 2]];
+        let reqs: Vec<GenRequest> = prompts.iter().enumerate().map(|(i, p)| req(&i.to_string(), p)).collect();
+        let mut dec = LocalDecoder::new(&b16, &cfg, &groups);
+        let batched = generate(&mut dec, &tok, &reqs, &opts(10), |_, _| {}).unwrap();
+        for (p, out) in prompts.iter().zip(&batched) {
+            assert_eq!(out.tokens, greedy_without_cache(&b32, &cfg, &groups[0], p, 10), "prompt {p:?}");
+        }
+    }
 }

@@ -146,9 +146,24 @@ fn generation_is_the_same_on_any_number_of_ranks() {
         let out: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(out["tokens"], run["new_ids"], "prompt {}", run["prompt"]);
     }
+    // an f16 cache keeps those greedy tokens on these prompts
+    let greedy16 = generate_on(2, &["--prompts", p, "--max-new-tokens", "24", "--group-layers", "5", "--kv-cache", "f16"]);
+    for (line, run) in greedy16.lines().zip(runs) {
+        let out: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(out["tokens"], run["new_ids"], "f16 cache, prompt {}", run["prompt"]);
+    }
     // sampling with a seed: the same text on 1 and 3 ranks
     let sample = ["--prompts", p, "--max-new-tokens", "12", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7", "--group-layers", "5"];
     assert_eq!(generate_on(1, &sample), generate_on(3, &sample));
+}
+
+#[test]
+fn an_f16_cache_on_cuda_is_refused_naming_the_option() {
+    // Refused before any device or model is opened, with or without a GPU.
+    let o = Command::new(bin()).args(["generate", "--device", "cuda", "--kv-cache", "f16", "--model", "unused", "--prompt", "hi"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("--kv-cache f16 is for the CPU backend (--device cpu)"), "{err}");
 }
 
 /// The whole sample corpus (26 documents), for the wire-dtype comparison.

@@ -6,7 +6,7 @@
 //!
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
 
-use super::{AttnShape, Backend, BackendError, CopySpan, Result};
+use super::{AttnShape, Backend, BackendError, CopySpan, KvDtype, Result};
 use crate::token_tree::AttnSpan;
 use crate::tensor::{DType, HostTensor};
 use rayon::prelude::*;
@@ -16,10 +16,12 @@ use gemm::{Kernel, Out};
 
 mod attention;
 mod decode;
+mod kv_cache;
 mod gemm;
 mod rope;
 mod stream;
 mod vmath;
+pub use kv_cache::KvCache;
 pub use stream::{CpuPinned, CpuSlot, CpuTransfer};
 pub use vmath::{erf_one as erf_f32, exp_one as exp_f32, gelu_one as gelu_f32};
 
@@ -100,6 +102,8 @@ pub struct CpuBackend {
     copier: Mutex<Option<stream::Copier>>,
     /// RoPE's cos and sin of recent positions, for the layers that follow (rope.rs).
     rope_tables: rope::RopeTables,
+    /// What generation caches keep their keys and values as (kv_cache.rs).
+    kv_dtype: KvDtype,
 }
 
 fn shape_err(op: &'static str, msg: String) -> BackendError {
@@ -109,6 +113,11 @@ fn shape_err(op: &'static str, msg: String) -> BackendError {
 impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend::default()
+    }
+
+    /// A backend whose generation caches keep keys and values as `kv_dtype`.
+    pub fn with_kv_dtype(kv_dtype: KvDtype) -> CpuBackend {
+        CpuBackend { kv_dtype, ..CpuBackend::default() }
     }
 }
 
@@ -167,6 +176,7 @@ const ELEMWISE_CHUNK: usize = 1 << 14;
 impl Backend for CpuBackend {
     type Act = Mat;
     type Weight = CpuWeight;
+    type Cache = KvCache;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -297,6 +307,33 @@ impl Backend for CpuBackend {
         attention::attention(q, k, v, s, spans)
     }
 
+    fn attention_cached(&self, q: &Mat, k: &KvCache, v: &KvCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+        match (k, v) {
+            (KvCache::F32(k), KvCache::F32(v)) => attention::attention(q, k, v, s, spans),
+            (KvCache::F16 { rows, cols, data: kd }, KvCache::F16 { rows: vr, cols: vc, data: vd }) => {
+                let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
+                attention::attention_narrow(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans)
+            }
+            _ => Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
+        }
+    }
+
+    fn cache_from(&self, x: Mat) -> Result<KvCache> {
+        Ok(KvCache::new(x, self.kv_dtype))
+    }
+
+    fn cache_append(&self, cache: &mut KvCache, new: &Mat) -> Result<()> {
+        cache.append(new)
+    }
+
+    fn cache_rows(&self, cache: &KvCache, rows: &[u32]) -> Result<KvCache> {
+        cache.rows(rows)
+    }
+
+    fn cache_len(&self, cache: &KvCache) -> usize {
+        cache.len()
+    }
+
     fn gelu(&self, x: &mut Mat) -> Result<()> {
         x.data.par_chunks_mut(ELEMWISE_CHUNK).for_each(vmath::gelu_slice);
         Ok(())
@@ -341,15 +378,6 @@ impl Backend for CpuBackend {
             return Err(shape_err("concat_rows", format!("{} vs {} columns", a.cols, b.cols)));
         }
         Ok(gather_rows(a.rows + b.rows, a.cols, |i| if i < a.rows { a.row(i) } else { b.row(i - a.rows) }))
-    }
-
-    fn append_rows(&self, cache: &mut Mat, new: &Mat) -> Result<()> {
-        if cache.cols != new.cols {
-            return Err(shape_err("append_rows", format!("{} vs {} columns", cache.cols, new.cols)));
-        }
-        cache.data.extend_from_slice(&new.data);
-        cache.rows += new.rows;
-        Ok(())
     }
 
     fn log_softmax_at(&self, logits: &Mat, targets: &[u32]) -> Result<Vec<f64>> {

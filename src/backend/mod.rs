@@ -33,6 +33,9 @@ pub trait Backend: Send + Sync {
     type Act: Send;
     /// A weight tensor on the device, in whatever form the backend computes with.
     type Weight: Send + Sync;
+    /// Keys or values of earlier tokens kept between generation steps, (S, KV·D): the
+    /// activation type, or narrower where the backend was asked for that (`KvDtype`).
+    type Cache: Send;
 
     fn name(&self) -> String;
 
@@ -109,6 +112,16 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
         spans: &[AttnSpan],
     ) -> Result<Self::Act>;
+    /// `attention` with k and v from a generation cache (this call's keys already appended).
+    fn attention_cached(&self, q: &Self::Act, k: &Self::Cache, v: &Self::Cache, shape: AttnShape, spans: &[AttnSpan]) -> Result<Self::Act>;
+    /// A generation cache holding x's rows (S, KV·D): the keys or values of a prompt.
+    fn cache_from(&self, x: Self::Act) -> Result<Self::Cache>;
+    /// cache <- cache stacked on top of new: a cache growing by a step's rows.
+    fn cache_append(&self, cache: &mut Self::Cache, new: &Self::Act) -> Result<()>;
+    /// The given rows of a cache, in order (sequences regrouped, finished ones dropped).
+    fn cache_rows(&self, cache: &Self::Cache, rows: &[u32]) -> Result<Self::Cache>;
+    /// Rows in a cache.
+    fn cache_len(&self, cache: &Self::Cache) -> usize;
     /// Exact (erf) GELU in place.
     fn gelu(&self, x: &mut Self::Act) -> Result<()>;
     /// gate <- silu(gate) * up
@@ -132,14 +145,6 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// cache <- cache stacked on top of new: a generation cache growing by a step's rows.
-    /// Backends whose matrices can grow in place override it (the CPU: amortised, no copy of
-    /// the rows already there); the default is `concat_rows`.
-    fn append_rows(&self, cache: &mut Self::Act, new: &Self::Act) -> Result<()> {
-        *cache = self.concat_rows(cache, new)?;
-        Ok(())
-    }
-
     /// A synthetic weight of `shape`, uniform in [lo, hi) from a hash of (seed, index),
     /// values rounded to bf16: every backend makes the same values (`uniform_bf16`).
     /// Backends override this to make them where they live (no host traffic).
@@ -152,6 +157,37 @@ pub trait Backend: Send + Sync {
 
 /// When a weight copy ran, on the host clock (the trace's weight-copy track).
 pub type CopySpan = (Instant, Instant);
+
+/// What a generation cache keeps its keys and values as. f32 is the reference; f16 halves
+/// the bytes every decode step reads (the cache is most of them at long contexts), with
+/// llama.cpp's default rounding of K and V (its cache is f16 unless told otherwise).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            _ => Err(format!("unknown cache dtype `{s}`: expected f32 or f16")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        })
+    }
+}
 
 /// Element `i` of the synthetic weight stream `seed` (splitmix64, the same hash as
 /// kernels/elementwise.cu `fill_uniform_bf16`), rounded to bf16.

@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use super::ranks::{run_ranks, RankJob, ScheduleArgs};
-use falcon_batch::backend::Backend;
+use falcon_batch::backend::{Backend, KvDtype};
 use falcon_batch::format::model_dir::ModelDir;
 use falcon_batch::generate::{generate, GenOptions, GenOutput, GenRequest};
 use falcon_batch::config::ModelConfig;
@@ -50,6 +50,10 @@ pub struct GenerateArgs {
     /// Do not stop at the model's end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// What the generation cache keeps keys and values as: f32 (the reference) or f16 (half
+    /// the bytes each step reads, most of them at long contexts; llama.cpp's default). CPU only.
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvDtype,
     #[command(flatten)]
     schedule: ScheduleArgs,
 }
@@ -148,6 +152,10 @@ impl RankJob for GenerateJob {
 
     fn launch_options(&self) -> &LaunchOptions {
         &self.launch
+    }
+
+    fn kv_dtype(&self) -> KvDtype {
+        self.args.kv_cache
     }
 
     fn prepare(&self) -> Result<Self::Prepared> {

@@ -5,7 +5,7 @@ use anyhow::Result;
 use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::backend::cuda::CudaBackend;
 use falcon_batch::backend::select::{cuda_available, DeviceChoice};
-use falcon_batch::backend::Backend;
+use falcon_batch::backend::{Backend, KvDtype};
 use falcon_batch::job::launch::{launch, LaunchOptions, Launched};
 use falcon_batch::job::resources::{cpu_memory_per_rank, cpu_threads_per_rank, DeviceInfo};
 use falcon_batch::pipeline::{gather_trace, serve, Cluster};
@@ -67,6 +67,10 @@ pub trait RankJob {
     type Prepared;
     fn launch_options(&self) -> &LaunchOptions;
     fn prepare(&self) -> Result<Self::Prepared>;
+    /// What generation caches keep keys and values as (jobs without a cache: f32, unused).
+    fn kv_dtype(&self) -> KvDtype {
+        KvDtype::F32
+    }
     /// The writer's work over the pipeline, and the process's exit code; the worker is
     /// stopped afterwards.
     fn drive<B: Backend + 'static>(&self, prepared: Self::Prepared, launched: &mut Launched<B>) -> Result<u8>;
@@ -119,9 +123,13 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
             // which costs a wake-up per op (hundreds per decoded token).
             let _ = rayon::ThreadPoolBuilder::new().num_threads(share.threads).use_current_thread().build_global();
             let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank), held_weight_bytes: Some(4) };
-            run_job(cluster, CpuBackend::new(), info, job)
+            run_job(cluster, CpuBackend::with_kv_dtype(job.kv_dtype()), info, job)
         }
         Some(n) => {
+            if job.kv_dtype() != KvDtype::F32 {
+                let e = anyhow::anyhow!("--kv-cache {} is for the CPU backend (--device cpu); on cuda:{n} the generation cache is kept as the device's activations", job.kv_dtype());
+                return or_abort(cluster, Err(e));
+            }
             let b = or_abort(cluster, CudaBackend::new(n).map_err(anyhow::Error::from))?;
             let (free, _total) = or_abort(cluster, b.memory().map_err(anyhow::Error::from))?;
             let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64), held_weight_bytes: None };

@@ -156,9 +156,9 @@ impl<B: Backend> PartWeights<B> {
 /// Keys and values of earlier tokens for one layer (generation).
 pub struct LayerCache<B: Backend> {
     /// (S, KV·D)
-    pub k: Option<B::Act>,
+    pub k: Option<B::Cache>,
     /// (S, KV·D)
-    pub v: Option<B::Act>,
+    pub v: Option<B::Cache>,
 }
 
 impl<B: Backend> Default for LayerCache<B> {
@@ -196,26 +196,32 @@ pub(crate) fn attention_block<B: Backend>(
     let inv_freq = cfg.rope_inv_freq();
     b.rope(&mut qkv, 0, h + kv, d, ctx.positions, &inv_freq)?; // q and k are adjacent columns
     let q = b.cols(&qkv, 0, h * d)?; // (T, H D)
-    let mut k = b.cols(&qkv, h * d, kv * d)?; // (T, KV D)
-    let mut v = b.cols(&qkv, (h + kv) * d, kv * d)?; // (T, KV D)
+    let k = b.cols(&qkv, h * d, kv * d)?; // (T, KV D)
+    let v = b.cols(&qkv, (h + kv) * d, kv * d)?; // (T, KV D)
     let Some(cache) = cache else {
         let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
         let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
         return Ok(b.linear_residual(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"), residual)?);
     };
-    let mut key_offset = 0;
-    if let (Some(mut ck), Some(mut cv)) = (cache.k.take(), cache.v.take()) {
-        key_offset = b.dims(&ck).0;
-        b.append_rows(&mut ck, &k)?; // (S, KV D)
-        b.append_rows(&mut cv, &v)?;
-        (k, v) = (ck, cv);
-    }
-    let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
-    let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
+    let (att, mut k, mut v) = match (cache.k.take(), cache.v.take()) {
+        (Some(mut ck), Some(mut cv)) => {
+            let key_offset = b.cache_len(&ck);
+            b.cache_append(&mut ck, &k)?; // (S, KV D)
+            b.cache_append(&mut cv, &v)?;
+            let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
+            (b.attention_cached(&q, &ck, &cv, shape, ctx.spans)?, ck, cv) // (T, H D)
+        }
+        // A prompt: its attention reads this call's keys as they are, the cache keeps them.
+        _ => {
+            let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
+            let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
+            (att, b.cache_from(k)?, b.cache_from(v)?)
+        }
+    };
     // One sequence (or nothing to regroup): the cache is already in order.
-    if let Some(order) = ctx.cache_order.filter(|o| !is_identity(o, b.dims(&k).0)) {
-        k = b.rows(&k, order)?;
-        v = b.rows(&v, order)?;
+    if let Some(order) = ctx.cache_order.filter(|o| !is_identity(o, b.cache_len(&k))) {
+        k = b.cache_rows(&k, order)?;
+        v = b.cache_rows(&v, order)?;
     }
     cache.k = Some(k);
     cache.v = Some(v);

@@ -13,6 +13,7 @@
 //! decode.rs (key chunks, flash-decoding).
 
 use super::gemm::{self, Kernel};
+use super::kv_cache::{CacheElem, CacheView};
 use super::{shape_err, vmath, Mat, SendPtr};
 use crate::backend::{AttnShape, Result};
 use crate::token_tree::AttnSpan;
@@ -60,22 +61,45 @@ impl PackedKv {
     }
 }
 
-/// out (T, H·D) = softmax(q kᵀ / √D over each row's spans) v; q (T, H·D), k and v (S, KV·D).
-pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+/// q (T, H·D) against k and v of (rows, cols) (S, KV·D), or why they do not fit.
+fn check(q: &Mat, k: (usize, usize), v: (usize, usize), s: AttnShape, spans: &[AttnSpan]) -> Result<()> {
     let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
-    if q.cols != h * d || k.cols != kvh * d || v.cols != kvh * d || spans.len() != q.rows || k.rows != v.rows {
-        return Err(shape_err("attention", format!("q {:?} k {:?} v {:?} spans {}", (q.rows, q.cols), (k.rows, k.cols), (v.rows, v.cols), spans.len())));
+    if q.cols != h * d || k.1 != kvh * d || v.1 != kvh * d || spans.len() != q.rows || k.0 != v.0 {
+        return Err(shape_err("attention", format!("q {:?} k {k:?} v {v:?} spans {}", (q.rows, q.cols), spans.len())));
     }
     for (t, span) in spans.iter().enumerate() {
-        if t + s.key_offset >= k.rows || span.shared_end as usize > k.rows {
-            return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
+        if t + s.key_offset >= k.0 || span.shared_end as usize > k.0 {
+            return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.0)));
         }
     }
+    Ok(())
+}
+
+/// Whether every block is a few rows (decode steps): then attention goes by key chunks.
+fn is_decode(blocks: &[(usize, usize)]) -> bool {
+    blocks.iter().all(|(t0, t1)| t1 - t0 <= FEW_QUERY_ROWS)
+}
+
+/// `attention` over a cache kept narrower than f32: decode rows read it as it is; a call with
+/// longer blocks (rows after a cached prompt) widens it first, since the micro-kernel packs f32.
+pub(super) fn attention_narrow<E: CacheElem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+    check(q, (k.rows, k.cols), (v.rows, v.cols), s, spans)?;
     let blocks = query_blocks(spans);
-    if blocks.iter().all(|(t0, t1)| t1 - t0 <= FEW_QUERY_ROWS) {
+    if is_decode(&blocks) {
         return Ok(super::decode::decode_attention(q, k, v, s, spans, &blocks));
     }
+    attention(q, &k.widen(), &v.widen(), s, spans)
+}
+
+/// out (T, H·D) = softmax(q kᵀ / √D over each row's spans) v; q (T, H·D), k and v (S, KV·D).
+pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+    check(q, (k.rows, k.cols), (v.rows, v.cols), s, spans)?;
+    let blocks = query_blocks(spans);
+    if is_decode(&blocks) {
+        return Ok(super::decode::decode_attention(q, k.into(), v.into(), s, spans, &blocks));
+    }
     // Some block has more than FEW_QUERY_ROWS rows, so its products read the packed K and V.
+    let (h, d) = (s.heads, s.head_dim);
     let packed = PackedKv::new(k, v, s);
     let len = q.rows * h * d;
     let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)

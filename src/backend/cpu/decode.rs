@@ -12,6 +12,7 @@
 //! functions of vmath.rs are their reference and their fallback.
 
 use super::attention::{attended_intervals, block_keys, SCORES};
+use super::kv_cache::{CacheElem, CacheView};
 use super::{vmath, Mat};
 use crate::backend::AttnShape;
 use crate::token_tree::AttnSpan;
@@ -35,7 +36,7 @@ struct DecodeChunk {
 
 /// Attention of decode rows (every block at most a few rows) by key chunks; see the module doc.
 /// Same result as the prefill path's dot products up to f32 rounding.
-pub(super) fn decode_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)]) -> Mat {
+pub(super) fn decode_attention<E: CacheElem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)]) -> Mat {
     let (h, d) = (s.heads, s.head_dim);
     let g = h / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -126,8 +127,8 @@ pub(super) fn decode_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &
 /// before each head's call: the pass over the cache is one stream in address order, running a
 /// sub-block ahead of the kernels, with the requests spread between them (all at once, they
 /// fill the core's miss buffers and stall it with the kernel's own work still to do).
-fn sub_blocks(m: &Mat, a: usize, b: usize, kvh: usize, mut f: impl FnMut(usize, usize, usize)) {
-    let sub = (DECODE_SUB_BLOCK_BYTES / (m.cols * 4)).max(1);
+fn sub_blocks<E>(m: CacheView<E>, a: usize, b: usize, kvh: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let sub = (DECODE_SUB_BLOCK_BYTES / (m.cols * size_of::<E>()).max(1)).max(1);
     vmath::prefetch(&m.data[a * m.cols..(a + sub).min(b) * m.cols]);
     for j0 in (a..b).step_by(sub) {
         let n = sub.min(b - j0);
@@ -141,63 +142,81 @@ fn sub_blocks(m: &Mat, a: usize, b: usize, kvh: usize, mut f: impl FnMut(usize, 
 }
 
 /// Heads of a KV group run together by the D = 64 kernels: 3 queries (or sums) are 12
-/// registers, next to 4 of a key row and 12 accumulators.
+/// registers, next to 4 of a key row and 12 accumulators. At D = 128 one head is 8.
 const GROUP_TILE: usize = 3;
 
 /// out[i·out_stride + j] = scale · (q_i · row j of `rows`) for j < n and each of the G query
 /// heads of one KV group, q (G, D); rows `stride` apart. Each row is loaded once for the group.
-pub(super) fn group_scaled_dots(q: &[f32], d: usize, rows: &[f32], stride: usize, scale: f32, n: usize, out: &mut [f32], out_stride: usize) {
+#[allow(clippy::too_many_arguments)]
+pub(super) fn group_scaled_dots<E: CacheElem>(q: &[f32], d: usize, rows: &[E], stride: usize, scale: f32, n: usize, out: &mut [f32], out_stride: usize) {
     let g = q.len() / d;
     if n == 0 || g == 0 {
         return;
     }
     assert!(rows.len() >= (n - 1) * stride + d && out.len() >= (g - 1) * out_stride + n, "group_scaled_dots: slices too short");
     #[cfg(target_arch = "x86_64")]
-    if d == 64 && is_x86_feature_detected!("avx512f") {
+    if (d == 64 || d == 128) && is_x86_feature_detected!("avx512f") {
+        let tile_of = if d == 64 { GROUP_TILE } else { 1 };
         let mut i = 0;
         while i < g {
-            let tile = GROUP_TILE.min(g - i);
-            // SAFETY: AVX-512F is present; heads i..i + tile of q hold 64 values each, the n rows
+            let tile = tile_of.min(g - i);
+            // SAFETY: AVX-512F is present; heads i..i + tile of q hold D values each, the n rows
             // are inside `rows` and their outputs inside `out` (asserted above).
             unsafe {
-                let (qp, op) = (q.as_ptr().add(i * 64), out.as_mut_ptr().add(i * out_stride));
-                match tile {
-                    3 => zmm::group_dots::<3>(qp, rows.as_ptr(), stride, scale, n, op, out_stride),
-                    2 => zmm::group_dots::<2>(qp, rows.as_ptr(), stride, scale, n, op, out_stride),
-                    _ => zmm::group_dots::<1>(qp, rows.as_ptr(), stride, scale, n, op, out_stride),
+                let (qp, op) = (q.as_ptr().add(i * d), out.as_mut_ptr().add(i * out_stride));
+                let rp = rows.as_ptr();
+                match (d, tile) {
+                    (64, 3) => zmm::group_dots::<E, 4, 3>(qp, rp, stride, scale, n, op, out_stride),
+                    (64, 2) => zmm::group_dots::<E, 4, 2>(qp, rp, stride, scale, n, op, out_stride),
+                    (64, _) => zmm::group_dots::<E, 4, 1>(qp, rp, stride, scale, n, op, out_stride),
+                    _ => zmm::group_dots::<E, 8, 1>(qp, rp, stride, scale, n, op, out_stride),
                 }
             }
             i += tile;
         }
         return;
     }
-    for (i, qh) in q.chunks_exact(d).enumerate() {
-        vmath::scaled_dots(qh, rows, stride, scale, &mut out[i * out_stride..][..n]);
+    match E::as_f32(rows) {
+        Some(rows) => {
+            for (i, qh) in q.chunks_exact(d).enumerate() {
+                vmath::scaled_dots(qh, rows, stride, scale, &mut out[i * out_stride..][..n]);
+            }
+        }
+        None => {
+            for (i, qh) in q.chunks_exact(d).enumerate() {
+                for (j, o) in out[i * out_stride..][..n].iter_mut().enumerate() {
+                    *o = scale * qh.iter().zip(&rows[j * stride..][..d]).map(|(a, b)| a * b.widen()).sum::<f32>();
+                }
+            }
+        }
     }
 }
 
 /// out[i·out_stride..][..D] += Σ_j p[i·p_stride + j] · row j of `rows`, j < n, for each of the
 /// `g` query heads of one KV group; rows `stride` apart. Each row is loaded once for the group.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_weighted_sum(g: usize, p: &[f32], p_stride: usize, rows: &[f32], stride: usize, n: usize, out: &mut [f32], d: usize, out_stride: usize) {
+pub(super) fn group_weighted_sum<E: CacheElem>(g: usize, p: &[f32], p_stride: usize, rows: &[E], stride: usize, n: usize, out: &mut [f32], d: usize, out_stride: usize) {
     if n == 0 || g == 0 {
         return;
     }
     let fits = rows.len() >= (n - 1) * stride + d && p.len() >= (g - 1) * p_stride + n && out.len() >= (g - 1) * out_stride + d;
     assert!(fits, "group_weighted_sum: slices too short");
     #[cfg(target_arch = "x86_64")]
-    if d == 64 && is_x86_feature_detected!("avx512f") {
+    if (d == 64 || d == 128) && is_x86_feature_detected!("avx512f") {
+        let tile_of = if d == 64 { GROUP_TILE } else { 1 };
         let mut i = 0;
         while i < g {
-            let tile = GROUP_TILE.min(g - i);
+            let tile = tile_of.min(g - i);
             // SAFETY: AVX-512F is present; the n rows are inside `rows`, heads i..i + tile's n
-            // weights inside p and their 64 outputs inside `out` (asserted above).
+            // weights inside p and their D outputs inside `out` (asserted above).
             unsafe {
                 let (pp, op) = (p.as_ptr().add(i * p_stride), out.as_mut_ptr().add(i * out_stride));
-                match tile {
-                    3 => zmm::group_sums::<3>(pp, p_stride, rows.as_ptr(), stride, n, op, out_stride),
-                    2 => zmm::group_sums::<2>(pp, p_stride, rows.as_ptr(), stride, n, op, out_stride),
-                    _ => zmm::group_sums::<1>(pp, p_stride, rows.as_ptr(), stride, n, op, out_stride),
+                let rp = rows.as_ptr();
+                match (d, tile) {
+                    (64, 3) => zmm::group_sums::<E, 4, 3>(pp, p_stride, rp, stride, n, op, out_stride),
+                    (64, 2) => zmm::group_sums::<E, 4, 2>(pp, p_stride, rp, stride, n, op, out_stride),
+                    (64, _) => zmm::group_sums::<E, 4, 1>(pp, p_stride, rp, stride, n, op, out_stride),
+                    _ => zmm::group_sums::<E, 8, 1>(pp, p_stride, rp, stride, n, op, out_stride),
                 }
             }
             i += tile;
@@ -205,21 +224,30 @@ pub(super) fn group_weighted_sum(g: usize, p: &[f32], p_stride: usize, rows: &[f
         return;
     }
     for i in 0..g {
-        vmath::weighted_sum(&p[i * p_stride..][..n], rows, stride, &mut out[i * out_stride..][..d]);
+        let (p, out) = (&p[i * p_stride..][..n], &mut out[i * out_stride..][..d]);
+        match E::as_f32(rows) {
+            Some(rows) => vmath::weighted_sum(p, rows, stride, out),
+            None => {
+                for (j, &w) in p.iter().enumerate() {
+                    out.iter_mut().zip(&rows[j * stride..][..d]).for_each(|(o, x)| *o += w * x.widen());
+                }
+            }
+        }
     }
 }
 
-/// The D = 64 group kernels (4 registers a row).
+/// The group kernels for D = 16·V (4 registers a row at D = 64, 8 at 128), over cache values
+/// of type E widened as they are loaded.
 #[cfg(target_arch = "x86_64")]
 mod zmm {
+    use super::CacheElem;
     use std::arch::x86_64::*;
 
     /// [Σa, Σb, Σc, Σd] of four vectors: pairs interleaved and added, then the 128-bit lanes.
     #[inline(always)]
     unsafe fn sum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
-        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-        let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+        let ab = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)));
+        let cd = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d)));
         let x = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
         let lo = _mm512_castps512_ps256(x);
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
@@ -228,32 +256,33 @@ mod zmm {
     }
 
     #[inline(always)]
-    unsafe fn row(r: *const f32) -> [__m512; 4] {
-        [_mm512_loadu_ps(r), _mm512_loadu_ps(r.add(16)), _mm512_loadu_ps(r.add(32)), _mm512_loadu_ps(r.add(48))]
+    unsafe fn row<E: CacheElem, const V: usize>(r: *const E) -> [__m512; V] {
+        std::array::from_fn(|c| E::load16(r.add(c * 16)))
     }
 
     #[inline(always)]
-    unsafe fn dot(q: &[__m512; 4], r: &[__m512; 4]) -> __m512 {
-        let a = _mm512_mul_ps(q[0], r[0]);
-        let a = _mm512_fmadd_ps(q[1], r[1], a);
-        let a = _mm512_fmadd_ps(q[2], r[2], a);
-        _mm512_fmadd_ps(q[3], r[3], a)
+    unsafe fn dot<const V: usize>(q: &[__m512; V], r: &[__m512; V]) -> __m512 {
+        let mut a = _mm512_mul_ps(q[0], r[0]);
+        for c in 1..V {
+            a = _mm512_fmadd_ps(q[c], r[c], a);
+        }
+        a
     }
 
-    /// Scores of TG heads (q: TG × 64) over n rows, four keys at a time.
+    /// Scores of TG heads (q: TG × 16V) over n rows, four keys at a time.
     ///
     /// # Safety
-    /// AVX-512F; q holds TG·64 values, rows n rows of 64 `stride` apart, out TG rows of n
+    /// AVX-512F; q holds TG·16V values, rows n rows of 16V `stride` apart, out TG rows of n
     /// `out_stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_dots<const TG: usize>(q: *const f32, rows: *const f32, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
-        let qv: [[__m512; 4]; TG] = std::array::from_fn(|i| row(q.add(i * 64)));
+    pub(super) unsafe fn group_dots<E: CacheElem, const V: usize, const TG: usize>(q: *const f32, rows: *const E, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
+        let qv: [[__m512; V]; TG] = std::array::from_fn(|i| row::<f32, V>(q.add(i * 16 * V)));
         let sv = _mm_set1_ps(scale);
         let mut j = 0;
         while j + 4 <= n {
             let mut acc = [[_mm512_setzero_ps(); 4]; TG]; // [head][key]
             for u in 0..4 {
-                let r = row(rows.add((j + u) * stride));
+                let r = row::<E, V>(rows.add((j + u) * stride));
                 for (a, qh) in acc.iter_mut().zip(&qv) {
                     a[u] = dot(qh, &r);
                 }
@@ -264,26 +293,26 @@ mod zmm {
             j += 4;
         }
         for j in j..n {
-            let r = row(rows.add(j * stride));
+            let r = row::<E, V>(rows.add(j * stride));
             for (i, qh) in qv.iter().enumerate() {
                 *out.add(i * out_stride + j) = scale * _mm512_reduce_add_ps(dot(qh, &r));
             }
         }
     }
 
-    /// out_i (64) += Σ_j p_i[j] · row j for TG heads.
+    /// out_i (16V) += Σ_j p_i[j] · row j for TG heads.
     ///
     /// # Safety
-    /// AVX-512F; p holds TG rows of n weights `p_stride` apart, rows n rows of 64 `stride`
-    /// apart, out TG rows of 64 `out_stride` apart.
+    /// AVX-512F; p holds TG rows of n weights `p_stride` apart, rows n rows of 16V `stride`
+    /// apart, out TG rows of 16V `out_stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_sums<const TG: usize>(p: *const f32, p_stride: usize, rows: *const f32, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; TG];
+    pub(super) unsafe fn group_sums<E: CacheElem, const V: usize, const TG: usize>(p: *const f32, p_stride: usize, rows: *const E, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
+        let mut acc = [[_mm512_setzero_ps(); V]; TG];
         for j in 0..n {
-            let r = row(rows.add(j * stride));
+            let r = row::<E, V>(rows.add(j * stride));
             for (i, a) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*p.add(i * p_stride + j));
-                for c in 0..4 {
+                for c in 0..V {
                     a[c] = _mm512_fmadd_ps(w, r[c], a[c]);
                 }
             }

@@ -511,19 +511,67 @@ fn rows_and_concat_rows_copy_in_order() {
     assert!(b.concat_rows(&x, &mat(1, 5, 1)).is_err());
 }
 
+/// x with every value rounded to f16 and back: what an f16 cache holds of it.
+fn rounded_to_f16(x: &Mat) -> Mat {
+    Mat { rows: x.rows, cols: x.cols, data: x.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() }
+}
+
 #[test]
-fn append_rows_grows_in_place_to_what_concat_rows_makes() {
-    let b = CpuBackend::new();
-    let mut cache = mat(5, 24, 82);
-    let mut want = mat(5, 24, 82);
-    for step in 0..40u64 {
-        let new = mat(1 + (step % 3) as usize, 24, 83 + step);
-        want = b.concat_rows(&want, &new).unwrap();
-        b.append_rows(&mut cache, &new).unwrap();
+fn caches_grow_in_place_to_what_concat_rows_makes_and_regroup_by_rows() {
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        let b = CpuBackend::with_kv_dtype(dtype);
+        let mut cache = b.cache_from(mat(5, 24, 82)).unwrap();
+        let mut want = mat(5, 24, 82);
+        for step in 0..40u64 {
+            let new = mat(1 + (step % 3) as usize, 24, 83 + step);
+            want = b.concat_rows(&want, &new).unwrap();
+            b.cache_append(&mut cache, &new).unwrap();
+        }
+        let want = if dtype == KvDtype::F16 { rounded_to_f16(&want) } else { want };
+        let widened = |c: &KvCache| match c {
+            KvCache::F32(m) => m.clone(),
+            KvCache::F16 { rows, cols, data } => Mat { rows: *rows, cols: *cols, data: data.iter().map(|x| x.to_f32()).collect() },
+        };
+        assert_eq!(widened(&cache), want, "{dtype}");
+        assert_eq!(b.cache_len(&cache), want.rows);
+        let order: Vec<u32> = (0..want.rows as u32).rev().step_by(2).collect();
+        assert_eq!(widened(&b.cache_rows(&cache, &order).unwrap()), b.rows(&want, &order).unwrap(), "{dtype}");
+        assert!(b.cache_rows(&cache, &[want.rows as u32]).is_err());
+        assert!(b.cache_append(&mut cache, &mat(1, 5, 1)).is_err());
     }
-    assert_eq!((cache.rows, cache.cols), (want.rows, want.cols));
-    assert_eq!(cache.data, want.data);
-    assert!(b.append_rows(&mut cache, &mat(1, 5, 1)).is_err());
+}
+
+#[test]
+fn attention_over_an_f16_cache_matches_reference_over_its_rounded_values() {
+    // Decode rows (one causal, one over a shared prefix and its own key, one of another
+    // document) read the f16 cache through the group kernels, at the head sizes with kernels
+    // (64, 128) and one without (40); six rows of one sequence after the cache widen it first.
+    let b = CpuBackend::with_kv_dtype(KvDtype::F16);
+    let cached = 300;
+    for d in [40, 64, 128] {
+        let decode = vec![
+            AttnSpan::causal(0),
+            AttnSpan { shared_start: 0, shared_end: 120, own_start: cached as u32 + 1 },
+            AttnSpan { shared_start: 150, shared_end: 290, own_start: cached as u32 + 2 },
+        ];
+        for spans in [decode, vec![AttnSpan::causal(0); 6]] {
+            let new = spans.len();
+            let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: d, key_offset: cached };
+            let (q, k, v) = (mat(new, 6 * d, 90), mat(cached + new, 2 * d, 91), mat(cached + new, 2 * d, 92));
+            let head = |m: &Mat| Mat { rows: cached, cols: m.cols, data: m.data[..cached * m.cols].to_vec() };
+            let tail = |m: &Mat| Mat { rows: new, cols: m.cols, data: m.data[cached * m.cols..].to_vec() };
+            let (mut ck, mut cv) = (b.cache_from(head(&k)).unwrap(), b.cache_from(head(&v)).unwrap());
+            b.cache_append(&mut ck, &tail(&k)).unwrap();
+            b.cache_append(&mut cv, &tail(&v)).unwrap();
+            let out = b.attention_cached(&q, &ck, &cv, shape, &spans).unwrap();
+            assert_close(&out.data, &attention_ref(&q, &rounded_to_f16(&k), &rounded_to_f16(&v), shape, &spans), 1e-5);
+        }
+    }
+    // Keys and values kept as different dtypes are an error, not a guess.
+    let f32_cache = CpuBackend::new().cache_from(mat(4, 16, 1)).unwrap();
+    let f16_cache = b.cache_from(mat(4, 16, 2)).unwrap();
+    let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 16, key_offset: 3 };
+    assert!(b.attention_cached(&mat(1, 32, 3), &f32_cache, &f16_cache, shape, &[AttnSpan::causal(0)]).is_err());
 }
 
 #[test]
@@ -576,9 +624,10 @@ fn dots_and_weighted_sums_at_every_length() {
 
 #[test]
 fn group_kernels_match_f64_for_every_group_size_and_length() {
-    // The decode kernels over one KV head's query heads: groups of 1-7 (tiles of 3 and their
-    // remainders), keys four at a time with a tail, at D = 64 (its own kernels) and 40 and 128
-    // (the per-head fallback), rows wider than the head and outputs strided as decode lays them.
+    // The decode kernels over one KV head's query heads: groups of 1-7 (tiles of 3 at D = 64,
+    // and their remainders), keys four at a time with a tail, at D = 64 and 128 (their own
+    // kernels) and 40 (the fallback), over f32 and f16 rows wider than the head, outputs
+    // strided as decode lays them.
     for d in [40, 64, 128] {
         let stride = 3 * d + 8;
         for g in 1..=7 {
@@ -586,21 +635,32 @@ fn group_kernels_match_f64_for_every_group_size_and_length() {
             for n in [0, 1, 3, 4, 5, 8, 21, 39] {
                 let rows = mat(n.max(1), stride, 6).data;
                 let out_stride = n + 3;
-                let mut dots = vec![0f32; g * out_stride];
-                decode::group_scaled_dots(&q, d, &rows, stride, 0.125, n, &mut dots, out_stride);
                 let p = mat(g, out_stride, 7).data; // (G, n + 3)
-                let mut sums = vec![0.5f32; g * (d + 2)];
+                let (mut dots, mut sums) = (vec![0f32; g * out_stride], vec![0.5f32; g * (d + 2)]);
+                // The cache's f16 form, widened: what the f16 kernels must agree with.
+                let rows16: Vec<half::f16> = rows.iter().map(|&x| half::f16::from_f32(x)).collect();
+                let (mut dots16, mut sums16) = (dots.clone(), sums.clone());
+                decode::group_scaled_dots(&q, d, &rows, stride, 0.125, n, &mut dots, out_stride);
                 decode::group_weighted_sum(g, &p, out_stride, &rows, stride, n, &mut sums, d, d + 2);
+                decode::group_scaled_dots(&q, d, &rows16, stride, 0.125, n, &mut dots16, out_stride);
+                decode::group_weighted_sum(g, &p, out_stride, &rows16, stride, n, &mut sums16, d, d + 2);
+                let rows16: Vec<f32> = rows16.iter().map(|x| x.to_f32()).collect();
                 for i in 0..g {
                     for j in 0..n {
                         let want: f64 = (0..d).map(|c| q[i * d + c] as f64 * rows[j * stride + c] as f64).sum::<f64>() * 0.125;
                         let got = dots[i * out_stride + j] as f64;
                         assert!((got - want).abs() < 1e-5, "dot head {i} key {j} of {n}, G = {g}, D = {d}: {got} vs {want}");
+                        let want: f64 = (0..d).map(|c| q[i * d + c] as f64 * rows16[j * stride + c] as f64).sum::<f64>() * 0.125;
+                        let got = dots16[i * out_stride + j] as f64;
+                        assert!((got - want).abs() < 1e-5, "f16 dot head {i} key {j} of {n}, G = {g}, D = {d}: {got} vs {want}");
                     }
                     for c in 0..d {
                         let want = 0.5 + (0..n).map(|j| p[i * out_stride + j] as f64 * rows[j * stride + c] as f64).sum::<f64>();
                         let got = sums[i * (d + 2) + c] as f64;
                         assert!((got - want).abs() < 1e-5, "sum head {i} column {c} over {n}, G = {g}, D = {d}: {got} vs {want}");
+                        let want = 0.5 + (0..n).map(|j| p[i * out_stride + j] as f64 * rows16[j * stride + c] as f64).sum::<f64>();
+                        let got = sums16[i * (d + 2) + c] as f64;
+                        assert!((got - want).abs() < 1e-5, "f16 sum head {i} column {c} over {n}, G = {g}, D = {d}: {got} vs {want}");
                     }
                 }
             }

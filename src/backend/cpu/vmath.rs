@@ -415,9 +415,9 @@ dispatch!(
 
 /// Asks for `data` to be brought into the cache, a 64-byte line at a time: a hint to run ahead
 /// of a stream, with no effect on any value.
-pub fn prefetch(data: &[f32]) {
+pub fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in data.chunks(16) {
+    for line in data.chunks((64 / size_of::<T>().max(1)).max(1)) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         // SAFETY: a prefetch of an address inside `data`; it reads nothing a program can see.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };

@@ -102,6 +102,8 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Act = CudaAct;
     type Weight = CudaWeight;
+    /// The device keeps its generation cache as activations (`KvDtype::F32` only).
+    type Cache = CudaAct;
 
     fn name(&self) -> String {
         self.name.clone()
@@ -350,6 +352,27 @@ impl Backend for CudaBackend {
         l.arg(&x.buf).arg(&d_rows).arg(&mut out.buf).arg(&r32).arg(&c32);
         self.launched("rows_f32", unsafe { l.launch(rows_cfg(rows.len())) })?;
         Ok(out)
+    }
+
+    fn attention_cached(&self, q: &CudaAct, k: &CudaAct, v: &CudaAct, s: AttnShape, spans: &[AttnSpan]) -> Result<CudaAct> {
+        self.attention(q, k, v, s, spans)
+    }
+
+    fn cache_from(&self, x: CudaAct) -> Result<CudaAct> {
+        Ok(x)
+    }
+
+    fn cache_append(&self, cache: &mut CudaAct, new: &CudaAct) -> Result<()> {
+        *cache = self.concat_rows(cache, new)?;
+        Ok(())
+    }
+
+    fn cache_rows(&self, cache: &CudaAct, rows: &[u32]) -> Result<CudaAct> {
+        self.rows(cache, rows)
+    }
+
+    fn cache_len(&self, cache: &CudaAct) -> usize {
+        cache.rows
     }
 
     /// Two device-to-device copies: a concat kernel would only re-implement memcpy.

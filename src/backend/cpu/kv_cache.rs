@@ -1,0 +1,157 @@
+//! The CPU's generation cache: the keys or values (S, KV·D) of earlier tokens, kept as f32
+//! (the reference) or rounded to f16 (`KvDtype::F16`: half the bytes each decode step reads).
+//!
+//! A cache starts as a prompt's f32 keys (or values), so the prompt's own attention never sees
+//! the rounding; rows are rounded as they enter the cache.
+
+use super::{shape_err, Mat};
+use crate::backend::{KvDtype, Result};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Keys or values (rows, cols) of earlier tokens, row-major.
+pub enum KvCache {
+    F32(Mat),
+    F16 { rows: usize, cols: usize, data: Vec<f16> },
+}
+
+/// A cache's rows as the decode kernels read them: (rows, cols) values of type E, row-major.
+#[derive(Clone, Copy)]
+pub(super) struct CacheView<'a, E> {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [E],
+}
+
+/// What a cache's values can be: widened to f32 one at a time (the reference loops) or 16 at
+/// a time into a register (the AVX-512 kernels).
+pub(super) trait CacheElem: Copy + Send + Sync {
+    fn widen(self) -> f32;
+    /// The values as f32 when they are f32 already: the per-head f32 kernels of vmath.rs then
+    /// serve as the fallback.
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
+    /// 16 values from p as f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; 16 values are readable at p.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl CacheElem for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+
+    fn as_f32(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+impl CacheElem for f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
+    fn as_f32(_: &[f16]) -> Option<&[f32]> {
+        None
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+}
+
+impl<E: CacheElem> CacheView<'_, E> {
+    /// The rows widened to an f32 matrix.
+    pub(super) fn widen(&self) -> Mat {
+        Mat { rows: self.rows, cols: self.cols, data: self.data.iter().map(|x| x.widen()).collect() }
+    }
+}
+
+impl<'a> From<&'a Mat> for CacheView<'a, f32> {
+    fn from(m: &'a Mat) -> Self {
+        CacheView { rows: m.rows, cols: m.cols, data: &m.data }
+    }
+}
+
+impl KvCache {
+    /// A cache of x's rows, kept as `dtype`.
+    pub(super) fn new(x: Mat, dtype: KvDtype) -> KvCache {
+        match dtype {
+            KvDtype::F32 => KvCache::F32(x),
+            KvDtype::F16 => KvCache::F16 { rows: x.rows, cols: x.cols, data: narrow(&x.data) },
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        match self {
+            KvCache::F32(m) => m.rows,
+            KvCache::F16 { rows, .. } => *rows,
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            KvCache::F32(m) => m.cols,
+            KvCache::F16 { cols, .. } => *cols,
+        }
+    }
+
+    /// The dtype the values are kept as.
+    pub(super) fn dtype(&self) -> KvDtype {
+        match self {
+            KvCache::F32(_) => KvDtype::F32,
+            KvCache::F16 { .. } => KvDtype::F16,
+        }
+    }
+
+    /// new's rows appended, in place (amortised: the rows already there are not copied).
+    pub(super) fn append(&mut self, new: &Mat) -> Result<()> {
+        if self.cols() != new.cols {
+            return Err(shape_err("cache_append", format!("{} vs {} columns", self.cols(), new.cols)));
+        }
+        match self {
+            KvCache::F32(m) => {
+                m.data.extend_from_slice(&new.data);
+                m.rows += new.rows;
+            }
+            KvCache::F16 { rows, data, .. } => {
+                data.extend_from_slice(&narrow(&new.data));
+                *rows += new.rows;
+            }
+        }
+        Ok(())
+    }
+
+    /// The given rows, in order.
+    pub(super) fn rows(&self, order: &[u32]) -> Result<KvCache> {
+        if let Some(&r) = order.iter().find(|&&r| r as usize >= self.len()) {
+            return Err(shape_err("cache_rows", format!("row {r} of {}", self.len())));
+        }
+        fn gather<E: Copy>(data: &[E], cols: usize, order: &[u32]) -> Vec<E> {
+            order.iter().flat_map(|&r| &data[r as usize * cols..][..cols]).copied().collect()
+        }
+        let cols = self.cols();
+        Ok(match self {
+            KvCache::F32(m) => KvCache::F32(Mat { rows: order.len(), cols, data: gather(&m.data, cols, order) }),
+            KvCache::F16 { data, .. } => KvCache::F16 { rows: order.len(), cols, data: gather(data, cols, order) },
+        })
+    }
+}
+
+/// Values rounded to the nearest f16 (vectorised where the CPU converts in hardware).
+fn narrow(x: &[f32]) -> Vec<f16> {
+    let mut out = vec![f16::ZERO; x.len()];
+    out.convert_from_f32_slice(x);
+    out
+}
