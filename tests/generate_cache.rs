@@ -22,6 +22,13 @@ fn req(id: &str, ids: &[u32]) -> GenRequest {
     GenRequest { id: id.into(), prompt: String::new(), prompt_ids: ids.to_vec() }
 }
 
+/// Prompts of different lengths (one of a single token), and their requests, ids "0".."2".
+fn three_prompts() -> (Vec<Vec<u32>>, Vec<GenRequest>) {
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5], vec![7], vec![9, 8, 7, 6, 5, 4, 3, 2]];
+    let reqs = prompts.iter().enumerate().map(|(i, p)| req(&i.to_string(), p)).collect();
+    (prompts, reqs)
+}
+
 /// Greedy continuation by running the full sequence every step, no cache.
 fn greedy_without_cache(b: &CpuBackend, cfg: &ModelConfig, group: &DeviceGroup<CpuBackend>, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut ids = prompt.to_vec();
@@ -43,8 +50,7 @@ fn cached_batched_generation_matches_recompute() {
         let b = CpuBackend::new();
         let groups = vec![DeviceGroup::upload(&b, &random_group(&cfg, 0..cfg.n_layers, 3)).unwrap()];
         let tok = word_tokenizer(cfg.vocab_size);
-        let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5], vec![7], vec![9, 8, 7, 6, 5, 4, 3, 2]];
-        let reqs: Vec<GenRequest> = prompts.iter().enumerate().map(|(i, p)| req(&i.to_string(), p)).collect();
+        let (prompts, reqs) = three_prompts();
         let mut dec = LocalDecoder::new(&b, &cfg, &groups);
         let batched = generate(&mut dec, &tok, &reqs, &opts(10), |_, _| {}).unwrap();
         for (p, out) in prompts.iter().zip(&batched) {
@@ -91,8 +97,7 @@ fn an_f16_cache_generates_what_recompute_in_f32_does() {
         let (b32, b16) = (CpuBackend::new(), CpuBackend::with_kv_dtype(KvDtype::F16));
         let groups = vec![DeviceGroup::upload(&b32, &random_group(&cfg, 0..cfg.n_layers, 3)).unwrap()];
         let tok = word_tokenizer(cfg.vocab_size);
-        let prompts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5], vec![7], vec![9, 8, 7, 6, 5, 4, 3, 2]];
-        let reqs: Vec<GenRequest> = prompts.iter().enumerate().map(|(i, p)| req(&i.to_string(), p)).collect();
+        let (prompts, reqs) = three_prompts();
         let mut dec = LocalDecoder::new(&b16, &cfg, &groups);
         let batched = generate(&mut dec, &tok, &reqs, &opts(10), |_, _| {}).unwrap();
         for (p, out) in prompts.iter().zip(&batched) {

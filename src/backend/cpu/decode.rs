@@ -145,6 +145,20 @@ fn sub_blocks<E>(m: CacheView<E>, a: usize, b: usize, kvh: usize, mut f: impl Fn
 /// registers, next to 4 of a key row and 12 accumulators. At D = 128 one head is 8.
 const GROUP_TILE: usize = 3;
 
+/// Heads per call of the AVX-512 group kernels at head size d, where the CPU has them and d
+/// is one they are built for (64, 128); None where the per-head fallback runs.
+fn zmm_tile(d: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        return match d {
+            64 => Some(GROUP_TILE),
+            128 => Some(1),
+            _ => None,
+        };
+    }
+    None
+}
+
 /// out[i·out_stride + j] = scale · (q_i · row j of `rows`) for j < n and each of the G query
 /// heads of one KV group, q (G, D); rows `stride` apart. Each row is loaded once for the group.
 #[allow(clippy::too_many_arguments)]
@@ -154,25 +168,21 @@ pub(super) fn group_scaled_dots<E: CacheElem>(q: &[f32], d: usize, rows: &[E], s
         return;
     }
     assert!(rows.len() >= (n - 1) * stride + d && out.len() >= (g - 1) * out_stride + n, "group_scaled_dots: slices too short");
-    #[cfg(target_arch = "x86_64")]
-    if (d == 64 || d == 128) && is_x86_feature_detected!("avx512f") {
-        let tile_of = if d == 64 { GROUP_TILE } else { 1 };
-        let mut i = 0;
-        while i < g {
-            let tile = tile_of.min(g - i);
-            // SAFETY: AVX-512F is present; heads i..i + tile of q hold D values each, the n rows
-            // are inside `rows` and their outputs inside `out` (asserted above).
+    if let Some(tile_of) = zmm_tile(d) {
+        for i in (0..g).step_by(tile_of) {
+            // SAFETY: AVX-512F is present (zmm_tile); heads i..i + tile of q hold D values each,
+            // the n rows are inside `rows` and their outputs inside `out` (asserted above).
+            #[cfg(target_arch = "x86_64")]
             unsafe {
                 let (qp, op) = (q.as_ptr().add(i * d), out.as_mut_ptr().add(i * out_stride));
                 let rp = rows.as_ptr();
-                match (d, tile) {
+                match (d, tile_of.min(g - i)) {
                     (64, 3) => zmm::group_dots::<E, 4, 3>(qp, rp, stride, scale, n, op, out_stride),
                     (64, 2) => zmm::group_dots::<E, 4, 2>(qp, rp, stride, scale, n, op, out_stride),
                     (64, _) => zmm::group_dots::<E, 4, 1>(qp, rp, stride, scale, n, op, out_stride),
                     _ => zmm::group_dots::<E, 8, 1>(qp, rp, stride, scale, n, op, out_stride),
                 }
             }
-            i += tile;
         }
         return;
     }
@@ -201,25 +211,21 @@ pub(super) fn group_weighted_sum<E: CacheElem>(g: usize, p: &[f32], p_stride: us
     }
     let fits = rows.len() >= (n - 1) * stride + d && p.len() >= (g - 1) * p_stride + n && out.len() >= (g - 1) * out_stride + d;
     assert!(fits, "group_weighted_sum: slices too short");
-    #[cfg(target_arch = "x86_64")]
-    if (d == 64 || d == 128) && is_x86_feature_detected!("avx512f") {
-        let tile_of = if d == 64 { GROUP_TILE } else { 1 };
-        let mut i = 0;
-        while i < g {
-            let tile = tile_of.min(g - i);
-            // SAFETY: AVX-512F is present; the n rows are inside `rows`, heads i..i + tile's n
-            // weights inside p and their D outputs inside `out` (asserted above).
+    if let Some(tile_of) = zmm_tile(d) {
+        for i in (0..g).step_by(tile_of) {
+            // SAFETY: AVX-512F is present (zmm_tile); the n rows are inside `rows`, heads
+            // i..i + tile's n weights inside p and their D outputs inside `out` (asserted above).
+            #[cfg(target_arch = "x86_64")]
             unsafe {
                 let (pp, op) = (p.as_ptr().add(i * p_stride), out.as_mut_ptr().add(i * out_stride));
                 let rp = rows.as_ptr();
-                match (d, tile) {
+                match (d, tile_of.min(g - i)) {
                     (64, 3) => zmm::group_sums::<E, 4, 3>(pp, p_stride, rp, stride, n, op, out_stride),
                     (64, 2) => zmm::group_sums::<E, 4, 2>(pp, p_stride, rp, stride, n, op, out_stride),
                     (64, _) => zmm::group_sums::<E, 4, 1>(pp, p_stride, rp, stride, n, op, out_stride),
                     _ => zmm::group_sums::<E, 8, 1>(pp, p_stride, rp, stride, n, op, out_stride),
                 }
             }
-            i += tile;
         }
         return;
     }
