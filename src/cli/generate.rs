@@ -101,6 +101,7 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
             "max_new_tokens": a.max_new_tokens,
             "stop": a.stop,
             "ignore_eos": a.ignore_eos,
+            "kv_cache": a.kv_cache.to_string(),
         }),
         trace: a.schedule.trace.is_some(),
     };
