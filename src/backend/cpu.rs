@@ -149,12 +149,17 @@ fn map_rows(x: &Mat, cols: usize, f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + 
     Mat { rows: x.rows, cols, data }
 }
 
-/// A (rows, cols) matrix whose row i is a copy of `row(i)` (cols values), copied in parallel
-/// blocks: a KV cache grown by a row per decode step is copied whole every step, and one
-/// thread's memcpy leaves the other core idle.
+/// A (rows, cols) matrix whose row i is a copy of `row(i)` (cols values): `gather`.
 fn gather_rows<'a>(rows: usize, cols: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Mat {
+    Mat { rows, cols, data: gather(rows, cols, row) }
+}
+
+/// rows × cols values, row i a copy of `row(i)`, copied in parallel blocks: a whole generation
+/// cache regrouped, or two matrices stacked, is too much for one thread's memcpy while the
+/// other core idles.
+fn gather<'a, T: Copy + Send + Sync + 'a>(rows: usize, cols: usize, row: impl Fn(usize) -> &'a [T] + Sync) -> Vec<T> {
     let len = rows * cols;
-    let mut data: Vec<f32> = Vec::with_capacity(len);
+    let mut data: Vec<T> = Vec::with_capacity(len);
     if len > 0 {
         let block = ELEMWISE_CHUNK.div_ceil(cols);
         data.spare_capacity_mut()[..len].par_chunks_mut(block * cols).enumerate().for_each(|(bi, out)| {
@@ -167,7 +172,7 @@ fn gather_rows<'a>(rows: usize, cols: usize, row: impl Fn(usize) -> &'a [f32] + 
     }
     // SAFETY: each of the rows' cols values was written above.
     unsafe { data.set_len(len) };
-    Mat { rows, cols, data }
+    data
 }
 
 /// Elements per parallel work item of the elementwise ops.
@@ -304,15 +309,15 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        attention::attention(q, k, v, s, spans)
+        attention::attention(q, k.into(), v.into(), s, spans)
     }
 
     fn attention_cached(&self, q: &Mat, k: &KvCache, v: &KvCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
         match (k, v) {
-            (KvCache::F32(k), KvCache::F32(v)) => attention::attention(q, k, v, s, spans),
+            (KvCache::F32(k), KvCache::F32(v)) => attention::attention(q, k.into(), v.into(), s, spans),
             (KvCache::F16 { rows, cols, data: kd }, KvCache::F16 { rows: vr, cols: vc, data: vd }) => {
                 let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
-                attention::attention_narrow(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans)
+                attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans)
             }
             _ => Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
         }

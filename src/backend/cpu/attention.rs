@@ -44,7 +44,7 @@ struct PackedKv {
 }
 
 impl PackedKv {
-    fn new(k: &Mat, v: &Mat, s: AttnShape) -> PackedKv {
+    fn new(k: CacheView<f32>, v: CacheView<f32>, s: AttnShape) -> PackedKv {
         let (kernel, d) = (Kernel::detect(), s.head_dim);
         // Keys and values of each KV head apart: SmolLM2's 3 KV heads are 6 tasks on 2 threads,
         // not 3 (one thread packing two heads while the other waits).
@@ -80,25 +80,27 @@ fn is_decode(blocks: &[(usize, usize)]) -> bool {
     blocks.iter().all(|(t0, t1)| t1 - t0 <= FEW_QUERY_ROWS)
 }
 
-/// `attention` over a cache kept narrower than f32: decode rows read it as it is; a call with
-/// longer blocks (rows after a cached prompt) widens it first, since the micro-kernel packs f32.
-pub(super) fn attention_narrow<E: CacheElem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+/// out (T, H·D) = softmax(q kᵀ / √D over each row's spans) v; q (T, H·D), k and v (S, KV·D) in
+/// the type they are kept in (f32, or a generation cache's narrower one).
+pub(super) fn attention<E: CacheElem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
     check(q, (k.rows, k.cols), (v.rows, v.cols), s, spans)?;
     let blocks = query_blocks(spans);
     if is_decode(&blocks) {
         return Ok(super::decode::decode_attention(q, k, v, s, spans, &blocks));
     }
-    attention(q, &k.widen(), &v.widen(), s, spans)
+    // The micro-kernel packs f32: a narrower cache (rows after a cached prompt) is widened first.
+    Ok(match (E::as_f32(k.data), E::as_f32(v.data)) {
+        (Some(kd), Some(vd)) => prefill(q, CacheView { rows: k.rows, cols: k.cols, data: kd }, CacheView { rows: v.rows, cols: v.cols, data: vd }, s, spans, &blocks),
+        _ => {
+            let (k, v) = (k.widen(), v.widen());
+            prefill(q, (&k).into(), (&v).into(), s, spans, &blocks)
+        }
+    })
 }
 
-/// out (T, H·D) = softmax(q kᵀ / √D over each row's spans) v; q (T, H·D), k and v (S, KV·D).
-pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-    check(q, (k.rows, k.cols), (v.rows, v.cols), s, spans)?;
-    let blocks = query_blocks(spans);
-    if is_decode(&blocks) {
-        return Ok(super::decode::decode_attention(q, k.into(), v.into(), s, spans, &blocks));
-    }
-    // Some block has more than FEW_QUERY_ROWS rows, so its products read the packed K and V.
+/// `attention` of calls with a block of more than FEW_QUERY_ROWS rows: its products read the
+/// packed K and V.
+fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)]) -> Mat {
     let (h, d) = (s.heads, s.head_dim);
     let packed = PackedKv::new(k, v, s);
     let len = q.rows * h * d;
@@ -119,7 +121,7 @@ pub(super) fn attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSp
     });
     // SAFETY: the blocks cover rows [0, T) for every head, each writing its (rows, D) slice.
     unsafe { out.set_len(len) };
-    Ok(Mat { rows: q.rows, cols: h * d, data: out })
+    Mat { rows: q.rows, cols: h * d, data: out }
 }
 
 /// The keys rows [t0, t1) can see: from their first row's first key to one past the last any
@@ -208,7 +210,7 @@ impl Block {
 /// # Safety
 /// `out` points to (q.rows, H·D) floats, and no other caller writes the block's rows of head hh.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_head(q: &Mat, k: &Mat, v: &Mat, packed: &PackedKv, s: AttnShape, b: &Block, hh: usize, out: SendPtr, scratch: &mut Vec<f32>) {
+unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &PackedKv, s: AttnShape, b: &Block, hh: usize, out: SendPtr, scratch: &mut Vec<f32>) {
     let (h, d) = (s.heads, s.head_dim);
     let kv = hh / (h / s.kv_heads);
     let (t0, rows, k0, nk) = (b.t0, b.t1 - b.t0, b.k0, b.nk);

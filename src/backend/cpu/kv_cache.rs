@@ -4,7 +4,7 @@
 //! A cache starts as a prompt's f32 keys (or values), so the prompt's own attention never sees
 //! the rounding; rows are rounded as they enter the cache.
 
-use super::{shape_err, Mat};
+use super::{gather, gather_rows, shape_err, Mat};
 use crate::backend::{KvDtype, Result};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -126,7 +126,9 @@ impl KvCache {
                 m.rows += new.rows;
             }
             KvCache::F16 { rows, data, .. } => {
-                data.extend_from_slice(&narrow(&new.data));
+                let at = data.len();
+                data.resize(at + new.data.len(), f16::ZERO);
+                data[at..].convert_from_f32_slice(&new.data);
                 *rows += new.rows;
             }
         }
@@ -138,13 +140,13 @@ impl KvCache {
         if let Some(&r) = order.iter().find(|&&r| r as usize >= self.len()) {
             return Err(shape_err("cache_rows", format!("row {r} of {}", self.len())));
         }
-        fn gather<E: Copy>(data: &[E], cols: usize, order: &[u32]) -> Vec<E> {
-            order.iter().flat_map(|&r| &data[r as usize * cols..][..cols]).copied().collect()
-        }
         let cols = self.cols();
         Ok(match self {
-            KvCache::F32(m) => KvCache::F32(Mat { rows: order.len(), cols, data: gather(&m.data, cols, order) }),
-            KvCache::F16 { data, .. } => KvCache::F16 { rows: order.len(), cols, data: gather(data, cols, order) },
+            KvCache::F32(m) => KvCache::F32(gather_rows(order.len(), cols, |i| m.row(order[i] as usize))),
+            KvCache::F16 { data, .. } => {
+                let data = gather(order.len(), cols, |i| &data[order[i] as usize * cols..][..cols]);
+                KvCache::F16 { rows: order.len(), cols, data }
+            }
         })
     }
 }
