@@ -8,7 +8,7 @@
 // tile_start: (tiles,) u32       a tile is keys [start, start + FA_BK); the host plan
 //                                (src/backend/cuda/attn_plan.rs) lists only tiles some row of
 //                                the block attends, so fully masked tiles are never loaded
-// out:        (T, H * D) f32
+// out:        (T, H * D) bf16   only the output projection reads it
 // Query row t attends keys [shared_start, shared_end) ∪ [own_start, t + key_offset].
 // Spans are checked against S on the host, so every attended key is < S.
 //
@@ -88,11 +88,11 @@ __device__ __forceinline__ bool touches(const RowSpan& r, unsigned int k0, unsig
 }
 
 extern "C" __global__ void __launch_bounds__(FA_WARPS * 32)
-flash_attention_f32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                    const unsigned int* __restrict__ spans, const unsigned int* __restrict__ tile_off,
-                    const unsigned int* __restrict__ tile_start, float* __restrict__ out, unsigned int T,
-                    unsigned int H, unsigned int KV, unsigned int D, unsigned int S, unsigned int key_offset,
-                    float scale) {
+flash_attention_f32_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                         const unsigned int* __restrict__ spans, const unsigned int* __restrict__ tile_off,
+                         const unsigned int* __restrict__ tile_start, bf16_t* __restrict__ out, unsigned int T,
+                         unsigned int H, unsigned int KV, unsigned int D, unsigned int S, unsigned int key_offset,
+                         float scale) {
     __shared__ __align__(16) bf16_t Qs[FA_BM][FA_LD];
     __shared__ __align__(16) bf16_t Ks[FA_BK][FA_LD];   // [key][dim]
     __shared__ __align__(16) bf16_t Vt[FA_MAXD][FA_LDV];  // [dim][key]: PV's B fragments are key pairs
@@ -244,8 +244,8 @@ flash_attention_f32(const float* __restrict__ q, const float* __restrict__ k, co
 #pragma unroll
         for (int n = 0; n < FA_MAXD / 8; n++) {
             unsigned int d = n * 8 + 2 * c;
-            if (d < D) out[at + d] = o[n][2 * i] * inv;
-            if (d + 1 < D) out[at + d + 1] = o[n][2 * i + 1] * inv;
+            if (d < D) out[at + d] = f32_to_bf16(o[n][2 * i] * inv);
+            if (d + 1 < D) out[at + d + 1] = f32_to_bf16(o[n][2 * i + 1] * inv);
         }
     }
 }

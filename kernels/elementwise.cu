@@ -1,20 +1,25 @@
 // Element-wise ops over n f32 values; grid-stride loops so any grid size is correct.
 
-// Exact GELU: 0.5 x (1 + erf(x / √2)), as torch's default.
-extern "C" __global__ void gelu_f32(float* __restrict__ x, unsigned long long n) {
+// Exact GELU: 0.5 x (1 + erf(x / √2)), as torch's default. Its output feeds only the down
+// projection, so it is written in bf16 (rounded once from the f32 result). cuBLASLt's own
+// GELU epilogue is the tanh approximation, which Falcon's models do not use.
+// x: (n,) f32 -> out: (n,) bf16
+extern "C" __global__ void gelu_f32_bf16(const float* __restrict__ x, bf16_t* __restrict__ out, unsigned long long n) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         float v = x[i];
-        x[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        out[i] = f32_to_bf16(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
     }
 }
 
-// gate <- silu(gate) * up        gate, up: (n,)
-extern "C" __global__ void silu_mul_f32(float* __restrict__ gate, const float* __restrict__ up, unsigned long long n) {
+// out <- silu(gate) * up, in bf16 for the down projection as gelu's.
+// gate, up: (n,) f32 -> out: (n,) bf16
+extern "C" __global__ void silu_mul_f32_bf16(const float* __restrict__ gate, const float* __restrict__ up,
+                                             bf16_t* __restrict__ out, unsigned long long n) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = f32_to_bf16(g / (1.0f + expf(-g)) * up[i]);
     }
 }
 
@@ -25,7 +30,8 @@ extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restric
         x[i] += y[i];
 }
 
-// Activations are f32 but cuBLASLt multiplies bf16 by bf16: this stages a GEMM input.
+// cuBLASLt multiplies bf16 by bf16: this stages a GEMM input that is f32 (an uploaded
+// activation; the ops whose outputs feed only GEMMs write bf16 themselves).
 // x: (n,) f32 -> out: (n,) bf16
 extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16_t* __restrict__ out, unsigned long long n) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
@@ -33,7 +39,8 @@ extern "C" __global__ void cast_f32_bf16(const float* __restrict__ x, bf16_t* __
         out[i] = f32_to_bf16(x[i]);
 }
 
-// Widens a bf16 vector to f32 (norm weights and biases after a device-side fill).
+// Widens a bf16 vector to f32 (norm weights and biases after a device-side fill, bf16
+// activations the host downloads).
 extern "C" __global__ void cast_bf16_f32(const bf16_t* __restrict__ x, float* __restrict__ out, unsigned long long n) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x)

@@ -1,6 +1,6 @@
 #include <cstdio>
 #include <cstdlib>
-// flash_attention_f32 against a dense f64 reference on packed token trees: GQA groups of 3
+// flash_attention_f32_bf16 against a dense f64 reference on packed token trees: GQA groups of 3
 // and of 29 (Falcon-180B), a head dim that needs zero padding (8), a KV cache offset, long
 // causal rows (online-softmax rescaling over many tiles), and two kinds of tile plan: only
 // the aligned tiles some row of the block attends (masked tiles skipped), and every tile
@@ -16,7 +16,8 @@ static void doc(Case& c, unsigned prompt, std::vector<unsigned> choices) {
 
 static bool run(Case c, unsigned seed) {
     const unsigned T = c.T, H = c.H, KV = c.KV, D = c.D, ko = c.ko, S = T + ko, G = H / KV, BM = 64, BK = 32;
-    std::vector<float> q(T * H * D), k(S * KV * D), v(S * KV * D), out(T * H * D, -7);
+    std::vector<float> q(T * H * D), k(S * KV * D), v(S * KV * D);
+    std::vector<bf16_t> out(T * H * D, f32_to_bf16(-7.0f));  // an unwritten output shows as -7
     std::vector<double> ref(T * H * D, 0);
     srand(seed);
     for (auto* a : {&q, &k, &v}) for (auto& x : *a) x = (rand() / (float)RAND_MAX) * 4 - 2;
@@ -46,9 +47,9 @@ static bool run(Case c, unsigned seed) {
         off.push_back(starts.size());
     }
     launch({blocks, KV, 1}, {128, 1, 1}, [&] {
-        flash_attention_f32(q.data(), k.data(), v.data(), sp.data(), off.data(), starts.data(), out.data(), T, H, KV, D, S, ko, scale);
+        flash_attention_f32_bf16(q.data(), k.data(), v.data(), sp.data(), off.data(), starts.data(), out.data(), T, H, KV, D, S, ko, scale);
     });
-    double worst = 0; for (size_t i = 0; i < out.size(); i++) worst = std::max(worst, fabs(out[i] - ref[i]));
+    double worst = 0; for (size_t i = 0; i < out.size(); i++) worst = std::max(worst, fabs(bf16_to_f32(out[i]) - ref[i]));
     // bf16 rounding of q, k, v and the probabilities: ~2^-8 relative on values of ~1.
     bool ok = worst < 2.5e-2;
     printf("flash_attention T=%u S=%u H=%u KV=%u D=%u key_offset=%u %s plan (%u tiles, %u masked skipped): max abs err %.3g %s\n",

@@ -3,16 +3,38 @@
 int main() {
     int bad = 0; srand(2);
     const unsigned T = 3, C = 1000, V = 3000;
-    std::vector<float> x(T * C), w(C), b(C), o(T * C);
+    std::vector<float> x(T * C), w(C), b(C);
+    std::vector<bf16_t> o(T * C);
     for (auto* a : {&x, &w, &b}) for (auto& e : *a) e = (rand() / (float)RAND_MAX) * 4 - 2;
-    launch({T, 1, 1}, {256, 1, 1}, [&] { layer_norm_f32(x.data(), w.data(), b.data(), o.data(), T, C, 1e-5f); });
+    // Outputs that feed GEMMs are bf16: within half a bf16 ulp of the f64 value, 2^-8 relative
+    // (8 significant bits), plus f32 noise.
+    const double round_tol = 1.02 / 256;
+    auto rel = [](double got, double want) { return fabs(got - want) / std::max(fabs(want), 1e-3); };
+    launch({T, 1, 1}, {256, 1, 1}, [&] { layer_norm_f32_bf16(x.data(), w.data(), b.data(), o.data(), T, C, 1e-5f); });
     double worst = 0;
     for (unsigned t = 0; t < T; t++) {
         double m = 0, var = 0; for (unsigned c = 0; c < C; c++) m += x[t*C+c]; m /= C;
         for (unsigned c = 0; c < C; c++) var += (x[t*C+c]-m)*(x[t*C+c]-m); var /= C;
-        for (unsigned c = 0; c < C; c++) worst = std::max(worst, fabs(o[t*C+c] - ((x[t*C+c]-m)/sqrt(var+1e-5)*w[c]+b[c])));
+        for (unsigned c = 0; c < C; c++) worst = std::max(worst, rel(bf16_to_f32(o[t*C+c]), (x[t*C+c]-m)/sqrt(var+1e-5)*w[c]+b[c]));
     }
-    printf("layer_norm max err %.3g\n", worst); bad |= worst > 1e-4;
+    printf("layer_norm (bf16 out) max rel err %.3g\n", worst); bad |= worst > round_tol;
+    launch({T, 1, 1}, {256, 1, 1}, [&] { rms_norm_f32_bf16(x.data(), w.data(), o.data(), T, C, 1e-6f); });
+    worst = 0;
+    for (unsigned t = 0; t < T; t++) {
+        double ms = 0; for (unsigned c = 0; c < C; c++) ms += (double)x[t*C+c] * x[t*C+c]; ms /= C;
+        for (unsigned c = 0; c < C; c++) worst = std::max(worst, rel(bf16_to_f32(o[t*C+c]), x[t*C+c] / sqrt(ms + 1e-6) * w[c]));
+    }
+    printf("rms_norm (bf16 out) max rel err %.3g\n", worst); bad |= worst > round_tol;
+    {
+        const unsigned n = T * C;
+        std::vector<bf16_t> g(n), s(n);
+        launch({4, 1, 1}, {256, 1, 1}, [&] { gelu_f32_bf16(x.data(), g.data(), n); });
+        launch({4, 1, 1}, {256, 1, 1}, [&] { silu_mul_f32_bf16(x.data(), b.data(), s.data(), C); });
+        double wg = 0, ws = 0;
+        for (unsigned i = 0; i < n; i++) wg = std::max(wg, rel(bf16_to_f32(g[i]), 0.5 * x[i] * (1 + erf(x[i] / sqrt(2.0)))));
+        for (unsigned i = 0; i < C; i++) ws = std::max(ws, rel(bf16_to_f32(s[i]), x[i] / (1 + exp(-(double)x[i])) * b[i]));
+        printf("gelu (bf16 out) max rel err %.3g, silu_mul %.3g\n", wg, ws); bad |= wg > round_tol || ws > round_tol;
+    }
     std::vector<float> l(T * V); for (auto& e : l) e = (rand() / (float)RAND_MAX) * 40 - 20;
     std::vector<unsigned> tg = {0, V - 1, 17}; std::vector<double> r(T);
     launch({T, 1, 1}, {256, 1, 1}, [&] { log_softmax_at_f32(l.data(), tg.data(), r.data(), T, V); });

@@ -29,7 +29,10 @@ pub enum BackendError {
 pub type Result<T> = std::result::Result<T, BackendError>;
 
 pub trait Backend: Send + Sync {
-    /// A (rows, cols) f32 activation matrix on the device.
+    /// A (rows, cols) activation matrix on the device, of f32 values. The outputs of
+    /// `layer_norm`, `rms_norm`, `attention`, `gelu` and `silu_mul` may be stored narrower
+    /// (CUDA: bf16, rounded once): model code passes them only to `linear` and
+    /// `linear_residual`, and a backend may refuse them as any other op's input.
     type Act: Send;
     /// A weight tensor on the device, in whatever form the backend computes with.
     type Weight: Send + Sync;

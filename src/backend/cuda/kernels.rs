@@ -13,13 +13,13 @@ const COMMON: &str = include_str!("../../../kernels/common.cuh");
 /// (file name, source, kernel names it defines)
 const FILES: &[(&str, &str, &[&str])] = &[
     ("embed.cu", include_str!("../../../kernels/embed.cu"), &["embed_bf16"]),
-    ("norm.cu", include_str!("../../../kernels/norm.cu"), &["layer_norm_f32", "rms_norm_f32"]),
+    ("norm.cu", include_str!("../../../kernels/norm.cu"), &["layer_norm_f32_bf16", "rms_norm_f32_bf16"]),
     ("rope.cu", include_str!("../../../kernels/rope.cu"), &["rope_f32"]),
-    ("attention.cu", include_str!("../../../kernels/attention.cu"), &["flash_attention_f32"]),
+    ("attention.cu", include_str!("../../../kernels/attention.cu"), &["flash_attention_f32_bf16"]),
     (
         "elementwise.cu",
         include_str!("../../../kernels/elementwise.cu"),
-        &["gelu_f32", "silu_mul_f32", "add_f32", "cast_f32_bf16", "cast_bf16_f32", "fill_uniform_bf16"],
+        &["gelu_f32_bf16", "silu_mul_f32_bf16", "add_f32", "cast_f32_bf16", "cast_bf16_f32", "fill_uniform_bf16"],
     ),
     ("gather.cu", include_str!("../../../kernels/gather.cu"), &["cols_f32", "rows_f32"]),
     ("softmax.cu", include_str!("../../../kernels/softmax.cu"), &["log_softmax_at_f32", "log_softmax_f32"]),
@@ -36,12 +36,12 @@ pub const ATTN_THREADS: u32 = 128;
 
 pub struct Kernels {
     pub embed_bf16: CudaFunction,
-    pub layer_norm_f32: CudaFunction,
-    pub rms_norm_f32: CudaFunction,
+    pub layer_norm_f32_bf16: CudaFunction,
+    pub rms_norm_f32_bf16: CudaFunction,
     pub rope_f32: CudaFunction,
-    pub flash_attention_f32: CudaFunction,
-    pub gelu_f32: CudaFunction,
-    pub silu_mul_f32: CudaFunction,
+    pub flash_attention_f32_bf16: CudaFunction,
+    pub gelu_f32_bf16: CudaFunction,
+    pub silu_mul_f32_bf16: CudaFunction,
     pub add_f32: CudaFunction,
     pub cast_f32_bf16: CudaFunction,
     pub cast_bf16_f32: CudaFunction,
@@ -105,12 +105,12 @@ impl Kernels {
         };
         Ok(Kernels {
             embed_bf16: take("embed_bf16")?,
-            layer_norm_f32: take("layer_norm_f32")?,
-            rms_norm_f32: take("rms_norm_f32")?,
+            layer_norm_f32_bf16: take("layer_norm_f32_bf16")?,
+            rms_norm_f32_bf16: take("rms_norm_f32_bf16")?,
             rope_f32: take("rope_f32")?,
-            flash_attention_f32: take("flash_attention_f32")?,
-            gelu_f32: take("gelu_f32")?,
-            silu_mul_f32: take("silu_mul_f32")?,
+            flash_attention_f32_bf16: take("flash_attention_f32_bf16")?,
+            gelu_f32_bf16: take("gelu_f32_bf16")?,
+            silu_mul_f32_bf16: take("silu_mul_f32_bf16")?,
             add_f32: take("add_f32")?,
             cast_f32_bf16: take("cast_f32_bf16")?,
             cast_bf16_f32: take("cast_bf16_f32")?,

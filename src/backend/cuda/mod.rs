@@ -5,9 +5,13 @@
 //! `BackendError::Unavailable` (cudarc itself would panic at first use).
 //!
 //! Storage choices:
-//! - Activations (`CudaAct`) are f32 (rows, cols) row-major, like the CPU reference; every
-//!   op but the GEMM runs in f32. Before a GEMM the input is rounded to a bf16 staging copy
-//!   (cuBLASLt multiplies bf16 by bf16, accumulating in f32 into an f32 output).
+//! - Activations (`CudaAct`) are (rows, cols) row-major, f32 or bf16 (`ActBuf`). Every op
+//!   computes in f32. The outputs that only a GEMM reads (norms, GELU, SiLU·up, attention)
+//!   are written in bf16, rounded once from the f32 result: cuBLASLt multiplies bf16 by
+//!   bf16, accumulating in f32. What the model reads elsewhere stays f32: the residual
+//!   stream (GEMM outputs with beta = 1), q/k/v and the generation cache, logits. An f32
+//!   input to a GEMM (an uploaded activation) is rounded to a bf16 staging copy first, the
+//!   same rounding the producers do.
 //! - Weights with 2+ dims (projections, embeddings, LM head) are bf16 on the device,
 //!   whatever the host dtype (narrowed with round-to-nearest-even on the host).
 //! - 1-D weights (norm weights, biases) stay f32: they are tiny, the norms read them in
@@ -44,11 +48,47 @@ pub(crate) fn dev_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
     }
 }
 
-/// A (rows, cols) f32 activation matrix on the device.
+/// A (rows, cols) activation matrix on the device (see the module doc for its dtype).
 pub struct CudaAct {
     pub rows: usize,
     pub cols: usize,
-    pub(crate) buf: CudaSlice<f32>,
+    pub(crate) buf: ActBuf,
+}
+
+pub(crate) enum ActBuf {
+    F32(CudaSlice<f32>),
+    /// bf16 bit patterns: an output only a GEMM reads
+    Bf16(CudaSlice<u16>),
+}
+
+impl CudaAct {
+    /// The f32 values of an op's input. A bf16 activation here is a model wiring error: only
+    /// GEMMs read them.
+    pub(crate) fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
+        match &self.buf {
+            ActBuf::F32(b) => Ok(b),
+            ActBuf::Bf16(_) => Err(bf16_input(op)),
+        }
+    }
+
+    pub(crate) fn f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>> {
+        match &mut self.buf {
+            ActBuf::F32(b) => Ok(b),
+            ActBuf::Bf16(_) => Err(bf16_input(op)),
+        }
+    }
+
+    /// Whether this activation is kept in bf16 (an output only a GEMM reads).
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.buf, ActBuf::Bf16(_))
+    }
+}
+
+fn bf16_input(op: &'static str) -> BackendError {
+    BackendError::Shape {
+        op,
+        msg: "input is a bf16 activation (the output of a norm, GELU, SiLU·up or attention), which only a linear reads".into(),
+    }
 }
 
 pub(crate) enum WeightBuf {
@@ -173,8 +213,13 @@ impl CudaBackend {
         unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| dev_err(&format!("{what}: allocating {} bytes", n * 4), e))
     }
 
+    pub(crate) fn alloc_bf16(&self, n: usize, what: &str) -> Result<CudaSlice<u16>> {
+        // SAFETY: as alloc_f32.
+        unsafe { self.stream.alloc::<u16>(n.max(1)) }.map_err(|e| dev_err(&format!("{what}: allocating {} bytes", n * 2), e))
+    }
+
     pub(crate) fn act(&self, rows: usize, cols: usize, what: &str) -> Result<CudaAct> {
-        Ok(CudaAct { rows, cols, buf: self.alloc_f32(rows * cols, what)? })
+        Ok(CudaAct { rows, cols, buf: ActBuf::F32(self.alloc_f32(rows * cols, what)?) })
     }
 
     /// Small host index arrays (ids, positions, spans, rows) go up synchronously-enough:
@@ -201,7 +246,7 @@ impl CudaBackend {
     pub fn random_weight(&self, shape: &[usize], seed: u64, lo: f32, hi: f32) -> Result<CudaWeight> {
         let n: usize = shape.iter().product();
         let what = format!("random weight {shape:?}");
-        let mut b16 = unsafe { self.stream.alloc::<u16>(n.max(1)) }.map_err(|e| dev_err(&what, e))?;
+        let mut b16 = self.alloc_bf16(n, &what)?;
         let n64 = n as u64;
         if n > 0 {
             let mut l = self.stream.launch_builder(&self.k.fill_uniform_bf16);
@@ -211,12 +256,30 @@ impl CudaBackend {
         if shape.len() >= 2 {
             return Ok(CudaWeight { shape: shape.to_vec(), buf: WeightBuf::Bf16(b16) });
         }
-        let mut f = self.alloc_f32(n, &what)?;
+        Ok(CudaWeight { shape: shape.to_vec(), buf: WeightBuf::F32(self.widen(&b16, n, &what)?) })
+    }
+
+    /// The first n values of x, rounded to nearest even in a new bf16 buffer.
+    pub(crate) fn narrow(&self, x: &CudaSlice<f32>, n: usize, what: &str) -> Result<CudaSlice<u16>> {
+        let mut out = self.alloc_bf16(n, what)?;
         if n > 0 {
+            let n64 = n as u64;
+            let mut l = self.stream.launch_builder(&self.k.cast_f32_bf16);
+            l.arg(x).arg(&mut out).arg(&n64);
+            self.launched("cast_f32_bf16", unsafe { l.launch(elementwise_cfg(n)) })?;
+        }
+        Ok(out)
+    }
+
+    /// The first n values of x widened to a new f32 buffer (exact).
+    pub(crate) fn widen(&self, x: &CudaSlice<u16>, n: usize, what: &str) -> Result<CudaSlice<f32>> {
+        let mut out = self.alloc_f32(n, what)?;
+        if n > 0 {
+            let n64 = n as u64;
             let mut l = self.stream.launch_builder(&self.k.cast_bf16_f32);
-            l.arg(&b16).arg(&mut f).arg(&n64);
+            l.arg(x).arg(&mut out).arg(&n64);
             self.launched("cast_bf16_f32", unsafe { l.launch(elementwise_cfg(n)) })?;
         }
-        Ok(CudaWeight { shape: shape.to_vec(), buf: WeightBuf::F32(f) })
+        Ok(out)
     }
 }

@@ -4,7 +4,7 @@
 //! Index arrays (token ids, rows, targets, spans) are host data: they are validated on the
 //! host before upload, so kernels never see an out-of-range index.
 
-use super::{dev_err, elementwise_cfg, upload, CudaAct, CudaBackend, CudaSlot, CudaTransfer, CudaWeight, PinnedGroup, WeightBuf};
+use super::{dev_err, elementwise_cfg, upload, ActBuf, CudaAct, CudaBackend, CudaSlot, CudaTransfer, CudaWeight, PinnedGroup, WeightBuf};
 use crate::backend::{AttnShape, Backend, BackendError, CopySpan, Result};
 use std::sync::Arc;
 use crate::token_tree::AttnSpan;
@@ -38,30 +38,31 @@ fn vec_of<'a>(op: &'static str, w: &'a CudaWeight, len: usize) -> Result<&'a cud
 }
 
 impl CudaBackend {
-    /// Grid-stride elementwise kernel over n values with one mutable and one optional input.
-    fn elementwise(&self, op: &'static str, x: &mut CudaAct, y: Option<&CudaAct>) -> Result<()> {
+    /// x <- act(x [, y]) over n f32 values, x becoming the bf16 result: GELU and SiLU·up
+    /// feed only the down projection (see the module doc of cuda/mod.rs).
+    fn activation_bf16(&self, op: &'static str, x: &mut CudaAct, y: Option<&CudaAct>) -> Result<()> {
         let n = x.rows * x.cols;
         if let Some(y) = y {
             if y.rows * y.cols != n {
                 return Err(shape_err(op, format!("({}, {}) with ({}, {})", x.rows, x.cols, y.rows, y.cols)));
             }
         }
-        if n == 0 {
-            return Ok(());
+        let mut out = self.alloc_bf16(n, op)?;
+        if n > 0 {
+            let (f, name) = match y {
+                None => (&self.k.gelu_f32_bf16, "gelu_f32_bf16"),
+                Some(_) => (&self.k.silu_mul_f32_bf16, "silu_mul_f32_bf16"),
+            };
+            let n64 = n as u64;
+            let mut l = self.stream.launch_builder(f);
+            l.arg(x.f32(op)?);
+            if let Some(y) = y {
+                l.arg(y.f32(op)?);
+            }
+            l.arg(&mut out).arg(&n64);
+            self.launched(name, unsafe { l.launch(elementwise_cfg(n)) })?;
         }
-        let f = match op {
-            "gelu" => &self.k.gelu_f32,
-            "silu_mul" => &self.k.silu_mul_f32,
-            _ => &self.k.add_f32,
-        };
-        let n64 = n as u64;
-        let mut l = self.stream.launch_builder(f);
-        l.arg(&mut x.buf);
-        if let Some(y) = y {
-            l.arg(&y.buf);
-        }
-        l.arg(&n64);
-        self.launched(op, unsafe { l.launch(elementwise_cfg(n)) })?;
+        x.buf = ActBuf::Bf16(out);
         Ok(())
     }
 }
@@ -81,14 +82,16 @@ impl CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
-        // Stage x in bf16 for cuBLASLt (see the module doc of cuda/mod.rs).
-        let len = x.rows * k;
-        let mut x16 = unsafe { self.stream.alloc::<u16>(len) }.map_err(|e| dev_err("linear bf16 input", e))?;
-        let len64 = len as u64;
-        let mut l = self.stream.launch_builder(&self.k.cast_f32_bf16);
-        l.arg(&x.buf).arg(&mut x16).arg(&len64);
-        self.launched("cast_f32_bf16", unsafe { l.launch(elementwise_cfg(len)) })?;
-        self.gemm.linear(&x16, bf16_of(op, w)?, bias, &mut out.buf, residual, x.rows, k, n)?;
+        // cuBLASLt reads bf16: an f32 input is staged (see the module doc of cuda/mod.rs).
+        let staged;
+        let x16 = match &x.buf {
+            ActBuf::Bf16(b) => b,
+            ActBuf::F32(f) => {
+                staged = self.narrow(f, x.rows * k, "linear bf16 input")?;
+                &staged
+            }
+        };
+        self.gemm.linear(x16, bf16_of(op, w)?, bias, out.f32_mut(op)?, residual, x.rows, k, n)?;
         self.queued_op(op);
         Ok(())
     }
@@ -155,15 +158,27 @@ impl Backend for CudaBackend {
         } else {
             self.stream.clone_htod(data).map_err(|e| dev_err("upload", e))?
         };
-        Ok(CudaAct { rows, cols, buf })
+        Ok(CudaAct { rows, cols, buf: ActBuf::F32(buf) })
     }
 
+    /// bf16 activations come back widened to f32 (exactly).
     fn download(&self, x: &CudaAct) -> Result<Vec<f32>> {
         let n = x.rows * x.cols;
-        if n >= super::staging::MIN_STAGED {
-            return self.staging.download(self, &x.buf, n);
+        if n == 0 {
+            return Ok(vec![]);
         }
-        let mut v = self.stream.clone_dtoh(&x.buf).map_err(|e| self.wait_err("download", e))?;
+        let wide;
+        let buf = match &x.buf {
+            ActBuf::F32(b) => b,
+            ActBuf::Bf16(b) => {
+                wide = self.widen(b, n, "download")?;
+                &wide
+            }
+        };
+        if n >= super::staging::MIN_STAGED {
+            return self.staging.download(self, buf, n);
+        }
+        let mut v = self.stream.clone_dtoh(buf).map_err(|e| self.wait_err("download", e))?;
         self.synchronize()?;
         v.truncate(n);
         Ok(v)
@@ -196,7 +211,7 @@ impl Backend for CudaBackend {
         let d_ids = self.upload_u32(ids, "embed ids")?;
         let (t32, c32) = (u32_of("embed", ids.len())?, u32_of("embed", c)?);
         let mut l = self.stream.launch_builder(&self.k.embed_bf16);
-        l.arg(bf16_of("embed", table)?).arg(&d_ids).arg(&mut out.buf).arg(&t32).arg(&c32);
+        l.arg(bf16_of("embed", table)?).arg(&d_ids).arg(out.f32_mut("embed")?).arg(&t32).arg(&c32);
         self.launched("embed_bf16", unsafe { l.launch(rows_cfg(ids.len())) })?;
         Ok(out)
     }
@@ -216,28 +231,26 @@ impl Backend for CudaBackend {
 
     fn layer_norm(&self, x: &CudaAct, w: &CudaWeight, b: &CudaWeight, eps: f32) -> Result<CudaAct> {
         let (wv, bv) = (vec_of("layer_norm", w, x.cols)?, vec_of("layer_norm", b, x.cols)?);
-        let mut out = self.act(x.rows, x.cols, "layer_norm")?;
-        if x.rows == 0 {
-            return Ok(out);
+        let mut out = self.alloc_bf16(x.rows * x.cols, "layer_norm")?;
+        if x.rows > 0 {
+            let (t32, c32) = (u32_of("layer_norm", x.rows)?, u32_of("layer_norm", x.cols)?);
+            let mut l = self.stream.launch_builder(&self.k.layer_norm_f32_bf16);
+            l.arg(x.f32("layer_norm")?).arg(wv).arg(bv).arg(&mut out).arg(&t32).arg(&c32).arg(&eps);
+            self.launched("layer_norm_f32_bf16", unsafe { l.launch(rows_cfg(x.rows)) })?;
         }
-        let (t32, c32) = (u32_of("layer_norm", x.rows)?, u32_of("layer_norm", x.cols)?);
-        let mut l = self.stream.launch_builder(&self.k.layer_norm_f32);
-        l.arg(&x.buf).arg(wv).arg(bv).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&eps);
-        self.launched("layer_norm_f32", unsafe { l.launch(rows_cfg(x.rows)) })?;
-        Ok(out)
+        Ok(CudaAct { rows: x.rows, cols: x.cols, buf: ActBuf::Bf16(out) })
     }
 
     fn rms_norm(&self, x: &CudaAct, w: &CudaWeight, eps: f32) -> Result<CudaAct> {
         let wv = vec_of("rms_norm", w, x.cols)?;
-        let mut out = self.act(x.rows, x.cols, "rms_norm")?;
-        if x.rows == 0 {
-            return Ok(out);
+        let mut out = self.alloc_bf16(x.rows * x.cols, "rms_norm")?;
+        if x.rows > 0 {
+            let (t32, c32) = (u32_of("rms_norm", x.rows)?, u32_of("rms_norm", x.cols)?);
+            let mut l = self.stream.launch_builder(&self.k.rms_norm_f32_bf16);
+            l.arg(x.f32("rms_norm")?).arg(wv).arg(&mut out).arg(&t32).arg(&c32).arg(&eps);
+            self.launched("rms_norm_f32_bf16", unsafe { l.launch(rows_cfg(x.rows)) })?;
         }
-        let (t32, c32) = (u32_of("rms_norm", x.rows)?, u32_of("rms_norm", x.cols)?);
-        let mut l = self.stream.launch_builder(&self.k.rms_norm_f32);
-        l.arg(&x.buf).arg(wv).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&eps);
-        self.launched("rms_norm_f32", unsafe { l.launch(rows_cfg(x.rows)) })?;
-        Ok(out)
+        Ok(CudaAct { rows: x.rows, cols: x.cols, buf: ActBuf::Bf16(out) })
     }
 
     fn rope(&self, x: &mut CudaAct, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
@@ -263,7 +276,7 @@ impl Backend for CudaBackend {
         // Rows in x (up to 2^31 - 1 blocks), pairs in y: any row count the planner allows.
         let cfg = LaunchConfig { grid_dim: (t32, u32_of("rope", pairs.div_ceil(256))?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&self.k.rope_f32);
-        l.arg(&mut x.buf).arg(&*d_pos).arg(&*d_freq).arg(&t32).arg(&ld).arg(&c0).arg(&h32).arg(&d32);
+        l.arg(x.f32_mut("rope")?).arg(&*d_pos).arg(&*d_freq).arg(&t32).arg(&ld).arg(&c0).arg(&h32).arg(&d32);
         self.launched("rope_f32", unsafe { l.launch(cfg) })?;
         Ok(())
     }
@@ -287,9 +300,9 @@ impl Backend for CudaBackend {
         if kvh > 65535 {
             return Err(shape_err("attention", format!("{kvh} kv heads: the kernel's grid holds at most 65535")));
         }
-        let mut out = self.act(q.rows, h * d, "attention")?;
+        let mut out = self.alloc_bf16(q.rows * h * d, "attention")?;
         if q.rows == 0 {
-            return Ok(out);
+            return Ok(CudaAct { rows: 0, cols: h * d, buf: ActBuf::Bf16(out) });
         }
         let rows = self.prepared.attention(self, spans, s.key_offset, h / kvh)?;
         let (t32, h32, kv32, d32, s32, ko32) = (
@@ -303,23 +316,37 @@ impl Backend for CudaBackend {
         let scale = 1.0 / (d as f32).sqrt();
         let blocks = u32_of("attention", rows.blocks)?;
         let cfg = LaunchConfig { grid_dim: (blocks, kv32, 1), block_dim: (super::kernels::ATTN_THREADS, 1, 1), shared_mem_bytes: 0 };
-        let mut l = self.stream.launch_builder(&self.k.flash_attention_f32);
-        l.arg(&q.buf).arg(&k.buf).arg(&v.buf).arg(&rows.spans).arg(&rows.tile_off).arg(&rows.tile_start).arg(&mut out.buf);
+        let mut l = self.stream.launch_builder(&self.k.flash_attention_f32_bf16);
+        l.arg(q.f32("attention")?).arg(k.f32("attention")?).arg(v.f32("attention")?);
+        l.arg(&rows.spans).arg(&rows.tile_off).arg(&rows.tile_start).arg(&mut out);
         l.arg(&t32).arg(&h32).arg(&kv32).arg(&d32).arg(&s32).arg(&ko32).arg(&scale);
-        self.launched("flash_attention_f32", unsafe { l.launch(cfg) })?;
-        Ok(out)
+        self.launched("flash_attention_f32_bf16", unsafe { l.launch(cfg) })?;
+        Ok(CudaAct { rows: q.rows, cols: h * d, buf: ActBuf::Bf16(out) })
     }
 
+    /// x becomes bf16 (the down projection's input).
     fn gelu(&self, x: &mut CudaAct) -> Result<()> {
-        self.elementwise("gelu", x, None)
+        self.activation_bf16("gelu", x, None)
     }
 
+    /// gate becomes bf16 (the down projection's input).
     fn silu_mul(&self, gate: &mut CudaAct, up: &CudaAct) -> Result<()> {
-        self.elementwise("silu_mul", gate, Some(up))
+        self.activation_bf16("silu_mul", gate, Some(up))
     }
 
     fn add(&self, x: &mut CudaAct, y: &CudaAct) -> Result<()> {
-        self.elementwise("add", x, Some(y))
+        let n = x.rows * x.cols;
+        if y.rows * y.cols != n {
+            return Err(shape_err("add", format!("({}, {}) with ({}, {})", x.rows, x.cols, y.rows, y.cols)));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        let mut l = self.stream.launch_builder(&self.k.add_f32);
+        l.arg(x.f32_mut("add")?).arg(y.f32("add")?).arg(&n64);
+        self.launched("add_f32", unsafe { l.launch(elementwise_cfg(n)) })?;
+        Ok(())
     }
 
     fn cols(&self, x: &CudaAct, start: usize, width: usize) -> Result<CudaAct> {
@@ -333,7 +360,7 @@ impl Backend for CudaBackend {
         let (t32, c32, s32, w32) = (u32_of("cols", x.rows)?, u32_of("cols", x.cols)?, u32_of("cols", start)?, u32_of("cols", width)?);
         let cfg = LaunchConfig { grid_dim: (t32, u32_of("cols", width.div_ceil(256))?, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut l = self.stream.launch_builder(&self.k.cols_f32);
-        l.arg(&x.buf).arg(&mut out.buf).arg(&t32).arg(&c32).arg(&s32).arg(&w32);
+        l.arg(x.f32("cols")?).arg(out.f32_mut("cols")?).arg(&t32).arg(&c32).arg(&s32).arg(&w32);
         self.launched("cols_f32", unsafe { l.launch(cfg) })?;
         Ok(out)
     }
@@ -349,7 +376,7 @@ impl Backend for CudaBackend {
         let d_rows = self.upload_u32(rows, "row indices")?;
         let (r32, c32) = (u32_of("rows", rows.len())?, u32_of("rows", x.cols)?);
         let mut l = self.stream.launch_builder(&self.k.rows_f32);
-        l.arg(&x.buf).arg(&d_rows).arg(&mut out.buf).arg(&r32).arg(&c32);
+        l.arg(x.f32("rows")?).arg(&d_rows).arg(out.f32_mut("rows")?).arg(&r32).arg(&c32);
         self.launched("rows_f32", unsafe { l.launch(rows_cfg(rows.len())) })?;
         Ok(out)
     }
@@ -382,13 +409,14 @@ impl Backend for CudaBackend {
         }
         let (na, nb) = (a.rows * a.cols, b.rows * b.cols);
         let mut out = self.act(a.rows + b.rows, a.cols, "concat_rows")?;
+        let (ab, bb, ob) = (a.f32("concat_rows")?, b.f32("concat_rows")?, out.f32_mut("concat_rows")?);
         if na > 0 {
-            let mut dst = out.buf.slice_mut(0..na);
-            self.stream.memcpy_dtod(&a.buf.slice(0..na), &mut dst).map_err(|e| dev_err("concat_rows", e))?;
+            let mut dst = ob.slice_mut(0..na);
+            self.stream.memcpy_dtod(&ab.slice(0..na), &mut dst).map_err(|e| dev_err("concat_rows", e))?;
         }
         if nb > 0 {
-            let mut dst = out.buf.slice_mut(na..na + nb);
-            self.stream.memcpy_dtod(&b.buf.slice(0..nb), &mut dst).map_err(|e| dev_err("concat_rows", e))?;
+            let mut dst = ob.slice_mut(na..na + nb);
+            self.stream.memcpy_dtod(&bb.slice(0..nb), &mut dst).map_err(|e| dev_err("concat_rows", e))?;
         }
         Ok(out)
     }
@@ -407,7 +435,7 @@ impl Backend for CudaBackend {
         let mut out = unsafe { self.stream.alloc::<f64>(targets.len()) }.map_err(|e| dev_err("log_softmax_at", e))?;
         let (s32, v32) = (u32_of("log_softmax_at", logits.rows)?, u32_of("log_softmax_at", logits.cols)?);
         let mut l = self.stream.launch_builder(&self.k.log_softmax_at_f32);
-        l.arg(&logits.buf).arg(&d_t).arg(&mut out).arg(&s32).arg(&v32);
+        l.arg(logits.f32("log_softmax_at")?).arg(&d_t).arg(&mut out).arg(&s32).arg(&v32);
         self.launched("log_softmax_at_f32", unsafe { l.launch(rows_cfg(targets.len())) })?;
         let v = self.stream.clone_dtoh(&out).map_err(|e| self.wait_err("log_softmax_at download", e))?;
         self.synchronize()?;
@@ -421,7 +449,7 @@ impl Backend for CudaBackend {
         }
         let (s32, v32) = (u32_of("log_softmax", logits.rows)?, u32_of("log_softmax", logits.cols)?);
         let mut l = self.stream.launch_builder(&self.k.log_softmax_f32);
-        l.arg(&logits.buf).arg(&mut out.buf).arg(&s32).arg(&v32);
+        l.arg(logits.f32("log_softmax")?).arg(out.f32_mut("log_softmax")?).arg(&s32).arg(&v32);
         self.launched("log_softmax_f32", unsafe { l.launch(rows_cfg(logits.rows)) })?;
         self.download(&out)
     }
