@@ -2,7 +2,7 @@
 //! schedule flags, and ending the job so no rank hangs.
 
 use anyhow::Result;
-use falcon_batch::backend::cpu::CpuBackend;
+use falcon_batch::backend::cpu::{keep_freed_buffers, CpuBackend};
 use falcon_batch::backend::cuda::CudaBackend;
 use falcon_batch::backend::select::{cuda_available, DeviceChoice};
 use falcon_batch::backend::{Backend, KvDtype};
@@ -122,6 +122,7 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
             // in the pool instead of handing each op to a worker and sleeping until it is done,
             // which costs a wake-up per op (hundreds per decoded token).
             let _ = rayon::ThreadPoolBuilder::new().num_threads(share.threads).use_current_thread().build_global();
+            keep_freed_buffers();
             let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank), held_weight_bytes: Some(4) };
             run_job(cluster, CpuBackend::with_kv_dtype(job.kv_dtype()), info, job)
         }

@@ -667,3 +667,9 @@ fn group_kernels_match_f64_for_every_group_size_and_length() {
         }
     }
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn glibc_takes_the_heap_settings_that_keep_freed_buffers() {
+    assert!(super::keep_freed_buffers());
+}
