@@ -20,10 +20,12 @@ mod kv_cache;
 mod gemm;
 mod heap;
 mod rope;
+mod spin;
 mod stream;
 mod vmath;
 pub use heap::keep_freed_buffers;
 pub use kv_cache::KvCache;
+pub use spin::{keep_workers_awake, spinners};
 pub use stream::{CpuPinned, CpuSlot, CpuTransfer};
 pub use vmath::{erf_one as erf_f32, exp_one as exp_f32, gelu_one as gelu_f32};
 

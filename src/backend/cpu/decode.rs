@@ -51,6 +51,7 @@ pub(super) fn decode_attention<E: CacheElem>(q: &Mat, k: CacheView<E>, v: CacheV
     }
     // Per chunk, per (row of its block, head): max score, Σ e^(score - max), and the
     // unnormalised output Σ e^(score - max)·v (D): (rows, H, D + 2).
+    super::spin::keep_workers_awake();
     let partials: Vec<Vec<f32>> = chunks
         .par_iter()
         .map(|c| {

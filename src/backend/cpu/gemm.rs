@@ -196,6 +196,7 @@ pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n
     if tasks == 1 {
         task(0);
     } else {
+        super::spin::keep_workers_awake();
         (0..tasks).into_par_iter().for_each(task);
     }
 }
