@@ -439,13 +439,18 @@ def hf_score(args, tdocs, workdir):
     return {"load_s": r["load_s"], "score_s": r["score_s"], "total_s": r["load_s"] + r["score_s"]}, lp
 
 
-def decoder_gemm_weights(cfg):
-    """Weights of one decoder layer's linear maps (what its GEMMs multiply by), from the manifest config."""
+def decoder_gemm_shapes(cfg):
+    """(K, N) of one decoder layer's linear maps, from the manifest config: qkv, attention out,
+    up (Falcon) or gate+up (Llama, Qwen2), down."""
     c, h, kv, d = cfg["hidden_size"], cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
-    if cfg["family"] == "falcon":
-        i = cfg.get("intermediate_size") or 4 * c
-        return c * (h + 2 * kv) * d + h * d * c + 2 * c * i
-    return c * h * d + 2 * c * kv * d + h * d * c + 3 * c * cfg["intermediate_size"]
+    falcon = cfg["family"] == "falcon"
+    i = (cfg.get("intermediate_size") or 4 * c) if falcon else cfg["intermediate_size"]
+    return [(c, (h + 2 * kv) * d), (h * d, c), (c, i if falcon else 2 * i), (i, c)]
+
+
+def decoder_gemm_weights(cfg):
+    """Weights of one decoder layer's linear maps (what its GEMMs multiply by)."""
+    return sum(k * n for k, n in decoder_gemm_shapes(cfg))
 
 
 def sgemm_ceiling(cfg, threads, seconds=0.4):
@@ -477,11 +482,7 @@ def sgemm_sustained(cfg, seconds=8.0, rows=2048):
     burst: on a VM whose core shares its SMT sibling with other tenants the two differ by more
     than the kernels do."""
     import numpy as np
-    c, i = cfg["hidden_size"], cfg.get("intermediate_size") or 4 * cfg["hidden_size"]
-    hd = cfg["n_heads"] * cfg["head_dim"]
-    qkv = hd + 2 * cfg["n_kv_heads"] * cfg["head_dim"]
-    up = i if cfg["family"] == "falcon" else 2 * i
-    shapes = [(c, qkv), (hd, c), (c, up), (i, c)]
+    shapes = decoder_gemm_shapes(cfg)
     rng = np.random.default_rng(0)
     ops = [(rng.standard_normal((rows, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32),
             np.empty((rows, n), dtype=np.float32)) for k, n in shapes]

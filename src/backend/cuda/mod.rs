@@ -208,14 +208,18 @@ impl CudaBackend {
         Ok(())
     }
 
-    pub(crate) fn alloc_f32(&self, n: usize, what: &str) -> Result<CudaSlice<f32>> {
+    /// n uninitialised values (at least one, so empty results still have a buffer).
+    fn alloc<T: cudarc::driver::DeviceRepr>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
         // SAFETY: every caller overwrites all n values before reading them.
-        unsafe { self.stream.alloc::<f32>(n.max(1)) }.map_err(|e| dev_err(&format!("{what}: allocating {} bytes", n * 4), e))
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| dev_err(&format!("{what}: allocating {} bytes", n * std::mem::size_of::<T>()), e))
+    }
+
+    pub(crate) fn alloc_f32(&self, n: usize, what: &str) -> Result<CudaSlice<f32>> {
+        self.alloc(n, what)
     }
 
     pub(crate) fn alloc_bf16(&self, n: usize, what: &str) -> Result<CudaSlice<u16>> {
-        // SAFETY: as alloc_f32.
-        unsafe { self.stream.alloc::<u16>(n.max(1)) }.map_err(|e| dev_err(&format!("{what}: allocating {} bytes", n * 2), e))
+        self.alloc(n, what)
     }
 
     pub(crate) fn act(&self, rows: usize, cols: usize, what: &str) -> Result<CudaAct> {
@@ -261,24 +265,22 @@ impl CudaBackend {
 
     /// The first n values of x, rounded to nearest even in a new bf16 buffer.
     pub(crate) fn narrow(&self, x: &CudaSlice<f32>, n: usize, what: &str) -> Result<CudaSlice<u16>> {
-        let mut out = self.alloc_bf16(n, what)?;
-        if n > 0 {
-            let n64 = n as u64;
-            let mut l = self.stream.launch_builder(&self.k.cast_f32_bf16);
-            l.arg(x).arg(&mut out).arg(&n64);
-            self.launched("cast_f32_bf16", unsafe { l.launch(elementwise_cfg(n)) })?;
-        }
-        Ok(out)
+        self.cast(&self.k.cast_f32_bf16, "cast_f32_bf16", x, n, what)
     }
 
     /// The first n values of x widened to a new f32 buffer (exact).
     pub(crate) fn widen(&self, x: &CudaSlice<u16>, n: usize, what: &str) -> Result<CudaSlice<f32>> {
-        let mut out = self.alloc_f32(n, what)?;
+        self.cast(&self.k.cast_bf16_f32, "cast_bf16_f32", x, n, what)
+    }
+
+    /// `kernel` (x, out, n) over the first n values of x into a new buffer.
+    fn cast<A: cudarc::driver::DeviceRepr, B: cudarc::driver::DeviceRepr>(&self, kernel: &cudarc::driver::CudaFunction, name: &'static str, x: &CudaSlice<A>, n: usize, what: &str) -> Result<CudaSlice<B>> {
+        let mut out = self.alloc::<B>(n, what)?;
         if n > 0 {
             let n64 = n as u64;
-            let mut l = self.stream.launch_builder(&self.k.cast_bf16_f32);
+            let mut l = self.stream.launch_builder(kernel);
             l.arg(x).arg(&mut out).arg(&n64);
-            self.launched("cast_bf16_f32", unsafe { l.launch(elementwise_cfg(n)) })?;
+            self.launched(name, unsafe { l.launch(elementwise_cfg(n)) })?;
         }
         Ok(out)
     }
