@@ -20,26 +20,28 @@ const SPIN_IDLE: Duration = Duration::from_micros(300);
 /// Spinners running now (0: none armed). One count for the process: a rank has one pool.
 static SPINNERS: AtomicUsize = AtomicUsize::new(0);
 
-/// Arms spinners on every worker but the caller's, unless they are running already. Only a
+/// Arms spinners on every worker but the caller's, unless they are running already, and
+/// returns how many it armed (0 when they were running or the call is nested). Only a
 /// top-level call arms them: from outside the pool, or from worker 0, the job's own thread
 /// where a rank's pool is built with `use_current_thread`. A call nested in a task on another
 /// worker would send a spinner to the job's thread, which would then spin out its idle time
 /// before going on.
-pub fn keep_workers_awake() {
+pub fn keep_workers_awake() -> usize {
     let threads = rayon::current_num_threads();
     let caller = rayon::current_thread_index();
     if caller.is_some_and(|i| i != 0) {
-        return;
+        return 0;
     }
     let others = threads - usize::from(caller.is_some());
     if others == 0 || SPINNERS.compare_exchange(0, others, Ordering::AcqRel, Ordering::Acquire).is_err() {
-        return;
+        return 0;
     }
     rayon::spawn_broadcast(move |ctx| {
         if Some(ctx.index()) != caller {
             spin();
         }
     });
+    others
 }
 
 fn spin() {
