@@ -34,9 +34,12 @@ fn spinners_run_the_pools_tasks_and_hand_their_threads_back() {
     }
     wait_for_no_spinners();
     // A call nested in a task on a worker arms none (it would send one to the job's thread).
-    let armed_in_task: Vec<usize> =
-        (0..64).into_par_iter().filter(|_| rayon::current_thread_index() != Some(0)).map(|_| keep_workers_awake()).collect();
-    assert!(armed_in_task.iter().all(|&n| n == 0), "nested calls armed spinners: {armed_in_task:?}");
+    let armed_in_task: Vec<(usize, usize)> = (0..64)
+        .into_par_iter()
+        .filter(|_| rayon::current_thread_index() != Some(0))
+        .map(|_| (keep_workers_awake(), spinners()))
+        .collect();
+    assert!(armed_in_task.iter().all(|&n| n == (0, 0)), "nested calls armed spinners (armed, running): {armed_in_task:?}");
 
     // A parallel GEMM arms them itself; its result is the same as without (a serial product).
     let b = CpuBackend::new();
