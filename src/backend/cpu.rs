@@ -256,6 +256,22 @@ impl Backend for CpuBackend {
         Ok(Mat { rows: x.rows, cols: n, data: out })
     }
 
+    fn linear_silu_mul(&self, x: &Mat, gate: &CpuWeight, gate_b: Option<&CpuWeight>, up: &CpuWeight, up_b: Option<&CpuWeight>) -> Result<Mat> {
+        let n = linear_shape(x, gate, gate_b)?;
+        if linear_shape(x, up, up_b)? != n {
+            return Err(shape_err("linear_silu_mul", format!("gate of shape {:?}, up of shape {:?}", gate.shape, up.shape)));
+        }
+        let len = x.rows * n;
+        let mut out: Vec<f32> = Vec::with_capacity(len); // (T, F)
+        // SAFETY: as in `linear`, for both weights: out has room for T·F values, all written.
+        unsafe {
+            let (gb, ub) = (gate_b.map(|b| &b.data[..]), up_b.map(|b| &b.data[..]));
+            gemm::matmul_silu_mul(Kernel::detect(), &x.data, x.rows, x.cols, &gate.data, gb, &up.data, ub, n, out.as_mut_ptr());
+            out.set_len(len);
+        }
+        Ok(Mat { rows: x.rows, cols: n, data: out })
+    }
+
     fn linear_residual(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>, mut residual: Mat) -> Result<Mat> {
         let n = linear_shape(x, w, b)?;
         if (residual.rows, residual.cols) != (x.rows, n) {

@@ -129,6 +129,14 @@ pub trait Backend: Send + Sync {
     fn gelu(&self, x: &mut Self::Act) -> Result<()>;
     /// gate <- silu(gate) * up
     fn silu_mul(&self, gate: &mut Self::Act, up: &Self::Act) -> Result<()>;
+    /// x (T, K) -> silu(x · gateᵀ + gate_b) * (x · upᵀ + up_b) (T, F): SwiGLU's first half. The
+    /// reference is two `linear`s and `silu_mul`; a backend may fuse them (CPU: both products
+    /// tile by tile, the up product never stored whole).
+    fn linear_silu_mul(&self, x: &Self::Act, gate: &Self::Weight, gate_b: Option<&Self::Weight>, up: &Self::Weight, up_b: Option<&Self::Weight>) -> Result<Self::Act> {
+        let mut g = self.linear(x, gate, gate_b)?;
+        self.silu_mul(&mut g, &self.linear(x, up, up_b)?)?;
+        Ok(g)
+    }
     /// x <- x + y
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
     /// Columns [start, start + width) of x as a new matrix.

@@ -21,6 +21,10 @@ pub struct GemmTiming {
     /// distort much, a per-core efficiency rather than a speed.
     pub linear_cpu_gflops: f64,
     pub gemm_crate_cpu_gflops: f64,
+    /// SwiGLU's gate and up products at this shape (N = F): `linear_silu_mul`, fused, and the
+    /// trait's reference route (two `linear`s, then `silu_mul`), over wall time.
+    pub gate_up_fused_gflops: f64,
+    pub gate_up_unfused_gflops: f64,
 }
 
 /// CPU seconds this process has used, all threads.
@@ -59,6 +63,8 @@ fn min2(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
 }
 
 pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTiming>> {
+    // As a CPU rank runs (cli/ranks.rs): freed outputs reused, not faulted in afresh per call.
+    crate::backend::cpu::keep_freed_buffers();
     let b = CpuBackend::new();
     let threads = rayon::current_num_threads();
     let mut out = vec![];
@@ -67,9 +73,11 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
         let (xv, wv) = (values(t * k, 1), values(n * k, 2));
         let x = b.upload(&xv, t, k)?;
         let w = b.random_weight(&[n, k], 2, -1.0, 1.0)?;
+        let up = b.random_weight(&[n, k], 3, -1.0, 1.0)?;
         let mut dst = vec![0f32; t * n];
         let flops = 2.0 * (t * k * n) as f64;
-        let (mut ours, mut theirs) = ((f64::INFINITY, f64::INFINITY), (f64::INFINITY, f64::INFINITY));
+        let inf = (f64::INFINITY, f64::INFINITY);
+        let (mut ours, mut theirs, mut fused, mut unfused) = (inf, inf, inf, inf);
         let mut err = None;
         // Interleaved: a load spike hits both alike.
         for _ in 0..reps.max(1) {
@@ -90,15 +98,34 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
                     )
                 }
             }));
+            fused = min2(fused, seconds_per_call(|| {
+                if let Err(e) = b.linear_silu_mul(&x, &w, None, &up, None) {
+                    err = Some(e);
+                }
+            }));
+            unfused = min2(unfused, seconds_per_call(|| {
+                let run = || -> crate::backend::Result<()> { b.silu_mul(&mut b.linear(&x, &w, None)?, &b.linear(&x, &up, None)?) };
+                if let Err(e) = run() {
+                    err = Some(e);
+                }
+            }));
         }
         if let Some(e) = err {
             return Err(e.into());
         }
         let g = |s: f64| flops / s / 1e9;
-        let row = GemmTiming { t, k, n, linear_gflops: g(ours.0), gemm_crate_gflops: g(theirs.0), linear_cpu_gflops: g(ours.1), gemm_crate_cpu_gflops: g(theirs.1) };
+        let row = GemmTiming {
+            t, k, n,
+            linear_gflops: g(ours.0),
+            gemm_crate_gflops: g(theirs.0),
+            linear_cpu_gflops: g(ours.1),
+            gemm_crate_cpu_gflops: g(theirs.1),
+            gate_up_fused_gflops: 2.0 * g(fused.0),
+            gate_up_unfused_gflops: 2.0 * g(unfused.0),
+        };
         eprintln!(
-            "gemm {t}x{k}x{n}: linear {:.1} GFLOP/s ({:.1} per CPU-s), gemm crate {:.1} ({:.1} per CPU-s)",
-            row.linear_gflops, row.linear_cpu_gflops, row.gemm_crate_gflops, row.gemm_crate_cpu_gflops
+            "gemm {t}x{k}x{n}: linear {:.1} GFLOP/s ({:.1} per CPU-s), gemm crate {:.1} ({:.1} per CPU-s); gate+up fused {:.1}, unfused {:.1}",
+            row.linear_gflops, row.linear_cpu_gflops, row.gemm_crate_gflops, row.gemm_crate_cpu_gflops, row.gate_up_fused_gflops, row.gate_up_unfused_gflops
         );
         out.push(row);
     }

@@ -145,8 +145,7 @@ pub fn layer_forward<B: Backend>(
     let attn_in = b.rms_norm(&x, w.get("attn_norm.weight")?, eps)?; // (T, C)
     let x = attention_block(b, cfg, w, &attn_in, ctx, cache, x)?; // x + attention (T, C)
     let mlp_in = b.rms_norm(&x, w.get("mlp_norm.weight")?, eps)?; // (T, C)
-    let mut gate = b.linear(&mlp_in, w.get("mlp.gate.weight")?, w.opt("mlp.gate.bias"))?; // (T, F)
-    let up = b.linear(&mlp_in, w.get("mlp.up.weight")?, w.opt("mlp.up.bias"))?; // (T, F)
-    b.silu_mul(&mut gate, &up)?;
-    Ok(b.linear_residual(&gate, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"), x)?) // (T, C)
+    let (gate, up) = (w.get("mlp.gate.weight")?, w.get("mlp.up.weight")?);
+    let act = b.linear_silu_mul(&mlp_in, gate, w.opt("mlp.gate.bias"), up, w.opt("mlp.up.bias"))?; // (T, F)
+    Ok(b.linear_residual(&act, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"), x)?) // (T, C)
 }

@@ -12,7 +12,7 @@
 //! packed: a tile reads MR rows of x at stride K, KC values each. KC is large, so a decoder's
 //! K is one block: a tile of out is written once, never reloaded between K blocks.
 
-use super::SendPtr;
+use super::{vmath, SendPtr};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -173,6 +173,44 @@ pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n
     if t == 0 || n == 0 {
         return;
     }
+    let out = SendPtr(out);
+    // SAFETY: tasks write disjoint (rows, panels) blocks of out; the caller's contract covers
+    // the rest.
+    fork(kernel, t, k, n, |rows, panels| unsafe { block(kernel, x, k, w, n, bias, out, mode, rows, panels) });
+}
+
+/// out (T, N) = silu(x · gᵀ + bg) ⊙ (x · uᵀ + bu): SwiGLU's gate and up products in one pass,
+/// g and u packed by `pack` with the same kernel. Each row tile runs the gate tile into out and
+/// the up tile into a (MR, NR) buffer on the stack, then multiplies in place while the tile is
+/// in L1: neither product is written whole, nor read back by a separate pass. The values are
+/// those of two `matmul`s and `vmath::silu_mul_slice` (the same tiles, in the same order).
+///
+/// # Safety
+/// As `matmul` with `Out::Write`, for both weights and biases.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_silu_mul(kernel: Kernel, x: &[f32], t: usize, k: usize, g: &[f32], bg: Option<&[f32]>, u: &[f32], bu: Option<&[f32]>, n: usize, out: *mut f32) {
+    debug_assert!(x.len() >= t * k && g.len().min(u.len()) >= packed_len(kernel, n, k));
+    if t == 0 || n == 0 {
+        return;
+    }
+    if k > KC {
+        // K blocks would keep each up partial sum whole between blocks: the unfused route.
+        let mut up: Vec<f32> = Vec::with_capacity(t * n); // (T, N)
+        matmul(kernel, x, t, k, g, n, bg, out, Out::Write);
+        matmul(kernel, x, t, k, u, n, bu, up.as_mut_ptr(), Out::Write);
+        up.set_len(t * n);
+        let gate = std::slice::from_raw_parts_mut(out, t * n);
+        gate.par_chunks_mut(n).zip(up.par_chunks(n)).for_each(|(g, u)| vmath::silu_mul_slice(g, u));
+        return;
+    }
+    let out = SendPtr(out);
+    // SAFETY: as in `matmul`.
+    fork(kernel, t, k, n, |rows, panels| unsafe { block_silu_mul(kernel, x, k, g, bg, u, bu, n, out, rows, panels) });
+}
+
+/// Cuts out (T, N) into (row block, panel range) tasks and runs them on the pool, or on the
+/// calling thread when the product is too small to fork for.
+fn fork(kernel: Kernel, t: usize, k: usize, n: usize, task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync) {
     let (nr, mr) = (kernel.nr(), kernel.mr());
     let panels = n.div_ceil(nr);
     let threads = rayon::current_num_threads();
@@ -183,21 +221,16 @@ pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n
     let row_parts = want.div_ceil(panel_parts).min(t.div_ceil(mr));
     let rows_per = t.div_ceil(row_parts).div_ceil(mr) * mr;
     let row_parts = t.div_ceil(rows_per);
-    let out = SendPtr(out);
-    let task = |i: usize| {
+    let run = |i: usize| {
         let (rp, pp) = (i / panel_parts, i % panel_parts);
-        let (r0, r1) = (rp * rows_per, ((rp + 1) * rows_per).min(t));
-        let (p0, p1) = (pp * panels / panel_parts, (pp + 1) * panels / panel_parts);
-        // SAFETY: tasks write disjoint (rows, panels) blocks of out; the caller's contract covers
-        // the rest.
-        unsafe { block(kernel, x, k, w, n, bias, out, mode, r0..r1, p0..p1) };
+        task(rp * rows_per..((rp + 1) * rows_per).min(t), pp * panels / panel_parts..(pp + 1) * panels / panel_parts);
     };
     let tasks = row_parts * panel_parts;
     if tasks == 1 {
-        task(0);
+        run(0);
     } else {
         super::spin::keep_workers_awake();
-        (0..tasks).into_par_iter().for_each(task);
+        (0..tasks).into_par_iter().for_each(run);
     }
 }
 
@@ -274,6 +307,33 @@ unsafe fn block(kernel: Kernel, x: &[f32], k: usize, w: &[f32], n: usize, bias: 
                 for i0 in (m0..m1).step_by(mr) {
                     let tile = Tile { kc, a: x.as_ptr().add(i0 * k + k0), lda: k, b, c: out.0.add(i0 * n + p * nr), ldc: n, ncols, init };
                     tile.run(kernel, mr.min(m1 - i0));
+                }
+            }
+        }
+    }
+}
+
+/// `matmul_silu_mul`'s rows `rows` and panels `panels`, k <= KC (one K block).
+///
+/// # Safety
+/// As `block`, for both weights.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_silu_mul(kernel: Kernel, x: &[f32], k: usize, g: &[f32], bg: Option<&[f32]>, u: &[f32], bu: Option<&[f32]>, n: usize, out: SendPtr, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+    const MAX_TILE: usize = 12 * 32; // the largest MR x NR
+    let (nr, mr) = (kernel.nr(), kernel.mr());
+    let mut up = [0f32; MAX_TILE]; // (MR, NR): one tile of the up product
+    let init = |bias: Option<&[f32]>, p: usize| bias.map_or(Init::Zero, |b| Init::Bias(b.as_ptr().add(p * nr)));
+    let mc = even_split(rows.len(), MC, mr);
+    for m0 in rows.clone().step_by(mc) {
+        let m1 = (m0 + mc).min(rows.end);
+        for p in panels.clone() {
+            let ncols = nr.min(n - p * nr);
+            for i0 in (m0..m1).step_by(mr) {
+                let (r, a, c) = (mr.min(m1 - i0), x.as_ptr().add(i0 * k), out.0.add(i0 * n + p * nr));
+                Tile { kc: k, a, lda: k, b: g.as_ptr().add(p * k * nr), c, ldc: n, ncols, init: init(bg, p) }.run(kernel, r);
+                Tile { kc: k, a, lda: k, b: u.as_ptr().add(p * k * nr), c: up.as_mut_ptr(), ldc: nr, ncols, init: init(bu, p) }.run(kernel, r);
+                for (i, up) in up.chunks_exact(nr).take(r).enumerate() {
+                    vmath::silu_mul_slice(std::slice::from_raw_parts_mut(c.add(i * n), ncols), &up[..ncols]);
                 }
             }
         }
@@ -507,6 +567,29 @@ mod tests {
                             res.is_some()
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_silu_mul_gives_the_two_products_and_silu_mul_exactly() {
+        // As above, plus a depth over KC (the unfused route) and T past one MC block.
+        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (13, 385, 97), (513, 77, 65), (2, 600, 1), (5, KC + 1, 40)];
+        for kernel in Kernel::available() {
+            for (si, &(t, k, n)) in shapes.iter().enumerate() {
+                let x = values(t * k, si as u64);
+                let (g, u) = (values(n * k, 100 + si as u64), values(n * k, 200 + si as u64));
+                let (bg, bu) = (values(n, 300 + si as u64), values(n, 400 + si as u64));
+                let (pg, pu) = (pack(kernel, &g, n, k), pack(kernel, &u, n, k));
+                for (bg, bu) in [(None, None), (Some(&bg[..]), Some(&bu[..])), (None, Some(&bu[..]))] {
+                    let mut want = run(kernel, &x, &g, bg, t, k, n, None);
+                    vmath::silu_mul_slice(&mut want, &run(kernel, &x, &u, bu, t, k, n, None));
+                    let mut got = vec![f32::NAN; t * n];
+                    // SAFETY: got holds t·n floats, x t·k, both packed weights their packed_len.
+                    unsafe { matmul_silu_mul(kernel, &x, t, k, &pg, bg, &pu, bu, n, got.as_mut_ptr()) };
+                    let differ = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert_eq!(differ, None, "{kernel:?} {t}x{k}x{n} biases {} {}", bg.is_some(), bu.is_some());
                 }
             }
         }

@@ -284,6 +284,24 @@ fn gelu_and_silu_ops_match_plain_loops() {
 }
 
 #[test]
+fn fused_gate_up_matches_the_f64_products_and_refuses_unequal_widths() {
+    let b = CpuBackend::new();
+    for (t, k, f) in [(1, 8, 5), (30, 64, 100), (300, 96, 70)] {
+        let x = mat(t, k, 60);
+        let (gate, up) = (weight(&[f, k], 61), weight(&[f, k], 62));
+        let (gb, ub) = (weight(&[f], 63), weight(&[f], 64));
+        let got = b.linear_silu_mul(&x, &gate, Some(&gb), &up, Some(&ub)).unwrap();
+        assert_eq!((got.rows, got.cols), (t, f));
+        let (g, u) = (linear_ref(&x, &gate, Some(&gb)), linear_ref(&x, &up, Some(&ub)));
+        let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| (g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64) as f32).collect();
+        assert_close(&got.data, &want, 1e-5);
+    }
+    let x = mat(3, 8, 65);
+    let err = b.linear_silu_mul(&x, &weight(&[5, 8], 66), None, &weight(&[6, 8], 67), None).unwrap_err();
+    assert!(err.to_string().contains("gate of shape [5, 8], up of shape [6, 8]"), "{err}");
+}
+
+#[test]
 fn cols_copies_the_column_range() {
     let b = CpuBackend::new();
     let x = mat(5, 12, 50);
