@@ -85,7 +85,7 @@ def parse_args():
     ap.add_argument("--threads", type=int, default=2, help="threads for both (RAYON_NUM_THREADS / n_threads)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each timing; the min is kept")
     ap.add_argument("--contexts", default="100,2048", help="decode context lengths (tokens)")
-    ap.add_argument("--new-tokens", type=int, default=32, help="decode steps timed")
+    ap.add_argument("--new-tokens", type=int, default=64, help="decode steps timed (each run's mean; 32 were too few on a noisy VM)")
     ap.add_argument("--n-ctx", type=int, default=2048, help="llama.cpp context")
     ap.add_argument("--out", default="results/bench-cpu.json")
     ap.add_argument("--workdir", default=None, help="scratch for falcon-batch outputs (default: a temp dir)")
@@ -713,26 +713,28 @@ def main():
             plen = min(ctx, args.n_ctx - steps - 1)
             text, plen = prompt_of_length(tok, docs, plen)
             p_ids = tok.encode(text).ids
+            # Repeats interleaved across every engine: a load spike then hits one repeat of
+            # each alike, and the minimum of each is kept.
             runs = {kv: [] for kv in ("f32", "f16")}
+            ts = {name: [] for name in llms}
             for _ in range(args.repeats):
                 for kv, rs in runs.items():
                     rs.append(fb_decode_time(args, text, steps, kv))
+                for name, llm in llms.items():
+                    # llama.cpp maps its GGUF: pages dropped since the last run would be read
+                    # back from disk inside the timed steps.
+                    warm(dict(decode_ggufs)[name])
+                    ts[name].append(llama_decode(llm, p_ids, steps))
             entry = {"prompt_tokens": plen}
             for kv, rs in runs.items():
                 entry["falcon-batch" if kv == "f32" else "falcon-batch f16 cache"] = {
                     "s_per_token": min(r[0] for r in rs), "s_per_token_runs": [r[0] for r in rs], "prefill_s": [r[1] for r in rs]}
             fb_s = entry["falcon-batch"]["s_per_token"]
             fb16_s = entry["falcon-batch f16 cache"]["s_per_token"]
-            for name, llm in llms.items():
-                # llama.cpp maps its GGUF: pages dropped since the last run would be read back
-                # from disk inside the timed steps.
-                ts = []
-                for _ in range(args.repeats):
-                    warm(dict(decode_ggufs)[name])
-                    ts.append(llama_decode(llm, p_ids, steps))
-                entry[f"llama.cpp {name}"] = {"s_per_token": min(ts), "runs": ts,
-                                              "ratio_fb_over_llama_s_per_token": fb_s / min(ts),
-                                              "ratio_fb_f16_cache_over_llama_s_per_token": fb16_s / min(ts)}
+            for name, t in ts.items():
+                entry[f"llama.cpp {name}"] = {"s_per_token": min(t), "runs": t,
+                                              "ratio_fb_over_llama_s_per_token": fb_s / min(t),
+                                              "ratio_fb_f16_cache_over_llama_s_per_token": fb16_s / min(t)}
             decode[str(ctx)] = entry
             print(f"[decode ctx {plen}] falcon-batch {fb_s * 1000:.1f} ms/token (f16 cache {fb16_s * 1000:.1f}); " + "; ".join(
                 f"llama.cpp {n} {entry['llama.cpp ' + n]['s_per_token'] * 1000:.1f} ms/token" for n in llms),
