@@ -1,4 +1,5 @@
-//! The `linear` GEMM: out (T, N) = x (T, K) · w (N, K)ᵀ + bias, over weights packed once into
+//! The `linear` GEMM: out (T, N) = x (T, K) · w (N, K)ᵀ + bias (and SwiGLU's two products with
+//! their SiLU·up, `matmul_silu_mul`), over weights packed once into
 //! column panels, by a register-blocked micro-kernel chosen at run time (AVX-512, AVX2+FMA, or
 //! plain loops), threads splitting (row block, panel range) tasks in one fork/join.
 //!
@@ -182,7 +183,7 @@ pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n
 /// out (T, N) = silu(x · gᵀ + bg) ⊙ (x · uᵀ + bu): SwiGLU's gate and up products in one pass,
 /// g and u packed by `pack` with the same kernel. Each row tile runs the gate tile into out and
 /// the up tile into a (MR, NR) buffer on the stack, then multiplies in place while the tile is
-/// in L1: neither product is written whole, nor read back by a separate pass. The values are
+/// in L1: the up product is never stored whole, and no separate pass reads the two back. The values are
 /// those of two `matmul`s and `vmath::silu_mul_slice` (the same tiles, in the same order).
 ///
 /// # Safety
