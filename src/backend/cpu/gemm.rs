@@ -183,8 +183,9 @@ pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n
 /// out (T, N) = silu(x · gᵀ + bg) ⊙ (x · uᵀ + bu): SwiGLU's gate and up products in one pass,
 /// g and u packed by `pack` with the same kernel. Each row tile runs the gate tile into out and
 /// the up tile into a (MR, NR) buffer on the stack, then multiplies in place while the tile is
-/// in L1: the up product is never stored whole, and no separate pass reads the two back. The values are
-/// those of two `matmul`s and `vmath::silu_mul_slice` (the same tiles, in the same order).
+/// in L1: the up product is never stored whole, and no separate pass reads the two back. The
+/// values are those of two `matmul`s and `vmath::silu_mul_slice` (the same tiles, in the same
+/// order).
 ///
 /// # Safety
 /// As `matmul` with `Out::Write`, for both weights and biases.
