@@ -257,6 +257,9 @@ impl Backend for CpuBackend {
     }
 
     fn linear_silu_mul(&self, x: &Mat, gate: &CpuWeight, gate_b: Option<&CpuWeight>, up: &CpuWeight, up_b: Option<&CpuWeight>) -> Result<Mat> {
+        if !gemm::fuses_silu_mul(x.cols) {
+            return super::linear_silu_mul_unfused(self, x, gate, gate_b, up, up_b);
+        }
         let n = linear_shape(x, gate, gate_b)?;
         if linear_shape(x, up, up_b)? != n {
             return Err(shape_err("linear_silu_mul", format!("gate of shape {:?}, up of shape {:?}", gate.shape, up.shape)));

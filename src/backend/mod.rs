@@ -133,9 +133,7 @@ pub trait Backend: Send + Sync {
     /// reference is two `linear`s and `silu_mul`; a backend may fuse them (CPU: both products
     /// tile by tile, the up product never stored whole).
     fn linear_silu_mul(&self, x: &Self::Act, gate: &Self::Weight, gate_b: Option<&Self::Weight>, up: &Self::Weight, up_b: Option<&Self::Weight>) -> Result<Self::Act> {
-        let mut g = self.linear(x, gate, gate_b)?;
-        self.silu_mul(&mut g, &self.linear(x, up, up_b)?)?;
-        Ok(g)
+        linear_silu_mul_unfused(self, x, gate, gate_b, up, up_b)
     }
     /// x <- x + y
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
@@ -220,4 +218,12 @@ pub struct AttnShape {
     /// Key row of query row 0: spans index key rows, and query row t's own key is
     /// row t + key_offset (a KV cache's keys come first).
     pub key_offset: usize,
+}
+
+/// `Backend::linear_silu_mul`'s reference route: two `linear`s, then `silu_mul`. Also where a
+/// fusing backend sends the shapes it does not fuse.
+pub fn linear_silu_mul_unfused<B: Backend + ?Sized>(b: &B, x: &B::Act, gate: &B::Weight, gate_b: Option<&B::Weight>, up: &B::Weight, up_b: Option<&B::Weight>) -> Result<B::Act> {
+    let mut g = b.linear(x, gate, gate_b)?; // (T, F)
+    b.silu_mul(&mut g, &b.linear(x, up, up_b)?)?;
+    Ok(g)
 }

@@ -104,8 +104,7 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
                 }
             }));
             unfused = min2(unfused, seconds_per_call(|| {
-                let run = || -> crate::backend::Result<()> { b.silu_mul(&mut b.linear(&x, &w, None)?, &b.linear(&x, &up, None)?) };
-                if let Err(e) = run() {
+                if let Err(e) = crate::backend::linear_silu_mul_unfused(&b, &x, &w, None, &up, None) {
                     err = Some(e);
                 }
             }));

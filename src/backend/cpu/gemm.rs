@@ -188,26 +188,22 @@ pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n
 /// order).
 ///
 /// # Safety
-/// As `matmul` with `Out::Write`, for both weights and biases.
+/// As `matmul` with `Out::Write`, for both weights and biases, and `fuses_silu_mul(k)`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_silu_mul(kernel: Kernel, x: &[f32], t: usize, k: usize, g: &[f32], bg: Option<&[f32]>, u: &[f32], bu: Option<&[f32]>, n: usize, out: *mut f32) {
-    debug_assert!(x.len() >= t * k && g.len().min(u.len()) >= packed_len(kernel, n, k));
+    debug_assert!(fuses_silu_mul(k) && x.len() >= t * k && g.len().min(u.len()) >= packed_len(kernel, n, k));
     if t == 0 || n == 0 {
-        return;
-    }
-    if k > KC {
-        // K blocks would keep each up partial sum whole between blocks: the unfused route.
-        let mut up: Vec<f32> = Vec::with_capacity(t * n); // (T, N)
-        matmul(kernel, x, t, k, g, n, bg, out, Out::Write);
-        matmul(kernel, x, t, k, u, n, bu, up.as_mut_ptr(), Out::Write);
-        up.set_len(t * n);
-        let gate = std::slice::from_raw_parts_mut(out, t * n);
-        gate.par_chunks_mut(n).zip(up.par_chunks(n)).for_each(|(g, u)| vmath::silu_mul_slice(g, u));
         return;
     }
     let out = SendPtr(out);
     // SAFETY: as in `matmul`.
     fork(kernel, t, k, n, |rows, panels| unsafe { block_silu_mul(kernel, x, k, g, bg, u, bu, n, out, rows, panels) });
+}
+
+/// Whether `matmul_silu_mul` takes depth k: one K block. Deeper, each up partial sum would have
+/// to be kept whole between blocks, which is the unfused route.
+pub fn fuses_silu_mul(k: usize) -> bool {
+    k <= KC
 }
 
 /// Cuts out (T, N) into (row block, panel range) tasks and runs them on the pool, or on the
@@ -576,8 +572,8 @@ mod tests {
 
     #[test]
     fn fused_silu_mul_gives_the_two_products_and_silu_mul_exactly() {
-        // As above, plus a depth over KC (the unfused route) and T past one MC block.
-        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (13, 385, 97), (513, 77, 65), (2, 600, 1), (5, KC + 1, 40)];
+        // As above, plus T past one MC block and the deepest K fused (one K block).
+        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (13, 385, 97), (513, 77, 65), (2, 600, 1), (5, KC, 40)];
         for kernel in Kernel::available() {
             for (si, &(t, k, n)) in shapes.iter().enumerate() {
                 let x = values(t * k, si as u64);

@@ -286,12 +286,16 @@ fn gelu_and_silu_ops_match_plain_loops() {
 #[test]
 fn fused_gate_up_matches_the_f64_products_and_refuses_unequal_widths() {
     let b = CpuBackend::new();
-    for (t, k, f) in [(1, 8, 5), (30, 64, 100), (300, 96, 70)] {
+    // The last depth is over one K block: the unfused route.
+    for (t, k, f) in [(1, 8, 5), (30, 64, 100), (300, 96, 70), (3, 2100, 20)] {
         let x = mat(t, k, 60);
         let (gate, up) = (weight(&[f, k], 61), weight(&[f, k], 62));
         let (gb, ub) = (weight(&[f], 63), weight(&[f], 64));
         let got = b.linear_silu_mul(&x, &gate, Some(&gb), &up, Some(&ub)).unwrap();
         assert_eq!((got.rows, got.cols), (t, f));
+        // Fused or not, the values of the reference route exactly.
+        let unfused = crate::backend::linear_silu_mul_unfused(&b, &x, &gate, Some(&gb), &up, Some(&ub)).unwrap();
+        assert!(got.data.iter().zip(&unfused.data).all(|(a, b)| a.to_bits() == b.to_bits()), "{t}x{k}x{f}: fused differs from unfused");
         let (g, u) = (linear_ref(&x, &gate, Some(&gb)), linear_ref(&x, &up, Some(&ub)));
         let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| (g as f64 / (1.0 + (-(g as f64)).exp()) * u as f64) as f32).collect();
         assert_close(&got.data, &want, 1e-5);
