@@ -37,6 +37,11 @@ $(SMOL)/manifest.json: $(GGUF) | build
 	rm -rf $(SMOL)
 	$(BIN) convert --from $(GGUF) --to $(SMOL)
 
+# The same weights rounded to f16, for the benchmark's half-precision rows.
+$(SMOL)-f16/manifest.json: $(GGUF) | build
+	rm -rf $(SMOL)-f16
+	$(BIN) convert --from $(GGUF) --to $(SMOL)-f16 --dtype f16
+
 demo: build $(SMOL)/manifest.json
 	@mkdir -p results
 	$(BIN) score --model $(SMOL) --docs inputs/sample.jsonl --out results/demo.h5 --csv results/demo.csv --overwrite
@@ -47,9 +52,9 @@ test: test-deps fetch-model
 
 # CPU benchmark, one run, repeats interleaved, minimum kept, load averages recorded: falcon-batch
 # against llama.cpp (llama-cpp-python) scoring each choice from the prompt's KV cache and with its
-# own multiple-choice batching (F32 and Q8_0 GGUF), HF transformers scoring the lm-eval way (when
-# BENCH_HF_PYTHON has torch + transformers), and numpy's sgemm ceiling; decode s/token at ~100 and
-# ~2048 tokens of context. Needs a Python with llama-cpp-python, tokenizers, numpy, gguf:
+# own multiple-choice batching (F32, F16 and Q8_0 GGUF; the F16 one against falcon-batch's f16
+# weights), HF transformers scoring the lm-eval way (when BENCH_HF_PYTHON has torch +
+# transformers), and numpy's sgemm ceiling; decode s/token at ~100 and ~2048 tokens of context. Needs a Python with llama-cpp-python, tokenizers, numpy, gguf:
 # .venv-bench is made (network, a llama.cpp compile) unless BENCH_PYTHON names one.
 # Writes results/bench-cpu.json and prints the table of docs/PERFORMANCE.md.
 BENCH_PYTHON ?=
@@ -59,11 +64,12 @@ BENCH_ARGS ?=
 	python3 -m venv .venv-bench
 	.venv-bench/bin/pip install llama-cpp-python tokenizers numpy gguf
 
-bench: build $(SMOL)/manifest.json $(if $(BENCH_PYTHON),,.venv-bench/bin/python)
+bench: build $(SMOL)/manifest.json $(SMOL)-f16/manifest.json $(if $(BENCH_PYTHON),,.venv-bench/bin/python)
 	@mkdir -p results
 	$(if $(BENCH_PYTHON),$(BENCH_PYTHON),.venv-bench/bin/python) scripts/bench_cpu.py --bin $(BIN) \
 		--model $(SMOL) --gguf $(GGUF) --f32-gguf models/SmolLM2-135M-Instruct.F32.gguf \
-		--q8-gguf models/SmolLM2-135M-Instruct.Q8_0.gguf --hf-python "$(BENCH_HF_PYTHON)" \
+		--q8-gguf models/SmolLM2-135M-Instruct.Q8_0.gguf --f16-gguf models/SmolLM2-135M-Instruct.F16.gguf \
+		--f16-model $(SMOL)-f16 --hf-python "$(BENCH_HF_PYTHON)" \
 		--docs inputs/sample.jsonl --threads $$(nproc) --out results/bench-cpu.json $(BENCH_ARGS)
 
 clean-results:

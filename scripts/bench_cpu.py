@@ -70,6 +70,11 @@ def parse_args():
                     help="F32 GGUF made from --gguf (dequantized) if missing; 'none' to skip")
     ap.add_argument("--q8-gguf", default="models/SmolLM2-135M-Instruct.Q8_0.gguf",
                     help="Q8_0 GGUF made from --f32-gguf if missing; 'none' to skip")
+    ap.add_argument("--f16-gguf", default="models/SmolLM2-135M-Instruct.F16.gguf",
+                    help="F16 GGUF (matrices F16, vectors F32) made from --f32-gguf if missing; 'none' to skip")
+    ap.add_argument("--f16-model", default="models/smollm2-135m-f16",
+                    help="falcon-batch model dir with f16 weights (convert --dtype f16 of --gguf) made if missing; "
+                         "compared with --f16-gguf")
     ap.add_argument("--mc-batch", type=int, default=2048, help="tokens per decode for llama.cpp's multiple-choice method")
     ap.add_argument("--mc-ubatch", type=int, default=512, help="llama.cpp n_ubatch for the multiple-choice method")
     ap.add_argument("--hf-python", default="", help="a Python with torch + transformers + gguf for the HF peer ('' skips it)")
@@ -172,10 +177,10 @@ def fb_env(threads):
     return dict(os.environ, RAYON_NUM_THREADS=str(threads))
 
 
-def fb_score(args, workdir):
+def fb_score(args, workdir, model):
     out_h5 = os.path.join(workdir, "bench.h5")
     out_csv = os.path.join(workdir, "bench.csv")
-    cmd = [args.bin, "score", "--model", args.model, "--docs", args.docs, "--out", out_h5,
+    cmd = [args.bin, "score", "--model", model, "--docs", args.docs, "--out", out_h5,
            "--csv", out_csv, "--overwrite", "--target-delimiter", args.target_delimiter]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=fb_env(args.threads), capture_output=True, text=True)
@@ -198,11 +203,11 @@ def fb_score(args, workdir):
     return wall, own, lp, " ".join(cmd)
 
 
-def fb_decode_time(args, prompt_text, steps, kv_cache="f32"):
+def fb_decode_time(args, prompt_text, steps, kv_cache, model):
     """Seconds per decode step: `generate` times its own steps (its stderr summary: the
     prompt's prefill apart, then `steps` one-token steps), so the prefill's run-to-run noise
     (seconds at 2000 tokens) stays out of a figure of milliseconds."""
-    cmd = [args.bin, "generate", "--model", args.model, "--prompt", prompt_text,
+    cmd = [args.bin, "generate", "--model", model, "--prompt", prompt_text,
            "--max-new-tokens", str(steps + 1), "--ignore-eos", "--kv-cache", kv_cache]
     p = subprocess.run(cmd, env=fb_env(args.threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if p.returncode != 0:
@@ -215,8 +220,9 @@ def fb_decode_time(args, prompt_text, steps, kv_cache="f32"):
 
 # ---------------------------------------------------------------- llama.cpp
 
-def make_f32_gguf(src, dst):
-    """Dequantize every tensor of `src` to F32 and write `dst` with the same metadata."""
+def rewrite_gguf(src, dst, file_type, tensor):
+    """`dst`: `src`'s metadata with general.file_type set to `file_type`, and each tensor as
+    `tensor(values as f32)` returns it: (data, GGML type)."""
     import numpy as np
     import gguf
     r = gguf.GGUFReader(src)
@@ -229,16 +235,50 @@ def make_f32_gguf(src, dst):
         sub = field.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
         val = field.contents()
         if field.name == gguf.Keys.General.FILE_TYPE:
-            val = int(gguf.LlamaFileType.ALL_F32)
+            val = int(file_type)
         w.add_key_value(field.name, val, vt, sub_type=sub)
     for t in r.tensors:
-        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=gguf.GGMLQuantizationType.F32)
+        data, kind = tensor(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+        w.add_tensor(t.name, data, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     os.replace(dst + ".part", dst)
+
+
+def make_f32_gguf(src, dst):
+    """Every tensor of `src` dequantized to F32."""
+    import numpy as np
+    import gguf
+    rewrite_gguf(src, dst, gguf.LlamaFileType.ALL_F32, lambda v: (np.ascontiguousarray(v), gguf.GGMLQuantizationType.F32))
+
+
+def make_f16_gguf(src_f32, dst):
+    """The matrices of `src_f32` rounded to F16 (numpy's astype: to nearest even, as falcon-batch
+    convert --dtype f16 rounds), 1-D tensors kept F32: what llama.cpp's converter writes for
+    --outtype f16."""
+    import numpy as np
+    import gguf
+
+    def f16(v):
+        if v.ndim == 2:
+            return np.ascontiguousarray(v.astype(np.float16)), gguf.GGMLQuantizationType.F16
+        return np.ascontiguousarray(v), gguf.GGMLQuantizationType.F32
+    rewrite_gguf(src_f32, dst, gguf.LlamaFileType.MOSTLY_F16, f16)
+
+
+def make_q8_gguf(src_f32, dst):
+    """Every 2-D tensor whose rows are whole 32-value blocks quantized to Q8_0, as llama.cpp's
+    quantize does for an all-Q8_0 file; norms and other 1-D tensors stay F32."""
+    import numpy as np
+    import gguf
+
+    def q8(v):
+        if v.ndim == 2 and v.shape[-1] % 32 == 0:
+            return gguf.quants.quantize(v, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        return np.ascontiguousarray(v), gguf.GGMLQuantizationType.F32
+    rewrite_gguf(src_f32, dst, gguf.LlamaFileType.MOSTLY_Q8_0, q8)
 
 
 def log_softmax_rows(x):
@@ -288,37 +328,6 @@ def llama_decode(llm, prompt_ids, steps):
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         llm.eval([nxt])
     return (time.perf_counter() - t0) / steps
-
-
-def make_q8_gguf(src_f32, dst):
-    """Quantize every 2-D tensor whose rows are whole 32-value blocks of `src_f32` to Q8_0, as
-    llama.cpp's quantize does for an all-Q8_0 file; norms and other 1-D tensors stay F32."""
-    import numpy as np
-    import gguf
-    r = gguf.GGUFReader(src_f32)
-    arch = r.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    w = gguf.GGUFWriter(dst + ".part", arch=arch)
-    for field in r.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        vt = field.types[0]
-        sub = field.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
-        val = field.contents()
-        if field.name == gguf.Keys.General.FILE_TYPE:
-            val = int(gguf.LlamaFileType.MOSTLY_Q8_0)
-        w.add_key_value(field.name, val, vt, sub_type=sub)
-    for t in r.tensors:
-        data = np.asarray(t.data, dtype=np.float32)
-        if data.ndim == 2 and data.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(t.name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=gguf.GGMLQuantizationType.F32)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(dst + ".part", dst)
 
 
 def mc_pack(tdocs, n_batch, max_seq):
@@ -563,6 +572,18 @@ def main():
             make_f32_gguf(args.gguf, args.f32_gguf)
         ggufs.append(("F32", args.f32_gguf))
     mc_ggufs = [(n, p) for n, p in ggufs if n == "F32"]
+    fb_models = {"f32": args.model}
+    if mc_ggufs and args.f16_gguf != "none":
+        if not os.path.exists(args.f16_gguf):
+            print(f"making {args.f16_gguf} (F16 of {args.f32_gguf})", file=sys.stderr)
+            make_f16_gguf(args.f32_gguf, args.f16_gguf)
+        if not os.path.exists(os.path.join(args.f16_model, "manifest.json")):
+            print(f"making {args.f16_model} (falcon-batch convert --dtype f16 of {args.gguf})", file=sys.stderr)
+            subprocess.run([args.bin, "convert", "--from", args.gguf, "--to", args.f16_model, "--dtype", "f16"],
+                           check=True, stdout=subprocess.DEVNULL)
+        mc_ggufs.append(("F16", args.f16_gguf))
+        ggufs.append(("F16", args.f16_gguf))
+        fb_models["f16"] = args.f16_model
     if mc_ggufs and args.q8_gguf and args.q8_gguf != "none":
         if not os.path.exists(args.q8_gguf):
             print(f"making {args.q8_gguf} (Q8_0 of {args.f32_gguf})", file=sys.stderr)
@@ -576,17 +597,18 @@ def main():
     hf_docs = tdocs[: args.hf_docs] if args.hf_python else []
 
     # ---- (a) scoring, runs interleaved, min of repeats
-    fb_runs, ll_runs = [], {name: [] for name, _ in ggufs}
+    fb_runs, ll_runs = {w: [] for w in fb_models}, {name: [] for name, _ in ggufs}
     mc_runs, mc_lp = {name: [] for name, _ in mc_ggufs}, {}
     hf_runs, hf_lp, sgemm_runs = [], None, []
-    fb_lp, ll_lp, fb_cmd = None, {}, None
+    fb_lps, ll_lp, fb_cmds = {}, {}, {}
     for rep in range(args.repeats):
-        warm(args.model)
-        la = os.getloadavg()
-        wall, own, lp, fb_cmd = fb_score(args, workdir)
-        fb_runs.append({"wall_s": wall, "own": own, "loadavg": la})
-        fb_lp = lp
-        print(f"[score {rep + 1}/{args.repeats}] falcon-batch {wall:.2f} s ({own['line']})", file=sys.stderr)
+        for weights, model in fb_models.items():
+            warm(model)
+            la = os.getloadavg()
+            wall, own, lp, fb_cmds[weights] = fb_score(args, workdir, model)
+            fb_runs[weights].append({"wall_s": wall, "own": own, "loadavg": la})
+            fb_lps[weights] = lp
+            print(f"[score {rep + 1}/{args.repeats}] falcon-batch {weights} weights {wall:.2f} s ({own['line']})", file=sys.stderr)
         for name, path in mc_ggufs:
             warm(path)
             la = os.getloadavg()
@@ -624,6 +646,7 @@ def main():
             print(f"[score {rep + 1}/{args.repeats}] llama.cpp {name} load {t['load_s']:.2f} s + "
                   f"score {t['score_s']:.2f} s", file=sys.stderr)
 
+    fb_lp = fb_lps["f32"]
     # token counts must match what falcon-batch scored
     for td in tdocs:
         got = [n for _, n, _ in fb_lp[td["id"]]]
@@ -631,11 +654,14 @@ def main():
         if got != want:
             print(f"warning: {td['id']}: choice token counts {got} (falcon-batch) vs {want} (here)", file=sys.stderr)
 
-    fb_best = min(fb_runs, key=lambda r: r["wall_s"])
+    fb_bests = {w: min(runs, key=lambda r: r["wall_s"]) for w, runs in fb_runs.items()}
+    fb_best = fb_bests["f32"]
     fb_dps = n_docs / fb_best["wall_s"]
+    # A GGUF is compared with falcon-batch holding the same weights where it runs them.
+    fb_for = lambda name: "f16" if name == "F16" and "f16" in fb_bests else "f32"
     gemm_flops = 2.0 * n_rows * cfg["n_layers"] * decoder_gemm_weights(cfg)
     ceiling = max(sgemm_runs, key=lambda r: r["gflops"])
-    own_s = min((r["own"]["seconds"] for r in fb_runs if r["own"]["seconds"]), default=None)
+    own_s = min((r["own"]["seconds"] for r in fb_runs["f32"] if r["own"]["seconds"]), default=None)
     flop_rate = {
         "decoder_gemm_flops": gemm_flops,
         "falcon_batch_gflops_wall": gemm_flops / fb_best["wall_s"] / 1e9,
@@ -662,13 +688,14 @@ def main():
     peers = {}
     for name, _ in mc_ggufs:
         best = min(mc_runs[name], key=lambda r: r["total_s"])
-        agree, maxd = agreement(fb_lp, mc_lp[name], [t["id"] for t in tdocs])
+        fbw = fb_for(name)
+        agree, maxd = agreement(fb_lps[fbw], mc_lp[name], [t["id"] for t in tdocs])
         peers[f"llama.cpp multiple-choice {name}"] = {
             "wall_s": best["total_s"], "load_s": best["load_s"], "score_s": best["score_s"],
             "docs": n_docs, "docs_per_s": n_docs / best["total_s"], "tokens_per_s": n_rows / best["total_s"],
             "runs_total_s": [r["total_s"] for r in mc_runs[name]], "loadavg": best["loadavg"],
-            "best_choice_agreement": agree, "max_abs_delta_logprob": maxd,
-            "ratio_fb_over_it_docs_per_s": fb_dps / (n_docs / best["total_s"]),
+            "best_choice_agreement": agree, "max_abs_delta_logprob": maxd, "falcon_batch_weights": fbw,
+            "ratio_fb_over_it_docs_per_s": (n_docs / fb_bests[fbw]["wall_s"]) / (n_docs / best["total_s"]),
         }
     if hf_runs:
         best = min(hf_runs, key=lambda r: r["total_s"])
@@ -682,18 +709,23 @@ def main():
             "best_choice_agreement": agree, "max_abs_delta_logprob": maxd,
             "ratio_fb_over_it_docs_per_s": fb_dps / (nd / best["total_s"]),
         }
-    scoring = {
-        "falcon-batch": {
-            "wall_s": fb_best["wall_s"], "docs_per_s": n_docs / fb_best["wall_s"],
-            "tokens_per_s": n_rows / fb_best["wall_s"], "own_summary": fb_best["own"]["line"],
-            "own_seconds": fb_best["own"]["seconds"], "own_tokens_per_s": fb_best["own"]["tokens_per_s"],
-            "runs_wall_s": [r["wall_s"] for r in fb_runs], "command": fb_cmd, "loadavg": fb_best["loadavg"],
+    scoring = {}
+    for w, b in fb_bests.items():
+        scoring["falcon-batch" if w == "f32" else f"falcon-batch {w} weights"] = {
+            "wall_s": b["wall_s"], "docs_per_s": n_docs / b["wall_s"],
+            "tokens_per_s": n_rows / b["wall_s"], "own_summary": b["own"]["line"],
+            "own_seconds": b["own"]["seconds"], "own_tokens_per_s": b["own"]["tokens_per_s"],
+            "runs_wall_s": [r["wall_s"] for r in fb_runs[w]], "command": fb_cmds[w], "loadavg": b["loadavg"],
         }
-    }
+    if "f16" in fb_lps:
+        agree, maxd = agreement(fb_lp, fb_lps["f16"], [t["id"] for t in tdocs])
+        scoring["falcon-batch f16 weights"].update({"best_choice_agreement": agree, "max_abs_delta_logprob": maxd,
+                                                   "ratio_f16_over_f32_docs_per_s": fb_best["wall_s"] / fb_bests["f16"]["wall_s"]})
     scoring.update(peers)
     for name, _ in ggufs:
         best = min(ll_runs[name], key=lambda r: r["total_s"])
-        lpa, lpb = fb_lp, ll_lp[name]
+        fbw = fb_for(name)
+        lpa, lpb = fb_lps[fbw], ll_lp[name]
         agree, maxd = agreement(lpa, lpb, [t["id"] for t in tdocs])
         scoring[f"llama.cpp {name}"] = {
             "wall_s": best["total_s"], "load_s": best["load_s"], "score_s": best["score_s"],
@@ -701,7 +733,8 @@ def main():
             "score_only_tokens_per_s": n_rows / best["score_s"],
             "runs_total_s": [r["total_s"] for r in ll_runs[name]], "loadavg": best["loadavg"],
             "best_choice_agreement": agree, "max_abs_delta_logprob": maxd,
-            "ratio_fb_over_llama_docs_per_s": (n_docs / fb_best["wall_s"]) / (n_docs / best["total_s"]),
+            "falcon_batch_weights": fbw,
+            "ratio_fb_over_llama_docs_per_s": (n_docs / fb_bests[fbw]["wall_s"]) / (n_docs / best["total_s"]),
         }
 
     # ---- (b) decode
@@ -715,28 +748,37 @@ def main():
             p_ids = tok.encode(text).ids
             # Repeats interleaved across every engine: a load spike then hits one repeat of
             # each alike, and the minimum of each is kept.
-            runs = {kv: [] for kv in ("f32", "f16")}
+            # falcon-batch: f32 weights with either cache; f16 weights with the f16 cache, as
+            # llama.cpp keeps its cache by default.
+            variants = {"falcon-batch": ("f32", "f32"), "falcon-batch f16 cache": ("f32", "f16")}
+            if "f16" in fb_models:
+                variants["falcon-batch f16 weights, f16 cache"] = ("f16", "f16")
+            runs = {v: [] for v in variants}
             ts = {name: [] for name in llms}
             for _ in range(args.repeats):
-                for kv, rs in runs.items():
-                    rs.append(fb_decode_time(args, text, steps, kv))
+                for v, rs in runs.items():
+                    weights, kv = variants[v]
+                    rs.append(fb_decode_time(args, text, steps, kv, fb_models[weights]))
                 for name, llm in llms.items():
                     # llama.cpp maps its GGUF: pages dropped since the last run would be read
                     # back from disk inside the timed steps.
                     warm(dict(decode_ggufs)[name])
                     ts[name].append(llama_decode(llm, p_ids, steps))
             entry = {"prompt_tokens": plen}
-            for kv, rs in runs.items():
-                entry["falcon-batch" if kv == "f32" else "falcon-batch f16 cache"] = {
-                    "s_per_token": min(r[0] for r in rs), "s_per_token_runs": [r[0] for r in rs], "prefill_s": [r[1] for r in rs]}
+            for v, rs in runs.items():
+                entry[v] = {"s_per_token": min(r[0] for r in rs), "s_per_token_runs": [r[0] for r in rs], "prefill_s": [r[1] for r in rs]}
             fb_s = entry["falcon-batch"]["s_per_token"]
             fb16_s = entry["falcon-batch f16 cache"]["s_per_token"]
             for name, t in ts.items():
-                entry[f"llama.cpp {name}"] = {"s_per_token": min(t), "runs": t,
-                                              "ratio_fb_over_llama_s_per_token": fb_s / min(t),
-                                              "ratio_fb_f16_cache_over_llama_s_per_token": fb16_s / min(t)}
+                e = entry[f"llama.cpp {name}"] = {"s_per_token": min(t), "runs": t}
+                if fb_for(name) == "f16":
+                    # The same weights and cache dtypes: one ratio.
+                    e["ratio_fb_over_llama_s_per_token"] = entry["falcon-batch f16 weights, f16 cache"]["s_per_token"] / min(t)
+                else:
+                    e["ratio_fb_over_llama_s_per_token"] = fb_s / min(t)
+                    e["ratio_fb_f16_cache_over_llama_s_per_token"] = fb16_s / min(t)
             decode[str(ctx)] = entry
-            print(f"[decode ctx {plen}] falcon-batch {fb_s * 1000:.1f} ms/token (f16 cache {fb16_s * 1000:.1f}); " + "; ".join(
+            print(f"[decode ctx {plen}] " + "; ".join(f"{v} {entry[v]['s_per_token'] * 1000:.1f} ms/token" for v in variants) + "; " + "; ".join(
                 f"llama.cpp {n} {entry['llama.cpp ' + n]['s_per_token'] * 1000:.1f} ms/token" for n in llms),
                 file=sys.stderr)
         del llms
@@ -785,19 +827,25 @@ def markdown(res, ggufs, mc_names=(), decode_ggufs=None):
              f"{fb['tokens_per_s']:.0f} | 1 | | |"]
     la = lambda e: f" (load avg {e['loadavg'][0]:.2f})" if e.get("loadavg") else ""
     lines[-1] = lines[-1].replace(f"| {fb['wall_s']:.2f} |", f"| {fb['wall_s']:.2f}{la(fb)} |", 1)
+    f16 = s.get("falcon-batch f16 weights")
+    if f16:
+        lines.append(f"| falcon-batch score | f16 (convert --dtype f16) | {f16['wall_s']:.2f}{la(f16)} | {f16['docs_per_s']:.3f} | "
+                     f"{f16['tokens_per_s']:.0f} | f16 / f32: {f16['ratio_f16_over_f32_docs_per_s']:.2f} | "
+                     f"{f16['best_choice_agreement']}/{c['docs']} (vs f32) | {f16['max_abs_delta_logprob']:.3f} |")
+    vs = lambda e: " (vs f16 weights)" if e.get("falcon_batch_weights") == "f16" else ""
     for key, label in [(f"llama.cpp multiple-choice {n}", (f"llama.cpp multiple-choice batching", f"{n} GGUF"))
                        for n in mc_names] + [("HF transformers (lm-eval way)", ("HF transformers, lm-eval way", "f32 (the model dir's)"))]:
         if key not in s:
             continue
         e = s[key]
         lines.append(f"| {label[0]} ({e['docs']} docs) | {label[1]} | {e['wall_s']:.2f}{la(e)} | {e['docs_per_s']:.3f} | "
-                     f"{e['tokens_per_s']:.0f} | {e['ratio_fb_over_it_docs_per_s']:.2f} | {e['best_choice_agreement']}/{e['docs']} | "
+                     f"{e['tokens_per_s']:.0f} | {e['ratio_fb_over_it_docs_per_s']:.2f}{vs(e)} | {e['best_choice_agreement']}/{e['docs']} | "
                      f"{e['max_abs_delta_logprob']:.3f} |")
     for name, _ in ggufs:
         e = s[f"llama.cpp {name}"]
         lines.append(f"| llama.cpp (prompt once + per-choice evals) | {name} GGUF | {e['wall_s']:.2f} "
                      f"(load {e['load_s']:.2f}) | {e['docs_per_s']:.3f} | {e['tokens_per_s']:.0f} | "
-                     f"{e['ratio_fb_over_llama_docs_per_s']:.2f} | {e['best_choice_agreement']}/{c['docs']} | "
+                     f"{e['ratio_fb_over_llama_docs_per_s']:.2f}{vs(e)} | {e['best_choice_agreement']}/{c['docs']} | "
                      f"{e['max_abs_delta_logprob']:.3f} |")
     fr = res.get("flop_rate")
     if fr:
@@ -816,16 +864,21 @@ def markdown(res, ggufs, mc_names=(), decode_ggufs=None):
                  f"at end {tuple(round(x, 2) for x in res['machine']['loadavg_at_end'])}")
     lines.append(f"falcon-batch's own summary: `{fb['own_summary']}`")
     if res["decode"]:
-        lines += ["", "Decode (greedy, one sequence), seconds per new token:", "",
-                  "| context (prompt tokens) | falcon-batch s/token (f16 cache) | " +
-                  " | ".join(f"llama.cpp {n} s/token | falcon-batch / llama.cpp {n} (f16 cache)" for n, _ in decode_ggufs) + " |",
-                  "|---:|---:|" + "---:|---:|" * len(decode_ggufs)]
+        half = any("falcon-batch f16 weights, f16 cache" in e for e in res["decode"].values())
+        lines += ["", "Decode (greedy, one sequence), seconds per new token; the F16 GGUF against falcon-batch's f16 "
+                  "weights with the f16 cache, the others against its f32 weights (f16 cache in brackets):", "",
+                  "| context (prompt tokens) | falcon-batch s/token (f16 cache) | " + ("falcon-batch f16 weights, f16 cache | " if half else "") +
+                  " | ".join(f"llama.cpp {n} s/token | falcon-batch / llama.cpp {n}" for n, _ in decode_ggufs) + " |",
+                  "|---:|---:|" + ("---:|" if half else "") + "---:|---:|" * len(decode_ggufs)]
         for ctx, e in res["decode"].items():
             f16 = e.get("falcon-batch f16 cache")
             row = f"| {e['prompt_tokens']} | {e['falcon-batch']['s_per_token']:.4f}" + (f" ({f16['s_per_token']:.4f})" if f16 else "") + " | "
+            if half:
+                row += f"{e['falcon-batch f16 weights, f16 cache']['s_per_token']:.4f} | "
             row += " | ".join(f"{e['llama.cpp ' + n]['s_per_token']:.4f} | "
                               f"{e['llama.cpp ' + n]['ratio_fb_over_llama_s_per_token']:.2f}"
-                              + (f" ({e['llama.cpp ' + n]['ratio_fb_f16_cache_over_llama_s_per_token']:.2f})" if f16 else "")
+                              + (f" ({e['llama.cpp ' + n]['ratio_fb_f16_cache_over_llama_s_per_token']:.2f})"
+                                 if "ratio_fb_f16_cache_over_llama_s_per_token" in e['llama.cpp ' + n] else "")
                               for n, _ in decode_ggufs)
             lines.append(row + " |")
     return "\n".join(lines)

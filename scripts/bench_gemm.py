@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""GEMM microbenchmark (issue 12): falcon-batch's CPU `linear` (own packed GEMM) and the `gemm`
-crate (`falcon-batch bench --gemm`) against numpy/OpenBLAS sgemm, same shapes, same threads,
+"""GEMM microbenchmark (issue 12): falcon-batch's CPU `linear` (own packed GEMM; over f32, bf16 and
+f16 weights) and the `gemm` crate (`falcon-batch bench --gemm`) against numpy/OpenBLAS sgemm, same shapes, same threads,
 interleaved repeats, best kept, 1-minute load average recorded next to each repeat.
 
 Shapes are (T, K, N): out (T, N) = x (T, K) · w (N, K)ᵀ; default SmolLM2-135M's at T = 512
@@ -42,7 +42,7 @@ def main():
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
-    best = {s: {"numpy": 0.0, "linear": 0.0, "gemm_crate": 0.0} for s in shapes}
+    best = {s: {"numpy": 0.0, "linear": 0.0, "linear_bf16": 0.0, "linear_f16": 0.0, "gemm_crate": 0.0} for s in shapes}
     loads = []
     for rep in range(args.repeats):
         la = os.getloadavg()[0]
@@ -53,16 +53,18 @@ def main():
                              check=True, capture_output=True, text=True)
         for row in json.loads(run.stdout):
             s = (row["t"], row["k"], row["n"])
-            best[s]["linear"] = max(best[s]["linear"], row["linear_gflops"])
+            for key in ("linear", "linear_bf16", "linear_f16"):
+                best[s][key] = max(best[s][key], row[key + "_gflops"])
             best[s]["gemm_crate"] = max(best[s]["gemm_crate"], row["gemm_crate_gflops"])
         print(f"[repeat {rep + 1}/{args.repeats}] load avg {la:.2f}", file=sys.stderr)
     print(f"GEMM GFLOP/s, {args.threads} threads, best of {args.repeats} interleaved repeats, "
           f"load avg (1 min) {min(loads):.2f}-{max(loads):.2f}\n")
-    print("| T x K x N | falcon-batch linear | gemm crate | numpy sgemm | linear / numpy |")
-    print("|---|---:|---:|---:|---:|")
+    print("| T x K x N | falcon-batch linear | bf16 weights | f16 weights | gemm crate | numpy sgemm | linear / numpy | f16 / f32 weights |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for s in shapes:
         b = best[s]
-        print(f"| {s[0]}x{s[1]}x{s[2]} | {b['linear']:.1f} | {b['gemm_crate']:.1f} | {b['numpy']:.1f} | {b['linear'] / b['numpy']:.2f} |")
+        print(f"| {s[0]}x{s[1]}x{s[2]} | {b['linear']:.1f} | {b['linear_bf16']:.1f} | {b['linear_f16']:.1f} | "
+              f"{b['gemm_crate']:.1f} | {b['numpy']:.1f} | {b['linear'] / b['numpy']:.2f} | {b['linear_f16'] / b['linear']:.2f} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"threads": args.threads, "loadavg": loads,

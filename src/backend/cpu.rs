@@ -1,6 +1,7 @@
-//! CPU backend: the numeric reference. f32 arithmetic over weights widened to f32 at upload
-//! (matrices packed there for the own GEMM of `gemm.rs`; attention, in `attention.rs`, runs its
-//! products through the same micro-kernel), row loops spread over cores by rayon, elementwise
+//! CPU backend: the numeric reference. f32 arithmetic over weights as weight.rs holds them
+//! (matrices packed at upload for the own GEMM of `gemm.rs` in their file's dtype, widened
+//! exactly as they are read; attention, in `attention.rs`, runs its products through the same
+//! micro-kernel), row loops spread over cores by rayon, elementwise
 //! math by the vectorised f32 functions of `vmath` (each tested against an f64 plain-loop
 //! reference).
 //!
@@ -8,7 +9,7 @@
 
 use super::{AttnShape, Backend, BackendError, CopySpan, KvDtype, Result};
 use crate::token_tree::AttnSpan;
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::HostTensor;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use gemm::{Kernel, Out};
 
 mod attention;
 mod decode;
+mod elem;
 mod kv_cache;
 mod gemm;
 mod heap;
@@ -23,10 +25,13 @@ mod rope;
 mod spin;
 mod stream;
 mod vmath;
+mod weight;
 pub use heap::keep_freed_buffers;
 pub use kv_cache::KvCache;
 pub use spin::{keep_workers_awake, spinners};
 pub use stream::{CpuPinned, CpuSlot, CpuTransfer};
+pub use weight::CpuWeight;
+use weight::with_panels;
 pub use vmath::{erf_one as erf_f32, exp_one as exp_f32, gelu_one as gelu_f32};
 
 /// A row-major (rows, cols) f32 matrix.
@@ -40,63 +45,6 @@ pub struct Mat {
 impl Mat {
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
-    }
-}
-
-/// A weight widened to f32, with its logical shape.
-pub struct CpuWeight {
-    pub shape: Vec<usize>,
-    /// Vectors: the values. Matrices (N, K): packed for `Kernel::detect()` (gemm.rs), so that
-    /// only `linear` and `embed`'s row lookup read them.
-    data: Vec<f32>,
-}
-
-impl CpuWeight {
-    /// `values` in row-major order for `shape`; a matrix (2 dimensions) is packed here, once.
-    pub fn new(shape: Vec<usize>, values: Vec<f32>) -> CpuWeight {
-        let data = match shape[..] {
-            [n, k] => gemm::pack(Kernel::detect(), &values, n, k),
-            _ => values,
-        };
-        CpuWeight { shape, data }
-    }
-
-    fn from_host(t: &HostTensor) -> CpuWeight {
-        // An f32 matrix is packed straight from the file's bytes: no widened copy between.
-        #[cfg(target_endian = "little")]
-        if let ([n, k], DType::F32) = (&t.shape[..], t.dtype) {
-            if let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(&t.data) {
-                return CpuWeight { shape: t.shape.clone(), data: gemm::pack(Kernel::detect(), values, *n, *k) };
-            }
-        }
-        CpuWeight::new(t.shape.clone(), t.to_f32())
-    }
-
-    /// (N, K) of a matrix.
-    fn matrix(&self) -> Option<(usize, usize)> {
-        match self.shape[..] {
-            [n, k] => Some((n, k)),
-            _ => None,
-        }
-    }
-
-    /// Row `r` of a matrix appended to `out`.
-    fn push_row(&self, r: usize, out: &mut Vec<f32>) {
-        match self.matrix() {
-            Some((_, k)) => gemm::unpack_row(Kernel::detect(), &self.data, k, r, out),
-            None => out.push(self.data[r]),
-        }
-    }
-
-    /// The values in row-major order, whatever the layout.
-    pub fn to_rows(&self) -> Vec<f32> {
-        let rows = self.shape.first().copied().unwrap_or(1);
-        let mut out = Vec::with_capacity(self.shape.iter().product());
-        match self.matrix() {
-            Some(_) => (0..rows).for_each(|r| self.push_row(r, &mut out)),
-            None => out.extend_from_slice(&self.data),
-        }
-        out
     }
 }
 
@@ -132,11 +80,21 @@ fn linear_shape(x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<usize> 
         return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
     }
     if let Some(b) = b {
-        if b.data.len() != n || b.matrix().is_some() {
+        if b.values().map(<[f32]>::len) != Some(n) {
             return Err(shape_err("linear", format!("bias of shape {:?} for {n} outputs", b.shape)));
         }
     }
     Ok(n)
+}
+
+/// A weight's packed values, or why it is not a matrix.
+fn panels<'a>(op: &'static str, w: &'a CpuWeight) -> Result<&'a weight::Panels> {
+    w.panels().ok_or_else(|| shape_err(op, format!("weight of shape {:?}", w.shape)))
+}
+
+/// A vector weight's values (norms, biases), or why it is not one of `len` values.
+fn vector<'a>(op: &'static str, w: &'a CpuWeight, len: usize) -> Result<&'a [f32]> {
+    w.values().filter(|v| v.len() == len).ok_or_else(|| shape_err(op, format!("weight of shape {:?} for {len} columns", w.shape)))
 }
 
 /// A (rows, cols) matrix whose rows `f` fills from the matching rows of `x`, in parallel,
@@ -245,12 +203,13 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<Mat> {
         let n = linear_shape(x, w, b)?;
+        let (p, b) = (panels("linear", w)?, b.and_then(CpuWeight::values));
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, N)
         // SAFETY: out has room for T·N values, which matmul writes (the bias is its start value),
         // x holds T·K, w is packed (N, K) for the detected kernel, the bias N values.
         unsafe {
-            gemm::matmul(Kernel::detect(), &x.data, x.rows, x.cols, &w.data, n, b.map(|b| &b.data[..]), out.as_mut_ptr(), Out::Write);
+            with_panels!(p, w => gemm::matmul(Kernel::detect(), &x.data, x.rows, x.cols, w, n, b, out.as_mut_ptr(), Out::Write));
             out.set_len(len);
         }
         Ok(Mat { rows: x.rows, cols: n, data: out })
@@ -264,14 +223,29 @@ impl Backend for CpuBackend {
         if linear_shape(x, up, up_b)? != n {
             return Err(shape_err("linear_silu_mul", format!("gate of shape {:?}, up of shape {:?}", gate.shape, up.shape)));
         }
+        let (gb, ub) = (gate_b.and_then(CpuWeight::values), up_b.and_then(CpuWeight::values));
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, F)
+        /// # Safety
+        /// As `gemm::matmul_silu_mul`.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn run<W: elem::Elem>(x: &Mat, g: &[W], gb: Option<&[f32]>, u: &[W], ub: Option<&[f32]>, n: usize, out: *mut f32) {
+            gemm::matmul_silu_mul(Kernel::detect(), &x.data, x.rows, x.cols, g, gb, u, ub, n, out)
+        }
+        use weight::Panels::*;
+        let o = out.as_mut_ptr();
         // SAFETY: as in `linear`, for both weights: out has room for T·F values, all written.
         unsafe {
-            let (gb, ub) = (gate_b.map(|b| &b.data[..]), up_b.map(|b| &b.data[..]));
-            gemm::matmul_silu_mul(Kernel::detect(), &x.data, x.rows, x.cols, &gate.data, gb, &up.data, ub, n, out.as_mut_ptr());
-            out.set_len(len);
+            match (panels("linear_silu_mul", gate)?, panels("linear_silu_mul", up)?) {
+                (F32(g), F32(u)) => run(x, g, gb, u, ub, n, o),
+                (F16(g), F16(u)) => run(x, g, gb, u, ub, n, o),
+                (Bf16(g), Bf16(u)) => run(x, g, gb, u, ub, n, o),
+                // Two dtypes in one layer: the products one at a time.
+                _ => return super::linear_silu_mul_unfused(self, x, gate, gate_b, up, up_b),
+            }
         }
+        // SAFETY: matmul_silu_mul wrote all T·F values.
+        unsafe { out.set_len(len) };
         Ok(Mat { rows: x.rows, cols: n, data: out })
     }
 
@@ -280,34 +254,31 @@ impl Backend for CpuBackend {
         if (residual.rows, residual.cols) != (x.rows, n) {
             return Err(shape_err("linear_residual", format!("residual ({}, {}) for a ({}, {n}) product", residual.rows, residual.cols, x.rows)));
         }
+        let (p, b) = (panels("linear_residual", w)?, b.and_then(CpuWeight::values));
         // SAFETY: as in `linear`; the residual's T·N values are the accumulators' start.
-        unsafe { gemm::matmul(Kernel::detect(), &x.data, x.rows, x.cols, &w.data, n, b.map(|b| &b.data[..]), residual.data.as_mut_ptr(), Out::Accumulate) };
+        unsafe { with_panels!(p, w => gemm::matmul(Kernel::detect(), &x.data, x.rows, x.cols, w, n, b, residual.data.as_mut_ptr(), Out::Accumulate)) };
         Ok(residual)
     }
 
     fn layer_norm(&self, x: &Mat, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Result<Mat> {
-        if w.data.len() != x.cols || b.data.len() != x.cols {
-            return Err(shape_err("layer_norm", format!("{} columns, weight {} and bias {}", x.cols, w.data.len(), b.data.len())));
-        }
+        let (w, b) = (vector("layer_norm", w, x.cols)?, vector("layer_norm", b, x.cols)?);
         Ok(map_rows(x, x.cols, |row, out| {
             let n = row.len() as f64;
             let mean = vmath::sum_f64(row) / n;
             let var = vmath::sum_sq_dev(row, mean) / n;
             let inv = 1.0 / (var + eps as f64).sqrt();
             for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-                o.write(((v as f64 - mean) * inv) as f32 * w.data[i] + b.data[i]);
+                o.write(((v as f64 - mean) * inv) as f32 * w[i] + b[i]);
             }
         }))
     }
 
     fn rms_norm(&self, x: &Mat, w: &CpuWeight, eps: f32) -> Result<Mat> {
-        if w.data.len() != x.cols {
-            return Err(shape_err("rms_norm", format!("{} columns, weight {}", x.cols, w.data.len())));
-        }
+        let w = vector("rms_norm", w, x.cols)?;
         Ok(map_rows(x, x.cols, |row, out| {
             let ms = vmath::sum_sq_dev(row, 0.0) / row.len() as f64;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
-            for ((o, &v), &g) in out.iter_mut().zip(row).zip(&w.data) {
+            for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
                 o.write(v * inv * g);
             }
         }))

@@ -4,6 +4,7 @@
 use super::{BenchError, Result};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
+use crate::tensor::{DType, HostTensor};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -25,6 +26,10 @@ pub struct GemmTiming {
     /// trait's reference route (two `linear`s, then `silu_mul`), over wall time.
     pub gate_up_fused_gflops: f64,
     pub gate_up_unfused_gflops: f64,
+    /// `linear` over the same weight held as bf16 and as f16 (widened as the kernel loads it),
+    /// over wall time.
+    pub linear_bf16_gflops: f64,
+    pub linear_f16_gflops: f64,
 }
 
 /// CPU seconds this process has used, all threads.
@@ -74,18 +79,22 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
         let x = b.upload(&xv, t, k)?;
         let w = b.random_weight(&[n, k], 2, -1.0, 1.0)?;
         let up = b.random_weight(&[n, k], 3, -1.0, 1.0)?;
+        let half = |dtype| b.upload_weight(&HostTensor::from_f32(vec![n, k], &wv).to_dtype(dtype));
+        let (w_bf16, w_f16) = (half(DType::Bf16)?, half(DType::F16)?);
         let mut dst = vec![0f32; t * n];
         let flops = 2.0 * (t * k * n) as f64;
         let inf = (f64::INFINITY, f64::INFINITY);
-        let (mut ours, mut theirs, mut fused, mut unfused) = (inf, inf, inf, inf);
+        let (mut ours, mut theirs, mut fused, mut unfused, mut ours_bf16, mut ours_f16) = (inf, inf, inf, inf, inf, inf);
         let mut err = None;
         // Interleaved: a load spike hits both alike.
         for _ in 0..reps.max(1) {
-            ours = min2(ours, seconds_per_call(|| {
-                if let Err(e) = b.linear(&x, &w, None) {
-                    err = Some(e);
-                }
-            }));
+            for (best, w) in [(&mut ours, &w), (&mut ours_bf16, &w_bf16), (&mut ours_f16, &w_f16)] {
+                *best = min2(*best, seconds_per_call(|| {
+                    if let Err(e) = b.linear(&x, w, None) {
+                        err = Some(e);
+                    }
+                }));
+            }
             theirs = min2(theirs, seconds_per_call(|| {
                 // SAFETY: dst holds t·n floats, xv t·k and wv n·k, matching the strides.
                 unsafe {
@@ -121,10 +130,12 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
             gemm_crate_cpu_gflops: g(theirs.1),
             gate_up_fused_gflops: 2.0 * g(fused.0),
             gate_up_unfused_gflops: 2.0 * g(unfused.0),
+            linear_bf16_gflops: g(ours_bf16.0),
+            linear_f16_gflops: g(ours_f16.0),
         };
         eprintln!(
-            "gemm {t}x{k}x{n}: linear {:.1} GFLOP/s ({:.1} per CPU-s), gemm crate {:.1} ({:.1} per CPU-s); gate+up fused {:.1}, unfused {:.1}",
-            row.linear_gflops, row.linear_cpu_gflops, row.gemm_crate_gflops, row.gemm_crate_cpu_gflops, row.gate_up_fused_gflops, row.gate_up_unfused_gflops
+            "gemm {t}x{k}x{n}: linear {:.1} GFLOP/s ({:.1} per CPU-s; bf16 weights {:.1}, f16 {:.1}), gemm crate {:.1} ({:.1} per CPU-s); gate+up fused {:.1}, unfused {:.1}",
+            row.linear_gflops, row.linear_cpu_gflops, row.linear_bf16_gflops, row.linear_f16_gflops, row.gemm_crate_gflops, row.gemm_crate_cpu_gflops, row.gate_up_fused_gflops, row.gate_up_unfused_gflops
         );
         out.push(row);
     }

@@ -123,7 +123,7 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
             // which costs a wake-up per op (hundreds per decoded token).
             let _ = rayon::ThreadPoolBuilder::new().num_threads(share.threads).use_current_thread().build_global();
             keep_freed_buffers();
-            let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank), held_weight_bytes: Some(4) };
+            let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank) };
             run_job(cluster, CpuBackend::with_kv_dtype(job.kv_dtype()), info, job)
         }
         Some(n) => {
@@ -133,7 +133,7 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
             }
             let b = or_abort(cluster, CudaBackend::new(n).map_err(anyhow::Error::from))?;
             let (free, _total) = or_abort(cluster, b.memory().map_err(anyhow::Error::from))?;
-            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64), held_weight_bytes: None };
+            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64) };
             run_job(cluster, b, info, job)
         }
     }

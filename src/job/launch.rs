@@ -1,7 +1,7 @@
 //! Start-up of every rank of a job: agree on the model and options, plan the schedule, read
 //! only this rank's parts, and build its pipeline worker.
 
-use super::resources::{scale_for_widening, DeviceInfo};
+use super::resources::DeviceInfo;
 use super::JobError;
 use crate::backend::Backend;
 use crate::format::model_dir::ModelDir;
@@ -44,15 +44,9 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
         options: json!({"schedule": schedule_options, "job": opts.job_options, "trace": opts.trace}),
         wire_dtype: wire.name().to_string(),
     };
-    // The schedule counts weights in the manifest's dtype (every rank and the Slurm staging step
-    // must plan alike), so a backend that holds them wider offers proportionally fewer of those
-    // bytes: a CPU rank with bf16 weights fits half as many layers as its memory in bf16.
-    let dtype_bytes = manifest_only.manifest().dtype.size();
-    let device_bytes = match device.held_weight_bytes {
-        Some(held) if held > dtype_bytes => scale_for_widening(device.memory_bytes, dtype_bytes, held),
-        _ => device.memory_bytes,
-    };
-    let caps = RankCaps { device_bytes, host_bytes: None, speed: 1.0, device: device.name };
+    // Both backends hold matrices in the manifest's dtype (the CPU widens only vectors), so the
+    // memory a rank offers is counted in the files' bytes, as the schedule counts weights.
+    let caps = RankCaps { device_bytes: device.memory_bytes, host_bytes: None, speed: 1.0, device: device.name };
     let ranks = cluster.exchange(&identity, &caps)?;
     // Sizes from the manifest's dtype, as `falcon-batch plan --model` computes them: every
     // rank (CPU or GPU) and the Slurm staging step must arrive at the same schedule.

@@ -5,9 +5,6 @@
 pub struct DeviceInfo {
     pub name: String,
     pub memory_bytes: u64,
-    /// Bytes the backend keeps per weight element when that differs from the manifest's dtype
-    /// (the CPU backend widens every weight to f32: 4); None: stored as in the files.
-    pub held_weight_bytes: Option<usize>,
 }
 
 /// Ranks of this job on this node (Open MPI tells each process; 1 without mpirun).
@@ -115,15 +112,9 @@ pub fn cpu_memory_per_rank() -> u64 {
     available_kb * 1024 / local_ranks()
 }
 
-/// Memory of `bytes` for weights held at `held` bytes per element, counted in `stored`-byte
-/// elements as the schedule counts them.
-pub fn scale_for_widening(bytes: u64, stored: usize, held: usize) -> u64 {
-    (bytes as u128 * stored as u128 / held.max(1) as u128) as u64
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{cpu_list_text, cpu_share, parse_cpu_list, scale_for_widening};
+    use super::{cpu_list_text, cpu_share, parse_cpu_list};
 
     #[test]
     fn cpu_lists_read_and_write() {
@@ -155,12 +146,5 @@ mod tests {
         // RAYON_NUM_THREADS decides the threads, not whether the binding is worth a word.
         assert!(cpu_share(&[0], 2, 1, Some(1)).warning.is_some());
         assert!(cpu_share(&[0], 2, 2, Some(1)).warning.is_none());
-    }
-
-    #[test]
-    fn widened_weights_count_in_stored_bytes() {
-        // 64 GiB holding bf16 weights widened to f32 fits 32 GiB of bf16 files.
-        assert_eq!(scale_for_widening(64 << 30, 2, 4), 32 << 30);
-        assert_eq!(scale_for_widening(64 << 30, 4, 4), 64 << 30);
     }
 }

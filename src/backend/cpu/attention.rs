@@ -13,7 +13,8 @@
 //! decode.rs (key chunks, flash-decoding).
 
 use super::gemm::{self, Kernel};
-use super::kv_cache::{CacheElem, CacheView};
+use super::elem::Elem;
+use super::kv_cache::CacheView;
 use super::{shape_err, vmath, Mat, SendPtr};
 use crate::backend::{AttnShape, Result};
 use crate::token_tree::AttnSpan;
@@ -82,7 +83,7 @@ fn is_decode(blocks: &[(usize, usize)]) -> bool {
 
 /// out (T, H·D) = softmax(q kᵀ / √D over each row's spans) v; q (T, H·D), k and v (S, KV·D) in
 /// the type they are kept in (f32, or a generation cache's narrower one).
-pub(super) fn attention<E: CacheElem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
     check(q, (k.rows, k.cols), (v.rows, v.cols), s, spans)?;
     let blocks = query_blocks(spans);
     if is_decode(&blocks) {

@@ -12,7 +12,8 @@
 //! functions of vmath.rs are their reference and their fallback.
 
 use super::attention::{attended_intervals, block_keys, SCORES};
-use super::kv_cache::{CacheElem, CacheView};
+use super::elem::Elem;
+use super::kv_cache::CacheView;
 use super::{vmath, Mat};
 use crate::backend::AttnShape;
 use crate::token_tree::AttnSpan;
@@ -36,7 +37,7 @@ struct DecodeChunk {
 
 /// Attention of decode rows (every block at most a few rows) by key chunks; see the module doc.
 /// Same result as the prefill path's dot products up to f32 rounding.
-pub(super) fn decode_attention<E: CacheElem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)]) -> Mat {
+pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)]) -> Mat {
     let (h, d) = (s.heads, s.head_dim);
     let g = h / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -163,7 +164,7 @@ fn zmm_tile(d: usize) -> Option<usize> {
 /// out[i·out_stride + j] = scale · (q_i · row j of `rows`) for j < n and each of the G query
 /// heads of one KV group, q (G, D); rows `stride` apart. Each row is loaded once for the group.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_scaled_dots<E: CacheElem>(q: &[f32], d: usize, rows: &[E], stride: usize, scale: f32, n: usize, out: &mut [f32], out_stride: usize) {
+pub(super) fn group_scaled_dots<E: Elem>(q: &[f32], d: usize, rows: &[E], stride: usize, scale: f32, n: usize, out: &mut [f32], out_stride: usize) {
     let g = q.len() / d;
     if n == 0 || g == 0 {
         return;
@@ -206,7 +207,7 @@ pub(super) fn group_scaled_dots<E: CacheElem>(q: &[f32], d: usize, rows: &[E], s
 /// out[i·out_stride..][..D] += Σ_j p[i·p_stride + j] · row j of `rows`, j < n, for each of the
 /// `g` query heads of one KV group; rows `stride` apart. Each row is loaded once for the group.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_weighted_sum<E: CacheElem>(g: usize, p: &[f32], p_stride: usize, rows: &[E], stride: usize, n: usize, out: &mut [f32], d: usize, out_stride: usize) {
+pub(super) fn group_weighted_sum<E: Elem>(g: usize, p: &[f32], p_stride: usize, rows: &[E], stride: usize, n: usize, out: &mut [f32], d: usize, out_stride: usize) {
     if n == 0 || g == 0 {
         return;
     }
@@ -247,7 +248,7 @@ pub(super) fn group_weighted_sum<E: CacheElem>(g: usize, p: &[f32], p_stride: us
 /// of type E widened as they are loaded.
 #[cfg(target_arch = "x86_64")]
 mod zmm {
-    use super::CacheElem;
+    use super::Elem;
     use std::arch::x86_64::*;
 
     /// [Σa, Σb, Σc, Σd] of four vectors: pairs interleaved and added, then the 128-bit lanes.
@@ -263,7 +264,7 @@ mod zmm {
     }
 
     #[inline(always)]
-    unsafe fn row<E: CacheElem, const V: usize>(r: *const E) -> [__m512; V] {
+    unsafe fn row<E: Elem, const V: usize>(r: *const E) -> [__m512; V] {
         std::array::from_fn(|c| E::load16(r.add(c * 16)))
     }
 
@@ -282,7 +283,7 @@ mod zmm {
     /// AVX-512F; q holds TG·16V values, rows n rows of 16V `stride` apart, out TG rows of n
     /// `out_stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_dots<E: CacheElem, const V: usize, const TG: usize>(q: *const f32, rows: *const E, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
+    pub(super) unsafe fn group_dots<E: Elem, const V: usize, const TG: usize>(q: *const f32, rows: *const E, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
         let qv: [[__m512; V]; TG] = std::array::from_fn(|i| row::<f32, V>(q.add(i * 16 * V)));
         let sv = _mm_set1_ps(scale);
         let mut j = 0;
@@ -313,7 +314,7 @@ mod zmm {
     /// AVX-512F; p holds TG rows of n weights `p_stride` apart, rows n rows of 16V `stride`
     /// apart, out TG rows of 16V `out_stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_sums<E: CacheElem, const V: usize, const TG: usize>(p: *const f32, p_stride: usize, rows: *const E, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
+    pub(super) unsafe fn group_sums<E: Elem, const V: usize, const TG: usize>(p: *const f32, p_stride: usize, rows: *const E, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
         let mut acc = [[_mm512_setzero_ps(); V]; TG];
         for j in 0..n {
             let r = row::<E, V>(rows.add(j * stride));

@@ -1,7 +1,9 @@
 //! The `linear` GEMM: out (T, N) = x (T, K) · w (N, K)ᵀ + bias (and SwiGLU's two products with
-//! their SiLU·up, `matmul_silu_mul`), over weights packed once into
-//! column panels, by a register-blocked micro-kernel chosen at run time (AVX-512, AVX2+FMA, or
-//! plain loops), threads splitting (row block, panel range) tasks in one fork/join.
+//! their SiLU·up, `matmul_silu_mul`), over weights packed once into column panels of f32, f16
+//! or bf16 (elem.rs: widened exactly as the micro-kernel loads them, so a half-precision weight
+//! gives the results of its f32 widening from half the bytes), by a register-blocked
+//! micro-kernel chosen at run time (AVX-512, AVX2+FMA+F16C, or plain loops), threads splitting
+//! (row block, panel range) tasks in one fork/join.
 //!
 //! Packed layout: w's N rows cut into panels of NR rows (the last one zero-padded); a panel is
 //! (K, NR) row-major, so element (n, k) is at (n / NR)·K·NR + k·NR + n % NR and the micro-kernel
@@ -13,6 +15,7 @@
 //! packed: a tile reads MR rows of x at stride K, KC values each. KC is large, so a decoder's
 //! K is one block: a tile of out is written once, never reloaded between K blocks.
 
+use super::elem::Elem;
 use super::{vmath, SendPtr};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -36,7 +39,7 @@ const TASKS_PER_THREAD: usize = 4;
 pub enum Kernel {
     /// 12 rows x 32 columns in 24 zmm accumulators.
     Avx512,
-    /// 6 rows x 16 columns in 12 ymm accumulators.
+    /// 6 rows x 16 columns in 12 ymm accumulators (F16C widens f16 panels).
     Avx2,
     /// 4 rows x 16 columns, plain loops (whatever the baseline target vectorises).
     Portable,
@@ -57,7 +60,7 @@ impl Kernel {
             if is_x86_feature_detected!("avx512f") {
                 ks.push(Kernel::Avx512);
             }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 ks.push(Kernel::Avx2);
             }
         }
@@ -83,16 +86,16 @@ impl Kernel {
     }
 }
 
-/// Floats the packed form of an (n, k) matrix takes.
+/// Values the packed form of an (n, k) matrix takes.
 pub fn packed_len(kernel: Kernel, n: usize, k: usize) -> usize {
     n.div_ceil(kernel.nr()) * k * kernel.nr()
 }
 
 /// w (N, K) row-major -> panels (N / NR, K, NR), the last panel's missing rows zero; panels
 /// in parallel (a model's weights are packed once, at load, on every core).
-pub fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+pub fn pack<T: Copy + Default + Send + Sync>(kernel: Kernel, w: &[T], n: usize, k: usize) -> Vec<T> {
     let nr = kernel.nr();
-    let mut out = vec![0f32; packed_len(kernel, n, k)]; // (panels, K, NR)
+    let mut out = vec![T::default(); packed_len(kernel, n, k)]; // (panels, K, NR)
     if k > 0 {
         out.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| pack_panel(panel, p, w, n, k, k, nr));
     }
@@ -111,7 +114,7 @@ pub fn pack_rows(kernel: Kernel, src: &[f32], n: usize, k: usize, ld: usize) -> 
 }
 
 /// Panel p (K, NR) of w (N, K), w's row j at src[j·ld]; lanes past N stay as they are (zero).
-fn pack_panel(panel: &mut [f32], p: usize, src: &[f32], n: usize, k: usize, ld: usize, nr: usize) {
+fn pack_panel<T: Copy>(panel: &mut [T], p: usize, src: &[T], n: usize, k: usize, ld: usize, nr: usize) {
     for lane in 0..nr.min(n - p * nr) {
         for (kk, &v) in src[(p * nr + lane) * ld..][..k].iter().enumerate() {
             panel[kk * nr + lane] = v;
@@ -136,10 +139,10 @@ pub fn pack_cols(kernel: Kernel, src: &[f32], k: usize, n: usize, ld: usize) -> 
 }
 
 /// Row `j` (K values) of the matrix that `packed` holds: the row lookup of tied embeddings.
-pub fn unpack_row(kernel: Kernel, packed: &[f32], k: usize, j: usize, out: &mut Vec<f32>) {
+pub fn unpack_row<W: Elem>(kernel: Kernel, packed: &[W], k: usize, j: usize, out: &mut Vec<f32>) {
     let nr = kernel.nr();
     let base = (j / nr) * k * nr + j % nr;
-    out.extend((0..k).map(|kk| packed[base + kk * nr]));
+    out.extend((0..k).map(|kk| packed[base + kk * nr].widen()));
 }
 
 /// How a tile's accumulators start.
@@ -169,7 +172,7 @@ pub enum Out {
 /// `out` points to t·n writable floats (with `Out::Write` they may be uninitialised: every one
 /// is written before any is read); `x` holds t·k values, `w` packed_len(n, k), `bias` n.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: *mut f32, mode: Out) {
+pub unsafe fn matmul<W: Elem>(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[W], n: usize, bias: Option<&[f32]>, out: *mut f32, mode: Out) {
     debug_assert!(x.len() >= t * k && w.len() >= packed_len(kernel, n, k) && bias.is_none_or(|b| b.len() >= n));
     if t == 0 || n == 0 {
         return;
@@ -190,7 +193,7 @@ pub unsafe fn matmul(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[f32], n
 /// # Safety
 /// As `matmul` with `Out::Write`, for both weights and biases, and `fuses_silu_mul(k)`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul_silu_mul(kernel: Kernel, x: &[f32], t: usize, k: usize, g: &[f32], bg: Option<&[f32]>, u: &[f32], bu: Option<&[f32]>, n: usize, out: *mut f32) {
+pub unsafe fn matmul_silu_mul<W: Elem>(kernel: Kernel, x: &[f32], t: usize, k: usize, g: &[W], bg: Option<&[f32]>, u: &[W], bu: Option<&[f32]>, n: usize, out: *mut f32) {
     debug_assert!(fuses_silu_mul(k) && x.len() >= t * k && g.len().min(u.len()) >= packed_len(kernel, n, k));
     if t == 0 || n == 0 {
         return;
@@ -281,7 +284,7 @@ fn even_split(len: usize, max: usize, unit: usize) -> usize {
 /// # Safety
 /// As `matmul`, and no one else writes this block of out meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(kernel: Kernel, x: &[f32], k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, out: SendPtr, mode: Out, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+unsafe fn block<W: Elem>(kernel: Kernel, x: &[f32], k: usize, w: &[W], n: usize, bias: Option<&[f32]>, out: SendPtr, mode: Out, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
     let (nr, mr) = (kernel.nr(), kernel.mr());
     // Blocks of equal size (rows in whole tiles): 576 = 3 x 192, not 256 + 256 + 64.
     let mc = even_split(rows.len(), MC, mr);
@@ -316,7 +319,7 @@ unsafe fn block(kernel: Kernel, x: &[f32], k: usize, w: &[f32], n: usize, bias: 
 /// # Safety
 /// As `block`, for both weights.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_silu_mul(kernel: Kernel, x: &[f32], k: usize, g: &[f32], bg: Option<&[f32]>, u: &[f32], bu: Option<&[f32]>, n: usize, out: SendPtr, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+unsafe fn block_silu_mul<W: Elem>(kernel: Kernel, x: &[f32], k: usize, g: &[W], bg: Option<&[f32]>, u: &[W], bu: Option<&[f32]>, n: usize, out: SendPtr, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
     const MAX_TILE: usize = 12 * 32; // the largest MR x NR
     let (nr, mr) = (kernel.nr(), kernel.mr());
     let mut up = [0f32; MAX_TILE]; // (MR, NR): one tile of the up product
@@ -339,13 +342,13 @@ unsafe fn block_silu_mul(kernel: Kernel, x: &[f32], k: usize, g: &[f32], bg: Opt
 }
 
 /// One (rows, ncols) tile of out over one K block: out[i][j] (=|+=) Σ_p a[i·lda + p]·b[p·NR + j].
-struct Tile {
+struct Tile<W = f32> {
     kc: usize,
     /// x at the tile's first row and the block's first column.
     a: *const f32,
     lda: usize,
     /// The panel at the block's first K row: (kc, NR).
-    b: *const f32,
+    b: *const W,
     /// out at the tile's first row and the panel's first column.
     c: *mut f32,
     ldc: usize,
@@ -354,36 +357,36 @@ struct Tile {
     init: Init,
 }
 
-/// Calls `$f::<R>($tile)` for R = `$rows`, one of the listed literals.
+/// Calls `$f::<R, W>($tile)` for R = `$rows`, one of the listed literals.
 macro_rules! by_rows {
-    ($f:ident, $rows:expr, $tile:expr, $($r:literal)*) => {
+    ($f:ident, $w:ty, $rows:expr, $tile:expr, $($r:literal)*) => {
         match $rows {
-            $($r => $f::<$r>($tile),)*
+            $($r => $f::<$r, $w>($tile),)*
             _ => unreachable!("tile rows are at most the kernel's MR"),
         }
     };
 }
 
-impl Tile {
+impl<W: Elem> Tile<W> {
     /// # Safety
     /// The pointers cover `rows` x `ncols` of out, `rows` x kc of x, kc x NR of the panel, and
     /// `kernel` runs on this CPU.
     unsafe fn run(&self, kernel: Kernel, rows: usize) {
         match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => by_rows!(tile_avx512, rows, self, 1 2 3 4 5 6 7 8 9 10 11 12),
+            Kernel::Avx512 => by_rows!(tile_avx512, W, rows, self, 1 2 3 4 5 6 7 8 9 10 11 12),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => by_rows!(tile_avx2, rows, self, 1 2 3 4 5 6),
+            Kernel::Avx2 => by_rows!(tile_avx2, W, rows, self, 1 2 3 4 5 6),
             #[cfg(not(target_arch = "x86_64"))]
             Kernel::Avx512 | Kernel::Avx2 => unreachable!("x86 kernels are never detected elsewhere"),
-            Kernel::Portable => by_rows!(tile_portable, rows, self, 1 2 3 4),
+            Kernel::Portable => by_rows!(tile_portable, W, rows, self, 1 2 3 4),
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512<const R: usize>(t: &Tile) {
+unsafe fn tile_avx512<const R: usize, W: Elem>(t: &Tile<W>) {
     use std::arch::x86_64::*;
     let m = if t.ncols >= 32 { u32::MAX } else { (1u32 << t.ncols) - 1 };
     let (m0, m1) = (m as u16, (m >> 16) as u16);
@@ -410,7 +413,7 @@ unsafe fn tile_avx512<const R: usize>(t: &Tile) {
     }
     for p in 0..t.kc {
         let b = t.b.add(p * 32);
-        let (b0, b1) = (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16)));
+        let (b0, b1) = (W::load16(b), W::load16(b.add(16)));
         for (i, a) in acc.iter_mut().enumerate() {
             let x = _mm512_set1_ps(*t.a.add(i * t.lda + p));
             a[0] = _mm512_fmadd_ps(x, b0, a[0]);
@@ -425,8 +428,8 @@ unsafe fn tile_avx512<const R: usize>(t: &Tile) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const R: usize>(t: &Tile) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<const R: usize, W: Elem>(t: &Tile<W>) {
     use std::arch::x86_64::*;
     let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let n = t.ncols as i32;
@@ -454,7 +457,7 @@ unsafe fn tile_avx2<const R: usize>(t: &Tile) {
     }
     for p in 0..t.kc {
         let b = t.b.add(p * 16);
-        let (b0, b1) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
+        let (b0, b1) = (W::load8(b), W::load8(b.add(8)));
         for (i, a) in acc.iter_mut().enumerate() {
             let x = _mm256_set1_ps(*t.a.add(i * t.lda + p));
             a[0] = _mm256_fmadd_ps(x, b0, a[0]);
@@ -468,7 +471,7 @@ unsafe fn tile_avx2<const R: usize>(t: &Tile) {
     }
 }
 
-unsafe fn tile_portable<const R: usize>(t: &Tile) {
+unsafe fn tile_portable<const R: usize, W: Elem>(t: &Tile<W>) {
     const NR: usize = 16;
     let mut acc = [[0f32; NR]; R];
     match t.init {
@@ -497,7 +500,7 @@ unsafe fn tile_portable<const R: usize>(t: &Tile) {
         for (i, a) in acc.iter_mut().enumerate() {
             let x = *t.a.add(i * t.lda + p);
             for (o, &w) in a.iter_mut().zip(b) {
-                *o += x * w;
+                *o += x * w.widen();
             }
         }
     }
@@ -509,6 +512,7 @@ unsafe fn tile_portable<const R: usize>(t: &Tile) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         crate::testing::rand_values(n, seed, 1.0)
@@ -591,6 +595,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `matmul` written and accumulated, and `matmul_silu_mul` (where k fuses; else the written
+    /// product again), over panels of w (and u) in their own dtype.
+    fn run_routes<W: Elem>(kernel: Kernel, x: &[f32], w: &[W], u: &[W], b: Option<&[f32]>, t: usize, k: usize, n: usize, residual: &[f32]) -> [Vec<f32>; 3] {
+        let (pw, pu) = (pack(kernel, w, n, k), pack(kernel, u, n, k));
+        let (mut written, mut added, mut fused) = (vec![f32::NAN; t * n], residual.to_vec(), vec![f32::NAN; t * n]);
+        // SAFETY: each output holds t·n floats, x t·k, the packed weights their packed_len, b n.
+        unsafe {
+            matmul(kernel, x, t, k, &pw, n, b, written.as_mut_ptr(), Out::Write);
+            matmul(kernel, x, t, k, &pw, n, b, added.as_mut_ptr(), Out::Accumulate);
+            match fuses_silu_mul(k) {
+                true => matmul_silu_mul(kernel, x, t, k, &pw, b, &pu, None, n, fused.as_mut_ptr()),
+                false => matmul(kernel, x, t, k, &pu, n, None, fused.as_mut_ptr(), Out::Write),
+            }
+        }
+        [written, added, fused]
+    }
+
+    #[test]
+    fn half_precision_panels_give_the_f32_results_of_their_values_exactly() {
+        // Widening is exact, so bf16 / f16 weights must give, bit for bit, what f32 weights
+        // holding the same values give: every kernel, every route, K over one block included.
+        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (513, 77, 65), (2, 2 * KC + 3, 35)];
+        for kernel in Kernel::available() {
+            for (si, &(t, k, n)) in shapes.iter().enumerate() {
+                let (x, b, residual) = (values(t * k, si as u64), values(n, 300 + si as u64), values(t * n, 400 + si as u64));
+                let (w, u) = (values(n * k, 100 + si as u64), values(n * k, 200 + si as u64));
+                let (w16, u16): (Vec<f16>, Vec<f16>) = (w.iter().map(|&v| f16::from_f32(v)).collect(), u.iter().map(|&v| f16::from_f32(v)).collect());
+                let (wb, ub): (Vec<bf16>, Vec<bf16>) = (w.iter().map(|&v| bf16::from_f32(v)).collect(), u.iter().map(|&v| bf16::from_f32(v)).collect());
+                for (name, got, wide) in [
+                    ("f16", run_routes(kernel, &x, &w16, &u16, Some(&b), t, k, n, &residual), (widen(&w16), widen(&u16))),
+                    ("bf16", run_routes(kernel, &x, &wb, &ub, Some(&b), t, k, n, &residual), (widen(&wb), widen(&ub))),
+                ] {
+                    let want = run_routes(kernel, &x, &wide.0, &wide.1, Some(&b), t, k, n, &residual);
+                    for (route, (g, e)) in ["write", "accumulate", "silu_mul"].iter().zip(got.iter().zip(&want)) {
+                        let differ = g.iter().zip(e).position(|(a, b)| a.to_bits() != b.to_bits());
+                        assert_eq!(differ, None, "{kernel:?} {name} {route} {t}x{k}x{n}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn widen<W: Elem>(v: &[W]) -> Vec<f32> {
+        v.iter().map(|&x| x.widen()).collect()
     }
 
     #[test]

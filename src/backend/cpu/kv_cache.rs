@@ -4,6 +4,7 @@
 //! A cache starts as a prompt's f32 keys (or values), so the prompt's own attention never sees
 //! the rounding; rows are rounded as they enter the cache.
 
+use super::elem::Elem;
 use super::{gather, gather_rows, shape_err, Mat};
 use crate::backend::{KvDtype, Result};
 use half::f16;
@@ -23,55 +24,7 @@ pub(super) struct CacheView<'a, E> {
     pub data: &'a [E],
 }
 
-/// What a cache's values can be: widened to f32 one at a time (the reference loops) or 16 at
-/// a time into a register (the AVX-512 kernels).
-pub(super) trait CacheElem: Copy + Send + Sync {
-    fn widen(self) -> f32;
-    /// The values as f32 when they are f32 already: the per-head f32 kernels of vmath.rs then
-    /// serve as the fallback.
-    fn as_f32(values: &[Self]) -> Option<&[f32]>;
-    /// 16 values from p as f32 lanes.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F; 16 values are readable at p.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
-}
-
-impl CacheElem for f32 {
-    fn widen(self) -> f32 {
-        self
-    }
-
-    fn as_f32(values: &[f32]) -> Option<&[f32]> {
-        Some(values)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-}
-
-impl CacheElem for f16 {
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-
-    fn as_f32(_: &[f16]) -> Option<&[f32]> {
-        None
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
-    }
-}
-
-impl<E: CacheElem> CacheView<'_, E> {
+impl<E: Elem> CacheView<'_, E> {
     /// The rows widened to an f32 matrix.
     pub(super) fn widen(&self) -> Mat {
         Mat { rows: self.rows, cols: self.cols, data: self.data.iter().map(|x| x.widen()).collect() }

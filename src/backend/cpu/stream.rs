@@ -15,8 +15,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-/// A group's weights widened to f32 (and matrices packed) once, in `pin`'s order: every copy
-/// of it is a plain copy.
+/// A group's weights as the backend holds them (weight.rs), made once, in `pin`'s order: every
+/// copy of it is a plain copy.
 pub struct CpuPinned {
     tensors: Vec<CpuWeight>,
 }
@@ -24,14 +24,14 @@ pub struct CpuPinned {
 impl CpuPinned {
     /// Bytes the group takes in a slot.
     pub fn bytes(&self) -> usize {
-        self.tensors.iter().map(|t| t.data.len() * 4).sum()
+        self.tensors.iter().map(CpuWeight::bytes).sum()
     }
 }
 
 /// The memory of one group's weights, free for the next copy.
 #[derive(Default)]
 pub struct CpuSlot {
-    bufs: Vec<Vec<f32>>,
+    bufs: Vec<CpuWeight>,
 }
 
 enum EventState {
@@ -101,16 +101,7 @@ impl Drop for Copier {
 
 fn copy_into(group: &CpuPinned, slot: CpuSlot) -> Vec<CpuWeight> {
     let mut bufs = slot.bufs.into_iter();
-    group
-        .tensors
-        .iter()
-        .map(|t| {
-            let mut data = bufs.next().unwrap_or_default();
-            data.clear(); // keeps the capacity: same-shaped layers copy without allocating
-            data.extend_from_slice(&t.data);
-            CpuWeight { shape: t.shape.clone(), data }
-        })
-        .collect()
+    group.tensors.iter().map(|t| CpuWeight::copy_into(t, bufs.next())).collect()
 }
 
 fn start_copier() -> Result<Copier> {
@@ -163,7 +154,7 @@ impl CpuBackend {
         match std::mem::replace(&mut *st, EventState::Taken { span }) {
             EventState::Done { weights, .. } => {
                 let weights = weights?;
-                transfer.handed = Some(weights.iter().map(|w| w.data.as_ptr() as usize).collect());
+                transfer.handed = Some(weights.iter().map(CpuWeight::addr).collect());
                 Ok(weights)
             }
             _ => Err(BackendError::Streaming("wait called twice: this transfer's weights were already handed out".into())),
@@ -172,7 +163,7 @@ impl CpuBackend {
 
     pub(super) fn stream_release(&self, transfer: CpuTransfer, weights: Vec<CpuWeight>) -> Result<(CpuSlot, Option<CopySpan>)> {
         let handed = transfer.handed.ok_or_else(|| BackendError::Streaming("release before wait: the copy may still be writing this slot".into()))?;
-        let given: Vec<usize> = weights.iter().map(|w| w.data.as_ptr() as usize).collect();
+        let given: Vec<usize> = weights.iter().map(CpuWeight::addr).collect();
         if given != handed {
             return Err(BackendError::Streaming(format!(
                 "release got {} weights that are not the {} this transfer handed out: the slot would be reused while its weights are in use",
@@ -184,7 +175,7 @@ impl CpuBackend {
             EventState::Taken { span } | EventState::Done { span, .. } => Some(*span),
             EventState::Pending => None,
         };
-        Ok((CpuSlot { bufs: weights.into_iter().map(|w| w.data).collect() }, span))
+        Ok((CpuSlot { bufs: weights }, span))
     }
 }
 
@@ -215,17 +206,17 @@ mod tests {
         let mut t2 = b.prefetch(g2.clone(), None).expect("prefetch");
         let w1 = b.wait(&mut t1).expect("wait");
         assert_eq!(w1[0].to_rows()[3], 1103.0);
-        let addr = w1[0].data.as_ptr();
+        let addr = w1[0].addr();
         let (slot, span) = b.release(t1, w1).expect("release");
         let (start, end) = span.expect("a finished copy has a span");
         assert!(end >= start);
         let w2 = b.wait(&mut t2).expect("wait");
-        assert_eq!(w2[1].data[0], 2200.0);
+        assert_eq!(w2[1].values().expect("a vector")[0], 2200.0);
         // Group 1 again, into the slot group 1 just left: same memory, group 1's values.
         let mut t3 = b.prefetch(g1.clone(), Some(slot)).expect("prefetch");
         let w3 = b.wait(&mut t3).expect("wait");
-        assert_eq!(w3[0].data.as_ptr(), addr, "the slot's memory is reused");
-        assert_eq!((w3[0].to_rows()[0], w3[1].data[7]), (1100.0, 1207.0));
+        assert_eq!(w3[0].addr(), addr, "the slot's memory is reused");
+        assert_eq!((w3[0].to_rows()[0], w3[1].values().expect("a vector")[7]), (1100.0, 1207.0));
         b.release(t3, w3).expect("release");
         b.release(t2, w2).expect("release");
     }
@@ -236,14 +227,14 @@ mod tests {
     fn a_group_nobody_keeps_is_moved_not_copied() {
         let b = CpuBackend::new();
         let g = group(&b, 3.0);
-        let addr = g.tensors[0].data.as_ptr();
+        let addr = g.tensors[0].addr();
         let mut kept = b.prefetch(g.clone(), None).expect("prefetch");
         let w = b.wait(&mut kept).expect("wait");
-        assert_ne!(w[0].data.as_ptr(), addr, "a group still held elsewhere is copied");
+        assert_ne!(w[0].addr(), addr, "a group still held elsewhere is copied");
         b.release(kept, w).expect("release");
         let mut moved = b.prefetch(g, None).expect("prefetch");
         let w = b.wait(&mut moved).expect("wait");
-        assert_eq!(w[0].data.as_ptr(), addr, "the last reference's memory becomes the slot's");
+        assert_eq!(w[0].addr(), addr, "the last reference's memory becomes the slot's");
         assert_eq!(w[0].to_rows()[3], 3103.0);
         b.release(moved, w).expect("release");
     }

@@ -1,6 +1,7 @@
 //! The fast CPU ops against plain-loop references (llama2.c style).
 
 use super::*;
+use crate::tensor::DType;
 use crate::token_tree::{MicroBatch, TokenizedDoc};
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -32,7 +33,7 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32) {
 /// out[t][n] = sum_k x[t][k] w[n][k] + b[n]
 fn linear_ref(x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Vec<f32> {
     let (n, k) = (w.shape[0], w.shape[1]);
-    let w = w.to_rows();
+    let (w, b) = (w.to_rows(), b.map(CpuWeight::to_rows));
     let mut out = vec![0f32; x.rows * n];
     for t in 0..x.rows {
         for j in 0..n {
@@ -40,7 +41,7 @@ fn linear_ref(x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Vec<f32> {
             for i in 0..k {
                 acc += x.data[t * k + i] as f64 * w[j * k + i] as f64;
             }
-            out[t * n + j] = acc as f32 + b.map_or(0.0, |b| b.data[j]);
+            out[t * n + j] = acc as f32 + b.as_ref().map_or(0.0, |b| b[j]);
         }
     }
     out
@@ -90,6 +91,37 @@ fn linear_matches_loops() {
 }
 
 #[test]
+fn half_precision_weights_stay_half_and_give_their_f32_widenings_results() {
+    let b = CpuBackend::new();
+    let (t, k, f) = (9, 70, 45);
+    let x = mat(t, k, 80);
+    let host = |shape: &[usize], seed| HostTensor::from_f32(shape.to_vec(), &rand_vec(shape.iter().product(), seed));
+    let (gate, up, bias, table) = (host(&[f, k], 81), host(&[f, k], 82), host(&[f], 83), host(&[f, k], 84));
+    let bits = |m: &Mat| m.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for dtype in [DType::F16, DType::Bf16] {
+        let up_half = |t: &HostTensor| b.upload_weight(&t.to_dtype(dtype)).unwrap();
+        // The f32 weight holding the very values the half one stores.
+        let up_wide = |t: &HostTensor| b.upload_weight(&HostTensor::from_f32(t.shape.clone(), &t.to_dtype(dtype).to_f32())).unwrap();
+        let (g, u, bb, e) = (up_half(&gate), up_half(&up), up_half(&bias), up_half(&table));
+        let (gw, uw, bw, ew) = (up_wide(&gate), up_wide(&up), up_wide(&bias), up_wide(&table));
+        assert_eq!((g.dtype(), g.bytes()), (dtype, gw.bytes() / 2), "a {dtype:?} matrix is held in {dtype:?}");
+        assert_eq!(bb.dtype(), DType::F32, "vectors are widened");
+        assert_eq!(g.to_rows(), gw.to_rows());
+        let r = mat(t, f, 85);
+        assert_eq!(bits(&b.linear(&x, &g, Some(&bb)).unwrap()), bits(&b.linear(&x, &gw, Some(&bw)).unwrap()), "{dtype:?} linear");
+        let (got, want) = (b.linear_residual(&x, &g, Some(&bb), r.clone()).unwrap(), b.linear_residual(&x, &gw, Some(&bw), r).unwrap());
+        assert_eq!(bits(&got), bits(&want), "{dtype:?} linear_residual");
+        let (got, want) = (b.linear_silu_mul(&x, &g, Some(&bb), &u, None).unwrap(), b.linear_silu_mul(&x, &gw, Some(&bw), &uw, None).unwrap());
+        assert_eq!(bits(&got), bits(&want), "{dtype:?} linear_silu_mul");
+        // A layer mixing dtypes takes the unfused route, with the same values.
+        let mixed = b.linear_silu_mul(&x, &g, Some(&bb), &uw, None).unwrap();
+        assert_eq!(bits(&mixed), bits(&want), "{dtype:?} gate with an f32 up");
+        let ids = [3, 0, 44, 3];
+        assert_eq!(bits(&b.embed(&e, &ids).unwrap()), bits(&b.embed(&ew, &ids).unwrap()), "{dtype:?} embed");
+    }
+}
+
+#[test]
 fn attention_matches_dense_masked_reference() {
     let b = CpuBackend::new();
     let docs = [
@@ -128,8 +160,8 @@ fn norms_match_definitions() {
         let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 10.0;
         let ms = row.iter().map(|v| v * v).sum::<f32>() / 10.0;
         for i in 0..10 {
-            let want_ln = (row[i] - mean) / (var + 1e-5).sqrt() * w.data[i] + bias.data[i];
-            let want_rms = row[i] / (ms + 1e-6).sqrt() * w.data[i];
+            let want_ln = (row[i] - mean) / (var + 1e-5).sqrt() * w.to_rows()[i] + bias.to_rows()[i];
+            let want_rms = row[i] / (ms + 1e-6).sqrt() * w.to_rows()[i];
             assert!((ln.row(r)[i] - want_ln).abs() < 1e-5);
             assert!((rms.row(r)[i] - want_rms).abs() < 1e-5);
         }
