@@ -292,25 +292,86 @@ unsafe fn block<W: Elem>(kernel: Kernel, x: &[f32], k: usize, w: &[W], n: usize,
     // meets each panel once, so it streams every panel whole: the task's panels are then one
     // contiguous run of memory, which the prefetchers follow across pages.
     let kc_max = if rows.len() <= mr { k.max(1) } else { even_split(k, KC, 1).max(1) };
+    let mut wide = Widened::default();
     for m0 in rows.clone().step_by(mc) {
         let m1 = (m0 + mc).min(rows.end);
         for k0 in (0..k.max(1)).step_by(kc_max) {
             let kc = kc_max.min(k - k0);
             for p in panels.clone() {
                 let ncols = nr.min(n - p * nr);
-                let b = w.as_ptr().add(p * k * nr + k0 * nr);
                 let init = match (k0, bias, mode) {
                     (0, Some(bias), Out::Write) => Init::Bias(bias.as_ptr().add(p * nr)),
                     (0, None, Out::Write) => Init::Zero,
                     (0, Some(bias), Out::Accumulate) => Init::LoadBias(bias.as_ptr().add(p * nr)),
                     _ => Init::Load,
                 };
-                for i0 in (m0..m1).step_by(mr) {
-                    let tile = Tile { kc, a: x.as_ptr().add(i0 * k + k0), lda: k, b, c: out.0.add(i0 * n + p * nr), ldc: n, ncols, init };
-                    tile.run(kernel, mr.min(m1 - i0));
+                let b = &w[p * k * nr + k0 * nr..][..kc * nr];
+                let tile = |i0: usize| Tile { kc, a: x.as_ptr().add(i0 * k + k0), lda: k, b: std::ptr::null(), c: out.0.add(i0 * n + p * nr), ldc: n, ncols, init };
+                match wide.panel(kernel, b, m1 - m0) {
+                    Some(b) => (m0..m1).step_by(mr).for_each(|i0| tile(i0).with(b.as_ptr()).run(kernel, mr.min(m1 - i0))),
+                    None => (m0..m1).step_by(mr).for_each(|i0| tile(i0).with(b.as_ptr()).run(kernel, mr.min(m1 - i0))),
                 }
             }
         }
+    }
+}
+
+/// A half-precision panel slice widened once for the row block's tiles: each tile widening it
+/// again as it loads costs prefill (T > MR) ~5-10% over f32 panels (`bench --gemm`), while one
+/// pass into this buffer, which stays in L1/L2 for the tiles after, costs ~1/(MC/MR) of that.
+/// Decode (one tile) loads the half values directly: there the bytes read are the cost.
+#[derive(Default)]
+struct Widened(Vec<f32>);
+
+impl Widened {
+    /// `b` widened when it is half precision and `rows` (> MR) make several tiles meet it.
+    fn panel<W: Elem>(&mut self, kernel: Kernel, b: &[W], rows: usize) -> Option<&[f32]> {
+        if W::as_f32(b).is_some() || rows <= kernel.mr() {
+            return None;
+        }
+        self.0.clear();
+        self.0.reserve(b.len());
+        // SAFETY: room for b.len() values, which widen writes.
+        unsafe {
+            widen(kernel, b, self.0.spare_capacity_mut().as_mut_ptr().cast());
+            self.0.set_len(b.len());
+        }
+        Some(&self.0)
+    }
+}
+
+/// dst[i] = src[i] as f32, for src.len() values.
+///
+/// # Safety
+/// dst has room for src.len() values; `kernel` runs on this CPU.
+unsafe fn widen<W: Elem>(kernel: Kernel, src: &[W], dst: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512<W: Elem>(src: &[W], dst: *mut f32) -> usize {
+        let whole = src.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            std::arch::x86_64::_mm512_storeu_ps(dst.add(i), W::load16(src.as_ptr().add(i)));
+        }
+        whole
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn avx2<W: Elem>(src: &[W], dst: *mut f32) -> usize {
+        let whole = src.len() / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            std::arch::x86_64::_mm256_storeu_ps(dst.add(i), W::load8(src.as_ptr().add(i)));
+        }
+        whole
+    }
+    let done = match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => avx512(src, dst),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => avx2(src, dst),
+        _ => 0,
+    };
+    for (i, v) in src.iter().enumerate().skip(done) {
+        dst.add(i).write(v.widen());
     }
 }
 
@@ -325,14 +386,27 @@ unsafe fn block_silu_mul<W: Elem>(kernel: Kernel, x: &[f32], k: usize, g: &[W], 
     let mut up = [0f32; MAX_TILE]; // (MR, NR): one tile of the up product
     let init = |bias: Option<&[f32]>, p: usize| bias.map_or(Init::Zero, |b| Init::Bias(b.as_ptr().add(p * nr)));
     let mc = even_split(rows.len(), MC, mr);
+    let (mut wide_g, mut wide_u) = (Widened::default(), Widened::default());
     for m0 in rows.clone().step_by(mc) {
         let m1 = (m0 + mc).min(rows.end);
         for p in panels.clone() {
             let ncols = nr.min(n - p * nr);
+            let (gp, upp) = (&g[p * k * nr..][..k * nr], &u[p * k * nr..][..k * nr]);
+            let widened = (wide_g.panel(kernel, gp, m1 - m0), wide_u.panel(kernel, upp, m1 - m0));
             for i0 in (m0..m1).step_by(mr) {
                 let (r, a, c) = (mr.min(m1 - i0), x.as_ptr().add(i0 * k), out.0.add(i0 * n + p * nr));
-                Tile { kc: k, a, lda: k, b: g.as_ptr().add(p * k * nr), c, ldc: n, ncols, init: init(bg, p) }.run(kernel, r);
-                Tile { kc: k, a, lda: k, b: u.as_ptr().add(p * k * nr), c: up.as_mut_ptr(), ldc: nr, ncols, init: init(bu, p) }.run(kernel, r);
+                let gate = Tile { kc: k, a, lda: k, b: std::ptr::null(), c, ldc: n, ncols, init: init(bg, p) };
+                let up_tile = Tile { kc: k, a, lda: k, b: std::ptr::null(), c: up.as_mut_ptr(), ldc: nr, ncols, init: init(bu, p) };
+                match widened {
+                    (Some(wg), Some(wu)) => {
+                        gate.with(wg.as_ptr()).run(kernel, r);
+                        up_tile.with(wu.as_ptr()).run(kernel, r);
+                    }
+                    _ => {
+                        gate.with(gp.as_ptr()).run(kernel, r);
+                        up_tile.with(upp.as_ptr()).run(kernel, r);
+                    }
+                }
                 for (i, up) in up.chunks_exact(nr).take(r).enumerate() {
                     vmath::silu_mul_slice(std::slice::from_raw_parts_mut(c.add(i * n), ncols), &up[..ncols]);
                 }
@@ -365,6 +439,13 @@ macro_rules! by_rows {
             _ => unreachable!("tile rows are at most the kernel's MR"),
         }
     };
+}
+
+impl Tile<()> {
+    /// This tile over the panel slice at b.
+    fn with<V>(self, b: *const V) -> Tile<V> {
+        Tile { kc: self.kc, a: self.a, lda: self.lda, b, c: self.c, ldc: self.ldc, ncols: self.ncols, init: self.init }
+    }
 }
 
 impl<W: Elem> Tile<W> {
