@@ -329,14 +329,19 @@ impl Widened {
         if W::as_f32(b).is_some() || rows <= kernel.mr() {
             return None;
         }
-        self.0.clear();
-        self.0.reserve(b.len());
-        // SAFETY: room for b.len() values, which widen writes.
-        unsafe {
-            widen(kernel, b, self.0.spare_capacity_mut().as_mut_ptr().cast());
-            self.0.set_len(b.len());
-        }
+        widen_into(kernel, b, &mut self.0);
         Some(&self.0)
+    }
+}
+
+/// `dst` set to `src` widened to f32, by `kernel`'s vector loads (its capacity kept).
+pub(super) fn widen_into<W: Elem>(kernel: Kernel, src: &[W], dst: &mut Vec<f32>) {
+    dst.clear();
+    dst.reserve(src.len());
+    // SAFETY: dst has room for src.len() values, all written; `kernel` was detected on this CPU.
+    unsafe {
+        widen(kernel, src, dst.spare_capacity_mut().as_mut_ptr().cast());
+        dst.set_len(src.len());
     }
 }
 

@@ -5,6 +5,7 @@
 //! the rounding; rows are rounded as they enter the cache.
 
 use super::elem::Elem;
+use super::gemm::{self, Kernel};
 use super::{gather, gather_rows, shape_err, Mat};
 use crate::backend::{KvDtype, Result};
 use half::f16;
@@ -27,7 +28,9 @@ pub(super) struct CacheView<'a, E> {
 impl<E: Elem> CacheView<'_, E> {
     /// The rows widened to an f32 matrix.
     pub(super) fn widen(&self) -> Mat {
-        Mat { rows: self.rows, cols: self.cols, data: self.data.iter().map(|x| x.widen()).collect() }
+        let mut data = Vec::new();
+        gemm::widen_into(Kernel::detect(), self.data, &mut data);
+        Mat { rows: self.rows, cols: self.cols, data }
     }
 }
 

@@ -14,6 +14,7 @@ pub struct CpuWeight {
 }
 
 /// What a weight holds.
+#[derive(Clone)]
 enum Data {
     /// Anything but a matrix: the values, row-major, as f32.
     Values(Vec<f32>),
@@ -22,6 +23,7 @@ enum Data {
 }
 
 /// A packed matrix in one of the stored dtypes.
+#[derive(Clone)]
 pub(super) enum Panels {
     F32(Vec<f32>),
     F16(Vec<f16>),
@@ -148,12 +150,7 @@ impl CpuWeight {
             (Data::Panels(Panels::F32(s)), Some(Data::Panels(Panels::F32(b)))) => Data::Panels(Panels::F32(reuse(b, s))),
             (Data::Panels(Panels::F16(s)), Some(Data::Panels(Panels::F16(b)))) => Data::Panels(Panels::F16(reuse(b, s))),
             (Data::Panels(Panels::Bf16(s)), Some(Data::Panels(Panels::Bf16(b)))) => Data::Panels(Panels::Bf16(reuse(b, s))),
-            (Data::Values(s), _) => Data::Values(s.clone()),
-            (Data::Panels(p), _) => Data::Panels(match p {
-                Panels::F32(s) => Panels::F32(s.clone()),
-                Panels::F16(s) => Panels::F16(s.clone()),
-                Panels::Bf16(s) => Panels::Bf16(s.clone()),
-            }),
+            (s, _) => s.clone(),
         };
         CpuWeight { shape: src.shape.clone(), data }
     }
