@@ -1,5 +1,6 @@
 //! `falcon-batch convert` and `falcon-batch inspect`: the model directory.
 
+use crate::outln;
 use anyhow::Result;
 use falcon_batch::tensor::DType;
 use std::process::ExitCode;
@@ -13,8 +14,8 @@ pub struct ConvertArgs {
     #[arg(long)]
     to: std::path::PathBuf,
     /// Storage dtype of the weights (default: the checkpoint's; f32 for dequantized GGUF).
-    #[arg(long)]
-    dtype: Option<String>,
+    #[arg(long, value_parser = super::usage::dtype)]
+    dtype: Option<DType>,
 }
 
 #[derive(clap::Args)]
@@ -26,16 +27,14 @@ pub struct InspectArgs {
 
 pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
     use falcon_batch::format::convert;
-    let dtype = match &a.dtype {
-        Some(s) => Some(DType::parse(s).ok_or_else(|| anyhow::anyhow!("--dtype: expected bf16, f16 or f32, found `{s}`"))?),
-        None => None,
-    };
+    let dtype = a.dtype;
     let ckpt = convert::open_checkpoint(&a.from)?;
     let cfg = ckpt.config();
     let out_dtype = dtype.unwrap_or_else(|| ckpt.native_dtype());
-    println!("{}: {} model, {} layers, writing {} to {}", ckpt.origin(), cfg.family.name(), cfg.n_layers, out_dtype.name(), a.to.display());
+    outln!("{}: {} model, {} layers, writing {} to {}", ckpt.origin(), cfg.family.name(), cfg.n_layers, out_dtype.name(), a.to.display())?;
     let m = convert::convert_with(ckpt.as_ref(), &a.to, dtype, &mut |r| {
-        println!(
+        // A reader gone from stdout does not stop the conversion: its end is reported below.
+        let _ = outln!(
             "[{:>4}/{}] {:<10} {:>3} tensors {:>10} {:.1}s",
             r.index + 1,
             r.total,
@@ -45,7 +44,7 @@ pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
             r.seconds
         );
     })?;
-    println!("wrote {} ({} in {} parts), model id {}", a.to.display(), human_bytes(m.total_bytes()), m.parts.len(), m.model_id);
+    outln!("wrote {} ({} in {} parts), model id {}", a.to.display(), human_bytes(m.total_bytes()), m.parts.len(), m.model_id)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -53,30 +52,30 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     let dir = falcon_batch::format::model_dir::ModelDir::open(&a.model)?;
     let m = dir.manifest();
     let c = &m.config;
-    println!("model      {}", a.model.display());
-    println!("family     {}", c.family.name());
-    println!("layers     {}", c.n_layers);
-    println!("hidden     {}", c.hidden_size);
-    println!("heads      {} (kv heads {}, head dim {})", c.n_heads, c.n_kv_heads, c.head_dim);
-    println!("ffn        {}", c.intermediate_size);
-    println!("vocab      {}", c.vocab_size);
-    println!("context    {}", c.context_limit());
-    println!("rope theta {}", c.rope_theta);
-    println!("rope scale {}", c.rope_scaling.describe());
-    println!("dtype      {}", m.dtype.name());
-    println!("model id   {}", m.model_id);
-    println!("source     {}", m.source);
-    println!("tokenizer  {}", m.tokenizer);
+    outln!("model      {}", a.model.display())?;
+    outln!("family     {}", c.family.name())?;
+    outln!("layers     {}", c.n_layers)?;
+    outln!("hidden     {}", c.hidden_size)?;
+    outln!("heads      {} (kv heads {}, head dim {})", c.n_heads, c.n_kv_heads, c.head_dim)?;
+    outln!("ffn        {}", c.intermediate_size)?;
+    outln!("vocab      {}", c.vocab_size)?;
+    outln!("context    {}", c.context_limit())?;
+    outln!("rope theta {}", c.rope_theta)?;
+    outln!("rope scale {}", c.rope_scaling.describe())?;
+    outln!("dtype      {}", m.dtype.name())?;
+    outln!("model id   {}", m.model_id)?;
+    outln!("source     {}", m.source)?;
+    outln!("tokenizer  {}", m.tokenizer)?;
     for p in &m.parts {
-        println!("  {:<12} {:>10}", p.file, human_bytes(p.bytes));
+        outln!("  {:<12} {:>10}", p.file, human_bytes(p.bytes))?;
     }
-    println!("total      {} in {} parts", human_bytes(m.total_bytes()), m.parts.len());
+    outln!("total      {} in {} parts", human_bytes(m.total_bytes()), m.parts.len())?;
     if !a.verify {
         return Ok(ExitCode::SUCCESS);
     }
     let bad = dir.verify();
     if bad.is_empty() {
-        println!("verify     all {} parts match the manifest", m.parts.len());
+        outln!("verify     all {} parts match the manifest", m.parts.len())?;
         return Ok(ExitCode::SUCCESS);
     }
     for (part, problem) in &bad {
