@@ -208,7 +208,7 @@ impl RankJob for GenerateJob {
     fn prepare(&self) -> Result<Self::Prepared> {
         check_out(&self.args)?;
         let dir = ModelDir::open_for(&self.args.model, &[])?;
-        let tok = Tokenizer::from_file(&dir.tokenizer_path())?;
+        let tok = dir.tokenizer()?;
         let reqs = self.requests(&tok)?;
         Ok((tok, reqs, dir.config().clone(), seed(&self.args)))
     }

@@ -2,6 +2,7 @@
 
 use crate::outln;
 use anyhow::Result;
+use falcon_batch::format::model_dir::{ModelDir, UpgradeError};
 use falcon_batch::tensor::DType;
 use std::process::ExitCode;
 
@@ -21,8 +22,14 @@ pub struct ConvertArgs {
 #[derive(clap::Args)]
 pub struct InspectArgs {
     model: std::path::PathBuf,
+    /// Re-hash every part and the tokenizer against the manifest.
     #[arg(long)]
     verify: bool,
+    /// Bring a directory from an older falcon-batch (format version 1) up to date: every part
+    /// is checked against its recorded sha256, then the hashes it lacks (the tokenizer's, the
+    /// parts' xxh3) and the new model id are recorded. The tokenizer is taken as it is.
+    #[arg(long, conflicts_with = "verify")]
+    upgrade: bool,
 }
 
 pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
@@ -49,7 +56,10 @@ pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
-    let dir = falcon_batch::format::model_dir::ModelDir::open(&a.model)?;
+    if a.upgrade {
+        return upgrade(&a.model);
+    }
+    let dir = ModelDir::open(&a.model)?;
     let m = dir.manifest();
     let c = &m.config;
     outln!("model      {}", a.model.display())?;
@@ -65,7 +75,7 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     outln!("dtype      {}", m.dtype.name())?;
     outln!("model id   {}", m.model_id)?;
     outln!("source     {}", m.source)?;
-    outln!("tokenizer  {}", m.tokenizer)?;
+    outln!("tokenizer  {} ({}, sha256 {})", m.tokenizer, human_bytes(m.tokenizer_hash.bytes), m.tokenizer_hash.sha256)?;
     for p in &m.parts {
         outln!("  {:<12} {:>10}", p.file, human_bytes(p.bytes))?;
     }
@@ -75,14 +85,46 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     }
     let bad = dir.verify();
     if bad.is_empty() {
-        outln!("verify     all {} parts match the manifest", m.parts.len())?;
+        outln!("verify     all {} parts and the tokenizer match the manifest", m.parts.len())?;
         return Ok(ExitCode::SUCCESS);
     }
-    for (part, problem) in &bad {
-        eprintln!("verify: part {part} differs: {problem}");
+    for (what, problem) in &bad {
+        match what.as_str() {
+            "tokenizer" => eprintln!("verify: the tokenizer differs: {problem}"),
+            part => eprintln!("verify: part {part} differs: {problem}"),
+        }
     }
-    eprintln!("verify: {} of {} parts differ from the manifest", bad.len(), m.parts.len());
+    eprintln!("verify: {} of {} parts and the tokenizer differ from the manifest", bad.len(), m.parts.len() + 1);
     Ok(ExitCode::from(1))
+}
+
+fn upgrade(model: &std::path::Path) -> Result<ExitCode> {
+    match ModelDir::upgrade(model) {
+        Ok(u) => {
+            let m = &u.manifest;
+            outln!("upgrade    all {} parts match their recorded sha256; recorded their xxh3", m.parts.len())?;
+            outln!(
+                "upgrade    recorded the tokenizer {} as it is now (sha256 {}): the old manifest had no hash to check it against",
+                m.tokenizer,
+                m.tokenizer_hash.sha256
+            )?;
+            outln!("upgrade    model id {} -> {} (results files of the old id are not resumed)", u.old_id, m.model_id)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(UpgradeError::PartsDiffer(bad)) => {
+            for (part, problem) in &bad {
+                eprintln!("upgrade: part {part} differs: {problem}");
+            }
+            eprintln!("upgrade: {} parts differ from the manifest's sha256; nothing was written: copy them again or convert again", bad.len());
+            Ok(ExitCode::from(1))
+        }
+        // Run twice, the second finds nothing to do: not an error.
+        Err(e @ UpgradeError::Current { .. }) => {
+            outln!("upgrade    {}: {e}", model.display())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Sizes as people read them (binary units).

@@ -289,6 +289,17 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     Ok(out)
 }
 
+/// "3", or "2-3" where the group count is not a multiple of the ranks'.
+fn groups_per_rank(s: &Schedule) -> String {
+    let counts = s.rank_groups.iter().map(Vec::len);
+    let (lo, hi) = (counts.clone().min().unwrap_or(0), counts.max().unwrap_or(0));
+    if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}-{hi}")
+    }
+}
+
 fn render(model: &Model, s: &Schedule, work: &Workload, cost_line: &str, rep: &SimReport, wire: WireDtype) -> String {
     let m = &s.shape;
     let mut o = String::new();
@@ -310,7 +321,7 @@ fn render(model: &Model, s: &Schedule, work: &Workload, cost_line: &str, rep: &S
         "schedule: {} ranks, {} groups of {lo}-{hi} layers ({} per rank), resident {}, wave {} micro-batches; activations {} per micro-batch",
         s.n_ranks(),
         s.groups.len(),
-        s.groups.len() / s.n_ranks(),
+        groups_per_rank(s),
         s.resident,
         s.wave,
         gb(s.activation_bytes)
