@@ -16,13 +16,13 @@ pub struct BenchArgs {
     #[arg(long)]
     gemm: Option<String>,
     /// Layers in the streaming run (CUDA).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::usage::at_least_one)]
     layers: usize,
     /// Layers resident on the device in the streaming run: two groups of window/2 (CUDA).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::usage::at_least_one)]
     window: usize,
     /// Timed repetitions per shape (median reported), after one warm-up.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = super::usage::at_least_one)]
     reps: usize,
     #[arg(long, default_value = "results/bench.json")]
     out: std::path::PathBuf,
