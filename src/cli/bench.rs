@@ -35,7 +35,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     if let Some(shapes) = &a.gemm {
         let shapes = falcon_batch::bench::gemm::parse_shapes(shapes)?;
         let rows = falcon_batch::bench::gemm::run(&shapes, a.reps)?;
-        println!("{}", serde_json::to_string(&rows)?);
+        crate::outln!("{}", serde_json::to_string(&rows)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let Some(synthetic) = a.synthetic else { anyhow::bail!("--synthetic is required") };
