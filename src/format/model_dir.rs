@@ -1,7 +1,9 @@
-//! A converted model directory: manifest + one safetensors file per part.
+//! A converted model directory: manifest + tokenizer + one safetensors file per part.
 //!
 //! A rank touches only the files of its own parts (`open_for`, `check_parts`, `read_part`);
-//! the other part files may be absent on its node. `open` and `verify` look at all of them.
+//! the other part files may be absent on its node. The tokenizer is read, and checked, only
+//! where text is tokenized (`tokenizer`, on the writer). `open` and `verify` look at
+//! everything; `upgrade` brings a directory of format version 1 up to date.
 
 use super::manifest::{Manifest, PartEntry, MANIFEST_FILE};
 use super::st::{self, dtype_from_st, FileHashes, StFile};
