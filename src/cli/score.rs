@@ -1,6 +1,7 @@
 //! `falcon-batch score` and `falcon-batch show`.
 
 use anyhow::{anyhow, Context, Result};
+use crate::outln;
 use super::ranks::{run_ranks, RankJob, ScheduleArgs};
 use falcon_batch::backend::Backend;
 use falcon_batch::format::model_dir::ModelDir;
@@ -59,8 +60,8 @@ pub struct ScoreFlags {
     #[arg(long)]
     csv: Option<PathBuf>,
     /// Score that picks the best choice: sum, mean (per token) or char (per character).
-    #[arg(long, default_value = "sum")]
-    norm: String,
+    #[arg(long, default_value = "sum", value_parser = super::usage::norm)]
+    norm: Norm,
     /// Prompt template file with {text} and {question}.
     #[arg(long)]
     template: Option<PathBuf>,
@@ -69,10 +70,10 @@ pub struct ScoreFlags {
     #[arg(long, default_value = " ", hide_default_value = true, allow_hyphen_values = true)]
     target_delimiter: String,
     /// Most tokens in one micro-batch.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = super::usage::at_least_one)]
     batch_tokens: usize,
     /// Micro-batches per wave [default: the planner's, 4 per rank].
-    #[arg(long)]
+    #[arg(long, value_parser = super::usage::at_least_one)]
     wave: Option<usize>,
     /// Replace an output file made with another model, template, norm or delimiter.
     #[arg(long)]
@@ -178,10 +179,7 @@ fn is_first_rank() -> bool {
 }
 
 fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Result<ExitCode> {
-    let norm = Norm::parse(&a.norm).ok_or_else(|| anyhow!("--norm: expected sum, mean or char, found `{}`", a.norm))?;
-    if a.batch_tokens == 0 {
-        return Err(anyhow!("--batch-tokens must be at least 1"));
-    }
+    let norm = a.norm;
     let opts = ScoreOptions {
         docs,
         out,
@@ -294,7 +292,7 @@ pub fn show(a: ShowArgs) -> Result<ExitCode> {
         Some(p) => answers(p)?,
         None => HashMap::new(),
     };
-    println!("{:<16} {:<6} {:<28} {:>6}  {}", "id", "status", "best choice", "prob", if answers.is_empty() { "" } else { "answer" });
+    outln!("{:<16} {:<6} {:<28} {:>6}  {}", "id", "status", "best choice", "prob", if answers.is_empty() { "" } else { "answer" })?;
     let (mut judged, mut right) = (0, 0);
     for (i, d) in docs.iter().enumerate() {
         let best = d.best.and_then(|b| d.choices.get(b));
@@ -313,15 +311,15 @@ pub fn show(a: ShowArgs) -> Result<ExitCode> {
         };
         if a.limit.is_none_or(|l| i < l) {
             match best {
-                Some(c) => println!("{:<16} {:<6} {:<28} {:>6.3}  {verdict}", clip(&d.id, 16), "ok", clip(&c.text, 28), c.prob),
-                None => println!("{:<16} {:<6} {}", clip(&d.id, 16), "error", clip(&d.error, 70)),
+                Some(c) => outln!("{:<16} {:<6} {:<28} {:>6.3}  {verdict}", clip(&d.id, 16), "ok", clip(&c.text, 28), c.prob)?,
+                None => outln!("{:<16} {:<6} {}", clip(&d.id, 16), "error", clip(&d.error, 70))?,
             }
         }
     }
     let failed = docs.iter().filter(|d| !d.is_ok()).count();
-    println!("{} documents, {} failed", docs.len(), failed);
+    outln!("{} documents, {} failed", docs.len(), failed)?;
     if judged > 0 {
-        println!("accuracy {right}/{judged} = {:.1}%", 100.0 * right as f64 / judged as f64);
+        outln!("accuracy {right}/{judged} = {:.1}%", 100.0 * right as f64 / judged as f64)?;
     }
     Ok(ExitCode::SUCCESS)
 }
