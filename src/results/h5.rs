@@ -42,10 +42,15 @@ pub(super) fn read_str_attr(file: &File, name: &str) -> Option<String> {
     attr.read_scalar::<VarLenUnicode>().ok().map(|v| v.as_str().to_string())
 }
 
-/// An empty extendable dataset whose chunks carry a Fletcher32 checksum, which HDF5 checks
-/// on every read: a changed byte in the data is a read error, not a wrong value.
-pub(super) fn create_set<T: H5Type>(group: &Group, name: &str, chunk: usize, path: &str) -> Result<Dataset, ResultsError> {
-    group.new_dataset::<T>().chunk(chunk).shape(0..).fletcher32().create(name).at(path, &format!("creating {name}"))
+/// An empty extendable dataset. With `checksum` its chunks carry a Fletcher32 checksum,
+/// which HDF5 checks on every read: a changed byte in the data is a read error, not a
+/// wrong value. HDF5 (1.10) takes no filter on variable-length strings: those are covered
+/// by `/docs/text_check` instead.
+pub(super) fn create_set<T: H5Type>(group: &Group, name: &str, chunk: usize, checksum: bool, path: &str) -> Result<Dataset, ResultsError> {
+    let mut b = group.new_dataset::<T>();
+    let b = b.chunk(chunk).shape(0..);
+    let b = if checksum { b.fletcher32() } else { b };
+    b.create(name).at(path, &format!("creating {name}"))
 }
 
 /// Resize `ds` to hold `data` after its first `at` rows and write it there.

@@ -1,8 +1,9 @@
 //! Results: one HDF5 file per run (schema "falcon-batch/scores/2"), appended as batches
 //! finish and flushed each time, resumable, checked when read, with a CSV export.
 //!
-//! Layout (all 1-D, chunked, extendable, every chunk under HDF5's Fletcher32 checksum; see
-//! schema.rs for each dataset's meaning and units, which the file carries as attributes):
+//! Layout (all 1-D, chunked, extendable; the numeric datasets' chunks under HDF5's Fletcher32
+//! checksum, the strings under /docs/text_check; see schema.rs for each dataset's meaning
+//! and units, which the file carries as attributes):
 //!   /docs/{id, status, error, input_hash, text_check, n_prompt_tokens, best, choice_offset, n_choices}
 //!   /choices/{doc, text, n_tokens, logprob, logprob_mean, logprob_per_char, prob}
 //! Document i owns rows choice_offset[i] .. choice_offset[i] + n_choices[i] of /choices,
@@ -254,8 +255,8 @@ impl DocResult {
     }
 }
 
-/// xxh3-64 over a document's strings, length-prefixed (`/docs/text_check`): the strings
-/// live in HDF5's global heap, which no checksum filter covers.
+/// xxh3-64 over a document's strings, length-prefixed (`/docs/text_check`): HDF5 puts no
+/// checksum filter on variable-length strings, and they live in its global heap.
 pub(crate) fn text_check(d: &DocResult) -> u64 {
     use xxhash_rust::xxh3::Xxh3;
     let mut h = Xxh3::new();

@@ -53,7 +53,7 @@ pub(super) const DOC_SETS: [SetSpec; 9] = [
         "text_check",
         Kind::U64,
         "xxh3-64 of the document's strings (id, status, error, input_hash, its choice texts), length-prefixed: \
-         HDF5's Fletcher32 covers the chunks but not the heap variable-length strings live in",
+         HDF5's Fletcher32 covers the numeric datasets but takes no variable-length strings",
         "",
     ),
     set("n_prompt_tokens", Kind::I32, "tokens in the prompt", "tokens"),
@@ -183,11 +183,11 @@ pub(super) fn create(path: &Path, meta: &RunMeta) -> Result<(), ResultsError> {
 fn create_sets(group: &Group, sets: &[SetSpec], chunk: usize, path: &str) -> Result<(), ResultsError> {
     for s in sets {
         let ds = match s.kind {
-            Kind::Str => create_set::<VarLenUnicode>(group, s.name, chunk, path)?,
-            Kind::I32 => create_set::<i32>(group, s.name, chunk, path)?,
-            Kind::I64 => create_set::<i64>(group, s.name, chunk, path)?,
-            Kind::U64 => create_set::<u64>(group, s.name, chunk, path)?,
-            Kind::F64 => create_set::<f64>(group, s.name, chunk, path)?,
+            Kind::Str => create_set::<VarLenUnicode>(group, s.name, chunk, false, path)?,
+            Kind::I32 => create_set::<i32>(group, s.name, chunk, true, path)?,
+            Kind::I64 => create_set::<i64>(group, s.name, chunk, true, path)?,
+            Kind::U64 => create_set::<u64>(group, s.name, chunk, true, path)?,
+            Kind::F64 => create_set::<f64>(group, s.name, chunk, true, path)?,
         };
         set_str_attr(&ds, "description", s.description, path)?;
         if !s.units.is_empty() {
