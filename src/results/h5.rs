@@ -9,7 +9,7 @@ use super::{At, ResultsError};
 
 /// A string as the file stores it: an HDF5 string ends at a NUL, so a NUL becomes U+FFFD.
 /// The corpus refuses NUL in ids and choices, so this only touches messages and templates;
-/// what is compared with the file (identity, text_check) is compared in this form.
+/// what is compared with the file (identity, record_check) is compared in this form.
 pub(crate) fn stored(s: &str) -> std::borrow::Cow<'_, str> {
     if s.contains('\0') {
         std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
@@ -45,9 +45,9 @@ pub(super) fn read_str_attr(file: &File, name: &str) -> Option<String> {
 /// An empty extendable dataset. With `checksum` its chunks carry a Fletcher32 checksum,
 /// which HDF5 checks on every read: a changed byte in the data is a read error, not a
 /// wrong value. HDF5 (1.10) takes no filter on variable-length strings: those are covered
-/// by `/docs/text_check` instead.
+/// by `/docs/record_check`, as is every other field.
 pub(super) fn create_set<T: H5Type>(group: &Group, name: &str, chunk: usize, checksum: bool, path: &str) -> Result<Dataset, ResultsError> {
-    let mut b = group.new_dataset::<T>();
+    let b = group.new_dataset::<T>();
     let b = b.chunk(chunk).shape(0..);
     let b = if checksum { b.fletcher32() } else { b };
     b.create(name).at(path, &format!("creating {name}"))

@@ -2,9 +2,9 @@
 //! finish and flushed each time, resumable, checked when read, with a CSV export.
 //!
 //! Layout (all 1-D, chunked, extendable; the numeric datasets' chunks under HDF5's Fletcher32
-//! checksum, the strings under /docs/text_check; see schema.rs for each dataset's meaning
+//! checksum, every record under /docs/record_check; see schema.rs for each dataset's meaning
 //! and units, which the file carries as attributes):
-//!   /docs/{id, status, error, input_hash, text_check, n_prompt_tokens, best, choice_offset, n_choices}
+//!   /docs/{id, status, error, input_hash, record_check, n_prompt_tokens, best, choice_offset, n_choices}
 //!   /choices/{doc, text, n_tokens, logprob, logprob_mean, logprob_per_char, prob}
 //! Document i owns rows choice_offset[i] .. choice_offset[i] + n_choices[i] of /choices,
 //! and those rows hold doc = i.
@@ -255,22 +255,33 @@ impl DocResult {
     }
 }
 
-/// xxh3-64 over a document's strings, length-prefixed (`/docs/text_check`): HDF5 puts no
-/// checksum filter on variable-length strings, and they live in its global heap.
-pub(crate) fn text_check(d: &DocResult) -> u64 {
+/// xxh3-64 over a document's whole record, every field length-prefixed or fixed-size
+/// (`/docs/record_check`): HDF5 puts no checksum on variable-length strings (they live in
+/// its global heap), nor on the index that finds a chunk, so a damaged file could otherwise
+/// read back other strings or a chunk of fill values as if they had been written.
+pub(crate) fn record_check(d: &DocResult) -> u64 {
     use xxhash_rust::xxh3::Xxh3;
     let mut h = Xxh3::new();
-    let mut put = |s: &str| {
+    let put = |h: &mut Xxh3, s: &str| {
         let s = h5::stored(s);
         h.update(&(s.len() as u64).to_le_bytes());
         h.update(s.as_bytes());
     };
-    put(&d.id);
-    put(d.status.as_str());
-    put(&d.error);
-    put(&d.input_hash);
+    let num = |h: &mut Xxh3, x: u64| h.update(&x.to_le_bytes());
+    put(&mut h, &d.id);
+    put(&mut h, d.status.as_str());
+    put(&mut h, &d.error);
+    put(&mut h, &d.input_hash);
+    // As stored: the counts are i32 on disk, best -1 when there is none.
+    num(&mut h, h5::int32(d.n_prompt_tokens) as u64);
+    num(&mut h, d.best.map_or(-1, h5::int32) as u64);
+    num(&mut h, d.choices.len() as u64);
     for c in &d.choices {
-        put(&c.text);
+        put(&mut h, &c.text);
+        num(&mut h, h5::int32(c.n_tokens) as u64);
+        for x in [c.logprob, c.logprob_mean, c.logprob_per_char, c.prob] {
+            num(&mut h, x.to_bits());
+        }
     }
     h.digest()
 }

@@ -11,7 +11,7 @@ use hdf5::{Dataset, File, Group, H5Type};
 
 use super::h5::{dataset, read_readable, read_whole};
 use super::schema::{check_schema, closed_cleanly, valid_prefix, CHOICE_SETS, DOC_SETS};
-use super::{text_check, ChoiceRow, DocResult, DocStatus, ResultsError};
+use super::{record_check, ChoiceRow, DocResult, DocStatus, ResultsError};
 
 /// A results file's documents and root attributes.
 #[derive(Clone, Debug)]
@@ -99,7 +99,7 @@ impl Columns {
             status: read(&d("status")?, n, p, strict)?,
             errors: read(&d("error")?, n, p, strict)?,
             hashes: read(&d("input_hash")?, n, p, strict)?,
-            checks: read(&d("text_check")?, n, p, strict)?,
+            checks: read(&d("record_check")?, n, p, strict)?,
             n_prompt: read(&d("n_prompt_tokens")?, n, p, strict)?,
             best: read(&d("best")?, n, p, strict)?,
             offsets: read(&d("choice_offset")?, n, p, strict)?,
@@ -164,8 +164,8 @@ impl Columns {
                     .collect(),
             };
             let problem = problem.or_else(|| {
-                (text_check(&doc) != self.checks[i])
-                    .then(|| ("/docs/text_check", format!("row {i}: the strings of document {:?} do not match their check", doc.id)))
+                (record_check(&doc) != self.checks[i])
+                    .then(|| ("/docs/record_check", format!("row {i}: document {:?} does not match its check", doc.id)))
             });
             match problem {
                 Some((at, msg)) if strict => return Err(damaged(at, msg)),

@@ -50,10 +50,10 @@ pub(super) const DOC_SETS: [SetSpec; 9] = [
         "32 hex digits",
     ),
     set(
-        "text_check",
+        "record_check",
         Kind::U64,
-        "xxh3-64 of the document's strings (id, status, error, input_hash, its choice texts), length-prefixed: \
-         HDF5's Fletcher32 covers the numeric datasets but takes no variable-length strings",
+        "xxh3-64 of the document's whole record (its /docs fields and its /choices rows), checked on every read: \
+         HDF5's Fletcher32 covers the numeric chunks but neither variable-length strings nor the index that finds a chunk",
         "",
     ),
     set("n_prompt_tokens", Kind::I32, "tokens in the prompt", "tokens"),

@@ -10,7 +10,7 @@ use super::h5::{dataset, extend, int32, read_prefix, vlu};
 use super::recover::rebuild;
 use super::reserve::{is_no_space, Reserve, MIN_RESERVE};
 use super::schema::{check_meta, closed_cleanly, create, set_closed, valid_prefix, write_about, CHOICE_CHUNK, CHOICE_SETS, DOC_CHUNK, DOC_SETS};
-use super::{text_check, At, DocResult, ResultsError, RunMeta};
+use super::{record_check, At, DocResult, ResultsError, RunMeta};
 
 pub struct ResultsWriter {
     path: PathBuf,
@@ -234,7 +234,7 @@ impl ResultsWriter {
         extend(&ds("id")?, at, &docs.iter().map(|d| vlu(&d.id)).collect::<Vec<_>>(), &p)?;
         extend(&ds("error")?, at, &docs.iter().map(|d| vlu(&d.error)).collect::<Vec<_>>(), &p)?;
         extend(&ds("input_hash")?, at, &docs.iter().map(|d| vlu(&d.input_hash)).collect::<Vec<_>>(), &p)?;
-        extend(&ds("text_check")?, at, &docs.iter().map(text_check).collect::<Vec<_>>(), &p)?;
+        extend(&ds("record_check")?, at, &docs.iter().map(record_check).collect::<Vec<_>>(), &p)?;
         extend(&ds("n_prompt_tokens")?, at, &docs.iter().map(|d| int32(d.n_prompt_tokens)).collect::<Vec<_>>(), &p)?;
         extend(&ds("best")?, at, &docs.iter().map(|d| d.best.map_or(-1, int32)).collect::<Vec<_>>(), &p)?;
         extend(&ds("choice_offset")?, at, &offsets, &p)?;
