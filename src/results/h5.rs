@@ -102,8 +102,12 @@ pub(super) fn read_prefix<T: H5Type + Clone>(ds: &Dataset, n: usize, path: &str)
     Ok(ds.read_slice_1d::<T, _>(0..n).at(path, &format!("reading {}", ds.name()))?.to_vec())
 }
 
+/// A dataset of the schema; one that cannot be opened (its header damaged, or missing) is
+/// damage to the file, named by its path.
 pub(super) fn dataset(group: &Group, name: &str, path: &str) -> Result<Dataset, ResultsError> {
-    group
-        .dataset(name)
-        .map_err(|e| ResultsError::Corrupt { path: path.to_string(), msg: format!("missing dataset {}/{name}: {e}", group.name()) })
+    group.dataset(name).map_err(|e| ResultsError::Damaged {
+        path: path.to_string(),
+        at: format!("{}/{name}", group.name()),
+        msg: format!("cannot be opened: {e}"),
+    })
 }

@@ -40,7 +40,8 @@ pub fn read_file(path: &Path) -> Result<ResultsFile, ResultsError> {
     let group = |name: &str| {
         file.group(name).map_err(|e| ResultsError::Damaged { path: p.clone(), at: format!("/{name}"), msg: format!("missing group: {e}") })
     };
-    let cols = Columns::read(&group("docs")?, &group("choices")?, &p, strict)?;
+    let file_len = std::fs::metadata(path).map_err(|source| ResultsError::Io { path: p.clone(), source })?.len();
+    let cols = Columns::read(&group("docs")?, &group("choices")?, &p, strict, file_len)?;
     let docs = cols.documents(&p, strict)?;
     let attrs = file
         .attr_names()
@@ -83,7 +84,7 @@ fn read<T: H5Type + Clone>(ds: &Dataset, n: usize, path: &str, strict: bool) -> 
 }
 
 impl Columns {
-    fn read(docs: &Group, choices: &Group, p: &str, strict: bool) -> Result<Columns, ResultsError> {
+    fn read(docs: &Group, choices: &Group, p: &str, strict: bool, file_len: u64) -> Result<Columns, ResultsError> {
         let d = |name: &str| dataset(docs, name, p);
         let c = |name: &str| dataset(choices, name, p);
         let doc_lens = DOC_SETS.iter().map(|s| d(s.name).map(|ds| ds.size())).collect::<Result<Vec<_>, _>>()?;
@@ -94,6 +95,12 @@ impl Columns {
         }
         let n = doc_lens.iter().copied().min().unwrap_or(0);
         let rows = row_lens.iter().copied().min().unwrap_or(0);
+        // Every row takes at least 4 bytes of the file in each numeric dataset: a larger
+        // extent is a damaged header, not a reason to allocate it.
+        if (n.max(rows) as u64).saturating_mul(4) > file_len {
+            let msg = format!("{n} documents and {rows} choice rows cannot fit in a file of {file_len} bytes");
+            return Err(ResultsError::Damaged { path: p.into(), at: "/docs".into(), msg });
+        }
         Ok(Columns {
             ids: read(&d("id")?, n, p, strict)?,
             status: read(&d("status")?, n, p, strict)?,
