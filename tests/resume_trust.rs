@@ -116,7 +116,7 @@ fn an_edited_document_is_refused_before_any_weight_then_rescored_on_request() {
     let o = run(&mut score(&corpus, &out));
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
-    assert!(e.contains("1 documents changed since they were scored") && e.contains("\"d2\"") && e.contains("--rescore-changed"), "{e}");
+    assert!(e.contains("1 document changed since scored") && e.contains("\"d2\"") && e.contains("--rescore-changed"), "{e}");
     assert!(!read_weights(&o), "refused before any weight is read: {e}");
     assert_eq!(read_results(&out).unwrap(), before, "a refused run leaves the file as it was");
 

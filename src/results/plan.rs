@@ -127,10 +127,10 @@ fn classify(held: &[DocResult], corpus: &Scan, corpus_name: &str, p: &str, opts:
     }
     if !changed.is_empty() {
         if !opts.rescore_changed {
+            let (n, s) = (changed.len(), if changed.len() == 1 { "" } else { "s" });
             let msg = format!(
-                "{} documents changed since they were scored (first ids: {}): their prompt or choices in {corpus_name} \
+                "{n} document{s} changed since scored (first ids: {}): the prompt or choices in {corpus_name} \
                  are not what was scored; pass --rescore-changed to score them again, or choose another --out",
-                changed.len(),
                 first_ids(&changed)
             );
             return Err(ResultsError::Resume { path: p.into(), msg });
