@@ -228,6 +228,22 @@ fn another_corpus_s_file_is_refused() {
 }
 
 #[test]
+fn an_unwritable_csv_path_is_refused_before_any_weight() {
+    let d = tmp("csvpath");
+    let corpus = write(&d.join("docs.jsonl"), &docs(2));
+    let out = d.join("r.h5");
+    let csv = d.join("no-such-dir/r.csv");
+    let o = run(score(&corpus, &out).arg("--csv").arg(&csv));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("--csv") && e.contains(&csv.display().to_string()), "{e}");
+    assert!(!read_weights(&o), "{e}");
+    let o = run(score(&corpus, &out).arg("--csv").arg(&d));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is a directory"), "{}", stderr(&o));
+}
+
+#[test]
 fn the_wire_dtype_is_part_of_the_file_s_identity() {
     let d = tmp("wire");
     let corpus = write(&d.join("docs.jsonl"), &docs(3));

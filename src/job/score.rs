@@ -8,7 +8,7 @@ use super::waves::Waves;
 use super::JobError;
 use crate::corpus::{open_corpus, scan, Batcher, CorpusOptions, CorpusReader, ReadyDoc, Template, DEFAULT_TEMPLATE};
 use crate::format::model_dir::ModelDir;
-use crate::results::{export_csv, plan_resume, read_results, DocResult, ResultsWriter, ResumeOptions, ResumePlan, RunAbout, RunMeta};
+use crate::results::{check_csv_target, export_csv, plan_resume, read_results, DocResult, ResultsWriter, ResumeOptions, ResumePlan, RunAbout, RunMeta};
 use crate::runner::BatchScorer;
 use crate::schedule::cost::WireDtype;
 use crate::score::Norm;
@@ -89,6 +89,9 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
         None => Template::parse(DEFAULT_TEMPLATE, "the default template"),
     }
     .map_err(|e| JobError::Input(e.to_string()))?;
+    if let Some(csv) = &opts.csv {
+        check_csv_target(csv).map_err(|e| JobError::Output(format!("--csv: {e}")))?;
+    }
     let mut copts = CorpusOptions::new(template.clone(), dir.config().context_limit());
     copts.delimiter = opts.delimiter.clone();
     let scanned = scan(&opts.docs, &copts).map_err(|e| JobError::Input(e.to_string()))?;

@@ -15,6 +15,20 @@ pub fn export_csv(h5_path: &Path, csv_path: &Path) -> Result<usize, ResultsError
     write_csv(&read_results(h5_path)?, csv_path)
 }
 
+/// Make sure a CSV can be written at `csv_path` (before a run spends hours scoring): not a
+/// directory, and a file can be created beside it (it is written there, then renamed).
+pub fn check_csv_target(csv_path: &Path) -> Result<(), ResultsError> {
+    let name = csv_path.display().to_string();
+    if csv_path.is_dir() {
+        return Err(ResultsError::Io { path: name, source: std::io::Error::other("is a directory, expected a CSV file path") });
+    }
+    let mut tmp = csv_path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    std::fs::File::create(&tmp).map_err(|source| ResultsError::Io { path: name, source })?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
 /// Write `docs` to `csv_path` (beside it first, then renamed: a reader never sees half a CSV).
 pub fn write_csv(docs: &[DocResult], csv_path: &Path) -> Result<usize, ResultsError> {
     let name = csv_path.display().to_string();

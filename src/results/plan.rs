@@ -52,9 +52,9 @@ pub struct ResumePlan {
 
 impl ResumePlan {
     /// The file already holds every corpus document as this run would score it: no weight
-    /// needs to be read.
+    /// needs to be read (records to drop, stale failures, go without the model).
     pub fn nothing_to_do(&self) -> bool {
-        self.to_score == 0 && self.drop.is_empty()
+        self.to_score == 0
     }
 }
 
