@@ -11,6 +11,7 @@
 //!   - not in the corpus, failed: a stale failure (e.g. `line:N` of a line since fixed):
 //!     removed;
 //!   - not in the corpus, ok: the file holds another corpus's results: refused.
+//!
 //! Removed records are dropped by rewriting the file, so one id never has two records.
 
 use std::collections::{HashMap, HashSet};
