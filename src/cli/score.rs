@@ -276,6 +276,13 @@ impl ScoreJob {
                 s.seconds,
                 s.tokens as f64 / s.seconds.max(1e-9)
             );
+            if s.failed_in_file > 0 {
+                eprintln!(
+                    "{0}: `falcon-batch show --failed {0}` lists the failed documents; a rerun retries those whose \
+                     corpus line changed (--retry-failed: all of them)",
+                    self.opts.out.display()
+                );
+            }
         }
         if s.stopped {
             eprintln!(
