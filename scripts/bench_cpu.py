@@ -197,6 +197,8 @@ def fb_score(args, workdir, model):
     lp = {}
     with open(out_csv, newline="") as f:
         for r in csv.DictReader(f):
+            if r.get("status", "ok") != "ok":
+                continue  # a failed document's row has no choice
             lp.setdefault(r["id"], []).append((int(r["choice"]), int(r["n_tokens"]), float(r["logprob"])))
     for k in lp:
         lp[k].sort()

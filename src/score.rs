@@ -72,14 +72,21 @@ pub fn score_document(token_logprobs: &[Vec<f64>], chars: &[usize], norm: Norm) 
         Norm::Char => c.logprob_per_char,
     };
     let keys: Vec<f64> = choices.iter().map(key).collect();
+    let (probs, best) = rank(&keys);
+    for (c, p) in choices.iter_mut().zip(probs) {
+        c.prob = p;
+    }
+    DocScores { choices, best }
+}
+
+/// The softmax of a document's choice scores under a norm, and the best choice (the first
+/// maximum wins ties, as numpy's argmax). Also re-ranks stored scores (`show --norm`).
+pub fn rank(keys: &[f64]) -> (Vec<f64>, usize) {
     let max = keys.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let z: f64 = keys.iter().map(|k| (k - max).exp()).sum();
-    for (c, k) in choices.iter_mut().zip(&keys) {
-        c.prob = (k - max).exp() / z;
-    }
-    // first maximum wins ties, as numpy's argmax
+    let probs = keys.iter().map(|k| (k - max).exp() / z).collect();
     let best = keys.iter().enumerate().fold(0, |b, (i, k)| if *k > keys[b] { i } else { b });
-    DocScores { choices, best }
+    (probs, best)
 }
 
 #[cfg(test)]

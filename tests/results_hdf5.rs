@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use falcon_batch::results::{export_csv, read_results, ChoiceRow, DocResult, DocStatus, ResultsWriter, RunMeta, SCHEMA};
+use falcon_batch::results::{export_csv, read_results, ChoiceRow, DocResult, DocStatus, ResultsWriter, RunAbout, RunMeta, SCHEMA};
 use falcon_batch::score::Norm;
 use hdf5::types::VarLenUnicode;
 
@@ -19,7 +19,15 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn meta() -> RunMeta {
-    RunMeta { model_id: "smollm2-135m".into(), norm: Norm::Char, template: "Document: {text}\nAnswer:".into(), delimiter: " ".into() }
+    RunMeta {
+        model_id: "smollm2-135m".into(),
+        norm: Norm::Char,
+        template: "Document: {text}\nAnswer:".into(),
+        delimiter: " ".into(),
+        wire_dtype: "f32".into(),
+        compute: "f32".into(),
+        about: RunAbout { model_name: "smollm2-135m".into(), corpus: "corpus.jsonl".into(), ..Default::default() },
+    }
 }
 
 fn ok_doc(id: &str, n: usize) -> DocResult {
@@ -33,11 +41,11 @@ fn ok_doc(id: &str, n: usize) -> DocResult {
             prob: 1.0 / n as f64,
         })
         .collect();
-    DocResult { id: id.into(), status: DocStatus::Ok, error: String::new(), n_prompt_tokens: 40, best: Some(n - 1), choices }
+    DocResult { id: id.into(), input_hash: format!("{:032x}", id.len()), status: DocStatus::Ok, error: String::new(), n_prompt_tokens: 40, best: Some(n - 1), choices }
 }
 
 fn write_three(path: &Path) -> Vec<DocResult> {
-    let docs = vec![ok_doc("inv-001", 3), DocResult::failed("line:2", "corpus.jsonl:2: invalid JSON"), ok_doc("inv-003", 2)];
+    let docs = vec![ok_doc("inv-001", 3), DocResult::failed("line:2", "0123", "corpus.jsonl:2: invalid JSON"), ok_doc("inv-003", 2)];
     let (mut w, done) = ResultsWriter::open(path, meta(), false).unwrap();
     assert!(done.is_empty());
     w.append(&docs[..2]).unwrap();
@@ -121,7 +129,7 @@ print(f.attrs["schema"], f.attrs["norm"], ids, list(f["docs/choice_offset"][:]),
     let out = reader("/work/venv/bin/python").args(["-c", script]).arg(&path).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("falcon-batch/scores/1 char ['inv-001', 'line:2', 'inv-003']"), "{text}");
+    assert!(text.contains("falcon-batch/scores/2 char ['inv-001', 'line:2', 'inv-003']"), "{text}");
     assert!(text.contains("inv-003 choice 0 — é"), "{text}");
     assert!(text.trim_end().ends_with("1.0"), "{text}");
 }
@@ -154,6 +162,8 @@ fn another_run_is_refused_until_overwrite() {
         (RunMeta { norm: Norm::Sum, ..meta() }, "norm"),
         (RunMeta { template: "{text}".into(), ..meta() }, "template"),
         (RunMeta { delimiter: String::new(), ..meta() }, "target_delimiter"),
+        (RunMeta { wire_dtype: "bf16".into(), ..meta() }, "wire_dtype"),
+        (RunMeta { compute: "bf16".into(), ..meta() }, "compute"),
     ];
     for (m, attr) in &cases {
         let err = ResultsWriter::open(&path, m.clone(), false).err().unwrap().to_string();
@@ -234,19 +244,21 @@ fn csv_has_one_row_per_choice() {
     let path = dir.path().join("scores.h5");
     write_three(&path);
     let csv_path = dir.path().join("scores.csv");
-    assert_eq!(export_csv(&path, &csv_path).unwrap(), 5);
+    assert_eq!(export_csv(&path, &csv_path).unwrap(), 6, "a row per choice and one for the failed document");
     let mut r = csv::Reader::from_path(&csv_path).unwrap();
     let header: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
-    assert_eq!(header, ["id", "choice", "text", "n_tokens", "logprob", "logprob_mean", "logprob_per_char", "prob", "is_best"]);
+    assert_eq!(header, ["id", "choice", "text", "n_tokens", "logprob", "logprob_mean", "logprob_per_char", "prob", "is_best", "status", "error"]);
     let rows: Vec<csv::StringRecord> = r.records().collect::<Result<_, _>>().unwrap();
-    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.len(), 6);
+    assert_eq!((&rows[3][0], &rows[3][1], &rows[3][9], &rows[3][10]), ("line:2", "", "error", "corpus.jsonl:2: invalid JSON"));
+    assert_eq!(&rows[0][9], "ok");
     assert_eq!(&rows[2][0], "inv-001");
     assert_eq!(&rows[2][1], "2");
     assert_eq!(&rows[2][2], "inv-001 choice 2 — é");
     assert_eq!(&rows[2][8], "1");
     assert_eq!(&rows[0][8], "0");
     assert_eq!(rows[1][4].parse::<f64>().unwrap(), -1.5);
-    assert_eq!(&rows[4][0], "inv-003");
+    assert_eq!(&rows[5][0], "inv-003");
 }
 
 const CHILD_ENV: &str = "FALCON_BATCH_TEST_KILL_PATH";
@@ -306,6 +318,7 @@ fn doc_result_from_scores() {
         choice_chars: vec![6, 5],
         n_prompt_tokens: 3,
         answer: Some("12.40".into()),
+        input_hash: "h".into(),
     };
     let scores = score_document(&[vec![-0.5], vec![-2.0, -1.0]], &ready.choice_chars, Norm::Sum);
     let r = DocResult::scored(&ready, &scores).unwrap();
@@ -315,7 +328,7 @@ fn doc_result_from_scores() {
     assert_eq!(r.choices[1].logprob, -3.0);
     let short = score_document(&[vec![-0.5]], &[6], Norm::Sum);
     assert!(DocResult::scored(&ready, &short).unwrap_err().to_string().contains("1 scores for 2 choices"));
-    let f = DocResult::failed("line:3", "c.jsonl:3: invalid JSON");
+    let f = DocResult::failed("line:3", "", "c.jsonl:3: invalid JSON");
     assert_eq!((f.status, f.best, f.choices.len()), (DocStatus::Error, None, 0));
 }
 

@@ -88,7 +88,7 @@ fn killed_run_resumes_to_the_uninterrupted_result() {
     // h5dump (HDF5's own tool) reads the ids and the schema attribute
     let dump = run(Command::new("h5dump").env("HDF5_USE_FILE_LOCKING", "FALSE").args(["-a", "/schema", "-d", "/docs/id"]).arg(&resumed));
     let text = String::from_utf8_lossy(&dump.stdout);
-    assert!(dump.status.success() && text.contains("falcon-batch/scores/1") && text.contains("\"d58\""), "{text}");
+    assert!(dump.status.success() && text.contains("falcon-batch/scores/2") && text.contains("\"d58\""), "{text}");
 }
 
 #[test]
@@ -121,7 +121,7 @@ fn mismatched_output_is_refused_and_csv_is_written() {
     let o = run(score(&m, &docs, &out).arg("--csv").arg(&csv));
     assert_eq!(o.status.code(), Some(3));
     let rows = std::fs::read_to_string(&csv).unwrap();
-    assert_eq!(rows.lines().count(), 1 + 9 * 3, "a header and one row per choice of the ok documents");
+    assert_eq!(rows.lines().count(), 1 + 9 * 3 + 1, "a header, one row per choice of the ok documents and one for the failed one");
     let o = run(score(&m, &docs, &out).args(["--norm", "mean"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1));

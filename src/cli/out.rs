@@ -20,10 +20,16 @@ pub enum OutError {
 /// Writes `args` to stdout and flushes, so a closed pipe is noticed at the line that met it.
 pub fn print(args: std::fmt::Arguments) -> Result<(), OutError> {
     let mut out = std::io::stdout().lock();
-    out.write_fmt(args).and_then(|_| out.flush()).map_err(|e| match e.kind() {
-        std::io::ErrorKind::BrokenPipe => OutError::Closed,
-        _ => OutError::Io(e),
-    })
+    out.write_fmt(args).and_then(|_| out.flush()).map_err(OutError::from)
+}
+
+impl From<std::io::Error> for OutError {
+    fn from(e: std::io::Error) -> OutError {
+        match e.kind() {
+            std::io::ErrorKind::BrokenPipe => OutError::Closed,
+            _ => OutError::Io(e),
+        }
+    }
 }
 
 /// `println!` that returns [`OutError`] instead of panicking.

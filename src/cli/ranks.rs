@@ -70,6 +70,14 @@ pub trait RankJob {
     /// The writer's work over the pipeline, and the process's exit code; the worker is
     /// stopped afterwards.
     fn drive<B: Backend + 'static>(&self, prepared: Self::Prepared, launched: &mut Launched<B>) -> Result<u8>;
+    /// False when what `prepare` found leaves nothing for the model to do: then no rank
+    /// reads a weight and the writer runs [`RankJob::drive_without_weights`] instead.
+    fn needs_weights(&self, _prepared: &Self::Prepared) -> bool {
+        true
+    }
+    fn drive_without_weights(&self, _prepared: Self::Prepared) -> Result<u8> {
+        Ok(0)
+    }
 }
 
 /// An error on one rank of a multi-rank job ends every rank at once, before anything local
@@ -85,6 +93,14 @@ fn or_abort<T>(cluster: &Cluster, r: Result<T>) -> Result<T> {
 /// One rank's part of a job: prepare (writer), launch, then drive (writer) or serve (others).
 fn run_job<B: Backend + 'static>(cluster: &Cluster, backend: B, device: DeviceInfo, job: &impl RankJob) -> Result<(u8, Trace)> {
     let prepared = if cluster.rank == 0 { Some(or_abort(cluster, job.prepare())?) } else { None };
+    let wanted = prepared.as_ref().is_none_or(|p| job.needs_weights(p));
+    if !or_abort(cluster, cluster.agree_to_launch(wanted).map_err(anyhow::Error::from))? {
+        let code = match prepared {
+            Some(p) => or_abort(cluster, job.drive_without_weights(p))?,
+            None => 0,
+        };
+        return Ok((code, Trace::disabled()));
+    }
     let mut launched = or_abort(cluster, launch(cluster, backend, device, job.launch_options()).map_err(anyhow::Error::from))?;
     let code = match prepared {
         None => {

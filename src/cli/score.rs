@@ -1,19 +1,18 @@
 //! `falcon-batch score` and `falcon-batch show`.
 
 use anyhow::{anyhow, Context, Result};
-use crate::outln;
 use super::ranks::{run_ranks, RankJob, ScheduleArgs};
 use falcon_batch::backend::Backend;
 use falcon_batch::format::model_dir::ModelDir;
 use falcon_batch::job::launch::{LaunchOptions, Launched};
-use falcon_batch::job::score::{self, ScoreOptions};
+use falcon_batch::job::score::{self, ScoreOptions, ScoreSummary};
 use falcon_batch::job::stop;
 use falcon_batch::pipeline::PipelineScorer;
-use falcon_batch::results::read_results;
 use falcon_batch::score::Norm;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+pub use super::show::{show, ShowArgs};
 
 /// Exit status when the run finished but some documents failed (they are in the output).
 pub const EXIT_SOME_FAILED: u8 = 3;
@@ -75,9 +74,18 @@ pub struct ScoreFlags {
     /// Micro-batches per wave [default: the planner's, 4 per rank].
     #[arg(long, value_parser = super::usage::at_least_one)]
     wave: Option<usize>,
-    /// Replace an output file made with another model, template, norm or delimiter.
+    /// Replace an output file made with another model, template, norm, delimiter, wire dtype
+    /// or corpus.
     #[arg(long)]
     overwrite: bool,
+    /// Score again the documents whose prompt or choices changed since the output file
+    /// scored them (without it such a run is refused); their old records are removed.
+    #[arg(long)]
+    rescore_changed: bool,
+    /// Score again every failed document in the output file (by default only those whose
+    /// corpus line changed).
+    #[arg(long)]
+    retry_failed: bool,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
@@ -191,6 +199,11 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
         // The schedule's wave once every rank has planned it (see drive).
         wave: a.wave.unwrap_or(0),
         overwrite: a.overwrite,
+        rescore_changed: a.rescore_changed,
+        retry_failed: a.retry_failed,
+        wire: a.schedule.wire_dtype,
+        // What the ranks compute in; a --compute-dtype flag would set it.
+        compute: "f32".into(),
         quiet: a.quiet,
     };
     let launch = LaunchOptions {
@@ -222,15 +235,33 @@ impl RankJob for ScoreJob {
         &self.launch
     }
 
-    /// The corpus, tokenizer and template, checked before any weight is read.
+    /// The corpus, tokenizer and template, the output file and what to resume, checked
+    /// before any weight is read.
     fn prepare(&self) -> Result<score::Prepared> {
         Ok(score::prepare(&ModelDir::open_for(&self.launch.model, &[])?, &self.opts)?)
+    }
+
+    fn needs_weights(&self, prepared: &score::Prepared) -> bool {
+        !prepared.nothing_to_do()
+    }
+
+    fn drive_without_weights(&self, prepared: score::Prepared) -> Result<u8> {
+        let s = score::finish_without_weights(&self.opts, prepared)?;
+        Ok(self.report(&s))
     }
 
     fn drive<B: Backend + 'static>(&self, prepared: score::Prepared, launched: &mut Launched<B>) -> Result<u8> {
         let opts = ScoreOptions { wave: launched.worker.schedule().wave, ..self.opts.clone() };
         let mut scorer = PipelineScorer::new(&mut launched.worker)?;
         let s = score::run(&launched.dir, &opts, prepared, &mut scorer)?;
+        Ok(self.report(&s))
+    }
+}
+
+impl ScoreJob {
+    /// The run's summary on stderr, and its exit code: 3 whenever the file holds failed
+    /// documents (from this run or an earlier one).
+    fn report(&self, s: &ScoreSummary) -> u8 {
         if !self.opts.quiet {
             eprintln!(
                 "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
@@ -242,6 +273,13 @@ impl RankJob for ScoreJob {
                 s.seconds,
                 s.tokens as f64 / s.seconds.max(1e-9)
             );
+            if s.failed_in_file > 0 {
+                eprintln!(
+                    "{0}: `falcon-batch show --failed {0}` lists the failed documents; a rerun retries those whose \
+                     corpus line changed (--retry-failed: all of them)",
+                    self.opts.out.display()
+                );
+            }
         }
         if s.stopped {
             eprintln!(
@@ -249,77 +287,9 @@ impl RankJob for ScoreJob {
                 self.opts.out.display(),
                 s.docs_in_file
             );
-            return Ok(stop::EXIT_STOPPED);
+            return stop::EXIT_STOPPED;
         }
-        Ok(if s.failed_in_file > 0 { EXIT_SOME_FAILED } else { 0 })
+        if s.failed_in_file > 0 { EXIT_SOME_FAILED } else { 0 }
     }
 }
 
-#[derive(clap::Args)]
-pub struct ShowArgs {
-    /// HDF5 results file.
-    results: PathBuf,
-    /// The corpus, to compare with its "answer" fields.
-    #[arg(long)]
-    docs: Option<PathBuf>,
-    /// Rows to print (all by default).
-    #[arg(long)]
-    limit: Option<usize>,
-}
-
-/// id -> "answer" of every corpus line that has one (other lines are ignored here).
-fn answers(path: &PathBuf) -> Result<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v.get("id")?.as_str()?.to_string(), v.get("answer")?.as_str()?.to_string())))
-        .collect())
-}
-
-fn clip(s: &str, n: usize) -> String {
-    let s = s.replace('\n', " ");
-    if s.chars().count() <= n {
-        s
-    } else {
-        format!("{}…", s.chars().take(n - 1).collect::<String>())
-    }
-}
-
-pub fn show(a: ShowArgs) -> Result<ExitCode> {
-    let docs = read_results(&a.results)?;
-    let answers = match &a.docs {
-        Some(p) => answers(p)?,
-        None => HashMap::new(),
-    };
-    outln!("{:<16} {:<6} {:<28} {:>6}  {}", "id", "status", "best choice", "prob", if answers.is_empty() { "" } else { "answer" })?;
-    let (mut judged, mut right) = (0, 0);
-    for (i, d) in docs.iter().enumerate() {
-        let best = d.best.and_then(|b| d.choices.get(b));
-        let verdict = match (answers.get(&d.id), best) {
-            (Some(ans), Some(c)) => {
-                judged += 1;
-                let ok = &c.text == ans;
-                right += ok as usize;
-                format!("{} {}", if ok { "✓" } else { "✗" }, clip(ans, 24))
-            }
-            (Some(ans), None) => {
-                judged += 1;
-                format!("✗ {}", clip(ans, 24))
-            }
-            _ => String::new(),
-        };
-        if a.limit.is_none_or(|l| i < l) {
-            match best {
-                Some(c) => outln!("{:<16} {:<6} {:<28} {:>6.3}  {verdict}", clip(&d.id, 16), "ok", clip(&c.text, 28), c.prob)?,
-                None => outln!("{:<16} {:<6} {}", clip(&d.id, 16), "error", clip(&d.error, 70))?,
-            }
-        }
-    }
-    let failed = docs.iter().filter(|d| !d.is_ok()).count();
-    outln!("{} documents, {} failed", docs.len(), failed)?;
-    if judged > 0 {
-        outln!("accuracy {right}/{judged} = {:.1}%", 100.0 * right as f64 / judged as f64)?;
-    }
-    Ok(ExitCode::SUCCESS)
-}

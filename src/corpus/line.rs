@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
+use super::input_hash::{document_hash, raw_line_hash};
 use super::tokenize::split;
 use super::{CorpusOptions, PreparedDoc, ReadyDoc};
 use crate::token_tree::TokenizedDoc;
@@ -22,20 +23,32 @@ pub(super) struct LineCtx<'a> {
     pub options: &'a CorpusOptions,
 }
 
-impl LineCtx<'_> {
-    fn doc(&self, id: String, result: Result<ReadyDoc, String>) -> Option<PreparedDoc> {
-        // Failures are recorded in the results file too, under this same id, so a resumed
-        // run skips them like any finished document.
-        if self.options.skip_ids.contains(&id) {
-            return None;
-        }
-        let result = result.map_err(|msg| format!("{}:{}: {}", self.file, self.line, msg));
-        Some(PreparedDoc { index: self.index, line: self.line, id, result })
-    }
+/// The id a line gets when it has no usable one (bad JSON, a missing or duplicate id).
+/// Real ids of this form are refused (see [`is_line_id`]), so it names this line alone.
+pub fn line_id(line: usize) -> String {
+    format!("line:{line}")
+}
 
-    fn fallback_id(&self) -> String {
-        format!("line:{}", self.line)
-    }
+/// True for `line:` followed by digits only: the form of [`line_id`], which a corpus id
+/// may not take, or a failed line's record and a document's record would share an id.
+pub fn is_line_id(id: &str) -> bool {
+    id.strip_prefix("line:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What a line says before any tokenizing: the document's id, the hash of what determines
+/// its scores, and its prompt and choices (or why it has none). Cheap enough for a pass over
+/// the whole corpus before a resumed run reads any weight.
+pub(super) struct Identified {
+    pub id: String,
+    pub input_hash: String,
+    pub parsed: Result<Parsed, String>,
+}
+
+pub(super) struct Parsed {
+    prompt: String,
+    prompt_field: &'static str,
+    choices: Vec<String>,
+    answer: Option<String>,
 }
 
 /// What a JSON value is, for "expected X, found Y" messages.
@@ -111,56 +124,84 @@ fn choices_of(obj: &Map<String, Value>) -> Result<Vec<String>, String> {
         .map(|(i, v)| match v {
             // A blank choice would score only the delimiter: no answer at all.
             Value::String(s) if s.trim().is_empty() => Err(expected(&format!("\"choices\"[{i}]"), "a non-blank string", v)),
+            // The choice texts are stored in the results file, where a NUL would end them.
+            Value::String(s) if s.contains('\0') => Err(format!("field \"choices\"[{i}]: expected a string without NUL characters")),
             Value::String(s) => Ok(s.clone()),
             other => Err(expected(&format!("\"choices\"[{i}]"), "a string", other)),
         })
         .collect()
 }
 
-/// The prepared document for one non-blank line, or None when its id is to be skipped.
-pub(super) fn prepare(ctx: &LineCtx, bytes: &[u8], seen: &mut SeenIds) -> Option<PreparedDoc> {
+/// The id, input hash and fields of one non-blank line (`bytes` without its newline is
+/// fine too); `line` is its 1-based number.
+pub(super) fn identify(line: usize, options: &CorpusOptions, bytes: &[u8], seen: &mut SeenIds) -> Identified {
     let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
     let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+    let failed = |msg: String| Identified { id: line_id(line), input_hash: raw_line_hash(bytes), parsed: Err(msg) };
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
-        Err(e) => return ctx.doc(ctx.fallback_id(), Err(format!("invalid UTF-8 at byte {}", e.valid_up_to()))),
+        Err(e) => return failed(format!("invalid UTF-8 at byte {}", e.valid_up_to())),
     };
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
-        Err(e) => return ctx.doc(ctx.fallback_id(), Err(format!("invalid JSON: {e}"))),
+        Err(e) => return failed(format!("invalid JSON: {e}")),
     };
     let Value::Object(obj) = value else {
-        return ctx.doc(ctx.fallback_id(), Err(format!("expected a JSON object, found {}", describe(&value))));
+        return failed(format!("expected a JSON object, found {}", describe(&value)));
     };
     let id = match text_field(&obj, "id") {
+        // HDF5 strings end at a NUL: the id would be stored cut short.
         Ok(id) if id.contains('\0') => Err("field \"id\": expected a string without NUL characters".to_string()),
+        Ok(id) if is_line_id(id) => Err(format!(
+            "field \"id\": expected an id not of the form line:N (kept for lines without a usable id), found {}",
+            quote(id)
+        )),
         other => other.map(str::to_string),
     };
     let id = match id {
         Ok(id) => id,
-        Err(msg) => return ctx.doc(ctx.fallback_id(), Err(msg)),
+        Err(msg) => return failed(msg),
     };
     if let Some(&first) = seen.0.get(&id) {
         // The duplicate gets a line id: ids in the results file stay unique, and the
         // first occurrence keeps the id the user will look up.
-        let msg = format!("field \"id\": duplicate id {}, first on line {first}", quote(&id));
-        return ctx.doc(ctx.fallback_id(), Err(msg));
+        return failed(format!("field \"id\": duplicate id {}, first on line {first}", quote(&id)));
     }
-    seen.0.insert(id.clone(), ctx.line);
-    if ctx.options.skip_ids.contains(&id) {
-        return None; // done in an earlier run: don't spend time tokenizing it
-    }
-    let result = ready(ctx, &obj, &id);
-    ctx.doc(id, result)
+    seen.0.insert(id.clone(), line);
+    let parsed = parse(&obj, options);
+    let input_hash = match &parsed {
+        Ok(p) => document_hash(&p.prompt, &p.choices),
+        Err(_) => raw_line_hash(bytes),
+    };
+    Identified { id, input_hash, parsed }
 }
 
-fn ready(ctx: &LineCtx, obj: &Map<String, Value>, id: &str) -> Result<ReadyDoc, String> {
-    let (prompt, prompt_field) = prompt_of(obj, ctx.options)?;
+fn parse(obj: &Map<String, Value>, options: &CorpusOptions) -> Result<Parsed, String> {
+    let (prompt, prompt_field) = prompt_of(obj, options)?;
     let choices = choices_of(obj)?;
     let answer = match obj.get("answer") {
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
     };
+    Ok(Parsed { prompt, prompt_field, choices, answer })
+}
+
+/// The prepared document for one non-blank line, or None when its id is to be skipped.
+pub(super) fn prepare(ctx: &LineCtx, bytes: &[u8], seen: &mut SeenIds) -> Option<PreparedDoc> {
+    let Identified { id, input_hash, parsed } = identify(ctx.line, ctx.options, bytes, seen);
+    // Failures are recorded in the results file too, under this same id, so a resumed run
+    // skips them like any finished document (unless the resume plan retries them).
+    if ctx.options.skip_ids.contains(&id) {
+        return None; // done in an earlier run: don't spend time tokenizing it
+    }
+    let result = parsed
+        .and_then(|p| ready(ctx, p, &id, &input_hash))
+        .map_err(|msg| format!("{}:{}: {}", ctx.file, ctx.line, msg));
+    Some(PreparedDoc { index: ctx.index, line: ctx.line, id, input_hash, result })
+}
+
+fn ready(ctx: &LineCtx, parsed: Parsed, id: &str, input_hash: &str) -> Result<ReadyDoc, String> {
+    let Parsed { prompt, prompt_field, choices, answer } = parsed;
     let parts = split(ctx.tokenizer, &prompt, &choices, &ctx.options.delimiter).map_err(|e| match e.choice {
         None => format!("field {prompt_field}: cannot tokenize: {}", e.msg),
         Some(c) => format!("field \"choices\"[{c}]: cannot tokenize: {}", e.msg),
@@ -183,5 +224,5 @@ fn ready(ctx: &LineCtx, obj: &Map<String, Value>, id: &str) -> Result<ReadyDoc, 
             ctx.options.max_context
         ));
     }
-    Ok(ReadyDoc { doc, choices, choice_chars: parts.chars, n_prompt_tokens, answer })
+    Ok(ReadyDoc { doc, choices, choice_chars: parts.chars, n_prompt_tokens, answer, input_hash: input_hash.to_string() })
 }

@@ -5,8 +5,10 @@
 //! a 100k-document monthly batch must not cost the other 99,999. Only an unreadable file
 //! (or a bad template) stops the run, and it does so before any work.
 
+mod input_hash;
 mod line;
 mod pack;
+mod scan;
 mod template;
 mod tokenize;
 
@@ -20,7 +22,10 @@ use thiserror::Error;
 use crate::token_tree::TokenizedDoc;
 use crate::tokenizer::Tokenizer;
 
+pub use input_hash::{document_hash, raw_line_hash, FileHasher, INPUT_HASH_LEN};
+pub use line::{is_line_id, line_id};
 pub use pack::{build_batch, pack, Batcher};
+pub use scan::{scan, Scan, ScannedDoc};
 pub use template::{Template, DEFAULT_TEMPLATE};
 pub use tokenize::{joint, move_whitespace, split, Split, SplitError};
 
@@ -48,6 +53,8 @@ pub struct ReadyDoc {
     pub n_prompt_tokens: usize,
     /// The corpus's "answer" field when it is a string (used only for demo accuracy).
     pub answer: Option<String>,
+    /// What determines its scores (see [`document_hash`]), recorded with them.
+    pub input_hash: String,
 }
 
 impl ReadyDoc {
@@ -67,6 +74,8 @@ pub struct PreparedDoc {
     pub line: usize,
     /// The document's id, or `line:N` when it could not be read or was a duplicate.
     pub id: String,
+    /// [`document_hash`] of its prompt and choices, or [`raw_line_hash`] of a line that has none.
+    pub input_hash: String,
     /// The ready document, or a message `file:line: field ...: what was expected`.
     pub result: Result<ReadyDoc, String>,
 }
@@ -171,14 +180,10 @@ impl Iterator for CorpusReader<'_> {
                 Ok(0) => self.finished = true,
                 Ok(_) => {
                     self.line_no += 1;
-                    let mut bytes = self.buf.as_slice();
-                    if self.line_no == 1 {
-                        bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-                    }
-                    if bytes.iter().all(u8::is_ascii_whitespace) {
+                    let Some(bytes) = line_content(self.line_no, &self.buf) else {
                         self.stats.blank += 1;
                         continue;
-                    }
+                    };
                     let index = self.index;
                     self.index += 1;
                     let ctx = line::LineCtx {
@@ -207,6 +212,12 @@ impl Iterator for CorpusReader<'_> {
         }
         None
     }
+}
+
+/// A line's document bytes: without the first line's byte-order mark; None for a blank line.
+fn line_content(line_no: usize, buf: &[u8]) -> Option<&[u8]> {
+    let bytes = if line_no == 1 { buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(buf) } else { buf };
+    (!bytes.iter().all(u8::is_ascii_whitespace)).then_some(bytes)
 }
 
 /// Read the whole corpus at once (small corpora, tests, `plan`).

@@ -79,12 +79,13 @@ mod tests {
             choice_chars: choice_lens.to_vec(),
             n_prompt_tokens: prompt,
             answer: None,
+            input_hash: String::new(),
             doc,
         }
     }
 
     fn prepared(r: Result<ReadyDoc, String>, index: usize) -> PreparedDoc {
-        PreparedDoc { index, line: index + 1, id: format!("d{index}"), result: r }
+        PreparedDoc { index, line: index + 1, id: format!("d{index}"), input_hash: String::new(), result: r }
     }
 
     #[test]

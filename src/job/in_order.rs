@@ -67,11 +67,11 @@ mod tests {
     fn results_leave_in_input_order_once_everything_before_them_is_done() {
         let mut order = InOrder::default();
         order.push_scoring(0);
-        order.push_done(DocResult::failed("bad", "too long"));
+        order.push_done(DocResult::failed("bad", "", "too long"));
         order.push_scoring(2);
-        order.finish(2, DocResult::failed("two", "x"));
+        order.finish(2, DocResult::failed("two", "", "x"));
         assert!(order.take_ready().is_empty(), "document 0 is still scoring");
-        order.finish(0, DocResult::failed("zero", "x"));
+        order.finish(0, DocResult::failed("zero", "", "x"));
         assert_eq!(ids(&order.take_ready()), ["zero", "bad", "two"]);
         assert!(order.take_ready().is_empty());
     }

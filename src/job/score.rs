@@ -6,10 +6,11 @@ use super::in_order::InOrder;
 use super::progress::Progress;
 use super::waves::Waves;
 use super::JobError;
-use crate::corpus::{open_corpus, Batcher, CorpusOptions, CorpusReader, ReadyDoc, Template, DEFAULT_TEMPLATE};
+use crate::corpus::{open_corpus, scan, Batcher, CorpusOptions, CorpusReader, ReadyDoc, Template, DEFAULT_TEMPLATE};
 use crate::format::model_dir::ModelDir;
-use crate::results::{export_csv, read_results, DocResult, ResultsWriter, RunMeta};
+use crate::results::{check_csv_target, export_csv, plan_resume, read_results, DocResult, ResultsWriter, ResumeOptions, ResumePlan, RunAbout, RunMeta};
 use crate::runner::BatchScorer;
+use crate::schedule::cost::WireDtype;
 use crate::score::Norm;
 use crate::tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -30,6 +31,15 @@ pub struct ScoreOptions {
     /// Micro-batches per wave.
     pub wave: usize,
     pub overwrite: bool,
+    /// Score again documents whose prompt or choices changed since they were scored
+    /// (otherwise such a file is refused).
+    pub rescore_changed: bool,
+    /// Score again every failed document (otherwise only those whose line changed).
+    pub retry_failed: bool,
+    /// Hidden states between ranks; None: the default for the manifest's dtype, as launch picks.
+    pub wire: Option<WireDtype>,
+    /// The arithmetic the ranks compute in, recorded in the results file ("f32").
+    pub compute: String,
     pub quiet: bool,
 }
 
@@ -56,8 +66,20 @@ pub struct Prepared {
     pub tokenizer: Tokenizer,
     pub template: Template,
     pub meta: RunMeta,
+    /// What the results file keeps and what this run scores.
+    pub plan: ResumePlan,
 }
 
+impl Prepared {
+    /// Every corpus document is in the results file as this run would score it: the run
+    /// finishes ([`finish_without_weights`]) without reading any weight.
+    pub fn nothing_to_do(&self) -> bool {
+        self.plan.nothing_to_do()
+    }
+}
+
+/// Everything that needs no weights: the corpus, tokenizer and template, the output's
+/// identity and the resume plan (one pass over the corpus, no tokenizing).
 pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError> {
     // An unreadable corpus is fatal before anything is loaded or any output is touched.
     open_corpus(&opts.docs).map_err(|e| JobError::Input(e.to_string()))?;
@@ -67,13 +89,61 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
         None => Template::parse(DEFAULT_TEMPLATE, "the default template"),
     }
     .map_err(|e| JobError::Input(e.to_string()))?;
+    if let Some(csv) = &opts.csv {
+        check_csv_target(csv).map_err(|e| JobError::Output(format!("--csv: {e}")))?;
+    }
+    let mut copts = CorpusOptions::new(template.clone(), dir.config().context_limit());
+    copts.delimiter = opts.delimiter.clone();
+    let scanned = scan(&opts.docs, &copts).map_err(|e| JobError::Input(e.to_string()))?;
+    let manifest = dir.manifest();
+    let corpus = opts.docs.display().to_string();
     let meta = RunMeta {
-        model_id: dir.manifest().model_id.clone(),
+        model_id: manifest.model_id.clone(),
         norm: opts.norm,
         template: template.source().to_string(),
         delimiter: opts.delimiter.clone(),
+        wire_dtype: opts.wire.unwrap_or(WireDtype::default_for(manifest.dtype.size())).name().to_string(),
+        compute: opts.compute.clone(),
+        about: RunAbout {
+            model_name: dir.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            model_dir: dir.dir().display().to_string(),
+            model_source: manifest.source.clone(),
+            corpus: corpus.clone(),
+            corpus_hash: scanned.file_hash.clone(),
+        },
     };
-    Ok(Prepared { tokenizer, template, meta })
+    let resume = ResumeOptions { overwrite: opts.overwrite, rescore_changed: opts.rescore_changed, retry_failed: opts.retry_failed };
+    let plan = plan_resume(&opts.out, &meta, &scanned, &corpus, resume).map_err(|e| JobError::Output(e.to_string()))?;
+    Ok(Prepared { tokenizer, template, meta, plan })
+}
+
+/// A run with nothing to score: the records the plan drops are removed, the file's
+/// descriptive attributes updated and the CSV written, all without a model.
+pub fn finish_without_weights(opts: &ScoreOptions, prepared: Prepared) -> Result<ScoreSummary, JobError> {
+    let start = Instant::now();
+    let Prepared { meta, plan, .. } = prepared;
+    let (writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
+    if let Some(note) = writer.repair_note() {
+        eprintln!("{note}");
+    }
+    writer.close().map_err(|e| JobError::Output(e.to_string()))?;
+    let summary = ScoreSummary { resumed: plan.skip.len(), ..Default::default() };
+    finish(opts, summary, start)
+}
+
+/// After the writer closed: count the file's documents and write the CSV.
+fn finish(opts: &ScoreOptions, mut summary: ScoreSummary, start: Instant) -> Result<ScoreSummary, JobError> {
+    let all = read_results(&opts.out).map_err(|e| JobError::Output(e.to_string()))?;
+    summary.docs_in_file = all.len();
+    summary.failed_in_file = all.iter().filter(|r| !r.is_ok()).count();
+    if let Some(csv) = &opts.csv {
+        export_csv(&opts.out, csv).map_err(|e| {
+            let out = opts.out.display();
+            JobError::Output(format!("{e}; {out} holds every document: run the same command again to write the CSV"))
+        })?;
+    }
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
 }
 
 /// Runs the whole job on the writer rank. `scorer` runs the model (here or over MPI).
@@ -82,14 +152,22 @@ where
     JobError: From<S::Error>,
 {
     let start = Instant::now();
-    let Prepared { tokenizer, template, meta } = prepared;
-    let (mut writer, done) = ResultsWriter::open(&opts.out, meta, opts.overwrite).map_err(|e| JobError::Output(e.to_string()))?;
+    let Prepared { tokenizer, template, meta, plan } = prepared;
+    let (mut writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
     if let Some(note) = writer.repair_note() {
         eprintln!("{note}");
     }
-    let resumed = done.len();
+    if plan.changed + plan.retried > 0 && !opts.quiet {
+        eprintln!(
+            "{}: scoring again {} changed and {} failed documents (their old records removed)",
+            opts.out.display(),
+            plan.changed,
+            plan.retried
+        );
+    }
+    let resumed = plan.skip.len();
     let mut copts = CorpusOptions::new(template, dir.config().context_limit());
-    copts.skip_ids = done;
+    copts.skip_ids = plan.skip;
     copts.delimiter = opts.delimiter.clone();
     let reader = CorpusReader::open(&opts.docs, &tokenizer, copts).map_err(|e| JobError::Input(e.to_string()))?;
     let mut progress = Progress::new(&opts.docs, resumed, opts.quiet);
@@ -116,7 +194,7 @@ where
         let doc = item.map_err(|e| JobError::Input(e.to_string()))?;
         crate::liveness::advanced();
         match doc.result {
-            Err(msg) => order.push_done(DocResult::failed(&doc.id, &msg)),
+            Err(msg) => order.push_done(DocResult::failed(&doc.id, &doc.input_hash, &msg)),
             Ok(ready) => {
                 order.push_scoring(ready.doc.index as u64);
                 if let Some(batch) = batcher.push(ready) {
@@ -151,16 +229,5 @@ where
     summary.tokens = waves.tokens;
     writer.close().map_err(|e| JobError::Output(e.to_string()))?;
     progress.finish();
-
-    let all = read_results(&opts.out).map_err(|e| JobError::Output(e.to_string()))?;
-    summary.docs_in_file = all.len();
-    summary.failed_in_file = all.iter().filter(|r| !r.is_ok()).count();
-    if let Some(csv) = &opts.csv {
-        export_csv(&opts.out, csv).map_err(|e| {
-            let out = opts.out.display();
-            JobError::Output(format!("{e}; {out} holds every document: run the same command again to write the CSV"))
-        })?;
-    }
-    summary.seconds = start.elapsed().as_secs_f64();
-    Ok(summary)
+    finish(opts, summary, start)
 }

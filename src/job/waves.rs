@@ -21,7 +21,7 @@ fn doc_scores(batch: &MicroBatch, docs: &[ReadyDoc], logprobs: &[f64], norm: Nor
         .zip(per_doc)
         .map(|(d, lps)| {
             let scores = score_document(&lps, &d.choice_chars, norm);
-            DocResult::scored(d, &scores).unwrap_or_else(|e| DocResult::failed(&d.doc.id, &e.to_string()))
+            DocResult::scored(d, &scores).unwrap_or_else(|e| DocResult::failed(&d.doc.id, &d.input_hash, &e.to_string()))
         })
         .collect()
 }

@@ -1,19 +1,40 @@
-//! CSV export, one row per choice, written from the HDF5 file so a resumed run's CSV
-//! holds the documents of every run, not only the last.
+//! CSV export, one row per choice and one per failed document, written from the HDF5 file
+//! so a resumed run's CSV holds the documents of every run, not only the last.
 
 use std::path::Path;
 
-use super::{read_results, ResultsError};
+use super::{read_results, DocResult, ResultsError};
 
-/// Write `csv_path` from the results file at `h5_path`; returns the rows written. Failed
-/// documents have no choices and so no rows (their errors are in the HDF5 file and log).
+/// The columns, in order: the choice's scores, then the document's status and error (a
+/// failed document has one row with its choice columns empty).
+pub const CSV_HEADER: [&str; 11] =
+    ["id", "choice", "text", "n_tokens", "logprob", "logprob_mean", "logprob_per_char", "prob", "is_best", "status", "error"];
+
+/// Write `csv_path` from the results file at `h5_path`; returns the rows written.
 pub fn export_csv(h5_path: &Path, csv_path: &Path) -> Result<usize, ResultsError> {
-    let docs = read_results(h5_path)?;
+    write_csv(&read_results(h5_path)?, csv_path)
+}
+
+/// Make sure a CSV can be written at `csv_path` (before a run spends hours scoring): not a
+/// directory, and a file can be created beside it (it is written there, then renamed).
+pub fn check_csv_target(csv_path: &Path) -> Result<(), ResultsError> {
     let name = csv_path.display().to_string();
-    // Write next to the target and rename: a reader never sees half a CSV.
+    if csv_path.is_dir() {
+        return Err(ResultsError::Io { path: name, source: std::io::Error::other("is a directory, expected a CSV file path") });
+    }
     let mut tmp = csv_path.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));
-    let written = write_rows(&docs, Path::new(&tmp), &name);
+    std::fs::File::create(&tmp).map_err(|source| ResultsError::Io { path: name, source })?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
+/// Write `docs` to `csv_path` (beside it first, then renamed: a reader never sees half a CSV).
+pub fn write_csv(docs: &[DocResult], csv_path: &Path) -> Result<usize, ResultsError> {
+    let name = csv_path.display().to_string();
+    let mut tmp = csv_path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let written = write_rows(docs, Path::new(&tmp), &name);
     if written.is_err() {
         // A full disk must not leave a half CSV beside the real one.
         let _ = std::fs::remove_file(&tmp);
@@ -23,14 +44,18 @@ pub fn export_csv(h5_path: &Path, csv_path: &Path) -> Result<usize, ResultsError
     Ok(rows)
 }
 
-/// The header and one row per choice into `tmp`; `name` is the CSV path for messages.
-fn write_rows(docs: &[super::DocResult], tmp: &Path, name: &str) -> Result<usize, ResultsError> {
+/// The header and the rows into `tmp`; `name` is the CSV path for messages.
+fn write_rows(docs: &[DocResult], tmp: &Path, name: &str) -> Result<usize, ResultsError> {
     let err = |source| ResultsError::Csv { path: name.to_string(), source };
     let mut w = csv::Writer::from_path(tmp).map_err(err)?;
-    w.write_record(["id", "choice", "text", "n_tokens", "logprob", "logprob_mean", "logprob_per_char", "prob", "is_best"])
-        .map_err(err)?;
+    w.write_record(CSV_HEADER).map_err(err)?;
     let mut rows = 0;
     for d in docs {
+        let status = d.status.as_str();
+        if d.choices.is_empty() {
+            w.write_record([d.id.as_str(), "", "", "", "", "", "", "", "", status, &d.error]).map_err(err)?;
+            rows += 1;
+        }
         for (i, c) in d.choices.iter().enumerate() {
             let is_best = d.best == Some(i);
             w.write_record([
@@ -43,6 +68,8 @@ fn write_rows(docs: &[super::DocResult], tmp: &Path, name: &str) -> Result<usize
                 &c.logprob_per_char.to_string(),
                 &c.prob.to_string(),
                 if is_best { "1" } else { "0" },
+                status,
+                &d.error,
             ])
             .map_err(err)?;
             rows += 1;

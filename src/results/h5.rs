@@ -2,25 +2,38 @@
 //! 1-D datasets and reading their prefixes.
 
 use hdf5::types::VarLenUnicode;
-use hdf5::{Dataset, File, Group, H5Type};
+use hdf5::{Dataset, File, Group, H5Type, Location};
 
 use super::schema::DOC_CHUNK;
 use super::{At, ResultsError};
 
-/// An HDF5 string; NUL cannot be stored in one, so it becomes U+FFFD (the corpus already
-/// refuses NUL in ids, so this only touches free text).
+/// A string as the file stores it: an HDF5 string ends at a NUL, so a NUL becomes U+FFFD.
+/// The corpus refuses NUL in ids and choices, so this only touches messages and templates;
+/// what is compared with the file (identity, record_check) is compared in this form.
+pub(crate) fn stored(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 pub(super) fn vlu(s: &str) -> VarLenUnicode {
-    let clean = if s.contains('\0') { s.replace('\0', "\u{FFFD}") } else { s.to_string() };
-    clean.parse().unwrap_or_default()
+    // Cannot fail: `stored` leaves no NUL, the only thing VarLenUnicode refuses.
+    stored(s).parse().unwrap_or_default()
 }
 
 pub(super) fn int32(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-pub(super) fn write_str_attr(file: &File, name: &str, value: &str, path: &str) -> Result<(), ResultsError> {
+/// Create or replace a string attribute of `loc` (the file, a group or a dataset).
+pub(super) fn set_str_attr(loc: &Location, name: &str, value: &str, path: &str) -> Result<(), ResultsError> {
     let what = format!("writing attribute {name}");
-    let attr = file.new_attr::<VarLenUnicode>().shape(()).create(name).at(path, &what)?;
+    if loc.attr(name).is_ok() {
+        loc.delete_attr(name).at(path, &what)?;
+    }
+    let attr = loc.new_attr::<VarLenUnicode>().shape(()).create(name).at(path, &what)?;
     attr.write_scalar(&vlu(value)).at(path, &what)
 }
 
@@ -29,9 +42,15 @@ pub(super) fn read_str_attr(file: &File, name: &str) -> Option<String> {
     attr.read_scalar::<VarLenUnicode>().ok().map(|v| v.as_str().to_string())
 }
 
-pub(super) fn create_set<T: H5Type>(group: &Group, name: &str, chunk: usize, path: &str) -> Result<(), ResultsError> {
-    group.new_dataset::<T>().chunk(chunk).shape(0..).create(name).at(path, &format!("creating {name}"))?;
-    Ok(())
+/// An empty extendable dataset. With `checksum` its chunks carry a Fletcher32 checksum,
+/// which HDF5 checks on every read: a changed byte in the data is a read error, not a
+/// wrong value. HDF5 (1.10) takes no filter on variable-length strings: those are covered
+/// by `/docs/record_check`, as is every other field.
+pub(super) fn create_set<T: H5Type>(group: &Group, name: &str, chunk: usize, checksum: bool, path: &str) -> Result<Dataset, ResultsError> {
+    let b = group.new_dataset::<T>();
+    let b = b.chunk(chunk).shape(0..);
+    let b = if checksum { b.fletcher32() } else { b };
+    b.create(name).at(path, &format!("creating {name}"))
 }
 
 /// Resize `ds` to hold `data` after its first `at` rows and write it there.
@@ -69,6 +88,12 @@ pub(super) fn read_readable<T: H5Type + Clone>(ds: &Dataset, n: usize) -> Vec<T>
     out
 }
 
+/// Every element of a 1-D dataset in a file closed cleanly: a failed read (a checksum that
+/// does not match, an unreadable heap) is damage, named by dataset.
+pub(super) fn read_whole<T: H5Type + Clone>(ds: &Dataset, path: &str) -> Result<Vec<T>, ResultsError> {
+    ds.read_raw::<T>().map_err(|e| ResultsError::Damaged { path: path.to_string(), at: ds.name(), msg: format!("cannot be read: {e}") })
+}
+
 /// The first `n` elements of a 1-D dataset.
 pub(super) fn read_prefix<T: H5Type + Clone>(ds: &Dataset, n: usize, path: &str) -> Result<Vec<T>, ResultsError> {
     if n == 0 {
@@ -77,8 +102,12 @@ pub(super) fn read_prefix<T: H5Type + Clone>(ds: &Dataset, n: usize, path: &str)
     Ok(ds.read_slice_1d::<T, _>(0..n).at(path, &format!("reading {}", ds.name()))?.to_vec())
 }
 
+/// A dataset of the schema; one that cannot be opened (its header damaged, or missing) is
+/// damage to the file, named by its path.
 pub(super) fn dataset(group: &Group, name: &str, path: &str) -> Result<Dataset, ResultsError> {
-    group
-        .dataset(name)
-        .map_err(|e| ResultsError::Corrupt { path: path.to_string(), msg: format!("missing dataset {}/{name}: {e}", group.name()) })
+    group.dataset(name).map_err(|e| ResultsError::Damaged {
+        path: path.to_string(),
+        at: format!("{}/{name}", group.name()),
+        msg: format!("cannot be opened: {e}"),
+    })
 }

@@ -1,13 +1,22 @@
-//! Results: one HDF5 file per run (schema "falcon-batch/scores/1"), appended as batches
-//! finish and flushed each time, resumable, with a CSV export.
+//! Results: one HDF5 file per run (schema "falcon-batch/scores/2"), appended as batches
+//! finish and flushed each time, resumable, checked when read, with a CSV export.
 //!
-//! Layout (all 1-D, chunked, extendable):
-//!   /docs/{id, status, error, n_prompt_tokens, best, choice_offset, n_choices}
-//!   /choices/{text, n_tokens, logprob, logprob_mean, logprob_per_char, prob}
-//! Document i owns rows choice_offset[i] .. choice_offset[i] + n_choices[i] of /choices.
+//! Layout (all 1-D, chunked, extendable; the numeric datasets' chunks under HDF5's Fletcher32
+//! checksum, every record under /docs/record_check; see schema.rs for each dataset's meaning
+//! and units, which the file carries as attributes):
+//!   /docs/{id, status, error, input_hash, record_check, n_prompt_tokens, best, choice_offset, n_choices}
+//!   /choices/{doc, text, n_tokens, logprob, logprob_mean, logprob_per_char, prob}
+//! Document i owns rows choice_offset[i] .. choice_offset[i] + n_choices[i] of /choices,
+//! and those rows hold doc = i.
+//!
+//! Files: schema.rs (layout, identity attributes, creation), writer.rs (append, resume,
+//! torn tail), recover.rs (rebuilding a file), read.rs (reading back, checked), plan.rs
+//! (what a resumed run scores), csv_export.rs, h5.rs (typed HDF5 access), reserve.rs (room
+//! held for the next append).
 
 mod csv_export;
 mod h5;
+mod plan;
 mod read;
 mod recover;
 mod reserve;
@@ -19,11 +28,12 @@ use thiserror::Error;
 use crate::corpus::ReadyDoc;
 use crate::score::{DocScores, Norm};
 
-pub use csv_export::export_csv;
-pub use read::read_results;
+pub use csv_export::{check_csv_target, export_csv, write_csv, CSV_HEADER};
+pub use plan::{plan_resume, ResumeOptions, ResumePlan};
+pub use read::{read_file, read_results, ResultsFile};
 pub use writer::ResultsWriter;
 
-pub const SCHEMA: &str = "falcon-batch/scores/1";
+pub const SCHEMA: &str = "falcon-batch/scores/2";
 
 #[derive(Debug, Error)]
 pub enum ResultsError {
@@ -58,8 +68,24 @@ pub enum ResultsError {
     Unrecorded { path: String, attr: &'static str, wanted: String },
     #[error("{path}: not a falcon-batch results file ({why}); pass --overwrite to replace it, or choose another output file")]
     NotResults { path: String, why: String },
+    #[error(
+        "{path}: written by an older falcon-batch (schema {found:?}; this one reads and writes {SCHEMA:?}, \
+         which records each document's input hash so that a resume can tell an edited document from a \
+         scored one); pass --overwrite to score into a new file there, or choose another output file"
+    )]
+    OldSchema { path: String, found: String },
     #[error("{path}: {msg}")]
     Corrupt { path: String, msg: String },
+    /// A read failed or disagreed with its checksum in a file its writer closed cleanly: not
+    /// a killed run's tail, but bytes changed on disk.
+    #[error(
+        "{path}: the file is damaged at {at}: {msg}; its last writer closed it cleanly, so this is not the tail \
+         of a killed run: restore it from a copy, or pass --overwrite to score again"
+    )]
+    Damaged { path: String, at: String, msg: String },
+    /// What a resume found in the file that this corpus does not explain (see plan.rs).
+    #[error("{path}: {msg}")]
+    Resume { path: String, msg: String },
     /// The output's file system (or quota) is full. `kept` documents are in the file, whole.
     #[error(
         "{path}: no space left on device: {what}; the file holds the {kept} documents finished so far; \
@@ -71,6 +97,7 @@ pub enum ResultsError {
 }
 
 /// What identifies a run's results: a file written with other values is not resumed.
+/// Every option that changes a score belongs here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunMeta {
     pub model_id: String,
@@ -79,6 +106,27 @@ pub struct RunMeta {
     pub template: String,
     /// Put between a prompt and a choice where neither side has whitespace (`--target-delimiter`).
     pub delimiter: String,
+    /// How hidden states travel between ranks ("f32", "bf16"): bf16 moves scores by up to
+    /// ~0.02 nats, so files of the two are not mixed.
+    pub wire_dtype: String,
+    /// The arithmetic the ranks compute in ("f32"); the caller fills it.
+    pub compute: String,
+    /// Where the scores came from, for a reader of the file; not compared on resume.
+    pub about: RunAbout,
+}
+
+/// Descriptive root attributes, rewritten by every run that appends (so they say where
+/// the latest documents came from).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunAbout {
+    /// The model directory's name (e.g. "falcon-180b").
+    pub model_name: String,
+    pub model_dir: String,
+    /// What the directory was converted from (the manifest's `source`: an HF directory or a GGUF file).
+    pub model_source: String,
+    /// The corpus path as given, and the xxh3-128 of its bytes.
+    pub corpus: String,
+    pub corpus_hash: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +166,8 @@ pub struct ChoiceRow {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DocResult {
     pub id: String,
+    /// `corpus::document_hash` of its prompt and choices (or the raw line's hash).
+    pub input_hash: String,
     pub status: DocStatus,
     /// Empty when ok.
     pub error: String,
@@ -154,6 +204,7 @@ impl DocResult {
             .collect();
         Ok(DocResult {
             id: doc.doc.id.clone(),
+            input_hash: doc.input_hash.clone(),
             status: DocStatus::Ok,
             error: String::new(),
             n_prompt_tokens: doc.n_prompt_tokens,
@@ -163,9 +214,10 @@ impl DocResult {
     }
 
     /// A document that could not be scored (bad corpus line, too long, ...).
-    pub fn failed(id: &str, message: &str) -> DocResult {
+    pub fn failed(id: &str, input_hash: &str, message: &str) -> DocResult {
         DocResult {
             id: id.to_string(),
+            input_hash: input_hash.to_string(),
             status: DocStatus::Error,
             error: message.to_string(),
             n_prompt_tokens: 0,
@@ -177,6 +229,61 @@ impl DocResult {
     pub fn is_ok(&self) -> bool {
         self.status == DocStatus::Ok
     }
+
+    /// The same scores ranked under another norm: `prob` and `best` recomputed from the
+    /// stored per-choice log-probabilities, as the score run would have set them.
+    pub fn reranked(&self, norm: Norm) -> DocResult {
+        let mut d = self.clone();
+        if d.choices.is_empty() {
+            return d;
+        }
+        let keys: Vec<f64> = d
+            .choices
+            .iter()
+            .map(|c| match norm {
+                Norm::Sum => c.logprob,
+                Norm::Mean => c.logprob_mean,
+                Norm::Char => c.logprob_per_char,
+            })
+            .collect();
+        let (probs, best) = crate::score::rank(&keys);
+        for (c, p) in d.choices.iter_mut().zip(probs) {
+            c.prob = p;
+        }
+        d.best = Some(best);
+        d
+    }
+}
+
+/// xxh3-64 over a document's whole record, every field length-prefixed or fixed-size
+/// (`/docs/record_check`): HDF5 puts no checksum on variable-length strings (they live in
+/// its global heap), nor on the index that finds a chunk, so a damaged file could otherwise
+/// read back other strings or a chunk of fill values as if they had been written.
+pub(crate) fn record_check(d: &DocResult) -> u64 {
+    use xxhash_rust::xxh3::Xxh3;
+    let mut h = Xxh3::new();
+    let put = |h: &mut Xxh3, s: &str| {
+        let s = h5::stored(s);
+        h.update(&(s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    let num = |h: &mut Xxh3, x: u64| h.update(&x.to_le_bytes());
+    put(&mut h, &d.id);
+    put(&mut h, d.status.as_str());
+    put(&mut h, &d.error);
+    put(&mut h, &d.input_hash);
+    // As stored: the counts are i32 on disk, best -1 when there is none.
+    num(&mut h, h5::int32(d.n_prompt_tokens) as u64);
+    num(&mut h, d.best.map_or(-1, h5::int32) as u64);
+    num(&mut h, d.choices.len() as u64);
+    for c in &d.choices {
+        put(&mut h, &c.text);
+        num(&mut h, h5::int32(c.n_tokens) as u64);
+        for x in [c.logprob, c.logprob_mean, c.logprob_per_char, c.prob] {
+            num(&mut h, x.to_bits());
+        }
+    }
+    h.digest()
 }
 
 /// Attach the file and the operation to an HDF5 error.

@@ -1,12 +1,13 @@
 //! Recovering a file whose writer was killed before closing it: the end of allocation moved
 //! to the end of the file, then the whole documents rewritten into a fresh file.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use hdf5::File;
 
 use super::h5::read_str_attr;
-use super::schema::{build_empty, tmp_path};
+use super::schema::{build_empty, closed_cleanly, tmp_path};
 use super::writer::ResultsWriter;
 use super::{At, ResultsError, RunMeta};
 
@@ -31,20 +32,28 @@ fn extend_eoa(path: &Path) -> Result<(), ResultsError> {
     file.flush().at(&name, "flushing")
 }
 
-/// Rewrite the whole documents of a file that was not closed cleanly into a new file
-/// (temporary name, then renamed over it); returns how many were kept.
-pub(super) fn rebuild(path: &Path, meta: &RunMeta) -> Result<usize, ResultsError> {
+/// Rewrite the whole documents of a file into a new file (temporary name, then renamed
+/// over it), leaving out those whose id is in `drop`; returns how many were kept. Used for a
+/// file that was not closed cleanly and to drop the records a resume scores again.
+pub(super) fn rebuild(path: &Path, meta: &RunMeta, drop: &HashSet<String>) -> Result<usize, ResultsError> {
     let name = path.display().to_string();
-    extend_eoa(path)?;
-    let docs = super::read_results(path).map_err(|e| ResultsError::Corrupt {
-        path: name.clone(),
-        msg: format!("the last writer did not close the file and it cannot be read back ({e}); pass --overwrite to start again"),
+    let closed = File::open(path).is_ok_and(|f| closed_cleanly(&f));
+    if !closed {
+        extend_eoa(path)?;
+    }
+    let mut docs = super::read_results(path).map_err(|e| match e {
+        e @ ResultsError::Damaged { .. } => e,
+        e => ResultsError::Corrupt {
+            path: name.clone(),
+            msg: format!("the last writer did not close the file and it cannot be read back ({e}); pass --overwrite to start again"),
+        },
     })?;
+    docs.retain(|d| !drop.contains(&d.id));
     let created = File::open(path).ok().and_then(|f| read_str_attr(&f, "created"));
     let tmp = tmp_path(path);
     let result = (|| {
         build_empty(&tmp, meta, created.as_deref())?;
-        let (mut w, _) = ResultsWriter::resume(&tmp, meta)?;
+        let (mut w, _) = ResultsWriter::resume(&tmp, meta, &HashSet::new())?;
         for chunk in docs.chunks(4096) {
             w.append(chunk)?;
         }

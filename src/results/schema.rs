@@ -1,12 +1,13 @@
-//! The results file's schema on disk: how an empty file is made, what a resumed one must
-//! match, the closed-cleanly mark, and which prefix of a file is whole documents.
+//! The results file's schema on disk: the datasets with their meaning and units, how an
+//! empty file is made, what a resumed one must match, the closed-cleanly mark, and which
+//! prefix of a file is whole documents.
 
 use std::path::{Path, PathBuf};
 
 use hdf5::types::VarLenUnicode;
-use hdf5::File;
+use hdf5::{File, Group};
 
-use super::h5::{create_set, read_str_attr, write_str_attr};
+use super::h5::{create_set, read_str_attr, set_str_attr};
 use super::{At, ResultsError, RunMeta, SCHEMA};
 
 // ~1024 documents or 4096 choice rows per chunk: a few appends per chunk at typical batch
@@ -15,14 +16,73 @@ pub(super) const DOC_CHUNK: usize = 1024;
 
 pub(super) const CHOICE_CHUNK: usize = 4096;
 
-pub(super) const DOC_SETS: [&str; 7] = ["id", "status", "error", "n_prompt_tokens", "best", "choice_offset", "n_choices"];
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Str,
+    I32,
+    I64,
+    U64,
+    F64,
+}
 
-pub(super) const CHOICE_SETS: [&str; 6] = ["text", "n_tokens", "logprob", "logprob_mean", "logprob_per_char", "prob"];
+/// One dataset: its name, element type, and the `description` and `units` attributes it
+/// carries so the file explains itself.
+pub(super) struct SetSpec {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub description: &'static str,
+    pub units: &'static str,
+}
+
+const fn set(name: &'static str, kind: Kind, description: &'static str, units: &'static str) -> SetSpec {
+    SetSpec { name, kind, description, units }
+}
+
+pub(super) const DOC_SETS: [SetSpec; 9] = [
+    set("id", Kind::Str, "the document's id from the corpus, or line:N for a line without a usable id", ""),
+    set("status", Kind::Str, "ok, or error (then error says why and the document has no choice rows)", ""),
+    set("error", Kind::Str, "why the document failed, as file:line: field: what was expected; empty when ok", ""),
+    set(
+        "input_hash",
+        Kind::Str,
+        "xxh3-128 of the rendered prompt and the choices, length-prefixed (of the raw line when it did not parse); \
+         a resumed run compares it with the corpus",
+        "32 hex digits",
+    ),
+    set(
+        "record_check",
+        Kind::U64,
+        "xxh3-64 of the document's whole record (its /docs fields and its /choices rows), checked on every read: \
+         HDF5's Fletcher32 covers the numeric chunks but neither variable-length strings nor the index that finds a chunk",
+        "",
+    ),
+    set("n_prompt_tokens", Kind::I32, "tokens in the prompt", "tokens"),
+    set("best", Kind::I32, "the best choice under the file's norm, 0-based within the document; -1 on error", "choice index"),
+    set("choice_offset", Kind::I64, "the document's first row in /choices", "row index"),
+    set("n_choices", Kind::I32, "the document's rows in /choices (0 on error)", "rows"),
+];
+
+pub(super) const CHOICE_SETS: [SetSpec; 7] = [
+    set("doc", Kind::I64, "the row's document: an index into /docs", "row index"),
+    set("text", Kind::Str, "the choice as given in the corpus", ""),
+    set("n_tokens", Kind::I32, "tokens of the choice's continuation", "tokens"),
+    set("logprob", Kind::F64, "sum of the continuation's token log-probabilities", "natural log (nats)"),
+    set("logprob_mean", Kind::F64, "logprob / n_tokens", "nats per token"),
+    set("logprob_per_char", Kind::F64, "logprob / characters of the continuation (with its leading space or delimiter)", "nats per character"),
+    set(
+        "prob",
+        Kind::F64,
+        "softmax over the document's choices of the file's norm: sum: logprob; mean: logprob_mean; \
+         char: logprob_per_char; sums to 1 within a document",
+        "probability",
+    ),
+];
 
 /// Root attribute: 1 when the last writer closed the file, 0 while one has it open. HDF5
 /// (1.10, no SWMR) updates metadata in place, so a job killed mid-append can leave the
 /// file readable but not safely writable; a file found not closed cleanly is rebuilt
-/// from what it holds before anything is appended.
+/// from what it holds before anything is appended. A damaged read in a file marked 1 is
+/// damage on disk, not a torn tail.
 const CLOSED_ATTR: &str = "closed_cleanly";
 
 pub(super) fn set_closed(file: &File, closed: bool, path: &str) -> Result<(), ResultsError> {
@@ -54,25 +114,53 @@ pub(super) fn valid_prefix(status: &[VarLenUnicode], offsets: &[i64], counts: &[
     (status.len().min(offsets.len()).min(counts.len()), end)
 }
 
-pub(super) fn check_meta(file: &File, meta: &RunMeta, path: &str) -> Result<(), ResultsError> {
-    match read_str_attr(file, "schema") {
-        Some(s) if s == SCHEMA => {}
-        Some(s) => return Err(ResultsError::NotResults { path: path.into(), why: format!("schema {s:?}, expected {SCHEMA:?}") }),
-        None => return Err(ResultsError::NotResults { path: path.into(), why: "no schema attribute".into() }),
-    }
-    let wanted = [
+/// The root attributes a resumed run must match: every option that changes a score.
+pub(super) fn identity(meta: &RunMeta) -> [(&'static str, &str); 6] {
+    [
         ("model", meta.model_id.as_str()),
         ("norm", meta.norm.name()),
         ("template", meta.template.as_str()),
         ("target_delimiter", meta.delimiter.as_str()),
-    ];
-    for (attr, want) in wanted {
+        ("wire_dtype", meta.wire_dtype.as_str()),
+        ("compute", meta.compute.as_str()),
+    ]
+}
+
+/// The schema attribute says this is a results file this build reads.
+pub(super) fn check_schema(file: &File, path: &str) -> Result<(), ResultsError> {
+    match read_str_attr(file, "schema") {
+        Some(s) if s == SCHEMA => Ok(()),
+        Some(s) if s.starts_with("falcon-batch/scores/") => Err(ResultsError::OldSchema { path: path.into(), found: s }),
+        Some(s) => Err(ResultsError::NotResults { path: path.into(), why: format!("schema {s:?}, expected {SCHEMA:?}") }),
+        None => Err(ResultsError::NotResults { path: path.into(), why: "no schema attribute".into() }),
+    }
+}
+
+pub(super) fn check_meta(file: &File, meta: &RunMeta, path: &str) -> Result<(), ResultsError> {
+    check_schema(file, path)?;
+    for (attr, want) in identity(meta) {
         let Some(found) = read_str_attr(file, attr) else {
             return Err(ResultsError::Unrecorded { path: path.into(), attr, wanted: want.to_string() });
         };
-        if found != want {
+        if found != super::h5::stored(want) {
             return Err(ResultsError::Mismatch { path: path.into(), attr, found, wanted: want.to_string() });
         }
+    }
+    Ok(())
+}
+
+/// Where the latest documents came from (see `RunAbout`); rewritten by every run.
+pub(super) fn write_about(file: &File, meta: &RunMeta, path: &str) -> Result<(), ResultsError> {
+    let a = &meta.about;
+    for (attr, value) in [
+        ("model_name", a.model_name.as_str()),
+        ("model_dir", a.model_dir.as_str()),
+        ("model_source", a.model_source.as_str()),
+        ("corpus", a.corpus.as_str()),
+        ("corpus_xxh3", a.corpus_hash.as_str()),
+        ("version", env!("CARGO_PKG_VERSION")),
+    ] {
+        set_str_attr(file, attr, value, path)?;
     }
     Ok(())
 }
@@ -92,36 +180,47 @@ pub(super) fn create(path: &Path, meta: &RunMeta) -> Result<(), ResultsError> {
     std::fs::rename(&tmp, path).map_err(|source| ResultsError::Io { path: name, source })
 }
 
+fn create_sets(group: &Group, sets: &[SetSpec], chunk: usize, path: &str) -> Result<(), ResultsError> {
+    for s in sets {
+        let ds = match s.kind {
+            Kind::Str => create_set::<VarLenUnicode>(group, s.name, chunk, false, path)?,
+            Kind::I32 => create_set::<i32>(group, s.name, chunk, true, path)?,
+            Kind::I64 => create_set::<i64>(group, s.name, chunk, true, path)?,
+            Kind::U64 => create_set::<u64>(group, s.name, chunk, true, path)?,
+            Kind::F64 => create_set::<f64>(group, s.name, chunk, true, path)?,
+        };
+        set_str_attr(&ds, "description", s.description, path)?;
+        if !s.units.is_empty() {
+            set_str_attr(&ds, "units", s.units, path)?;
+        }
+    }
+    Ok(())
+}
+
 /// A closed, empty results file at `path`; `created` keeps the original run's date.
 pub(super) fn build_empty(path: &Path, meta: &RunMeta, created: Option<&str>) -> Result<(), ResultsError> {
     let name = path.display().to_string();
     let file = File::create(path).at(&name, "creating")?;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    for (attr, value) in [
-        ("schema", SCHEMA),
-        ("model", meta.model_id.as_str()),
-        ("norm", meta.norm.name()),
-        ("template", meta.template.as_str()),
-        ("target_delimiter", meta.delimiter.as_str()),
-        ("created", created.unwrap_or(&now)),
-        ("version", env!("CARGO_PKG_VERSION")),
-    ] {
-        write_str_attr(&file, attr, value, &name)?;
+    set_str_attr(&file, "schema", SCHEMA, &name)?;
+    for (attr, value) in identity(meta) {
+        set_str_attr(&file, attr, value, &name)?;
     }
+    set_str_attr(&file, "created", created.unwrap_or(&now), &name)?;
+    set_str_attr(
+        &file,
+        "description",
+        "falcon-batch scores: per document (/docs) the best choice under `norm`, per choice (/choices) its \
+         log-probability given the rendered prompt; the root attributes model, norm, template, \
+         target_delimiter, wire_dtype and compute identify the run (a resume must match them); \
+         closed_cleanly is 1 when the last writer closed the file, 0 while one has it open or was killed",
+        &name,
+    )?;
+    write_about(&file, meta, &name)?;
     let docs = file.create_group("docs").at(&name, "creating /docs")?;
-    create_set::<VarLenUnicode>(&docs, "id", DOC_CHUNK, &name)?;
-    create_set::<VarLenUnicode>(&docs, "status", DOC_CHUNK, &name)?;
-    create_set::<VarLenUnicode>(&docs, "error", DOC_CHUNK, &name)?;
-    create_set::<i32>(&docs, "n_prompt_tokens", DOC_CHUNK, &name)?;
-    create_set::<i32>(&docs, "best", DOC_CHUNK, &name)?;
-    create_set::<i64>(&docs, "choice_offset", DOC_CHUNK, &name)?;
-    create_set::<i32>(&docs, "n_choices", DOC_CHUNK, &name)?;
+    create_sets(&docs, &DOC_SETS, DOC_CHUNK, &name)?;
     let choices = file.create_group("choices").at(&name, "creating /choices")?;
-    create_set::<VarLenUnicode>(&choices, "text", CHOICE_CHUNK, &name)?;
-    create_set::<i32>(&choices, "n_tokens", CHOICE_CHUNK, &name)?;
-    for set in ["logprob", "logprob_mean", "logprob_per_char", "prob"] {
-        create_set::<f64>(&choices, set, CHOICE_CHUNK, &name)?;
-    }
+    create_sets(&choices, &CHOICE_SETS, CHOICE_CHUNK, &name)?;
     set_closed(&file, true, &name)
 }
 

@@ -9,8 +9,8 @@ use hdf5::{Dataset, File, Group};
 use super::h5::{dataset, extend, int32, read_prefix, vlu};
 use super::recover::rebuild;
 use super::reserve::{is_no_space, Reserve, MIN_RESERVE};
-use super::schema::{check_meta, closed_cleanly, create, set_closed, valid_prefix, CHOICE_CHUNK, CHOICE_SETS, DOC_CHUNK, DOC_SETS};
-use super::{At, DocResult, ResultsError, RunMeta};
+use super::schema::{check_meta, closed_cleanly, create, set_closed, valid_prefix, write_about, CHOICE_CHUNK, CHOICE_SETS, DOC_CHUNK, DOC_SETS};
+use super::{record_check, At, DocResult, ResultsError, RunMeta};
 
 pub struct ResultsWriter {
     path: PathBuf,
@@ -35,6 +35,17 @@ impl ResultsWriter {
     /// already holds are returned, for the caller to skip. A file from another run is
     /// refused, naming the attribute that differs.
     pub fn open(path: &Path, meta: RunMeta, overwrite: bool) -> Result<(ResultsWriter, HashSet<String>), ResultsError> {
+        ResultsWriter::open_dropping(path, meta, overwrite, &HashSet::new())
+    }
+
+    /// [`open`](Self::open), first removing the records of the ids in `drop` (documents a
+    /// resume scores again: see plan.rs), so the file never holds two records for one id.
+    pub fn open_dropping(
+        path: &Path,
+        meta: RunMeta,
+        overwrite: bool,
+        drop: &HashSet<String>,
+    ) -> Result<(ResultsWriter, HashSet<String>), ResultsError> {
         let name = path.display().to_string();
         // A zero-length file is what a job killed before HDF5 wrote anything leaves.
         let fresh = match std::fs::metadata(path) {
@@ -49,7 +60,7 @@ impl ResultsWriter {
         if fresh {
             create(path, &meta)?;
         }
-        let (mut w, done) = ResultsWriter::resume(path, &meta)?;
+        let (mut w, done) = ResultsWriter::resume(path, &meta, drop)?;
         let reserve = Reserve::open(path).map_err(|source| ResultsError::Io { path: Reserve::path_for(path).display().to_string(), source })?;
         // Held from the first append on, so resuming a finished run needs no free space.
         w.reserve = Some(reserve);
@@ -69,7 +80,7 @@ impl ResultsWriter {
         })
     }
 
-    pub(super) fn resume(path: &Path, meta: &RunMeta) -> Result<(ResultsWriter, HashSet<String>), ResultsError> {
+    pub(super) fn resume(path: &Path, meta: &RunMeta, drop: &HashSet<String>) -> Result<(ResultsWriter, HashSet<String>), ResultsError> {
         let name = path.display().to_string();
         let open = || {
             File::open_rw(path)
@@ -78,12 +89,14 @@ impl ResultsWriter {
         let mut file = open()?;
         check_meta(&file, meta, &name)?;
         let mut rebuilt = None;
-        if !closed_cleanly(&file) {
-            drop(file);
-            rebuilt = Some(rebuild(path, meta)?);
+        let torn = !closed_cleanly(&file);
+        if torn || !drop.is_empty() {
+            std::mem::drop(file);
+            rebuilt = Some(rebuild(path, meta, drop)?).filter(|_| torn);
             file = open()?;
         }
         set_closed(&file, false, &name)?;
+        write_about(&file, meta, &name)?;
         let docs = file.group("docs").map_err(|e| ResultsError::Corrupt { path: name.clone(), msg: format!("missing group /docs: {e}") })?;
         let choices =
             file.group("choices").map_err(|e| ResultsError::Corrupt { path: name.clone(), msg: format!("missing group /choices: {e}") })?;
@@ -113,16 +126,17 @@ impl ResultsWriter {
     /// returns the ids of the documents kept.
     fn repair(&mut self) -> Result<HashSet<String>, ResultsError> {
         let p = self.name.clone();
-        let doc_sets: Vec<Dataset> = DOC_SETS.iter().map(|n| dataset(&self.docs, n, &p)).collect::<Result<_, _>>()?;
-        let choice_sets: Vec<Dataset> = CHOICE_SETS.iter().map(|n| dataset(&self.choices, n, &p)).collect::<Result<_, _>>()?;
+        let doc_sets: Vec<Dataset> = DOC_SETS.iter().map(|s| dataset(&self.docs, s.name, &p)).collect::<Result<_, _>>()?;
+        let choice_sets: Vec<Dataset> = CHOICE_SETS.iter().map(|s| dataset(&self.choices, s.name, &p)).collect::<Result<_, _>>()?;
         let doc_lens: Vec<usize> = doc_sets.iter().map(|d| d.size()).collect();
         let row_lens: Vec<usize> = choice_sets.iter().map(|d| d.size()).collect();
         let n = doc_lens.iter().copied().min().unwrap_or(0);
         let rows = row_lens.iter().copied().min().unwrap_or(0);
 
-        let status: Vec<VarLenUnicode> = read_prefix(&doc_sets[1], n, &p)?;
-        let offsets: Vec<i64> = read_prefix(&doc_sets[5], n, &p)?;
-        let counts: Vec<i32> = read_prefix(&doc_sets[6], n, &p)?;
+        let set = |name: &str| dataset(&self.docs, name, &p);
+        let status: Vec<VarLenUnicode> = read_prefix(&set("status")?, n, &p)?;
+        let offsets: Vec<i64> = read_prefix(&set("choice_offset")?, n, &p)?;
+        let counts: Vec<i32> = read_prefix(&set("n_choices")?, n, &p)?;
         let (keep, keep_rows) = valid_prefix(&status, &offsets, &counts, rows);
 
         let torn = doc_lens.iter().any(|&l| l != keep) || row_lens.iter().any(|&l| l != keep_rows);
@@ -142,7 +156,7 @@ impl ResultsWriter {
         }
         self.n_docs = keep;
         self.n_rows = keep_rows;
-        let ids: Vec<VarLenUnicode> = read_prefix(&doc_sets[0], keep, &p)?;
+        let ids: Vec<VarLenUnicode> = read_prefix(&set("id")?, keep, &p)?;
         Ok(ids.iter().map(|s| s.as_str().to_string()).collect())
     }
 
@@ -200,6 +214,8 @@ impl ResultsWriter {
         let rows: Vec<_> = docs.iter().flat_map(|d| &d.choices).collect();
         let ch = |name: &str| dataset(&self.choices, name, &p);
         let at = self.n_rows;
+        let doc_of: Vec<i64> = docs.iter().enumerate().flat_map(|(i, d)| std::iter::repeat_n((self.n_docs + i) as i64, d.choices.len())).collect();
+        extend(&ch("doc")?, at, &doc_of, &p)?;
         extend(&ch("text")?, at, &rows.iter().map(|r| vlu(&r.text)).collect::<Vec<_>>(), &p)?;
         extend(&ch("n_tokens")?, at, &rows.iter().map(|r| int32(r.n_tokens)).collect::<Vec<_>>(), &p)?;
         extend(&ch("logprob")?, at, &rows.iter().map(|r| r.logprob).collect::<Vec<_>>(), &p)?;
@@ -217,6 +233,8 @@ impl ResultsWriter {
         let at = self.n_docs;
         extend(&ds("id")?, at, &docs.iter().map(|d| vlu(&d.id)).collect::<Vec<_>>(), &p)?;
         extend(&ds("error")?, at, &docs.iter().map(|d| vlu(&d.error)).collect::<Vec<_>>(), &p)?;
+        extend(&ds("input_hash")?, at, &docs.iter().map(|d| vlu(&d.input_hash)).collect::<Vec<_>>(), &p)?;
+        extend(&ds("record_check")?, at, &docs.iter().map(record_check).collect::<Vec<_>>(), &p)?;
         extend(&ds("n_prompt_tokens")?, at, &docs.iter().map(|d| int32(d.n_prompt_tokens)).collect::<Vec<_>>(), &p)?;
         extend(&ds("best")?, at, &docs.iter().map(|d| d.best.map_or(-1, int32)).collect::<Vec<_>>(), &p)?;
         extend(&ds("choice_offset")?, at, &offsets, &p)?;
@@ -277,14 +295,16 @@ fn append_bytes(n_docs: usize, n_rows: usize, docs: &[DocResult]) -> u64 {
     let new_chunks = |at: usize, add: usize, chunk: usize| (at + add).div_ceil(chunk) - at.div_ceil(chunk);
     let rows: usize = docs.iter().map(|d| d.choices.len()).sum();
     // Bytes per element in a chunk: strings are 16-byte heap references.
-    let doc_chunk_bytes = DOC_CHUNK * (3 * 16 + 4 + 4 + 8 + 4);
-    let choice_chunk_bytes = CHOICE_CHUNK * (16 + 4 + 4 * 8);
+    let doc_chunk_bytes = DOC_CHUNK * (4 * 16 + 8 + 4 + 4 + 8 + 4);
+    let choice_chunk_bytes = CHOICE_CHUNK * (8 + 16 + 4 + 4 * 8);
     let chunks = new_chunks(n_docs, docs.len(), DOC_CHUNK) * doc_chunk_bytes + new_chunks(n_rows, rows, CHOICE_CHUNK) * choice_chunk_bytes;
     let string = |s: &str| s.len() + 32;
     let strings: usize = docs
         .iter()
-        .map(|d| string(&d.id) + string(&d.error) + string(d.status.as_str()) + d.choices.iter().map(|c| string(&c.text)).sum::<usize>())
+        .map(|d| {
+            string(&d.id) + string(&d.error) + string(d.status.as_str()) + string(&d.input_hash) + d.choices.iter().map(|c| string(&c.text)).sum::<usize>()
+        })
         .sum();
-    let raw = chunks + strings + docs.len() * 20 + rows * 36;
+    let raw = chunks + strings + docs.len() * 28 + rows * 44;
     (2 * raw as u64 + (256 << 10)).max(MIN_RESERVE)
 }

@@ -18,6 +18,7 @@
 
 mod backstop;
 mod heartbeat;
+mod go;
 mod identity;
 
 pub use identity::Identity;
