@@ -3,9 +3,11 @@
 use anyhow::{anyhow, Context, Result};
 use super::ranks::{run_ranks, RankJob, ScheduleArgs};
 use falcon_batch::backend::Backend;
+use falcon_batch::corpus::{reads_once, spool, Limits, Spooled};
 use falcon_batch::format::model_dir::ModelDir;
 use falcon_batch::job::launch::{LaunchOptions, Launched};
 use falcon_batch::job::score::{self, ScoreOptions};
+use falcon_batch::job::paths::check_distinct;
 use falcon_batch::job::stop;
 use falcon_batch::pipeline::PipelineScorer;
 use falcon_batch::results::read_results;
@@ -23,7 +25,8 @@ pub struct ScoreArgs {
     /// Model directory made by `falcon-batch convert`.
     #[arg(long)]
     model: PathBuf,
-    /// Corpus: JSONL, one document per line.
+    /// Corpus: JSONL, one document per line; `-` (standard input) or a pipe is copied to a
+    /// temporary file first.
     #[arg(long)]
     docs: PathBuf,
     /// HDF5 results; an existing file from the same model, template, norm and delimiter is resumed.
@@ -80,6 +83,15 @@ pub struct ScoreFlags {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
+    /// A longer line fails as a document, unread (bytes; e.g. 4MiB).
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes_usize)]
+    max_line_bytes: usize,
+    /// A document with more choices fails, untokenised.
+    #[arg(long, default_value_t = Limits::DEFAULT_CHOICES)]
+    max_choices: usize,
+    /// A document whose prompt and choices together make more tokens fails.
+    #[arg(long, default_value_t = Limits::DEFAULT_DOC_TOKENS)]
+    max_doc_tokens: usize,
     #[command(flatten)]
     schedule: ScheduleArgs,
 }
@@ -131,7 +143,7 @@ pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, mode
     let out = match out {
         Some(o) => o,
         None => {
-            let stem = docs.file_stem().filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("--docs {}: expected a file name to name the output after; pass --out", docs.display()))?;
+            let stem = docs.file_stem().filter(|s| !s.is_empty() && *s != "-").ok_or_else(|| anyhow!("--docs {}: expected a file name to name the output after; pass --out", docs.display()))?;
             let o = Path::new("results").join(stem).with_extension("h5");
             notes.push(format!("--out {} (results/<corpus name>.h5)", o.display()));
             o
@@ -177,11 +189,45 @@ fn is_first_rank() -> bool {
         .is_none_or(|r| r.trim() == "0")
 }
 
+fn parse_bytes_usize(s: &str) -> Result<usize, String> {
+    let n = falcon_batch::units::parse_bytes(s).map_err(|e| e.to_string())?;
+    usize::try_from(n).map_err(|_| format!("{n} bytes is more than this machine can address"))
+}
+
+/// Exit status of a usage error (as clap's own).
+const EXIT_USAGE: u8 = 2;
+
+fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// The corpus the job reads: `docs` itself, or on the writer rank a copy of a corpus that can
+/// be read only once (standard input, a pipe), removed when the returned Spooled drops. The
+/// other ranks never read the corpus (mpirun gives standard input to rank 0 alone).
+fn corpus_to_read(docs: &Path) -> Result<(PathBuf, Option<Spooled>)> {
+    if !is_first_rank() || !reads_once(docs) {
+        return Ok((docs.to_path_buf(), None));
+    }
+    let spooled = spool(docs, &std::env::temp_dir())?;
+    Ok((spooled.path().to_path_buf(), Some(spooled)))
+}
+
 fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Result<ExitCode> {
     let norm = Norm::parse(&a.norm).ok_or_else(|| anyhow!("--norm: expected sum, mean or char, found `{}`", a.norm))?;
     if a.batch_tokens == 0 {
         return Err(anyhow!("--batch-tokens must be at least 1"));
     }
+    for (name, v) in [("--max-line-bytes", a.max_line_bytes), ("--max-choices", a.max_choices), ("--max-doc-tokens", a.max_doc_tokens)] {
+        if v == 0 {
+            return Ok(usage_error(format!("{name} must be at least 1")));
+        }
+    }
+    if let Err(e) = check_distinct(&docs, &out, a.csv.as_deref()) {
+        return Ok(usage_error(e));
+    }
+    // Kept until the job ends: the copy is removed when this drops.
+    let (docs, _spooled) = corpus_to_read(&docs)?;
     let opts = ScoreOptions {
         docs,
         out,
@@ -194,6 +240,7 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
         wave: a.wave.unwrap_or(0),
         overwrite: a.overwrite,
         quiet: a.quiet,
+        limits: Limits { line_bytes: a.max_line_bytes, choices: a.max_choices, doc_tokens: a.max_doc_tokens },
     };
     let launch = LaunchOptions {
         model,
@@ -247,8 +294,9 @@ impl RankJob for ScoreJob {
         }
         if s.stopped {
             eprintln!(
-                "{}: stopped by SIGTERM with {} documents in the file; run the same command again to resume",
+                "{}: stopped by {} with {} documents in the file (every finished document is kept); run the same command again to resume",
                 self.opts.out.display(),
+                stop::signal_name().unwrap_or("a signal"),
                 s.docs_in_file
             );
             return Ok(stop::EXIT_STOPPED);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use super::tokenize::split;
+use super::tokenize::split_within;
 use super::{CorpusOptions, PreparedDoc, ReadyDoc};
 use crate::token_tree::TokenizedDoc;
 use crate::tokenizer::Tokenizer;
@@ -117,6 +117,13 @@ fn choices_of(obj: &Map<String, Value>) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// The failed document for a line over `--max-line-bytes`, or None when an earlier run
+/// recorded it already: it is neither parsed nor kept, so it goes by its line number.
+pub(super) fn too_long(ctx: &LineCtx, bytes: usize) -> Option<PreparedDoc> {
+    let max = ctx.options.limits.line_bytes;
+    ctx.doc(ctx.fallback_id(), Err(format!("line too long: {bytes} bytes, expected at most {max} (--max-line-bytes)")))
+}
+
 /// The prepared document for one non-blank line, or None when its id is to be skipped.
 pub(super) fn prepare(ctx: &LineCtx, bytes: &[u8], seen: &mut SeenIds) -> Option<PreparedDoc> {
     let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
@@ -157,13 +164,23 @@ pub(super) fn prepare(ctx: &LineCtx, bytes: &[u8], seen: &mut SeenIds) -> Option
 fn ready(ctx: &LineCtx, obj: &Map<String, Value>, id: &str) -> Result<ReadyDoc, String> {
     let (prompt, prompt_field) = prompt_of(obj, ctx.options)?;
     let choices = choices_of(obj)?;
+    let limits = ctx.options.limits;
+    if choices.len() > limits.choices {
+        return Err(format!("field \"choices\": {} choices, expected at most {} (--max-choices)", choices.len(), limits.choices));
+    }
     let answer = match obj.get("answer") {
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
     };
-    let parts = split(ctx.tokenizer, &prompt, &choices, &ctx.options.delimiter).map_err(|e| match e.choice {
-        None => format!("field {prompt_field}: cannot tokenize: {}", e.msg),
-        Some(c) => format!("field \"choices\"[{c}]: cannot tokenize: {}", e.msg),
+    let parts = split_within(ctx.tokenizer, &prompt, &choices, &ctx.options.delimiter, limits.doc_tokens).map_err(|e| {
+        let field = match e.choice {
+            None => prompt_field.to_string(),
+            Some(c) => format!("\"choices\"[{c}]"),
+        };
+        match e.over {
+            Some(n) => format!("field {field}: too many tokens: the document makes {n} by here, expected at most {} for its prompt and all its choices (--max-doc-tokens)", limits.doc_tokens),
+            None => format!("field {field}: cannot tokenize: {}", e.msg),
+        }
     })?;
     if parts.prompt.is_empty() {
         return Err(format!("field {prompt_field}: expected text that makes at least one token, found none"));

@@ -47,6 +47,42 @@ impl Batcher {
     }
 }
 
+/// A document with more rows than `budget` cut into pieces of whole choices, each with the
+/// whole prompt and at most `budget` rows (a piece of one choice may have more), in choice
+/// order; None when it fits or has a single choice. A document's attention costs the square
+/// of its rows, so a document of thousands of choices in one micro-batch took minutes and
+/// gigabytes; in pieces its time is linear in its choices. The scores of the pieces are
+/// merged into the document's before its `prob` (a softmax over all its choices) is taken.
+pub fn split_choices(doc: &ReadyDoc, budget: usize) -> Option<Vec<ReadyDoc>> {
+    let n = doc.doc.choices.len();
+    if n < 2 || doc.doc.rows() <= budget {
+        return None;
+    }
+    let prompt = doc.doc.prompt.len();
+    let mut pieces = vec![];
+    let (mut start, mut rows) = (0, prompt);
+    for (c, choice) in doc.doc.choices.iter().enumerate() {
+        let more = choice.len().saturating_sub(1);
+        if c > start && rows + more > budget {
+            pieces.push(piece(doc, start..c));
+            (start, rows) = (c, prompt);
+        }
+        rows += more;
+    }
+    pieces.push(piece(doc, start..n));
+    Some(pieces)
+}
+
+fn piece(doc: &ReadyDoc, choices: std::ops::Range<usize>) -> ReadyDoc {
+    ReadyDoc {
+        doc: TokenizedDoc { choices: doc.doc.choices[choices.clone()].to_vec(), ..doc.doc.clone_without_choices() },
+        choices: doc.choices[choices.clone()].to_vec(),
+        choice_chars: doc.choice_chars[choices].to_vec(),
+        n_prompt_tokens: doc.n_prompt_tokens,
+        answer: None,
+    }
+}
+
 /// Group the ok documents of `docs` (failed ones are skipped) into micro-batches of at
 /// most `batch_tokens` rows, in input order: the same batches the streaming Batcher makes.
 pub fn pack(docs: &[PreparedDoc], batch_tokens: usize) -> Vec<Vec<ReadyDoc>> {
@@ -85,6 +121,22 @@ mod tests {
 
     fn prepared(r: Result<ReadyDoc, String>, index: usize) -> PreparedDoc {
         PreparedDoc { index, line: index + 1, id: format!("d{index}"), result: r }
+    }
+
+    #[test]
+    fn a_document_over_budget_is_cut_into_pieces_of_whole_choices() {
+        // rows: prompt 4 + (3-1) + (2-1) + (5-1) + (1-1) + (3-1) = 13
+        let doc = ready(9, 4, &[3, 2, 5, 1, 3]);
+        assert_eq!(split_choices(&doc, 13), None, "it fits");
+        assert_eq!(split_choices(&ready(9, 40, &[3]), 13), None, "a single choice is never cut");
+        let pieces = split_choices(&doc, 8).unwrap();
+        let lens: Vec<Vec<usize>> = pieces.iter().map(|p| p.doc.choices.iter().map(Vec::len).collect()).collect();
+        assert_eq!(lens, vec![vec![3, 2], vec![5, 1], vec![3]]);
+        assert!(pieces.iter().all(|p| p.doc.prompt == doc.doc.prompt && p.doc.index == 9 && p.doc.rows() <= 8));
+        let chars: Vec<usize> = pieces.iter().flat_map(|p| p.choice_chars.clone()).collect();
+        assert_eq!(chars, doc.choice_chars);
+        // a prompt bigger than the budget: one choice per piece
+        assert_eq!(split_choices(&doc, 3).unwrap().len(), 5);
     }
 
     #[test]

@@ -3,10 +3,12 @@
 
 use super::fault::crash_point;
 use super::in_order::InOrder;
+use super::output_lock::OutputLock;
+use super::paths::claim_outputs;
 use super::progress::Progress;
 use super::waves::Waves;
 use super::JobError;
-use crate::corpus::{open_corpus, Batcher, CorpusOptions, CorpusReader, ReadyDoc, Template, DEFAULT_TEMPLATE};
+use crate::corpus::{open_corpus, Batcher, CorpusOptions, CorpusReader, Limits, ReadyDoc, Template, DEFAULT_TEMPLATE};
 use crate::format::model_dir::ModelDir;
 use crate::results::{export_csv, read_results, DocResult, ResultsWriter, RunMeta};
 use crate::runner::BatchScorer;
@@ -31,6 +33,8 @@ pub struct ScoreOptions {
     pub wave: usize,
     pub overwrite: bool,
     pub quiet: bool,
+    /// Per-document limits (--max-line-bytes, --max-choices, --max-doc-tokens).
+    pub limits: Limits,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -56,9 +60,13 @@ pub struct Prepared {
     pub tokenizer: Tokenizer,
     pub template: Template,
     pub meta: RunMeta,
+    /// This job's claim on the output, held until the run ends.
+    pub lock: OutputLock,
 }
 
 pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError> {
+    // Before the results file is opened or replaced: a running job's work is never touched.
+    let lock = claim_outputs(&opts.out, opts.csv.as_deref())?;
     // An unreadable corpus is fatal before anything is loaded or any output is touched.
     open_corpus(&opts.docs).map_err(|e| JobError::Input(e.to_string()))?;
     let tokenizer = Tokenizer::from_file(&dir.tokenizer_path()).map_err(|e| JobError::Input(e.to_string()))?;
@@ -73,7 +81,7 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
         template: template.source().to_string(),
         delimiter: opts.delimiter.clone(),
     };
-    Ok(Prepared { tokenizer, template, meta })
+    Ok(Prepared { tokenizer, template, meta, lock })
 }
 
 /// Runs the whole job on the writer rank. `scorer` runs the model (here or over MPI).
@@ -82,7 +90,7 @@ where
     JobError: From<S::Error>,
 {
     let start = Instant::now();
-    let Prepared { tokenizer, template, meta } = prepared;
+    let Prepared { tokenizer, template, meta, lock } = prepared;
     let (mut writer, done) = ResultsWriter::open(&opts.out, meta, opts.overwrite).map_err(|e| JobError::Output(e.to_string()))?;
     if let Some(note) = writer.repair_note() {
         eprintln!("{note}");
@@ -91,6 +99,7 @@ where
     let mut copts = CorpusOptions::new(template, dir.config().context_limit());
     copts.skip_ids = done;
     copts.delimiter = opts.delimiter.clone();
+    copts.limits = opts.limits;
     let reader = CorpusReader::open(&opts.docs, &tokenizer, copts).map_err(|e| JobError::Input(e.to_string()))?;
     let mut progress = Progress::new(&opts.docs, resumed, opts.quiet);
 
@@ -119,16 +128,14 @@ where
             Err(msg) => order.push_done(DocResult::failed(&doc.id, &msg)),
             Ok(ready) => {
                 order.push_scoring(ready.doc.index as u64);
-                if let Some(batch) = batcher.push(ready) {
-                    wave.push(batch);
+                for piece in waves.pieces(ready, opts.batch_tokens) {
+                    wave.extend(batcher.push(piece));
                 }
             }
         }
-        if wave.len() >= opts.wave.max(1) {
-            // Reading, tokenising and writing happen between these calls, while the waves in
-            // flight keep the other ranks busy.
-            waves.submit(std::mem::take(&mut wave), &mut order, &mut progress)?;
-        }
+        // Reading, tokenising and writing happen between these calls, while the waves in
+        // flight keep the other ranks busy.
+        waves.submit_ready(&mut wave, opts.wave, false, &mut order, &mut progress)?;
         flush(&mut order, &mut summary, &mut progress)?;
         if super::stop::requested() {
             summary.stopped = true;
@@ -139,9 +146,7 @@ where
         if let Some(batch) = batcher.finish() {
             wave.push(batch);
         }
-        if !wave.is_empty() {
-            waves.submit(wave, &mut order, &mut progress)?;
-        }
+        waves.submit_ready(&mut wave, opts.wave, true, &mut order, &mut progress)?;
     }
     // Waves already on the ring finish either way: a stop writes their documents too.
     while waves.collect(&mut order, &mut progress)? {
@@ -162,5 +167,6 @@ where
         })?;
     }
     summary.seconds = start.elapsed().as_secs_f64();
+    drop(lock);
     Ok(summary)
 }
