@@ -105,6 +105,7 @@ where
     /// Collect the oldest wave into `order`; false when none was in flight.
     pub fn collect(&mut self, order: &mut InOrder, progress: &mut Progress) -> Result<bool, JobError> {
         let Some((wave, batches)) = self.in_flight.pop_front() else { return Ok(false) };
+        super::fault::hold_wave();
         let logprobs = self.scorer.collect()?;
         for ((docs, batch), lps) in wave.iter().zip(&batches).zip(&logprobs) {
             self.tokens += batch.rows();

@@ -94,6 +94,11 @@ impl Running {
         Ran { status, stdout: read(&self.out), stderr: read(&self.err), took, timed_out }
     }
 
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// What it has written to stderr so far.
     pub fn stderr_so_far(&self) -> String {
         std::fs::read_to_string(self.err.path()).unwrap_or_default()
