@@ -6,7 +6,7 @@
 mod common;
 
 use common::proc::{run_limited, spawn_limited, Running};
-use common::tiny::{bin, children, comm, corpus, docs_in, model, mpirun, signal, writer_pid};
+use common::tiny::{bin, children, comm, corpus, docs_in, model, mpirun, signal};
 use falcon_batch::results::read_results;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -78,14 +78,12 @@ fn sigint_to_the_ranks_ends_the_job_with_75_and_a_resumable_file() {
     let mut job = spawn_limited(&score(docs, &out, 300), LIMIT);
     wait_for_docs(&mut job, &out);
     // Ctrl-C reaches every process of the foreground group: each rank gets it
-    let writer = writer_pid(&out).expect("rank 0's lock names it");
     for rank in children(mpirun_pid(&job)) {
         signal(rank, libc::SIGINT);
     }
     let o = job.wait();
     assert_eq!(o.code(), Some(75), "{}", o.stderr);
     assert!(o.stderr.contains("stopped by SIGINT") && o.stderr.contains("run the same command again"), "{}", o.stderr);
-    assert!(writer > 0);
     for left in ["int.h5.reserve", "int.h5.lock"] {
         assert!(!tmp().join(left).exists(), "{left} is removed");
     }
@@ -111,8 +109,9 @@ fn sigterm_to_mpirun_leaves_a_resumable_file() {
 
 #[test]
 fn with_the_planners_wave_documents_reach_the_file_while_the_job_runs() {
-    // 16 documents: about 8 micro-batches of 40 rows, one full wave of two ranks (4 each)
-    let docs = corpus(tmp(), "c16.jsonl", 16);
+    // 5 documents: fewer micro-batches of 40 rows (one or two each) than one full wave of
+    // two ranks (4 each)
+    let docs = corpus(tmp(), "c5.jsonl", 5);
     let out = tmp().join("flush.h5");
     let mut job = spawn_limited(&score(&docs, &out, 1000), LIMIT);
     let mut seen = vec![];
@@ -125,6 +124,6 @@ fn with_the_planners_wave_documents_reach_the_file_while_the_job_runs() {
     }
     let o = job.wait();
     assert_eq!(o.code(), Some(0), "{}", o.stderr);
-    assert_eq!(docs_in(&out), 16);
-    assert!(seen.iter().any(|&n| n < 16), "documents were written only at the end: {seen:?}");
+    assert_eq!(docs_in(&out), 5);
+    assert!(seen.iter().any(|&n| n < 5), "documents were written only at the end: {seen:?}");
 }

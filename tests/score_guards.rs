@@ -5,7 +5,7 @@
 mod common;
 
 use common::proc::{run_limited, spawn_limited, Ran, Running};
-use common::tiny::{bin, corpus, doc_line, docs_in, model, signal, writer_pid};
+use common::tiny::{bin, children, corpus, doc_line, docs_in, model, signal, writer_pid};
 use falcon_batch::results::read_results;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -155,7 +155,9 @@ fn sigint_stops_like_sigterm_keeping_every_finished_document() {
     let out = d.join("r.h5");
     let mut job = spawn_limited(score(&m, &docs, &out).env("FALCON_BATCH_HOLD_WAVE_MS", "300"), LIMIT);
     wait_for_docs(&mut job, &out);
-    signal(writer_pid(&out).expect("a lock naming the job"), libc::SIGINT);
+    for p in children(job.pid()) {
+        signal(p, libc::SIGINT);
+    }
     let o = job.wait();
     assert_eq!(o.code(), Some(75), "{}", o.stderr);
     assert!(o.stderr.contains("stopped by SIGINT") && o.stderr.contains("run the same command again"), "{}", o.stderr);
