@@ -127,3 +127,20 @@ fn with_the_planners_wave_documents_reach_the_file_while_the_job_runs() {
     assert_eq!(docs_in(&out), 5);
     assert!(seen.iter().any(|&n| n < 5), "documents were written only at the end: {seen:?}");
 }
+
+#[test]
+fn a_30_mb_line_fails_alone_instead_of_stopping_every_rank() {
+    let mut lines: Vec<String> = (0..4).map(common::tiny::doc_line).collect();
+    // Tokenised whole before any length check, it once outlasted the peers' liveness timeout
+    // (exit 70) on every rerun.
+    lines.insert(2, serde_json::json!({"id": "huge", "prompt": "t5 ".repeat(10_000_000), "choices": ["t3", "t4"]}).to_string());
+    let docs = tmp().join("huge.jsonl");
+    std::fs::write(&docs, lines.join("\n") + "\n").unwrap();
+    let out = tmp().join("huge.h5");
+    let o = run_limited(&score(&docs, &out, 0), LIMIT);
+    assert_eq!(o.code(), Some(3), "{}", o.stderr);
+    let r = read_results(&out).unwrap();
+    assert_eq!(r.len(), 5);
+    assert!(r[2].error.contains("huge.jsonl:3: line too long") && r[2].error.contains("--max-line-bytes"), "{}", r[2].error);
+    assert!(r.iter().enumerate().all(|(i, d)| i == 2 || d.is_ok()));
+}
