@@ -48,17 +48,23 @@ impl Batcher {
 }
 
 /// A document with more rows than `budget` cut into pieces of whole choices, each with the
-/// whole prompt and at most `budget` rows (a piece of one choice may have more), in choice
-/// order; None when it fits or has a single choice. A document's attention costs the square
-/// of its rows, so a document of thousands of choices in one micro-batch took minutes and
-/// gigabytes; in pieces its time is linear in its choices. The scores of the pieces are
-/// merged into the document's before its `prob` (a softmax over all its choices) is taken.
+/// whole prompt, in choice order; None when it fits or has a single choice. A document's
+/// attention costs the square of its rows, so a document of thousands of choices in one
+/// micro-batch took minutes and gigabytes; in pieces its time is linear in its choices. The
+/// scores of the pieces are merged into the document's before its `prob` (a softmax over all
+/// its choices) is taken.
+///
+/// Each piece re-feeds the prompt, so a piece may have twice the prompt's rows whatever the
+/// budget: a prompt longer than the budget is then computed at most twice per choice row it
+/// carries, never once per choice, and a document up to twice its prompt is not cut at all.
+/// A piece of one choice may still be over the budget (it runs alone, as a big document did).
 pub fn split_choices(doc: &ReadyDoc, budget: usize) -> Option<Vec<ReadyDoc>> {
     let n = doc.doc.choices.len();
+    let prompt = doc.doc.prompt.len();
+    let budget = budget.max(2 * prompt);
     if n < 2 || doc.doc.rows() <= budget {
         return None;
     }
-    let prompt = doc.doc.prompt.len();
     let mut pieces = vec![];
     let (mut start, mut rows) = (0, prompt);
     for (c, choice) in doc.doc.choices.iter().enumerate() {
@@ -135,8 +141,13 @@ mod tests {
         assert!(pieces.iter().all(|p| p.doc.prompt == doc.doc.prompt && p.doc.index == 9 && p.doc.rows() <= 8));
         let chars: Vec<usize> = pieces.iter().flat_map(|p| p.choice_chars.clone()).collect();
         assert_eq!(chars, doc.choice_chars);
-        // a prompt bigger than the budget: one choice per piece
-        assert_eq!(split_choices(&doc, 3).unwrap().len(), 5);
+        // a prompt bigger than half the budget: pieces of twice the prompt's rows
+        let long = ready(9, 5, &[4, 4, 4, 4, 4]);
+        let lens: Vec<usize> = split_choices(&long, 3).unwrap().iter().map(|p| p.doc.choices.len()).collect();
+        assert_eq!(lens, vec![1, 1, 1, 1, 1], "5 + 3 + 3 > 10: one choice each");
+        let lens: Vec<usize> = split_choices(&ready(9, 5, &[2, 2, 2, 2, 2, 2, 2]), 3).unwrap().iter().map(|p| p.doc.choices.len()).collect();
+        assert_eq!(lens, vec![5, 2], "pieces of 10 rows");
+        assert_eq!(split_choices(&ready(9, 5, &[2, 2, 2, 2, 2]), 3), None, "10 rows: twice its prompt, not cut");
     }
 
     #[test]
