@@ -83,8 +83,8 @@ pub struct ScoreFlags {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
-    /// A longer line fails as a document, unread (bytes; e.g. 4MiB).
-    #[arg(long, default_value = "4MiB", value_parser = parse_bytes_usize)]
+    /// A longer line fails as a document, unread (bytes, or e.g. 16MiB).
+    #[arg(long, default_value_t = Limits::DEFAULT_LINE_BYTES, value_parser = parse_bytes_usize)]
     max_line_bytes: usize,
     /// A document with more choices fails, untokenised.
     #[arg(long, default_value_t = Limits::DEFAULT_CHOICES)]
