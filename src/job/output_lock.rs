@@ -37,8 +37,8 @@ const SETTLE: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Error)]
 pub enum LockError {
-    #[error("{out} is being written by pid {pid} on host {host} since {since} ({cmdline}); wait for it or stop it (its lock: {lock})")]
-    Held { out: String, lock: String, host: String, pid: u32, since: String, cmdline: String },
+    #[error("{} is being written by pid {} on host {} since {} ({}); wait for it or stop it (its lock: {})", .0.out, .0.holder.pid, .0.holder.host, .0.holder.since, .0.holder.cmdline, .0.lock)]
+    Held(Box<Held>),
     #[error("{out}: another job is starting on it ({lock} was made {age_s} s ago); wait for it or stop it")]
     Starting { out: String, lock: String, age_s: u64 },
     #[error("{lock}: cannot {what}: {source}")]
@@ -48,6 +48,14 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Who holds the lock of which output.
+#[derive(Debug)]
+pub struct Held {
+    out: String,
+    lock: String,
+    holder: Holder,
 }
 
 /// What the lock file holds.
@@ -177,12 +185,15 @@ impl Drop for OutputLock {
     }
 }
 
-fn held(out: &Path, path: &Path, h: Holder) -> LockError {
-    LockError::Held { out: out.display().to_string(), lock: path.display().to_string(), host: h.host, pid: h.pid, since: h.since, cmdline: h.cmdline }
+fn held(out: &Path, path: &Path, holder: Holder) -> LockError {
+    LockError::Held(Box::new(Held { out: out.display().to_string(), lock: path.display().to_string(), holder }))
 }
 
-/// The lock's bytes, its holder when they parse, and its age; None when it vanished.
-fn read(path: &Path) -> std::io::Result<Option<(Vec<u8>, Option<Holder>, Duration)>> {
+/// A lock file as read: its bytes, its holder when they parse, and its age.
+type Seen = (Vec<u8>, Option<Holder>, Duration);
+
+/// The lock as it is now; None when it vanished.
+fn read(path: &Path) -> std::io::Result<Option<Seen>> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
