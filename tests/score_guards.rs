@@ -93,6 +93,17 @@ fn a_stale_lock_is_taken_over_and_a_live_one_from_another_host_is_not() {
     let o = run(&score(&m, &docs, &out));
     assert_eq!(o.code(), Some(0), "{}", o.stderr);
     assert_eq!(docs_in(&out), 5);
+    // a fresh lock of another host left by an earlier run of this same (requeued) Slurm job
+    write_lock(&out, "elsewhere", 1, Duration::ZERO);
+    let lock = PathBuf::from(format!("{}.lock", out.display()));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&lock).unwrap()).unwrap();
+    v["batch_job"] = "4242".into();
+    std::fs::write(&lock, v.to_string()).unwrap();
+    let o = run(score(&m, &docs, &out).env("SLURM_JOB_ID", "4243"));
+    assert_eq!(o.code(), Some(1), "another batch job's lock holds: {}", o.stderr);
+    let o = run(score(&m, &docs, &out).env("SLURM_JOB_ID", "4242"));
+    assert_eq!(o.code(), Some(0), "{}", o.stderr);
+    assert!(o.stderr.contains("took over the lock"), "{}", o.stderr);
 }
 
 #[test]

@@ -241,6 +241,7 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
         overwrite: a.overwrite,
         quiet: a.quiet,
         limits: Limits { line_bytes: a.max_line_bytes, choices: a.max_choices, doc_tokens: a.max_doc_tokens },
+        batch_job: std::env::var("SLURM_JOB_ID").ok().filter(|v| !v.is_empty()),
     };
     let launch = LaunchOptions {
         model,

@@ -10,7 +10,10 @@
 //! A lock is stale when its holder is gone: on this host, its pid no longer runs the process
 //! that took it (the kernel's start tick differs, so a reused pid is not mistaken for it); on
 //! another host, whose processes cannot be seen from here, its mtime is older than
-//! [`STALE_AFTER`], which the holder's heartbeat keeps fresh. A stale lock is taken over by
+//! [`STALE_AFTER`], which the holder's heartbeat keeps fresh, or it names the same batch job
+//! as this process (a requeued Slurm job starts only once every process of its previous run
+//! has ended, possibly on another node, seconds after a SIGKILL left the lock behind). A stale
+//! lock is taken over by
 //! renaming a fresh one over it, after reading it again, and confirming after a pause that the
 //! lock names this process: of two takers racing, the later rename wins and the earlier one
 //! sees it. The heartbeat checks the lock still names its holder and says so when it does not.
@@ -68,10 +71,13 @@ struct Holder {
     /// Field 22 of /proc/PID/stat: tells this process from a later one with the same pid.
     start_tick: u64,
     cmdline: String,
+    /// The batch job (Slurm's job id) the holder ran in, if any.
+    #[serde(default)]
+    batch_job: Option<String>,
 }
 
 impl Holder {
-    fn me() -> Holder {
+    fn me(batch_job: Option<String>) -> Holder {
         let pid = std::process::id();
         Holder {
             host: this_host(),
@@ -79,12 +85,16 @@ impl Holder {
             since: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             start_tick: start_tick(pid).unwrap_or(0),
             cmdline: std::env::args().collect::<Vec<_>>().join(" "),
+            batch_job,
         }
     }
 
-    /// Whether the process that wrote this lock may still be running.
-    fn alive(&self, lock_age: Duration) -> bool {
-        if self.host == this_host() {
+    /// Whether the process that wrote this lock may still be running (`me` is this process).
+    fn alive(&self, lock_age: Duration, me: &Holder) -> bool {
+        if self.batch_job.is_some() && self.batch_job == me.batch_job {
+            // An earlier run of this same batch job: the scheduler ended it before this one.
+            false
+        } else if self.host == me.host {
             start_tick(self.pid).is_some_and(|t| t == self.start_tick)
         } else {
             lock_age < STALE_AFTER
@@ -120,8 +130,9 @@ pub struct OutputLock {
 }
 
 impl OutputLock {
-    /// Take the lock of `out` (making its directory), or say who holds it.
-    pub fn acquire(out: &Path) -> Result<OutputLock, LockError> {
+    /// Take the lock of `out` (making its directory), or say who holds it. `batch_job` is the
+    /// scheduler's id of the batch job this process runs in (SLURM_JOB_ID), if any.
+    pub fn acquire(out: &Path, batch_job: Option<String>) -> Result<OutputLock, LockError> {
         let path = lock_path(out);
         let name = path.display().to_string();
         let io = |what: &'static str| {
@@ -131,7 +142,7 @@ impl OutputLock {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io("make its directory"))?;
         }
-        let me = Holder::me();
+        let me = Holder::me(batch_job);
         let body = serde_json::to_vec_pretty(&me).map_err(|e| io("encode")(std::io::Error::other(e)))?;
         // Two rounds: the second follows a stale lock's removal by a racing taker.
         for _ in 0..2 {
@@ -145,7 +156,7 @@ impl OutputLock {
             }
             let Some((seen, holder, age)) = read(&path).map_err(io("read"))? else { continue };
             match holder {
-                Some(h) if h.alive(age) => return Err(held(out, &path, h)),
+                Some(h) if h.alive(age, &me) => return Err(held(out, &path, h)),
                 None if age < BEING_WRITTEN => {
                     return Err(LockError::Starting { out: out.display().to_string(), lock: name, age_s: age.as_secs() });
                 }

@@ -76,9 +76,9 @@ pub fn check_csv_dir(csv: &Path) -> Result<(), PathError> {
 }
 
 /// The writer's claim on its outputs, made at the start of the prepare step: the results
-/// file's lock, and the CSV's directory.
-pub fn claim_outputs(out: &Path, csv: Option<&Path>) -> Result<OutputLock, PathError> {
-    let lock = OutputLock::acquire(out)?;
+/// file's lock (see OutputLock::acquire for `batch_job`), and the CSV's directory.
+pub fn claim_outputs(out: &Path, csv: Option<&Path>, batch_job: Option<String>) -> Result<OutputLock, PathError> {
+    let lock = OutputLock::acquire(out, batch_job)?;
     if let Some(csv) = csv {
         check_csv_dir(csv)?;
     }

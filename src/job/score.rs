@@ -35,6 +35,9 @@ pub struct ScoreOptions {
     pub quiet: bool,
     /// Per-document limits (--max-line-bytes, --max-choices, --max-doc-tokens).
     pub limits: Limits,
+    /// The scheduler's id of the batch job this runs in (SLURM_JOB_ID): a requeued job takes
+    /// over the output lock its previous run left.
+    pub batch_job: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -66,7 +69,7 @@ pub struct Prepared {
 
 pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError> {
     // Before the results file is opened or replaced: a running job's work is never touched.
-    let lock = claim_outputs(&opts.out, opts.csv.as_deref())?;
+    let lock = claim_outputs(&opts.out, opts.csv.as_deref(), opts.batch_job.clone())?;
     // An unreadable corpus is fatal before anything is loaded or any output is touched.
     open_corpus(&opts.docs).map_err(|e| JobError::Input(e.to_string()))?;
     let tokenizer = Tokenizer::from_file(&dir.tokenizer_path()).map_err(|e| JobError::Input(e.to_string()))?;
