@@ -34,6 +34,16 @@ pub enum Finish {
     Stop,
 }
 
+impl Finish {
+    pub fn name(self) -> &'static str {
+        match self {
+            Finish::Eos => "eos",
+            Finish::Length => "length",
+            Finish::Stop => "stop",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct GenOptions {
     pub max_new_tokens: usize,
@@ -50,7 +60,9 @@ pub struct GenOutput {
     pub id: String,
     pub prompt: String,
     pub text: String,
-    /// New token ids (the end-of-sequence token included when it ended the text).
+    /// The new token ids that `text` shows: the end-of-sequence token is left out like the
+    /// stop string, and so is every token after the one the stop string begins in (that one
+    /// stays when part of its text comes before the stop string).
     pub tokens: Vec<u32>,
     pub finish: Finish,
 }
@@ -153,10 +165,10 @@ where
             let s = &mut seqs[i];
             let next = s.sampler.next(row, &s.history);
             s.history.push(next);
-            s.new_ids.push(next);
             if opts.eos.contains(&next) {
                 s.finish = Some(Finish::Eos);
             } else {
+                s.new_ids.push(next);
                 let full = tok.decode(&s.new_ids, true)?;
                 if let Some(cut) = opts.stop.iter().filter_map(|st| full.find(st.as_str())).min() {
                     s.finish = Some(Finish::Stop);
@@ -177,12 +189,35 @@ where
         }
     }
     let mut out = vec![];
-    for (r, s) in reqs.iter().zip(seqs) {
-        let mut text = tok.decode(&s.new_ids, true)?;
-        if s.finish == Some(Finish::Stop) {
-            text = s.text;
-        }
+    for (r, mut s) in reqs.iter().zip(seqs) {
+        let text = if s.finish == Some(Finish::Stop) {
+            let shown = shown_tokens(tok, &s.new_ids, &s.text)?;
+            s.new_ids.truncate(shown);
+            s.text
+        } else {
+            tok.decode(&s.new_ids, true)?
+        };
         out.push(GenOutput { id: r.id.clone(), prompt: r.prompt.clone(), text, tokens: s.new_ids, finish: s.finish.unwrap_or(Finish::Length) });
     }
     Ok(out)
+}
+
+/// How many of `ids` it takes to show `text` (the text before a stop string): the tokens
+/// after that belong to the stop string alone.
+fn shown_tokens(tok: &Tokenizer, ids: &[u32], text: &str) -> Result<usize, TokenizerError> {
+    if text.is_empty() {
+        return Ok(0);
+    }
+    // A longer prefix of the ids decodes to a longer prefix of the text, so the first k
+    // that covers it is found by bisection: the answer lies in (lo, hi].
+    let (mut lo, mut hi) = (0, ids.len());
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if tok.decode(&ids[..mid], true)?.starts_with(text) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
 }

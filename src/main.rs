@@ -1,7 +1,9 @@
 //! falcon-batch command line: parse, call the library, map errors to exit codes.
 //!
-//! Exit codes: 0 success; 1 fatal error (nothing, or nothing more, was done);
-//! 2 usage error; 3 finished, but some documents failed (they are recorded in the output).
+//! Exit codes: 0 success (also when stdout's reader went away, as in `show … | head`);
+//! 1 fatal error (nothing, or nothing more, was done); 2 usage error (a flag's value, or
+//! flags that cannot go together: clap's own refusals and cli::usage::UsageError);
+//! 3 finished, but some documents failed (they are recorded in the output).
 
 mod cli;
 
@@ -57,7 +59,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Generate(a) => cli::generate::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Plan(a) => {
-            print!("{}", cli::plan::run(&a)?);
+            cli::out::print(format_args!("{}", cli::plan::run(&a)?))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -67,6 +69,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        Err(e) if cli::out::is_closed(&e) => ExitCode::SUCCESS,
+        Err(e) if cli::usage::is_usage(&e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             ExitCode::from(1)

@@ -1,7 +1,8 @@
 //! Human quantities on the command line: sizes ("24GB", "24GiB", "512MB"), bandwidths
 //! ("24GB/s", "1Gbit", "10Gbit/s") and durations ("50us", "1ms"). B is bytes and b or bit
 //! is bits; k/M/G/T are powers of 1000 and Ki/Mi/Gi/Ti powers of 1024, as vendors label
-//! memory and links.
+//! memory and links. A bare number is refused (but 0): `--device-mem 24` meaning 24 bytes
+//! is never what was meant, so the unit is always written.
 
 use thiserror::Error;
 
@@ -12,9 +13,9 @@ pub struct UnitError {
     pub expected: &'static str,
 }
 
-const SIZE: &str = "a size like 24GB, 24GiB or 512MB";
-const RATE: &str = "a bandwidth like 24GB/s, 1Gbit or 10Gbit/s";
-const TIME: &str = "a duration like 50us, 1ms or 2s";
+const SIZE: &str = "a size with its unit, like 24GB, 24GiB or 512MB";
+const RATE: &str = "a bandwidth with its unit, like 24GB/s, 1Gbit or 10Gbit/s";
+const TIME: &str = "a duration with its unit, like 50us, 1ms or 2s";
 
 fn split(s: &str) -> Option<(f64, &str)> {
     let s = s.trim();
@@ -48,11 +49,15 @@ fn data_unit(u: &str) -> Option<f64> {
     None
 }
 
-/// Bytes; a bare number is bytes.
+/// Bytes: a number and a unit (a bare 0 needs none).
 pub fn parse_bytes(s: &str) -> Result<u64, UnitError> {
     let err = || UnitError { value: s.to_string(), expected: SIZE };
     let (v, unit) = split(s).ok_or_else(err)?;
-    let mult = if unit.is_empty() { 1.0 } else { data_unit(unit).filter(|_| !unit.ends_with('b') && !unit.ends_with("bit")).ok_or_else(err)? };
+    let mult = match unit {
+        "" if v == 0.0 => 1.0,
+        "" => return Err(err()),
+        _ => data_unit(unit).filter(|_| !unit.ends_with('b') && !unit.ends_with("bit")).ok_or_else(err)?,
+    };
     Ok((v * mult).round() as u64)
 }
 
@@ -61,7 +66,7 @@ pub fn parse_rate(s: &str) -> Result<f64, UnitError> {
     let err = || UnitError { value: s.to_string(), expected: RATE };
     let (v, unit) = split(s).ok_or_else(err)?;
     let unit = unit.strip_suffix("/s").or_else(|| unit.strip_suffix("ps")).unwrap_or(unit);
-    let mult = if unit.is_empty() { 1.0 } else { data_unit(unit).ok_or_else(err)? };
+    let mult = data_unit(unit).ok_or_else(err)?;
     let rate = v * mult;
     if rate > 0.0 {
         Ok(rate)
@@ -70,12 +75,13 @@ pub fn parse_rate(s: &str) -> Result<f64, UnitError> {
     }
 }
 
-/// Seconds; a bare number is seconds.
+/// Seconds: a number and a unit (a bare 0 needs none).
 pub fn parse_seconds(s: &str) -> Result<f64, UnitError> {
     let err = || UnitError { value: s.to_string(), expected: TIME };
     let (v, unit) = split(s).ok_or_else(err)?;
     let mult = match unit {
-        "" | "s" => 1.0,
+        "" if v == 0.0 => 1.0,
+        "s" => 1.0,
         "ms" => 1e-3,
         "us" | "µs" => 1e-6,
         "ns" => 1e-9,
@@ -94,8 +100,8 @@ mod tests {
         assert_eq!(parse_bytes("24GiB"), Ok(24 << 30));
         assert_eq!(parse_bytes("512MB"), Ok(512_000_000));
         assert_eq!(parse_bytes("1.5 TB"), Ok(1_500_000_000_000));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        for bad in ["", "GB", "24XB", "24Gbit", "-1GB", "24 G B"] {
+        assert_eq!(parse_bytes("0"), Ok(0));
+        for bad in ["", "GB", "24XB", "24Gbit", "-1GB", "24 G B", "24", "4096"] {
             assert!(parse_bytes(bad).is_err(), "{bad}");
         }
     }
@@ -107,7 +113,7 @@ mod tests {
         assert_eq!(parse_rate("10Gbit/s"), Ok(1.25e9));
         assert_eq!(parse_rate("1Gbps"), Ok(125e6));
         assert_eq!(parse_rate("100Mb/s"), Ok(12.5e6));
-        for bad in ["0GB/s", "fast", "1Gbit/h"] {
+        for bad in ["0GB/s", "fast", "1Gbit/h", "24", "24/s"] {
             assert!(parse_rate(bad).is_err(), "{bad}");
         }
     }
@@ -116,7 +122,8 @@ mod tests {
     fn times() {
         let close = |s: &str, v: f64| (parse_seconds(s).unwrap() - v).abs() < 1e-15;
         assert!(close("50us", 50e-6) && close("1ms", 1e-3) && close("100ns", 1e-7));
-        assert_eq!(parse_seconds("2"), Ok(2.0));
-        assert!(parse_seconds("1h").is_err());
+        assert_eq!(parse_seconds("2s"), Ok(2.0));
+        assert_eq!(parse_seconds("0"), Ok(0.0));
+        assert!(parse_seconds("1h").is_err() && parse_seconds("2").is_err());
     }
 }

@@ -289,7 +289,7 @@ fn cli_convert_prints_one_line_per_part() {
         .arg(tmp.path().join("m2"))
         .output_within(LIMIT)
         .unwrap();
-    assert_eq!(run.status.code(), Some(1));
+    assert_eq!(run.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&run.stderr).contains("--dtype"));
 }
 

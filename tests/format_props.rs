@@ -219,7 +219,7 @@ proptest! {
             let config = serde_json::from_value(json["config"].clone());
             let parts = serde_json::from_value::<Vec<falcon_batch::format::manifest::PartEntry>>(json["parts"].clone());
             if let (Ok(c), Ok(p)) = (config, parts) {
-                json["model_id"] = json!(compute_model_id(&c, &p));
+                json["model_id"] = json!(compute_model_id(&c, &p, json["tokenizer_hash"]["sha256"].as_str()));
             }
         }
         std::fs::write(&file, json.to_string()).unwrap();

@@ -197,7 +197,7 @@ fn a_document_over_a_limit_fails_alone_naming_the_option() {
     let docs = d.join("c.jsonl");
     std::fs::write(&docs, lines.join("\n") + "\n").unwrap();
     let out = d.join("r.h5");
-    let o = run(score(&m, &docs, &out).args(["--max-line-bytes", "2000", "--max-choices", "5", "--max-doc-tokens", "150"]));
+    let o = run(score(&m, &docs, &out).args(["--max-line-bytes", "2000B", "--max-choices", "5", "--max-doc-tokens", "150"]));
     assert_eq!(o.code(), Some(3), "{}", o.stderr);
     let r = read_results(&out).unwrap();
     let got: Vec<(&str, &str)> = r.iter().map(|r| (r.id.as_str(), r.error.as_str())).collect();

@@ -1,6 +1,7 @@
-//! Part files that are not what the manifest says are caught while they are read, before
-//! any compute: a bit-flipped tensor stops the job naming the part and file; a directory
-//! from before the fast hash still loads, with a notice.
+//! Part files and the tokenizer that are not what the manifest says are caught before any
+//! compute: a bit-flipped tensor stops the job naming the part and file; another tokenizer
+//! stops it naming the tokenizer; a manifest without the hashes is refused, and a directory
+//! from an older falcon-batch is refused until `inspect --upgrade` has checked it.
 
 mod common;
 
@@ -81,18 +82,139 @@ fn a_bit_flipped_part_stops_the_job_before_compute() {
     assert!(stderr(&o).contains("layer_001"), "{}", stderr(&o));
 }
 
-#[test]
-fn a_directory_without_fast_hashes_loads_with_a_notice() {
-    let d = tmp("old");
-    let m = convert(&d);
+/// manifest.json as JSON, changed by `edit`, written back.
+fn edit_manifest(m: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = m.join("manifest.json");
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    for p in json["parts"].as_array_mut().unwrap() {
-        assert!(p.as_object_mut().unwrap().remove("xxh3").is_some(), "convert records the fast hash");
-    }
+    edit(&mut json);
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    let o = score(&m, &corpus(&d), &d.join("old.h5"));
+}
+
+#[test]
+fn a_manifest_without_fast_hashes_is_refused_not_loaded_unchecked() {
+    let d = tmp("no-xxh3");
+    let m = convert(&d);
+    edit_manifest(&m, |json| {
+        for p in json["parts"].as_array_mut().unwrap() {
+            assert!(p.as_object_mut().unwrap().remove("xxh3").is_some(), "convert records the fast hash");
+        }
+    });
+    flip_64_bytes(&m.join("layer_000.safetensors"));
+    let out = d.join("old.h5");
+    let o = score(&m, &corpus(&d), &out);
     let e = stderr(&o);
-    assert!(o.status.success(), "{e}");
-    assert_eq!(e.matches("no fast content hashes").count(), 1, "one notice: {e}");
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("manifest.json") && e.contains("xxh3 is missing"), "{e}");
+    assert!(!out.exists(), "nothing may be scored");
+}
+
+/// Swaps the ids of "g" and "h" in the fixture's tokenizer.json: same size, other ids.
+fn swap_two_ids(m: &Path) {
+    let path = m.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"g\": 40") && text.contains("\"h\": 41"), "the fixture's vocabulary changed");
+    let swapped = text.replace("\"g\": 40", "\"g\": @").replace("\"h\": 41", "\"h\": 40").replace("\"g\": @", "\"g\": 41");
+    assert_eq!(swapped.len(), text.len());
+    std::fs::write(&path, swapped).unwrap();
+}
+
+#[test]
+fn another_tokenizer_is_refused_at_score_generate_and_verify() {
+    let d = tmp("tokenizer");
+    let m = convert(&d);
+    let docs = corpus(&d);
+    swap_two_ids(&m);
+    let tok = m.join("tokenizer.json").display().to_string();
+
+    let out = d.join("swapped.h5");
+    let o = score(&m, &docs, &out);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains(&tok) && e.contains("the tokenizer differs") && e.contains("sha256"), "{e}");
+    assert!(!out.exists(), "nothing may be scored");
+
+    let o = run(bin().arg("generate").arg("--model").arg(&m).args(["--prompt", "t5 t6", "--max-new-tokens", "2", "--device", "cpu"]));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the tokenizer differs"), "{}", stderr(&o));
+
+    let o = run(bin().arg("inspect").arg(&m).arg("--verify"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("verify: the tokenizer differs") && stderr(&o).contains(&tok), "{}", stderr(&o));
+}
+
+#[test]
+fn the_model_id_covers_the_tokenizer() {
+    let d = tmp("id");
+    let m = convert(&d);
+    // The same checkpoint but for two swapped ids in its tokenizer: another model.
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_gqa");
+    let other = d.join("checkpoint");
+    std::fs::create_dir(&other).unwrap();
+    for e in std::fs::read_dir(&fixture).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), other.join(e.file_name())).unwrap();
+    }
+    swap_two_ids(&other);
+    let m2 = d.join("model2");
+    let o = run(bin().args(["convert", "--from"]).arg(&other).arg("--to").arg(&m2));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = |m: &Path| -> String {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.join("manifest.json")).unwrap()).unwrap();
+        json["model_id"].as_str().unwrap().to_string()
+    };
+    assert_ne!(id(&m), id(&m2));
+}
+
+/// A version 1 manifest as an older falcon-batch wrote it: no tokenizer hash, no xxh3,
+/// the id over the config and the parts' sha256 only.
+fn make_version_1(m: &Path) {
+    let cfg_json = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(m.join("manifest.json")).unwrap()).unwrap()["config"].clone();
+    let cfg: falcon_batch::config::ModelConfig = serde_json::from_value(cfg_json).unwrap();
+    edit_manifest(m, |json| {
+        json["format_version"] = serde_json::json!(1);
+        json.as_object_mut().unwrap().remove("tokenizer_hash");
+        for p in json["parts"].as_array_mut().unwrap() {
+            p.as_object_mut().unwrap().remove("xxh3");
+        }
+        let parts: Vec<falcon_batch::format::manifest::PartEntry> = serde_json::from_value(json["parts"].clone()).unwrap();
+        json["model_id"] = serde_json::json!(falcon_batch::format::manifest::compute_model_id(&cfg, &parts, None));
+    });
+}
+
+#[test]
+fn an_old_directory_is_refused_until_upgraded() {
+    let d = tmp("v1");
+    let m = convert(&d);
+    let docs = corpus(&d);
+    let want = score(&m, &docs, &d.join("want.h5"));
+    assert!(want.status.success(), "{}", stderr(&want));
+    make_version_1(&m);
+
+    let o = score(&m, &docs, &d.join("old.h5"));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("manifest.json") && e.contains("version 1") && e.contains("--upgrade"), "{e}");
+
+    // A corrupt part stops the upgrade, and nothing is written.
+    let part = m.join("layer_001.safetensors");
+    let good = std::fs::read(&part).unwrap();
+    flip_64_bytes(&part);
+    let before = std::fs::read(m.join("manifest.json")).unwrap();
+    let o = run(bin().arg("inspect").arg(&m).arg("--upgrade"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("layer_001") && stderr(&o).contains("nothing was written"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(m.join("manifest.json")).unwrap(), before);
+
+    std::fs::write(&part, good).unwrap();
+    let o = run(bin().arg("inspect").arg(&m).arg("--upgrade"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(bin().arg("inspect").arg(&m).arg("--verify"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = score(&m, &docs, &d.join("upgraded.h5"));
+    assert!(again.status.success(), "{}", stderr(&again));
+    let (a, b) = (falcon_batch::results::read_results(&d.join("want.h5")).unwrap(), falcon_batch::results::read_results(&d.join("upgraded.h5")).unwrap());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.choices.iter().map(|c| c.logprob).collect::<Vec<_>>(), y.choices.iter().map(|c| c.logprob).collect::<Vec<_>>());
+    }
 }

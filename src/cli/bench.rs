@@ -16,13 +16,13 @@ pub struct BenchArgs {
     #[arg(long)]
     gemm: Option<String>,
     /// Layers in the streaming run (CUDA).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::usage::at_least_one)]
     layers: usize,
     /// Layers resident on the device in the streaming run: two groups of window/2 (CUDA).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::usage::at_least_one)]
     window: usize,
     /// Timed repetitions per shape (median reported), after one warm-up.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = super::usage::at_least_one)]
     reps: usize,
     #[arg(long, default_value = "results/bench.json")]
     out: std::path::PathBuf,
@@ -35,7 +35,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     if let Some(shapes) = &a.gemm {
         let shapes = falcon_batch::bench::gemm::parse_shapes(shapes)?;
         let rows = falcon_batch::bench::gemm::run(&shapes, a.reps)?;
-        println!("{}", serde_json::to_string(&rows)?);
+        crate::outln!("{}", serde_json::to_string(&rows)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let Some(synthetic) = a.synthetic else { anyhow::bail!("--synthetic is required") };

@@ -2,6 +2,9 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use super::ranks::{run_ranks, RankJob, ScheduleArgs};
+use super::usage::UsageError;
+use crate::outln;
+use std::collections::HashMap;
 use falcon_batch::backend::{Backend, KvDtype};
 use falcon_batch::format::model_dir::ModelDir;
 use falcon_batch::generate::{generate, GenOptions, GenOutput, GenRequest};
@@ -29,21 +32,27 @@ pub struct GenerateArgs {
     /// JSONL output, one line per prompt: {"id", "prompt", "text", "tokens", "finish"}.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    overwrite: bool,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// 0 = greedy (the default, reproducible without a seed).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = super::usage::non_negative)]
     temperature: f32,
     /// Keep only the k most likely tokens (0 = all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches p.
-    #[arg(long, default_value_t = 1.0)]
+    /// Keep the smallest set of tokens whose probability reaches p, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = super::usage::probability)]
     top_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Divides the logit of every token already in the text (above 0; 1 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = super::usage::positive_f32)]
     repetition_penalty: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Seed of the sampler [default: a random one, printed so the run can be repeated].
+    /// Greedy decoding (--temperature 0) needs none.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Stop when the text contains this string (repeatable); it is not included.
     #[arg(long)]
     stop: Vec<String>,
@@ -58,46 +67,79 @@ pub struct GenerateArgs {
     schedule: ScheduleArgs,
 }
 
-/// (id, prompt) pairs of a prompts file; a bad line is an error naming the file and line.
+/// (id, prompt) pairs of a prompts file. Output lines are matched to prompts by id, so every
+/// line needs one of its own; the first bad line is an error naming the file, line and field.
 fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut out = vec![];
+    let mut first_line: HashMap<String, usize> = HashMap::new();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let at = format!("{}:{}", path.display(), i + 1);
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{at}: invalid JSON"))?;
         let prompt = v.get("prompt").and_then(|p| p.as_str()).ok_or_else(|| anyhow!("{at}: field \"prompt\": expected a string"))?;
         let id = match v.get("id") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            None => format!("line:{}", i + 1),
-            Some(other) => bail!("{at}: field \"id\": expected a string, found {other}"),
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => s.clone(),
+            None => bail!("{at}: field \"id\": missing, expected a non-empty string naming this prompt's output line"),
+            Some(other) => bail!("{at}: field \"id\": expected a non-empty string, found {other}"),
         };
+        if let Some(first) = first_line.insert(id.clone(), i + 1) {
+            bail!("{at}: field \"id\": {id:?} was already used on line {first}; every prompt needs its own id");
+        }
         out.push((id, prompt.to_string()));
     }
     Ok(out)
 }
 
-fn validate(a: &GenerateArgs) -> Result<SamplingOptions> {
-    if !(a.temperature >= 0.0) {
-        bail!("--temperature must be 0 or more, found {}", a.temperature);
+/// --out must not replace a file by accident: it is refused unless --overwrite.
+fn check_out(a: &GenerateArgs) -> Result<(), UsageError> {
+    match &a.out {
+        Some(path) if !a.overwrite && std::fs::symlink_metadata(path).is_ok() => {
+            Err(UsageError::new("--out", format!("{} exists; pass --overwrite to replace it, or name another file", path.display())))
+        }
+        _ => Ok(()),
     }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], found {}", a.top_p);
+}
+
+/// The sampler's options as given; a seed left out is drawn by the writer (`seed`).
+fn sampling(a: &GenerateArgs) -> SamplingOptions {
+    SamplingOptions { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, repetition_penalty: a.repetition_penalty, seed: a.seed.unwrap_or(0) }
+}
+
+/// --seed, or for sampling without one a random seed, said on stderr so the text can be made
+/// again (without this every such run gave seed 0's text). Greedy decoding uses no seed.
+fn seed(a: &GenerateArgs) -> u64 {
+    match a.seed {
+        Some(s) => s,
+        None if a.temperature == 0.0 => 0,
+        None => {
+            let s = random_seed();
+            eprintln!("generate: seed {s}; pass --seed {s} to repeat");
+            s
+        }
     }
-    if !(a.repetition_penalty > 0.0) {
-        bail!("--repetition-penalty must be positive, found {}", a.repetition_penalty);
-    }
-    Ok(SamplingOptions { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, repetition_penalty: a.repetition_penalty, seed: a.seed })
+}
+
+/// A seed from the OS's randomness (std's per-process random hash keys), kept to 2^53 so
+/// it survives a round trip through JSON tools that read numbers as doubles.
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() >> 11
 }
 
 pub fn run(a: GenerateArgs) -> Result<ExitCode> {
-    let sampling = validate(&a)?;
+    let sampling = sampling(&a);
     let launch = LaunchOptions {
         model: a.model.clone(),
         schedule: a.schedule.options(Some(1), 2048),
         wire: a.schedule.wire_dtype,
         job_options: serde_json::json!({
             "command": "generate",
+            // The flags as given: every rank must agree on them, and only the writer draws a
+            // seed that was left out.
             "sampling": sampling,
+            "seed": a.seed,
             "max_new_tokens": a.max_new_tokens,
             "stop": a.stop,
             "ignore_eos": a.ignore_eos,
@@ -133,23 +175,27 @@ impl GenerateJob {
                 for o in outputs {
                     writeln!(f, "{}", serde_json::to_string(o)?)?;
                 }
-                f.flush()?;
+                f.flush().with_context(|| format!("{}: cannot write", path.display()))?;
                 eprintln!("wrote {} generations to {}", outputs.len(), path.display());
             }
             None if !streamed => {
                 for o in outputs {
-                    println!("{}", serde_json::to_string(o)?);
+                    outln!("{}", serde_json::to_string(o)?)?;
                 }
             }
-            None => println!(),
+            // The streamed text has no newline of its own; end it before stderr's lines.
+            None => outln!()?,
+        }
+        if let (Some(_), [o]) = (&self.args.prompt, outputs) {
+            eprintln!("generate: finish {} after {} new tokens", o.finish.name(), o.tokens.len());
         }
         Ok(())
     }
 }
 
 impl RankJob for GenerateJob {
-    /// The tokenizer, the tokenized prompts and the model's config.
-    type Prepared = (Tokenizer, Vec<GenRequest>, ModelConfig);
+    /// The tokenizer, the tokenized prompts, the model's config and the sampler's seed.
+    type Prepared = (Tokenizer, Vec<GenRequest>, ModelConfig, u64);
 
     fn launch_options(&self) -> &LaunchOptions {
         &self.launch
@@ -160,16 +206,17 @@ impl RankJob for GenerateJob {
     }
 
     fn prepare(&self) -> Result<Self::Prepared> {
+        check_out(&self.args)?;
         let dir = ModelDir::open_for(&self.args.model, &[])?;
-        let tok = Tokenizer::from_file(&dir.tokenizer_path())?;
+        let tok = dir.tokenizer()?;
         let reqs = self.requests(&tok)?;
-        Ok((tok, reqs, dir.config().clone()))
+        Ok((tok, reqs, dir.config().clone(), seed(&self.args)))
     }
 
-    fn drive<B: Backend + 'static>(&self, (tok, reqs, cfg): Self::Prepared, launched: &mut Launched<B>) -> Result<u8> {
+    fn drive<B: Backend + 'static>(&self, (tok, reqs, cfg, seed): Self::Prepared, launched: &mut Launched<B>) -> Result<u8> {
         let opts = GenOptions {
             max_new_tokens: self.args.max_new_tokens,
-            sampling: self.sampling.clone(),
+            sampling: SamplingOptions { seed, ..self.sampling.clone() },
             stop: self.args.stop.clone(),
             eos: if self.args.ignore_eos { vec![] } else { cfg.eos_token_ids.clone() },
             max_position: cfg.max_position,
@@ -183,8 +230,8 @@ impl RankJob for GenerateJob {
                 let _ = stdout.flush();
             }
         })?;
-        eprintln!("{}", dec.summary());
         self.write(&outputs, stream)?;
+        eprintln!("{}", dec.summary());
         Ok(0)
     }
 }

@@ -6,3 +6,5 @@ pub mod score;
 pub mod bench;
 pub mod ranks;
 pub mod plan;
+pub mod out;
+pub mod usage;

@@ -1,6 +1,8 @@
 //! `falcon-batch convert` and `falcon-batch inspect`: the model directory.
 
+use crate::outln;
 use anyhow::Result;
+use falcon_batch::format::model_dir::{ModelDir, UpgradeError};
 use falcon_batch::tensor::DType;
 use std::process::ExitCode;
 
@@ -13,29 +15,33 @@ pub struct ConvertArgs {
     #[arg(long)]
     to: std::path::PathBuf,
     /// Storage dtype of the weights (default: the checkpoint's; f32 for dequantized GGUF).
-    #[arg(long)]
-    dtype: Option<String>,
+    #[arg(long, value_parser = super::usage::dtype)]
+    dtype: Option<DType>,
 }
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
     model: std::path::PathBuf,
+    /// Re-hash every part and the tokenizer against the manifest.
     #[arg(long)]
     verify: bool,
+    /// Bring a directory from an older falcon-batch (format version 1) up to date: every part
+    /// is checked against its recorded sha256, then the hashes it lacks (the tokenizer's, the
+    /// parts' xxh3) and the new model id are recorded. The tokenizer is taken as it is.
+    #[arg(long, conflicts_with = "verify")]
+    upgrade: bool,
 }
 
 pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
     use falcon_batch::format::convert;
-    let dtype = match &a.dtype {
-        Some(s) => Some(DType::parse(s).ok_or_else(|| anyhow::anyhow!("--dtype: expected bf16, f16 or f32, found `{s}`"))?),
-        None => None,
-    };
+    let dtype = a.dtype;
     let ckpt = convert::open_checkpoint(&a.from)?;
     let cfg = ckpt.config();
     let out_dtype = dtype.unwrap_or_else(|| ckpt.native_dtype());
-    println!("{}: {} model, {} layers, writing {} to {}", ckpt.origin(), cfg.family.name(), cfg.n_layers, out_dtype.name(), a.to.display());
+    outln!("{}: {} model, {} layers, writing {} to {}", ckpt.origin(), cfg.family.name(), cfg.n_layers, out_dtype.name(), a.to.display())?;
     let m = convert::convert_with(ckpt.as_ref(), &a.to, dtype, &mut |r| {
-        println!(
+        // A reader gone from stdout does not stop the conversion: its end is reported below.
+        let _ = outln!(
             "[{:>4}/{}] {:<10} {:>3} tensors {:>10} {:.1}s",
             r.index + 1,
             r.total,
@@ -45,45 +51,80 @@ pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
             r.seconds
         );
     })?;
-    println!("wrote {} ({} in {} parts), model id {}", a.to.display(), human_bytes(m.total_bytes()), m.parts.len(), m.model_id);
+    outln!("wrote {} ({} in {} parts), model id {}", a.to.display(), human_bytes(m.total_bytes()), m.parts.len(), m.model_id)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
-    let dir = falcon_batch::format::model_dir::ModelDir::open(&a.model)?;
+    if a.upgrade {
+        return upgrade(&a.model);
+    }
+    let dir = ModelDir::open(&a.model)?;
     let m = dir.manifest();
     let c = &m.config;
-    println!("model      {}", a.model.display());
-    println!("family     {}", c.family.name());
-    println!("layers     {}", c.n_layers);
-    println!("hidden     {}", c.hidden_size);
-    println!("heads      {} (kv heads {}, head dim {})", c.n_heads, c.n_kv_heads, c.head_dim);
-    println!("ffn        {}", c.intermediate_size);
-    println!("vocab      {}", c.vocab_size);
-    println!("context    {}", c.context_limit());
-    println!("rope theta {}", c.rope_theta);
-    println!("rope scale {}", c.rope_scaling.describe());
-    println!("dtype      {}", m.dtype.name());
-    println!("model id   {}", m.model_id);
-    println!("source     {}", m.source);
-    println!("tokenizer  {}", m.tokenizer);
+    outln!("model      {}", a.model.display())?;
+    outln!("family     {}", c.family.name())?;
+    outln!("layers     {}", c.n_layers)?;
+    outln!("hidden     {}", c.hidden_size)?;
+    outln!("heads      {} (kv heads {}, head dim {})", c.n_heads, c.n_kv_heads, c.head_dim)?;
+    outln!("ffn        {}", c.intermediate_size)?;
+    outln!("vocab      {}", c.vocab_size)?;
+    outln!("context    {}", c.context_limit())?;
+    outln!("rope theta {}", c.rope_theta)?;
+    outln!("rope scale {}", c.rope_scaling.describe())?;
+    outln!("dtype      {}", m.dtype.name())?;
+    outln!("model id   {}", m.model_id)?;
+    outln!("source     {}", m.source)?;
+    outln!("tokenizer  {} ({}, sha256 {})", m.tokenizer, human_bytes(m.tokenizer_hash.bytes), m.tokenizer_hash.sha256)?;
     for p in &m.parts {
-        println!("  {:<12} {:>10}", p.file, human_bytes(p.bytes));
+        outln!("  {:<12} {:>10}", p.file, human_bytes(p.bytes))?;
     }
-    println!("total      {} in {} parts", human_bytes(m.total_bytes()), m.parts.len());
+    outln!("total      {} in {} parts", human_bytes(m.total_bytes()), m.parts.len())?;
     if !a.verify {
         return Ok(ExitCode::SUCCESS);
     }
     let bad = dir.verify();
     if bad.is_empty() {
-        println!("verify     all {} parts match the manifest", m.parts.len());
+        outln!("verify     all {} parts and the tokenizer match the manifest", m.parts.len())?;
         return Ok(ExitCode::SUCCESS);
     }
-    for (part, problem) in &bad {
-        eprintln!("verify: part {part} differs: {problem}");
+    for (what, problem) in &bad {
+        match what.as_str() {
+            "tokenizer" => eprintln!("verify: the tokenizer differs: {problem}"),
+            part => eprintln!("verify: part {part} differs: {problem}"),
+        }
     }
-    eprintln!("verify: {} of {} parts differ from the manifest", bad.len(), m.parts.len());
+    eprintln!("verify: {} of {} parts and the tokenizer differ from the manifest", bad.len(), m.parts.len() + 1);
     Ok(ExitCode::from(1))
+}
+
+fn upgrade(model: &std::path::Path) -> Result<ExitCode> {
+    match ModelDir::upgrade(model) {
+        Ok(u) => {
+            let m = &u.manifest;
+            outln!("upgrade    all {} parts match their recorded sha256; recorded their xxh3", m.parts.len())?;
+            outln!(
+                "upgrade    recorded the tokenizer {} as it is now (sha256 {}): the old manifest had no hash to check it against",
+                m.tokenizer,
+                m.tokenizer_hash.sha256
+            )?;
+            outln!("upgrade    model id {} -> {} (results files of the old id are not resumed)", u.old_id, m.model_id)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(UpgradeError::PartsDiffer(bad)) => {
+            for (part, problem) in &bad {
+                eprintln!("upgrade: part {part} differs: {problem}");
+            }
+            eprintln!("upgrade: {} parts differ from the manifest's sha256; nothing was written: copy them again or convert again", bad.len());
+            Ok(ExitCode::from(1))
+        }
+        // Run twice, the second finds nothing to do: not an error.
+        Err(e @ UpgradeError::Current { .. }) => {
+            outln!("upgrade    {}: {e}", model.display())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Sizes as people read them (binary units).

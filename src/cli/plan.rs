@@ -9,7 +9,7 @@ use falcon_batch::schedule::tune::{tune, Candidate};
 use falcon_batch::schedule::{gb, presets, ModelShape, RankCaps, Schedule, ScheduleOptions};
 use falcon_batch::tensor::DType;
 use falcon_batch::trace::Trace;
-use falcon_batch::units::{parse_bytes, parse_rate, parse_seconds};
+use super::usage::{self, UsageError};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -32,64 +32,64 @@ pub struct PlanArgs {
     #[arg(long)]
     preset: Option<String>,
     /// Number of ranks (one per GPU).
-    #[arg(long)]
+    #[arg(long, value_parser = usage::at_least_one)]
     ranks: usize,
-    /// Device memory per rank, e.g. 24GB or 24GiB.
-    #[arg(long)]
-    device_mem: String,
+    /// Device memory per rank, e.g. 24GB or 24GiB (the unit is required).
+    #[arg(long, value_parser = usage::size)]
+    device_mem: u64,
     /// Host memory each rank may pin (a node's memory divided by its GPUs); unchecked if absent.
-    #[arg(long)]
-    host_mem: Option<String>,
+    #[arg(long, value_parser = usage::size)]
+    host_mem: Option<u64>,
     /// Host-to-device bandwidth (pinned copies) [default: 24GB/s, or the cost file's].
-    #[arg(long)]
-    h2d: Option<String>,
+    #[arg(long, value_parser = usage::rate)]
+    h2d: Option<f64>,
     /// Network bandwidth between ranks [default: 1Gbit, or the cost file's].
-    #[arg(long)]
-    net: Option<String>,
+    #[arg(long, value_parser = usage::rate)]
+    net: Option<f64>,
     /// Network latency per message [default: 50us, or the cost file's].
-    #[arg(long)]
-    net_latency: Option<String>,
+    #[arg(long, value_parser = usage::duration)]
+    net_latency: Option<f64>,
     /// Peak dense bf16 TFLOPS of one device; compute cost derived from FLOPs (see below).
-    #[arg(long)]
+    #[arg(long, value_parser = usage::positive)]
     tflops: Option<f64>,
-    /// Fraction of --tflops large matmuls reach.
-    #[arg(long, default_value_t = DEFAULT_EFFICIENCY)]
+    /// Fraction of --tflops large matmuls reach, in (0, 1].
+    #[arg(long, default_value_t = DEFAULT_EFFICIENCY, value_parser = usage::fraction)]
     efficiency: f64,
     /// Measured costs from `falcon-batch bench` (JSON: layer_seconds [[tokens, seconds], ...],
     /// h2d_bytes_per_s, net_bytes_per_s, net_latency_s).
     #[arg(long)]
     costs: Option<PathBuf>,
     /// Documents to score.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = usage::at_least_one)]
     docs: usize,
     /// Prompt tokens per document.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1500, value_parser = usage::at_least_one)]
     doc_tokens: usize,
     /// Answer choices per document.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = usage::at_least_one)]
     choices: usize,
     /// Tokens per choice.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = usage::at_least_one)]
     choice_tokens: usize,
     /// Most layers per group [default: chosen by simulation among the sizes that fit].
-    #[arg(long)]
+    #[arg(long, value_parser = usage::at_least_one)]
     group_layers: Option<usize>,
     /// Groups kept on the device per rank; 2 copies the next group while computing
     /// [default: chosen by simulation among 1-3; 2 without a cost model].
-    #[arg(long)]
+    #[arg(long, value_parser = usage::at_least_one)]
     resident: Option<usize>,
     /// Micro-batches per wave [default: 4 per rank].
-    #[arg(long)]
+    #[arg(long, value_parser = usage::at_least_one)]
     wave: Option<usize>,
     /// Token budget of a micro-batch (whole documents with their choices).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = usage::at_least_one)]
     batch_tokens: usize,
     /// Relative speed of each rank, comma-separated (heterogeneous ranks).
-    #[arg(long)]
-    rank_speed: Option<String>,
+    #[arg(long, value_delimiter = ',', value_parser = usage::positive)]
+    rank_speed: Option<Vec<f64>>,
     /// Device memory kept free for the runtime.
-    #[arg(long, default_value = "1GiB")]
-    reserve: String,
+    #[arg(long, default_value = "1GiB", value_parser = usage::size)]
+    reserve: u64,
     /// Activations on the wire: f32 (as computed) or bf16 (half the bytes) [default: bf16
     /// when the weights are bf16 or narrower, f32 otherwise].
     #[arg(long)]
@@ -130,7 +130,7 @@ struct Model {
 fn load_model(args: &PlanArgs) -> Result<Model> {
     if let Some(name) = &args.preset {
         let Some(shape) = ModelShape::preset(name) else {
-            bail!("--preset: unknown model `{name}`; known: {}", presets::PRESETS.join(", "));
+            return Err(UsageError::new("--preset", format!("unknown model `{name}`; known: {}", presets::PRESETS.join(", "))).into());
         };
         return Ok(Model { label: name.clone(), shape, files: HashMap::new() });
     }
@@ -152,20 +152,11 @@ fn flag<T, E: std::fmt::Display>(name: &str, r: std::result::Result<T, E>) -> Re
 }
 
 fn options(args: &PlanArgs) -> Result<(Vec<RankCaps>, ScheduleOptions)> {
-    let device = flag("--device-mem", parse_bytes(&args.device_mem))?;
-    let host = args.host_mem.as_deref().map(|h| flag("--host-mem", parse_bytes(h))).transpose()?;
-    let rank_speed = match &args.rank_speed {
-        None => None,
-        Some(list) => Some(
-            list.split(',')
-                .map(|v| flag("--rank-speed", v.trim().parse::<f64>()))
-                .collect::<Result<Vec<f64>>>()?,
-        ),
-    };
+    let rank_speed = args.rank_speed.clone();
     let ranks = (0..args.ranks)
         .map(|r| RankCaps {
-            device_bytes: device,
-            host_bytes: host,
+            device_bytes: args.device_mem,
+            host_bytes: args.host_mem,
             speed: rank_speed.as_ref().and_then(|s| s.get(r).copied()).unwrap_or(1.0),
             device: "gpu".into(),
         })
@@ -176,7 +167,7 @@ fn options(args: &PlanArgs) -> Result<(Vec<RankCaps>, ScheduleOptions)> {
         wave: args.wave,
         batch_tokens: args.batch_tokens,
         rank_speed,
-        reserve_bytes: flag("--reserve", parse_bytes(&args.reserve))?,
+        reserve_bytes: args.reserve,
     };
     Ok((ranks, opts))
 }
@@ -191,23 +182,9 @@ fn cost_model(args: &PlanArgs, shape: &ModelShape) -> Result<(CostModel, String)
         }
         None => None,
     };
-    let rate = |name: &str, given: &Option<String>, file: Option<f64>, default: &str| -> Result<f64> {
-        match (given, file) {
-            (Some(v), _) => flag(name, parse_rate(v)),
-            (None, Some(f)) => Ok(f),
-            (None, None) => flag(name, parse_rate(default)),
-        }
-    };
-    let h2d = rate("--h2d", &args.h2d, measured.as_ref().and_then(|m| m.h2d_bytes_per_s), "24GB/s")?;
-    let net = rate("--net", &args.net, measured.as_ref().and_then(|m| m.net_bytes_per_s), "1Gbit")?;
-    let latency = match (&args.net_latency, measured.as_ref().and_then(|m| m.net_latency_s)) {
-        (Some(v), _) => flag("--net-latency", parse_seconds(v))?,
-        (None, Some(f)) => f,
-        (None, None) => 50e-6,
-    };
-    if !(args.efficiency > 0.0 && args.efficiency <= 1.0) {
-        bail!("--efficiency: must be in (0, 1], got {}", args.efficiency);
-    }
+    let h2d = args.h2d.or(measured.as_ref().and_then(|m| m.h2d_bytes_per_s)).unwrap_or(DEFAULT_H2D);
+    let net = args.net.or(measured.as_ref().and_then(|m| m.net_bytes_per_s)).unwrap_or(DEFAULT_NET);
+    let latency = args.net_latency.or(measured.as_ref().and_then(|m| m.net_latency_s)).unwrap_or(DEFAULT_LATENCY);
     let (mut cost, source) = match (&measured, args.tflops) {
         (Some(m), _) => {
             let tflops = args.tflops.unwrap_or(0.0);
@@ -216,11 +193,10 @@ fn cost_model(args: &PlanArgs, shape: &ModelShape) -> Result<(CostModel, String)
             c.head_row_s = m.head_row_s.unwrap_or(if tflops > 0.0 { c.head_row_s } else { 0.0 });
             (c, format!("measured layer costs ({} points)", m.layer_seconds.len()))
         }
-        (None, Some(t)) if t > 0.0 && t.is_finite() => {
+        (None, Some(t)) => {
             (CostModel::from_flops(shape, t, args.efficiency, h2d, net, latency), format!("{t} TFLOPS x {} efficiency", args.efficiency))
         }
-        (None, Some(t)) => bail!("--tflops: must be positive, got {t}"),
-        (None, None) => bail!("give --tflops (peak of one device) or --costs (measured) to predict throughput"),
+        (None, None) => return Err(no_cost_model().into()),
     };
     let wire = wire_dtype(args, shape);
     cost.wire_bytes = wire.bytes();
@@ -250,6 +226,15 @@ fn workload(args: &PlanArgs) -> Workload {
     }
 }
 
+/// Defaults of the cost model's links, written as a user would give them.
+const DEFAULT_H2D: f64 = 24e9; // 24GB/s
+const DEFAULT_NET: f64 = 125e6; // 1Gbit
+const DEFAULT_LATENCY: f64 = 50e-6; // 50us
+
+fn no_cost_model() -> UsageError {
+    UsageError::new("--tflops", "give --tflops (peak of one device) or --costs (measured) to predict throughput")
+}
+
 /// Run the subcommand; returns what to print. --resident and --group-layers left open are
 /// chosen by simulation whenever a cost model is given, with or without --parts-for-rank, so
 /// staging and planning with the same flags agree.
@@ -272,7 +257,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     };
     if let Some(r) = args.parts_for_rank {
         if r >= sched.n_ranks() {
-            bail!("--parts-for-rank: rank {r} does not exist (ranks 0-{})", sched.n_ranks() - 1);
+            return Err(UsageError::new("--parts-for-rank", format!("rank {r} does not exist (ranks 0-{})", sched.n_ranks() - 1)).into());
         }
         let files: Vec<String> = sched
             .parts_for_rank(r)
@@ -282,7 +267,7 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         return Ok(files.iter().map(|f| format!("{f}\n")).collect());
     }
     let Some((cost, cost_line)) = cost else {
-        bail!("give --tflops (peak of one device) or --costs (measured) to predict throughput");
+        return Err(no_cost_model().into());
     };
     let mut trace = if args.trace.is_some() { Trace::for_rank(0) } else { Trace::disabled() };
     let report = simulate_traced(&sched, &cost, &work, &mut trace)?;
@@ -302,6 +287,17 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// "3", or "2-3" where the group count is not a multiple of the ranks'.
+fn groups_per_rank(s: &Schedule) -> String {
+    let counts = s.rank_groups.iter().map(Vec::len);
+    let (lo, hi) = (counts.clone().min().unwrap_or(0), counts.max().unwrap_or(0));
+    if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}-{hi}")
+    }
 }
 
 fn render(model: &Model, s: &Schedule, work: &Workload, cost_line: &str, rep: &SimReport, wire: WireDtype) -> String {
@@ -325,7 +321,7 @@ fn render(model: &Model, s: &Schedule, work: &Workload, cost_line: &str, rep: &S
         "schedule: {} ranks, {} groups of {lo}-{hi} layers ({} per rank), resident {}, wave {} micro-batches; activations {} per micro-batch",
         s.n_ranks(),
         s.groups.len(),
-        s.groups.len() / s.n_ranks(),
+        groups_per_rank(s),
         s.resident,
         s.wave,
         gb(s.activation_bytes)

@@ -23,16 +23,16 @@ pub struct ScheduleArgs {
     pub device: DeviceChoice,
     /// Memory for weights per rank, as given to `falcon-batch plan` (e.g. 24GB) [default:
     /// the device's free memory]. Give the same value to staging and scoring.
-    #[arg(long, value_parser = parse_device_mem)]
+    #[arg(long, value_parser = super::usage::size)]
     pub device_mem: Option<u64>,
     /// Most layers per group [default: as many as fit the device].
-    #[arg(long)]
+    #[arg(long, value_parser = super::usage::at_least_one)]
     pub group_layers: Option<usize>,
     /// Groups kept on the device per rank; 2 copies the next group in while computing.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = super::usage::at_least_one)]
     pub resident: usize,
     /// Relative speed of each rank, comma-separated (heterogeneous ranks).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = super::usage::positive)]
     pub rank_speed: Option<Vec<f64>>,
     /// Hidden states between ranks travel as f32 or bf16 [default: bf16 when the weights are
     /// bf16 or narrower, f32 otherwise]. Every rank must be given the same.
@@ -55,10 +55,6 @@ impl ScheduleArgs {
             ..Default::default()
         }
     }
-}
-
-fn parse_device_mem(s: &str) -> Result<u64, String> {
-    falcon_batch::units::parse_bytes(s).map_err(|e| e.to_string())
 }
 
 /// A multi-rank command: the writer rank prepares and drives it; the other ranks serve.

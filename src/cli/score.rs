@@ -1,13 +1,15 @@
 //! `falcon-batch score` and `falcon-batch show`.
 
 use anyhow::{anyhow, Context, Result};
+use crate::outln;
 use super::ranks::{run_ranks, RankJob, ScheduleArgs};
+use super::usage::UsageError;
 use falcon_batch::backend::Backend;
 use falcon_batch::corpus::{reads_once, spool, Limits, Spooled};
 use falcon_batch::format::model_dir::ModelDir;
 use falcon_batch::job::launch::{LaunchOptions, Launched};
 use falcon_batch::job::score::{self, ScoreOptions};
-use falcon_batch::job::paths::check_distinct;
+use falcon_batch::job::paths::{check_distinct, PathError};
 use falcon_batch::job::stop;
 use falcon_batch::pipeline::PipelineScorer;
 use falcon_batch::results::read_results;
@@ -62,8 +64,8 @@ pub struct ScoreFlags {
     #[arg(long)]
     csv: Option<PathBuf>,
     /// Score that picks the best choice: sum, mean (per token) or char (per character).
-    #[arg(long, default_value = "sum")]
-    norm: String,
+    #[arg(long, default_value = "sum", value_parser = super::usage::norm)]
+    norm: Norm,
     /// Prompt template file with {text} and {question}.
     #[arg(long)]
     template: Option<PathBuf>,
@@ -72,10 +74,10 @@ pub struct ScoreFlags {
     #[arg(long, default_value = " ", hide_default_value = true, allow_hyphen_values = true)]
     target_delimiter: String,
     /// Most tokens in one micro-batch.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = super::usage::at_least_one)]
     batch_tokens: usize,
     /// Micro-batches per wave [default: the planner's, 4 per rank].
-    #[arg(long)]
+    #[arg(long, value_parser = super::usage::at_least_one)]
     wave: Option<usize>,
     /// Replace an output file made with another model, template, norm or delimiter.
     #[arg(long)]
@@ -83,14 +85,14 @@ pub struct ScoreFlags {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
-    /// A longer line fails as a document, unread (bytes, or e.g. 16MiB).
-    #[arg(long, default_value_t = Limits::DEFAULT_LINE_BYTES, value_parser = parse_bytes_usize)]
+    /// A longer line fails as a document, unread (a size: 16MiB) [Limits::DEFAULT_LINE_BYTES].
+    #[arg(long, default_value = "4MiB", value_parser = line_bytes)]
     max_line_bytes: usize,
     /// A document with more choices fails, untokenised.
-    #[arg(long, default_value_t = Limits::DEFAULT_CHOICES)]
+    #[arg(long, default_value_t = Limits::DEFAULT_CHOICES, value_parser = super::usage::at_least_one)]
     max_choices: usize,
     /// A document whose prompt and choices together make more tokens fails.
-    #[arg(long, default_value_t = Limits::DEFAULT_DOC_TOKENS)]
+    #[arg(long, default_value_t = Limits::DEFAULT_DOC_TOKENS, value_parser = super::usage::at_least_one)]
     max_doc_tokens: usize,
     #[command(flatten)]
     schedule: ScheduleArgs,
@@ -189,17 +191,14 @@ fn is_first_rank() -> bool {
         .is_none_or(|r| r.trim() == "0")
 }
 
-fn parse_bytes_usize(s: &str) -> Result<usize, String> {
-    let n = falcon_batch::units::parse_bytes(s).map_err(|e| e.to_string())?;
-    usize::try_from(n).map_err(|_| format!("{n} bytes is more than this machine can address"))
-}
-
-/// Exit status of a usage error (as clap's own).
-const EXIT_USAGE: u8 = 2;
-
-fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {msg}");
-    ExitCode::from(EXIT_USAGE)
+/// A size in bytes with its unit (`16MiB`), at least one byte.
+fn line_bytes(s: &str) -> Result<usize, String> {
+    let n = super::usage::size(s)?;
+    match usize::try_from(n) {
+        Ok(0) => Err("must be at least 1 byte".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{n} bytes is more than this machine can address")),
+    }
 }
 
 /// The corpus the job reads: `docs` itself, or on the writer rank a copy of a corpus that can
@@ -214,18 +213,12 @@ fn corpus_to_read(docs: &Path) -> Result<(PathBuf, Option<Spooled>)> {
 }
 
 fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Result<ExitCode> {
-    let norm = Norm::parse(&a.norm).ok_or_else(|| anyhow!("--norm: expected sum, mean or char, found `{}`", a.norm))?;
-    if a.batch_tokens == 0 {
-        return Err(anyhow!("--batch-tokens must be at least 1"));
-    }
-    for (name, v) in [("--max-line-bytes", a.max_line_bytes), ("--max-choices", a.max_choices), ("--max-doc-tokens", a.max_doc_tokens)] {
-        if v == 0 {
-            return Ok(usage_error(format!("{name} must be at least 1")));
-        }
-    }
-    if let Err(e) = check_distinct(&docs, &out, a.csv.as_deref()) {
-        return Ok(usage_error(e));
-    }
+    let norm = a.norm;
+    check_distinct(&docs, &out, a.csv.as_deref()).map_err(|e| match &e {
+        // The flag of the file that would be written over.
+        PathError::Same { b, .. } => UsageError::new(b, e.to_string()),
+        _ => UsageError::new("--out", e.to_string()),
+    })?;
     // Kept until the job ends: the copy is removed when this drops.
     let (docs, _spooled) = corpus_to_read(&docs)?;
     let opts = ScoreOptions {
@@ -343,7 +336,7 @@ pub fn show(a: ShowArgs) -> Result<ExitCode> {
         Some(p) => answers(p)?,
         None => HashMap::new(),
     };
-    println!("{:<16} {:<6} {:<28} {:>6}  {}", "id", "status", "best choice", "prob", if answers.is_empty() { "" } else { "answer" });
+    outln!("{:<16} {:<6} {:<28} {:>6}  {}", "id", "status", "best choice", "prob", if answers.is_empty() { "" } else { "answer" })?;
     let (mut judged, mut right) = (0, 0);
     for (i, d) in docs.iter().enumerate() {
         let best = d.best.and_then(|b| d.choices.get(b));
@@ -362,15 +355,15 @@ pub fn show(a: ShowArgs) -> Result<ExitCode> {
         };
         if a.limit.is_none_or(|l| i < l) {
             match best {
-                Some(c) => println!("{:<16} {:<6} {:<28} {:>6.3}  {verdict}", clip(&d.id, 16), "ok", clip(&c.text, 28), c.prob),
-                None => println!("{:<16} {:<6} {}", clip(&d.id, 16), "error", clip(&d.error, 70)),
+                Some(c) => outln!("{:<16} {:<6} {:<28} {:>6.3}  {verdict}", clip(&d.id, 16), "ok", clip(&c.text, 28), c.prob)?,
+                None => outln!("{:<16} {:<6} {}", clip(&d.id, 16), "error", clip(&d.error, 70))?,
             }
         }
     }
     let failed = docs.iter().filter(|d| !d.is_ok()).count();
-    println!("{} documents, {} failed", docs.len(), failed);
+    outln!("{} documents, {} failed", docs.len(), failed)?;
     if judged > 0 {
-        println!("accuracy {right}/{judged} = {:.1}%", 100.0 * right as f64 / judged as f64);
+        outln!("accuracy {right}/{judged} = {:.1}%", 100.0 * right as f64 / judged as f64)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -82,6 +82,7 @@ fn write_all(ckpt: &dyn Checkpoint, dir: &Path, dtype: DType, on_part: &mut dyn 
     check_sizes(cfg, &origin)?;
     // Fail on a missing tokenizer before gigabytes are written.
     let tokenizer = ckpt.tokenizer_json()?;
+    let tokenizer_hash = st::FileHashes::of(&tokenizer);
     let tok_path = dir.join(TOKENIZER_FILE);
     std::fs::write(&tok_path, tokenizer).map_err(|e| FormatError::io(&tok_path, e))?;
 
@@ -102,9 +103,10 @@ fn write_all(ckpt: &dyn Checkpoint, dir: &Path, dtype: DType, on_part: &mut dyn 
         family: cfg.family,
         config: cfg.clone(),
         dtype,
-        model_id: compute_model_id(cfg, &entries),
+        model_id: compute_model_id(cfg, &entries, Some(&tokenizer_hash.sha256)),
         parts: entries,
         tokenizer: TOKENIZER_FILE.into(),
+        tokenizer_hash,
         source: ckpt.origin(),
     };
     manifest.save(dir)?;

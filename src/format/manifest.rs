@@ -1,5 +1,6 @@
 //! manifest.json: what a model directory holds, checked before any weight is read.
 
+use super::st::FileHashes;
 use super::{FormatError, Result};
 use crate::config::{Family, ModelConfig};
 use crate::model::Part;
@@ -11,7 +12,10 @@ use std::path::Path;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Bumped when a reader of the previous version could misread a new directory.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the tokenizer is hashed (`tokenizer_hash`) and part of the model id; every part has its
+/// xxh3. A version 1 directory is refused with the way to upgrade it (`Manifest::upgrade`).
+pub const FORMAT_VERSION: u32 = 2;
+const LEGACY_VERSION: u32 = 1;
 
 /// One part file as written by convert.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,7 +28,8 @@ pub struct PartEntry {
     /// Lowercase hex sha256 of the whole file.
     pub sha256: String,
     /// xxh3-128 of the whole file (32 lowercase hex digits), checked by every rank while it
-    /// reads the part; absent in directories converted before it existed.
+    /// reads the part. Required from format version 2; version 1 directories converted
+    /// before it existed lack it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xxh3: Option<String>,
 }
@@ -40,15 +45,19 @@ pub struct Manifest {
     pub parts: Vec<PartEntry>,
     /// The tokenizer.json file name inside the directory.
     pub tokenizer: String,
-    /// Derived from the config and the parts' hashes (see `compute_model_id`): two
-    /// directories with the same id hold the same model bit for bit.
+    /// The tokenizer file's size and hashes: it decides which ids a text becomes, so another
+    /// tokenizer is another model, checked where it is read like a part.
+    pub tokenizer_hash: FileHashes,
+    /// Derived from the config, the parts' hashes and the tokenizer's (see
+    /// `compute_model_id`): two directories with the same id hold the same model bit for bit.
     pub model_id: String,
     /// Where the weights came from (checkpoint directory or GGUF file).
     pub source: String,
 }
 
-/// hex sha256 over the config's JSON and every part's sha256, in part order.
-pub fn compute_model_id(config: &ModelConfig, parts: &[PartEntry]) -> String {
+/// hex sha256 over the config's JSON, every part's sha256 in part order, then the
+/// tokenizer's sha256 (None: a version 1 manifest's id, which left the tokenizer out).
+pub fn compute_model_id(config: &ModelConfig, parts: &[PartEntry], tokenizer_sha256: Option<&str>) -> String {
     let mut h = Sha256::new();
     // serde_json writes struct fields in declaration order, so this is stable across runs.
     h.update(serde_json::to_vec(config).unwrap_or_default());
@@ -57,6 +66,10 @@ pub fn compute_model_id(config: &ModelConfig, parts: &[PartEntry]) -> String {
         h.update(p.name.as_bytes());
         h.update(b"=");
         h.update(p.sha256.as_bytes());
+    }
+    if let Some(t) = tokenizer_sha256 {
+        h.update(b"\ntokenizer=");
+        h.update(t.as_bytes());
     }
     hex::encode(h.finalize())
 }
@@ -93,28 +106,56 @@ impl Manifest {
         Manifest::parse(&bytes, &path)
     }
 
-    /// Parse manifest bytes read from `path` (named in errors).
+    /// Parse manifest bytes read from `path` (named in errors). A version 1 manifest is
+    /// refused, saying how to upgrade it.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Manifest> {
-        let bad = |field: &str, msg: String| FormatError::Malformed { path: path.display().to_string(), msg: format!("field `{field}`: {msg}") };
-        let json: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("invalid JSON: {e}") })?;
-        let obj = json
-            .as_object()
-            .ok_or_else(|| FormatError::Malformed { path: path.display().to_string(), msg: "expected a JSON object".into() })?;
-        let format_version: u32 = field(obj, "format_version", path)?;
-        if format_version != FORMAT_VERSION {
-            return Err(FormatError::Unsupported {
+        let (obj, version) = Manifest::json(bytes, path)?;
+        if version == LEGACY_VERSION {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            return Err(FormatError::Outdated {
                 path: path.display().to_string(),
-                msg: format!("field `format_version`: this build reads version {FORMAT_VERSION}, found {format_version}"),
+                msg: format!(
+                    "field `format_version`: version 1, written by an older falcon-batch, records no hash of the tokenizer \
+                     (and may lack the parts' fast hashes), so they cannot be checked; run `falcon-batch inspect {} --upgrade` \
+                     (checks every part against its sha256, then records the missing hashes) or convert again",
+                    dir.display()
+                ),
             });
         }
+        let tokenizer_hash: FileHashes = field(&obj, "tokenizer_hash", path)?;
+        Manifest::from_fields(&obj, version, tokenizer_hash, path)
+    }
+
+    /// The manifest's JSON object and its format version, refusing versions this build
+    /// cannot read.
+    fn json(bytes: &[u8], path: &Path) -> Result<(serde_json::Map<String, serde_json::Value>, u32)> {
+        let json: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("invalid JSON: {e}") })?;
+        let serde_json::Value::Object(obj) = json else {
+            return Err(FormatError::Malformed { path: path.display().to_string(), msg: "expected a JSON object".into() });
+        };
+        let format_version: u32 = field(&obj, "format_version", path)?;
+        if format_version != FORMAT_VERSION && format_version != LEGACY_VERSION {
+            return Err(FormatError::Unsupported {
+                path: path.display().to_string(),
+                msg: format!("field `format_version`: this build reads version {FORMAT_VERSION} (and upgrades {LEGACY_VERSION}), found {format_version}"),
+            });
+        }
+        Ok((obj, format_version))
+    }
+
+    /// Every field but the tokenizer's hash, checked against each other; the model id is
+    /// checked by `version`'s rule (version 1 left the tokenizer out of it).
+    fn from_fields(obj: &serde_json::Map<String, serde_json::Value>, version: u32, tokenizer_hash: FileHashes, path: &Path) -> Result<Manifest> {
+        let bad = |field: &str, msg: String| FormatError::Malformed { path: path.display().to_string(), msg: format!("field `{field}`: {msg}") };
         let m = Manifest {
-            format_version,
+            format_version: version,
             family: field(obj, "family", path)?,
             config: field(obj, "config", path)?,
             dtype: field(obj, "dtype", path)?,
             parts: field(obj, "parts", path)?,
             tokenizer: field(obj, "tokenizer", path)?,
+            tokenizer_hash,
             model_id: field(obj, "model_id", path)?,
             source: field(obj, "source", path)?,
         };
@@ -127,11 +168,33 @@ impl Manifest {
         if !is_plain_file_name(&m.tokenizer) {
             return Err(bad("tokenizer", format!("`{}` must be a file name inside the directory", m.tokenizer)));
         }
-        let id = compute_model_id(&m.config, &m.parts);
+        let id = if version == LEGACY_VERSION {
+            compute_model_id(&m.config, &m.parts, None)
+        } else {
+            let t = &m.tokenizer_hash;
+            if !is_hex(&t.sha256, 64) || !is_hex(&t.xxh3, 32) {
+                return Err(bad("tokenizer_hash", "expected sha256 of 64 and xxh3 of 32 lowercase hex digits".into()));
+            }
+            if let Some(p) = m.parts.iter().find(|p| p.xxh3.is_none()) {
+                return Err(bad("parts", format!("part `{}`: xxh3 is missing (format version {version} records it for every part)", p.name)));
+            }
+            compute_model_id(&m.config, &m.parts, Some(&t.sha256))
+        };
         if id != m.model_id {
-            return Err(bad("model_id", format!("recorded {} but the config and part hashes give {id}", m.model_id)));
+            return Err(bad("model_id", format!("recorded {} but the config, part and tokenizer hashes give {id}", m.model_id)));
         }
         Ok(m)
+    }
+
+    /// A version 1 manifest read for `upgrade`: its own id rule checked; the tokenizer hash
+    /// is a placeholder for the caller to fill once it has hashed the file.
+    pub(crate) fn parse_legacy(bytes: &[u8], path: &Path) -> Result<Option<Manifest>> {
+        let (obj, version) = Manifest::json(bytes, path)?;
+        if version != LEGACY_VERSION {
+            return Ok(None);
+        }
+        let none = FileHashes { bytes: 0, sha256: String::new(), xxh3: String::new() };
+        Manifest::from_fields(&obj, version, none, path).map(Some)
     }
 
     /// Parts must be exactly begin, layer_000.., end with their standard file names.
@@ -161,22 +224,25 @@ impl Manifest {
         self.parts.iter().find(|p| p.name == name)
     }
 
-    /// False for directories converted before parts carried the fast hash: their parts
-    /// load unchecked (`inspect --verify` still checks the sha256).
-    pub fn has_fast_hashes(&self) -> bool {
-        self.parts.iter().all(|p| p.xxh3.is_some())
-    }
-
     pub fn total_bytes(&self) -> u64 {
         self.parts.iter().map(|p| p.bytes).sum()
     }
 
-    /// Write `dir/manifest.json` (pretty, for people reading it).
+    /// Write `dir/manifest.json` (pretty, for people reading it) through a temporary file
+    /// renamed over it, so a crash leaves the old manifest or the new, never half of one.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(MANIFEST_FILE);
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("cannot serialise: {e}") })?;
-        std::fs::write(&path, text + "\n").map_err(|e| FormatError::io(&path, e))
+        let tmp = dir.join(format!(".{MANIFEST_FILE}.{}", std::process::id()));
+        let written = std::fs::write(&tmp, text + "\n")
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .map_err(|e| FormatError::io(&tmp, e))
+            .and_then(|_| std::fs::rename(&tmp, &path).map_err(|e| FormatError::io(&path, e)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 }
 
@@ -204,17 +270,24 @@ mod tests {
         PartEntry { name: name.into(), file: format!("{name}.safetensors"), bytes: 1, sha256: sha.to_string().repeat(64), xxh3: Some(sha.to_string().repeat(32)) }
     }
 
+    fn tok_hash() -> FileHashes {
+        FileHashes { bytes: 5, sha256: "e".repeat(64), xxh3: "f".repeat(32) }
+    }
+
     #[test]
     fn model_id_depends_on_config_and_every_hash() {
         let parts = vec![entry("begin", 'a'), entry("layer_000", 'b'), entry("end", 'c')];
-        let id = compute_model_id(&cfg(), &parts);
-        assert_eq!(id, compute_model_id(&cfg(), &parts.clone()));
+        let t = "e".repeat(64);
+        let id = compute_model_id(&cfg(), &parts, Some(&t));
+        assert_eq!(id, compute_model_id(&cfg(), &parts.clone(), Some(&t)));
         let mut other = parts.clone();
         other[1].sha256 = "d".repeat(64);
-        assert_ne!(id, compute_model_id(&cfg(), &other));
+        assert_ne!(id, compute_model_id(&cfg(), &other, Some(&t)));
         let mut c = cfg();
         c.rope_theta = 1.0;
-        assert_ne!(id, compute_model_id(&c, &parts));
+        assert_ne!(id, compute_model_id(&c, &parts, Some(&t)));
+        assert_ne!(id, compute_model_id(&cfg(), &parts, Some(&"9".repeat(64))));
+        assert_ne!(id, compute_model_id(&cfg(), &parts, None));
     }
 
     #[test]
@@ -226,9 +299,10 @@ mod tests {
             family: Family::Llama,
             config: cfg(),
             dtype: DType::Bf16,
-            model_id: compute_model_id(&cfg(), &parts),
+            model_id: compute_model_id(&cfg(), &parts, Some(&tok_hash().sha256)),
             parts,
             tokenizer: "tokenizer.json".into(),
+            tokenizer_hash: tok_hash(),
             source: "test".into(),
         };
         m.save(dir.path()).unwrap();

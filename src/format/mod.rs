@@ -26,11 +26,18 @@ pub enum FormatError {
     Malformed { path: String, msg: String },
     #[error("{path}: {msg}")]
     Unsupported { path: String, msg: String },
+    /// Written by an older falcon-batch in a form this one no longer trusts; the message
+    /// says how to bring it up to date.
+    #[error("{path}: {msg}")]
+    Outdated { path: String, msg: String },
     /// The file is well-formed but differs from what the manifest records.
     #[error("{path}: {msg}")]
     Mismatch { path: String, msg: String },
     #[error("{path}: {source}")]
     Model { path: String, source: ModelError },
+    /// Its message names the file.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
 }
 
 pub type Result<T> = std::result::Result<T, FormatError>;

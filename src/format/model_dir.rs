@@ -1,14 +1,17 @@
-//! A converted model directory: manifest + one safetensors file per part.
+//! A converted model directory: manifest + tokenizer + one safetensors file per part.
 //!
 //! A rank touches only the files of its own parts (`open_for`, `check_parts`, `read_part`);
-//! the other part files may be absent on its node. `open` and `verify` look at all of them.
+//! the other part files may be absent on its node. The tokenizer is read, and checked, only
+//! where text is tokenized (`tokenizer`, on the writer). `open` and `verify` look at
+//! everything; `upgrade` brings a directory of format version 1 up to date.
 
-use super::manifest::{Manifest, PartEntry};
-use super::st::{self, dtype_from_st, StFile};
+use super::manifest::{Manifest, PartEntry, MANIFEST_FILE};
+use super::st::{self, dtype_from_st, FileHashes, StFile};
 use super::{FormatError, Result};
 use crate::config::ModelConfig;
 use crate::model::{self, Part};
 use crate::tensor::HostTensor;
+use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
 pub struct ModelDir {
@@ -21,11 +24,17 @@ fn mismatch(path: &Path, msg: impl Into<String>) -> FormatError {
 }
 
 impl ModelDir {
-    /// Read the manifest and check that every part file exists with its recorded size.
+    /// Read the manifest and check that every part file and the tokenizer exist with their
+    /// recorded sizes.
     pub fn open(dir: &Path) -> Result<ModelDir> {
         let md = ModelDir { dir: dir.to_path_buf(), manifest: Manifest::load(dir)? };
         for entry in &md.manifest.parts {
             md.check_size(entry)?;
+        }
+        let tok = md.tokenizer_path();
+        let len = std::fs::metadata(&tok).map_err(|e| FormatError::io(&tok, e))?.len();
+        if len != md.manifest.tokenizer_hash.bytes {
+            return Err(mismatch(&tok, tokenizer_differs(&format!("{len} bytes, the manifest records {}", md.manifest.tokenizer_hash.bytes))));
         }
         Ok(md)
     }
@@ -35,13 +44,6 @@ impl ModelDir {
     pub fn open_for(dir: &Path, parts: &[Part]) -> Result<ModelDir> {
         let md = ModelDir { dir: dir.to_path_buf(), manifest: Manifest::load(dir)? };
         md.check_parts(parts)?;
-        if !parts.is_empty() && !md.manifest.has_fast_hashes() {
-            eprintln!(
-                "notice: {} has no fast content hashes (converted by an older falcon-batch): parts load unchecked; \
-                 `falcon-batch inspect --verify` checks them, converting again adds the hashes",
-                dir.join(super::manifest::MANIFEST_FILE).display()
-            );
-        }
         Ok(md)
     }
 
@@ -59,6 +61,18 @@ impl ModelDir {
 
     pub fn tokenizer_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.tokenizer)
+    }
+
+    /// The tokenizer, after checking its file against the manifest: another model's
+    /// tokenizer.json, or one with two ids swapped, would turn the same text into other ids
+    /// and score it without a sign of trouble. Read once, so what is checked is what is used.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let path = self.tokenizer_path();
+        let bytes = std::fs::read(&path).map_err(|e| FormatError::io(&path, e))?;
+        if let Some(diff) = FileHashes::of(&bytes).differs_from(&self.manifest.tokenizer_hash) {
+            return Err(mismatch(&path, tokenizer_differs(&diff)));
+        }
+        Tokenizer::from_bytes(&bytes, &path.display().to_string()).map_err(FormatError::from)
     }
 
     pub fn part_path(&self, part: Part) -> PathBuf {
@@ -130,17 +144,17 @@ impl ModelDir {
         let file = self.open_part(part)?;
         let (mut tensors, xxh3) = file.read_all_hashed()?;
         let entry = self.entry(part)?;
-        if let Some(want) = &entry.xxh3 {
-            if *want != xxh3 {
-                return Err(mismatch(
-                    file.path(),
-                    format!(
-                        "part `{}`: content hash xxh3 {xxh3}, the manifest records {want}: the file is corrupt or changed \
-                         since convert; copy it again or convert again",
-                        part.name()
-                    ),
-                ));
-            }
+        // Manifest::parse requires the hash, so None is a manifest built some other way.
+        let want = entry.xxh3.as_deref().unwrap_or("(none)");
+        if want != xxh3 {
+            return Err(mismatch(
+                file.path(),
+                format!(
+                    "part `{}`: content hash xxh3 {xxh3}, the manifest records {want}: the file is corrupt or changed \
+                     since convert; copy it again or convert again",
+                    part.name()
+                ),
+            ));
         }
         model::expected_tensors(self.config(), part)
             .into_iter()
@@ -148,21 +162,93 @@ impl ModelDir {
             .collect()
     }
 
-    /// Re-hash every part against the manifest: (part name, problem) for each that differs.
+    /// Re-hash every part and the tokenizer against the manifest: (what, problem) for each
+    /// that differs; the tokenizer is listed as `tokenizer`.
     pub fn verify(&self) -> Vec<(String, String)> {
-        self.manifest.parts.iter().filter_map(|entry| self.verify_one(entry).map(|problem| (entry.name.clone(), problem))).collect()
+        let mut bad: Vec<(String, String)> =
+            self.manifest.parts.iter().filter_map(|entry| verify_part(&self.dir, entry).map(|problem| (entry.name.clone(), problem))).collect();
+        let path = self.tokenizer_path();
+        let problem = match st::hash_file(&path) {
+            Err(e) => Some(e.to_string()),
+            Ok(h) => h.differs_from(&self.manifest.tokenizer_hash).map(|d| format!("{}: {}", path.display(), tokenizer_differs(&d))),
+        };
+        bad.extend(problem.map(|p| ("tokenizer".to_string(), p)));
+        bad
     }
 
-    fn verify_one(&self, entry: &PartEntry) -> Option<String> {
-        let path = self.dir.join(&entry.file);
-        match st::hash_file(&path) {
-            Err(e) => Some(e.to_string()),
-            Ok(h) if h.bytes != entry.bytes => Some(format!("{}: {} bytes, the manifest records {}", path.display(), h.bytes, entry.bytes)),
-            Ok(h) if h.sha256 != entry.sha256 => Some(format!("{}: sha256 {}, the manifest records {}", path.display(), h.sha256, entry.sha256)),
-            Ok(h) if entry.xxh3.as_ref().is_some_and(|x| *x != h.xxh3) => {
-                Some(format!("{}: xxh3 {}, the manifest records {}", path.display(), h.xxh3, entry.xxh3.as_deref().unwrap_or("")))
+    /// Bring a version 1 directory up to date: every part is re-hashed and must match the
+    /// sha256 the old manifest records (nothing is written otherwise); then the parts' xxh3,
+    /// the tokenizer's hashes and the new model id are recorded. The tokenizer is taken as it
+    /// is now, as the old manifest has no hash to check it against.
+    pub fn upgrade(dir: &Path) -> std::result::Result<Upgraded, UpgradeError> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| FormatError::io(&path, e))?;
+        let Some(mut m) = Manifest::parse_legacy(&bytes, &path)? else {
+            let m = Manifest::parse(&bytes, &path)?;
+            return Err(UpgradeError::Current { version: m.format_version, model_id: m.model_id });
+        };
+        let old_id = m.model_id.clone();
+        let mut bad = vec![];
+        for entry in &mut m.parts {
+            let file = dir.join(&entry.file);
+            match st::hash_file(&file) {
+                Err(e) => bad.push((entry.name.clone(), e.to_string())),
+                Ok(h) => match part_differs(entry, &h) {
+                    Some(d) => bad.push((entry.name.clone(), format!("{}: {d}", file.display()))),
+                    None => entry.xxh3 = Some(h.xxh3),
+                },
             }
-            Ok(_) => None,
         }
+        if !bad.is_empty() {
+            return Err(UpgradeError::PartsDiffer(bad));
+        }
+        let tok = dir.join(&m.tokenizer);
+        m.tokenizer_hash = st::hash_file(&tok)?;
+        m.format_version = super::manifest::FORMAT_VERSION;
+        m.model_id = super::manifest::compute_model_id(&m.config, &m.parts, Some(&m.tokenizer_hash.sha256));
+        m.save(dir)?;
+        Ok(Upgraded { old_id, manifest: m })
     }
+}
+
+/// What `ModelDir::upgrade` did.
+pub struct Upgraded {
+    /// The id results files made with the old directory carry.
+    pub old_id: String,
+    pub manifest: Manifest,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The directory is already at the current version.
+    #[error("already at format version {version} (model id {model_id}); nothing to upgrade")]
+    Current { version: u32, model_id: String },
+    /// (part, problem) of every part that does not match its recorded sha256.
+    #[error("{} parts differ from the manifest's sha256; nothing was written", .0.len())]
+    PartsDiffer(Vec<(String, String)>),
+}
+
+fn tokenizer_differs(diff: &str) -> String {
+    format!(
+        "the tokenizer differs from the one this model was converted with ({diff}): another tokenizer turns the same \
+         text into other ids; put back the model's own tokenizer.json or convert again"
+    )
+}
+
+/// None when the part file matches its entry (size, sha256 and the xxh3 when recorded).
+fn verify_part(dir: &Path, entry: &PartEntry) -> Option<String> {
+    let path = dir.join(&entry.file);
+    match st::hash_file(&path) {
+        Err(e) => Some(e.to_string()),
+        Ok(h) => part_differs(entry, &h).map(|d| format!("{}: {d}", path.display())),
+    }
+}
+
+/// What differs between a part's hashes and its entry; an entry without xxh3 (version 1)
+/// is judged by its size and sha256.
+fn part_differs(entry: &PartEntry, h: &FileHashes) -> Option<String> {
+    let xxh3 = entry.xxh3.clone().unwrap_or_else(|| h.xxh3.clone());
+    h.differs_from(&FileHashes { bytes: entry.bytes, sha256: entry.sha256.clone(), xxh3 })
 }

@@ -177,11 +177,37 @@ fn hash_hex(h: &Xxh3) -> String {
     format!("{:032x}", h.digest128())
 }
 
-/// What hashing a whole file gives: its size and both content hashes.
-pub(crate) struct FileHashes {
+/// What hashing a whole file gives: its size and both content hashes (the manifest records
+/// them for the tokenizer; a part's entry carries the same three).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileHashes {
     pub bytes: u64,
+    /// Lowercase hex sha256.
     pub sha256: String,
+    /// xxh3-128, 32 lowercase hex digits.
     pub xxh3: String,
+}
+
+impl FileHashes {
+    /// Size and hashes of bytes already in memory.
+    pub fn of(bytes: &[u8]) -> FileHashes {
+        let mut fast = Xxh3::new();
+        fast.update(bytes);
+        FileHashes { bytes: bytes.len() as u64, sha256: hex::encode(Sha256::digest(bytes)), xxh3: hash_hex(&fast) }
+    }
+
+    /// What differs from `recorded` (size first, then each hash), or None.
+    pub fn differs_from(&self, recorded: &FileHashes) -> Option<String> {
+        if self.bytes != recorded.bytes {
+            Some(format!("{} bytes, the manifest records {}", self.bytes, recorded.bytes))
+        } else if self.sha256 != recorded.sha256 {
+            Some(format!("sha256 {}, the manifest records {}", self.sha256, recorded.sha256))
+        } else if self.xxh3 != recorded.xxh3 {
+            Some(format!("xxh3 {}, the manifest records {}", self.xxh3, recorded.xxh3))
+        } else {
+            None
+        }
+    }
 }
 
 /// A HostTensor as the safetensors writer sees it.

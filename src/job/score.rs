@@ -72,7 +72,7 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
     let lock = claim_outputs(&opts.out, opts.csv.as_deref(), opts.batch_job.clone())?;
     // An unreadable corpus is fatal before anything is loaded or any output is touched.
     open_corpus(&opts.docs).map_err(|e| JobError::Input(e.to_string()))?;
-    let tokenizer = Tokenizer::from_file(&dir.tokenizer_path()).map_err(|e| JobError::Input(e.to_string()))?;
+    let tokenizer = dir.tokenizer()?;
     let template = match &opts.template {
         Some(path) => Template::from_file(path),
         None => Template::parse(DEFAULT_TEMPLATE, "the default template"),

@@ -2,9 +2,13 @@
 //!
 //! Each rank's device holds `resident` equal slots after the reserve and the activations;
 //! a group must fit one slot of its owner (the first group carries begin, the last end). The
-//! planner takes the fewest groups per rank that fit: bigger groups mean fewer weight copies
-//! and fewer network hops per document. Within that, layer counts follow rank speed so every
-//! group takes about the same time, which keeps the ring from waiting on its slowest member.
+//! planner takes the fewest groups that fit: bigger groups mean fewer weight copies and fewer
+//! network hops per document. Within that, layer counts follow rank speed so every group takes
+//! about the same time, which keeps the ring from waiting on its slowest member. Group g runs
+//! on rank g mod N. Counts that are a multiple of N come first, as every rank then carries
+//! its share of groups; where none fits (5 layers of one layer per group on 2 ranks, 80 on 3)
+//! the other counts follow, ranks owning one group more or less: 5 groups, 3 on rank 0 and 2
+//! on rank 1.
 
 use super::{gb, Group, ModelShape, RankCaps, Schedule, ScheduleError, ScheduleOptions};
 
@@ -44,9 +48,10 @@ pub(super) fn plan(model: &ModelShape, ranks: &[RankCaps], opts: &ScheduleOption
     // First the fewest groups whose speed-proportional sizes fit every rank's cap; if speeds
     // are too uneven for that, the fewest groups that fit at all.
     let mut last_err = None;
+    let counts: Vec<usize> = (1..=model.n_layers / n).map(|k| k * n).chain((n..=model.n_layers).filter(|g| g % n != 0)).collect();
     for balanced in [true, false] {
-        for per_rank in 1..=model.n_layers / n {
-            match cut(model, &speeds, &caps, &slots, per_rank, balanced) {
+        for &g_count in &counts {
+            match cut(model, &speeds, &caps, &slots, g_count, balanced) {
                 Ok(sizes) => {
                     let sched = assemble(model, ranks, speeds, &sizes, opts, wave, activation_bytes);
                     check_host(model, &sched)?;
@@ -113,19 +118,19 @@ fn slot_bytes(model: &ModelShape, rank: &RankCaps, i: usize, opts: &ScheduleOpti
     Err(ScheduleError::DeviceTooSmall { rank: i, msg })
 }
 
-/// Layer counts of `per_rank * n` groups: proportional to the owner's speed, within each
-/// group's cap (the first and last groups lose room to begin and end). With `balanced`, a
-/// target beyond its rank's cap rejects this group count (Err(None): try more groups).
+/// Layer counts of `g_count` groups (at least one per rank): proportional to the owner's
+/// speed, within each group's cap (the first and last groups lose room to begin and end).
+/// With `balanced`, a target beyond its rank's cap rejects this group count (Err(None): try
+/// more groups).
 fn cut(
     model: &ModelShape,
     speeds: &[f64],
     caps: &[usize],
     slots: &[u64],
-    per_rank: usize,
+    g_count: usize,
     balanced: bool,
 ) -> Result<Vec<usize>, Option<ScheduleError>> {
     let n = speeds.len();
-    let g_count = per_rank * n;
     let last = g_count - 1;
     let mut cap: Vec<usize> = (0..g_count).map(|g| caps[g % n]).collect();
     for (g, extra, what) in [(0, model.begin_bytes, "begin"), (last, model.end_bytes, "end")] {
@@ -141,7 +146,7 @@ fn cut(
             return Err(Some(ScheduleError::DeviceTooSmall { rank: g % n, msg }));
         }
     }
-    let total_speed: f64 = speeds.iter().sum::<f64>() * per_rank as f64;
+    let total_speed: f64 = (0..g_count).map(|g| speeds[g % n]).sum();
     let target: Vec<f64> = (0..g_count).map(|g| model.n_layers as f64 * speeds[g % n] / total_speed).collect();
     if balanced && (0..g_count).any(|g| target[g] > caps[g % n] as f64) {
         return Err(None);
@@ -159,10 +164,7 @@ fn cut(
             Some(g) => size[g] += 1,
             None => {
                 let max = caps.iter().max().copied().unwrap_or(0);
-                let msg = format!(
-                    "{per_rank} groups per rank of at most {max} layers cannot hold {} layers",
-                    model.n_layers
-                );
+                let msg = format!("{g_count} groups of at most {max} layers cannot hold {} layers", model.n_layers);
                 return Err(Some(ScheduleError::DeviceTooSmall { rank: 0, msg }));
             }
         }

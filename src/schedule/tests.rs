@@ -204,3 +204,39 @@ fn tuner_trades_double_buffering_against_network_hops() {
     assert_eq!(pick(125e6), 1); // 1 GbE: bigger groups, fewer hops
     assert_eq!(pick(100e9), 2); // fast links: hide the copies
 }
+
+#[test]
+fn group_counts_need_not_be_a_multiple_of_the_ranks() {
+    // 80 one-layer groups on 3 ranks: 78 or 81 would be multiples, neither holds 80 layers.
+    let shape = f180();
+    let opts = ScheduleOptions { group_layers: Some(1), resident: 1, wave: Some(3), ..Default::default() };
+    let s = Schedule::plan(&shape, &ranks(3, 24 * GB), &opts).unwrap();
+    assert_eq!(s.groups.len(), 80);
+    let mut next = 0;
+    for (g, grp) in s.groups.iter().enumerate() {
+        assert_eq!((grp.layers.start, grp.layers.len(), grp.owner), (next, 1, g % 3));
+        next = grp.layers.end;
+    }
+    assert!(s.groups[0].has_begin && s.groups[79].has_end && s.groups[79].owner == 1);
+    assert_eq!(s.rank_groups.iter().map(Vec::len).collect::<Vec<_>>(), [27, 27, 26]);
+    for r in 0..3 {
+        assert!(s.device_bytes[r] <= 24 * GB, "{}", s.describe_rank(r));
+        let computes = s.work_order(r, &[3, 3]).iter().filter(|st| matches!(st, Step::Compute { .. })).count();
+        assert_eq!(computes, 6 * s.rank_groups[r].len());
+    }
+    let rep = simulate(&s, &cost(&shape), &work(37)).unwrap();
+    assert!(rep.total_s > 0.0 && rep.docs_per_hour.is_finite());
+    // A count that is a multiple still wins where one fits: 80 layers of at most 2 on 3 ranks
+    // fit 42 groups (14 per rank) before 41.
+    let two = ScheduleOptions { group_layers: Some(2), ..opts };
+    assert_eq!(Schedule::plan(&shape, &ranks(3, 24 * GB), &two).unwrap().groups.len(), 42);
+}
+
+#[test]
+fn five_layers_in_one_layer_groups_on_two_ranks() {
+    let shape = ModelShape { n_layers: 5, ..ModelShape::preset("falcon-7b").unwrap() };
+    let opts = ScheduleOptions { group_layers: Some(1), resident: 1, ..Default::default() };
+    let s = Schedule::plan(&shape, &ranks(2, 24 * GB), &opts).unwrap();
+    assert_eq!(s.rank_groups, vec![vec![0, 2, 4], vec![1, 3]]);
+    assert_eq!(s.owner(4), 0);
+}

@@ -26,6 +26,17 @@ pub fn convert_smollm2(to: &Path, extra: &[&str], limit: Duration) {
     assert!(r.success(), "convert: {}", r.text());
 }
 
+/// The new ids of a tests/fixtures/smollm2/generate.json run as `generate` reports them:
+/// where HF's generate stopped before `max_new_tokens` it stopped at the end-of-sequence
+/// token it appended, which `tokens` leaves out (as `text` does).
+pub fn golden_tokens(gen: &serde_json::Value, run: &serde_json::Value) -> Vec<u64> {
+    let mut ids: Vec<u64> = run["new_ids"].as_array().expect("new_ids").iter().filter_map(|t| t.as_u64()).collect();
+    if (ids.len() as u64) < gen["max_new_tokens"].as_u64().expect("max_new_tokens") {
+        ids.pop();
+    }
+    ids
+}
+
 /// The first `n` lines of inputs/sample.jsonl (26 documents).
 pub fn sample_lines(n: usize) -> Vec<String> {
     let sample = std::fs::read_to_string(root().join("inputs/sample.jsonl")).expect("inputs/sample.jsonl");

@@ -1,0 +1,39 @@
+//! Printing to stdout that stops quietly when its reader goes away (`show … | head`).
+//!
+//! Rust ignores SIGPIPE, so a write to a closed pipe fails with EPIPE and `println!` panics
+//! (exit 101). Restoring SIGPIPE's default would also kill an MPI rank whose peer socket
+//! closes, so the commands print through here instead: a closed stdout becomes
+//! [`OutError::Closed`], which main ends with exit 0 and no message, as `cat` would.
+
+use std::io::Write;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum OutError {
+    /// The reader of stdout is gone; nothing is wrong with the command's work.
+    #[error("stdout was closed by its reader")]
+    Closed,
+    #[error("cannot write to stdout: {0}")]
+    Io(std::io::Error),
+}
+
+/// Writes `args` to stdout and flushes, so a closed pipe is noticed at the line that met it.
+pub fn print(args: std::fmt::Arguments) -> Result<(), OutError> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args).and_then(|_| out.flush()).map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => OutError::Closed,
+        _ => OutError::Io(e),
+    })
+}
+
+/// `println!` that returns [`OutError`] instead of panicking.
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::cli::out::print(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::out::print(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Whether `e` is stdout closed by its reader (exit 0, quietly).
+pub fn is_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| matches!(c.downcast_ref::<OutError>(), Some(OutError::Closed)))
+}
