@@ -46,6 +46,11 @@ impl TokenizedDoc {
         self.prompt.len() + self.choices.iter().map(|c| c.len() - 1).sum::<usize>()
     }
 
+    /// The document with its prompt and no choices (to be given some of its choices).
+    pub fn clone_without_choices(&self) -> TokenizedDoc {
+        TokenizedDoc { index: self.index, id: self.id.clone(), prompt: self.prompt.clone(), choices: vec![] }
+    }
+
     /// Highest position any of its tokens gets, plus one: what must fit the context.
     pub fn context_len(&self) -> usize {
         self.prompt.len() + self.choices.iter().map(|c| c.len()).max().unwrap_or(0)

@@ -217,8 +217,9 @@ fn ranks_with_different_wire_dtypes_refuse_to_start() {
 fn one_trace_per_job_with_a_track_per_rank_and_the_planners_wave() {
     let trace = tmp().join("job-trace.json");
     let out = tmp().join("traced.h5");
-    // No --wave: the planner's (4 per rank = 12) applies, so the 6 one-document micro-batches
-    // travel as one wave (mb0..mb5); the old fixed --wave 4 would have stopped at mb3.
+    // No --wave: the planner's (4 per rank = 12) applies; the first waves ramp up (1, 2, 4, ...
+    // micro-batches, so results reach the file early), so the 6 one-document micro-batches
+    // travel as waves of 1, 2 and 3 (mb0..mb2); a wave of 2 would have stopped at mb1.
     let o = score(3, &["--group-layers", "5", "--batch-tokens", "64", "--trace", trace.to_str().unwrap()], &out, &[]);
     assert_eq!(o.code(), Some(3), "{}", o.stderr);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
@@ -232,7 +233,7 @@ fn one_trace_per_job_with_a_track_per_rank_and_the_planners_wave() {
     for e in events.iter().filter(|e| e["ph"] == "X") {
         assert!(e["ts"].as_f64().unwrap() >= 0.0 && e["dur"].as_f64().unwrap() >= 0.0, "{e}");
     }
-    assert!(events.iter().any(|e| e["ph"] == "X" && e["name"] == "g0 mb5"), "the planner's wave did not apply");
+    assert!(events.iter().any(|e| e["ph"] == "X" && e["name"] == "g0 mb2"), "the planner's wave did not apply");
     let stray: Vec<_> = std::fs::read_dir(tmp()).unwrap().flatten().filter(|f| f.file_name().to_string_lossy().contains(".rank")).collect();
     assert!(stray.is_empty(), "per-rank trace files were written: {stray:?}");
 }

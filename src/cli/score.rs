@@ -2,10 +2,13 @@
 
 use anyhow::{anyhow, Context, Result};
 use super::ranks::{run_ranks, RankJob, ScheduleArgs};
+use super::usage::UsageError;
 use falcon_batch::backend::Backend;
+use falcon_batch::corpus::{reads_once, spool, Limits, Spooled};
 use falcon_batch::format::model_dir::ModelDir;
 use falcon_batch::job::launch::{LaunchOptions, Launched};
 use falcon_batch::job::score::{self, ScoreOptions, ScoreSummary};
+use falcon_batch::job::paths::{check_distinct, PathError};
 use falcon_batch::job::stop;
 use falcon_batch::pipeline::PipelineScorer;
 use falcon_batch::score::Norm;
@@ -23,7 +26,8 @@ pub struct ScoreArgs {
     /// Model directory made by `falcon-batch convert`.
     #[arg(long)]
     model: PathBuf,
-    /// Corpus: JSONL, one document per line.
+    /// Corpus: JSONL, one document per line; `-` (standard input) or a pipe is copied to a
+    /// temporary file first.
     #[arg(long)]
     docs: PathBuf,
     /// HDF5 results; an existing file from the same model, template, norm and delimiter is resumed.
@@ -89,6 +93,15 @@ pub struct ScoreFlags {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
+    /// A longer line fails as a document, unread (a size: 16MiB) [Limits::DEFAULT_LINE_BYTES].
+    #[arg(long, default_value = "4MiB", value_parser = line_bytes)]
+    max_line_bytes: usize,
+    /// A document with more choices fails, untokenised.
+    #[arg(long, default_value_t = Limits::DEFAULT_CHOICES, value_parser = super::usage::at_least_one)]
+    max_choices: usize,
+    /// A document whose prompt and choices together make more tokens fails.
+    #[arg(long, default_value_t = Limits::DEFAULT_DOC_TOKENS, value_parser = super::usage::at_least_one)]
+    max_doc_tokens: usize,
     #[command(flatten)]
     schedule: ScheduleArgs,
 }
@@ -140,7 +153,7 @@ pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, mode
     let out = match out {
         Some(o) => o,
         None => {
-            let stem = docs.file_stem().filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("--docs {}: expected a file name to name the output after; pass --out", docs.display()))?;
+            let stem = docs.file_stem().filter(|s| !s.is_empty() && *s != "-").ok_or_else(|| anyhow!("--docs {}: expected a file name to name the output after; pass --out", docs.display()))?;
             let o = Path::new("results").join(stem).with_extension("h5");
             notes.push(format!("--out {} (results/<corpus name>.h5)", o.display()));
             o
@@ -186,8 +199,36 @@ fn is_first_rank() -> bool {
         .is_none_or(|r| r.trim() == "0")
 }
 
+/// A size in bytes with its unit (`16MiB`), at least one byte.
+fn line_bytes(s: &str) -> Result<usize, String> {
+    let n = super::usage::size(s)?;
+    match usize::try_from(n) {
+        Ok(0) => Err("must be at least 1 byte".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{n} bytes is more than this machine can address")),
+    }
+}
+
+/// The corpus the job reads: `docs` itself, or on the writer rank a copy of a corpus that can
+/// be read only once (standard input, a pipe), removed when the returned Spooled drops. The
+/// other ranks never read the corpus (mpirun gives standard input to rank 0 alone).
+fn corpus_to_read(docs: &Path) -> Result<(PathBuf, Option<Spooled>)> {
+    if !is_first_rank() || !reads_once(docs) {
+        return Ok((docs.to_path_buf(), None));
+    }
+    let spooled = spool(docs, &std::env::temp_dir())?;
+    Ok((spooled.path().to_path_buf(), Some(spooled)))
+}
+
 fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Result<ExitCode> {
     let norm = a.norm;
+    check_distinct(&docs, &out, a.csv.as_deref()).map_err(|e| match &e {
+        // The flag of the file that would be written over.
+        PathError::Same { b, .. } => UsageError::new(b, e.to_string()),
+        _ => UsageError::new("--out", e.to_string()),
+    })?;
+    // Kept until the job ends: the copy is removed when this drops.
+    let (docs, _spooled) = corpus_to_read(&docs)?;
     let opts = ScoreOptions {
         docs,
         out,
@@ -205,6 +246,8 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
         // What the ranks compute in; a --compute-dtype flag would set it.
         compute: "f32".into(),
         quiet: a.quiet,
+        limits: Limits { line_bytes: a.max_line_bytes, choices: a.max_choices, doc_tokens: a.max_doc_tokens },
+        batch_job: std::env::var("SLURM_JOB_ID").ok().filter(|v| !v.is_empty()),
     };
     let launch = LaunchOptions {
         model,
@@ -283,8 +326,9 @@ impl ScoreJob {
         }
         if s.stopped {
             eprintln!(
-                "{}: stopped by SIGTERM with {} documents in the file; run the same command again to resume",
+                "{}: stopped by {} with {} documents in the file (every finished document is kept); run the same command again to resume",
                 self.opts.out.display(),
+                stop::signal_name().unwrap_or("a signal"),
                 s.docs_in_file
             );
             return stop::EXIT_STOPPED;

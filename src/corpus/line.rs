@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use super::input_hash::{document_hash, raw_line_hash};
-use super::tokenize::split;
+use super::tokenize::split_within;
 use super::{CorpusOptions, PreparedDoc, ReadyDoc};
 use crate::token_tree::TokenizedDoc;
 use crate::tokenizer::Tokenizer;
@@ -132,6 +132,24 @@ fn choices_of(obj: &Map<String, Value>) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// The failed document for a line over `--max-line-bytes`, or None when its id is to be
+/// skipped: it is neither parsed nor kept whole, so it goes by its line number and its
+/// input hash by its length (`scan` gives the same).
+pub(super) fn too_long(ctx: &LineCtx, bytes: usize) -> Option<PreparedDoc> {
+    let id = line_id(ctx.line);
+    if ctx.options.skip_ids.contains(&id) {
+        return None;
+    }
+    let max = ctx.options.limits.line_bytes;
+    let msg = format!("{}:{}: line too long: {bytes} bytes, expected at most {max} (--max-line-bytes)", ctx.file, ctx.line);
+    Some(PreparedDoc { index: ctx.index, line: ctx.line, id, input_hash: too_long_hash(bytes), result: Err(msg) })
+}
+
+/// The input hash of a line over the byte limit, by its length alone.
+pub(super) fn too_long_hash(bytes: usize) -> String {
+    raw_line_hash(format!("a line over --max-line-bytes, {bytes} bytes long").as_bytes())
+}
+
 /// The id, input hash and fields of one non-blank line (`bytes` without its newline is
 /// fine too); `line` is its 1-based number.
 pub(super) fn identify(line: usize, options: &CorpusOptions, bytes: &[u8], seen: &mut SeenIds) -> Identified {
@@ -179,6 +197,10 @@ pub(super) fn identify(line: usize, options: &CorpusOptions, bytes: &[u8], seen:
 fn parse(obj: &Map<String, Value>, options: &CorpusOptions) -> Result<Parsed, String> {
     let (prompt, prompt_field) = prompt_of(obj, options)?;
     let choices = choices_of(obj)?;
+    let limits = options.limits;
+    if choices.len() > limits.choices {
+        return Err(format!("field \"choices\": {} choices, expected at most {} (--max-choices)", choices.len(), limits.choices));
+    }
     let answer = match obj.get("answer") {
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
@@ -202,9 +224,16 @@ pub(super) fn prepare(ctx: &LineCtx, bytes: &[u8], seen: &mut SeenIds) -> Option
 
 fn ready(ctx: &LineCtx, parsed: Parsed, id: &str, input_hash: &str) -> Result<ReadyDoc, String> {
     let Parsed { prompt, prompt_field, choices, answer } = parsed;
-    let parts = split(ctx.tokenizer, &prompt, &choices, &ctx.options.delimiter).map_err(|e| match e.choice {
-        None => format!("field {prompt_field}: cannot tokenize: {}", e.msg),
-        Some(c) => format!("field \"choices\"[{c}]: cannot tokenize: {}", e.msg),
+    let limits = ctx.options.limits;
+    let parts = split_within(ctx.tokenizer, &prompt, &choices, &ctx.options.delimiter, limits.doc_tokens).map_err(|e| {
+        let field = match e.choice {
+            None => prompt_field.to_string(),
+            Some(c) => format!("\"choices\"[{c}]"),
+        };
+        match e.over {
+            Some(n) => format!("field {field}: too many tokens: the document makes {n} by here, expected at most {} for its prompt and all its choices (--max-doc-tokens)", limits.doc_tokens),
+            None => format!("field {field}: cannot tokenize: {}", e.msg),
+        }
     })?;
     if parts.prompt.is_empty() {
         return Err(format!("field {prompt_field}: expected text that makes at least one token, found none"));

@@ -9,6 +9,7 @@ mod input_hash;
 mod line;
 mod pack;
 mod scan;
+mod spool;
 mod template;
 mod tokenize;
 
@@ -24,10 +25,11 @@ use crate::tokenizer::Tokenizer;
 
 pub use input_hash::{document_hash, raw_line_hash, FileHasher, INPUT_HASH_LEN};
 pub use line::{is_line_id, line_id};
-pub use pack::{build_batch, pack, Batcher};
 pub use scan::{scan, Scan, ScannedDoc};
+pub use pack::{build_batch, pack, split_choices, Batcher};
+pub use spool::{reads_once, spool, Spooled};
 pub use template::{Template, DEFAULT_TEMPLATE};
-pub use tokenize::{joint, move_whitespace, split, Split, SplitError};
+pub use tokenize::{joint, move_whitespace, split, split_within, Split, SplitError};
 
 #[derive(Debug, Error)]
 pub enum CorpusError {
@@ -91,11 +93,40 @@ pub struct CorpusOptions {
     /// Ids already in the results file (resume): parsed for duplicate detection, but
     /// neither tokenized nor yielded.
     pub skip_ids: HashSet<String>,
+    /// Per-document limits, checked before the work they bound (see [`Limits`]).
+    pub limits: Limits,
 }
 
 impl CorpusOptions {
     pub fn new(template: Template, max_context: usize) -> CorpusOptions {
-        CorpusOptions { template, max_context, delimiter: " ".to_string(), skip_ids: HashSet::new() }
+        CorpusOptions { template, max_context, delimiter: " ".to_string(), skip_ids: HashSet::new(), limits: Limits::default() }
+    }
+}
+
+/// Cheap bounds checked before expensive work, so that no single document can take the job
+/// down (a 30 MB line once starved every rank's liveness check while it was tokenised, on
+/// every rerun): a document over one fails alone, with a message naming the limit's option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of one line (`--max-line-bytes`), checked while reading it, before JSON.
+    pub line_bytes: usize,
+    /// Choices of one document (`--max-choices`), checked before tokenising.
+    pub choices: usize,
+    /// Tokens of one document, its prompt and every choice (`--max-doc-tokens`), checked
+    /// while tokenising.
+    pub doc_tokens: usize,
+}
+
+impl Limits {
+    /// Far above any real document: 4 MiB covers a 128k-token context.
+    pub const DEFAULT_LINE_BYTES: usize = 4 << 20;
+    pub const DEFAULT_CHOICES: usize = 1024;
+    pub const DEFAULT_DOC_TOKENS: usize = 1 << 16;
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { line_bytes: Limits::DEFAULT_LINE_BYTES, choices: Limits::DEFAULT_CHOICES, doc_tokens: Limits::DEFAULT_DOC_TOKENS }
     }
 }
 
@@ -176,8 +207,21 @@ impl Iterator for CorpusReader<'_> {
     fn next(&mut self) -> Option<Self::Item> {
         while !self.finished {
             self.buf.clear();
-            match self.input.read_until(b'\n', &mut self.buf) {
+            match read_line_capped(&mut self.input, &mut self.buf, self.options.limits.line_bytes, |_| {}) {
                 Ok(0) => self.finished = true,
+                Ok(n) if line_len(n, &self.buf) > self.options.limits.line_bytes => {
+                    self.line_no += 1;
+                    let index = self.index;
+                    self.index += 1;
+                    let ctx = line::LineCtx { file: &self.name, line: self.line_no, index, tokenizer: self.tokenizer, options: &self.options };
+                    match line::too_long(&ctx, line_len(n, &self.buf)) {
+                        None => self.stats.skipped += 1,
+                        Some(doc) => {
+                            self.stats.failed += 1;
+                            return Some(Ok(doc));
+                        }
+                    }
+                }
                 Ok(_) => {
                     self.line_no += 1;
                     let Some(bytes) = line_content(self.line_no, &self.buf) else {
@@ -218,6 +262,49 @@ impl Iterator for CorpusReader<'_> {
 fn line_content(line_no: usize, buf: &[u8]) -> Option<&[u8]> {
     let bytes = if line_no == 1 { buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(buf) } else { buf };
     (!bytes.iter().all(u8::is_ascii_whitespace)).then_some(bytes)
+}
+
+/// Read one line into `buf` (its newline included) and return its length in bytes, keeping
+/// at most `cap` + 2 of them: the rest of a longer line is read past, never held. `seen`
+/// gets every byte read, kept or not (the corpus scan hashes the whole file).
+fn read_line_capped(input: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize, mut seen: impl FnMut(&[u8])) -> std::io::Result<usize> {
+    let keep = cap.saturating_add(2);
+    let mut total = 0;
+    loop {
+        let chunk = match input.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok(total);
+        }
+        let (take, end) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let room = keep.saturating_sub(buf.len()).min(take);
+        buf.extend_from_slice(&chunk[..room]);
+        seen(&chunk[..take]);
+        input.consume(take);
+        total += take;
+        if end {
+            return Ok(total);
+        }
+        // Reading a long line is work moving on, not a hung rank.
+        crate::liveness::advanced();
+    }
+}
+
+/// Bytes of a line of `n` bytes without its line ending (`buf` holds its kept start).
+fn line_len(n: usize, buf: &[u8]) -> usize {
+    if n == buf.len() {
+        let b = buf.strip_suffix(b"\n").unwrap_or(buf);
+        b.strip_suffix(b"\r").unwrap_or(b).len()
+    } else {
+        // Cut short: the line ending, if any, was not kept, and the line is over the cap anyway.
+        n.saturating_sub(1)
+    }
 }
 
 /// Read the whole corpus at once (small corpora, tests, `plan`).

@@ -2,12 +2,12 @@
 //! file's hash. A resumed run plans from it before any weight is read (100k documents
 //! take seconds: rendering a prompt is string work, tokenizing is not done).
 
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::Path;
 
 use super::input_hash::FileHasher;
-use super::line::{identify, SeenIds};
-use super::{line_content, open_corpus, CorpusError, CorpusOptions};
+use super::line::{identify, line_id, too_long_hash, SeenIds};
+use super::{line_content, line_len, open_corpus, read_line_capped, CorpusError, CorpusOptions};
 
 /// One non-blank line as the score run will see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,11 +38,18 @@ pub fn scan(path: &Path, options: &CorpusOptions) -> Result<Scan, CorpusError> {
     let mut buf = vec![];
     for line_no in 1.. {
         buf.clear();
-        let n = input.read_until(b'\n', &mut buf).map_err(|source| CorpusError::Io { path: format!("{name}:{line_no}"), source })?;
+        let cap = options.limits.line_bytes;
+        let n = read_line_capped(&mut input, &mut buf, cap, |b| hasher.update(b))
+            .map_err(|source| CorpusError::Io { path: format!("{name}:{line_no}"), source })?;
         if n == 0 {
             break;
         }
-        hasher.update(&buf);
+        let len = line_len(n, &buf);
+        if len > cap {
+            // As the reader sees it: failed unread, by its line number (line::too_long).
+            docs.push(ScannedDoc { line: line_no, id: line_id(line_no), input_hash: too_long_hash(len), parses: false });
+            continue;
+        }
         let Some(bytes) = line_content(line_no, &buf) else { continue };
         let found = identify(line_no, options, bytes, &mut seen);
         docs.push(ScannedDoc { line: line_no, id: found.id, input_hash: found.input_hash, parses: found.parsed.is_ok() });

@@ -26,11 +26,13 @@ pub struct Split {
     pub chars: Vec<usize>,
 }
 
-/// Why a split failed: which choice (None: the prompt) and the tokenizer's message.
+/// Why a split failed: which choice (None: the prompt) and the tokenizer's message, or, with
+/// `over` set, the tokens counted when the document passed its token budget.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SplitError {
     pub choice: Option<usize>,
     pub msg: String,
+    pub over: Option<usize>,
 }
 
 /// The prompt without trailing whitespace, and that whitespace.
@@ -66,13 +68,53 @@ pub fn joint<'a>(moved: &'a str, choice: &str, delimiter: &'a str) -> &'a str {
     }
 }
 
+/// Texts longer than this are tokenised on a thread of their own while this one reports
+/// progress: one call on 30 MB takes longer than the peers' liveness timeout.
+const LONG_TEXT: usize = 1 << 20;
+
+/// `tokenizer.encode`, reporting progress every second while a long text is tokenised. A
+/// tokeniser cannot hang (its work is bounded by the text, which --max-line-bytes bounds), so
+/// its time is progress, not a stuck rank.
+fn encode(tokenizer: &Tokenizer, text: &str, specials: bool) -> Result<Vec<u32>, crate::tokenizer::TokenizerError> {
+    if text.len() <= LONG_TEXT {
+        return tokenizer.encode(text, specials);
+    }
+    std::thread::scope(|s| {
+        let job = s.spawn(|| tokenizer.encode(text, specials));
+        while !job.is_finished() {
+            crate::liveness::advanced();
+            std::thread::park_timeout(std::time::Duration::from_millis(500));
+        }
+        crate::liveness::advanced();
+        job.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 pub fn split(tokenizer: &Tokenizer, prompt: &str, choices: &[String], delimiter: &str) -> Result<Split, SplitError> {
-    let prompt_err = |e: crate::tokenizer::TokenizerError| SplitError { choice: None, msg: e.to_string() };
+    split_within(tokenizer, prompt, choices, delimiter, usize::MAX)
+}
+
+/// [`split`], giving up as soon as the prompt and the choices so far make more than
+/// `max_tokens` tokens: each choice is tokenised after the whole prompt, so a document's
+/// cost is its choices times its prompt, and the budget bounds it before it is all spent.
+/// Every tokenisation reports progress: a long document must not look like a hung rank.
+pub fn split_within(tokenizer: &Tokenizer, prompt: &str, choices: &[String], delimiter: &str, max_tokens: usize) -> Result<Split, SplitError> {
+    let prompt_err = |e: crate::tokenizer::TokenizerError| SplitError { choice: None, msg: e.to_string(), over: None };
+    let over = |choice, tokens: usize| SplitError { choice, msg: format!("more than {max_tokens} tokens"), over: Some(tokens) };
     let (context, moved) = move_whitespace(prompt);
-    let with = tokenizer.encode(context, true).map_err(prompt_err)?;
-    let plain = tokenizer.encode(context, false).map_err(prompt_err)?;
+    let with = encode(tokenizer, context, true).map_err(prompt_err)?;
+    // Over the budget with its specials: not worth tokenising it again without them.
+    if with.len() > max_tokens.saturating_add(2) {
+        return Err(over(None, with.len()));
+    }
+    let plain = encode(tokenizer, context, false).map_err(prompt_err)?;
     let tail = appended_specials(&with, &plain);
     let prompt_ids = with[..with.len() - tail].to_vec();
+    crate::liveness::advanced();
+    let mut tokens = prompt_ids.len();
+    if tokens > max_tokens {
+        return Err(over(None, tokens));
+    }
 
     let mut out = Split { prompt: prompt_ids, choices: Vec::with_capacity(choices.len()), chars: Vec::new() };
     let mut whole_text = String::with_capacity(context.len() + 64);
@@ -82,11 +124,15 @@ pub fn split(tokenizer: &Tokenizer, prompt: &str, choices: &[String], delimiter:
         whole_text.push_str(context);
         whole_text.push_str(joint);
         whole_text.push_str(choice);
-        let whole = tokenizer
-            .encode(&whole_text, true)
-            .map_err(|e| SplitError { choice: Some(c), msg: e.to_string() })?;
+        let whole = encode(tokenizer, &whole_text, true)
+            .map_err(|e| SplitError { choice: Some(c), msg: e.to_string(), over: None })?;
+        crate::liveness::advanced();
         let end = whole.len().saturating_sub(tail);
         let start = out.prompt.len().min(end);
+        tokens += end - start;
+        if tokens > max_tokens {
+            return Err(over(Some(c), tokens));
+        }
         out.choices.push(whole[start..end].to_vec());
         out.chars.push(joint.chars().count() + choice.chars().count());
     }

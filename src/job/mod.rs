@@ -4,12 +4,15 @@
 //!
 //! Files: launch.rs (every rank's start-up), resources.rs (a CPU rank's share of its node),
 //! score.rs (the score job), waves.rs (waves in flight on the scorer), in_order.rs (results
-//! written in input order), progress.rs (progress on stderr), stop.rs (SIGTERM), fault.rs
+//! written in input order), progress.rs (progress on stderr), stop.rs (SIGTERM, SIGINT), output_lock.rs (one job per
+//! results file), paths.rs (the outputs checked and claimed before any work), fault.rs
 //! (fault injection for the restart tests).
 
 mod fault;
 mod in_order;
 pub mod launch;
+pub mod output_lock;
+pub mod paths;
 pub mod progress;
 pub mod resources;
 pub mod score;
@@ -30,6 +33,8 @@ pub enum JobError {
     Format(#[from] crate::format::FormatError),
     #[error(transparent)]
     Schedule(#[from] crate::schedule::ScheduleError),
+    #[error(transparent)]
+    Paths(#[from] paths::PathError),
     #[error("{0}")]
     Input(String),
     #[error("{0}")]

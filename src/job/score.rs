@@ -3,10 +3,12 @@
 
 use super::fault::crash_point;
 use super::in_order::InOrder;
+use super::output_lock::OutputLock;
+use super::paths::claim_outputs;
 use super::progress::Progress;
 use super::waves::Waves;
 use super::JobError;
-use crate::corpus::{open_corpus, scan, Batcher, CorpusOptions, CorpusReader, ReadyDoc, Template, DEFAULT_TEMPLATE};
+use crate::corpus::{open_corpus, scan, Batcher, CorpusOptions, CorpusReader, Limits, ReadyDoc, Template, DEFAULT_TEMPLATE};
 use crate::format::model_dir::ModelDir;
 use crate::results::{check_csv_target, export_csv, plan_resume, read_results, DocResult, ResultsWriter, ResumeOptions, ResumePlan, RunAbout, RunMeta};
 use crate::runner::BatchScorer;
@@ -41,6 +43,11 @@ pub struct ScoreOptions {
     /// The arithmetic the ranks compute in, recorded in the results file ("f32").
     pub compute: String,
     pub quiet: bool,
+    /// Per-document limits (--max-line-bytes, --max-choices, --max-doc-tokens).
+    pub limits: Limits,
+    /// The scheduler's id of the batch job this runs in (SLURM_JOB_ID): a requeued job takes
+    /// over the output lock its previous run left.
+    pub batch_job: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -68,6 +75,8 @@ pub struct Prepared {
     pub meta: RunMeta,
     /// What the results file keeps and what this run scores.
     pub plan: ResumePlan,
+    /// This job's claim on the output, held until the run ends.
+    pub lock: OutputLock,
 }
 
 impl Prepared {
@@ -81,6 +90,8 @@ impl Prepared {
 /// Everything that needs no weights: the corpus, tokenizer and template, the output's
 /// identity and the resume plan (one pass over the corpus, no tokenizing).
 pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError> {
+    // Before the results file is opened or replaced: a running job's work is never touched.
+    let lock = claim_outputs(&opts.out, opts.csv.as_deref(), opts.batch_job.clone())?;
     // An unreadable corpus is fatal before anything is loaded or any output is touched.
     open_corpus(&opts.docs).map_err(|e| JobError::Input(e.to_string()))?;
     let tokenizer = dir.tokenizer()?;
@@ -94,6 +105,7 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
     }
     let mut copts = CorpusOptions::new(template.clone(), dir.config().context_limit());
     copts.delimiter = opts.delimiter.clone();
+    copts.limits = opts.limits;
     let scanned = scan(&opts.docs, &copts).map_err(|e| JobError::Input(e.to_string()))?;
     let manifest = dir.manifest();
     let corpus = opts.docs.display().to_string();
@@ -114,21 +126,23 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
     };
     let resume = ResumeOptions { overwrite: opts.overwrite, rescore_changed: opts.rescore_changed, retry_failed: opts.retry_failed };
     let plan = plan_resume(&opts.out, &meta, &scanned, &corpus, resume).map_err(|e| JobError::Output(e.to_string()))?;
-    Ok(Prepared { tokenizer, template, meta, plan })
+    Ok(Prepared { tokenizer, template, meta, plan, lock })
 }
 
 /// A run with nothing to score: the records the plan drops are removed, the file's
 /// descriptive attributes updated and the CSV written, all without a model.
 pub fn finish_without_weights(opts: &ScoreOptions, prepared: Prepared) -> Result<ScoreSummary, JobError> {
     let start = Instant::now();
-    let Prepared { meta, plan, .. } = prepared;
+    let Prepared { meta, plan, lock, .. } = prepared;
     let (writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
     if let Some(note) = writer.repair_note() {
         eprintln!("{note}");
     }
     writer.close().map_err(|e| JobError::Output(e.to_string()))?;
     let summary = ScoreSummary { resumed: plan.skip.len(), ..Default::default() };
-    finish(opts, summary, start)
+    let summary = finish(opts, summary, start);
+    drop(lock);
+    summary
 }
 
 /// After the writer closed: count the file's documents and write the CSV.
@@ -152,7 +166,7 @@ where
     JobError: From<S::Error>,
 {
     let start = Instant::now();
-    let Prepared { tokenizer, template, meta, plan } = prepared;
+    let Prepared { tokenizer, template, meta, plan, lock } = prepared;
     let (mut writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
     if let Some(note) = writer.repair_note() {
         eprintln!("{note}");
@@ -169,6 +183,7 @@ where
     let mut copts = CorpusOptions::new(template, dir.config().context_limit());
     copts.skip_ids = plan.skip;
     copts.delimiter = opts.delimiter.clone();
+    copts.limits = opts.limits;
     let reader = CorpusReader::open(&opts.docs, &tokenizer, copts).map_err(|e| JobError::Input(e.to_string()))?;
     let mut progress = Progress::new(&opts.docs, resumed, opts.quiet);
 
@@ -197,16 +212,14 @@ where
             Err(msg) => order.push_done(DocResult::failed(&doc.id, &doc.input_hash, &msg)),
             Ok(ready) => {
                 order.push_scoring(ready.doc.index as u64);
-                if let Some(batch) = batcher.push(ready) {
-                    wave.push(batch);
+                for piece in waves.pieces(ready, opts.batch_tokens) {
+                    wave.extend(batcher.push(piece));
                 }
             }
         }
-        if wave.len() >= opts.wave.max(1) {
-            // Reading, tokenising and writing happen between these calls, while the waves in
-            // flight keep the other ranks busy.
-            waves.submit(std::mem::take(&mut wave), &mut order, &mut progress)?;
-        }
+        // Reading, tokenising and writing happen between these calls, while the waves in
+        // flight keep the other ranks busy.
+        waves.submit_ready(&mut wave, opts.wave, false, &mut order, &mut progress)?;
         flush(&mut order, &mut summary, &mut progress)?;
         if super::stop::requested() {
             summary.stopped = true;
@@ -217,9 +230,7 @@ where
         if let Some(batch) = batcher.finish() {
             wave.push(batch);
         }
-        if !wave.is_empty() {
-            waves.submit(wave, &mut order, &mut progress)?;
-        }
+        waves.submit_ready(&mut wave, opts.wave, true, &mut order, &mut progress)?;
     }
     // Waves already on the ring finish either way: a stop writes their documents too.
     while waves.collect(&mut order, &mut progress)? {
@@ -229,5 +240,7 @@ where
     summary.tokens = waves.tokens;
     writer.close().map_err(|e| JobError::Output(e.to_string()))?;
     progress.finish();
-    finish(opts, summary, start)
+    let summary = finish(opts, summary, start);
+    drop(lock);
+    summary
 }

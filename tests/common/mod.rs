@@ -1,11 +1,13 @@
 //! Shared test helpers: small random models built in memory; launching processes with a
 //! hard limit (proc); test hosts on network namespaces (hosts); the converted SmolLM2 and
-//! sample corpus the process-launching tests score (smol); test directories removed at exit (tmp).
+//! sample corpus the process-launching tests score (smol); the tiny fixture model and the
+//! processes of a running job (tiny); test directories removed at exit (tmp).
 #![allow(dead_code, unused_imports)]
 
 pub mod hosts;
 pub mod proc;
 pub mod smol;
+pub mod tiny;
 pub mod tmp;
 
 use falcon_batch::config::ModelConfig;

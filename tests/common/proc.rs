@@ -94,6 +94,16 @@ impl Running {
         Ran { status, stdout: read(&self.out), stderr: read(&self.err), took, timed_out }
     }
 
+    /// The pid of what was started (`timeout`, whose child is the command).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// What it has written to stderr so far.
     pub fn stderr_so_far(&self) -> String {
         std::fs::read_to_string(self.err.path()).unwrap_or_default()
