@@ -55,7 +55,7 @@ import time
 
 TEMPLATE = "Document: {text}\nQuestion: {question}\nAnswer:"
 
-# The choice split rule (DESIGN.md, "Choice scoring"), shared with the fixture scripts.
+# The choice split rule (docs/DESIGN.md, "Scoring semantics"), shared with the fixture scripts.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures"))
 from lm_eval_split import choice_joint  # noqa: E402
 

@@ -1,7 +1,7 @@
 //! `falcon-batch bench`: per-layer forward time of real layer shapes with synthetic
 //! weights (made where they live, no files), host-to-device bandwidth from pinned memory,
 //! and weight streaming through a small resident window. The JSON is what the planner's
-//! cost model reads (DESIGN.md, "Schedule").
+//! cost model reads (docs/DESIGN.md, "Schedule and planner").
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;

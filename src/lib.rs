@@ -1,5 +1,5 @@
 //! falcon-batch: score documents against answer choices with big unquantized language models
-//! split by layers over MPI ranks. See shared DESIGN.md and README.md.
+//! split by layers over MPI ranks. See docs/DESIGN.md and README.md.
 
 pub mod backend;
 pub mod bench;

@@ -1,4 +1,4 @@
-//! This process's progress stamp: DESIGN.md, "Failure and liveness".
+//! This process's progress stamp: docs/DESIGN.md, "Failure handling".
 //!
 //! A rank is alive when its work advances, not when some thread answers. Every place where
 //! the work really moves on calls `advanced()`: a tensor read from a part file, a layer

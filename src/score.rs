@@ -1,4 +1,4 @@
-//! Choice scores from per-token log-probs (DESIGN.md, "Choice scoring"). Pure.
+//! Choice scores from per-token log-probs (docs/DESIGN.md, "Scoring semantics"). Pure.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,5 +1,5 @@
 //! A micro-batch as a packed token tree: its rows, attention spans and scored rows
-//! (DESIGN.md, "Choice scoring").
+//! (docs/DESIGN.md, "Scoring semantics").
 //!
 //! Several documents share one sequence of T rows with no padding. A document is its
 //! prompt followed by each choice's tokens except the last (the last token is only ever

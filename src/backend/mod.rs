@@ -45,7 +45,7 @@ pub trait Backend: Send + Sync {
     // ---- memory ----
     fn upload_weight(&self, t: &HostTensor) -> Result<Self::Weight>;
 
-    // ---- weight streaming (DESIGN.md, "Schedule") ----
+    // ---- weight streaming (docs/DESIGN.md, "Weight streaming") ----
     //
     // pin (once per group, at start) -> prefetch into a free slot (returns at once) ->
     // wait where compute reaches the group -> compute -> release after its last op, which

@@ -1,4 +1,4 @@
-//! The model directory and the checkpoints it is made from (DESIGN.md, "The model directory").
+//! The model directory and the checkpoints it is made from (docs/DESIGN.md, "The model directory").
 //!
 //! Files: manifest.rs (manifest.json), model_dir.rs (open, read parts, verify),
 //! hf.rs (HF safetensors checkpoints), gguf.rs (llama.cpp's GGUF), convert.rs (checkpoint -> dir).

@@ -1,5 +1,5 @@
-//! The per-rank pipeline over a Schedule (DESIGN.md, "Schedule" and "Data flow"), and
-//! PipelineError, its error.
+//! The per-rank pipeline over a Schedule (docs/DESIGN.md, "Schedule and planner" and "The
+//! pipeline at run time"), and PipelineError, its error.
 //!
 //! Every rank computes the same Schedule. Rank 0 runs the job and calls the distributed
 //! `PipelineScorer` (or `PipelineDecoder`); every other rank calls `serve`, which follows rank

@@ -1,8 +1,8 @@
 //! The weight window: every group this rank owns pinned in host memory (converted once, at
 //! start, to what the backend computes with), at most `resident` of them in device slots, and
 //! the next ones copied in while the current one computes, through the backend's streaming
-//! contract (`Backend::pin / prefetch / wait / release`, DESIGN.md "Schedule"). The same
-//! window runs on the CPU backend (a copy thread) and on CUDA (a copy stream).
+//! contract (`Backend::pin / prefetch / wait / release`, docs/DESIGN.md "Weight streaming").
+//! The same window runs on the CPU backend (a copy thread) and on CUDA (a copy stream).
 //!
 //! A slot is freed only by `release`, which takes the group's weights back by value, and the
 //! group the caller computes with is borrowed from the window: while it is in use, the window

@@ -1,5 +1,6 @@
-//! Who runs which layers, and when (DESIGN.md, "Schedule"). Pure and deterministic: every
-//! rank computes the same Schedule from the same inputs after an allgather of capabilities.
+//! Who runs which layers, and when (docs/DESIGN.md, "Schedule and planner"). Pure and
+//! deterministic: every rank computes the same Schedule from the same inputs after an
+//! allgather of capabilities.
 //!
 //! Files: plan.rs (cutting layers into groups under memory and speed), order.rs (each rank's
 //! work order), cost.rs (cost model and workload), simulate.rs (discrete-event prediction),

@@ -25,7 +25,7 @@ fn work(docs: usize) -> Workload {
 fn falcon_180b_shape_matches_published_size() {
     let s = f180();
     assert_eq!(s.n_layers, 80);
-    // ~4.4 GB per layer, ~360 GB in all (DESIGN.md).
+    // ~4.4 GB per layer, ~360 GB in all (docs/DESIGN.md, "Purpose and the motivating setup").
     assert!((4.3e9..4.5e9).contains(&(s.layer_bytes as f64)), "{}", s.layer_bytes);
     assert!((355e9..365e9).contains(&(s.total_bytes() as f64)), "{}", s.total_bytes());
     for p in presets::PRESETS {
@@ -53,7 +53,7 @@ fn groups_cover_every_layer_once_round_robin() {
 
 #[test]
 fn group_layers_caps_group_size_and_oversize_is_refused() {
-    // Room for begin + 5 layers in one slot, as on the 24 GB cards of DESIGN.md plus headroom.
+    // Room for begin + 5 layers in one slot, as on the 24 GB cards of docs/DESIGN.md plus headroom.
     let opts = ScheduleOptions { group_layers: Some(5), resident: 1, ..Default::default() };
     let s = Schedule::plan(&f180(), &ranks(8, 28 * GB), &opts).unwrap();
     assert_eq!(s.groups.len(), 16);

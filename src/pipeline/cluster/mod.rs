@@ -1,5 +1,5 @@
 //! This process's place in the MPI job: MPI start and end, who we are, and the two threads
-//! that tell whether the job is still moving (DESIGN.md, "Failure and liveness").
+//! that tell whether the job is still moving (docs/DESIGN.md, "Failure handling").
 //!
 //! WaitState is progress, not an answering thread. Two threads run beside the pipeline:
 //! - the heartbeat thread tells every peer, twice a second, how far this rank's work has come
