@@ -205,6 +205,7 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
             "template": a.template.as_ref().map(|p| p.to_string_lossy().into_owned()),
             "delimiter": a.target_delimiter,
             "batch_tokens": a.batch_tokens,
+            "compute_dtype": a.schedule.compute_dtype.map(|d| d.to_string()),
         }),
         trace: a.schedule.trace.is_some(),
     };

@@ -1,0 +1,73 @@
+//! `--compute-dtype`, through the binary: the bf16 route on SmolLM2's real documents (the sample
+//! corpus) picks the f32 route's best choices with log-probs a few hundredths of a nat away,
+//! f32 weights rounded at load give the bf16 file's results bit for bit, the route is printed at
+//! start, and a bad value is a usage error.
+
+mod common;
+
+use common::proc::run_limited;
+use common::smol::{bin, convert_smollm2, root, sample_lines, write_corpus};
+use falcon_batch::results::{read_results, DocResult};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// Per-choice |log-prob| difference allowed between the routes on SmolLM2 (whole continuations
+/// of a few tokens; measured worst in docs/PERFORMANCE.md, "bf16 compute route").
+const CHOICE_TOL: f64 = 0.25;
+
+/// Scores `docs` with `model` on the CPU; the results and stderr.
+fn score(model: &Path, docs: &Path, out: &Path, compute: Option<&str>) -> (Vec<DocResult>, String) {
+    let mut c = Command::new(bin());
+    c.env("HDF5_USE_FILE_LOCKING", "FALSE").arg("score").arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(out);
+    c.args(["--device", "cpu", "--quiet"]);
+    if let Some(d) = compute {
+        c.args(["--compute-dtype", d]);
+    }
+    let r = run_limited(&c, LIMIT);
+    assert!(r.success(), "score --compute-dtype {compute:?}: {}", r.text());
+    (read_results(out).unwrap(), r.text())
+}
+
+#[test]
+fn bf16_route_keeps_the_f32_routes_best_choices_on_real_documents() {
+    let d = common::tmp::dir("fb-compute-dtype");
+    let (f32_dir, bf16_dir) = (d.join("smol-f32"), d.join("smol-bf16"));
+    convert_smollm2(&f32_dir, &[], LIMIT);
+    convert_smollm2(&bf16_dir, &["--dtype", "bf16"], LIMIT);
+    let docs = d.join("sample.jsonl");
+    write_corpus(&docs, &sample_lines(usize::MAX));
+
+    let (reference, text) = score(&f32_dir, &docs, &d.join("f32.h5"), None);
+    assert!(text.contains("cpu compute f32"), "the route is printed at start: {text}");
+    let (bf16, text) = score(&bf16_dir, &docs, &d.join("bf16.h5"), Some("bf16"));
+    let avx512_bf16 = std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512f");
+    let printed = if avx512_bf16 { "cpu compute bf16 (AVX512-BF16 dot products" } else { "cpu compute bf16 (no AVX512-BF16" };
+    assert!(text.contains(printed), "expected `{printed}`: {text}");
+
+    assert_eq!(reference.len(), bf16.len());
+    let mut worst = 0f64;
+    for (x, y) in reference.iter().zip(&bf16) {
+        assert_eq!((&x.id, &x.status, x.best), (&y.id, &y.status, y.best), "best choice on the bf16 route");
+        for (cx, cy) in x.choices.iter().zip(&y.choices) {
+            worst = worst.max((cx.logprob - cy.logprob).abs());
+        }
+    }
+    eprintln!("{} documents: max |Δ choice log-prob| bf16 vs f32 route = {worst:.3e}", reference.len());
+    assert!(worst <= CHOICE_TOL, "max |Δ choice log-prob| {worst}");
+
+    // f32 weights on the bf16 route are rounded at load exactly as `convert --dtype bf16` rounds.
+    let (from_f32, _) = score(&f32_dir, &docs, &d.join("bf16-from-f32.h5"), Some("bf16"));
+    assert_eq!(from_f32, bf16, "f32 weights rounded at load differ from the bf16 file");
+}
+
+#[test]
+fn an_unknown_compute_dtype_is_a_usage_error() {
+    let mut c = Command::new(bin());
+    c.arg("score").args(["--model", "m", "--docs", "d.jsonl", "--compute-dtype", "f64"]).current_dir(root());
+    let r = run_limited(&c, LIMIT);
+    assert_eq!(r.code(), Some(2), "{}", r.text());
+    assert!(r.text().contains("f64") && r.text().contains("expected f32 or bf16"), "{}", r.text());
+}
