@@ -201,7 +201,10 @@ impl Backend for CpuBackend {
     type Cache = KvCache;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        match self.route {
+            CpuRoute::F32 => format!("cpu ({} threads)", rayon::current_num_threads()),
+            route => format!("cpu ({} threads, compute {route})", rayon::current_num_threads()),
+        }
     }
 
     fn upload_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
