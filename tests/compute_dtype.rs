@@ -1,7 +1,8 @@
 //! `--compute-dtype`, through the binary: the bf16 route on SmolLM2's real documents (the sample
-//! corpus) picks the f32 route's best choices with log-probs a few hundredths of a nat away,
-//! f32 weights rounded at load give the bf16 file's results bit for bit, the route is printed at
-//! start, and a bad value is a usage error.
+//! corpus) moves choice log-probs by under a tenth of a nat and so picks the f32 route's best
+//! choice wherever the f32 route's margin is wider than twice that; f32 weights rounded at load
+//! give the bf16 file's results bit for bit; the route is printed at start; a bad value is a
+//! usage error.
 
 mod common;
 
@@ -15,8 +16,8 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(300);
 
 /// Per-choice |log-prob| difference allowed between the routes on SmolLM2 (whole continuations
-/// of a few tokens; measured worst in docs/PERFORMANCE.md, "bf16 compute route").
-const CHOICE_TOL: f64 = 0.25;
+/// of up to ~7 tokens): measured 0.097 (docs/PERFORMANCE.md, "bf16 compute route").
+const CHOICE_TOL: f64 = 0.2;
 
 /// Scores `docs` with `model` on the CPU; the results and stderr.
 fn score(model: &Path, docs: &Path, out: &Path, compute: Option<&str>) -> (Vec<DocResult>, String) {
@@ -50,13 +51,26 @@ fn bf16_route_keeps_the_f32_routes_best_choices_on_real_documents() {
     assert_eq!(reference.len(), bf16.len());
     let mut worst = 0f64;
     for (x, y) in reference.iter().zip(&bf16) {
-        assert_eq!((&x.id, &x.status, x.best), (&y.id, &y.status, y.best), "best choice on the bf16 route");
+        assert_eq!((&x.id, &x.status), (&y.id, &y.status));
         for (cx, cy) in x.choices.iter().zip(&y.choices) {
             worst = worst.max((cx.logprob - cy.logprob).abs());
         }
     }
-    eprintln!("{} documents: max |Δ choice log-prob| bf16 vs f32 route = {worst:.3e}", reference.len());
     assert!(worst <= CHOICE_TOL, "max |Δ choice log-prob| {worst}");
+    // Choices that each move by at most `worst` keep their order where they were more than
+    // 2·worst apart: only such near-ties may change the best choice (the sample has one,
+    // invoice-0001: 280.00 vs 336.00, 0.033 nats apart on the f32 route).
+    let mut near_ties = vec![];
+    for (x, y) in reference.iter().zip(&bf16) {
+        let mut lp: Vec<f64> = x.choices.iter().map(|c| c.logprob).collect();
+        lp.sort_by(|a, b| b.total_cmp(a));
+        let margin = if lp.len() > 1 { lp[0] - lp[1] } else { f64::INFINITY };
+        if x.best != y.best {
+            assert!(margin < 2.0 * worst, "{}: best choice {:?} on the f32 route, {:?} on bf16, {margin} nats apart", x.id, x.best, y.best);
+            near_ties.push(&x.id);
+        }
+    }
+    eprintln!("{} documents: max |Δ choice log-prob| bf16 vs f32 route {worst:.3}; best choice changed on near-ties {near_ties:?}", reference.len());
 
     // f32 weights on the bf16 route are rounded at load exactly as `convert --dtype bf16` rounds.
     let (from_f32, _) = score(&f32_dir, &docs, &d.join("bf16-from-f32.h5"), Some("bf16"));

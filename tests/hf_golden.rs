@@ -30,9 +30,11 @@ fn check_fixture(name: &str) {
 }
 
 /// Per-token |log-prob - HF's f32| allowed on the bf16 compute route: GEMM inputs rounded to 8
-/// significant bits (2^-9 relative each). Measured worst over every fixture and route: see
-/// docs/PERFORMANCE.md ("bf16 compute route").
-const BF16_TOL: f64 = 0.05;
+/// significant bits (2^-9 relative each). Measured worst per fixture (2026-12-06, both routes
+/// alike): Falcon 0.016-0.030, Qwen2 0.033-0.041, Llama / Mistral 0.070-0.101; rounding only
+/// the weights to bf16 (f32 route) already moves the Llama fixtures by 0.049-0.092, so their
+/// random weights are what is sensitive, not the route (docs/PERFORMANCE.md, "bf16 compute route").
+const BF16_TOL: f64 = 0.15;
 
 /// Converted from `src` under `cfg`, the model's log-probs and greedy ids are HF's on the f32
 /// route; its log-probs are within `BF16_TOL` of them on the bf16 routes.
