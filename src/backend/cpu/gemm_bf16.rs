@@ -193,9 +193,9 @@ impl Tile {
     unsafe fn run(&self, rows: usize) {
         #[cfg(target_arch = "x86_64")]
         match rows {
-            1 => tile::<1>(self),
-            2 => tile::<2>(self),
-            3 => tile::<3>(self),
+            1 => tile_chains::<1, 4>(self),
+            2 => tile_chains::<2, 3>(self),
+            3 => tile_chains::<3, 2>(self),
             4 => tile::<4>(self),
             5 => tile::<5>(self),
             6 => tile::<6>(self),
@@ -216,18 +216,57 @@ impl Tile {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile<const R: usize>(t: &Tile) {
-    use std::arch::x86_64::*;
     let masks = gemm::avx512::masks(t.ncols);
     let mut acc = gemm::avx512::start::<R>(t.init, t.c, t.ldc, masks);
     for p in 0..t.pairs {
-        let b = t.b.add(p * 2 * NR);
-        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
-        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(NR).cast()));
-        for (i, a) in acc.iter_mut().enumerate() {
-            let pair = t.a.add(i * t.lda + 2 * p).cast::<i32>().read_unaligned();
-            let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-            a[0] = _mm512_dpbf16_ps(a[0], x, b0);
-            a[1] = _mm512_dpbf16_ps(a[1], x, b1);
+        pair_step(t, &mut acc, p);
+    }
+    gemm::avx512::store(&acc, t.c, t.ldc, masks);
+}
+
+/// Pair `p` of the tile's depth into `acc`: two panel loads, a broadcast of each row's pair.
+///
+/// # Safety
+/// As `Tile::run`, p < t.pairs; inlined into the kernels, which enable AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pair_step<const R: usize>(t: &Tile, acc: &mut [[std::arch::x86_64::__m512; 2]; R], p: usize) {
+    use std::arch::x86_64::*;
+    let b = t.b.add(p * 2 * NR);
+    let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+    let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(NR).cast()));
+    for (i, a) in acc.iter_mut().enumerate() {
+        let pair = t.a.add(i * t.lda + 2 * p).cast::<i32>().read_unaligned();
+        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+        a[0] = _mm512_dpbf16_ps(a[0], x, b0);
+        a[1] = _mm512_dpbf16_ps(a[1], x, b1);
+    }
+}
+
+/// `tile` for a few rows (decode: one per sequence), whose 2·R accumulators alone would make
+/// each `vdpbf16ps` wait for the one before (latency ~6 cycles, one issued per cycle): the pairs
+/// go round C independent sets of accumulators, summed at the end, so the loop runs at the
+/// rate the panel streams in.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_chains<const R: usize, const C: usize>(t: &Tile) {
+    use std::arch::x86_64::*;
+    let masks = gemm::avx512::masks(t.ncols);
+    let mut chains = [[[_mm512_setzero_ps(); 2]; R]; C];
+    chains[0] = gemm::avx512::start::<R>(t.init, t.c, t.ldc, masks);
+    let whole = t.pairs / C * C;
+    for p0 in (0..whole).step_by(C) {
+        for (c, acc) in chains.iter_mut().enumerate() {
+            pair_step(t, acc, p0 + c);
+        }
+    }
+    for p in whole..t.pairs {
+        pair_step(t, &mut chains[0], p);
+    }
+    let mut acc = chains[0];
+    for chain in &chains[1..] {
+        for (a, c) in acc.iter_mut().zip(chain) {
+            *a = [_mm512_add_ps(a[0], c[0]), _mm512_add_ps(a[1], c[1])];
         }
     }
     gemm::avx512::store(&acc, t.c, t.ldc, masks);
