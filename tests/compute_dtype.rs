@@ -85,3 +85,26 @@ fn an_unknown_compute_dtype_is_a_usage_error() {
     assert_eq!(r.code(), Some(2), "{}", r.text());
     assert!(r.text().contains("f64") && r.text().contains("expected f32 or bf16"), "{}", r.text());
 }
+
+/// `bench --compute-dtype bf16` times the bf16 route's layers and says so, its layers held in
+/// half the bytes, and `plan --costs` takes the report: the planner's CPU costs of that route.
+#[test]
+fn bench_times_the_bf16_route_for_the_planner() {
+    let d = common::tmp::dir("fb-compute-dtype-bench");
+    let report = |dtype: &str| -> serde_json::Value {
+        let out = d.join(format!("bench-{dtype}.json"));
+        let mut c = Command::new(bin());
+        c.args(["bench", "--device", "cpu", "--synthetic", "tiny", "--reps", "1", "--compute-dtype", dtype]).arg("--out").arg(&out);
+        let r = run_limited(&c, LIMIT);
+        assert!(r.success(), "bench --compute-dtype {dtype}: {}", r.text());
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    };
+    let (f32, bf16) = (report("f32"), report("bf16"));
+    assert!(bf16["device"].as_str().unwrap().contains("compute bf16"), "{}", bf16["device"]);
+    assert!(!f32["device"].as_str().unwrap().contains("bf16"), "{}", f32["device"]);
+    assert_eq!(bf16["layer_bytes"].as_u64().unwrap() * 2, f32["layer_bytes"].as_u64().unwrap());
+    let mut c = Command::new(bin());
+    c.args(["plan", "--preset", "falcon-7b", "--ranks", "2", "--device-mem", "8GB", "--costs"]).arg(d.join("bench-bf16.json"));
+    let r = run_limited(&c, LIMIT);
+    assert!(r.success() && r.text().contains("measured layer costs"), "{}", r.text());
+}
