@@ -106,6 +106,7 @@ impl CpuBackend {
     /// # Safety
     /// `out` points to T·N writable floats (with `Out::Write` they may be uninitialised); the
     /// shapes were checked by `linear_shape`.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn matmul(&self, op: &'static str, x: &Mat, w: &CpuWeight, b: Option<&[f32]>, n: usize, out: *mut f32, mode: Out) -> Result<()> {
         if let Some(pairs) = w.pairs() {
             gemm_bf16::matmul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), pairs, n, b, out, mode);

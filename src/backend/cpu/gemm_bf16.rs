@@ -120,7 +120,8 @@ pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u
     let out = SendPtr(out);
     // SAFETY: as in `matmul`.
     gemm::fork(NR, MR, x.rows, x.kp, n, |rows, panels| unsafe {
-        let out = out; // the whole SendPtr, not its field, into the closure
+        #[allow(clippy::redundant_locals)]
+        let out = out; // the whole SendPtr (Sync), not its raw field, into the closure
         let mut up = [0f32; MR * NR];
         let kp = x.kp;
         for i0 in rows.clone().step_by(MR) {
