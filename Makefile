@@ -42,6 +42,11 @@ $(SMOL)-f16/manifest.json: $(GGUF) | build
 	rm -rf $(SMOL)-f16
 	$(BIN) convert --from $(GGUF) --to $(SMOL)-f16 --dtype f16
 
+# The same weights rounded to bf16, for the benchmark's bf16 compute route.
+$(SMOL)-bf16/manifest.json: $(GGUF) | build
+	rm -rf $(SMOL)-bf16
+	$(BIN) convert --from $(GGUF) --to $(SMOL)-bf16 --dtype bf16
+
 demo: build $(SMOL)/manifest.json
 	@mkdir -p results
 	$(BIN) score --model $(SMOL) --docs inputs/sample.jsonl --out results/demo.h5 --csv results/demo.csv --overwrite
@@ -56,21 +61,31 @@ test: test-deps fetch-model
 # weights), HF transformers scoring the lm-eval way (when BENCH_HF_PYTHON has torch +
 # transformers), and numpy's sgemm ceiling; decode s/token at ~100 and ~2048 tokens of context. Needs a Python with llama-cpp-python, tokenizers, numpy, gguf:
 # .venv-bench is made (network, a llama.cpp compile) unless BENCH_PYTHON names one.
-# Writes results/bench-cpu.json and prints the table of docs/PERFORMANCE.md.
+# Writes results/bench-cpu.json and prints the table of docs/PERFORMANCE.md. Then the bf16
+# compute route (scripts/bench_bf16.py): falcon-batch --compute-dtype bf16 on bf16 weights vs
+# llama.cpp's multiple-choice batching on a BF16 GGUF made by llama_model_quantize, the bf16
+# GEMM ceiling (torch.matmul in bf16, when BENCH_TORCH_PYTHON has torch), peak memory, decode;
+# results/bench-bf16.json.
 BENCH_PYTHON ?=
 BENCH_HF_PYTHON ?=
+BENCH_TORCH_PYTHON ?=
+BENCH_BF16_ARGS ?=
 BENCH_ARGS ?=
 .venv-bench/bin/python:
 	python3 -m venv .venv-bench
 	.venv-bench/bin/pip install llama-cpp-python tokenizers numpy gguf
 
-bench: build $(SMOL)/manifest.json $(SMOL)-f16/manifest.json $(if $(BENCH_PYTHON),,.venv-bench/bin/python)
+bench: build $(SMOL)/manifest.json $(SMOL)-f16/manifest.json $(SMOL)-bf16/manifest.json $(if $(BENCH_PYTHON),,.venv-bench/bin/python)
 	@mkdir -p results
 	$(if $(BENCH_PYTHON),$(BENCH_PYTHON),.venv-bench/bin/python) scripts/bench_cpu.py --bin $(BIN) \
 		--model $(SMOL) --gguf $(GGUF) --f32-gguf models/SmolLM2-135M-Instruct.F32.gguf \
 		--q8-gguf models/SmolLM2-135M-Instruct.Q8_0.gguf --f16-gguf models/SmolLM2-135M-Instruct.F16.gguf \
 		--f16-model $(SMOL)-f16 --hf-python "$(BENCH_HF_PYTHON)" \
 		--docs inputs/sample.jsonl --threads $$(nproc) --out results/bench-cpu.json $(BENCH_ARGS)
+	$(if $(BENCH_PYTHON),$(BENCH_PYTHON),.venv-bench/bin/python) scripts/bench_bf16.py --bin $(BIN) \
+		--model $(SMOL) --bf16-model $(SMOL)-bf16 --gguf $(GGUF) --f32-gguf models/SmolLM2-135M-Instruct.F32.gguf \
+		--bf16-gguf models/SmolLM2-135M-Instruct.BF16.gguf --torch-python "$(BENCH_TORCH_PYTHON)" \
+		--docs inputs/sample.jsonl --threads $$(nproc) --out results/bench-bf16.json $(BENCH_BF16_ARGS)
 
 clean-results:
 	rm -rf results/*.h5 results/*.csv results/*.json

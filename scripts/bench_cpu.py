@@ -177,16 +177,22 @@ def fb_env(threads):
     return dict(os.environ, RAYON_NUM_THREADS=str(threads))
 
 
-def fb_score(args, workdir, model):
+def fb_score(args, workdir, model, extra=(), peak=None):
+    """`extra`: more score flags (--compute-dtype). `peak`: a dict that gets the run's peak
+    resident memory (`/usr/bin/time -f %M`, KiB) under "max_rss_kib"."""
     out_h5 = os.path.join(workdir, "bench.h5")
     out_csv = os.path.join(workdir, "bench.csv")
     cmd = [args.bin, "score", "--model", model, "--docs", args.docs, "--out", out_h5,
-           "--csv", out_csv, "--overwrite", "--target-delimiter", args.target_delimiter]
+           "--csv", out_csv, "--overwrite", "--target-delimiter", args.target_delimiter, *extra]
+    timed = ["/usr/bin/time", "-f", "max_rss_kib %M"] if peak is not None else []
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=fb_env(args.threads), capture_output=True, text=True)
+    p = subprocess.run(timed + cmd, env=fb_env(args.threads), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"falcon-batch score failed (rc={p.returncode}):\n{p.stderr[-4000:]}")
+    if peak is not None:
+        m = re.search(r"max_rss_kib (\d+)", p.stderr)
+        peak["max_rss_kib"] = int(m.group(1)) if m else None
     summary = ""
     for line in p.stderr.splitlines():
         if " tokens/s" in line and " in " in line and "this run" in line:
@@ -205,12 +211,12 @@ def fb_score(args, workdir, model):
     return wall, own, lp, " ".join(cmd)
 
 
-def fb_decode_time(args, prompt_text, steps, kv_cache, model):
+def fb_decode_time(args, prompt_text, steps, kv_cache, model, extra=()):
     """Seconds per decode step: `generate` times its own steps (its stderr summary: the
     prompt's prefill apart, then `steps` one-token steps), so the prefill's run-to-run noise
-    (seconds at 2000 tokens) stays out of a figure of milliseconds."""
+    (seconds at 2000 tokens) stays out of a figure of milliseconds. `extra`: more flags."""
     cmd = [args.bin, "generate", "--model", model, "--prompt", prompt_text,
-           "--max-new-tokens", str(steps + 1), "--ignore-eos", "--kv-cache", kv_cache]
+           "--max-new-tokens", str(steps + 1), "--ignore-eos", "--kv-cache", kv_cache, *extra]
     p = subprocess.run(cmd, env=fb_env(args.threads), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if p.returncode != 0:
         sys.exit(f"falcon-batch generate failed (rc={p.returncode}):\n{p.stderr[-4000:]}")

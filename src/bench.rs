@@ -76,6 +76,9 @@ pub struct BenchOptions {
     pub out: Option<PathBuf>,
     /// Allow presets whose f32 CPU layer is larger than 2 GB.
     pub force: bool,
+    /// What the CPU's GEMMs multiply in (`--compute-dtype`): the report's layer times and bytes
+    /// are then that route's, for `plan --costs`.
+    pub compute_dtype: crate::backend::ComputeDtype,
 }
 
 /// One timed forward: `label` (e.g. "4x2048"), total rows, median seconds per layer.
@@ -455,10 +458,12 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
                     f32_bytes as f64 / 1e9
                 )));
             }
-            let b = CpuBackend::new();
+            let route = crate::backend::cpu::CpuRoute::detect(o.compute_dtype);
+            let b = CpuBackend::with_route(crate::backend::KvDtype::F32, route);
             eprintln!("bench {} on {}", o.synthetic, b.name());
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
-            let mut r = report_from(&b, &cfg, &o.synthetic, "cpu", t, 4);
+            // bf16 routes hold every matrix in bf16.
+            let mut r = report_from(&b, &cfg, &o.synthetic, "cpu", t, if route.rounds() { 2 } else { 4 });
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
             r.attention = attention_timings(&b, &cfg, o.reps.max(1)).during(|| "timing attention".into())?;
             // The copy thread's figures: a memcpy per group, and 512 tokens so it stays short.

@@ -1,9 +1,11 @@
 //! Model outputs against HF transformers' golden log-probs (tests/fixtures/*/golden.json,
-//! made by tests/fixtures/make_fixtures.py in float64).
+//! made by tests/fixtures/make_fixtures.py in float64), on the f32 reference route and, within
+//! `BF16_TOL`, on every bf16 compute route this CPU runs.
 
 mod common;
 
-use falcon_batch::backend::cpu::CpuBackend;
+use falcon_batch::backend::cpu::{CpuBackend, CpuRoute};
+use falcon_batch::backend::{ComputeDtype, KvDtype};
 use falcon_batch::generate::{generate, GenOptions, GenRequest};
 use falcon_batch::runner::LocalDecoder;
 use falcon_batch::token_tree::AttnSpan;
@@ -27,11 +29,32 @@ fn check_fixture(name: &str) {
     check_against_golden(name, &cfg, &common::read_shards(&dir), &read_golden(name));
 }
 
-/// Converted from `src` under `cfg`, the model's log-probs and greedy ids are HF's.
+/// Per-token |log-prob - HF's f32| allowed on the bf16 compute route: GEMM inputs rounded to 8
+/// significant bits (2^-9 relative each). Measured worst per fixture (2026-12-06, both routes
+/// alike): Falcon 0.016-0.030, Qwen2 0.033-0.041, Llama / Mistral 0.070-0.101; rounding only
+/// the weights to bf16 (f32 route) already moves the Llama fixtures by 0.049-0.092, so their
+/// random weights are what is sensitive, not the route (docs/PERFORMANCE.md, "bf16 compute route").
+const BF16_TOL: f64 = 0.15;
+
+/// Converted from `src` under `cfg`, the model's log-probs and greedy ids are HF's on the f32
+/// route; its log-probs are within `BF16_TOL` of them on the bf16 routes.
 fn check_against_golden(name: &str, cfg: &falcon_batch::config::ModelConfig, src: &dyn TensorSource, golden: &serde_json::Value) {
     let host = HostGroup::read(0..cfg.n_layers, cfg.n_layers, |p: Part| model::convert_part(cfg, p, src)).unwrap();
     let b = CpuBackend::new();
     let group = DeviceGroup::upload(&b, &host).unwrap();
+    let worst = worst_logprob_error(name, cfg, &b, &group, golden, 1e-4);
+    eprintln!("{name}: max |Δ logprob| = {worst:.2e}");
+    check_greedy(name, cfg, &b, group, golden);
+    for route in CpuRoute::available(ComputeDtype::Bf16) {
+        let b = CpuBackend::with_route(KvDtype::F32, route);
+        let group = DeviceGroup::upload(&b, &host).unwrap();
+        let worst = worst_logprob_error(name, cfg, &b, &group, golden, BF16_TOL);
+        eprintln!("{name}: compute {route}: max |Δ logprob| = {worst:.2e}");
+    }
+}
+
+/// The largest |log-prob - HF's| over the golden sequences, each asserted within `tol`.
+fn worst_logprob_error(name: &str, cfg: &falcon_batch::config::ModelConfig, b: &CpuBackend, group: &DeviceGroup<CpuBackend>, golden: &serde_json::Value, tol: f64) -> f64 {
     let mut worst = 0f64;
     for seq in golden["sequences"].as_array().unwrap() {
         let ids: Vec<u32> = seq["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -43,18 +66,17 @@ fn check_against_golden(name: &str, cfg: &falcon_batch::config::ModelConfig, src
         let positions: Vec<u32> = (0..n as u32).collect();
         let spans = vec![AttnSpan::causal(0); n];
         let ctx = RowCtx { positions: &positions, spans: &spans, cache_order: None };
-        let x = group.embed(&b, &ids[..n]).unwrap();
-        let x = group.run_layers(&b, cfg, x, &ctx, None).unwrap();
+        let x = group.embed(b, &ids[..n]).unwrap();
+        let x = group.run_layers(b, cfg, x, &ctx, None).unwrap();
         let rows: Vec<u32> = (0..n as u32 - 1).collect();
-        let logits = group.logits(&b, cfg, &x, &rows).unwrap();
-        let got = b_log_softmax_at(&b, &logits, &ids[1..n]);
+        let logits = group.logits(b, cfg, &x, &rows).unwrap();
+        let got = b_log_softmax_at(b, &logits, &ids[1..n]);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((g - w).abs() < 1e-4, "{name}: token {} of a {}-token sequence: {g} vs HF {w}", i + 1, ids.len());
+            assert!((g - w).abs() < tol, "{name}: compute {}: token {} of a {}-token sequence: {g} vs HF {w}", b.route(), i + 1, ids.len());
             worst = worst.max((g - w).abs());
         }
     }
-    eprintln!("{name}: max |Δ logprob| = {worst:.2e}");
-    check_greedy(name, cfg, &b, group, golden);
+    worst
 }
 
 /// HF's greedy generate (eos disabled), token for token.

@@ -5,6 +5,11 @@
 //! math by the vectorised f32 functions of `vmath` (each tested against an f64 plain-loop
 //! reference).
 //!
+//! The bf16 compute route (route.rs, `--compute-dtype bf16`) rounds GEMM inputs to bf16 where
+//! the CUDA backend does: matrices once at upload, and the outputs of the norms, GELU, SiLU·up
+//! and attention as these ops make them (the values stay f32, rounded). Its GEMMs are
+//! gemm_bf16.rs's `vdpbf16ps` kernel where the CPU has AVX512-BF16; everything else is f32.
+//!
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
 
 use super::{AttnShape, Backend, BackendError, CopySpan, KvDtype, Result};
@@ -20,14 +25,19 @@ mod decode;
 mod elem;
 mod kv_cache;
 mod gemm;
+mod gemm_bf16;
 mod heap;
 mod rope;
+mod round;
+mod route;
 mod spin;
 mod stream;
 mod vmath;
 mod weight;
 pub use heap::keep_freed_buffers;
 pub use kv_cache::KvCache;
+pub use round::{round_f32 as round_bf16, round_in_place as round_bf16_in_place};
+pub use route::CpuRoute;
 pub use spin::{keep_workers_awake, spinners};
 pub use stream::{CpuPinned, CpuSlot, CpuTransfer};
 pub use weight::CpuWeight;
@@ -56,6 +66,8 @@ pub struct CpuBackend {
     rope_tables: rope::RopeTables,
     /// What generation caches keep their keys and values as (kv_cache.rs).
     kv_dtype: KvDtype,
+    /// What the GEMMs multiply in, and how (route.rs).
+    route: CpuRoute,
 }
 
 fn shape_err(op: &'static str, msg: String) -> BackendError {
@@ -70,6 +82,50 @@ impl CpuBackend {
     /// A backend whose generation caches keep keys and values as `kv_dtype`.
     pub fn with_kv_dtype(kv_dtype: KvDtype) -> CpuBackend {
         CpuBackend { kv_dtype, ..CpuBackend::default() }
+    }
+
+    /// A backend computing on `route` (`CpuRoute::detect` for a user's compute dtype).
+    pub fn with_route(kv_dtype: KvDtype, route: CpuRoute) -> CpuBackend {
+        CpuBackend { kv_dtype, route, ..CpuBackend::default() }
+    }
+
+    pub fn route(&self) -> CpuRoute {
+        self.route
+    }
+
+    /// An op's output that only GEMMs read, rounded to bf16 on the bf16 routes (as CUDA stores it).
+    fn rounded(&self, mut x: Mat) -> Mat {
+        if self.route.rounds() {
+            x.data.par_chunks_mut(ELEMWISE_CHUNK).for_each(round::round_in_place);
+        }
+        x
+    }
+
+    /// out (T, N) (+)= x · wᵀ (+ b) on this backend's route, by the weight's packing.
+    ///
+    /// # Safety
+    /// `out` points to T·N writable floats (with `Out::Write` they may be uninitialised); the
+    /// shapes were checked by `linear_shape`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul(&self, op: &'static str, x: &Mat, w: &CpuWeight, b: Option<&[f32]>, n: usize, out: *mut f32, mode: Out) -> Result<()> {
+        if let Some(pairs) = w.pairs() {
+            gemm_bf16::matmul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), pairs, n, b, out, mode);
+            return Ok(());
+        }
+        let p = panels(op, w)?;
+        let xs = self.gemm_input(x);
+        with_panels!(p, w => gemm::matmul(Kernel::detect(), &xs, x.rows, x.cols, w, n, b, out, mode));
+        Ok(())
+    }
+
+    /// x as the widening kernels multiply it: rounded to bf16 values on the bf16 routes (a
+    /// copy; the ops that make GEMM inputs have rounded them already, so the values are the
+    /// same, but `linear` takes any activation).
+    fn gemm_input<'a>(&self, x: &'a Mat) -> std::borrow::Cow<'a, [f32]> {
+        match self.route.rounds() {
+            true => std::borrow::Cow::Owned(self.rounded(x.clone()).data),
+            false => std::borrow::Cow::Borrowed(&x.data),
+        }
     }
 }
 
@@ -146,11 +202,14 @@ impl Backend for CpuBackend {
     type Cache = KvCache;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        match self.route {
+            CpuRoute::F32 => format!("cpu ({} threads)", rayon::current_num_threads()),
+            route => format!("cpu ({} threads, compute {route})", rayon::current_num_threads()),
+        }
     }
 
     fn upload_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
-        Ok(CpuWeight::from_host(t))
+        Ok(CpuWeight::from_host(t, self.route))
     }
 
     type Pinned = CpuPinned;
@@ -203,19 +262,22 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<Mat> {
         let n = linear_shape(x, w, b)?;
-        let (p, b) = (panels("linear", w)?, b.and_then(CpuWeight::values));
+        let b = b.and_then(CpuWeight::values);
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, N)
         // SAFETY: out has room for T·N values, which matmul writes (the bias is its start value),
-        // x holds T·K, w is packed (N, K) for the detected kernel, the bias N values.
+        // x holds T·K, w is packed (N, K), the bias N values.
         unsafe {
-            with_panels!(p, w => gemm::matmul(Kernel::detect(), &x.data, x.rows, x.cols, w, n, b, out.as_mut_ptr(), Out::Write));
+            self.matmul("linear", x, w, b, n, out.as_mut_ptr(), Out::Write)?;
             out.set_len(len);
         }
         Ok(Mat { rows: x.rows, cols: n, data: out })
     }
 
     fn linear_silu_mul(&self, x: &Mat, gate: &CpuWeight, gate_b: Option<&CpuWeight>, up: &CpuWeight, up_b: Option<&CpuWeight>) -> Result<Mat> {
+        if let (Some(g), Some(u)) = (gate.pairs(), up.pairs()) {
+            return self.linear_silu_mul_pairs(x, (gate, g, gate_b), (up, u, up_b));
+        }
         if !gemm::fuses_silu_mul(x.cols) {
             return super::linear_silu_mul_unfused(self, x, gate, gate_b, up, up_b);
         }
@@ -234,6 +296,8 @@ impl Backend for CpuBackend {
         }
         use weight::Panels::*;
         let o = out.as_mut_ptr();
+        let xs = self.gemm_input(x);
+        let x = &Mat { rows: x.rows, cols: x.cols, data: xs.into_owned() };
         // SAFETY: as in `linear`, for both weights: out has room for T·F values, all written.
         unsafe {
             match (panels("linear_silu_mul", gate)?, panels("linear_silu_mul", up)?) {
@@ -246,7 +310,7 @@ impl Backend for CpuBackend {
         }
         // SAFETY: matmul_silu_mul wrote all T·F values.
         unsafe { out.set_len(len) };
-        Ok(Mat { rows: x.rows, cols: n, data: out })
+        Ok(self.rounded(Mat { rows: x.rows, cols: n, data: out }))
     }
 
     fn linear_residual(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>, mut residual: Mat) -> Result<Mat> {
@@ -254,32 +318,36 @@ impl Backend for CpuBackend {
         if (residual.rows, residual.cols) != (x.rows, n) {
             return Err(shape_err("linear_residual", format!("residual ({}, {}) for a ({}, {n}) product", residual.rows, residual.cols, x.rows)));
         }
-        let (p, b) = (panels("linear_residual", w)?, b.and_then(CpuWeight::values));
+        let b = b.and_then(CpuWeight::values);
         // SAFETY: as in `linear`; the residual's T·N values are the accumulators' start.
-        unsafe { with_panels!(p, w => gemm::matmul(Kernel::detect(), &x.data, x.rows, x.cols, w, n, b, residual.data.as_mut_ptr(), Out::Accumulate)) };
+        unsafe { self.matmul("linear_residual", x, w, b, n, residual.data.as_mut_ptr(), Out::Accumulate)? };
         Ok(residual)
     }
 
     fn layer_norm(&self, x: &Mat, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Result<Mat> {
         let (w, b) = (vector("layer_norm", w, x.cols)?, vector("layer_norm", b, x.cols)?);
+        let round = self.route.rounds();
         Ok(map_rows(x, x.cols, |row, out| {
             let n = row.len() as f64;
             let mean = vmath::sum_f64(row) / n;
             let var = vmath::sum_sq_dev(row, mean) / n;
             let inv = 1.0 / (var + eps as f64).sqrt();
             for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-                o.write(((v as f64 - mean) * inv) as f32 * w[i] + b[i]);
+                let y = ((v as f64 - mean) * inv) as f32 * w[i] + b[i];
+                o.write(if round { round::round_f32(y) } else { y });
             }
         }))
     }
 
     fn rms_norm(&self, x: &Mat, w: &CpuWeight, eps: f32) -> Result<Mat> {
         let w = vector("rms_norm", w, x.cols)?;
+        let round = self.route.rounds();
         Ok(map_rows(x, x.cols, |row, out| {
             let ms = vmath::sum_sq_dev(row, 0.0) / row.len() as f64;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
             for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
-                o.write(v * inv * g);
+                let y = v * inv * g;
+                o.write(if round { round::round_f32(y) } else { y });
             }
         }))
     }
@@ -303,18 +371,11 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        attention::attention(q, k.into(), v.into(), s, spans)
+        Ok(self.rounded(attention::attention(q, k.into(), v.into(), s, spans)?))
     }
 
     fn attention_cached(&self, q: &Mat, k: &KvCache, v: &KvCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        match (k, v) {
-            (KvCache::F32(k), KvCache::F32(v)) => attention::attention(q, k.into(), v.into(), s, spans),
-            (KvCache::F16 { rows, cols, data: kd }, KvCache::F16 { rows: vr, cols: vc, data: vd }) => {
-                let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
-                attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans)
-            }
-            _ => Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
-        }
+        self.attention_cached_f32(q, k, v, s, spans).map(|o| self.rounded(o))
     }
 
     fn cache_from(&self, x: Mat) -> Result<KvCache> {
@@ -334,7 +395,13 @@ impl Backend for CpuBackend {
     }
 
     fn gelu(&self, x: &mut Mat) -> Result<()> {
-        x.data.par_chunks_mut(ELEMWISE_CHUNK).for_each(vmath::gelu_slice);
+        let round = self.route.rounds();
+        x.data.par_chunks_mut(ELEMWISE_CHUNK).for_each(|c| {
+            vmath::gelu_slice(c);
+            if round {
+                round::round_in_place(c);
+            }
+        });
         Ok(())
     }
 
@@ -342,7 +409,13 @@ impl Backend for CpuBackend {
         if gate.data.len() != up.data.len() {
             return Err(shape_err("silu_mul", format!("{} vs {} values", gate.data.len(), up.data.len())));
         }
-        gate.data.par_chunks_mut(ELEMWISE_CHUNK).zip(up.data.par_chunks(ELEMWISE_CHUNK)).for_each(|(g, u)| vmath::silu_mul_slice(g, u));
+        let round = self.route.rounds();
+        gate.data.par_chunks_mut(ELEMWISE_CHUNK).zip(up.data.par_chunks(ELEMWISE_CHUNK)).for_each(|(g, u)| {
+            vmath::silu_mul_slice(g, u);
+            if round {
+                round::round_in_place(g);
+            }
+        });
         Ok(())
     }
 
@@ -404,6 +477,42 @@ impl Backend for CpuBackend {
             row.iter_mut().for_each(|v| *v = (*v as f64 - lse) as f32);
         });
         Ok(out)
+    }
+}
+
+/// A weight, its bf16 pair panels, its bias: one half of a fused gate/up product.
+type PairsOperand<'a> = (&'a CpuWeight, &'a [half::bf16], Option<&'a CpuWeight>);
+
+impl CpuBackend {
+    /// `linear_silu_mul` over bf16 pair panels: fused at any depth (gemm_bf16.rs), the output
+    /// rounded as the down projection's input.
+    fn linear_silu_mul_pairs(&self, x: &Mat, (gate, g, gate_b): PairsOperand, (up, u, up_b): PairsOperand) -> Result<Mat> {
+        let n = linear_shape(x, gate, gate_b)?;
+        if linear_shape(x, up, up_b)? != n {
+            return Err(shape_err("linear_silu_mul", format!("gate of shape {:?}, up of shape {:?}", gate.shape, up.shape)));
+        }
+        let (gb, ub) = (gate_b.and_then(CpuWeight::values), up_b.and_then(CpuWeight::values));
+        let len = x.rows * n;
+        let mut out: Vec<f32> = Vec::with_capacity(len); // (T, F)
+        // SAFETY: out has room for T·F values, all written; both weights are packed (F, K), the
+        // biases F values; pair panels exist only where the kernel runs.
+        unsafe {
+            gemm_bf16::matmul_silu_mul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), g, gb, u, ub, n, out.as_mut_ptr());
+            out.set_len(len);
+        }
+        Ok(self.rounded(Mat { rows: x.rows, cols: n, data: out }))
+    }
+
+    /// `attention_cached` before its output is rounded.
+    fn attention_cached_f32(&self, q: &Mat, k: &KvCache, v: &KvCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+        match (k, v) {
+            (KvCache::F32(k), KvCache::F32(v)) => attention::attention(q, k.into(), v.into(), s, spans),
+            (KvCache::F16 { rows, cols, data: kd }, KvCache::F16 { rows: vr, cols: vc, data: vd }) => {
+                let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
+                attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans)
+            }
+            _ => Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
+        }
     }
 }
 

@@ -198,6 +198,38 @@ impl std::fmt::Display for KvDtype {
     }
 }
 
+/// What the GEMMs multiply in. f32 is the reference (HF parity is checked on it). bf16 rounds
+/// every GEMM input to bf16 where the CUDA backend does (weights once at load; the outputs of
+/// norms, GELU, SiLU·up and attention as they are made) and accumulates the products in f32;
+/// everything outside the GEMMs stays f32. The CUDA backend always computes in bf16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(ComputeDtype::F32),
+            "bf16" => Ok(ComputeDtype::Bf16),
+            _ => Err(format!("unknown compute dtype `{s}`: expected f32 or bf16")),
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+        })
+    }
+}
+
 /// Element `i` of the synthetic weight stream `seed` (splitmix64, the same hash as
 /// kernels/elementwise.cu `fill_uniform_bf16`), rounded to bf16.
 pub fn uniform_bf16(seed: u64, i: u64, lo: f32, hi: f32) -> f32 {

@@ -2,8 +2,8 @@
 //! against the `gemm` crate on the same shapes and threads, best of interleaved repeats.
 
 use super::{BenchError, Result};
-use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::cpu::{CpuBackend, CpuRoute};
+use crate::backend::{Backend, ComputeDtype, KvDtype};
 use crate::tensor::{DType, HostTensor};
 use serde::Serialize;
 use std::time::Instant;
@@ -30,6 +30,11 @@ pub struct GemmTiming {
     /// over wall time.
     pub linear_bf16_gflops: f64,
     pub linear_f16_gflops: f64,
+    /// `linear` and the fused gate+up on the bf16 compute route (`--compute-dtype bf16`: bf16
+    /// weights and activations, f32 sums), over wall time; `bf16_route` says how it ran.
+    pub linear_bf16_compute_gflops: f64,
+    pub gate_up_bf16_compute_gflops: f64,
+    pub bf16_route: String,
 }
 
 /// CPU seconds this process has used, all threads.
@@ -71,6 +76,7 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
     // As a CPU rank runs (cli/ranks.rs): freed outputs reused, not faulted in afresh per call.
     crate::backend::cpu::keep_freed_buffers();
     let b = CpuBackend::new();
+    let b16 = CpuBackend::with_route(KvDtype::F32, CpuRoute::detect(ComputeDtype::Bf16));
     let threads = rayon::current_num_threads();
     let mut out = vec![];
     for &(t, k, n) in shapes {
@@ -81,10 +87,13 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
         let up = b.random_weight(&[n, k], 3, -1.0, 1.0)?;
         let half = |dtype| b.upload_weight(&HostTensor::from_f32(vec![n, k], &wv).to_dtype(dtype));
         let (w_bf16, w_f16) = (half(DType::Bf16)?, half(DType::F16)?);
+        let on_bf16 = |seed| b16.random_weight(&[n, k], seed, -1.0, 1.0);
+        let (w16, up16, x16) = (on_bf16(2)?, on_bf16(3)?, b16.upload(&xv, t, k)?);
         let mut dst = vec![0f32; t * n];
         let flops = 2.0 * (t * k * n) as f64;
         let inf = (f64::INFINITY, f64::INFINITY);
         let (mut ours, mut theirs, mut fused, mut unfused, mut ours_bf16, mut ours_f16) = (inf, inf, inf, inf, inf, inf);
+        let (mut compute16, mut fused16) = (inf, inf);
         let mut err = None;
         // Interleaved: a load spike hits both alike.
         for _ in 0..reps.max(1) {
@@ -112,6 +121,16 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
                     err = Some(e);
                 }
             }));
+            compute16 = min2(compute16, seconds_per_call(|| {
+                if let Err(e) = b16.linear(&x16, &w16, None) {
+                    err = Some(e);
+                }
+            }));
+            fused16 = min2(fused16, seconds_per_call(|| {
+                if let Err(e) = b16.linear_silu_mul(&x16, &w16, None, &up16, None) {
+                    err = Some(e);
+                }
+            }));
             unfused = min2(unfused, seconds_per_call(|| {
                 if let Err(e) = crate::backend::linear_silu_mul_unfused(&b, &x, &w, None, &up, None) {
                     err = Some(e);
@@ -132,10 +151,13 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
             gate_up_unfused_gflops: 2.0 * g(unfused.0),
             linear_bf16_gflops: g(ours_bf16.0),
             linear_f16_gflops: g(ours_f16.0),
+            linear_bf16_compute_gflops: g(compute16.0),
+            gate_up_bf16_compute_gflops: 2.0 * g(fused16.0),
+            bf16_route: b16.route().to_string(),
         };
         eprintln!(
-            "gemm {t}x{k}x{n}: linear {:.1} GFLOP/s ({:.1} per CPU-s; bf16 weights {:.1}, f16 {:.1}), gemm crate {:.1} ({:.1} per CPU-s); gate+up fused {:.1}, unfused {:.1}",
-            row.linear_gflops, row.linear_cpu_gflops, row.linear_bf16_gflops, row.linear_f16_gflops, row.gemm_crate_gflops, row.gemm_crate_cpu_gflops, row.gate_up_fused_gflops, row.gate_up_unfused_gflops
+            "gemm {t}x{k}x{n}: linear {:.1} GFLOP/s ({:.1} per CPU-s; bf16 weights {:.1}, f16 {:.1}), gemm crate {:.1} ({:.1} per CPU-s); gate+up fused {:.1}, unfused {:.1}; bf16 compute: linear {:.1}, gate+up fused {:.1}",
+            row.linear_gflops, row.linear_cpu_gflops, row.linear_bf16_gflops, row.linear_f16_gflops, row.gemm_crate_gflops, row.gemm_crate_cpu_gflops, row.gate_up_fused_gflops, row.gate_up_unfused_gflops, row.linear_bf16_compute_gflops, row.gate_up_bf16_compute_gflops
         );
         out.push(row);
     }

@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Run presets whose layer is over 2 GB in f32 on the CPU.
     #[arg(long)]
     force: bool,
+    /// What the CPU's GEMMs multiply in, f32 or bf16 (as `score --compute-dtype`): the layer
+    /// times `plan --costs` reads are that route's.
+    #[arg(long, default_value = "f32")]
+    compute_dtype: falcon_batch::backend::ComputeDtype,
 }
 
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
@@ -47,6 +51,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         reps: a.reps,
         out: Some(a.out),
         force: a.force,
+        compute_dtype: a.compute_dtype,
     };
     falcon_batch::bench::run(&opts)?;
     Ok(ExitCode::SUCCESS)

@@ -144,6 +144,7 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
             "stop": a.stop,
             "ignore_eos": a.ignore_eos,
             "kv_cache": a.kv_cache.to_string(),
+            "compute_dtype": a.schedule.compute_dtype.map(|d| d.to_string()),
         }),
         trace: a.schedule.trace.is_some(),
     };

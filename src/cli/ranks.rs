@@ -2,10 +2,10 @@
 //! schedule flags, and ending the job so no rank hangs.
 
 use anyhow::Result;
-use falcon_batch::backend::cpu::{keep_freed_buffers, CpuBackend};
+use falcon_batch::backend::cpu::{keep_freed_buffers, CpuBackend, CpuRoute};
 use falcon_batch::backend::cuda::CudaBackend;
 use falcon_batch::backend::select::{cuda_available, DeviceChoice};
-use falcon_batch::backend::{Backend, KvDtype};
+use falcon_batch::backend::{Backend, ComputeDtype, KvDtype};
 use falcon_batch::job::launch::{launch, LaunchOptions, Launched};
 use falcon_batch::job::resources::{cpu_memory_per_rank, cpu_threads_per_rank, DeviceInfo};
 use falcon_batch::pipeline::{gather_trace, serve, Cluster};
@@ -38,6 +38,11 @@ pub struct ScheduleArgs {
     /// bf16 or narrower, f32 otherwise]. Every rank must be given the same.
     #[arg(long)]
     pub wire_dtype: Option<WireDtype>,
+    /// What the CPU's GEMMs multiply in: f32 (the reference) or bf16 (GEMM inputs rounded to
+    /// bf16 where the CUDA backend rounds them, products summed in f32; AVX512-BF16 dot
+    /// products where the CPU has them) [default: f32]. The CUDA backend computes in bf16.
+    #[arg(long)]
+    pub compute_dtype: Option<ComputeDtype>,
     /// One Chrome trace of the whole job, a process track per rank, written by rank 0 (open
     /// in Perfetto).
     #[arg(long)]
@@ -116,7 +121,8 @@ fn run_job<B: Backend + 'static>(cluster: &Cluster, backend: B, device: DeviceIn
     Ok((code, std::mem::take(&mut launched.worker.trace)))
 }
 
-fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64>, job: &impl RankJob) -> Result<(u8, Trace)> {
+fn run_on_device(cluster: &Cluster, args: &ScheduleArgs, job: &impl RankJob) -> Result<(u8, Trace)> {
+    let (choice, device_mem) = (args.device, args.device_mem);
     let cuda = match choice {
         DeviceChoice::Cpu => None,
         DeviceChoice::Cuda(n) => Some(n),
@@ -136,11 +142,17 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
             let _ = rayon::ThreadPoolBuilder::new().num_threads(share.threads).use_current_thread().build_global();
             keep_freed_buffers();
             let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank) };
-            run_job(cluster, CpuBackend::with_kv_dtype(job.kv_dtype()), info, job)
+            let route = CpuRoute::detect(args.compute_dtype.unwrap_or_default());
+            eprintln!("falcon-batch: rank {}: cpu compute {route}", cluster.rank);
+            run_job(cluster, CpuBackend::with_route(job.kv_dtype(), route), info, job)
         }
         Some(n) => {
             if job.kv_dtype() != KvDtype::F32 {
                 let e = anyhow::anyhow!("--kv-cache {} is for the CPU backend (--device cpu); on cuda:{n} the generation cache is kept as the device's activations", job.kv_dtype());
+                return or_abort(cluster, Err(e));
+            }
+            if args.compute_dtype == Some(ComputeDtype::F32) {
+                let e = anyhow::anyhow!("--compute-dtype f32 is for the CPU backend (--device cpu); cuda:{n} computes in bf16");
                 return or_abort(cluster, Err(e));
             }
             let b = or_abort(cluster, CudaBackend::new(n).map_err(anyhow::Error::from))?;
@@ -156,7 +168,7 @@ fn run_on_device(cluster: &Cluster, choice: DeviceChoice, device_mem: Option<u64
 /// the job's exit code survives MPI_Finalize.
 pub fn run_ranks(args: &ScheduleArgs, job: impl RankJob) -> Result<ExitCode> {
     let mut cluster = Cluster::init()?;
-    let (code, t) = run_on_device(&cluster, args.device, args.device_mem, &job)?;
+    let (code, t) = run_on_device(&cluster, args, &job)?;
     if let Some(path) = &args.trace {
         // Every rank took part in the job, so every rank takes part in the gather, still
         // under the liveness backstop.

@@ -3,7 +3,8 @@
 use anyhow::{anyhow, Context, Result};
 use super::ranks::{run_ranks, RankJob, ScheduleArgs};
 use super::usage::UsageError;
-use falcon_batch::backend::Backend;
+use falcon_batch::backend::select::{cuda_available, DeviceChoice};
+use falcon_batch::backend::{Backend, ComputeDtype};
 use falcon_batch::corpus::{reads_once, spool, Limits, Spooled};
 use falcon_batch::format::model_dir::ModelDir;
 use falcon_batch::job::launch::{LaunchOptions, Launched};
@@ -243,8 +244,7 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
         rescore_changed: a.rescore_changed,
         retry_failed: a.retry_failed,
         wire: a.schedule.wire_dtype,
-        // What the ranks compute in; a --compute-dtype flag would set it.
-        compute: "f32".into(),
+        compute: compute_name(&a.schedule),
         quiet: a.quiet,
         limits: Limits { line_bytes: a.max_line_bytes, choices: a.max_choices, doc_tokens: a.max_doc_tokens },
         batch_job: std::env::var("SLURM_JOB_ID").ok().filter(|v| !v.is_empty()),
@@ -259,11 +259,23 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
             "template": a.template.as_ref().map(|p| p.to_string_lossy().into_owned()),
             "delimiter": a.target_delimiter,
             "batch_tokens": a.batch_tokens,
+            "compute_dtype": a.schedule.compute_dtype.map(|d| d.to_string()),
         }),
         trace: a.schedule.trace.is_some(),
     };
     stop::install();
     run_ranks(&a.schedule, ScoreJob { opts, launch })
+}
+
+/// The arithmetic the scores come from, as the results file records it: CUDA computes in
+/// bf16; the CPU in --compute-dtype (f32 by default). `auto` is decided as rank 0's device is.
+fn compute_name(schedule: &ScheduleArgs) -> String {
+    let cuda = match schedule.device {
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Cuda(_) => true,
+        DeviceChoice::Auto => cuda_available().is_ok(),
+    };
+    if cuda { ComputeDtype::Bf16 } else { schedule.compute_dtype.unwrap_or_default() }.to_string()
 }
 
 struct ScoreJob {

@@ -25,10 +25,10 @@ use std::sync::OnceLock;
 /// store of out each: at SmolLM2's shapes (T = 2048) no K blocks gave 213 GFLOP/s on 2 threads
 /// against 200 with KC = 256 (3 blocks of 192), and 1024x4544x1024 was no slower at 4544 than
 /// at 1536 or 2048 (`bench --gemm`, 2026-12-01 session 6).
-const KC: usize = 2048;
+pub(super) const KC: usize = 2048;
 /// Most rows of x per block: (MC, K) of SmolLM2's K = 576 is 540 KiB, in L2 beside the panel.
 /// 120..2048 measured within noise of each other; 60 slower.
-const MC: usize = 240;
+pub(super) const MC: usize = 240;
 /// Below this many multiply-adds a call runs on the calling thread: forking costs more.
 const SERIAL_MACS: usize = 1 << 15;
 /// Tasks per thread: more than one so a thread slowed by another process is caught up by stealing.
@@ -147,7 +147,7 @@ pub fn unpack_row<W: Elem>(kernel: Kernel, packed: &[W], k: usize, j: usize, out
 
 /// How a tile's accumulators start.
 #[derive(Clone, Copy)]
-enum Init {
+pub(super) enum Init {
     Zero,
     /// The panel's NR bias values (fewer at the last panel: only `ncols` are read).
     Bias(*const f32),
@@ -155,6 +155,21 @@ enum Init {
     Load,
     /// What out holds plus the panel's bias: the first K block over a residual.
     LoadBias(*const f32),
+}
+
+impl Init {
+    /// The start of the tile at out column `col` over the K block starting at depth `k0`.
+    ///
+    /// # Safety
+    /// `bias`, when given, holds at least `col` values.
+    pub(super) unsafe fn at(k0: usize, bias: Option<&[f32]>, mode: Out, col: usize) -> Init {
+        match (k0, bias, mode) {
+            (0, Some(bias), Out::Write) => Init::Bias(bias.as_ptr().add(col)),
+            (0, None, Out::Write) => Init::Zero,
+            (0, Some(bias), Out::Accumulate) => Init::LoadBias(bias.as_ptr().add(col)),
+            _ => Init::Load,
+        }
+    }
 }
 
 /// What `matmul` does with out's values.
@@ -180,7 +195,7 @@ pub unsafe fn matmul<W: Elem>(kernel: Kernel, x: &[f32], t: usize, k: usize, w: 
     let out = SendPtr(out);
     // SAFETY: tasks write disjoint (rows, panels) blocks of out; the caller's contract covers
     // the rest.
-    fork(kernel, t, k, n, |rows, panels| unsafe { block(kernel, x, k, w, n, bias, out, mode, rows, panels) });
+    fork(kernel.nr(), kernel.mr(), t, k, n, |rows, panels| unsafe { block(kernel, x, k, w, n, bias, out, mode, rows, panels) });
 }
 
 /// out (T, N) = silu(x · gᵀ + bg) ⊙ (x · uᵀ + bu): SwiGLU's gate and up products in one pass,
@@ -200,7 +215,7 @@ pub unsafe fn matmul_silu_mul<W: Elem>(kernel: Kernel, x: &[f32], t: usize, k: u
     }
     let out = SendPtr(out);
     // SAFETY: as in `matmul`.
-    fork(kernel, t, k, n, |rows, panels| unsafe { block_silu_mul(kernel, x, k, g, bg, u, bu, n, out, rows, panels) });
+    fork(kernel.nr(), kernel.mr(), t, k, n, |rows, panels| unsafe { block_silu_mul(kernel, x, k, g, bg, u, bu, n, out, rows, panels) });
 }
 
 /// Whether `matmul_silu_mul` takes depth k: one K block. Deeper, each up partial sum would have
@@ -209,10 +224,10 @@ pub fn fuses_silu_mul(k: usize) -> bool {
     k <= KC
 }
 
-/// Cuts out (T, N) into (row block, panel range) tasks and runs them on the pool, or on the
-/// calling thread when the product is too small to fork for.
-fn fork(kernel: Kernel, t: usize, k: usize, n: usize, task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync) {
-    let (nr, mr) = (kernel.nr(), kernel.mr());
+/// Cuts out (T, N) into (row block, panel range) tasks, for panels of `nr` columns and tiles
+/// of `mr` rows, and runs them on the pool, or on the calling thread when the product is too
+/// small to fork for.
+pub(super) fn fork(nr: usize, mr: usize, t: usize, k: usize, n: usize, task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync) {
     let panels = n.div_ceil(nr);
     let threads = rayon::current_num_threads();
     let want = if t * n * k < SERIAL_MACS { 1 } else { threads * TASKS_PER_THREAD };
@@ -274,7 +289,7 @@ pub unsafe fn matmul_tiles(
 
 /// The block size that cuts `len` into the fewest blocks of at most `max`, all equal but the
 /// last, rounded up to a multiple of `unit`.
-fn even_split(len: usize, max: usize, unit: usize) -> usize {
+pub(super) fn even_split(len: usize, max: usize, unit: usize) -> usize {
     let blocks = len.div_ceil(max).max(1);
     len.div_ceil(blocks).div_ceil(unit) * unit
 }
@@ -299,12 +314,7 @@ unsafe fn block<W: Elem>(kernel: Kernel, x: &[f32], k: usize, w: &[W], n: usize,
             let kc = kc_max.min(k - k0);
             for p in panels.clone() {
                 let ncols = nr.min(n - p * nr);
-                let init = match (k0, bias, mode) {
-                    (0, Some(bias), Out::Write) => Init::Bias(bias.as_ptr().add(p * nr)),
-                    (0, None, Out::Write) => Init::Zero,
-                    (0, Some(bias), Out::Accumulate) => Init::LoadBias(bias.as_ptr().add(p * nr)),
-                    _ => Init::Load,
-                };
+                let init = Init::at(k0, bias, mode, p * nr);
                 let b = &w[p * k * nr + k0 * nr..][..kc * nr];
                 let tile = |i0: usize| Tile { kc, a: x.as_ptr().add(i0 * k + k0), lda: k, b: std::ptr::null(), c: out.0.add(i0 * n + p * nr), ldc: n, ncols, init };
                 match wide.panel(kernel, b, m1 - m0) {
@@ -474,29 +484,8 @@ impl<W: Elem> Tile<W> {
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512<const R: usize, W: Elem>(t: &Tile<W>) {
     use std::arch::x86_64::*;
-    let m = if t.ncols >= 32 { u32::MAX } else { (1u32 << t.ncols) - 1 };
-    let (m0, m1) = (m as u16, (m >> 16) as u16);
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    match t.init {
-        Init::Zero => {}
-        Init::Bias(p) => {
-            let v = [_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16))];
-            acc = [v; R];
-        }
-        Init::Load => {
-            for (i, a) in acc.iter_mut().enumerate() {
-                let c = t.c.add(i * t.ldc);
-                *a = [_mm512_maskz_loadu_ps(m0, c), _mm512_maskz_loadu_ps(m1, c.wrapping_add(16))];
-            }
-        }
-        Init::LoadBias(p) => {
-            let v = [_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16))];
-            for (i, a) in acc.iter_mut().enumerate() {
-                let c = t.c.add(i * t.ldc);
-                *a = [_mm512_add_ps(v[0], _mm512_maskz_loadu_ps(m0, c)), _mm512_add_ps(v[1], _mm512_maskz_loadu_ps(m1, c.wrapping_add(16)))];
-            }
-        }
-    }
+    let masks = avx512::masks(t.ncols);
+    let mut acc = avx512::start::<R>(t.init, t.c, t.ldc, masks);
     for p in 0..t.kc {
         let b = t.b.add(p * 32);
         let (b0, b1) = (W::load16(b), W::load16(b.add(16)));
@@ -506,10 +495,61 @@ unsafe fn tile_avx512<const R: usize, W: Elem>(t: &Tile<W>) {
             a[1] = _mm512_fmadd_ps(x, b1, a[1]);
         }
     }
-    for (i, a) in acc.iter().enumerate() {
-        let c = t.c.add(i * t.ldc);
-        _mm512_mask_storeu_ps(c, m0, a[0]);
-        _mm512_mask_storeu_ps(c.wrapping_add(16), m1, a[1]);
+    avx512::store(&acc, t.c, t.ldc, masks);
+}
+
+/// The AVX-512 tiles' accumulators, (R, 32 columns) in two zmm per row: how they start and
+/// how they are stored, shared by the f32 FMA kernel and the bf16 dot-product kernel.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx512 {
+    use super::Init;
+    use std::arch::x86_64::*;
+
+    /// The write masks of a tile's two halves for its `ncols` valid columns.
+    #[inline(always)]
+    pub fn masks(ncols: usize) -> (u16, u16) {
+        let m = if ncols >= 32 { u32::MAX } else { (1u32 << ncols) - 1 };
+        (m as u16, (m >> 16) as u16)
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F; `c` covers R rows at stride ldc of the masks' columns, and the
+    /// init's bias pointer the masks' columns.
+    #[inline(always)]
+    pub unsafe fn start<const R: usize>(init: Init, c: *const f32, ldc: usize, (m0, m1): (u16, u16)) -> [[__m512; 2]; R] {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        match init {
+            Init::Zero => {}
+            Init::Bias(p) => {
+                let v = [_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16))];
+                acc = [v; R];
+            }
+            Init::Load => {
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let c = c.add(i * ldc);
+                    *a = [_mm512_maskz_loadu_ps(m0, c), _mm512_maskz_loadu_ps(m1, c.wrapping_add(16))];
+                }
+            }
+            Init::LoadBias(p) => {
+                let v = [_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16))];
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let c = c.add(i * ldc);
+                    *a = [_mm512_add_ps(v[0], _mm512_maskz_loadu_ps(m0, c)), _mm512_add_ps(v[1], _mm512_maskz_loadu_ps(m1, c.wrapping_add(16)))];
+                }
+            }
+        }
+        acc
+    }
+
+    /// # Safety
+    /// As `start`, c writable.
+    #[inline(always)]
+    pub unsafe fn store<const R: usize>(acc: &[[__m512; 2]; R], c: *mut f32, ldc: usize, (m0, m1): (u16, u16)) {
+        for (i, a) in acc.iter().enumerate() {
+            let c = c.add(i * ldc);
+            _mm512_mask_storeu_ps(c, m0, a[0]);
+            _mm512_mask_storeu_ps(c.wrapping_add(16), m1, a[1]);
+        }
     }
 }
 

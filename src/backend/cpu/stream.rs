@@ -127,7 +127,7 @@ fn start_copier() -> Result<Copier> {
 
 impl CpuBackend {
     pub(super) fn stream_pin(&self, tensors: &[HostTensor]) -> Result<CpuPinned> {
-        Ok(CpuPinned { tensors: tensors.iter().map(CpuWeight::from_host).collect() })
+        Ok(CpuPinned { tensors: tensors.iter().map(|t| CpuWeight::from_host(t, self.route)).collect() })
     }
 
     pub(super) fn stream_prefetch(&self, group: Arc<CpuPinned>, slot: Option<CpuSlot>) -> Result<CpuTransfer> {

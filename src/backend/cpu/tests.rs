@@ -727,3 +727,71 @@ fn group_kernels_match_f64_for_every_group_size_and_length() {
 fn glibc_takes_the_heap_settings_that_keep_freed_buffers() {
     assert!(super::keep_freed_buffers());
 }
+
+/// The bf16 routes multiply bf16 roundings of the weights and of x, sum in f32, and leave the
+/// outputs of the ops whose output only GEMMs read (norms, GELU, SiLU·up, attention) rounded to
+/// bf16, as the CUDA backend stores them; every route gives what the others give within f32
+/// summation error, and the weights take half the bytes of f32 ones.
+#[test]
+fn bf16_routes_round_gemm_inputs_where_cuda_does() {
+    use crate::backend::{ComputeDtype, KvDtype};
+    let (t, k, f) = (19, 131, 45); // odd K: a padded last pair
+    let x = mat(t, k, 90);
+    let host = |shape: &[usize], seed| HostTensor::from_f32(shape.to_vec(), &rand_vec(shape.iter().product(), seed));
+    let (gate, up, bias, table) = (host(&[f, k], 91), host(&[f, k], 92), host(&[f], 93), host(&[f, k], 94));
+    let rounded = |v: &[f32]| v.iter().map(|&v| round::round_f32(v)).collect::<Vec<f32>>();
+    // f64 sums of the rounded inputs, and the f32 summation bound of each.
+    let (xr, gr, br) = (rounded(&x.data), rounded(&gate.to_f32()), bias.to_f32());
+    let reference = |w: &[f32], bias: Option<&[f32]>| -> (Vec<f64>, Vec<f64>) {
+        let mut out = (vec![0f64; t * f], vec![0f64; t * f]);
+        for r in 0..t {
+            for j in 0..f {
+                let terms = (0..k).map(|i| xr[r * k + i] as f64 * w[j * k + i] as f64);
+                out.0[r * f + j] = terms.clone().sum::<f64>() + bias.map_or(0.0, |b| b[j] as f64);
+                out.1[r * f + j] = (k as f64 + 2.0) * f32::EPSILON as f64 * (terms.map(f64::abs).sum::<f64>() + bias.map_or(0.0, |b| b[j].abs() as f64));
+            }
+        }
+        out
+    };
+    let (want, bound) = reference(&gr, Some(&br));
+    let is_bf16 = |v: &[f32]| v.iter().all(|&v| round::round_f32(v).to_bits() == v.to_bits());
+    let routes = CpuRoute::available(ComputeDtype::Bf16);
+    assert!(routes.contains(&CpuRoute::Bf16Widened));
+    let mut outputs = vec![];
+    for route in routes {
+        let b = CpuBackend::with_route(KvDtype::F32, route);
+        let (g, u, bb, e) = (b.upload_weight(&gate).unwrap(), b.upload_weight(&up).unwrap(), b.upload_weight(&bias).unwrap(), b.upload_weight(&table).unwrap());
+        assert_eq!((g.dtype(), g.bytes() <= (f.div_ceil(32) * 32 * (k + 1)) * 2), (DType::Bf16, true), "{route}: matrices held in bf16");
+        assert_eq!(g.to_rows(), gr, "{route}: weights rounded to nearest even at upload");
+        assert_eq!(b.embed(&e, &[3, 0, 44]).unwrap().data[..k], rounded(&table.to_f32())[3 * k..4 * k], "{route}: embed reads the rounded table");
+        let got = b.linear(&x, &g, Some(&bb)).unwrap();
+        for (i, (g, (w, e))) in got.data.iter().zip(want.iter().zip(&bound)).enumerate() {
+            assert!((*g as f64 - w).abs() <= *e, "{route}: linear at {i}: {g} vs {w} (bound {e:e})");
+        }
+        let res = mat(t, f, 95);
+        let summed = b.linear_residual(&x, &g, Some(&bb), res.clone()).unwrap();
+        for (i, ((s, r), w)) in summed.data.iter().zip(&res.data).zip(&want).enumerate() {
+            assert!((*s as f64 - *r as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "{route}: linear_residual at {i}");
+        }
+        let fused = b.linear_silu_mul(&x, &g, Some(&bb), &u, None).unwrap();
+        let mut unfused = b.linear(&x, &g, Some(&bb)).unwrap();
+        b.silu_mul(&mut unfused, &b.linear(&x, &u, None).unwrap()).unwrap();
+        assert!(is_bf16(&fused.data) && is_bf16(&unfused.data), "{route}: SiLU·up rounded");
+        assert_close(&fused.data, &unfused.data, 1e-2);
+        let ones = CpuWeight::new(vec![k], vec![1.0; k]);
+        assert!(is_bf16(&b.rms_norm(&x, &ones, 1e-5).unwrap().data), "{route}: rms_norm rounded");
+        assert!(is_bf16(&b.layer_norm(&x, &ones, &CpuWeight::new(vec![k], vec![0.5; k]), 1e-5).unwrap().data), "{route}: layer_norm rounded");
+        let mut gl = x.clone();
+        b.gelu(&mut gl).unwrap();
+        assert!(is_bf16(&gl.data), "{route}: gelu rounded");
+        let s = AttnShape { heads: 2, kv_heads: 1, head_dim: 8, key_offset: 0 };
+        let (q, kk, v) = (mat(6, 16, 96), mat(6, 8, 97), mat(6, 8, 98));
+        let att = b.attention(&q, &kk, &v, s, &vec![AttnSpan::causal(0); 6]).unwrap();
+        assert!(is_bf16(&att.data), "{route}: attention rounded");
+        assert_close(&att.data, &rounded(&attention_ref(&q, &kk, &v, s, &vec![AttnSpan::causal(0); 6])), 1e-5);
+        outputs.push(got);
+    }
+    for o in &outputs[1..] {
+        assert_close(&o.data, &outputs[0].data, 1e-5);
+    }
+}

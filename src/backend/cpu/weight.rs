@@ -2,8 +2,10 @@
 //! gemm.rs's micro-kernel in the dtype their file stores. A bf16 or f16 matrix stays half
 //! precision in memory and is widened (exactly) as the kernel loads it: half the memory a
 //! widened copy takes, and half the bytes a decode step reads, with the same values.
+//! The bf16 compute route (route.rs) keeps every matrix in bf16, rounded once here.
 
 use super::gemm::{self, Kernel};
+use super::{gemm_bf16, round, CpuRoute};
 use crate::tensor::{DType, HostTensor};
 use half::{bf16, f16};
 
@@ -20,6 +22,8 @@ enum Data {
     Values(Vec<f32>),
     /// A matrix (N, K): packed for `Kernel::detect()`.
     Panels(Panels),
+    /// A matrix (N, K) rounded to bf16 and packed in pairs for gemm_bf16.rs.
+    Pairs(Vec<bf16>),
 }
 
 /// A packed matrix in one of the stored dtypes.
@@ -52,35 +56,57 @@ impl CpuWeight {
         CpuWeight { shape, data }
     }
 
-    /// A tensor as the backend holds it: a matrix packed from the file's bytes in the file's
-    /// dtype (no widened copy between), anything else widened.
-    pub(super) fn from_host(t: &HostTensor) -> CpuWeight {
+    /// A tensor as the backend holds it for `route`: on the f32 route a matrix packed from the
+    /// file's bytes in the file's dtype (no widened copy between); on the bf16 routes a matrix
+    /// in bf16 (rounded once where the file's values are wider); anything else widened.
+    pub(super) fn from_host(t: &HostTensor, route: CpuRoute) -> CpuWeight {
         let (n, k) = match t.shape[..] {
             [n, k] => (n, k),
             _ => return CpuWeight::new(t.shape.clone(), t.to_f32()),
         };
         let kernel = Kernel::detect();
-        let panels = match t.dtype {
-            DType::F32 => Panels::F32(pack_bytes(kernel, &t.data, n, k, f32::from_le_bytes)),
-            DType::F16 => Panels::F16(pack_bytes(kernel, &t.data, n, k, f16::from_le_bytes)),
-            DType::Bf16 => Panels::Bf16(pack_bytes(kernel, &t.data, n, k, bf16::from_le_bytes)),
+        let bf16_values = || -> Vec<bf16> {
+            match t.dtype {
+                DType::Bf16 => t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
+                _ => {
+                    let wide = t.to_f32();
+                    let mut v = vec![bf16::ZERO; wide.len()];
+                    round::round_into(&wide, &mut v);
+                    v
+                }
+            }
         };
-        CpuWeight { shape: t.shape.clone(), data: Data::Panels(panels) }
+        let data = match (route, t.dtype) {
+            (CpuRoute::F32, DType::F32) => Data::Panels(Panels::F32(pack_bytes(kernel, &t.data, n, k, f32::from_le_bytes))),
+            (CpuRoute::F32, DType::F16) => Data::Panels(Panels::F16(pack_bytes(kernel, &t.data, n, k, f16::from_le_bytes))),
+            (CpuRoute::F32 | CpuRoute::Bf16Widened, DType::Bf16) => Data::Panels(Panels::Bf16(pack_bytes(kernel, &t.data, n, k, bf16::from_le_bytes))),
+            (CpuRoute::Bf16Widened, _) => Data::Panels(Panels::Bf16(gemm::pack(kernel, &bf16_values(), n, k))),
+            (CpuRoute::Bf16Dot, _) => Data::Pairs(gemm_bf16::pack(&bf16_values(), n, k)),
+        };
+        CpuWeight { shape: t.shape.clone(), data }
     }
 
     /// (N, K) of a matrix.
     pub(super) fn matrix(&self) -> Option<(usize, usize)> {
         match (&self.shape[..], &self.data) {
-            ([n, k], Data::Panels(_)) => Some((*n, *k)),
+            ([n, k], Data::Panels(_) | Data::Pairs(_)) => Some((*n, *k)),
             _ => None,
         }
     }
 
-    /// A matrix's packed values.
+    /// A matrix's packed values for gemm.rs.
     pub(super) fn panels(&self) -> Option<&Panels> {
         match &self.data {
             Data::Panels(p) => Some(p),
-            Data::Values(_) => None,
+            Data::Values(_) | Data::Pairs(_) => None,
+        }
+    }
+
+    /// A matrix's packed values for gemm_bf16.rs.
+    pub(super) fn pairs(&self) -> Option<&[bf16]> {
+        match &self.data {
+            Data::Pairs(p) => Some(p),
+            Data::Values(_) | Data::Panels(_) => None,
         }
     }
 
@@ -88,7 +114,7 @@ impl CpuWeight {
     pub fn values(&self) -> Option<&[f32]> {
         match &self.data {
             Data::Values(v) => Some(v),
-            Data::Panels(_) => None,
+            Data::Panels(_) | Data::Pairs(_) => None,
         }
     }
 
@@ -97,7 +123,7 @@ impl CpuWeight {
         match &self.data {
             Data::Values(_) | Data::Panels(Panels::F32(_)) => DType::F32,
             Data::Panels(Panels::F16(_)) => DType::F16,
-            Data::Panels(Panels::Bf16(_)) => DType::Bf16,
+            Data::Panels(Panels::Bf16(_)) | Data::Pairs(_) => DType::Bf16,
         }
     }
 
@@ -106,6 +132,7 @@ impl CpuWeight {
         match &self.data {
             Data::Values(v) => v.len() * 4,
             Data::Panels(p) => with_panels!(p, w => std::mem::size_of_val(&w[..])),
+            Data::Pairs(w) => std::mem::size_of_val(&w[..]),
         }
     }
 
@@ -114,6 +141,7 @@ impl CpuWeight {
         match &self.data {
             Data::Values(v) => v.as_ptr() as usize,
             Data::Panels(p) => with_panels!(p, w => w.as_ptr() as usize),
+            Data::Pairs(w) => w.as_ptr() as usize,
         }
     }
 
@@ -121,8 +149,9 @@ impl CpuWeight {
     pub(super) fn push_row(&self, r: usize, out: &mut Vec<f32>) {
         match (&self.data, self.matrix()) {
             (Data::Panels(p), Some((_, k))) => with_panels!(p, w => gemm::unpack_row(Kernel::detect(), w, k, r, out)),
+            (Data::Pairs(w), Some((_, k))) => gemm_bf16::unpack_row(w, k, r, out),
             (Data::Values(v), _) => out.push(v[r]),
-            (Data::Panels(_), None) => unreachable!("panels are made for matrices only"),
+            (Data::Panels(_) | Data::Pairs(_), None) => unreachable!("panels are made for matrices only"),
         }
     }
 
@@ -131,7 +160,7 @@ impl CpuWeight {
         let rows = self.shape.first().copied().unwrap_or(1);
         let mut out = Vec::with_capacity(self.shape.iter().product());
         match &self.data {
-            Data::Panels(_) => (0..rows).for_each(|r| self.push_row(r, &mut out)),
+            Data::Panels(_) | Data::Pairs(_) => (0..rows).for_each(|r| self.push_row(r, &mut out)),
             Data::Values(v) => out.extend_from_slice(v),
         }
         out
@@ -150,6 +179,7 @@ impl CpuWeight {
             (Data::Panels(Panels::F32(s)), Some(Data::Panels(Panels::F32(b)))) => Data::Panels(Panels::F32(reuse(b, s))),
             (Data::Panels(Panels::F16(s)), Some(Data::Panels(Panels::F16(b)))) => Data::Panels(Panels::F16(reuse(b, s))),
             (Data::Panels(Panels::Bf16(s)), Some(Data::Panels(Panels::Bf16(b)))) => Data::Panels(Panels::Bf16(reuse(b, s))),
+            (Data::Pairs(s), Some(Data::Pairs(b))) => Data::Pairs(reuse(b, s)),
             (s, _) => s.clone(),
         };
         CpuWeight { shape: src.shape.clone(), data }

@@ -1,0 +1,397 @@
+//! The bf16 compute route's GEMM: out (T, N) (+)= x (T, K) · w (N, K)ᵀ + bias with x and w in
+//! bf16 and the products summed in f32 by AVX512-BF16's `vdpbf16ps` (two bf16 products per f32
+//! lane per instruction: twice the multiply-adds of an f32 FMA of the same width, from half
+//! the bytes). gemm.rs's blocking, task split and accumulator handling serve it unchanged.
+//!
+//! Packed layout: w's N rows cut into panels of NR = 32 rows (the last one zero-padded), the
+//! depth rounded up to pairs (Kp, the odd K's last pair padded with a zero); a panel is
+//! (Kp / 2, NR, 2): a row of the panel holds, for each of its 32 columns, two consecutive
+//! depths, which is the operand `vdpbf16ps` pairs with one broadcast pair of x. x is not
+//! packed, only rounded into rows of Kp bf16 (`Rows`): a tile broadcasts 32 bits of a row.
+
+use super::gemm::{self, Init, Out, KC, MC};
+use super::{round, vmath, SendPtr};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Columns of out per tile: two zmm of f32 accumulators per row.
+pub(super) const NR: usize = 32;
+/// Rows of out per tile: 24 accumulators, 2 panel registers and a broadcast of 32.
+pub(super) const MR: usize = 12;
+
+/// Whether this CPU runs the kernel (detected once by the caller's route).
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// K rounded up to whole pairs.
+fn pairs_depth(k: usize) -> usize {
+    k.div_ceil(2) * 2
+}
+
+/// Values the packed form of an (n, k) matrix takes.
+pub(super) fn packed_len(n: usize, k: usize) -> usize {
+    n.div_ceil(NR) * pairs_depth(k) * NR
+}
+
+/// w (N, K) row-major -> panels (N / NR, Kp / 2, NR, 2), padding zero; panels in parallel.
+pub(super) fn pack(w: &[bf16], n: usize, k: usize) -> Vec<bf16> {
+    let kp = pairs_depth(k);
+    let mut out = vec![bf16::ZERO; packed_len(n, k)];
+    if kp > 0 {
+        out.par_chunks_mut(kp * NR).enumerate().for_each(|(p, panel)| {
+            for lane in 0..NR.min(n - p * NR) {
+                for (kk, &v) in w[(p * NR + lane) * k..][..k].iter().enumerate() {
+                    panel[kk / 2 * 2 * NR + lane * 2 + kk % 2] = v;
+                }
+            }
+        });
+    }
+    out
+}
+
+/// Row `j` (K values) of the matrix that `packed` holds, widened: tied embeddings' lookup.
+pub(super) fn unpack_row(packed: &[bf16], k: usize, j: usize, out: &mut Vec<f32>) {
+    let base = (j / NR) * pairs_depth(k) * NR + (j % NR) * 2;
+    out.extend((0..k).map(|kk| packed[base + kk / 2 * 2 * NR + kk % 2].to_f32()));
+}
+
+/// x (T, K) rounded to bf16, each row padded to Kp with a zero: the left operand.
+pub(super) struct Rows {
+    data: Vec<bf16>,
+    rows: usize,
+    kp: usize,
+}
+
+impl Rows {
+    /// Rows of this many values or more are rounded as one parallel item: smaller ones cost more
+    /// to hand out than to round.
+    const CHUNK: usize = 1 << 14;
+
+    pub(super) fn round(x: &[f32], t: usize, k: usize) -> Rows {
+        let kp = pairs_depth(k);
+        let mut data = vec![bf16::ZERO; t * kp];
+        if k > 0 {
+            let per = Self::CHUNK.div_ceil(k);
+            data.par_chunks_mut(kp * per).zip(x[..t * k].par_chunks(k * per)).for_each(|(d, s)| {
+                for (d, s) in d.chunks_exact_mut(kp).zip(s.chunks_exact(k)) {
+                    round::round_into(s, &mut d[..k]);
+                }
+            });
+        }
+        Rows { data, rows: t, kp }
+    }
+}
+
+/// out (T, N) (+)= x · wᵀ (+ bias (N,)), w packed by `pack`.
+///
+/// # Safety
+/// `out` points to T·N writable floats (with `Out::Write` they may be uninitialised); `w` holds
+/// packed_len(n, k) values for x's k, `bias` n; the CPU runs the kernel (`available`).
+pub(super) unsafe fn matmul(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: *mut f32, mode: Out) {
+    debug_assert!(w.len() >= n.div_ceil(NR) * x.kp * NR && bias.is_none_or(|b| b.len() >= n));
+    if x.rows == 0 || n == 0 {
+        return;
+    }
+    let out = SendPtr(out);
+    // SAFETY: tasks write disjoint (rows, panels) blocks of out; the caller's contract covers
+    // the rest.
+    gemm::fork(NR, MR, x.rows, x.kp, n, |rows, panels| unsafe { block(x, w, n, bias, out, mode, rows, panels) });
+}
+
+/// out (T, N) = silu(x · gᵀ + bg) ⊙ (x · uᵀ + bu), gate and up tile by tile as in gemm.rs's
+/// `matmul_silu_mul` (the up tile in a buffer on the stack, multiplied in while in L1), over
+/// the whole depth at once: a bf16 pair panel of any decoder's depth fits L2.
+///
+/// # Safety
+/// As `matmul` with `Out::Write`, for both weights and biases.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u: &[bf16], bu: Option<&[f32]>, n: usize, out: *mut f32) {
+    if x.rows == 0 || n == 0 {
+        return;
+    }
+    let out = SendPtr(out);
+    // SAFETY: as in `matmul`.
+    gemm::fork(NR, MR, x.rows, x.kp, n, |rows, panels| unsafe {
+        #[allow(clippy::redundant_locals)]
+        let out = out; // the whole SendPtr (Sync), not its raw field, into the closure
+        let mut up = [0f32; MR * NR];
+        let kp = x.kp;
+        for i0 in rows.clone().step_by(MR) {
+            let r = MR.min(rows.end - i0);
+            for p in panels.clone() {
+                let (ncols, c) = (NR.min(n - p * NR), out.0.add(i0 * n + p * NR));
+                let tile = |b: &[bf16], c: *mut f32, ldc: usize, bias: Option<&[f32]>| Tile {
+                    pairs: kp / 2,
+                    a: x.data.as_ptr().add(i0 * kp),
+                    lda: kp,
+                    b: b.as_ptr().add(p * kp * NR),
+                    c,
+                    ldc,
+                    ncols,
+                    init: Init::at(0, bias, Out::Write, p * NR),
+                };
+                tile(g, c, n, bg).run(r);
+                tile(u, up.as_mut_ptr(), NR, bu).run(r);
+                for (i, up) in up.chunks_exact(NR).take(r).enumerate() {
+                    vmath::silu_mul_slice(std::slice::from_raw_parts_mut(c.add(i * n), ncols), &up[..ncols]);
+                }
+            }
+        }
+    });
+}
+
+/// Rows `rows` and panels `panels` of out, K block by K block (gemm.rs's `block`).
+///
+/// # Safety
+/// As `matmul`, and no one else writes this block of out meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: SendPtr, mode: Out, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+    let kp = x.kp;
+    let mc = gemm::even_split(rows.len(), MC, MR);
+    // As in gemm.rs: one tile row (decode) streams whole panels; else K blocks of whole pairs.
+    let kc_max = if rows.len() <= MR { kp.max(2) } else { gemm::even_split(kp, KC, 2).max(2) };
+    for m0 in rows.clone().step_by(mc) {
+        let m1 = (m0 + mc).min(rows.end);
+        for k0 in (0..kp.max(1)).step_by(kc_max) {
+            let kc = kc_max.min(kp - k0);
+            for p in panels.clone() {
+                let init = Init::at(k0, bias, mode, p * NR);
+                for i0 in (m0..m1).step_by(MR) {
+                    let tile = Tile { pairs: kc / 2, a: x.data.as_ptr().add(i0 * kp + k0), lda: kp, b: w.as_ptr().add(p * kp * NR + k0 * NR), c: out.0.add(i0 * n + p * NR), ldc: n, ncols: NR.min(n - p * NR), init };
+                    tile.run(MR.min(m1 - i0));
+                }
+            }
+        }
+    }
+}
+
+/// One (rows, ncols) tile of out over `pairs` pairs of depth.
+struct Tile {
+    pairs: usize,
+    /// x at the tile's first row and the block's first (even) depth.
+    a: *const bf16,
+    lda: usize,
+    /// The panel at the block's first pair: (pairs, NR, 2).
+    b: *const bf16,
+    c: *mut f32,
+    ldc: usize,
+    ncols: usize,
+    init: Init,
+}
+
+impl Tile {
+    /// # Safety
+    /// The pointers cover `rows` x `ncols` of out, `rows` x 2·pairs of x, the panel's
+    /// pairs x NR x 2, and the CPU runs the kernel.
+    unsafe fn run(&self, rows: usize) {
+        #[cfg(target_arch = "x86_64")]
+        match rows {
+            1 => tile_chains::<1, 4>(self),
+            2 => tile_chains::<2, 3>(self),
+            3 => tile_chains::<3, 2>(self),
+            4 => tile::<4>(self),
+            5 => tile::<5>(self),
+            6 => tile::<6>(self),
+            7 => tile::<7>(self),
+            8 => tile::<8>(self),
+            9 => tile::<9>(self),
+            10 => tile::<10>(self),
+            11 => tile::<11>(self),
+            12 => tile::<12>(self),
+            _ => unreachable!("tile rows are at most MR"),
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("the bf16 kernel is never detected off x86 ({rows} rows)");
+    }
+}
+
+/// acc[i][h] lane j += x[i][2p]·w[2p][16h + j] + x[i][2p + 1]·w[2p + 1][16h + j], for every pair p.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile<const R: usize>(t: &Tile) {
+    let masks = gemm::avx512::masks(t.ncols);
+    let mut acc = gemm::avx512::start::<R>(t.init, t.c, t.ldc, masks);
+    for p in 0..t.pairs {
+        pair_step(t, &mut acc, p);
+    }
+    gemm::avx512::store(&acc, t.c, t.ldc, masks);
+}
+
+/// Pair `p` of the tile's depth into `acc`: two panel loads, a broadcast of each row's pair.
+///
+/// # Safety
+/// As `Tile::run`, p < t.pairs; inlined into the kernels, which enable AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pair_step<const R: usize>(t: &Tile, acc: &mut [[std::arch::x86_64::__m512; 2]; R], p: usize) {
+    use std::arch::x86_64::*;
+    let b = t.b.add(p * 2 * NR);
+    let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
+    let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(NR).cast()));
+    for (i, a) in acc.iter_mut().enumerate() {
+        let pair = t.a.add(i * t.lda + 2 * p).cast::<i32>().read_unaligned();
+        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+        a[0] = _mm512_dpbf16_ps(a[0], x, b0);
+        a[1] = _mm512_dpbf16_ps(a[1], x, b1);
+    }
+}
+
+/// `tile` for a few rows (decode: one per sequence), whose 2·R accumulators alone would make
+/// each `vdpbf16ps` wait for the one before (latency ~6 cycles, one issued per cycle): the pairs
+/// go round C independent sets of accumulators, summed at the end, so the loop runs at the
+/// rate the panel streams in.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_chains<const R: usize, const C: usize>(t: &Tile) {
+    use std::arch::x86_64::*;
+    let masks = gemm::avx512::masks(t.ncols);
+    let mut chains = [[[_mm512_setzero_ps(); 2]; R]; C];
+    chains[0] = gemm::avx512::start::<R>(t.init, t.c, t.ldc, masks);
+    let whole = t.pairs / C * C;
+    for p0 in (0..whole).step_by(C) {
+        for (c, acc) in chains.iter_mut().enumerate() {
+            pair_step(t, acc, p0 + c);
+        }
+    }
+    for p in whole..t.pairs {
+        pair_step(t, &mut chains[0], p);
+    }
+    let mut acc = chains[0];
+    for chain in &chains[1..] {
+        for (a, c) in acc.iter_mut().zip(chain) {
+            *a = [_mm512_add_ps(a[0], c[0]), _mm512_add_ps(a[1], c[1])];
+        }
+    }
+    gemm::avx512::store(&acc, t.c, t.ldc, masks);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<bf16> {
+        crate::testing::rand_values(n, seed, 1.0).into_iter().map(bf16::from_f32).collect()
+    }
+
+    /// out[t][j] = Σ_k x[t][k]·w[j][k] + b[j] + residual, in f64 from the bf16 values.
+    fn reference(x: &[bf16], w: &[bf16], b: Option<&[f32]>, residual: Option<&[f32]>, t: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; t * n];
+        for r in 0..t {
+            for j in 0..n {
+                let dot: f64 = (0..k).map(|i| x[r * k + i].to_f64() * w[j * k + i].to_f64()).sum();
+                out[r * n + j] = dot + b.map_or(0.0, |b| b[j] as f64) + residual.map_or(0.0, |v| v[r * n + j] as f64);
+            }
+        }
+        out
+    }
+
+    /// Within f32 accumulation error: each of k products (exact in f32) and the start value
+    /// summed with one rounding each, |error| <= (k + 1) · 2^-24 · Σ|terms|.
+    fn assert_within_f32_sums(got: &[f32], want: &[f64], x: &[bf16], w: &[bf16], t: usize, k: usize, n: usize, what: &str) {
+        for r in 0..t {
+            for j in 0..n {
+                let abs: f64 = (0..k).map(|i| (x[r * k + i].to_f64() * w[j * k + i].to_f64()).abs()).sum();
+                let (g, e) = (got[r * n + j] as f64, want[r * n + j]);
+                let bound = (k as f64 + 2.0) * f32::EPSILON as f64 * 0.5 * (abs + e.abs()) + 1e-30;
+                assert!((g - e).abs() <= bound, "{what}: ({r}, {j}): {g} vs {e} (bound {bound:e})");
+            }
+        }
+    }
+
+    #[test]
+    fn dot_products_match_f64_sums_of_the_bf16_inputs() {
+        if !available() {
+            println!("skipped: no AVX512-BF16");
+            return;
+        }
+        // T: one row, fewer than MR, more than MC; K: odd, one, over KC; N: under one panel,
+        // a partial last panel.
+        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (13, 385, 97), (513, 77, 65), (4, 1, 40), (2, 601, 1), (14, 2 * KC + 3, 35)];
+        for (si, &(t, k, n)) in shapes.iter().enumerate() {
+            let (x, w) = (values(t * k, si as u64), values(n * k, 100 + si as u64));
+            let b: Vec<f32> = values(n, 200 + si as u64).iter().map(|v| v.to_f32()).collect();
+            let residual: Vec<f32> = values(t * n, 300 + si as u64).iter().map(|v| v.to_f32()).collect();
+            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let (rows, packed) = (Rows::round(&xf, t, k), pack(&w, n, k));
+            for (bias, res) in [(None, None), (Some(&b[..]), None), (None, Some(&residual[..])), (Some(&b[..]), Some(&residual[..]))] {
+                let (mut out, mode) = match res {
+                    Some(r) => (r.to_vec(), Out::Accumulate),
+                    None => (vec![f32::NAN; t * n], Out::Write),
+                };
+                // SAFETY: out holds t·n floats, packed its packed_len, b n; the kernel is available.
+                unsafe { matmul(&rows, &packed, n, bias, out.as_mut_ptr(), mode) };
+                let want = reference(&x, &w, bias, res, t, k, n);
+                assert_within_f32_sums(&out, &want, &x, &w, t, k, n, &format!("{t}x{k}x{n} bias {} residual {}", bias.is_some(), res.is_some()));
+            }
+        }
+    }
+
+    /// Where every partial sum is exact in f32 (small integers), the order of the sums does not
+    /// matter: the kernel must then give the exact result bit for bit.
+    #[test]
+    fn exact_sums_come_out_bit_for_bit() {
+        if !available() {
+            println!("skipped: no AVX512-BF16");
+            return;
+        }
+        let (t, k, n) = (25, 301, 70);
+        let int = |i: usize, s: usize| bf16::from_f32(((i * 7 + s * 13) % 9) as f32 - 4.0);
+        let x: Vec<bf16> = (0..t * k).map(|i| int(i, 1)).collect();
+        let w: Vec<bf16> = (0..n * k).map(|i| int(i, 2)).collect();
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let mut out = vec![f32::NAN; t * n];
+        // SAFETY: as above.
+        unsafe { matmul(&Rows::round(&xf, t, k), &pack(&w, n, k), n, None, out.as_mut_ptr(), Out::Write) };
+        let want = reference(&x, &w, None, None, t, k, n);
+        for (i, (g, e)) in out.iter().zip(&want).enumerate() {
+            assert_eq!(*g as f64, *e, "at {i}");
+        }
+    }
+
+    #[test]
+    fn fused_silu_mul_gives_the_two_products_and_silu_mul_exactly() {
+        if !available() {
+            println!("skipped: no AVX512-BF16");
+            return;
+        }
+        for (si, &(t, k, n)) in [(1, 5, 3), (3, 200, 33), (17, 193, 31), (513, 77, 65), (5, KC + 1, 40)].iter().enumerate() {
+            let xf: Vec<f32> = values(t * k, si as u64).iter().map(|v| v.to_f32()).collect();
+            let (g, u) = (pack(&values(n * k, 100 + si as u64), n, k), pack(&values(n * k, 200 + si as u64), n, k));
+            let bu: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+            let rows = Rows::round(&xf, t, k);
+            let (mut want, mut up, mut got) = (vec![0f32; t * n], vec![0f32; t * n], vec![f32::NAN; t * n]);
+            // SAFETY: as above, for every output.
+            unsafe {
+                matmul(&rows, &g, n, None, want.as_mut_ptr(), Out::Write);
+                matmul(&rows, &u, n, Some(&bu), up.as_mut_ptr(), Out::Write);
+                matmul_silu_mul(&rows, &g, None, &u, Some(&bu), n, got.as_mut_ptr());
+            }
+            vmath::silu_mul_slice(&mut want, &up);
+            let differ = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(differ, None, "{t}x{k}x{n}");
+        }
+    }
+
+    #[test]
+    fn packing_keeps_every_row_readable() {
+        for k in [1, 10, 11] {
+            let n = 37;
+            let w = values(n * k, 7);
+            let packed = pack(&w, n, k);
+            assert_eq!(packed.len(), packed_len(n, k));
+            for j in 0..n {
+                let mut row = vec![];
+                unpack_row(&packed, k, j, &mut row);
+                assert_eq!(row, w[j * k..(j + 1) * k].iter().map(|v| v.to_f32()).collect::<Vec<_>>());
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Rounding f32 to bf16 where the bf16 compute route rounds: to nearest, ties to even, NaN kept
+//! a (quiet) NaN, bit for bit what `half::bf16::from_f32` gives and so what the CUDA backend
+//! uploads its weights with (cuda/upload.rs) and its kernels' `__float2bfloat16_rn` writes.
+//! One formula serves the weights at load and the activations as ops make them; it is plain
+//! integer arithmetic without branches, so the loops over slices vectorise.
+
+use half::bf16;
+
+/// v rounded to bf16, as its bit pattern.
+#[inline(always)]
+fn bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    // Adding 0x7fff plus the lowest kept bit carries into the kept bits exactly when the
+    // dropped half is over one half, or one half with the kept part odd (ties to even).
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if nan {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        rounded
+    }
+}
+
+/// v rounded to bf16.
+#[inline(always)]
+pub fn round(v: f32) -> bf16 {
+    bf16::from_bits(bits(v))
+}
+
+/// v rounded to bf16 and widened back: the f32 holding the bf16 value.
+#[inline(always)]
+pub fn round_f32(v: f32) -> f32 {
+    f32::from_bits((bits(v) as u32) << 16)
+}
+
+/// Every value of x rounded to bf16, kept as f32: an op's output that only GEMMs read.
+pub fn round_in_place(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = round_f32(*v));
+}
+
+/// dst[i] = src[i] rounded to bf16.
+pub fn round_into(src: &[f32], dst: &mut [bf16]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = round(s));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bit for bit `half`'s rounding (an independent implementation) over every exponent, the
+    /// ties, infinities, NaNs and subnormals.
+    #[test]
+    fn rounds_like_half() {
+        let mut z = 0x9E3779B97F4A7C15u64;
+        let mut patterns: Vec<u32> = (0..200_000)
+            .map(|_| {
+                z ^= z << 13;
+                z ^= z >> 7;
+                z ^= z << 17;
+                z as u32
+            })
+            .collect();
+        // ties (dropped half exactly 0x8000) at even and odd kept parts, the largest finite
+        // values (which round to infinity), infinities, NaNs with payloads only in the dropped half
+        patterns.extend([0x3f80_8000, 0x3f81_8000, 0xbf80_8000, 0x7f7f_ffff, 0xff7f_ffff, 0x7f7f_8000, 0x7f80_0000, 0xff80_0000, 0x7f80_0001, 0xffc0_0000, 0x0000_8000, 0x0001_8000, 0x8000_0001, 0]);
+        for b in patterns {
+            let v = f32::from_bits(b);
+            assert_eq!(round(v).to_bits(), bf16::from_f32(v).to_bits(), "{b:#010x}");
+            assert_eq!(round_f32(v).to_bits(), bf16::from_f32(v).to_f32().to_bits(), "{b:#010x}");
+        }
+    }
+
+    #[test]
+    fn slices_round_element_by_element() {
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.123_456_79).collect();
+        let mut y = x.clone();
+        round_in_place(&mut y);
+        let mut z = vec![bf16::ZERO; x.len()];
+        round_into(&x, &mut z);
+        for ((&a, &b), &c) in x.iter().zip(&y).zip(&z) {
+            assert_eq!(b, bf16::from_f32(a).to_f32());
+            assert_eq!(c, bf16::from_f32(a));
+        }
+    }
+}
