@@ -225,6 +225,12 @@ fn another_corpus_s_file_is_refused() {
     let f = read_file(&out).unwrap();
     assert_eq!(f.attrs["corpus"], feb.display().to_string());
     assert_eq!(f.attrs["corpus_xxh3"].len(), 32);
+    // Accuracy against another corpus than the one scored is judged with a warning.
+    let show = |docs: &Path| run(bin().arg("show").arg(&out).arg("--docs").arg(docs));
+    let o = show(&jan);
+    assert!(o.status.success() && stderr(&o).contains("is not the corpus these scores were made from"), "{}", stderr(&o));
+    let o = show(&feb);
+    assert!(o.status.success() && !stderr(&o).contains("warning"), "{}", stderr(&o));
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! writer that ends quietly when the reader goes away (`show ... | head`).
 
 use anyhow::{Context, Result};
+use falcon_batch::corpus::FileHasher;
 use falcon_batch::results::{read_file, write_csv, DocResult, ResultsFile};
 use falcon_batch::score::Norm;
 use std::collections::HashMap;
@@ -50,6 +51,21 @@ fn answers(path: &Path) -> Result<HashMap<String, String>> {
         .collect())
 }
 
+/// Accuracy against a corpus other than the one scored would judge stale scores: say so.
+fn warn_if_other_corpus(path: &Path, file: &ResultsFile) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut h = FileHasher::default();
+    h.update(&bytes);
+    if let Some(scored) = file.attrs.get("corpus_xxh3").filter(|&x| *x != h.finish()) {
+        let from = file.attrs.get("corpus").map_or("?", String::as_str);
+        eprintln!(
+            "warning: {} is not the corpus these scores were made from ({from}, xxh3 {scored}): documents edited since are judged by their old scores",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// `s` on one line, cut to `n` characters unless `wide`.
 fn clip(s: &str, n: usize, wide: bool) -> String {
     let s = s.replace('\n', " ");
@@ -82,7 +98,10 @@ pub fn show(a: ShowArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let answers = match &a.docs {
-        Some(p) => answers(p)?,
+        Some(p) => {
+            warn_if_other_corpus(p, &file)?;
+            answers(p)?
+        }
         None => HashMap::new(),
     };
     let mut out = std::io::stdout().lock();
