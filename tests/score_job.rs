@@ -190,7 +190,7 @@ fn no_subcommand_scores_with_the_defaults_printed() {
     }
     let o = default_run(&several, &docs, None);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("several model directories: models/a, models/b") && err.contains("--model"), "{err}");
     assert!(!several.join("results").exists());
 
@@ -200,14 +200,20 @@ fn no_subcommand_scores_with_the_defaults_printed() {
     std::fs::write(none.join("models/SmolLM2.gguf"), b"GGUF").unwrap();
     let o = default_run(&none, &docs, None);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("holds no model directory") && err.contains("models/SmolLM2.gguf") && err.contains("falcon-batch convert"), "{err}");
     let bare = d.join("bare");
     std::fs::create_dir_all(&bare).unwrap();
     let o = default_run(&bare, &docs, None);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("models/ cannot be read") && err.contains("FALCON_BATCH_MODEL"), "{err}");
+
+    // a corpus on stdin has no name to name the output after: a usage error asking for --out
+    let o = default_run(&single, Path::new("-"), None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--out: not given"), "{err}");
 
     // nothing at all is a usage error; `score` still wants its flags
     assert_eq!(run(&mut bin()).status.code(), Some(2));

@@ -154,7 +154,7 @@ pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, mode
     let out = match out {
         Some(o) => o,
         None => {
-            let stem = docs.file_stem().filter(|s| !s.is_empty() && *s != "-").ok_or_else(|| anyhow!("--docs {}: expected a file name to name the output after; pass --out", docs.display()))?;
+            let stem = docs.file_stem().filter(|s| !s.is_empty() && *s != "-").ok_or_else(|| UsageError::new("--out", format!("not given, and --docs {} has no file name to name the output after", docs.display())))?;
             let o = Path::new("results").join(stem).with_extension("h5");
             notes.push(format!("--out {} (results/<corpus name>.h5)", o.display()));
             o
@@ -163,10 +163,12 @@ pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, mode
     Ok(Defaults { model, out, notes })
 }
 
-/// The single directory under `models` holding a manifest.json, or an error listing what is there.
+/// The single directory under `models` holding a manifest.json, or a usage error (exit 2:
+/// the user is to name one) listing what is there.
 fn only_model_dir(models: &Path) -> Result<PathBuf> {
     let hint = format!("pass --model DIR or set ${MODEL_ENV}");
-    let entries = std::fs::read_dir(models).with_context(|| format!("no --model given and {}/ cannot be read; {hint}", models.display()))?;
+    let usage = |msg: String| anyhow::Error::from(UsageError::new("--model", format!("not given, and {}/ {msg}; {hint}", models.display())));
+    let entries = std::fs::read_dir(models).map_err(|e| usage(format!("cannot be read ({e})")))?;
     let mut dirs = vec![];
     let mut others = vec![];
     for e in entries {
@@ -180,15 +182,12 @@ fn only_model_dir(models: &Path) -> Result<PathBuf> {
     dirs.sort();
     others.sort();
     let list = |v: &[PathBuf]| v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    let none = "holds no model directory (one with a manifest.json, made by `falcon-batch convert`)";
     match dirs.len() {
         1 => Ok(dirs.remove(0)),
-        0 if others.is_empty() => Err(anyhow!("no --model given and {}/ holds no model directory (one with a manifest.json, made by `falcon-batch convert`); {hint}", models.display())),
-        0 => Err(anyhow!(
-            "no --model given and {}/ holds no model directory (one with a manifest.json, made by `falcon-batch convert`), only: {}; {hint}",
-            models.display(),
-            list(&others)
-        )),
-        _ => Err(anyhow!("no --model given and {}/ holds several model directories: {}; {hint}", models.display(), list(&dirs))),
+        0 if others.is_empty() => Err(usage(none.to_string())),
+        0 => Err(usage(format!("{none}, only: {}", list(&others)))),
+        _ => Err(usage(format!("holds several model directories: {}", list(&dirs)))),
     }
 }
 
