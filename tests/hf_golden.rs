@@ -31,7 +31,7 @@ fn check_fixture(name: &str) {
 fn check_against_golden(name: &str, cfg: &falcon_batch::config::ModelConfig, src: &dyn TensorSource, golden: &serde_json::Value) {
     let host = HostGroup::read(0..cfg.n_layers, cfg.n_layers, |p: Part| model::convert_part(cfg, p, src)).unwrap();
     let b = CpuBackend::new();
-    let group = DeviceGroup::upload(&b, &host).unwrap();
+    let group = DeviceGroup::upload(&b, cfg, &host).unwrap();
     let mut worst = 0f64;
     for seq in golden["sequences"].as_array().unwrap() {
         let ids: Vec<u32> = seq["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
