@@ -200,7 +200,7 @@ pub fn layer_forward<B: Backend>(
         (true, Some(n)) => Some(norm(&x, n)?),
         _ => None,
     };
-    let x = attention_block(b, cfg, w, &l.attn, &attn_in, ctx, cache, x)?; // x + attention (T, C)
+    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, cache, x)?; // x + attention (T, C)
     let mlp_in = match (parallel_mlp_in, l.mlp_norm) {
         (Some(m), _) => m,
         (None, None) => attn_in,

@@ -125,7 +125,7 @@ pub fn layer_forward<B: Backend>(
 ) -> Result<B::Act> {
     let eps = cfg.norm_eps as f32;
     let attn_in = b.rms_norm(&x, w.at(l.attn_norm), eps)?; // (T, C)
-    let x = attention_block(b, cfg, w, &l.attn, &attn_in, ctx, cache, x)?; // x + attention (T, C)
+    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, cache, x)?; // x + attention (T, C)
     let mlp_in = b.rms_norm(&x, w.at(l.mlp_norm), eps)?; // (T, C)
     let ((gate, gate_bias), (up, up_bias)) = (w.linear(l.gate), w.linear(l.up));
     let act = b.linear_silu_mul(&mlp_in, gate, gate_bias, up, up_bias)?; // (T, F)

@@ -19,7 +19,7 @@ use crate::config::{ModelConfig, RopeScaling};
 use crate::token_tree::AttnSpan;
 use crate::tensor::HostTensor;
 use thiserror::Error;
-use weights::{Attn, View};
+use weights::{AttnRef, View};
 
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -130,16 +130,14 @@ pub struct RowCtx<'a> {
 pub(crate) fn attention_block<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
-    w: &PartWeights<B>,
-    a: &Attn,
+    w: AttnRef<'_, B::Weight>,
     x: &B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
     residual: B::Act,
 ) -> Result<B::Act> {
     let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-    let (qkv_w, qkv_b) = w.linear(a.qkv);
-    let (out_w, out_b) = w.linear(a.out);
+    let ((qkv_w, qkv_b), (out_w, out_b)) = (w.qkv, w.out);
     let mut qkv = b.linear(x, qkv_w, qkv_b)?; // (T, (H + 2KV) D)
     // (D/2); recomputed per call because it is D/2 powf, nothing next to the projections.
     let inv_freq = cfg.rope_inv_freq();

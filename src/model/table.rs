@@ -246,4 +246,16 @@ mod tests {
         assert_eq!(t.gguf_source("transformer.ln_f.weight").unwrap().name, "output_norm.weight");
         assert!(t.gguf_source("transformer.h.0.rotary_emb.inv_freq").is_none());
     }
+
+    #[test]
+    fn llama_files_permute_q_and_k_rows_and_qwen2_files_do_not() {
+        let llama = crate::testing::llama_config(1).unwrap();
+        let rows = |cfg: &ModelConfig, hf: &str| table(cfg).gguf_source(hf).map(|g| g.rows);
+        assert_eq!(rows(&llama, "model.layers.0.self_attn.q_proj.weight"), Some(GgufRows::RopePairs(4)));
+        assert_eq!(rows(&llama, "model.layers.0.self_attn.k_proj.weight"), Some(GgufRows::RopePairs(2)));
+        assert_eq!(rows(&llama, "model.layers.0.self_attn.v_proj.weight"), Some(GgufRows::AsStored));
+        let qwen2 = ModelConfig { family: crate::config::Family::Qwen2, attention_bias: true, ..llama };
+        assert_eq!(rows(&qwen2, "model.layers.0.self_attn.q_proj.bias"), Some(GgufRows::AsStored));
+        assert_eq!(table(&qwen2).gguf_source("model.layers.0.self_attn.q_proj.bias").unwrap().name, "blk.0.attn_q.bias");
+    }
 }

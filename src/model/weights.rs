@@ -40,6 +40,15 @@ impl Attn {
     }
 }
 
+/// A linear layer's weight and bias on a backend, as `Backend::linear` takes them.
+pub type LinearRef<'a, W> = (&'a W, Option<&'a W>);
+
+/// The attention projections of one layer, on a backend.
+pub struct AttnRef<'a, W> {
+    pub qkv: LinearRef<'a, W>,
+    pub out: LinearRef<'a, W>,
+}
+
 /// The LM head's final norm (a layer norm's shift where the family has one) and projection.
 #[derive(Clone, Copy, Debug)]
 pub struct End {
@@ -129,8 +138,12 @@ impl<B: Backend> PartWeights<B> {
     }
 
     /// A weight and its bias, as `Backend::linear` takes them.
-    pub fn linear(&self, wb: WeightBias) -> (&B::Weight, Option<&B::Weight>) {
+    pub fn linear(&self, wb: WeightBias) -> LinearRef<'_, B::Weight> {
         (self.at(wb.weight), wb.bias.map(|b| self.at(b)))
+    }
+
+    pub fn attn(&self, a: Attn) -> AttnRef<'_, B::Weight> {
+        AttnRef { qkv: self.linear(a.qkv), out: self.linear(a.out) }
     }
 
     pub fn embed(&self) -> Result<Ix> {
@@ -153,5 +166,24 @@ impl<B: Backend> PartWeights<B> {
 
     pub(crate) fn wrong_part(&self, wanted: &str) -> ModelError {
         ModelError::Unsupported(format!("part {} used as {wanted}", self.part.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::testing::{falcon_config, llama_config, random_part};
+
+    #[test]
+    fn a_missing_tensor_fails_the_load_naming_it() {
+        let b = CpuBackend::new();
+        for (cfg, gone) in [(llama_config(1).unwrap(), "mlp.gate.weight"), (falcon_config(1, false, false, true).unwrap(), "mlp_norm.bias")] {
+            let mut tensors = random_part(&cfg, Part::Layer(0), 1);
+            assert!(PartWeights::upload(&b, &cfg, Part::Layer(0), &tensors).is_ok());
+            tensors.retain(|(n, _)| n != gone);
+            let e = PartWeights::upload(&b, &cfg, Part::Layer(0), &tensors).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("layer_000") && e.contains(gone), "{e}");
+        }
     }
 }
