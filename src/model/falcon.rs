@@ -9,7 +9,7 @@
 //!   sequential (parallel_attn = false):
 //!       r = x + attn(ln(x)); out = r + mlp(ln_post(r))
 
-use super::table::{From, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
+use super::table::{Origin, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
 use super::weights::{Attn, Norm, PartWeights, Resolver, WeightBias};
 use super::{attention_block, HfJson, LayerCache, ModelError, Result, RowCtx};
 use crate::backend::Backend;
@@ -139,22 +139,22 @@ pub fn table(cfg: &ModelConfig) -> Table {
     let src = Src::new;
     let mut t = Table::default();
     let embed = src("transformer.word_embeddings", Some("token_embd"), &[v, c]);
-    t.begin(EMBED, &[v, c], false, From::One(embed.clone()));
-    t.end(NORM, &[c], true, From::One(src("transformer.ln_f", Some("output_norm"), &[c])));
-    t.end(LM_HEAD, &[v, c], false, From::One(if cfg.tied_embeddings { embed } else { src("lm_head", Some("output"), &[v, c]) }));
+    t.begin(EMBED, &[v, c], false, Origin::One(embed.clone()));
+    t.end(NORM, &[c], true, Origin::One(src("transformer.ln_f", Some("output_norm"), &[c])));
+    t.end(LM_HEAD, &[v, c], false, Origin::One(if cfg.tied_embeddings { embed } else { src("lm_head", Some("output"), &[v, c]) }));
     let norms = match (has_mlp_norm(l), l.parallel_attn) {
         (true, true) => vec![(ATTN_NORM, "transformer.h.{i}.ln_attn", Some("blk.{i}.attn_norm_2")), (MLP_NORM, "transformer.h.{i}.ln_mlp", Some("blk.{i}.attn_norm"))],
         (false, _) => vec![(ATTN_NORM, "transformer.h.{i}.input_layernorm", Some("blk.{i}.attn_norm"))],
         (true, false) => vec![(ATTN_NORM, "transformer.h.{i}.input_layernorm", Some("blk.{i}.attn_norm")), (MLP_NORM, "transformer.h.{i}.post_attention_layernorm", None)],
     };
     for (short, hf, gguf) in norms {
-        t.layer(short, &[c], true, From::One(src(hf, gguf, &[c])));
+        t.layer(short, &[c], true, Origin::One(src(hf, gguf, &[c])));
     }
     let fused = src("transformer.h.{i}.self_attention.query_key_value", Some("blk.{i}.attn_qkv"), &[qkv, c]).gguf_rows(GgufRows::FalconQkv);
-    t.layer(QKV, &[qkv, c], l.bias, From::Reordered(fused, qkv_row_order));
-    t.layer(OUT, &[c, c], l.bias, From::One(src("transformer.h.{i}.self_attention.dense", Some("blk.{i}.attn_output"), &[c, c])));
-    t.layer(UP, &[f, c], l.bias, From::One(src("transformer.h.{i}.mlp.dense_h_to_4h", Some("blk.{i}.ffn_up"), &[f, c])));
-    t.layer(DOWN, &[c, f], l.bias, From::One(src("transformer.h.{i}.mlp.dense_4h_to_h", Some("blk.{i}.ffn_down"), &[c, f])));
+    t.layer(QKV, &[qkv, c], l.bias, Origin::Reordered(fused, qkv_row_order));
+    t.layer(OUT, &[c, c], l.bias, Origin::One(src("transformer.h.{i}.self_attention.dense", Some("blk.{i}.attn_output"), &[c, c])));
+    t.layer(UP, &[f, c], l.bias, Origin::One(src("transformer.h.{i}.mlp.dense_h_to_4h", Some("blk.{i}.ffn_up"), &[f, c])));
+    t.layer(DOWN, &[c, f], l.bias, Origin::One(src("transformer.h.{i}.mlp.dense_4h_to_h", Some("blk.{i}.ffn_down"), &[c, f])));
     t
 }
 

@@ -3,7 +3,7 @@
 //! Shapes: T rows, C hidden, H query heads, KV key/value heads, D head dim, F intermediate.
 //!     h = x + attn(rms(x));  out = h + down(silu(gate(rms(h))) * up(rms(h)))
 
-use super::table::{From, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
+use super::table::{Origin, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
 use super::weights::{Attn, Ix, PartWeights, Resolver, WeightBias};
 use super::{attention_block, HfJson, LayerCache, ModelError, Result, RowCtx};
 use crate::backend::Backend;
@@ -71,22 +71,22 @@ pub fn table(cfg: &ModelConfig) -> Table {
     let src = Src::new;
     let mut t = Table::default();
     let embed = src("model.embed_tokens", Some("token_embd"), &[v, c]);
-    t.begin(EMBED, &[v, c], false, From::One(embed.clone()));
-    t.end(NORM, &[c], false, From::One(src("model.norm", Some("output_norm"), &[c])));
-    let head = if cfg.tied_embeddings { From::One(embed.clone()) } else { From::FirstOf(vec![src("lm_head", Some("output"), &[v, c]), embed]) };
+    t.begin(EMBED, &[v, c], false, Origin::One(embed.clone()));
+    t.end(NORM, &[c], false, Origin::One(src("model.norm", Some("output_norm"), &[c])));
+    let head = if cfg.tied_embeddings { Origin::One(embed.clone()) } else { Origin::FirstOf(vec![src("lm_head", Some("output"), &[v, c]), embed]) };
     t.end(LM_HEAD, &[v, c], false, head);
-    t.layer(ATTN_NORM, &[c], false, From::One(src("model.layers.{i}.input_layernorm", Some("blk.{i}.attn_norm"), &[c])));
-    t.layer(MLP_NORM, &[c], false, From::One(src("model.layers.{i}.post_attention_layernorm", Some("blk.{i}.ffn_norm"), &[c])));
-    let qkv_from = From::Stack(vec![
+    t.layer(ATTN_NORM, &[c], false, Origin::One(src("model.layers.{i}.input_layernorm", Some("blk.{i}.attn_norm"), &[c])));
+    t.layer(MLP_NORM, &[c], false, Origin::One(src("model.layers.{i}.post_attention_layernorm", Some("blk.{i}.ffn_norm"), &[c])));
+    let qkv_from = Origin::Stack(vec![
         src("model.layers.{i}.self_attn.q_proj", Some("blk.{i}.attn_q"), &[hd, c]).gguf_rows(pairs(cfg.n_heads)),
         src("model.layers.{i}.self_attn.k_proj", Some("blk.{i}.attn_k"), &[kvd, c]).gguf_rows(pairs(cfg.n_kv_heads)),
         src("model.layers.{i}.self_attn.v_proj", Some("blk.{i}.attn_v"), &[kvd, c]),
     ]);
     t.layer(QKV, &[qkv, c], cfg.attention_bias, qkv_from);
-    t.layer(OUT, &[c, hd], cfg.attn_out_bias(), From::One(src("model.layers.{i}.self_attn.o_proj", Some("blk.{i}.attn_output"), &[c, hd])));
-    t.layer(GATE, &[f, c], cfg.mlp_bias, From::One(src("model.layers.{i}.mlp.gate_proj", Some("blk.{i}.ffn_gate"), &[f, c])));
-    t.layer(UP, &[f, c], cfg.mlp_bias, From::One(src("model.layers.{i}.mlp.up_proj", Some("blk.{i}.ffn_up"), &[f, c])));
-    t.layer(DOWN, &[c, f], cfg.mlp_bias, From::One(src("model.layers.{i}.mlp.down_proj", Some("blk.{i}.ffn_down"), &[c, f])));
+    t.layer(OUT, &[c, hd], cfg.attn_out_bias(), Origin::One(src("model.layers.{i}.self_attn.o_proj", Some("blk.{i}.attn_output"), &[c, hd])));
+    t.layer(GATE, &[f, c], cfg.mlp_bias, Origin::One(src("model.layers.{i}.mlp.gate_proj", Some("blk.{i}.ffn_gate"), &[f, c])));
+    t.layer(UP, &[f, c], cfg.mlp_bias, Origin::One(src("model.layers.{i}.mlp.up_proj", Some("blk.{i}.ffn_up"), &[f, c])));
+    t.layer(DOWN, &[c, f], cfg.mlp_bias, Origin::One(src("model.layers.{i}.mlp.down_proj", Some("blk.{i}.ffn_down"), &[c, f])));
     t
 }
 

@@ -77,7 +77,7 @@ impl Src {
 
 /// How a short-named tensor is made from source tensors.
 #[derive(Clone, Debug)]
-pub enum From {
+pub enum Origin {
     One(Src),
     /// Several, their rows stacked (llama's q, k, v into qkv).
     Stack(Vec<Src>),
@@ -88,30 +88,30 @@ pub enum From {
     FirstOf(Vec<Src>),
 }
 
-impl From {
+impl Origin {
     fn srcs(&self) -> &[Src] {
         match self {
-            From::One(s) | From::Reordered(s, _) => std::slice::from_ref(s),
-            From::Stack(v) | From::FirstOf(v) => v,
+            Origin::One(s) | Origin::Reordered(s, _) => std::slice::from_ref(s),
+            Origin::Stack(v) | Origin::FirstOf(v) => v,
         }
     }
 
-    fn map(&self, f: impl Fn(&Src) -> Src) -> From {
+    fn map(&self, f: impl Fn(&Src) -> Src) -> Origin {
         match self {
-            From::One(s) => From::One(f(s)),
-            From::Reordered(s, order) => From::Reordered(f(s), *order),
-            From::Stack(v) => From::Stack(v.iter().map(f).collect()),
-            From::FirstOf(v) => From::FirstOf(v.iter().map(f).collect()),
+            Origin::One(s) => Origin::One(f(s)),
+            Origin::Reordered(s, order) => Origin::Reordered(f(s), *order),
+            Origin::Stack(v) => Origin::Stack(v.iter().map(f).collect()),
+            Origin::FirstOf(v) => Origin::FirstOf(v.iter().map(f).collect()),
         }
     }
 
     /// The tensor read from `src`, each source tensor's shape checked.
     fn read(&self, cfg: &ModelConfig, src: &dyn TensorSource) -> Result<HostTensor> {
         match self {
-            From::One(s) => get_checked(src, s),
-            From::Reordered(s, order) => Ok(get_checked(src, s)?.select_rows(&order(cfg))),
-            From::Stack(v) => Ok(HostTensor::concat_rows(&v.iter().map(|s| get_checked(src, s)).collect::<Result<Vec<_>>>()?)),
-            From::FirstOf(v) => match v.iter().find(|s| src.contains(&s.hf)).or(v.last()) {
+            Origin::One(s) => get_checked(src, s),
+            Origin::Reordered(s, order) => Ok(get_checked(src, s)?.select_rows(&order(cfg))),
+            Origin::Stack(v) => Ok(HostTensor::concat_rows(&v.iter().map(|s| get_checked(src, s)).collect::<Result<Vec<_>>>()?)),
+            Origin::FirstOf(v) => match v.iter().find(|s| src.contains(&s.hf)).or(v.last()) {
                 Some(s) => get_checked(src, s),
                 None => Err(ModelError::Source("a table row names no source tensor".into())),
             },
@@ -133,7 +133,7 @@ fn get_checked(src: &dyn TensorSource, s: &Src) -> Result<HostTensor> {
 pub struct Entry {
     pub short: String,
     pub shape: Vec<usize>,
-    pub from: From,
+    pub from: Origin,
 }
 
 /// A family's tensors under one config, part by part (layer rows with `{i}` in their names).
@@ -145,15 +145,15 @@ pub struct Table {
 }
 
 impl Table {
-    pub fn begin(&mut self, stem: &str, shape: &[usize], bias: bool, from: From) {
+    pub fn begin(&mut self, stem: &str, shape: &[usize], bias: bool, from: Origin) {
         push(&mut self.begin, stem, shape, bias, from)
     }
 
-    pub fn layer(&mut self, stem: &str, shape: &[usize], bias: bool, from: From) {
+    pub fn layer(&mut self, stem: &str, shape: &[usize], bias: bool, from: Origin) {
         push(&mut self.layer, stem, shape, bias, from)
     }
 
-    pub fn end(&mut self, stem: &str, shape: &[usize], bias: bool, from: From) {
+    pub fn end(&mut self, stem: &str, shape: &[usize], bias: bool, from: Origin) {
         push(&mut self.end, stem, shape, bias, from)
     }
 
@@ -177,7 +177,7 @@ impl Table {
 }
 
 /// `stem.weight`, and `stem.bias` when `bias`, each read from the same-suffixed sources.
-fn push(entries: &mut Vec<Entry>, stem: &str, shape: &[usize], bias: bool, from: From) {
+fn push(entries: &mut Vec<Entry>, stem: &str, shape: &[usize], bias: bool, from: Origin) {
     let suffixes: &[&str] = if bias { &["weight", "bias"] } else { &["weight"] };
     for &suffix in suffixes {
         let shape = if suffix == "bias" { shape[..1].to_vec() } else { shape.to_vec() };

@@ -44,7 +44,8 @@ pub type GroupCopy = (usize, Instant, Instant);
 /// A group in a slot: its copy in flight, or arrived and computing.
 enum Held<B: Backend> {
     Loading(B::Transfer),
-    Ready(B::Transfer, DeviceGroup<B>),
+    /// Boxed: a group's typed weights make it far larger than a transfer in flight.
+    Ready(B::Transfer, Box<DeviceGroup<B>>),
 }
 
 pub struct WeightWindow<B: Backend> {
@@ -163,7 +164,7 @@ impl<B: Backend> WeightWindow<B> {
             };
             let weights = self.backend.wait(&mut t)?;
             let group = DeviceGroup::from_weights(&self.cfg, &self.names[g], weights)?;
-            self.held.push((g, Held::Ready(t, group)));
+            self.held.push((g, Held::Ready(t, Box::new(group))));
         }
         let waited = started.elapsed();
         match self.held.iter().find(|(i, _)| *i == idx) {
