@@ -59,7 +59,7 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
     })
 }
 
-/// llama.rs reads only these stems beside the shared ones in table.rs.
+/// The one stem only this family's block has (the shared ones are in table.rs).
 const GATE: &str = "mlp.gate";
 
 /// Llama's tensors (Qwen2's too: its config sets the biases). GGUF names are llama.cpp's.

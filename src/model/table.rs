@@ -83,8 +83,8 @@ pub enum Origin {
     Stack(Vec<Src>),
     /// One, its rows taken in this order (Falcon's fused qkv into `[Q; K; V]`).
     Reordered(Src, fn(&ModelConfig) -> Vec<usize>),
-    /// The first of these the checkpoint holds, else the last (an absent untied head: the
-    /// embeddings, as HF's loader ends up doing).
+    /// The first of these the checkpoint holds, else the last (llama's untied head: the
+    /// embeddings when a checkpoint leaves lm_head out).
     FirstOf(Vec<Src>),
 }
 
