@@ -22,7 +22,7 @@ pub const OUT: &str = "attn.out";
 pub const UP: &str = "mlp.up";
 pub const DOWN: &str = "mlp.down";
 
-/// How the rows of a GGUF tensor differ from the HF tensor's (format/gguf/names.rs undoes it).
+/// How the rows of a GGUF tensor differ from the HF tensor's (format/gguf/rows.rs undoes it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgufRows {
     AsStored,
