@@ -158,7 +158,7 @@ fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
 /// Rank 0: score (and generate) through the pipeline and compare with one process.
 fn drive(worker: &mut Worker<CpuBackend>, cfg: &ModelConfig, a: &Args) -> Result<()> {
     let b = CpuBackend::new();
-    let whole = [DeviceGroup::upload(&b, &random_group(cfg, 0..cfg.n_layers, SEED))?];
+    let whole = [DeviceGroup::upload(&b, cfg, &random_group(cfg, 0..cfg.n_layers, SEED))?];
     let mut local = LocalScorer { backend: &b, cfg, groups: &whole, done: VecDeque::new() };
     let waves = waves(cfg, a);
     let start = Instant::now();

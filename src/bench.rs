@@ -58,7 +58,6 @@ impl<T, E: Into<BenchError>> During<T> for std::result::Result<T, E> {
 
 pub type Result<T> = std::result::Result<T, BenchError>;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -193,13 +192,13 @@ fn weight_range(name: &str, shape: &[usize]) -> (f32, f32) {
 
 /// One layer's synthetic weights, made by the backend.
 pub fn synthetic_layer<B: Backend>(b: &B, cfg: &ModelConfig, layer: usize) -> Result<PartWeights<B>> {
-    let mut map = HashMap::new();
+    let mut named = vec![];
     for (i, (name, shape)) in model::expected_tensors(cfg, Part::Layer(layer)).into_iter().enumerate() {
         let (lo, hi) = weight_range(&name, &shape);
         let w = b.random_weight(&shape, (layer as u64) << 16 | i as u64, lo, hi).during(|| format!("weight {name}"))?;
-        map.insert(name, w);
+        named.push((name, w));
     }
-    Ok(PartWeights::from_map(Part::Layer(layer), map))
+    Ok(PartWeights::new(cfg, Part::Layer(layer), named)?)
 }
 
 fn layer_params(cfg: &ModelConfig) -> usize {
@@ -397,7 +396,7 @@ fn stream_run<B: Backend>(b: &Arc<B>, cfg: &ModelConfig, layers: usize, window: 
         return Err(BenchError::Invalid(format!("--layers {layers} is not a multiple of the group size {per_group} (last group {:?})", last.layers)));
     }
     let host: Vec<Arc<B::Pinned>> = (0..groups).map(|g| pinned[g % 2].clone()).collect();
-    let mut w = WeightWindow::from_pinned(b.clone(), layouts, host, 2)?;
+    let mut w = WeightWindow::from_pinned(b.clone(), cfg, layouts, host, 2)?;
     let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
     let mut x = input(&**b, batch.rows(), cfg.hidden_size)?;
     b.sync()?;

@@ -35,7 +35,7 @@ fn check_fixture(name: &str) {
     let ready = check_split(name, &prepared, &golden);
 
     let b = CpuBackend::new();
-    let group = DeviceGroup::upload(&b, &fx.host).unwrap();
+    let group = DeviceGroup::upload(&b, &fx.cfg, &fx.host).unwrap();
     let mut worst = 0f64;
 
     // 2. each (prompt, choice) pair alone, as HF scored it

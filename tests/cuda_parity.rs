@@ -340,7 +340,7 @@ fn tiny_model(json: serde_json::Value) -> (falcon_batch::config::ModelConfig, Ve
 
 /// begin -> layers -> end at the scored rows -> log p(target), on one backend.
 fn forward<B: Backend>(b: &B, cfg: &falcon_batch::config::ModelConfig, parts: &[(Part, Vec<(String, HostTensor)>)], batch: &MicroBatch) -> Vec<f64> {
-    let w: Vec<PartWeights<B>> = parts.iter().map(|(p, t)| PartWeights::upload(b, *p, t).unwrap()).collect();
+    let w: Vec<PartWeights<B>> = parts.iter().map(|(p, t)| PartWeights::upload(b, cfg, *p, t).unwrap()).collect();
     let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
     let mut x = model::begin_forward(b, &w[0], &batch.tokens).unwrap();
     for lw in &w[1..w.len() - 1] {
@@ -459,11 +459,11 @@ fn models_score_like_the_cpu_through_the_streaming_window() {
         let n = cfg.n_layers;
         let prompt_len = if name.starts_with("smollm2") { 120 } else { 12 };
         let batch = MicroBatch::build(&parity_docs(cfg.vocab_size, 6, prompt_len.min(cfg.context_limit().saturating_sub(30))));
-        let whole = [DeviceGroup::upload(&c, &HostGroup::from_dir(&dir, 0..n).unwrap()).unwrap()];
+        let whole = [DeviceGroup::upload(&c, &cfg, &HostGroup::from_dir(&dir, 0..n).unwrap()).unwrap()];
         let want = score_through(&whole, &c, &cfg, &batch).unwrap();
         let Some(g) = &g else { continue };
         let host: Vec<HostGroup> = (0..n).map(|l| HostGroup::from_dir(&dir, l..l + 1).unwrap()).collect();
-        let mut w = WeightWindow::new(g.clone(), host, 2).unwrap();
+        let mut w = WeightWindow::new(g.clone(), &cfg, host, 2).unwrap();
         let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
         let mut x = w.acquire(0).unwrap().0.embed(&**g, &batch.tokens).unwrap();
         let mut got = vec![];

@@ -48,7 +48,7 @@ fn greedy_without_cache(b: &CpuBackend, cfg: &ModelConfig, group: &DeviceGroup<C
 fn cached_batched_generation_matches_recompute() {
     for cfg in [llama_config(), falcon_config(true, true, false), falcon_config(false, false, true)] {
         let b = CpuBackend::new();
-        let groups = vec![DeviceGroup::upload(&b, &random_group(&cfg, 0..cfg.n_layers, 3)).unwrap()];
+        let groups = vec![DeviceGroup::upload(&b, &cfg, &random_group(&cfg, 0..cfg.n_layers, 3)).unwrap()];
         let tok = word_tokenizer(cfg.vocab_size);
         let (prompts, reqs) = three_prompts();
         let mut dec = LocalDecoder::new(&b, &cfg, &groups);
@@ -68,7 +68,7 @@ fn cached_batched_generation_matches_recompute() {
 fn eos_and_stop_end_a_sequence_early() {
     let cfg = llama_config();
     let b = CpuBackend::new();
-    let groups = vec![DeviceGroup::upload(&b, &random_group(&cfg, 0..3, 3)).unwrap()];
+    let groups = vec![DeviceGroup::upload(&b, &cfg, &random_group(&cfg, 0..3, 3)).unwrap()];
     let tok = word_tokenizer(cfg.vocab_size);
     let mut dec = LocalDecoder::new(&b, &cfg, &groups);
     let free = generate(&mut dec, &tok, &[req("a", &[1, 2, 3])], &opts(8), |_, _| {}).unwrap();
@@ -96,7 +96,7 @@ fn an_f16_cache_generates_what_recompute_in_f32_does() {
     // between its two best tokens could differ, which is why f16 is an option, not the default.
     for cfg in [llama_config(), falcon_config(true, true, false), falcon_config(false, false, true)] {
         let (b32, b16) = (CpuBackend::new(), CpuBackend::with_kv_dtype(KvDtype::F16));
-        let groups = vec![DeviceGroup::upload(&b32, &random_group(&cfg, 0..cfg.n_layers, 3)).unwrap()];
+        let groups = vec![DeviceGroup::upload(&b32, &cfg, &random_group(&cfg, 0..cfg.n_layers, 3)).unwrap()];
         let tok = word_tokenizer(cfg.vocab_size);
         let (prompts, reqs) = three_prompts();
         let mut dec = LocalDecoder::new(&b16, &cfg, &groups);

@@ -41,7 +41,7 @@ fn convert(gguf: &Path, tmp: &tempfile::TempDir) -> ModelDir {
 fn worst_logprob_diff(dir: &ModelDir, golden: &Value) -> f64 {
     let cfg = dir.config().clone();
     let b = CpuBackend::new();
-    let group = DeviceGroup::upload(&b, &HostGroup::from_dir(dir, 0..cfg.n_layers).unwrap()).unwrap();
+    let group = DeviceGroup::upload(&b, &cfg, &HostGroup::from_dir(dir, 0..cfg.n_layers).unwrap()).unwrap();
     let seqs = golden["sequences"].as_array().unwrap();
     let docs: Vec<TokenizedDoc> = seqs
         .iter()

@@ -41,13 +41,13 @@ const BF16_TOL: f64 = 0.15;
 fn check_against_golden(name: &str, cfg: &falcon_batch::config::ModelConfig, src: &dyn TensorSource, golden: &serde_json::Value) {
     let host = HostGroup::read(0..cfg.n_layers, cfg.n_layers, |p: Part| model::convert_part(cfg, p, src)).unwrap();
     let b = CpuBackend::new();
-    let group = DeviceGroup::upload(&b, &host).unwrap();
+    let group = DeviceGroup::upload(&b, cfg, &host).unwrap();
     let worst = worst_logprob_error(name, cfg, &b, &group, golden, 1e-4);
     eprintln!("{name}: max |Δ logprob| = {worst:.2e}");
     check_greedy(name, cfg, &b, group, golden);
     for route in CpuRoute::available(ComputeDtype::Bf16) {
         let b = CpuBackend::with_route(KvDtype::F32, route);
-        let group = DeviceGroup::upload(&b, &host).unwrap();
+        let group = DeviceGroup::upload(&b, cfg, &host).unwrap();
         let worst = worst_logprob_error(name, cfg, &b, &group, golden, BF16_TOL);
         eprintln!("{name}: compute {route}: max |Δ logprob| = {worst:.2e}");
     }

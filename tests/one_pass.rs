@@ -30,7 +30,7 @@ fn scores_separately(b: &CpuBackend, cfg: &ModelConfig, group: &DeviceGroup<CpuB
 
 fn check_one_pass(cfg: &ModelConfig) {
     let b = CpuBackend::new();
-    let group = DeviceGroup::upload(&b, &random_group(cfg, 0..cfg.n_layers, 42)).unwrap();
+    let group = DeviceGroup::upload(&b, cfg, &random_group(cfg, 0..cfg.n_layers, 42)).unwrap();
     let batch = MicroBatch::build(&docs());
     let together = group.score_batch(&b, cfg, &batch).unwrap();
     let separate: Vec<f64> = docs().iter().flat_map(|d| scores_separately(&b, cfg, &group, d)).collect();
@@ -59,9 +59,9 @@ fn one_pass_equals_separate_falcon_layouts() {
 fn three_chunks_equal_the_whole_model() {
     for cfg in [llama_config(), falcon_config(true, true, false)] {
         let b = CpuBackend::new();
-        let whole = DeviceGroup::upload(&b, &random_group(&cfg, 0..3, 7)).unwrap();
+        let whole = DeviceGroup::upload(&b, &cfg, &random_group(&cfg, 0..3, 7)).unwrap();
         let chunks: Vec<DeviceGroup<CpuBackend>> =
-            [0..1, 1..2, 2..3].into_iter().map(|r| DeviceGroup::upload(&b, &random_group(&cfg, r, 7)).unwrap()).collect();
+            [0..1, 1..2, 2..3].into_iter().map(|r| DeviceGroup::upload(&b, &cfg, &random_group(&cfg, r, 7)).unwrap()).collect();
         assert!(chunks[0].has_begin() && !chunks[0].has_end() && chunks[2].has_end());
         let batch = MicroBatch::build(&docs());
         let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };

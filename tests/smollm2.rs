@@ -43,7 +43,7 @@ fn logprobs_and_greedy_generation_match_hf() {
     let dir = ModelDir::open(model_dir()).unwrap();
     let cfg = dir.config().clone();
     let b = CpuBackend::new();
-    let groups = vec![DeviceGroup::upload(&b, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap()];
+    let groups = vec![DeviceGroup::upload(&b, &cfg, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap()];
 
     // All reference documents scored in one packed micro-batch (each as a one-choice tree).
     let refs = fixture("logprobs.json");
@@ -90,7 +90,7 @@ fn both_choice_conventions_match_hf() {
     let prepared = common::docs::read_corpus(&tok, cfg.context_limit(), &golden, &delimiter);
     common::docs::check_split("SmolLM2", &prepared, &golden);
     let b = CpuBackend::new();
-    let group = DeviceGroup::upload(&b, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap();
+    let group = DeviceGroup::upload(&b, &cfg, &HostGroup::from_dir(&dir, 0..cfg.n_layers).unwrap()).unwrap();
     let worst = common::docs::check_packed("SmolLM2", &b, &cfg, &group, &prepared, &golden, 1e-4);
     eprintln!("SmolLM2 conventions: max |Δ logprob| vs HF float32 = {worst:.2e}");
 }

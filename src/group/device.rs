@@ -9,9 +9,11 @@ use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::model::{self, LayerCache, ModelError, Part, RowCtx, PartWeights};
 use crate::token_tree::{MicroBatch, ScoredRow};
+use std::collections::HashMap;
 use std::ops::Range;
 
-/// A group on a backend: begin, one `PartWeights` per layer, end (each part's tensors by name).
+/// A group on a backend: begin, one `PartWeights` per layer, end (each part's tensors typed
+/// by its family).
 pub struct DeviceGroup<B: Backend> {
     pub layers: Range<usize>,
     begin: Option<PartWeights<B>>,
@@ -20,10 +22,10 @@ pub struct DeviceGroup<B: Backend> {
 }
 
 impl<B: Backend> DeviceGroup<B> {
-    pub fn upload(b: &B, host: &HostGroup) -> Result<DeviceGroup<B>, ModelError> {
+    pub fn upload(b: &B, cfg: &ModelConfig, host: &HostGroup) -> Result<DeviceGroup<B>, ModelError> {
         let mut group = DeviceGroup { layers: host.layers.clone(), begin: None, blocks: vec![], end: None };
         for (part, tensors) in &host.parts {
-            group.put(PartWeights::upload(b, *part, tensors)?);
+            group.put(PartWeights::upload(b, cfg, *part, tensors)?);
             crate::liveness::advanced();
         }
         Ok(group)
@@ -31,15 +33,15 @@ impl<B: Backend> DeviceGroup<B> {
 
     /// A group over weights already on the backend, in `names`' flat order (a streamed
     /// group after `Backend::wait`).
-    pub fn from_weights(names: &GroupTensorNames, weights: Vec<B::Weight>) -> Result<DeviceGroup<B>, ModelError> {
+    pub fn from_weights(cfg: &ModelConfig, names: &GroupTensorNames, weights: Vec<B::Weight>) -> Result<DeviceGroup<B>, ModelError> {
         if weights.len() != names.len() {
             return Err(ModelError::Unsupported(format!("layers {:?}: {} weights for {} tensors", names.layers, weights.len(), names.len())));
         }
         let mut group = DeviceGroup { layers: names.layers.clone(), begin: None, blocks: vec![], end: None };
         let mut it = weights.into_iter();
         for (part, part_names) in &names.parts {
-            let map = part_names.iter().cloned().zip(it.by_ref().take(part_names.len())).collect();
-            group.put(PartWeights::from_map(*part, map));
+            let named = part_names.iter().cloned().zip(it.by_ref().take(part_names.len())).collect();
+            group.put(PartWeights::new(cfg, *part, named)?);
         }
         Ok(group)
     }
@@ -50,7 +52,7 @@ impl<B: Backend> DeviceGroup<B> {
         let mut out = Vec::with_capacity(names.len());
         for (part, part_names) in &names.parts {
             let i = by_part.iter().position(|w| w.part == *part).ok_or_else(|| ModelError::Unsupported(format!("layers {:?}: part {} is not in this group", names.layers, part.name())))?;
-            let mut map = by_part.swap_remove(i).into_map();
+            let mut map: HashMap<String, B::Weight> = by_part.swap_remove(i).into_named().collect();
             for name in part_names {
                 out.push(map.remove(name).ok_or_else(|| ModelError::MissingTensor { part: part.name(), name: name.clone() })?);
             }

@@ -1,4 +1,4 @@
-//! Falcon (7B / 40B / 180B and relatives): HF config, tensor-name table, decoder block.
+//! Falcon (7B / 40B / 180B and relatives): HF config, tensor table, decoder block.
 //!
 //! Shapes: T rows, C hidden, H query heads, KV key/value heads, D head dim, F = ffn_hidden_size.
 //! Layer layouts (HF FalconDecoderLayer):
@@ -9,10 +9,11 @@
 //!   sequential (parallel_attn = false):
 //!       r = x + attn(ln(x)); out = r + mlp(ln_post(r))
 
-use super::{attention_block, get_checked, HfJson, LayerCache, ModelError, Part, Result, RowCtx, TensorSource, PartWeights};
+use super::table::{Origin, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
+use super::weights::{Attn, Norm, PartWeights, Resolver, WeightBias};
+use super::{attention_block, HfJson, LayerCache, ModelError, Result, RowCtx};
 use crate::backend::Backend;
 use crate::config::{FalconLayout, Family, ModelConfig};
-use crate::tensor::HostTensor;
 
 pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfig> {
     let j = HfJson { json, file };
@@ -124,84 +125,59 @@ pub(crate) fn qkv_row_order(cfg: &ModelConfig) -> Vec<usize> {
     qkv_block_order(cfg).into_iter().flat_map(|b| b * d..(b + 1) * d).collect()
 }
 
-/// (our short name, HF name) of the layer norms a layer of this layout has.
-fn norm_names(cfg: &ModelConfig, i: usize) -> Vec<(&'static str, String)> {
-    let l = layout(cfg);
-    let p = format!("transformer.h.{i}");
-    if l.new_decoder_architecture && l.num_ln_in_parallel_attn == 2 {
-        vec![("attn_norm", format!("{p}.ln_attn")), ("mlp_norm", format!("{p}.ln_mlp"))]
-    } else if l.parallel_attn {
-        vec![("attn_norm", format!("{p}.input_layernorm"))]
-    } else {
-        vec![("attn_norm", format!("{p}.input_layernorm")), ("mlp_norm", format!("{p}.post_attention_layernorm"))]
-    }
+/// Whether a layer of this layout has a norm of its own before the MLP.
+fn has_mlp_norm(l: FalconLayout) -> bool {
+    !l.parallel_attn || (l.new_decoder_architecture && l.num_ln_in_parallel_attn == 2)
 }
 
-pub fn expected_tensors(cfg: &ModelConfig, part: Part) -> Vec<(String, Vec<usize>)> {
+/// Falcon's tensors. GGUF names follow gguf-py's tensor map: ln_mlp (40B/180B) and
+/// input_layernorm (7B) are `attn_norm`, the norm that feeds the MLP in llama.cpp's graph;
+/// ln_attn is `attn_norm_2`; llama.cpp has no sequential layout (post_attention_layernorm).
+pub fn table(cfg: &ModelConfig) -> Table {
     let (c, v, f, qkv) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.qkv_dim());
-    let mut out = vec![];
-    match part {
-        Part::Begin => out.push(("embed.weight".to_string(), vec![v, c])),
-        Part::End => {
-            out.push(("norm.weight".into(), vec![c]));
-            out.push(("norm.bias".into(), vec![c]));
-            out.push(("lm_head.weight".into(), vec![v, c]));
-        }
-        Part::Layer(i) => {
-            for (short, _) in norm_names(cfg, i) {
-                out.push((format!("{short}.weight"), vec![c]));
-                out.push((format!("{short}.bias"), vec![c]));
-            }
-            let bias = layout(cfg).bias;
-            for (name, rows, cols) in [("attn.qkv", qkv, c), ("attn.out", c, c), ("mlp.up", f, c), ("mlp.down", c, f)] {
-                out.push((format!("{name}.weight"), vec![rows, cols]));
-                if bias {
-                    out.push((format!("{name}.bias"), vec![rows]));
-                }
-            }
-        }
+    let l = layout(cfg);
+    let src = Src::new;
+    let mut t = Table::default();
+    let embed = src("transformer.word_embeddings", Some("token_embd"), &[v, c]);
+    t.begin(EMBED, &[v, c], false, Origin::One(embed.clone()));
+    t.end(NORM, &[c], true, Origin::One(src("transformer.ln_f", Some("output_norm"), &[c])));
+    t.end(LM_HEAD, &[v, c], false, Origin::One(if cfg.tied_embeddings { embed } else { src("lm_head", Some("output"), &[v, c]) }));
+    let norms = match (has_mlp_norm(l), l.parallel_attn) {
+        (true, true) => vec![(ATTN_NORM, "transformer.h.{i}.ln_attn", Some("blk.{i}.attn_norm_2")), (MLP_NORM, "transformer.h.{i}.ln_mlp", Some("blk.{i}.attn_norm"))],
+        (false, _) => vec![(ATTN_NORM, "transformer.h.{i}.input_layernorm", Some("blk.{i}.attn_norm"))],
+        (true, false) => vec![(ATTN_NORM, "transformer.h.{i}.input_layernorm", Some("blk.{i}.attn_norm")), (MLP_NORM, "transformer.h.{i}.post_attention_layernorm", None)],
+    };
+    for (short, hf, gguf) in norms {
+        t.layer(short, &[c], true, Origin::One(src(hf, gguf, &[c])));
     }
-    out
+    let fused = src("transformer.h.{i}.self_attention.query_key_value", Some("blk.{i}.attn_qkv"), &[qkv, c]).gguf_rows(GgufRows::FalconQkv);
+    t.layer(QKV, &[qkv, c], l.bias, Origin::Reordered(fused, qkv_row_order));
+    t.layer(OUT, &[c, c], l.bias, Origin::One(src("transformer.h.{i}.self_attention.dense", Some("blk.{i}.attn_output"), &[c, c])));
+    t.layer(UP, &[f, c], l.bias, Origin::One(src("transformer.h.{i}.mlp.dense_h_to_4h", Some("blk.{i}.ffn_up"), &[f, c])));
+    t.layer(DOWN, &[c, f], l.bias, Origin::One(src("transformer.h.{i}.mlp.dense_4h_to_h", Some("blk.{i}.ffn_down"), &[c, f])));
+    t
 }
 
-pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Result<Vec<(String, HostTensor)>> {
-    let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-    let embed = "transformer.word_embeddings.weight";
-    let mut out = vec![];
-    match part {
-        Part::Begin => out.push(("embed.weight".into(), get_checked(src, embed, &[v, c])?)),
-        Part::End => {
-            out.push(("norm.weight".into(), get_checked(src, "transformer.ln_f.weight", &[c])?));
-            out.push(("norm.bias".into(), get_checked(src, "transformer.ln_f.bias", &[c])?));
-            let head = if cfg.tied_embeddings { embed } else { "lm_head.weight" };
-            out.push(("lm_head.weight".into(), get_checked(src, head, &[v, c])?));
-        }
-        Part::Layer(i) => {
-            let p = format!("transformer.h.{i}");
-            for (short, hf) in norm_names(cfg, i) {
-                out.push((format!("{short}.weight"), get_checked(src, &format!("{hf}.weight"), &[c])?));
-                out.push((format!("{short}.bias"), get_checked(src, &format!("{hf}.bias"), &[c])?));
-            }
-            let order = qkv_row_order(cfg);
-            let bias = layout(cfg).bias;
-            let qkv = format!("{p}.self_attention.query_key_value");
-            out.push(("attn.qkv.weight".into(), get_checked(src, &format!("{qkv}.weight"), &[cfg.qkv_dim(), c])?.select_rows(&order)));
-            if bias {
-                out.push(("attn.qkv.bias".into(), get_checked(src, &format!("{qkv}.bias"), &[cfg.qkv_dim()])?.select_rows(&order)));
-            }
-            for (short, hf, shape) in [
-                ("attn.out", format!("{p}.self_attention.dense"), [c, c]),
-                ("mlp.up", format!("{p}.mlp.dense_h_to_4h"), [f, c]),
-                ("mlp.down", format!("{p}.mlp.dense_4h_to_h"), [c, f]),
-            ] {
-                out.push((format!("{short}.weight"), get_checked(src, &format!("{hf}.weight"), &shape)?));
-                if bias {
-                    out.push((format!("{short}.bias"), get_checked(src, &format!("{hf}.bias"), &shape[..1])?));
-                }
-            }
-        }
+/// A layer's weights, found once when the part is loaded.
+pub struct Layer {
+    attn_norm: Norm,
+    /// Layouts with a norm of their own before the MLP.
+    mlp_norm: Option<Norm>,
+    attn: Attn,
+    up: WeightBias,
+    down: WeightBias,
+}
+
+impl Layer {
+    pub(crate) fn resolve(cfg: &ModelConfig, r: &Resolver) -> Result<Layer> {
+        Ok(Layer {
+            attn_norm: r.norm(ATTN_NORM)?,
+            mlp_norm: if has_mlp_norm(layout(cfg)) { Some(r.norm(MLP_NORM)?) } else { None },
+            attn: Attn::resolve(r)?,
+            up: r.linear(UP)?,
+            down: r.linear(DOWN)?,
+        })
     }
-    Ok(out)
 }
 
 /// x (T, C) -> (T, C)
@@ -209,28 +185,32 @@ pub fn layer_forward<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
     w: &PartWeights<B>,
+    l: &Layer,
     x: B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
 ) -> Result<B::Act> {
     let eps = cfg.norm_eps as f32;
-    let l = layout(cfg);
-    let attn_in = b.layer_norm(&x, w.get("attn_norm.weight")?, w.get("attn_norm.bias")?, eps)?; // (T, C)
+    let parallel = layout(cfg).parallel_attn;
+    let norm = |x: &B::Act, n: Norm| b.layer_norm(x, w.at(n.weight), w.at(n.bias), eps);
+    let attn_in = norm(&x, l.attn_norm)?; // (T, C)
     // Parallel attention: the MLP reads the layer's input as well, so a norm of its own is taken
     // before the attention is summed into x.
-    let parallel_mlp_in = match (l.parallel_attn, w.opt("mlp_norm.weight")) {
-        (true, Some(norm)) => Some(b.layer_norm(&x, norm, w.get("mlp_norm.bias")?, eps)?),
+    let parallel_mlp_in = match (parallel, l.mlp_norm) {
+        (true, Some(n)) => Some(norm(&x, n)?),
         _ => None,
     };
-    let x = attention_block(b, cfg, w, &attn_in, ctx, cache, x)?; // x + attention (T, C)
-    let mlp_in = match parallel_mlp_in {
-        Some(m) => m,
-        None if l.parallel_attn => attn_in,
-        None => b.layer_norm(&x, w.get("mlp_norm.weight")?, w.get("mlp_norm.bias")?, eps)?,
+    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, cache, x)?; // x + attention (T, C)
+    let mlp_in = match (parallel_mlp_in, l.mlp_norm) {
+        (Some(m), _) => m,
+        (None, None) => attn_in,
+        (None, Some(n)) => norm(&x, n)?,
     };
-    let mut up = b.linear(&mlp_in, w.get("mlp.up.weight")?, w.opt("mlp.up.bias"))?; // (T, F)
+    let (up, up_bias) = w.linear(l.up);
+    let mut up = b.linear(&mlp_in, up, up_bias)?; // (T, F)
     b.gelu(&mut up)?;
-    Ok(b.linear_residual(&up, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"), x)?) // (T, C)
+    let (down, down_bias) = w.linear(l.down);
+    Ok(b.linear_residual(&up, down, down_bias, x)?) // (T, C)
 }
 
 #[cfg(test)]

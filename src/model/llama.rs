@@ -1,12 +1,13 @@
-//! Llama family (Llama-2, Mistral, Yi, SmolLM): HF config, tensor-name table, decoder block.
+//! Llama family (Llama-2, Mistral, Yi, SmolLM): HF config, tensor table, decoder block.
 //!
 //! Shapes: T rows, C hidden, H query heads, KV key/value heads, D head dim, F intermediate.
 //!     h = x + attn(rms(x));  out = h + down(silu(gate(rms(h))) * up(rms(h)))
 
-use super::{attention_block, get_checked, HfJson, LayerCache, ModelError, Part, Result, RowCtx, TensorSource, PartWeights};
+use super::table::{Origin, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
+use super::weights::{Attn, Ix, PartWeights, Resolver, WeightBias};
+use super::{attention_block, HfJson, LayerCache, ModelError, Result, RowCtx};
 use crate::backend::Backend;
 use crate::config::{Family, ModelConfig};
-use crate::tensor::HostTensor;
 
 pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfig> {
     let j = HfJson { json, file };
@@ -58,78 +59,58 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
     })
 }
 
-pub fn expected_tensors(cfg: &ModelConfig, part: Part) -> Vec<(String, Vec<usize>)> {
+/// The one stem only this family's block has (the shared ones are in table.rs).
+const GATE: &str = "mlp.gate";
+
+/// Llama's tensors (Qwen2's too: its config sets the biases). GGUF names are llama.cpp's.
+pub fn table(cfg: &ModelConfig) -> Table {
     let (c, v, f, qkv) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.qkv_dim());
-    let hd = cfg.n_heads * cfg.head_dim;
-    let mut out: Vec<(String, Vec<usize>)> = vec![];
-    match part {
-        Part::Begin => out.push(("embed.weight".into(), vec![v, c])),
-        Part::End => {
-            out.push(("norm.weight".into(), vec![c]));
-            out.push(("lm_head.weight".into(), vec![v, c]));
-        }
-        Part::Layer(_) => {
-            out.push(("attn_norm.weight".into(), vec![c]));
-            out.push(("mlp_norm.weight".into(), vec![c]));
-            out.push(("attn.qkv.weight".into(), vec![qkv, c]));
-            if cfg.attention_bias {
-                out.push(("attn.qkv.bias".into(), vec![qkv]));
-            }
-            out.push(("attn.out.weight".into(), vec![c, hd]));
-            if cfg.attn_out_bias() {
-                out.push(("attn.out.bias".into(), vec![c]));
-            }
-            for (name, rows, cols) in [("mlp.gate", f, c), ("mlp.up", f, c), ("mlp.down", c, f)] {
-                out.push((format!("{name}.weight"), vec![rows, cols]));
-                if cfg.mlp_bias {
-                    out.push((format!("{name}.bias"), vec![rows]));
-                }
-            }
-        }
-    }
-    out
+    let (hd, kvd) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+    // llama.cpp permutes q/k rows for its rotary layout in llama files; qwen2 files keep HF's.
+    let pairs = |heads| if cfg.family == Family::Llama { GgufRows::RopePairs(heads) } else { GgufRows::AsStored };
+    let src = Src::new;
+    let mut t = Table::default();
+    let embed = src("model.embed_tokens", Some("token_embd"), &[v, c]);
+    t.begin(EMBED, &[v, c], false, Origin::One(embed.clone()));
+    t.end(NORM, &[c], false, Origin::One(src("model.norm", Some("output_norm"), &[c])));
+    let head = if cfg.tied_embeddings { Origin::One(embed.clone()) } else { Origin::FirstOf(vec![src("lm_head", Some("output"), &[v, c]), embed]) };
+    t.end(LM_HEAD, &[v, c], false, head);
+    t.layer(ATTN_NORM, &[c], false, Origin::One(src("model.layers.{i}.input_layernorm", Some("blk.{i}.attn_norm"), &[c])));
+    t.layer(MLP_NORM, &[c], false, Origin::One(src("model.layers.{i}.post_attention_layernorm", Some("blk.{i}.ffn_norm"), &[c])));
+    let qkv_from = Origin::Stack(vec![
+        src("model.layers.{i}.self_attn.q_proj", Some("blk.{i}.attn_q"), &[hd, c]).gguf_rows(pairs(cfg.n_heads)),
+        src("model.layers.{i}.self_attn.k_proj", Some("blk.{i}.attn_k"), &[kvd, c]).gguf_rows(pairs(cfg.n_kv_heads)),
+        src("model.layers.{i}.self_attn.v_proj", Some("blk.{i}.attn_v"), &[kvd, c]),
+    ]);
+    t.layer(QKV, &[qkv, c], cfg.attention_bias, qkv_from);
+    t.layer(OUT, &[c, hd], cfg.attn_out_bias(), Origin::One(src("model.layers.{i}.self_attn.o_proj", Some("blk.{i}.attn_output"), &[c, hd])));
+    t.layer(GATE, &[f, c], cfg.mlp_bias, Origin::One(src("model.layers.{i}.mlp.gate_proj", Some("blk.{i}.ffn_gate"), &[f, c])));
+    t.layer(UP, &[f, c], cfg.mlp_bias, Origin::One(src("model.layers.{i}.mlp.up_proj", Some("blk.{i}.ffn_up"), &[f, c])));
+    t.layer(DOWN, &[c, f], cfg.mlp_bias, Origin::One(src("model.layers.{i}.mlp.down_proj", Some("blk.{i}.ffn_down"), &[c, f])));
+    t
 }
 
-pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Result<Vec<(String, HostTensor)>> {
-    let (c, v, f, d) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.head_dim);
-    let (hd, kvd) = (cfg.n_heads * d, cfg.n_kv_heads * d);
-    let embed = "model.embed_tokens.weight";
-    let mut out = vec![];
-    match part {
-        Part::Begin => out.push(("embed.weight".into(), get_checked(src, embed, &[v, c])?)),
-        Part::End => {
-            out.push(("norm.weight".into(), get_checked(src, "model.norm.weight", &[c])?));
-            let head = if cfg.tied_embeddings || !src.contains("lm_head.weight") { embed } else { "lm_head.weight" };
-            out.push(("lm_head.weight".into(), get_checked(src, head, &[v, c])?));
-        }
-        Part::Layer(i) => {
-            let p = format!("model.layers.{i}");
-            out.push(("attn_norm.weight".into(), get_checked(src, &format!("{p}.input_layernorm.weight"), &[c])?));
-            out.push(("mlp_norm.weight".into(), get_checked(src, &format!("{p}.post_attention_layernorm.weight"), &[c])?));
-            let proj = |n: &str, suffix: &str, shape: &[usize]| get_checked(src, &format!("{p}.self_attn.{n}_proj.{suffix}"), shape);
-            out.push((
-                "attn.qkv.weight".into(),
-                HostTensor::concat_rows(&[proj("q", "weight", &[hd, c])?, proj("k", "weight", &[kvd, c])?, proj("v", "weight", &[kvd, c])?]),
-            ));
-            if cfg.attention_bias {
-                out.push((
-                    "attn.qkv.bias".into(),
-                    HostTensor::concat_rows(&[proj("q", "bias", &[hd])?, proj("k", "bias", &[kvd])?, proj("v", "bias", &[kvd])?]),
-                ));
-            }
-            out.push(("attn.out.weight".into(), proj("o", "weight", &[c, hd])?));
-            if cfg.attn_out_bias() {
-                out.push(("attn.out.bias".into(), proj("o", "bias", &[c])?));
-            }
-            for (short, hf, shape) in [("mlp.gate", "gate_proj", [f, c]), ("mlp.up", "up_proj", [f, c]), ("mlp.down", "down_proj", [c, f])] {
-                out.push((format!("{short}.weight"), get_checked(src, &format!("{p}.mlp.{hf}.weight"), &shape)?));
-                if cfg.mlp_bias {
-                    out.push((format!("{short}.bias"), get_checked(src, &format!("{p}.mlp.{hf}.bias"), &shape[..1])?));
-                }
-            }
-        }
+/// A layer's weights, found once when the part is loaded.
+pub struct Layer {
+    attn_norm: Ix,
+    mlp_norm: Ix,
+    attn: Attn,
+    gate: WeightBias,
+    up: WeightBias,
+    down: WeightBias,
+}
+
+impl Layer {
+    pub(crate) fn resolve(r: &Resolver) -> Result<Layer> {
+        Ok(Layer {
+            attn_norm: r.weight(ATTN_NORM)?,
+            mlp_norm: r.weight(MLP_NORM)?,
+            attn: Attn::resolve(r)?,
+            gate: r.linear(GATE)?,
+            up: r.linear(UP)?,
+            down: r.linear(DOWN)?,
+        })
     }
-    Ok(out)
 }
 
 /// x (T, C) -> (T, C)
@@ -137,15 +118,17 @@ pub fn layer_forward<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
     w: &PartWeights<B>,
+    l: &Layer,
     x: B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
 ) -> Result<B::Act> {
     let eps = cfg.norm_eps as f32;
-    let attn_in = b.rms_norm(&x, w.get("attn_norm.weight")?, eps)?; // (T, C)
-    let x = attention_block(b, cfg, w, &attn_in, ctx, cache, x)?; // x + attention (T, C)
-    let mlp_in = b.rms_norm(&x, w.get("mlp_norm.weight")?, eps)?; // (T, C)
-    let (gate, up) = (w.get("mlp.gate.weight")?, w.get("mlp.up.weight")?);
-    let act = b.linear_silu_mul(&mlp_in, gate, w.opt("mlp.gate.bias"), up, w.opt("mlp.up.bias"))?; // (T, F)
-    Ok(b.linear_residual(&act, w.get("mlp.down.weight")?, w.opt("mlp.down.bias"), x)?) // (T, C)
+    let attn_in = b.rms_norm(&x, w.at(l.attn_norm), eps)?; // (T, C)
+    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, cache, x)?; // x + attention (T, C)
+    let mlp_in = b.rms_norm(&x, w.at(l.mlp_norm), eps)?; // (T, C)
+    let ((gate, gate_bias), (up, up_bias)) = (w.linear(l.gate), w.linear(l.up));
+    let act = b.linear_silu_mul(&mlp_in, gate, gate_bias, up, up_bias)?; // (T, F)
+    let (down, down_bias) = w.linear(l.down);
+    Ok(b.linear_residual(&act, down, down_bias, x)?) // (T, C)
 }

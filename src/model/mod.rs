@@ -1,18 +1,25 @@
-//! Model families: each file owns its HF config parsing, its tensor-name table and its block.
+//! Model families: each file owns its HF config parsing, its tensor table and its block.
 //!
 //! A model is begin (embeddings) -> layers -> end (final norm + LM head), each stored in its
-//! own part file under the family's short tensor names.
+//! own part file under the family's short tensor names. Files: table.rs (walking a family's
+//! tensor table: conversion, expected tensors, GGUF names), weights.rs (a loaded part's typed
+//! weights), one file per family.
 
 pub mod falcon;
 pub mod llama;
 pub mod qwen2;
+pub mod table;
+pub mod weights;
+
+pub use table::{convert_part, expected_tensors};
+pub use weights::PartWeights;
 
 use crate::backend::{AttnShape, Backend, BackendError};
-use crate::config::{Family, ModelConfig, RopeScaling};
+use crate::config::{ModelConfig, RopeScaling};
 use crate::token_tree::AttnSpan;
 use crate::tensor::HostTensor;
-use std::collections::HashMap;
 use thiserror::Error;
+use weights::{AttnRef, View};
 
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -92,67 +99,6 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
     Ok(cfg)
 }
 
-/// The tensors of one part under the family's short names, read from an HF-named source.
-pub fn convert_part(cfg: &ModelConfig, part: Part, src: &dyn TensorSource) -> Result<Vec<(String, HostTensor)>> {
-    match cfg.family {
-        Family::Falcon => falcon::convert_part(cfg, part, src),
-        Family::Llama => llama::convert_part(cfg, part, src),
-        Family::Qwen2 => qwen2::convert_part(cfg, part, src),
-    }
-}
-
-/// The expected short names and shapes of one part, for checking a model directory.
-pub fn expected_tensors(cfg: &ModelConfig, part: Part) -> Vec<(String, Vec<usize>)> {
-    match cfg.family {
-        Family::Falcon => falcon::expected_tensors(cfg, part),
-        Family::Llama => llama::expected_tensors(cfg, part),
-        Family::Qwen2 => qwen2::expected_tensors(cfg, part),
-    }
-}
-
-/// Read an HF tensor and check its shape.
-pub(crate) fn get_checked(src: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<HostTensor> {
-    let t = src.get(name)?;
-    if t.shape != shape {
-        return Err(ModelError::BadShape { name: name.into(), expected: shape.to_vec(), found: t.shape });
-    }
-    Ok(t)
-}
-
-/// A part's weights on a backend, by short name.
-pub struct PartWeights<B: Backend> {
-    pub part: Part,
-    map: HashMap<String, B::Weight>,
-}
-
-impl<B: Backend> PartWeights<B> {
-    /// Weights already on the backend (streamed uploads, synthetic benchmark layers).
-    pub fn from_map(part: Part, map: HashMap<String, B::Weight>) -> PartWeights<B> {
-        PartWeights { part, map }
-    }
-
-    pub fn upload(backend: &B, part: Part, tensors: &[(String, HostTensor)]) -> Result<PartWeights<B>> {
-        let mut map = HashMap::new();
-        for (name, t) in tensors {
-            map.insert(name.clone(), backend.upload_weight(t)?);
-        }
-        Ok(PartWeights { part, map })
-    }
-
-    /// The weights by name, handing them back (a streamed group's release).
-    pub fn into_map(self) -> HashMap<String, B::Weight> {
-        self.map
-    }
-
-    pub fn get(&self, name: &str) -> Result<&B::Weight> {
-        self.map.get(name).ok_or_else(|| ModelError::MissingTensor { part: self.part.name(), name: name.into() })
-    }
-
-    pub fn opt(&self, name: &str) -> Option<&B::Weight> {
-        self.map.get(name)
-    }
-}
-
 /// Keys and values of earlier tokens for one layer (generation).
 pub struct LayerCache<B: Backend> {
     /// (S, KV·D)
@@ -184,14 +130,15 @@ pub struct RowCtx<'a> {
 pub(crate) fn attention_block<B: Backend>(
     b: &B,
     cfg: &ModelConfig,
-    w: &PartWeights<B>,
+    w: AttnRef<'_, B::Weight>,
     x: &B::Act,
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
     residual: B::Act,
 ) -> Result<B::Act> {
     let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-    let mut qkv = b.linear(x, w.get("attn.qkv.weight")?, w.opt("attn.qkv.bias"))?; // (T, (H + 2KV) D)
+    let ((qkv_w, qkv_b), (out_w, out_b)) = (w.qkv, w.out);
+    let mut qkv = b.linear(x, qkv_w, qkv_b)?; // (T, (H + 2KV) D)
     // (D/2); recomputed per call because it is D/2 powf, nothing next to the projections.
     let inv_freq = cfg.rope_inv_freq();
     b.rope(&mut qkv, 0, h + kv, d, ctx.positions, &inv_freq)?; // q and k are adjacent columns
@@ -201,7 +148,7 @@ pub(crate) fn attention_block<B: Backend>(
     let Some(cache) = cache else {
         let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
         let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
-        return Ok(b.linear_residual(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"), residual)?);
+        return Ok(b.linear_residual(&att, out_w, out_b, residual)?);
     };
     let (att, mut k, mut v) = match (cache.k.take(), cache.v.take()) {
         (Some(mut ck), Some(mut cv)) => {
@@ -225,7 +172,7 @@ pub(crate) fn attention_block<B: Backend>(
     }
     cache.k = Some(k);
     cache.v = Some(v);
-    Ok(b.linear_residual(&att, w.get("attn.out.weight")?, w.opt("attn.out.bias"), residual)?)
+    Ok(b.linear_residual(&att, out_w, out_b, residual)?)
 }
 
 /// Whether `order` lists rows 0..n in order: a gather by it would copy the matrix unchanged.
@@ -235,7 +182,7 @@ fn is_identity(order: &[u32], n: usize) -> bool {
 
 /// begin: ids (T,) -> hidden (T, C)
 pub fn begin_forward<B: Backend>(b: &B, w: &PartWeights<B>, ids: &[u32]) -> Result<B::Act> {
-    Ok(b.embed(w.get("embed.weight")?, ids)?)
+    Ok(b.embed(w.at(w.embed()?), ids)?)
 }
 
 /// One decoder layer: hidden (T, C) -> hidden (T, C).
@@ -247,21 +194,24 @@ pub fn layer_forward<B: Backend>(
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
 ) -> Result<B::Act> {
-    match cfg.family {
-        Family::Falcon => falcon::layer_forward(b, cfg, w, x, ctx, cache),
-        Family::Llama => llama::layer_forward(b, cfg, w, x, ctx, cache),
-        Family::Qwen2 => qwen2::layer_forward(b, cfg, w, x, ctx, cache),
+    match w.view() {
+        View::Falcon(l) => falcon::layer_forward(b, cfg, w, l, x, ctx, cache),
+        View::Llama(l) => llama::layer_forward(b, cfg, w, l, x, ctx, cache),
+        _ => Err(w.wrong_part("a decoder layer")),
     }
 }
 
 /// end: hidden (T, C) at `rows` -> logits (R, V).
 pub fn end_logits<B: Backend>(b: &B, cfg: &ModelConfig, w: &PartWeights<B>, x: &B::Act, rows: &[u32]) -> Result<B::Act> {
+    let end = w.end()?;
     let picked = b.rows(x, rows)?; // (R, C)
-    let normed = match cfg.family {
-        Family::Falcon => b.layer_norm(&picked, w.get("norm.weight")?, w.get("norm.bias")?, cfg.norm_eps as f32)?,
-        Family::Llama | Family::Qwen2 => b.rms_norm(&picked, w.get("norm.weight")?, cfg.norm_eps as f32)?,
+    let eps = cfg.norm_eps as f32;
+    // Falcon's final norm is a layer norm (it has a shift), the others' RMS norms.
+    let normed = match w.linear(end.norm) {
+        (scale, Some(shift)) => b.layer_norm(&picked, scale, shift, eps)?,
+        (scale, None) => b.rms_norm(&picked, scale, eps)?,
     };
-    Ok(b.linear(&normed, w.get("lm_head.weight")?, None)?) // (R, V)
+    Ok(b.linear(&normed, w.at(end.head), None)?) // (R, V)
 }
 
 /// Small helpers for reading HF config.json fields with the file and field in errors.

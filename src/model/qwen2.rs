@@ -2,7 +2,7 @@
 //!
 //! The block is Llama's (src/model/llama.rs) with biases on the q, k and v projections and
 //! none on the output projection; the config records that (`attention_bias`), so the tensor
-//! table, the converter and the layer are Llama's own:
+//! table (whose GGUF q/k rows it leaves as stored) and the layer are Llama's own:
 //!     h = x + attn(rms(x));  out = h + down(silu(gate(rms(h))) * up(rms(h)))
 //! What is Qwen2's own is the config: rope_theta 1e6 in the checkpoints (HF's default is
 //! 10000), tied heads in the small sizes, and a sliding window that is off unless
@@ -11,7 +11,7 @@
 use super::{HfJson, ModelError, Result};
 use crate::config::{Family, ModelConfig};
 
-pub use super::llama::{convert_part, expected_tensors, layer_forward};
+pub use super::llama::{layer_forward, table};
 
 pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfig> {
     let j = HfJson { json, file };

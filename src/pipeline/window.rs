@@ -19,6 +19,7 @@
 //! ```
 
 use crate::backend::Backend;
+use crate::config::ModelConfig;
 use crate::model::{ModelError, Part};
 use crate::schedule::Schedule;
 use crate::group::{DeviceGroup, GroupTensorNames, HostGroup};
@@ -43,11 +44,14 @@ pub type GroupCopy = (usize, Instant, Instant);
 /// A group in a slot: its copy in flight, or arrived and computing.
 enum Held<B: Backend> {
     Loading(B::Transfer),
-    Ready(B::Transfer, DeviceGroup<B>),
+    /// Boxed: a group's typed weights make it far larger than a transfer in flight.
+    Ready(B::Transfer, Box<DeviceGroup<B>>),
 }
 
 pub struct WeightWindow<B: Backend> {
     backend: Arc<B>,
+    /// The model's config, to type each arriving group's weights.
+    cfg: ModelConfig,
     /// Per group, its tensors' names in pinned order.
     names: Vec<GroupTensorNames>,
     /// The rank's groups, pinned once. When every group stays resident, each is handed to its
@@ -64,7 +68,7 @@ pub struct WeightWindow<B: Backend> {
 
 impl<B: Backend> WeightWindow<B> {
     /// Pins every group (the host copies are converted once here and then dropped).
-    pub fn new(backend: Arc<B>, host: Vec<HostGroup>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
+    pub fn new(backend: Arc<B>, cfg: &ModelConfig, host: Vec<HostGroup>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
         let mut names = vec![];
         let mut pinned = vec![];
         for group in host {
@@ -72,16 +76,22 @@ impl<B: Backend> WeightWindow<B> {
             pinned.push(Arc::new(backend.pin(&tensors)?));
             names.push(group_names);
         }
-        WeightWindow::from_pinned(backend, names, pinned, resident)
+        WeightWindow::from_pinned(backend, cfg, names, pinned, resident)
     }
 
     /// A window over groups already pinned; one pinned group may serve several groups of
     /// the same shapes (the synthetic benchmark streams many layers from two host copies).
-    pub fn from_pinned(backend: Arc<B>, names: Vec<GroupTensorNames>, pinned: Vec<Arc<B::Pinned>>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
+    pub fn from_pinned(
+        backend: Arc<B>,
+        cfg: &ModelConfig,
+        names: Vec<GroupTensorNames>,
+        pinned: Vec<Arc<B::Pinned>>,
+        resident: usize,
+    ) -> Result<WeightWindow<B>, ModelError> {
         if names.len() != pinned.len() {
             return Err(ModelError::Unsupported(format!("weight window: {} groups named for {} pinned groups", names.len(), pinned.len())));
         }
-        Ok(WeightWindow { backend, names, pinned: pinned.into_iter().map(Some).collect(), resident: resident.max(1), held: vec![], free: vec![], copies: vec![] })
+        Ok(WeightWindow { backend, cfg: cfg.clone(), names, pinned: pinned.into_iter().map(Some).collect(), resident: resident.max(1), held: vec![], free: vec![], copies: vec![] })
     }
 
     fn slots(&self) -> usize {
@@ -153,8 +163,8 @@ impl<B: Backend> WeightWindow<B> {
                 return Err(ModelError::Unsupported(format!("group {g} changed state in the weight window")));
             };
             let weights = self.backend.wait(&mut t)?;
-            let group = DeviceGroup::from_weights(&self.names[g], weights)?;
-            self.held.push((g, Held::Ready(t, group)));
+            let group = DeviceGroup::from_weights(&self.cfg, &self.names[g], weights)?;
+            self.held.push((g, Held::Ready(t, Box::new(group))));
         }
         let waited = started.elapsed();
         match self.held.iter().find(|(i, _)| *i == idx) {
@@ -199,7 +209,7 @@ mod tests {
         let cfg = cfg(3);
         for resident in [1, 2, 3] {
             let host: Vec<HostGroup> = (0..3).map(|l| random_group(&cfg, l..l + 1, 1)).collect();
-            let mut w = WeightWindow::new(Arc::new(CpuBackend::new()), host, resident).expect("window");
+            let mut w = WeightWindow::new(Arc::new(CpuBackend::new()), &cfg, host, resident).expect("window");
             let mut copies = 0;
             for idx in [0, 1, 2, 0, 1, 2] {
                 let before: Vec<usize> = w.held.iter().map(|(i, _)| *i).collect();
@@ -224,13 +234,13 @@ mod tests {
         let cfg = cfg(5);
         let b = Arc::new(CpuBackend::new());
         let ranges = [0..1, 1..3, 3..4, 4..5];
-        let groups: Vec<DeviceGroup<CpuBackend>> = ranges.iter().map(|r| DeviceGroup::upload(&*b, &random_group(&cfg, r.clone(), 9)).expect("upload")).collect();
+        let groups: Vec<DeviceGroup<CpuBackend>> = ranges.iter().map(|r| DeviceGroup::upload(&*b, &cfg, &random_group(&cfg, r.clone(), 9)).expect("upload")).collect();
         let doc = |i: usize| TokenizedDoc { index: i, id: format!("d{i}"), prompt: (1..17).collect(), choices: vec![vec![3, 4, 5], vec![6, 7]] };
         let batch = MicroBatch::build(&[doc(0), doc(1)]);
         let want = score_through(&groups, &*b, &cfg, &batch).expect("resident");
         for resident in [1, 2, 3, 4] {
             let host: Vec<HostGroup> = ranges.iter().map(|r| random_group(&cfg, r.clone(), 9)).collect();
-            let mut w = WeightWindow::new(b.clone(), host, resident).expect("window");
+            let mut w = WeightWindow::new(b.clone(), &cfg, host, resident).expect("window");
             for wave in 0..3 {
                 let ctx = crate::model::RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
                 let (first, _) = w.acquire(0).expect("acquire");

@@ -87,7 +87,7 @@ impl<B: Backend + 'static> Worker<B> {
         if expected != got {
             return Err(PipelineError::Mpi(format!("rank {rank} was given layer groups {got:?}, the schedule gives it {expected:?}")));
         }
-        let window = WeightWindow::new(backend.clone(), host, schedule.resident)?;
+        let window = WeightWindow::new(backend.clone(), &cfg, host, schedule.resident)?;
         let progress = if cluster.size > 1 { ProgressThread::start(cluster.data, progress_every())? } else { None };
         cluster.data.barrier(&cluster.waits)?;
         let t0 = Instant::now();

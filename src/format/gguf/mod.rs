@@ -2,11 +2,12 @@
 //! the config from its metadata, and a tokenizer.json rebuilt from its vocabulary.
 //!
 //! Files: parse.rs (container), dequant.rs (ggml types), meta.rs (config and vocabulary from
-//! metadata), names.rs (HF names, llama's Q/K permutation, Falcon's fused QKV order).
+//! metadata), rows.rs (llama's Q/K permutation and Falcon's fused QKV order, undone). Which HF
+//! tensor is which GGUF tensor is written in each family's table (src/model/table.rs).
 
 pub mod dequant;
 mod meta;
-pub mod names;
+pub mod rows;
 pub mod parse;
 
 pub use dequant::GgmlType;
@@ -14,6 +15,7 @@ pub use parse::{GgufHeader, TensorInfo, Value};
 
 use crate::config::ModelConfig;
 use crate::format::{Checkpoint, FormatError, Result};
+use crate::model::table::{self, GgufRows, GgufSource};
 use crate::model::{self, ModelError, TensorSource};
 use crate::tensor::{DType, HostTensor};
 use crate::tokenizer::gguf::GgufVocab;
@@ -99,17 +101,22 @@ impl GgufCheckpoint {
     }
 
     fn hf_tensor(&self, hf_name: &str) -> Result<HostTensor> {
-        let gname = names::gguf_name(hf_name, &self.config).ok_or_else(|| self.malformed(format!("no GGUF tensor corresponds to `{hf_name}`")))?;
+        let gname = gguf_source(&self.config, hf_name).ok_or_else(|| self.malformed(format!("no GGUF tensor corresponds to `{hf_name}`")))?;
         let t = self.tensor_f32(&gname.name)?;
         let shape = t.shape.clone();
-        names::to_hf_rows(t, gname.rows, &self.config).ok_or_else(|| {
+        rows::to_hf_rows(t, gname.rows, &self.config).ok_or_else(|| {
             let want = match gname.rows {
-                names::Rows::RopePairs(heads) => format!("{heads} heads of even size"),
+                GgufRows::RopePairs(heads) => format!("{heads} heads of even size"),
                 _ => format!("{} rows of q, k and v", self.config.qkv_dim()),
             };
             self.malformed(format!("tensor {}: shape {shape:?} does not split into {want}", gname.name))
         })
     }
+}
+
+/// Where `cfg`'s family table puts the HF tensor `hf` in a GGUF.
+fn gguf_source(cfg: &ModelConfig, hf: &str) -> Option<GgufSource> {
+    table::table(cfg).gguf_source(hf)
 }
 
 /// llama.cpp's rope frequency divisors (D/2), written for Llama-3.x rope scaling.
@@ -135,7 +142,7 @@ impl TensorSource for GgufCheckpoint {
     }
 
     fn contains(&self, hf_name: &str) -> bool {
-        names::gguf_name(hf_name, &self.config).is_some_and(|g| self.tensor_info(&g.name).is_some())
+        gguf_source(&self.config, hf_name).is_some_and(|g| self.tensor_info(&g.name).is_some())
     }
 }
 

@@ -1,5 +1,5 @@
-//! HF tensor names <-> llama.cpp's GGUF names, and the row rearrangements llama.cpp's
-//! converter applies, undone.
+//! The row rearrangements llama.cpp's converter applies, undone (which tensor has which is
+//! written in each family's table, src/model/<family>.rs, beside its GGUF name).
 //!
 //! llama: convert_hf_to_gguf.py reorders the rows of q_proj and k_proj within each head from
 //! HF's rotate-half rotary layout (first half of the head, then second) to GGML's interleaved
@@ -10,95 +10,12 @@
 //! falcon: HF fuses q, k and v per KV group (`[q.. k v]` per group; the old multi-query
 //! layout is the one-group case); llama.cpp's converter rewrites the fused rows as
 //! `[all q; all k; all v]` (its "jploski" data layout). The rows are put back in HF's order
-//! for the layout the config describes, which falcon::convert_part then reads as from HF.
+//! for the layout the config describes, which Falcon's table then reads as from HF.
 
-use crate::config::{Family, ModelConfig};
+use crate::config::ModelConfig;
 use crate::model::falcon;
+use crate::model::table::GgufRows as Rows;
 use crate::tensor::HostTensor;
-
-/// How the rows of a GGUF tensor differ from the HF tensor's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rows {
-    AsStored,
-    /// llama q/k projections: undo the rotary pair permutation with this many heads.
-    RopePairs(usize),
-    /// Falcon's fused qkv: `[Q; K; V]` back to HF's per-group order.
-    FalconQkv,
-}
-
-/// Where an HF tensor lives in a GGUF.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GgufName {
-    pub name: String,
-    pub rows: Rows,
-}
-
-/// The GGUF name of an HF tensor of `cfg`'s family, or None for a name such GGUFs do not hold.
-pub fn gguf_name(hf: &str, cfg: &ModelConfig) -> Option<GgufName> {
-    match cfg.family {
-        Family::Llama | Family::Qwen2 => llama_name(hf, cfg),
-        Family::Falcon => falcon_name(hf),
-    }
-}
-
-fn plain(name: &str) -> Option<GgufName> {
-    Some(GgufName { name: name.into(), rows: Rows::AsStored })
-}
-
-/// (layer, HF stem, "weight" | "bias") of a per-layer HF name under `prefix`.
-fn layer_parts<'a>(hf: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a str)> {
-    let (layer, rest) = hf.strip_prefix(prefix)?.split_once('.')?;
-    let i: usize = layer.parse().ok()?;
-    let (stem, suffix) = rest.rsplit_once('.')?;
-    (suffix == "weight" || suffix == "bias").then_some((i, stem, suffix))
-}
-
-fn llama_name(hf: &str, cfg: &ModelConfig) -> Option<GgufName> {
-    match hf {
-        "model.embed_tokens.weight" => return plain("token_embd.weight"),
-        "model.norm.weight" => return plain("output_norm.weight"),
-        "lm_head.weight" => return plain("output.weight"),
-        _ => {}
-    }
-    let (i, stem, suffix) = layer_parts(hf, "model.layers.")?;
-    let pairs = |heads: usize| if cfg.family == Family::Llama { Rows::RopePairs(heads) } else { Rows::AsStored };
-    let (short, rows) = match stem {
-        "input_layernorm" => ("attn_norm", Rows::AsStored),
-        "post_attention_layernorm" => ("ffn_norm", Rows::AsStored),
-        "self_attn.q_proj" => ("attn_q", pairs(cfg.n_heads)),
-        "self_attn.k_proj" => ("attn_k", pairs(cfg.n_kv_heads)),
-        "self_attn.v_proj" => ("attn_v", Rows::AsStored),
-        "self_attn.o_proj" => ("attn_output", Rows::AsStored),
-        "mlp.gate_proj" => ("ffn_gate", Rows::AsStored),
-        "mlp.up_proj" => ("ffn_up", Rows::AsStored),
-        "mlp.down_proj" => ("ffn_down", Rows::AsStored),
-        _ => return None,
-    };
-    Some(GgufName { name: format!("blk.{i}.{short}.{suffix}"), rows })
-}
-
-/// gguf-py's tensor map for Falcon: ln_mlp (40B/180B) and input_layernorm (7B) are
-/// `attn_norm`, the norm that feeds the MLP in llama.cpp's graph; ln_attn is `attn_norm_2`.
-fn falcon_name(hf: &str) -> Option<GgufName> {
-    match hf {
-        "transformer.word_embeddings.weight" => return plain("token_embd.weight"),
-        "transformer.ln_f.weight" => return plain("output_norm.weight"),
-        "transformer.ln_f.bias" => return plain("output_norm.bias"),
-        "lm_head.weight" => return plain("output.weight"),
-        _ => {}
-    }
-    let (i, stem, suffix) = layer_parts(hf, "transformer.h.")?;
-    let (short, rows) = match stem {
-        "input_layernorm" | "ln_mlp" => ("attn_norm", Rows::AsStored),
-        "ln_attn" => ("attn_norm_2", Rows::AsStored),
-        "self_attention.query_key_value" => ("attn_qkv", Rows::FalconQkv),
-        "self_attention.dense" => ("attn_output", Rows::AsStored),
-        "mlp.dense_h_to_4h" => ("ffn_up", Rows::AsStored),
-        "mlp.dense_4h_to_h" => ("ffn_down", Rows::AsStored),
-        _ => return None,
-    };
-    Some(GgufName { name: format!("blk.{i}.{short}.{suffix}"), rows })
-}
 
 /// `t` (as stored in the GGUF) with its rows in HF's order; None when its rows do not split
 /// as `rows` needs.
