@@ -130,6 +130,15 @@ impl CpuBackend {
 }
 
 /// N of x (T, K) · w (N, K)ᵀ + b (N,), or why the shapes do not fit.
+/// The width F of SwiGLU's gate and up products, which must agree.
+fn gate_up_width(x: &Mat, (gate, gate_b): (&CpuWeight, Option<&CpuWeight>), (up, up_b): (&CpuWeight, Option<&CpuWeight>)) -> Result<usize> {
+    let n = linear_shape(x, gate, gate_b)?;
+    if linear_shape(x, up, up_b)? != n {
+        return Err(shape_err("linear_silu_mul", format!("gate of shape {:?}, up of shape {:?}", gate.shape, up.shape)));
+    }
+    Ok(n)
+}
+
 fn linear_shape(x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<usize> {
     let (n, k) = w.matrix().ok_or_else(|| shape_err("linear", format!("weight of shape {:?}", w.shape)))?;
     if x.cols != k {
@@ -281,10 +290,7 @@ impl Backend for CpuBackend {
         if !gemm::fuses_silu_mul(x.cols) {
             return super::linear_silu_mul_unfused(self, x, gate, gate_b, up, up_b);
         }
-        let n = linear_shape(x, gate, gate_b)?;
-        if linear_shape(x, up, up_b)? != n {
-            return Err(shape_err("linear_silu_mul", format!("gate of shape {:?}, up of shape {:?}", gate.shape, up.shape)));
-        }
+        let n = gate_up_width(x, (gate, gate_b), (up, up_b))?;
         let (gb, ub) = (gate_b.and_then(CpuWeight::values), up_b.and_then(CpuWeight::values));
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, F)
@@ -487,10 +493,7 @@ impl CpuBackend {
     /// `linear_silu_mul` over bf16 pair panels: fused at any depth (gemm_bf16.rs), the output
     /// rounded as the down projection's input.
     fn linear_silu_mul_pairs(&self, x: &Mat, (gate, g, gate_b): PairsOperand, (up, u, up_b): PairsOperand) -> Result<Mat> {
-        let n = linear_shape(x, gate, gate_b)?;
-        if linear_shape(x, up, up_b)? != n {
-            return Err(shape_err("linear_silu_mul", format!("gate of shape {:?}, up of shape {:?}", gate.shape, up.shape)));
-        }
+        let n = gate_up_width(x, (gate, gate_b), (up, up_b))?;
         let (gb, ub) = (gate_b.and_then(CpuWeight::values), up_b.and_then(CpuWeight::values));
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, F)
