@@ -32,7 +32,7 @@ impl ModelDir {
             md.check_size(entry)?;
         }
         let tok = md.tokenizer_path();
-        let len = std::fs::metadata(&tok).map_err(|e| FormatError::io(&tok, e))?.len();
+        let len = std::fs::metadata(&tok).map_err(|e| named_tokenizer_missing(&tok, e))?.len();
         if len != md.manifest.tokenizer_hash.bytes {
             return Err(mismatch(&tok, tokenizer_differs(&format!("{len} bytes, the manifest records {}", md.manifest.tokenizer_hash.bytes))));
         }
@@ -228,6 +228,13 @@ pub enum UpgradeError {
     /// (part, problem) of every part that does not match its recorded sha256.
     #[error("{} parts differ from the manifest's sha256; nothing was written", .0.len())]
     PartsDiffer(Vec<(String, String)>),
+}
+
+/// The tokenizer file the manifest names cannot be read: say that the manifest names it, since
+/// a damaged manifest can name a file that never existed.
+fn named_tokenizer_missing(path: &Path, e: std::io::Error) -> FormatError {
+    let kind = e.kind();
+    FormatError::io(path, std::io::Error::new(kind, format!("{e} (the tokenizer file {MANIFEST_FILE} names)")))
 }
 
 fn tokenizer_differs(diff: &str) -> String {
