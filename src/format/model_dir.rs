@@ -34,7 +34,7 @@ impl ModelDir {
         let tok = md.tokenizer_path();
         let len = std::fs::metadata(&tok).map_err(|e| named_tokenizer_missing(&tok, e))?.len();
         if len != md.manifest.tokenizer_hash.bytes {
-            return Err(mismatch(&tok, tokenizer_differs(&format!("{len} bytes, the manifest records {}", md.manifest.tokenizer_hash.bytes))));
+            return Err(mismatch(&tok, tokenizer_differs(&format!("{len} bytes, {MANIFEST_FILE} records {}", md.manifest.tokenizer_hash.bytes))));
         }
         Ok(md)
     }
