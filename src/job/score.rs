@@ -185,7 +185,7 @@ where
     copts.delimiter = opts.delimiter.clone();
     copts.limits = opts.limits;
     let reader = CorpusReader::open(&opts.docs, &tokenizer, copts).map_err(|e| JobError::Input(e.to_string()))?;
-    let mut progress = Progress::new(&opts.docs, resumed, opts.quiet);
+    let mut progress = Progress::new(plan.to_score, resumed, opts.quiet);
 
     let mut order = InOrder::default();
     let mut batcher = Batcher::new(opts.batch_tokens);
