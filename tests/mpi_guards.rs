@@ -1,7 +1,8 @@
 //! Stopping and flushing under real mpirun (issue 28 §6): SIGINT or SIGTERM to the ranks
 //! ends the job with 75 and a resumable file; SIGTERM or SIGINT to mpirun itself (`kill
 //! <mpirun>`, Ctrl-C in a terminal) ends it with Open MPI's 1, the ranks flushing on the
-//! SIGTERM mpirun sends them (README, "Signals and exit codes"); with the planner's wave,
+//! SIGTERM mpirun sends them, and a second one within 5 s at once, unflushed, the rerun
+//! repairing (README, "Signals and exit codes"); with the planner's wave,
 //! documents reach the file while the job runs, not only at its end.
 
 mod common;
@@ -139,6 +140,36 @@ fn sigterm_to_mpirun_ends_with_1_after_the_ranks_flush() {
 #[test]
 fn ctrl_c_under_mpirun_reaches_mpirun_alone_and_ends_with_1_after_the_ranks_flush() {
     signal_mpirun(libc::SIGINT, &tmp().join("ctrl-c.h5"));
+}
+
+#[test]
+fn a_second_ctrl_c_within_5_s_ends_mpirun_at_once_and_the_rerun_repairs_the_file() {
+    let (_, docs, _) = inputs();
+    let out = tmp().join("twice.h5");
+    let mut job = spawn_limited(&score_with(docs, &out, 1000, &["--mca", "odls_base_sigkill_timeout", "30"]), LIMIT);
+    wait_for_docs(&mut job, &out);
+    let mpirun = mpirun_pid(&job);
+    let ranks = children(mpirun);
+    signal(mpirun, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(500));
+    signal(mpirun, libc::SIGINT);
+    let o = job.wait();
+    // abort_signal_callback exits 1 at once on a second signal within 5 s, long before the
+    // 30 s after which the ranks would have had their SIGTERM: nothing was flushed.
+    assert_eq!(o.code(), Some(1), "{}", o.stderr);
+    assert!(o.took < Duration::from_secs(30), "mpirun exited at once: {:?}", o.took);
+    assert!(!o.stderr.contains("stopped by"), "{}", o.stderr);
+    // The ranks, orphaned in process groups of their own (out of reach of the test's group
+    // kill), lose mpirun and die unflushed; the rerun takes over their lock and repairs the file.
+    // (Gone, not only exited: a zombie still shows the lock's start time and holds the lock.)
+    let alive = |p: i32| Path::new(&format!("/proc/{p}")).exists();
+    let until = Instant::now() + Duration::from_secs(60);
+    while ranks.iter().any(|&p| alive(p)) {
+        assert!(Instant::now() < until, "ranks {ranks:?} outlive mpirun");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(tmp().join("twice.h5.lock").exists(), "the dead job's lock is left for the rerun to take over");
+    rerun_completes(&out);
 }
 
 #[test]
