@@ -100,11 +100,12 @@ fn sigint_to_the_ranks_ends_the_job_with_75_and_a_resumable_file() {
 }
 
 /// Send `sig` to mpirun itself once the file holds documents. mpirun runs with the README's
-/// `--mca odls_base_sigkill_timeout 3`: it passes the ranks SIGTERM 3 s after the signal and
-/// SIGKILL 3 s after that, time enough for the writer to finish its wave (held 1 s) and flush.
+/// `--mca odls_base_sigkill_timeout 8`: it passes the ranks SIGTERM 8 s after the signal and
+/// SIGKILL 8 s after that, time enough for the writer to finish its wave (held 1 s) and flush
+/// on a busy machine (3 s once fell short: the lock was left).
 fn signal_mpirun(sig: i32, out: &Path) {
     let (_, docs, _) = inputs();
-    let mut job = spawn_limited(&score_with(docs, out, 1000, &["--mca", "odls_base_sigkill_timeout", "3"]), LIMIT);
+    let mut job = spawn_limited(&score_with(docs, out, 1000, &["--mca", "odls_base_sigkill_timeout", "8"]), LIMIT);
     wait_for_docs(&mut job, out);
     let mpirun = mpirun_pid(&job);
     // Open MPI starts each rank in a process group of its own (odls_default_module.c,
@@ -121,11 +122,12 @@ fn signal_mpirun(sig: i32, out: &Path) {
     // Open MPI 4.1 (ess_hnp_module.c, clean_abort) sets mpirun's exit status to 1 before it
     // stops the ranks and never lets their 75 replace it (README, "Signals and exit codes").
     assert_eq!(o.code(), Some(1), "{}", o.stderr);
-    // The ranks got SIGTERM from mpirun, whichever signal mpirun got, and flushed.
-    assert!(o.stderr.contains("stopped by SIGTERM") && o.stderr.contains("run the same command again"), "{}", o.stderr);
+    // The ranks got SIGTERM from mpirun, whichever signal mpirun got, and flushed: the
+    // writer removed its reserve and lock. (Its "stopped by SIGTERM" line is not checked:
+    // mpirun, ending the job, forwards the ranks' last output only sometimes.)
     let name = out.file_name().unwrap().to_string_lossy().to_string();
     for left in [format!("{name}.reserve"), format!("{name}.lock")] {
-        assert!(!tmp().join(&left).exists(), "{left} is removed");
+        assert!(!tmp().join(&left).exists(), "{left} is removed (mpirun ran {:?}): {}", o.took, o.stderr);
     }
     let n = docs_in(out);
     assert!(n > 0 && n < 120, "{n} documents");
