@@ -9,16 +9,26 @@
 //! that rank's parts). --kill-rank R makes rank R SIGKILL itself after --kill-after-ms while
 //! rank 0 keeps scoring: the other ranks must then exit non-zero naming rank R. --stall-rank R
 //! freezes rank R's main thread instead, its heartbeats still going: the job must end too.
+//!
+//! The check is a job kind like `score`: it runs through the library's one rank entry
+//! (falcon_batch::job::rank::run), on the CPU, so start-up, abort and the end of the job are
+//! the ones every command has. --trace writes one Chrome trace of every rank (from rank 0).
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use falcon_batch::backend::cpu::CpuBackend;
+use falcon_batch::backend::select::DeviceChoice;
+use falcon_batch::backend::Backend;
 use falcon_batch::config::ModelConfig;
 use falcon_batch::generate::{generate, GenOptions, GenRequest};
+use falcon_batch::job::rank::{self, RankJob, RankSettings};
+use falcon_batch::job::resources::DeviceInfo;
+use falcon_batch::job::{describe, JobError};
 use falcon_batch::runner::{BatchScorer, LocalDecoder, LocalScorer};
+use falcon_batch::settings::Settings;
 use falcon_batch::token_tree::{MicroBatch, TokenizedDoc};
 use falcon_batch::model::Part;
-use falcon_batch::pipeline::{read_rank_groups, serve, Cluster, Identity, PipelineDecoder, PipelineScorer, Worker};
+use falcon_batch::pipeline::{read_rank_groups, Cluster, Identity, PipelineDecoder, PipelineScorer, Worker};
 use falcon_batch::sample::SamplingOptions;
 use falcon_batch::schedule::cost::WireDtype;
 use falcon_batch::schedule::{ModelShape, RankCaps, Schedule, ScheduleOptions};
@@ -156,7 +166,7 @@ fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
 }
 
 /// Rank 0: score (and generate) through the pipeline and compare with one process.
-fn drive(worker: &mut Worker<CpuBackend>, cfg: &ModelConfig, a: &Args) -> Result<()> {
+fn drive<B: Backend + 'static>(worker: &mut Worker<B>, cfg: &ModelConfig, a: &Args) -> Result<()> {
     let b = CpuBackend::new();
     let whole = [DeviceGroup::upload(&b, cfg, &random_group(cfg, 0..cfg.n_layers, SEED))?];
     let mut local = LocalScorer { backend: &b, cfg, groups: &whole, done: VecDeque::new() };
@@ -212,11 +222,12 @@ fn drive(worker: &mut Worker<CpuBackend>, cfg: &ModelConfig, a: &Args) -> Result
         }
         println!("pipeline_check: greedy generation equals the local decoder ({} prompts)", reqs.len());
     }
-    worker.stop()?;
     Ok(())
 }
 
-fn run(cluster: &Cluster, cfg: &ModelConfig, a: &Args) -> Result<Trace> {
+/// Every rank: agree on the random model, plan, read this rank's parts (random or from
+/// --parts) and build its worker; then the fault a test asked this rank for.
+fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, cfg: &ModelConfig, a: &Args) -> Result<Worker<B>> {
     let model_id = match a.odd_model_on_rank {
         Some(r) if r == cluster.rank => "some-other-model".to_string(),
         _ => format!("random-{}-{}-seed{SEED}", a.family, a.layers),
@@ -232,7 +243,7 @@ fn run(cluster: &Cluster, cfg: &ModelConfig, a: &Args) -> Result<Trace> {
         None => read_rank_groups(&sched, cluster.rank, |p| Ok::<_, anyhow::Error>(random_model_part(cfg, p, SEED)))?,
     };
     let trace = if a.trace.is_some() { Trace::for_rank(cluster.rank) } else { Trace::disabled() };
-    let mut worker = Worker::new(cluster, Arc::new(CpuBackend::new()), cfg.clone(), sched, host, trace, WireDtype::F32)?;
+    let worker = Worker::new(cluster, Arc::new(backend), cfg.clone(), sched, host, trace, WireDtype::F32)?;
     if a.kill_rank == Some(cluster.rank) {
         let after = Duration::from_millis(a.kill_after_ms);
         std::thread::spawn(move || {
@@ -244,15 +255,44 @@ fn run(cluster: &Cluster, cfg: &ModelConfig, a: &Args) -> Result<Trace> {
     if a.stall_rank == Some(cluster.rank) {
         stall_main_thread_after(Duration::from_millis(a.kill_after_ms));
     }
-    if cluster.rank == 0 {
-        drive(&mut worker, cfg, a)?;
-    } else {
-        serve(&mut worker)?;
+    Ok(worker)
+}
+
+/// The check as a job kind: rank 0 drives (scores, generates, compares), the others serve.
+struct Check {
+    cfg: ModelConfig,
+    args: Args,
+}
+
+/// The check's own errors, kept whole (with their causes) inside the job's error.
+fn failed(e: anyhow::Error) -> JobError {
+    JobError::Other(e.into())
+}
+
+impl RankJob for Check {
+    type Prepared = ();
+
+    fn prepare(&self) -> Result<(), JobError> {
+        Ok(())
     }
-    if worker.uploaded_groups() > a.resident {
-        bail!("rank {}: {} groups uploaded, more than --resident {}", cluster.rank, worker.uploaded_groups(), a.resident);
+
+    fn launch<B: Backend + 'static>(&self, cluster: &Cluster, backend: B, _device: DeviceInfo) -> Result<Worker<B>, JobError> {
+        launch(cluster, backend, &self.cfg, &self.args).map_err(failed)
     }
-    Ok(std::mem::take(&mut worker.trace))
+
+    fn drive<B: Backend + 'static>(&self, (): (), worker: &mut Worker<B>) -> Result<u8, JobError> {
+        drive(worker, &self.cfg, &self.args).map_err(failed)?;
+        Ok(0)
+    }
+
+    /// No rank kept more groups on its device than --resident allows.
+    fn finished<B: Backend + 'static>(&self, worker: &Worker<B>) -> Result<(), JobError> {
+        if worker.uploaded_groups() > self.args.resident {
+            let msg = format!("rank {}: {} groups uploaded, more than --resident {}", worker.rank, worker.uploaded_groups(), self.args.resident);
+            return Err(failed(anyhow!(msg)));
+        }
+        Ok(())
+    }
 }
 
 /// A signal handler that never returns: the thread it interrupts is stuck for good.
@@ -293,28 +333,13 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let mut cluster = match Cluster::init() {
-        Ok(c) => c,
+    let env = Settings::from_env();
+    let trace = a.trace.clone();
+    let settings = RankSettings { device: DeviceChoice::Cpu, trace, ..RankSettings::new(&env) };
+    match rank::run(&settings, &Check { cfg, args: a }) {
+        Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::from(1);
-        }
-    };
-    match run(&cluster, &cfg, &a) {
-        Ok(trace) => {
-            cluster.stop_liveness();
-            if let Some(path) = &a.trace {
-                let path = path.with_extension(format!("rank{}.json", cluster.rank));
-                if let Err(e) = trace.write(&path) {
-                    eprintln!("rank {}: writing {}: {e}", cluster.rank, path.display());
-                }
-            }
-            cluster.finish(0);
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) if cluster.size > 1 => cluster.abort(&format!("{e:#}")),
-        Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             std::process::ExitCode::from(1)
         }
     }

@@ -17,6 +17,7 @@ pub mod schedule;
 pub mod results;
 pub mod runner;
 pub mod score;
+pub mod settings;
 pub mod tensor;
 pub mod testing;
 pub mod token_tree;

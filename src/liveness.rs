@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 /// Milliseconds from EPOCH to the last advance.
@@ -47,17 +47,10 @@ pub fn last_ms() -> u64 {
     LAST_MS.load(Ordering::Relaxed)
 }
 
-/// Seconds from FALCON_BATCH_PEER_TIMEOUT_S (default 10): how long a job may make no progress
-/// before its ranks give up. It must exceed the longest step that cannot report progress
-/// (one tensor read from disk, one layer of one micro-batch, one message on the wire).
-pub fn peer_timeout() -> Duration {
-    let s = std::env::var("FALCON_BATCH_PEER_TIMEOUT_S").ok().and_then(|v| v.parse::<f64>().ok()).filter(|s| *s > 0.0);
-    Duration::from_secs_f64(s.unwrap_or(10.0))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn advancing_moves_the_count_and_the_stamp() {

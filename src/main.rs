@@ -9,6 +9,8 @@ mod cli;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use falcon_batch::job::describe;
+use falcon_batch::settings::Settings;
 use std::process::ExitCode;
 
 /// Without a subcommand falcon-batch scores (`mpirun -np 8 falcon-batch --docs corpus.jsonl`),
@@ -47,16 +49,16 @@ enum Command {
     Plan(cli::plan::PlanArgs),
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli, env: &Settings) -> Result<ExitCode> {
     let Some(command) = cli.command else {
-        return cli::score::score_by_default(cli.score);
+        return cli::score::score_by_default(cli.score, env);
     };
     match command {
         Command::Convert(a) => cli::model::convert(a),
         Command::Inspect(a) => cli::model::inspect(a),
-        Command::Score(a) => cli::score::score(a),
+        Command::Score(a) => cli::score::score(a, env),
         Command::Show(a) => cli::score::show(a),
-        Command::Generate(a) => cli::generate::run(a),
+        Command::Generate(a) => cli::generate::run(a, env),
         Command::Bench(a) => cli::bench::run(a),
         Command::Plan(a) => {
             cli::out::print(format_args!("{}", cli::plan::run(&a)?))?;
@@ -67,31 +69,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    // The only read of the environment: everything below is handed these values.
+    let env = Settings::from_env();
+    match run(cli, &env) {
         Ok(code) => code,
         Err(e) if cli::out::is_closed(&e) => ExitCode::SUCCESS,
         Err(e) if cli::usage::is_usage(&e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", describe(e.as_ref()));
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", describe(e.as_ref()));
             ExitCode::from(1)
         }
     }
-}
-
-/// The error and its causes, leaving out a cause its parent's message already quotes.
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !msg.contains(&text) {
-            if !msg.is_empty() {
-                msg.push_str(": ");
-            }
-            msg.push_str(&text);
-        }
-    }
-    msg
 }

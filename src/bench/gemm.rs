@@ -73,7 +73,7 @@ fn min2(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
 }
 
 pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTiming>> {
-    // As a CPU rank runs (cli/ranks.rs): freed outputs reused, not faulted in afresh per call.
+    // As a CPU rank runs (job/rank.rs): freed outputs reused, not faulted in afresh per call.
     crate::backend::cpu::keep_freed_buffers();
     let b = CpuBackend::new();
     let b16 = CpuBackend::with_route(KvDtype::F32, CpuRoute::detect(ComputeDtype::Bf16));

@@ -5,6 +5,7 @@
 //! closes, so the commands print through here instead: a closed stdout becomes
 //! [`OutError::Closed`], which main ends with exit 0 and no message, as `cat` would.
 
+use falcon_batch::job::JobError;
 use std::io::Write;
 use thiserror::Error;
 
@@ -39,7 +40,10 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::cli::out::print(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-/// Whether `e` is stdout closed by its reader (exit 0, quietly).
+/// Whether `e` is stdout closed by its reader (exit 0, quietly): here, or in a job's output.
 pub fn is_closed(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| matches!(c.downcast_ref::<OutError>(), Some(OutError::Closed)))
+    let job_closed = |c: &(dyn std::error::Error + 'static)| {
+        matches!(c.downcast_ref::<JobError>(), Some(JobError::Stdout(io)) if io.kind() == std::io::ErrorKind::BrokenPipe)
+    };
+    e.chain().any(|c| matches!(c.downcast_ref::<OutError>(), Some(OutError::Closed)) || job_closed(c))
 }

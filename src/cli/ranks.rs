@@ -1,17 +1,13 @@
-//! What every multi-rank command shares: MPI start-up, choosing this rank's backend, the
-//! schedule flags, and ending the job so no rank hangs.
+//! The flags every multi-rank command shares (device and schedule), as the library's
+//! RankSettings and ScheduleOptions; the rank's run itself is falcon_batch::job::rank.
 
 use anyhow::Result;
-use falcon_batch::backend::cpu::{keep_freed_buffers, CpuBackend, CpuRoute};
-use falcon_batch::backend::cuda::CudaBackend;
-use falcon_batch::backend::select::{cuda_available, DeviceChoice};
-use falcon_batch::backend::{Backend, ComputeDtype, KvDtype};
-use falcon_batch::job::launch::{launch, LaunchOptions, Launched};
-use falcon_batch::job::resources::{cpu_memory_per_rank, cpu_threads_per_rank, DeviceInfo};
-use falcon_batch::pipeline::{gather_trace, serve, Cluster};
+use falcon_batch::backend::select::DeviceChoice;
+use falcon_batch::backend::ComputeDtype;
+use falcon_batch::job::rank::{self, RankJob, RankSettings};
 use falcon_batch::schedule::cost::WireDtype;
 use falcon_batch::schedule::ScheduleOptions;
-use falcon_batch::trace::Trace;
+use falcon_batch::settings::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,126 +56,14 @@ impl ScheduleArgs {
             ..Default::default()
         }
     }
-}
 
-/// A multi-rank command: the writer rank prepares and drives it; the other ranks serve.
-pub trait RankJob {
-    /// What the writer needs, made before any weight is read so bad inputs fail first.
-    type Prepared;
-    fn launch_options(&self) -> &LaunchOptions;
-    fn prepare(&self) -> Result<Self::Prepared>;
-    /// What generation caches keep keys and values as (jobs without a cache: f32, unused).
-    fn kv_dtype(&self) -> KvDtype {
-        KvDtype::F32
-    }
-    /// The writer's work over the pipeline, and the process's exit code; the worker is
-    /// stopped afterwards.
-    fn drive<B: Backend + 'static>(&self, prepared: Self::Prepared, launched: &mut Launched<B>) -> Result<u8>;
-    /// False when what `prepare` found leaves nothing for the model to do: then no rank
-    /// reads a weight and the writer runs [`RankJob::drive_without_weights`] instead.
-    fn needs_weights(&self, _prepared: &Self::Prepared) -> bool {
-        true
-    }
-    fn drive_without_weights(&self, _prepared: Self::Prepared) -> Result<u8> {
-        Ok(0)
+    /// How this rank runs: these flags over what the environment said.
+    pub fn rank_settings(&self, env: &Settings) -> RankSettings {
+        RankSettings { device: self.device, device_mem: self.device_mem, compute_dtype: self.compute_dtype, trace: self.trace.clone(), ..RankSettings::new(env) }
     }
 }
 
-/// An error on one rank of a multi-rank job ends every rank at once, before anything local
-/// is torn down: dropping a Worker joins its weight loader, which finishes its queue first,
-/// and the peers must not wait on that. A single process just returns the error.
-fn or_abort<T>(cluster: &Cluster, r: Result<T>) -> Result<T> {
-    match r {
-        Err(e) if cluster.size > 1 => cluster.abort(&format!("{e:#}")),
-        other => other,
-    }
-}
-
-/// One rank's part of a job: prepare (writer), launch, then drive (writer) or serve (others).
-fn run_job<B: Backend + 'static>(cluster: &Cluster, backend: B, device: DeviceInfo, job: &impl RankJob) -> Result<(u8, Trace)> {
-    let prepared = if cluster.rank == 0 { Some(or_abort(cluster, job.prepare())?) } else { None };
-    let wanted = prepared.as_ref().is_none_or(|p| job.needs_weights(p));
-    if !or_abort(cluster, cluster.agree_to_launch(wanted).map_err(anyhow::Error::from))? {
-        let code = match prepared {
-            Some(p) => or_abort(cluster, job.drive_without_weights(p))?,
-            None => 0,
-        };
-        return Ok((code, Trace::disabled()));
-    }
-    let mut launched = or_abort(cluster, launch(cluster, backend, device, job.launch_options()).map_err(anyhow::Error::from))?;
-    let code = match prepared {
-        None => {
-            or_abort(cluster, serve(&mut launched.worker).map_err(anyhow::Error::from))?;
-            0
-        }
-        Some(p) => {
-            let code = or_abort(cluster, job.drive(p, &mut launched))?;
-            or_abort(cluster, launched.worker.stop().map_err(anyhow::Error::from))?;
-            code
-        }
-    };
-    Ok((code, std::mem::take(&mut launched.worker.trace)))
-}
-
-fn run_on_device(cluster: &Cluster, args: &ScheduleArgs, job: &impl RankJob) -> Result<(u8, Trace)> {
-    let (choice, device_mem) = (args.device, args.device_mem);
-    let cuda = match choice {
-        DeviceChoice::Cpu => None,
-        DeviceChoice::Cuda(n) => Some(n),
-        DeviceChoice::Auto => cuda_available().ok().map(|count| cluster.local_rank % count),
-    };
-    match cuda {
-        None => {
-            // One pool per rank sized from the ranks on this node; an error means the pool was
-            // built already (a second job in one process), which then keeps its size.
-            let share = cpu_threads_per_rank();
-            if let Some(w) = &share.warning {
-                eprintln!("falcon-batch: rank {}: {w}", cluster.rank);
-            }
-            // This thread (which runs the job) is the pool's worker 0: its parallel ops start
-            // in the pool instead of handing each op to a worker and sleeping until it is done,
-            // which costs a wake-up per op (hundreds per decoded token).
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(share.threads).use_current_thread().build_global();
-            keep_freed_buffers();
-            let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank) };
-            let route = CpuRoute::detect(args.compute_dtype.unwrap_or_default());
-            eprintln!("falcon-batch: rank {}: cpu compute {route}", cluster.rank);
-            run_job(cluster, CpuBackend::with_route(job.kv_dtype(), route), info, job)
-        }
-        Some(n) => {
-            if job.kv_dtype() != KvDtype::F32 {
-                let e = anyhow::anyhow!("--kv-cache {} is for the CPU backend (--device cpu); on cuda:{n} the generation cache is kept as the device's activations", job.kv_dtype());
-                return or_abort(cluster, Err(e));
-            }
-            if args.compute_dtype == Some(ComputeDtype::F32) {
-                let e = anyhow::anyhow!("--compute-dtype f32 is for the CPU backend (--device cpu); cuda:{n} computes in bf16");
-                return or_abort(cluster, Err(e));
-            }
-            let b = or_abort(cluster, CudaBackend::new(n).map_err(anyhow::Error::from))?;
-            let (free, _total) = or_abort(cluster, b.memory().map_err(anyhow::Error::from))?;
-            let info = DeviceInfo { name: format!("cuda:{n}"), memory_bytes: device_mem.unwrap_or(free as u64) };
-            run_job(cluster, b, info, job)
-        }
-    }
-}
-
-/// Start MPI (a singleton without mpirun), run the job on this rank, and end cleanly: an
-/// error on any rank of a multi-rank job aborts them all, so none waits for it forever, and
-/// the job's exit code survives MPI_Finalize.
-pub fn run_ranks(args: &ScheduleArgs, job: impl RankJob) -> Result<ExitCode> {
-    let mut cluster = Cluster::init()?;
-    let (code, t) = run_on_device(&cluster, args, &job)?;
-    if let Some(path) = &args.trace {
-        // Every rank took part in the job, so every rank takes part in the gather, still
-        // under the liveness backstop.
-        match gather_trace(&cluster, t) {
-            Ok(Some(all)) => all.write(path).map_err(|e| anyhow::anyhow!("--trace: {}: {e}", path.display()))?,
-            Ok(None) => {}
-            Err(e) if cluster.size > 1 => cluster.abort(&format!("gathering the trace: {e}")),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    cluster.stop_liveness();
-    cluster.finish(code);
-    Ok(ExitCode::from(code))
+/// Run `job` on this rank (falcon_batch::job::rank::run) and turn its code into the process's.
+pub fn run_ranks(settings: &RankSettings, job: &impl RankJob) -> Result<ExitCode> {
+    Ok(ExitCode::from(rank::run(settings, job)?))
 }

@@ -1,25 +1,19 @@
 //! `falcon-batch score` and `falcon-batch show`.
 
 use anyhow::{anyhow, Context, Result};
-use super::ranks::{run_ranks, RankJob, ScheduleArgs};
+use super::ranks::{run_ranks, ScheduleArgs};
 use super::usage::UsageError;
-use falcon_batch::backend::select::{cuda_available, DeviceChoice};
-use falcon_batch::backend::{Backend, ComputeDtype};
 use falcon_batch::corpus::{reads_once, spool, Limits, Spooled};
-use falcon_batch::format::model_dir::ModelDir;
-use falcon_batch::job::launch::{LaunchOptions, Launched};
-use falcon_batch::job::score::{self, ScoreOptions, ScoreSummary};
+use falcon_batch::job::score::ScoreOptions;
+use falcon_batch::job::score_rank::ScoreJob;
 use falcon_batch::job::paths::{check_distinct, PathError};
 use falcon_batch::job::stop;
-use falcon_batch::pipeline::PipelineScorer;
 use falcon_batch::score::Norm;
+use falcon_batch::settings::Settings;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 pub use super::show::{show, ShowArgs};
-
-/// Exit status when the run finished but some documents failed (they are in the output).
-pub const EXIT_SOME_FAILED: u8 = 3;
 
 /// `falcon-batch score`: the model and the output named.
 #[derive(clap::Args)]
@@ -107,21 +101,20 @@ pub struct ScoreFlags {
     schedule: ScheduleArgs,
 }
 
-pub fn score(a: ScoreArgs) -> Result<ExitCode> {
-    run_score(a.model, a.docs, a.out, a.rest)
+pub fn score(a: ScoreArgs, env: &Settings) -> Result<ExitCode> {
+    run_score(a.model, a.docs, a.out, a.rest, env)
 }
 
 /// No subcommand: score, with the model and output defaults printed first.
-pub fn score_by_default(a: DefaultScoreArgs) -> Result<ExitCode> {
-    let env_model = std::env::var_os(MODEL_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+pub fn score_by_default(a: DefaultScoreArgs, env: &Settings) -> Result<ExitCode> {
     let docs = a.docs.ok_or_else(|| anyhow!("--docs is required"))?;
-    let defaults = resolve_defaults(a.model, env_model, Path::new("models"), a.out, &docs)?;
-    if is_first_rank() {
+    let defaults = resolve_defaults(a.model, env.model.clone(), Path::new("models"), a.out, &docs)?;
+    if env.first_rank {
         for line in &defaults.notes {
             eprintln!("falcon-batch: {line}");
         }
     }
-    run_score(defaults.model, docs, defaults.out, a.rest)
+    run_score(defaults.model, docs, defaults.out, a.rest, env)
 }
 
 /// The environment variable naming the model when `--model` is not given.
@@ -191,14 +184,6 @@ fn only_model_dir(models: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Rank 0 under mpirun or srun, or no launcher: the defaults are printed once per job.
-fn is_first_rank() -> bool {
-    ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok())
-        .is_none_or(|r| r.trim() == "0")
-}
-
 /// A size in bytes with its unit (`16MiB`), at least one byte.
 fn line_bytes(s: &str) -> Result<usize, String> {
     let n = super::usage::size(s)?;
@@ -212,15 +197,15 @@ fn line_bytes(s: &str) -> Result<usize, String> {
 /// The corpus the job reads: `docs` itself, or on the writer rank a copy of a corpus that can
 /// be read only once (standard input, a pipe), removed when the returned Spooled drops. The
 /// other ranks never read the corpus (mpirun gives standard input to rank 0 alone).
-fn corpus_to_read(docs: &Path) -> Result<(PathBuf, Option<Spooled>)> {
-    if !is_first_rank() || !reads_once(docs) {
+fn corpus_to_read(docs: &Path, env: &Settings) -> Result<(PathBuf, Option<Spooled>)> {
+    if !env.first_rank || !reads_once(docs) {
         return Ok((docs.to_path_buf(), None));
     }
-    let spooled = spool(docs, &std::env::temp_dir())?;
+    let spooled = spool(docs, &env.temp_dir)?;
     Ok((spooled.path().to_path_buf(), Some(spooled)))
 }
 
-fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Result<ExitCode> {
+fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags, env: &Settings) -> Result<ExitCode> {
     let norm = a.norm;
     check_distinct(&docs, &out, a.csv.as_deref()).map_err(|e| match &e {
         // The flag of the file that would be written over.
@@ -228,7 +213,8 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
         _ => UsageError::new("--out", e.to_string()),
     })?;
     // Kept until the job ends: the copy is removed when this drops.
-    let (docs, _spooled) = corpus_to_read(&docs)?;
+    let (docs, _spooled) = corpus_to_read(&docs, env)?;
+    let rank = a.schedule.rank_settings(env);
     let opts = ScoreOptions {
         docs,
         out,
@@ -237,114 +223,20 @@ fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Resu
         template: a.template.clone(),
         delimiter: a.target_delimiter.clone(),
         batch_tokens: a.batch_tokens,
-        // The schedule's wave once every rank has planned it (see drive).
+        // The schedule's wave once every rank has planned it (see ScoreJob::drive).
         wave: a.wave.unwrap_or(0),
         overwrite: a.overwrite,
         rescore_changed: a.rescore_changed,
         retry_failed: a.retry_failed,
         wire: a.schedule.wire_dtype,
-        compute: compute_name(&a.schedule),
+        compute: rank.compute_name(),
         quiet: a.quiet,
         limits: Limits { line_bytes: a.max_line_bytes, choices: a.max_choices, doc_tokens: a.max_doc_tokens },
-        batch_job: std::env::var("SLURM_JOB_ID").ok().filter(|v| !v.is_empty()),
+        batch_job: env.batch_job.clone(),
+        faults: env.faults,
     };
-    let launch = LaunchOptions {
-        model,
-        schedule: a.schedule.options(a.wave, a.batch_tokens),
-        wire: a.schedule.wire_dtype,
-        job_options: serde_json::json!({
-            "command": "score",
-            "norm": norm.name(),
-            "template": a.template.as_ref().map(|p| p.to_string_lossy().into_owned()),
-            "delimiter": a.target_delimiter,
-            "batch_tokens": a.batch_tokens,
-            "compute_dtype": a.schedule.compute_dtype.map(|d| d.to_string()),
-        }),
-        trace: a.schedule.trace.is_some(),
-    };
+    let compute_dtype = a.schedule.compute_dtype.map(|d| d.to_string());
+    let job = ScoreJob::new(model, opts, a.schedule.options(a.wave, a.batch_tokens), compute_dtype, a.schedule.trace.is_some());
     stop::install();
-    run_ranks(&a.schedule, ScoreJob { opts, launch })
+    run_ranks(&rank, &job)
 }
-
-/// The arithmetic the scores come from, as the results file records it: CUDA computes in
-/// bf16; the CPU in --compute-dtype (f32 by default). `auto` is decided as rank 0's device is.
-fn compute_name(schedule: &ScheduleArgs) -> String {
-    let cuda = match schedule.device {
-        DeviceChoice::Cpu => false,
-        DeviceChoice::Cuda(_) => true,
-        DeviceChoice::Auto => cuda_available().is_ok(),
-    };
-    if cuda { ComputeDtype::Bf16 } else { schedule.compute_dtype.unwrap_or_default() }.to_string()
-}
-
-struct ScoreJob {
-    opts: ScoreOptions,
-    launch: LaunchOptions,
-}
-
-impl RankJob for ScoreJob {
-    type Prepared = score::Prepared;
-
-    fn launch_options(&self) -> &LaunchOptions {
-        &self.launch
-    }
-
-    /// The corpus, tokenizer and template, the output file and what to resume, checked
-    /// before any weight is read.
-    fn prepare(&self) -> Result<score::Prepared> {
-        Ok(score::prepare(&ModelDir::open_for(&self.launch.model, &[])?, &self.opts)?)
-    }
-
-    fn needs_weights(&self, prepared: &score::Prepared) -> bool {
-        !prepared.nothing_to_do()
-    }
-
-    fn drive_without_weights(&self, prepared: score::Prepared) -> Result<u8> {
-        let s = score::finish_without_weights(&self.opts, prepared)?;
-        Ok(self.report(&s))
-    }
-
-    fn drive<B: Backend + 'static>(&self, prepared: score::Prepared, launched: &mut Launched<B>) -> Result<u8> {
-        let opts = ScoreOptions { wave: launched.worker.schedule().wave, ..self.opts.clone() };
-        let mut scorer = PipelineScorer::new(&mut launched.worker)?;
-        let s = score::run(&launched.dir, &opts, prepared, &mut scorer)?;
-        Ok(self.report(&s))
-    }
-}
-
-impl ScoreJob {
-    /// The run's summary on stderr, and its exit code: 3 whenever the file holds failed
-    /// documents (from this run or an earlier one).
-    fn report(&self, s: &ScoreSummary) -> u8 {
-        if !self.opts.quiet {
-            eprintln!(
-                "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
-                self.opts.out.display(),
-                s.docs_in_file,
-                s.failed_in_file,
-                s.added,
-                s.resumed,
-                s.seconds,
-                s.tokens as f64 / s.seconds.max(1e-9)
-            );
-            if s.failed_in_file > 0 {
-                eprintln!(
-                    "{0}: `falcon-batch show --failed {0}` lists the failed documents; a rerun retries those whose \
-                     corpus line changed (--retry-failed: all of them)",
-                    self.opts.out.display()
-                );
-            }
-        }
-        if s.stopped {
-            eprintln!(
-                "{}: stopped by {} with {} documents in the file (every finished document is kept); run the same command again to resume",
-                self.opts.out.display(),
-                stop::signal_name().unwrap_or("a signal"),
-                s.docs_in_file
-            );
-            return stop::EXIT_STOPPED;
-        }
-        if s.failed_in_file > 0 { EXIT_SOME_FAILED } else { 0 }
-    }
-}
-

@@ -4,6 +4,7 @@
 //! refused with clap's message before anything runs; what needs two flags or a file to judge
 //! is a [`UsageError`] returned from the command, which main maps to exit 2 as well.
 
+use falcon_batch::job::JobError;
 use falcon_batch::schedule::tune::TuneError;
 use falcon_batch::schedule::ScheduleError;
 use falcon_batch::score::Norm;
@@ -94,12 +95,13 @@ pub fn duration(s: &str) -> Result<f64, String> {
     units::parse_seconds(s).map_err(|e| e.to_string())
 }
 
-/// Whether `e`, or an error it wraps, is a usage error (exit 2): ours, or the planner's
-/// refusal of a schedule flag (--rank-speed for another number of ranks...).
+/// Whether `e`, or an error it wraps, is a usage error (exit 2): ours, a job's, or the
+/// planner's refusal of a schedule flag (--rank-speed for another number of ranks...).
 pub fn is_usage(e: &anyhow::Error) -> bool {
     let bad_option = |s: Option<&ScheduleError>| matches!(s, Some(ScheduleError::BadOption { .. }));
     e.chain().any(|c| {
         c.is::<UsageError>()
+            || matches!(c.downcast_ref::<JobError>(), Some(JobError::Usage { .. }))
             || bad_option(c.downcast_ref::<ScheduleError>())
             || bad_option(match c.downcast_ref::<TuneError>() {
                 Some(TuneError::Plan(s)) => Some(s),

@@ -7,9 +7,20 @@ pub struct DeviceInfo {
     pub memory_bytes: u64,
 }
 
-/// Ranks of this job on this node (Open MPI tells each process; 1 without mpirun).
-pub fn local_ranks() -> u64 {
-    std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(1).max(1)
+/// What the launcher and the user said about this node's share, read once at start
+/// (settings::Settings::from_env); the default is one rank alone, nothing forced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeShare {
+    /// Ranks of this job on this node (Open MPI's OMPI_COMM_WORLD_LOCAL_SIZE; 1 without mpirun).
+    pub local_ranks: usize,
+    /// Threads a CPU rank computes with, when the user chose (RAYON_NUM_THREADS).
+    pub forced_threads: Option<usize>,
+}
+
+impl Default for NodeShare {
+    fn default() -> Self {
+        NodeShare { local_ranks: 1, forced_threads: None }
+    }
 }
 
 /// The threads a CPU rank computes with, and a warning when the launcher left it fewer CPUs
@@ -22,11 +33,10 @@ pub struct CpuShare {
 /// Threads for a CPU rank. A rank bound to its own CPUs (srun's binding, or Open MPI's
 /// `--bind-to core`) uses them all; ranks that share one CPU set (no binding, or a job's
 /// cgroup) split it by the node's rank count. RAYON_NUM_THREADS, when set, wins.
-pub fn cpu_threads_per_rank() -> CpuShare {
+pub fn cpu_threads_per_rank(node: &NodeShare) -> CpuShare {
     let allowed = allowed_cpus();
     let offered = offered_cpus().max(allowed.len());
-    let forced = std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
-    cpu_share(&allowed, offered, local_ranks() as usize, forced)
+    cpu_share(&allowed, offered, node.local_ranks, node.forced_threads)
 }
 
 /// The rule behind cpu_threads_per_rank: `allowed` the CPUs this process may run on,
@@ -104,12 +114,12 @@ fn cpu_list_text(cpus: &[usize]) -> String {
 }
 
 /// Memory a CPU rank may use for weights: what the node has available, shared by its ranks.
-pub fn cpu_memory_per_rank() -> u64 {
+pub fn cpu_memory_per_rank(node: &NodeShare) -> u64 {
     let available_kb = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .unwrap_or(8 << 20);
-    available_kb * 1024 / local_ranks()
+    available_kb * 1024 / node.local_ranks.max(1) as u64
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The score job: corpus -> micro-batches -> waves through a runner::BatchScorer -> HDF5
 //! results, in input order, resumable, one failed document never stopping the others.
 
-use super::fault::crash_point;
+use super::fault::Faults;
 use super::in_order::InOrder;
 use super::output_lock::OutputLock;
 use super::paths::claim_outputs;
@@ -48,6 +48,8 @@ pub struct ScoreOptions {
     /// The scheduler's id of the batch job this runs in (SLURM_JOB_ID): a requeued job takes
     /// over the output lock its previous run left.
     pub batch_job: Option<String>,
+    /// The restart tests' fault hooks (none by default).
+    pub faults: Faults,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -192,14 +194,14 @@ where
     let mut wave: Vec<Vec<ReadyDoc>> = vec![];
     let mut summary = ScoreSummary { resumed, ..Default::default() };
 
-    let mut waves = Waves::new(scorer, opts.norm);
+    let mut waves = Waves::new(scorer, opts.norm, opts.faults);
     let mut flush = |order: &mut InOrder, summary: &mut ScoreSummary, progress: &mut Progress| -> Result<(), JobError> {
         let out = order.take_ready();
         if !out.is_empty() {
             writer.append(&out).map_err(|e| JobError::Output(e.to_string()))?;
             crate::liveness::advanced();
             summary.added += out.len();
-            crash_point(summary.added);
+            opts.faults.crash_point(summary.added);
             progress.docs(out.len(), out.iter().filter(|r| !r.is_ok()).count());
         }
         Ok(())

@@ -8,6 +8,7 @@
 //! interrupted one keeping nothing. And a document cut into pieces (pack::split_choices) has
 //! its pieces' scores merged here, its result made once its last piece is back.
 
+use super::fault::Faults;
 use super::in_order::InOrder;
 use super::progress::Progress;
 use super::JobError;
@@ -45,6 +46,7 @@ pub(super) struct Waves<'s, S: BatchScorer + ?Sized> {
     depth: usize,
     in_flight: VecDeque<(Vec<Vec<ReadyDoc>>, Vec<MicroBatch>)>,
     norm: Norm,
+    faults: Faults,
     /// Waves submitted so far (the ramp's step).
     submitted: u32,
     /// Documents cut into pieces, by corpus index, until their last piece is back.
@@ -57,8 +59,8 @@ impl<'s, S: BatchScorer + ?Sized> Waves<'s, S>
 where
     JobError: From<S::Error>,
 {
-    pub fn new(scorer: &'s mut S, norm: Norm) -> Self {
-        Waves { depth: scorer.depth().max(1), scorer, in_flight: VecDeque::new(), norm, submitted: 0, pieces: HashMap::new(), tokens: 0 }
+    pub fn new(scorer: &'s mut S, norm: Norm, faults: Faults) -> Self {
+        Waves { depth: scorer.depth().max(1), scorer, in_flight: VecDeque::new(), norm, faults, submitted: 0, pieces: HashMap::new(), tokens: 0 }
     }
 
     /// What goes to the packer for `doc`: itself, or its pieces when it has more rows than
@@ -105,7 +107,7 @@ where
     /// Collect the oldest wave into `order`; false when none was in flight.
     pub fn collect(&mut self, order: &mut InOrder, progress: &mut Progress) -> Result<bool, JobError> {
         let Some((wave, batches)) = self.in_flight.pop_front() else { return Ok(false) };
-        super::fault::hold_wave();
+        self.faults.hold_wave();
         let logprobs = self.scorer.collect()?;
         for ((docs, batch), lps) in wave.iter().zip(&batches).zip(&logprobs) {
             self.tokens += batch.rows();

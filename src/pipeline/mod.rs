@@ -26,7 +26,7 @@ mod window;
 mod wire;
 mod worker;
 
-pub use cluster::{Cluster, Identity, EXIT_LOST};
+pub use cluster::{singleton_env, Cluster, ClusterSettings, Identity, EXIT_LOST};
 pub use commands::serve;
 pub use decoder::PipelineDecoder;
 pub use scorer::PipelineScorer;

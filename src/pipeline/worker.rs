@@ -23,7 +23,7 @@ use crate::schedule::Schedule;
 use crate::trace::{Trace, Track};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Tag of the last group's outputs on their way to rank 0.
 const TAG_RESULT: i32 = 11;
@@ -62,7 +62,7 @@ pub struct Worker<B: Backend> {
     /// Trace time zero, taken as every rank leaves one barrier: all ranks' clocks line up.
     t0: Instant,
     wire: WireDtype,
-    /// Keeps sends moving between this rank's own MPI calls (None: FALCON_BATCH_PROGRESS_US=0).
+    /// Keeps sends moving between this rank's own MPI calls (None: ClusterSettings::progress_every zero).
     _progress: Option<ProgressThread>,
 }
 
@@ -88,7 +88,7 @@ impl<B: Backend + 'static> Worker<B> {
             return Err(PipelineError::Mpi(format!("rank {rank} was given layer groups {got:?}, the schedule gives it {expected:?}")));
         }
         let window = WeightWindow::new(backend.clone(), &cfg, host, schedule.resident)?;
-        let progress = if cluster.size > 1 { ProgressThread::start(cluster.data, progress_every())? } else { None };
+        let progress = if cluster.size > 1 { ProgressThread::start(cluster.data, cluster.progress_every)? } else { None };
         cluster.data.barrier(&cluster.waits)?;
         let t0 = Instant::now();
         Ok(Worker {
@@ -250,14 +250,6 @@ impl<B: Backend + 'static> Worker<B> {
             self.trace.span(Track::Send, &format!("to rank {peer}"), s, e, &[]);
         }
     }
-}
-
-/// How often the progress thread drives MPI: FALCON_BATCH_PROGRESS_US microseconds (0 turns it
-/// off, to measure what it buys), else 500 us: a 1 GbE link moves ~60 kB in that time, well
-/// within a socket buffer, so the link never idles for want of a call.
-fn progress_every() -> Duration {
-    let us = std::env::var("FALCON_BATCH_PROGRESS_US").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(500);
-    Duration::from_micros(us)
 }
 
 /// Seconds from `t0` to `t`: trace times.

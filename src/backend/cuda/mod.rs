@@ -32,6 +32,7 @@ mod track;
 mod upload;
 
 pub use kernels::{compile_file, kernel_files, ATTN_MAX_HEAD_DIM};
+pub use track::sync_each_op;
 pub use upload::{CudaSlot, CudaTransfer, PinnedGroup};
 
 use super::{BackendError, Result};

@@ -1,15 +1,26 @@
 //! The ops queued on the compute stream since the host last waited on it. A kernel fault
 //! (an illegal address, say) surfaces at the next wait, not at its launch; the error then
 //! names the ops that may have caused it. With FALCON_CUDA_SYNC_EACH_OP=1 every op waits
-//! for itself, so the error names exactly the one that failed (slow: for debugging).
+//! for itself, so the error names exactly the one that failed (slow: for debugging); the
+//! variable is read once at start (settings::Settings::from_env) and set here with
+//! [`sync_each_op`] before a backend is made.
 
 use super::{dev_err, BackendError, CudaBackend, Result};
 use cudarc::driver::DriverError;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// Names kept: the most recent ops are the likeliest culprits.
 const KEPT: usize = 12;
+
+/// Whether backends made from now on wait after every op (set at start; off by default).
+static SYNC_EACH_OP: AtomicBool = AtomicBool::new(false);
+
+/// Makes the backends created after this call wait after every op (`true`) or not.
+pub fn sync_each_op(on: bool) {
+    SYNC_EACH_OP.store(on, Ordering::Relaxed);
+}
 
 #[derive(Default)]
 pub(crate) struct Queued {
@@ -18,8 +29,10 @@ pub(crate) struct Queued {
 }
 
 impl Queued {
+    /// As [`sync_each_op`] last set it (the name is older than the setting's move out of
+    /// the environment).
     pub fn from_env() -> Queued {
-        Queued { names: Mutex::default(), sync_each_op: std::env::var_os("FALCON_CUDA_SYNC_EACH_OP").is_some_and(|v| v == "1") }
+        Queued { names: Mutex::default(), sync_each_op: SYNC_EACH_OP.load(Ordering::Relaxed) }
     }
 
     fn push(&self, op: &'static str) {

@@ -79,6 +79,8 @@ pub struct Cluster {
     pub waits: WaitState,
     /// Point-to-point traffic of the pipeline.
     pub(crate) data: Comm,
+    /// How often a worker's progress thread drives MPI (zero: no progress thread).
+    pub(crate) progress_every: Duration,
     /// Every rank's host name, once the ranks have introduced themselves.
     hosts: Arc<OnceLock<Vec<String>>>,
     heartbeat: Option<Helper>,
@@ -130,19 +132,46 @@ fn rank_name(hosts: &OnceLock<Vec<String>>, rank: usize, me: usize) -> String {
 /// A singleton has no peer either, so it also skips loading and probing the network
 /// transports (the InfiniPath/PSM, OFI and UCX components each open their libraries and look
 /// for hardware): only the self one. One-document score 1.35-1.5 s -> 1.05-1.2 s here. Each
-/// setting only where the user has not made it.
-fn singleton_defaults() {
-    let launched = ["OMPI_COMM_WORLD_SIZE", "PMIX_NAMESPACE", "PMIX_RANK", "PMI_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some());
+/// setting only where the user has not made it: `is_set` says which variables the
+/// environment holds (settings::Settings::from_env asks it once at start).
+pub fn singleton_env(is_set: impl Fn(&str) -> bool) -> Vec<(&'static str, &'static str)> {
+    let launched = ["OMPI_COMM_WORLD_SIZE", "PMIX_NAMESPACE", "PMIX_RANK", "PMI_RANK"].iter().any(|v| is_set(v));
     if launched {
-        return;
+        return vec![];
     }
     // pml ob1 alone: cm (and with it every MTL) and ucx are never opened; btl self alone.
-    for (name, value) in [("PMIX_MCA_psec", "native"), ("OMPI_MCA_pml", "ob1"), ("OMPI_MCA_btl", "self")] {
-        if std::env::var_os(name).is_none() {
-            // Called before MPI starts any thread; ours start after it.
-            std::env::set_var(name, value);
+    SINGLETON_DEFAULTS.iter().copied().filter(|(name, _)| !is_set(name)).collect()
+}
+
+const SINGLETON_DEFAULTS: [(&str, &str); 3] = [("PMIX_MCA_psec", "native"), ("OMPI_MCA_pml", "ob1"), ("OMPI_MCA_btl", "self")];
+
+/// What MPI start-up and the pipeline take from the environment, read once at start by
+/// settings::Settings::from_env; [`Default`] is a process with nothing set (no launcher).
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// Rank among the processes on this node, as the launcher says (OMPI_COMM_WORLD_LOCAL_RANK,
+    /// else SLURM_LOCALID; 0 without one): which GPU `--device auto` takes.
+    pub local_rank: usize,
+    /// How long a job may make no progress before its ranks give up
+    /// (FALCON_BATCH_PEER_TIMEOUT_S). It must exceed the longest step that cannot report
+    /// progress (one tensor read from disk, one layer of one micro-batch, one message).
+    pub peer_timeout: Duration,
+    /// How often the progress thread drives MPI (FALCON_BATCH_PROGRESS_US; zero turns it off,
+    /// to measure what it buys): 500 us by default, in which a 1 GbE link moves ~60 kB, well
+    /// within a socket buffer, so the link never idles for want of a call.
+    pub progress_every: Duration,
+    /// Open MPI's settings for a process started without a launcher ([`singleton_env`]), set
+    /// in the environment just before MPI starts (MPI reads them there).
+    pub singleton_env: Vec<(&'static str, &'static str)>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            local_rank: 0,
+            peer_timeout: Duration::from_secs(10),
+            progress_every: Duration::from_micros(500),
+            singleton_env: SINGLETON_DEFAULTS.to_vec(),
         }
     }
 }
@@ -150,8 +179,11 @@ fn singleton_defaults() {
 impl Cluster {
     /// Initialise MPI (a singleton when started without mpirun) and, with peers, start the
     /// heartbeat and backstop threads.
-    pub fn init() -> Result<Cluster, PipelineError> {
-        singleton_defaults();
+    pub fn init(settings: &ClusterSettings) -> Result<Cluster, PipelineError> {
+        for &(name, value) in &settings.singleton_env {
+            // Called before MPI starts any thread; ours start after it.
+            std::env::set_var(name, value);
+        }
         let (universe, threading) = mpi::initialize_with_threading(Threading::Multiple)
             .ok_or_else(|| PipelineError::Mpi("MPI was already initialised in this process".into()))?;
         let world = universe.world();
@@ -161,19 +193,27 @@ impl Cluster {
                 "the MPI library grants {threading:?} threading; the pipeline needs Multiple for its heartbeat thread"
             )));
         }
-        let local_rank = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK")
-            .or_else(|_| std::env::var("SLURM_LOCALID"))
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let local_rank = settings.local_rank;
         let data_comm = world.duplicate();
         let data = Comm::new(&data_comm, rank);
         data.errors_return()?;
         let waits = WaitState::default();
         liveness::epoch();
         let hosts = Arc::new(OnceLock::new());
-        let mut cluster =
-            Cluster { rank, size, local_rank, waits, data, hosts, heartbeat: None, backstop: None, comms: vec![data_comm], universe: Some(universe) };
+        let progress_every = settings.progress_every;
+        let mut cluster = Cluster {
+            rank,
+            size,
+            local_rank,
+            waits,
+            data,
+            progress_every,
+            hosts,
+            heartbeat: None,
+            backstop: None,
+            comms: vec![data_comm],
+            universe: Some(universe),
+        };
         if size > 1 {
             let beat_comm = world.duplicate();
             let beat = Comm::new(&beat_comm, rank);
@@ -182,7 +222,7 @@ impl Cluster {
             let view = Arc::new(PeerView::new(size));
             let (v, l) = (view.clone(), cluster.waits.clone());
             cluster.heartbeat = Some(Helper::spawn("mpi-heartbeat", move |stop| heartbeat(beat, size, &v, &l, &stop))?);
-            let b = Backstop { rank, size, timeout: liveness::peer_timeout(), view, waits: cluster.waits.clone(), hosts: cluster.hosts.clone() };
+            let b = Backstop { rank, size, timeout: settings.peer_timeout, view, waits: cluster.waits.clone(), hosts: cluster.hosts.clone() };
             cluster.backstop = Some(Helper::spawn("liveness-backstop", move |stop| b.run(&stop))?);
         }
         Ok(cluster)
