@@ -1,6 +1,7 @@
 //! The fast CPU ops against plain-loop references (llama2.c style).
 
 use super::*;
+use crate::backend::{KvCache, Ops};
 use crate::tensor::DType;
 use crate::token_tree::{MicroBatch, TokenizedDoc};
 
@@ -582,9 +583,9 @@ fn caches_grow_in_place_to_what_concat_rows_makes_and_regroup_by_rows() {
             b.cache_append(&mut cache, &new).unwrap();
         }
         let want = if dtype == KvDtype::F16 { rounded_to_f16(&want) } else { want };
-        let widened = |c: &KvCache| match c {
-            KvCache::F32(m) => m.clone(),
-            KvCache::F16 { rows, cols, data } => Mat { rows: *rows, cols: *cols, data: data.iter().map(|x| x.to_f32()).collect() },
+        let widened = |c: &CpuCache| match c {
+            CpuCache::F32(m) => m.clone(),
+            CpuCache::F16 { rows, cols, data } => Mat { rows: *rows, cols: *cols, data: data.iter().map(|x| x.to_f32()).collect() },
         };
         assert_eq!(widened(&cache), want, "{dtype}");
         assert_eq!(b.cache_len(&cache), want.rows);
