@@ -141,3 +141,6 @@ pub fn log_softmax_at(logits: Dims, targets: &[u32]) -> Result<()> {
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;

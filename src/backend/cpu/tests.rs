@@ -339,6 +339,25 @@ fn fused_gate_up_matches_the_f64_products_and_refuses_unequal_widths() {
 }
 
 #[test]
+fn fused_linear_residual_matches_its_unfused_reference_on_every_route() {
+    // Few rows, many rows, and a depth over one K block (partial sums added to the residual).
+    for route in [CpuRoute::F32].into_iter().chain(CpuRoute::available(crate::backend::ComputeDtype::Bf16)) {
+        let b = CpuBackend::with_route(KvDtype::F32, route);
+        for (t, k, n) in [(1, 8, 5), (30, 64, 100), (300, 96, 70), (3, 2100, 20)] {
+            let x = mat(t, k, 70);
+            let host = |shape: &[usize], seed| HostTensor::from_f32(shape.to_vec(), &rand_vec(shape.iter().product(), seed));
+            let (w, bias) = (b.upload_weight(&host(&[n, k], 71)).unwrap(), b.upload_weight(&host(&[n], 72)).unwrap());
+            let r = mat(t, n, 73);
+            let fused = b.linear_residual(&x, &w, Some(&bias), r.clone()).unwrap();
+            let unfused = crate::backend::linear_residual_unfused(&b, &x, &w, Some(&bias), r).unwrap();
+            assert_eq!((fused.rows, fused.cols), (t, n));
+            // The sum is rounded once more in the reference (product, then + residual).
+            assert_close(&fused.data, &unfused.data, 1e-5);
+        }
+    }
+}
+
+#[test]
 fn cols_copies_the_column_range() {
     let b = CpuBackend::new();
     let x = mat(5, 12, 50);
