@@ -12,7 +12,7 @@
 
 use falcon_batch::backend::cpu::{CpuBackend, CpuRoute};
 use falcon_batch::backend::cuda::CudaBackend;
-use falcon_batch::backend::{AttnShape, Backend, BackendError, ComputeDtype, KvDtype};
+use falcon_batch::backend::{AttnShape, Backend, BackendError, ComputeDtype, KvDtype, Ops, WeightStream};
 use falcon_batch::token_tree::{AttnSpan, MicroBatch, TokenizedDoc};
 use falcon_batch::model::{self, Part, RowCtx, PartWeights};
 use falcon_batch::tensor::{DType, HostTensor};
@@ -65,12 +65,12 @@ const ROUNDED_TOL: f32 = 4e-3;
 const ATTN_TOL: f32 = 2e-2;
 
 /// Uploads the same activation to both backends.
-fn act2(c: &CpuBackend, g: &CudaBackend, rows: usize, cols: usize, seed: u64) -> (<CpuBackend as Backend>::Act, <CudaBackend as Backend>::Act) {
+fn act2(c: &CpuBackend, g: &CudaBackend, rows: usize, cols: usize, seed: u64) -> (<CpuBackend as Ops>::Act, <CudaBackend as Ops>::Act) {
     let v = rand_vec(rows * cols, seed);
     (c.upload(&v, rows, cols).unwrap(), g.upload(&v, rows, cols).unwrap())
 }
 
-fn w2(c: &CpuBackend, g: &CudaBackend, t: &HostTensor) -> (<CpuBackend as Backend>::Weight, <CudaBackend as Backend>::Weight) {
+fn w2(c: &CpuBackend, g: &CudaBackend, t: &HostTensor) -> (<CpuBackend as Ops>::Weight, <CudaBackend as Ops>::Weight) {
     (c.upload_weight(t).unwrap(), g.upload_weight(t).unwrap())
 }
 
