@@ -188,6 +188,8 @@ fn gather<'a, T: Copy + Send + Sync + 'a>(rows: usize, cols: usize, row: impl Fn
 /// Elements per parallel work item of the elementwise ops.
 const ELEMWISE_CHUNK: usize = 1 << 14;
 
+// Named by path, not imported: tests.rs takes this module's names, and there the ops must
+// be `Ops`' (checked), not these.
 impl super::Kernels for CpuBackend {
     type Act = Mat;
     type Weight = CpuWeight;
