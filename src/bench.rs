@@ -8,7 +8,7 @@ use crate::backend::cuda::CudaBackend;
 use crate::pipeline::WeightWindow;
 use crate::group::GroupTensorNames;
 use crate::backend::select::{DeviceChoice, Resolved};
-use crate::backend::Backend;
+use crate::backend::{Backend, Ops};
 use crate::config::ModelConfig;
 use crate::token_tree::{AttnSpan, MicroBatch, TokenizedDoc};
 use crate::model::{self, LayerCache, Part, RowCtx, PartWeights};

@@ -4,7 +4,7 @@
 //! timing: on a loaded machine the spinners may find no work and leave between any two lines.
 
 use falcon_batch::backend::cpu::{keep_workers_awake, spinners, CpuBackend};
-use falcon_batch::backend::Backend;
+use falcon_batch::backend::{Ops, WeightStream};
 use falcon_batch::tensor::HostTensor;
 use rayon::prelude::*;
 use std::time::{Duration, Instant};

@@ -12,7 +12,7 @@
 
 use falcon_batch::backend::cpu::{CpuBackend, CpuRoute};
 use falcon_batch::backend::cuda::CudaBackend;
-use falcon_batch::backend::{AttnShape, Backend, BackendError, ComputeDtype, KvDtype};
+use falcon_batch::backend::{linear_residual_unfused, AttnShape, Backend, BackendError, ComputeDtype, KvDtype, Ops, WeightStream};
 use falcon_batch::token_tree::{AttnSpan, MicroBatch, TokenizedDoc};
 use falcon_batch::model::{self, Part, RowCtx, PartWeights};
 use falcon_batch::tensor::{DType, HostTensor};
@@ -65,12 +65,12 @@ const ROUNDED_TOL: f32 = 4e-3;
 const ATTN_TOL: f32 = 2e-2;
 
 /// Uploads the same activation to both backends.
-fn act2(c: &CpuBackend, g: &CudaBackend, rows: usize, cols: usize, seed: u64) -> (<CpuBackend as Backend>::Act, <CudaBackend as Backend>::Act) {
+fn act2(c: &CpuBackend, g: &CudaBackend, rows: usize, cols: usize, seed: u64) -> (<CpuBackend as Ops>::Act, <CudaBackend as Ops>::Act) {
     let v = rand_vec(rows * cols, seed);
     (c.upload(&v, rows, cols).unwrap(), g.upload(&v, rows, cols).unwrap())
 }
 
-fn w2(c: &CpuBackend, g: &CudaBackend, t: &HostTensor) -> (<CpuBackend as Backend>::Weight, <CudaBackend as Backend>::Weight) {
+fn w2(c: &CpuBackend, g: &CudaBackend, t: &HostTensor) -> (<CpuBackend as Ops>::Weight, <CudaBackend as Ops>::Weight) {
     (c.upload_weight(t).unwrap(), g.upload_weight(t).unwrap())
 }
 
@@ -104,6 +104,10 @@ fn embed_linear_and_norms() {
         let want = c.linear_residual(&xc, &wc, bias.then_some(&bc), rc).unwrap().data;
         let got = g.download(&g.linear_residual(&xg, &wg, bias.then_some(&bg), rg).unwrap()).unwrap();
         assert_close(&format!("linear_residual bias={bias}"), &got, &want, BF16_TOL);
+        // The fused epilogue against the device's own reference route (linear, then add).
+        let rg = g.upload(&rand_vec(40 * 130, 18), 40, 130).unwrap();
+        let reference = g.download(&linear_residual_unfused(&g, &xg, &wg, bias.then_some(&bg), rg).unwrap()).unwrap();
+        assert_close(&format!("linear_residual bias={bias} against linear + add"), &got, &reference, F32_TOL);
     }
     let built = g.gemm_plans_built();
     let (xg, rg) = (g.upload(&rand_vec(40 * 96, 19), 40, 96).unwrap(), g.upload(&rand_vec(40 * 130, 20), 40, 130).unwrap());
@@ -199,6 +203,30 @@ fn gathers_and_log_softmax() {
     }
     assert!(g.log_softmax_at(&lg, &[0, 0, 0, 65024]).is_err());
     assert_close("log_softmax", &g.log_softmax(&lg).unwrap(), &c.log_softmax(&lc).unwrap(), 1e-5);
+}
+
+/// Both backends refuse a mismatch with one error: their shapes are checked by the same layer
+/// (src/backend/shapes.rs) before either backend's kernel runs.
+#[test]
+fn shape_errors_are_the_cpus() {
+    let Some(g) = cuda() else { return };
+    let c = cpu();
+    let same = |what: &str, a: Result<(), BackendError>, b: Result<(), BackendError>| match (a, b) {
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{what}"),
+        _ => panic!("{what}: a mismatch went through"),
+    };
+    let (xc, xg) = act2(&c, &g, 4, 8, 30);
+    let (wc, wg) = w2(&c, &g, &host(&[6, 5], 31, -1.0, 1.0));
+    let (bc, bg) = w2(&c, &g, &host(&[7], 32, -1.0, 1.0));
+    same("linear", c.linear(&xc, &wc, None).map(drop), g.linear(&xg, &wg, None).map(drop));
+    same("rms_norm", c.rms_norm(&xc, &bc, 1e-5).map(drop), g.rms_norm(&xg, &bg, 1e-5).map(drop));
+    same("embed", c.embed(&wc, &[6]).map(drop), g.embed(&wg, &[6]).map(drop));
+    same("rows", c.rows(&xc, &[4]).map(drop), g.rows(&xg, &[4]).map(drop));
+    same("cols", c.cols(&xc, 5, 4).map(drop), g.cols(&xg, 5, 4).map(drop));
+    same("log_softmax_at", c.log_softmax_at(&xc, &[0, 8, 0, 0]).map(drop), g.log_softmax_at(&xg, &[0, 8, 0, 0]).map(drop));
+    let s = AttnShape { heads: 2, kv_heads: 1, head_dim: 4, key_offset: 0 };
+    let spans = vec![AttnSpan::causal(0); 3];
+    same("attention", c.attention(&xc, &xc, &xc, s, &spans).map(drop), g.attention(&xg, &xg, &xg, s, &spans).map(drop));
 }
 
 fn check_attention(c: &CpuBackend, g: &CudaBackend, shape: AttnShape, spans: &[AttnSpan], keys: usize, seed: u64) {

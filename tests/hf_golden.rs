@@ -95,7 +95,7 @@ fn check_greedy(name: &str, cfg: &falcon_batch::config::ModelConfig, b: &CpuBack
 }
 
 fn b_log_softmax_at(b: &CpuBackend, logits: &falcon_batch::backend::cpu::Mat, targets: &[u32]) -> Vec<f64> {
-    use falcon_batch::backend::Backend;
+    use falcon_batch::backend::Ops;
     b.log_softmax_at(logits, targets).unwrap()
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use falcon_batch::backend::cpu::CpuBackend;
-use falcon_batch::backend::Backend;
+use falcon_batch::backend::Ops;
 use falcon_batch::config::ModelConfig;
 use falcon_batch::token_tree::{MicroBatch, TokenizedDoc};
 use falcon_batch::model::RowCtx;

@@ -10,9 +10,10 @@
 //! and attention as these ops make them (the values stay f32, rounded). Its GEMMs are
 //! gemm_bf16.rs's `vdpbf16ps` kernel where the CPU has AVX512-BF16; everything else is f32.
 //!
+//! The ops here are `Kernels`: shapes.rs has checked their inputs before they run.
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
 
-use super::{AttnShape, Backend, BackendError, CopySpan, KvDtype, Result};
+use super::{AttnShape, BackendError, CopySpan, KvDtype, Result, WeightStream};
 use crate::token_tree::AttnSpan;
 use crate::tensor::HostTensor;
 use rayon::prelude::*;
@@ -35,7 +36,7 @@ mod stream;
 mod vmath;
 mod weight;
 pub use heap::keep_freed_buffers;
-pub use kv_cache::KvCache;
+pub use kv_cache::CpuCache;
 pub use round::{round_f32 as round_bf16, round_in_place as round_bf16_in_place};
 pub use route::CpuRoute;
 pub use spin::{keep_workers_awake, spinners};
@@ -105,7 +106,7 @@ impl CpuBackend {
     ///
     /// # Safety
     /// `out` points to T·N writable floats (with `Out::Write` they may be uninitialised); the
-    /// shapes were checked by `linear_shape`.
+    /// shapes were checked by `shapes::linear`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn matmul(&self, op: &'static str, x: &Mat, w: &CpuWeight, b: Option<&[f32]>, n: usize, out: *mut f32, mode: Out) -> Result<()> {
         if let Some(pairs) = w.pairs() {
@@ -129,37 +130,19 @@ impl CpuBackend {
     }
 }
 
-/// N of x (T, K) · w (N, K)ᵀ + b (N,), or why the shapes do not fit.
-/// The width F of SwiGLU's gate and up products, which must agree.
-fn gate_up_width(x: &Mat, (gate, gate_b): (&CpuWeight, Option<&CpuWeight>), (up, up_b): (&CpuWeight, Option<&CpuWeight>)) -> Result<usize> {
-    let n = linear_shape(x, gate, gate_b)?;
-    if linear_shape(x, up, up_b)? != n {
-        return Err(shape_err("linear_silu_mul", format!("gate of shape {:?}, up of shape {:?}", gate.shape, up.shape)));
-    }
-    Ok(n)
-}
-
-fn linear_shape(x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<usize> {
-    let (n, k) = w.matrix().ok_or_else(|| shape_err("linear", format!("weight of shape {:?}", w.shape)))?;
-    if x.cols != k {
-        return Err(shape_err("linear", format!("x has {} columns, weight is ({n}, {k})", x.cols)));
-    }
-    if let Some(b) = b {
-        if b.values().map(<[f32]>::len) != Some(n) {
-            return Err(shape_err("linear", format!("bias of shape {:?} for {n} outputs", b.shape)));
-        }
-    }
-    Ok(n)
-}
-
 /// A weight's packed values, or why it is not a matrix.
 fn panels<'a>(op: &'static str, w: &'a CpuWeight) -> Result<&'a weight::Panels> {
     w.panels().ok_or_else(|| shape_err(op, format!("weight of shape {:?}", w.shape)))
 }
 
-/// A vector weight's values (norms, biases), or why it is not one of `len` values.
-fn vector<'a>(op: &'static str, w: &'a CpuWeight, len: usize) -> Result<&'a [f32]> {
-    w.values().filter(|v| v.len() == len).ok_or_else(|| shape_err(op, format!("weight of shape {:?} for {len} columns", w.shape)))
+/// A vector weight's values (norms, biases), or why it is not held as one.
+fn vector<'a>(op: &'static str, w: &'a CpuWeight) -> Result<&'a [f32]> {
+    w.values().ok_or_else(|| shape_err(op, format!("weight of shape {:?} is not held as a vector", w.shape)))
+}
+
+/// The output width N of a weight (N, K) that `shapes::linear` let through.
+fn outputs(w: &CpuWeight) -> usize {
+    w.shape[0]
 }
 
 /// A (rows, cols) matrix whose rows `f` fills from the matching rows of `x`, in parallel,
@@ -205,10 +188,12 @@ fn gather<'a, T: Copy + Send + Sync + 'a>(rows: usize, cols: usize, row: impl Fn
 /// Elements per parallel work item of the elementwise ops.
 const ELEMWISE_CHUNK: usize = 1 << 14;
 
-impl Backend for CpuBackend {
+// Named by path, not imported: tests.rs takes this module's names, and there the ops must
+// be `Ops`' (checked), not these.
+impl super::Kernels for CpuBackend {
     type Act = Mat;
     type Weight = CpuWeight;
-    type Cache = KvCache;
+    type Cache = CpuCache;
 
     fn name(&self) -> String {
         match self.route {
@@ -217,34 +202,15 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn upload_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
-        Ok(CpuWeight::from_host(t, self.route))
+    fn weight_shape<'w>(&self, w: &'w CpuWeight) -> &'w [usize] {
+        &w.shape
     }
 
-    type Pinned = CpuPinned;
-    type Slot = CpuSlot;
-    type Transfer = CpuTransfer;
-
-    fn pin(&self, tensors: &[HostTensor]) -> Result<CpuPinned> {
-        self.stream_pin(tensors)
-    }
-
-    fn prefetch(&self, group: Arc<CpuPinned>, slot: Option<CpuSlot>) -> Result<CpuTransfer> {
-        self.stream_prefetch(group, slot)
-    }
-
-    fn wait(&self, transfer: &mut CpuTransfer) -> Result<Vec<CpuWeight>> {
-        self.stream_wait(transfer)
-    }
-
-    fn release(&self, transfer: CpuTransfer, weights: Vec<CpuWeight>) -> Result<(CpuSlot, Option<CopySpan>)> {
-        self.stream_release(transfer, weights)
+    fn cache_dims(&self, c: &CpuCache) -> (usize, usize) {
+        (c.len(), c.cols())
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Mat> {
-        if data.len() != rows * cols {
-            return Err(shape_err("upload", format!("{} values for ({rows}, {cols})", data.len())));
-        }
         Ok(Mat { rows, cols, data: data.to_vec() })
     }
 
@@ -257,20 +223,16 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32]) -> Result<Mat> {
-        let (v, c) = table.matrix().ok_or_else(|| shape_err("embed", format!("table of shape {:?}", table.shape)))?;
+        let c = table.shape[1];
         let mut data = Vec::with_capacity(ids.len() * c);
         for &id in ids {
-            let id = id as usize;
-            if id >= v {
-                return Err(shape_err("embed", format!("token id {id} outside the vocabulary of {v}")));
-            }
-            table.push_row(id, &mut data);
+            table.push_row(id as usize, &mut data);
         }
         Ok(Mat { rows: ids.len(), cols: c, data })
     }
 
     fn linear(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<Mat> {
-        let n = linear_shape(x, w, b)?;
+        let n = outputs(w);
         let b = b.and_then(CpuWeight::values);
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, N)
@@ -285,12 +247,12 @@ impl Backend for CpuBackend {
 
     fn linear_silu_mul(&self, x: &Mat, gate: &CpuWeight, gate_b: Option<&CpuWeight>, up: &CpuWeight, up_b: Option<&CpuWeight>) -> Result<Mat> {
         if let (Some(g), Some(u)) = (gate.pairs(), up.pairs()) {
-            return self.linear_silu_mul_pairs(x, (gate, g, gate_b), (up, u, up_b));
+            return self.linear_silu_mul_pairs(x, outputs(gate), (g, gate_b), (u, up_b));
         }
         if !gemm::fuses_silu_mul(x.cols) {
             return super::linear_silu_mul_unfused(self, x, gate, gate_b, up, up_b);
         }
-        let n = gate_up_width(x, (gate, gate_b), (up, up_b))?;
+        let n = outputs(gate);
         let (gb, ub) = (gate_b.and_then(CpuWeight::values), up_b.and_then(CpuWeight::values));
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, F)
@@ -320,10 +282,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear_residual(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>, mut residual: Mat) -> Result<Mat> {
-        let n = linear_shape(x, w, b)?;
-        if (residual.rows, residual.cols) != (x.rows, n) {
-            return Err(shape_err("linear_residual", format!("residual ({}, {}) for a ({}, {n}) product", residual.rows, residual.cols, x.rows)));
-        }
+        let n = outputs(w);
         let b = b.and_then(CpuWeight::values);
         // SAFETY: as in `linear`; the residual's T·N values are the accumulators' start.
         unsafe { self.matmul("linear_residual", x, w, b, n, residual.data.as_mut_ptr(), Out::Accumulate)? };
@@ -331,7 +290,7 @@ impl Backend for CpuBackend {
     }
 
     fn layer_norm(&self, x: &Mat, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Result<Mat> {
-        let (w, b) = (vector("layer_norm", w, x.cols)?, vector("layer_norm", b, x.cols)?);
+        let (w, b) = (vector("layer_norm", w)?, vector("layer_norm", b)?);
         let round = self.route.rounds();
         Ok(map_rows(x, x.cols, |row, out| {
             let n = row.len() as f64;
@@ -346,7 +305,7 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &Mat, w: &CpuWeight, eps: f32) -> Result<Mat> {
-        let w = vector("rms_norm", w, x.cols)?;
+        let w = vector("rms_norm", w)?;
         let round = self.route.rounds();
         Ok(map_rows(x, x.cols, |row, out| {
             let ms = vmath::sum_sq_dev(row, 0.0) / row.len() as f64;
@@ -359,12 +318,6 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &mut Mat, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
-        if positions.len() != x.rows || col0 + heads * head_dim > x.cols || inv_freq.len() != head_dim / 2 {
-            return Err(shape_err(
-                "rope",
-                format!("{} positions, {} rows, {} cols, {} frequencies for head dim {head_dim}", positions.len(), x.rows, x.cols, inv_freq.len()),
-            ));
-        }
         let table = self.rope_tables.get(positions, inv_freq);
         let cols = x.cols;
         x.data.par_chunks_mut(cols).enumerate().for_each(|(t, row)| {
@@ -377,27 +330,24 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        Ok(self.rounded(attention::attention(q, k.into(), v.into(), s, spans)?))
+        Ok(self.rounded(attention::attention(q, k.into(), v.into(), s, spans)))
     }
 
-    fn attention_cached(&self, q: &Mat, k: &KvCache, v: &KvCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+    fn attention_cached(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
         self.attention_cached_f32(q, k, v, s, spans).map(|o| self.rounded(o))
     }
 
-    fn cache_from(&self, x: Mat) -> Result<KvCache> {
-        Ok(KvCache::new(x, self.kv_dtype))
+    fn cache_from(&self, x: Mat) -> Result<CpuCache> {
+        Ok(CpuCache::new(x, self.kv_dtype))
     }
 
-    fn cache_append(&self, cache: &mut KvCache, new: &Mat) -> Result<()> {
-        cache.append(new)
+    fn cache_append(&self, cache: &mut CpuCache, new: &Mat) -> Result<()> {
+        cache.append(new);
+        Ok(())
     }
 
-    fn cache_rows(&self, cache: &KvCache, rows: &[u32]) -> Result<KvCache> {
-        cache.rows(rows)
-    }
-
-    fn cache_len(&self, cache: &KvCache) -> usize {
-        cache.len()
+    fn cache_rows(&self, cache: &CpuCache, rows: &[u32]) -> Result<CpuCache> {
+        Ok(cache.rows(rows))
     }
 
     fn gelu(&self, x: &mut Mat) -> Result<()> {
@@ -412,9 +362,6 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut Mat, up: &Mat) -> Result<()> {
-        if gate.data.len() != up.data.len() {
-            return Err(shape_err("silu_mul", format!("{} vs {} values", gate.data.len(), up.data.len())));
-        }
         let round = self.route.rounds();
         gate.data.par_chunks_mut(ELEMWISE_CHUNK).zip(up.data.par_chunks(ELEMWISE_CHUNK)).for_each(|(g, u)| {
             vmath::silu_mul_slice(g, u);
@@ -426,17 +373,11 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, x: &mut Mat, y: &Mat) -> Result<()> {
-        if x.data.len() != y.data.len() {
-            return Err(shape_err("add", format!("({}, {}) + ({}, {})", x.rows, x.cols, y.rows, y.cols)));
-        }
         x.data.par_iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
         Ok(())
     }
 
     fn cols(&self, x: &Mat, start: usize, width: usize) -> Result<Mat> {
-        if start + width > x.cols {
-            return Err(shape_err("cols", format!("[{start}, {}) of {} columns", start + width, x.cols)));
-        }
         Ok(map_rows(x, width, |row, out| {
             for (o, &v) in out.iter_mut().zip(&row[start..start + width]) {
                 o.write(v);
@@ -445,35 +386,15 @@ impl Backend for CpuBackend {
     }
 
     fn rows(&self, x: &Mat, rows: &[u32]) -> Result<Mat> {
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows) {
-            return Err(shape_err("rows", format!("row {r} of {}", x.rows)));
-        }
         Ok(gather_rows(rows.len(), x.cols, |i| x.row(rows[i] as usize)))
     }
 
     fn concat_rows(&self, a: &Mat, b: &Mat) -> Result<Mat> {
-        if a.cols != b.cols {
-            return Err(shape_err("concat_rows", format!("{} vs {} columns", a.cols, b.cols)));
-        }
         Ok(gather_rows(a.rows + b.rows, a.cols, |i| if i < a.rows { a.row(i) } else { b.row(i - a.rows) }))
     }
 
     fn log_softmax_at(&self, logits: &Mat, targets: &[u32]) -> Result<Vec<f64>> {
-        if targets.len() != logits.rows {
-            return Err(shape_err("log_softmax_at", format!("{} targets for {} rows", targets.len(), logits.rows)));
-        }
-        logits
-            .data
-            .par_chunks(logits.cols)
-            .zip(targets)
-            .map(|(row, &t)| {
-                let t = t as usize;
-                if t >= row.len() {
-                    return Err(shape_err("log_softmax_at", format!("target {t} outside the vocabulary of {}", row.len())));
-                }
-                Ok(row[t] as f64 - logsumexp(row))
-            })
-            .collect()
+        Ok(logits.data.par_chunks(logits.cols).zip(targets).map(|(row, &t)| row[t as usize] as f64 - logsumexp(row)).collect())
     }
 
     fn log_softmax(&self, logits: &Mat) -> Result<Vec<f32>> {
@@ -486,14 +407,39 @@ impl Backend for CpuBackend {
     }
 }
 
-/// A weight, its bf16 pair panels, its bias: one half of a fused gate/up product.
-type PairsOperand<'a> = (&'a CpuWeight, &'a [half::bf16], Option<&'a CpuWeight>);
+impl WeightStream for CpuBackend {
+    type Pinned = CpuPinned;
+    type Slot = CpuSlot;
+    type Transfer = CpuTransfer;
+
+    fn upload_weight(&self, t: &HostTensor) -> Result<CpuWeight> {
+        Ok(CpuWeight::from_host(t, self.route))
+    }
+
+    fn pin(&self, tensors: &[HostTensor]) -> Result<CpuPinned> {
+        self.stream_pin(tensors)
+    }
+
+    fn prefetch(&self, group: Arc<CpuPinned>, slot: Option<CpuSlot>) -> Result<CpuTransfer> {
+        self.stream_prefetch(group, slot)
+    }
+
+    fn wait(&self, transfer: &mut CpuTransfer) -> Result<Vec<CpuWeight>> {
+        self.stream_wait(transfer)
+    }
+
+    fn release(&self, transfer: CpuTransfer, weights: Vec<CpuWeight>) -> Result<(CpuSlot, Option<CopySpan>)> {
+        self.stream_release(transfer, weights)
+    }
+}
+
+/// A weight's bf16 pair panels and its bias: one half of a fused gate/up product.
+type PairsOperand<'a> = (&'a [half::bf16], Option<&'a CpuWeight>);
 
 impl CpuBackend {
     /// `linear_silu_mul` over bf16 pair panels: fused at any depth (gemm_bf16.rs), the output
     /// rounded as the down projection's input.
-    fn linear_silu_mul_pairs(&self, x: &Mat, (gate, g, gate_b): PairsOperand, (up, u, up_b): PairsOperand) -> Result<Mat> {
-        let n = gate_up_width(x, (gate, gate_b), (up, up_b))?;
+    fn linear_silu_mul_pairs(&self, x: &Mat, n: usize, (g, gate_b): PairsOperand, (u, up_b): PairsOperand) -> Result<Mat> {
         let (gb, ub) = (gate_b.and_then(CpuWeight::values), up_b.and_then(CpuWeight::values));
         let len = x.rows * n;
         let mut out: Vec<f32> = Vec::with_capacity(len); // (T, F)
@@ -507,12 +453,12 @@ impl CpuBackend {
     }
 
     /// `attention_cached` before its output is rounded.
-    fn attention_cached_f32(&self, q: &Mat, k: &KvCache, v: &KvCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+    fn attention_cached_f32(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
         match (k, v) {
-            (KvCache::F32(k), KvCache::F32(v)) => attention::attention(q, k.into(), v.into(), s, spans),
-            (KvCache::F16 { rows, cols, data: kd }, KvCache::F16 { rows: vr, cols: vc, data: vd }) => {
+            (CpuCache::F32(k), CpuCache::F32(v)) => Ok(attention::attention(q, k.into(), v.into(), s, spans)),
+            (CpuCache::F16 { rows, cols, data: kd }, CpuCache::F16 { rows: vr, cols: vc, data: vd }) => {
                 let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
-                attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans)
+                Ok(attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans))
             }
             _ => Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
         }

@@ -3,7 +3,7 @@
 
 use super::{BenchError, Result};
 use crate::backend::cpu::{CpuBackend, CpuRoute};
-use crate::backend::{Backend, ComputeDtype, KvDtype};
+use crate::backend::{ComputeDtype, KvDtype, Ops, WeightStream};
 use crate::tensor::{DType, HostTensor};
 use serde::Serialize;
 use std::time::Instant;

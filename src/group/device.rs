@@ -5,7 +5,7 @@
 //! Shapes: T rows of a micro-batch, C hidden, S scored rows, R logit rows, V vocabulary.
 
 use super::{GroupTensorNames, HostGroup};
-use crate::backend::Backend;
+use crate::backend::{KvCache, Ops, WeightStream};
 use crate::config::ModelConfig;
 use crate::model::{self, LayerCache, ModelError, Part, RowCtx, PartWeights};
 use crate::token_tree::{MicroBatch, ScoredRow};
@@ -14,14 +14,14 @@ use std::ops::Range;
 
 /// A group on a backend: begin, one `PartWeights` per layer, end (each part's tensors typed
 /// by its family).
-pub struct DeviceGroup<B: Backend> {
+pub struct DeviceGroup<B: Ops> {
     pub layers: Range<usize>,
     begin: Option<PartWeights<B>>,
     blocks: Vec<PartWeights<B>>,
     end: Option<PartWeights<B>>,
 }
 
-impl<B: Backend> DeviceGroup<B> {
+impl<B: WeightStream> DeviceGroup<B> {
     pub fn upload(b: &B, cfg: &ModelConfig, host: &HostGroup) -> Result<DeviceGroup<B>, ModelError> {
         let mut group = DeviceGroup { layers: host.layers.clone(), begin: None, blocks: vec![], end: None };
         for (part, tensors) in &host.parts {
@@ -30,9 +30,11 @@ impl<B: Backend> DeviceGroup<B> {
         }
         Ok(group)
     }
+}
 
+impl<B: Ops> DeviceGroup<B> {
     /// A group over weights already on the backend, in `names`' flat order (a streamed
-    /// group after `Backend::wait`).
+    /// group after `WeightStream::wait`).
     pub fn from_weights(cfg: &ModelConfig, names: &GroupTensorNames, weights: Vec<B::Weight>) -> Result<DeviceGroup<B>, ModelError> {
         if weights.len() != names.len() {
             return Err(ModelError::Unsupported(format!("layers {:?}: {} weights for {} tensors", names.layers, weights.len(), names.len())));
@@ -46,7 +48,7 @@ impl<B: Backend> DeviceGroup<B> {
         Ok(group)
     }
 
-    /// The weights back in `names`' flat order (for `Backend::release`).
+    /// The weights back in `names`' flat order (for `WeightStream::release`).
     pub fn into_weights(self, names: &GroupTensorNames) -> Result<Vec<B::Weight>, ModelError> {
         let mut by_part: Vec<PartWeights<B>> = self.begin.into_iter().chain(self.blocks).chain(self.end).collect();
         let mut out = Vec::with_capacity(names.len());
@@ -88,7 +90,9 @@ impl<B: Backend> DeviceGroup<B> {
     pub fn embed(&self, b: &B, ids: &[u32]) -> Result<B::Act, ModelError> {
         model::begin_forward(b, self.begin()?, ids)
     }
+}
 
+impl<B: KvCache> DeviceGroup<B> {
     /// hidden (T, C) -> hidden (T, C) through every layer of the range. With `caches`
     /// (one per layer of the range), keys and values are appended for generation.
     pub fn run_layers(
@@ -128,7 +132,7 @@ impl<B: Backend> DeviceGroup<B> {
 
 /// A micro-batch through consecutive groups that together hold the whole model:
 /// log p(target) at its scored rows (S,).
-pub fn score_through<B: Backend>(groups: &[DeviceGroup<B>], b: &B, cfg: &ModelConfig, batch: &MicroBatch) -> Result<Vec<f64>, ModelError> {
+pub fn score_through<B: KvCache>(groups: &[DeviceGroup<B>], b: &B, cfg: &ModelConfig, batch: &MicroBatch) -> Result<Vec<f64>, ModelError> {
     let (first, last) = match (groups.first(), groups.last()) {
         (Some(f), Some(l)) => (f, l),
         _ => return Err(ModelError::Unsupported("no groups loaded".into())),

@@ -12,7 +12,7 @@
 use super::table::{Origin, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
 use super::weights::{Attn, Norm, PartWeights, Resolver, WeightBias};
 use super::{attention_block, HfJson, LayerCache, ModelError, Result, RowCtx};
-use crate::backend::Backend;
+use crate::backend::KvCache;
 use crate::config::{FalconLayout, Family, ModelConfig};
 
 pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfig> {
@@ -181,7 +181,7 @@ impl Layer {
 }
 
 /// x (T, C) -> (T, C)
-pub fn layer_forward<B: Backend>(
+pub fn layer_forward<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
     w: &PartWeights<B>,

@@ -14,7 +14,7 @@ pub mod weights;
 pub use table::{convert_part, expected_tensors};
 pub use weights::PartWeights;
 
-use crate::backend::{AttnShape, Backend, BackendError};
+use crate::backend::{AttnShape, BackendError, KvCache, Ops};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::token_tree::AttnSpan;
 use crate::tensor::HostTensor;
@@ -100,14 +100,14 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
 }
 
 /// Keys and values of earlier tokens for one layer (generation).
-pub struct LayerCache<B: Backend> {
+pub struct LayerCache<B: KvCache> {
     /// (S, KV·D)
     pub k: Option<B::Cache>,
     /// (S, KV·D)
     pub v: Option<B::Cache>,
 }
 
-impl<B: Backend> Default for LayerCache<B> {
+impl<B: KvCache> Default for LayerCache<B> {
     fn default() -> Self {
         LayerCache { k: None, v: None }
     }
@@ -127,7 +127,7 @@ pub struct RowCtx<'a> {
 /// Self-attention shared by every family: fused qkv projection, rotary on q and k,
 /// token-tree attention, output projection summed into `residual` (the GEMM adds it). `cache`
 /// gets this call's keys appended. x (T, C) normed, residual (T, C) -> residual + attention.
-pub(crate) fn attention_block<B: Backend>(
+pub(crate) fn attention_block<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
     w: AttnRef<'_, B::Weight>,
@@ -181,12 +181,12 @@ fn is_identity(order: &[u32], n: usize) -> bool {
 }
 
 /// begin: ids (T,) -> hidden (T, C)
-pub fn begin_forward<B: Backend>(b: &B, w: &PartWeights<B>, ids: &[u32]) -> Result<B::Act> {
+pub fn begin_forward<B: Ops>(b: &B, w: &PartWeights<B>, ids: &[u32]) -> Result<B::Act> {
     Ok(b.embed(w.at(w.embed()?), ids)?)
 }
 
 /// One decoder layer: hidden (T, C) -> hidden (T, C).
-pub fn layer_forward<B: Backend>(
+pub fn layer_forward<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
     w: &PartWeights<B>,
@@ -202,7 +202,7 @@ pub fn layer_forward<B: Backend>(
 }
 
 /// end: hidden (T, C) at `rows` -> logits (R, V).
-pub fn end_logits<B: Backend>(b: &B, cfg: &ModelConfig, w: &PartWeights<B>, x: &B::Act, rows: &[u32]) -> Result<B::Act> {
+pub fn end_logits<B: Ops>(b: &B, cfg: &ModelConfig, w: &PartWeights<B>, x: &B::Act, rows: &[u32]) -> Result<B::Act> {
     let end = w.end()?;
     let picked = b.rows(x, rows)?; // (R, C)
     let eps = cfg.norm_eps as f32;

@@ -4,7 +4,7 @@
 
 use super::table::{EMBED, LM_HEAD, NORM, OUT, QKV};
 use super::{falcon, llama, ModelError, Part, Result};
-use crate::backend::Backend;
+use crate::backend::{Ops, WeightStream};
 use crate::config::{Family, ModelConfig};
 use crate::tensor::HostTensor;
 
@@ -40,7 +40,7 @@ impl Attn {
     }
 }
 
-/// A linear layer's weight and bias on a backend, as `Backend::linear` takes them.
+/// A linear layer's weight and bias on a backend, as `Ops::linear` takes them.
 pub type LinearRef<'a, W> = (&'a W, Option<&'a W>);
 
 /// The attention projections of one layer, on a backend.
@@ -96,14 +96,14 @@ impl Resolver<'_> {
 }
 
 /// A part's weights on a backend with their short names, and the family's view of them.
-pub struct PartWeights<B: Backend> {
+pub struct PartWeights<B: Ops> {
     pub part: Part,
     names: Vec<String>,
     weights: Vec<B::Weight>,
     view: View,
 }
 
-impl<B: Backend> PartWeights<B> {
+impl<B: Ops> PartWeights<B> {
     /// Weights already on the backend (streamed uploads, synthetic benchmark layers), by short
     /// name; fails naming the first tensor the family's forward needs and the part lacks.
     pub fn new(cfg: &ModelConfig, part: Part, named: Vec<(String, B::Weight)>) -> Result<PartWeights<B>> {
@@ -122,11 +122,6 @@ impl<B: Backend> PartWeights<B> {
         Ok(PartWeights { part, names, weights, view })
     }
 
-    pub fn upload(backend: &B, cfg: &ModelConfig, part: Part, tensors: &[(String, HostTensor)]) -> Result<PartWeights<B>> {
-        let named = tensors.iter().map(|(name, t)| Ok((name.clone(), backend.upload_weight(t)?))).collect::<Result<Vec<_>>>()?;
-        PartWeights::new(cfg, part, named)
-    }
-
     /// The weights with their names, handing them back (a streamed group's release).
     pub fn into_named(self) -> impl Iterator<Item = (String, B::Weight)> {
         self.names.into_iter().zip(self.weights)
@@ -137,7 +132,7 @@ impl<B: Backend> PartWeights<B> {
         &self.weights[ix.0]
     }
 
-    /// A weight and its bias, as `Backend::linear` takes them.
+    /// A weight and its bias, as `Ops::linear` takes them.
     pub fn linear(&self, wb: WeightBias) -> LinearRef<'_, B::Weight> {
         (self.at(wb.weight), wb.bias.map(|b| self.at(b)))
     }
@@ -166,6 +161,14 @@ impl<B: Backend> PartWeights<B> {
 
     pub(crate) fn wrong_part(&self, wanted: &str) -> ModelError {
         ModelError::Unsupported(format!("part {} used as {wanted}", self.part.name()))
+    }
+}
+
+impl<B: WeightStream> PartWeights<B> {
+    /// A part's tensors uploaded to stay on the backend.
+    pub fn upload(backend: &B, cfg: &ModelConfig, part: Part, tensors: &[(String, HostTensor)]) -> Result<PartWeights<B>> {
+        let named = tensors.iter().map(|(name, t)| Ok((name.clone(), backend.upload_weight(t)?))).collect::<Result<Vec<_>>>()?;
+        PartWeights::new(cfg, part, named)
     }
 }
 

@@ -1,7 +1,7 @@
 //! The weight window: every group this rank owns pinned in host memory (converted once, at
 //! start, to what the backend computes with), at most `resident` of them in device slots, and
 //! the next ones copied in while the current one computes, through the backend's streaming
-//! contract (`Backend::pin / prefetch / wait / release`, docs/DESIGN.md "Weight streaming").
+//! contract (`WeightStream::pin / prefetch / wait / release`, docs/DESIGN.md "Weight streaming").
 //! The same window runs on the CPU backend (a copy thread) and on CUDA (a copy stream).
 //!
 //! A slot is freed only by `release`, which takes the group's weights back by value, and the
@@ -18,7 +18,7 @@
 //! # }
 //! ```
 
-use crate::backend::Backend;
+use crate::backend::WeightStream;
 use crate::config::ModelConfig;
 use crate::model::{ModelError, Part};
 use crate::schedule::Schedule;
@@ -42,13 +42,13 @@ pub fn read_rank_groups<E>(
 pub type GroupCopy = (usize, Instant, Instant);
 
 /// A group in a slot: its copy in flight, or arrived and computing.
-enum Held<B: Backend> {
+enum Held<B: WeightStream> {
     Loading(B::Transfer),
     /// Boxed: a group's typed weights make it far larger than a transfer in flight.
     Ready(B::Transfer, Box<DeviceGroup<B>>),
 }
 
-pub struct WeightWindow<B: Backend> {
+pub struct WeightWindow<B: WeightStream> {
     backend: Arc<B>,
     /// The model's config, to type each arriving group's weights.
     cfg: ModelConfig,
@@ -66,7 +66,7 @@ pub struct WeightWindow<B: Backend> {
     pub copies: Vec<GroupCopy>,
 }
 
-impl<B: Backend> WeightWindow<B> {
+impl<B: WeightStream> WeightWindow<B> {
     /// Pins every group (the host copies are converted once here and then dropped).
     pub fn new(backend: Arc<B>, cfg: &ModelConfig, host: Vec<HostGroup>, resident: usize) -> Result<WeightWindow<B>, ModelError> {
         let mut names = vec![];
@@ -179,7 +179,7 @@ impl<B: Backend> WeightWindow<B> {
     }
 }
 
-impl<B: Backend> Drop for WeightWindow<B> {
+impl<B: WeightStream> Drop for WeightWindow<B> {
     fn drop(&mut self) {
         // Copies in flight end before their slots' memory goes (CPU: the copy thread
         // finishes its queue; CUDA: the pinned group's drop waits for its last copy).

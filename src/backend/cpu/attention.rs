@@ -15,8 +15,8 @@
 use super::gemm::{self, Kernel};
 use super::elem::Elem;
 use super::kv_cache::CacheView;
-use super::{shape_err, vmath, Mat, SendPtr};
-use crate::backend::{AttnShape, Result};
+use super::{vmath, Mat, SendPtr};
+use crate::backend::AttnShape;
 use crate::token_tree::AttnSpan;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -62,41 +62,27 @@ impl PackedKv {
     }
 }
 
-/// q (T, H·D) against k and v of (rows, cols) (S, KV·D), or why they do not fit.
-fn check(q: &Mat, k: (usize, usize), v: (usize, usize), s: AttnShape, spans: &[AttnSpan]) -> Result<()> {
-    let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
-    if q.cols != h * d || k.1 != kvh * d || v.1 != kvh * d || spans.len() != q.rows || k.0 != v.0 {
-        return Err(shape_err("attention", format!("q {:?} k {k:?} v {v:?} spans {}", (q.rows, q.cols), spans.len())));
-    }
-    for (t, span) in spans.iter().enumerate() {
-        if t + s.key_offset >= k.0 || span.shared_end as usize > k.0 {
-            return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.0)));
-        }
-    }
-    Ok(())
-}
-
 /// Whether every block is a few rows (decode steps): then attention goes by key chunks.
 fn is_decode(blocks: &[(usize, usize)]) -> bool {
     blocks.iter().all(|(t0, t1)| t1 - t0 <= FEW_QUERY_ROWS)
 }
 
 /// out (T, H·D) = softmax(q kᵀ / √D over each row's spans) v; q (T, H·D), k and v (S, KV·D) in
-/// the type they are kept in (f32, or a generation cache's narrower one).
-pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-    check(q, (k.rows, k.cols), (v.rows, v.cols), s, spans)?;
+/// the type they are kept in (f32, or a generation cache's narrower one); shapes as
+/// `shapes::attention` checked them.
+pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan]) -> Mat {
     let blocks = query_blocks(spans);
     if is_decode(&blocks) {
-        return Ok(super::decode::decode_attention(q, k, v, s, spans, &blocks));
+        return super::decode::decode_attention(q, k, v, s, spans, &blocks);
     }
     // The micro-kernel packs f32: a narrower cache (rows after a cached prompt) is widened first.
-    Ok(match (E::as_f32(k.data), E::as_f32(v.data)) {
+    match (E::as_f32(k.data), E::as_f32(v.data)) {
         (Some(kd), Some(vd)) => prefill(q, CacheView { rows: k.rows, cols: k.cols, data: kd }, CacheView { rows: v.rows, cols: v.cols, data: vd }, s, spans, &blocks),
         _ => {
             let (k, v) = (k.widen(), v.widen());
             prefill(q, (&k).into(), (&v).into(), s, spans, &blocks)
         }
-    })
+    }
 }
 
 /// `attention` of calls with a block of more than FEW_QUERY_ROWS rows: its products read the

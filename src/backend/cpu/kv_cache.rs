@@ -6,13 +6,13 @@
 
 use super::elem::Elem;
 use super::gemm::{self, Kernel};
-use super::{gather, gather_rows, shape_err, Mat};
-use crate::backend::{KvDtype, Result};
+use super::{gather, gather_rows, Mat};
+use crate::backend::KvDtype;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 /// Keys or values (rows, cols) of earlier tokens, row-major.
-pub enum KvCache {
+pub enum CpuCache {
     F32(Mat),
     F16 { rows: usize, cols: usize, data: Vec<f16> },
 }
@@ -40,70 +40,64 @@ impl<'a> From<&'a Mat> for CacheView<'a, f32> {
     }
 }
 
-impl KvCache {
+impl CpuCache {
     /// A cache of x's rows, kept as `dtype`.
-    pub(super) fn new(x: Mat, dtype: KvDtype) -> KvCache {
+    pub(super) fn new(x: Mat, dtype: KvDtype) -> CpuCache {
         match dtype {
-            KvDtype::F32 => KvCache::F32(x),
-            KvDtype::F16 => KvCache::F16 { rows: x.rows, cols: x.cols, data: narrow(&x.data) },
+            KvDtype::F32 => CpuCache::F32(x),
+            KvDtype::F16 => CpuCache::F16 { rows: x.rows, cols: x.cols, data: narrow(&x.data) },
         }
     }
 
     pub(super) fn len(&self) -> usize {
         match self {
-            KvCache::F32(m) => m.rows,
-            KvCache::F16 { rows, .. } => *rows,
+            CpuCache::F32(m) => m.rows,
+            CpuCache::F16 { rows, .. } => *rows,
         }
     }
 
-    fn cols(&self) -> usize {
+    pub(super) fn cols(&self) -> usize {
         match self {
-            KvCache::F32(m) => m.cols,
-            KvCache::F16 { cols, .. } => *cols,
+            CpuCache::F32(m) => m.cols,
+            CpuCache::F16 { cols, .. } => *cols,
         }
     }
 
     /// The dtype the values are kept as.
     pub(super) fn dtype(&self) -> KvDtype {
         match self {
-            KvCache::F32(_) => KvDtype::F32,
-            KvCache::F16 { .. } => KvDtype::F16,
+            CpuCache::F32(_) => KvDtype::F32,
+            CpuCache::F16 { .. } => KvDtype::F16,
         }
     }
 
     /// new's rows appended, in place (amortised: the rows already there are not copied).
-    pub(super) fn append(&mut self, new: &Mat) -> Result<()> {
-        if self.cols() != new.cols {
-            return Err(shape_err("cache_append", format!("{} vs {} columns", self.cols(), new.cols)));
-        }
+    /// new's columns are the cache's (`shapes::stack`).
+    pub(super) fn append(&mut self, new: &Mat) {
         match self {
-            KvCache::F32(m) => {
+            CpuCache::F32(m) => {
                 m.data.extend_from_slice(&new.data);
                 m.rows += new.rows;
             }
-            KvCache::F16 { rows, data, .. } => {
+            CpuCache::F16 { rows, data, .. } => {
                 let at = data.len();
                 data.resize(at + new.data.len(), f16::ZERO);
                 data[at..].convert_from_f32_slice(&new.data);
                 *rows += new.rows;
             }
         }
-        Ok(())
     }
 
-    /// The given rows, in order.
-    pub(super) fn rows(&self, order: &[u32]) -> Result<KvCache> {
-        if let Some(&r) = order.iter().find(|&&r| r as usize >= self.len()) {
-            return Err(shape_err("cache_rows", format!("row {r} of {}", self.len())));
-        }
+    /// The given rows, in order; each below `len` (`shapes::rows`).
+    pub(super) fn rows(&self, order: &[u32]) -> CpuCache {
         let cols = self.cols();
-        Ok(match self {
-            KvCache::F32(m) => KvCache::F32(gather_rows(order.len(), cols, |i| m.row(order[i] as usize))),
-            KvCache::F16 { data, .. } => {
+        match self {
+            CpuCache::F32(m) => CpuCache::F32(gather_rows(order.len(), cols, |i| m.row(order[i] as usize))),
+            CpuCache::F16 { data, .. } => {
                 let data = gather(order.len(), cols, |i| &data[order[i] as usize * cols..][..cols]);
-                KvCache::F16 { rows: order.len(), cols, data }
+                CpuCache::F16 { rows: order.len(), cols, data }
             }
-        })
+        }
     }
 }
 

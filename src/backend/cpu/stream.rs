@@ -182,7 +182,7 @@ impl CpuBackend {
 #[cfg(test)]
 mod tests {
     use crate::backend::cpu::CpuBackend;
-    use crate::backend::{Backend, BackendError};
+    use crate::backend::{BackendError, WeightStream};
     use crate::tensor::HostTensor;
     use std::sync::Arc;
 

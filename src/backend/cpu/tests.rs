@@ -1,6 +1,7 @@
 //! The fast CPU ops against plain-loop references (llama2.c style).
 
 use super::*;
+use crate::backend::{KvCache, Ops};
 use crate::tensor::DType;
 use crate::token_tree::{MicroBatch, TokenizedDoc};
 
@@ -338,6 +339,25 @@ fn fused_gate_up_matches_the_f64_products_and_refuses_unequal_widths() {
 }
 
 #[test]
+fn fused_linear_residual_matches_its_unfused_reference_on_every_route() {
+    // Few rows, many rows, and a depth over one K block (partial sums added to the residual).
+    for route in [CpuRoute::F32].into_iter().chain(CpuRoute::available(crate::backend::ComputeDtype::Bf16)) {
+        let b = CpuBackend::with_route(KvDtype::F32, route);
+        for (t, k, n) in [(1, 8, 5), (30, 64, 100), (300, 96, 70), (3, 2100, 20)] {
+            let x = mat(t, k, 70);
+            let host = |shape: &[usize], seed| HostTensor::from_f32(shape.to_vec(), &rand_vec(shape.iter().product(), seed));
+            let (w, bias) = (b.upload_weight(&host(&[n, k], 71)).unwrap(), b.upload_weight(&host(&[n], 72)).unwrap());
+            let r = mat(t, n, 73);
+            let fused = b.linear_residual(&x, &w, Some(&bias), r.clone()).unwrap();
+            let unfused = crate::backend::linear_residual_unfused(&b, &x, &w, Some(&bias), r).unwrap();
+            assert_eq!((fused.rows, fused.cols), (t, n));
+            // The sum is rounded once more in the reference (product, then + residual).
+            assert_close(&fused.data, &unfused.data, 1e-5);
+        }
+    }
+}
+
+#[test]
 fn cols_copies_the_column_range() {
     let b = CpuBackend::new();
     let x = mat(5, 12, 50);
@@ -582,9 +602,9 @@ fn caches_grow_in_place_to_what_concat_rows_makes_and_regroup_by_rows() {
             b.cache_append(&mut cache, &new).unwrap();
         }
         let want = if dtype == KvDtype::F16 { rounded_to_f16(&want) } else { want };
-        let widened = |c: &KvCache| match c {
-            KvCache::F32(m) => m.clone(),
-            KvCache::F16 { rows, cols, data } => Mat { rows: *rows, cols: *cols, data: data.iter().map(|x| x.to_f32()).collect() },
+        let widened = |c: &CpuCache| match c {
+            CpuCache::F32(m) => m.clone(),
+            CpuCache::F16 { rows, cols, data } => Mat { rows: *rows, cols: *cols, data: data.iter().map(|x| x.to_f32()).collect() },
         };
         assert_eq!(widened(&cache), want, "{dtype}");
         assert_eq!(b.cache_len(&cache), want.rows);
@@ -774,8 +794,7 @@ fn bf16_routes_round_gemm_inputs_where_cuda_does() {
             assert!((*s as f64 - *r as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "{route}: linear_residual at {i}");
         }
         let fused = b.linear_silu_mul(&x, &g, Some(&bb), &u, None).unwrap();
-        let mut unfused = b.linear(&x, &g, Some(&bb)).unwrap();
-        b.silu_mul(&mut unfused, &b.linear(&x, &u, None).unwrap()).unwrap();
+        let unfused = crate::backend::linear_silu_mul_unfused(&b, &x, &g, Some(&bb), &u, None).unwrap();
         assert!(is_bf16(&fused.data) && is_bf16(&unfused.data), "{route}: SiLU·up rounded");
         assert_close(&fused.data, &unfused.data, 1e-2);
         let ones = CpuWeight::new(vec![k], vec![1.0; k]);

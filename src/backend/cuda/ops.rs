@@ -1,11 +1,14 @@
-//! `Backend` for `CudaBackend`: shape checks on the host (the same errors as the CPU
-//! reference), then one kernel or cuBLASLt call on the compute stream.
+//! `Kernels` and `WeightStream` for `CudaBackend`: one kernel or cuBLASLt call on the
+//! compute stream per op.
 //!
-//! Index arrays (token ids, rows, targets, spans) are host data: they are validated on the
-//! host before upload, so kernels never see an out-of-range index.
+//! Shapes and index arrays (token ids, rows, targets, spans) are checked on the host by
+//! shapes.rs before these run (the same layer, and so the same errors, as the CPU backend),
+//! so kernels never see an out-of-range index. What is checked here is this backend's own:
+//! 32-bit indexing, the attention kernel's limits, weights and activations in the storage an
+//! op reads.
 
 use super::{dev_err, elementwise_cfg, upload, ActBuf, CudaAct, CudaBackend, CudaSlot, CudaTransfer, CudaWeight, PinnedGroup, WeightBuf};
-use crate::backend::{AttnShape, Backend, BackendError, CopySpan, Result};
+use crate::backend::{AttnShape, BackendError, CopySpan, Kernels, Result, WeightStream};
 use std::sync::Arc;
 use crate::token_tree::AttnSpan;
 use crate::tensor::HostTensor;
@@ -30,10 +33,10 @@ fn bf16_of<'a>(op: &'static str, w: &'a CudaWeight) -> Result<&'a cudarc::driver
     }
 }
 
-fn vec_of<'a>(op: &'static str, w: &'a CudaWeight, len: usize) -> Result<&'a cudarc::driver::CudaSlice<f32>> {
+fn vec_of<'a>(op: &'static str, w: &'a CudaWeight) -> Result<&'a cudarc::driver::CudaSlice<f32>> {
     match &w.buf {
-        WeightBuf::F32(b) if w.shape == [len] => Ok(b),
-        _ => Err(shape_err(op, format!("expected a vector of {len}, got shape {:?}", w.shape))),
+        WeightBuf::F32(b) => Ok(b),
+        WeightBuf::Bf16(_) => Err(shape_err(op, format!("expected a vector weight, got shape {:?}", w.shape))),
     }
 }
 
@@ -42,11 +45,6 @@ impl CudaBackend {
     /// feed only the down projection (see the module doc of cuda/mod.rs).
     fn activation_bf16(&self, op: &'static str, x: &mut CudaAct, y: Option<&CudaAct>) -> Result<()> {
         let n = x.rows * x.cols;
-        if let Some(y) = y {
-            if y.rows * y.cols != n {
-                return Err(shape_err(op, format!("({}, {}) with ({}, {})", x.rows, x.cols, y.rows, y.cols)));
-            }
-        }
         let mut out = self.alloc_bf16(n, op)?;
         if n > 0 {
             let (f, name) = match y {
@@ -68,17 +66,12 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// out (T, N) = x (T, K) · w (N, K)ᵀ [+ b] [+ out where `residual`].
+    /// out (T, N) = x (T, K) · w (N, K)ᵀ [+ b] [+ out where `residual`], on shapes
+    /// `shapes::linear` let through.
     fn gemm_into(&self, x: &CudaAct, w: &CudaWeight, b: Option<&CudaWeight>, out: &mut CudaAct, residual: bool) -> Result<()> {
         let op = if residual { "linear_residual" } else { "linear" };
-        let (n, k) = match w.shape[..] {
-            [n, k] => (n, k),
-            _ => return Err(shape_err(op, format!("weight of shape {:?}", w.shape))),
-        };
-        if x.cols != k || out.rows != x.rows || out.cols != n {
-            return Err(shape_err(op, format!("x ({}, {}) and output ({}, {}) with weight ({n}, {k})", x.rows, x.cols, out.rows, out.cols)));
-        }
-        let bias = b.map(|b| vec_of(op, b, n)).transpose()?;
+        let (n, k) = (w.shape[0], x.cols);
+        let bias = b.map(|b| vec_of(op, b)).transpose()?;
         if x.rows == 0 {
             return Ok(());
         }
@@ -102,7 +95,7 @@ impl CudaBackend {
     }
 }
 
-impl Backend for CudaBackend {
+impl Kernels for CudaBackend {
     type Act = CudaAct;
     type Weight = CudaWeight;
     /// The device keeps its generation cache as activations (`KvDtype::F32` only).
@@ -112,44 +105,15 @@ impl Backend for CudaBackend {
         self.name.clone()
     }
 
-    fn upload_weight(&self, t: &HostTensor) -> Result<CudaWeight> {
-        let what = format!("weight {:?}", t.shape);
-        let buf = if t.shape.len() >= 2 {
-            let host = upload::to_bf16_bits(t);
-            let dev = if host.is_empty() { unsafe { self.stream.alloc::<u16>(1) } } else { self.stream.clone_htod(&host) };
-            WeightBuf::Bf16(dev.map_err(|e| dev_err(&what, e))?)
-        } else {
-            let host = t.to_f32();
-            let dev = if host.is_empty() { unsafe { self.stream.alloc::<f32>(1) } } else { self.stream.clone_htod(&host) };
-            WeightBuf::F32(dev.map_err(|e| dev_err(&what, e))?)
-        };
-        Ok(CudaWeight { shape: t.shape.clone(), buf })
+    fn weight_shape<'w>(&self, w: &'w CudaWeight) -> &'w [usize] {
+        &w.shape
     }
 
-    type Pinned = PinnedGroup;
-    type Slot = CudaSlot;
-    type Transfer = CudaTransfer;
-
-    fn pin(&self, tensors: &[HostTensor]) -> Result<PinnedGroup> {
-        self.stream_pin(tensors)
-    }
-
-    fn prefetch(&self, group: Arc<PinnedGroup>, slot: Option<CudaSlot>) -> Result<CudaTransfer> {
-        self.stream_prefetch(&group, slot)
-    }
-
-    fn wait(&self, transfer: &mut CudaTransfer) -> Result<Vec<CudaWeight>> {
-        self.stream_wait(transfer)
-    }
-
-    fn release(&self, transfer: CudaTransfer, weights: Vec<CudaWeight>) -> Result<(CudaSlot, Option<CopySpan>)> {
-        self.stream_release(transfer, weights)
+    fn cache_dims(&self, c: &CudaAct) -> (usize, usize) {
+        (c.rows, c.cols)
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaAct> {
-        if data.len() != rows * cols {
-            return Err(shape_err("upload", format!("{} values for ({rows}, {cols})", data.len())));
-        }
         if data.is_empty() {
             return self.act(rows, cols, "upload");
         }
@@ -192,18 +156,8 @@ impl Backend for CudaBackend {
         self.synchronize()
     }
 
-    fn random_weight(&self, shape: &[usize], seed: u64, lo: f32, hi: f32) -> Result<CudaWeight> {
-        CudaBackend::random_weight(self, shape, seed, lo, hi)
-    }
-
     fn embed(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaAct> {
-        let (v, c) = match table.shape[..] {
-            [v, c] => (v, c),
-            _ => return Err(shape_err("embed", format!("table of shape {:?}", table.shape))),
-        };
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= v) {
-            return Err(shape_err("embed", format!("token id {id} outside the vocabulary of {v}")));
-        }
+        let c = table.shape[1];
         let mut out = self.act(ids.len(), c, "embed")?;
         if ids.is_empty() {
             return Ok(out);
@@ -217,7 +171,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &CudaAct, w: &CudaWeight, b: Option<&CudaWeight>) -> Result<CudaAct> {
-        let n = w.shape.first().copied().unwrap_or(0);
+        let n = w.shape[0];
         let mut out = self.act(x.rows, n, "linear output")?;
         self.gemm_into(x, w, b, &mut out, false)?;
         Ok(out)
@@ -230,7 +184,7 @@ impl Backend for CudaBackend {
     }
 
     fn layer_norm(&self, x: &CudaAct, w: &CudaWeight, b: &CudaWeight, eps: f32) -> Result<CudaAct> {
-        let (wv, bv) = (vec_of("layer_norm", w, x.cols)?, vec_of("layer_norm", b, x.cols)?);
+        let (wv, bv) = (vec_of("layer_norm", w)?, vec_of("layer_norm", b)?);
         let mut out = self.alloc_bf16(x.rows * x.cols, "layer_norm")?;
         if x.rows > 0 {
             let (t32, c32) = (u32_of("layer_norm", x.rows)?, u32_of("layer_norm", x.cols)?);
@@ -242,7 +196,7 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CudaAct, w: &CudaWeight, eps: f32) -> Result<CudaAct> {
-        let wv = vec_of("rms_norm", w, x.cols)?;
+        let wv = vec_of("rms_norm", w)?;
         let mut out = self.alloc_bf16(x.rows * x.cols, "rms_norm")?;
         if x.rows > 0 {
             let (t32, c32) = (u32_of("rms_norm", x.rows)?, u32_of("rms_norm", x.cols)?);
@@ -254,12 +208,6 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, x: &mut CudaAct, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
-        if positions.len() != x.rows || col0 + heads * head_dim > x.cols || inv_freq.len() != head_dim / 2 {
-            return Err(shape_err(
-                "rope",
-                format!("{} positions, {} rows, {} cols, {} frequencies for head dim {head_dim}", positions.len(), x.rows, x.cols, inv_freq.len()),
-            ));
-        }
         let pairs = heads * (head_dim / 2);
         if x.rows == 0 || pairs == 0 {
             return Ok(());
@@ -283,19 +231,8 @@ impl Backend for CudaBackend {
 
     fn attention(&self, q: &CudaAct, k: &CudaAct, v: &CudaAct, s: AttnShape, spans: &[AttnSpan]) -> Result<CudaAct> {
         let (h, kvh, d) = (s.heads, s.kv_heads, s.head_dim);
-        if kvh == 0 || h % kvh != 0 || q.cols != h * d || k.cols != kvh * d || v.cols != kvh * d || spans.len() != q.rows || k.rows != v.rows {
-            return Err(shape_err(
-                "attention",
-                format!("q {:?} k {:?} v {:?} spans {} heads {h}/{kvh}", (q.rows, q.cols), (k.rows, k.cols), (v.rows, v.cols), spans.len()),
-            ));
-        }
         if d > super::ATTN_MAX_HEAD_DIM {
             return Err(shape_err("attention", format!("head_dim {d} > {} is not supported by kernels/attention.cu", super::ATTN_MAX_HEAD_DIM)));
-        }
-        for (t, span) in spans.iter().enumerate() {
-            if t + s.key_offset >= k.rows || span.shared_end as usize > k.rows {
-                return Err(shape_err("attention", format!("row {t} attends past the {} key rows", k.rows)));
-            }
         }
         if kvh > 65535 {
             return Err(shape_err("attention", format!("{kvh} kv heads: the kernel's grid holds at most 65535")));
@@ -336,9 +273,6 @@ impl Backend for CudaBackend {
 
     fn add(&self, x: &mut CudaAct, y: &CudaAct) -> Result<()> {
         let n = x.rows * x.cols;
-        if y.rows * y.cols != n {
-            return Err(shape_err("add", format!("({}, {}) with ({}, {})", x.rows, x.cols, y.rows, y.cols)));
-        }
         if n == 0 {
             return Ok(());
         }
@@ -350,9 +284,6 @@ impl Backend for CudaBackend {
     }
 
     fn cols(&self, x: &CudaAct, start: usize, width: usize) -> Result<CudaAct> {
-        if start + width > x.cols {
-            return Err(shape_err("cols", format!("[{start}, {}) of {} columns", start + width, x.cols)));
-        }
         let mut out = self.act(x.rows, width, "cols")?;
         if x.rows == 0 || width == 0 {
             return Ok(out);
@@ -366,9 +297,6 @@ impl Backend for CudaBackend {
     }
 
     fn rows(&self, x: &CudaAct, rows: &[u32]) -> Result<CudaAct> {
-        if let Some(&r) = rows.iter().find(|&&r| r as usize >= x.rows) {
-            return Err(shape_err("rows", format!("row {r} of {}", x.rows)));
-        }
         let mut out = self.act(rows.len(), x.cols, "rows")?;
         if rows.is_empty() || x.cols == 0 {
             return Ok(out);
@@ -398,15 +326,8 @@ impl Backend for CudaBackend {
         self.rows(cache, rows)
     }
 
-    fn cache_len(&self, cache: &CudaAct) -> usize {
-        cache.rows
-    }
-
     /// Two device-to-device copies: a concat kernel would only re-implement memcpy.
     fn concat_rows(&self, a: &CudaAct, b: &CudaAct) -> Result<CudaAct> {
-        if a.cols != b.cols {
-            return Err(shape_err("concat_rows", format!("{} vs {} columns", a.cols, b.cols)));
-        }
         let (na, nb) = (a.rows * a.cols, b.rows * b.cols);
         let mut out = self.act(a.rows + b.rows, a.cols, "concat_rows")?;
         let (ab, bb, ob) = (a.f32("concat_rows")?, b.f32("concat_rows")?, out.f32_mut("concat_rows")?);
@@ -422,12 +343,6 @@ impl Backend for CudaBackend {
     }
 
     fn log_softmax_at(&self, logits: &CudaAct, targets: &[u32]) -> Result<Vec<f64>> {
-        if targets.len() != logits.rows {
-            return Err(shape_err("log_softmax_at", format!("{} targets for {} rows", targets.len(), logits.rows)));
-        }
-        if let Some(&t) = targets.iter().find(|&&t| t as usize >= logits.cols) {
-            return Err(shape_err("log_softmax_at", format!("target {t} outside the vocabulary of {}", logits.cols)));
-        }
         if targets.is_empty() {
             return Ok(vec![]);
         }
@@ -452,5 +367,45 @@ impl Backend for CudaBackend {
         l.arg(logits.f32("log_softmax")?).arg(out.f32_mut("log_softmax")?).arg(&s32).arg(&v32);
         self.launched("log_softmax_f32", unsafe { l.launch(rows_cfg(logits.rows)) })?;
         self.download(&out)
+    }
+}
+
+impl WeightStream for CudaBackend {
+    type Pinned = PinnedGroup;
+    type Slot = CudaSlot;
+    type Transfer = CudaTransfer;
+
+    fn upload_weight(&self, t: &HostTensor) -> Result<CudaWeight> {
+        let what = format!("weight {:?}", t.shape);
+        let buf = if t.shape.len() >= 2 {
+            let host = upload::to_bf16_bits(t);
+            let dev = if host.is_empty() { unsafe { self.stream.alloc::<u16>(1) } } else { self.stream.clone_htod(&host) };
+            WeightBuf::Bf16(dev.map_err(|e| dev_err(&what, e))?)
+        } else {
+            let host = t.to_f32();
+            let dev = if host.is_empty() { unsafe { self.stream.alloc::<f32>(1) } } else { self.stream.clone_htod(&host) };
+            WeightBuf::F32(dev.map_err(|e| dev_err(&what, e))?)
+        };
+        Ok(CudaWeight { shape: t.shape.clone(), buf })
+    }
+
+    fn pin(&self, tensors: &[HostTensor]) -> Result<PinnedGroup> {
+        self.stream_pin(tensors)
+    }
+
+    fn prefetch(&self, group: Arc<PinnedGroup>, slot: Option<CudaSlot>) -> Result<CudaTransfer> {
+        self.stream_prefetch(&group, slot)
+    }
+
+    fn wait(&self, transfer: &mut CudaTransfer) -> Result<Vec<CudaWeight>> {
+        self.stream_wait(transfer)
+    }
+
+    fn release(&self, transfer: CudaTransfer, weights: Vec<CudaWeight>) -> Result<(CudaSlot, Option<CopySpan>)> {
+        self.stream_release(transfer, weights)
+    }
+
+    fn random_weight(&self, shape: &[usize], seed: u64, lo: f32, hi: f32) -> Result<CudaWeight> {
+        CudaBackend::random_weight(self, shape, seed, lo, hi)
     }
 }
