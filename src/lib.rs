@@ -14,6 +14,7 @@ pub mod model;
 pub mod pipeline;
 pub mod sample;
 pub mod schedule;
+pub mod stop;
 pub mod results;
 pub mod runner;
 pub mod score;

@@ -99,6 +99,33 @@ fn sigint_to_the_ranks_ends_the_job_with_75_and_a_resumable_file() {
     rerun_completes(&out);
 }
 
+/// The MPI rank of a process mpirun started, from its environment.
+fn world_rank(pid: i32) -> Option<usize> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0).find_map(|kv| kv.strip_prefix(b"OMPI_COMM_WORLD_RANK=")).and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+}
+
+#[test]
+fn sigterm_to_a_serving_rank_alone_stops_the_job_with_75_and_a_resumable_file() {
+    // As a `kill` of one process or a signal to one node's step gives it: the writer never
+    // sees the signal itself (before, the job ran on and exited 0).
+    let (_, docs, _) = inputs();
+    let out = tmp().join("rank1.h5");
+    let mut job = spawn_limited(&score(docs, &out, 300), LIMIT);
+    wait_for_docs(&mut job, &out);
+    let ranks = children(mpirun_pid(&job));
+    let serving = ranks.iter().copied().find(|&p| world_rank(p) == Some(1)).expect("rank 1 runs");
+    signal(serving, libc::SIGTERM);
+    let o = job.wait();
+    assert_eq!(o.code(), Some(75), "{}", o.stderr);
+    for left in ["rank1.h5.reserve", "rank1.h5.lock"] {
+        assert!(!tmp().join(left).exists(), "{left} is removed");
+    }
+    let n = docs_in(&out);
+    assert!(n > 0 && n < 120, "{n} documents");
+    rerun_completes(&out);
+}
+
 /// Send `sig` to mpirun itself once the file holds documents. mpirun runs with the README's
 /// `--mca odls_base_sigkill_timeout 8`: it passes the ranks SIGTERM 8 s after the signal and
 /// SIGKILL 8 s after that, time enough for the writer to finish its wave (held 1 s) and flush

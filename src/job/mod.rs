@@ -6,7 +6,7 @@
 //! launch.rs (every rank's start-up), resources.rs (a CPU rank's share of its node),
 //! score.rs (the score job's writer side), score_rank.rs (the score job over the ranks),
 //! generate.rs (the generate job), waves.rs (waves in flight on the scorer), in_order.rs (results
-//! written in input order), progress.rs (progress on stderr), stop.rs (SIGTERM, SIGINT), output_lock.rs (one job per
+//! written in input order), progress.rs (progress on stderr), output_lock.rs (one job per
 //! results file), paths.rs (the outputs checked and claimed before any work), fault.rs
 //! (fault injection for the restart tests).
 
@@ -21,7 +21,8 @@ pub mod resources;
 pub mod rank;
 pub mod score;
 pub mod score_rank;
-pub mod stop;
+/// Stop requests are process-wide (the heartbeat thread relays them); the jobs reach them here.
+pub use crate::stop;
 mod waves;
 
 use crate::model::ModelError;

@@ -1,8 +1,9 @@
 //! The heartbeat thread: it tells every peer, twice a second, how far this rank's work has
-//! come and whom its main thread waits for, and notes what it hears of each peer. It never
-//! decides anything: the backstop reads what it noted.
+//! come, whom its main thread waits for and whether it was asked to stop, and notes what it
+//! hears of each peer. It never decides anything: the backstop reads what it noted, and a
+//! peer's stop request becomes this process's (stop.rs), for the writer to act on.
 
-use crate::liveness;
+use crate::{liveness, stop};
 use crate::pipeline::transport::{Comm, WaitState, Pending};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,13 +34,13 @@ impl PeerView {
 /// `waits_for` of a peer that waits for nobody.
 pub(super) const NOBODY: u64 = u64::MAX;
 
-/// The heartbeat loop, until `stop`.
-pub(super) fn heartbeat(beat: Comm, size: usize, view: &PeerView, waits: &WaitState, stop: &AtomicBool) {
+/// The heartbeat loop, until `quit`.
+pub(super) fn heartbeat(beat: Comm, size: usize, view: &PeerView, waits: &WaitState, quit: &AtomicBool) {
     let mut sends: Vec<Option<Pending<u64>>> = (0..size).map(|_| None).collect();
     let mut recvs: Vec<Pending<u64>> = vec![];
     let mut last_count = vec![0u64; size];
     let mut next_beat = liveness::now_ms();
-    while !stop.load(Ordering::SeqCst) {
+    while !quit.load(Ordering::SeqCst) {
         let now = liveness::now_ms();
         if now >= next_beat {
             next_beat = now + HEARTBEAT_EVERY.as_millis() as u64;
@@ -51,7 +52,7 @@ pub(super) fn heartbeat(beat: Comm, size: usize, view: &PeerView, waits: &WaitSt
                 };
                 if done {
                     let waits = waits.waiting().map_or(NOBODY, |(w, _)| w as u64);
-                    sends[peer] = beat.isend(vec![liveness::count(), waits], peer, TAG_HEARTBEAT).ok();
+                    sends[peer] = beat.isend(vec![liveness::count(), waits, stop::requested_signal() as u64], peer, TAG_HEARTBEAT).ok();
                 }
             }
         }
@@ -68,6 +69,7 @@ pub(super) fn heartbeat(beat: Comm, size: usize, view: &PeerView, waits: &WaitSt
                         let now = liveness::now_ms();
                         view.heard_ms[from].store(now, Ordering::SeqCst);
                         view.waits_for[from].store(beat.get(1).copied().unwrap_or(NOBODY), Ordering::SeqCst);
+                        stop::request_from_peer(beat.get(2).map_or(0, |&s| s as i32));
                         let c = beat.first().copied().unwrap_or(0);
                         if c > last_count[from] {
                             last_count[from] = c;

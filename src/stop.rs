@@ -3,8 +3,14 @@
 //! the micro-batch in flight, with every finished document flushed and the output's reserve
 //! and lock files removed, instead of dying in the middle of a write.
 //!
-//! Every rank of the job gets the signal; only the writer acts on it. The other ranks keep
-//! serving until the writer's stop message, so no rank leaves a peer waiting.
+//! Only the writer acts on a stop; the other ranks keep serving until the writer's stop
+//! message, so no rank leaves a peer waiting. A signal may reach one rank only (a `kill` of
+//! one process, Slurm signalling one node's step): every rank's heartbeats carry its stop
+//! request (pipeline/cluster/heartbeat.rs), and a request heard from a peer counts as this
+//! rank's own, so the writer stops within a heartbeat of any rank's signal.
+//!
+//! Process-wide, like liveness.rs: the signal handler, the job and the heartbeat thread all
+//! reach the one request.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -37,6 +43,18 @@ pub fn install() {
 /// True once SIGTERM or SIGINT has arrived.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst) != 0
+}
+
+/// The signal number of this process's stop request, 0 for none (what heartbeats carry).
+pub fn requested_signal() -> i32 {
+    REQUESTED.load(Ordering::SeqCst)
+}
+
+/// A peer's heartbeat says it was asked to stop by `signal`: the first request stays.
+pub fn request_from_peer(signal: i32) {
+    if signal != 0 {
+        let _ = REQUESTED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+    }
 }
 
 /// The name of the signal that asked for the stop ("SIGTERM", "SIGINT"), if one did.
