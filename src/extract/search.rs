@@ -250,7 +250,8 @@ mod tests {
 
     /// A toy model: log P(id | context) depends on the id and the context length only.
     fn lp(at: usize, id: u32) -> f64 {
-        -(((id as usize * 7 + at * 3) % 11) as f64) / 4.0 - 0.01 * id as f64
+        // Binary fractions: sums in any order are exact, so ties are real ties.
+    -(((id as usize * 7 + at * 3) % 11) as f64) / 4.0 - id as f64 / 64.0
     }
 
     /// Answer a pass as a model would: each target's log-prob after its row's context.
