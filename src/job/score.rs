@@ -123,6 +123,7 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
             corpus: corpus.clone(),
             corpus_hash: scanned.file_hash.clone(),
         },
+        extract: None,
     };
     let resume = ResumeOptions { overwrite: opts.overwrite, rescore_changed: opts.rescore_changed, retry_failed: opts.retry_failed };
     let plan = plan_resume(&opts.out, &meta, &scanned, &corpus, resume).map_err(|e| JobError::Output(e.to_string()))?;
