@@ -3,11 +3,12 @@
 //! worker; JobError, their error.
 //!
 //! Files: launch.rs (every rank's start-up), resources.rs (a CPU rank's share of its node),
-//! score.rs (the score job), waves.rs (waves in flight on the scorer), in_order.rs (results
+//! score.rs (the score job), extract.rs (the extract job: score's machinery, spans searched in passes), waves.rs (waves in flight on the scorer), in_order.rs (results
 //! written in input order), progress.rs (progress on stderr), stop.rs (SIGTERM, SIGINT), output_lock.rs (one job per
 //! results file), paths.rs (the outputs checked and claimed before any work), fault.rs
 //! (fault injection for the restart tests).
 
+pub mod extract;
 mod fault;
 mod in_order;
 pub mod launch;

@@ -28,7 +28,7 @@ use thiserror::Error;
 use crate::corpus::ReadyDoc;
 use crate::score::{DocScores, Norm};
 
-pub use csv_export::{check_csv_target, export_csv, write_csv, CSV_HEADER};
+pub use csv_export::{check_csv_target, export_csv, write_csv, CSV_HEADER, EXTRACT_CSV_HEADER};
 pub use plan::{plan_resume, ResumeOptions, ResumePlan};
 pub use read::{read_file, read_results, ResultsFile};
 pub use writer::ResultsWriter;
