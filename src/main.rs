@@ -37,6 +37,8 @@ enum Command {
     Inspect(cli::model::InspectArgs),
     /// Score each document's answer choices; results to HDF5 (resumable).
     Score(cli::score::ScoreArgs),
+    /// Extract each document's most probable spans of its source, exactly (top-k); results to HDF5.
+    Extract(cli::extract::ExtractArgs),
     /// Print a results file as a table (with accuracy when the corpus has answers).
     Show(cli::score::ShowArgs),
     /// Generate text from prompts.
@@ -55,6 +57,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Convert(a) => cli::model::convert(a),
         Command::Inspect(a) => cli::model::inspect(a),
         Command::Score(a) => cli::score::score(a),
+        Command::Extract(a) => cli::extract::run(a),
         Command::Show(a) => cli::score::show(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Bench(a) => cli::bench::run(a),

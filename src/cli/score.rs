@@ -66,6 +66,16 @@ pub struct ScoreFlags {
     /// Score that picks the best choice: sum, mean (per token) or char (per character).
     #[arg(long, default_value = "sum", value_parser = super::usage::norm)]
     norm: Norm,
+    /// A document with more choices fails, untokenised.
+    #[arg(long, default_value_t = Limits::DEFAULT_CHOICES, value_parser = super::usage::at_least_one)]
+    max_choices: usize,
+    #[command(flatten)]
+    run: RunFlags,
+}
+
+/// The flags score and extract share: the prompt, batching, resume, limits and schedule.
+#[derive(clap::Args)]
+pub struct RunFlags {
     /// Prompt template file with {text} and {question}.
     #[arg(long)]
     template: Option<PathBuf>,
@@ -97,14 +107,52 @@ pub struct ScoreFlags {
     /// A longer line fails as a document, unread (a size: 16MiB) [Limits::DEFAULT_LINE_BYTES].
     #[arg(long, default_value = "4MiB", value_parser = line_bytes)]
     max_line_bytes: usize,
-    /// A document with more choices fails, untokenised.
-    #[arg(long, default_value_t = Limits::DEFAULT_CHOICES, value_parser = super::usage::at_least_one)]
-    max_choices: usize,
-    /// A document whose prompt and choices together make more tokens fails.
+    /// A document whose prompt and choices together make more tokens fails (extract: its prompt).
     #[arg(long, default_value_t = Limits::DEFAULT_DOC_TOKENS, value_parser = super::usage::at_least_one)]
     max_doc_tokens: usize,
     #[command(flatten)]
-    schedule: ScheduleArgs,
+    pub schedule: ScheduleArgs,
+}
+
+impl RunFlags {
+    /// The job's options; `norm` and `max_choices` are score's own (extract: sum, unused).
+    pub fn options(&self, docs: PathBuf, out: PathBuf, csv: Option<PathBuf>, norm: Norm, max_choices: usize) -> ScoreOptions {
+        ScoreOptions {
+            docs,
+            out,
+            csv,
+            norm,
+            template: self.template.clone(),
+            delimiter: self.target_delimiter.clone(),
+            batch_tokens: self.batch_tokens,
+            // The schedule's wave once every rank has planned it (see drive).
+            wave: self.wave.unwrap_or(0),
+            overwrite: self.overwrite,
+            rescore_changed: self.rescore_changed,
+            retry_failed: self.retry_failed,
+            wire: self.schedule.wire_dtype,
+            compute: compute_name(&self.schedule),
+            quiet: self.quiet,
+            limits: Limits { line_bytes: self.max_line_bytes, choices: max_choices, doc_tokens: self.max_doc_tokens },
+            batch_job: std::env::var("SLURM_JOB_ID").ok().filter(|v| !v.is_empty()),
+        }
+    }
+
+    /// How every rank starts: `job` (the command's own options, with these added) is what
+    /// the ranks must agree on.
+    pub fn launch(&self, model: PathBuf, mut job: serde_json::Value) -> LaunchOptions {
+        job["template"] = serde_json::json!(self.template.as_ref().map(|p| p.to_string_lossy().into_owned()));
+        job["delimiter"] = serde_json::json!(self.target_delimiter);
+        job["batch_tokens"] = serde_json::json!(self.batch_tokens);
+        job["compute_dtype"] = serde_json::json!(self.schedule.compute_dtype.map(|d| d.to_string()));
+        LaunchOptions {
+            model,
+            schedule: self.schedule.options(self.wave, self.batch_tokens),
+            wire: self.schedule.wire_dtype,
+            job_options: job,
+            trace: self.schedule.trace.is_some(),
+        }
+    }
 }
 
 pub fn score(a: ScoreArgs) -> Result<ExitCode> {
@@ -115,7 +163,7 @@ pub fn score(a: ScoreArgs) -> Result<ExitCode> {
 pub fn score_by_default(a: DefaultScoreArgs) -> Result<ExitCode> {
     let env_model = std::env::var_os(MODEL_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
     let docs = a.docs.ok_or_else(|| anyhow!("--docs is required"))?;
-    let defaults = resolve_defaults(a.model, env_model, Path::new("models"), a.out, &docs)?;
+    let defaults = resolve_defaults(a.model, env_model, Path::new("models"), a.out, &docs, "h5")?;
     if is_first_rank() {
         for line in &defaults.notes {
             eprintln!("falcon-batch: {line}");
@@ -136,8 +184,9 @@ pub struct Defaults {
 }
 
 /// `--model`, else `env_model` ($FALCON_BATCH_MODEL), else the only model directory (one
-/// with a manifest.json) under `models`; `--out`, else results/<corpus file stem>.h5.
-pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, models: &Path, out: Option<PathBuf>, docs: &Path) -> Result<Defaults> {
+/// with a manifest.json) under `models`; `--out`, else results/<corpus file stem>.<ext>
+/// (score: h5; extract: extract.h5, so the two never write one file).
+pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, models: &Path, out: Option<PathBuf>, docs: &Path, ext: &str) -> Result<Defaults> {
     let mut notes = vec![];
     let model = match (model, env_model) {
         (Some(m), _) => m,
@@ -155,8 +204,8 @@ pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, mode
         Some(o) => o,
         None => {
             let stem = docs.file_stem().filter(|s| !s.is_empty() && *s != "-").ok_or_else(|| UsageError::new("--out", format!("not given, and --docs {} has no file name to name the output after", docs.display())))?;
-            let o = Path::new("results").join(stem).with_extension("h5");
-            notes.push(format!("--out {} (results/<corpus name>.h5)", o.display()));
+            let o = Path::new("results").join(stem).with_extension(ext);
+            notes.push(format!("--out {} (results/<corpus name>.{ext})", o.display()));
             o
         }
     };
@@ -192,7 +241,7 @@ fn only_model_dir(models: &Path) -> Result<PathBuf> {
 }
 
 /// Rank 0 under mpirun or srun, or no launcher: the defaults are printed once per job.
-fn is_first_rank() -> bool {
+pub fn is_first_rank() -> bool {
     ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"]
         .iter()
         .find_map(|v| std::env::var(v).ok())
@@ -212,7 +261,7 @@ fn line_bytes(s: &str) -> Result<usize, String> {
 /// The corpus the job reads: `docs` itself, or on the writer rank a copy of a corpus that can
 /// be read only once (standard input, a pipe), removed when the returned Spooled drops. The
 /// other ranks never read the corpus (mpirun gives standard input to rank 0 alone).
-fn corpus_to_read(docs: &Path) -> Result<(PathBuf, Option<Spooled>)> {
+pub fn corpus_to_read(docs: &Path) -> Result<(PathBuf, Option<Spooled>)> {
     if !is_first_rank() || !reads_once(docs) {
         return Ok((docs.to_path_buf(), None));
     }
@@ -222,48 +271,23 @@ fn corpus_to_read(docs: &Path) -> Result<(PathBuf, Option<Spooled>)> {
 
 fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags) -> Result<ExitCode> {
     let norm = a.norm;
-    check_distinct(&docs, &out, a.csv.as_deref()).map_err(|e| match &e {
-        // The flag of the file that would be written over.
+    let docs = checked_paths(docs, &out, a.csv.as_deref())?;
+    // Kept until the job ends: the copy is removed when this drops.
+    let (docs, _spooled) = corpus_to_read(&docs)?;
+    let opts = a.run.options(docs, out, a.csv.clone(), norm, a.max_choices);
+    let launch = a.run.launch(model, serde_json::json!({"command": "score", "norm": norm.name()}));
+    stop::install();
+    run_ranks(&a.run.schedule, ScoreJob { opts, launch })
+}
+
+/// The corpus, output and CSV must be three files: the flag of the one that would be
+/// written over is the usage error's.
+pub fn checked_paths(docs: PathBuf, out: &Path, csv: Option<&Path>) -> Result<PathBuf> {
+    check_distinct(&docs, out, csv).map_err(|e| match &e {
         PathError::Same { b, .. } => UsageError::new(b, e.to_string()),
         _ => UsageError::new("--out", e.to_string()),
     })?;
-    // Kept until the job ends: the copy is removed when this drops.
-    let (docs, _spooled) = corpus_to_read(&docs)?;
-    let opts = ScoreOptions {
-        docs,
-        out,
-        csv: a.csv.clone(),
-        norm,
-        template: a.template.clone(),
-        delimiter: a.target_delimiter.clone(),
-        batch_tokens: a.batch_tokens,
-        // The schedule's wave once every rank has planned it (see drive).
-        wave: a.wave.unwrap_or(0),
-        overwrite: a.overwrite,
-        rescore_changed: a.rescore_changed,
-        retry_failed: a.retry_failed,
-        wire: a.schedule.wire_dtype,
-        compute: compute_name(&a.schedule),
-        quiet: a.quiet,
-        limits: Limits { line_bytes: a.max_line_bytes, choices: a.max_choices, doc_tokens: a.max_doc_tokens },
-        batch_job: std::env::var("SLURM_JOB_ID").ok().filter(|v| !v.is_empty()),
-    };
-    let launch = LaunchOptions {
-        model,
-        schedule: a.schedule.options(a.wave, a.batch_tokens),
-        wire: a.schedule.wire_dtype,
-        job_options: serde_json::json!({
-            "command": "score",
-            "norm": norm.name(),
-            "template": a.template.as_ref().map(|p| p.to_string_lossy().into_owned()),
-            "delimiter": a.target_delimiter,
-            "batch_tokens": a.batch_tokens,
-            "compute_dtype": a.schedule.compute_dtype.map(|d| d.to_string()),
-        }),
-        trace: a.schedule.trace.is_some(),
-    };
-    stop::install();
-    run_ranks(&a.schedule, ScoreJob { opts, launch })
+    Ok(docs)
 }
 
 /// The arithmetic the scores come from, as the results file records it: CUDA computes in
@@ -301,50 +325,48 @@ impl RankJob for ScoreJob {
 
     fn drive_without_weights(&self, prepared: score::Prepared) -> Result<u8> {
         let s = score::finish_without_weights(&self.opts, prepared)?;
-        Ok(self.report(&s))
+        Ok(report(&self.opts, &s))
     }
 
     fn drive<B: Backend + 'static>(&self, prepared: score::Prepared, launched: &mut Launched<B>) -> Result<u8> {
         let opts = ScoreOptions { wave: launched.worker.schedule().wave, ..self.opts.clone() };
         let mut scorer = PipelineScorer::new(&mut launched.worker)?;
         let s = score::run(&launched.dir, &opts, prepared, &mut scorer)?;
-        Ok(self.report(&s))
+        Ok(report(&self.opts, &s))
     }
 }
 
-impl ScoreJob {
-    /// The run's summary on stderr, and its exit code: 3 whenever the file holds failed
-    /// documents (from this run or an earlier one).
-    fn report(&self, s: &ScoreSummary) -> u8 {
-        if !self.opts.quiet {
+/// The run's summary on stderr, and its exit code: 3 whenever the file holds failed
+/// documents (from this run or an earlier one).
+pub fn report(opts: &ScoreOptions, s: &ScoreSummary) -> u8 {
+    if !opts.quiet {
+        eprintln!(
+            "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
+            opts.out.display(),
+            s.docs_in_file,
+            s.failed_in_file,
+            s.added,
+            s.resumed,
+            s.seconds,
+            s.tokens as f64 / s.seconds.max(1e-9)
+        );
+        if s.failed_in_file > 0 {
             eprintln!(
-                "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
-                self.opts.out.display(),
-                s.docs_in_file,
-                s.failed_in_file,
-                s.added,
-                s.resumed,
-                s.seconds,
-                s.tokens as f64 / s.seconds.max(1e-9)
+                "{0}: `falcon-batch show --failed {0}` lists the failed documents; a rerun retries those whose \
+                 corpus line changed (--retry-failed: all of them)",
+                opts.out.display()
             );
-            if s.failed_in_file > 0 {
-                eprintln!(
-                    "{0}: `falcon-batch show --failed {0}` lists the failed documents; a rerun retries those whose \
-                     corpus line changed (--retry-failed: all of them)",
-                    self.opts.out.display()
-                );
-            }
         }
-        if s.stopped {
-            eprintln!(
-                "{}: stopped by {} with {} documents in the file (every finished document is kept); run the same command again to resume",
-                self.opts.out.display(),
-                stop::signal_name().unwrap_or("a signal"),
-                s.docs_in_file
-            );
-            return stop::EXIT_STOPPED;
-        }
-        if s.failed_in_file > 0 { EXIT_SOME_FAILED } else { 0 }
     }
+    if s.stopped {
+        eprintln!(
+            "{}: stopped by {} with {} documents in the file (every finished document is kept); run the same command again to resume",
+            opts.out.display(),
+            stop::signal_name().unwrap_or("a signal"),
+            s.docs_in_file
+        );
+        return stop::EXIT_STOPPED;
+    }
+    if s.failed_in_file > 0 { EXIT_SOME_FAILED } else { 0 }
 }
 
