@@ -1,10 +1,12 @@
 //! What `falcon-batch extract` computes, without a model: a source's units and candidate
 //! spans (units.rs, candidates.rs), the exact top-k search over them in passes (search.rs),
-//! and each pass as a token tree packed into micro-batches (tree.rs). The job that drives
+//! each pass as a token tree packed into micro-batches (tree.rs), and SQuAD's answer
+//! comparison for `show` (squad.rs). The job that drives
 //! them through a scorer is job::extract.
 
 pub mod candidates;
 pub mod search;
+pub mod squad;
 pub mod tree;
 pub mod units;
 
