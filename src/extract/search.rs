@@ -180,55 +180,31 @@ impl Search {
 
     /// The pass scoring `cands` (all but their first term, known from pass 1): a branch per
     /// chain of rows, a candidate whose rows are a prefix of an earlier, longer one's joining
-    /// its branch with only its targets.
+    /// its branch with only its targets. In pass 2, every other candidate whose rows lie on
+    /// those chains rides along too (targets, no rows): scored now, it is never the reason
+    /// for a pass-3 branch that runs the same rows again.
     fn schedule(&mut self, pass: u32, mut cands: Vec<usize>) -> Step {
         cands.sort_by(|&a, &b| self.conts[b].len().cmp(&self.conts[a].len()).then(a.cmp(&b)));
-        let mut children: HashMap<(usize, u32), usize> = HashMap::new();
-        let mut node_branch: Vec<usize> = vec![usize::MAX];
-        let mut branches: Vec<Branch> = vec![];
-        let mut target_of: Vec<HashMap<Target, usize>> = vec![];
+        let mut tree = Chains::default();
         let mut members = Vec::with_capacity(cands.len());
-        for c in cands {
+        for &c in &cands {
             let cont = &self.conts[c];
-            let rows = &cont[..cont.len() - 1];
-            let mut node = 0;
-            let mut on_path = true;
-            for &t in rows {
-                match children.get(&(node, t)) {
-                    Some(&n) => node = n,
-                    None => {
-                        on_path = false;
-                        break;
-                    }
+            let branch = match tree.find(&cont[..cont.len() - 1]) {
+                Some(b) => b,
+                None => tree.add(&cont[..cont.len() - 1]),
+            };
+            members.push(Member { candidate: c, branch, targets: tree.targets(branch, cont) });
+        }
+        if pass == 2 && !self.exhaustive {
+            let chosen: std::collections::HashSet<usize> = cands.iter().copied().collect();
+            for c in (0..self.conts.len()).filter(|c| !chosen.contains(c)) {
+                let cont = &self.conts[c];
+                if let Some(branch) = tree.find(&cont[..cont.len() - 1]) {
+                    members.push(Member { candidate: c, branch, targets: tree.targets(branch, cont) });
                 }
             }
-            let branch = if on_path && node != 0 {
-                node_branch[node]
-            } else {
-                let b = branches.len();
-                branches.push(Branch { rows: rows.to_vec(), targets: vec![] });
-                target_of.push(HashMap::new());
-                let mut node = 0;
-                for &t in rows {
-                    node = *children.entry((node, t)).or_insert_with(|| {
-                        node_branch.push(b);
-                        node_branch.len() - 1
-                    });
-                }
-                b
-            };
-            let targets = (1..cont.len())
-                .map(|j| {
-                    let t = Target { at: Some(j as u32 - 1), id: cont[j] };
-                    let list = &mut branches[branch].targets;
-                    *target_of[branch].entry(t).or_insert_with(|| {
-                        list.push(t);
-                        list.len() - 1
-                    })
-                })
-                .collect();
-            members.push(Member { candidate: c, branch, targets });
         }
+        let branches = tree.branches;
         let mut offsets = Vec::with_capacity(branches.len() + 1);
         let mut at = 0;
         for b in &branches {
@@ -241,6 +217,63 @@ impl Search {
         self.tree_tokens += work.tree_rows();
         self.stage = Stage::Scores { pass, members, offsets };
         Step::Run(work)
+    }
+}
+
+/// A pass's branches as a trie of their rows: a node belongs to the branch that made it,
+/// whose rows begin with the node's path.
+struct Chains {
+    children: HashMap<(usize, u32), usize>,
+    node_branch: Vec<usize>,
+    branches: Vec<Branch>,
+    /// Per branch, where each of its targets is.
+    target_of: Vec<HashMap<Target, usize>>,
+}
+
+impl Default for Chains {
+    fn default() -> Chains {
+        Chains { children: HashMap::new(), node_branch: vec![usize::MAX], branches: vec![], target_of: vec![] }
+    }
+}
+
+impl Chains {
+    /// The branch whose rows begin with `rows`, if any.
+    fn find(&self, rows: &[u32]) -> Option<usize> {
+        let mut node = 0;
+        for &t in rows {
+            node = *self.children.get(&(node, t))?;
+        }
+        (node != 0).then(|| self.node_branch[node])
+    }
+
+    /// A new branch of `rows`.
+    fn add(&mut self, rows: &[u32]) -> usize {
+        let b = self.branches.len();
+        self.branches.push(Branch { rows: rows.to_vec(), targets: vec![] });
+        self.target_of.push(HashMap::new());
+        let mut node = 0;
+        for &t in rows {
+            let next = self.node_branch.len();
+            node = *self.children.entry((node, t)).or_insert(next);
+            if node == next {
+                self.node_branch.push(b);
+            }
+        }
+        b
+    }
+
+    /// The targets of `cont` from its second id on branch `b` (shared with any already there).
+    fn targets(&mut self, b: usize, cont: &[u32]) -> Vec<usize> {
+        (1..cont.len())
+            .map(|j| {
+                let t = Target { at: Some(j as u32 - 1), id: cont[j] };
+                let list = &mut self.branches[b].targets;
+                *self.target_of[b].entry(t).or_insert_with(|| {
+                    list.push(t);
+                    list.len() - 1
+                })
+            })
+            .collect()
     }
 }
 
