@@ -1,8 +1,9 @@
 //! The extract job: per document, its source's candidate spans searched for the exact
 //! top-k (extract::Search) in up to three passes, each a token tree run through a
 //! runner::BatchScorer; results in input order, in a file of the extract schema, with
-//! score's resume, identity, lock, limits, bad-line and stop behaviour (score.rs's
-//! functions, called, not copied).
+//! score's resume, identity, lock, limits and bad-line behaviour (score.rs's functions,
+//! called, not copied). On SIGTERM the waves in flight finish and the documents they
+//! complete are written; documents part-way through their passes are left to the rerun.
 //!
 //! Waves mix the passes of several documents: a document's next pass goes to the front of
 //! the queue when its last one comes back, new documents' first passes behind it, so the
@@ -280,13 +281,16 @@ where
     };
     let mut reading = true;
     loop {
+        // A stop submits nothing more: the waves in flight are collected and the documents
+        // they finish written; a document part-way through its passes is left for the rerun
+        // (its later passes could outlast a preemption's grace).
+        let stopping = super::stop::requested();
+        if stopping && (reading || !d.docs.is_empty()) {
+            summary.stopped = true;
+        }
+        reading &= !stopping;
         // Enough queued for a full wave, read and tokenised while the waves in flight run.
         while reading && d.queued_rows < d.wave * d.batch_tokens {
-            if super::stop::requested() {
-                summary.stopped = true;
-                reading = false;
-                break;
-            }
             let Some(item) = reader.next() else {
                 reading = false;
                 break;
@@ -299,7 +303,7 @@ where
             }
             write_ready(&mut order, &mut writer, &mut summary, &mut progress)?;
         }
-        if !d.queue.is_empty() && d.in_flight.len() < d.depth {
+        if !stopping && !d.queue.is_empty() && d.in_flight.len() < d.depth {
             d.submit()?;
         } else if !d.in_flight.is_empty() {
             d.collect(&mut order, &mut progress)?;
