@@ -457,6 +457,7 @@ fn synthetic(path: &Path, n: usize) -> Vec<DocResult> {
         wire_dtype: "f32".into(),
         compute: "f32".into(),
         about: RunAbout { model_name: "tiny".into(), corpus: "c.jsonl".into(), ..Default::default() },
+        extract: None,
     };
     let docs: Vec<DocResult> = (0..n)
         .map(|i| {
