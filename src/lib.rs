@@ -5,6 +5,7 @@ pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod corpus;
+pub mod extract;
 pub mod format;
 pub mod generate;
 pub mod group;

@@ -39,6 +39,8 @@ enum Command {
     Inspect(cli::model::InspectArgs),
     /// Score each document's answer choices; results to HDF5 (resumable).
     Score(cli::score::ScoreArgs),
+    /// Extract each document's most probable spans of its source, exactly (top-k); results to HDF5.
+    Extract(cli::extract::ExtractArgs),
     /// Print a results file as a table (with accuracy when the corpus has answers).
     Show(cli::score::ShowArgs),
     /// Generate text from prompts.
@@ -57,6 +59,7 @@ fn run(cli: Cli, env: &Settings) -> Result<ExitCode> {
         Command::Convert(a) => cli::model::convert(a),
         Command::Inspect(a) => cli::model::inspect(a),
         Command::Score(a) => cli::score::score(a, env),
+        Command::Extract(a) => cli::extract::run(a, env),
         Command::Show(a) => cli::score::show(a),
         Command::Generate(a) => cli::generate::run(a, env),
         Command::Bench(a) => cli::bench::run(a),

@@ -27,6 +27,7 @@ fn meta() -> RunMeta {
         wire_dtype: "f32".into(),
         compute: "f32".into(),
         about: RunAbout { model_name: "smollm2-135m".into(), corpus: "corpus.jsonl".into(), ..Default::default() },
+        extract: None,
     }
 }
 
@@ -41,7 +42,7 @@ fn ok_doc(id: &str, n: usize) -> DocResult {
             prob: 1.0 / n as f64,
         })
         .collect();
-    DocResult { id: id.into(), input_hash: format!("{:032x}", id.len()), status: DocStatus::Ok, error: String::new(), n_prompt_tokens: 40, best: Some(n - 1), choices }
+    DocResult { id: id.into(), input_hash: format!("{:032x}", id.len()), status: DocStatus::Ok, error: String::new(), n_prompt_tokens: 40, best: Some(n - 1), choices, extract: None }
 }
 
 fn write_three(path: &Path) -> Vec<DocResult> {
@@ -319,6 +320,7 @@ fn doc_result_from_scores() {
         n_prompt_tokens: 3,
         answer: Some("12.40".into()),
         input_hash: "h".into(),
+        spans: vec![],
     };
     let scores = score_document(&[vec![-0.5], vec![-2.0, -1.0]], &ready.choice_chars, Norm::Sum);
     let r = DocResult::scored(&ready, &scores).unwrap();

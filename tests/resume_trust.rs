@@ -457,6 +457,7 @@ fn synthetic(path: &Path, n: usize) -> Vec<DocResult> {
         wire_dtype: "f32".into(),
         compute: "f32".into(),
         about: RunAbout { model_name: "tiny".into(), corpus: "c.jsonl".into(), ..Default::default() },
+        extract: None,
     };
     let docs: Vec<DocResult> = (0..n)
         .map(|i| {
@@ -470,7 +471,7 @@ fn synthetic(path: &Path, n: usize) -> Vec<DocResult> {
                 ChoiceRow { text: "x".into(), n_tokens: 1, logprob: -1.0, logprob_mean: -1.0, logprob_per_char: -0.5, prob: 0.6 },
                 ChoiceRow { text: "a longer answer".into(), n_tokens: 3, logprob: -1.5, logprob_mean: -0.5, logprob_per_char: -0.05, prob: 0.4 },
             ];
-            DocResult { id, input_hash: "h".into(), status: DocStatus::Ok, error: String::new(), n_prompt_tokens: 3, best: Some(0), choices }
+            DocResult { id, input_hash: "h".into(), status: DocStatus::Ok, error: String::new(), n_prompt_tokens: 3, best: Some(0), choices, extract: None }
         })
         .collect();
     let (mut w, _) = ResultsWriter::open(path, meta, false).unwrap();

@@ -3,6 +3,7 @@
 pub mod model;
 pub mod generate;
 pub mod score;
+pub mod extract;
 pub mod show;
 pub mod bench;
 pub mod ranks;

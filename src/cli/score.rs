@@ -5,7 +5,9 @@ use super::ranks::{run_ranks, ScheduleArgs};
 use super::usage::UsageError;
 use falcon_batch::corpus::{reads_once, spool, Limits, Spooled};
 use falcon_batch::job::score::ScoreOptions;
-use falcon_batch::job::score_rank::ScoreJob;
+use falcon_batch::job::launch::LaunchOptions;
+use falcon_batch::job::rank::RankSettings;
+use falcon_batch::job::score_rank::{job_launch, ScoreJob};
 use falcon_batch::job::paths::{check_distinct, PathError};
 use falcon_batch::job::stop;
 use falcon_batch::score::Norm;
@@ -60,6 +62,16 @@ pub struct ScoreFlags {
     /// Score that picks the best choice: sum, mean (per token) or char (per character).
     #[arg(long, default_value = "sum", value_parser = super::usage::norm)]
     norm: Norm,
+    /// A document with more choices fails, untokenised.
+    #[arg(long, default_value_t = Limits::DEFAULT_CHOICES, value_parser = super::usage::at_least_one)]
+    max_choices: usize,
+    #[command(flatten)]
+    run: RunFlags,
+}
+
+/// The flags score and extract share: the prompt, batching, resume, limits and schedule.
+#[derive(clap::Args)]
+pub struct RunFlags {
     /// Prompt template file with {text} and {question}.
     #[arg(long)]
     template: Option<PathBuf>,
@@ -91,14 +103,44 @@ pub struct ScoreFlags {
     /// A longer line fails as a document, unread (a size: 16MiB) [Limits::DEFAULT_LINE_BYTES].
     #[arg(long, default_value = "4MiB", value_parser = line_bytes)]
     max_line_bytes: usize,
-    /// A document with more choices fails, untokenised.
-    #[arg(long, default_value_t = Limits::DEFAULT_CHOICES, value_parser = super::usage::at_least_one)]
-    max_choices: usize,
-    /// A document whose prompt and choices together make more tokens fails.
+    /// A document whose prompt and choices together make more tokens fails (extract: its prompt).
     #[arg(long, default_value_t = Limits::DEFAULT_DOC_TOKENS, value_parser = super::usage::at_least_one)]
     max_doc_tokens: usize,
     #[command(flatten)]
-    schedule: ScheduleArgs,
+    pub schedule: ScheduleArgs,
+}
+
+impl RunFlags {
+    /// The job's options; `norm` and `max_choices` are score's own (extract: sum, unused).
+    pub fn options(&self, docs: PathBuf, out: PathBuf, csv: Option<PathBuf>, norm: Norm, max_choices: usize, rank: &RankSettings, env: &Settings) -> ScoreOptions {
+        ScoreOptions {
+            docs,
+            out,
+            csv,
+            norm,
+            template: self.template.clone(),
+            delimiter: self.target_delimiter.clone(),
+            batch_tokens: self.batch_tokens,
+            // The schedule's wave once every rank has planned it (see the job's drive).
+            wave: self.wave.unwrap_or(0),
+            overwrite: self.overwrite,
+            rescore_changed: self.rescore_changed,
+            retry_failed: self.retry_failed,
+            wire: self.schedule.wire_dtype,
+            compute: rank.compute_name(),
+            quiet: self.quiet,
+            limits: Limits { line_bytes: self.max_line_bytes, choices: max_choices, doc_tokens: self.max_doc_tokens },
+            batch_job: env.batch_job.clone(),
+            faults: env.faults,
+        }
+    }
+
+    /// How every rank starts and what they must agree on; `job` names the command and its
+    /// own options.
+    pub fn launch(&self, model: PathBuf, opts: &ScoreOptions, job: serde_json::Value) -> LaunchOptions {
+        let compute_dtype = self.schedule.compute_dtype.map(|d| d.to_string());
+        job_launch(model, opts, job, self.schedule.options(self.wave, self.batch_tokens), compute_dtype, self.schedule.trace.is_some())
+    }
 }
 
 pub fn score(a: ScoreArgs, env: &Settings) -> Result<ExitCode> {
@@ -108,7 +150,7 @@ pub fn score(a: ScoreArgs, env: &Settings) -> Result<ExitCode> {
 /// No subcommand: score, with the model and output defaults printed first.
 pub fn score_by_default(a: DefaultScoreArgs, env: &Settings) -> Result<ExitCode> {
     let docs = a.docs.ok_or_else(|| anyhow!("--docs is required"))?;
-    let defaults = resolve_defaults(a.model, env.model.clone(), Path::new("models"), a.out, &docs)?;
+    let defaults = resolve_defaults(a.model, env.model.clone(), Path::new("models"), a.out, &docs, "h5")?;
     if env.first_rank {
         for line in &defaults.notes {
             eprintln!("falcon-batch: {line}");
@@ -129,8 +171,8 @@ pub struct Defaults {
 }
 
 /// `--model`, else `env_model` ($FALCON_BATCH_MODEL), else the only model directory (one
-/// with a manifest.json) under `models`; `--out`, else results/<corpus file stem>.h5.
-pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, models: &Path, out: Option<PathBuf>, docs: &Path) -> Result<Defaults> {
+/// with a manifest.json) under `models`; `--out`, else results/<corpus file stem>.<ext>.
+pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, models: &Path, out: Option<PathBuf>, docs: &Path, ext: &str) -> Result<Defaults> {
     let mut notes = vec![];
     let model = match (model, env_model) {
         (Some(m), _) => m,
@@ -148,8 +190,8 @@ pub fn resolve_defaults(model: Option<PathBuf>, env_model: Option<PathBuf>, mode
         Some(o) => o,
         None => {
             let stem = docs.file_stem().filter(|s| !s.is_empty() && *s != "-").ok_or_else(|| UsageError::new("--out", format!("not given, and --docs {} has no file name to name the output after", docs.display())))?;
-            let o = Path::new("results").join(stem).with_extension("h5");
-            notes.push(format!("--out {} (results/<corpus name>.h5)", o.display()));
+            let o = Path::new("results").join(stem).with_extension(ext);
+            notes.push(format!("--out {} (results/<corpus name>.{ext})", o.display()));
             o
         }
     };
@@ -197,7 +239,7 @@ fn line_bytes(s: &str) -> Result<usize, String> {
 /// The corpus the job reads: `docs` itself, or on the writer rank a copy of a corpus that can
 /// be read only once (standard input, a pipe), removed when the returned Spooled drops. The
 /// other ranks never read the corpus (mpirun gives standard input to rank 0 alone).
-fn corpus_to_read(docs: &Path, env: &Settings) -> Result<(PathBuf, Option<Spooled>)> {
+pub fn corpus_to_read(docs: &Path, env: &Settings) -> Result<(PathBuf, Option<Spooled>)> {
     if !env.first_rank || !reads_once(docs) {
         return Ok((docs.to_path_buf(), None));
     }
@@ -206,37 +248,22 @@ fn corpus_to_read(docs: &Path, env: &Settings) -> Result<(PathBuf, Option<Spoole
 }
 
 fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags, env: &Settings) -> Result<ExitCode> {
-    let norm = a.norm;
-    check_distinct(&docs, &out, a.csv.as_deref()).map_err(|e| match &e {
-        // The flag of the file that would be written over.
+    let docs = checked_paths(docs, &out, a.csv.as_deref())?;
+    // Kept until the job ends: the copy is removed when this drops.
+    let (docs, _spooled) = corpus_to_read(&docs, env)?;
+    let rank = a.run.schedule.rank_settings(env);
+    let opts = a.run.options(docs, out, a.csv.clone(), a.norm, a.max_choices, &rank, env);
+    let launch = a.run.launch(model, &opts, serde_json::json!({"command": "score", "norm": a.norm.name()}));
+    stop::install();
+    run_ranks(&rank, &ScoreJob::new(opts, launch))
+}
+
+/// The corpus, output and CSV must be three files: the flag of the one that would be
+/// written over is the usage error's.
+pub fn checked_paths(docs: PathBuf, out: &Path, csv: Option<&Path>) -> Result<PathBuf> {
+    check_distinct(&docs, out, csv).map_err(|e| match &e {
         PathError::Same { b, .. } => UsageError::new(b, e.to_string()),
         _ => UsageError::new("--out", e.to_string()),
     })?;
-    // Kept until the job ends: the copy is removed when this drops.
-    let (docs, _spooled) = corpus_to_read(&docs, env)?;
-    let rank = a.schedule.rank_settings(env);
-    let opts = ScoreOptions {
-        docs,
-        out,
-        csv: a.csv.clone(),
-        norm,
-        template: a.template.clone(),
-        delimiter: a.target_delimiter.clone(),
-        batch_tokens: a.batch_tokens,
-        // The schedule's wave once every rank has planned it (see ScoreJob::drive).
-        wave: a.wave.unwrap_or(0),
-        overwrite: a.overwrite,
-        rescore_changed: a.rescore_changed,
-        retry_failed: a.retry_failed,
-        wire: a.schedule.wire_dtype,
-        compute: rank.compute_name(),
-        quiet: a.quiet,
-        limits: Limits { line_bytes: a.max_line_bytes, choices: a.max_choices, doc_tokens: a.max_doc_tokens },
-        batch_job: env.batch_job.clone(),
-        faults: env.faults,
-    };
-    let compute_dtype = a.schedule.compute_dtype.map(|d| d.to_string());
-    let job = ScoreJob::new(model, opts, a.schedule.options(a.wave, a.batch_tokens), compute_dtype, a.schedule.trace.is_some());
-    stop::install();
-    run_ranks(&rank, &job)
+    Ok(docs)
 }

@@ -5,7 +5,8 @@
 
 use anyhow::{Context, Result};
 use falcon_batch::corpus::FileHasher;
-use falcon_batch::results::{read_file, write_csv, DocResult, ResultsFile};
+use falcon_batch::extract::squad;
+use falcon_batch::results::{export_csv, read_file, write_csv, DocResult, ResultsFile, EXTRACT_SCHEMA};
 use falcon_batch::score::Norm;
 use std::collections::HashMap;
 use std::io::Write;
@@ -92,18 +93,24 @@ pub fn show(a: ShowArgs) -> Result<ExitCode> {
     if let Some(norm) = norm {
         file.docs = file.docs.iter().map(|d| d.reranked(norm)).collect();
     }
+    let extract = file.attrs.get("schema").is_some_and(|s| s == EXTRACT_SCHEMA);
     if let Some(csv) = &a.csv {
-        let rows = write_csv(&file.docs, csv)?;
+        // An extract file has its own columns (one row per span), written from the file.
+        let rows = if extract { export_csv(&a.results, csv)? } else { write_csv(&file.docs, csv)? };
         eprintln!("{}: {rows} rows", csv.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let answers = match &a.docs {
+    let mut answers = match &a.docs {
         Some(p) => {
             warn_if_other_corpus(p, &file)?;
             answers(p)?
         }
         None => HashMap::new(),
     };
+    if extract && a.docs.is_none() {
+        // An extract file keeps each document's answer.
+        answers = file.docs.iter().filter_map(|d| d.extract.as_ref().filter(|x| !x.answer.is_empty()).map(|x| (d.id.clone(), x.answer.clone()))).collect();
+    }
     let mut out = std::io::stdout().lock();
     // A reader that left (`| head`) is OutError::Closed, which main ends quietly.
     table(&mut out, &a, &file, norm, &answers).and_then(|()| out.flush()).map_err(super::out::OutError::from)?;
@@ -137,19 +144,27 @@ fn table(out: &mut impl Write, a: &ShowArgs, file: &ResultsFile, norm: Option<No
         Some(n) if n.name() != attr("norm") => format!("{} (re-ranked; the file's is {})", n.name(), attr("norm")),
         _ => attr("norm").to_string(),
     };
-    writeln!(out, "# model {} ({}), norm {ranked}, corpus {}", attr("model_name"), attr("model"), attr("corpus"))?;
+    let extract = attr("schema") == EXTRACT_SCHEMA;
+    if extract {
+        writeln!(out, "# model {} ({}), extract top {} spans, corpus {}", attr("model_name"), attr("model"), attr("top_k"), attr("corpus"))?;
+    } else {
+        writeln!(out, "# model {} ({}), norm {ranked}, corpus {}", attr("model_name"), attr("model"), attr("corpus"))?;
+    }
     if a.failed {
         writeln!(out, "{:<16} error", "id")?;
     } else {
-        writeln!(out, "{:<16} {:<6} {:<28} {:>6}  {}", "id", "status", "best choice", "prob", if answers.is_empty() { "" } else { "answer" })?;
+        let best = if extract { "best span" } else { "best choice" };
+        writeln!(out, "{:<16} {:<6} {:<28} {:>6}  {}", "id", "status", best, "prob", if answers.is_empty() { "" } else { "answer" })?;
     }
-    let (mut judged, mut right, mut printed) = (0, 0, 0);
+    let (mut judged, mut right, mut printed, mut f1) = (0, 0, 0, 0.0);
     for d in &file.docs {
         let best = d.best.and_then(|b| d.choices.get(b));
         let verdict = match (answers.get(&d.id), best) {
             (Some(ans), Some(c)) => {
                 judged += 1;
-                let ok = &c.text == ans;
+                // A span is judged as SQuAD judges answers; a choice must be the answer.
+                let ok = if extract { squad::exact_match(&c.text, ans) } else { &c.text == ans };
+                f1 += if extract { squad::token_f1(&c.text, ans) } else { 0.0 };
                 right += ok as usize;
                 format!("{} {}", if ok { "✓" } else { "✗" }, clip(ans, 24, w))
             }
@@ -167,7 +182,10 @@ fn table(out: &mut impl Write, a: &ShowArgs, file: &ResultsFile, norm: Option<No
     }
     let failed = file.docs.iter().filter(|d| !d.is_ok()).count();
     writeln!(out, "{} documents, {} failed", file.docs.len(), failed)?;
-    if judged > 0 {
+    if judged > 0 && extract {
+        let (em, f1) = (100.0 * right as f64 / judged as f64, 100.0 * f1 / judged as f64);
+        writeln!(out, "exact match {right}/{judged} = {em:.1}%, token F1 {f1:.1}% (SQuAD normalisation)")?;
+    } else if judged > 0 {
         writeln!(out, "accuracy {right}/{judged} = {:.1}%", 100.0 * right as f64 / judged as f64)?;
     }
     Ok(())

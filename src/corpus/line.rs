@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use super::input_hash::{document_hash, raw_line_hash};
-use super::tokenize::split_within;
-use super::{CorpusOptions, PreparedDoc, ReadyDoc};
+use super::tokenize::{split_within, SplitError};
+use super::{CorpusOptions, DocForm, PreparedDoc, ReadyDoc};
 use crate::token_tree::TokenizedDoc;
 use crate::tokenizer::Tokenizer;
 
@@ -194,11 +194,26 @@ pub(super) fn identify(line: usize, options: &CorpusOptions, bytes: &[u8], seen:
     Identified { id, input_hash, parsed }
 }
 
+/// The source extract takes its spans from: "source" beside "prompt", else "text" (the
+/// template's document), as one choice (so the input hash covers it).
+fn source_of(obj: &Map<String, Value>) -> Result<Vec<String>, String> {
+    let name = if obj.contains_key("prompt") { "source" } else { "text" };
+    let s = text_field(obj, name)?;
+    if s.contains('\0') {
+        // Its spans are stored in the results file, where a NUL would end them.
+        return Err(format!("field {name:?}: expected a string without NUL characters"));
+    }
+    Ok(vec![s.to_string()])
+}
+
 fn parse(obj: &Map<String, Value>, options: &CorpusOptions) -> Result<Parsed, String> {
     let (prompt, prompt_field) = prompt_of(obj, options)?;
-    let choices = choices_of(obj)?;
+    let choices = match options.form {
+        DocForm::Choices => choices_of(obj)?,
+        DocForm::Source { .. } => source_of(obj)?,
+    };
     let limits = options.limits;
-    if choices.len() > limits.choices {
+    if options.form == DocForm::Choices && choices.len() > limits.choices {
         return Err(format!("field \"choices\": {} choices, expected at most {} (--max-choices)", choices.len(), limits.choices));
     }
     let answer = match obj.get("answer") {
@@ -225,10 +240,26 @@ pub(super) fn prepare(ctx: &LineCtx, bytes: &[u8], seen: &mut SeenIds) -> Option
 fn ready(ctx: &LineCtx, parsed: Parsed, id: &str, input_hash: &str) -> Result<ReadyDoc, String> {
     let Parsed { prompt, prompt_field, choices, answer } = parsed;
     let limits = ctx.options.limits;
-    let parts = split_within(ctx.tokenizer, &prompt, &choices, &ctx.options.delimiter, limits.doc_tokens).map_err(|e| {
+    // Extract: the choices are the source's spans, each joined to the prompt as a choice.
+    let (choices, spans, end, budget, choice_field) = match &ctx.options.form {
+        DocForm::Choices => (choices, vec![], 0, limits.doc_tokens, "\"choices\""),
+        DocForm::Source { max_units, end } => {
+            let cands = crate::extract::candidates(&choices[0], *max_units);
+            let spans = cands.iter().map(|c| (c.start, c.end)).collect();
+            // The limit bounds the prompt here: the spans are bounded by the line's length.
+            let prompt_only = split_within(ctx.tokenizer, &prompt, &[], &ctx.options.delimiter, limits.doc_tokens);
+            if let Err(SplitError { over: Some(n), .. }) = prompt_only {
+                return Err(format!("field {prompt_field}: too many tokens: {n}, expected at most {} for the prompt (--max-doc-tokens)", limits.doc_tokens));
+            }
+            (cands.into_iter().map(|c| c.text).collect(), spans, end.len(), usize::MAX, "\"source\" span")
+        }
+    };
+    let quote_choice = |c: usize| format!("{choice_field} {}", quote(&choices[c]));
+    let parts = split_within(ctx.tokenizer, &prompt, &choices, &ctx.options.delimiter, budget).map_err(|e| {
         let field = match e.choice {
             None => prompt_field.to_string(),
-            Some(c) => format!("\"choices\"[{c}]"),
+            Some(c) if spans.is_empty() => format!("\"choices\"[{c}]"),
+            Some(c) => quote_choice(c),
         };
         match e.over {
             Some(n) => format!("field {field}: too many tokens: the document makes {n} by here, expected at most {} for its prompt and all its choices (--max-doc-tokens)", limits.doc_tokens),
@@ -239,19 +270,18 @@ fn ready(ctx: &LineCtx, parsed: Parsed, id: &str, input_hash: &str) -> Result<Re
         return Err(format!("field {prompt_field}: expected text that makes at least one token, found none"));
     }
     if let Some(c) = parts.choices.iter().position(Vec::is_empty) {
-        return Err(format!(
-            "field \"choices\"[{c}]: expected text that makes at least one token after the prompt, found {}",
-            quote(&choices[c])
-        ));
+        let field = if spans.is_empty() { format!("field \"choices\"[{c}]") } else { format!("field {}", quote_choice(c)) };
+        return Err(format!("{field}: expected text that makes at least one token after the prompt, found {}", quote(&choices[c])));
     }
     let n_prompt_tokens = parts.prompt.len();
     let doc = TokenizedDoc { index: ctx.index, id: id.to_string(), prompt: parts.prompt, choices: parts.choices };
-    let need = doc.context_len();
+    let need = doc.context_len() + end;
     if need > ctx.options.max_context {
+        let what = if spans.is_empty() { "its longest choice" } else { "its longest span and the span end" };
         return Err(format!(
-            "field {prompt_field}: too long: the document needs {need} positions ({n_prompt_tokens} prompt tokens + its longest choice), expected at most the model's context of {}",
+            "field {prompt_field}: too long: the document needs {need} positions ({n_prompt_tokens} prompt tokens + {what}), expected at most the model's context of {}",
             ctx.options.max_context
         ));
     }
-    Ok(ReadyDoc { doc, choices, choice_chars: parts.chars, n_prompt_tokens, answer, input_hash: input_hash.to_string() })
+    Ok(ReadyDoc { doc, choices, choice_chars: parts.chars, n_prompt_tokens, answer, input_hash: input_hash.to_string(), spans })
 }

@@ -57,6 +57,9 @@ pub struct ReadyDoc {
     pub answer: Option<String>,
     /// What determines its scores (see [`document_hash`]), recorded with them.
     pub input_hash: String,
+    /// [`DocForm::Source`]: per choice (a candidate span), its start and end in the source,
+    /// in code points, end exclusive; empty for given choices.
+    pub spans: Vec<(usize, usize)>,
 }
 
 impl ReadyDoc {
@@ -95,11 +98,24 @@ pub struct CorpusOptions {
     pub skip_ids: HashSet<String>,
     /// Per-document limits, checked before the work they bound (see [`Limits`]).
     pub limits: Limits,
+    /// Where a document's choices come from.
+    pub form: DocForm,
+}
+
+/// Where a document's choices come from: its "choices" field (score), or every span of its
+/// source (extract: "source" beside "prompt", else "text").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DocForm {
+    #[default]
+    Choices,
+    /// The candidates of `extract::candidates` up to `max_units` units, each to be followed
+    /// by the `end` ids (which count toward the context a document needs).
+    Source { max_units: usize, end: Vec<u32> },
 }
 
 impl CorpusOptions {
     pub fn new(template: Template, max_context: usize) -> CorpusOptions {
-        CorpusOptions { template, max_context, delimiter: " ".to_string(), skip_ids: HashSet::new(), limits: Limits::default() }
+        CorpusOptions { template, max_context, delimiter: " ".to_string(), skip_ids: HashSet::new(), limits: Limits::default(), form: DocForm::Choices }
     }
 }
 

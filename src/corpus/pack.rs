@@ -83,6 +83,7 @@ fn piece(doc: &ReadyDoc, choices: std::ops::Range<usize>) -> ReadyDoc {
     ReadyDoc {
         doc: TokenizedDoc { choices: doc.doc.choices[choices.clone()].to_vec(), ..doc.doc.clone_without_choices() },
         choices: doc.choices[choices.clone()].to_vec(),
+        spans: doc.spans.get(choices.clone()).map(<[_]>::to_vec).unwrap_or_default(),
         choice_chars: doc.choice_chars[choices].to_vec(),
         n_prompt_tokens: doc.n_prompt_tokens,
         answer: None,
@@ -123,6 +124,7 @@ mod tests {
             n_prompt_tokens: prompt,
             answer: None,
             input_hash: String::new(),
+            spans: vec![],
             doc,
         }
     }

@@ -118,9 +118,22 @@ impl<B: KvCache> DeviceGroup<B> {
 
     /// hidden (T, C) -> log p(target | row) at each scored row (S,).
     pub fn scored_logprobs(&self, b: &B, cfg: &ModelConfig, x: &B::Act, scored: &[ScoredRow]) -> Result<Vec<f64>, ModelError> {
-        let rows: Vec<u32> = scored.iter().map(|s| s.row).collect();
         let targets: Vec<u32> = scored.iter().map(|s| s.target).collect();
-        let logits = self.logits(b, cfg, x, &rows)?; // (S, V)
+        // The head runs once per distinct row: every choice's first target, and every first
+        // id of an extract's pass 1 (thousands), is scored at the prompt's last row.
+        let mut unique: Vec<u32> = vec![];
+        let mut at: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        let of: Vec<u32> = scored
+            .iter()
+            .map(|s| {
+                *at.entry(s.row).or_insert_with(|| {
+                    unique.push(s.row);
+                    unique.len() as u32 - 1
+                })
+            })
+            .collect();
+        let logits = self.logits(b, cfg, x, &unique)?; // (U, V)
+        let logits = if unique.len() < scored.len() { b.rows(&logits, &of)? } else { logits }; // (S, V)
         Ok(b.log_softmax_at(&logits, &targets)?)
     }
 

@@ -8,9 +8,9 @@ use super::paths::claim_outputs;
 use super::progress::Progress;
 use super::waves::Waves;
 use super::JobError;
-use crate::corpus::{open_corpus, scan, Batcher, CorpusOptions, CorpusReader, Limits, ReadyDoc, Template, DEFAULT_TEMPLATE};
+use crate::corpus::{open_corpus, scan, Batcher, CorpusOptions, CorpusReader, DocForm, Limits, ReadyDoc, Template, DEFAULT_TEMPLATE};
 use crate::format::model_dir::ModelDir;
-use crate::results::{check_csv_target, export_csv, plan_resume, read_results, DocResult, ResultsWriter, ResumeOptions, ResumePlan, RunAbout, RunMeta};
+use crate::results::{check_csv_target, export_csv, plan_resume, read_results, DocResult, ExtractMeta, ResultsWriter, ResumeOptions, ResumePlan, RunAbout, RunMeta};
 use crate::runner::BatchScorer;
 use crate::schedule::cost::WireDtype;
 use crate::score::Norm;
@@ -79,6 +79,8 @@ pub struct Prepared {
     pub plan: ResumePlan,
     /// This job's claim on the output, held until the run ends.
     pub lock: OutputLock,
+    /// Where the documents' choices come from (score: their "choices").
+    pub form: DocForm,
 }
 
 impl Prepared {
@@ -92,6 +94,12 @@ impl Prepared {
 /// Everything that needs no weights: the corpus, tokenizer and template, the output's
 /// identity and the resume plan (one pass over the corpus, no tokenizing).
 pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError> {
+    prepare_as(dir, opts, None, DocForm::Choices)
+}
+
+/// [`prepare`] for a run whose documents take their choices as `form` says and whose file
+/// carries `extract`'s identity (the extract job).
+pub(super) fn prepare_as(dir: &ModelDir, opts: &ScoreOptions, extract: Option<ExtractMeta>, form: DocForm) -> Result<Prepared, JobError> {
     // Before the results file is opened or replaced: a running job's work is never touched.
     let lock = claim_outputs(&opts.out, opts.csv.as_deref(), opts.batch_job.clone())?;
     // An unreadable corpus is fatal before anything is loaded or any output is touched.
@@ -108,6 +116,7 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
     let mut copts = CorpusOptions::new(template.clone(), dir.config().context_limit());
     copts.delimiter = opts.delimiter.clone();
     copts.limits = opts.limits;
+    copts.form = form.clone();
     let scanned = scan(&opts.docs, &copts).map_err(|e| JobError::Input(e.to_string()))?;
     let manifest = dir.manifest();
     let corpus = opts.docs.display().to_string();
@@ -125,10 +134,11 @@ pub fn prepare(dir: &ModelDir, opts: &ScoreOptions) -> Result<Prepared, JobError
             corpus: corpus.clone(),
             corpus_hash: scanned.file_hash.clone(),
         },
+        extract,
     };
     let resume = ResumeOptions { overwrite: opts.overwrite, rescore_changed: opts.rescore_changed, retry_failed: opts.retry_failed };
     let plan = plan_resume(&opts.out, &meta, &scanned, &corpus, resume).map_err(|e| JobError::Output(e.to_string()))?;
-    Ok(Prepared { tokenizer, template, meta, plan, lock })
+    Ok(Prepared { tokenizer, template, meta, plan, lock, form })
 }
 
 /// A run with nothing to score: the records the plan drops are removed, the file's
@@ -148,7 +158,7 @@ pub fn finish_without_weights(opts: &ScoreOptions, prepared: Prepared) -> Result
 }
 
 /// After the writer closed: count the file's documents and write the CSV.
-fn finish(opts: &ScoreOptions, mut summary: ScoreSummary, start: Instant) -> Result<ScoreSummary, JobError> {
+pub(super) fn finish(opts: &ScoreOptions, mut summary: ScoreSummary, start: Instant) -> Result<ScoreSummary, JobError> {
     let all = read_results(&opts.out).map_err(|e| JobError::Output(e.to_string()))?;
     summary.docs_in_file = all.len();
     summary.failed_in_file = all.iter().filter(|r| !r.is_ok()).count();
@@ -168,44 +178,16 @@ where
     JobError: From<S::Error>,
 {
     let start = Instant::now();
-    let Prepared { tokenizer, template, meta, plan, lock } = prepared;
-    let (mut writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
-    if let Some(note) = writer.repair_note() {
-        eprintln!("{note}");
-    }
-    if plan.changed + plan.retried > 0 && !opts.quiet {
-        eprintln!(
-            "{}: scoring again {} changed and {} failed documents (their old records removed)",
-            opts.out.display(),
-            plan.changed,
-            plan.retried
-        );
-    }
-    let resumed = plan.skip.len();
-    let mut copts = CorpusOptions::new(template, dir.config().context_limit());
-    copts.skip_ids = plan.skip;
-    copts.delimiter = opts.delimiter.clone();
-    copts.limits = opts.limits;
+    let Prepared { tokenizer, template, meta, plan, lock, form } = prepared;
+    let Opened { mut writer, copts, mut progress, resumed } = open_run(dir, opts, meta, plan, template, form)?;
     let reader = CorpusReader::open(&opts.docs, &tokenizer, copts).map_err(|e| JobError::Input(e.to_string()))?;
-    let mut progress = Progress::new(plan.to_score, resumed, opts.quiet);
-
     let mut order = InOrder::default();
     let mut batcher = Batcher::new(opts.batch_tokens);
     let mut wave: Vec<Vec<ReadyDoc>> = vec![];
     let mut summary = ScoreSummary { resumed, ..Default::default() };
 
     let mut waves = Waves::new(scorer, opts.norm, opts.faults);
-    let mut flush = |order: &mut InOrder, summary: &mut ScoreSummary, progress: &mut Progress| -> Result<(), JobError> {
-        let out = order.take_ready();
-        if !out.is_empty() {
-            writer.append(&out).map_err(|e| JobError::Output(e.to_string()))?;
-            crate::liveness::advanced();
-            summary.added += out.len();
-            opts.faults.crash_point(summary.added);
-            progress.docs(out.len(), out.iter().filter(|r| !r.is_ok()).count());
-        }
-        Ok(())
-    };
+    let mut flush = |order: &mut InOrder, summary: &mut ScoreSummary, progress: &mut Progress| write_ready(order, &mut writer, summary, progress, &opts.faults);
 
     for item in reader {
         let doc = item.map_err(|e| JobError::Input(e.to_string()))?;
@@ -245,4 +227,49 @@ where
     let summary = finish(opts, summary, start);
     drop(lock);
     summary
+}
+
+/// A run's writer (records the plan drops removed), its corpus options and progress.
+pub(super) struct Opened {
+    pub writer: ResultsWriter,
+    pub copts: CorpusOptions,
+    pub progress: Progress,
+    /// Documents skipped as already in the file.
+    pub resumed: usize,
+}
+
+pub(super) fn open_run(dir: &ModelDir, opts: &ScoreOptions, meta: RunMeta, plan: ResumePlan, template: Template, form: DocForm) -> Result<Opened, JobError> {
+    let (writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
+    if let Some(note) = writer.repair_note() {
+        eprintln!("{note}");
+    }
+    if plan.changed + plan.retried > 0 && !opts.quiet {
+        eprintln!(
+            "{}: scoring again {} changed and {} failed documents (their old records removed)",
+            opts.out.display(),
+            plan.changed,
+            plan.retried
+        );
+    }
+    let resumed = plan.skip.len();
+    let mut copts = CorpusOptions::new(template, dir.config().context_limit());
+    copts.skip_ids = plan.skip;
+    copts.delimiter = opts.delimiter.clone();
+    copts.limits = opts.limits;
+    copts.form = form;
+    let progress = Progress::new(plan.to_score, resumed, opts.quiet);
+    Ok(Opened { writer, copts, progress, resumed })
+}
+
+/// The documents at the front of `order` that are ready, appended to the file.
+pub(super) fn write_ready(order: &mut InOrder, writer: &mut ResultsWriter, summary: &mut ScoreSummary, progress: &mut Progress, faults: &Faults) -> Result<(), JobError> {
+    let out = order.take_ready();
+    if !out.is_empty() {
+        writer.append(&out).map_err(|e| JobError::Output(e.to_string()))?;
+        crate::liveness::advanced();
+        summary.added += out.len();
+        faults.crash_point(summary.added);
+        progress.docs(out.len(), out.iter().filter(|r| !r.is_ok()).count());
+    }
+    Ok(())
 }

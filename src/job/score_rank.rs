@@ -22,59 +22,56 @@ pub struct ScoreJob {
 }
 
 impl ScoreJob {
-    /// `opts.wave` 0 takes the schedule's wave; `schedule.wave` is the wave asked for (None:
-    /// the planner's). `compute_dtype` is the flag as given (recorded for the ranks to agree on).
-    pub fn new(model: PathBuf, opts: ScoreOptions, schedule: ScheduleOptions, compute_dtype: Option<String>, trace: bool) -> ScoreJob {
-        let launch = LaunchOptions {
-            model,
-            wire: opts.wire,
-            job_options: serde_json::json!({
-                "command": "score",
-                "norm": opts.norm.name(),
-                "template": opts.template.as_ref().map(|p| p.to_string_lossy().into_owned()),
-                "delimiter": opts.delimiter,
-                "batch_tokens": opts.batch_tokens,
-                "compute_dtype": compute_dtype,
-            }),
-            schedule,
-            trace,
-        };
+    /// `opts.wave` 0 takes the schedule's wave; `launch` from [`job_launch`].
+    pub fn new(opts: ScoreOptions, launch: LaunchOptions) -> ScoreJob {
         ScoreJob { opts, launch }
     }
+}
 
-    /// The run's summary on stderr, and its exit code: 3 whenever the file holds failed
-    /// documents (from this run or an earlier one).
-    fn report(&self, s: &ScoreSummary) -> u8 {
-        if !self.opts.quiet {
+/// How every rank of a job over the corpus (score, extract) starts: `job` names the command
+/// and its own options, to which the prompt and batching options are added for the ranks to
+/// agree on; `schedule.wave` is the wave asked for (None: the planner's); `compute_dtype` is
+/// the flag as given.
+pub fn job_launch(model: PathBuf, opts: &ScoreOptions, mut job: serde_json::Value, schedule: ScheduleOptions, compute_dtype: Option<String>, trace: bool) -> LaunchOptions {
+    job["template"] = serde_json::json!(opts.template.as_ref().map(|p| p.to_string_lossy().into_owned()));
+    job["delimiter"] = serde_json::json!(opts.delimiter);
+    job["batch_tokens"] = serde_json::json!(opts.batch_tokens);
+    job["compute_dtype"] = serde_json::json!(compute_dtype);
+    LaunchOptions { model, wire: opts.wire, job_options: job, schedule, trace }
+}
+
+/// The run's summary on stderr, and its exit code: 3 whenever the file holds failed
+/// documents (from this run or an earlier one), 75 when a signal stopped it.
+pub(super) fn report(opts: &ScoreOptions, s: &ScoreSummary) -> u8 {
+    if !opts.quiet {
+        eprintln!(
+            "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
+            opts.out.display(),
+            s.docs_in_file,
+            s.failed_in_file,
+            s.added,
+            s.resumed,
+            s.seconds,
+            s.tokens as f64 / s.seconds.max(1e-9)
+        );
+        if s.failed_in_file > 0 {
             eprintln!(
-                "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
-                self.opts.out.display(),
-                s.docs_in_file,
-                s.failed_in_file,
-                s.added,
-                s.resumed,
-                s.seconds,
-                s.tokens as f64 / s.seconds.max(1e-9)
+                "{0}: `falcon-batch show --failed {0}` lists the failed documents; a rerun retries those whose \
+                 corpus line changed (--retry-failed: all of them)",
+                opts.out.display()
             );
-            if s.failed_in_file > 0 {
-                eprintln!(
-                    "{0}: `falcon-batch show --failed {0}` lists the failed documents; a rerun retries those whose \
-                     corpus line changed (--retry-failed: all of them)",
-                    self.opts.out.display()
-                );
-            }
         }
-        if s.stopped {
-            eprintln!(
-                "{}: stopped by {} with {} documents in the file (every finished document is kept); run the same command again to resume",
-                self.opts.out.display(),
-                stop::signal_name().unwrap_or("a signal"),
-                s.docs_in_file
-            );
-            return stop::EXIT_STOPPED;
-        }
-        if s.failed_in_file > 0 { EXIT_SOME_FAILED } else { 0 }
     }
+    if s.stopped {
+        eprintln!(
+            "{}: stopped by {} with {} documents in the file (every finished document is kept); run the same command again to resume",
+            opts.out.display(),
+            stop::signal_name().unwrap_or("a signal"),
+            s.docs_in_file
+        );
+        return stop::EXIT_STOPPED;
+    }
+    if s.failed_in_file > 0 { EXIT_SOME_FAILED } else { 0 }
 }
 
 impl RankJob for ScoreJob {
@@ -99,13 +96,13 @@ impl RankJob for ScoreJob {
 
     fn drive_without_weights(&self, (_, prepared): Self::Prepared) -> Result<u8, JobError> {
         let s = score::finish_without_weights(&self.opts, prepared)?;
-        Ok(self.report(&s))
+        Ok(report(&self.opts, &s))
     }
 
     fn drive<B: Backend + 'static>(&self, (dir, prepared): Self::Prepared, worker: &mut Worker<B>) -> Result<u8, JobError> {
         let opts = ScoreOptions { wave: worker.schedule().wave, ..self.opts.clone() };
         let mut scorer = PipelineScorer::new(worker)?;
         let s = score::run(&dir, &opts, prepared, &mut scorer)?;
-        Ok(self.report(&s))
+        Ok(report(&self.opts, &s))
     }
 }

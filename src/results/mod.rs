@@ -28,12 +28,16 @@ use thiserror::Error;
 use crate::corpus::ReadyDoc;
 use crate::score::{DocScores, Norm};
 
-pub use csv_export::{check_csv_target, export_csv, write_csv, CSV_HEADER};
+pub use csv_export::{check_csv_target, export_csv, write_csv, CSV_HEADER, EXTRACT_CSV_HEADER};
 pub use plan::{plan_resume, ResumeOptions, ResumePlan};
 pub use read::{read_file, read_results, ResultsFile};
 pub use writer::ResultsWriter;
 
 pub const SCHEMA: &str = "falcon-batch/scores/2";
+
+/// The schema of `falcon-batch extract`'s files: the scores layout, its /choices rows being
+/// each document's top-k spans best first, with the extract columns added (schema.rs).
+pub const EXTRACT_SCHEMA: &str = "falcon-batch/extract/1";
 
 #[derive(Debug, Error)]
 pub enum ResultsError {
@@ -113,6 +117,51 @@ pub struct RunMeta {
     pub compute: String,
     /// Where the scores came from, for a reader of the file; not compared on resume.
     pub about: RunAbout,
+    /// An extract run's options (its file has [`EXTRACT_SCHEMA`]); None for score.
+    pub extract: Option<ExtractMeta>,
+}
+
+impl RunMeta {
+    pub fn schema(&self) -> &'static str {
+        if self.extract.is_some() {
+            EXTRACT_SCHEMA
+        } else {
+            SCHEMA
+        }
+    }
+}
+
+/// What identifies an extract run beyond a score run's identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtractMeta {
+    pub top_k: usize,
+    pub max_span_units: usize,
+    /// `--span-end` as given ("\n", or "eos").
+    pub span_end: String,
+}
+
+/// An extract document's own fields (its spans are its `choices`, best first, with these
+/// per-row extras in the same order).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExtractDoc {
+    /// Passes over the document (1 to 3).
+    pub passes: usize,
+    /// Rows run beyond the prompt, over all passes.
+    pub tree_tokens: usize,
+    /// Distinct candidate spans of the source.
+    pub candidates: usize,
+    /// The corpus's "answer", or empty.
+    pub answer: String,
+    pub spans: Vec<SpanRow>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpanRow {
+    /// In the source, in Unicode code points, end exclusive.
+    pub start: usize,
+    pub end: usize,
+    /// Log-prob of the span's ids alone (the score without the end term).
+    pub span_logprob: f64,
 }
 
 /// Descriptive root attributes, rewritten by every run that appends (so they say where
@@ -176,6 +225,8 @@ pub struct DocResult {
     pub best: Option<usize>,
     /// Empty on error.
     pub choices: Vec<ChoiceRow>,
+    /// In an extract file, the extract fields (Some for every document there).
+    pub extract: Option<ExtractDoc>,
 }
 
 impl DocResult {
@@ -210,6 +261,7 @@ impl DocResult {
             n_prompt_tokens: doc.n_prompt_tokens,
             best: Some(scores.best),
             choices,
+            extract: None,
         })
     }
 
@@ -223,6 +275,7 @@ impl DocResult {
             n_prompt_tokens: 0,
             best: None,
             choices: Vec::new(),
+            extract: None,
         }
     }
 
@@ -281,6 +334,18 @@ pub(crate) fn record_check(d: &DocResult) -> u64 {
         num(&mut h, h5::int32(c.n_tokens) as u64);
         for x in [c.logprob, c.logprob_mean, c.logprob_per_char, c.prob] {
             num(&mut h, x.to_bits());
+        }
+    }
+    if let Some(x) = &d.extract {
+        for n in [x.passes, x.tree_tokens, x.candidates] {
+            num(&mut h, n as u64);
+        }
+        put(&mut h, &x.answer);
+        num(&mut h, x.spans.len() as u64);
+        for s in &x.spans {
+            num(&mut h, s.start as u64);
+            num(&mut h, s.end as u64);
+            num(&mut h, s.span_logprob.to_bits());
         }
     }
     h.digest()

@@ -10,8 +10,8 @@ use hdf5::types::VarLenUnicode;
 use hdf5::{Dataset, File, Group, H5Type};
 
 use super::h5::{dataset, read_readable, read_whole};
-use super::schema::{check_schema, closed_cleanly, valid_prefix, CHOICE_SETS, DOC_SETS};
-use super::{record_check, ChoiceRow, DocResult, DocStatus, ResultsError};
+use super::schema::{check_schema, closed_cleanly, set_names, valid_prefix};
+use super::{record_check, ChoiceRow, DocResult, DocStatus, ExtractDoc, ResultsError, SpanRow};
 
 /// A results file's documents and root attributes.
 #[derive(Clone, Debug)]
@@ -35,13 +35,13 @@ pub fn read_results(path: &Path) -> Result<Vec<DocResult>, ResultsError> {
 pub fn read_file(path: &Path) -> Result<ResultsFile, ResultsError> {
     let p = path.display().to_string();
     let file = File::open(path).map_err(|e| ResultsError::NotResults { path: p.clone(), why: format!("cannot open it as HDF5: {e}") })?;
-    check_schema(&file, &p)?;
+    let extract = check_schema(&file, &p)?;
     let strict = closed_cleanly(&file);
     let group = |name: &str| {
         file.group(name).map_err(|e| ResultsError::Damaged { path: p.clone(), at: format!("/{name}"), msg: format!("missing group: {e}") })
     };
     let file_len = std::fs::metadata(path).map_err(|source| ResultsError::Io { path: p.clone(), source })?.len();
-    let cols = Columns::read(&group("docs")?, &group("choices")?, &p, strict, file_len)?;
+    let cols = Columns::read(&group("docs")?, &group("choices")?, &p, strict, file_len, extract)?;
     let docs = cols.documents(&p, strict)?;
     let attrs = file
         .attr_names()
@@ -73,6 +73,39 @@ struct Columns {
     mean: Vec<f64>,
     per_char: Vec<f64>,
     prob: Vec<f64>,
+    /// An extract file's columns.
+    extract: Option<ExtractColumns>,
+}
+
+struct ExtractColumns {
+    passes: Vec<i32>,
+    tree_tokens: Vec<i64>,
+    candidates: Vec<i64>,
+    answer: Vec<VarLenUnicode>,
+    start: Vec<i64>,
+    end: Vec<i64>,
+    span_logprob: Vec<f64>,
+}
+
+impl ExtractColumns {
+    fn docs(&self) -> usize {
+        [self.passes.len(), self.tree_tokens.len(), self.candidates.len(), self.answer.len()].into_iter().min().unwrap_or(0)
+    }
+
+    fn rows(&self) -> usize {
+        [self.start.len(), self.end.len(), self.span_logprob.len()].into_iter().min().unwrap_or(0)
+    }
+
+    fn doc(&self, i: usize, rows: std::ops::Range<usize>) -> ExtractDoc {
+        let n = |x: i64| usize::try_from(x).unwrap_or(0);
+        ExtractDoc {
+            passes: usize::try_from(self.passes[i]).unwrap_or(0),
+            tree_tokens: n(self.tree_tokens[i]),
+            candidates: n(self.candidates[i]),
+            answer: self.answer[i].as_str().to_string(),
+            spans: rows.map(|r| SpanRow { start: n(self.start[r]), end: n(self.end[r]), span_logprob: self.span_logprob[r] }).collect(),
+        }
+    }
 }
 
 fn read<T: H5Type + Clone>(ds: &Dataset, n: usize, path: &str, strict: bool) -> Result<Vec<T>, ResultsError> {
@@ -84,11 +117,12 @@ fn read<T: H5Type + Clone>(ds: &Dataset, n: usize, path: &str, strict: bool) -> 
 }
 
 impl Columns {
-    fn read(docs: &Group, choices: &Group, p: &str, strict: bool, file_len: u64) -> Result<Columns, ResultsError> {
+    fn read(docs: &Group, choices: &Group, p: &str, strict: bool, file_len: u64, extract: bool) -> Result<Columns, ResultsError> {
         let d = |name: &str| dataset(docs, name, p);
         let c = |name: &str| dataset(choices, name, p);
-        let doc_lens = DOC_SETS.iter().map(|s| d(s.name).map(|ds| ds.size())).collect::<Result<Vec<_>, _>>()?;
-        let row_lens = CHOICE_SETS.iter().map(|s| c(s.name).map(|ds| ds.size())).collect::<Result<Vec<_>, _>>()?;
+        let (doc_names, row_names) = set_names(extract);
+        let doc_lens = doc_names.iter().map(|s| d(s).map(|ds| ds.size())).collect::<Result<Vec<_>, _>>()?;
+        let row_lens = row_names.iter().map(|s| c(s).map(|ds| ds.size())).collect::<Result<Vec<_>, _>>()?;
         if strict && (doc_lens.iter().any(|&l| l != doc_lens[0]) || row_lens.iter().any(|&l| l != row_lens[0])) {
             let msg = format!("datasets of unequal lengths ({doc_lens:?} documents, {row_lens:?} choice rows)");
             return Err(ResultsError::Damaged { path: p.into(), at: "/docs".into(), msg });
@@ -101,7 +135,21 @@ impl Columns {
             let msg = format!("{n} documents and {rows} choice rows cannot fit in a file of {file_len} bytes");
             return Err(ResultsError::Damaged { path: p.into(), at: "/docs".into(), msg });
         }
+        let extract = if extract {
+            Some(ExtractColumns {
+                passes: read(&d("passes")?, n, p, strict)?,
+                tree_tokens: read(&d("tree_tokens")?, n, p, strict)?,
+                candidates: read(&d("n_candidates")?, n, p, strict)?,
+                answer: read(&d("answer")?, n, p, strict)?,
+                start: read(&c("start")?, rows, p, strict)?,
+                end: read(&c("end")?, rows, p, strict)?,
+                span_logprob: read(&c("span_logprob")?, rows, p, strict)?,
+            })
+        } else {
+            None
+        };
         Ok(Columns {
+            extract,
             ids: read(&d("id")?, n, p, strict)?,
             status: read(&d("status")?, n, p, strict)?,
             errors: read(&d("error")?, n, p, strict)?,
@@ -125,10 +173,12 @@ impl Columns {
     fn documents(&self, p: &str, strict: bool) -> Result<Vec<DocResult>, ResultsError> {
         let n = [&self.ids, &self.status, &self.errors, &self.hashes].iter().map(|v| v.len()).min().unwrap_or(0);
         let n = [n, self.checks.len(), self.n_prompt.len(), self.best.len(), self.offsets.len(), self.counts.len()].into_iter().min().unwrap_or(0);
+        let n = self.extract.as_ref().map_or(n, |x| n.min(x.docs()));
         let rows = [self.doc_of.len(), self.texts.len(), self.n_tokens.len(), self.logprob.len(), self.mean.len(), self.per_char.len(), self.prob.len()]
             .into_iter()
             .min()
             .unwrap_or(0);
+        let rows = self.extract.as_ref().map_or(rows, |x| rows.min(x.rows()));
         let (whole, used) = valid_prefix(&self.status[..n], &self.offsets[..n], &self.counts[..n], rows);
         let damaged = |at: &str, msg: String| ResultsError::Damaged { path: p.into(), at: at.into(), msg };
         if strict && (whole != n || used != rows) {
@@ -169,6 +219,7 @@ impl Columns {
                         prob: self.prob[r],
                     })
                     .collect(),
+                extract: self.extract.as_ref().map(|x| x.doc(i, start..end)),
             };
             let problem = problem.or_else(|| {
                 (record_check(&doc) != self.checks[i])

@@ -8,7 +8,7 @@ use hdf5::types::VarLenUnicode;
 use hdf5::{File, Group};
 
 use super::h5::{create_set, read_str_attr, set_str_attr};
-use super::{At, ResultsError, RunMeta, SCHEMA};
+use super::{At, ResultsError, RunMeta, EXTRACT_SCHEMA, SCHEMA};
 
 // ~1024 documents or 4096 choice rows per chunk: a few appends per chunk at typical batch
 // sizes, and small enough that the last, partly filled chunk costs little.
@@ -78,6 +78,34 @@ pub(super) const CHOICE_SETS: [SetSpec; 7] = [
     ),
 ];
 
+/// An extract file's /docs columns beyond the scores layout's.
+pub(super) const EXTRACT_DOC_SETS: [SetSpec; 4] = [
+    set("passes", Kind::I32, "passes over the document: 1 (bounds), 2 (the k best bounds scored), 3 (every span that could still enter the top-k); 0 on error", "passes"),
+    set("tree_tokens", Kind::I64, "rows run beyond the prompt over all passes (the spans' token tree)", "tokens"),
+    set("n_candidates", Kind::I64, "distinct candidate spans of the source", "spans"),
+    set("answer", Kind::Str, "the corpus's \"answer\", or empty", ""),
+];
+
+/// An extract file's /choices columns beyond the scores layout's: its rows are the top-k
+/// spans, best first (text: the span; n_tokens: its tokens; logprob: its score, span and
+/// end; prob: exp(logprob)).
+pub(super) const EXTRACT_ROW_SETS: [SetSpec; 3] = [
+    set("start", Kind::I64, "where the span starts in the source", "Unicode code points"),
+    set("end", Kind::I64, "where the span ends in the source, exclusive", "Unicode code points"),
+    set("span_logprob", Kind::F64, "sum of the span's token log-probabilities, without the end term", "natural log (nats)"),
+];
+
+/// Names of /docs and /choices datasets of a file of this layout.
+pub(super) fn set_names(extract: bool) -> (Vec<&'static str>, Vec<&'static str>) {
+    let mut docs: Vec<&str> = DOC_SETS.iter().map(|s| s.name).collect();
+    let mut rows: Vec<&str> = CHOICE_SETS.iter().map(|s| s.name).collect();
+    if extract {
+        docs.extend(EXTRACT_DOC_SETS.iter().map(|s| s.name));
+        rows.extend(EXTRACT_ROW_SETS.iter().map(|s| s.name));
+    }
+    (docs, rows)
+}
+
 /// Root attribute: 1 when the last writer closed the file, 0 while one has it open. HDF5
 /// (1.10, no SWMR) updates metadata in place, so a job killed mid-append can leave the
 /// file readable but not safely writable; a file found not closed cleanly is rebuilt
@@ -115,21 +143,29 @@ pub(super) fn valid_prefix(status: &[VarLenUnicode], offsets: &[i64], counts: &[
 }
 
 /// The root attributes a resumed run must match: every option that changes a score.
-pub(super) fn identity(meta: &RunMeta) -> [(&'static str, &str); 6] {
-    [
-        ("model", meta.model_id.as_str()),
-        ("norm", meta.norm.name()),
-        ("template", meta.template.as_str()),
-        ("target_delimiter", meta.delimiter.as_str()),
-        ("wire_dtype", meta.wire_dtype.as_str()),
-        ("compute", meta.compute.as_str()),
-    ]
+pub(super) fn identity(meta: &RunMeta) -> Vec<(&'static str, String)> {
+    let mut v = vec![
+        ("model", meta.model_id.clone()),
+        ("norm", meta.norm.name().to_string()),
+        ("template", meta.template.clone()),
+        ("target_delimiter", meta.delimiter.clone()),
+        ("wire_dtype", meta.wire_dtype.clone()),
+        ("compute", meta.compute.clone()),
+    ];
+    if let Some(x) = &meta.extract {
+        v.push(("top_k", x.top_k.to_string()));
+        v.push(("max_span_units", x.max_span_units.to_string()));
+        v.push(("span_end", x.span_end.clone()));
+    }
+    v
 }
 
-/// The schema attribute says this is a results file this build reads.
-pub(super) fn check_schema(file: &File, path: &str) -> Result<(), ResultsError> {
+/// The schema attribute says this is a results file this build reads; true for an
+/// extract file.
+pub(super) fn check_schema(file: &File, path: &str) -> Result<bool, ResultsError> {
     match read_str_attr(file, "schema") {
-        Some(s) if s == SCHEMA => Ok(()),
+        Some(s) if s == SCHEMA => Ok(false),
+        Some(s) if s == EXTRACT_SCHEMA => Ok(true),
         Some(s) if s.starts_with("falcon-batch/scores/") => Err(ResultsError::OldSchema { path: path.into(), found: s }),
         Some(s) => Err(ResultsError::NotResults { path: path.into(), why: format!("schema {s:?}, expected {SCHEMA:?}") }),
         None => Err(ResultsError::NotResults { path: path.into(), why: "no schema attribute".into() }),
@@ -137,8 +173,13 @@ pub(super) fn check_schema(file: &File, path: &str) -> Result<(), ResultsError> 
 }
 
 pub(super) fn check_meta(file: &File, meta: &RunMeta, path: &str) -> Result<(), ResultsError> {
-    check_schema(file, path)?;
+    let extract = check_schema(file, path)?;
+    if extract != meta.extract.is_some() {
+        let (found, wanted) = if extract { (EXTRACT_SCHEMA, SCHEMA) } else { (SCHEMA, EXTRACT_SCHEMA) };
+        return Err(ResultsError::Mismatch { path: path.into(), attr: "schema", found: found.into(), wanted: wanted.into() });
+    }
     for (attr, want) in identity(meta) {
+        let want = want.as_str();
         let Some(found) = read_str_attr(file, attr) else {
             return Err(ResultsError::Unrecorded { path: path.into(), attr, wanted: want.to_string() });
         };
@@ -202,25 +243,33 @@ pub(super) fn build_empty(path: &Path, meta: &RunMeta, created: Option<&str>) ->
     let name = path.display().to_string();
     let file = File::create(path).at(&name, "creating")?;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    set_str_attr(&file, "schema", SCHEMA, &name)?;
+    set_str_attr(&file, "schema", meta.schema(), &name)?;
     for (attr, value) in identity(meta) {
-        set_str_attr(&file, attr, value, &name)?;
+        set_str_attr(&file, attr, &value, &name)?;
     }
     set_str_attr(&file, "created", created.unwrap_or(&now), &name)?;
-    set_str_attr(
-        &file,
-        "description",
+    let description = if meta.extract.is_some() {
+        "falcon-batch extract: per document (/docs) its source's top_k spans, each (/choices, best first) with \
+         its score (logprob: log P(span, then the span end | prompt)), offsets in the source and span-only \
+         log-probability; the root attributes model, norm, template, target_delimiter, wire_dtype, compute, \
+         top_k, max_span_units and span_end identify the run (a resume must match them); \
+         closed_cleanly is 1 when the last writer closed the file, 0 while one has it open or was killed"
+    } else {
         "falcon-batch scores: per document (/docs) the best choice under `norm`, per choice (/choices) its \
          log-probability given the rendered prompt; the root attributes model, norm, template, \
          target_delimiter, wire_dtype and compute identify the run (a resume must match them); \
-         closed_cleanly is 1 when the last writer closed the file, 0 while one has it open or was killed",
-        &name,
-    )?;
+         closed_cleanly is 1 when the last writer closed the file, 0 while one has it open or was killed"
+    };
+    set_str_attr(&file, "description", description, &name)?;
     write_about(&file, meta, &name)?;
     let docs = file.create_group("docs").at(&name, "creating /docs")?;
     create_sets(&docs, &DOC_SETS, DOC_CHUNK, &name)?;
     let choices = file.create_group("choices").at(&name, "creating /choices")?;
     create_sets(&choices, &CHOICE_SETS, CHOICE_CHUNK, &name)?;
+    if meta.extract.is_some() {
+        create_sets(&docs, &EXTRACT_DOC_SETS, DOC_CHUNK, &name)?;
+        create_sets(&choices, &EXTRACT_ROW_SETS, CHOICE_CHUNK, &name)?;
+    }
     set_closed(&file, true, &name)
 }
 

@@ -9,8 +9,8 @@ use hdf5::{Dataset, File, Group};
 use super::h5::{dataset, extend, int32, read_prefix, vlu};
 use super::recover::rebuild;
 use super::reserve::{is_no_space, Reserve, MIN_RESERVE};
-use super::schema::{check_meta, closed_cleanly, create, set_closed, valid_prefix, write_about, CHOICE_CHUNK, CHOICE_SETS, DOC_CHUNK, DOC_SETS};
-use super::{record_check, At, DocResult, ResultsError, RunMeta};
+use super::schema::{check_meta, closed_cleanly, create, set_closed, set_names, valid_prefix, write_about, CHOICE_CHUNK, DOC_CHUNK};
+use super::{record_check, At, DocResult, ExtractDoc, ResultsError, RunMeta};
 
 pub struct ResultsWriter {
     path: PathBuf,
@@ -20,6 +20,8 @@ pub struct ResultsWriter {
     choices: Group,
     n_docs: usize,
     n_rows: usize,
+    /// An extract file: its extra columns are written too.
+    extract: bool,
     repair_note: Option<String>,
     /// Set when an append failed half way: the file is only made consistent again by the
     /// repair on the next open, so further appends here would build on a torn tail.
@@ -108,6 +110,7 @@ impl ResultsWriter {
             choices,
             n_docs: 0,
             n_rows: 0,
+            extract: meta.extract.is_some(),
             repair_note: None,
             broken: false,
             closed: false,
@@ -126,8 +129,9 @@ impl ResultsWriter {
     /// returns the ids of the documents kept.
     fn repair(&mut self) -> Result<HashSet<String>, ResultsError> {
         let p = self.name.clone();
-        let doc_sets: Vec<Dataset> = DOC_SETS.iter().map(|s| dataset(&self.docs, s.name, &p)).collect::<Result<_, _>>()?;
-        let choice_sets: Vec<Dataset> = CHOICE_SETS.iter().map(|s| dataset(&self.choices, s.name, &p)).collect::<Result<_, _>>()?;
+        let (doc_names, row_names) = set_names(self.extract);
+        let doc_sets: Vec<Dataset> = doc_names.iter().map(|s| dataset(&self.docs, s, &p)).collect::<Result<_, _>>()?;
+        let choice_sets: Vec<Dataset> = row_names.iter().map(|s| dataset(&self.choices, s, &p)).collect::<Result<_, _>>()?;
         let doc_lens: Vec<usize> = doc_sets.iter().map(|d| d.size()).collect();
         let row_lens: Vec<usize> = choice_sets.iter().map(|d| d.size()).collect();
         let n = doc_lens.iter().copied().min().unwrap_or(0);
@@ -210,6 +214,15 @@ impl ResultsWriter {
         if docs.is_empty() {
             return Ok(());
         }
+        // In an extract file every document has the extract fields (a failed one, zeros),
+        // as they are read back and checked.
+        let filled: Vec<DocResult>;
+        let docs = if self.extract && docs.iter().any(|d| d.extract.is_none()) {
+            filled = docs.iter().map(|d| DocResult { extract: Some(d.extract.clone().unwrap_or_default()), ..d.clone() }).collect();
+            &filled[..]
+        } else {
+            docs
+        };
         let p = self.name.clone();
         let rows: Vec<_> = docs.iter().flat_map(|d| &d.choices).collect();
         let ch = |name: &str| dataset(&self.choices, name, &p);
@@ -222,6 +235,12 @@ impl ResultsWriter {
         extend(&ch("logprob_mean")?, at, &rows.iter().map(|r| r.logprob_mean).collect::<Vec<_>>(), &p)?;
         extend(&ch("logprob_per_char")?, at, &rows.iter().map(|r| r.logprob_per_char).collect::<Vec<_>>(), &p)?;
         extend(&ch("prob")?, at, &rows.iter().map(|r| r.prob).collect::<Vec<_>>(), &p)?;
+        if self.extract {
+            let spans: Vec<_> = docs.iter().flat_map(|d| d.extract.iter().flat_map(|x| &x.spans)).collect();
+            extend(&ch("start")?, at, &spans.iter().map(|s| s.start as i64).collect::<Vec<_>>(), &p)?;
+            extend(&ch("end")?, at, &spans.iter().map(|s| s.end as i64).collect::<Vec<_>>(), &p)?;
+            extend(&ch("span_logprob")?, at, &spans.iter().map(|s| s.span_logprob).collect::<Vec<_>>(), &p)?;
+        }
 
         let mut offsets = Vec::with_capacity(docs.len());
         let mut next = self.n_rows as i64;
@@ -239,6 +258,13 @@ impl ResultsWriter {
         extend(&ds("best")?, at, &docs.iter().map(|d| d.best.map_or(-1, int32)).collect::<Vec<_>>(), &p)?;
         extend(&ds("choice_offset")?, at, &offsets, &p)?;
         extend(&ds("n_choices")?, at, &docs.iter().map(|d| int32(d.choices.len())).collect::<Vec<_>>(), &p)?;
+        if self.extract {
+            let x: Vec<&ExtractDoc> = docs.iter().filter_map(|d| d.extract.as_ref()).collect();
+            extend(&ds("passes")?, at, &x.iter().map(|x| int32(x.passes)).collect::<Vec<_>>(), &p)?;
+            extend(&ds("tree_tokens")?, at, &x.iter().map(|x| x.tree_tokens as i64).collect::<Vec<_>>(), &p)?;
+            extend(&ds("n_candidates")?, at, &x.iter().map(|x| x.candidates as i64).collect::<Vec<_>>(), &p)?;
+            extend(&ds("answer")?, at, &x.iter().map(|x| vlu(&x.answer)).collect::<Vec<_>>(), &p)?;
+        }
         // Status last: it is the commit marker the repair trusts.
         extend(&ds("status")?, at, &docs.iter().map(|d| vlu(d.status.as_str())).collect::<Vec<_>>(), &p)?;
         self.file.flush().at(&p, "flushing")?;
@@ -303,8 +329,11 @@ fn append_bytes(n_docs: usize, n_rows: usize, docs: &[DocResult]) -> u64 {
         .iter()
         .map(|d| {
             string(&d.id) + string(&d.error) + string(d.status.as_str()) + string(&d.input_hash) + d.choices.iter().map(|c| string(&c.text)).sum::<usize>()
+                + d.extract.as_ref().map_or(0, |x| string(&x.answer))
         })
         .sum();
-    let raw = chunks + strings + docs.len() * 28 + rows * 44;
+    // The extract columns: at most 2 chunks more per group, and their bytes per element.
+    let extract = if docs.iter().any(|d| d.extract.is_some()) { 2 * (doc_chunk_bytes + choice_chunk_bytes) + docs.len() * 36 + rows * 24 } else { 0 };
+    let raw = chunks + strings + docs.len() * 28 + rows * 44 + extract;
     (2 * raw as u64 + (256 << 10)).max(MIN_RESERVE)
 }
