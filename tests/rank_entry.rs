@@ -11,7 +11,7 @@ use falcon_batch::corpus::Limits;
 use falcon_batch::job::generate::{GenerateJob, GenerateOptions};
 use falcon_batch::job::rank::{run_on_this_rank, RankSettings};
 use falcon_batch::job::score::ScoreOptions;
-use falcon_batch::job::score_rank::ScoreJob;
+use falcon_batch::job::score_rank::{job_launch, ScoreJob};
 use falcon_batch::job::JobError;
 use falcon_batch::pipeline::{Cluster, ClusterSettings};
 use falcon_batch::results::read_results;
@@ -72,7 +72,9 @@ fn score_and_generate_jobs_run_in_this_process_through_the_rank_entry() {
     // The score job, as `falcon-batch score --batch-tokens 40 --wave 1` runs it.
     let here = d.join("here.h5");
     let schedule = ScheduleOptions { wave: Some(1), batch_tokens: 40, ..Default::default() };
-    let job = ScoreJob::new(model.clone(), score_options(&docs, &here), schedule.clone(), None, false);
+    let opts = score_options(&docs, &here);
+    let launch = job_launch(model.clone(), &opts, serde_json::json!({"command": "score", "norm": "sum"}), schedule.clone(), None, false);
+    let job = ScoreJob::new(opts, launch);
     let (code, _trace) = run_on_this_rank(&cluster, &settings, &job).expect("the score job");
     assert_eq!(code, 0);
     let mine = read_results(&here).expect("results written in this process");
