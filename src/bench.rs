@@ -264,7 +264,7 @@ fn decode_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<V
     let mut out = vec![];
     for &context in DECODE_CONTEXTS {
         let seconds = time_decode(b, cfg, &w, context, reps).during(|| format!("timing a decode step at context {context}"))?;
-        eprintln!("  decode at {context:>5} context: {:9.3} ms per layer", seconds * 1e3);
+        crate::info!("  decode at {context:>5} context: {:9.3} ms per layer", seconds * 1e3);
         out.push(DecodeTiming { context, seconds });
     }
     Ok(out)
@@ -278,7 +278,7 @@ fn layer_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Ve
     for &(label, docs, rows) in SHAPES {
         let batch = synthetic_batch(docs, rows);
         let seconds = time_layer(b, cfg, &w, &batch, reps).during(|| format!("timing a layer at {label} tokens"))?;
-        eprintln!("  {label:>7} tokens: {:9.3} ms per layer", seconds * 1e3);
+        crate::info!("  {label:>7} tokens: {:9.3} ms per layer", seconds * 1e3);
         out.push(LayerTiming { label: label.into(), tokens: batch.rows(), seconds });
     }
     Ok(out)
@@ -306,7 +306,7 @@ fn attention_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Resul
         }
         let seconds = median(times);
         let tflops = (4 * d * h * pairs) as f64 / seconds / 1e12;
-        eprintln!("  attention {label:>7} tokens: {:9.3} ms ({tflops:.3} TFLOP/s)", seconds * 1e3);
+        crate::info!("  attention {label:>7} tokens: {:9.3} ms ({tflops:.3} TFLOP/s)", seconds * 1e3);
         out.push(AttnTiming { label: label.into(), tokens: t, seconds, tflops });
     }
     Ok(out)
@@ -459,7 +459,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
             }
             let route = crate::backend::cpu::CpuRoute::detect(o.compute_dtype);
             let b = CpuBackend::with_route(crate::backend::KvDtype::F32, route);
-            eprintln!("bench {} on {}", o.synthetic, b.name());
+            crate::info!("bench {} on {}", o.synthetic, b.name());
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             // bf16 routes hold every matrix in bf16.
             let mut r = report_from(&b, &cfg, &o.synthetic, "cpu", t, if route.rounds() { 2 } else { 4 });
@@ -471,7 +471,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         }
         Resolved::Cuda(n) => {
             let b = CudaBackend::new(n).during(|| "opening the CUDA backend".into())?;
-            eprintln!("bench {} on {}", o.synthetic, b.name());
+            crate::info!("bench {} on {}", o.synthetic, b.name());
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cuda", t, 2);
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
@@ -487,7 +487,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         }
         let json = serde_json::to_string_pretty(&report).map_err(|e| BenchError::Invalid(format!("bench report: {e}")))?;
         std::fs::write(path, json + "\n").map_err(|source| BenchError::Io { path: path.display().to_string(), source })?;
-        eprintln!("wrote {}", path.display());
+        crate::info!("wrote {}", path.display());
     }
     Ok(report)
 }

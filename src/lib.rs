@@ -12,6 +12,7 @@ pub mod job;
 pub mod liveness;
 pub mod model;
 pub mod pipeline;
+pub mod report;
 pub mod sample;
 pub mod schedule;
 pub mod results;

@@ -155,7 +155,7 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
             gate_up_bf16_compute_gflops: 2.0 * g(fused16.0),
             bf16_route: b16.route().to_string(),
         };
-        eprintln!(
+        crate::info!(
             "gemm {t}x{k}x{n}: linear {:.1} GFLOP/s ({:.1} per CPU-s; bf16 weights {:.1}, f16 {:.1}), gemm crate {:.1} ({:.1} per CPU-s); gate+up fused {:.1}, unfused {:.1}; bf16 compute: linear {:.1}, gate+up fused {:.1}",
             row.linear_gflops, row.linear_cpu_gflops, row.linear_bf16_gflops, row.linear_f16_gflops, row.gemm_crate_gflops, row.gemm_crate_cpu_gflops, row.gate_up_fused_gflops, row.gate_up_unfused_gflops, row.linear_bf16_compute_gflops, row.gate_up_bf16_compute_gflops
         );

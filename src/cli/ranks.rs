@@ -134,7 +134,7 @@ fn run_on_device(cluster: &Cluster, args: &ScheduleArgs, job: &impl RankJob) -> 
             // built already (a second job in one process), which then keeps its size.
             let share = cpu_threads_per_rank();
             if let Some(w) = &share.warning {
-                eprintln!("falcon-batch: rank {}: {w}", cluster.rank);
+                falcon_batch::warn!(rank cluster.rank; "{w}");
             }
             // This thread (which runs the job) is the pool's worker 0: its parallel ops start
             // in the pool instead of handing each op to a worker and sleeping until it is done,
@@ -143,7 +143,7 @@ fn run_on_device(cluster: &Cluster, args: &ScheduleArgs, job: &impl RankJob) -> 
             keep_freed_buffers();
             let info = DeviceInfo { name: "cpu".into(), memory_bytes: device_mem.unwrap_or_else(cpu_memory_per_rank) };
             let route = CpuRoute::detect(args.compute_dtype.unwrap_or_default());
-            eprintln!("falcon-batch: rank {}: cpu compute {route}", cluster.rank);
+            falcon_batch::info!(rank cluster.rank; "cpu compute {route}");
             run_job(cluster, CpuBackend::with_route(job.kv_dtype(), route), info, job)
         }
         Some(n) => {

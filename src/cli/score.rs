@@ -118,7 +118,7 @@ pub fn score_by_default(a: DefaultScoreArgs) -> Result<ExitCode> {
     let defaults = resolve_defaults(a.model, env_model, Path::new("models"), a.out, &docs)?;
     if is_first_rank() {
         for line in &defaults.notes {
-            eprintln!("falcon-batch: {line}");
+            falcon_batch::info!("{line}");
         }
     }
     run_score(defaults.model, docs, defaults.out, a.rest)
@@ -317,7 +317,7 @@ impl ScoreJob {
     /// documents (from this run or an earlier one).
     fn report(&self, s: &ScoreSummary) -> u8 {
         if !self.opts.quiet {
-            eprintln!(
+            falcon_batch::info!(
                 "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
                 self.opts.out.display(),
                 s.docs_in_file,
@@ -328,7 +328,7 @@ impl ScoreJob {
                 s.tokens as f64 / s.seconds.max(1e-9)
             );
             if s.failed_in_file > 0 {
-                eprintln!(
+                falcon_batch::info!(
                     "{0}: `falcon-batch show --failed {0}` lists the failed documents; a rerun retries those whose \
                      corpus line changed (--retry-failed: all of them)",
                     self.opts.out.display()
@@ -336,7 +336,7 @@ impl ScoreJob {
             }
         }
         if s.stopped {
-            eprintln!(
+            falcon_batch::warn!(
                 "{}: stopped by {} with {} documents in the file (every finished document is kept); run the same command again to resume",
                 self.opts.out.display(),
                 stop::signal_name().unwrap_or("a signal"),

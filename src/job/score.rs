@@ -136,7 +136,7 @@ pub fn finish_without_weights(opts: &ScoreOptions, prepared: Prepared) -> Result
     let Prepared { meta, plan, lock, .. } = prepared;
     let (writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
     if let Some(note) = writer.repair_note() {
-        eprintln!("{note}");
+        crate::warn!("{}: {note}", opts.out.display());
     }
     writer.close().map_err(|e| JobError::Output(e.to_string()))?;
     let summary = ScoreSummary { resumed: plan.skip.len(), ..Default::default() };
@@ -169,10 +169,10 @@ where
     let Prepared { tokenizer, template, meta, plan, lock } = prepared;
     let (mut writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
     if let Some(note) = writer.repair_note() {
-        eprintln!("{note}");
+        crate::warn!("{}: {note}", opts.out.display());
     }
     if plan.changed + plan.retried > 0 && !opts.quiet {
-        eprintln!(
+        crate::info!(
             "{}: scoring again {} changed and {} failed documents (their old records removed)",
             opts.out.display(),
             plan.changed,

@@ -80,7 +80,7 @@ pub(super) fn read_readable<T: H5Type + Clone>(ds: &Dataset, n: usize) -> Vec<T>
                         Err(_) => break,
                     }
                 }
-                tracing::warn!("{}: unreadable from row {}: {e}", ds.name(), out.len());
+                crate::warn!("{}: unreadable from row {}: {e}", ds.name(), out.len());
                 break;
             }
         }

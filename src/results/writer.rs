@@ -116,7 +116,6 @@ impl ResultsWriter {
         let done = w.repair()?;
         if let Some(kept) = rebuilt {
             let note = format!("the last writer did not close the file; rebuilt it from its {kept} whole documents");
-            tracing::warn!("{}: {note}", w.name);
             w.repair_note = Some(note);
         }
         Ok((w, done))
@@ -151,7 +150,6 @@ impl ResultsWriter {
             let note = format!(
                 "repaired a torn tail: kept {keep} documents and {keep_rows} choice rows (datasets had {doc_lens:?} and {row_lens:?})"
             );
-            tracing::warn!("{p}: {note}");
             self.repair_note = Some(note);
         }
         self.n_docs = keep;
@@ -283,7 +281,8 @@ impl ResultsWriter {
 impl Drop for ResultsWriter {
     fn drop(&mut self) {
         if let Err(e) = self.finish() {
-            tracing::warn!("{e}");
+            // Drop has no caller to hand the error to; the next open rebuilds the file.
+            crate::warn!("{e}");
         }
     }
 }
