@@ -37,7 +37,7 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
     let manifest_only = ModelDir::open_for(&opts.model, &[])?;
     let cfg = manifest_only.config().clone();
     let wire = opts.wire.unwrap_or(WireDtype::default_for(manifest_only.manifest().dtype.size()));
-    let schedule_options = serde_json::to_value(&opts.schedule).map_err(|e| JobError::Input(format!("the schedule options as JSON: {e}")))?;
+    let schedule_options = serde_json::to_value(&opts.schedule).map_err(JobError::ScheduleOptions)?;
     let identity = Identity {
         model_id: manifest_only.manifest().model_id.clone(),
         // The trace is gathered by every rank at the end, so all must agree to write one.

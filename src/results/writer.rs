@@ -84,7 +84,7 @@ impl ResultsWriter {
         let name = path.display().to_string();
         let open = || {
             File::open_rw(path)
-                .map_err(|e| ResultsError::NotResults { path: name.clone(), why: format!("cannot open it as HDF5: {e}") })
+                .map_err(|source| ResultsError::NotHdf5 { path: name.clone(), source })
         };
         let mut file = open()?;
         check_meta(&file, meta, &name)?;
@@ -97,9 +97,9 @@ impl ResultsWriter {
         }
         set_closed(&file, false, &name)?;
         write_about(&file, meta, &name)?;
-        let docs = file.group("docs").map_err(|e| ResultsError::Corrupt { path: name.clone(), msg: format!("missing group /docs: {e}") })?;
+        let docs = file.group("docs").map_err(|source| ResultsError::Hdf5 { path: name.clone(), what: "missing group /docs".into(), source })?;
         let choices =
-            file.group("choices").map_err(|e| ResultsError::Corrupt { path: name.clone(), msg: format!("missing group /choices: {e}") })?;
+            file.group("choices").map_err(|source| ResultsError::Hdf5 { path: name.clone(), what: "missing group /choices".into(), source })?;
         let mut w = ResultsWriter {
             path: path.to_path_buf(),
             name,
