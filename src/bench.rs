@@ -62,7 +62,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub const PRESETS: &[&str] = &["falcon-180b", "falcon-40b", "falcon-7b", "llama-2-70b", "smollm2-135m", "tiny"];
+pub use crate::schedule::presets::PRESETS;
 
 pub struct BenchOptions {
     pub device: DeviceChoice,
@@ -138,30 +138,10 @@ pub struct BenchReport {
     pub stream: Option<StreamResult>,
 }
 
-/// The HF config.json of a preset's real shapes (layer count included for reference).
+/// A preset's config (the planner's table, crate::schedule::presets).
 pub fn preset(name: &str) -> Result<ModelConfig> {
-    use serde_json::json;
-    let falcon_new = |h: usize, heads: usize, kv: usize, layers: usize| {
-        json!({"model_type": "falcon", "hidden_size": h, "num_attention_heads": heads, "num_kv_heads": kv,
-               "num_hidden_layers": layers, "new_decoder_architecture": true, "parallel_attn": true,
-               "bias": false, "vocab_size": 65024, "max_position_embeddings": 2048})
-    };
-    let llama = |h: usize, heads: usize, kv: usize, ffn: usize, layers: usize, vocab: usize, theta: f64| {
-        json!({"model_type": "llama", "hidden_size": h, "num_attention_heads": heads, "num_key_value_heads": kv,
-               "intermediate_size": ffn, "num_hidden_layers": layers, "vocab_size": vocab, "rope_theta": theta,
-               "rms_norm_eps": 1e-5, "max_position_embeddings": 4096})
-    };
-    let j = match name {
-        "falcon-180b" => falcon_new(14848, 232, 8, 80),
-        "falcon-40b" => falcon_new(8192, 128, 8, 60),
-        "falcon-7b" => json!({"model_type": "falcon", "hidden_size": 4544, "num_attention_heads": 71, "num_hidden_layers": 32,
-                              "multi_query": true, "parallel_attn": true, "bias": false, "vocab_size": 65024}),
-        "llama-2-70b" => llama(8192, 64, 8, 28672, 80, 32000, 10000.0),
-        "smollm2-135m" => llama(576, 9, 3, 1536, 30, 49152, 100000.0),
-        "tiny" => falcon_new(256, 8, 2, 4),
-        other => return Err(BenchError::Invalid(format!("unknown synthetic model `{other}`; expected one of {}", PRESETS.join(", ")))),
-    };
-    Ok(model::config_from_hf(&j, &format!("<preset {name}>"))?)
+    crate::schedule::presets::config(name)
+        .ok_or_else(|| BenchError::Invalid(format!("unknown synthetic model `{name}`; expected one of {}", PRESETS.join(", "))))
 }
 
 /// A micro-batch of `docs` documents of `rows_per_doc` rows each, as a token tree:
