@@ -2,7 +2,6 @@
 //! split by layers over MPI ranks. See docs/DESIGN.md and README.md.
 
 pub mod backend;
-pub mod bench;
 pub mod config;
 pub mod corpus;
 pub mod format;
@@ -19,6 +18,10 @@ pub mod results;
 pub mod runner;
 pub mod score;
 pub mod tensor;
+/// Random in-memory models and configs for tests and the pipeline_check example (the
+/// `testing` feature, which the tests and examples enable through the dev-dependency on this
+/// crate); not shipped in a plain build.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod token_tree;
 pub mod tokenizer;
