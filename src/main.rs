@@ -8,14 +8,14 @@
 mod cli;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Subcommand};
 use falcon_batch::job::describe;
 use falcon_batch::settings::Settings;
 use std::process::ExitCode;
 
 /// Without a subcommand falcon-batch scores (`mpirun -np 8 falcon-batch --docs corpus.jsonl`),
 /// with the model and output found when not given; `falcon-batch score` names them.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(
     name = "falcon-batch",
     version,
@@ -71,19 +71,28 @@ fn run(cli: Cli, env: &Settings) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    // Set before anything runs, so that every info line of the command (on every rank) obeys it.
+    falcon_batch::report::set_quiet(quiet(&matches));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The only read of the environment: everything below is handed these values.
     let env = Settings::from_env();
     match run(cli, &env) {
         Ok(code) => code,
         Err(e) if cli::out::is_closed(&e) => ExitCode::SUCCESS,
         Err(e) if cli::usage::is_usage(&e) => {
-            eprintln!("error: {}", describe(e.as_ref()));
+            falcon_batch::error!("{}", describe(e.as_ref()));
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {}", describe(e.as_ref()));
+            falcon_batch::error!("{}", describe(e.as_ref()));
             ExitCode::from(1)
         }
     }
+}
+
+/// `--quiet` given to the command (the default score or a subcommand that has the flag).
+fn quiet(m: &ArgMatches) -> bool {
+    let flag = |m: &ArgMatches| matches!(m.try_get_one::<bool>("quiet"), Ok(Some(true)));
+    flag(m) || m.subcommand().is_some_and(|(_, sub)| flag(sub))
 }

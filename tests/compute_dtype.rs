@@ -23,7 +23,8 @@ const CHOICE_TOL: f64 = 0.2;
 fn score(model: &Path, docs: &Path, out: &Path, compute: Option<&str>) -> (Vec<DocResult>, String) {
     let mut c = Command::new(bin());
     c.env("HDF5_USE_FILE_LOCKING", "FALSE").arg("score").arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(out);
-    c.args(["--device", "cpu", "--quiet"]);
+    // Not --quiet: the route's info line is checked.
+    c.args(["--device", "cpu"]);
     if let Some(d) = compute {
         c.args(["--compute-dtype", d]);
     }

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::proc::bin;
+
 use common::docs::{check_packed, check_split, compare, golden_docs, jsonl, read_corpus, GoldenDoc};
 use common::{hf_fixture, HfFixture};
 use falcon_batch::backend::cpu::CpuBackend;
@@ -79,12 +81,6 @@ fn the_delimiter_touches_only_joints_without_whitespace() {
 }
 
 // ---------------------------------------------------------------- through the binary
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
-    c.env("HDF5_USE_FILE_LOCKING", "FALSE");
-    c
-}
 
 fn tmp(name: &str) -> PathBuf {
     common::tmp::dir(&format!("fb-conventions-{name}"))

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::proc::bin;
+
 use common::proc::OutputWithin;
 use falcon_batch::tokenizer::Tokenizer;
 use serde_json::Value;
@@ -15,10 +17,6 @@ use std::time::Duration;
 
 /// Every launch is killed, with its process group, past this.
 const LIMIT: Duration = Duration::from_secs(300);
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_falcon-batch"))
-}
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -44,11 +44,11 @@ fn mpirun(np: usize, env: &[(&str, &str)]) -> Command {
     c
 }
 
-/// `score` of `docs` on `np` ranks.
+/// `score` of `docs` on `np` ranks; not --quiet, as the ranks' "layers" info lines are checked.
 fn score_on(np: usize, docs: &Path, args: &[&str], out: &Path, env: &[(&str, &str)]) -> Ran {
     let (model, _) = inputs();
     let mut c = mpirun(np, env);
-    c.arg(bin()).args(["score", "--device", "cpu", "--quiet"]);
+    c.arg(bin()).args(["score", "--device", "cpu"]);
     c.arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(out).args(args);
     run_limited(&c, LIMIT)
 }

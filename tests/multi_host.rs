@@ -42,9 +42,10 @@ fn inputs() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// Not --quiet: the ranks' "layers" info lines show that a job started.
 fn score_args(out: &Path, extra: &[&str]) -> Vec<String> {
     let (model, docs) = inputs();
-    let mut a: Vec<String> = ["score", "--device", "cpu", "--quiet", "--model"].iter().map(|s| s.to_string()).collect();
+    let mut a: Vec<String> = ["score", "--device", "cpu", "--model"].iter().map(|s| s.to_string()).collect();
     for p in [model.as_path(), Path::new("--docs"), docs.as_path(), Path::new("--out"), out] {
         a.push(p.display().to_string());
     }

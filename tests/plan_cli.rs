@@ -48,17 +48,7 @@ fn bad_values_name_the_flag() {
 #[test]
 fn model_dir_parts_json_and_trace() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = serde_json::json!({
-        "family": "llama", "dtype": "f32",
-        "config": {
-            "family": "llama", "vocab_size": 64, "hidden_size": 16, "n_layers": 6, "n_heads": 4, "n_kv_heads": 2,
-            "head_dim": 4, "intermediate_size": 32, "max_position": 128, "sliding_window": null, "rope_theta": 10000.0,
-            "norm_eps": 1e-5, "tied_embeddings": false, "attention_bias": false, "mlp_bias": false, "falcon": null,
-            "bos_token_id": 1, "eos_token_ids": [2]
-        },
-        "parts": [{"name": "begin", "file": "begin.safetensors", "bytes": 1, "sha256": ""}]
-    });
-    std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
+    common::fake_manifest(dir.path(), 6);
     let m = dir.path().to_str().unwrap();
     let base = ["--model", m, "--ranks", "3", "--device-mem", "1MB", "--resident", "1", "--group-layers", "1", "--batch-tokens", "64", "--reserve", "0"];
     let (ok, out, err) = plan(&[&base[..], &["--parts-for-rank", "0"]].concat());
@@ -75,4 +65,17 @@ fn model_dir_parts_json_and_trace() {
     assert!(v["report"]["docs_per_hour"].as_f64().unwrap() > 0.0);
     let tr: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
     assert!(tr["traceEvents"].as_array().unwrap().iter().any(|e| e["ph"] == "X" && e["cat"] == "compute"));
+}
+
+/// `plan --model` reads manifest.json through the one reader every other command uses: a
+/// manifest that `score` refuses (no format version, no hashes) is refused here too, naming
+/// the file and the field, instead of being planned from its config alone.
+#[test]
+fn model_dir_manifest_is_checked_as_score_checks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = serde_json::json!({"family": "llama", "dtype": "f32", "config": {"family": "llama"}});
+    std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
+    let m = dir.path().to_str().unwrap();
+    let (ok, _, err) = plan(&["--model", m, "--ranks", "2", "--device-mem", "1MB", "--tflops", "1"]);
+    assert!(!ok && err.contains("manifest.json") && err.contains("format_version"), "{err}");
 }

@@ -7,25 +7,11 @@
 
 mod common;
 
-use common::proc::OutputWithin;
+use common::proc::{bin, run};
 use falcon_batch::results::{read_file, read_results, ChoiceRow, DocResult, DocStatus, ResultsWriter, RunAbout, RunMeta};
 use falcon_batch::score::Norm;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
-
-/// Every launch is killed, with its process group, past this.
-const LIMIT: Duration = Duration::from_secs(300);
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
-    c.env("HDF5_USE_FILE_LOCKING", "FALSE");
-    c
-}
-
-fn run(c: &mut Command) -> Output {
-    c.output_within(LIMIT).expect("run falcon-batch")
-}
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -3,24 +3,10 @@
 
 mod common;
 
-use common::proc::OutputWithin;
+use common::proc::{bin, run};
 use falcon_batch::results::read_results;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
-
-/// Every launch is killed, with its process group, past this.
-const LIMIT: Duration = Duration::from_secs(300);
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
-    c.env("HDF5_USE_FILE_LOCKING", "FALSE");
-    c
-}
-
-fn run(c: &mut Command) -> Output {
-    c.output_within(LIMIT).expect("run falcon-batch")
-}
 
 fn tmp(name: &str) -> PathBuf {
     common::tmp::dir(&format!("fb-score-{name}"))

@@ -36,16 +36,7 @@ fn scripts_pass_shellcheck() {
 }
 
 fn fake_model(dir: &Path, layers: usize) {
-    let manifest = serde_json::json!({
-        "family": "llama", "dtype": "f32",
-        "config": {
-            "family": "llama", "vocab_size": 64, "hidden_size": 16, "n_layers": layers, "n_heads": 4, "n_kv_heads": 2,
-            "head_dim": 4, "intermediate_size": 32, "max_position": 128, "sliding_window": null, "rope_theta": 10000.0,
-            "norm_eps": 1e-5, "tied_embeddings": false, "attention_bias": false, "mlp_bias": false, "falcon": null,
-            "bos_token_id": 1, "eos_token_ids": [2]
-        }
-    });
-    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    common::fake_manifest(dir, layers);
     std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
     let mut parts = vec!["begin".to_string(), "end".to_string()];
     parts.extend((0..layers).map(|i| format!("layer_{i:03}")));

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::proc::bin;
+
 use common::proc::OutputWithin;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,12 +14,6 @@ use std::time::Duration;
 
 /// Every launch is killed, with its process group, past this.
 const LIMIT: Duration = Duration::from_secs(300);
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
-    c.env("HDF5_USE_FILE_LOCKING", "FALSE");
-    c
-}
 
 fn run(args: &[&str]) -> Output {
     bin().args(args).output_within(LIMIT).expect("run falcon-batch")

@@ -56,6 +56,38 @@ impl<T: Ops + KvCache + WeightStream> Backend for T {}
 /// When a weight copy ran, on the host clock (the trace's weight-copy track).
 pub type CopySpan = (Instant, Instant);
 
+/// FromStr (case-insensitive, trimmed) and Display of a flag's enum from one table of its
+/// variants' names; `what` names the value in a refusal ("unknown cache dtype `x`: expected
+/// f32 or f16").
+macro_rules! flag_names {
+    ($ty:ident, $what:literal, $($var:ident => $name:literal),+) => {
+        impl std::str::FromStr for $ty {
+            type Err = String;
+
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                let wanted = s.trim().to_ascii_lowercase();
+                $(if wanted == $name {
+                    return Ok($ty::$var);
+                })+
+                let names = [$($name),+];
+                let expected = match names.split_last() {
+                    Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+                    _ => names.join(""),
+                };
+                Err(format!("unknown {} `{s}`: expected {expected}", $what))
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self {
+                    $($ty::$var => $name,)+
+                })
+            }
+        }
+    };
+}
+
 /// What a generation cache keeps its keys and values as. f32 is the reference; f16 halves
 /// the bytes every decode step reads (the cache is most of them at long contexts), with
 /// llama.cpp's default rounding of K and V (its cache is f16 unless told otherwise).
@@ -66,26 +98,7 @@ pub enum KvDtype {
     F16,
 }
 
-impl std::str::FromStr for KvDtype {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "f32" => Ok(KvDtype::F32),
-            "f16" => Ok(KvDtype::F16),
-            _ => Err(format!("unknown cache dtype `{s}`: expected f32 or f16")),
-        }
-    }
-}
-
-impl std::fmt::Display for KvDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            KvDtype::F32 => "f32",
-            KvDtype::F16 => "f16",
-        })
-    }
-}
+flag_names!(KvDtype, "cache dtype", F32 => "f32", F16 => "f16");
 
 /// What the GEMMs multiply in. f32 is the reference (HF parity is checked on it). bf16 rounds
 /// every GEMM input to bf16 where the CUDA backend does (weights once at load; the outputs of
@@ -98,24 +111,22 @@ pub enum ComputeDtype {
     Bf16,
 }
 
-impl std::str::FromStr for ComputeDtype {
-    type Err = String;
+flag_names!(ComputeDtype, "compute dtype", F32 => "f32", Bf16 => "bf16");
 
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "f32" => Ok(ComputeDtype::F32),
-            "bf16" => Ok(ComputeDtype::Bf16),
-            _ => Err(format!("unknown compute dtype `{s}`: expected f32 or bf16")),
+#[cfg(test)]
+mod flag_name_tests {
+    use super::{ComputeDtype, KvDtype};
+
+    #[test]
+    fn names_round_trip_and_refusals_list_them() {
+        for k in [KvDtype::F32, KvDtype::F16] {
+            assert_eq!(k.to_string().parse::<KvDtype>(), Ok(k));
         }
-    }
-}
-
-impl std::fmt::Display for ComputeDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ComputeDtype::F32 => "f32",
-            ComputeDtype::Bf16 => "bf16",
-        })
+        for c in [ComputeDtype::F32, ComputeDtype::Bf16] {
+            assert_eq!(format!(" {} ", c.to_string().to_uppercase()).parse::<ComputeDtype>(), Ok(c));
+        }
+        assert_eq!("q8".parse::<KvDtype>(), Err("unknown cache dtype `q8`: expected f32 or f16".to_string()));
+        assert_eq!("fp16".parse::<ComputeDtype>(), Err("unknown compute dtype `fp16`: expected f32 or bf16".to_string()));
     }
 }
 

@@ -59,7 +59,7 @@ pub fn run(a: ExtractArgs, env: &Settings) -> Result<ExitCode> {
     let defaults = resolve_defaults(a.model, env.model.clone(), Path::new("models"), a.out, &docs, "extract.h5")?;
     if env.first_rank {
         for line in &defaults.notes {
-            eprintln!("falcon-batch: {line}");
+            falcon_batch::info!("{line}");
         }
     }
     let docs = checked_paths(docs, &defaults.out, a.csv.as_deref())?;

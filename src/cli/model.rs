@@ -90,11 +90,11 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     }
     for (what, problem) in &bad {
         match what.as_str() {
-            "tokenizer" => eprintln!("verify: the tokenizer differs: {problem}"),
-            part => eprintln!("verify: part {part} differs: {problem}"),
+            "tokenizer" => falcon_batch::error!("verify: the tokenizer differs: {problem}"),
+            part => falcon_batch::error!("verify: part {part} differs: {problem}"),
         }
     }
-    eprintln!("verify: {} of {} parts and the tokenizer differ from the manifest", bad.len(), m.parts.len() + 1);
+    falcon_batch::error!("verify: {} of {} parts and the tokenizer differ from the manifest", bad.len(), m.parts.len() + 1);
     Ok(ExitCode::from(1))
 }
 
@@ -113,9 +113,9 @@ fn upgrade(model: &std::path::Path) -> Result<ExitCode> {
         }
         Err(UpgradeError::PartsDiffer(bad)) => {
             for (part, problem) in &bad {
-                eprintln!("upgrade: part {part} differs: {problem}");
+                falcon_batch::error!("upgrade: part {part} differs: {problem}");
             }
-            eprintln!("upgrade: {} parts differ from the manifest's sha256; nothing was written: copy them again or convert again", bad.len());
+            falcon_batch::error!("upgrade: {} parts differ from the manifest's sha256; nothing was written: copy them again or convert again", bad.len());
             Ok(ExitCode::from(1))
         }
         // Run twice, the second finds nothing to do: not an error.

@@ -2,16 +2,14 @@
 //! The CLI glue around schedule/: reads the model's manifest or a preset, an optional cost
 //! file, prints the plan and the simulation, writes the trace.
 
-use falcon_batch::config::ModelConfig;
+use falcon_batch::format::manifest::Manifest;
 use falcon_batch::schedule::cost::{CostModel, LayerCost, MeasuredCosts, WireDtype, Workload, DEFAULT_EFFICIENCY, TCP_PAYLOAD_SHARE};
 use falcon_batch::schedule::simulate::{simulate_traced, SimReport};
 use falcon_batch::schedule::tune::{tune, Candidate};
 use falcon_batch::schedule::{gb, presets, ModelShape, RankCaps, Schedule, ScheduleOptions};
-use falcon_batch::tensor::DType;
 use falcon_batch::trace::Trace;
 use super::usage::{self, UsageError};
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -105,21 +103,6 @@ pub struct PlanArgs {
     parts_for_rank: Option<usize>,
 }
 
-/// The part of manifest.json the planner needs; the rest belongs to the format module.
-#[derive(Deserialize)]
-struct ManifestHead {
-    config: ModelConfig,
-    dtype: String,
-    #[serde(default)]
-    parts: Vec<ManifestPart>,
-}
-
-#[derive(Deserialize)]
-struct ManifestPart {
-    name: String,
-    file: String,
-}
-
 struct Model {
     label: String,
     shape: ModelShape,
@@ -135,15 +118,10 @@ fn load_model(args: &PlanArgs) -> Result<Model> {
         return Ok(Model { label: name.clone(), shape, files: HashMap::new() });
     }
     let Some(dir) = &args.model else { bail!("give --model DIR or --preset NAME") };
-    let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("--model: {}", path.display()))?;
-    let head: ManifestHead = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    head.config.validate(&path.display().to_string())?;
-    let Some(dtype) = DType::parse(&head.dtype) else {
-        bail!("{}: field `dtype`: unknown dtype `{}`", path.display(), head.dtype);
-    };
-    let files = head.parts.into_iter().map(|p| (p.name, p.file)).collect();
-    let shape = ModelShape::from_config(&head.config, dtype.size());
+    // The one manifest reader (format::manifest), with the checks every other command makes.
+    let m = Manifest::load(dir).with_context(|| "--model")?;
+    let files = m.parts.iter().map(|p| (p.name.clone(), p.file.clone())).collect();
+    let shape = ModelShape::from_config(&m.config, m.dtype.size());
     Ok(Model { label: dir.display().to_string(), shape, files })
 }
 

@@ -153,7 +153,7 @@ pub fn score_by_default(a: DefaultScoreArgs, env: &Settings) -> Result<ExitCode>
     let defaults = resolve_defaults(a.model, env.model.clone(), Path::new("models"), a.out, &docs, "h5")?;
     if env.first_rank {
         for line in &defaults.notes {
-            eprintln!("falcon-batch: {line}");
+            falcon_batch::info!("{line}");
         }
     }
     run_score(defaults.model, docs, defaults.out, a.rest, env)

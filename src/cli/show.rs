@@ -59,8 +59,8 @@ fn warn_if_other_corpus(path: &Path, file: &ResultsFile) -> Result<()> {
     h.update(&bytes);
     if let Some(scored) = file.attrs.get("corpus_xxh3").filter(|&x| *x != h.finish()) {
         let from = file.attrs.get("corpus").map_or("?", String::as_str);
-        eprintln!(
-            "warning: {} is not the corpus these scores were made from ({from}, xxh3 {scored}): documents edited since are judged by their old scores",
+        falcon_batch::warn!(
+            "{} is not the corpus these scores were made from ({from}, xxh3 {scored}): documents edited since are judged by their old scores",
             path.display()
         );
     }
@@ -84,7 +84,7 @@ pub fn show(a: ShowArgs) -> Result<ExitCode> {
         return verify(&a.results, &file);
     }
     if !file.closed_cleanly {
-        eprintln!(
+        falcon_batch::warn!(
             "{}: not closed cleanly (a run is writing it, or was killed): showing its {} whole documents",
             a.results.display(),
             file.docs.len()
@@ -97,7 +97,7 @@ pub fn show(a: ShowArgs) -> Result<ExitCode> {
     if let Some(csv) = &a.csv {
         // An extract file has its own columns (one row per span), written from the file.
         let rows = if extract { export_csv(&a.results, csv)? } else { write_csv(&file.docs, csv)? };
-        eprintln!("{}: {rows} rows", csv.display());
+        falcon_batch::info!("{}: {rows} rows", csv.display());
         return Ok(ExitCode::SUCCESS);
     }
     let mut answers = match &a.docs {
@@ -121,7 +121,7 @@ pub fn show(a: ShowArgs) -> Result<ExitCode> {
 fn verify(path: &Path, file: &ResultsFile) -> Result<ExitCode> {
     let rows: usize = file.docs.iter().map(|d| d.choices.len()).sum();
     if !file.closed_cleanly {
-        eprintln!(
+        falcon_batch::error!(
             "{}: not closed cleanly (a run is writing it, or was killed); its first {} documents are whole; \
              run the score command again to repair the tail",
             path.display(),

@@ -31,7 +31,7 @@ fn malformed(path: &Path, msg: impl Into<String>) -> FormatError {
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let bytes = std::fs::read(path).map_err(|e| FormatError::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| malformed(path, format!("invalid JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|source| FormatError::Json { path: path.display().to_string(), what: "invalid JSON".into(), source })
 }
 
 /// A config error already names its file; keep it once in the message.
@@ -164,7 +164,7 @@ impl TensorSource for HfCheckpoint {
             .get(hf_name)
             .map(|&i| &self.shards[i])
             .ok_or_else(|| ModelError::Source(format!("{}: no tensor `{hf_name}` in the checkpoint", self.dir.display())))?;
-        shard.read(hf_name).map_err(|e| ModelError::Source(e.to_string()))
+        shard.read(hf_name).map_err(|e| ModelError::Checkpoint(Box::new(e)))
     }
 
     fn contains(&self, hf_name: &str) -> bool {

@@ -95,7 +95,7 @@ pub(crate) fn check_sizes(cfg: &ModelConfig, path: &Path) -> Result<()> {
 fn field<T: DeserializeOwned>(obj: &serde_json::Map<String, serde_json::Value>, name: &str, path: &Path) -> Result<T> {
     let bad = |msg: String| FormatError::Malformed { path: path.display().to_string(), msg: format!("field `{name}`: {msg}") };
     let v = obj.get(name).ok_or_else(|| bad("required field is missing".into()))?;
-    serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))
+    serde_json::from_value(v.clone()).map_err(|source| FormatError::Json { path: path.display().to_string(), what: format!("field `{name}`"), source })
 }
 
 impl Manifest {
@@ -130,7 +130,7 @@ impl Manifest {
     /// cannot read.
     fn json(bytes: &[u8], path: &Path) -> Result<(serde_json::Map<String, serde_json::Value>, u32)> {
         let json: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("invalid JSON: {e}") })?;
+            serde_json::from_slice(bytes).map_err(|source| FormatError::Json { path: path.display().to_string(), what: "invalid JSON".into(), source })?;
         let serde_json::Value::Object(obj) = json else {
             return Err(FormatError::Malformed { path: path.display().to_string(), msg: "expected a JSON object".into() });
         };
@@ -233,7 +233,7 @@ impl Manifest {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(MANIFEST_FILE);
         let text = serde_json::to_string_pretty(self)
-            .map_err(|e| FormatError::Malformed { path: path.display().to_string(), msg: format!("cannot serialise: {e}") })?;
+            .map_err(|source| FormatError::Json { path: path.display().to_string(), what: "cannot serialise".into(), source })?;
         let tmp = dir.join(format!(".{MANIFEST_FILE}.{}", std::process::id()));
         let written = std::fs::write(&tmp, text + "\n")
             .and_then(|_| std::fs::File::open(&tmp)?.sync_all())

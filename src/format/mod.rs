@@ -24,6 +24,9 @@ pub enum FormatError {
     /// The file's bytes do not follow its format (truncated, malformed header or JSON...).
     #[error("{path}: {msg}")]
     Malformed { path: String, msg: String },
+    /// JSON that does not parse, or a field of it that is not of its type.
+    #[error("{path}: {what}: {source}")]
+    Json { path: String, what: String, source: serde_json::Error },
     #[error("{path}: {msg}")]
     Unsupported { path: String, msg: String },
     /// Written by an older falcon-batch in a form this one no longer trusts; the message

@@ -57,12 +57,12 @@ pub struct ExtractOptions {
 fn end_ids(dir: &ModelDir, span_end: &SpanEnd) -> Result<Vec<u32>, JobError> {
     match span_end {
         SpanEnd::Eos => dir.config().eos_token_ids.first().map(|&id| vec![id]).ok_or_else(|| {
-            JobError::Input(format!("--span-end eos: {}: the model names no end-of-sequence token", dir.dir().join("config.json").display()))
+            JobError::Usage { flag: "--span-end", msg: format!("eos: {}: the model names no end-of-sequence token", dir.dir().join("config.json").display()) }
         }),
         SpanEnd::Text(t) => {
-            let ids = dir.tokenizer()?.encode(t, false).map_err(|e| JobError::Input(format!("--span-end {t:?}: {e}")))?;
+            let ids = dir.tokenizer()?.encode(t, false).map_err(|e| JobError::Usage { flag: "--span-end", msg: format!("{t:?}: {e}") })?;
             if ids.is_empty() {
-                return Err(JobError::Input(format!("--span-end {t:?}: makes no token; give text that makes one, or eos")));
+                return Err(JobError::Usage { flag: "--span-end", msg: format!("{t:?}: makes no token; give text that makes one, or eos") });
             }
             Ok(ids)
         }
@@ -202,7 +202,7 @@ where
                     continue;
                 }
                 let lps = std::mem::take(&mut doc.logprobs);
-                match doc.search.advance(&lps).map_err(|e| JobError::Output(format!("document {:?}: {e}", doc.ready.doc.id)))? {
+                match doc.search.advance(&lps).map_err(|source| JobError::Search { id: doc.ready.doc.id.clone(), source })? {
                     Step::Run(work) => self.queue_pass(index, work, true),
                     Step::Done(top) => {
                         if let Some(doc) = self.docs.remove(&index) {
@@ -264,10 +264,10 @@ where
     let Prepared { tokenizer, template, meta, plan, lock, form } = prepared;
     let end = match &form {
         DocForm::Source { end, .. } => end.clone(),
-        DocForm::Choices => return Err(JobError::Input("extract: prepared without the source form".into())),
+        DocForm::Choices => return Err(JobError::Other("extract: prepared without the source form".into())),
     };
     let Opened { mut writer, copts, mut progress, resumed } = open_run(dir, run, meta, plan, template, form)?;
-    let mut reader = CorpusReader::open(&run.docs, &tokenizer, copts).map_err(|e| JobError::Input(e.to_string()))?;
+    let mut reader = CorpusReader::open(&run.docs, &tokenizer, copts)?;
     let mut order = InOrder::default();
     let mut summary = ScoreSummary { resumed, ..Default::default() };
     let mut d = Driver {
@@ -298,7 +298,7 @@ where
                 reading = false;
                 break;
             };
-            let doc = item.map_err(|e| JobError::Input(e.to_string()))?;
+            let doc = item?;
             crate::liveness::advanced();
             match doc.result {
                 Err(msg) => order.push_done(failed(&doc.id, &doc.input_hash, &msg)),
@@ -317,7 +317,7 @@ where
     }
     write_ready(&mut order, &mut writer, &mut summary, &mut progress, &run.faults)?;
     summary.tokens = d.tokens;
-    writer.close().map_err(|e| JobError::Output(e.to_string()))?;
+    writer.close()?;
     progress.finish();
     let summary = finish(run, summary, start);
     drop(lock);

@@ -102,7 +102,7 @@ impl GenerateJob {
             None if self.opts.sampling.temperature == 0.0 => 0,
             None => {
                 let s = random_seed();
-                eprintln!("generate: seed {s}; pass --seed {s} to repeat");
+                crate::info!("generate: seed {s}; pass --seed {s} to repeat");
                 s
             }
         }
@@ -117,7 +117,7 @@ impl GenerateJob {
                     writeln!(f, "{}", serde_json::to_string(o)?).map_err(file_err("cannot write"))?;
                 }
                 f.flush().map_err(file_err("cannot write"))?;
-                eprintln!("wrote {} generations to {}", outputs.len(), path.display());
+                crate::info!("wrote {} generations to {}", outputs.len(), path.display());
             }
             None if !streamed => {
                 for o in outputs {
@@ -128,7 +128,7 @@ impl GenerateJob {
             None => print_line("")?,
         }
         if let (Some(_), [o]) = (&self.opts.prompt, outputs) {
-            eprintln!("generate: finish {} after {} new tokens", o.finish.name(), o.tokens.len());
+            crate::info!("generate: finish {} after {} new tokens", o.finish.name(), o.tokens.len());
         }
         Ok(())
     }
@@ -214,7 +214,7 @@ impl RankJob for GenerateJob {
             }
         })?;
         self.write(&outputs, stream)?;
-        eprintln!("{}", dec.summary());
+        crate::info!("{}", dec.summary());
         Ok(0)
     }
 }

@@ -37,7 +37,7 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
     let manifest_only = ModelDir::open_for(&opts.model, &[])?;
     let cfg = manifest_only.config().clone();
     let wire = opts.wire.unwrap_or(WireDtype::default_for(manifest_only.manifest().dtype.size()));
-    let schedule_options = serde_json::to_value(&opts.schedule).map_err(|e| JobError::Input(format!("the schedule options as JSON: {e}")))?;
+    let schedule_options = serde_json::to_value(&opts.schedule).map_err(JobError::ScheduleOptions)?;
     let identity = Identity {
         model_id: manifest_only.manifest().model_id.clone(),
         // The trace is gathered by every rank at the end, so all must agree to write one.
@@ -52,7 +52,7 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
     // rank (CPU or GPU) and the Slurm staging step must arrive at the same schedule.
     let shape = ModelShape::from_config(&cfg, manifest_only.manifest().dtype.size());
     let schedule = Schedule::plan(&shape, &ranks, &opts.schedule)?;
-    eprintln!("{}", schedule.describe_rank(cluster.rank));
+    crate::info!(rank cluster.rank; "{}", schedule.describe_layers(cluster.rank));
     let parts: Vec<Part> = schedule.rank_groups[cluster.rank].iter().flat_map(|&g| schedule.groups[g].parts()).collect();
     let dir = ModelDir::open_for(&opts.model, &parts)?;
     let started = std::time::Instant::now();
@@ -66,9 +66,9 @@ pub fn launch<B: Backend + 'static>(cluster: &Cluster, backend: B, device: Devic
         None => dir.read_part(p), // a part two groups share
     })?;
     let bytes: u64 = parts.iter().filter_map(|&p| dir.manifest().part(p)).map(|e| e.bytes).sum();
-    eprintln!(
-        "rank {}: read {} parts, {:.1} MiB in {:.2} s (content hashes checked)",
-        cluster.rank,
+    crate::info!(
+        rank cluster.rank;
+        "read {} parts, {:.1} MiB in {:.2} s (content hashes checked)",
         parts.len(),
         bytes as f64 / (1 << 20) as f64,
         started.elapsed().as_secs_f64()

@@ -46,10 +46,22 @@ pub enum JobError {
     Schedule(#[from] crate::schedule::ScheduleError),
     #[error(transparent)]
     Paths(#[from] paths::PathError),
-    #[error("{0}")]
-    Input(String),
-    #[error("{0}")]
-    Output(String),
+    /// The corpus or the template (the input side of the job).
+    #[error(transparent)]
+    Corpus(#[from] crate::corpus::CorpusError),
+    /// The results file (the output side).
+    #[error(transparent)]
+    Results(#[from] crate::results::ResultsError),
+    #[error("--csv: {0}")]
+    CsvTarget(#[source] crate::results::ResultsError),
+    /// The CSV failed after the results file was complete.
+    #[error("{source}; {out} holds every document: run the same command again to write the CSV")]
+    Csv { out: String, source: crate::results::ResultsError },
+    #[error("the schedule options as JSON: {0}")]
+    ScheduleOptions(#[source] serde_json::Error),
+    /// Extract's search was given log-probs that do not fit the pass it asked for.
+    #[error("document {id:?}")]
+    Search { id: String, source: crate::extract::SearchError },
     /// A flag's value, or flags together, cannot work: the command line exits 2.
     #[error("{flag}: {msg}")]
     Usage { flag: &'static str, msg: String },

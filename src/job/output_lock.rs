@@ -242,7 +242,7 @@ fn take_over(out: &Path, path: PathBuf, me: Holder, body: &[u8], seen: &[u8]) ->
     std::thread::sleep(SETTLE);
     match read(&path).map_err(io("read"))? {
         Some((_, Some(h), _)) if h == me => {
-            eprintln!("falcon-batch: {}: took over the lock of a job that is gone", path.display());
+            crate::warn!("{}: took over the lock of a job that is gone", path.display());
             Ok(OutputLock::held(path, me))
         }
         Some((_, Some(h), _)) => Err(held(out, &path, h)),
@@ -265,7 +265,7 @@ fn heartbeat(path: &Path, me: &Holder, stop: &AtomicBool) {
                 }
             }
             _ => {
-                eprintln!("falcon-batch: {}: this job's lock was removed or taken over; another job may be writing the same output", path.display());
+                crate::warn!("{}: this job's lock was removed or taken over; another job may be writing the same output", path.display());
                 return;
             }
         }

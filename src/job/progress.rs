@@ -24,6 +24,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(todo: usize, resumed: usize, quiet: bool) -> Progress {
+        let quiet = quiet || crate::report::is_quiet();
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(todo as u64);
             let style = ProgressStyle::with_template("{bar:30} {pos}/{len} docs  {msg}  ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar());
@@ -32,7 +33,7 @@ impl Progress {
         });
         let plain = !quiet && bar.is_none();
         if resumed > 0 && !quiet {
-            eprintln!("resuming: {resumed} documents already in the output are skipped");
+            crate::info!("resuming: {resumed} documents already in the output are skipped");
         }
         Progress { bar, plain, todo, done: 0, failed: 0, tokens: 0, start: Instant::now(), last_line: Instant::now(), printed: usize::MAX }
     }
@@ -54,7 +55,7 @@ impl Progress {
         } else if self.plain && self.last_line.elapsed() >= PLAIN_EVERY {
             self.last_line = Instant::now();
             self.printed = self.done;
-            eprintln!("{}", self.line());
+            crate::info!("{}", self.line());
         }
     }
 
@@ -72,7 +73,7 @@ impl Progress {
             bar.finish_and_clear();
         }
         if self.plain && self.printed != self.done {
-            eprintln!("{}", self.line());
+            crate::info!("{}", self.line());
         }
     }
 }

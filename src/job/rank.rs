@@ -142,7 +142,7 @@ pub fn run_on_this_rank(cluster: &Cluster, settings: &RankSettings, job: &impl R
             // built already (a second job in one process), which then keeps its size.
             let share = cpu_threads_per_rank(&settings.node);
             if let Some(w) = &share.warning {
-                eprintln!("falcon-batch: rank {}: {w}", cluster.rank);
+                crate::warn!(rank cluster.rank; "{w}");
             }
             // This thread (which runs the job) is the pool's worker 0: its parallel ops start
             // in the pool instead of handing each op to a worker and sleeping until it is done,
@@ -151,7 +151,7 @@ pub fn run_on_this_rank(cluster: &Cluster, settings: &RankSettings, job: &impl R
             keep_freed_buffers();
             let info = DeviceInfo { name: "cpu".into(), memory_bytes: settings.device_mem.unwrap_or_else(|| cpu_memory_per_rank(&settings.node)) };
             let route = CpuRoute::detect(settings.compute_dtype.unwrap_or_default());
-            eprintln!("falcon-batch: rank {}: cpu compute {route}", cluster.rank);
+            crate::info!(rank cluster.rank; "cpu compute {route}");
             run_job(cluster, CpuBackend::with_route(job.kv_dtype(), route), info, job)
         }
         Some(n) => {

@@ -103,21 +103,21 @@ pub(super) fn prepare_as(dir: &ModelDir, opts: &ScoreOptions, extract: Option<Ex
     // Before the results file is opened or replaced: a running job's work is never touched.
     let lock = claim_outputs(&opts.out, opts.csv.as_deref(), opts.batch_job.clone())?;
     // An unreadable corpus is fatal before anything is loaded or any output is touched.
-    open_corpus(&opts.docs).map_err(|e| JobError::Input(e.to_string()))?;
+    open_corpus(&opts.docs)?;
     let tokenizer = dir.tokenizer()?;
     let template = match &opts.template {
         Some(path) => Template::from_file(path),
         None => Template::parse(DEFAULT_TEMPLATE, "the default template"),
     }
-    .map_err(|e| JobError::Input(e.to_string()))?;
+    ?;
     if let Some(csv) = &opts.csv {
-        check_csv_target(csv).map_err(|e| JobError::Output(format!("--csv: {e}")))?;
+        check_csv_target(csv).map_err(JobError::CsvTarget)?;
     }
     let mut copts = CorpusOptions::new(template.clone(), dir.config().context_limit());
     copts.delimiter = opts.delimiter.clone();
     copts.limits = opts.limits;
     copts.form = form.clone();
-    let scanned = scan(&opts.docs, &copts).map_err(|e| JobError::Input(e.to_string()))?;
+    let scanned = scan(&opts.docs, &copts)?;
     let manifest = dir.manifest();
     let corpus = opts.docs.display().to_string();
     let meta = RunMeta {
@@ -137,7 +137,7 @@ pub(super) fn prepare_as(dir: &ModelDir, opts: &ScoreOptions, extract: Option<Ex
         extract,
     };
     let resume = ResumeOptions { overwrite: opts.overwrite, rescore_changed: opts.rescore_changed, retry_failed: opts.retry_failed };
-    let plan = plan_resume(&opts.out, &meta, &scanned, &corpus, resume).map_err(|e| JobError::Output(e.to_string()))?;
+    let plan = plan_resume(&opts.out, &meta, &scanned, &corpus, resume)?;
     Ok(Prepared { tokenizer, template, meta, plan, lock, form })
 }
 
@@ -146,11 +146,11 @@ pub(super) fn prepare_as(dir: &ModelDir, opts: &ScoreOptions, extract: Option<Ex
 pub fn finish_without_weights(opts: &ScoreOptions, prepared: Prepared) -> Result<ScoreSummary, JobError> {
     let start = Instant::now();
     let Prepared { meta, plan, lock, .. } = prepared;
-    let (writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
+    let (writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop)?;
     if let Some(note) = writer.repair_note() {
-        eprintln!("{note}");
+        crate::warn!("{}: {note}", opts.out.display());
     }
-    writer.close().map_err(|e| JobError::Output(e.to_string()))?;
+    writer.close()?;
     let summary = ScoreSummary { resumed: plan.skip.len(), ..Default::default() };
     let summary = finish(opts, summary, start);
     drop(lock);
@@ -159,14 +159,11 @@ pub fn finish_without_weights(opts: &ScoreOptions, prepared: Prepared) -> Result
 
 /// After the writer closed: count the file's documents and write the CSV.
 pub(super) fn finish(opts: &ScoreOptions, mut summary: ScoreSummary, start: Instant) -> Result<ScoreSummary, JobError> {
-    let all = read_results(&opts.out).map_err(|e| JobError::Output(e.to_string()))?;
+    let all = read_results(&opts.out)?;
     summary.docs_in_file = all.len();
     summary.failed_in_file = all.iter().filter(|r| !r.is_ok()).count();
     if let Some(csv) = &opts.csv {
-        export_csv(&opts.out, csv).map_err(|e| {
-            let out = opts.out.display();
-            JobError::Output(format!("{e}; {out} holds every document: run the same command again to write the CSV"))
-        })?;
+        export_csv(&opts.out, csv).map_err(|source| JobError::Csv { out: opts.out.display().to_string(), source })?;
     }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
@@ -180,7 +177,7 @@ where
     let start = Instant::now();
     let Prepared { tokenizer, template, meta, plan, lock, form } = prepared;
     let Opened { mut writer, copts, mut progress, resumed } = open_run(dir, opts, meta, plan, template, form)?;
-    let reader = CorpusReader::open(&opts.docs, &tokenizer, copts).map_err(|e| JobError::Input(e.to_string()))?;
+    let reader = CorpusReader::open(&opts.docs, &tokenizer, copts)?;
     let mut order = InOrder::default();
     let mut batcher = Batcher::new(opts.batch_tokens);
     let mut wave: Vec<Vec<ReadyDoc>> = vec![];
@@ -190,7 +187,7 @@ where
     let mut flush = |order: &mut InOrder, summary: &mut ScoreSummary, progress: &mut Progress| write_ready(order, &mut writer, summary, progress, &opts.faults);
 
     for item in reader {
-        let doc = item.map_err(|e| JobError::Input(e.to_string()))?;
+        let doc = item?;
         crate::liveness::advanced();
         match doc.result {
             Err(msg) => order.push_done(DocResult::failed(&doc.id, &doc.input_hash, &msg)),
@@ -222,7 +219,7 @@ where
     }
     flush(&mut order, &mut summary, &mut progress)?;
     summary.tokens = waves.tokens;
-    writer.close().map_err(|e| JobError::Output(e.to_string()))?;
+    writer.close()?;
     progress.finish();
     let summary = finish(opts, summary, start);
     drop(lock);
@@ -239,12 +236,12 @@ pub(super) struct Opened {
 }
 
 pub(super) fn open_run(dir: &ModelDir, opts: &ScoreOptions, meta: RunMeta, plan: ResumePlan, template: Template, form: DocForm) -> Result<Opened, JobError> {
-    let (writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop).map_err(|e| JobError::Output(e.to_string()))?;
+    let (writer, _) = ResultsWriter::open_dropping(&opts.out, meta, opts.overwrite, &plan.drop)?;
     if let Some(note) = writer.repair_note() {
-        eprintln!("{note}");
+        crate::warn!("{}: {note}", opts.out.display());
     }
     if plan.changed + plan.retried > 0 && !opts.quiet {
-        eprintln!(
+        crate::info!(
             "{}: scoring again {} changed and {} failed documents (their old records removed)",
             opts.out.display(),
             plan.changed,
@@ -265,7 +262,7 @@ pub(super) fn open_run(dir: &ModelDir, opts: &ScoreOptions, meta: RunMeta, plan:
 pub(super) fn write_ready(order: &mut InOrder, writer: &mut ResultsWriter, summary: &mut ScoreSummary, progress: &mut Progress, faults: &Faults) -> Result<(), JobError> {
     let out = order.take_ready();
     if !out.is_empty() {
-        writer.append(&out).map_err(|e| JobError::Output(e.to_string()))?;
+        writer.append(&out)?;
         crate::liveness::advanced();
         summary.added += out.len();
         faults.crash_point(summary.added);

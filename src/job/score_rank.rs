@@ -44,7 +44,7 @@ pub fn job_launch(model: PathBuf, opts: &ScoreOptions, mut job: serde_json::Valu
 /// documents (from this run or an earlier one), 75 when a signal stopped it.
 pub(super) fn report(opts: &ScoreOptions, s: &ScoreSummary) -> u8 {
     if !opts.quiet {
-        eprintln!(
+        crate::info!(
             "{}: {} documents ({} failed); this run added {} ({} resumed) in {:.1} s, {:.0} tokens/s",
             opts.out.display(),
             s.docs_in_file,
@@ -55,7 +55,7 @@ pub(super) fn report(opts: &ScoreOptions, s: &ScoreSummary) -> u8 {
             s.tokens as f64 / s.seconds.max(1e-9)
         );
         if s.failed_in_file > 0 {
-            eprintln!(
+            crate::info!(
                 "{0}: `falcon-batch show --failed {0}` lists the failed documents; a rerun retries those whose \
                  corpus line changed (--retry-failed: all of them)",
                 opts.out.display()
@@ -63,7 +63,7 @@ pub(super) fn report(opts: &ScoreOptions, s: &ScoreSummary) -> u8 {
         }
     }
     if s.stopped {
-        eprintln!(
+        crate::warn!(
             "{}: stopped by {} with {} documents in the file (every finished document is kept); run the same command again to resume",
             opts.out.display(),
             stop::signal_name().unwrap_or("a signal"),

@@ -33,6 +33,9 @@ pub enum ModelError {
     BadShape { name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("source checkpoint: {0}")]
     Source(String),
+    /// A checkpoint's reader failed (its error names the file).
+    #[error("source checkpoint: {0}")]
+    Checkpoint(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Backend(#[from] BackendError),
 }

@@ -30,7 +30,7 @@ impl<B: Backend + 'static> Worker<B> {
             return Err(PipelineError::NotDriver(self.rank));
         }
         let (comm, _) = self.comm();
-        let bytes = serde_json::to_vec(cmd).map_err(|e| PipelineError::Mpi(format!("encoding a command: {e}")))?;
+        let bytes = serde_json::to_vec(cmd).map_err(|source| PipelineError::Encode { what: "a command", source })?;
         let n = self.schedule().n_ranks();
         let mut sends = SendQueue::default();
         for peer in 1..n {

@@ -39,6 +39,16 @@ use crate::schedule::ScheduleError;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
+pub enum ScheduleMismatch {
+    #[error("it plans {planned} ranks but the job has {ranks}")]
+    Ranks { planned: usize, ranks: usize },
+    #[error("rank {rank} was given layer groups {got:?}, the schedule gives it {expected:?}")]
+    Groups { rank: usize, got: Vec<std::ops::Range<usize>>, expected: Vec<std::ops::Range<usize>> },
+    #[error("it has no layer groups")]
+    NoGroups,
+}
+
+#[derive(Debug, Error)]
 pub enum PipelineError {
     #[error("lost contact with rank {peer} during {during}")]
     Lost { peer: usize, during: String },
@@ -48,6 +58,13 @@ pub enum PipelineError {
     Mismatch { rank: usize, msg: String },
     #[error("MPI: {0}")]
     Mpi(String),
+    /// The schedule a rank was handed does not fit the job it runs in.
+    #[error("the schedule does not fit this job: {0}")]
+    ScheduleMismatch(#[from] ScheduleMismatch),
+    #[error("encoding {what}: {source}")]
+    Encode { what: &'static str, source: serde_json::Error },
+    #[error("cannot start the {name} thread: {source}")]
+    Thread { name: &'static str, source: std::io::Error },
     #[error("this call belongs to rank 0, the driver; rank {0} must call pipeline::serve")]
     NotDriver(usize),
     #[error("collect without a wave in flight")]

@@ -11,7 +11,7 @@ const TAG_TRACE: i32 = 12;
 pub fn gather_trace(cluster: &Cluster, mine: Trace) -> Result<Option<Trace>, PipelineError> {
     let (comm, waits) = (&cluster.data, &cluster.waits);
     if cluster.rank != 0 {
-        let bytes = serde_json::to_vec(&mine).map_err(|e| PipelineError::Mpi(format!("encoding the trace: {e}")))?;
+        let bytes = serde_json::to_vec(&mine).map_err(|source| PipelineError::Encode { what: "the trace", source })?;
         comm.isend(bytes, 0, TAG_TRACE)?.wait(waits)?;
         return Ok(None);
     }

@@ -13,7 +13,7 @@ use super::rows::{read_out, ForwardRows};
 use super::transport::{Comm, WaitState, Pending, ProgressThread, SendQueue};
 use super::window::WeightWindow;
 use super::wire::{decode, encode};
-use super::PipelineError;
+use super::{PipelineError, ScheduleMismatch};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::group::HostGroup;
@@ -80,12 +80,12 @@ impl<B: Backend + 'static> Worker<B> {
     ) -> Result<Worker<B>, PipelineError> {
         let rank = cluster.rank;
         if schedule.n_ranks() != cluster.size {
-            return Err(PipelineError::Mpi(format!("the schedule plans {} ranks but the job has {}", schedule.n_ranks(), cluster.size)));
+            return Err(ScheduleMismatch::Ranks { planned: schedule.n_ranks(), ranks: cluster.size }.into());
         }
         let expected: Vec<_> = schedule.rank_groups[rank].iter().map(|&g| schedule.groups[g].layers.clone()).collect();
         let got: Vec<_> = host.iter().map(|h| h.layers.clone()).collect();
         if expected != got {
-            return Err(PipelineError::Mpi(format!("rank {rank} was given layer groups {got:?}, the schedule gives it {expected:?}")));
+            return Err(ScheduleMismatch::Groups { rank, got, expected }.into());
         }
         let window = WeightWindow::new(backend.clone(), &cfg, host, schedule.resident)?;
         let progress = if cluster.size > 1 { ProgressThread::start(cluster.data, cluster.progress_every)? } else { None };
@@ -138,7 +138,7 @@ impl<B: Backend + 'static> Worker<B> {
     pub(crate) fn start(&mut self, passes: &[ForwardRows], with_cache: bool) -> Result<InFlight, PipelineError> {
         let (rank, vocab, c) = (self.rank, self.cfg.vocab_size, self.cfg.hidden_size);
         let wire = self.wire;
-        let last_group = self.schedule.groups.len().checked_sub(1).ok_or_else(|| PipelineError::Mpi("the schedule has no groups".into()))?;
+        let last_group = self.schedule.groups.len().checked_sub(1).ok_or(ScheduleMismatch::NoGroups)?;
         let last_owner = self.schedule.owner(last_group);
         let mut wave = InFlight::default();
         // Rank 0 posts the receives of the results now, so they land while it computes.

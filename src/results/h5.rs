@@ -80,7 +80,7 @@ pub(super) fn read_readable<T: H5Type + Clone>(ds: &Dataset, n: usize) -> Vec<T>
                         Err(_) => break,
                     }
                 }
-                tracing::warn!("{}: unreadable from row {}: {e}", ds.name(), out.len());
+                crate::warn!("{}: unreadable from row {}: {e}", ds.name(), out.len());
                 break;
             }
         }
@@ -91,7 +91,7 @@ pub(super) fn read_readable<T: H5Type + Clone>(ds: &Dataset, n: usize) -> Vec<T>
 /// Every element of a 1-D dataset in a file closed cleanly: a failed read (a checksum that
 /// does not match, an unreadable heap) is damage, named by dataset.
 pub(super) fn read_whole<T: H5Type + Clone>(ds: &Dataset, path: &str) -> Result<Vec<T>, ResultsError> {
-    ds.read_raw::<T>().map_err(|e| ResultsError::Damaged { path: path.to_string(), at: ds.name(), msg: format!("cannot be read: {e}") })
+    ds.read_raw::<T>().map_err(|source| ResultsError::DamagedHdf5 { path: path.to_string(), at: ds.name(), what: "cannot be read", source })
 }
 
 /// The first `n` elements of a 1-D dataset.
@@ -105,9 +105,10 @@ pub(super) fn read_prefix<T: H5Type + Clone>(ds: &Dataset, n: usize, path: &str)
 /// A dataset of the schema; one that cannot be opened (its header damaged, or missing) is
 /// damage to the file, named by its path.
 pub(super) fn dataset(group: &Group, name: &str, path: &str) -> Result<Dataset, ResultsError> {
-    group.dataset(name).map_err(|e| ResultsError::Damaged {
+    group.dataset(name).map_err(|source| ResultsError::DamagedHdf5 {
         path: path.to_string(),
         at: format!("{}/{name}", group.name()),
-        msg: format!("cannot be opened: {e}"),
+        what: "cannot be opened",
+        source,
     })
 }

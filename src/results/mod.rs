@@ -72,6 +72,8 @@ pub enum ResultsError {
     Unrecorded { path: String, attr: &'static str, wanted: String },
     #[error("{path}: not a falcon-batch results file ({why}); pass --overwrite to replace it, or choose another output file")]
     NotResults { path: String, why: String },
+    #[error("{path}: not a falcon-batch results file (cannot open it as HDF5: {source}); pass --overwrite to replace it, or choose another output file")]
+    NotHdf5 { path: String, source: hdf5::Error },
     #[error(
         "{path}: written by an older falcon-batch (schema {found:?}; this one reads and writes {SCHEMA:?}, \
          which records each document's input hash so that a resume can tell an edited document from a \
@@ -87,6 +89,12 @@ pub enum ResultsError {
          of a killed run: restore it from a copy, or pass --overwrite to score again"
     )]
     Damaged { path: String, at: String, msg: String },
+    /// [`ResultsError::Damaged`] found by the HDF5 library: `what` failed there.
+    #[error(
+        "{path}: the file is damaged at {at}: {what}: {source}; its last writer closed it cleanly, so this is not the tail \
+         of a killed run: restore it from a copy, or pass --overwrite to score again"
+    )]
+    DamagedHdf5 { path: String, at: String, what: &'static str, source: hdf5::Error },
     /// What a resume found in the file that this corpus does not explain (see plan.rs).
     #[error("{path}: {msg}")]
     Resume { path: String, msg: String },

@@ -84,7 +84,7 @@ pub fn plan_resume(out: &Path, meta: &RunMeta, corpus: &Scan, corpus_name: &str,
         return Ok(fresh);
     }
     {
-        let file = File::open(out).map_err(|e| ResultsError::NotResults { path: p.clone(), why: format!("cannot open it as HDF5: {e}") })?;
+        let file = File::open(out).map_err(|source| ResultsError::NotHdf5 { path: p.clone(), source })?;
         check_meta(&file, meta, &p)?;
     }
     let held = read_file(out)?.docs;

@@ -34,11 +34,11 @@ pub fn read_results(path: &Path) -> Result<Vec<DocResult>, ResultsError> {
 /// including blocks HDF5 cannot read back, is left out, as a resume would cut it.
 pub fn read_file(path: &Path) -> Result<ResultsFile, ResultsError> {
     let p = path.display().to_string();
-    let file = File::open(path).map_err(|e| ResultsError::NotResults { path: p.clone(), why: format!("cannot open it as HDF5: {e}") })?;
+    let file = File::open(path).map_err(|source| ResultsError::NotHdf5 { path: p.clone(), source })?;
     let extract = check_schema(&file, &p)?;
     let strict = closed_cleanly(&file);
     let group = |name: &str| {
-        file.group(name).map_err(|e| ResultsError::Damaged { path: p.clone(), at: format!("/{name}"), msg: format!("missing group: {e}") })
+        file.group(name).map_err(|source| ResultsError::DamagedHdf5 { path: p.clone(), at: format!("/{name}"), what: "missing group", source })
     };
     let file_len = std::fs::metadata(path).map_err(|source| ResultsError::Io { path: p.clone(), source })?.len();
     let cols = Columns::read(&group("docs")?, &group("choices")?, &p, strict, file_len, extract)?;

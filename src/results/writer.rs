@@ -86,7 +86,7 @@ impl ResultsWriter {
         let name = path.display().to_string();
         let open = || {
             File::open_rw(path)
-                .map_err(|e| ResultsError::NotResults { path: name.clone(), why: format!("cannot open it as HDF5: {e}") })
+                .map_err(|source| ResultsError::NotHdf5 { path: name.clone(), source })
         };
         let mut file = open()?;
         check_meta(&file, meta, &name)?;
@@ -99,9 +99,9 @@ impl ResultsWriter {
         }
         set_closed(&file, false, &name)?;
         write_about(&file, meta, &name)?;
-        let docs = file.group("docs").map_err(|e| ResultsError::Corrupt { path: name.clone(), msg: format!("missing group /docs: {e}") })?;
+        let docs = file.group("docs").map_err(|source| ResultsError::Hdf5 { path: name.clone(), what: "missing group /docs".into(), source })?;
         let choices =
-            file.group("choices").map_err(|e| ResultsError::Corrupt { path: name.clone(), msg: format!("missing group /choices: {e}") })?;
+            file.group("choices").map_err(|source| ResultsError::Hdf5 { path: name.clone(), what: "missing group /choices".into(), source })?;
         let mut w = ResultsWriter {
             path: path.to_path_buf(),
             name,
@@ -119,7 +119,6 @@ impl ResultsWriter {
         let done = w.repair()?;
         if let Some(kept) = rebuilt {
             let note = format!("the last writer did not close the file; rebuilt it from its {kept} whole documents");
-            tracing::warn!("{}: {note}", w.name);
             w.repair_note = Some(note);
         }
         Ok((w, done))
@@ -155,7 +154,6 @@ impl ResultsWriter {
             let note = format!(
                 "repaired a torn tail: kept {keep} documents and {keep_rows} choice rows (datasets had {doc_lens:?} and {row_lens:?})"
             );
-            tracing::warn!("{p}: {note}");
             self.repair_note = Some(note);
         }
         self.n_docs = keep;
@@ -309,7 +307,8 @@ impl ResultsWriter {
 impl Drop for ResultsWriter {
     fn drop(&mut self) {
         if let Err(e) = self.finish() {
-            tracing::warn!("{e}");
+            // Drop has no caller to hand the error to; the next open rebuilds the file.
+            crate::warn!("{e}");
         }
     }
 }

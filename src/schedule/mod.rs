@@ -234,6 +234,11 @@ impl Schedule {
 
     /// "rank r: layers a-b, c-d; resident n; host X GB; device Y GB"
     pub fn describe_rank(&self, rank: usize) -> String {
+        format!("rank {rank}: {}", self.describe_layers(rank))
+    }
+
+    /// [`Schedule::describe_rank`] without the rank: for a line the message channel prefixes.
+    pub fn describe_layers(&self, rank: usize) -> String {
         let ranges: Vec<String> = self.rank_groups[rank]
             .iter()
             .map(|&g| {
@@ -247,7 +252,7 @@ impl Schedule {
             .collect();
         let resident = self.resident.min(self.rank_groups[rank].len());
         format!(
-            "rank {rank}: layers {}; resident {resident}; host {}; device {}",
+            "layers {}; resident {resident}; host {}; device {}",
             ranges.join(", "),
             gb(self.host_bytes[rank]),
             gb(self.device_bytes[rank])

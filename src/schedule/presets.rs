@@ -1,66 +1,64 @@
-//! Published dimensions of the models the planner knows by name, so `plan` can answer
-//! "would this fit and how fast" before anyone downloads 360 GB of weights.
+//! Published dimensions of the models known by name: `plan --preset` answers "would this fit
+//! and how fast" before anyone downloads 360 GB of weights, and `bench --synthetic` times
+//! layers of the same shapes. The one table of them, written as the HF config.json each
+//! checkpoint ships, read by the same reader as a real checkpoint's.
 
-use crate::config::{FalconLayout, Family, ModelConfig, RopeScaling};
+use crate::config::ModelConfig;
+use serde_json::{json, Value};
 
-/// Names accepted by `--preset`.
-pub const PRESETS: &[&str] = &["falcon-7b", "falcon-40b", "falcon-180b", "llama-2-70b"];
+/// Names accepted by `plan --preset` and `bench --synthetic`.
+pub const PRESETS: &[&str] = &["falcon-180b", "falcon-40b", "falcon-7b", "llama-2-70b", "smollm2-135m", "tiny"];
 
-/// The preset's config and its storage dtype size in bytes (all bf16 or f16 checkpoints).
-pub fn preset(name: &str) -> Option<(ModelConfig, usize)> {
-    let falcon = |layers, hidden, heads, kv, new_arch: bool| ModelConfig {
-        family: Family::Falcon,
-        vocab_size: 65024,
-        hidden_size: hidden,
-        n_layers: layers,
-        n_heads: heads,
-        n_kv_heads: kv,
-        head_dim: 64,
-        intermediate_size: 4 * hidden,
-        max_position: 2048,
-        sliding_window: None,
-        rope_theta: 10000.0,
-        rope_scaling: RopeScaling::None,
-        norm_eps: 1e-5,
-        tied_embeddings: false,
-        attention_bias: false,
-        mlp_bias: false,
-        falcon: Some(FalconLayout {
-            new_decoder_architecture: new_arch,
-            parallel_attn: true,
-            num_ln_in_parallel_attn: if new_arch { 2 } else { 1 },
-            bias: false,
-        }),
-        bos_token_id: None,
-        eos_token_ids: vec![11],
+/// Bytes per weight of every preset's checkpoint (all are bf16 or f16).
+pub const DTYPE_BYTES: usize = 2;
+
+/// The preset's HF config.json (layer count included).
+fn hf_config(name: &str) -> Option<Value> {
+    let falcon_new = |h: usize, heads: usize, kv: usize, layers: usize| {
+        json!({"model_type": "falcon", "hidden_size": h, "num_attention_heads": heads, "num_kv_heads": kv,
+               "num_hidden_layers": layers, "new_decoder_architecture": true, "parallel_attn": true,
+               "bias": false, "vocab_size": 65024, "max_position_embeddings": 2048, "eos_token_id": 11})
     };
-    let cfg = match name {
+    let llama = |h: usize, heads: usize, kv: usize, ffn: usize, layers: usize, vocab: usize, theta: f64| {
+        json!({"model_type": "llama", "hidden_size": h, "num_attention_heads": heads, "num_key_value_heads": kv,
+               "intermediate_size": ffn, "num_hidden_layers": layers, "vocab_size": vocab, "rope_theta": theta,
+               "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2})
+    };
+    Some(match name {
+        "falcon-180b" => falcon_new(14848, 232, 8, 80),
+        "falcon-40b" => falcon_new(8192, 128, 8, 60),
         // Falcon-7B is multi-query: one shared key/value head.
-        "falcon-7b" => falcon(32, 4544, 71, 1, false),
-        "falcon-40b" => falcon(60, 8192, 128, 8, true),
-        "falcon-180b" => falcon(80, 14848, 232, 8, true),
-        "llama-2-70b" => ModelConfig {
-            family: Family::Llama,
-            vocab_size: 32000,
-            hidden_size: 8192,
-            n_layers: 80,
-            n_heads: 64,
-            n_kv_heads: 8,
-            head_dim: 128,
-            intermediate_size: 28672,
-            max_position: 4096,
-            sliding_window: None,
-            rope_theta: 10000.0,
-            rope_scaling: RopeScaling::None,
-            norm_eps: 1e-5,
-            tied_embeddings: false,
-            attention_bias: false,
-            mlp_bias: false,
-            falcon: None,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
-        },
+        "falcon-7b" => json!({"model_type": "falcon", "hidden_size": 4544, "num_attention_heads": 71, "num_hidden_layers": 32,
+                              "multi_query": true, "parallel_attn": true, "bias": false, "vocab_size": 65024,
+                              "max_position_embeddings": 2048, "eos_token_id": 11}),
+        "llama-2-70b" => llama(8192, 64, 8, 28672, 80, 32000, 10000.0),
+        "smollm2-135m" => llama(576, 9, 3, 1536, 30, 49152, 100000.0),
+        "tiny" => falcon_new(256, 8, 2, 4),
         _ => return None,
-    };
-    Some((cfg, 2))
+    })
+}
+
+/// The preset's config; None for a name not in [`PRESETS`].
+pub fn config(name: &str) -> Option<ModelConfig> {
+    // A preset's JSON is ours, checked for every name by the test below.
+    hf_config(name).and_then(|j| crate::model::config_from_hf(&j, &format!("<preset {name}>")).ok())
+}
+
+/// The preset's config and its storage dtype size in bytes.
+pub fn preset(name: &str) -> Option<(ModelConfig, usize)> {
+    config(name).map(|c| (c, DTYPE_BYTES))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_preset_is_a_valid_config() {
+        for p in super::PRESETS {
+            let j = super::hf_config(p).unwrap();
+            if let Err(e) = crate::model::config_from_hf(&j, p) {
+                panic!("{p}: {e}");
+            }
+        }
+        assert!(super::config("falcon-999b").is_none());
+    }
 }

@@ -76,3 +76,36 @@ pub fn hf_fixture(name: &str) -> HfFixture {
     let golden = read("golden.json");
     HfFixture { dir, cfg, host, golden }
 }
+
+/// A valid manifest.json (no part files) of a small llama with `layers` layers: what `plan
+/// --model` reads, as `convert` would write it.
+pub fn fake_manifest(dir: &std::path::Path, layers: usize) {
+    use falcon_batch::format::manifest::{compute_model_id, Manifest, PartEntry, FORMAT_VERSION};
+    use falcon_batch::format::st::FileHashes;
+    let cfg: ModelConfig = serde_json::from_value(serde_json::json!({
+        "family": "llama", "vocab_size": 64, "hidden_size": 16, "n_layers": layers, "n_heads": 4, "n_kv_heads": 2,
+        "head_dim": 4, "intermediate_size": 32, "max_position": 128, "sliding_window": null, "rope_theta": 10000.0,
+        "norm_eps": 1e-5, "tied_embeddings": false, "attention_bias": false, "mlp_bias": false, "falcon": null,
+        "bos_token_id": 1, "eos_token_ids": [2]
+    }))
+    .unwrap();
+    let (sha, xxh) = ("0".repeat(64), "0".repeat(32));
+    let parts: Vec<PartEntry> = falcon_batch::model::Part::all(layers)
+        .into_iter()
+        .map(|p| PartEntry { name: p.name(), file: p.file_name(), bytes: 1, sha256: sha.clone(), xxh3: Some(xxh.clone()) })
+        .collect();
+    let tokenizer_hash = FileHashes { bytes: 2, sha256: sha.clone(), xxh3: xxh };
+    let model_id = compute_model_id(&cfg, &parts, Some(&sha));
+    let m = Manifest {
+        format_version: FORMAT_VERSION,
+        family: cfg.family,
+        config: cfg,
+        dtype: falcon_batch::tensor::DType::F32,
+        parts,
+        tokenizer: "tokenizer.json".into(),
+        tokenizer_hash,
+        model_id,
+        source: "test".into(),
+    };
+    m.save(dir).unwrap();
+}

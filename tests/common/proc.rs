@@ -161,3 +161,19 @@ impl OutputWithin for Command {
         Ok(Output { status: r.status, stdout: r.stdout.into_bytes(), stderr: r.stderr.into_bytes() })
     }
 }
+
+/// How long [`run`] lets one command of the binary take before killing its process group.
+pub const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+/// The falcon-batch binary of this build. HDF5 file locking is off: test directories may
+/// be on file systems without it.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
+    c.env("HDF5_USE_FILE_LOCKING", "FALSE");
+    c
+}
+
+/// Runs `c` to its end under [`RUN_LIMIT`] (see spawn_limited).
+pub fn run(c: &mut Command) -> Output {
+    c.output_within(RUN_LIMIT).expect("run falcon-batch")
+}

@@ -6,11 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-pub fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_falcon-batch"));
-    c.env("HDF5_USE_FILE_LOCKING", "FALSE");
-    c
-}
+pub use super::proc::bin;
 
 /// llama_tied converted into `dir`/model (its byte-level BPE reads "t3 t17 ..." too).
 pub fn model(dir: &Path) -> PathBuf {

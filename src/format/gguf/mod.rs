@@ -138,7 +138,7 @@ fn read_f32(mmap: &[u8], info: &TensorInfo, origin: &str) -> Result<HostTensor> 
 
 impl TensorSource for GgufCheckpoint {
     fn get(&self, hf_name: &str) -> model::Result<HostTensor> {
-        self.hf_tensor(hf_name).map_err(|e| ModelError::Source(e.to_string()))
+        self.hf_tensor(hf_name).map_err(|e| ModelError::Checkpoint(Box::new(e)))
     }
 
     fn contains(&self, hf_name: &str) -> bool {

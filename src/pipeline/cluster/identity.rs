@@ -116,7 +116,7 @@ impl Cluster {
             host_bytes: caps.host_bytes,
             speed: caps.speed,
         };
-        let bytes = serde_json::to_vec(&mine).map_err(|e| PipelineError::Mpi(format!("encoding the rank's introduction: {e}")))?;
+        let bytes = serde_json::to_vec(&mine).map_err(|source| PipelineError::Encode { what: "the rank's introduction", source })?;
         let mut sends: Vec<Pending<u8>> = vec![];
         for peer in (0..self.size).filter(|&p| p != self.rank) {
             sends.push(self.data.isend(bytes.clone(), peer, TAG_HELLO)?);

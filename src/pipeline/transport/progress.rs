@@ -29,7 +29,7 @@ impl ProgressThread {
                     std::thread::sleep(every);
                 }
             })
-            .map_err(|e| PipelineError::Mpi(format!("cannot start the MPI progress thread: {e}")))?;
+            .map_err(|source| PipelineError::Thread { name: "MPI progress", source })?;
         Ok(Some(ProgressThread { stop, handle: Some(handle) }))
     }
 }

@@ -3,40 +3,39 @@
 //! and weight streaming through a small resident window. The JSON is what the planner's
 //! cost model reads (docs/DESIGN.md, "Schedule and planner").
 
-use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::CudaBackend;
-use crate::pipeline::WeightWindow;
-use crate::group::GroupTensorNames;
-use crate::backend::select::{DeviceChoice, Resolved};
-use crate::backend::{Backend, Ops};
-use crate::config::ModelConfig;
-use crate::token_tree::{AttnSpan, MicroBatch, TokenizedDoc};
-use crate::model::{self, LayerCache, Part, RowCtx, PartWeights};
-use crate::tensor::{DType, HostTensor};
+use falcon_batch::backend::cpu::CpuBackend;
+use falcon_batch::backend::cuda::CudaBackend;
+use falcon_batch::pipeline::WeightWindow;
+use falcon_batch::group::GroupTensorNames;
+use falcon_batch::backend::select::{DeviceChoice, Resolved};
+use falcon_batch::backend::{Backend, Ops};
+use falcon_batch::config::ModelConfig;
+use falcon_batch::token_tree::{AttnSpan, MicroBatch, TokenizedDoc};
+use falcon_batch::model::{self, LayerCache, Part, RowCtx, PartWeights};
+use falcon_batch::tensor::{DType, HostTensor};
 use thiserror::Error;
 
-pub mod gemm;
 
 #[derive(Debug, Error)]
 pub enum BenchError {
     #[error("{what}: {source}")]
-    Backend { what: String, source: crate::backend::BackendError },
+    Backend { what: String, source: falcon_batch::backend::BackendError },
     #[error("{what}: {source}")]
-    Model { what: String, source: crate::model::ModelError },
+    Model { what: String, source: falcon_batch::model::ModelError },
     #[error("{0}")]
     Invalid(String),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
 }
 
-impl From<crate::backend::BackendError> for BenchError {
-    fn from(source: crate::backend::BackendError) -> Self {
+impl From<falcon_batch::backend::BackendError> for BenchError {
+    fn from(source: falcon_batch::backend::BackendError) -> Self {
         BenchError::Backend { what: "bench".into(), source }
     }
 }
 
-impl From<crate::model::ModelError> for BenchError {
-    fn from(source: crate::model::ModelError) -> Self {
+impl From<falcon_batch::model::ModelError> for BenchError {
+    fn from(source: falcon_batch::model::ModelError) -> Self {
         BenchError::Model { what: "bench".into(), source }
     }
 }
@@ -62,7 +61,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub const PRESETS: &[&str] = &["falcon-180b", "falcon-40b", "falcon-7b", "llama-2-70b", "smollm2-135m", "tiny"];
+pub use falcon_batch::schedule::presets::PRESETS;
 
 pub struct BenchOptions {
     pub device: DeviceChoice,
@@ -77,7 +76,7 @@ pub struct BenchOptions {
     pub force: bool,
     /// What the CPU's GEMMs multiply in (`--compute-dtype`): the report's layer times and bytes
     /// are then that route's, for `plan --costs`.
-    pub compute_dtype: crate::backend::ComputeDtype,
+    pub compute_dtype: falcon_batch::backend::ComputeDtype,
 }
 
 /// One timed forward: `label` (e.g. "4x2048"), total rows, median seconds per layer.
@@ -138,30 +137,10 @@ pub struct BenchReport {
     pub stream: Option<StreamResult>,
 }
 
-/// The HF config.json of a preset's real shapes (layer count included for reference).
+/// A preset's config (the planner's table, falcon_batch::schedule::presets).
 pub fn preset(name: &str) -> Result<ModelConfig> {
-    use serde_json::json;
-    let falcon_new = |h: usize, heads: usize, kv: usize, layers: usize| {
-        json!({"model_type": "falcon", "hidden_size": h, "num_attention_heads": heads, "num_kv_heads": kv,
-               "num_hidden_layers": layers, "new_decoder_architecture": true, "parallel_attn": true,
-               "bias": false, "vocab_size": 65024, "max_position_embeddings": 2048})
-    };
-    let llama = |h: usize, heads: usize, kv: usize, ffn: usize, layers: usize, vocab: usize, theta: f64| {
-        json!({"model_type": "llama", "hidden_size": h, "num_attention_heads": heads, "num_key_value_heads": kv,
-               "intermediate_size": ffn, "num_hidden_layers": layers, "vocab_size": vocab, "rope_theta": theta,
-               "rms_norm_eps": 1e-5, "max_position_embeddings": 4096})
-    };
-    let j = match name {
-        "falcon-180b" => falcon_new(14848, 232, 8, 80),
-        "falcon-40b" => falcon_new(8192, 128, 8, 60),
-        "falcon-7b" => json!({"model_type": "falcon", "hidden_size": 4544, "num_attention_heads": 71, "num_hidden_layers": 32,
-                              "multi_query": true, "parallel_attn": true, "bias": false, "vocab_size": 65024}),
-        "llama-2-70b" => llama(8192, 64, 8, 28672, 80, 32000, 10000.0),
-        "smollm2-135m" => llama(576, 9, 3, 1536, 30, 49152, 100000.0),
-        "tiny" => falcon_new(256, 8, 2, 4),
-        other => return Err(BenchError::Invalid(format!("unknown synthetic model `{other}`; expected one of {}", PRESETS.join(", ")))),
-    };
-    Ok(model::config_from_hf(&j, &format!("<preset {name}>"))?)
+    falcon_batch::schedule::presets::config(name)
+        .ok_or_else(|| BenchError::Invalid(format!("unknown synthetic model `{name}`; expected one of {}", PRESETS.join(", "))))
 }
 
 /// A micro-batch of `docs` documents of `rows_per_doc` rows each, as a token tree:
@@ -206,7 +185,7 @@ fn layer_params(cfg: &ModelConfig) -> usize {
 }
 
 fn input<B: Backend>(b: &B, rows: usize, cols: usize) -> Result<B::Act> {
-    let v: Vec<f32> = (0..rows * cols).map(|i| crate::backend::uniform_bf16(7, i as u64, -1.0, 1.0)).collect();
+    let v: Vec<f32> = (0..rows * cols).map(|i| falcon_batch::backend::uniform_bf16(7, i as u64, -1.0, 1.0)).collect();
     Ok(b.upload(&v, rows, cols)?)
 }
 
@@ -264,7 +243,7 @@ fn decode_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<V
     let mut out = vec![];
     for &context in DECODE_CONTEXTS {
         let seconds = time_decode(b, cfg, &w, context, reps).during(|| format!("timing a decode step at context {context}"))?;
-        eprintln!("  decode at {context:>5} context: {:9.3} ms per layer", seconds * 1e3);
+        falcon_batch::info!("  decode at {context:>5} context: {:9.3} ms per layer", seconds * 1e3);
         out.push(DecodeTiming { context, seconds });
     }
     Ok(out)
@@ -278,7 +257,7 @@ fn layer_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Ve
     for &(label, docs, rows) in SHAPES {
         let batch = synthetic_batch(docs, rows);
         let seconds = time_layer(b, cfg, &w, &batch, reps).during(|| format!("timing a layer at {label} tokens"))?;
-        eprintln!("  {label:>7} tokens: {:9.3} ms per layer", seconds * 1e3);
+        falcon_batch::info!("  {label:>7} tokens: {:9.3} ms per layer", seconds * 1e3);
         out.push(LayerTiming { label: label.into(), tokens: batch.rows(), seconds });
     }
     Ok(out)
@@ -286,7 +265,7 @@ fn layer_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Ve
 
 fn attention_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Result<Vec<AttnTiming>> {
     let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-    let shape = crate::backend::AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
+    let shape = falcon_batch::backend::AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
     let mut out = vec![];
     for &(label, docs, rows) in SHAPES {
         let batch = synthetic_batch(docs, rows);
@@ -306,7 +285,7 @@ fn attention_timings<B: Backend>(b: &B, cfg: &ModelConfig, reps: usize) -> Resul
         }
         let seconds = median(times);
         let tflops = (4 * d * h * pairs) as f64 / seconds / 1e12;
-        eprintln!("  attention {label:>7} tokens: {:9.3} ms ({tflops:.3} TFLOP/s)", seconds * 1e3);
+        falcon_batch::info!("  attention {label:>7} tokens: {:9.3} ms ({tflops:.3} TFLOP/s)", seconds * 1e3);
         out.push(AttnTiming { label: label.into(), tokens: t, seconds, tflops });
     }
     Ok(out)
@@ -322,7 +301,7 @@ fn host_layer(cfg: &ModelConfig) -> Vec<(String, HostTensor)> {
         .enumerate()
         .map(|(i, (name, shape))| {
             let (lo, hi) = weight_range(&name, &shape);
-            let block: Vec<u8> = (0..BLOCK as u64).flat_map(|j| half::bf16::from_f32(crate::backend::uniform_bf16(i as u64, j, lo, hi)).to_le_bytes()).collect();
+            let block: Vec<u8> = (0..BLOCK as u64).flat_map(|j| half::bf16::from_f32(falcon_batch::backend::uniform_bf16(i as u64, j, lo, hi)).to_le_bytes()).collect();
             let n: usize = shape.iter().product();
             let mut data = Vec::with_capacity(n * 2);
             while data.len() < n * 2 {
@@ -457,9 +436,9 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
                     f32_bytes as f64 / 1e9
                 )));
             }
-            let route = crate::backend::cpu::CpuRoute::detect(o.compute_dtype);
-            let b = CpuBackend::with_route(crate::backend::KvDtype::F32, route);
-            eprintln!("bench {} on {}", o.synthetic, b.name());
+            let route = falcon_batch::backend::cpu::CpuRoute::detect(o.compute_dtype);
+            let b = CpuBackend::with_route(falcon_batch::backend::KvDtype::F32, route);
+            falcon_batch::info!("bench {} on {}", o.synthetic, b.name());
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             // bf16 routes hold every matrix in bf16.
             let mut r = report_from(&b, &cfg, &o.synthetic, "cpu", t, if route.rounds() { 2 } else { 4 });
@@ -471,7 +450,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         }
         Resolved::Cuda(n) => {
             let b = CudaBackend::new(n).during(|| "opening the CUDA backend".into())?;
-            eprintln!("bench {} on {}", o.synthetic, b.name());
+            falcon_batch::info!("bench {} on {}", o.synthetic, b.name());
             let t = layer_timings(&b, &cfg, o.reps.max(1))?;
             let mut r = report_from(&b, &cfg, &o.synthetic, "cuda", t, 2);
             r.decode = decode_timings(&b, &cfg, o.reps.max(1))?;
@@ -487,7 +466,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         }
         let json = serde_json::to_string_pretty(&report).map_err(|e| BenchError::Invalid(format!("bench report: {e}")))?;
         std::fs::write(path, json + "\n").map_err(|source| BenchError::Io { path: path.display().to_string(), source })?;
-        eprintln!("wrote {}", path.display());
+        falcon_batch::info!("wrote {}", path.display());
     }
     Ok(report)
 }

@@ -1,10 +1,10 @@
 //! `falcon-batch bench --gemm`: GFLOP/s of the CPU backend's `linear` (its own packed GEMM)
 //! against the `gemm` crate on the same shapes and threads, best of interleaved repeats.
 
-use super::{BenchError, Result};
-use crate::backend::cpu::{CpuBackend, CpuRoute};
-use crate::backend::{ComputeDtype, KvDtype, Ops, WeightStream};
-use crate::tensor::{DType, HostTensor};
+use super::synthetic::{BenchError, Result};
+use falcon_batch::backend::cpu::{CpuBackend, CpuRoute};
+use falcon_batch::backend::{ComputeDtype, KvDtype, Ops, WeightStream};
+use falcon_batch::tensor::{DType, HostTensor};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -74,13 +74,13 @@ fn min2(a: (f64, f64), b: (f64, f64)) -> (f64, f64) {
 
 pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTiming>> {
     // As a CPU rank runs (job/rank.rs): freed outputs reused, not faulted in afresh per call.
-    crate::backend::cpu::keep_freed_buffers();
+    falcon_batch::backend::cpu::keep_freed_buffers();
     let b = CpuBackend::new();
     let b16 = CpuBackend::with_route(KvDtype::F32, CpuRoute::detect(ComputeDtype::Bf16));
     let threads = rayon::current_num_threads();
     let mut out = vec![];
     for &(t, k, n) in shapes {
-        let values = |len: usize, seed: u64| (0..len as u64).map(|i| crate::backend::uniform_bf16(seed, i, -1.0, 1.0)).collect::<Vec<f32>>();
+        let values = |len: usize, seed: u64| (0..len as u64).map(|i| falcon_batch::backend::uniform_bf16(seed, i, -1.0, 1.0)).collect::<Vec<f32>>();
         let (xv, wv) = (values(t * k, 1), values(n * k, 2));
         let x = b.upload(&xv, t, k)?;
         let w = b.random_weight(&[n, k], 2, -1.0, 1.0)?;
@@ -132,7 +132,7 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
                 }
             }));
             unfused = min2(unfused, seconds_per_call(|| {
-                if let Err(e) = crate::backend::linear_silu_mul_unfused(&b, &x, &w, None, &up, None) {
+                if let Err(e) = falcon_batch::backend::linear_silu_mul_unfused(&b, &x, &w, None, &up, None) {
                     err = Some(e);
                 }
             }));
@@ -155,7 +155,7 @@ pub fn run(shapes: &[(usize, usize, usize)], reps: usize) -> Result<Vec<GemmTimi
             gate_up_bf16_compute_gflops: 2.0 * g(fused16.0),
             bf16_route: b16.route().to_string(),
         };
-        eprintln!(
+        falcon_batch::info!(
             "gemm {t}x{k}x{n}: linear {:.1} GFLOP/s ({:.1} per CPU-s; bf16 weights {:.1}, f16 {:.1}), gemm crate {:.1} ({:.1} per CPU-s); gate+up fused {:.1}, unfused {:.1}; bf16 compute: linear {:.1}, gate+up fused {:.1}",
             row.linear_gflops, row.linear_cpu_gflops, row.linear_bf16_gflops, row.linear_f16_gflops, row.gemm_crate_gflops, row.gemm_crate_cpu_gflops, row.gate_up_fused_gflops, row.gate_up_unfused_gflops, row.linear_bf16_compute_gflops, row.gate_up_bf16_compute_gflops
         );

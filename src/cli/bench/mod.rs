@@ -1,4 +1,9 @@
 //! `falcon-batch bench`: decoder layers of a real model's shapes with synthetic weights.
+//! The command's own code (synthetic.rs: layers, attention, decode, streaming; gemm.rs: GEMM
+//! rates): the library has no use for it, so it lives with the CLI.
+
+mod gemm;
+mod synthetic;
 
 use anyhow::Result;
 use std::process::ExitCode;
@@ -16,13 +21,13 @@ pub struct BenchArgs {
     #[arg(long)]
     gemm: Option<String>,
     /// Layers in the streaming run (CUDA).
-    #[arg(long, default_value_t = 16, value_parser = super::usage::at_least_one)]
+    #[arg(long, default_value_t = 16, value_parser = crate::cli::usage::at_least_one)]
     layers: usize,
     /// Layers resident on the device in the streaming run: two groups of window/2 (CUDA).
-    #[arg(long, default_value_t = 4, value_parser = super::usage::at_least_one)]
+    #[arg(long, default_value_t = 4, value_parser = crate::cli::usage::at_least_one)]
     window: usize,
     /// Timed repetitions per shape (median reported), after one warm-up.
-    #[arg(long, default_value_t = 3, value_parser = super::usage::at_least_one)]
+    #[arg(long, default_value_t = 3, value_parser = crate::cli::usage::at_least_one)]
     reps: usize,
     #[arg(long, default_value = "results/bench.json")]
     out: std::path::PathBuf,
@@ -37,13 +42,13 @@ pub struct BenchArgs {
 
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
     if let Some(shapes) = &a.gemm {
-        let shapes = falcon_batch::bench::gemm::parse_shapes(shapes)?;
-        let rows = falcon_batch::bench::gemm::run(&shapes, a.reps)?;
+        let shapes = gemm::parse_shapes(shapes)?;
+        let rows = gemm::run(&shapes, a.reps)?;
         crate::outln!("{}", serde_json::to_string(&rows)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let Some(synthetic) = a.synthetic else { anyhow::bail!("--synthetic is required") };
-    let opts = falcon_batch::bench::BenchOptions {
+    let opts = synthetic::BenchOptions {
         device: a.device,
         synthetic,
         layers: a.layers,
@@ -53,6 +58,6 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         force: a.force,
         compute_dtype: a.compute_dtype,
     };
-    falcon_batch::bench::run(&opts)?;
+    synthetic::run(&opts)?;
     Ok(ExitCode::SUCCESS)
 }
