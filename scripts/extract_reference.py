@@ -31,11 +31,14 @@ MAX_SPAN_UNITS = 16
 
 def check_unit_chars(source, where):
     """Python's `\\w` (str.isalnum() or "_") and Rust regex's (Alphabetic, M, Nd, Pc,
-    Join_Control) disagree on combining marks, other connector punctuation and No/Nl numbers
-    (e.g. "²", "½"): a source holding one would split into different units, so it is refused."""
+    Join_Control) disagree on marks, connector punctuation other than "_", No numbers ("²",
+    "½"), the joiners and the letter-like symbols that are Alphabetic but So ("Ⓐ"): a source
+    holding one would split into different units, so it is refused (Nl, e.g. "Ⅻ", is a word
+    character in both)."""
     for k, c in enumerate(source):
         cat = unicodedata.category(c)
-        if c != "_" and (cat[0] == "M" or cat in ("Pc", "No", "Nl") or c in "\u200c\u200d"):
+        circled = "\u24b6" <= c <= "\u24e9" or "\U0001f130" <= c <= "\U0001f189"
+        if c != "_" and (cat[0] == "M" or cat in ("Pc", "No") or c in "\u200c\u200d" or circled):
             raise ValueError(f"{where}: character {k} {c!r} ({cat}) is a word character in only one of Python re / Rust regex")
 
 
