@@ -7,7 +7,7 @@ SMOL := models/smollm2-135m
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: deps test-deps build demo test fetch-model bench test-gpu test-gpu-build gpu-check-build clean-results fuzz
+.PHONY: deps test-deps build demo test fetch-model bench extract-reference test-gpu test-gpu-build gpu-check-build clean-results fuzz
 
 deps:
 	@scripts/setup-deps.sh
@@ -53,6 +53,8 @@ demo: build $(SMOL)/manifest.json
 	@mkdir -p results
 	$(BIN) score --model $(SMOL) --docs inputs/sample.jsonl --out results/demo.h5 --csv results/demo.csv --overwrite
 	$(BIN) show results/demo.h5 --docs inputs/sample.jsonl
+	$(BIN) extract --model $(SMOL) --docs inputs/sample.jsonl --out results/demo.extract.h5 --csv results/demo.extract.csv --overwrite
+	$(BIN) show results/demo.extract.h5 --docs inputs/sample.jsonl
 
 test: test-deps fetch-model
 	$(CARGO) test --release
@@ -67,11 +69,15 @@ test: test-deps fetch-model
 # compute route (scripts/bench_bf16.py): falcon-batch --compute-dtype bf16 on bf16 weights vs
 # llama.cpp's multiple-choice batching on a BF16 GGUF made by llama_model_quantize, the bf16
 # GEMM ceiling (torch.matmul in bf16, when BENCH_TORCH_PYTHON has torch), peak memory, decode;
-# results/bench-bf16.json.
+# results/bench-bf16.json. Then extract (scripts/bench_extract.py, issue 26): extract against
+# score on the same documents, HF scoring every candidate span as its own request and llguidance's
+# substring constraint with greedy decoding (both when BENCH_HF_PYTHON has torch, transformers and
+# llguidance), documents/hour at ~1500 tokens; results/bench-extract.json.
 BENCH_PYTHON ?=
 BENCH_HF_PYTHON ?=
 BENCH_TORCH_PYTHON ?=
 BENCH_BF16_ARGS ?=
+BENCH_EXTRACT_ARGS ?=
 BENCH_ARGS ?=
 .venv-bench/bin/python:
 	python3 -m venv .venv-bench
@@ -88,6 +94,18 @@ bench: build $(SMOL)/manifest.json $(SMOL)-f16/manifest.json $(SMOL)-bf16/manife
 		--model $(SMOL) --bf16-model $(SMOL)-bf16 --gguf $(GGUF) --f32-gguf models/SmolLM2-135M-Instruct.F32.gguf \
 		--bf16-gguf models/SmolLM2-135M-Instruct.BF16.gguf --torch-python "$(BENCH_TORCH_PYTHON)" \
 		--docs inputs/sample.jsonl --threads $$(nproc) --out results/bench-bf16.json $(BENCH_BF16_ARGS)
+	$(if $(BENCH_PYTHON),$(BENCH_PYTHON),.venv-bench/bin/python) scripts/bench_extract.py --bin $(BIN) \
+		--model $(SMOL) --docs inputs/sample.jsonl --hf-python "$(BENCH_HF_PYTHON)" \
+		--threads $$(nproc) --out results/bench-extract.json $(BENCH_EXTRACT_ARGS)
+
+# The goldens of tests/extract_golden.rs (tests/fixtures/extract/): HF transformers scoring every
+# candidate span on its own. Needs torch, transformers, tokenizers, gguf, accelerate
+# (EXTRACT_REF_PYTHON); the tiny fixtures take seconds, SmolLM2 ~10-25 min per sample document
+# on 2 cores, so it takes the first EXTRACT_REF_SMOL_DOCS (reusing those already in smollm2.json).
+EXTRACT_REF_PYTHON ?= python3
+EXTRACT_REF_SMOL_DOCS ?= 3
+extract-reference: $(GGUF)
+	$(EXTRACT_REF_PYTHON) scripts/make_extract_reference.py --smol-docs $(EXTRACT_REF_SMOL_DOCS)
 
 clean-results:
 	rm -rf results/*.h5 results/*.csv results/*.json
