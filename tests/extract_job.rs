@@ -214,7 +214,7 @@ fn usage_errors_exit_2_and_the_default_output_is_its_own() {
     let cwd = tmp().join("cwd");
     std::fs::create_dir_all(&cwd).unwrap();
     let mut c = bin();
-    c.current_dir(&cwd).args(["extract", "--device", "cpu", "--quiet", "--span-end", "eos", "--model"]).arg(the_model()).arg("--docs").arg(docs);
+    c.current_dir(&cwd).args(["extract", "--device", "cpu", "--span-end", "eos", "--model"]).arg(the_model()).arg("--docs").arg(docs);
     let o = run_limited(&c, LIMIT);
     assert_eq!(o.code(), Some(3), "{}", o.text());
     assert!(o.stderr.contains("results/corpus.extract.h5"), "{}", o.stderr);

@@ -152,7 +152,7 @@ fn set_eos(m: &Path, eos: u32) {
 fn said_seed(o: &Output) -> String {
     let e = stderr(o);
     let line = e.lines().find(|l| l.contains("pass --seed")).unwrap_or_else(|| panic!("no seed line: {e}"));
-    let seed = line.strip_prefix("generate: seed ").and_then(|r| r.split(';').next()).unwrap_or_else(|| panic!("{line}"));
+    let seed = line.strip_prefix("falcon-batch: generate: seed ").and_then(|r| r.split(';').next()).unwrap_or_else(|| panic!("{line}"));
     assert!(line.contains(&format!("pass --seed {seed} to repeat")), "{line}");
     seed.to_string()
 }
@@ -182,6 +182,6 @@ fn a_streamed_prompt_ends_its_line_and_says_why_it_stopped() {
     let all = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{all}");
     let stats = all.lines().find(|l| l.contains("prefill")).unwrap_or_else(|| panic!("{all}"));
-    assert!(stats.starts_with("generate: prefill"), "the stats line begins its own line: {all:?}");
-    assert!(all.lines().any(|l| l == "generate: finish length after 4 new tokens"), "{all:?}");
+    assert!(stats.starts_with("falcon-batch: generate: prefill"), "the stats line begins its own line: {all:?}");
+    assert!(all.lines().any(|l| l == "falcon-batch: generate: finish length after 4 new tokens"), "{all:?}");
 }

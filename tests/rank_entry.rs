@@ -11,7 +11,7 @@ use falcon_batch::corpus::Limits;
 use falcon_batch::job::generate::{GenerateJob, GenerateOptions};
 use falcon_batch::job::rank::{run_on_this_rank, RankSettings};
 use falcon_batch::job::score::ScoreOptions;
-use falcon_batch::job::score_rank::{job_launch, ScoreJob};
+use falcon_batch::job::corpus_rank::{job_launch, ScoreJob};
 use falcon_batch::job::JobError;
 use falcon_batch::pipeline::{Cluster, ClusterSettings};
 use falcon_batch::results::read_results;

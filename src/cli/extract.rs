@@ -1,11 +1,11 @@
 //! `falcon-batch extract`: the exact top-k spans of each document's source. Flags and a
-//! the job is falcon_batch::job::extract (its RankJob: job::extract_rank).
+//! the job is falcon_batch::job::extract (its RankJob: job::corpus_rank).
 
 use super::ranks::run_ranks;
 use super::score::{checked_paths, corpus_to_read, resolve_defaults, RunFlags};
 use anyhow::{anyhow, Result};
 use falcon_batch::job::extract::{ExtractOptions, SpanEnd};
-use falcon_batch::job::extract_rank::ExtractJob;
+use falcon_batch::job::corpus_rank::ExtractJob;
 use falcon_batch::job::stop;
 use falcon_batch::score::Norm;
 use falcon_batch::settings::Settings;

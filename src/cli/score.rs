@@ -7,7 +7,7 @@ use falcon_batch::corpus::{reads_once, spool, Limits, Spooled};
 use falcon_batch::job::score::ScoreOptions;
 use falcon_batch::job::launch::LaunchOptions;
 use falcon_batch::job::rank::RankSettings;
-use falcon_batch::job::score_rank::{job_launch, ScoreJob};
+use falcon_batch::job::corpus_rank::{job_launch, ScoreJob};
 use falcon_batch::job::paths::{check_distinct, PathError};
 use falcon_batch::job::stop;
 use falcon_batch::score::Norm;

@@ -4,16 +4,15 @@
 //!
 //! Files: rank.rs (a rank's run of any job: device, prepare, launch, drive or serve, end),
 //! launch.rs (every rank's start-up), resources.rs (a CPU rank's share of its node),
-//! score.rs (the score job's writer side), score_rank.rs (the score job over the ranks),
-//! extract.rs (the extract job: score's machinery, spans searched in passes), extract_rank.rs
-//! (the extract job over the ranks),
+//! score.rs (the score job's writer side), corpus_rank.rs (score and extract over the ranks),
+//! extract.rs (the extract job: score's machinery, spans searched in passes),
 //! generate.rs (the generate job), waves.rs (waves in flight on the scorer), in_order.rs (results
 //! written in input order), progress.rs (progress on stderr), output_lock.rs (one job per
 //! results file), paths.rs (the outputs checked and claimed before any work), fault.rs
 //! (fault injection for the restart tests).
 
+pub mod corpus_rank;
 pub mod extract;
-pub mod extract_rank;
 pub mod fault;
 pub mod generate;
 mod in_order;
@@ -24,7 +23,6 @@ pub mod progress;
 pub mod resources;
 pub mod rank;
 pub mod score;
-pub mod score_rank;
 /// Stop requests are process-wide (the heartbeat thread relays them); the jobs reach them here.
 pub use crate::stop;
 mod waves;
