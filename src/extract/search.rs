@@ -6,8 +6,9 @@
 //! log P(first id | prompt), which the prompt's last row gives for every candidate at once.
 //!   pass 1: the prompt, with each distinct first id as a target at its last row: a bound
 //!           for every candidate (and its exact first term);
-//!   pass 2: the k candidates of highest bound (ties: first occurrence), as a token tree:
-//!           k exact scores, the k-th best of which is `kth`;
+//!   pass 2: the k candidates of highest bound (ties: first occurrence) and the longest
+//!           candidate of each of the 4k first ids of highest bound, as a token tree (the
+//!           candidates lying on those chains ride along): the k-th best exact score is `kth`;
 //!   pass 3: every other candidate whose bound is >= kth.
 //! A candidate left out has bound < kth, so a score below k scores already known: the
 //! top-k of the scored candidates is the top-k of all of them, ties included (a candidate
@@ -76,6 +77,9 @@ pub struct Search {
     pub tree_tokens: usize,
 }
 
+/// Pass 2 probes the longest candidate of this many first ids per kept span (see `probes`).
+const PROBE_IDS: usize = 4;
+
 fn by_score_then_index(a: (f64, usize), b: (f64, usize)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
@@ -130,8 +134,7 @@ impl Search {
                 let mut order: Vec<usize> = (0..self.conts.len()).collect();
                 order.sort_by(|&a, &b| by_score_then_index((self.bound[a], a), (self.bound[b], b)));
                 self.order = order;
-                let take = if self.exhaustive { self.order.len() } else { self.k.min(self.order.len()) };
-                let first: Vec<usize> = self.order[..take].to_vec();
+                let first = if self.exhaustive { self.order.clone() } else { self.probes() };
                 Ok(self.schedule(2, first))
             }
             Stage::Scores { pass, members, offsets } => {
@@ -155,6 +158,33 @@ impl Search {
                 Ok(self.schedule(3, rest))
             }
         }
+    }
+
+    /// Pass 2's candidates: the k of highest bound, and for each of the PROBE_IDS·k first
+    /// ids of highest bound its longest candidate, whose chain carries the shorter ones
+    /// along. The k-th exact score after pass 2 is what pass 3 is pruned by, and k
+    /// candidates of one start (often the k best bounds: they share their first id) make it
+    /// low; spans from many starts make it close to the final k-th score.
+    fn probes(&self) -> Vec<usize> {
+        let mut wanted: HashMap<usize, Option<usize>> = HashMap::new();
+        for &c in &self.order {
+            if wanted.len() >= PROBE_IDS * self.k {
+                break;
+            }
+            wanted.entry(self.first_of[c]).or_insert(None);
+        }
+        for c in 0..self.conts.len() {
+            if let Some(best) = wanted.get_mut(&self.first_of[c]) {
+                if best.is_none_or(|b| self.conts[c].len() > self.conts[b].len()) {
+                    *best = Some(c);
+                }
+            }
+        }
+        let mut first: Vec<usize> = self.order[..self.k.min(self.order.len())].to_vec();
+        let mut longest: Vec<usize> = wanted.into_values().flatten().filter(|c| !first.contains(c)).collect();
+        longest.sort_unstable();
+        first.extend(longest);
+        first
     }
 
     fn check(&self, pass: u32, got: usize, want: usize) -> Result<(), SearchError> {
