@@ -1,15 +1,13 @@
-//! `falcon-batch extract`: the exact top-k spans of each document's source. Flags and a
-//! the job is falcon_batch::job::extract (its RankJob: job::corpus_rank).
+//! `falcon-batch extract`: the exact top-k spans of each document's source. Its own flags
+//! beside score's RunFlags; the job is falcon_batch::job::extract (its RankJob:
+//! job::corpus_rank).
 
-use super::ranks::run_ranks;
-use super::score::{checked_paths, corpus_to_read, resolve_defaults, RunFlags};
-use anyhow::{anyhow, Result};
+use super::score::{announced_defaults, RunFlags};
+use anyhow::Result;
 use falcon_batch::job::extract::{ExtractOptions, SpanEnd};
-use falcon_batch::job::corpus_rank::ExtractJob;
-use falcon_batch::job::stop;
 use falcon_batch::score::Norm;
 use falcon_batch::settings::Settings;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
@@ -55,30 +53,14 @@ fn span_end(s: &str) -> Result<SpanEnd, String> {
 }
 
 pub fn run(a: ExtractArgs, env: &Settings) -> Result<ExitCode> {
-    let docs = a.docs.ok_or_else(|| anyhow!("--docs is required"))?;
-    let defaults = resolve_defaults(a.model, env.model.clone(), Path::new("models"), a.out, &docs, "extract.h5")?;
-    if env.first_rank {
-        for line in &defaults.notes {
-            falcon_batch::info!("{line}");
-        }
-    }
-    let docs = checked_paths(docs, &defaults.out, a.csv.as_deref())?;
-    // Kept until the job ends: the copy is removed when this drops.
-    let (docs, _spooled) = corpus_to_read(&docs, env)?;
-    let rank = a.run.schedule.rank_settings(env);
-    let run = a.run.options(docs, defaults.out, a.csv, Norm::Sum, usize::MAX, &rank, env);
-    let launch = a.run.launch(
-        defaults.model,
-        &run,
-        serde_json::json!({
-            "command": "extract",
-            "top_k": a.top_k,
-            "max_span_units": a.max_span_units,
-            "span_end": a.span_end.name(),
-            "exhaustive": a.exhaustive,
-        }),
-    );
-    let opts = ExtractOptions { run, top_k: a.top_k, max_span_units: a.max_span_units, span_end: a.span_end.clone(), exhaustive: a.exhaustive };
-    stop::install();
-    run_ranks(&rank, &ExtractJob::new(opts, launch))
+    let (docs, defaults) = announced_defaults(a.model, a.docs, a.out, env, "extract.h5")?;
+    let job = serde_json::json!({
+        "command": "extract",
+        "top_k": a.top_k,
+        "max_span_units": a.max_span_units,
+        "span_end": a.span_end.name(),
+        "exhaustive": a.exhaustive,
+    });
+    let (top_k, max_span_units, span_end, exhaustive) = (a.top_k, a.max_span_units, a.span_end, a.exhaustive);
+    a.run.run(defaults.model, docs, defaults.out, a.csv, Norm::Sum, usize::MAX, env, job, |run| ExtractOptions { run, top_k, max_span_units, span_end, exhaustive })
 }

@@ -5,9 +5,8 @@ use super::ranks::{run_ranks, ScheduleArgs};
 use super::usage::UsageError;
 use falcon_batch::corpus::{reads_once, spool, Limits, Spooled};
 use falcon_batch::job::score::ScoreOptions;
-use falcon_batch::job::launch::LaunchOptions;
 use falcon_batch::job::rank::RankSettings;
-use falcon_batch::job::corpus_rank::{job_launch, ScoreJob};
+use falcon_batch::job::corpus_rank::{job_launch, CorpusJob, CorpusWork};
 use falcon_batch::job::paths::{check_distinct, PathError};
 use falcon_batch::job::stop;
 use falcon_batch::score::Norm;
@@ -112,7 +111,7 @@ pub struct RunFlags {
 
 impl RunFlags {
     /// The job's options; `norm` and `max_choices` are score's own (extract: sum, unused).
-    pub fn options(&self, docs: PathBuf, out: PathBuf, csv: Option<PathBuf>, norm: Norm, max_choices: usize, rank: &RankSettings, env: &Settings) -> ScoreOptions {
+    fn options(&self, docs: PathBuf, out: PathBuf, csv: Option<PathBuf>, norm: Norm, max_choices: usize, rank: &RankSettings, env: &Settings) -> ScoreOptions {
         ScoreOptions {
             docs,
             out,
@@ -135,11 +134,32 @@ impl RunFlags {
         }
     }
 
-    /// How every rank starts and what they must agree on; `job` names the command and its
-    /// own options.
-    pub fn launch(&self, model: PathBuf, opts: &ScoreOptions, job: serde_json::Value) -> LaunchOptions {
+    /// Run a job over the corpus `docs` on every rank: the three paths checked, a corpus
+    /// that reads only once copied for the run, the options (`work` adds the job's own to
+    /// the common ones), and how every rank starts with what they must agree on (`job`: the
+    /// command and its own options).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run<W: CorpusWork>(
+        &self,
+        model: PathBuf,
+        docs: PathBuf,
+        out: PathBuf,
+        csv: Option<PathBuf>,
+        norm: Norm,
+        max_choices: usize,
+        env: &Settings,
+        job: serde_json::Value,
+        work: impl FnOnce(ScoreOptions) -> W,
+    ) -> Result<ExitCode> {
+        let docs = checked_paths(docs, &out, csv.as_deref())?;
+        // Kept until the job ends: the copy is removed when this drops.
+        let (docs, _spooled) = corpus_to_read(&docs, env)?;
+        let rank = self.schedule.rank_settings(env);
+        let opts = self.options(docs, out, csv, norm, max_choices, &rank, env);
         let compute_dtype = self.schedule.compute_dtype.map(|d| d.to_string());
-        job_launch(model, opts, job, self.schedule.options(self.wave, self.batch_tokens), compute_dtype, self.schedule.trace.is_some())
+        let launch = job_launch(model, &opts, job, self.schedule.options(self.wave, self.batch_tokens), compute_dtype, self.schedule.trace.is_some());
+        stop::install();
+        run_ranks(&rank, &CorpusJob::new(work(opts), launch))
     }
 }
 
@@ -149,14 +169,21 @@ pub fn score(a: ScoreArgs, env: &Settings) -> Result<ExitCode> {
 
 /// No subcommand: score, with the model and output defaults printed first.
 pub fn score_by_default(a: DefaultScoreArgs, env: &Settings) -> Result<ExitCode> {
-    let docs = a.docs.ok_or_else(|| anyhow!("--docs is required"))?;
-    let defaults = resolve_defaults(a.model, env.model.clone(), Path::new("models"), a.out, &docs, "h5")?;
+    let (docs, defaults) = announced_defaults(a.model, a.docs, a.out, env, "h5")?;
+    run_score(defaults.model, docs, defaults.out, a.rest, env)
+}
+
+/// The corpus (required) and the model and output defaults of a command without `--model` /
+/// `--out` (`ext`: the output's extension), each default taken said once per job.
+pub fn announced_defaults(model: Option<PathBuf>, docs: Option<PathBuf>, out: Option<PathBuf>, env: &Settings, ext: &str) -> Result<(PathBuf, Defaults)> {
+    let docs = docs.ok_or_else(|| anyhow!("--docs is required"))?;
+    let defaults = resolve_defaults(model, env.model.clone(), Path::new("models"), out, &docs, ext)?;
     if env.first_rank {
         for line in &defaults.notes {
             falcon_batch::info!("{line}");
         }
     }
-    run_score(defaults.model, docs, defaults.out, a.rest, env)
+    Ok((docs, defaults))
 }
 
 /// The environment variable naming the model when `--model` is not given.
@@ -239,7 +266,7 @@ fn line_bytes(s: &str) -> Result<usize, String> {
 /// The corpus the job reads: `docs` itself, or on the writer rank a copy of a corpus that can
 /// be read only once (standard input, a pipe), removed when the returned Spooled drops. The
 /// other ranks never read the corpus (mpirun gives standard input to rank 0 alone).
-pub fn corpus_to_read(docs: &Path, env: &Settings) -> Result<(PathBuf, Option<Spooled>)> {
+fn corpus_to_read(docs: &Path, env: &Settings) -> Result<(PathBuf, Option<Spooled>)> {
     if !env.first_rank || !reads_once(docs) {
         return Ok((docs.to_path_buf(), None));
     }
@@ -248,19 +275,13 @@ pub fn corpus_to_read(docs: &Path, env: &Settings) -> Result<(PathBuf, Option<Sp
 }
 
 fn run_score(model: PathBuf, docs: PathBuf, out: PathBuf, a: ScoreFlags, env: &Settings) -> Result<ExitCode> {
-    let docs = checked_paths(docs, &out, a.csv.as_deref())?;
-    // Kept until the job ends: the copy is removed when this drops.
-    let (docs, _spooled) = corpus_to_read(&docs, env)?;
-    let rank = a.run.schedule.rank_settings(env);
-    let opts = a.run.options(docs, out, a.csv.clone(), a.norm, a.max_choices, &rank, env);
-    let launch = a.run.launch(model, &opts, serde_json::json!({"command": "score", "norm": a.norm.name()}));
-    stop::install();
-    run_ranks(&rank, &ScoreJob::new(opts, launch))
+    let job = serde_json::json!({"command": "score", "norm": a.norm.name()});
+    a.run.run(model, docs, out, a.csv, a.norm, a.max_choices, env, job, |opts| opts)
 }
 
 /// The corpus, output and CSV must be three files: the flag of the one that would be
 /// written over is the usage error's.
-pub fn checked_paths(docs: PathBuf, out: &Path, csv: Option<&Path>) -> Result<PathBuf> {
+fn checked_paths(docs: PathBuf, out: &Path, csv: Option<&Path>) -> Result<PathBuf> {
     check_distinct(&docs, out, csv).map_err(|e| match &e {
         PathError::Same { b, .. } => UsageError::new(b, e.to_string()),
         _ => UsageError::new("--out", e.to_string()),

@@ -12,7 +12,7 @@
 use super::fault::Faults;
 use super::in_order::InOrder;
 use super::progress::Progress;
-use super::score::{finish, open_run, prepare_as, write_ready, Opened, Prepared, ScoreOptions, ScoreSummary};
+use super::score::{end_run, open_run, prepare_as, write_ready, Opened, Prepared, ScoreOptions, ScoreSummary};
 use super::JobError;
 use crate::corpus::{CorpusReader, DocForm, ReadyDoc};
 use crate::extract::{build, Branch, Ranked, Search, Slot, Step, Work};
@@ -317,11 +317,7 @@ where
     }
     write_ready(&mut order, &mut writer, &mut summary, &mut progress, &run.faults)?;
     summary.tokens = d.tokens;
-    writer.close()?;
-    progress.finish();
-    let summary = finish(run, summary, start);
-    drop(lock);
-    summary
+    end_run(run, writer, progress, summary, start, lock)
 }
 
 /// A document that failed before the model, with the extract fields an extract file holds.

@@ -158,7 +158,7 @@ pub fn finish_without_weights(opts: &ScoreOptions, prepared: Prepared) -> Result
 }
 
 /// After the writer closed: count the file's documents and write the CSV.
-pub(super) fn finish(opts: &ScoreOptions, mut summary: ScoreSummary, start: Instant) -> Result<ScoreSummary, JobError> {
+fn finish(opts: &ScoreOptions, mut summary: ScoreSummary, start: Instant) -> Result<ScoreSummary, JobError> {
     let all = read_results(&opts.out)?;
     summary.docs_in_file = all.len();
     summary.failed_in_file = all.iter().filter(|r| !r.is_ok()).count();
@@ -219,6 +219,12 @@ where
     }
     flush(&mut order, &mut summary, &mut progress)?;
     summary.tokens = waves.tokens;
+    end_run(opts, writer, progress, summary, start, lock)
+}
+
+/// A run's end, once its last documents are written: the file closed, the summary counted
+/// from it, and only then the lock released.
+pub(super) fn end_run(opts: &ScoreOptions, writer: ResultsWriter, mut progress: Progress, summary: ScoreSummary, start: Instant, lock: OutputLock) -> Result<ScoreSummary, JobError> {
     writer.close()?;
     progress.finish();
     let summary = finish(opts, summary, start);
