@@ -159,7 +159,7 @@ impl Manifest {
             model_id: field(obj, "model_id", path)?,
             source: field(obj, "source", path)?,
         };
-        m.config.validate(&path.display().to_string()).map_err(|e| bad("config", e.to_string()))?;
+        m.config.validate(&path.display().to_string())?;
         check_sizes(&m.config, path)?;
         if m.family != m.config.family {
             return Err(bad("family", format!("`{}` but the config is `{}`", m.family.name(), m.config.family.name())));

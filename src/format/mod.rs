@@ -38,6 +38,9 @@ pub enum FormatError {
     Mismatch { path: String, msg: String },
     #[error("{path}: {source}")]
     Model { path: String, source: ModelError },
+    /// The manifest's config breaks a rule of the model; its message names the file.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Its message names the file.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),

@@ -25,6 +25,9 @@ use weights::{AttnRef, View};
 pub enum ModelError {
     #[error("{file}: field `{field}`: {msg}")]
     Config { file: String, field: String, msg: String },
+    /// A config that parsed but breaks a rule of the model (its message names the file).
+    #[error(transparent)]
+    Invalid(#[from] crate::config::ConfigError),
     #[error("{0}")]
     Unsupported(String),
     #[error("part {part}: missing tensor `{name}`")]
@@ -98,7 +101,7 @@ pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfi
             })
         }
     };
-    cfg.validate(file).map_err(|e| ModelError::Config { file: file.into(), field: "config".into(), msg: e.to_string() })?;
+    cfg.validate(file)?;
     Ok(cfg)
 }
 
