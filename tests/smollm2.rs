@@ -94,3 +94,30 @@ fn both_choice_conventions_match_hf() {
     let worst = common::docs::check_packed("SmolLM2", &b, &cfg, &group, &prepared, &golden, 1e-4);
     eprintln!("SmolLM2 conventions: max |Δ logprob| vs HF float32 = {worst:.2e}");
 }
+
+/// Every candidate span of the sample documents, tokenised after a window of the prompt
+/// (corpus/tokenize.rs `Window`), gets the ids the lm-eval rule gives after the whole prompt,
+/// with SmolLM2's real tokenizer (its pre-tokenizer splits digits one by one).
+#[test]
+fn span_ids_after_the_prompts_window_are_the_whole_prompts() {
+    use falcon_batch::corpus::{joint, move_whitespace, split};
+    let dir = ModelDir::open(model_dir()).unwrap();
+    let tok = Tokenizer::from_file(&dir.tokenizer_path()).unwrap();
+    let corpus = std::fs::read_to_string(root().join("inputs/sample.jsonl")).unwrap();
+    let docs: Vec<serde_json::Value> = corpus.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut checked = 0;
+    for d in docs.iter().take(8) {
+        let text = d["text"].as_str().unwrap();
+        let prompt = format!("{text}\nQuestion: {}\nAnswer:", d["question"].as_str().unwrap());
+        let cands: Vec<String> = falcon_batch::extract::candidates(text, 16).into_iter().map(|c| c.text).collect();
+        let s = split(&tok, &prompt, &cands, " ").unwrap();
+        let (context, moved) = move_whitespace(&prompt);
+        let n = tok.encode(context, true).unwrap().len();
+        for (c, choice) in cands.iter().enumerate() {
+            let whole = tok.encode(&format!("{context}{}{choice}", joint(moved, choice, " ")), true).unwrap();
+            assert_eq!(s.choices[c], whole[n..], "{}: {choice:?}", d["id"]);
+        }
+        checked += cands.len();
+    }
+    assert!(checked > 5000, "{checked} candidates");
+}
