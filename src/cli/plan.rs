@@ -206,9 +206,9 @@ fn wire_dtype(args: &PlanArgs, shape: &ModelShape) -> WireDtype {
 
 /// Extract's search per document as the best-first search with the prompt's keys and values
 /// kept per rank runs it on the sample corpus: 35-100 tree rows over 4-8 passes (the upper
-/// end of rows, the middle of passes). A document's tree rows follow its answer's
-/// probability, not its length, so they hold for long documents too; bench_extract.py's
-/// long-document row measures them.
+/// end of rows, the middle of passes). Per document, not per token: that search deepens
+/// bounds only where a span can still enter the top-k. bench_extract.py's long-document row
+/// measures what the search of the day needs.
 const DEFAULT_TREE_ROWS: usize = 100;
 const DEFAULT_PASSES: usize = 6;
 

@@ -285,6 +285,11 @@ fn extract_costs_a_prompt_and_its_tree_rows() {
     assert!((1.0..2.0).contains(&ratio), "{ratio}");
     assert!(big.docs_per_hour < small.docs_per_hour, "{} {}", big.docs_per_hour, small.docs_per_hour);
     assert_eq!(small.net_bytes_per_doc, score.net_bytes_per_doc * 1600.0 / 1516.0);
+    // The mix is steady from the first wave, so extrapolating from the first waves holds.
+    let whole = simulate(&s, &c, &extract(600, 100, 6)).unwrap();
+    assert_eq!(whole.simulated_waves, whole.waves);
+    assert!(small.simulated_waves < small.waves);
+    assert!((small.docs_per_hour / whole.docs_per_hour - 1.0).abs() < 0.25, "{} {}", small.docs_per_hour, whole.docs_per_hour);
 }
 
 #[test]
