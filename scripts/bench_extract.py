@@ -23,7 +23,9 @@ a user would otherwise use, on the sample corpus with SmolLM2-135M.
     No probability for the span comes out of it (the issue's point): only its greedy text.
 (e) long documents: sample texts joined to ~--long-tokens tokens (the question and choices of
     the first sample document), --long-docs of them: documents per hour for extract and
-    for score.
+    for score, and extract's passes and tree tokens (rows beyond the prompt) per document,
+    the quantities `falcon-batch plan --extract` takes as --passes and --tree-rows.
+    --long-only runs (e) alone (a quick check: --long-docs 1 --hf-python '').
 (c) and (d) need torch, transformers and llguidance: they run in --hf-python (this script
 again, --peers-only), the same weights loaded from the model directory
 (scripts/bench_hf_lmeval.py's load_llama). (a), (b), (e) need the extract command.
@@ -61,6 +63,8 @@ def parse_args(argv=None):
     ap.add_argument("--long-tokens", type=int, default=1500)
     ap.add_argument("--long-docs", type=int, default=2)
     ap.add_argument("--skip-falcon", action="store_true", help="only the peers (c), (d)")
+    ap.add_argument("--long-only", action="store_true", help="only the long documents (e): skips (a), (b) and the peers")
+    ap.add_argument("--h5dump", default="h5dump", help="reads passes and tree tokens per document from extract's HDF5 file")
     ap.add_argument("--peers-only", default="", help=argparse.SUPPRESS)  # internal: write the peers' JSON here
     ap.add_argument("--out", default="results/bench-extract.json")
     return ap.parse_args(argv)
@@ -78,7 +82,7 @@ def exact(a, b):
 # --- falcon-batch ---------------------------------------------------------------------------
 
 def fb_run(args, command, docs_path, workdir, extra=()):
-    """Wall seconds of `falcon-batch <command>` over `docs_path`, and its CSV rows."""
+    """Wall seconds of `falcon-batch <command>` over `docs_path`, its CSV rows and the command."""
     out = os.path.join(workdir, f"{command}.h5")
     out_csv = os.path.join(workdir, f"{command}.csv")
     cmd = [args.bin, command, "--model", args.model, "--docs", docs_path, "--out", out, "--csv", out_csv,
@@ -94,6 +98,23 @@ def fb_run(args, command, docs_path, workdir, extra=()):
         with open(out_csv, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     return best, rows, " ".join(cmd)
+
+
+def h5_column(args, path, dataset):
+    """One 1-D dataset of a results file, read with h5dump (the bench needs no h5py)."""
+    p = subprocess.run([args.h5dump, "-y", "-w", "0", "-d", dataset, path], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{args.h5dump} -d {dataset} {path} failed (rc={p.returncode}):\n{p.stderr[-2000:]}")
+    body = p.stdout.split("DATA {", 1)[1].split("}", 1)[0]
+    return [int(v) for v in body.replace(",", " ").split()]
+
+
+def search_cost(args, workdir):
+    """Passes and tree tokens per document of the last extract run (its HDF5 file's /docs)."""
+    out = os.path.join(workdir, "extract.h5")
+    passes, tree = h5_column(args, out, "/docs/passes"), h5_column(args, out, "/docs/tree_tokens")
+    n = max(len(passes), 1)
+    return dict(passes=passes, tree_tokens=tree, mean_passes=sum(passes) / n, mean_tree_tokens=sum(tree) / n)
 
 
 def best_spans(rows):
@@ -121,22 +142,24 @@ def long_corpus(docs, tokens, n, path, count_tokens):
 
 def falcon(args, docs, workdir, count_tokens):
     res = {}
-    t_ex, rows, cmd = fb_run(args, "extract", args.docs, workdir)
-    best = best_spans(rows)
-    res["extract"] = dict(seconds=t_ex, per_doc_s=t_ex / len(docs), command=cmd,
-                          exact_match=sum(exact(best.get(d["id"]), d.get("answer")) for d in docs), docs=len(docs),
-                          best={d["id"]: best.get(d["id"]) for d in docs})
-    t_sc, _, cmd = fb_run(args, "score", args.docs, workdir)
-    res["score"] = dict(seconds=t_sc, per_doc_s=t_sc / len(docs), command=cmd)
-    res["extract_over_score"] = t_ex / t_sc
+    if not args.long_only:
+        t_ex, rows, cmd = fb_run(args, "extract", args.docs, workdir)
+        best = best_spans(rows)
+        res["extract"] = dict(seconds=t_ex, per_doc_s=t_ex / len(docs), command=cmd,
+                              exact_match=sum(exact(best.get(d["id"]), d.get("answer")) for d in docs), docs=len(docs),
+                              best={d["id"]: best.get(d["id"]) for d in docs}, **search_cost(args, workdir))
+        t_sc, _, cmd = fb_run(args, "score", args.docs, workdir)
+        res["score"] = dict(seconds=t_sc, per_doc_s=t_sc / len(docs), command=cmd)
+        res["extract_over_score"] = t_ex / t_sc
     long_path = os.path.join(workdir, "long.jsonl")
     lines = long_corpus(docs, args.long_tokens, args.long_docs, long_path, count_tokens)
-    t_lx, rows, _ = fb_run(args, "extract", long_path, workdir)
+    t_lx, _, _ = fb_run(args, "extract", long_path, workdir)
+    cost = search_cost(args, workdir)
     t_ls, _, _ = fb_run(args, "score", long_path, workdir)
     n_c = [len(xr.candidates(l["text"])[0]) for l in lines]
     res["long"] = dict(docs=len(lines), tokens=[count_tokens(xr.render(l)[0]) for l in lines], candidates=n_c,
                        extract_docs_per_hour=3600 * len(lines) / t_lx, score_docs_per_hour=3600 * len(lines) / t_ls,
-                       extract_s=t_lx, score_s=t_ls)
+                       extract_s=t_lx, score_s=t_ls, **cost)
     return res
 
 
@@ -256,9 +279,10 @@ def run_peers(args):
 def markdown(res):
     rows = ["| figure (SmolLM2-135M, %d sample documents, %d threads) | value |" % (res["docs"], res["threads"]), "|---|---:|"]
     fb, pe = res.get("falcon"), res.get("peers")
-    if fb:
+    if fb and "extract" in fb:
         x, s = fb["extract"], fb["score"]
         rows += [f"| (a) extract, s/document | {x['per_doc_s']:.3f} |",
+                 f"| (a) extract, passes / tree tokens per document (mean) | {x['mean_passes']:.1f} / {x['mean_tree_tokens']:.0f} |",
                  f"| (a) extract, exact match of the best span against `answer` | {x['exact_match']}/{x['docs']} |",
                  f"| (b) score with the given choices, s/document | {s['per_doc_s']:.3f} |",
                  f"| (a)/(b) extract over score (target <= 2) | **{fb['extract_over_score']:.2f}** |"]
@@ -268,14 +292,16 @@ def markdown(res):
             rows += [f"| (c) HF transformers, every candidate its own request, s/document (extrapolated from {h['extrapolated_from']}) | {h['per_doc_s']:.0f} |"]
         rows += [f"| (d) llguidance substring constraint, greedy, s/document | {g['per_doc_s']:.3f} |",
                  f"| (d) llguidance exact match against `answer` | {g['exact_match']}/{g['n']} |"]
-        if fb:
+        if fb and "extract" in fb:
             if h["docs"]:
                 rows += [f"| (c)/(a) HF brute force over extract | {h['per_doc_s'] / fb['extract']['per_doc_s']:.0f}x |"]
             rows += [f"| (d)/(a) llguidance over extract | {g['per_doc_s'] / fb['extract']['per_doc_s']:.2f}x |"]
     if fb:
         l = fb["long"]
         rows += [f"| (e) ~{sum(l['tokens']) // len(l['tokens'])}-token documents ({sum(l['candidates']) // len(l['candidates'])} candidates): extract documents/hour | {l['extract_docs_per_hour']:.0f} |",
-                 f"| (e) the same, score documents/hour | {l['score_docs_per_hour']:.0f} |"]
+                 f"| (e) the same, score documents/hour | {l['score_docs_per_hour']:.0f} |",
+                 f"| (e) extract over score, time per document | **{l['extract_s'] / l['score_s']:.2f}** |",
+                 f"| (e) extract, passes / tree tokens per document (mean; `plan --extract --passes --tree-rows`) | {l['mean_passes']:.1f} / {l['mean_tree_tokens']:.0f} |"]
     return "\n".join(rows)
 
 
@@ -294,7 +320,7 @@ def main():
         tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
         with tempfile.TemporaryDirectory() as workdir:
             res["falcon"] = falcon(args, docs, workdir, lambda t: len(tok.encode(t).ids))
-    res["peers"] = run_peers(args)
+    res["peers"] = None if args.long_only else run_peers(args)
     res["load_after"] = os.getloadavg()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -79,3 +79,54 @@ fn model_dir_manifest_is_checked_as_score_checks_it() {
     let (ok, _, err) = plan(&["--model", m, "--ranks", "2", "--device-mem", "1MB", "--tflops", "1"]);
     assert!(!ok && err.contains("manifest.json") && err.contains("format_version"), "{err}");
 }
+
+/// The number after `label`, at its first occurrence.
+fn figure(out: &str, label: &str) -> f64 {
+    let at = out.find(label).unwrap_or_else(|| panic!("no `{label}` in:\n{out}"));
+    let rest = out[at + label.len()..].trim_start();
+    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+    rest[..end].parse().unwrap_or_else(|e| panic!("after `{label}`: {e}"))
+}
+
+#[test]
+fn extract_cost_beside_score() {
+    let extract = |more: &[&str]| {
+        let (ok, out, err) = plan(&[F180, &["--extract"], more].concat());
+        assert!(ok, "{err}");
+        out
+    };
+    // The defaults, stated in --help, then the figures a bench measured.
+    let out = extract(&[]);
+    assert_eq!((figure(&out, "passes per document:"), figure(&out, "tree tokens per document:")), (6.0, 100.0), "{out}");
+    let (x, s) = (figure(&out, "extract documents/hour:"), figure(&out, "score documents/hour:"));
+    assert!(x > 0.0 && s > 0.0, "{out}");
+    let ratio = figure(&out, "extract / score time per document:");
+    assert!((ratio - s / x).abs() < 0.01, "{ratio} vs {s} / {x}:\n{out}");
+    // Score's figure is what `plan` without --extract predicts for the same flags.
+    let (_, plain, _) = plan(F180);
+    assert!(plain.contains(&format!(" {s:.0} documents/hour")), "{s}:\n{plain}");
+    let more = extract(&["--tree-rows", "2000", "--passes", "3"]);
+    assert_eq!((figure(&more, "passes per document:"), figure(&more, "tree tokens per document:")), (3.0, 2000.0), "{more}");
+    assert!(figure(&more, "extract documents/hour:") < x, "{more}");
+    let (ok, json, err) = plan(&[F180, &["--extract", "--json"]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("--json");
+    assert_eq!((v["extract"]["passes"].as_u64(), v["extract"]["tree_rows"].as_u64()), (Some(6), Some(100)));
+    assert!(v["extract"]["score_report"]["docs_per_hour"].as_f64().is_some_and(|d| d > 0.0), "{json}");
+}
+
+#[test]
+fn extract_bad_values_exit_2_naming_the_flag() {
+    for (bad, flag) in [
+        (&["--extract", "--passes", "1"][..], "--passes"),
+        (&["--extract", "--passes", "0"], "--passes"),
+        (&["--extract", "--tree-rows", "2", "--passes", "4"], "--tree-rows"),
+        (&["--extract", "--tree-rows", "many"], "--tree-rows"),
+        (&["--tree-rows", "50"], "--extract"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_falcon-batch")).arg("plan").args(F180).args(bad).output_within(LIMIT).expect("run falcon-batch");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert!(err.contains(flag), "{bad:?}: {err}");
+    }
+}

@@ -3,8 +3,8 @@
 //! file, prints the plan and the simulation, writes the trace.
 
 use falcon_batch::format::manifest::Manifest;
-use falcon_batch::schedule::cost::{CostModel, LayerCost, MeasuredCosts, WireDtype, Workload, DEFAULT_EFFICIENCY, TCP_PAYLOAD_SHARE};
-use falcon_batch::schedule::simulate::{simulate_traced, SimReport};
+use falcon_batch::schedule::cost::{CostModel, ExtractWork, LayerCost, MeasuredCosts, WireDtype, Workload, DEFAULT_EFFICIENCY, TCP_PAYLOAD_SHARE};
+use falcon_batch::schedule::simulate::{simulate, simulate_traced, SimReport};
 use falcon_batch::schedule::tune::{tune, Candidate};
 use falcon_batch::schedule::{gb, presets, ModelShape, RankCaps, Schedule, ScheduleOptions};
 use falcon_batch::trace::Trace;
@@ -69,6 +69,16 @@ pub struct PlanArgs {
     /// Tokens per choice.
     #[arg(long, default_value_t = 4, value_parser = usage::at_least_one)]
     choice_tokens: usize,
+    /// Predict `extract` (the document's best spans) beside `score` of the same prompts.
+    #[arg(long)]
+    extract: bool,
+    /// With --extract: rows run beyond the prompt per document, over all passes (extract's
+    /// /docs/tree_tokens; scripts/bench_extract.py prints its mean).
+    #[arg(long, default_value_t = DEFAULT_TREE_ROWS, value_parser = usage::at_least_one, requires = "extract")]
+    tree_rows: usize,
+    /// With --extract: passes per document, the prompt's included (extract's /docs/passes).
+    #[arg(long, default_value_t = DEFAULT_PASSES, value_parser = usage::at_least_one, requires = "extract")]
+    passes: usize,
     /// Most layers per group [default: chosen by simulation among the sizes that fit].
     #[arg(long, value_parser = usage::at_least_one)]
     group_layers: Option<usize>,
@@ -194,14 +204,38 @@ fn wire_dtype(args: &PlanArgs, shape: &ModelShape) -> WireDtype {
     args.wire_dtype.unwrap_or(WireDtype::default_for(shape.dtype_bytes))
 }
 
-fn workload(args: &PlanArgs) -> Workload {
+/// Extract's search per document as the best-first search with the prompt's keys and values
+/// kept per rank runs it on the sample corpus: 35-100 tree rows over 4-8 passes (the upper
+/// end of rows, the middle of passes). Per document, not per token: that search deepens
+/// bounds only where a span can still enter the top-k. bench_extract.py's long-document row
+/// measures what the search of the day needs.
+const DEFAULT_TREE_ROWS: usize = 100;
+const DEFAULT_PASSES: usize = 6;
+
+/// The workload to predict: score's, or with --extract extract's of the same prompts.
+fn workload(args: &PlanArgs, extract: bool) -> Workload {
     Workload {
         docs: args.docs,
         doc_tokens: args.doc_tokens,
         choices: args.choices,
         choice_tokens: args.choice_tokens,
         batch_tokens: args.batch_tokens,
+        extract: extract.then_some(ExtractWork { tree_rows: args.tree_rows, passes: args.passes }),
     }
+}
+
+/// --passes and --tree-rows that no search can give: a pass after the first runs a row at least.
+fn check_extract(args: &PlanArgs) -> Result<(), UsageError> {
+    if args.passes < 2 {
+        return Err(UsageError::new("--passes", format!("extract makes at least 2 passes (the prompt, then its tree), got {}", args.passes)));
+    }
+    if args.tree_rows < args.passes - 1 {
+        return Err(UsageError::new(
+            "--tree-rows",
+            format!("{} tree rows cannot fill {} passes after the first (at least a row each)", args.tree_rows, args.passes - 1),
+        ));
+    }
+    Ok(())
 }
 
 /// Defaults of the cost model's links, written as a user would give them.
@@ -219,17 +253,15 @@ fn no_cost_model() -> UsageError {
 pub fn run(args: &PlanArgs) -> Result<String> {
     let model = load_model(args)?;
     let (ranks, opts) = options(args)?;
-    let work = workload(args);
+    if args.extract {
+        check_extract(args)?;
+    }
+    let work = workload(args, args.extract);
     let has_cost = args.tflops.is_some() || args.costs.is_some();
-    let free = (args.resident.is_none(), args.group_layers.is_none());
     let (sched, cost, candidates) = if has_cost {
         let (cost, line) = cost_model(args, &model.shape)?;
-        if free.0 || free.1 {
-            let t = tune(&model.shape, &ranks, &opts, &cost, &work, free.0, free.1)?;
-            (t.schedule, Some((cost, line)), t.candidates)
-        } else {
-            (Schedule::plan(&model.shape, &ranks, &opts)?, Some((cost, line)), vec![])
-        }
+        let (sched, candidates) = planned(args, &model.shape, &ranks, &opts, &cost, &work)?;
+        (sched, Some((cost, line)), candidates)
     } else {
         (Schedule::plan(&model.shape, &ranks, &opts)?, None, vec![])
     };
@@ -252,11 +284,30 @@ pub fn run(args: &PlanArgs) -> Result<String> {
     if let Some(path) = &args.trace {
         trace.write(path).with_context(|| format!("--trace: {}", path.display()))?;
     }
+    // Score of the same prompts, planned as `plan` without --extract plans it, so the two
+    // figures are each command's own best.
+    let score = match work.extract {
+        Some(x) => {
+            let score_work = workload(args, false);
+            let (s, _) = planned(args, &model.shape, &ranks, &opts, &cost, &score_work)?;
+            Some((x, simulate(&s, &cost, &score_work)?))
+        }
+        None => None,
+    };
     if args.json {
-        let v = serde_json::json!({"model": model.label, "schedule": sched, "cost": cost_line, "report": report});
+        let mut v = serde_json::json!({"model": model.label, "schedule": sched, "cost": cost_line, "report": report});
+        if let Some((x, sc)) = &score {
+            v["extract"] = serde_json::json!({
+                "passes": x.passes, "tree_rows": x.tree_rows, "score_report": sc,
+                "extract_over_score": sc.docs_per_hour / report.docs_per_hour,
+            });
+        }
         return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
     }
     let mut out = render(&model, &sched, &work, &cost_line, &report, wire_dtype(args, &model.shape));
+    if let Some((x, sc)) = &score {
+        render_extract(&mut out, &sched, &work, x, &report, sc);
+    }
     if !candidates.is_empty() {
         let _ = writeln!(out, "\nchosen by simulation among (documents/hour):");
         for c in &candidates {
@@ -265,6 +316,40 @@ pub fn run(args: &PlanArgs) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// The schedule for `work`: --resident and --group-layers left open are chosen by simulation.
+fn planned(args: &PlanArgs, shape: &ModelShape, ranks: &[RankCaps], opts: &ScheduleOptions, cost: &CostModel, work: &Workload) -> Result<(Schedule, Vec<Candidate>)> {
+    let free = (args.resident.is_none(), args.group_layers.is_none());
+    if free.0 || free.1 {
+        let t = tune(shape, ranks, opts, cost, work, free.0, free.1)?;
+        Ok((t.schedule, t.candidates))
+    } else {
+        Ok((Schedule::plan(shape, ranks, opts)?, vec![]))
+    }
+}
+
+/// Extract's own lines: its passes and tree rows, and its rate beside score's.
+fn render_extract(o: &mut String, s: &Schedule, work: &Workload, x: &ExtractWork, ext: &SimReport, score: &SimReport) {
+    let (piece, pieces, _) = work.tree_packing();
+    let _ = writeln!(o, "\nextract (the same {} documents of {} prompt tokens):", work.docs, work.doc_tokens);
+    let _ = writeln!(
+        o,
+        "  passes per document: {}; tree tokens per document: {} ({} per pass after the first; micro-batches of {pieces} x {piece} rows, each row reading the {} prompt keys kept from pass 1)",
+        x.passes,
+        x.tree_rows,
+        x.rows_per_pass(),
+        work.doc_tokens
+    );
+    // The keys and values each rank keeps from pass 1 for the document's later passes: the
+    // K and V columns of qkv (f32), over the layers of the rank that holds the most.
+    let layers = (0..s.n_ranks()).map(|r| s.rank_groups[r].iter().map(|&g| s.groups[g].layers.len()).sum::<usize>()).max().unwrap_or(0);
+    let m = &s.shape;
+    let kv = 4 * work.doc_tokens as u64 * (m.qkv_dim - m.attn_dim) as u64 * layers as u64;
+    let _ = writeln!(o, "  prompt keys/values kept per document: {} on the rank with the most layers ({layers})", gb(kv));
+    let _ = writeln!(o, "  extract documents/hour: {:.0} ({:.2} s per document)", ext.docs_per_hour, ext.total_s / ext.docs as f64);
+    let _ = writeln!(o, "  score documents/hour: {:.0} ({} choices x {} tokens, its own plan)", score.docs_per_hour, work.choices, work.choice_tokens);
+    let _ = writeln!(o, "  extract / score time per document: {:.2}", score.docs_per_hour / ext.docs_per_hour.max(1e-12));
 }
 
 /// "3", or "2-3" where the group count is not a multiple of the ranks'.
@@ -317,14 +402,14 @@ fn render(model: &Model, s: &Schedule, work: &Workload, cost_line: &str, rep: &S
         wire.name()
     );
     let _ = writeln!(o, "\nprediction ({cost_line}):");
+    let what = match work.extract {
+        None => format!("{} tokens ({} + {} choices x {})", work.seq_tokens(), work.doc_tokens, work.choices, work.choice_tokens),
+        Some(x) => format!("{} prompt tokens + {} tree rows in {} passes (extract)", work.doc_tokens, x.tree_rows, x.passes),
+    };
     let _ = writeln!(
         o,
-        "  {} documents of {} tokens ({} + {} choices x {}), {} per micro-batch: {} micro-batches in {} waves{}",
+        "  {} documents of {what}, {} per micro-batch: {} micro-batches in {} waves{}",
         rep.docs,
-        work.seq_tokens(),
-        work.doc_tokens,
-        work.choices,
-        work.choice_tokens,
         rep.docs_per_micro,
         rep.micro_batches,
         rep.waves,

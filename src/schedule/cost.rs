@@ -22,13 +22,37 @@ pub enum LayerCost {
 impl LayerCost {
     /// Seconds for one layer over a micro-batch of `docs` documents of `len` tokens each.
     pub fn seconds(&self, docs: usize, len: usize) -> f64 {
-        let t = (docs * len) as f64;
+        self.micro_seconds(&Micro::documents(docs, len, 0))
+    }
+
+    /// Seconds for one layer over a micro-batch: its rows through the matmuls, and each row's
+    /// attention over the keys it reads. A measured table knows rows only (it was timed on
+    /// whole documents, whose attention it includes).
+    pub fn micro_seconds(&self, m: &Micro) -> f64 {
+        let t = m.rows as f64;
         match self {
-            LayerCost::Linear { fixed_s, per_token_s, per_token2_s } => {
-                fixed_s + per_token_s * t + per_token2_s * docs as f64 * (len * len) as f64
-            }
+            LayerCost::Linear { fixed_s, per_token_s, per_token2_s } => fixed_s + per_token_s * t + per_token2_s * m.keys_read,
             LayerCost::Table(points) => interpolate(points, t).max(0.0),
         }
+    }
+}
+
+/// One micro-batch's work, what its cost depends on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Micro {
+    /// Rows through every layer (and over every hop between ranks).
+    pub rows: usize,
+    /// Keys read by the attention, summed over the rows.
+    pub keys_read: f64,
+    /// Rows the LM head runs on.
+    pub scored: usize,
+}
+
+impl Micro {
+    /// `docs` whole documents of `len` tokens, each row attending to the document's `len` keys
+    /// (no causal saving), `scored` head rows per document.
+    pub fn documents(docs: usize, len: usize, scored: usize) -> Micro {
+        Micro { rows: docs * len, keys_read: docs as f64 * (len * len) as f64, scored: docs * scored }
     }
 }
 
@@ -182,7 +206,30 @@ impl MeasuredCosts {
     }
 }
 
-/// The documents to score.
+/// Extract's search per document (README "Extract"): pass 1 runs the prompt alone, its last
+/// row giving every candidate's first term; each later pass runs only the branch rows of a
+/// token tree, attending to the prompt's keys and values each rank kept from pass 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExtractWork {
+    /// Rows run beyond the prompt over all passes (the results' `/docs/tree_tokens`).
+    pub tree_rows: usize,
+    /// Passes over the document, the prompt's included (`/docs/passes`); at least 2.
+    pub passes: usize,
+}
+
+/// Keys a tree row reads beyond the prompt's: the rows of its own branch before it. A branch
+/// is one candidate's ids, at most --max-span-units (16) units of about a token each; a row
+/// sits on average half-way down its branch, so 16 bounds it from above.
+pub const BRANCH_KEYS: usize = 16;
+
+impl ExtractWork {
+    /// Tree rows of one document in one later pass (the rows spread evenly over the passes).
+    pub fn rows_per_pass(&self) -> usize {
+        self.tree_rows.div_ceil(self.passes.saturating_sub(1).max(1))
+    }
+}
+
+/// The documents to score, or to extract from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
     pub docs: usize,
@@ -192,20 +239,75 @@ pub struct Workload {
     pub choice_tokens: usize,
     /// Token budget of a micro-batch; whole documents only (one pass scores all choices).
     pub batch_tokens: usize,
+    /// Extract instead of score: the choices are then unused.
+    pub extract: Option<ExtractWork>,
 }
 
 impl Workload {
-    /// Tokens of one document packed with all its choices (one-pass scoring).
+    /// Tokens of one document packed with all its choices (one-pass scoring); extract's
+    /// longest sequence, the prompt and one branch.
     pub fn seq_tokens(&self) -> usize {
-        self.doc_tokens + self.choices * self.choice_tokens
+        match self.extract {
+            None => self.doc_tokens + self.choices * self.choice_tokens,
+            Some(_) => self.doc_tokens + BRANCH_KEYS,
+        }
     }
 
+    /// Documents in one micro-batch (extract: in one of its first passes).
     pub fn docs_per_micro(&self) -> usize {
-        self.batch_tokens / self.seq_tokens().max(1)
+        match self.extract {
+            None => self.batch_tokens / self.seq_tokens().max(1),
+            Some(_) => self.batch_tokens / self.doc_tokens.max(1),
+        }
+    }
+
+    /// Extract's later passes, as the driver packs them: a document's pass is cut into
+    /// `cut` pieces of at most --batch-tokens rows, and a micro-batch packs as many pieces
+    /// as --batch-tokens holds. (rows per piece, pieces per micro-batch, micro-batches).
+    pub fn tree_packing(&self) -> (usize, usize, usize) {
+        let Some(x) = self.extract else { return (0, 0, 0) };
+        let r = x.rows_per_pass().max(1);
+        let cut = r.div_ceil(self.batch_tokens.max(1));
+        let piece = r.div_ceil(cut);
+        let per_micro = (self.batch_tokens / piece).max(1);
+        (piece, per_micro, (self.docs * (x.passes - 1) * cut).div_ceil(per_micro))
+    }
+
+    fn tree_micro_batches(&self) -> usize {
+        self.tree_packing().2
     }
 
     pub fn micro_batches(&self) -> usize {
-        self.docs.div_ceil(self.docs_per_micro().max(1))
+        self.docs.div_ceil(self.docs_per_micro().max(1)) + self.tree_micro_batches()
+    }
+
+    /// Micro-batch `index` of the run. Extract's are prompt and tree micro-batches spread
+    /// evenly over the run: its driver mixes passes of several documents in every wave, so
+    /// past the first waves each wave carries both in the run's proportion.
+    pub fn micro(&self, index: usize) -> Micro {
+        let per = self.docs_per_micro().max(1);
+        if self.extract.is_none() {
+            let docs = per.min(self.docs.saturating_sub(index * per)).max(1);
+            return Micro::documents(docs, self.seq_tokens(), self.scored_rows());
+        }
+        let (all, tree) = (self.micro_batches() as u128, self.tree_micro_batches() as u128);
+        let i = index as u128;
+        if (i + 1) * tree / all > i * tree / all {
+            let (piece, per_micro, _) = self.tree_packing();
+            let rows = piece * per_micro;
+            Micro { rows, keys_read: rows as f64 * (self.doc_tokens + BRANCH_KEYS) as f64, scored: rows }
+        } else {
+            // The head runs once per document, at the prompt's last row.
+            Micro::documents(per, self.doc_tokens, 1)
+        }
+    }
+
+    /// Rows one document sends over each hop between ranks, over all its passes.
+    pub fn rows_per_doc(&self) -> usize {
+        match self.extract {
+            None => self.seq_tokens(),
+            Some(x) => self.doc_tokens + x.tree_rows,
+        }
     }
 
     /// Positions per document whose next-token log-prob is needed: one per choice token.
@@ -217,6 +319,14 @@ impl Workload {
         if self.docs == 0 || self.doc_tokens == 0 {
             return Err(CostError::Invalid("need at least one document of at least one token".into()));
         }
+        if let Some(x) = self.extract {
+            if x.passes < 2 || x.tree_rows < x.passes - 1 {
+                return Err(CostError::Invalid(format!(
+                    "extract needs at least 2 passes and a tree row per pass after the first, got {} passes and {} tree rows",
+                    x.passes, x.tree_rows
+                )));
+            }
+        }
         if self.seq_tokens() > context {
             return Err(CostError::Invalid(format!(
                 "a document with its choices is {} tokens, beyond the model's context of {context}",
@@ -224,11 +334,11 @@ impl Workload {
             )));
         }
         if self.docs_per_micro() == 0 {
-            return Err(CostError::Invalid(format!(
-                "--batch-tokens {} cannot hold one document with its choices ({} tokens)",
-                self.batch_tokens,
-                self.seq_tokens()
-            )));
+            let (what, tokens) = match self.extract {
+                None => ("one document with its choices", self.seq_tokens()),
+                Some(_) => ("one document's prompt", self.doc_tokens),
+            };
+            return Err(CostError::Invalid(format!("--batch-tokens {} cannot hold {what} ({tokens} tokens)", self.batch_tokens)));
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! starts when the link is free. Long runs are periodic after the ring fills, so only the
 //! first waves are simulated and the rest extrapolated from their steady rate.
 
-use super::cost::{CostError, CostModel, Workload, TCP_PAYLOAD_SHARE};
+use super::cost::{CostError, CostModel, Micro, Workload, TCP_PAYLOAD_SHARE};
 use super::{Schedule, Step};
 use crate::trace::{Trace, Track};
 use serde::Serialize;
@@ -109,7 +109,7 @@ pub fn simulate_traced(s: &Schedule, cost: &CostModel, work: &Workload, trace: &
         simulated_s + remaining * per_wave
     };
     let hops = (0..s.groups.len().saturating_sub(1)).filter(|&g| s.owner(g) != s.owner(g + 1)).count();
-    let net_bytes_per_doc = (hops * work.seq_tokens() * s.shape.hidden * cost.wire_bytes) as f64;
+    let net_bytes_per_doc = (hops * work.rows_per_doc() * s.shape.hidden * cost.wire_bytes) as f64;
     Ok(SimReport {
         docs: work.docs,
         docs_per_micro: per_micro,
@@ -180,10 +180,8 @@ impl<'a> Run<'a> {
         Run { s, cost, work, waves, ranks, wave_done: vec![0.0; waves.len()] }
     }
 
-    fn docs_in(&self, wave: usize, micro: usize) -> usize {
-        let index = self.waves[..wave].iter().sum::<usize>() + micro;
-        let per = self.work.docs_per_micro();
-        per.min(self.work.docs.saturating_sub(index * per)).max(1)
+    fn micro_at(&self, wave: usize, micro: usize) -> Micro {
+        self.work.micro(self.waves[..wave].iter().sum::<usize>() + micro)
     }
 
     /// Replay every rank's steps until all are done; a rank advances until it needs an
@@ -237,16 +235,15 @@ impl<'a> Run<'a> {
                 if needs_input && self.ranks[r].inbox.is_empty() {
                     return false;
                 }
-                let docs = self.docs_in(wave, micro);
+                let m = self.micro_at(wave, micro);
                 let g = &s.groups[group];
-                let seq = self.work.seq_tokens();
                 let speed = s.speeds[r];
-                let mut dur = g.layers.len() as f64 * self.cost.layer.seconds(docs, seq) / speed;
+                let mut dur = g.layers.len() as f64 * self.cost.layer.micro_seconds(&m) / speed;
                 if g.has_end {
-                    dur += (docs * self.work.scored_rows()) as f64 * self.cost.head_row_s / speed;
+                    dur += m.scored as f64 * self.cost.head_row_s / speed;
                 }
-                let hop_s = self.hop_seconds(docs * seq);
-                let large = (docs * seq * s.shape.hidden * self.cost.wire_bytes) as f64 > EAGER_BYTES;
+                let hop_s = self.hop_seconds(m.rows);
+                let large = (m.rows * s.shape.hidden * self.cost.wire_bytes) as f64 > EAGER_BYTES;
                 let st = &mut self.ranks[r];
                 let mut input = if needs_input { st.inbox.pop_front().unwrap_or(0.0) } else { 0.0 };
                 // The pipeline posts the receive of a group's first micro-batch when it starts
@@ -275,14 +272,14 @@ impl<'a> Run<'a> {
                 st.time.compute_s += dur;
                 if tracing {
                     let name = format!("g{group} w{wave} mb{micro}");
-                    trace.span_on(r, Track::Compute, &name, start, end, &[("docs", docs as f64), ("layers", g.layers.len() as f64)]);
+                    trace.span_on(r, Track::Compute, &name, start, end, &[("rows", m.rows as f64), ("layers", g.layers.len() as f64)]);
                 }
                 if g.has_end {
                     self.wave_done[wave] = self.wave_done[wave].max(end);
                 } else {
                     let to = s.owner(group + 1);
                     if to != r {
-                        self.send(r, to, end, docs * seq, tracing.then_some((group, wave, micro)), trace);
+                        self.send(r, to, end, m.rows, tracing.then_some((group, wave, micro)), trace);
                     }
                 }
                 true

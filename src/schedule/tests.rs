@@ -1,4 +1,4 @@
-use super::cost::{CostModel, LayerCost, MeasuredCosts, Workload};
+use super::cost::{CostModel, ExtractWork, LayerCost, MeasuredCosts, Micro, Workload, BRANCH_KEYS};
 use super::simulate::{simulate, simulate_traced, Bottleneck};
 use super::*;
 use crate::trace::Trace;
@@ -18,7 +18,7 @@ fn cost(shape: &ModelShape) -> CostModel {
 }
 
 fn work(docs: usize) -> Workload {
-    Workload { docs, doc_tokens: 1500, choices: 4, choice_tokens: 4, batch_tokens: 2048 }
+    Workload { docs, doc_tokens: 1500, choices: 4, choice_tokens: 4, batch_tokens: 2048, extract: None }
 }
 
 #[test]
@@ -239,4 +239,65 @@ fn five_layers_in_one_layer_groups_on_two_ranks() {
     let s = Schedule::plan(&shape, &ranks(2, 24 * GB), &opts).unwrap();
     assert_eq!(s.rank_groups, vec![vec![0, 2, 4], vec![1, 3]]);
     assert_eq!(s.owner(4), 0);
+}
+
+fn extract(docs: usize, tree_rows: usize, passes: usize) -> Workload {
+    Workload { extract: Some(ExtractWork { tree_rows, passes }), ..work(docs) }
+}
+
+#[test]
+fn extract_micro_batches_are_prompts_then_tree_rows_reading_the_kept_keys() {
+    let w = extract(1000, 100, 6);
+    // Pass 1: one 1500-token prompt per 2048-token micro-batch, the head on its last row only.
+    assert_eq!(w.docs_per_micro(), 1);
+    // Later passes: 20 rows per document and pass, 102 pieces per micro-batch: 5000 pieces.
+    assert_eq!(w.micro_batches(), 1000 + 5000usize.div_ceil(102));
+    let all: Vec<Micro> = (0..w.micro_batches()).map(|i| w.micro(i)).collect();
+    let (prompts, trees): (Vec<&Micro>, Vec<&Micro>) = all.iter().partition(|m| m.rows == 1500);
+    assert_eq!((prompts.len(), trees.len()), (1000, 5000usize.div_ceil(102)));
+    assert!(prompts.iter().all(|m| m.scored == 1 && m.keys_read == 1500.0 * 1500.0));
+    // A tree row attends to the prompt's keys kept from pass 1 and to its branch, and is scored.
+    assert!(trees.iter().all(|m| m.rows == 2040 && m.scored == 2040 && m.keys_read == 2040.0 * (1500 + BRANCH_KEYS) as f64));
+    // Both kinds in every stretch of the run, as the driver mixes passes in each wave.
+    assert!(all[..64].iter().any(|m| m.rows == 2040) && all[all.len() - 64..].iter().any(|m| m.rows == 1500));
+    // Over each hop a document sends its prompt once and its tree rows, not a prompt per pass.
+    assert_eq!(w.rows_per_doc(), 1600);
+    // A pass of more rows than --batch-tokens is cut into even pieces, one micro-batch each.
+    let big = extract(10, 9000, 3);
+    let trees: Vec<_> = (0..big.micro_batches()).map(|i| big.micro(i)).filter(|m| m.scored > 1).collect();
+    assert_eq!((big.micro_batches(), trees.len()), (10 + 10 * 2 * 3, 10 * 2 * 3));
+    assert!(trees.iter().all(|m| m.rows == 1500 && m.scored == 1500));
+}
+
+#[test]
+fn extract_costs_a_prompt_and_its_tree_rows() {
+    let shape = f180();
+    let mut c = cost(&shape);
+    c.wire_bytes = 2;
+    let opts = ScheduleOptions { resident: 1, ..Default::default() };
+    let s = Schedule::plan(&shape, &ranks(8, 24 * GB), &opts).unwrap();
+    let score = simulate(&s, &c, &work(20_000)).unwrap();
+    let small = simulate(&s, &c, &extract(20_000, 100, 6)).unwrap();
+    let big = simulate(&s, &c, &extract(20_000, 2000, 3)).unwrap();
+    // The prompt with 16 choice tokens vs the prompt plus 100 tree rows: a little dearer
+    // than score, far from a continuation per candidate; more tree rows cost more.
+    let ratio = score.docs_per_hour / small.docs_per_hour;
+    assert!((1.0..2.0).contains(&ratio), "{ratio}");
+    assert!(big.docs_per_hour < small.docs_per_hour, "{} {}", big.docs_per_hour, small.docs_per_hour);
+    assert_eq!(small.net_bytes_per_doc, score.net_bytes_per_doc * 1600.0 / 1516.0);
+    // The mix is steady from the first wave, so extrapolating from the first waves holds.
+    let whole = simulate(&s, &c, &extract(600, 100, 6)).unwrap();
+    assert_eq!(whole.simulated_waves, whole.waves);
+    assert!(small.simulated_waves < small.waves);
+    assert!((small.docs_per_hour / whole.docs_per_hour - 1.0).abs() < 0.25, "{} {}", small.docs_per_hour, whole.docs_per_hour);
+}
+
+#[test]
+fn extract_refuses_what_cannot_run() {
+    let context = f180().max_position;
+    let msg = |w: Workload| w.check(context).unwrap_err().to_string();
+    assert!(msg(extract(10, 5, 1)).contains("at least 2 passes"));
+    assert!(msg(extract(10, 2, 4)).contains("a tree row per pass"));
+    assert!(msg(Workload { batch_tokens: 1000, ..extract(10, 100, 6) }).contains("cannot hold one document's prompt (1500 tokens)"));
+    assert!(extract(10, 100, 6).check(context).is_ok());
 }
