@@ -116,7 +116,7 @@ fn k_spans_per_document_best_first_and_a_bad_line_fails_alone() {
         assert_eq!(d.choices.len(), 3, "{}", d.id);
         assert!(d.choices.windows(2).all(|w| w[0].logprob >= w[1].logprob), "best first: {}", d.id);
         let x = d.extract.as_ref().unwrap();
-        assert!((1..=3).contains(&x.passes) && x.tree_tokens > 0 && x.candidates > 3, "{}: {x:?}", d.id);
+        assert!(x.passes >= 2 && x.tree_tokens > 0 && x.candidates > 3, "{}: {x:?}", d.id);
         let chars: Vec<char> = source_of(&d.id).chars().collect();
         for (c, s) in d.choices.iter().zip(&x.spans) {
             assert_eq!(chars[s.start..s.end].iter().collect::<String>(), c.text, "offsets in code points");
