@@ -139,8 +139,8 @@ fn the_pruned_search_equals_scoring_every_candidate() {
     let all = docs_of(&out);
     // Other micro-batches, so the f32 sums may differ in their last digits.
     assert_same_spans(&all, docs, 1e-4, "pruned vs exhaustive");
-    // (Fewer tree rows is not asserted: this random model's first-token bounds are flat,
-    // so most candidates reach pass 3; SmolLM2's prune most of them, see README.)
+    // (Fewer tree rows is not asserted: this random model's bounds are flat, so most
+    // candidates are scored; SmolLM2's prune most of them, see README.)
     assert!(all.iter().filter_map(|d| d.extract.as_ref()).all(|x| x.passes == 2 || x.candidates == 0));
     // And k = every candidate: the whole ranking agrees.
     let many = tmp().join("many.h5");

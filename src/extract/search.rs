@@ -11,8 +11,9 @@
 //!           every first id (a bound for every candidate);
 //!   then:   `kth` = the k-th best score known (-inf while fewer than k are), and the
 //!           frontier = nodes whose L is known and >= kth but whose row is not (children
-//!           unscored). Each pass expands the 2k frontier nodes of highest L (ties: the
-//!           earlier node): a branch of the node's prefix (recomputed: only the prompt's
+//!           unscored). Pass p expands the k·2^(p-2) frontier nodes of highest L (ties:
+//!           the earlier node; few nodes while kth is low, doubling so that a flat trie
+//!           still takes few passes): a branch of the node's prefix (recomputed: only the prompt's
 //!           keys and values outlive a pass) and `depth + 2` rows more down the longest
 //!           candidate through it, every child of every new row a target (the ends of the
 //!           shorter candidates on it included), so a deep node, whose prefix costs more,
@@ -70,12 +71,6 @@ pub struct Search {
     /// Rows beyond the prompt sent so far.
     pub tree_tokens: usize,
 }
-
-/// Frontier nodes expanded per pass, per candidate wanted: more passes against fewer rows
-/// (every node of L >= the final k-th score is expanded anyway; the rest are rows spent on
-/// nodes the k-th score, rising pass by pass, would have pruned). Measured on the sample
-/// documents with 1, 2 and 4 (see the README's "Exact, by bounds").
-const BRANCHES_PER_K: usize = 2;
 
 /// A branch runs `depth + SPARE_ROWS` new rows beyond its prefix of `depth - 1`: rows that may
 /// not be needed, against the passes and recomputed prefixes they save.
@@ -152,7 +147,7 @@ impl Search {
             .filter_map(|n| self.lp[n].filter(|&l| l >= kth).map(|l| (l, n)))
             .collect();
         open.sort_by(|&a, &b| by_score_then_index(a, b));
-        open.truncate((BRANCHES_PER_K * self.k).max(1));
+        open.truncate(self.k.saturating_mul(1 << (self.passes - 1).min(32)).max(1));
         open.into_iter().map(|(_, n)| n).collect()
     }
 
@@ -359,20 +354,22 @@ mod tests {
         let spans = conts.iter().map(|c| c.len() - 1).collect();
         let (mut s, work) = Search::new(conts, spans, 1, false);
         assert_eq!(work.branches[0].targets, [Target { at: None, id: 5 }, Target { at: None, id: 4 }]);
-        // Pass 1: 5 and 4 both at -1; pass 2 expands both (2k = 2), 5 by 1 + 2 rows.
+        // Pass 1: 5 and 4 both at -1; pass 2 expands k = 1 node, 5 (the earlier), by 1 + 2 rows.
         let Step::Run(w) = s.advance(&[-1.0, -1.0]).unwrap() else { panic!("a second pass") };
-        assert_eq!(w.branches.len(), 2);
+        assert_eq!(w.branches.len(), 1);
         assert_eq!(w.branches[0].rows, [5, 6, 7]);
         let t: Vec<(Option<u32>, u32)> = w.branches[0].targets.iter().map(|t| (t.at, t.id)).collect();
         assert_eq!(t, [(Some(0), 6), (Some(0), 10), (Some(1), 7), (Some(1), 10), (Some(2), 8)]);
-        assert_eq!(w.branches[1].rows, [4]);
-        // [4, 10] scores -1, [5, 10] -3: the k-th is -1, and [5, 6, 7, 8], at -1 too (a tie),
-        // is expanded with its prefix recomputed, 4 + 2 rows allowed, 2 there.
-        let Step::Run(w) = s.advance(&[0.0, -2.0, 0.0, -2.0, 0.0, 0.0]).unwrap() else { panic!("a third pass") };
-        assert_eq!(w.branches, [Branch { rows: vec![5, 6, 7, 8, 9], targets: vec![Target { at: Some(3), id: 9 }, Target { at: Some(4), id: 10 }] }]);
-        let Step::Done(top) = s.advance(&[-0.0, -0.0]).unwrap() else { panic!("done") };
+        // [5, 10] and [5, 6, 10] score -3: the k-th; pass 3 expands 2k = 2 nodes: [5, 6, 7, 8]
+        // at -1, its prefix recomputed, 4 + 2 rows allowed, 2 there; and 4, at -1 too.
+        let Step::Run(w) = s.advance(&[0.0, -2.0, 0.0, -2.0, 0.0]).unwrap() else { panic!("a third pass") };
+        let chain = Branch { rows: vec![5, 6, 7, 8, 9], targets: vec![Target { at: Some(3), id: 9 }, Target { at: Some(4), id: 10 }] };
+        assert_eq!(w.branches, [chain, Branch { rows: vec![4], targets: vec![Target { at: Some(0), id: 10 }] }]);
+        // [5, 6, 7, 8, 9, 10] and [4, 10] tie at -1: the first occurrence is the top-1, and
+        // no node is left at -1 or above.
+        let Step::Done(top) = s.advance(&[-0.0, -0.0, 0.0]).unwrap() else { panic!("done") };
         assert_eq!((top[0].candidate, top[0].score, top[0].span_logprob), (0, -1.0, -1.0));
-        assert_eq!((s.passes, s.tree_tokens), (3, 4 + 5));
+        assert_eq!((s.passes, s.tree_tokens), (3, 3 + 5 + 1));
         assert!(matches!(s.advance(&[]), Err(SearchError::Finished)));
     }
 
