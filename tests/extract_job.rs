@@ -116,7 +116,7 @@ fn k_spans_per_document_best_first_and_a_bad_line_fails_alone() {
         assert_eq!(d.choices.len(), 3, "{}", d.id);
         assert!(d.choices.windows(2).all(|w| w[0].logprob >= w[1].logprob), "best first: {}", d.id);
         let x = d.extract.as_ref().unwrap();
-        assert!((1..=3).contains(&x.passes) && x.tree_tokens > 0 && x.candidates > 3, "{}: {x:?}", d.id);
+        assert!(x.passes >= 2 && x.tree_tokens > 0 && x.candidates > 3, "{}: {x:?}", d.id);
         let chars: Vec<char> = source_of(&d.id).chars().collect();
         for (c, s) in d.choices.iter().zip(&x.spans) {
             assert_eq!(chars[s.start..s.end].iter().collect::<String>(), c.text, "offsets in code points");
@@ -139,8 +139,8 @@ fn the_pruned_search_equals_scoring_every_candidate() {
     let all = docs_of(&out);
     // Other micro-batches, so the f32 sums may differ in their last digits.
     assert_same_spans(&all, docs, 1e-4, "pruned vs exhaustive");
-    // (Fewer tree rows is not asserted: this random model's first-token bounds are flat,
-    // so most candidates reach pass 3; SmolLM2's prune most of them, see README.)
+    // (Fewer tree rows is not asserted: this random model's bounds are flat, so most
+    // candidates are scored; SmolLM2's prune most of them, see README.)
     assert!(all.iter().filter_map(|d| d.extract.as_ref()).all(|x| x.passes == 2 || x.candidates == 0));
     // And k = every candidate: the whole ranking agrees.
     let many = tmp().join("many.h5");

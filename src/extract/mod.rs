@@ -1,5 +1,5 @@
 //! What `falcon-batch extract` computes, without a model: a source's units and candidate
-//! spans (units.rs, candidates.rs), the exact top-k search over them in passes (search.rs),
+//! spans (units.rs, candidates.rs), the exact top-k search over them in passes (search.rs, over the trie of trie.rs),
 //! each pass as a token tree packed into micro-batches (tree.rs), and SQuAD's answer
 //! comparison for `show` (squad.rs). The job that drives
 //! them through a scorer is job::extract.
@@ -8,6 +8,7 @@ pub mod candidates;
 pub mod search;
 pub mod squad;
 pub mod tree;
+mod trie;
 pub mod units;
 
 pub use candidates::{candidates, Candidate};

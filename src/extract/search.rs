@@ -1,24 +1,34 @@
 //! The exact top-k search over one document's candidates, as a state machine the job feeds
 //! with each pass's log-probs.
 //!
-//! A candidate's score is the sum of its continuation's terms (span ids, then end ids),
-//! every term a log-probability, so at most 0: the score is at most the first term,
-//! log P(first id | prompt), which the prompt's last row gives for every candidate at once.
-//!   pass 1: the prompt, with each distinct first id as a target at its last row: a bound
-//!           for every candidate (and its exact first term);
-//!   pass 2: the k candidates of highest bound (ties: first occurrence) and the longest
-//!           candidate of each of the 4k first ids of highest bound, as a token tree (the
-//!           candidates lying on those chains ride along): the k-th best exact score is `kth`;
-//!   pass 3: every other candidate whose bound is >= kth.
-//! A candidate left out has bound < kth, so a score below k scores already known: the
-//! top-k of the scored candidates is the top-k of all of them, ties included (a candidate
-//! that could tie the k-th has bound >= kth and is scored). The first term of every score
-//! is pass 1's, so a score never exceeds its bound even by rounding (the other terms,
-//! logit - logsumexp with the max taken out, are <= 0 as computed).
+//! The candidates' continuations (span ids, then end ids) form a trie (trie.rs): a node is a
+//! prefix, its term log P(its last id | prompt, the ids before it), its prefix log-prob L
+//! the sum of the terms from the first id, and a candidate's score is the L of its whole
+//! continuation. Every term is a log-probability, at most 0, so L never grows down the trie:
+//! a node's L bounds every candidate through it. A node's row (its last id run after the
+//! prompt and its prefix) gives the terms of all its children at once.
+//!   pass 1: the prompt, with each distinct first id as a target at its last row: the L of
+//!           every first id (a bound for every candidate);
+//!   then:   `kth` = the k-th best score known (-inf while fewer than k are), and the
+//!           frontier = nodes whose L is known and >= kth but whose row is not (children
+//!           unscored). Pass p expands the k·2^(p-2) frontier nodes of highest L (ties:
+//!           the earlier node; few nodes while kth is low, doubling so that a flat trie
+//!           still takes few passes): a branch of the node's prefix (recomputed: only the prompt's
+//!           keys and values outlive a pass) and `depth + 2` rows more down the longest
+//!           candidate through it, every child of every new row a target (the ends of the
+//!           shorter candidates on it included), so a deep node, whose prefix costs more,
+//!           is taken further. No frontier node left: done.
+//! A candidate never scored lies under a frontier node of L < kth, so its score is below k
+//! scores already known: the top-k of the scored candidates is the top-k of all of them,
+//! ties included (a node of L equal to kth is expanded). L is summed from the first id on,
+//! each term added to its parent's L, and x + t <= x as computed for t <= 0 (the terms,
+//! logit - logsumexp with the max taken out, are <= 0 as computed), so no score exceeds a
+//! bound of its prefix even by rounding. A node's term is taken once, from the first pass
+//! that scores it.
 
+use super::trie::{Trie, ROOT};
 use super::tree::{Branch, Target, Work};
 use std::cmp::Ordering;
-use std::collections::HashMap;
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq)]
@@ -43,42 +53,28 @@ pub enum Step {
     Done(Vec<Ranked>),
 }
 
-/// A candidate scored in the pending pass: its global target indices, in continuation order
-/// from its second id.
-struct Member {
-    candidate: usize,
-    branch: usize,
-    targets: Vec<usize>,
-}
-
-enum Stage {
-    Bounds,
-    Scores { pass: u32, members: Vec<Member>, offsets: Vec<usize> },
-    Done,
-}
-
 pub struct Search {
-    /// Per candidate: span ids then end ids (at least 2).
-    conts: Vec<Vec<u32>>,
+    trie: Trie,
     span_lens: Vec<usize>,
     k: usize,
     exhaustive: bool,
-    /// Per candidate, the index of its first id in `firsts`.
-    first_of: Vec<usize>,
-    firsts: Vec<u32>,
-    bound: Vec<f64>,
-    /// Candidates by bound, highest first, ties by index.
-    order: Vec<usize>,
-    exact: Vec<Option<(f64, f64)>>,
-    stage: Stage,
+    /// Per node, its L once known.
+    lp: Vec<Option<f64>>,
+    /// Per node, whether its row has been sent (its children are scored by the pending pass
+    /// or before).
+    expanded: Vec<bool>,
+    /// The pending pass's targets, in order: the node each one scores.
+    pending: Vec<usize>,
+    finished: bool,
     /// Passes sent so far.
     pub passes: u32,
     /// Rows beyond the prompt sent so far.
     pub tree_tokens: usize,
 }
 
-/// Pass 2 probes the longest candidate of this many first ids per kept span (see `probes`).
-const PROBE_IDS: usize = 4;
+/// A branch runs `depth + SPARE_ROWS` new rows beyond its prefix of `depth - 1`: rows that may
+/// not be needed, against the passes and recomputed prefixes they save.
+const SPARE_ROWS: usize = 2;
 
 fn by_score_then_index(a: (f64, usize), b: (f64, usize)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
@@ -87,299 +83,294 @@ fn by_score_then_index(a: (f64, usize), b: (f64, usize)) -> Ordering {
 impl Search {
     /// The search over candidates of continuations `conts` (span ids ++ end ids, each at
     /// least two ids) whose first `span_lens` ids are the span; and its first pass. With
-    /// `exhaustive`, pass 2 scores every candidate (for testing that the pruning is exact).
+    /// `exhaustive`, pass 2 expands every node, each branch running to the end of the
+    /// longest candidate through it (for testing that the pruning is exact).
     pub fn new(conts: Vec<Vec<u32>>, span_lens: Vec<usize>, k: usize, exhaustive: bool) -> (Search, Work) {
-        let mut index: HashMap<u32, usize> = HashMap::new();
-        let mut firsts = vec![];
-        let first_of = conts
-            .iter()
-            .map(|c| {
-                *index.entry(c[0]).or_insert_with(|| {
-                    firsts.push(c[0]);
-                    firsts.len() - 1
-                })
-            })
-            .collect();
-        let work = Work { branches: vec![Branch { rows: vec![], targets: firsts.iter().map(|&id| Target { at: None, id }).collect() }] };
-        let n = conts.len();
-        let s = Search {
-            conts,
-            span_lens,
-            k,
-            exhaustive,
-            first_of,
-            firsts,
-            bound: vec![],
-            order: vec![],
-            exact: vec![None; n],
-            stage: Stage::Bounds,
-            passes: 1,
-            tree_tokens: 0,
-        };
-        (s, work)
+        let trie = Trie::new(&conts);
+        let n = trie.len();
+        let mut lp = vec![None; n];
+        lp[ROOT] = Some(0.0);
+        let mut expanded = vec![false; n];
+        expanded[ROOT] = true;
+        let pending = trie.children(ROOT).to_vec();
+        let targets = pending.iter().map(|&c| Target { at: None, id: trie.id(c) }).collect();
+        let s = Search { trie, span_lens, k, exhaustive, lp, expanded, pending, finished: false, passes: 1, tree_tokens: 0 };
+        (s, Work { branches: vec![Branch { rows: vec![], targets }] })
     }
 
     /// Candidates of the document.
     pub fn candidates(&self) -> usize {
-        self.conts.len()
+        self.span_lens.len()
     }
 
     /// The pending pass's log-probs, in its target order: the next pass, or the top-k.
     pub fn advance(&mut self, logprobs: &[f64]) -> Result<Step, SearchError> {
-        match std::mem::replace(&mut self.stage, Stage::Done) {
-            Stage::Done => Err(SearchError::Finished),
-            Stage::Bounds => {
-                self.check(1, logprobs.len(), self.firsts.len())?;
-                self.bound = self.first_of.iter().map(|&f| logprobs[f]).collect();
-                let mut order: Vec<usize> = (0..self.conts.len()).collect();
-                order.sort_by(|&a, &b| by_score_then_index((self.bound[a], a), (self.bound[b], b)));
-                self.order = order;
-                let first = if self.exhaustive { self.order.clone() } else { self.probes() };
-                Ok(self.schedule(2, first))
-            }
-            Stage::Scores { pass, members, offsets } => {
-                let want = offsets.last().copied().unwrap_or(0);
-                self.check(pass, logprobs.len(), want)?;
-                for m in &members {
-                    let c = m.candidate;
-                    let terms: Vec<f64> = m.targets.iter().map(|&t| logprobs[offsets[m.branch] + t]).collect();
-                    let span = self.bound[c] + terms[..self.span_lens[c] - 1].iter().sum::<f64>();
-                    let score = self.bound[c] + terms.iter().sum::<f64>();
-                    self.exact[c] = Some((score, span));
-                }
-                if pass >= 3 || self.exhaustive {
-                    return Ok(Step::Done(self.top_k()));
-                }
-                let kth = self.top_k().last().map_or(f64::NEG_INFINITY, |r| r.score);
-                let rest: Vec<usize> = self.order.iter().copied().filter(|&c| self.exact[c].is_none() && self.bound[c] >= kth).collect();
-                if rest.is_empty() {
-                    return Ok(Step::Done(self.top_k()));
-                }
-                Ok(self.schedule(3, rest))
+        if self.finished {
+            return Err(SearchError::Finished);
+        }
+        if logprobs.len() != self.pending.len() {
+            return Err(SearchError::Count { pass: self.passes, got: logprobs.len(), want: self.pending.len() });
+        }
+        // Targets come row by row down each branch, so a parent's L is set before its children's.
+        for (&node, &term) in self.pending.iter().zip(logprobs) {
+            let base = self.lp[self.trie.parent(node)].expect("a target's parent row is scored before it");
+            self.lp[node] = Some(base + term);
+        }
+        self.pending.clear();
+        let frontier = self.frontier();
+        if frontier.is_empty() {
+            self.finished = true;
+            return Ok(Step::Done(self.top_k()));
+        }
+        let mut branches = vec![];
+        for node in frontier {
+            if !self.expanded[node] {
+                branches.push(self.branch(node));
             }
         }
+        let work = Work { branches };
+        self.passes += 1;
+        self.tree_tokens += work.tree_rows();
+        Ok(Step::Run(work))
     }
 
-    /// Pass 2's candidates: the k of highest bound, and for each of the PROBE_IDS·k first
-    /// ids of highest bound its longest candidate, whose chain carries the shorter ones
-    /// along. The k-th exact score after pass 2 is what pass 3 is pruned by, and k
-    /// candidates of one start (often the k best bounds: they share their first id) make it
-    /// low; spans from many starts make it close to the final k-th score.
-    fn probes(&self) -> Vec<usize> {
-        let mut wanted: HashMap<usize, Option<usize>> = HashMap::new();
-        for &c in &self.order {
-            if wanted.len() >= PROBE_IDS * self.k {
-                break;
-            }
-            wanted.entry(self.first_of[c]).or_insert(None);
+    /// The nodes the next pass expands, best L first; exhaustive: every node with children,
+    /// parents first (a parent's branch scores the node before the node's own branch runs),
+    /// all in pass 2.
+    fn frontier(&self) -> Vec<usize> {
+        if self.exhaustive {
+            return (0..self.trie.len()).filter(|&n| !self.expanded[n] && !self.trie.children(n).is_empty()).collect();
         }
-        for c in 0..self.conts.len() {
-            if let Some(best) = wanted.get_mut(&self.first_of[c]) {
-                if best.is_none_or(|b| self.conts[c].len() > self.conts[b].len()) {
-                    *best = Some(c);
-                }
-            }
-        }
-        let mut first: Vec<usize> = self.order[..self.k.min(self.order.len())].to_vec();
-        let mut longest: Vec<usize> = wanted.into_values().flatten().filter(|c| !first.contains(c)).collect();
-        longest.sort_unstable();
-        first.extend(longest);
-        first
+        let kth = self.kth();
+        let mut open: Vec<(f64, usize)> = (0..self.trie.len())
+            .filter(|&n| !self.expanded[n] && !self.trie.children(n).is_empty())
+            .filter_map(|n| self.lp[n].filter(|&l| l >= kth).map(|l| (l, n)))
+            .collect();
+        open.sort_by(|&a, &b| by_score_then_index(a, b));
+        open.truncate(self.k.saturating_mul(1 << (self.passes - 1).min(32)).max(1));
+        open.into_iter().map(|(_, n)| n).collect()
     }
 
-    fn check(&self, pass: u32, got: usize, want: usize) -> Result<(), SearchError> {
-        if got == want {
-            Ok(())
-        } else {
-            Err(SearchError::Count { pass, got, want })
+    /// The branch expanding `node`: its prefix, then new rows down the longest candidate
+    /// through it, each with its children as targets.
+    fn branch(&mut self, node: usize) -> Branch {
+        let mut rows = self.trie.path(node);
+        rows.pop();
+        let mut budget = if self.exhaustive { usize::MAX } else { self.trie.depth(node) + SPARE_ROWS };
+        let mut targets = vec![];
+        let mut next = Some(node);
+        while let Some(n) = next.filter(|&n| budget > 0 && !self.expanded[n] && !self.trie.children(n).is_empty()) {
+            budget -= 1;
+            let at = rows.len() as u32;
+            rows.push(self.trie.id(n));
+            self.expanded[n] = true;
+            for &c in self.trie.children(n) {
+                targets.push(Target { at: Some(at), id: self.trie.id(c) });
+                self.pending.push(c);
+            }
+            next = self.trie.longest_child(n);
         }
+        Branch { rows, targets }
     }
 
-    /// The k best exact scores, best first, ties to the earlier candidate.
+    fn score(&self, c: usize) -> Option<f64> {
+        self.lp[self.trie.end(c)]
+    }
+
+    /// The k-th best score known; -inf while fewer than k are (+inf for k = 0: nothing to find).
+    fn kth(&self) -> f64 {
+        if self.k == 0 {
+            return f64::INFINITY;
+        }
+        let mut known: Vec<f64> = (0..self.candidates()).filter_map(|c| self.score(c)).collect();
+        if known.len() < self.k {
+            return f64::NEG_INFINITY;
+        }
+        known.sort_by(|a, b| b.total_cmp(a));
+        known[self.k - 1]
+    }
+
+    /// The k best scores, best first, ties to the earlier candidate.
     fn top_k(&self) -> Vec<Ranked> {
-        let mut all: Vec<Ranked> = self
-            .exact
-            .iter()
-            .enumerate()
-            .filter_map(|(c, e)| e.map(|(score, span_logprob)| Ranked { candidate: c, score, span_logprob }))
+        let mut all: Vec<Ranked> = (0..self.candidates())
+            .filter_map(|c| {
+                let score = self.score(c)?;
+                let span = self.lp[self.trie.ancestor(self.trie.end(c), self.span_lens[c])]?;
+                Some(Ranked { candidate: c, score, span_logprob: span })
+            })
             .collect();
         all.sort_by(|a, b| by_score_then_index((a.score, a.candidate), (b.score, b.candidate)));
         all.truncate(self.k);
         all
-    }
-
-    /// The pass scoring `cands` (all but their first term, known from pass 1): a branch per
-    /// chain of rows, a candidate whose rows are a prefix of an earlier, longer one's joining
-    /// its branch with only its targets. In pass 2, every other candidate whose rows lie on
-    /// those chains rides along too (targets, no rows): scored now, it is never the reason
-    /// for a pass-3 branch that runs the same rows again.
-    fn schedule(&mut self, pass: u32, mut cands: Vec<usize>) -> Step {
-        cands.sort_by(|&a, &b| self.conts[b].len().cmp(&self.conts[a].len()).then(a.cmp(&b)));
-        let mut tree = Chains::default();
-        let mut members = Vec::with_capacity(cands.len());
-        for &c in &cands {
-            let cont = &self.conts[c];
-            let branch = match tree.find(&cont[..cont.len() - 1]) {
-                Some(b) => b,
-                None => tree.add(&cont[..cont.len() - 1]),
-            };
-            members.push(Member { candidate: c, branch, targets: tree.targets(branch, cont) });
-        }
-        if pass == 2 && !self.exhaustive {
-            let chosen: std::collections::HashSet<usize> = cands.iter().copied().collect();
-            for c in (0..self.conts.len()).filter(|c| !chosen.contains(c)) {
-                let cont = &self.conts[c];
-                if let Some(branch) = tree.find(&cont[..cont.len() - 1]) {
-                    members.push(Member { candidate: c, branch, targets: tree.targets(branch, cont) });
-                }
-            }
-        }
-        let branches = tree.branches;
-        let mut offsets = Vec::with_capacity(branches.len() + 1);
-        let mut at = 0;
-        for b in &branches {
-            offsets.push(at);
-            at += b.targets.len();
-        }
-        offsets.push(at);
-        let work = Work { branches };
-        self.passes = pass;
-        self.tree_tokens += work.tree_rows();
-        self.stage = Stage::Scores { pass, members, offsets };
-        Step::Run(work)
-    }
-}
-
-/// A pass's branches as a trie of their rows: a node belongs to the branch that made it,
-/// whose rows begin with the node's path.
-struct Chains {
-    children: HashMap<(usize, u32), usize>,
-    node_branch: Vec<usize>,
-    branches: Vec<Branch>,
-    /// Per branch, where each of its targets is.
-    target_of: Vec<HashMap<Target, usize>>,
-}
-
-impl Default for Chains {
-    fn default() -> Chains {
-        Chains { children: HashMap::new(), node_branch: vec![usize::MAX], branches: vec![], target_of: vec![] }
-    }
-}
-
-impl Chains {
-    /// The branch whose rows begin with `rows`, if any.
-    fn find(&self, rows: &[u32]) -> Option<usize> {
-        let mut node = 0;
-        for &t in rows {
-            node = *self.children.get(&(node, t))?;
-        }
-        (node != 0).then(|| self.node_branch[node])
-    }
-
-    /// A new branch of `rows`.
-    fn add(&mut self, rows: &[u32]) -> usize {
-        let b = self.branches.len();
-        self.branches.push(Branch { rows: rows.to_vec(), targets: vec![] });
-        self.target_of.push(HashMap::new());
-        let mut node = 0;
-        for &t in rows {
-            let next = self.node_branch.len();
-            node = *self.children.entry((node, t)).or_insert(next);
-            if node == next {
-                self.node_branch.push(b);
-            }
-        }
-        b
-    }
-
-    /// The targets of `cont` from its second id on branch `b` (shared with any already there).
-    fn targets(&mut self, b: usize, cont: &[u32]) -> Vec<usize> {
-        (1..cont.len())
-            .map(|j| {
-                let t = Target { at: Some(j as u32 - 1), id: cont[j] };
-                let list = &mut self.branches[b].targets;
-                *self.target_of[b].entry(t).or_insert_with(|| {
-                    list.push(t);
-                    list.len() - 1
-                })
-            })
-            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sample::Rng;
+    use std::collections::HashSet;
 
-    /// A toy model: log P(id | context) depends on the id and the context length only.
-    fn lp(at: usize, id: u32) -> f64 {
-        // Binary fractions: sums in any order are exact, so ties are real ties.
-    -(((id as usize * 7 + at * 3) % 11) as f64) / 4.0 - id as f64 / 64.0
+    /// A toy model: log P(id | prefix) from a hash of both, in quarters, so sums in any
+    /// order are exact and ties are real ties.
+    fn lp(prefix: &[u32], id: u32) -> f64 {
+        let h = prefix.iter().chain([&id]).fold(0xcbf29ce484222325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100000001b3));
+        -(((h >> 29) % 9) as f64) / 4.0
     }
 
     /// Answer a pass as a model would: each target's log-prob after its row's context.
     fn answer(work: &Work) -> Vec<f64> {
-        work.branches.iter().flat_map(|b| b.targets.iter().map(|t| lp(t.at.map_or(0, |j| j as usize + 1), t.id))).collect()
+        work.branches.iter().flat_map(|b| b.targets.iter().map(|t| lp(&b.rows[..t.at.map_or(0, |j| j as usize + 1)], t.id))).collect()
+    }
+
+    fn score(cont: &[u32]) -> f64 {
+        (0..cont.len()).map(|j| lp(&cont[..j], cont[j])).sum()
     }
 
     fn brute(conts: &[Vec<u32>], k: usize) -> Vec<(usize, f64)> {
-        let mut all: Vec<(usize, f64)> = conts.iter().enumerate().map(|(c, ids)| (c, ids.iter().enumerate().map(|(j, &id)| lp(j, id)).sum())).collect();
+        let mut all: Vec<(usize, f64)> = conts.iter().enumerate().map(|(c, ids)| (c, score(ids))).collect();
         all.sort_by(|a, b| by_score_then_index((a.1, a.0), (b.1, b.0)));
         all.truncate(k);
         all
     }
 
-    fn run(conts: &[Vec<u32>], k: usize, exhaustive: bool) -> (Vec<Ranked>, u32, usize) {
+    struct Run {
+        top: Vec<Ranked>,
+        passes: u32,
+        rows: usize,
+    }
+
+    fn run(conts: &[Vec<u32>], k: usize, exhaustive: bool) -> Run {
         let spans = conts.iter().map(|c| c.len() - 1).collect();
         let (mut s, mut work) = Search::new(conts.to_vec(), spans, k, exhaustive);
+        let mut rows = 0;
         loop {
+            if s.passes > 1 {
+                assert!(work.branches.iter().flat_map(|b| &b.targets).all(|t| t.at.is_some()), "the prompt's row is scored in pass 1 only");
+            }
+            rows += work.tree_rows();
             match s.advance(&answer(&work)).unwrap() {
                 Step::Run(w) => work = w,
-                Step::Done(top) => return (top, s.passes, s.tree_tokens),
+                Step::Done(top) => {
+                    assert_eq!(rows, s.tree_tokens);
+                    return Run { top, passes: s.passes, rows };
+                }
             }
         }
     }
 
-    #[test]
-    fn pruned_search_equals_brute_force() {
-        // Spans of 1..4 ids over ids 1..9, each ended by 10.
+    /// The rows the search before this one ran (pass 2: the k best bounds and the longest
+    /// candidate of each of the 4k best first ids, the candidates on their chains riding
+    /// along; pass 3: every other candidate of bound >= the k-th score), chains sharing
+    /// their prefixes within a pass.
+    fn old_rows(conts: &[Vec<u32>], k: usize) -> usize {
+        let bound = |c: usize| lp(&[], conts[c][0]);
+        let mut order: Vec<usize> = (0..conts.len()).collect();
+        order.sort_by(|&a, &b| by_score_then_index((bound(a), a), (bound(b), b)));
+        let mut firsts: Vec<u32> = vec![];
+        for &c in &order {
+            if firsts.len() < 4 * k && !firsts.contains(&conts[c][0]) {
+                firsts.push(conts[c][0]);
+            }
+        }
+        let mut probe: Vec<usize> = order[..k.min(order.len())].to_vec();
+        for f in firsts {
+            let longest = (0..conts.len()).filter(|&c| conts[c][0] == f).fold(None, |b: Option<usize>, c| match b {
+                Some(b) if conts[b].len() >= conts[c].len() => Some(b),
+                _ => Some(c),
+            });
+            probe.extend(longest.filter(|c| !probe.contains(c)));
+        }
+        let chains = |cands: &[usize]| {
+            let mut cands = cands.to_vec();
+            cands.sort_by(|&a, &b| conts[b].len().cmp(&conts[a].len()).then(a.cmp(&b)));
+            let mut prefixes: HashSet<&[u32]> = HashSet::new();
+            let mut rows = 0;
+            for c in cands {
+                let r = &conts[c][..conts[c].len() - 1];
+                if !prefixes.contains(r) {
+                    rows += r.len();
+                    prefixes.extend((1..=r.len()).map(|j| &r[..j]));
+                }
+            }
+            (rows, prefixes)
+        };
+        let (rows2, on_chains) = chains(&probe);
+        let scored: Vec<usize> = (0..conts.len()).filter(|&c| probe.contains(&c) || on_chains.contains(&conts[c][..conts[c].len() - 1])).collect();
+        let mut known: Vec<f64> = scored.iter().map(|&c| score(&conts[c])).collect();
+        known.sort_by(|a, b| b.total_cmp(a));
+        let kth = known.get(k - 1).copied().unwrap_or(f64::NEG_INFINITY);
+        let rest: Vec<usize> = order.iter().copied().filter(|c| !scored.contains(c) && bound(*c) >= kth).collect();
+        rows2 + chains(&rest).0
+    }
+
+    /// Candidates as a source gives them: every run of 1..=max_units of a random id sequence
+    /// (repeated ids: shared prefixes, prefixes of one another), each tokenised to 1..=2 ids
+    /// per unit, then an end id; duplicates kept once.
+    fn random_conts(rng: &mut Rng, units: usize, max_units: usize, vocab: u64) -> Vec<Vec<u32>> {
+        let words: Vec<Vec<u32>> = (0..units).map(|_| (0..1 + rng.next_u64() % 2).map(|_| 1 + (rng.next_u64() % vocab) as u32).collect()).collect();
         let mut conts = vec![];
-        for a in 1..10u32 {
-            for len in 1..4 {
-                let mut c: Vec<u32> = (0..len).map(|j| 1 + (a + 3 * j) % 9).collect();
-                c.push(10);
+        for i in 0..units {
+            for j in i..units.min(i + max_units) {
+                let mut c: Vec<u32> = words[i..=j].concat();
+                c.push(99);
                 if !conts.contains(&c) {
                     conts.push(c);
                 }
             }
         }
-        for k in [1, 3, 5, 100] {
-            let (top, passes, tree) = run(&conts, k, false);
-            let got: Vec<(usize, f64)> = top.iter().map(|r| (r.candidate, r.score)).collect();
-            let want = brute(&conts, k);
-            assert_eq!(got.len(), want.len());
-            for (g, w) in got.iter().zip(&want) {
-                assert_eq!(g.0, w.0, "k={k}");
-                assert!((g.1 - w.1).abs() < 1e-12);
-            }
-            assert!(passes <= 3 && tree > 0);
-            let (all, passes, _) = run(&conts, k, true);
-            assert_eq!(all, top, "k={k}: the exhaustive search agrees");
-            assert_eq!(passes, 2);
-        }
+        conts
     }
 
     #[test]
-    fn prefixes_share_the_longest_chain() {
-        let conts = vec![vec![5, 6, 7, 10], vec![5, 6, 10], vec![5, 10], vec![8, 10]];
-        let (_, work) = Search::new(conts.clone(), vec![3, 2, 1, 1], 4, false);
-        let (mut s, _) = Search::new(conts, vec![3, 2, 1, 1], 4, false);
-        let Step::Run(w) = s.advance(&answer(&work)).unwrap() else { panic!("a second pass") };
-        assert_eq!(w.branches.len(), 2);
+    fn random_tries_give_the_brute_force_top_k_in_fewer_rows() {
+        let mut rng = Rng::new(26);
+        let (mut new_rows, mut old_total) = (0, 0);
+        for seed in 0..300 {
+            let conts = random_conts(&mut rng, 5 + seed % 40, 1 + seed % 7, 3 + (seed % 11) as u64);
+            for k in [1, 2, 5, conts.len()] {
+                let want = brute(&conts, k);
+                let got = run(&conts, k, false);
+                let ranked: Vec<(usize, f64)> = got.top.iter().map(|r| (r.candidate, r.score)).collect();
+                assert_eq!(ranked, want, "seed {seed}, k {k}");
+                for r in &got.top {
+                    let c = &conts[r.candidate];
+                    assert_eq!(r.span_logprob, (0..c.len() - 1).map(|j| lp(&c[..j], c[j])).sum::<f64>());
+                }
+                let all = run(&conts, k, true);
+                assert_eq!((all.top, all.passes), (got.top.clone(), 2), "seed {seed}, k {k}: the exhaustive search agrees");
+                if k < conts.len() {
+                    new_rows += got.rows;
+                    old_total += old_rows(&conts, k);
+                }
+            }
+        }
+        assert!(new_rows < old_total, "{new_rows} rows against the old search's {old_total}");
+    }
+
+    #[test]
+    fn a_branch_runs_its_prefix_then_down_the_longest_candidate() {
+        let conts = vec![vec![5, 6, 7, 8, 9, 10], vec![5, 6, 10], vec![5, 10], vec![4, 10]];
+        let spans = conts.iter().map(|c| c.len() - 1).collect();
+        let (mut s, work) = Search::new(conts, spans, 1, false);
+        assert_eq!(work.branches[0].targets, [Target { at: None, id: 5 }, Target { at: None, id: 4 }]);
+        // Pass 1: 5 and 4 both at -1; pass 2 expands k = 1 node, 5 (the earlier), by 1 + 2 rows.
+        let Step::Run(w) = s.advance(&[-1.0, -1.0]).unwrap() else { panic!("a second pass") };
+        assert_eq!(w.branches.len(), 1);
         assert_eq!(w.branches[0].rows, [5, 6, 7]);
-        assert_eq!(w.branches[0].targets.len(), 5, "6, 7, 10 on the chain and two ends");
-        assert_eq!(w.branches[1].rows, [8]);
-        assert_eq!(s.tree_tokens, 4);
+        let t: Vec<(Option<u32>, u32)> = w.branches[0].targets.iter().map(|t| (t.at, t.id)).collect();
+        assert_eq!(t, [(Some(0), 6), (Some(0), 10), (Some(1), 7), (Some(1), 10), (Some(2), 8)]);
+        // [5, 10] and [5, 6, 10] score -3: the k-th; pass 3 expands 2k = 2 nodes: [5, 6, 7, 8]
+        // at -1, its prefix recomputed, 4 + 2 rows allowed, 2 there; and 4, at -1 too.
+        let Step::Run(w) = s.advance(&[0.0, -2.0, 0.0, -2.0, 0.0]).unwrap() else { panic!("a third pass") };
+        let chain = Branch { rows: vec![5, 6, 7, 8, 9], targets: vec![Target { at: Some(3), id: 9 }, Target { at: Some(4), id: 10 }] };
+        assert_eq!(w.branches, [chain, Branch { rows: vec![4], targets: vec![Target { at: Some(0), id: 10 }] }]);
+        // [5, 6, 7, 8, 9, 10] and [4, 10] tie at -1: the first occurrence is the top-1, and
+        // no node is left at -1 or above.
+        let Step::Done(top) = s.advance(&[-0.0, -0.0, 0.0]).unwrap() else { panic!("done") };
+        assert_eq!((top[0].candidate, top[0].score, top[0].span_logprob), (0, -1.0, -1.0));
+        assert_eq!((s.passes, s.tree_tokens), (3, 3 + 5 + 1));
+        assert!(matches!(s.advance(&[]), Err(SearchError::Finished)));
     }
 
     #[test]
@@ -397,5 +388,11 @@ mod tests {
             }
         };
         assert_eq!(top.iter().map(|r| r.candidate).collect::<Vec<_>>(), [0, 1]);
+    }
+
+    #[test]
+    fn a_wrong_count_of_log_probs_is_an_error() {
+        let (mut s, _) = Search::new(vec![vec![3, 10], vec![4, 10]], vec![1, 1], 1, false);
+        assert_eq!(s.advance(&[-1.0]).err(), Some(SearchError::Count { pass: 1, got: 1, want: 2 }));
     }
 }

@@ -80,7 +80,7 @@ pub(super) const CHOICE_SETS: [SetSpec; 7] = [
 
 /// An extract file's /docs columns beyond the scores layout's.
 pub(super) const EXTRACT_DOC_SETS: [SetSpec; 4] = [
-    set("passes", Kind::I32, "passes over the document: 1 (bounds), 2 (the k best bounds and the longest span of the 4k best first ids scored), 3 (every span that could still enter the top-k); 0 on error", "passes"),
+    set("passes", Kind::I32, "passes over the document: 1 (bounds: the prompt), then one per round of the best-first search of the spans' token tree (2 with --exhaustive); 0 on error", "passes"),
     set("tree_tokens", Kind::I64, "rows run beyond the prompt over all passes (the spans' token tree)", "tokens"),
     set("n_candidates", Kind::I64, "distinct candidate spans of the source", "spans"),
     set("answer", Kind::Str, "the corpus's \"answer\", or empty", ""),
