@@ -116,3 +116,29 @@ impl<B: KvCache> GroupKeys<'_, B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    #[test]
+    fn kept_rows_are_found_by_layer_and_document_and_freed() {
+        let b = CpuBackend::new();
+        let m = |rows: usize| b.upload(&vec![0.5; rows * 4], rows, 4).unwrap(); // (rows, KV·D)
+        let mut s = PromptStore::<CpuBackend>::default();
+        for layer in [3, 7] {
+            s.layer_mut(layer).keep(1, m(5), m(5));
+            s.layer_mut(layer).keep(2, m(2), m(2));
+        }
+        assert_eq!((s.documents(), s.rows(&b)), (2, 14));
+        assert!(s.layer_mut(7).get(&b, 1, 5).is_ok());
+        assert!(matches!(s.layer_mut(7).get(&b, 1, 4), Err(ModelError::PromptLength { doc: 1, layer: 7, kept: 5, expected: 4 })));
+        assert!(matches!(s.layer_mut(4).get(&b, 1, 5), Err(ModelError::PromptNotKept { doc: 1, layer: 4 })));
+        s.release(&[1, 9]);
+        assert_eq!((s.documents(), s.rows(&b)), (1, 4));
+        assert!(matches!(s.layer_mut(3).get(&b, 1, 5), Err(ModelError::PromptNotKept { doc: 1, layer: 3 })));
+        s.release(&[2]);
+        assert_eq!((s.documents(), s.rows(&b), s.layers.len()), (0, 0, 0));
+    }
+}
