@@ -2,11 +2,18 @@
 //! (model::PromptStore) instead of sending the prompt again: the same top-k and scores as
 //! re-sending it, later passes carry branch rows only, and the kept rows are all freed once
 //! each document's search is done. Tiny random models, run as two layer groups sharing one
-//! store (keyed by global layer, as a rank cycling groups has it).
+//! store (keyed by global layer, as a rank cycling groups has it); and through the binary,
+//! two ranks each cycling layer groups (weight streaming) give the one-process results.
 
 mod common;
 
+use common::proc::run_limited;
+use common::tiny::{bin, model, mpirun};
 use common::*;
+use falcon_batch::results::read_file;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 use falcon_batch::backend::cpu::CpuBackend;
 use falcon_batch::config::ModelConfig;
 use falcon_batch::extract::{build, Branch, Ranked, Search, Slot, Step, Target, Work};
@@ -149,4 +156,41 @@ fn the_store_holds_every_layer_of_a_document_until_released() {
     assert_eq!((store.documents(), store.rows(&b)), (1, d[1].prompt.len() * cfg.n_layers));
     store.clear();
     assert_eq!((store.documents(), store.rows(&b)), (0, 0));
+}
+
+/// `extract` of the fixture on `docs` into `out` with `extra` flags, by `c` (the binary or
+/// mpirun of it): the file's documents as (id, [(text, logprob)]).
+fn extract_by(mut c: Command, model: &Path, docs: &Path, out: &Path, extra: &[&str]) -> Vec<(String, Vec<(String, f64)>)> {
+    c.args(["extract", "--device", "cpu", "--quiet", "--batch-tokens", "40", "--top-k", "3"]).args(extra);
+    c.arg("--model").arg(model).arg("--docs").arg(docs).arg("--out").arg(out);
+    let o = run_limited(&c, Duration::from_secs(300));
+    assert_eq!(o.code(), Some(0), "{}", o.text());
+    let f = read_file(out).unwrap();
+    f.docs.into_iter().map(|d| (d.id, d.choices.into_iter().map(|c| (c.text, c.logprob)).collect())).collect()
+}
+
+#[test]
+fn two_ranks_cycling_layer_groups_give_the_one_process_results() {
+    let dir = tmp::dir("fb-extract-prefix");
+    let model = model(&dir);
+    let docs = dir.join("docs.jsonl");
+    let lines: Vec<String> = (0..4)
+        .map(|i: usize| {
+            let words: Vec<String> = (0..5 + i).map(|k| format!("t{}", 3 + (i * 7 + k * 13) % 60)).collect();
+            serde_json::json!({"id": format!("d{i}"), "prompt": format!("t{} t{} t{} Answer:", 5 + i, 9 + i, 11 + i), "source": words.join(" ") + "."}).to_string()
+        })
+        .collect();
+    std::fs::write(&docs, lines.join("\n") + "\n").unwrap();
+    let one = extract_by(bin(), &model, &docs, &dir.join("one.h5"), &["--wave", "1"]);
+    let mut mp = mpirun(2, &[]);
+    mp.arg(env!("CARGO_BIN_EXE_falcon-batch"));
+    let streamed = extract_by(mp, &model, &docs, &dir.join("streamed.h5"), &["--wave", "2", "--resident", "1", "--group-layers", "1"]);
+    assert_eq!(one.len(), 4);
+    for ((id, a), (id2, b)) in one.iter().zip(&streamed) {
+        assert_eq!(id, id2);
+        assert_eq!(a.iter().map(|x| &x.0).collect::<Vec<_>>(), b.iter().map(|x| &x.0).collect::<Vec<_>>(), "{id}: top-k texts");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x.1 - y.1).abs() < 1e-4, "{id}: {x:?} vs {y:?} (other micro-batches)");
+        }
+    }
 }
