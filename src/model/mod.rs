@@ -163,11 +163,14 @@ pub(crate) fn attention_block<B: KvCache>(
     let q = b.cols(&qkv, 0, h * d)?; // (T, H D)
     let k = b.cols(&qkv, h * d, kv * d)?; // (T, KV D)
     let v = b.cols(&qkv, (h + kv) * d, kv * d)?; // (T, KV D)
-    let shape = |key_offset| AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
+    let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
     let att = match keys {
         LayerKeys::Cache(cache) => cached_attention(b, &q, k, v, shape, ctx, cache)?,
-        LayerKeys::Prompts(kept, batch) => prompt_attention(b, &q, k, v, shape, ctx, kept, batch)?,
-        LayerKeys::None => b.attention(&q, &k, &v, shape(0), ctx.spans)?, // (T, H D)
+        LayerKeys::Prompts(kept, batch) => {
+            let (k, v, key_offset) = with_kept_prompts(b, k, v, kept, batch)?; // (K + T, KV D)
+            b.attention(&q, &k, &v, AttnShape { key_offset, ..shape }, ctx.spans)? // (T, H D)
+        }
+        LayerKeys::None => b.attention(&q, &k, &v, shape, ctx.spans)?, // (T, H D)
     };
     Ok(b.linear_residual(&att, out_w, out_b, residual)?)
 }
@@ -179,7 +182,7 @@ fn cached_attention<B: KvCache>(
     q: &B::Act,
     k: B::Act,
     v: B::Act,
-    shape: impl Fn(usize) -> AttnShape,
+    shape: AttnShape,
     ctx: &RowCtx,
     cache: &mut LayerCache<B>,
 ) -> Result<B::Act> {
@@ -188,11 +191,11 @@ fn cached_attention<B: KvCache>(
             let key_offset = b.cache_len(&ck);
             b.cache_append(&mut ck, &k)?; // (S, KV D)
             b.cache_append(&mut cv, &v)?;
-            (b.attention_cached(q, &ck, &cv, shape(key_offset), ctx.spans)?, ck, cv) // (T, H D)
+            (b.attention_cached(q, &ck, &cv, AttnShape { key_offset, ..shape }, ctx.spans)?, ck, cv) // (T, H D)
         }
         // A prompt: its attention reads this call's keys as they are, the cache keeps them.
         _ => {
-            let att = b.attention(q, &k, &v, shape(0), ctx.spans)?; // (T, H D)
+            let att = b.attention(q, &k, &v, shape, ctx.spans)?; // (T, H D)
             (att, b.cache_from(k)?, b.cache_from(v)?)
         }
     };
@@ -206,19 +209,10 @@ fn cached_attention<B: KvCache>(
     Ok(att)
 }
 
-/// Attention with extract's kept prompts: the `Keep` slots' prompt rows of this call's keys
-/// and values (T, KV D) are kept, and the `Kept` slots' kept rows (K in all, slot order) go
-/// before this call's, as the batch's spans index them. q (T, H D) -> (T, H D).
-fn prompt_attention<B: KvCache>(
-    b: &B,
-    q: &B::Act,
-    k: B::Act,
-    v: B::Act,
-    shape: impl Fn(usize) -> AttnShape,
-    ctx: &RowCtx,
-    kept: &mut LayerPrompts<B>,
-    batch: BatchPrompts,
-) -> Result<B::Act> {
+/// Extract's kept prompts around this call's keys and values (T, KV D): the `Keep` slots'
+/// prompt rows are kept, and the `Kept` slots' kept rows (K in all, slot order) put before
+/// this call's, as the batch's spans index them -> (keys, values) (K + T, KV D) and K.
+fn with_kept_prompts<B: KvCache>(b: &B, k: B::Act, v: B::Act, kept: &mut LayerPrompts<B>, batch: BatchPrompts) -> Result<(B::Act, B::Act, usize)> {
     for (&doc, p) in batch.docs.iter().zip(batch.prefix) {
         if let Prefix::Keep { start, end } = *p {
             let rows: Vec<u32> = (start..end).collect();
@@ -235,7 +229,7 @@ fn prompt_attention<B: KvCache>(
             key_offset += len as usize;
         }
     }
-    Ok(b.attention(q, &k, &v, shape(key_offset), ctx.spans)?)
+    Ok((k, v, key_offset))
 }
 
 /// Whether `order` lists rows 0..n in order: a gather by it would copy the matrix unchanged.
