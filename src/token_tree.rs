@@ -67,24 +67,46 @@ pub struct ScoredRow {
     pub choice: u32,
 }
 
+/// How a document slot's prompt reaches its rows' attention (extract's later passes reuse
+/// the prompt's keys and values kept on every rank, model::PromptStore).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Prefix {
+    /// Its prompt is rows of the batch; nothing is kept (score, generation).
+    #[default]
+    Sent,
+    /// Its prompt is batch rows [start, end): every layer keeps their keys and values under
+    /// the slot's document until a batch's `release` names it.
+    Keep { start: u32, end: u32 },
+    /// Its prompt is not in the batch: its `len` kept key rows come before the batch's own
+    /// keys, after those of the earlier `Kept` slots (see `MicroBatch::kept_rows`).
+    Kept { len: u32 },
+}
+
 /// A packed micro-batch: T rows, S scored rows.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MicroBatch {
     /// (T,) input token ids.
     pub tokens: Vec<u32>,
     /// (T,) rotary positions.
     pub positions: Vec<u32>,
-    /// (T,) attention spans.
+    /// (T,) attention spans over key rows: the kept prompts of the `Kept` slots (K rows, in
+    /// slot order), then the batch's own rows (row t is key K + t).
     pub spans: Vec<AttnSpan>,
     /// (S,) scored rows, grouped by document then choice, in token order.
     pub scored: Vec<ScoredRow>,
     /// Corpus index of each document in the batch.
     pub docs: Vec<usize>,
+    /// Per document slot, how its prompt is attended; empty: every prompt is `Sent`.
+    #[serde(default)]
+    pub prefix: Vec<Prefix>,
+    /// Corpus indexes of documents whose kept prompts every rank frees before this batch runs.
+    #[serde(default)]
+    pub release: Vec<usize>,
 }
 
 impl MicroBatch {
     pub fn build(docs: &[TokenizedDoc]) -> MicroBatch {
-        let mut b = MicroBatch { tokens: vec![], positions: vec![], spans: vec![], scored: vec![], docs: vec![] };
+        let mut b = MicroBatch::default();
         for (d, doc) in docs.iter().enumerate() {
             let start = b.tokens.len() as u32;
             for (p, &t) in doc.prompt.iter().enumerate() {
@@ -115,6 +137,11 @@ impl MicroBatch {
 
     pub fn rows(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// K: kept key rows before the batch's own (the `key_offset` of its attention).
+    pub fn kept_rows(&self) -> usize {
+        self.prefix.iter().map(|p| if let Prefix::Kept { len } = p { *len as usize } else { 0 }).sum()
     }
 }
 

@@ -13,4 +13,4 @@ pub mod units;
 
 pub use candidates::{candidates, Candidate};
 pub use search::{Ranked, Search, SearchError, Step};
-pub use tree::{build, Branch, Slot, Target, Work};
+pub use tree::{build, Branch, Slot, Target, TreeError, Work};

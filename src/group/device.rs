@@ -7,7 +7,7 @@
 use super::{GroupTensorNames, HostGroup};
 use crate::backend::{KvCache, Ops, WeightStream};
 use crate::config::ModelConfig;
-use crate::model::{self, LayerCache, ModelError, Part, RowCtx, PartWeights};
+use crate::model::{self, BatchPrompts, GroupKeys, LayerCache, ModelError, Part, PartWeights, PromptStore, RowCtx};
 use crate::token_tree::{MicroBatch, ScoredRow};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -95,17 +95,26 @@ impl<B: Ops> DeviceGroup<B> {
 impl<B: KvCache> DeviceGroup<B> {
     /// hidden (T, C) -> hidden (T, C) through every layer of the range. With `caches`
     /// (one per layer of the range), keys and values are appended for generation.
-    pub fn run_layers(
+    pub fn run_layers(&self, b: &B, cfg: &ModelConfig, x: B::Act, ctx: &RowCtx, caches: Option<&mut [LayerCache<B>]>) -> Result<B::Act, ModelError> {
+        self.run_layers_keys(b, cfg, x, ctx, caches.map_or(GroupKeys::None, GroupKeys::Caches))
+    }
+
+    /// The same with whatever keys the layers keep: with a prompt store, extract's prompts
+    /// are kept and attended to under each layer's global index.
+    pub fn run_layers_keys(
         &self,
         b: &B,
         cfg: &ModelConfig,
         mut x: B::Act,
         ctx: &RowCtx,
-        mut caches: Option<&mut [LayerCache<B>]>,
+        mut keys: GroupKeys<'_, B>,
     ) -> Result<B::Act, ModelError> {
         for (i, w) in self.blocks.iter().enumerate() {
-            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = model::layer_forward(b, cfg, w, x, ctx, cache)?;
+            let layer = match w.part {
+                Part::Layer(l) => l,
+                _ => self.layers.start + i,
+            };
+            x = model::layer_forward_keys(b, cfg, w, x, ctx, keys.layer(i, layer))?;
             crate::liveness::advanced();
         }
         Ok(x)
@@ -144,16 +153,29 @@ impl<B: KvCache> DeviceGroup<B> {
 }
 
 /// A micro-batch through consecutive groups that together hold the whole model:
-/// log p(target) at its scored rows (S,).
+/// log p(target) at its scored rows (S,). Nothing is kept past the call.
 pub fn score_through<B: KvCache>(groups: &[DeviceGroup<B>], b: &B, cfg: &ModelConfig, batch: &MicroBatch) -> Result<Vec<f64>, ModelError> {
+    score_keeping(groups, b, cfg, batch, &mut PromptStore::default())
+}
+
+/// The same, `prompts` first freeing the batch's `release` documents, then keeping and
+/// serving its extract prompts (token_tree::Prefix).
+pub fn score_keeping<B: KvCache>(
+    groups: &[DeviceGroup<B>],
+    b: &B,
+    cfg: &ModelConfig,
+    batch: &MicroBatch,
+    prompts: &mut PromptStore<B>,
+) -> Result<Vec<f64>, ModelError> {
     let (first, last) = match (groups.first(), groups.last()) {
         (Some(f), Some(l)) => (f, l),
         _ => return Err(ModelError::Unsupported("no groups loaded".into())),
     };
-    let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: None };
+    prompts.release(&batch.release);
+    let ctx = RowCtx::of_batch(batch);
     let mut x = first.embed(b, &batch.tokens)?; // (T, C)
     for g in groups {
-        x = g.run_layers(b, cfg, x, &ctx, None)?;
+        x = g.run_layers_keys(b, cfg, x, &ctx, GroupKeys::Prompts(prompts, BatchPrompts::of(batch)))?;
     }
     last.scored_logprobs(b, cfg, &x, &batch.scored)
 }

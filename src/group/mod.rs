@@ -10,5 +10,5 @@
 mod device;
 mod host;
 
-pub use device::{score_through, DeviceGroup};
+pub use device::{score_keeping, score_through, DeviceGroup};
 pub use host::{parts_of, GroupTensorNames, HostGroup};

@@ -8,6 +8,11 @@
 //! Waves mix the passes of several documents: a document's next pass goes to the front of
 //! the queue when its last one comes back, new documents' first passes behind it, so the
 //! ranks stay busy while a document waits for its bounds.
+//!
+//! A document's first pass sends its prompt and every rank keeps its keys and values; its
+//! later passes send their branch rows alone. The next wave after its last pass comes back
+//! tells the ranks to free them. New documents are read only while the prompts of the
+//! documents under search total under `kept_limit` rows, so what the ranks keep is bounded.
 
 use super::fault::Faults;
 use super::in_order::InOrder;
@@ -81,6 +86,8 @@ pub fn prepare(dir: &ModelDir, opts: &ExtractOptions) -> Result<Prepared, JobErr
 struct Doc {
     ready: ReadyDoc,
     search: Search,
+    /// Passes queued so far: from the second on, the ranks hold its prompt's keys.
+    passes: usize,
     /// Pieces of the pending pass not yet back, and the log-probs of those that are.
     pieces_left: usize,
     logprobs: Vec<f64>,
@@ -90,6 +97,8 @@ struct Doc {
 struct Piece {
     doc: usize,
     branches: Vec<Branch>,
+    /// Its prompt is kept on the ranks (not sent).
+    kept: bool,
     rows: usize,
 }
 
@@ -107,6 +116,12 @@ struct Driver<'s, S: BatchScorer + ?Sized> {
     in_flight: VecDeque<Sent>,
     tokens: usize,
     faults: Faults,
+    /// Prompt rows of the documents under search (kept, or to be, on every rank).
+    kept_rows: usize,
+    /// Most prompt rows under search before no new document is read.
+    kept_limit: usize,
+    /// Documents whose search is done, whose kept prompts the next wave frees.
+    release: Vec<usize>,
 }
 
 impl<S: BatchScorer + ?Sized> Driver<'_, S>
@@ -117,11 +132,15 @@ where
     /// finishes first) or at the back (a new one).
     fn queue_pass(&mut self, index: usize, work: Work, front: bool) {
         let Some(doc) = self.docs.get_mut(&index) else { return };
-        let prompt = doc.ready.doc.prompt.len();
+        // A pass scoring at the prompt's last row (only the first, as search.rs runs) sends
+        // the prompt again: those logits are not kept.
+        let kept = doc.passes > 0 && !work.targets_prompt();
+        doc.passes += 1;
+        let prompt = if kept { 0 } else { doc.ready.doc.prompt.len() };
         let pieces: Vec<Piece> = work
             .pieces(prompt, self.batch_tokens)
             .into_iter()
-            .map(|branches| Piece { doc: index, rows: prompt + branches.iter().map(|b| b.rows.len()).sum::<usize>(), branches })
+            .map(|branches| Piece { doc: index, kept, rows: prompt + branches.iter().map(|b| b.rows.len()).sum::<usize>(), branches })
             .collect();
         doc.pieces_left = pieces.len();
         doc.logprobs.clear();
@@ -142,7 +161,8 @@ where
         let conts: Vec<Vec<u32>> = ready.doc.choices.iter().map(|c| [c.as_slice(), end].concat()).collect();
         let span_lens = ready.doc.choices.iter().map(Vec::len).collect();
         let (search, work) = Search::new(conts, span_lens, k, exhaustive);
-        self.docs.insert(index, Doc { ready, search, pieces_left: 0, logprobs: vec![] });
+        self.kept_rows += ready.doc.prompt.len();
+        self.docs.insert(index, Doc { ready, search, passes: 0, pieces_left: 0, logprobs: vec![] });
         self.queue_pass(index, work, false);
     }
 
@@ -172,11 +192,16 @@ where
         for b in &batches {
             let slots: Vec<Slot> = b
                 .iter()
-                .filter_map(|p| self.docs.get(&p.doc).map(|d| Slot { doc: p.doc, prompt: &d.ready.doc.prompt, branches: &p.branches }))
+                .filter_map(|p| self.docs.get(&p.doc).map(|d| Slot { doc: p.doc, prompt: &d.ready.doc.prompt, kept: p.kept, branches: &p.branches }))
                 .collect();
-            let batch = build(&slots);
+            let batch = build(&slots).map_err(|e| JobError::Other(Box::new(e)))?;
             sent.push((batch.rows(), b.iter().map(|p| (p.doc, p.branches.iter().map(|br| br.targets.len()).sum())).collect()));
             micro.push(batch);
+        }
+        // Every rank frees the finished documents' prompts as this wave starts: none of its
+        // micro-batches, nor a later one, attends to them.
+        if let Some(first) = micro.first_mut() {
+            first.release = std::mem::take(&mut self.release);
         }
         self.scorer.submit(&micro)?;
         self.tokens += micro.iter().map(MicroBatch::rows).sum::<usize>();
@@ -206,6 +231,8 @@ where
                     Step::Run(work) => self.queue_pass(index, work, true),
                     Step::Done(top) => {
                         if let Some(doc) = self.docs.remove(&index) {
+                            self.kept_rows -= doc.ready.doc.prompt.len();
+                            self.release.push(index);
                             order.finish(index as u64, result(&doc, &top));
                         }
                     }
@@ -214,6 +241,13 @@ where
         }
         Ok(())
     }
+}
+
+/// Most prompt rows of documents under search before the driver reads no new one: the
+/// waves in flight and one queued, each `wave` micro-batches of `batch_tokens` rows, all
+/// prompts. Every rank keeps at most this plus one prompt, times its layers (README).
+pub fn kept_limit(depth: usize, wave: usize, batch_tokens: usize) -> usize {
+    (depth + 1) * wave * batch_tokens
 }
 
 /// A searched document's record: its top-k spans, best first.
@@ -270,8 +304,9 @@ where
     let mut reader = CorpusReader::open(&run.docs, &tokenizer, copts)?;
     let mut order = InOrder::default();
     let mut summary = ScoreSummary { resumed, ..Default::default() };
+    let scorer_depth = scorer.depth().max(1);
     let mut d = Driver {
-        depth: scorer.depth().max(1),
+        depth: scorer_depth,
         scorer,
         batch_tokens: run.batch_tokens,
         wave: run.wave.max(1),
@@ -281,6 +316,9 @@ where
         in_flight: VecDeque::new(),
         tokens: 0,
         faults: run.faults,
+        kept_rows: 0,
+        kept_limit: kept_limit(scorer_depth, run.wave.max(1), run.batch_tokens),
+        release: vec![],
     };
     let mut reading = true;
     loop {
@@ -293,7 +331,7 @@ where
         }
         reading &= !stopping;
         // Enough queued for a full wave, read and tokenised while the waves in flight run.
-        while reading && d.queued_rows < d.wave * d.batch_tokens {
+        while reading && d.queued_rows < d.wave * d.batch_tokens && d.kept_rows < d.kept_limit {
             let Some(item) = reader.next() else {
                 reading = false;
                 break;

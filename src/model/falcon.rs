@@ -11,7 +11,7 @@
 
 use super::table::{Origin, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
 use super::weights::{Attn, Norm, PartWeights, Resolver, WeightBias};
-use super::{attention_block, HfJson, LayerCache, ModelError, Result, RowCtx};
+use super::{attention_block, HfJson, LayerKeys, ModelError, Result, RowCtx};
 use crate::backend::KvCache;
 use crate::config::{FalconLayout, Family, ModelConfig};
 
@@ -188,7 +188,7 @@ pub fn layer_forward<B: KvCache>(
     l: &Layer,
     x: B::Act,
     ctx: &RowCtx,
-    cache: Option<&mut LayerCache<B>>,
+    keys: LayerKeys<'_, B>,
 ) -> Result<B::Act> {
     let eps = cfg.norm_eps as f32;
     let parallel = layout(cfg).parallel_attn;
@@ -200,7 +200,7 @@ pub fn layer_forward<B: KvCache>(
         (true, Some(n)) => Some(norm(&x, n)?),
         _ => None,
     };
-    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, cache, x)?; // x + attention (T, C)
+    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, keys, x)?; // x + attention (T, C)
     let mlp_in = match (parallel_mlp_in, l.mlp_norm) {
         (Some(m), _) => m,
         (None, None) => attn_in,

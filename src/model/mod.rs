@@ -6,17 +6,19 @@
 //! weights), one file per family.
 
 pub mod falcon;
+pub mod kept;
 pub mod llama;
 pub mod qwen2;
 pub mod table;
 pub mod weights;
 
+pub use kept::{BatchPrompts, GroupKeys, LayerKeys, LayerPrompts, PromptStore};
 pub use table::{convert_part, expected_tensors};
 pub use weights::PartWeights;
 
 use crate::backend::{AttnShape, BackendError, KvCache, Ops};
 use crate::config::{ModelConfig, RopeScaling};
-use crate::token_tree::AttnSpan;
+use crate::token_tree::{AttnSpan, MicroBatch, Prefix};
 use crate::tensor::HostTensor;
 use thiserror::Error;
 use weights::{AttnRef, View};
@@ -39,6 +41,10 @@ pub enum ModelError {
     /// A checkpoint's reader failed (its error names the file).
     #[error("source checkpoint: {0}")]
     Checkpoint(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("document {doc}: layer {layer} keeps no prompt for it (its first pass must keep it, and nothing release it before its last)")]
+    PromptNotKept { doc: usize, layer: usize },
+    #[error("document {doc}: layer {layer} keeps {kept} prompt rows, the batch expects {expected}")]
+    PromptLength { doc: usize, layer: usize, kept: usize, expected: usize },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -130,16 +136,25 @@ pub struct RowCtx<'a> {
     pub cache_order: Option<&'a [u32]>,
 }
 
+impl<'a> RowCtx<'a> {
+    /// A micro-batch's rows (its prompts' handling goes with the store: kept::BatchPrompts).
+    pub fn of_batch(b: &'a MicroBatch) -> RowCtx<'a> {
+        RowCtx { positions: &b.positions, spans: &b.spans, cache_order: None }
+    }
+}
+
 /// Self-attention shared by every family: fused qkv projection, rotary on q and k,
-/// token-tree attention, output projection summed into `residual` (the GEMM adds it). `cache`
-/// gets this call's keys appended. x (T, C) normed, residual (T, C) -> residual + attention.
+/// token-tree attention, output projection summed into `residual` (the GEMM adds it). A
+/// generation cache gets this call's keys appended; extract's prompt store keeps the `Keep`
+/// slots' prompt rows and puts the `Kept` slots' before this call's keys.
+/// x (T, C) normed, residual (T, C) -> residual + attention.
 pub(crate) fn attention_block<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
     w: AttnRef<'_, B::Weight>,
     x: &B::Act,
     ctx: &RowCtx,
-    cache: Option<&mut LayerCache<B>>,
+    keys: LayerKeys<'_, B>,
     residual: B::Act,
 ) -> Result<B::Act> {
     let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
@@ -151,23 +166,39 @@ pub(crate) fn attention_block<B: KvCache>(
     let q = b.cols(&qkv, 0, h * d)?; // (T, H D)
     let k = b.cols(&qkv, h * d, kv * d)?; // (T, KV D)
     let v = b.cols(&qkv, (h + kv) * d, kv * d)?; // (T, KV D)
-    let Some(cache) = cache else {
-        let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
-        let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
-        return Ok(b.linear_residual(&att, out_w, out_b, residual)?);
+    let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
+    let att = match keys {
+        LayerKeys::Cache(cache) => cached_attention(b, &q, k, v, shape, ctx, cache)?,
+        LayerKeys::Prompts(kept, batch) => {
+            let (k, v, key_offset) = with_kept_prompts(b, k, v, kept, batch)?; // (K + T, KV D)
+            b.attention(&q, &k, &v, AttnShape { key_offset, ..shape }, ctx.spans)? // (T, H D)
+        }
+        LayerKeys::None => b.attention(&q, &k, &v, shape, ctx.spans)?, // (T, H D)
     };
+    Ok(b.linear_residual(&att, out_w, out_b, residual)?)
+}
+
+/// Attention over a generation cache and this call's keys (T, KV D), which the cache gets
+/// appended (regrouped by `ctx.cache_order`). q (T, H D) -> (T, H D).
+fn cached_attention<B: KvCache>(
+    b: &B,
+    q: &B::Act,
+    k: B::Act,
+    v: B::Act,
+    shape: AttnShape,
+    ctx: &RowCtx,
+    cache: &mut LayerCache<B>,
+) -> Result<B::Act> {
     let (att, mut k, mut v) = match (cache.k.take(), cache.v.take()) {
         (Some(mut ck), Some(mut cv)) => {
             let key_offset = b.cache_len(&ck);
             b.cache_append(&mut ck, &k)?; // (S, KV D)
             b.cache_append(&mut cv, &v)?;
-            let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset };
-            (b.attention_cached(&q, &ck, &cv, shape, ctx.spans)?, ck, cv) // (T, H D)
+            (b.attention_cached(q, &ck, &cv, AttnShape { key_offset, ..shape }, ctx.spans)?, ck, cv) // (T, H D)
         }
         // A prompt: its attention reads this call's keys as they are, the cache keeps them.
         _ => {
-            let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
-            let att = b.attention(&q, &k, &v, shape, ctx.spans)?; // (T, H D)
+            let att = b.attention(q, &k, &v, shape, ctx.spans)?; // (T, H D)
             (att, b.cache_from(k)?, b.cache_from(v)?)
         }
     };
@@ -178,7 +209,30 @@ pub(crate) fn attention_block<B: KvCache>(
     }
     cache.k = Some(k);
     cache.v = Some(v);
-    Ok(b.linear_residual(&att, out_w, out_b, residual)?)
+    Ok(att)
+}
+
+/// Extract's kept prompts around this call's keys and values (T, KV D): the `Keep` slots'
+/// prompt rows are kept, and the `Kept` slots' kept rows (K in all, slot order) put before
+/// this call's, as the batch's spans index them -> (keys, values) (K + T, KV D) and K.
+fn with_kept_prompts<B: KvCache>(b: &B, k: B::Act, v: B::Act, kept: &mut LayerPrompts<B>, batch: BatchPrompts) -> Result<(B::Act, B::Act, usize)> {
+    for (&doc, p) in batch.docs.iter().zip(batch.prefix) {
+        if let Prefix::Keep { start, end } = *p {
+            let rows: Vec<u32> = (start..end).collect();
+            kept.keep(doc, b.rows(&k, &rows)?, b.rows(&v, &rows)?); // (P, KV D) each
+        }
+    }
+    let (mut k, mut v, mut key_offset) = (k, v, 0);
+    // Right to left, so the kept prompts end up in slot order before this call's keys.
+    for (&doc, p) in batch.docs.iter().zip(batch.prefix).rev() {
+        if let Prefix::Kept { len } = *p {
+            let (pk, pv) = kept.get(b, doc, len as usize)?;
+            k = b.concat_rows(pk, &k)?; // (len + rows so far, KV D)
+            v = b.concat_rows(pv, &v)?;
+            key_offset += len as usize;
+        }
+    }
+    Ok((k, v, key_offset))
 }
 
 /// Whether `order` lists rows 0..n in order: a gather by it would copy the matrix unchanged.
@@ -191,7 +245,7 @@ pub fn begin_forward<B: Ops>(b: &B, w: &PartWeights<B>, ids: &[u32]) -> Result<B
     Ok(b.embed(w.at(w.embed()?), ids)?)
 }
 
-/// One decoder layer: hidden (T, C) -> hidden (T, C).
+/// One decoder layer: hidden (T, C) -> hidden (T, C), appending to a generation `cache`.
 pub fn layer_forward<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
@@ -200,9 +254,21 @@ pub fn layer_forward<B: KvCache>(
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
 ) -> Result<B::Act> {
+    layer_forward_keys(b, cfg, w, x, ctx, cache.map_or(LayerKeys::None, LayerKeys::Cache))
+}
+
+/// One decoder layer, with whatever keys it keeps beyond the call.
+pub fn layer_forward_keys<B: KvCache>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &PartWeights<B>,
+    x: B::Act,
+    ctx: &RowCtx,
+    keys: LayerKeys<'_, B>,
+) -> Result<B::Act> {
     match w.view() {
-        View::Falcon(l) => falcon::layer_forward(b, cfg, w, l, x, ctx, cache),
-        View::Llama(l) => llama::layer_forward(b, cfg, w, l, x, ctx, cache),
+        View::Falcon(l) => falcon::layer_forward(b, cfg, w, l, x, ctx, keys),
+        View::Llama(l) => llama::layer_forward(b, cfg, w, l, x, ctx, keys),
         _ => Err(w.wrong_part("a decoder layer")),
     }
 }

@@ -53,13 +53,20 @@ impl<B: Backend + 'static> Worker<B> {
         Ok(out)
     }
 
-    /// Rank 0: tell every rank the job is over (their `serve` returns Ok).
-    pub fn stop(&self) -> Result<(), PipelineError> {
+    /// Rank 0: tell every rank the job is over (their `serve` returns Ok, every rank's kept
+    /// prompts freed).
+    pub fn stop(&mut self) -> Result<(), PipelineError> {
+        self.release_prompts(None);
         self.broadcast(&Command::Stop)
     }
 
-    /// This rank's share of a score wave, its messages left in flight.
+    /// This rank's share of a score wave, its messages left in flight. The prompts the
+    /// wave's micro-batches release are freed first: the driver names a document only once
+    /// its last pass is back, so no batch of this wave or a later one attends to it.
     pub(super) fn score_start(&mut self, wave: &[MicroBatch]) -> Result<InFlight, PipelineError> {
+        for b in wave {
+            self.release_prompts(Some(&b.release));
+        }
         let passes: Vec<ForwardRows> = wave.iter().map(ForwardRows::scoring).collect();
         self.start(&passes, false)
     }
@@ -88,7 +95,10 @@ pub fn serve<B: Backend + 'static>(worker: &mut Worker<B>) -> Result<(), Pipelin
                 worker.step(&batch)?;
             }
             Command::Reset => worker.reset_caches(),
-            Command::Stop => return Ok(()),
+            Command::Stop => {
+                worker.release_prompts(None);
+                return Ok(());
+            }
         }
     }
 }

@@ -6,7 +6,7 @@
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::group::DeviceGroup;
-use crate::model::{ModelError, RowCtx};
+use crate::model::{BatchPrompts, ModelError, RowCtx};
 use crate::runner::StepBatch;
 use crate::token_tree::{AttnSpan, MicroBatch, ScoredRow};
 
@@ -29,18 +29,20 @@ pub(crate) struct ForwardRows<'a> {
     pub spans: &'a [AttnSpan],
     /// Generation: the rows of [cache; new] that form the next cache.
     pub cache_order: Option<&'a [u32]>,
+    /// A micro-batch's documents and how their prompts are attended (kept prompts).
+    pub prompts: Option<BatchPrompts<'a>>,
     pub outputs: OutputRows<'a>,
 }
 
 impl<'a> ForwardRows<'a> {
     /// A scoring pass over a micro-batch's token tree.
     pub fn scoring(b: &'a MicroBatch) -> ForwardRows<'a> {
-        ForwardRows { tokens: &b.tokens, positions: &b.positions, spans: &b.spans, cache_order: None, outputs: OutputRows::Scored(&b.scored) }
+        ForwardRows { tokens: &b.tokens, positions: &b.positions, spans: &b.spans, cache_order: None, prompts: Some(BatchPrompts::of(b)), outputs: OutputRows::Scored(&b.scored) }
     }
 
     /// A generation step: logits at each sequence's last row.
     pub fn step(s: &'a StepBatch) -> ForwardRows<'a> {
-        ForwardRows { tokens: &s.tokens, positions: &s.positions, spans: &s.spans, cache_order: Some(&s.cache_order), outputs: OutputRows::Logits(&s.last_rows) }
+        ForwardRows { tokens: &s.tokens, positions: &s.positions, spans: &s.spans, cache_order: Some(&s.cache_order), prompts: None, outputs: OutputRows::Logits(&s.last_rows) }
     }
 
     pub fn ctx(&self) -> RowCtx<'_> {

@@ -17,7 +17,7 @@ use super::{PipelineError, ScheduleMismatch};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::group::HostGroup;
-use crate::model::{LayerCache, ModelError};
+use crate::model::{GroupKeys, LayerCache, ModelError, PromptStore};
 use crate::schedule::cost::WireDtype;
 use crate::schedule::Schedule;
 use crate::trace::{Trace, Track};
@@ -58,6 +58,9 @@ pub struct Worker<B: Backend> {
     /// Generation: per group this rank owns, one cache per layer of the group. The caches
     /// stay on this rank with their group even when its weights are swapped out.
     caches: HashMap<usize, Vec<LayerCache<B>>>,
+    /// Extract: the prompts' keys and values of documents under search, per global layer
+    /// this rank runs; freed as the waves' `release` lists say, and at the job's stop.
+    prompts: PromptStore<B>,
     pub trace: Trace,
     /// Trace time zero, taken as every rank leaves one barrier: all ranks' clocks line up.
     t0: Instant,
@@ -100,6 +103,7 @@ impl<B: Backend + 'static> Worker<B> {
             waits: cluster.waits.clone(),
             window,
             caches: HashMap::new(),
+            prompts: PromptStore::default(),
             trace,
             t0,
             wire,
@@ -118,6 +122,20 @@ impl<B: Backend + 'static> Worker<B> {
     /// Forget every generation cache.
     pub fn reset_caches(&mut self) {
         self.caches.clear();
+    }
+
+    /// Extract's kept prompts on this rank.
+    pub fn prompts(&self) -> &PromptStore<B> {
+        &self.prompts
+    }
+
+    /// Free the kept prompts of `docs` (a wave's `release` lists), or all of them (None: the
+    /// job is over).
+    pub(crate) fn release_prompts(&mut self, docs: Option<&[usize]>) {
+        match docs {
+            Some(d) => self.prompts.release(d),
+            None => self.prompts.clear(),
+        }
     }
 
     /// Groups uploaded to the backend right now.
@@ -186,7 +204,12 @@ impl<B: Backend + 'static> Worker<B> {
                     None => group.embed(&*self.backend, pass.tokens)?,
                 };
                 let start = Instant::now();
-                let x = group.run_layers(&*self.backend, &self.cfg, x, &pass.ctx(), caches.as_deref_mut())?;
+                let keys = match (caches.as_deref_mut(), pass.prompts) {
+                    (Some(c), _) => GroupKeys::Caches(c),
+                    (None, Some(p)) => GroupKeys::Prompts(&mut self.prompts, p),
+                    (None, None) => GroupKeys::None,
+                };
+                let x = group.run_layers_keys(&*self.backend, &self.cfg, x, &pass.ctx(), keys)?;
                 match next_owner {
                     Some(next) => {
                         let data = self.backend.download(&x).map_err(ModelError::from)?; // (T, C)

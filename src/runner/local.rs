@@ -6,8 +6,8 @@
 use super::{BatchScorer, Decoder, StepBatch};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::group::{score_through, DeviceGroup};
-use crate::model::{LayerCache, ModelError, RowCtx};
+use crate::group::{score_keeping, DeviceGroup};
+use crate::model::{LayerCache, ModelError, PromptStore, RowCtx};
 use crate::token_tree::MicroBatch;
 use std::collections::VecDeque;
 
@@ -18,13 +18,15 @@ pub struct LocalScorer<'a, B: Backend> {
     pub groups: &'a [DeviceGroup<B>],
     /// Results of the waves submitted and not yet collected, oldest first.
     pub done: VecDeque<Vec<Vec<f64>>>,
+    /// Extract's kept prompts (token_tree::Prefix).
+    pub prompts: PromptStore<B>,
 }
 
 impl<B: Backend> BatchScorer for LocalScorer<'_, B> {
     type Error = ModelError;
 
     fn submit(&mut self, wave: &[MicroBatch]) -> Result<(), ModelError> {
-        let out = wave.iter().map(|batch| score_through(self.groups, self.backend, self.cfg, batch)).collect::<Result<_, _>>()?;
+        let out = wave.iter().map(|batch| score_keeping(self.groups, self.backend, self.cfg, batch, &mut self.prompts)).collect::<Result<_, _>>()?;
         self.done.push_back(out);
         Ok(())
     }
