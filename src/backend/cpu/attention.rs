@@ -169,6 +169,11 @@ struct Block {
     ends: Vec<usize>,
     /// The products run through the packed K and V (more than FEW_QUERY_ROWS rows).
     gemm: bool,
+    /// Whole panels of keys (relative to k0) between the rows' two intervals that no row
+    /// attends, skipped by both products: an extract pass's branch rows attend their own
+    /// document's kept prompt, at the front of the keys, and their branch, at the end, and
+    /// between them lie the other documents' prompts and branches.
+    gap: Option<(usize, usize)>,
 }
 
 impl Block {
@@ -181,13 +186,35 @@ impl Block {
         let nk = k1 - k0;
         let intervals: Vec<_> = (t0..t1).map(|t| attended_intervals(&spans[t], t + s.key_offset, k0, nk)).collect();
         let ends = intervals.iter().map(|&[(a0, a1), (b0, b1)]| (if b0 < b1 { b1 } else { 0 }).max(if a0 < a1 { a1 } else { 0 })).collect();
-        Block { t0, t1, k0, nk, intervals, ends, gemm }
+        let gap = if gemm { unattended(&intervals, nr) } else { None };
+        Block { t0, t1, k0, nk, intervals, ends, gemm, gap }
     }
 
     /// One past the last key (relative to k0) that any of the block's rows [r0, r1) attends.
     fn keys_attended_by(&self, r0: usize, r1: usize) -> usize {
         self.ends[r0..r1].iter().copied().max().unwrap_or(0)
     }
+}
+
+/// Whole panels of `nr` keys between every row's first interval and every row's second, if
+/// any: [the first panel after the last first interval's end, the panel of the first second
+/// interval's start). A row of one interval counts it as its first.
+fn unattended(intervals: &[[(usize, usize); 2]], nr: usize) -> Option<(usize, usize)> {
+    let mut first_end = 0;
+    let mut second_start = usize::MAX;
+    for &[(a0, a1), (b0, b1)] in intervals {
+        match (a0 < a1, b0 < b1) {
+            (true, true) => {
+                first_end = first_end.max(a1);
+                second_start = second_start.min(b0);
+            }
+            (true, false) => first_end = first_end.max(a1),
+            (false, true) => first_end = first_end.max(b1),
+            (false, false) => {}
+        }
+    }
+    let (g0, g1) = (first_end.div_ceil(nr) * nr, second_start / nr * nr);
+    (second_start != usize::MAX && g1 >= g0 + 2 * nr).then_some((g0, g1))
 }
 
 /// Attention of block `b`'s rows for head hh (see the module doc): through `packed` when the
@@ -209,18 +236,25 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
     let scale = 1.0 / (d as f32).sqrt();
     // The scores' scale: the dot products apply it, the GEMM leaves it to the softmax.
     let score_scale = if b.gemm {
-        let panel = k0 / kernel.nr() * d * kernel.nr(); // the panel holding key k0
-        // SAFETY: q holds rows t0.. of H·D values (head hh's D at hh·D), scores (rows, nk),
-        // the packed keys nk keys from k0; a tile leaves columns past its rows' last attended
-        // key unwritten, and the softmax below writes every column outside the intervals.
-        gemm::matmul_tiles(kernel, q.data.as_ptr().add(t0 * q.cols + hh * d), q.cols, rows, d, packed.keys[kv].as_ptr().add(panel), d * kernel.nr(), nk, scores.as_mut_ptr(), nk, |r0, r1| {
-            (b.keys_attended_by(r0, r1), d)
-        });
+        // Keys [0, g0) and [g1, nk) relative to k0; [g0, g1) no row attends.
+        let (g0, g1) = b.gap.unwrap_or((nk, nk));
+        for (c0, c1) in [(0, g0), (g1, nk)].into_iter().filter(|(c0, c1)| c0 < c1) {
+            let panel = (k0 + c0) / kernel.nr() * d * kernel.nr(); // the panel holding key k0 + c0
+            // SAFETY: q holds rows t0.. of H·D values (head hh's D at hh·D), scores (rows, nk),
+            // the packed keys nk keys from k0 (c0 a multiple of NR); a tile leaves columns past
+            // its rows' last attended key unwritten, and the softmax below writes every column
+            // outside the intervals (the gap's too).
+            gemm::matmul_tiles(kernel, q.data.as_ptr().add(t0 * q.cols + hh * d), q.cols, rows, d, packed.keys[kv].as_ptr().add(panel), d * kernel.nr(), c1 - c0, scores.as_mut_ptr().add(c0), nk, false, |r0, r1| {
+                (b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0), d)
+            });
+        }
         scale
     } else {
         for (i, row) in scores.chunks_mut(nk).enumerate() {
             let qrow = &q.data[(t0 + i) * q.cols + hh * d..][..d];
-            vmath::scaled_dots(qrow, &k.data[k0 * k.cols + kv * d..], k.cols, scale, row);
+            for (a, e) in b.intervals[i].into_iter().filter(|(a, e)| a < e) {
+                vmath::scaled_dots(qrow, &k.data[(k0 + a) * k.cols + kv * d..], k.cols, scale, &mut row[a..e]);
+            }
         }
         1.0
     };
@@ -240,9 +274,16 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
         // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
         // vᵀ's panels are keys_len deep, read from key k0; p's row is 0 past its rows' last
         // attended key, so the depth stops there.
-        gemm::matmul_tiles(kernel, scores.as_ptr(), nk, rows, nk, packed.values[kv].as_ptr().add(k0 * nr), packed.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, |r0, r1| {
-            (d, b.keys_attended_by(r0, r1))
-        });
+        let (g0, g1) = b.gap.unwrap_or((nk, nk));
+        for (c0, c1, add) in [(0, g0, false), (g1, nk, true)].into_iter().filter(|&(c0, c1, add)| !add || c0 < c1) {
+            // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
+            // vᵀ's panels are keys_len deep, read from key k0 + c0; p's row is 0 outside its
+            // intervals (the gap included), so the depth stops at its rows' last attended key.
+            // The first range writes out (even at depth 0), the second adds to it.
+            gemm::matmul_tiles(kernel, scores.as_ptr().add(c0), nk, rows, c1 - c0, packed.values[kv].as_ptr().add((k0 + c0) * nr), packed.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, add, |r0, r1| {
+                (d, b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0))
+            });
+        }
     } else {
         let vbase = k0 * v.cols + kv * d;
         for (i, row) in scores.chunks(nk).enumerate() {

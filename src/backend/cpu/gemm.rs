@@ -257,6 +257,8 @@ pub(super) fn fork(nr: usize, mr: usize, t: usize, k: usize, n: usize, task: imp
 /// depth: attention's masks say where a tile's scores are never read or its probabilities are
 /// all 0. No K blocks: attention's depths (D, or a block's keys) keep a panel in L1 or L2.
 ///
+/// With `add`, out += the product instead (a product over a second range of the depth).
+///
 /// # Safety
 /// `x` covers t rows at stride lda of k values, `out` t rows at stride ldc of n writable
 /// floats, `w` n.div_ceil(NR) panels of k·NR values; columns past a tile's `used` are left
@@ -273,6 +275,7 @@ pub unsafe fn matmul_tiles(
     n: usize,
     out: *mut f32,
     ldc: usize,
+    add: bool,
     used: impl Fn(usize, usize) -> (usize, usize),
 ) {
     let (nr, mr) = (kernel.nr(), kernel.mr());
@@ -281,7 +284,7 @@ pub unsafe fn matmul_tiles(
         let (cols, depth) = used(r0, r1);
         let (cols, depth) = (cols.min(n), depth.min(k));
         for p in 0..cols.div_ceil(nr) {
-            let tile = Tile { kc: depth, a: x.add(r0 * lda), lda, b: w.add(p * panel_stride), c: out.add(r0 * ldc + p * nr), ldc, ncols: nr.min(cols - p * nr), init: Init::Zero };
+            let tile = Tile { kc: depth, a: x.add(r0 * lda), lda, b: w.add(p * panel_stride), c: out.add(r0 * ldc + p * nr), ldc, ncols: nr.min(cols - p * nr), init: if add { Init::Load } else { Init::Zero } };
             tile.run(kernel, r1 - r0);
         }
     }

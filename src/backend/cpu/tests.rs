@@ -535,6 +535,33 @@ fn decode_by_key_chunks_over_tree_spans_matches_reference() {
 }
 
 #[test]
+fn attention_skips_keys_between_a_kept_prompt_and_its_branches() {
+    // An extract pass over kept prompts: three documents' prompts (90, 120, 70 keys) first,
+    // then this call's branch rows (key_offset = 280), each document's branches attending its
+    // prompt and their own rows: the keys between (other documents') are a gap of whole panels
+    // that the products skip. Blocks of many rows (products) and of two (dot products).
+    let b = CpuBackend::new();
+    let prompts = [(0u32, 90u32), (90, 210), (210, 280)];
+    let kept = 280;
+    let mut spans = vec![];
+    for (d, &(p0, p1)) in prompts.iter().enumerate() {
+        // Document d's branches: lengths 7, 12 and 3 rows (the last document has 2 rows only).
+        let lens: &[usize] = if d == 2 { &[2] } else { &[7, 12, 3] };
+        for &len in lens {
+            let own = (kept + spans.len()) as u32;
+            spans.extend(std::iter::repeat_n(AttnSpan { shared_start: p0, shared_end: p1, own_start: own }, len));
+        }
+    }
+    let t = spans.len();
+    for d in [16, 64] {
+        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: d, key_offset: kept };
+        let (q, k, v) = (mat(t, 4 * d, 81), mat(kept + t, 2 * d, 82), mat(kept + t, 2 * d, 83));
+        let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
+        assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
+    }
+}
+
+#[test]
 fn attention_of_no_rows_is_empty() {
     let b = CpuBackend::new();
     let shape = AttnShape { heads: 2, kv_heads: 1, head_dim: 8, key_offset: 0 };
