@@ -1,5 +1,5 @@
 //! The extract job: per document, its source's candidate spans searched for the exact
-//! top-k (extract::Search) in up to three passes, each a token tree run through a
+//! top-k (extract::Search) in passes (the prompt, then rounds of a best-first search), each a token tree run through a
 //! runner::BatchScorer; results in input order, in a file of the extract schema, with
 //! score's resume, identity, lock, limits and bad-line behaviour (score.rs's functions,
 //! called, not copied). On SIGTERM the waves in flight finish and the documents they
