@@ -63,17 +63,9 @@ pub(super) fn unpack_row(packed: &[bf16], k: usize, j: usize, out: &mut Vec<f32>
     out.extend((0..k).map(|kk| packed[base + kk / 2 * 2 * NR + kk % 2].to_f32()));
 }
 
-/// x (T, K) rounded to bf16 and packed in pairs, once per call, for every panel's tiles: the
-/// left operand.
-///
-/// Layout: the rows cut into groups of MR (the last one `T % MR` rows, unpadded); a group of
-/// h rows is (Kp / 2, h) pairs, each pair the 32 bits of two consecutive depths of one row.
-/// A tile is always one whole group (the blocking cuts rows in whole MR tiles, so only the last
-/// group is short, and it is the last tile), so at each pair step it reads its R rows' pairs
-/// as R consecutive words at a fixed offset: a broadcast straight from memory, with no row
-/// stride to add (rows read at stride K cost the old kernel ~12 address ops per 24 products).
+/// x (T, K) rounded to bf16, each row padded to Kp with a zero: the left operand.
 pub(super) struct Rows {
-    data: Vec<u32>,
+    data: Vec<bf16>,
     rows: usize,
     kp: usize,
 }
@@ -85,35 +77,16 @@ impl Rows {
 
     pub(super) fn round(x: &[f32], t: usize, k: usize) -> Rows {
         let kp = pairs_depth(k);
-        let mut data = vec![0u32; t * kp / 2];
+        let mut data = vec![bf16::ZERO; t * kp];
         if k > 0 {
-            let groups = (Self::CHUNK.div_ceil(k * MR)).max(1);
-            let item = |(d, s): (&mut [u32], &[f32])| {
-                let mut row = vec![bf16::ZERO; kp];
-                for (d, s) in d.chunks_mut(MR * kp / 2).zip(s.chunks(MR * k)) {
-                    let h = s.len() / k;
-                    for (i, s) in s.chunks_exact(k).enumerate() {
-                        round::round_into(s, &mut row[..k]);
-                        for (p, pair) in row.chunks_exact(2).enumerate() {
-                            d[p * h + i] = u32::from(pair[0].to_bits()) | u32::from(pair[1].to_bits()) << 16;
-                        }
-                    }
+            let per = Self::CHUNK.div_ceil(k);
+            data.par_chunks_mut(kp * per).zip(x[..t * k].par_chunks(k * per)).for_each(|(d, s)| {
+                for (d, s) in d.chunks_exact_mut(kp).zip(s.chunks_exact(k)) {
+                    round::round_into(s, &mut d[..k]);
                 }
-            };
-            if t * k < Self::CHUNK {
-                item((&mut data[..], &x[..t * k]));
-            } else {
-                data.par_chunks_mut(groups * MR * kp / 2).zip(x[..t * k].par_chunks(groups * MR * k)).for_each(item);
-            }
+            });
         }
         Rows { data, rows: t, kp }
-    }
-
-    /// The tile of the group starting at row `i0` (a multiple of MR) from depth `k0` (even).
-    fn at(&self, i0: usize, k0: usize) -> *const u32 {
-        debug_assert!(i0 % MR == 0 && k0 % 2 == 0);
-        let h = MR.min(self.rows - i0);
-        self.data[i0 * self.kp / 2 + k0 / 2 * h..].as_ptr()
     }
 }
 
@@ -157,7 +130,8 @@ pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u
                 let (ncols, c) = (NR.min(n - p * NR), out.0.add(i0 * n + p * NR));
                 let tile = |b: &[bf16], c: *mut f32, ldc: usize, bias: Option<&[f32]>| Tile {
                     pairs: kp / 2,
-                    a: x.at(i0, 0),
+                    a: x.data.as_ptr().add(i0 * kp),
+                    lda: kp,
                     b: b.as_ptr().add(p * kp * NR),
                     c,
                     ldc,
@@ -191,7 +165,7 @@ unsafe fn block(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: SendP
             for p in panels.clone() {
                 let init = Init::at(k0, bias, mode, p * NR);
                 for i0 in (m0..m1).step_by(MR) {
-                    let tile = Tile { pairs: kc / 2, a: x.at(i0, k0), b: w.as_ptr().add(p * kp * NR + k0 * NR), c: out.0.add(i0 * n + p * NR), ldc: n, ncols: NR.min(n - p * NR), init };
+                    let tile = Tile { pairs: kc / 2, a: x.data.as_ptr().add(i0 * kp + k0), lda: kp, b: w.as_ptr().add(p * kp * NR + k0 * NR), c: out.0.add(i0 * n + p * NR), ldc: n, ncols: NR.min(n - p * NR), init };
                     tile.run(MR.min(m1 - i0));
                 }
             }
@@ -202,8 +176,9 @@ unsafe fn block(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: SendP
 /// One (rows, ncols) tile of out over `pairs` pairs of depth.
 struct Tile {
     pairs: usize,
-    /// x's pairs (`Rows`) at the tile's group and the block's first pair: (pairs, rows).
-    a: *const u32,
+    /// x at the tile's first row and the block's first (even) depth.
+    a: *const bf16,
+    lda: usize,
     /// The panel at the block's first pair: (pairs, NR, 2).
     b: *const bf16,
     c: *mut f32,
@@ -214,8 +189,8 @@ struct Tile {
 
 impl Tile {
     /// # Safety
-    /// The pointers cover `rows` x `ncols` of out, pairs x `rows` of x's pairs (a whole group
-    /// of `Rows`), the panel's pairs x NR x 2, and the CPU runs the kernel.
+    /// The pointers cover `rows` x `ncols` of out, `rows` x 2·pairs of x, the panel's
+    /// pairs x NR x 2, and the CPU runs the kernel.
     unsafe fn run(&self, rows: usize) {
         #[cfg(target_arch = "x86_64")]
         match rows {
@@ -262,14 +237,12 @@ unsafe fn pair_step<const R: usize>(t: &Tile, acc: &mut [[std::arch::x86_64::__m
     let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.cast()));
     let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(NR).cast()));
     for (i, a) in acc.iter_mut().enumerate() {
-        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(t.a.add(p * R + i).read() as i32));
+        let pair = t.a.add(i * t.lda + 2 * p).cast::<i32>().read_unaligned();
+        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
         a[0] = _mm512_dpbf16_ps(a[0], x, b0);
         a[1] = _mm512_dpbf16_ps(a[1], x, b1);
     }
 }
-
-/// How many pair steps (128 bytes of panel each) ahead of the kernel a few-row tile prefetches.
-const PREFETCH_PAIRS: usize = 16;
 
 /// `tile` for a few rows (decode: one per sequence), whose 2·R accumulators alone would make
 /// each `vdpbf16ps` wait for the one before (latency ~6 cycles, one issued per cycle): the pairs
@@ -285,12 +258,6 @@ unsafe fn tile_chains<const R: usize, const C: usize>(t: &Tile) {
     let whole = t.pairs / C * C;
     for p0 in (0..whole).step_by(C) {
         for (c, acc) in chains.iter_mut().enumerate() {
-            // The panel comes from memory once (each a few rows' only read of it): ask for the
-            // two lines a pair step reads PREFETCH_PAIRS steps early, past the panel's end into
-            // the next one (a task's panels are one run of memory; a prefetch never faults).
-            let ahead = t.b.wrapping_add((p0 + c + PREFETCH_PAIRS) * 2 * NR).cast::<i8>();
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             pair_step(t, acc, p0 + c);
         }
     }
@@ -410,6 +377,38 @@ mod tests {
             vmath::silu_mul_slice(&mut want, &up);
             let differ = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
             assert_eq!(differ, None, "{t}x{k}x{n}");
+        }
+    }
+
+    /// Not a check: best-of-many GFLOP/s of `matmul` at a decoder's shapes and of the GEMV over
+    /// a matrix larger than L3, on 1 and 2 threads, for A/B runs of two builds on a loaded
+    /// machine (`cargo test --release --lib gemm_bf16::tests::speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn speed() {
+        if !available() {
+            return;
+        }
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+            for &(t, k, n, reps) in &[(2048, 576, 960, 40), (2048, 1536, 576, 40), (1, 576, 1536, 400), (1, 576, 49152, 40)] {
+                let xf: Vec<f32> = values(t * k, 1).iter().map(|v| v.to_f32()).collect();
+                let w = pack(&values(n * k, 2), n, k);
+                let mut out = vec![0f32; t * n];
+                let mut times: Vec<f64> = pool.install(|| {
+                    (0..reps)
+                        .map(|_| {
+                            let start = std::time::Instant::now();
+                            // SAFETY: out holds t·n floats, w its packed_len; the kernel is available.
+                            unsafe { matmul(&Rows::round(&xf, t, k), &w, n, None, out.as_mut_ptr(), Out::Write) };
+                            start.elapsed().as_secs_f64()
+                        })
+                        .collect()
+                });
+                times.sort_by(f64::total_cmp);
+                let gf = |s: f64| 2.0 * (t * k * n) as f64 / s / 1e9;
+                println!("speed threads {threads} {t}x{k}x{n}: best {:.1} GFLOP/s, median {:.1}", gf(times[0]), gf(times[reps / 2]));
+            }
         }
     }
 
