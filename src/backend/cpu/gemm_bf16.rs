@@ -129,29 +129,46 @@ pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u
         let kp = x.kp;
         for i0 in rows.clone().step_by(MR) {
             let r = MR.min(rows.end - i0);
-            for p in panels.clone() {
-                let (ncols, c) = (NR.min(n - p * NR), out.0.add(i0 * n + p * NR));
-                let tile = |b: &[bf16], c: *mut f32, ldc: usize, bias: Option<&[f32]>| Tile {
-                    pairs: kp / 2,
-                    a: x.data.as_ptr().add(i0 * kp),
-                    lda: kp,
-                    b: b.as_ptr().add(p * kp * NR),
-                    c,
-                    ldc,
-                    ncols,
-                    init: Init::at(0, bias, Out::Write, p * NR),
-                };
-                let (gate, up_tile) = (tile(g, c, n, bg), tile(u, up.as_mut_ptr(), NR, bu));
-                if r == 1 {
-                    // Both panels streamed from memory at once, as `block` streams a one-row product's.
-                    streams::<2>(&[gate, up_tile]);
-                } else {
-                    gate.run(r);
-                    up_tile.run(r);
-                }
+            let c = |p: usize| out.0.add(i0 * n + p * NR);
+            let tile = |b: &[bf16], p: usize, c: *mut f32, ldc: usize, bias: Option<&[f32]>| Tile {
+                pairs: kp / 2,
+                a: x.data.as_ptr().add(i0 * kp),
+                lda: kp,
+                b: b.as_ptr().add(p * kp * NR),
+                c,
+                ldc,
+                ncols: NR.min(n - p * NR),
+                init: Init::at(0, bias, Out::Write, p * NR),
+            };
+            // out's rows of panel p = silu(gate) ⊙ up, `up` holding r rows of NR.
+            let silu = |p: usize, up: &[f32], r: usize| {
+                let ncols = NR.min(n - p * NR);
                 for (i, up) in up.chunks_exact(NR).take(r).enumerate() {
-                    vmath::silu_mul_slice(std::slice::from_raw_parts_mut(c.add(i * n), ncols), &up[..ncols]);
+                    vmath::silu_mul_slice(std::slice::from_raw_parts_mut(c(p).add(i * n), ncols), &up[..ncols]);
                 }
+            };
+            if r == 1 {
+                // One row streams both weights from memory, as `block` does: the gate and up
+                // panels of two panels at once, from the two halves of the task's run.
+                let (start, half) = (panels.start, panels.len() / 2);
+                for j in 0..half {
+                    let (p, q) = (start + j, start + half + j);
+                    let up_at = up.as_mut_ptr();
+                    streams::<4>(&[tile(g, p, c(p), n, bg), tile(u, p, up_at, NR, bu), tile(g, q, c(q), n, bg), tile(u, q, up_at.add(NR), NR, bu)]);
+                    silu(p, &up[..NR], 1);
+                    silu(q, &up[NR..2 * NR], 1);
+                }
+                if panels.len() % 2 == 1 {
+                    let p = panels.end - 1;
+                    streams::<2>(&[tile(g, p, c(p), n, bg), tile(u, p, up.as_mut_ptr(), NR, bu)]);
+                    silu(p, &up[..NR], 1);
+                }
+                continue;
+            }
+            for p in panels.clone() {
+                tile(g, p, c(p), n, bg).run(r);
+                tile(u, p, up.as_mut_ptr(), NR, bu).run(r);
+                silu(p, &up, r);
             }
         }
     });
