@@ -19,6 +19,9 @@ pub(super) const NR: usize = 32;
 /// Rows of out per tile: 24 accumulators, 2 panel registers and a broadcast of 32.
 pub(super) const MR: usize = 12;
 
+/// Panels a one-row product streams at once (`block`).
+const STREAMS: usize = 4;
+
 /// Whether this CPU runs the kernel (detected once by the caller's route).
 pub(super) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -126,23 +129,46 @@ pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u
         let kp = x.kp;
         for i0 in rows.clone().step_by(MR) {
             let r = MR.min(rows.end - i0);
-            for p in panels.clone() {
-                let (ncols, c) = (NR.min(n - p * NR), out.0.add(i0 * n + p * NR));
-                let tile = |b: &[bf16], c: *mut f32, ldc: usize, bias: Option<&[f32]>| Tile {
-                    pairs: kp / 2,
-                    a: x.data.as_ptr().add(i0 * kp),
-                    lda: kp,
-                    b: b.as_ptr().add(p * kp * NR),
-                    c,
-                    ldc,
-                    ncols,
-                    init: Init::at(0, bias, Out::Write, p * NR),
-                };
-                tile(g, c, n, bg).run(r);
-                tile(u, up.as_mut_ptr(), NR, bu).run(r);
+            let c = |p: usize| out.0.add(i0 * n + p * NR);
+            let tile = |b: &[bf16], p: usize, c: *mut f32, ldc: usize, bias: Option<&[f32]>| Tile {
+                pairs: kp / 2,
+                a: x.data.as_ptr().add(i0 * kp),
+                lda: kp,
+                b: b.as_ptr().add(p * kp * NR),
+                c,
+                ldc,
+                ncols: NR.min(n - p * NR),
+                init: Init::at(0, bias, Out::Write, p * NR),
+            };
+            // out's rows of panel p = silu(gate) ⊙ up, `up` holding r rows of NR.
+            let silu = |p: usize, up: &[f32], r: usize| {
+                let ncols = NR.min(n - p * NR);
                 for (i, up) in up.chunks_exact(NR).take(r).enumerate() {
-                    vmath::silu_mul_slice(std::slice::from_raw_parts_mut(c.add(i * n), ncols), &up[..ncols]);
+                    vmath::silu_mul_slice(std::slice::from_raw_parts_mut(c(p).add(i * n), ncols), &up[..ncols]);
                 }
+            };
+            if r == 1 {
+                // One row streams both weights from memory, as `block` does: the gate and up
+                // panels of two panels at once, from the two halves of the task's run.
+                let (start, half) = (panels.start, panels.len() / 2);
+                for j in 0..half {
+                    let (p, q) = (start + j, start + half + j);
+                    let up_at = up.as_mut_ptr();
+                    streams::<4>(&[tile(g, p, c(p), n, bg), tile(u, p, up_at, NR, bu), tile(g, q, c(q), n, bg), tile(u, q, up_at.add(NR), NR, bu)]);
+                    silu(p, &up[..NR], 1);
+                    silu(q, &up[NR..2 * NR], 1);
+                }
+                if panels.len() % 2 == 1 {
+                    let p = panels.end - 1;
+                    streams::<2>(&[tile(g, p, c(p), n, bg), tile(u, p, up.as_mut_ptr(), NR, bu)]);
+                    silu(p, &up[..NR], 1);
+                }
+                continue;
+            }
+            for p in panels.clone() {
+                tile(g, p, c(p), n, bg).run(r);
+                tile(u, p, up.as_mut_ptr(), NR, bu).run(r);
+                silu(p, &up, r);
             }
         }
     });
@@ -162,11 +188,29 @@ unsafe fn block(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: SendP
         let m1 = (m0 + mc).min(rows.end);
         for k0 in (0..kp.max(1)).step_by(kc_max) {
             let kc = kc_max.min(kp - k0);
+            let tile = |i0: usize, p: usize| Tile { pairs: kc / 2, a: x.data.as_ptr().add(i0 * kp + k0), lda: kp, b: w.as_ptr().add(p * kp * NR + k0 * NR), c: out.0.add(i0 * n + p * NR), ldc: n, ncols: NR.min(n - p * NR), init: Init::at(k0, bias, mode, p * NR) };
+            if rows.len() == 1 {
+                // One row (a decode step of one sequence) reads each panel once, from memory,
+                // and one stream of misses leaves the core waiting on the prefetcher: the task's
+                // run of panels is cut in up to STREAMS parts, read side by side (1x576x49152 on
+                // one thread, best of 40: 21 -> 27 GFLOP/s = GB/s).
+                let (start, len) = (panels.start, panels.len());
+                let part = len / STREAMS;
+                match len.min(STREAMS) {
+                    STREAMS => (0..part).for_each(|j| streams::<STREAMS>(&std::array::from_fn(|s| tile(m0, start + s * part + j)))),
+                    3 => streams::<3>(&std::array::from_fn(|s| tile(m0, start + s))),
+                    2 => streams::<2>(&std::array::from_fn(|s| tile(m0, start + s))),
+                    _ => tile(m0, start).run(1),
+                }
+                // STREAMS runs of `part` panels leave len % STREAMS at the end.
+                if len > STREAMS {
+                    (start + part * STREAMS..panels.end).for_each(|p| tile(m0, p).run(1));
+                }
+                continue;
+            }
             for p in panels.clone() {
-                let init = Init::at(k0, bias, mode, p * NR);
                 for i0 in (m0..m1).step_by(MR) {
-                    let tile = Tile { pairs: kc / 2, a: x.data.as_ptr().add(i0 * kp + k0), lda: kp, b: w.as_ptr().add(p * kp * NR + k0 * NR), c: out.0.add(i0 * n + p * NR), ldc: n, ncols: NR.min(n - p * NR), init };
-                    tile.run(MR.min(m1 - i0));
+                    tile(i0, p).run(MR.min(m1 - i0));
                 }
             }
         }
@@ -174,6 +218,7 @@ unsafe fn block(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: SendP
 }
 
 /// One (rows, ncols) tile of out over `pairs` pairs of depth.
+#[derive(Clone, Copy)]
 struct Tile {
     pairs: usize,
     /// x at the tile's first row and the block's first (even) depth.
@@ -194,7 +239,7 @@ impl Tile {
     unsafe fn run(&self, rows: usize) {
         #[cfg(target_arch = "x86_64")]
         match rows {
-            1 => tile_chains::<1, 4>(self),
+            1 => streams::<1>(&[*self]),
             2 => tile_chains::<2, 3>(self),
             3 => tile_chains::<3, 2>(self),
             4 => tile::<4>(self),
@@ -273,6 +318,51 @@ unsafe fn tile_chains<const R: usize, const C: usize>(t: &Tile) {
     gemm::avx512::store(&acc, t.c, t.ldc, masks);
 }
 
+/// One-row tiles over STREAMS panels in one loop (see `block`): each panel's pairs go round
+/// two sets of accumulators, summed at the end, so with two or more streams at least four
+/// `vdpbf16ps` chains hide its latency.
+///
+/// # Safety
+/// As `Tile::run` with one row, for every tile; the tiles have equal `pairs`.
+unsafe fn streams<const STREAMS: usize>(ts: &[Tile; STREAMS]) {
+    #[cfg(target_arch = "x86_64")]
+    streams_avx512(ts);
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the bf16 kernel is never detected off x86 ({} pairs)", ts[0].pairs);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn streams_avx512<const STREAMS: usize>(ts: &[Tile; STREAMS]) {
+    use std::arch::x86_64::*;
+    let pairs = ts[0].pairs;
+    debug_assert!(ts.iter().all(|t| t.pairs == pairs));
+    let zero = [[_mm512_setzero_ps(); 2]; 1];
+    let mut even = [zero; STREAMS];
+    let mut odd = [zero; STREAMS];
+    for (acc, t) in even.iter_mut().zip(ts) {
+        *acc = gemm::avx512::start::<1>(t.init, t.c, t.ldc, gemm::avx512::masks(t.ncols));
+    }
+    let whole = pairs / 2 * 2;
+    for p in (0..whole).step_by(2) {
+        for (acc, t) in even.iter_mut().zip(ts) {
+            pair_step(t, acc, p);
+        }
+        for (acc, t) in odd.iter_mut().zip(ts) {
+            pair_step(t, acc, p + 1);
+        }
+    }
+    if whole < pairs {
+        for (acc, t) in even.iter_mut().zip(ts) {
+            pair_step(t, acc, whole);
+        }
+    }
+    for ((e, o), t) in even.iter().zip(&odd).zip(ts) {
+        let sum = [[_mm512_add_ps(e[0][0], o[0][0]), _mm512_add_ps(e[0][1], o[0][1])]];
+        gemm::avx512::store(&sum, t.c, t.ldc, gemm::avx512::masks(t.ncols));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,8 +403,9 @@ mod tests {
             return;
         }
         // T: one row, fewer than MR, more than MC; K: odd, one, over KC; N: under one panel,
-        // a partial last panel.
-        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (13, 385, 97), (513, 77, 65), (4, 1, 40), (2, 601, 1), (14, 2 * KC + 3, 35)];
+        // a partial last panel; one row over runs of 1 to 3 panels a task (8 tasks), 5 and 6 a
+        // task (STREAMS runs and what they leave), and 8 on the calling thread.
+        let shapes = [(1, 5, 3), (3, 200, 33), (17, 193, 31), (13, 385, 97), (513, 77, 65), (4, 1, 40), (2, 601, 1), (14, 2 * KC + 3, 35), (1, 577, 357), (1, 65, 1287), (1, 9, 225)];
         for (si, &(t, k, n)) in shapes.iter().enumerate() {
             let (x, w) = (values(t * k, si as u64), values(n * k, 100 + si as u64));
             let b: Vec<f32> = values(n, 200 + si as u64).iter().map(|v| v.to_f32()).collect();
@@ -362,7 +453,7 @@ mod tests {
             println!("skipped: no AVX512-BF16");
             return;
         }
-        for (si, &(t, k, n)) in [(1, 5, 3), (3, 200, 33), (17, 193, 31), (513, 77, 65), (5, KC + 1, 40)].iter().enumerate() {
+        for (si, &(t, k, n)) in [(1, 5, 3), (3, 200, 33), (17, 193, 31), (513, 77, 65), (5, KC + 1, 40), (1, 577, 357), (1, 65, 1287), (1, 9, 225), (13, 9, 225)].iter().enumerate() {
             let xf: Vec<f32> = values(t * k, si as u64).iter().map(|v| v.to_f32()).collect();
             let (g, u) = (pack(&values(n * k, 100 + si as u64), n, k), pack(&values(n * k, 200 + si as u64), n, k));
             let bu: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
@@ -377,6 +468,38 @@ mod tests {
             vmath::silu_mul_slice(&mut want, &up);
             let differ = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
             assert_eq!(differ, None, "{t}x{k}x{n}");
+        }
+    }
+
+    /// Not a check: best-of-many GFLOP/s of `matmul` at a decoder's shapes and of the GEMV over
+    /// a matrix larger than L3, on 1 and 2 threads, for A/B runs of two builds on a loaded
+    /// machine (`cargo test --release --lib gemm_bf16::tests::speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn speed() {
+        if !available() {
+            return;
+        }
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a pool");
+            for &(t, k, n, reps) in &[(2048, 576, 960, 40), (2048, 1536, 576, 40), (1, 576, 1536, 400), (1, 576, 49152, 40)] {
+                let xf: Vec<f32> = values(t * k, 1).iter().map(|v| v.to_f32()).collect();
+                let w = pack(&values(n * k, 2), n, k);
+                let mut out = vec![0f32; t * n];
+                let mut times: Vec<f64> = pool.install(|| {
+                    (0..reps)
+                        .map(|_| {
+                            let start = std::time::Instant::now();
+                            // SAFETY: out holds t·n floats, w its packed_len; the kernel is available.
+                            unsafe { matmul(&Rows::round(&xf, t, k), &w, n, None, out.as_mut_ptr(), Out::Write) };
+                            start.elapsed().as_secs_f64()
+                        })
+                        .collect()
+                });
+                times.sort_by(f64::total_cmp);
+                let gf = |s: f64| 2.0 * (t * k * n) as f64 / s / 1e9;
+                println!("speed threads {threads} {t}x{k}x{n}: best {:.1} GFLOP/s, median {:.1}", gf(times[0]), gf(times[reps / 2]));
+            }
         }
     }
 
