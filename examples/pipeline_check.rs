@@ -169,7 +169,7 @@ fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
 fn drive<B: Backend + 'static>(worker: &mut Worker<B>, cfg: &ModelConfig, a: &Args) -> Result<()> {
     let b = CpuBackend::new();
     let whole = [DeviceGroup::upload(&b, cfg, &random_group(cfg, 0..cfg.n_layers, SEED))?];
-    let mut local = LocalScorer { backend: &b, cfg, groups: &whole, done: VecDeque::new() };
+    let mut local = LocalScorer::new(&b, cfg, &whole);
     let waves = waves(cfg, a);
     let start = Instant::now();
     let mut scorer = PipelineScorer::new(worker)?;

@@ -22,6 +22,13 @@ pub struct LocalScorer<'a, B: Backend> {
     pub prompts: PromptStore<B>,
 }
 
+impl<'a, B: Backend> LocalScorer<'a, B> {
+    /// A scorer over `groups` (the whole model, in order), nothing submitted or kept yet.
+    pub fn new(backend: &'a B, cfg: &'a ModelConfig, groups: &'a [DeviceGroup<B>]) -> Self {
+        LocalScorer { backend, cfg, groups, done: VecDeque::new(), prompts: PromptStore::default() }
+    }
+}
+
 impl<B: Backend> BatchScorer for LocalScorer<'_, B> {
     type Error = ModelError;
 
