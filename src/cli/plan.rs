@@ -204,13 +204,12 @@ fn wire_dtype(args: &PlanArgs, shape: &ModelShape) -> WireDtype {
     args.wire_dtype.unwrap_or(WireDtype::default_for(shape.dtype_bytes))
 }
 
-/// Extract's search per document as the best-first search with the prompt's keys and values
-/// kept per rank runs it on the sample corpus: 35-100 tree rows over 4-8 passes (the upper
-/// end of rows, the middle of passes). Per document, not per token: that search deepens
-/// bounds only where a span can still enter the top-k. bench_extract.py's long-document row
-/// measures what the search of the day needs.
-const DEFAULT_TREE_ROWS: usize = 100;
-const DEFAULT_PASSES: usize = 6;
+/// Extract's search per document as measured on a ~1500-token document (`make bench` run 32,
+/// bench_extract.py's long row: 222 tree rows in 5 passes; 156 in 4.5 on the ~185-token
+/// sample documents). Per document, not per token: the best-first search deepens bounds only
+/// where a span can still enter the top-k.
+const DEFAULT_TREE_ROWS: usize = 222;
+const DEFAULT_PASSES: usize = 5;
 
 /// The workload to predict: score's, or with --extract extract's of the same prompts.
 fn workload(args: &PlanArgs, extract: bool) -> Workload {
