@@ -86,8 +86,6 @@ pub fn prepare(dir: &ModelDir, opts: &ExtractOptions) -> Result<Prepared, JobErr
 struct Doc {
     ready: ReadyDoc,
     search: Search,
-    /// Passes queued so far: from the second on, the ranks hold its prompt's keys.
-    passes: usize,
     /// Pieces of the pending pass not yet back, and the log-probs of those that are.
     pieces_left: usize,
     logprobs: Vec<f64>,
@@ -134,8 +132,9 @@ where
         let Some(doc) = self.docs.get_mut(&index) else { return };
         // A pass scoring at the prompt's last row (only the first, as search.rs runs) sends
         // the prompt again: those logits are not kept.
-        let kept = doc.passes > 0 && !work.targets_prompt();
-        doc.passes += 1;
+        // `search.passes` numbers the pass being queued: from the second on, the ranks hold
+        // the prompt's keys.
+        let kept = doc.search.passes > 1 && !work.targets_prompt();
         let prompt = if kept { 0 } else { doc.ready.doc.prompt.len() };
         let pieces: Vec<Piece> = work
             .pieces(prompt, self.batch_tokens)
@@ -162,7 +161,7 @@ where
         let span_lens = ready.doc.choices.iter().map(Vec::len).collect();
         let (search, work) = Search::new(conts, span_lens, k, exhaustive);
         self.kept_rows += ready.doc.prompt.len();
-        self.docs.insert(index, Doc { ready, search, passes: 0, pieces_left: 0, logprobs: vec![] });
+        self.docs.insert(index, Doc { ready, search, pieces_left: 0, logprobs: vec![] });
         self.queue_pass(index, work, false);
     }
 
