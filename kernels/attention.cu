@@ -3,13 +3,13 @@
 //
 // q:          (T, H * D) f32     row t, head h at q[t * H*D + h * D]
 // k, v:       (S, KV * D) f32    GQA: head h reads kv head h / G, G = H / KV
-// spans:      (T, 3) u32         per query row: shared_start, shared_end, own_start
+// spans:      (T, 5) u32         per query row: shared_start, shared_end, path_start, path_end, own_start
 // tile_off:   (n_blocks + 1) u32 block b's key tiles are tile_start[tile_off[b] .. tile_off[b + 1])
 // tile_start: (tiles,) u32       a tile is keys [start, start + FA_BK); the host plan
 //                                (src/backend/cuda/attn_plan.rs) lists only tiles some row of
 //                                the block attends, so fully masked tiles are never loaded
 // out:        (T, H * D) bf16   only the output projection reads it
-// Query row t attends keys [shared_start, shared_end) ∪ [own_start, t + key_offset].
+// Query row t attends keys [shared_start, shared_end) ∪ [path_start, path_end) ∪ [own_start, t + key_offset].
 // Spans are checked against S on the host, so every attended key is < S.
 //
 // The M dimension of the two products is the (query row, head of the group) pairs of one KV
@@ -73,18 +73,18 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a, 
 #endif
 }
 
-// One query row's keys: [ss, se) ∪ [os, oe]; a row past the end attends nothing.
+// One query row's keys: [ss, se) ∪ [ps, pe) ∪ [os, oe]; a row past the end attends nothing.
 struct RowSpan {
-    unsigned int ss, se, os, oe;
+    unsigned int ss, se, ps, pe, os, oe;
 };
 
 __device__ __forceinline__ bool attends(const RowSpan& r, unsigned int key) {
-    return (key >= r.ss && key < r.se) || (key >= r.os && key <= r.oe);
+    return (key >= r.ss && key < r.se) || (key >= r.ps && key < r.pe) || (key >= r.os && key <= r.oe);
 }
 
 // Whether the row attends any key of [k0, k1).
 __device__ __forceinline__ bool touches(const RowSpan& r, unsigned int k0, unsigned int k1) {
-    return (r.se > r.ss && r.ss < k1 && r.se > k0) || (r.os <= r.oe && r.os < k1 && r.oe >= k0);
+    return (r.se > r.ss && r.ss < k1 && r.se > k0) || (r.pe > r.ps && r.ps < k1 && r.pe > k0) || (r.os <= r.oe && r.os < k1 && r.oe >= k0);
 }
 
 extern "C" __global__ void __launch_bounds__(FA_WARPS * 32)
@@ -116,10 +116,10 @@ flash_attention_f32_bf16(const float* __restrict__ q, const float* __restrict__ 
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         unsigned long long m = m0 + warp * 16 + g + 8 * i;
-        row[i] = RowSpan{0, 0, 1, 0};
+        row[i] = RowSpan{0, 0, 0, 0, 1, 0};
         if (m < M) {
             unsigned long long t = m / G;
-            row[i] = RowSpan{spans[3 * t], spans[3 * t + 1], spans[3 * t + 2], (unsigned int)t + key_offset};
+            row[i] = RowSpan{spans[5 * t], spans[5 * t + 1], spans[5 * t + 2], spans[5 * t + 3], spans[5 * t + 4], (unsigned int)t + key_offset};
         }
     }
     __syncthreads();

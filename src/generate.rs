@@ -99,7 +99,7 @@ fn build_step(seqs: &mut [Seq], cache_rows: usize) -> (StepBatch, Vec<usize>) {
         for (j, &t) in s.pending.iter().enumerate() {
             batch.tokens.push(t);
             batch.positions.push((s.cache_len + j) as u32);
-            batch.spans.push(AttnSpan { shared_start: s.cache_start as u32, shared_end: (s.cache_start + s.cache_len) as u32, own_start });
+            batch.spans.push(AttnSpan::new(s.cache_start as u32, (s.cache_start + s.cache_len) as u32, own_start));
         }
         let n = s.pending.len();
         batch.cache_order.extend((s.cache_start..s.cache_start + s.cache_len).map(|r| r as u32));

@@ -9,22 +9,48 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Which key rows a query row attends: `[shared_start, shared_end) ∪ [own_start, row]`.
+/// Which key rows a query row attends: `[shared_start, shared_end) ∪ [path_start, path_end) ∪
+/// [own_start, row]`. The path interval is extract's: a branch's earlier rows, kept from the
+/// passes that computed them (empty elsewhere).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttnSpan {
     pub shared_start: u32,
     pub shared_end: u32,
+    pub path_start: u32,
+    pub path_end: u32,
     pub own_start: u32,
 }
 
 impl AttnSpan {
+    /// A shared interval and the row's own from `own_start`, no path.
+    pub fn new(shared_start: u32, shared_end: u32, own_start: u32) -> AttnSpan {
+        AttnSpan { shared_start, shared_end, path_start: own_start, path_end: own_start, own_start }
+    }
+
     /// Plain causal attention over `[start, row]`.
     pub fn causal(start: u32) -> AttnSpan {
-        AttnSpan { shared_start: start, shared_end: start, own_start: start }
+        AttnSpan::new(start, start, start)
+    }
+
+    /// With the kept path `[start, end)` too.
+    pub fn with_path(self, start: u32, end: u32) -> AttnSpan {
+        AttnSpan { path_start: start, path_end: end, ..self }
     }
 
     pub fn attends(&self, row: u32, key: u32) -> bool {
-        (key >= self.shared_start && key < self.shared_end) || (key >= self.own_start && key <= row)
+        (key >= self.shared_start && key < self.shared_end) || (key >= self.path_start && key < self.path_end) || (key >= self.own_start && key <= row)
+    }
+
+    /// The first key the row attends (every row attends its own key).
+    pub fn first_key(&self) -> u32 {
+        let mut first = self.own_start;
+        if self.shared_end > self.shared_start {
+            first = first.min(self.shared_start);
+        }
+        if self.path_end > self.path_start {
+            first = first.min(self.path_start);
+        }
+        first
     }
 }
 
@@ -67,19 +93,29 @@ pub struct ScoredRow {
     pub choice: u32,
 }
 
-/// How a document slot's prompt reaches its rows' attention (extract's later passes reuse
-/// the prompt's keys and values kept on every rank, model::PromptStore).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a document slot's earlier rows reach its rows' attention: extract keeps, on every rank,
+/// the keys and values (after rope) of a document's prompt and of its branch rows, so each
+/// later pass sends only its new rows (model::PromptStore).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Prefix {
-    /// Its prompt is rows of the batch; nothing is kept (score, generation).
+    /// Nothing is kept (score, generation).
     #[default]
     Sent,
-    /// Its prompt is batch rows [start, end): every layer keeps their keys and values under
-    /// the slot's document until a batch's `release` names it.
-    Keep { start: u32, end: u32 },
-    /// Its prompt is not in the batch: its `len` kept key rows come before the batch's own
-    /// keys, after those of the earlier `Kept` slots (see `MicroBatch::kept_rows`).
-    Kept { len: u32 },
+    /// Every layer keeps the keys and values of the slot's batch rows [start, end) as the
+    /// document's kept rows from `at` on (the first pass: its prompt at 0), until a batch's
+    /// `release` names the document; and its kept rows of `attend` (runs [a, b), in order) come
+    /// before the batch's own keys, after those of the earlier slots (`MicroBatch::kept_rows`).
+    Kept { attend: Vec<(u32, u32)>, start: u32, end: u32, at: u32 },
+}
+
+impl Prefix {
+    /// Kept key rows it puts before the batch's own.
+    pub fn attended(&self) -> usize {
+        match self {
+            Prefix::Sent => 0,
+            Prefix::Kept { attend, .. } => attend.iter().map(|&(a, b)| b.saturating_sub(a) as usize).sum(),
+        }
+    }
 }
 
 /// A packed micro-batch: T rows, S scored rows.
@@ -127,7 +163,7 @@ impl MicroBatch {
                     prev_row = b.tokens.len() as u32;
                     b.tokens.push(t);
                     b.positions.push((doc.prompt.len() + j) as u32);
-                    b.spans.push(AttnSpan { shared_start: start, shared_end: prompt_end, own_start });
+                    b.spans.push(AttnSpan::new(start, prompt_end, own_start));
                 }
             }
             b.docs.push(doc.index);
@@ -141,7 +177,7 @@ impl MicroBatch {
 
     /// K: kept key rows before the batch's own (the `key_offset` of its attention).
     pub fn kept_rows(&self) -> usize {
-        self.prefix.iter().map(|p| if let Prefix::Kept { len } = p { *len as usize } else { 0 }).sum()
+        self.prefix.iter().map(Prefix::attended).sum()
     }
 }
 

@@ -147,9 +147,10 @@ fn the_store_holds_every_layer_of_a_document_until_released() {
     let p: usize = d.iter().map(|d| d.prompt.len()).sum();
     assert_eq!((store.documents(), store.rows(&b)), (2, p * cfg.n_layers));
     // A batch attending to a kept prompt that is gone is refused, not run on other keys.
-    let branch = [Branch { rows: vec![5], targets: vec![Target { at: Some(0), id: 6 }] }];
+    let branch = [Branch { rows: vec![5], targets: vec![Target { at: Some(0), id: 6 }], ..Branch::default() }];
     let mut one = build(&[Slot { doc: d[0].index, prompt: &d[0].prompt, kept: true, branches: &branch }]).unwrap();
-    assert_eq!(one.prefix, [Prefix::Kept { len: d[0].prompt.len() as u32 }]);
+    let p0 = d[0].prompt.len() as u32;
+    assert_eq!(one.prefix, [Prefix::Kept { attend: vec![(0, p0)], start: 0, end: 1, at: p0 }]);
     one.release = vec![d[0].index];
     let err = score_keeping(&groups, &b, &cfg, &one, &mut store).unwrap_err().to_string();
     assert!(err.contains(&format!("document {}", d[0].index)) && err.contains("keeps no prompt"), "{err}");

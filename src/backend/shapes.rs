@@ -92,7 +92,7 @@ pub fn attention(op: &'static str, q: Dims, k: Dims, v: Dims, s: AttnShape, span
         return Err(err(op, format!("q {q:?} k {k:?} v {v:?} spans {} heads {h}/{kvh}", spans.len())));
     }
     for (t, span) in spans.iter().enumerate() {
-        if t + s.key_offset >= k.0 || span.shared_end as usize > k.0 {
+        if t + s.key_offset >= k.0 || span.shared_end as usize > k.0 || span.path_end as usize > k.0 {
             return Err(err(op, format!("row {t} attends past the {} key rows", k.0)));
         }
     }

@@ -13,6 +13,7 @@
 //! in whitespace: adding the delimiter there would make the double space (one token more,
 //! one the model rarely saw) that lm-eval warns about.
 
+use rayon::prelude::*;
 use crate::tokenizer::Tokenizer;
 
 /// One document split into prompt ids and per-choice continuation ids.
@@ -118,32 +119,42 @@ pub fn split_within(tokenizer: &Tokenizer, prompt: &str, choices: &[String], del
 
     let mut out = Split { prompt: prompt_ids, choices: Vec::with_capacity(choices.len()), chars: Vec::new() };
     let window = Window::find(tokenizer, context, &plain);
-    let mut whole_text = String::with_capacity(context.len() + 64);
-    for (c, choice) in choices.iter().enumerate() {
+    // A choice's ids after the prompt: after the window where it is sound, else after the
+    // whole prompt.
+    let ids_of = |c: usize, choice: &String| -> Result<Vec<u32>, SplitError> {
         let choice_err = |e: crate::tokenizer::TokenizerError| SplitError { choice: Some(c), msg: e.to_string(), over: None };
         let joint = joint(moved, choice, delimiter);
         let ids = match window.as_ref().map(|w| w.continuation(tokenizer, joint, choice)).transpose().map_err(choice_err)?.flatten() {
             Some(ids) => ids,
             None => {
-                whole_text.clear();
-                whole_text.push_str(context);
-                whole_text.push_str(joint);
-                whole_text.push_str(choice);
-                let whole = encode(tokenizer, &whole_text, true).map_err(choice_err)?;
+                let whole = encode(tokenizer, &format!("{context}{joint}{choice}"), true).map_err(choice_err)?;
                 let end = whole.len().saturating_sub(tail);
                 whole[out.prompt.len().min(end)..end].to_vec()
             }
         };
         crate::liveness::advanced();
-        tokens += ids.len();
-        if tokens > max_tokens {
-            return Err(over(Some(c), tokens));
+        Ok(ids)
+    };
+    // Chunks of choices tokenised on every thread (an extract document has thousands), the
+    // budget checked after each in choice order: a chunk past it is the most spent for nothing.
+    for (k, chunk) in choices.chunks(CHOICES_AT_ONCE).enumerate() {
+        let c0 = k * CHOICES_AT_ONCE;
+        let ids: Vec<Result<Vec<u32>, SplitError>> = chunk.par_iter().enumerate().map(|(j, choice)| ids_of(c0 + j, choice)).collect();
+        for ((c, choice), ids) in chunk.iter().enumerate().map(|(j, ch)| (c0 + j, ch)).zip(ids) {
+            let ids = ids?;
+            tokens += ids.len();
+            if tokens > max_tokens {
+                return Err(over(Some(c), tokens));
+            }
+            out.choices.push(ids);
+            out.chars.push(joint(moved, choice, delimiter).chars().count() + choice.chars().count());
         }
-        out.choices.push(ids);
-        out.chars.push(joint.chars().count() + choice.chars().count());
     }
     Ok(out)
 }
+
+/// Choices tokenised in parallel between two checks of the token budget.
+const CHOICES_AT_ONCE: usize = 64;
 
 /// Bytes of the prompt's end a choice is tokenised with, when the prompt is longer than
 /// twice this: an extract document's ~17,000 candidates each tokenised after a 1500-token

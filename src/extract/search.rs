@@ -13,11 +13,13 @@
 //!           frontier = nodes whose L is known and >= kth but whose row is not (children
 //!           unscored). Pass p expands the k·2^(p-2) frontier nodes of highest L (ties:
 //!           the earlier node; few nodes while kth is low, doubling so that a flat trie
-//!           still takes few passes): a branch of the node's prefix (recomputed: only the prompt's
-//!           keys and values outlive a pass) and `depth + 2` rows more down the longest
-//!           candidate through it, every child of every new row a target (the ends of the
-//!           shorter candidates on it included), so a deep node, whose prefix costs more,
-//!           is taken further. No frontier node left: done.
+//!           still takes few passes): a branch whose path is the node's prefix (rows earlier
+//!           passes ran, whose keys and values every rank keeps: tree.rs) and `depth` new
+//!           rows down the longest candidate through it, every child of every new row a target
+//!           (the ends of the shorter candidates on it included): a deep node, on a span
+//!           already likely, is taken further (rows that may not be needed, against passes
+//!           they save; measured best of depth + 0..2 and 1..4 rows on the sample corpus).
+//!           No frontier node left: done.
 //! A candidate never scored lies under a frontier node of L < kth, so its score is below k
 //! scores already known: the top-k of the scored candidates is the top-k of all of them,
 //! ties included (a node of L equal to kth is expanded). L is summed from the first id on,
@@ -65,16 +67,14 @@ pub struct Search {
     expanded: Vec<bool>,
     /// The pending pass's targets, in order: the node each one scores.
     pending: Vec<usize>,
+    /// Per node whose row has been sent: (its tree row, the pass that sent it).
+    row_of: Vec<Option<(u32, u32)>>,
     finished: bool,
     /// Passes sent so far.
     pub passes: u32,
-    /// Rows beyond the prompt sent so far.
+    /// Rows beyond the prompt sent so far (its tree rows).
     pub tree_tokens: usize,
 }
-
-/// A branch runs `depth + SPARE_ROWS` new rows beyond its prefix of `depth - 1`: rows that may
-/// not be needed, against the passes and recomputed prefixes they save.
-const SPARE_ROWS: usize = 2;
 
 fn by_score_then_index(a: (f64, usize), b: (f64, usize)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
@@ -94,8 +94,9 @@ impl Search {
         expanded[ROOT] = true;
         let pending = trie.children(ROOT).to_vec();
         let targets = pending.iter().map(|&c| Target { at: None, id: trie.id(c) }).collect();
-        let s = Search { trie, span_lens, k, exhaustive, lp, expanded, pending, finished: false, passes: 1, tree_tokens: 0 };
-        (s, Work { branches: vec![Branch { rows: vec![], targets }] })
+        let row_of = vec![None; n];
+        let s = Search { trie, span_lens, k, exhaustive, lp, expanded, pending, row_of, finished: false, passes: 1, tree_tokens: 0 };
+        (s, Work { branches: vec![Branch { targets, ..Branch::default() }] })
     }
 
     /// Candidates of the document.
@@ -122,16 +123,14 @@ impl Search {
             self.finished = true;
             return Ok(Step::Done(self.top_k()));
         }
+        self.passes += 1;
         let mut branches = vec![];
         for node in frontier {
             if !self.expanded[node] {
                 branches.push(self.branch(node));
             }
         }
-        let work = Work { branches };
-        self.passes += 1;
-        self.tree_tokens += work.tree_rows();
-        Ok(Step::Run(work))
+        Ok(Step::Run(Work { branches }))
     }
 
     /// The nodes the next pass expands, best L first; exhaustive: every node with children,
@@ -151,17 +150,28 @@ impl Search {
         open.into_iter().map(|(_, n)| n).collect()
     }
 
-    /// The branch expanding `node`: its prefix, then new rows down the longest candidate
-    /// through it, each with its children as targets.
+    /// The branch expanding `node`: its path (the node's ancestors), then new rows down the
+    /// longest candidate through it, each with its children as targets. An ancestor whose row
+    /// this pass sends too (the exhaustive search's) is not kept yet: it and those after it
+    /// are run again, as new rows.
     fn branch(&mut self, node: usize) -> Branch {
-        let mut rows = self.trie.path(node);
-        rows.pop();
-        let mut budget = if self.exhaustive { usize::MAX } else { self.trie.depth(node) + SPARE_ROWS };
+        let ancestors = self.trie.ancestors(node);
+        let pass = self.passes;
+        let kept = ancestors.iter().take_while(|&&a| self.row_of[a].is_some_and(|(_, p)| p < pass)).count();
+        let path = ancestors[..kept].iter().filter_map(|&a| self.row_of[a].map(|(row, _)| (row, self.trie.id(a)))).collect();
+        let first_row = self.tree_tokens as u32;
+        let mut rows = vec![];
+        for &a in &ancestors[kept..] {
+            self.row_of[a].get_or_insert((first_row + rows.len() as u32, pass));
+            rows.push(self.trie.id(a));
+        }
+        let mut budget = if self.exhaustive { usize::MAX } else { self.trie.depth(node) };
         let mut targets = vec![];
         let mut next = Some(node);
         while let Some(n) = next.filter(|&n| budget > 0 && !self.expanded[n] && !self.trie.children(n).is_empty()) {
             budget -= 1;
             let at = rows.len() as u32;
+            self.row_of[n] = Some((first_row + at, pass));
             rows.push(self.trie.id(n));
             self.expanded[n] = true;
             for &c in self.trie.children(n) {
@@ -170,7 +180,8 @@ impl Search {
             }
             next = self.trie.longest_child(n);
         }
-        Branch { rows, targets }
+        self.tree_tokens += rows.len();
+        Branch { path, rows, first_row, targets }
     }
 
     fn score(&self, c: usize) -> Option<f64> {
@@ -218,9 +229,23 @@ mod tests {
         -(((h >> 29) % 9) as f64) / 4.0
     }
 
-    /// Answer a pass as a model would: each target's log-prob after its row's context.
-    fn answer(work: &Work) -> Vec<f64> {
-        work.branches.iter().flat_map(|b| b.targets.iter().map(|t| lp(&b.rows[..t.at.map_or(0, |j| j as usize + 1)], t.id))).collect()
+    /// Answer a pass as a model would: each target's log-prob after its row's context (its
+    /// branch's path, then its rows up to the target's). `sent` holds the ids of the tree rows
+    /// sent so far, by tree row: a path must name rows sent before, with their ids.
+    fn answer(work: &Work, sent: &mut Vec<u32>) -> Vec<f64> {
+        let before = sent.len();
+        for b in &work.branches {
+            assert_eq!(b.first_row as usize, sent.len(), "branches number their rows in sending order");
+            sent.extend(&b.rows);
+        }
+        work.branches
+            .iter()
+            .flat_map(|b| {
+                assert!(b.path.iter().all(|&(row, id)| (row as usize) < before && sent[row as usize] == id), "a path names rows of earlier passes");
+                let ids: Vec<u32> = b.path.iter().map(|&(_, id)| id).chain(b.rows.iter().copied()).collect();
+                b.targets.iter().map(move |t| lp(&ids[..t.at.map_or(0, |j| b.path.len() + j as usize + 1)], t.id))
+            })
+            .collect()
     }
 
     fn score(cont: &[u32]) -> f64 {
@@ -243,13 +268,13 @@ mod tests {
     fn run(conts: &[Vec<u32>], k: usize, exhaustive: bool) -> Run {
         let spans = conts.iter().map(|c| c.len() - 1).collect();
         let (mut s, mut work) = Search::new(conts.to_vec(), spans, k, exhaustive);
-        let mut rows = 0;
+        let (mut rows, mut sent) = (0, vec![]);
         loop {
             if s.passes > 1 {
                 assert!(work.branches.iter().flat_map(|b| &b.targets).all(|t| t.at.is_some()), "the prompt's row is scored in pass 1 only");
             }
             rows += work.tree_rows();
-            match s.advance(&answer(&work)).unwrap() {
+            match s.advance(&answer(&work, &mut sent)).unwrap() {
                 Step::Run(w) => work = w,
                 Step::Done(top) => {
                     assert_eq!(rows, s.tree_tokens);
@@ -349,27 +374,28 @@ mod tests {
     }
 
     #[test]
-    fn a_branch_runs_its_prefix_then_down_the_longest_candidate() {
+    fn a_branch_attends_its_kept_path_then_runs_down_the_longest_candidate() {
         let conts = vec![vec![5, 6, 7, 8, 9, 10], vec![5, 6, 10], vec![5, 10], vec![4, 10]];
         let spans = conts.iter().map(|c| c.len() - 1).collect();
         let (mut s, work) = Search::new(conts, spans, 1, false);
         assert_eq!(work.branches[0].targets, [Target { at: None, id: 5 }, Target { at: None, id: 4 }]);
-        // Pass 1: 5 and 4 both at -1; pass 2 expands k = 1 node, 5 (the earlier), by 1 + 2 rows.
+        let br = |path: Vec<(u32, u32)>, rows: Vec<u32>, first_row: u32, targets: &[(u32, u32)]| Branch { path, rows, first_row, targets: targets.iter().map(|&(at, id)| Target { at: Some(at), id }).collect() };
+        // Pass 1: 5 and 4 both at -1; pass 2 expands k = 1 node, 5 (the earlier), by depth 1 row.
         let Step::Run(w) = s.advance(&[-1.0, -1.0]).unwrap() else { panic!("a second pass") };
-        assert_eq!(w.branches.len(), 1);
-        assert_eq!(w.branches[0].rows, [5, 6, 7]);
-        let t: Vec<(Option<u32>, u32)> = w.branches[0].targets.iter().map(|t| (t.at, t.id)).collect();
-        assert_eq!(t, [(Some(0), 6), (Some(0), 10), (Some(1), 7), (Some(1), 10), (Some(2), 8)]);
-        // [5, 10] and [5, 6, 10] score -3: the k-th; pass 3 expands 2k = 2 nodes: [5, 6, 7, 8]
-        // at -1, its prefix recomputed, 4 + 2 rows allowed, 2 there; and 4, at -1 too.
-        let Step::Run(w) = s.advance(&[0.0, -2.0, 0.0, -2.0, 0.0]).unwrap() else { panic!("a third pass") };
-        let chain = Branch { rows: vec![5, 6, 7, 8, 9], targets: vec![Target { at: Some(3), id: 9 }, Target { at: Some(4), id: 10 }] };
-        assert_eq!(w.branches, [chain, Branch { rows: vec![4], targets: vec![Target { at: Some(0), id: 10 }] }]);
+        assert_eq!(w.branches, [br(vec![], vec![5], 0, &[(0, 6), (0, 10)])]);
+        // [5, 10] scores -3: the k-th; pass 3 expands 2k = 2 nodes at -1: [5, 6], its path the
+        // kept tree row 0, by 2 rows, and 4 by 1, after them.
+        let Step::Run(w) = s.advance(&[0.0, -2.0]).unwrap() else { panic!("a third pass") };
+        assert_eq!(w.branches, [br(vec![(0, 5)], vec![6, 7], 1, &[(0, 7), (0, 10), (1, 8)]), br(vec![], vec![4], 3, &[(0, 10)])]);
+        // [4, 10] scores -1, the k-th; pass 4 expands [5, 6, 7, 8] at -1, its path tree rows 0..3
+        // (of two passes), by up to 4 rows: 2 before the trie ends.
+        let Step::Run(w) = s.advance(&[0.0, -2.0, 0.0, 0.0]).unwrap() else { panic!("a fourth pass") };
+        assert_eq!(w.branches, [br(vec![(0, 5), (1, 6), (2, 7)], vec![8, 9], 4, &[(0, 9), (1, 10)])]);
         // [5, 6, 7, 8, 9, 10] and [4, 10] tie at -1: the first occurrence is the top-1, and
         // no node is left at -1 or above.
-        let Step::Done(top) = s.advance(&[-0.0, -0.0, 0.0]).unwrap() else { panic!("done") };
+        let Step::Done(top) = s.advance(&[-0.0, -0.0]).unwrap() else { panic!("done") };
         assert_eq!((top[0].candidate, top[0].score, top[0].span_logprob), (0, -1.0, -1.0));
-        assert_eq!((s.passes, s.tree_tokens), (3, 3 + 5 + 1));
+        assert_eq!((s.passes, s.tree_tokens), (4, 1 + 3 + 2));
         assert!(matches!(s.advance(&[]), Err(SearchError::Finished)));
     }
 

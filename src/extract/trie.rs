@@ -90,16 +90,16 @@ impl Trie {
         node
     }
 
-    /// The ids of `node`'s prefix, from the first.
-    pub fn path(&self, node: usize) -> Vec<u32> {
-        let mut ids = Vec::with_capacity(self.depth[node]);
-        let mut n = node;
+    /// The nodes before `node` on its prefix, from the first (the root not included).
+    pub fn ancestors(&self, node: usize) -> Vec<usize> {
+        let mut nodes = Vec::with_capacity(self.depth[node]);
+        let mut n = self.parent[node];
         while n != ROOT {
-            ids.push(self.id[n]);
+            nodes.push(n);
             n = self.parent[n];
         }
-        ids.reverse();
-        ids
+        nodes.reverse();
+        nodes
     }
 }
 
@@ -116,7 +116,7 @@ mod tests {
         let six = t.longest_child(five).unwrap();
         assert_eq!(t.id(six), 6);
         assert_eq!(t.id(t.longest_child(six).unwrap()), 7, "the earliest of the longest");
-        assert_eq!(t.path(t.end(2)), [5, 6, 7, 10]);
+        assert_eq!(t.ancestors(t.end(2)).into_iter().map(|n| t.id(n)).collect::<Vec<_>>(), [5, 6, 7]);
         assert_eq!(t.ancestor(t.end(2), 2), six);
         assert_eq!(t.longest_child(t.end(0)), None);
         assert_eq!(t.len(), 11);

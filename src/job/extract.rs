@@ -10,9 +10,10 @@
 //! ranks stay busy while a document waits for its bounds.
 //!
 //! A document's first pass sends its prompt and every rank keeps its keys and values; its
-//! later passes send their branch rows alone. The next wave after its last pass comes back
-//! tells the ranks to free them. New documents are read only while the prompts of the
-//! documents under search total under `kept_limit` rows, so what the ranks keep is bounded.
+//! later passes send their new branch rows alone, which the ranks keep too (a later branch's
+//! path attends to them). The next wave after its last pass comes back tells the ranks to
+//! free them. New documents are read only while the kept rows of the documents under search
+//! total under `kept_limit`, so what the ranks keep is bounded.
 
 use super::fault::Faults;
 use super::in_order::InOrder;
@@ -89,6 +90,8 @@ struct Doc {
     /// Pieces of the pending pass not yet back, and the log-probs of those that are.
     pieces_left: usize,
     logprobs: Vec<f64>,
+    /// Its share of the driver's `kept_rows`.
+    kept_rows: usize,
 }
 
 /// One micro-batch's share of a document's pass.
@@ -114,9 +117,10 @@ struct Driver<'s, S: BatchScorer + ?Sized> {
     in_flight: VecDeque<Sent>,
     tokens: usize,
     faults: Faults,
-    /// Prompt rows of the documents under search (kept, or to be, on every rank).
+    /// Rows of the documents under search kept, or to be, on every rank: their prompts and
+    /// the tree rows of their kept passes.
     kept_rows: usize,
-    /// Most prompt rows under search before no new document is read.
+    /// Most kept rows under search before no new document is read.
     kept_limit: usize,
     /// Documents whose search is done, whose kept prompts the next wave frees.
     release: Vec<usize>,
@@ -136,11 +140,16 @@ where
         // the prompt's keys.
         let kept = doc.search.passes > 1 && !work.targets_prompt();
         let prompt = if kept { 0 } else { doc.ready.doc.prompt.len() };
+        let work_rows = work.tree_rows();
         let pieces: Vec<Piece> = work
             .pieces(prompt, self.batch_tokens)
             .into_iter()
-            .map(|branches| Piece { doc: index, kept, rows: prompt + branches.iter().map(|b| b.rows.len()).sum::<usize>(), branches })
+            .map(|branches| Piece { doc: index, kept, rows: prompt + branches.iter().map(|b| b.sent_rows(kept)).sum::<usize>(), branches })
             .collect();
+        if kept {
+            doc.kept_rows += work_rows;
+            self.kept_rows += work_rows;
+        }
         doc.pieces_left = pieces.len();
         doc.logprobs.clear();
         self.queued_rows += pieces.iter().map(|p| p.rows).sum::<usize>();
@@ -161,7 +170,8 @@ where
         let span_lens = ready.doc.choices.iter().map(Vec::len).collect();
         let (search, work) = Search::new(conts, span_lens, k, exhaustive);
         self.kept_rows += ready.doc.prompt.len();
-        self.docs.insert(index, Doc { ready, search, pieces_left: 0, logprobs: vec![] });
+        let kept_rows = ready.doc.prompt.len();
+        self.docs.insert(index, Doc { ready, search, pieces_left: 0, logprobs: vec![], kept_rows });
         self.queue_pass(index, work, false);
     }
 
@@ -230,7 +240,7 @@ where
                     Step::Run(work) => self.queue_pass(index, work, true),
                     Step::Done(top) => {
                         if let Some(doc) = self.docs.remove(&index) {
-                            self.kept_rows -= doc.ready.doc.prompt.len();
+                            self.kept_rows -= doc.kept_rows;
                             self.release.push(index);
                             order.finish(index as u64, result(&doc, &top));
                         }

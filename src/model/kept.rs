@@ -1,38 +1,54 @@
-//! Extract's kept prompts: a rank's keys and values (after rope) of the prompt rows of the
-//! documents whose search is under way, per layer it runs and per document, so a document's
-//! later passes send only their branch rows (token_tree::Prefix). The job's driver decides
-//! what is kept and when it is freed; this store only holds it.
+//! Extract's kept rows: a rank's keys and values (after rope) of the documents whose search
+//! is under way, per layer it runs and per document: the prompt, then every branch row of the
+//! later passes in the order they were sent, so a document's next pass sends only its new
+//! rows and attends to its prompt and its branches' paths here (token_tree::Prefix). The
+//! job's driver decides what is kept and when it is freed; this store only holds it.
 //!
-//! Shapes: P prompt rows, KV·D key (or value) columns.
+//! Shapes: R kept rows of a document, KV·D key (or value) columns.
 
 use super::{LayerCache, ModelError, Result};
 use crate::backend::{KvCache, Ops};
 use crate::token_tree::{MicroBatch, Prefix};
 use std::collections::{BTreeMap, HashMap};
 
-/// One layer's kept prompts, by corpus index of the document: (keys, values), each (P, KV·D).
+/// One layer's kept rows, by corpus index of the document: (keys, values), each (R, KV·D).
 pub struct LayerPrompts<B: Ops> {
     layer: usize,
     docs: HashMap<usize, (B::Act, B::Act)>,
 }
 
 impl<B: Ops> LayerPrompts<B> {
-    pub fn keep(&mut self, doc: usize, k: B::Act, v: B::Act) {
-        self.docs.insert(doc, (k, v));
+    /// Keeps `k` and `v` (n, KV·D) as document `doc`'s rows from `at` on: at 0 its first
+    /// rows (whatever was kept for it before is dropped), else after the `at` it holds.
+    pub fn keep(&mut self, b: &B, doc: usize, at: usize, k: B::Act, v: B::Act) -> Result<()> {
+        if at == 0 {
+            self.docs.insert(doc, (k, v));
+            return Ok(());
+        }
+        let (ok, ov) = self.docs.get(&doc).ok_or(ModelError::PromptNotKept { doc, layer: self.layer })?;
+        let kept = b.dims(ok).0;
+        if kept != at {
+            return Err(ModelError::KeptRows { doc, layer: self.layer, kept, wanted: at });
+        }
+        let joined = (b.concat_rows(ok, &k)?, b.concat_rows(ov, &v)?); // (R + n, KV·D) each
+        self.docs.insert(doc, joined);
+        Ok(())
     }
 
-    /// Document `doc`'s kept (keys, values), which must hold `len` rows.
-    pub fn get(&self, b: &B, doc: usize, len: usize) -> Result<&(B::Act, B::Act)> {
-        let kept = self.docs.get(&doc).ok_or(ModelError::PromptNotKept { doc, layer: self.layer })?;
-        let rows = b.dims(&kept.0).0;
-        if rows != len {
-            return Err(ModelError::PromptLength { doc, layer: self.layer, kept: rows, expected: len });
+    /// Document `doc`'s kept (keys, values) rows of `runs` ([a, b) each, in order), each
+    /// (Σ b - a, KV·D).
+    pub fn gather(&self, b: &B, doc: usize, runs: &[(u32, u32)]) -> Result<(B::Act, B::Act)> {
+        let (k, v) = self.docs.get(&doc).ok_or(ModelError::PromptNotKept { doc, layer: self.layer })?;
+        let kept = b.dims(k).0;
+        if let Some(&(_, end)) = runs.iter().find(|&&(a, e)| a > e || e as usize > kept) {
+            return Err(ModelError::KeptRows { doc, layer: self.layer, kept, wanted: end as usize });
         }
-        Ok(kept)
+        let rows: Vec<u32> = runs.iter().flat_map(|&(a, e)| a..e).collect();
+        Ok((b.rows(k, &rows)?, b.rows(v, &rows)?))
     }
 }
 
-/// A rank's kept prompts, keyed by global layer index, so a rank cycling several layer groups
+/// A rank's kept rows, keyed by global layer index, so a rank cycling several layer groups
 /// (weight streaming) finds each group's own.
 pub struct PromptStore<B: Ops> {
     layers: BTreeMap<usize, LayerPrompts<B>>,
@@ -49,7 +65,7 @@ impl<B: Ops> PromptStore<B> {
         self.layers.entry(layer).or_insert_with(|| LayerPrompts { layer, docs: HashMap::new() })
     }
 
-    /// Frees every layer's kept prompt of each of `docs` (a document kept nowhere is skipped).
+    /// Frees every layer's kept rows of each of `docs` (a document kept nowhere is skipped).
     pub fn release(&mut self, docs: &[usize]) {
         for l in self.layers.values_mut() {
             for d in docs {
@@ -123,21 +139,25 @@ mod tests {
     use crate::backend::cpu::CpuBackend;
 
     #[test]
-    fn kept_rows_are_found_by_layer_and_document_and_freed() {
+    fn kept_rows_are_found_by_layer_and_document_appended_and_freed() {
         let b = CpuBackend::new();
-        let m = |rows: usize| b.upload(&vec![0.5; rows * 4], rows, 4).unwrap(); // (rows, KV·D)
+        let m = |rows: usize, x: f32| b.upload(&vec![x; rows * 4], rows, 4).unwrap(); // (rows, KV·D)
         let mut s = PromptStore::<CpuBackend>::default();
         for layer in [3, 7] {
-            s.layer_mut(layer).keep(1, m(5), m(5));
-            s.layer_mut(layer).keep(2, m(2), m(2));
+            s.layer_mut(layer).keep(&b, 1, 0, m(5, 0.5), m(5, 0.5)).unwrap();
+            s.layer_mut(layer).keep(&b, 2, 0, m(2, 0.5), m(2, 0.5)).unwrap();
         }
         assert_eq!((s.documents(), s.rows(&b)), (2, 14));
-        assert!(s.layer_mut(7).get(&b, 1, 5).is_ok());
-        assert!(matches!(s.layer_mut(7).get(&b, 1, 4), Err(ModelError::PromptLength { doc: 1, layer: 7, kept: 5, expected: 4 })));
-        assert!(matches!(s.layer_mut(4).get(&b, 1, 5), Err(ModelError::PromptNotKept { doc: 1, layer: 4 })));
+        // Rows appended after the 5 kept, and gathered by runs across both.
+        s.layer_mut(7).keep(&b, 1, 5, m(2, 2.0), m(2, 2.0)).unwrap();
+        let (k, _) = s.layer_mut(7).gather(&b, 1, &[(0, 1), (5, 7)]).unwrap();
+        assert_eq!(b.download(&k).unwrap().chunks(4).map(|r| r[0]).collect::<Vec<_>>(), [0.5, 2.0, 2.0]);
+        assert!(matches!(s.layer_mut(7).keep(&b, 1, 5, m(1, 1.0), m(1, 1.0)), Err(ModelError::KeptRows { doc: 1, layer: 7, kept: 7, wanted: 5 })));
+        assert!(matches!(s.layer_mut(7).gather(&b, 1, &[(0, 8)]), Err(ModelError::KeptRows { doc: 1, layer: 7, kept: 7, wanted: 8 })));
+        assert!(matches!(s.layer_mut(4).gather(&b, 1, &[(0, 5)]), Err(ModelError::PromptNotKept { doc: 1, layer: 4 })));
         s.release(&[1, 9]);
         assert_eq!((s.documents(), s.rows(&b)), (1, 4));
-        assert!(matches!(s.layer_mut(3).get(&b, 1, 5), Err(ModelError::PromptNotKept { doc: 1, layer: 3 })));
+        assert!(matches!(s.layer_mut(3).gather(&b, 1, &[(0, 5)]), Err(ModelError::PromptNotKept { doc: 1, layer: 3 })));
         s.release(&[2]);
         assert_eq!((s.documents(), s.rows(&b), s.layers.len()), (0, 0, 0));
     }

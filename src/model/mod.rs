@@ -43,8 +43,8 @@ pub enum ModelError {
     Checkpoint(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("document {doc}: layer {layer} keeps no prompt for it (its first pass must keep it, and nothing release it before its last)")]
     PromptNotKept { doc: usize, layer: usize },
-    #[error("document {doc}: layer {layer} keeps {kept} prompt rows, the batch expects {expected}")]
-    PromptLength { doc: usize, layer: usize, kept: usize, expected: usize },
+    #[error("document {doc}: layer {layer} keeps {kept} rows, the batch needs {wanted}")]
+    KeptRows { doc: usize, layer: usize, kept: usize, wanted: usize },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -145,8 +145,8 @@ impl<'a> RowCtx<'a> {
 
 /// Self-attention shared by every family: fused qkv projection, rotary on q and k,
 /// token-tree attention, output projection summed into `residual` (the GEMM adds it). A
-/// generation cache gets this call's keys appended; extract's prompt store keeps the `Keep`
-/// slots' prompt rows and puts the `Kept` slots' before this call's keys.
+/// generation cache gets this call's keys appended; extract's store keeps the rows the
+/// batch names and puts the rows it attends before this call's keys.
 /// x (T, C) normed, residual (T, C) -> residual + attention.
 pub(crate) fn attention_block<B: KvCache>(
     b: &B,
@@ -170,7 +170,7 @@ pub(crate) fn attention_block<B: KvCache>(
     let att = match keys {
         LayerKeys::Cache(cache) => cached_attention(b, &q, k, v, shape, ctx, cache)?,
         LayerKeys::Prompts(kept, batch) => {
-            let (k, v, key_offset) = with_kept_prompts(b, k, v, kept, batch)?; // (K + T, KV D)
+            let (k, v, key_offset) = with_kept_rows(b, k, v, kept, batch)?; // (K + T, KV D)
             b.attention(&q, &k, &v, AttnShape { key_offset, ..shape }, ctx.spans)? // (T, H D)
         }
         LayerKeys::None => b.attention(&q, &k, &v, shape, ctx.spans)?, // (T, H D)
@@ -212,25 +212,33 @@ fn cached_attention<B: KvCache>(
     Ok(att)
 }
 
-/// Extract's kept prompts around this call's keys and values (T, KV D): the `Keep` slots'
-/// prompt rows are kept, and the `Kept` slots' kept rows (K in all, slot order) put before
-/// this call's, as the batch's spans index them -> (keys, values) (K + T, KV D) and K.
-fn with_kept_prompts<B: KvCache>(b: &B, k: B::Act, v: B::Act, kept: &mut LayerPrompts<B>, batch: BatchPrompts) -> Result<(B::Act, B::Act, usize)> {
+/// Extract's kept rows around this call's keys and values (T, KV D): each slot's batch rows
+/// it names are kept, and its kept rows it attends (K in all, slot order) put before this
+/// call's, as the batch's spans index them -> (keys, values) (K + T, KV D) and K.
+fn with_kept_rows<B: KvCache>(b: &B, k: B::Act, v: B::Act, kept: &mut LayerPrompts<B>, batch: BatchPrompts) -> Result<(B::Act, B::Act, usize)> {
+    // Gathered before this call's rows are kept: a slot attends only to earlier passes' rows.
+    let mut before = Vec::with_capacity(batch.docs.len()); // per slot attending: (K_s, KV D) each
     for (&doc, p) in batch.docs.iter().zip(batch.prefix) {
-        if let Prefix::Keep { start, end } = *p {
-            let rows: Vec<u32> = (start..end).collect();
-            kept.keep(doc, b.rows(&k, &rows)?, b.rows(&v, &rows)?); // (P, KV D) each
+        if let Prefix::Kept { attend, .. } = p {
+            if !attend.is_empty() {
+                before.push(kept.gather(b, doc, attend)?);
+            }
+        }
+    }
+    for (&doc, p) in batch.docs.iter().zip(batch.prefix) {
+        if let Prefix::Kept { start, end, at, .. } = *p {
+            if end > start {
+                let rows: Vec<u32> = (start..end).collect();
+                kept.keep(b, doc, at as usize, b.rows(&k, &rows)?, b.rows(&v, &rows)?)?; // (n, KV D) each
+            }
         }
     }
     let (mut k, mut v, mut key_offset) = (k, v, 0);
-    // Right to left, so the kept prompts end up in slot order before this call's keys.
-    for (&doc, p) in batch.docs.iter().zip(batch.prefix).rev() {
-        if let Prefix::Kept { len } = *p {
-            let (pk, pv) = kept.get(b, doc, len as usize)?;
-            k = b.concat_rows(pk, &k)?; // (len + rows so far, KV D)
-            v = b.concat_rows(pv, &v)?;
-            key_offset += len as usize;
-        }
+    // Right to left, so the kept rows end up in slot order before this call's keys.
+    for (pk, pv) in before.iter().rev() {
+        k = b.concat_rows(pk, &k)?; // (rows + rows so far, KV D)
+        v = b.concat_rows(pv, &v)?;
+        key_offset += b.dims(pk).0;
     }
     Ok((k, v, key_offset))
 }

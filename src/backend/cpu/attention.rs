@@ -112,16 +112,11 @@ fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &
 }
 
 /// The keys rows [t0, t1) can see: from their first row's first key to one past the last any
-/// of them attends (its shared interval's end or its own key).
+/// of them attends (an interval's end or its own key).
 pub(super) fn block_keys(spans: &[AttnSpan], s: AttnShape, t0: usize, t1: usize) -> (usize, usize) {
-    let first = spans[t0..t1].iter().map(|sp| span_first_key(sp) as usize).min().unwrap_or(0);
-    let end = spans[t0..t1].iter().map(|sp| sp.shared_end as usize).max().unwrap_or(0).max(t1 + s.key_offset);
+    let first = spans[t0..t1].iter().map(|sp| sp.first_key() as usize).min().unwrap_or(0);
+    let end = spans[t0..t1].iter().map(|sp| (sp.shared_end as usize).max(sp.path_end as usize)).max().unwrap_or(0).max(t1 + s.key_offset);
     (first, end)
-}
-
-/// The first key a row can see: its document's first token.
-pub(super) fn span_first_key(sp: &AttnSpan) -> u32 {
-    sp.shared_start.min(sp.own_start)
 }
 
 /// Query rows cut into blocks of at most ATTN_BLOCK rows that never cross a document boundary,
@@ -130,7 +125,7 @@ pub(super) fn query_blocks(spans: &[AttnSpan]) -> Vec<(usize, usize)> {
     let mut blocks = vec![];
     let mut t0 = 0;
     for t in 1..=spans.len() {
-        if t == spans.len() || t - t0 == ATTN_BLOCK || span_first_key(&spans[t]) != span_first_key(&spans[t0]) {
+        if t == spans.len() || t - t0 == ATTN_BLOCK || spans[t].first_key() != spans[t0].first_key() {
             blocks.push((t0, t));
             t0 = t;
         }
@@ -138,21 +133,31 @@ pub(super) fn query_blocks(spans: &[AttnSpan]) -> Vec<(usize, usize)> {
     blocks
 }
 
-/// The keys row `row` attends as at most two disjoint, ordered intervals relative to key k0,
-/// clipped to [0, nk): the span's shared interval and its own [own_start, row].
-pub(super) fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> [(usize, usize); 2] {
-    let clip = |a: usize, b: usize| (a.saturating_sub(k0).min(nk), b.saturating_sub(k0).min(nk));
-    let shared = clip(sp.shared_start as usize, sp.shared_end as usize);
-    let own = clip(sp.own_start as usize, row + 1);
-    let (first, second) = if shared.0 <= own.0 { (shared, own) } else { (own, shared) };
-    if first.0 >= first.1 {
-        [second, (second.1, second.1)]
-    } else if second.0 <= first.1 {
-        // Overlapping or touching: one interval.
-        [(first.0, first.1.max(second.1)), (nk, nk)]
-    } else {
-        [first, second]
+/// A row's attended keys: at most three disjoint, ordered, non-touching intervals; the unused
+/// ones empty at the last one's end, so the gaps between consecutive intervals and after the
+/// last are exactly the keys it does not attend.
+pub(super) type Intervals = [(usize, usize); 3];
+
+/// The keys row `row` attends (its span's shared, path and own [own_start, row] intervals)
+/// relative to key k0, clipped to [0, nk).
+pub(super) fn attended_intervals(sp: &AttnSpan, row: usize, k0: usize, nk: usize) -> Intervals {
+    let clip = |a: u32, b: usize| ((a as usize).saturating_sub(k0).min(nk), b.saturating_sub(k0).min(nk));
+    let mut iv = [clip(sp.shared_start, sp.shared_end as usize), clip(sp.path_start, sp.path_end as usize), clip(sp.own_start, row + 1)];
+    iv.sort_unstable();
+    let mut out = [(0, 0); 3];
+    let mut n = 0;
+    for (a, b) in iv.into_iter().filter(|(a, b)| a < b) {
+        if n > 0 && a <= out[n - 1].1 {
+            // Overlapping or touching: one interval.
+            out[n - 1].1 = out[n - 1].1.max(b);
+        } else {
+            out[n] = (a, b);
+            n += 1;
+        }
     }
+    let end = if n > 0 { out[n - 1].1 } else { 0 };
+    out[n..].fill((end, end));
+    out
 }
 
 /// A block of query rows [t0, t1) and what every head's products need of its spans.
@@ -164,16 +169,14 @@ struct Block {
     /// Keys from k0 to one past the last any row attends.
     nk: usize,
     /// Per row, the keys it attends relative to k0 (`attended_intervals`).
-    intervals: Vec<[(usize, usize); 2]>,
-    /// Per row, one past the last key it attends relative to k0.
-    ends: Vec<usize>,
+    intervals: Vec<Intervals>,
     /// The products run through the packed K and V (more than FEW_QUERY_ROWS rows).
     gemm: bool,
-    /// Whole panels of keys (relative to k0) between the rows' two intervals that no row
-    /// attends, skipped by both products: an extract pass's branch rows attend their own
-    /// document's kept prompt, at the front of the keys, and their branch, at the end, and
-    /// between them lie the other documents' prompts and branches.
-    gap: Option<(usize, usize)>,
+    /// The key ranges (relative to k0, whole panels) the products multiply: [0, nk) less the
+    /// runs of two or more panels no row attends. An extract pass's branch rows attend their
+    /// document's kept prompt and their kept path, in the kept rows before the batch's, and
+    /// their own rows at the end; between lie the other documents' and branches' keys.
+    runs: Vec<(usize, usize)>,
 }
 
 impl Block {
@@ -185,36 +188,34 @@ impl Block {
         let k0 = if gemm { first / nr * nr } else { first };
         let nk = k1 - k0;
         let intervals: Vec<_> = (t0..t1).map(|t| attended_intervals(&spans[t], t + s.key_offset, k0, nk)).collect();
-        let ends = intervals.iter().map(|&[(a0, a1), (b0, b1)]| (if b0 < b1 { b1 } else { 0 }).max(if a0 < a1 { a1 } else { 0 })).collect();
-        let gap = if gemm { unattended(&intervals, nr) } else { None };
-        Block { t0, t1, k0, nk, intervals, ends, gemm, gap }
+        let runs = if gemm { attended_runs(&intervals, nk, nr) } else { vec![(0, nk)] };
+        Block { t0, t1, k0, nk, intervals, gemm, runs }
     }
 
     /// One past the last key (relative to k0) that any of the block's rows [r0, r1) attends.
     fn keys_attended_by(&self, r0: usize, r1: usize) -> usize {
-        self.ends[r0..r1].iter().copied().max().unwrap_or(0)
+        self.intervals[r0..r1].iter().map(|iv| iv[2].1).max().unwrap_or(0)
     }
 }
 
-/// Whole panels of `nr` keys between every row's first interval and every row's second, if
-/// any: [the first panel after the last first interval's end, the panel of the first second
-/// interval's start). A row of one interval counts it as its first.
-fn unattended(intervals: &[[(usize, usize); 2]], nr: usize) -> Option<(usize, usize)> {
-    let mut first_end = 0;
-    let mut second_start = usize::MAX;
-    for &[(a0, a1), (b0, b1)] in intervals {
-        match (a0 < a1, b0 < b1) {
-            (true, true) => {
-                first_end = first_end.max(a1);
-                second_start = second_start.min(b0);
-            }
-            (true, false) => first_end = first_end.max(a1),
-            (false, true) => first_end = first_end.max(b1),
-            (false, false) => {}
+/// [0, nk) less the whole panels of `nr` keys that no row's interval touches, where two or
+/// more lie together (one panel skipped would save less than a product's call costs).
+fn attended_runs(intervals: &[Intervals], nk: usize, nr: usize) -> Vec<(usize, usize)> {
+    let mut iv: Vec<(usize, usize)> = intervals.iter().flatten().copied().filter(|(a, b)| a < b).collect();
+    iv.sort_unstable();
+    let mut runs: Vec<(usize, usize)> = vec![];
+    let mut start = 0;
+    let mut covered = 0usize; // one past the last attended key so far
+    for (a, b) in iv {
+        let (g0, g1) = (covered.div_ceil(nr) * nr, a / nr * nr);
+        if g1 >= g0 + 2 * nr {
+            runs.push((start, g0));
+            start = g1;
         }
+        covered = covered.max(b);
     }
-    let (g0, g1) = (first_end.div_ceil(nr) * nr, second_start / nr * nr);
-    (second_start != usize::MAX && g1 >= g0 + 2 * nr).then_some((g0, g1))
+    runs.push((start, nk));
+    runs
 }
 
 /// Attention of block `b`'s rows for head hh (see the module doc): through `packed` when the
@@ -236,14 +237,12 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
     let scale = 1.0 / (d as f32).sqrt();
     // The scores' scale: the dot products apply it, the GEMM leaves it to the softmax.
     let score_scale = if b.gemm {
-        // Keys [0, g0) and [g1, nk) relative to k0; [g0, g1) no row attends.
-        let (g0, g1) = b.gap.unwrap_or((nk, nk));
-        for (c0, c1) in [(0, g0), (g1, nk)].into_iter().filter(|(c0, c1)| c0 < c1) {
+        for &(c0, c1) in &b.runs {
             let panel = (k0 + c0) / kernel.nr() * d * kernel.nr(); // the panel holding key k0 + c0
             // SAFETY: q holds rows t0.. of H·D values (head hh's D at hh·D), scores (rows, nk),
             // the packed keys nk keys from k0 (c0 a multiple of NR); a tile leaves columns past
             // its rows' last attended key unwritten, and the softmax below writes every column
-            // outside the intervals (the gap's too).
+            // outside the intervals (those between the runs too).
             gemm::matmul_tiles(kernel, q.data.as_ptr().add(t0 * q.cols + hh * d), q.cols, rows, d, packed.keys[kv].as_ptr().add(panel), d * kernel.nr(), c1 - c0, scores.as_mut_ptr().add(c0), nk, false, |r0, r1| {
                 (b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0), d)
             });
@@ -258,14 +257,17 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
         }
         1.0
     };
-    for ((row, inv), &[(a0, a1), (b0, b1)]) in scores.chunks_mut(nk).zip(inv.iter_mut()).zip(&b.intervals) {
-        let max = vmath::max(&row[a0..a1]).max(vmath::max(&row[b0..b1]));
+    for ((row, inv), iv) in scores.chunks_mut(nk).zip(inv.iter_mut()).zip(&b.intervals) {
+        let max = iv.iter().map(|&(a, e)| vmath::max(&row[a..e])).fold(f32::NEG_INFINITY, f32::max);
         let shift = max * score_scale;
-        let sum = vmath::exp_scaled_shift_sum(&mut row[a0..a1], score_scale, shift) + vmath::exp_scaled_shift_sum(&mut row[b0..b1], score_scale, shift);
+        let sum: f32 = iv.iter().map(|&(a, e)| vmath::exp_scaled_shift_sum(&mut row[a..e], score_scale, shift)).sum();
         *inv = 1.0 / sum;
-        row[..a0].fill(0.0);
-        row[a1..b0.max(a1)].fill(0.0);
-        row[b1.max(a1)..].fill(0.0);
+        // The keys it does not attend: before, between and after its intervals.
+        row[..iv[0].0].fill(0.0);
+        for w in iv.windows(2) {
+            row[w[0].1..w[1].0].fill(0.0);
+        }
+        row[iv[2].1..].fill(0.0);
     }
     // The block's rows of head hh in out: row i at out + (t0 + i)·H·D + hh·D.
     let out_row = |i: usize| std::slice::from_raw_parts_mut(out.0.add((t0 + i) * h * d + hh * d), d);
@@ -274,13 +276,12 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
         // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
         // vᵀ's panels are keys_len deep, read from key k0; p's row is 0 past its rows' last
         // attended key, so the depth stops there.
-        let (g0, g1) = b.gap.unwrap_or((nk, nk));
-        for (c0, c1, add) in [(0, g0, false), (g1, nk, true)].into_iter().filter(|&(c0, c1, add)| !add || c0 < c1) {
+        for (i, &(c0, c1)) in b.runs.iter().enumerate() {
             // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
             // vᵀ's panels are keys_len deep, read from key k0 + c0; p's row is 0 outside its
-            // intervals (the gap included), so the depth stops at its rows' last attended key.
-            // The first range writes out (even at depth 0), the second adds to it.
-            gemm::matmul_tiles(kernel, scores.as_ptr().add(c0), nk, rows, c1 - c0, packed.values[kv].as_ptr().add((k0 + c0) * nr), packed.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, add, |r0, r1| {
+            // intervals (between the runs included), so the depth stops at its rows' last
+            // attended key. The first run writes out (even at depth 0), the others add to it.
+            gemm::matmul_tiles(kernel, scores.as_ptr().add(c0), nk, rows, c1 - c0, packed.values[kv].as_ptr().add((k0 + c0) * nr), packed.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, i > 0, |r0, r1| {
                 (d, b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0))
             });
         }

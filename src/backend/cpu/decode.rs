@@ -61,8 +61,7 @@ pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E
             SCORES.with(|scores| {
                 let mut scores = scores.borrow_mut();
                 for (t, part) in (t0..t1).zip(part.chunks_mut(h * (d + 2))) {
-                    let [first, second] = attended_intervals(&spans[t], t + s.key_offset, 0, k.rows);
-                    let segs = [first, second].map(|(a, b)| (a.max(c.c0), b.min(c.c1))).into_iter().filter(|(a, b)| a < b);
+                    let segs = attended_intervals(&spans[t], t + s.key_offset, 0, k.rows).map(|(a, b)| (a.max(c.c0), b.min(c.c1))).into_iter().filter(|(a, b)| a < b);
                     let nk: usize = segs.clone().map(|(a, b)| b - a).sum();
                     if scores.len() < h * nk {
                         scores.resize(h * nk, 0.0);

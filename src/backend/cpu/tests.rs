@@ -445,8 +445,8 @@ fn query_blocks_stop_at_documents_and_block_size() {
     }
     for &(t0, t1) in &blocks {
         assert!(t1 - t0 <= super::attention::ATTN_BLOCK);
-        let first = super::attention::span_first_key(&batch.spans[t0]);
-        assert!(batch.spans[t0..t1].iter().all(|sp| super::attention::span_first_key(sp) == first), "block {t0}..{t1} crosses a document");
+        let first = batch.spans[t0].first_key();
+        assert!(batch.spans[t0..t1].iter().all(|sp| sp.first_key() == first), "block {t0}..{t1} crosses a document");
     }
     // 72 rows per document: a full block and a short one each.
     assert_eq!(blocks.len(), 6);
@@ -458,12 +458,12 @@ fn attention_with_overlapping_and_empty_shared_spans() {
     let b = CpuBackend::new();
     let t = 6;
     let spans = vec![
-        AttnSpan { shared_start: 0, shared_end: 3, own_start: 1 },
-        AttnSpan { shared_start: 0, shared_end: 1, own_start: 1 },
-        AttnSpan { shared_start: 0, shared_end: 0, own_start: 0 },
-        AttnSpan { shared_start: 1, shared_end: 3, own_start: 3 },
-        AttnSpan { shared_start: 0, shared_end: 2, own_start: 4 },
-        AttnSpan { shared_start: 2, shared_end: 4, own_start: 0 },
+        AttnSpan::new(0, 3, 1),
+        AttnSpan::new(0, 1, 1),
+        AttnSpan::new(0, 0, 0),
+        AttnSpan::new(1, 3, 3),
+        AttnSpan::new(0, 2, 4),
+        AttnSpan::new(2, 4, 0),
     ];
     let shape = AttnShape { heads: 2, kv_heads: 2, head_dim: 8, key_offset: 0 };
     let (q, k, v) = (mat(t, 16, 60), mat(t, 16, 61), mat(t, 16, 62));
@@ -523,8 +523,8 @@ fn decode_by_key_chunks_over_tree_spans_matches_reference() {
     let cached = 700;
     let spans = vec![
         AttnSpan::causal(0),
-        AttnSpan { shared_start: 0, shared_end: 250, own_start: cached as u32 + 1 },
-        AttnSpan { shared_start: 300, shared_end: 650, own_start: cached as u32 + 2 },
+        AttnSpan::new(0, 250, cached as u32 + 1),
+        AttnSpan::new(300, 650, cached as u32 + 2),
     ];
     for d in [40, 64] {
         let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: d, key_offset: cached };
@@ -549,7 +549,7 @@ fn attention_skips_keys_between_a_kept_prompt_and_its_branches() {
         let lens: &[usize] = if d == 2 { &[2] } else { &[7, 12, 3] };
         for &len in lens {
             let own = (kept + spans.len()) as u32;
-            spans.extend(std::iter::repeat_n(AttnSpan { shared_start: p0, shared_end: p1, own_start: own }, len));
+            spans.extend(std::iter::repeat_n(AttnSpan::new(p0, p1, own), len));
         }
     }
     let t = spans.len();
@@ -558,6 +558,43 @@ fn attention_skips_keys_between_a_kept_prompt_and_its_branches() {
         let (q, k, v) = (mat(t, 4 * d, 81), mat(kept + t, 2 * d, 82), mat(kept + t, 2 * d, 83));
         let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
         assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
+    }
+}
+
+#[test]
+fn attention_over_a_kept_prompt_kept_paths_and_own_rows() {
+    // An extract pass over kept rows: two documents' kept prompts and their branches' kept paths
+    // (each branch its own, some of them wide, so the products skip whole panels between), then
+    // this call's rows; each row attends three intervals: its prompt, its path, its own rows.
+    // The path interval may also be empty or touch the prompt. Blocks of many rows (products)
+    // and of few (dot products), several head sizes.
+    let b = CpuBackend::new();
+    // Per document: its prompt, then per branch (path length, own rows).
+    let docs: [(u32, &[(u32, usize)]); 2] = [(70, &[(3, 9), (80, 14), (0, 5), (40, 2)]), (130, &[(5, 3), (66, 20)])];
+    let kept: u32 = docs.iter().map(|(p, br)| p + br.iter().map(|b| b.0).sum::<u32>()).sum();
+    let (mut spans, mut key) = (vec![], 0u32);
+    for (p, branches) in docs {
+        let (p0, p1) = (key, key + p);
+        key += p;
+        for &(path, rows) in branches {
+            let own = kept + spans.len() as u32;
+            spans.extend(std::iter::repeat_n(AttnSpan::new(p0, p1, own).with_path(key, key + path), rows));
+            key += path;
+        }
+    }
+    let t = spans.len();
+    for d in [16, 40, 64] {
+        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: d, key_offset: kept as usize };
+        let (q, k, v) = (mat(t, 4 * d, 84), mat(kept as usize + t, 2 * d, 85), mat(kept as usize + t, 2 * d, 86));
+        let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
+        assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
+        // Rows one at a time (dot products), each over all the keys up to its own.
+        for r in [0, 9, 30, t - 1] {
+            let one = AttnShape { key_offset: kept as usize + r, ..shape };
+            let q1 = Mat { rows: 1, cols: q.cols, data: q.row(r).to_vec() };
+            let out1 = b.attention(&q1, &k, &v, one, &spans[r..r + 1]).unwrap();
+            assert_close(&out1.data, out.row(r), 1e-5);
+        }
     }
 }
 
@@ -652,8 +689,8 @@ fn attention_over_an_f16_cache_matches_reference_over_its_rounded_values() {
     for d in [40, 64, 128] {
         let decode = vec![
             AttnSpan::causal(0),
-            AttnSpan { shared_start: 0, shared_end: 120, own_start: cached as u32 + 1 },
-            AttnSpan { shared_start: 150, shared_end: 290, own_start: cached as u32 + 2 },
+            AttnSpan::new(0, 120, cached as u32 + 1),
+            AttnSpan::new(150, 290, cached as u32 + 2),
         ];
         for spans in [decode, vec![AttnSpan::causal(0); 6]] {
             let new = spans.len();

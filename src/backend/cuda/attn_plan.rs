@@ -41,6 +41,9 @@ pub fn plan_tiles(spans: &[AttnSpan], key_offset: usize, group: usize, block_row
             if s.shared_end > s.shared_start {
                 iv.push((s.shared_start as usize, s.shared_end as usize));
             }
+            if s.path_end > s.path_start {
+                iv.push((s.path_start as usize, s.path_end as usize));
+            }
             iv.push((s.own_start as usize, t + key_offset + 1));
         }
         iv.sort_unstable();

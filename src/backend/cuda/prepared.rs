@@ -48,7 +48,7 @@ impl<V> Default for Recent<V> {
 
 /// Attention's per-row device data for one (spans, key_offset, group size).
 pub(crate) struct AttnRows {
-    /// (T, 3) shared_start, shared_end, own_start
+    /// (T, 5) shared_start, shared_end, path_start, path_end, own_start
     pub spans: CudaSlice<u32>,
     /// (blocks + 1)
     pub tile_off: CudaSlice<u32>,
@@ -84,9 +84,9 @@ impl Prepared {
 
     /// Spans (checked by the caller) and the tile plan for `group` query heads per KV head.
     pub fn attention(&self, b: &CudaBackend, spans: &[AttnSpan], key_offset: usize, group: usize) -> Result<Arc<AttnRows>> {
-        let mut key = Vec::with_capacity(spans.len() * 3 + 2);
+        let mut key = Vec::with_capacity(spans.len() * 5 + 2);
         for s in spans {
-            key.extend_from_slice(&[s.shared_start, s.shared_end, s.own_start]);
+            key.extend_from_slice(&[s.shared_start, s.shared_end, s.path_start, s.path_end, s.own_start]);
         }
         let flat_len = key.len();
         // Both fit u32: the caller checked key_offset + T against the key rows it indexes.

@@ -76,7 +76,7 @@ fn compute_ops_refuse_mismatches_with_their_rules_error() {
         (&q, &k, &m(2, 4), heads(2, 1, 4, 0), &spans[..]),
         (&q, &k, &v, heads(2, 1, 4, 0), &spans[..1]),
         (&q, &k, &v, heads(2, 1, 4, 2), &spans[..]),
-        (&q, &k, &v, heads(2, 1, 4, 0), &[AttnSpan { shared_start: 0, shared_end: 4, own_start: 0 }, AttnSpan::causal(0)][..]),
+        (&q, &k, &v, heads(2, 1, 4, 0), &[AttnSpan::new(0, 4, 0), AttnSpan::causal(0)][..]),
     ] {
         let (got, rule) = attn(q, k, v, s, spans);
         refused("attention", got, rule);
@@ -121,7 +121,7 @@ fn the_rules_pass_what_fits() {
     assert!(linear_silu_mul((2, 3), (&[4, 3], Some(&[4])), (&[4, 3], None)).is_ok());
     assert!(norm("rms_norm", (2, 3), &[3]).is_ok());
     assert!(rope((2, 8), 4, 1, 4, 2, 2).is_ok());
-    let spans = [AttnSpan { shared_start: 0, shared_end: 2, own_start: 2 }, AttnSpan::causal(2)];
+    let spans = [AttnSpan::new(0, 2, 2), AttnSpan::causal(2)];
     assert!(attention("attention", (2, 8), (4, 4), (4, 4), heads(2, 1, 4, 2), &spans).is_ok());
     assert!(same("add", (2, 3), (2, 3)).is_ok() && cols((2, 3), 3, 0).is_ok() && rows("rows", 2, &[1, 0, 1]).is_ok());
     assert!(stack("concat_rows", 3, 3).is_ok() && log_softmax_at((2, 3), &[2, 0]).is_ok());
