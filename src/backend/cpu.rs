@@ -152,7 +152,10 @@ fn map_rows(x: &Mat, cols: usize, f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + 
     let len = x.rows * cols;
     let mut data: Vec<f32> = Vec::with_capacity(len);
     if len > 0 {
-        data.spare_capacity_mut()[..len].par_chunks_mut(cols).zip(x.data.par_chunks(x.cols)).for_each(|(o, r)| f(r, o));
+        // Rows in items of ELEMWISE_CHUNK values: one item a row was thousands of rayon items
+        // of a few hundred values (a norm, q/k/v's columns) per call.
+        let per = ELEMWISE_CHUNK.div_ceil(cols.max(x.cols).max(1));
+        data.spare_capacity_mut()[..len].par_chunks_mut(cols).zip(x.data.par_chunks(x.cols)).with_min_len(per).for_each(|(o, r)| f(r, o));
     }
     // SAFETY: f wrote each of the x.rows rows of cols values.
     unsafe { data.set_len(len) };
@@ -310,9 +313,9 @@ impl super::Kernels for CpuBackend {
         Ok(map_rows(x, x.cols, |row, out| {
             let ms = vmath::sum_sq_dev(row, 0.0) / row.len() as f64;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
-            for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
-                let y = v * inv * g;
-                o.write(if round { round::round_f32(y) } else { y });
+            match round {
+                true => vmath::scale_gain_rounded(row, inv, w, out),
+                false => vmath::scale_gain(row, inv, w, out),
             }
         }))
     }
@@ -438,7 +441,7 @@ type PairsOperand<'a> = (&'a [half::bf16], Option<&'a CpuWeight>);
 
 impl CpuBackend {
     /// `linear_silu_mul` over bf16 pair panels: fused at any depth (gemm_bf16.rs), the output
-    /// rounded as the down projection's input.
+    /// rounded there as the down projection's input.
     fn linear_silu_mul_pairs(&self, x: &Mat, n: usize, (g, gate_b): PairsOperand, (u, up_b): PairsOperand) -> Result<Mat> {
         let (gb, ub) = (gate_b.and_then(CpuWeight::values), up_b.and_then(CpuWeight::values));
         let len = x.rows * n;
@@ -449,7 +452,7 @@ impl CpuBackend {
             gemm_bf16::matmul_silu_mul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), g, gb, u, ub, n, out.as_mut_ptr());
             out.set_len(len);
         }
-        Ok(self.rounded(Mat { rows: x.rows, cols: n, data: out }))
+        Ok(Mat { rows: x.rows, cols: n, data: out })
     }
 
     /// `attention_cached` before its output is rounded.

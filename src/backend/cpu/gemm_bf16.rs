@@ -79,16 +79,24 @@ impl Rows {
     const CHUNK: usize = 1 << 14;
 
     pub(super) fn round(x: &[f32], t: usize, k: usize) -> Rows {
-        let kp = pairs_depth(k);
-        let mut data = vec![bf16::ZERO; t * kp];
+        let (kp, len) = (pairs_depth(k), t * pairs_depth(k));
+        // Not zero-filled first: that was one thread's memset of the whole buffer (3% of a bf16
+        // scoring run's wall, the other core waiting), and each value is written below anyway.
+        let mut data: Vec<bf16> = Vec::with_capacity(len);
         if k > 0 {
             let per = Self::CHUNK.div_ceil(k);
-            data.par_chunks_mut(kp * per).zip(x[..t * k].par_chunks(k * per)).for_each(|(d, s)| {
+            data.spare_capacity_mut()[..len].par_chunks_mut(kp * per).zip(x[..t * k].par_chunks(k * per)).for_each(|(d, s)| {
                 for (d, s) in d.chunks_exact_mut(kp).zip(s.chunks_exact(k)) {
-                    round::round_into(s, &mut d[..k]);
+                    let (values, pad) = d.split_at_mut(k);
+                    round::round_into_uninit(s, values);
+                    pad.iter_mut().for_each(|p| {
+                        p.write(bf16::ZERO);
+                    });
                 }
             });
         }
+        // SAFETY: each of the t rows' k values and kp - k pads was written above (k = 0: len = 0).
+        unsafe { data.set_len(len) };
         Rows { data, rows: t, kp }
     }
 }
@@ -109,9 +117,11 @@ pub(super) unsafe fn matmul(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>
     gemm::fork(NR, MR, x.rows, x.kp, n, |rows, panels| unsafe { block(x, w, n, bias, out, mode, rows, panels) });
 }
 
-/// out (T, N) = silu(x · gᵀ + bg) ⊙ (x · uᵀ + bu), gate and up tile by tile as in gemm.rs's
-/// `matmul_silu_mul` (the up tile in a buffer on the stack, multiplied in while in L1), over
-/// the whole depth at once: a bf16 pair panel of any decoder's depth fits L2.
+/// out (T, N) = silu(x · gᵀ + bg) ⊙ (x · uᵀ + bu) rounded to bf16 (the down projection's input,
+/// as the CUDA backend stores it), gate and up tile by tile as in gemm.rs's `matmul_silu_mul`
+/// (the up tile in a buffer on the stack, multiplied in and rounded while in L1, not in a pass
+/// of its own over T·N), over the whole depth at once: a bf16 pair panel of any decoder's
+/// depth fits L2.
 ///
 /// # Safety
 /// As `matmul` with `Out::Write`, for both weights and biases.
@@ -144,7 +154,9 @@ pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u
             let silu = |p: usize, up: &[f32], r: usize| {
                 let ncols = NR.min(n - p * NR);
                 for (i, up) in up.chunks_exact(NR).take(r).enumerate() {
-                    vmath::silu_mul_slice(std::slice::from_raw_parts_mut(c(p).add(i * n), ncols), &up[..ncols]);
+                    let row = std::slice::from_raw_parts_mut(c(p).add(i * n), ncols);
+                    vmath::silu_mul_slice(row, &up[..ncols]);
+                    round::round_in_place(row);
                 }
             };
             if r == 1 {
@@ -448,7 +460,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_silu_mul_gives_the_two_products_and_silu_mul_exactly() {
+    fn fused_silu_mul_gives_the_two_products_silu_mul_and_rounding_exactly() {
         if !available() {
             println!("skipped: no AVX512-BF16");
             return;
@@ -466,6 +478,7 @@ mod tests {
                 matmul_silu_mul(&rows, &g, None, &u, Some(&bu), n, got.as_mut_ptr());
             }
             vmath::silu_mul_slice(&mut want, &up);
+            round::round_in_place(&mut want);
             let differ = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
             assert_eq!(differ, None, "{t}x{k}x{n}");
         }
