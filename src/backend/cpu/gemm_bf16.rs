@@ -46,17 +46,33 @@ pub(super) fn packed_len(n: usize, k: usize) -> usize {
 
 /// w (N, K) row-major -> panels (N / NR, Kp / 2, NR, 2), padding zero; panels in parallel.
 pub(super) fn pack(w: &[bf16], n: usize, k: usize) -> Vec<bf16> {
-    let kp = pairs_depth(k);
-    let mut out = vec![bf16::ZERO; packed_len(n, k)];
+    pack_rows(n, k, |j| w[j * k..][..k].iter().copied())
+}
+
+/// `pack` of a matrix given as a file's little-endian bf16 bytes, read straight into the panels:
+/// no widened or copied matrix between (a model's start-up packs every weight once).
+pub(super) fn pack_le_bytes(bytes: &[u8], n: usize, k: usize) -> Vec<bf16> {
+    pack_rows(n, k, |j| bytes[2 * j * k..][..2 * k].chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])))
+}
+
+/// `pack` of the matrix whose row j (K values) `row(j)` yields. The output is not zero-filled
+/// first (a one-thread pass over the whole matrix at load): each panel zeroes itself, while it
+/// is in cache, before its rows are scattered in.
+fn pack_rows<R: Iterator<Item = bf16>>(n: usize, k: usize, row: impl Fn(usize) -> R + Sync) -> Vec<bf16> {
+    let (kp, len) = (pairs_depth(k), packed_len(n, k));
+    let mut out: Vec<bf16> = Vec::with_capacity(len);
     if kp > 0 {
-        out.par_chunks_mut(kp * NR).enumerate().for_each(|(p, panel)| {
+        out.spare_capacity_mut()[..len].par_chunks_mut(kp * NR).enumerate().for_each(|(p, panel)| {
+            panel.fill(std::mem::MaybeUninit::new(bf16::ZERO));
             for lane in 0..NR.min(n - p * NR) {
-                for (kk, &v) in w[(p * NR + lane) * k..][..k].iter().enumerate() {
-                    panel[kk / 2 * 2 * NR + lane * 2 + kk % 2] = v;
+                for (kk, v) in row(p * NR + lane).enumerate() {
+                    panel[kk / 2 * 2 * NR + lane * 2 + kk % 2].write(v);
                 }
             }
         });
     }
+    // SAFETY: the panels cover all len values (kp = 0: len = 0), each filled above.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -513,6 +529,15 @@ mod tests {
                 let gf = |s: f64| 2.0 * (t * k * n) as f64 / s / 1e9;
                 println!("speed threads {threads} {t}x{k}x{n}: best {:.1} GFLOP/s, median {:.1}", gf(times[0]), gf(times[reps / 2]));
             }
+        }
+    }
+
+    #[test]
+    fn packing_from_le_bytes_is_packing_the_values() {
+        for (n, k) in [(37, 10), (33, 11), (64, 576), (1, 1)] {
+            let w = values(n * k, 8);
+            let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert_eq!(pack_le_bytes(&bytes, n, k), pack(&w, n, k), "{n}x{k}");
         }
     }
 
