@@ -323,7 +323,8 @@ impl super::Kernels for CpuBackend {
     fn rope(&self, x: &mut Mat, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
         let table = self.rope_tables.get(positions, inv_freq);
         let cols = x.cols;
-        x.data.par_chunks_mut(cols).enumerate().for_each(|(t, row)| {
+        // Rows in items of ELEMWISE_CHUNK values, as in map_rows.
+        x.data.par_chunks_mut(cols).enumerate().with_min_len(ELEMWISE_CHUNK.div_ceil(cols.max(1))).for_each(|(t, row)| {
             let (cos, sin) = table.row(t);
             for head in row[col0..col0 + heads * head_dim].chunks_exact_mut(head_dim) {
                 vmath::rotate_half(head, cos, sin);

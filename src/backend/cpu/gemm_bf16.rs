@@ -56,17 +56,28 @@ pub(super) fn pack_le_bytes(bytes: &[u8], n: usize, k: usize) -> Vec<bf16> {
 }
 
 /// `pack` of the matrix whose row j (K values) `row(j)` yields. The output is not zero-filled
-/// first (a one-thread pass over the whole matrix at load): each panel zeroes itself, while it
-/// is in cache, before its rows are scattered in.
+/// first (a one-thread pass over the whole matrix at load): a panel with padding zeroes itself,
+/// while it is in cache, before its rows are scattered in.
 fn pack_rows<R: Iterator<Item = bf16>>(n: usize, k: usize, row: impl Fn(usize) -> R + Sync) -> Vec<bf16> {
     let (kp, len) = (pairs_depth(k), packed_len(n, k));
     let mut out: Vec<bf16> = Vec::with_capacity(len);
     if kp > 0 {
         out.spare_capacity_mut()[..len].par_chunks_mut(kp * NR).enumerate().for_each(|(p, panel)| {
-            panel.fill(std::mem::MaybeUninit::new(bf16::ZERO));
-            for lane in 0..NR.min(n - p * NR) {
-                for (kk, v) in row(p * NR + lane).enumerate() {
-                    panel[kk / 2 * 2 * NR + lane * 2 + kk % 2].write(v);
+            let lanes = NR.min(n - p * NR);
+            // Only a partial last panel or an odd depth has padding to zero.
+            if lanes < NR || kp > k {
+                panel.fill(std::mem::MaybeUninit::new(bf16::ZERO));
+            }
+            for lane in 0..lanes {
+                // A row's pairs of depths are adjacent in the row and in the panel.
+                let mut at = lane * 2;
+                let mut values = row(p * NR + lane);
+                while let Some(a) = values.next() {
+                    panel[at].write(a);
+                    if let Some(b) = values.next() {
+                        panel[at + 1].write(b);
+                    }
+                    at += 2 * NR;
                 }
             }
         });
