@@ -152,7 +152,10 @@ fn map_rows(x: &Mat, cols: usize, f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + 
     let len = x.rows * cols;
     let mut data: Vec<f32> = Vec::with_capacity(len);
     if len > 0 {
-        data.spare_capacity_mut()[..len].par_chunks_mut(cols).zip(x.data.par_chunks(x.cols)).for_each(|(o, r)| f(r, o));
+        // Rows in items of ELEMWISE_CHUNK values: one item a row was thousands of rayon items
+        // of a few hundred values (a norm, q/k/v's columns) per call.
+        let per = ELEMWISE_CHUNK.div_ceil(cols.max(x.cols).max(1));
+        data.spare_capacity_mut()[..len].par_chunks_mut(cols).zip(x.data.par_chunks(x.cols)).with_min_len(per).for_each(|(o, r)| f(r, o));
     }
     // SAFETY: f wrote each of the x.rows rows of cols values.
     unsafe { data.set_len(len) };
@@ -310,9 +313,9 @@ impl super::Kernels for CpuBackend {
         Ok(map_rows(x, x.cols, |row, out| {
             let ms = vmath::sum_sq_dev(row, 0.0) / row.len() as f64;
             let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
-            for ((o, &v), &g) in out.iter_mut().zip(row).zip(w) {
-                let y = v * inv * g;
-                o.write(if round { round::round_f32(y) } else { y });
+            match round {
+                true => vmath::scale_gain_rounded(row, inv, w, out),
+                false => vmath::scale_gain(row, inv, w, out),
             }
         }))
     }
@@ -320,7 +323,8 @@ impl super::Kernels for CpuBackend {
     fn rope(&self, x: &mut Mat, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
         let table = self.rope_tables.get(positions, inv_freq);
         let cols = x.cols;
-        x.data.par_chunks_mut(cols).enumerate().for_each(|(t, row)| {
+        // Rows in items of ELEMWISE_CHUNK values, as in map_rows.
+        x.data.par_chunks_mut(cols).enumerate().with_min_len(ELEMWISE_CHUNK.div_ceil(cols.max(1))).for_each(|(t, row)| {
             let (cos, sin) = table.row(t);
             for head in row[col0..col0 + heads * head_dim].chunks_exact_mut(head_dim) {
                 vmath::rotate_half(head, cos, sin);
@@ -438,7 +442,7 @@ type PairsOperand<'a> = (&'a [half::bf16], Option<&'a CpuWeight>);
 
 impl CpuBackend {
     /// `linear_silu_mul` over bf16 pair panels: fused at any depth (gemm_bf16.rs), the output
-    /// rounded as the down projection's input.
+    /// rounded there as the down projection's input.
     fn linear_silu_mul_pairs(&self, x: &Mat, n: usize, (g, gate_b): PairsOperand, (u, up_b): PairsOperand) -> Result<Mat> {
         let (gb, ub) = (gate_b.and_then(CpuWeight::values), up_b.and_then(CpuWeight::values));
         let len = x.rows * n;
@@ -449,7 +453,7 @@ impl CpuBackend {
             gemm_bf16::matmul_silu_mul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), g, gb, u, ub, n, out.as_mut_ptr());
             out.set_len(len);
         }
-        Ok(self.rounded(Mat { rows: x.rows, cols: n, data: out }))
+        Ok(Mat { rows: x.rows, cols: n, data: out })
     }
 
     /// `attention_cached` before its output is rounded.

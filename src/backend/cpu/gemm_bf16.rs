@@ -46,17 +46,44 @@ pub(super) fn packed_len(n: usize, k: usize) -> usize {
 
 /// w (N, K) row-major -> panels (N / NR, Kp / 2, NR, 2), padding zero; panels in parallel.
 pub(super) fn pack(w: &[bf16], n: usize, k: usize) -> Vec<bf16> {
-    let kp = pairs_depth(k);
-    let mut out = vec![bf16::ZERO; packed_len(n, k)];
+    pack_rows(n, k, |j| w[j * k..][..k].iter().copied())
+}
+
+/// `pack` of a matrix given as a file's little-endian bf16 bytes, read straight into the panels:
+/// no widened or copied matrix between (a model's start-up packs every weight once).
+pub(super) fn pack_le_bytes(bytes: &[u8], n: usize, k: usize) -> Vec<bf16> {
+    pack_rows(n, k, |j| bytes[2 * j * k..][..2 * k].chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])))
+}
+
+/// `pack` of the matrix whose row j (K values) `row(j)` yields. The output is not zero-filled
+/// first (a one-thread pass over the whole matrix at load): a panel with padding zeroes itself,
+/// while it is in cache, before its rows are scattered in.
+fn pack_rows<R: Iterator<Item = bf16>>(n: usize, k: usize, row: impl Fn(usize) -> R + Sync) -> Vec<bf16> {
+    let (kp, len) = (pairs_depth(k), packed_len(n, k));
+    let mut out: Vec<bf16> = Vec::with_capacity(len);
     if kp > 0 {
-        out.par_chunks_mut(kp * NR).enumerate().for_each(|(p, panel)| {
-            for lane in 0..NR.min(n - p * NR) {
-                for (kk, &v) in w[(p * NR + lane) * k..][..k].iter().enumerate() {
-                    panel[kk / 2 * 2 * NR + lane * 2 + kk % 2] = v;
+        out.spare_capacity_mut()[..len].par_chunks_mut(kp * NR).enumerate().for_each(|(p, panel)| {
+            let lanes = NR.min(n - p * NR);
+            // Only a partial last panel or an odd depth has padding to zero.
+            if lanes < NR || kp > k {
+                panel.fill(std::mem::MaybeUninit::new(bf16::ZERO));
+            }
+            for lane in 0..lanes {
+                // A row's pairs of depths are adjacent in the row and in the panel.
+                let mut at = lane * 2;
+                let mut values = row(p * NR + lane);
+                while let Some(a) = values.next() {
+                    panel[at].write(a);
+                    if let Some(b) = values.next() {
+                        panel[at + 1].write(b);
+                    }
+                    at += 2 * NR;
                 }
             }
         });
     }
+    // SAFETY: the panels cover all len values (kp = 0: len = 0), each filled above.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -79,16 +106,24 @@ impl Rows {
     const CHUNK: usize = 1 << 14;
 
     pub(super) fn round(x: &[f32], t: usize, k: usize) -> Rows {
-        let kp = pairs_depth(k);
-        let mut data = vec![bf16::ZERO; t * kp];
+        let (kp, len) = (pairs_depth(k), t * pairs_depth(k));
+        // Not zero-filled first: that was one thread's memset of the whole buffer (3% of a bf16
+        // scoring run's wall, the other core waiting), and each value is written below anyway.
+        let mut data: Vec<bf16> = Vec::with_capacity(len);
         if k > 0 {
             let per = Self::CHUNK.div_ceil(k);
-            data.par_chunks_mut(kp * per).zip(x[..t * k].par_chunks(k * per)).for_each(|(d, s)| {
+            data.spare_capacity_mut()[..len].par_chunks_mut(kp * per).zip(x[..t * k].par_chunks(k * per)).for_each(|(d, s)| {
                 for (d, s) in d.chunks_exact_mut(kp).zip(s.chunks_exact(k)) {
-                    round::round_into(s, &mut d[..k]);
+                    let (values, pad) = d.split_at_mut(k);
+                    round::round_into_uninit(s, values);
+                    pad.iter_mut().for_each(|p| {
+                        p.write(bf16::ZERO);
+                    });
                 }
             });
         }
+        // SAFETY: each of the t rows' k values and kp - k pads was written above (k = 0: len = 0).
+        unsafe { data.set_len(len) };
         Rows { data, rows: t, kp }
     }
 }
@@ -109,9 +144,11 @@ pub(super) unsafe fn matmul(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>
     gemm::fork(NR, MR, x.rows, x.kp, n, |rows, panels| unsafe { block(x, w, n, bias, out, mode, rows, panels) });
 }
 
-/// out (T, N) = silu(x · gᵀ + bg) ⊙ (x · uᵀ + bu), gate and up tile by tile as in gemm.rs's
-/// `matmul_silu_mul` (the up tile in a buffer on the stack, multiplied in while in L1), over
-/// the whole depth at once: a bf16 pair panel of any decoder's depth fits L2.
+/// out (T, N) = silu(x · gᵀ + bg) ⊙ (x · uᵀ + bu) rounded to bf16 (the down projection's input,
+/// as the CUDA backend stores it), gate and up tile by tile as in gemm.rs's `matmul_silu_mul`
+/// (the up tile in a buffer on the stack, multiplied in and rounded while in L1, not in a pass
+/// of its own over T·N), over the whole depth at once: a bf16 pair panel of any decoder's
+/// depth fits L2.
 ///
 /// # Safety
 /// As `matmul` with `Out::Write`, for both weights and biases.
@@ -144,7 +181,9 @@ pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u
             let silu = |p: usize, up: &[f32], r: usize| {
                 let ncols = NR.min(n - p * NR);
                 for (i, up) in up.chunks_exact(NR).take(r).enumerate() {
-                    vmath::silu_mul_slice(std::slice::from_raw_parts_mut(c(p).add(i * n), ncols), &up[..ncols]);
+                    let row = std::slice::from_raw_parts_mut(c(p).add(i * n), ncols);
+                    vmath::silu_mul_slice(row, &up[..ncols]);
+                    round::round_in_place(row);
                 }
             };
             if r == 1 {
@@ -448,7 +487,7 @@ mod tests {
     }
 
     #[test]
-    fn fused_silu_mul_gives_the_two_products_and_silu_mul_exactly() {
+    fn fused_silu_mul_gives_the_two_products_silu_mul_and_rounding_exactly() {
         if !available() {
             println!("skipped: no AVX512-BF16");
             return;
@@ -466,6 +505,7 @@ mod tests {
                 matmul_silu_mul(&rows, &g, None, &u, Some(&bu), n, got.as_mut_ptr());
             }
             vmath::silu_mul_slice(&mut want, &up);
+            round::round_in_place(&mut want);
             let differ = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
             assert_eq!(differ, None, "{t}x{k}x{n}");
         }
@@ -500,6 +540,15 @@ mod tests {
                 let gf = |s: f64| 2.0 * (t * k * n) as f64 / s / 1e9;
                 println!("speed threads {threads} {t}x{k}x{n}: best {:.1} GFLOP/s, median {:.1}", gf(times[0]), gf(times[reps / 2]));
             }
+        }
+    }
+
+    #[test]
+    fn packing_from_le_bytes_is_packing_the_values() {
+        for (n, k) in [(37, 10), (33, 11), (64, 576), (1, 1)] {
+            let w = values(n * k, 8);
+            let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert_eq!(pack_le_bytes(&bytes, n, k), pack(&w, n, k), "{n}x{k}");
         }
     }
 

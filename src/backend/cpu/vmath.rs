@@ -8,6 +8,8 @@
 //! Accuracy (tests in cpu/tests.rs against f64): exp ~2e-7 relative, erf ~3e-7 absolute,
 //! GELU ~3e-7·max(1, |x|): below what f32 activations carry and what HF's goldens test.
 
+use std::mem::MaybeUninit;
+
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split in two (Cody–Waite) so that x - n·ln2 stays exact for |n| <= 127.
 const LN2_HI: f32 = 0.693_145_75;
@@ -235,6 +237,22 @@ fn sum_f64_body(x: &[f32]) -> f64 {
     acc.iter().sum::<f64>() + chunks.remainder().iter().map(|&v| v as f64).sum::<f64>()
 }
 
+/// out[i] = x[i] · inv · w[i]: a norm's output row from its statistics' 1/σ and the gain.
+#[inline(always)]
+fn scale_gain_body(x: &[f32], inv: f32, w: &[f32], out: &mut [MaybeUninit<f32>]) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        o.write(v * inv * g);
+    }
+}
+
+/// `scale_gain_body` rounded to bf16: a norm's output that only GEMMs read, on the bf16 route.
+#[inline(always)]
+fn scale_gain_rounded_body(x: &[f32], inv: f32, w: &[f32], out: &mut [MaybeUninit<f32>]) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        o.write(super::round::round_f32(v * inv * g));
+    }
+}
+
 /// head (D) <- its rotate-half rotation: pair (i, i + D/2) turns by the angle of cos[i], sin[i].
 #[inline(always)]
 fn rotate_half_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -371,6 +389,9 @@ macro_rules! dispatch {
     };
 }
 
+// The other slice loops of the backend (round.rs) take the same three copies.
+pub(super) use dispatch;
+
 dispatch!(
     fused
     /// x = GELU(x) in place.
@@ -403,6 +424,14 @@ dispatch!(
 dispatch!(
     /// Σ x in f64: a norm's mean of one row.
     sum_f64, sum_f64_avx2, sum_f64_avx512, sum_f64_body, (x: &[f32]) -> f64
+);
+dispatch!(
+    /// out = x · inv · w elementwise (RMSNorm's output row; out may start uninitialised).
+    scale_gain, scale_gain_avx2, scale_gain_avx512, scale_gain_body, (x: &[f32], inv: f32, w: &[f32], out: &mut [MaybeUninit<f32>]) -> ()
+);
+dispatch!(
+    /// `scale_gain`, each value rounded to bf16 as it is written.
+    scale_gain_rounded, scale_gain_rounded_avx2, scale_gain_rounded_avx512, scale_gain_rounded_body, (x: &[f32], inv: f32, w: &[f32], out: &mut [MaybeUninit<f32>]) -> ()
 );
 dispatch!(
     /// RoPE's rotation of one head (D) by per-pair cos and sin (D/2 each).

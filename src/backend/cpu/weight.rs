@@ -81,6 +81,7 @@ impl CpuWeight {
             (CpuRoute::F32, DType::F16) => Data::Panels(Panels::F16(pack_bytes(kernel, &t.data, n, k, f16::from_le_bytes))),
             (CpuRoute::F32 | CpuRoute::Bf16Widened, DType::Bf16) => Data::Panels(Panels::Bf16(pack_bytes(kernel, &t.data, n, k, bf16::from_le_bytes))),
             (CpuRoute::Bf16Widened, _) => Data::Panels(Panels::Bf16(gemm::pack(kernel, &bf16_values(), n, k))),
+            (CpuRoute::Bf16Dot, DType::Bf16) => Data::Pairs(gemm_bf16::pack_le_bytes(&t.data, n, k)),
             (CpuRoute::Bf16Dot, _) => Data::Pairs(gemm_bf16::pack(&bf16_values(), n, k)),
         };
         CpuWeight { shape: t.shape.clone(), data }
