@@ -4,14 +4,21 @@
 // and of 29 (Falcon-180B), a head dim that needs zero padding (8), a KV cache offset, long
 // causal rows (online-softmax rescaling over many tiles), and two kinds of tile plan: only
 // the aligned tiles some row of the block attends (masked tiles skipped), and every tile
-// from the block's first key (the kernel masks what the plan over-covers).
+// from the block's first key (the kernel masks what the plan over-covers); and extract's
+// branch rows over kept keys: a kept prompt, each branch's own kept path, its own rows.
 struct Case { unsigned H, KV, D, ko; bool dense_plan; std::vector<unsigned> spans; unsigned T; };
 
 static void doc(Case& c, unsigned prompt, std::vector<unsigned> choices) {
     unsigned start = c.T;
-    for (unsigned p = 0; p < prompt; p++) { c.spans.insert(c.spans.end(), {start, start, start}); c.T++; }
+    for (unsigned p = 0; p < prompt; p++) { c.spans.insert(c.spans.end(), {start, start, start, start, start}); c.T++; }
     unsigned pe = c.T;
-    for (unsigned ch : choices) { unsigned os = c.T; for (unsigned j = 0; j < ch; j++) { c.spans.insert(c.spans.end(), {start, pe, os}); c.T++; } }
+    for (unsigned ch : choices) { unsigned os = c.T; for (unsigned j = 0; j < ch; j++) { c.spans.insert(c.spans.end(), {start, pe, os, os, os}); c.T++; } }
+}
+
+// A branch of `rows` rows after c.ko kept keys: the kept prompt [ss, se), its kept path [ps, pe).
+static void branch(Case& c, unsigned ss, unsigned se, unsigned ps, unsigned pe, unsigned rows) {
+    unsigned os = c.ko + c.T;
+    for (unsigned j = 0; j < rows; j++) { c.spans.insert(c.spans.end(), {ss, se, ps, pe, os}); c.T++; }
 }
 
 static bool run(Case c, unsigned seed) {
@@ -22,7 +29,7 @@ static bool run(Case c, unsigned seed) {
     srand(seed);
     for (auto* a : {&q, &k, &v}) for (auto& x : *a) x = (rand() / (float)RAND_MAX) * 4 - 2;
     const auto& sp = c.spans;
-    auto att = [&](unsigned t, unsigned key) { return (key >= sp[3*t] && key < sp[3*t+1]) || (key >= sp[3*t+2] && key <= t + ko); };
+    auto att = [&](unsigned t, unsigned key) { return (key >= sp[5*t] && key < sp[5*t+1]) || (key >= sp[5*t+2] && key < sp[5*t+3]) || (key >= sp[5*t+4] && key <= t + ko); };
     float scale = 1.0f / sqrtf((float)D);
     for (unsigned t = 0; t < T; t++) for (unsigned h = 0; h < H; h++) {
         unsigned kv = h / G;
@@ -38,7 +45,12 @@ static bool run(Case c, unsigned seed) {
     std::vector<unsigned> off = {0}, starts;
     for (unsigned b = 0; b < blocks; b++) {
         unsigned t_lo = b * BM / G, t_hi = std::min(T - 1, ((b + 1) * BM - 1) / G), lo = S;
-        for (unsigned t = t_lo; t <= t_hi; t++) lo = std::min(lo, sp[3*t+1] > sp[3*t] ? std::min(sp[3*t], sp[3*t+2]) : sp[3*t+2]);
+        for (unsigned t = t_lo; t <= t_hi; t++) {
+            unsigned first = sp[5*t+4];
+            if (sp[5*t+1] > sp[5*t]) first = std::min(first, sp[5*t]);
+            if (sp[5*t+3] > sp[5*t+2]) first = std::min(first, sp[5*t+2]);
+            lo = std::min(lo, first);
+        }
         for (unsigned k0 = c.dense_plan ? lo : 0; k0 < t_hi + ko + 1; k0 += BK) {
             bool any = false;
             for (unsigned t = t_lo; t <= t_hi && !any; t++) for (unsigned key = k0; key < k0 + BK && key < S && !any; key++) any = att(t, key);
@@ -68,5 +80,11 @@ int main() {
     Case c{4, 2, 8, 0, true, {}, 0};
     doc(c, 100, {});
     ok &= run(c, 3);
+    // 150 kept keys: a prompt [0, 40) whose branches' paths are [40, 45), [45, 120) (wide:
+    // whole tiles between the prompt and the rows masked for all), none; then [120, 150),
+    // another document's prompt, one branch with the path [148, 150) touching it.
+    Case d{6, 2, 64, 150, false, {}, 0};
+    branch(d, 0, 40, 40, 45, 5); branch(d, 0, 40, 45, 120, 9); branch(d, 0, 40, 0, 0, 3); branch(d, 120, 148, 148, 150, 4);
+    ok &= run(d, 4);
     return ok ? 0 : 1;
 }
