@@ -204,11 +204,11 @@ fn wire_dtype(args: &PlanArgs, shape: &ModelShape) -> WireDtype {
     args.wire_dtype.unwrap_or(WireDtype::default_for(shape.dtype_bytes))
 }
 
-/// Extract's search per document as measured on a ~1500-token document (`make bench` run 32,
-/// bench_extract.py's long row: 222 tree rows in 5 passes; 156 in 4.5 on the ~185-token
+/// Extract's search per document as measured on a ~1500-token document (`make bench` run 33,
+/// bench_extract.py's long row: 179 tree rows in 5 passes; 94 in 5.6 on the ~185-token
 /// sample documents). Per document, not per token: the best-first search deepens bounds only
 /// where a span can still enter the top-k.
-const DEFAULT_TREE_ROWS: usize = 222;
+const DEFAULT_TREE_ROWS: usize = 179;
 const DEFAULT_PASSES: usize = 5;
 
 /// The workload to predict: score's, or with --extract extract's of the same prompts.
