@@ -272,6 +272,21 @@ fn attention_token_trees_gqa_and_cache() {
     // KV cache: 45 cached keys, 3 new rows.
     let spans = vec![AttnSpan::causal(0); 3];
     check_attention(&c, &g, AttnShape { heads: 2, kv_heads: 1, head_dim: 32, key_offset: 45 }, &spans, 48, 40);
+    // Extract's branch rows over kept keys: each attends its document's kept prompt, its own
+    // kept path (some wide: whole tiles between that no row of a block attends) and its rows.
+    let (mut spans, mut key, kept) = (vec![], 0u32, 70 + 3 + 80 + 0 + 40 + 130 + 5 + 66);
+    for (p, branches) in [(70u32, &[(3u32, 9usize), (80, 14), (0, 5), (40, 2)][..]), (130, &[(5, 3), (66, 20)][..])] {
+        let prompt = (key, key + p);
+        key += p;
+        for &(path, rows) in branches {
+            let own = kept + spans.len() as u32;
+            spans.extend(std::iter::repeat_n(AttnSpan::new(prompt.0, prompt.1, own).with_path(key, key + path), rows));
+            key += path;
+        }
+    }
+    for (h, kv, d) in [(4, 2, 64), (9, 3, 64)] {
+        check_attention(&c, &g, AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: kept as usize }, &spans, kept as usize + spans.len(), 50);
+    }
     let (qg, kg) = (g.upload(&[0.0; 32], 1, 32).unwrap(), g.upload(&[0.0; 16], 1, 16).unwrap());
     let bad = AttnShape { heads: 2, kv_heads: 1, head_dim: 16, key_offset: 1 };
     assert!(g.attention(&qg, &kg, &kg, bad, &[AttnSpan::causal(0)]).is_err(), "key past the end is an error");
