@@ -166,40 +166,40 @@ pub fn build(slots: &[Slot]) -> Result<MicroBatch, TreeError> {
             }
             next_row += branch.rows.len() as u32;
             let own_start = b.tokens.len() as u32;
-            // A kept path is attended in the kept rows; a sent prompt's is run again.
-            let (path, ran) = if slot.kept {
+            // A kept path is attended in the kept rows; with a sent prompt the branch runs its
+            // path again as its first rows.
+            let (path, rerun): ((u32, u32), &[(u32, u32)]) = if slot.kept {
                 let start = next_kept;
                 for &(row, _) in &branch.path {
                     push_run(&mut attend, p + row, p + row + 1);
                 }
                 next_kept += branch.path.len() as u32;
-                ((start, next_kept), 0)
+                ((start, next_kept), &[])
             } else {
-                (((own_start + kept_rows), (own_start + kept_rows)), branch.path.len() as u32)
+                let own = kept_rows + own_start;
+                ((own, own), &branch.path)
             };
-            let ids = if slot.kept { &[][..] } else { &branch.path[..] };
-            for (j, t) in ids.iter().map(|&(_, id)| id).chain(branch.rows.iter().copied()).enumerate() {
+            let first_position = p + (branch.path.len() - rerun.len()) as u32;
+            for (j, t) in rerun.iter().map(|&(_, id)| id).chain(branch.rows.iter().copied()).enumerate() {
                 b.tokens.push(t);
-                b.positions.push(p + j as u32 + if slot.kept { branch.path.len() as u32 } else { 0 });
+                b.positions.push(first_position + j as u32);
                 b.spans.push(AttnSpan::new(shared_start, shared_end, kept_rows + own_start).with_path(path.0, path.1));
             }
             for t in &branch.targets {
                 let row = match t.at {
-                    Some(j) => own_start + ran + j,
+                    Some(j) => own_start + rerun.len() as u32 + j,
                     None => last_prompt_row.ok_or(TreeError::PromptTarget { doc: slot.doc })?,
                 };
                 b.scored.push(ScoredRow { row, target: t.id, doc: d as u32, choice: c as u32 });
             }
         }
-        // Kept: the prompt when it is sent (the first pass), else the new rows, after the
-        // document's tree rows sent before them.
-        let (start, at) = match (slot.kept, slot.branches.first()) {
-            (false, _) => (slot_start, 0),
-            (true, Some(first)) => (slot_start, p + first.first_row),
-            (true, None) => (slot_start, p),
+        // What every rank keeps: the prompt where it is sent (the first pass), else the new
+        // rows, after the document's tree rows sent before them.
+        let (end, at) = match slot.kept {
+            true => (b.tokens.len() as u32, p + slot.branches.first().map_or(0, |f| f.first_row)),
+            false => (slot_start + p, 0),
         };
-        let end = if slot.kept { b.tokens.len() as u32 } else { slot_start + p };
-        b.prefix.push(Prefix::Kept { attend, start, end, at });
+        b.prefix.push(Prefix::Kept { attend, start: slot_start, end, at });
         b.docs.push(slot.doc);
     }
     Ok(b)
