@@ -62,12 +62,10 @@ pub struct Search {
     exhaustive: bool,
     /// Per node, its L once known.
     lp: Vec<Option<f64>>,
-    /// Per node, whether its row has been sent (its children are scored by the pending pass
-    /// or before).
-    expanded: Vec<bool>,
     /// The pending pass's targets, in order: the node each one scores.
     pending: Vec<usize>,
-    /// Per node whose row has been sent: (its tree row, the pass that sent it).
+    /// Per node whose row has been sent (its children are scored by the pending pass or
+    /// before): (its tree row, the pass that sent it). The root's row is the prompt's.
     row_of: Vec<Option<(u32, u32)>>,
     finished: bool,
     /// Passes sent so far.
@@ -90,12 +88,10 @@ impl Search {
         let n = trie.len();
         let mut lp = vec![None; n];
         lp[ROOT] = Some(0.0);
-        let mut expanded = vec![false; n];
-        expanded[ROOT] = true;
         let pending = trie.children(ROOT).to_vec();
         let targets = pending.iter().map(|&c| Target { at: None, id: trie.id(c) }).collect();
         let row_of = vec![None; n];
-        let s = Search { trie, span_lens, k, exhaustive, lp, expanded, pending, row_of, finished: false, passes: 1, tree_tokens: 0 };
+        let s = Search { trie, span_lens, k, exhaustive, lp, pending, row_of, finished: false, passes: 1, tree_tokens: 0 };
         (s, Work { branches: vec![Branch { targets, ..Branch::default() }] })
     }
 
@@ -126,7 +122,7 @@ impl Search {
         self.passes += 1;
         let mut branches = vec![];
         for node in frontier {
-            if !self.expanded[node] {
+            if !self.expanded(node) {
                 branches.push(self.branch(node));
             }
         }
@@ -138,11 +134,11 @@ impl Search {
     /// all in pass 2.
     fn frontier(&self) -> Vec<usize> {
         if self.exhaustive {
-            return (0..self.trie.len()).filter(|&n| !self.expanded[n] && !self.trie.children(n).is_empty()).collect();
+            return (0..self.trie.len()).filter(|&n| !self.expanded(n) && !self.trie.children(n).is_empty()).collect();
         }
         let kth = self.kth();
         let mut open: Vec<(f64, usize)> = (0..self.trie.len())
-            .filter(|&n| !self.expanded[n] && !self.trie.children(n).is_empty())
+            .filter(|&n| !self.expanded(n) && !self.trie.children(n).is_empty())
             .filter_map(|n| self.lp[n].filter(|&l| l >= kth).map(|l| (l, n)))
             .collect();
         open.sort_by(|&a, &b| by_score_then_index(a, b));
@@ -150,30 +146,30 @@ impl Search {
         open.into_iter().map(|(_, n)| n).collect()
     }
 
-    /// The branch expanding `node`: its path (the node's ancestors), then new rows down the
-    /// longest candidate through it, each with its children as targets. An ancestor whose row
-    /// this pass sends too (the exhaustive search's) is not kept yet: it and those after it
-    /// are run again, as new rows.
+    /// Whether `node`'s row has been sent: the root's (the prompt's last row) always is.
+    fn expanded(&self, node: usize) -> bool {
+        node == ROOT || self.row_of[node].is_some()
+    }
+
+    /// The branch expanding `node`: its path (the node's ancestors, whose rows are all sent:
+    /// nodes are expanded parents first), then new rows down the longest candidate through
+    /// it, each with its children as targets. An ancestor whose row this pass sends too (the
+    /// exhaustive search's) is not kept yet: it and those after it are run again, as new rows.
     fn branch(&mut self, node: usize) -> Branch {
         let ancestors = self.trie.ancestors(node);
         let pass = self.passes;
         let kept = ancestors.iter().take_while(|&&a| self.row_of[a].is_some_and(|(_, p)| p < pass)).count();
         let path = ancestors[..kept].iter().filter_map(|&a| self.row_of[a].map(|(row, _)| (row, self.trie.id(a)))).collect();
         let first_row = self.tree_tokens as u32;
-        let mut rows = vec![];
-        for &a in &ancestors[kept..] {
-            self.row_of[a].get_or_insert((first_row + rows.len() as u32, pass));
-            rows.push(self.trie.id(a));
-        }
+        let mut rows: Vec<u32> = ancestors[kept..].iter().map(|&a| self.trie.id(a)).collect();
         let mut budget = if self.exhaustive { usize::MAX } else { self.trie.depth(node) };
         let mut targets = vec![];
         let mut next = Some(node);
-        while let Some(n) = next.filter(|&n| budget > 0 && !self.expanded[n] && !self.trie.children(n).is_empty()) {
+        while let Some(n) = next.filter(|&n| budget > 0 && !self.expanded(n) && !self.trie.children(n).is_empty()) {
             budget -= 1;
             let at = rows.len() as u32;
             self.row_of[n] = Some((first_row + at, pass));
             rows.push(self.trie.id(n));
-            self.expanded[n] = true;
             for &c in self.trie.children(n) {
                 targets.push(Target { at: Some(at), id: self.trie.id(c) });
                 self.pending.push(c);

@@ -90,8 +90,6 @@ struct Doc {
     /// Pieces of the pending pass not yet back, and the log-probs of those that are.
     pieces_left: usize,
     logprobs: Vec<f64>,
-    /// Its share of the driver's `kept_rows`.
-    kept_rows: usize,
 }
 
 /// One micro-batch's share of a document's pass.
@@ -140,16 +138,14 @@ where
         // the prompt's keys.
         let kept = doc.search.passes > 1 && !work.targets_prompt();
         let prompt = if kept { 0 } else { doc.ready.doc.prompt.len() };
-        let work_rows = work.tree_rows();
+        // Every new tree row is kept (a pass sending its prompt again, which search.rs never
+        // asks after the first, is counted too: a bound, not a count).
+        self.kept_rows += work.tree_rows();
         let pieces: Vec<Piece> = work
             .pieces(prompt, self.batch_tokens)
             .into_iter()
             .map(|branches| Piece { doc: index, kept, rows: prompt + branches.iter().map(|b| b.sent_rows(kept)).sum::<usize>(), branches })
             .collect();
-        if kept {
-            doc.kept_rows += work_rows;
-            self.kept_rows += work_rows;
-        }
         doc.pieces_left = pieces.len();
         doc.logprobs.clear();
         self.queued_rows += pieces.iter().map(|p| p.rows).sum::<usize>();
@@ -170,8 +166,7 @@ where
         let span_lens = ready.doc.choices.iter().map(Vec::len).collect();
         let (search, work) = Search::new(conts, span_lens, k, exhaustive);
         self.kept_rows += ready.doc.prompt.len();
-        let kept_rows = ready.doc.prompt.len();
-        self.docs.insert(index, Doc { ready, search, pieces_left: 0, logprobs: vec![], kept_rows });
+        self.docs.insert(index, Doc { ready, search, pieces_left: 0, logprobs: vec![] });
         self.queue_pass(index, work, false);
     }
 
@@ -240,7 +235,8 @@ where
                     Step::Run(work) => self.queue_pass(index, work, true),
                     Step::Done(top) => {
                         if let Some(doc) = self.docs.remove(&index) {
-                            self.kept_rows -= doc.kept_rows;
+                            // Its share: the prompt and every tree row its passes sent.
+                            self.kept_rows -= doc.ready.doc.prompt.len() + doc.search.tree_tokens;
                             self.release.push(index);
                             order.finish(index as u64, result(&doc, &top));
                         }
