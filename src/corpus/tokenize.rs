@@ -119,9 +119,9 @@ pub fn split_within(tokenizer: &Tokenizer, prompt: &str, choices: &[String], del
 
     let mut out = Split { prompt: prompt_ids, choices: Vec::with_capacity(choices.len()), chars: Vec::new() };
     let window = Window::find(tokenizer, context, &plain);
-    // A choice's ids after the prompt: after the window where it is sound, else after the
-    // whole prompt.
-    let ids_of = |c: usize, choice: &String| -> Result<Vec<u32>, SplitError> {
+    // A choice's ids after the prompt (after the window where it is sound, else after the
+    // whole prompt), and the characters of its joint and text.
+    let ids_of = |c: usize, choice: &String| -> Result<(Vec<u32>, usize), SplitError> {
         let choice_err = |e: crate::tokenizer::TokenizerError| SplitError { choice: Some(c), msg: e.to_string(), over: None };
         let joint = joint(moved, choice, delimiter);
         let ids = match window.as_ref().map(|w| w.continuation(tokenizer, joint, choice)).transpose().map_err(choice_err)?.flatten() {
@@ -133,21 +133,21 @@ pub fn split_within(tokenizer: &Tokenizer, prompt: &str, choices: &[String], del
             }
         };
         crate::liveness::advanced();
-        Ok(ids)
+        Ok((ids, joint.chars().count() + choice.chars().count()))
     };
     // Chunks of choices tokenised on every thread (an extract document has thousands), the
     // budget checked after each in choice order: a chunk past it is the most spent for nothing.
     for (k, chunk) in choices.chunks(CHOICES_AT_ONCE).enumerate() {
         let c0 = k * CHOICES_AT_ONCE;
-        let ids: Vec<Result<Vec<u32>, SplitError>> = chunk.par_iter().enumerate().map(|(j, choice)| ids_of(c0 + j, choice)).collect();
-        for ((c, choice), ids) in chunk.iter().enumerate().map(|(j, ch)| (c0 + j, ch)).zip(ids) {
-            let ids = ids?;
+        let done: Vec<Result<(Vec<u32>, usize), SplitError>> = chunk.par_iter().enumerate().map(|(j, choice)| ids_of(c0 + j, choice)).collect();
+        for (c, result) in (c0..).zip(done) {
+            let (ids, chars) = result?;
             tokens += ids.len();
             if tokens > max_tokens {
                 return Err(over(Some(c), tokens));
             }
             out.choices.push(ids);
-            out.chars.push(joint(moved, choice, delimiter).chars().count() + choice.chars().count());
+            out.chars.push(chars);
         }
     }
     Ok(out)
