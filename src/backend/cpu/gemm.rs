@@ -498,7 +498,7 @@ unsafe fn tile_avx512<const R: usize, W: Elem>(t: &Tile<W>) {
             a[1] = _mm512_fmadd_ps(x, b1, a[1]);
         }
     }
-    avx512::store(&acc, t.c, t.ldc, masks);
+    avx512::store(&acc, t.init, t.c, t.ldc, masks);
 }
 
 /// The AVX-512 tiles' accumulators, (R, 32 columns) in two zmm per row: how they start and
@@ -515,43 +515,47 @@ pub(super) mod avx512 {
         (m as u16, (m >> 16) as u16)
     }
 
+    /// The accumulators' start: zero or the panel's bias. What out holds (Init::Load, LoadBias)
+    /// is added at `store`, not loaded here: a residual's or an earlier K block's tile of out is
+    /// not in cache, and loading it first left the products waiting on 2·R misses per tile
+    /// (prefetched here instead, it arrives while they run). The sum is then bias + products,
+    /// plus out at the end, the order HF's `residual + linear(x)` adds in.
+    ///
     /// # Safety
     /// The CPU has AVX-512F; `c` covers R rows at stride ldc of the masks' columns, and the
     /// init's bias pointer the masks' columns.
     #[inline(always)]
     pub unsafe fn start<const R: usize>(init: Init, c: *const f32, ldc: usize, (m0, m1): (u16, u16)) -> [[__m512; 2]; R] {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        match init {
-            Init::Zero => {}
-            Init::Bias(p) => {
-                let v = [_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16))];
-                acc = [v; R];
-            }
-            Init::Load => {
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let c = c.add(i * ldc);
-                    *a = [_mm512_maskz_loadu_ps(m0, c), _mm512_maskz_loadu_ps(m1, c.wrapping_add(16))];
-                }
-            }
-            Init::LoadBias(p) => {
-                let v = [_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16))];
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let c = c.add(i * ldc);
-                    *a = [_mm512_add_ps(v[0], _mm512_maskz_loadu_ps(m0, c)), _mm512_add_ps(v[1], _mm512_maskz_loadu_ps(m1, c.wrapping_add(16)))];
-                }
+        let bias = |p: *const f32| [_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.wrapping_add(16))];
+        if matches!(init, Init::Load | Init::LoadBias(_)) {
+            for i in 0..R {
+                let c = c.wrapping_add(i * ldc);
+                _mm_prefetch::<_MM_HINT_T0>(c.cast());
+                _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(16).cast());
             }
         }
-        acc
+        match init {
+            Init::Zero | Init::Load => [[_mm512_setzero_ps(); 2]; R],
+            Init::Bias(p) | Init::LoadBias(p) => [bias(p); R],
+        }
     }
 
+    /// acc into out (plus what out holds, for the inits that load it).
+    ///
     /// # Safety
     /// As `start`, c writable.
     #[inline(always)]
-    pub unsafe fn store<const R: usize>(acc: &[[__m512; 2]; R], c: *mut f32, ldc: usize, (m0, m1): (u16, u16)) {
+    pub unsafe fn store<const R: usize>(acc: &[[__m512; 2]; R], init: Init, c: *mut f32, ldc: usize, (m0, m1): (u16, u16)) {
+        let load = matches!(init, Init::Load | Init::LoadBias(_));
         for (i, a) in acc.iter().enumerate() {
             let c = c.add(i * ldc);
-            _mm512_mask_storeu_ps(c, m0, a[0]);
-            _mm512_mask_storeu_ps(c.wrapping_add(16), m1, a[1]);
+            let (mut lo, mut hi) = (a[0], a[1]);
+            if load {
+                lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, c));
+                hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, c.wrapping_add(16)));
+            }
+            _mm512_mask_storeu_ps(c, m0, lo);
+            _mm512_mask_storeu_ps(c.wrapping_add(16), m1, hi);
         }
     }
 }

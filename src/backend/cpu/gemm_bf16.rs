@@ -306,7 +306,7 @@ unsafe fn tile<const R: usize>(t: &Tile) {
     for p in 0..t.pairs {
         pair_step(t, &mut acc, p);
     }
-    gemm::avx512::store(&acc, t.c, t.ldc, masks);
+    gemm::avx512::store(&acc, t.init, t.c, t.ldc, masks);
 }
 
 /// Pair `p` of the tile's depth into `acc`: two panel loads, a broadcast of each row's pair.
@@ -354,7 +354,7 @@ unsafe fn tile_chains<const R: usize, const C: usize>(t: &Tile) {
             *a = [_mm512_add_ps(a[0], c[0]), _mm512_add_ps(a[1], c[1])];
         }
     }
-    gemm::avx512::store(&acc, t.c, t.ldc, masks);
+    gemm::avx512::store(&acc, t.init, t.c, t.ldc, masks);
 }
 
 /// One-row tiles over STREAMS panels in one loop (see `block`): each panel's pairs go round
@@ -398,7 +398,7 @@ unsafe fn streams_avx512<const STREAMS: usize>(ts: &[Tile; STREAMS]) {
     }
     for ((e, o), t) in even.iter().zip(&odd).zip(ts) {
         let sum = [[_mm512_add_ps(e[0][0], o[0][0]), _mm512_add_ps(e[0][1], o[0][1])]];
-        gemm::avx512::store(&sum, t.c, t.ldc, gemm::avx512::masks(t.ncols));
+        gemm::avx512::store(&sum, t.init, t.c, t.ldc, gemm::avx512::masks(t.ncols));
     }
 }
 
