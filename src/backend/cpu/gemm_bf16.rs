@@ -54,9 +54,7 @@ pub(super) fn pack(w: &[bf16], n: usize, k: usize) -> Vec<bf16> {
 /// no widened or copied matrix between (a model's start-up packs every weight once). The output
 /// is not zero-filled first (a one-thread pass over the whole matrix at load): a panel with
 /// padding zeroes itself, while it is in cache, before its rows are scattered in. A row's pairs
-/// of depths are 4 adjacent bytes in the file and one 32-bit lane of a panel row, so each moves
-/// as one u32 (an iterator yielding the values one by one made packing 8% of a one-document
-/// run's samples).
+/// of depths are 4 adjacent bytes in the file and one lane of a panel row.
 pub(super) fn pack_le_bytes(bytes: &[u8], n: usize, k: usize) -> Vec<bf16> {
     let (kp, len) = (pairs_depth(k), packed_len(n, k));
     let mut out: Vec<bf16> = Vec::with_capacity(len);
