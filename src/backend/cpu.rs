@@ -334,7 +334,7 @@ impl super::Kernels for CpuBackend {
     }
 
     fn attention(&self, q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        Ok(self.rounded(attention::attention(q, k.into(), v.into(), s, spans)))
+        Ok(self.rounded(attention::attention(q, k.into(), v.into(), s, spans, self.route)))
     }
 
     fn attention_cached(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
@@ -459,10 +459,10 @@ impl CpuBackend {
     /// `attention_cached` before its output is rounded.
     fn attention_cached_f32(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
         match (k, v) {
-            (CpuCache::F32(k), CpuCache::F32(v)) => Ok(attention::attention(q, k.into(), v.into(), s, spans)),
+            (CpuCache::F32(k), CpuCache::F32(v)) => Ok(attention::attention(q, k.into(), v.into(), s, spans, self.route)),
             (CpuCache::F16 { rows, cols, data: kd }, CpuCache::F16 { rows: vr, cols: vc, data: vd }) => {
                 let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
-                Ok(attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans))
+                Ok(attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans, self.route))
             }
             _ => Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
         }
