@@ -7,8 +7,10 @@
 //!
 //! The bf16 compute route (route.rs, `--compute-dtype bf16`) rounds GEMM inputs to bf16 where
 //! the CUDA backend does: matrices once at upload, and the outputs of the norms, GELU, SiLU·up
-//! and attention as these ops make them (the values stay f32, rounded). Its GEMMs are
-//! gemm_bf16.rs's `vdpbf16ps` kernel where the CPU has AVX512-BF16; everything else is f32.
+//! and attention as these ops make them (the values stay f32, rounded), and inside attention
+//! q, k, v and the probabilities as the CUDA kernel rounds them. Its GEMMs, attention's
+//! products included, are gemm_bf16.rs's `vdpbf16ps` kernel where the CPU has AVX512-BF16;
+//! everything else is f32.
 //!
 //! The ops here are `Kernels`: shapes.rs has checked their inputs before they run.
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
