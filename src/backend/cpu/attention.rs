@@ -125,7 +125,7 @@ fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &
     let q = match route {
         CpuRoute::Bf16Widened => {
             let mut data = q.data.clone();
-            data.par_chunks_mut(1 << 14).for_each(round::round_in_place);
+            data.par_chunks_mut(super::ELEMWISE_CHUNK).for_each(round::round_in_place);
             rounded_q = Mat { rows: q.rows, cols: q.cols, data };
             &rounded_q
         }

@@ -307,17 +307,21 @@ mod zmm {
         _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1))
     }
 
-    /// A row of 16V values, each rounded to bf16 where ROUND.
+    /// A row of 16V values, each rounded to bf16 where ROUND. Loops, not `array::from_fn`:
+    /// its closure with the rounding in it was not inlined, and neither were the intrinsics
+    /// in it (a call per instruction: decode steps 4x slower).
     #[inline(always)]
     unsafe fn row<E: Elem, const V: usize, const ROUND: bool>(r: *const E) -> [__m512; V] {
-        std::array::from_fn(|c| {
-            let x = E::load16(r.add(c * 16));
-            if ROUND {
-                round16(x)
-            } else {
-                x
+        let mut x = [_mm512_setzero_ps(); V];
+        for (c, x) in x.iter_mut().enumerate() {
+            *x = E::load16(r.add(c * 16));
+        }
+        if ROUND {
+            for x in x.iter_mut() {
+                *x = round16(*x);
             }
-        })
+        }
+        x
     }
 
     /// round.rs's rounding to bf16 (nearest, ties to even; a NaN kept a quiet NaN) of 16 lanes.
