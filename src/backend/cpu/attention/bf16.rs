@@ -9,7 +9,7 @@
 //! Each tile multiplies only as far as its rows attend, and the runs of unattended panels are
 //! skipped, as the f32 products do (`Block`).
 
-use super::super::gemm_bf16::{self, NR};
+use super::super::gemm_bf16::{self, MR, NR};
 use super::super::kv_cache::CacheView;
 use super::super::{round, Mat};
 use super::Block;
@@ -98,10 +98,16 @@ impl PackedKv {
             if buf.len() < rows * nkp {
                 buf.resize(rows * nkp, bf16::ZERO);
             }
-            for (dst, src) in buf[..rows * nkp].chunks_exact_mut(nkp).zip(p.chunks_exact(nk)) {
-                let (values, pad) = dst.split_at_mut(nk);
-                round::round_into(src, values);
-                pad.fill(bf16::ZERO);
+            // Only what the tiles read: a row tile's depth stops at the pair holding its rows'
+            // last attended key (the causal triangle's far side is half a block's p).
+            for r0 in (0..rows).step_by(MR) {
+                let r1 = (r0 + MR).min(rows);
+                let end = b.keys_attended_by(r0, r1).div_ceil(2) * 2;
+                for (dst, src) in buf[r0 * nkp..r1 * nkp].chunks_exact_mut(nkp).zip(p[r0 * nk..r1 * nk].chunks_exact(nk)) {
+                    let (values, pad) = dst[..end].split_at_mut(end.min(nk));
+                    round::round_into(&src[..values.len()], values);
+                    pad.fill(bf16::ZERO);
+                }
             }
             for (i, &(c0, c1)) in b.runs.iter().enumerate() {
                 // SAFETY: p's rows are read from key c0 (even), to at most one pair past the
