@@ -900,7 +900,7 @@ fn bf16_attention_ref(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan
                 .map(|(c0, c1)| {
                     (c0..c1)
                         .filter(|&j| spans[t].attends((t + s.key_offset) as u32, j as u32))
-                        .map(|j| ((j), (0..d).map(|i| qr[i] * kr(j, i)).sum::<f64>(), (0..d).map(|i| (qr[i] * kr(j, i)).abs()).sum::<f64>()))
+                        .map(|j| (j, (0..d).map(|i| qr[i] * kr(j, i)).sum::<f64>(), (0..d).map(|i| (qr[i] * kr(j, i)).abs()).sum::<f64>()))
                         .collect()
                 })
                 .filter(|c: &Vec<_>| !c.is_empty())
