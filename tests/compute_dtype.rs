@@ -1,5 +1,5 @@
 //! `--compute-dtype`, through the binary: the bf16 route on SmolLM2's real documents (the sample
-//! corpus) moves choice log-probs by under a tenth of a nat and so picks the f32 route's best
+//! corpus) moves choice log-probs by under a quarter of a nat and so picks the f32 route's best
 //! choice wherever the f32 route's margin is wider than twice that; f32 weights rounded at load
 //! give the bf16 file's results bit for bit; the route is printed at start; a bad value is a
 //! usage error.
@@ -16,8 +16,10 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(300);
 
 /// Per-choice |log-prob| difference allowed between the routes on SmolLM2 (whole continuations
-/// of up to ~7 tokens): measured 0.097 (docs/PERFORMANCE.md, "bf16 compute route").
-const CHOICE_TOL: f64 = 0.2;
+/// of up to ~7 tokens): measured 0.232 (2026-12-07) with attention's q, k, v and p rounded to
+/// bf16 as the CUDA kernel rounds them (0.176 with q, k, v alone; 0.097 before attention
+/// rounded: docs/PERFORMANCE.md, "bf16 compute route").
+const CHOICE_TOL: f64 = 0.35;
 
 /// Scores `docs` with `model` on the CPU; the results and stderr.
 fn score(model: &Path, docs: &Path, out: &Path, compute: Option<&str>) -> (Vec<DocResult>, String) {
@@ -59,8 +61,9 @@ fn bf16_route_keeps_the_f32_routes_best_choices_on_real_documents() {
     }
     assert!(worst <= CHOICE_TOL, "max |Δ choice log-prob| {worst}");
     // Choices that each move by at most `worst` keep their order where they were more than
-    // 2·worst apart: only such near-ties may change the best choice (the sample has one,
-    // invoice-0001: 280.00 vs 336.00, 0.033 nats apart on the f32 route).
+    // 2·worst apart: only such near-ties may change the best choice (invoice-0001's 280.00 vs
+    // 336.00 are 0.033 nats apart on the f32 route; its best choice changed before attention
+    // rounded as CUDA's does, not since).
     let mut near_ties = vec![];
     for (x, y) in reference.iter().zip(&bf16) {
         let mut lp: Vec<f64> = x.choices.iter().map(|c| c.logprob).collect();

@@ -5,9 +5,10 @@
 //!
 //! The CPU side is its bf16 compute route (`--compute-dtype bf16`), which rounds GEMM inputs
 //! where the device does (weights at upload; the outputs of norms, GELU, SiLU·up and attention
-//! as they are made), so what remains is the order of f32 sums, attention's tensor-core bf16
-//! products, and a rounding boundary crossed one way on one side and not on the other (one
-//! bf16 ulp, 2^-8 relative). The tolerances are still those set against the f32 route: no GPU
+//! as they are made; attention's q, k, v and probabilities), so what remains is the order of
+//! f32 sums, the probabilities' max (the device's running max over key tiles, the CPU's over
+//! the row, or over a decode chunk), and a rounding boundary crossed one way on one side and
+//! not on the other (one bf16 ulp, 2^-8 relative). The tolerances are still those set against the f32 route: no GPU
 //! has run them against the bf16 route yet, and they should tighten once one has.
 
 use falcon_batch::backend::cpu::{CpuBackend, CpuRoute};

@@ -30,11 +30,13 @@ fn check_fixture(name: &str) {
 }
 
 /// Per-token |log-prob - HF's f32| allowed on the bf16 compute route: GEMM inputs rounded to 8
-/// significant bits (2^-9 relative each). Measured worst per fixture (2026-12-06, both routes
-/// alike): Falcon 0.016-0.030, Qwen2 0.033-0.041, Llama / Mistral 0.070-0.101; rounding only
-/// the weights to bf16 (f32 route) already moves the Llama fixtures by 0.049-0.092, so their
-/// random weights are what is sensitive, not the route (docs/PERFORMANCE.md, "bf16 compute route").
-const BF16_TOL: f64 = 0.15;
+/// significant bits (2^-9 relative each), attention's q, k, v and p too (as the CUDA kernel
+/// rounds them). Measured worst per fixture (2026-12-07, both routes alike to the digits
+/// shown): Falcon 0.014-0.037, Qwen2 0.044-0.047, Llama / Mistral 0.065-0.155 (llama_gqa; 0.070-
+/// 0.101 before attention rounded, 0.170 with q, k, v rounded but not p); rounding only the
+/// weights to bf16 (f32 route) already moves the Llama fixtures by 0.049-0.092, so their random
+/// weights are what is sensitive, not the route (docs/PERFORMANCE.md, "bf16 compute route").
+const BF16_TOL: f64 = 0.25;
 
 /// Converted from `src` under `cfg`, the model's log-probs and greedy ids are HF's on the f32
 /// route; its log-probs are within `BF16_TOL` of them on the bf16 routes.

@@ -7,8 +7,10 @@
 //!
 //! The bf16 compute route (route.rs, `--compute-dtype bf16`) rounds GEMM inputs to bf16 where
 //! the CUDA backend does: matrices once at upload, and the outputs of the norms, GELU, SiLU·up
-//! and attention as these ops make them (the values stay f32, rounded). Its GEMMs are
-//! gemm_bf16.rs's `vdpbf16ps` kernel where the CPU has AVX512-BF16; everything else is f32.
+//! and attention as these ops make them (the values stay f32, rounded), and inside attention
+//! q, k, v and the probabilities as the CUDA kernel rounds them. Its GEMMs, attention's
+//! products included, are gemm_bf16.rs's `vdpbf16ps` kernel where the CPU has AVX512-BF16;
+//! everything else is f32.
 //!
 //! The ops here are `Kernels`: shapes.rs has checked their inputs before they run.
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
@@ -334,7 +336,7 @@ impl super::Kernels for CpuBackend {
     }
 
     fn attention(&self, q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        Ok(self.rounded(attention::attention(q, k.into(), v.into(), s, spans)))
+        Ok(self.rounded(attention::attention(q, k.into(), v.into(), s, spans, self.route)))
     }
 
     fn attention_cached(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
@@ -459,10 +461,10 @@ impl CpuBackend {
     /// `attention_cached` before its output is rounded.
     fn attention_cached_f32(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
         match (k, v) {
-            (CpuCache::F32(k), CpuCache::F32(v)) => Ok(attention::attention(q, k.into(), v.into(), s, spans)),
+            (CpuCache::F32(k), CpuCache::F32(v)) => Ok(attention::attention(q, k.into(), v.into(), s, spans, self.route)),
             (CpuCache::F16 { rows, cols, data: kd }, CpuCache::F16 { rows: vr, cols: vc, data: vd }) => {
                 let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
-                Ok(attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans))
+                Ok(attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans, self.route))
             }
             _ => Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
         }

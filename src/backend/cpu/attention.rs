@@ -11,11 +11,21 @@
 //! last choice are never multiplied). Decode (a few rows) streams the keys as dot products
 //! instead: packing K would cost more than the product. A call of decode rows only goes to
 //! decode.rs (key chunks, flash-decoding).
+//!
+//! The bf16 routes round where the CUDA kernel (kernels/attention.cu) does: q, k and v to bf16
+//! as they are read, the unnormalised probabilities p = exp(s - max) to bf16 before p·v (Σ
+//! summed from the f32 p before), products summed in f32; the op rounds the output. On
+//! `Bf16Dot` both products are `vdpbf16ps` GEMMs (bf16.rs), every block's, so the keys and
+//! values are read only as packed; `Bf16Widened` multiplies the rounded values in f32 (the
+//! products of two bf16 values are exact there) through the same path as f32.
+
+mod bf16;
 
 use super::gemm::{self, Kernel};
 use super::elem::Elem;
 use super::kv_cache::CacheView;
-use super::{vmath, Mat, SendPtr};
+use super::route::CpuRoute;
+use super::{round, vmath, Mat, SendPtr};
 use crate::backend::AttnShape;
 use crate::token_tree::AttnSpan;
 use rayon::prelude::*;
@@ -42,10 +52,18 @@ struct PackedKv {
     values: Vec<Vec<f32>>,
     /// Key rows: the values' panel depth.
     keys_len: usize,
+    /// The keys and values are their bf16 roundings, and p is rounded (`Bf16Widened`).
+    rounded: bool,
+}
+
+/// K and V packed for the products of the call's route.
+enum Packed {
+    F32(PackedKv),
+    Bf16(bf16::PackedKv),
 }
 
 impl PackedKv {
-    fn new(k: CacheView<f32>, v: CacheView<f32>, s: AttnShape) -> PackedKv {
+    fn new(k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, rounded: bool) -> PackedKv {
         let (kernel, d) = (Kernel::detect(), s.head_dim);
         // Keys and values of each KV head apart: SmolLM2's 3 KV heads are 6 tasks on 2 threads,
         // not 3 (one thread packing two heads while the other waits).
@@ -55,10 +73,17 @@ impl PackedKv {
                 (kv, 0) => gemm::pack_rows(kernel, &k.data[kv * d..], k.rows, d, k.cols),
                 (kv, _) => gemm::pack_cols(kernel, &v.data[kv * d..], v.rows, d, v.cols),
             })
+            .map(|mut p| {
+                // Rounding commutes with packing (the padding is 0 either way).
+                if rounded {
+                    round::round_in_place(&mut p);
+                }
+                p
+            })
             .collect();
         let values = (0..s.kv_heads).map(|kv| std::mem::take(&mut packed[2 * kv + 1])).collect();
         let keys = (0..s.kv_heads).map(|kv| std::mem::take(&mut packed[2 * kv])).collect();
-        PackedKv { keys, values, keys_len: k.rows }
+        PackedKv { keys, values, keys_len: k.rows, rounded }
     }
 }
 
@@ -69,27 +94,43 @@ fn is_decode(blocks: &[(usize, usize)]) -> bool {
 
 /// out (T, H·D) = softmax(q kᵀ / √D over each row's spans) v; q (T, H·D), k and v (S, KV·D) in
 /// the type they are kept in (f32, or a generation cache's narrower one); shapes as
-/// `shapes::attention` checked them.
-pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan]) -> Mat {
+/// `shapes::attention` checked them. Rounded as `route` rounds (see the module doc), the output
+/// itself left to the op.
+pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], route: CpuRoute) -> Mat {
     let blocks = query_blocks(spans);
     if is_decode(&blocks) {
-        return super::decode::decode_attention(q, k, v, s, spans, &blocks);
+        return super::decode::decode_attention(q, k, v, s, spans, &blocks, route.rounds());
     }
     // The micro-kernel packs f32: a narrower cache (rows after a cached prompt) is widened first.
     match (E::as_f32(k.data), E::as_f32(v.data)) {
-        (Some(kd), Some(vd)) => prefill(q, CacheView { rows: k.rows, cols: k.cols, data: kd }, CacheView { rows: v.rows, cols: v.cols, data: vd }, s, spans, &blocks),
+        (Some(kd), Some(vd)) => prefill(q, CacheView { rows: k.rows, cols: k.cols, data: kd }, CacheView { rows: v.rows, cols: v.cols, data: vd }, s, spans, &blocks, route),
         _ => {
             let (k, v) = (k.widen(), v.widen());
-            prefill(q, (&k).into(), (&v).into(), s, spans, &blocks)
+            prefill(q, (&k).into(), (&v).into(), s, spans, &blocks, route)
         }
     }
 }
 
 /// `attention` of calls with a block of more than FEW_QUERY_ROWS rows: its products read the
-/// packed K and V.
-fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)]) -> Mat {
+/// packed K and V (every block's, on the bf16 routes: only the packed K and V are rounded).
+#[allow(clippy::too_many_arguments)]
+fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)], route: CpuRoute) -> Mat {
     let (h, d) = (s.heads, s.head_dim);
-    let packed = PackedKv::new(k, v, s);
+    let packed = match route {
+        CpuRoute::Bf16Dot => Packed::Bf16(bf16::PackedKv::new(k, v, s)),
+        _ => Packed::F32(PackedKv::new(k, v, s, route.rounds())),
+    };
+    // The widened route multiplies q's bf16 values; `Bf16Dot` rounds each block's rows itself.
+    let rounded_q;
+    let q = match route {
+        CpuRoute::Bf16Widened => {
+            let mut data = q.data.clone();
+            data.par_chunks_mut(super::ELEMWISE_CHUNK).for_each(round::round_in_place);
+            rounded_q = Mat { rows: q.rows, cols: q.cols, data };
+            &rounded_q
+        }
+        _ => q,
+    };
     let len = q.rows * h * d;
     let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
     // Work items: blocks of query rows of one document, every head; each writes its own rows of
@@ -99,7 +140,7 @@ fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &
     blocks.par_iter().for_each(|&(t0, t1)| {
         SCORES.with(|scores| {
             let mut scores = scores.borrow_mut();
-            let b = Block::new(spans, s, t0, t1);
+            let b = Block::new(spans, s, t0, t1, route.rounds());
             for hh in 0..h {
                 // SAFETY: blocks are disjoint in rows, so no two items write the same element.
                 unsafe { block_head(q, k, v, &packed, s, &b, hh, out_ptr, &mut scores) };
@@ -170,7 +211,8 @@ struct Block {
     nk: usize,
     /// Per row, the keys it attends relative to k0 (`attended_intervals`).
     intervals: Vec<Intervals>,
-    /// The products run through the packed K and V (more than FEW_QUERY_ROWS rows).
+    /// The products run through the packed K and V (more than FEW_QUERY_ROWS rows, or any
+    /// block on a rounding route).
     gemm: bool,
     /// The key ranges (relative to k0, whole panels) the products multiply: [0, nk) less the
     /// runs of two or more panels no row attends. An extract pass's branch rows attend their
@@ -180,8 +222,8 @@ struct Block {
 }
 
 impl Block {
-    fn new(spans: &[AttnSpan], s: AttnShape, t0: usize, t1: usize) -> Block {
-        let gemm = t1 - t0 > FEW_QUERY_ROWS;
+    fn new(spans: &[AttnSpan], s: AttnShape, t0: usize, t1: usize, always_gemm: bool) -> Block {
+        let gemm = always_gemm || t1 - t0 > FEW_QUERY_ROWS;
         let (first, k1) = block_keys(spans, s, t0, t1);
         let nr = Kernel::detect().nr();
         // The products start at a panel of keys: the few keys before the block's first are masked.
@@ -225,7 +267,7 @@ fn attended_runs(intervals: &[Intervals], nk: usize, nr: usize) -> Vec<(usize, u
 /// # Safety
 /// `out` points to (q.rows, H·D) floats, and no other caller writes the block's rows of head hh.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &PackedKv, s: AttnShape, b: &Block, hh: usize, out: SendPtr, scratch: &mut Vec<f32>) {
+unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Packed, s: AttnShape, b: &Block, hh: usize, out: SendPtr, scratch: &mut Vec<f32>) {
     let (h, d) = (s.heads, s.head_dim);
     let kv = hh / (h / s.kv_heads);
     let (t0, rows, k0, nk) = (b.t0, b.t1 - b.t0, b.k0, b.nk);
@@ -236,32 +278,43 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
     let (scores, inv) = scratch[..rows * (nk + 1)].split_at_mut(rows * nk); // (B, K), (B,)
     let scale = 1.0 / (d as f32).sqrt();
     // The scores' scale: the dot products apply it, the GEMM leaves it to the softmax.
-    let score_scale = if b.gemm {
-        for &(c0, c1) in &b.runs {
-            let panel = (k0 + c0) / kernel.nr() * d * kernel.nr(); // the panel holding key k0 + c0
-            // SAFETY: q holds rows t0.. of H·D values (head hh's D at hh·D), scores (rows, nk),
-            // the packed keys nk keys from k0 (c0 a multiple of NR); a tile leaves columns past
-            // its rows' last attended key unwritten, and the softmax below writes every column
-            // outside the intervals (those between the runs too).
-            gemm::matmul_tiles(kernel, q.data.as_ptr().add(t0 * q.cols + hh * d), q.cols, rows, d, packed.keys[kv].as_ptr().add(panel), d * kernel.nr(), c1 - c0, scores.as_mut_ptr().add(c0), nk, false, |r0, r1| {
-                (b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0), d)
-            });
-        }
-        scale
-    } else {
-        for (i, row) in scores.chunks_mut(nk).enumerate() {
-            let qrow = &q.data[(t0 + i) * q.cols + hh * d..][..d];
-            for (a, e) in b.intervals[i].into_iter().filter(|(a, e)| a < e) {
-                vmath::scaled_dots(qrow, &k.data[(k0 + a) * k.cols + kv * d..], k.cols, scale, &mut row[a..e]);
+    let score_scale = match (b.gemm, packed) {
+        (true, Packed::F32(packed)) => {
+            for &(c0, c1) in &b.runs {
+                let panel = (k0 + c0) / kernel.nr() * d * kernel.nr(); // the panel holding key k0 + c0
+                // SAFETY: q holds rows t0.. of H·D values (head hh's D at hh·D), scores (rows, nk),
+                // the packed keys nk keys from k0 (c0 a multiple of NR); a tile leaves columns past
+                // its rows' last attended key unwritten, and the softmax below writes every column
+                // outside the intervals (those between the runs too).
+                gemm::matmul_tiles(kernel, q.data.as_ptr().add(t0 * q.cols + hh * d), q.cols, rows, d, packed.keys[kv].as_ptr().add(panel), d * kernel.nr(), c1 - c0, scores.as_mut_ptr().add(c0), nk, false, |r0, r1| {
+                    (b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0), d)
+                });
             }
+            scale
         }
-        1.0
+        (true, Packed::Bf16(packed)) => {
+            packed.scores(q, s, b, hh, scores);
+            scale
+        }
+        (false, _) => {
+            for (i, row) in scores.chunks_mut(nk).enumerate() {
+                let qrow = &q.data[(t0 + i) * q.cols + hh * d..][..d];
+                for (a, e) in b.intervals[i].into_iter().filter(|(a, e)| a < e) {
+                    vmath::scaled_dots(qrow, &k.data[(k0 + a) * k.cols + kv * d..], k.cols, scale, &mut row[a..e]);
+                }
+            }
+            1.0
+        }
     };
+    let round_p = matches!(packed, Packed::F32(p) if p.rounded);
     for ((row, inv), iv) in scores.chunks_mut(nk).zip(inv.iter_mut()).zip(&b.intervals) {
         let max = iv.iter().map(|&(a, e)| vmath::max(&row[a..e])).fold(f32::NEG_INFINITY, f32::max);
         let shift = max * score_scale;
         let sum: f32 = iv.iter().map(|&(a, e)| vmath::exp_scaled_shift_sum(&mut row[a..e], score_scale, shift)).sum();
         *inv = 1.0 / sum;
+        if round_p {
+            iv.iter().for_each(|&(a, e)| round::round_in_place(&mut row[a..e]));
+        }
         // The keys it does not attend: before, between and after its intervals.
         row[..iv[0].0].fill(0.0);
         for w in iv.windows(2) {
@@ -271,29 +324,31 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
     }
     // The block's rows of head hh in out: row i at out + (t0 + i)·H·D + hh·D.
     let out_row = |i: usize| std::slice::from_raw_parts_mut(out.0.add((t0 + i) * h * d + hh * d), d);
-    if b.gemm {
-        let nr = kernel.nr();
-        // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
-        // vᵀ's panels are keys_len deep, read from key k0; p's row is 0 past its rows' last
-        // attended key, so the depth stops there.
-        for (i, &(c0, c1)) in b.runs.iter().enumerate() {
-            // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
-            // vᵀ's panels are keys_len deep, read from key k0 + c0; p's row is 0 outside its
-            // intervals (between the runs included), so the depth stops at its rows' last
-            // attended key. The first run writes out (even at depth 0), the others add to it.
-            gemm::matmul_tiles(kernel, scores.as_ptr().add(c0), nk, rows, c1 - c0, packed.values[kv].as_ptr().add((k0 + c0) * nr), packed.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, i > 0, |r0, r1| {
-                (d, b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0))
-            });
+    match (b.gemm, packed) {
+        (true, Packed::F32(packed)) => {
+            let nr = kernel.nr();
+            for (i, &(c0, c1)) in b.runs.iter().enumerate() {
+                // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
+                // vᵀ's panels are keys_len deep, read from key k0 + c0; p's row is 0 outside its
+                // intervals (between the runs included), so the depth stops at its rows' last
+                // attended key. The first run writes out (even at depth 0), the others add to it.
+                gemm::matmul_tiles(kernel, scores.as_ptr().add(c0), nk, rows, c1 - c0, packed.values[kv].as_ptr().add((k0 + c0) * nr), packed.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, i > 0, |r0, r1| {
+                    (d, b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0))
+                });
+            }
         }
-    } else {
-        let vbase = k0 * v.cols + kv * d;
-        for (i, row) in scores.chunks(nk).enumerate() {
-            // SAFETY: row t's head-hh slice (D) of out is this call's alone (see the contract).
-            let o = out_row(i);
-            o.fill(0.0);
-            // Only the attended intervals: the rest of the row is 0.
-            for (a, b) in b.intervals[i].into_iter().filter(|(a, b)| a < b) {
-                vmath::weighted_sum(&row[a..b], &v.data[vbase + a * v.cols..], v.cols, o);
+        // SAFETY: as above; the caller's contract is bf16.rs's.
+        (true, Packed::Bf16(packed)) => packed.weighted(scores, b, kv, out.0.add(t0 * h * d + hh * d), h * d),
+        (false, _) => {
+            let vbase = k0 * v.cols + kv * d;
+            for (i, row) in scores.chunks(nk).enumerate() {
+                // SAFETY: row t's head-hh slice (D) of out is this call's alone (see the contract).
+                let o = out_row(i);
+                o.fill(0.0);
+                // Only the attended intervals: the rest of the row is 0.
+                for (a, b) in b.intervals[i].into_iter().filter(|(a, b)| a < b) {
+                    vmath::weighted_sum(&row[a..b], &v.data[vbase + a * v.cols..], v.cols, o);
+                }
             }
         }
     }

@@ -10,11 +10,16 @@
 //! heads) while the next sub-block is fetched. Each KV head's row is loaded once for the G
 //! query heads that share it (`group_scaled_dots`, `group_weighted_sum`); the plain per-head
 //! functions of vmath.rs are their reference and their fallback.
+//!
+//! The bf16 routes round as the prefill's products do (attention.rs): q, and k and v as the
+//! kernels load them, to bf16 values (the f32 products of bf16 values are exact), and p =
+//! exp(s - max) to bf16 before p·v, max being the chunk's (the CUDA kernel's p is relative to
+//! its running max, the keys so far), Σ summed before the rounding.
 
 use super::attention::{attended_intervals, block_keys, SCORES};
 use super::elem::Elem;
 use super::kv_cache::CacheView;
-use super::{vmath, Mat};
+use super::{round, vmath, Mat};
 use crate::backend::AttnShape;
 use crate::token_tree::AttnSpan;
 use rayon::prelude::*;
@@ -29,18 +34,16 @@ const DECODE_ITEMS_PER_THREAD: usize = 4;
 const DECODE_SUB_BLOCK_BYTES: usize = 16 << 10;
 
 /// One decode work item: keys [c0, c1) of every KV head for the rows of block `block`.
-struct DecodeChunk {
-    block: usize,
-    c0: usize,
-    c1: usize,
+pub(super) struct DecodeChunk {
+    pub block: usize,
+    pub c0: usize,
+    pub c1: usize,
 }
 
-/// Attention of decode rows (every block at most a few rows) by key chunks; see the module doc.
-/// Same result as the prefill path's dot products up to f32 rounding.
-pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)]) -> Mat {
-    let (h, d) = (s.heads, s.head_dim);
-    let g = h / s.kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
+/// The work items of decode blocks: each block's keys cut into chunks of at least
+/// DECODE_CHUNK_KEYS, about DECODE_ITEMS_PER_THREAD per thread in all; a block's chunks
+/// consecutive, in key order.
+pub(super) fn decode_chunks(spans: &[AttnSpan], s: AttnShape, blocks: &[(usize, usize)]) -> Vec<DecodeChunk> {
     let want = rayon::current_num_threads() * DECODE_ITEMS_PER_THREAD;
     let per_block = want.div_ceil(blocks.len().max(1));
     let mut chunks = vec![];
@@ -50,6 +53,26 @@ pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E
         let len = (end - first).div_ceil(n);
         chunks.extend((first..end).step_by(len).map(|c0| DecodeChunk { block: bi, c0, c1: (c0 + len).min(end) }));
     }
+    chunks
+}
+
+/// Attention of decode rows (every block at most a few rows) by key chunks; see the module doc.
+/// Same result as the prefill path's dot products up to f32 rounding; rounded to bf16 as the
+/// module doc says where `round`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)], round: bool) -> Mat {
+    let (h, d) = (s.heads, s.head_dim);
+    let rounded_q;
+    let q = match round {
+        true => {
+            rounded_q = Mat { rows: q.rows, cols: q.cols, data: q.data.iter().map(|&x| round::round_f32(x)).collect() };
+            &rounded_q
+        }
+        false => q,
+    };
+    let g = h / s.kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let chunks = decode_chunks(spans, s, blocks);
     // Per chunk, per (row of its block, head): max score, Σ e^(score - max), and the
     // unnormalised output Σ e^(score - max)·v (D): (rows, H, D + 2).
     super::spin::keep_workers_awake();
@@ -72,7 +95,7 @@ pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E
                     for (a, b) in segs.clone() {
                         sub_blocks(k, a, b, s.kv_heads, |j0, n, kv| {
                             let out = &mut scores[kv * g * nk + at + j0 - a..];
-                            group_scaled_dots(&qrow[kv * g * d..][..g * d], d, &k.data[j0 * k.cols + kv * d..], k.cols, scale, n, out, nk);
+                            group_scaled_dots(&qrow[kv * g * d..][..g * d], d, &k.data[j0 * k.cols + kv * d..], k.cols, scale, n, out, nk, round);
                         });
                         at += b - a;
                     }
@@ -80,13 +103,16 @@ pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E
                         let max = vmath::max(&sc[..nk]);
                         p[0] = max;
                         p[1] = if nk > 0 { vmath::exp_scaled_shift_sum(&mut sc[..nk], 1.0, max) } else { 0.0 };
+                        if round {
+                            round::round_in_place(&mut sc[..nk]);
+                        }
                     }
                     let mut at = 0;
                     for (a, b) in segs {
                         sub_blocks(v, a, b, s.kv_heads, |j0, n, kv| {
                             let p = &scores[kv * g * nk + at + j0 - a..];
                             let out = &mut part[kv * g * (d + 2) + 2..];
-                            group_weighted_sum(g, p, nk, &v.data[j0 * v.cols + kv * d..], v.cols, n, out, d, d + 2);
+                            group_weighted_sum(g, p, nk, &v.data[j0 * v.cols + kv * d..], v.cols, n, out, d, d + 2, round);
                         });
                         at += b - a;
                     }
@@ -161,9 +187,10 @@ fn zmm_tile(d: usize) -> Option<usize> {
 }
 
 /// out[i·out_stride + j] = scale · (q_i · row j of `rows`) for j < n and each of the G query
-/// heads of one KV group, q (G, D); rows `stride` apart. Each row is loaded once for the group.
+/// heads of one KV group, q (G, D); rows `stride` apart, their values rounded to bf16 first
+/// where `round`. Each row is loaded once for the group.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_scaled_dots<E: Elem>(q: &[f32], d: usize, rows: &[E], stride: usize, scale: f32, n: usize, out: &mut [f32], out_stride: usize) {
+pub(super) fn group_scaled_dots<E: Elem>(q: &[f32], d: usize, rows: &[E], stride: usize, scale: f32, n: usize, out: &mut [f32], out_stride: usize, round: bool) {
     let g = q.len() / d;
     if n == 0 || g == 0 {
         return;
@@ -177,17 +204,21 @@ pub(super) fn group_scaled_dots<E: Elem>(q: &[f32], d: usize, rows: &[E], stride
             unsafe {
                 let (qp, op) = (q.as_ptr().add(i * d), out.as_mut_ptr().add(i * out_stride));
                 let rp = rows.as_ptr();
-                match (d, tile_of.min(g - i)) {
-                    (64, 3) => zmm::group_dots::<E, 4, 3>(qp, rp, stride, scale, n, op, out_stride),
-                    (64, 2) => zmm::group_dots::<E, 4, 2>(qp, rp, stride, scale, n, op, out_stride),
-                    (64, _) => zmm::group_dots::<E, 4, 1>(qp, rp, stride, scale, n, op, out_stride),
-                    _ => zmm::group_dots::<E, 8, 1>(qp, rp, stride, scale, n, op, out_stride),
+                match (d, tile_of.min(g - i), round) {
+                    (64, 3, false) => zmm::group_dots::<E, 4, 3, false>(qp, rp, stride, scale, n, op, out_stride),
+                    (64, 2, false) => zmm::group_dots::<E, 4, 2, false>(qp, rp, stride, scale, n, op, out_stride),
+                    (64, _, false) => zmm::group_dots::<E, 4, 1, false>(qp, rp, stride, scale, n, op, out_stride),
+                    (_, _, false) => zmm::group_dots::<E, 8, 1, false>(qp, rp, stride, scale, n, op, out_stride),
+                    (64, 3, true) => zmm::group_dots::<E, 4, 3, true>(qp, rp, stride, scale, n, op, out_stride),
+                    (64, 2, true) => zmm::group_dots::<E, 4, 2, true>(qp, rp, stride, scale, n, op, out_stride),
+                    (64, _, true) => zmm::group_dots::<E, 4, 1, true>(qp, rp, stride, scale, n, op, out_stride),
+                    (_, _, true) => zmm::group_dots::<E, 8, 1, true>(qp, rp, stride, scale, n, op, out_stride),
                 }
             }
         }
         return;
     }
-    match E::as_f32(rows) {
+    match E::as_f32(rows).filter(|_| !round) {
         Some(rows) => {
             for (i, qh) in q.chunks_exact(d).enumerate() {
                 vmath::scaled_dots(qh, rows, stride, scale, &mut out[i * out_stride..][..n]);
@@ -196,17 +227,27 @@ pub(super) fn group_scaled_dots<E: Elem>(q: &[f32], d: usize, rows: &[E], stride
         None => {
             for (i, qh) in q.chunks_exact(d).enumerate() {
                 for (j, o) in out[i * out_stride..][..n].iter_mut().enumerate() {
-                    *o = scale * qh.iter().zip(&rows[j * stride..][..d]).map(|(a, b)| a * b.widen()).sum::<f32>();
+                    *o = scale * qh.iter().zip(&rows[j * stride..][..d]).map(|(a, b)| a * value(*b, round)).sum::<f32>();
                 }
             }
         }
     }
 }
 
+/// A cache value as the group kernels multiply it: widened, and rounded to bf16 where `round`.
+#[inline(always)]
+fn value<E: Elem>(x: E, round: bool) -> f32 {
+    match round {
+        true => round::round_f32(x.widen()),
+        false => x.widen(),
+    }
+}
+
 /// out[i·out_stride..][..D] += Σ_j p[i·p_stride + j] · row j of `rows`, j < n, for each of the
-/// `g` query heads of one KV group; rows `stride` apart. Each row is loaded once for the group.
+/// `g` query heads of one KV group; rows `stride` apart, their values rounded to bf16 first
+/// where `round`. Each row is loaded once for the group.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_weighted_sum<E: Elem>(g: usize, p: &[f32], p_stride: usize, rows: &[E], stride: usize, n: usize, out: &mut [f32], d: usize, out_stride: usize) {
+pub(super) fn group_weighted_sum<E: Elem>(g: usize, p: &[f32], p_stride: usize, rows: &[E], stride: usize, n: usize, out: &mut [f32], d: usize, out_stride: usize, round: bool) {
     if n == 0 || g == 0 {
         return;
     }
@@ -220,11 +261,15 @@ pub(super) fn group_weighted_sum<E: Elem>(g: usize, p: &[f32], p_stride: usize, 
             unsafe {
                 let (pp, op) = (p.as_ptr().add(i * p_stride), out.as_mut_ptr().add(i * out_stride));
                 let rp = rows.as_ptr();
-                match (d, tile_of.min(g - i)) {
-                    (64, 3) => zmm::group_sums::<E, 4, 3>(pp, p_stride, rp, stride, n, op, out_stride),
-                    (64, 2) => zmm::group_sums::<E, 4, 2>(pp, p_stride, rp, stride, n, op, out_stride),
-                    (64, _) => zmm::group_sums::<E, 4, 1>(pp, p_stride, rp, stride, n, op, out_stride),
-                    _ => zmm::group_sums::<E, 8, 1>(pp, p_stride, rp, stride, n, op, out_stride),
+                match (d, tile_of.min(g - i), round) {
+                    (64, 3, false) => zmm::group_sums::<E, 4, 3, false>(pp, p_stride, rp, stride, n, op, out_stride),
+                    (64, 2, false) => zmm::group_sums::<E, 4, 2, false>(pp, p_stride, rp, stride, n, op, out_stride),
+                    (64, _, false) => zmm::group_sums::<E, 4, 1, false>(pp, p_stride, rp, stride, n, op, out_stride),
+                    (_, _, false) => zmm::group_sums::<E, 8, 1, false>(pp, p_stride, rp, stride, n, op, out_stride),
+                    (64, 3, true) => zmm::group_sums::<E, 4, 3, true>(pp, p_stride, rp, stride, n, op, out_stride),
+                    (64, 2, true) => zmm::group_sums::<E, 4, 2, true>(pp, p_stride, rp, stride, n, op, out_stride),
+                    (64, _, true) => zmm::group_sums::<E, 4, 1, true>(pp, p_stride, rp, stride, n, op, out_stride),
+                    (_, _, true) => zmm::group_sums::<E, 8, 1, true>(pp, p_stride, rp, stride, n, op, out_stride),
                 }
             }
         }
@@ -232,11 +277,11 @@ pub(super) fn group_weighted_sum<E: Elem>(g: usize, p: &[f32], p_stride: usize, 
     }
     for i in 0..g {
         let (p, out) = (&p[i * p_stride..][..n], &mut out[i * out_stride..][..d]);
-        match E::as_f32(rows) {
+        match E::as_f32(rows).filter(|_| !round) {
             Some(rows) => vmath::weighted_sum(p, rows, stride, out),
             None => {
                 for (j, &w) in p.iter().enumerate() {
-                    out.iter_mut().zip(&rows[j * stride..][..d]).for_each(|(o, x)| *o += w * x.widen());
+                    out.iter_mut().zip(&rows[j * stride..][..d]).for_each(|(o, x)| *o += w * value(*x, round));
                 }
             }
         }
@@ -262,9 +307,33 @@ mod zmm {
         _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1))
     }
 
+    /// A row of 16V values, each rounded to bf16 where ROUND. Loops, not `array::from_fn`:
+    /// its closure with the rounding in it was not inlined, and neither were the intrinsics
+    /// in it (a call per instruction: decode steps 4x slower).
     #[inline(always)]
-    unsafe fn row<E: Elem, const V: usize>(r: *const E) -> [__m512; V] {
-        std::array::from_fn(|c| E::load16(r.add(c * 16)))
+    unsafe fn row<E: Elem, const V: usize, const ROUND: bool>(r: *const E) -> [__m512; V] {
+        let mut x = [_mm512_setzero_ps(); V];
+        for (c, x) in x.iter_mut().enumerate() {
+            *x = E::load16(r.add(c * 16));
+        }
+        if ROUND {
+            for x in x.iter_mut() {
+                *x = round16(*x);
+            }
+        }
+        x
+    }
+
+    /// round.rs's rounding to bf16 (nearest, ties to even; a NaN kept a quiet NaN) of 16 lanes.
+    #[inline(always)]
+    unsafe fn round16(x: __m512) -> __m512 {
+        let b = _mm512_castps_si512(x);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let rounded = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), high);
+        let quiet = _mm512_or_si512(_mm512_and_si512(b, high), _mm512_set1_epi32(0x0040_0000));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, quiet))
     }
 
     #[inline(always)]
@@ -282,14 +351,14 @@ mod zmm {
     /// AVX-512F; q holds TG·16V values, rows n rows of 16V `stride` apart, out TG rows of n
     /// `out_stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_dots<E: Elem, const V: usize, const TG: usize>(q: *const f32, rows: *const E, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
-        let qv: [[__m512; V]; TG] = std::array::from_fn(|i| row::<f32, V>(q.add(i * 16 * V)));
+    pub(super) unsafe fn group_dots<E: Elem, const V: usize, const TG: usize, const ROUND: bool>(q: *const f32, rows: *const E, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
+        let qv: [[__m512; V]; TG] = std::array::from_fn(|i| row::<f32, V, false>(q.add(i * 16 * V)));
         let sv = _mm_set1_ps(scale);
         let mut j = 0;
         while j + 4 <= n {
             let mut acc = [[_mm512_setzero_ps(); 4]; TG]; // [head][key]
             for u in 0..4 {
-                let r = row::<E, V>(rows.add((j + u) * stride));
+                let r = row::<E, V, ROUND>(rows.add((j + u) * stride));
                 for (a, qh) in acc.iter_mut().zip(&qv) {
                     a[u] = dot(qh, &r);
                 }
@@ -300,7 +369,7 @@ mod zmm {
             j += 4;
         }
         for j in j..n {
-            let r = row::<E, V>(rows.add(j * stride));
+            let r = row::<E, V, ROUND>(rows.add(j * stride));
             for (i, qh) in qv.iter().enumerate() {
                 *out.add(i * out_stride + j) = scale * _mm512_reduce_add_ps(dot(qh, &r));
             }
@@ -313,10 +382,10 @@ mod zmm {
     /// AVX-512F; p holds TG rows of n weights `p_stride` apart, rows n rows of 16V `stride`
     /// apart, out TG rows of 16V `out_stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_sums<E: Elem, const V: usize, const TG: usize>(p: *const f32, p_stride: usize, rows: *const E, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
+    pub(super) unsafe fn group_sums<E: Elem, const V: usize, const TG: usize, const ROUND: bool>(p: *const f32, p_stride: usize, rows: *const E, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
         let mut acc = [[_mm512_setzero_ps(); V]; TG];
         for j in 0..n {
-            let r = row::<E, V>(rows.add(j * stride));
+            let r = row::<E, V, ROUND>(rows.add(j * stride));
             for (i, a) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*p.add(i * p_stride + j));
                 for c in 0..V {

@@ -257,6 +257,71 @@ unsafe fn block(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: SendP
     }
 }
 
+/// `pack` of the (n, k) matrix whose row j is src[j·ld..][..k], f32 values rounded to bf16 as
+/// they are packed: one attention head's keys (the keys as the N rows, its D as the depth).
+pub(super) fn pack_rows_rounded(src: &[f32], n: usize, k: usize, ld: usize) -> Vec<bf16> {
+    pack_rows(n, k, |j| src[j * ld..][..k].iter().map(|&v| round::round(v)))
+}
+
+/// `pack` of w = srcᵀ, src (k, n) f32 with row kk at src[kk·ld], rounded to bf16 as it is
+/// packed: one attention head's values for p·v, its D columns as the N rows and the keys as
+/// the pair depth (consecutive keys paired; an odd count's last pair padded with a zero).
+/// Read a key row at a time (contiguous), each value into its lane of the key pair's row.
+pub(super) fn pack_cols_rounded(src: &[f32], k: usize, n: usize, ld: usize) -> Vec<bf16> {
+    let kp = pairs_depth(k);
+    let mut out = vec![bf16::ZERO; packed_len(n, k)];
+    if kp > 0 {
+        for (p, panel) in out.chunks_exact_mut(kp * NR).enumerate() {
+            let (c0, width) = (p * NR, NR.min(n - p * NR));
+            for kk in 0..k {
+                let at = kk / 2 * 2 * NR + kk % 2;
+                for (lane, &v) in src[kk * ld + c0..][..width].iter().enumerate() {
+                    panel[at + 2 * lane] = round::round(v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// gemm.rs's `matmul_tiles` over bf16 pairs: out (t, n) = x (t, k) · wᵀ on the calling thread,
+/// x's rows `lda` values apart, out's `ldc`; w in `pack`'s panels, panel p at w + p·panel_stride
+/// (a window of a larger packed matrix, starting at an even depth). The row tile of rows
+/// [r0, r1) computes only out's first `used(r0, r1).0` columns, over the first
+/// `used(r0, r1).1` of the depth rounded up to a pair: x's value just past an odd depth is
+/// multiplied too, so it must be 0 (attention's probabilities past a tile's last attended key
+/// are). With `add`, out += the product instead.
+///
+/// # Safety
+/// `x` covers t rows at stride lda of k values rounded up to a pair, `out` t rows at stride
+/// ldc of n writable floats, `w` n.div_ceil(NR) panels of k rounded up to pairs; columns past
+/// a tile's `used` are left as they were; the CPU runs the kernel (`available`).
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul_tiles(
+    x: *const bf16,
+    lda: usize,
+    t: usize,
+    k: usize,
+    w: *const bf16,
+    panel_stride: usize,
+    n: usize,
+    out: *mut f32,
+    ldc: usize,
+    add: bool,
+    used: impl Fn(usize, usize) -> (usize, usize),
+) {
+    for r0 in (0..t).step_by(MR) {
+        let r1 = (r0 + MR).min(t);
+        let (cols, depth) = used(r0, r1);
+        let (cols, depth) = (cols.min(n), depth.min(k));
+        for p in 0..cols.div_ceil(NR) {
+            let init = if add { Init::Load } else { Init::Zero };
+            let tile = Tile { pairs: depth.div_ceil(2), a: x.add(r0 * lda), lda, b: w.add(p * panel_stride), c: out.add(r0 * ldc + p * NR), ldc, ncols: NR.min(cols - p * NR), init };
+            tile.run(r1 - r0);
+        }
+    }
+}
+
 /// One (rows, ncols) tile of out over `pairs` pairs of depth.
 #[derive(Clone, Copy)]
 struct Tile {

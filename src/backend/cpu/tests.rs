@@ -569,28 +569,16 @@ fn attention_over_a_kept_prompt_kept_paths_and_own_rows() {
     // The path interval may also be empty or touch the prompt. Blocks of many rows (products)
     // and of few (dot products), several head sizes.
     let b = CpuBackend::new();
-    // Per document: its prompt, then per branch (path length, own rows).
-    let docs: [(u32, &[(u32, usize)]); 2] = [(70, &[(3, 9), (80, 14), (0, 5), (40, 2)]), (130, &[(5, 3), (66, 20)])];
-    let kept: u32 = docs.iter().map(|(p, br)| p + br.iter().map(|b| b.0).sum::<u32>()).sum();
-    let (mut spans, mut key) = (vec![], 0u32);
-    for (p, branches) in docs {
-        let (p0, p1) = (key, key + p);
-        key += p;
-        for &(path, rows) in branches {
-            let own = kept + spans.len() as u32;
-            spans.extend(std::iter::repeat_n(AttnSpan::new(p0, p1, own).with_path(key, key + path), rows));
-            key += path;
-        }
-    }
+    let (spans, kept) = three_interval_spans();
     let t = spans.len();
     for d in [16, 40, 64] {
-        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: d, key_offset: kept as usize };
-        let (q, k, v) = (mat(t, 4 * d, 84), mat(kept as usize + t, 2 * d, 85), mat(kept as usize + t, 2 * d, 86));
+        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: d, key_offset: kept };
+        let (q, k, v) = (mat(t, 4 * d, 84), mat(kept + t, 2 * d, 85), mat(kept + t, 2 * d, 86));
         let out = b.attention(&q, &k, &v, shape, &spans).unwrap();
         assert_close(&out.data, &attention_ref(&q, &k, &v, shape, &spans), 1e-5);
         // Rows one at a time (dot products), each over all the keys up to its own.
         for r in [0, 9, 30, t - 1] {
-            let one = AttnShape { key_offset: kept as usize + r, ..shape };
+            let one = AttnShape { key_offset: kept + r, ..shape };
             let q1 = Mat { rows: 1, cols: q.cols, data: q.row(r).to_vec() };
             let out1 = b.attention(&q1, &k, &v, one, &spans[r..r + 1]).unwrap();
             assert_close(&out1.data, out.row(r), 1e-5);
@@ -764,8 +752,8 @@ fn dots_and_weighted_sums_at_every_length() {
 fn group_kernels_match_f64_for_every_group_size_and_length() {
     // The decode kernels over one KV head's query heads: groups of 1-7 (tiles of 3 at D = 64,
     // and their remainders), keys four at a time with a tail, at D = 64 and 128 (their own
-    // kernels) and 40 (the fallback), over f32 and f16 rows wider than the head, outputs
-    // strided as decode lays them.
+    // kernels) and 40 (the fallback), over f32 and f16 rows wider than the head, and f32 rows
+    // rounded to bf16 as they are loaded (the bf16 routes), outputs strided as decode lays them.
     for d in [40, 64, 128] {
         let stride = 3 * d + 8;
         for g in 1..=7 {
@@ -778,13 +766,20 @@ fn group_kernels_match_f64_for_every_group_size_and_length() {
                 // The cache's f16 form, widened: what the f16 kernels must agree with.
                 let rows16: Vec<half::f16> = rows.iter().map(|&x| half::f16::from_f32(x)).collect();
                 let (mut dots16, mut sums16) = (dots.clone(), sums.clone());
-                decode::group_scaled_dots(&q, d, &rows, stride, 0.125, n, &mut dots, out_stride);
-                decode::group_weighted_sum(g, &p, out_stride, &rows, stride, n, &mut sums, d, d + 2);
-                decode::group_scaled_dots(&q, d, &rows16, stride, 0.125, n, &mut dots16, out_stride);
-                decode::group_weighted_sum(g, &p, out_stride, &rows16, stride, n, &mut sums16, d, d + 2);
+                let (mut dots_b, mut sums_b) = (dots.clone(), sums.clone());
+                decode::group_scaled_dots(&q, d, &rows, stride, 0.125, n, &mut dots, out_stride, false);
+                decode::group_weighted_sum(g, &p, out_stride, &rows, stride, n, &mut sums, d, d + 2, false);
+                decode::group_scaled_dots(&q, d, &rows16, stride, 0.125, n, &mut dots16, out_stride, false);
+                decode::group_weighted_sum(g, &p, out_stride, &rows16, stride, n, &mut sums16, d, d + 2, false);
+                decode::group_scaled_dots(&q, d, &rows, stride, 0.125, n, &mut dots_b, out_stride, true);
+                decode::group_weighted_sum(g, &p, out_stride, &rows, stride, n, &mut sums_b, d, d + 2, true);
                 let rows16: Vec<f32> = rows16.iter().map(|x| x.to_f32()).collect();
+                let rows_b: Vec<f32> = rows.iter().map(|&x| round::round_f32(x)).collect();
                 for i in 0..g {
                     for j in 0..n {
+                        let want: f64 = (0..d).map(|c| q[i * d + c] as f64 * rows_b[j * stride + c] as f64).sum::<f64>() * 0.125;
+                        let got = dots_b[i * out_stride + j] as f64;
+                        assert!((got - want).abs() < 1e-5, "bf16 dot head {i} key {j} of {n}, G = {g}, D = {d}: {got} vs {want}");
                         let want: f64 = (0..d).map(|c| q[i * d + c] as f64 * rows[j * stride + c] as f64).sum::<f64>() * 0.125;
                         let got = dots[i * out_stride + j] as f64;
                         assert!((got - want).abs() < 1e-5, "dot head {i} key {j} of {n}, G = {g}, D = {d}: {got} vs {want}");
@@ -799,6 +794,9 @@ fn group_kernels_match_f64_for_every_group_size_and_length() {
                         let want = 0.5 + (0..n).map(|j| p[i * out_stride + j] as f64 * rows16[j * stride + c] as f64).sum::<f64>();
                         let got = sums16[i * (d + 2) + c] as f64;
                         assert!((got - want).abs() < 1e-5, "f16 sum head {i} column {c} over {n}, G = {g}, D = {d}: {got} vs {want}");
+                        let want = 0.5 + (0..n).map(|j| p[i * out_stride + j] as f64 * rows_b[j * stride + c] as f64).sum::<f64>();
+                        let got = sums_b[i * (d + 2) + c] as f64;
+                        assert!((got - want).abs() < 1e-5, "bf16 sum head {i} column {c} over {n}, G = {g}, D = {d}: {got} vs {want}");
                     }
                 }
             }
@@ -870,11 +868,180 @@ fn bf16_routes_round_gemm_inputs_where_cuda_does() {
         let s = AttnShape { heads: 2, kv_heads: 1, head_dim: 8, key_offset: 0 };
         let (q, kk, v) = (mat(6, 16, 96), mat(6, 8, 97), mat(6, 8, 98));
         let att = b.attention(&q, &kk, &v, s, &vec![AttnSpan::causal(0); 6]).unwrap();
+        // Its values: `bf16_prefill_attention_rounds_where_cuda_does`.
         assert!(is_bf16(&att.data), "{route}: attention rounded");
-        assert_close(&att.data, &rounded(&attention_ref(&q, &kk, &v, s, &vec![AttnSpan::causal(0); 6])), 1e-5);
         outputs.push(got);
     }
     for o in &outputs[1..] {
         assert_close(&o.data, &outputs[0].data, 1e-5);
+    }
+}
+
+/// The bf16 routes' attention in f64, before the op rounds its output: q, k and v rounded to
+/// bf16, exact scores s, p = exp((s - m)/√D) rounded to bf16 with m the max of the row's keys in
+/// p's chunk (`chunks(row)`: key ranges; the prefill's one range is the whole row), chunks
+/// weighted by exp((m - max)/√D), Σ of the unrounded p. With each output, the bound on what
+/// the f32 computation may differ by: f32 summation error, and, for each p within f32 error of
+/// a bf16 rounding tie (where the f32 p may round the other way), its bf16 step times |v|.
+fn bf16_attention_ref(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan], chunks: impl Fn(usize) -> Vec<(usize, usize)>) -> (Vec<f64>, Vec<f64>) {
+    let (h, d, kvh) = (s.heads, s.head_dim, s.kv_heads);
+    let r = |x: f32| round::round_f32(x) as f64;
+    let u = f32::EPSILON as f64 / 2.0;
+    let scale = 1.0 / (d as f64).sqrt();
+    let (mut out, mut bound) = (vec![0f64; q.rows * h * d], vec![0f64; q.rows * h * d]);
+    for t in 0..q.rows {
+        for hh in 0..h {
+            let kv = hh / (h / kvh);
+            let qr: Vec<f64> = (0..d).map(|i| r(q.data[t * h * d + hh * d + i])).collect();
+            let (kr, vr) = (|j: usize, i: usize| r(k.data[j * kvh * d + kv * d + i]), |j: usize, i: usize| r(v.data[j * kvh * d + kv * d + i]));
+            // Per chunk: its attended keys' (key, score, Σ|q·k| terms).
+            let per_chunk: Vec<Vec<(usize, f64, f64)>> = chunks(t)
+                .into_iter()
+                .map(|(c0, c1)| {
+                    (c0..c1)
+                        .filter(|&j| spans[t].attends((t + s.key_offset) as u32, j as u32))
+                        .map(|j| (j, (0..d).map(|i| qr[i] * kr(j, i)).sum::<f64>(), (0..d).map(|i| (qr[i] * kr(j, i)).abs()).sum::<f64>()))
+                        .collect()
+                })
+                .filter(|c: &Vec<_>| !c.is_empty())
+                .collect();
+            let n = per_chunk.iter().map(Vec::len).sum::<usize>() as f64;
+            let max = per_chunk.iter().flatten().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
+            let abs_max = per_chunk.iter().flatten().map(|c| c.2).fold(0.0, f64::max);
+            // Relative error of an f32 exp((s - m)/√D): the scores' f32 sums, the scaling, exp.
+            let delta = 2.0 * (d as f64 + 4.0) * u * 2.0 * abs_max * scale + 1e-6;
+            let (mut num, mut abs, mut ties, mut den) = (vec![0f64; d], vec![0f64; d], vec![0f64; d], 0f64);
+            for chunk in &per_chunk {
+                let m = chunk.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
+                let w = ((m - max) * scale).exp();
+                for &(j, sj, _) in chunk {
+                    let e = ((sj - m) * scale).exp();
+                    let (p, lo, hi) = (r(e as f32), r((e * (1.0 - delta)) as f32), r((e * (1.0 + delta)) as f32));
+                    den += w * e;
+                    for i in 0..d {
+                        num[i] += w * p * vr(j, i);
+                        abs[i] += w * (p * vr(j, i)).abs();
+                        ties[i] += w * (hi - lo) * vr(j, i).abs();
+                    }
+                }
+            }
+            for i in 0..d {
+                let at = t * h * d + hh * d + i;
+                out[at] = num[i] / den;
+                bound[at] = 2.0 * ((2.0 * n + 8.0) * u * abs[i] + 2.0 * delta * abs[i] + ties[i]) / den + 1e-30;
+            }
+        }
+    }
+    (out, bound)
+}
+
+/// Every bf16 route's attention (prefill blocks through the products, or decode) against
+/// `bf16_attention_ref`, and the op's output its rounding to bf16; k and v are f32 or f16
+/// (a generation cache's).
+fn assert_bf16_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan], f16_cache: bool, what: &str) {
+    use crate::backend::ComputeDtype;
+    let blocks = super::attention::query_blocks(spans);
+    let decode = blocks.iter().all(|(t0, t1)| t1 - t0 <= 4);
+    let chunks: Vec<(usize, usize, usize)> = match decode {
+        true => super::decode::decode_chunks(spans, s, &blocks).into_iter().map(|c| (c.block, c.c0, c.c1)).collect(),
+        false => vec![],
+    };
+    let chunks_of = |t: usize| match decode {
+        true => chunks.iter().filter(|c| (blocks[c.0].0..blocks[c.0].1).contains(&t)).map(|c| (c.1, c.2)).collect(),
+        false => vec![(0, k.rows)],
+    };
+    let (k, v) = if f16_cache { (rounded_to_f16(k), rounded_to_f16(v)) } else { (k.clone(), v.clone()) };
+    let (want, bound) = bf16_attention_ref(q, &k, &v, s, spans, chunks_of);
+    let narrow = |m: &Mat| m.data.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>();
+    let (k16, v16) = (narrow(&k), narrow(&v));
+    for route in CpuRoute::available(ComputeDtype::Bf16) {
+        let got = match f16_cache {
+            false => super::attention::attention(q, (&k).into(), (&v).into(), s, spans, route),
+            true => super::attention::attention(q, kv_cache::CacheView { rows: k.rows, cols: k.cols, data: &k16[..] }, kv_cache::CacheView { rows: v.rows, cols: v.cols, data: &v16[..] }, s, spans, route),
+        };
+        let mut worst = 0f64;
+        for (i, ((g, w), b)) in got.data.iter().zip(&want).zip(&bound).enumerate() {
+            assert!((*g as f64 - w).abs() <= *b, "{what}, {route}: at {i} (row {}): {g} vs {w} (bound {b:e})", i / q.cols);
+            worst = worst.max((*g as f64 - w).abs() / b);
+        }
+        eprintln!("{what}, {route}: worst |error| / bound {worst:.3}");
+        if !f16_cache {
+            let op = CpuBackend::with_route(KvDtype::F32, route).attention(q, &k, &v, s, spans).unwrap();
+            let rounded: Vec<u32> = got.data.iter().map(|&x| round::round_f32(x).to_bits()).collect();
+            assert_eq!(op.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), rounded, "{what}, {route}: the op's output is the products' rounded to bf16");
+        }
+    }
+}
+
+/// The kept-prompt, kept-path and own-rows spans of an extract pass (three intervals per row;
+/// the paths wide enough that the products skip whole panels between, one path empty) and the
+/// kept key count.
+fn three_interval_spans() -> (Vec<AttnSpan>, usize) {
+    // Per document: its prompt, then per branch (path length, own rows).
+    let docs: [(u32, &[(u32, usize)]); 2] = [(70, &[(3, 9), (80, 14), (0, 5), (40, 2)]), (130, &[(5, 3), (66, 20)])];
+    let kept: u32 = docs.iter().map(|(p, br)| p + br.iter().map(|b| b.0).sum::<u32>()).sum();
+    let (mut spans, mut key) = (vec![], 0u32);
+    for (p, branches) in docs {
+        let (p0, p1) = (key, key + p);
+        key += p;
+        for &(path, rows) in branches {
+            let own = kept + spans.len() as u32;
+            spans.extend(std::iter::repeat_n(AttnSpan::new(p0, p1, own).with_path(key, key + path), rows));
+            key += path;
+        }
+    }
+    (spans, kept as usize)
+}
+
+/// The bf16 routes' prefill attention rounds q, k, v and p where the CUDA kernel does and sums
+/// in f32: causal rows (one interval) in blocks over 64 rows, an odd number of keys, chunked
+/// over cached keys; documents with choices (two intervals) and a document of 3 rows (a block
+/// that f32 runs as dot products); an extract pass's kept prompt, paths and own rows (three
+/// intervals, unattended panels skipped); GQA, and head sizes odd, not a multiple of 32, and
+/// the common one.
+#[test]
+fn bf16_prefill_attention_rounds_where_cuda_does() {
+    for d in [9, 40, 64] {
+        for (new, cached) in [(77, 0), (30, 51)] {
+            let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: d, key_offset: cached };
+            let spans = vec![AttnSpan::causal(0); new];
+            let (q, k, v) = (mat(new, 6 * d, 100), mat(cached + new, 2 * d, 101), mat(cached + new, 2 * d, 102));
+            assert_bf16_attention(&q, &k, &v, shape, &spans, false, &format!("causal {new} rows after {cached}, D = {d}"));
+        }
+        let mut docs: Vec<TokenizedDoc> = (0..2)
+            .map(|i| TokenizedDoc { index: i, id: format!("{i}"), prompt: (0..70 + 9 * i as u32).collect(), choices: vec![(0..13).collect(), (0..6).collect(), vec![1]] })
+            .collect();
+        docs.push(TokenizedDoc { index: 2, id: "2".into(), prompt: vec![1], choices: vec![vec![2], vec![3]] });
+        let batch = MicroBatch::build(&docs);
+        let t = batch.rows();
+        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: d, key_offset: 0 };
+        let (q, k, v) = (mat(t, 6 * d, 103), mat(t, 2 * d, 104), mat(t, 2 * d, 105));
+        assert_bf16_attention(&q, &k, &v, shape, &batch.spans, false, &format!("documents with choices, D = {d}"));
+        let (spans, kept) = three_interval_spans();
+        let t = spans.len();
+        let shape = AttnShape { heads: 4, kv_heads: 2, head_dim: d, key_offset: kept };
+        let (q, k, v) = (mat(t, 4 * d, 106), mat(kept + t, 2 * d, 107), mat(kept + t, 2 * d, 108));
+        assert_bf16_attention(&q, &k, &v, shape, &spans, false, &format!("kept prompt, paths and own rows, D = {d}"));
+    }
+}
+
+/// The bf16 routes' decode attention (rows of a few per document, by key chunks) rounds as
+/// the prefill does, p relative to its chunk's max: tree spans over 700 cached keys (several
+/// chunks; one, two and three intervals), GQA, at the group kernels' head sizes (64, 128) and
+/// the fallback's (40), over an f32 and an f16 cache.
+#[test]
+fn bf16_decode_attention_rounds_where_cuda_does() {
+    let cached = 700;
+    let spans = vec![
+        AttnSpan::causal(0),
+        AttnSpan::new(0, 250, cached as u32 + 1),
+        AttnSpan::new(300, 650, cached as u32 + 2).with_path(660, 690),
+    ];
+    for d in [40, 64, 128] {
+        let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: d, key_offset: cached };
+        let (q, k, v) = (mat(3, 6 * d, 110), mat(cached + 3, 2 * d, 111), mat(cached + 3, 2 * d, 112));
+        for f16 in [false, true] {
+            assert_bf16_attention(&q, &k, &v, shape, &spans, f16, &format!("decode over {cached} keys, D = {d}, f16 cache {f16}"));
+        }
     }
 }

@@ -1,0 +1,123 @@
+//! The `Bf16Dot` route's prefill products: q·kᵀ and p·v by gemm_bf16.rs's `vdpbf16ps` tiles,
+//! rounding where the CUDA kernel (kernels/attention.cu) rounds: q, k and v to bf16 (k and v as
+//! they are packed, q's rows per block), and the unnormalised probabilities p = exp(s - max) to
+//! bf16 before p·v; the products summed in f32.
+//!
+//! Packed as gemm_bf16's pair panels, once per call per KV head: K with the keys as the N rows
+//! and the head's D as the depth, vᵀ with the head's D columns as N and the keys as the depth
+//! (pairs of consecutive keys; an odd count's last pair padded with a zero, where p is 0 too).
+//! Each tile multiplies only as far as its rows attend, and the runs of unattended panels are
+//! skipped, as the f32 products do (`Block`).
+
+use super::super::gemm_bf16::{self, MR, NR};
+use super::super::kv_cache::CacheView;
+use super::super::{round, Mat};
+use super::Block;
+use crate::backend::AttnShape;
+use half::bf16;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+thread_local! {
+    /// Each worker's bf16 left operand (a block's q rows of one head, or its p rows): grown,
+    /// never refilled.
+    static OPERAND: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Every KV head's keys and values rounded into bf16 pair panels.
+pub(super) struct PackedKv {
+    /// Per KV head: its (S, D) keys, panels of NR keys, `dp` deep.
+    keys: Vec<Vec<bf16>>,
+    /// Per KV head: vᵀ (D, S), panels of NR head columns, `sp` deep.
+    values: Vec<Vec<bf16>>,
+    d: usize,
+    /// D and S rounded up to pairs: the panels' depths.
+    dp: usize,
+    sp: usize,
+}
+
+impl PackedKv {
+    pub(super) fn new(k: CacheView<f32>, v: CacheView<f32>, s: AttnShape) -> PackedKv {
+        let d = s.head_dim;
+        // Blocks start their keys at a whole panel of the f32 kernel's width: this one's.
+        debug_assert_eq!(super::Kernel::detect().nr(), NR);
+        // Keys and values of each KV head apart, as the f32 packing does.
+        let mut packed: Vec<Vec<bf16>> = (0..2 * s.kv_heads)
+            .into_par_iter()
+            .map(|i| match (i / 2, i % 2) {
+                (kv, 0) => gemm_bf16::pack_rows_rounded(&k.data[kv * d..], k.rows, d, k.cols),
+                (kv, _) => gemm_bf16::pack_cols_rounded(&v.data[kv * d..], v.rows, d, v.cols),
+            })
+            .collect();
+        let values = (0..s.kv_heads).map(|kv| std::mem::take(&mut packed[2 * kv + 1])).collect();
+        let keys = (0..s.kv_heads).map(|kv| std::mem::take(&mut packed[2 * kv])).collect();
+        PackedKv { keys, values, d, dp: d.div_ceil(2) * 2, sp: k.rows.div_ceil(2) * 2 }
+    }
+
+    /// scores (B, K) = q·kᵀ of block b's rows for head hh, over its runs of keys, each tile as
+    /// far as its rows attend (the rest left for the softmax to write).
+    ///
+    /// # Safety
+    /// q holds the block's rows (H·D values each), scores (rows, b.nk); the CPU runs the kernel.
+    pub(super) unsafe fn scores(&self, q: &Mat, s: AttnShape, b: &Block, hh: usize, scores: &mut [f32]) {
+        let (d, dp, rows) = (self.d, self.dp, b.t1 - b.t0);
+        let kv = hh / (s.heads / s.kv_heads);
+        OPERAND.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < rows * dp {
+                buf.resize(rows * dp, bf16::ZERO);
+            }
+            for (i, dst) in buf[..rows * dp].chunks_exact_mut(dp).enumerate() {
+                let (values, pad) = dst.split_at_mut(d);
+                round::round_into(&q.data[(b.t0 + i) * q.cols + hh * d..][..d], values);
+                pad.fill(bf16::ZERO);
+            }
+            for &(c0, c1) in &b.runs {
+                // SAFETY: buf holds rows x dp values, the keys' panel of key k0 + c0 (a multiple
+                // of NR) starts the window of c1 - c0 keys, scores has rows x nk floats; a tile
+                // writes only the columns its rows attend up to.
+                gemm_bf16::matmul_tiles(buf.as_ptr(), dp, rows, dp, self.keys[kv].as_ptr().add((b.k0 + c0) / NR * dp * NR), dp * NR, c1 - c0, scores.as_mut_ptr().add(c0), b.nk, false, |r0, r1| {
+                    (b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0), dp)
+                });
+            }
+        });
+    }
+
+    /// out (B, D) = p·v of block b's rows over its runs of keys: p (B, K), 0 outside each row's
+    /// intervals, rounded to bf16 here.
+    ///
+    /// # Safety
+    /// out covers the block's rows at stride ldc of D writable floats, written by no one else
+    /// meanwhile; the CPU runs the kernel.
+    pub(super) unsafe fn weighted(&self, p: &[f32], b: &Block, kv: usize, out: *mut f32, ldc: usize) {
+        let (rows, nk) = (b.t1 - b.t0, b.nk);
+        // Rows of whole pairs: an odd K's last pair is (p, 0).
+        let nkp = nk.div_ceil(2) * 2;
+        OPERAND.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.len() < rows * nkp {
+                buf.resize(rows * nkp, bf16::ZERO);
+            }
+            // Only what the tiles read: a row tile's depth stops at the pair holding its rows'
+            // last attended key (the causal triangle's far side is half a block's p).
+            for r0 in (0..rows).step_by(MR) {
+                let r1 = (r0 + MR).min(rows);
+                let end = b.keys_attended_by(r0, r1).div_ceil(2) * 2;
+                for (dst, src) in buf[r0 * nkp..r1 * nkp].chunks_exact_mut(nkp).zip(p[r0 * nk..r1 * nk].chunks_exact(nk)) {
+                    let (values, pad) = dst[..end].split_at_mut(end.min(nk));
+                    round::round_into(&src[..values.len()], values);
+                    pad.fill(bf16::ZERO);
+                }
+            }
+            for (i, &(c0, c1)) in b.runs.iter().enumerate() {
+                // SAFETY: p's rows are read from key c0 (even), to at most one pair past the
+                // rows' last attended key (0 there, or the pad); vᵀ's panels are sp deep, read
+                // from key k0 + c0 (even); the first run writes out (even at depth 0), the
+                // others add to it.
+                gemm_bf16::matmul_tiles(buf.as_ptr().add(c0), nkp, rows, c1 - c0, self.values[kv].as_ptr().add((b.k0 + c0) * NR), self.sp * NR, self.d, out, ldc, i > 0, |r0, r1| {
+                    (self.d, b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0))
+                });
+            }
+        });
+    }
+}
