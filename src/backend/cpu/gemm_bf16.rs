@@ -46,44 +46,43 @@ pub(super) fn packed_len(n: usize, k: usize) -> usize {
 
 /// w (N, K) row-major -> panels (N / NR, Kp / 2, NR, 2), padding zero; panels in parallel.
 pub(super) fn pack(w: &[bf16], n: usize, k: usize) -> Vec<bf16> {
-    let bytes: Vec<u8> = w[..n * k].iter().flat_map(|v| v.to_le_bytes()).collect();
-    pack_le_bytes(&bytes, n, k)
+    pack_rows(n, k, |j| w[j * k..][..k].iter().copied())
 }
 
 /// `pack` of a matrix given as a file's little-endian bf16 bytes, read straight into the panels:
-/// no widened or copied matrix between (a model's start-up packs every weight once). The output
-/// is not zero-filled first (a one-thread pass over the whole matrix at load): a panel with
-/// padding zeroes itself, while it is in cache, before its rows are scattered in. A row's pairs
-/// of depths are 4 adjacent bytes in the file and one lane of a panel row.
+/// no widened or copied matrix between (a model's start-up packs every weight once).
 pub(super) fn pack_le_bytes(bytes: &[u8], n: usize, k: usize) -> Vec<bf16> {
+    pack_rows(n, k, |j| bytes[2 * j * k..][..2 * k].chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])))
+}
+
+/// `pack` of the matrix whose row j (K values) `row(j)` yields. The output is not zero-filled
+/// first (a one-thread pass over the whole matrix at load): a panel with padding zeroes itself,
+/// while it is in cache, before its rows are scattered in.
+fn pack_rows<R: Iterator<Item = bf16>>(n: usize, k: usize, row: impl Fn(usize) -> R + Sync) -> Vec<bf16> {
     let (kp, len) = (pairs_depth(k), packed_len(n, k));
     let mut out: Vec<bf16> = Vec::with_capacity(len);
     if kp > 0 {
         out.spare_capacity_mut()[..len].par_chunks_mut(kp * NR).enumerate().for_each(|(p, panel)| {
             let lanes = NR.min(n - p * NR);
+            // Only a partial last panel or an odd depth has padding to zero.
             if lanes < NR || kp > k {
                 panel.fill(std::mem::MaybeUninit::new(bf16::ZERO));
             }
-            let value = |b: &[u8]| bf16::from_le_bytes([b[0], b[1]]);
             for lane in 0..lanes {
-                let row = &bytes[2 * (p * NR + lane) * k..][..2 * k];
-                let pairs = row.chunks_exact(4);
-                // An odd K's last value pairs with the zero already in its lane.
-                let last = pairs.remainder();
-                let mut at = 2 * lane;
-                for pair in pairs {
-                    let dst = &mut panel[at..at + 2];
-                    dst[0].write(value(&pair[..2]));
-                    dst[1].write(value(&pair[2..]));
+                // A row's pairs of depths are adjacent in the row and in the panel.
+                let mut at = lane * 2;
+                let mut values = row(p * NR + lane);
+                while let Some(a) = values.next() {
+                    panel[at].write(a);
+                    if let Some(b) = values.next() {
+                        panel[at + 1].write(b);
+                    }
                     at += 2 * NR;
-                }
-                if !last.is_empty() {
-                    panel[at].write(value(last));
                 }
             }
         });
     }
-    // SAFETY: the panels cover all len values (kp = 0: len = 0), each written above.
+    // SAFETY: the panels cover all len values (kp = 0: len = 0), each filled above.
     unsafe { out.set_len(len) };
     out
 }
