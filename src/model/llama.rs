@@ -113,7 +113,8 @@ impl Layer {
     }
 }
 
-/// x (T, C) -> (T, C)
+/// x (T, C) -> (T, C), or (R, C) at rows `out` (model::layer_forward_rows)
+#[allow(clippy::too_many_arguments)]
 pub fn layer_forward<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
@@ -122,11 +123,12 @@ pub fn layer_forward<B: KvCache>(
     x: B::Act,
     ctx: &RowCtx,
     keys: LayerKeys<'_, B>,
+    out: Option<&[u32]>,
 ) -> Result<B::Act> {
     let eps = cfg.norm_eps as f32;
     let attn_in = b.rms_norm(&x, w.at(l.attn_norm), eps)?; // (T, C)
-    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, keys, x)?; // x + attention (T, C)
-    let mlp_in = b.rms_norm(&x, w.at(l.mlp_norm), eps)?; // (T, C)
+    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, keys, x, out)?; // x + attention (T or R, C)
+    let mlp_in = b.rms_norm(&x, w.at(l.mlp_norm), eps)?; // (T or R, C)
     let ((gate, gate_bias), (up, up_bias)) = (w.linear(l.gate), w.linear(l.up));
     let act = b.linear_silu_mul(&mlp_in, gate, gate_bias, up, up_bias)?; // (T, F)
     let (down, down_bias) = w.linear(l.down);

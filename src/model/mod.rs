@@ -146,8 +146,11 @@ impl<'a> RowCtx<'a> {
 /// Self-attention shared by every family: fused qkv projection, rotary on q and k,
 /// token-tree attention, output projection summed into `residual` (the GEMM adds it). A
 /// generation cache gets this call's keys appended; extract's store keeps the rows the
-/// batch names and puts the rows it attends before this call's keys.
-/// x (T, C) normed, residual (T, C) -> residual + attention.
+/// batch names and puts the rows it attends before this call's keys. With `out` (the model's
+/// last layer, see `layer_forward_rows`) every row's keys and values are still made and kept,
+/// but only those rows go on past the attention.
+/// x (T, C) normed, residual (T, C) -> residual + attention (T, C), or (R, C) at `out`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_block<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
@@ -156,6 +159,7 @@ pub(crate) fn attention_block<B: KvCache>(
     ctx: &RowCtx,
     keys: LayerKeys<'_, B>,
     residual: B::Act,
+    out: Option<&[u32]>,
 ) -> Result<B::Act> {
     let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
     let ((qkv_w, qkv_b), (out_w, out_b)) = (w.qkv, w.out);
@@ -175,6 +179,7 @@ pub(crate) fn attention_block<B: KvCache>(
         }
         LayerKeys::None => b.attention(&q, &k, &v, shape, ctx.spans)?, // (T, H D)
     };
+    let (att, residual) = (gather_out(b, att, out)?, gather_out(b, residual, out)?); // (R, H D), (R, C)
     Ok(b.linear_residual(&att, out_w, out_b, residual)?)
 }
 
@@ -243,6 +248,14 @@ fn with_kept_rows<B: KvCache>(b: &B, k: B::Act, v: B::Act, kept: &mut LayerPromp
     Ok((k, v, key_offset))
 }
 
+/// x's rows `out` (in that order) where a layer goes on with those only, else x.
+pub(crate) fn gather_out<B: Ops>(b: &B, x: B::Act, out: Option<&[u32]>) -> Result<B::Act> {
+    match out {
+        Some(rows) if !is_identity(rows, b.dims(&x).0) => Ok(b.rows(&x, rows)?),
+        _ => Ok(x),
+    }
+}
+
 /// Whether `order` lists rows 0..n in order: a gather by it would copy the matrix unchanged.
 fn is_identity(order: &[u32], n: usize) -> bool {
     order.len() == n && order.iter().enumerate().all(|(i, &r)| r as usize == i)
@@ -274,9 +287,26 @@ pub fn layer_forward_keys<B: KvCache>(
     ctx: &RowCtx,
     keys: LayerKeys<'_, B>,
 ) -> Result<B::Act> {
+    layer_forward_rows(b, cfg, w, x, ctx, keys, None)
+}
+
+/// One decoder layer whose output is read only at rows `out` (the model's last layer, whose
+/// rows the head reads: llama.cpp's `inp_out_ids`): the keys and values of every row are made
+/// (and kept), the rest of the layer (attention's output projection, the norms after it, the
+/// MLP) runs for those rows only. hidden (T, C) -> (R, C), row i the batch's row out[i];
+/// without `out`, (T, C).
+pub fn layer_forward_rows<B: KvCache>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &PartWeights<B>,
+    x: B::Act,
+    ctx: &RowCtx,
+    keys: LayerKeys<'_, B>,
+    out: Option<&[u32]>,
+) -> Result<B::Act> {
     match w.view() {
-        View::Falcon(l) => falcon::layer_forward(b, cfg, w, l, x, ctx, keys),
-        View::Llama(l) => llama::layer_forward(b, cfg, w, l, x, ctx, keys),
+        View::Falcon(l) => falcon::layer_forward(b, cfg, w, l, x, ctx, keys, out),
+        View::Llama(l) => llama::layer_forward(b, cfg, w, l, x, ctx, keys, out),
         _ => Err(w.wrong_part("a decoder layer")),
     }
 }
@@ -284,7 +314,12 @@ pub fn layer_forward_keys<B: KvCache>(
 /// end: hidden (T, C) at `rows` -> logits (R, V).
 pub fn end_logits<B: Ops>(b: &B, cfg: &ModelConfig, w: &PartWeights<B>, x: &B::Act, rows: &[u32]) -> Result<B::Act> {
     let end = w.end()?;
-    let picked = b.rows(x, rows)?; // (R, C)
+    // A pruned last layer's output is already the head's rows in order: no copy of it.
+    let picked = match is_identity(rows, b.dims(x).0) {
+        true => None,
+        false => Some(b.rows(x, rows)?), // (R, C)
+    };
+    let picked = picked.as_ref().unwrap_or(x);
     let eps = cfg.norm_eps as f32;
     // Falcon's final norm is a layer norm (it has a shift), the others' RMS norms.
     let normed = match w.linear(end.norm) {
