@@ -196,17 +196,19 @@ pub fn layer_forward<B: KvCache>(
     let parallel = layout(cfg).parallel_attn;
     let norm = |x: &B::Act, n: Norm| b.layer_norm(x, w.at(n.weight), w.at(n.bias), eps);
     let attn_in = norm(&x, l.attn_norm)?; // (T, C)
-    // Parallel attention: the MLP reads the layer's input as well, so a norm of its own is taken
-    // before the attention is summed into x (of the rows going on only: the norm is row-wise).
-    let parallel_mlp_in = match (parallel, l.mlp_norm, out) {
-        (true, Some(n), Some(rows)) => Some(norm(&b.rows(&x, rows)?, n)?), // (R, C)
-        (true, Some(n), None) => Some(norm(&x, n)?),
-        _ => None,
+    // Parallel attention: the MLP reads the layer's input as well, so its norm (its own, or the
+    // attention's) is taken before the attention is summed into x; of the rows going on only,
+    // normed again from the gathered input (a norm's output may be kept narrower: model::gather_out).
+    let parallel_mlp_in = match (parallel, out) {
+        (true, Some(rows)) => Some(norm(&b.rows(&x, rows)?, l.mlp_norm.unwrap_or(l.attn_norm))?), // (R, C)
+        (true, None) => l.mlp_norm.map(|n| norm(&x, n)).transpose()?,
+        (false, _) => None,
     };
-    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, keys, x, out)?; // x + attention (T or R, C)
+    let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, keys, x)?; // x + attention (T, C)
+    let x = gather_out(b, x, out)?; // (T or R, C)
     let mlp_in = match (parallel_mlp_in, l.mlp_norm) {
         (Some(m), _) => m,
-        (None, None) => gather_out(b, attn_in, out)?,
+        (None, None) => attn_in,
         (None, Some(n)) => norm(&x, n)?,
     }; // (T or R, C)
     let (up, up_bias) = w.linear(l.up);

@@ -146,11 +146,8 @@ impl<'a> RowCtx<'a> {
 /// Self-attention shared by every family: fused qkv projection, rotary on q and k,
 /// token-tree attention, output projection summed into `residual` (the GEMM adds it). A
 /// generation cache gets this call's keys appended; extract's store keeps the rows the
-/// batch names and puts the rows it attends before this call's keys. With `out` (the model's
-/// last layer, see `layer_forward_rows`) every row's keys and values are still made and kept,
-/// but only those rows go on past the attention.
-/// x (T, C) normed, residual (T, C) -> residual + attention (T, C), or (R, C) at `out`.
-#[allow(clippy::too_many_arguments)]
+/// batch names and puts the rows it attends before this call's keys.
+/// x (T, C) normed, residual (T, C) -> residual + attention.
 pub(crate) fn attention_block<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
@@ -159,7 +156,6 @@ pub(crate) fn attention_block<B: KvCache>(
     ctx: &RowCtx,
     keys: LayerKeys<'_, B>,
     residual: B::Act,
-    out: Option<&[u32]>,
 ) -> Result<B::Act> {
     let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
     let ((qkv_w, qkv_b), (out_w, out_b)) = (w.qkv, w.out);
@@ -179,7 +175,6 @@ pub(crate) fn attention_block<B: KvCache>(
         }
         LayerKeys::None => b.attention(&q, &k, &v, shape, ctx.spans)?, // (T, H D)
     };
-    let (att, residual) = (gather_out(b, att, out)?, gather_out(b, residual, out)?); // (R, H D), (R, C)
     Ok(b.linear_residual(&att, out_w, out_b, residual)?)
 }
 
@@ -248,7 +243,9 @@ fn with_kept_rows<B: KvCache>(b: &B, k: B::Act, v: B::Act, kept: &mut LayerPromp
     Ok((k, v, key_offset))
 }
 
-/// x's rows `out` (in that order) where a layer goes on with those only, else x.
+/// x's rows `out` (in that order) where a layer goes on with those only, else x. Only hidden
+/// states are gathered: a backend may keep a norm's or the attention's output narrower
+/// (Kernels::Act) and refuse it to `rows`.
 pub(crate) fn gather_out<B: Ops>(b: &B, x: B::Act, out: Option<&[u32]>) -> Result<B::Act> {
     match out {
         Some(rows) if !is_identity(rows, b.dims(&x).0) => Ok(b.rows(&x, rows)?),
@@ -291,10 +288,9 @@ pub fn layer_forward_keys<B: KvCache>(
 }
 
 /// One decoder layer whose output is read only at rows `out` (the model's last layer, whose
-/// rows the head reads: llama.cpp's `inp_out_ids`): the keys and values of every row are made
-/// (and kept), the rest of the layer (attention's output projection, the norms after it, the
-/// MLP) runs for those rows only. hidden (T, C) -> (R, C), row i the batch's row out[i];
-/// without `out`, (T, C).
+/// rows the head reads: llama.cpp's `inp_out_ids`): the attention runs for every row (its
+/// keys and values are kept), the MLP and the norm before it for those rows only.
+/// hidden (T, C) -> (R, C), row i the batch's row out[i]; without `out`, (T, C).
 pub fn layer_forward_rows<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
