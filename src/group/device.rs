@@ -149,9 +149,10 @@ impl<B: KvCache> DeviceGroup<B> {
         keys: GroupKeys<'_, B>,
         rows: &'r [u32],
     ) -> Result<(B::Act, Cow<'r, [u32]>), ModelError> {
-        // Every row read (a prompt of one token, a decode step): nothing to leave out.
+        // Every row read (a prompt of one token, a decode step): nothing to leave out. No row
+        // read: the layer's kernels are not asked for empty products.
         let all = rows.len() == ctx.positions.len() && rows.iter().enumerate().all(|(i, &r)| r as usize == i);
-        if all || !self.prunes_last_layer(cfg) {
+        if all || rows.is_empty() || !self.prunes_last_layer(cfg) {
             return Ok((self.run_layers_keys(b, cfg, x, ctx, keys)?, Cow::Borrowed(rows)));
         }
         let x = self.run_layers_rows(b, cfg, x, ctx, keys, Some(rows))?; // (R, C)
