@@ -9,6 +9,7 @@ use crate::backend::{KvCache, Ops, WeightStream};
 use crate::config::ModelConfig;
 use crate::model::{self, BatchPrompts, GroupKeys, LayerCache, ModelError, Part, PartWeights, PromptStore, RowCtx};
 use crate::token_tree::{MicroBatch, ScoredRow};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -101,23 +102,75 @@ impl<B: KvCache> DeviceGroup<B> {
 
     /// The same with whatever keys the layers keep: with a prompt store, extract's prompts
     /// are kept and attended to under each layer's global index.
-    pub fn run_layers_keys(
+    pub fn run_layers_keys(&self, b: &B, cfg: &ModelConfig, x: B::Act, ctx: &RowCtx, keys: GroupKeys<'_, B>) -> Result<B::Act, ModelError> {
+        self.run_layers_rows(b, cfg, x, ctx, keys, None)
+    }
+
+    /// The same, the group's last layer read only at rows `out` (model::layer_forward_rows):
+    /// hidden (T, C) -> (R, C), row i the batch's row out[i]; without `out`, (T, C).
+    pub fn run_layers_rows(
         &self,
         b: &B,
         cfg: &ModelConfig,
         mut x: B::Act,
         ctx: &RowCtx,
         mut keys: GroupKeys<'_, B>,
+        out: Option<&[u32]>,
     ) -> Result<B::Act, ModelError> {
+        let last = self.blocks.len().saturating_sub(1);
         for (i, w) in self.blocks.iter().enumerate() {
             let layer = match w.part {
                 Part::Layer(l) => l,
                 _ => self.layers.start + i,
             };
-            x = model::layer_forward_keys(b, cfg, w, x, ctx, keys.layer(i, layer))?;
+            x = model::layer_forward_rows(b, cfg, w, x, ctx, keys.layer(i, layer), out.filter(|_| i == last))?;
             crate::liveness::advanced();
         }
         Ok(x)
+    }
+
+    /// Whether this group runs the model's last layer and the head: then that layer need only
+    /// be computed for the rows the head reads (`run_to_head`). Where the head is another
+    /// group's, every row's hidden state travels on.
+    pub fn prunes_last_layer(&self, cfg: &ModelConfig) -> bool {
+        self.has_end() && cfg.n_layers > 0 && self.blocks.last().is_some_and(|w| w.part == Part::Layer(cfg.n_layers - 1))
+    }
+
+    /// hidden (T, C) through the group's layers for a head that reads `rows` of it: the
+    /// hidden state and the rows of it the head reads. Where this group prunes its last
+    /// layer (`prunes_last_layer`) that layer runs for `rows` only and they come out as rows
+    /// 0..R, in order; otherwise all T rows and `rows` as given.
+    pub fn run_to_head<'r>(
+        &self,
+        b: &B,
+        cfg: &ModelConfig,
+        x: B::Act,
+        ctx: &RowCtx,
+        keys: GroupKeys<'_, B>,
+        rows: &'r [u32],
+    ) -> Result<(B::Act, Cow<'r, [u32]>), ModelError> {
+        // Every row read (a prompt of one token, a decode step): nothing to leave out. No row
+        // read: the layer's kernels are not asked for empty products.
+        let all = rows.len() == ctx.positions.len() && rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+        if all || rows.is_empty() || !self.prunes_last_layer(cfg) {
+            return Ok((self.run_layers_keys(b, cfg, x, ctx, keys)?, Cow::Borrowed(rows)));
+        }
+        let x = self.run_layers_rows(b, cfg, x, ctx, keys, Some(rows))?; // (R, C)
+        Ok((x, Cow::Owned((0..rows.len() as u32).collect())))
+    }
+
+    /// hidden (T, C) -> logits (R, V) at `rows`, through the group's layers and its head.
+    pub fn run_logits(&self, b: &B, cfg: &ModelConfig, x: B::Act, ctx: &RowCtx, keys: GroupKeys<'_, B>, rows: &[u32]) -> Result<B::Act, ModelError> {
+        let (x, at) = self.run_to_head(b, cfg, x, ctx, keys, rows)?;
+        self.logits(b, cfg, &x, &at)
+    }
+
+    /// hidden (T, C) -> log p(target | row) at each scored row (S,), through the group's
+    /// layers and its head.
+    pub fn run_scored(&self, b: &B, cfg: &ModelConfig, x: B::Act, ctx: &RowCtx, keys: GroupKeys<'_, B>, scored: &[ScoredRow]) -> Result<Vec<f64>, ModelError> {
+        let read = HeadRows::of(scored);
+        let (x, at) = self.run_to_head(b, cfg, x, ctx, keys, &read.rows)?;
+        self.logprobs_at(b, cfg, &x, &at, &read, scored)
     }
 
     /// hidden (T, C) -> logits (R, V) at `rows`.
@@ -127,28 +180,48 @@ impl<B: KvCache> DeviceGroup<B> {
 
     /// hidden (T, C) -> log p(target | row) at each scored row (S,).
     pub fn scored_logprobs(&self, b: &B, cfg: &ModelConfig, x: &B::Act, scored: &[ScoredRow]) -> Result<Vec<f64>, ModelError> {
+        let read = HeadRows::of(scored);
+        self.logprobs_at(b, cfg, x, &read.rows, &read, scored)
+    }
+
+    /// The head at `at` (x's rows holding `read.rows`) -> log p(target) at each scored row (S,).
+    fn logprobs_at(&self, b: &B, cfg: &ModelConfig, x: &B::Act, at: &[u32], read: &HeadRows, scored: &[ScoredRow]) -> Result<Vec<f64>, ModelError> {
         let targets: Vec<u32> = scored.iter().map(|s| s.target).collect();
-        // The head runs once per distinct row: every choice's first target, and every first
-        // id of an extract's pass 1 (thousands), is scored at the prompt's last row.
-        let mut unique: Vec<u32> = vec![];
-        let mut at: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
-        let of: Vec<u32> = scored
-            .iter()
-            .map(|s| {
-                *at.entry(s.row).or_insert_with(|| {
-                    unique.push(s.row);
-                    unique.len() as u32 - 1
-                })
-            })
-            .collect();
-        let logits = self.logits(b, cfg, x, &unique)?; // (U, V)
-        let logits = if unique.len() < scored.len() { b.rows(&logits, &of)? } else { logits }; // (S, V)
+        let logits = self.logits(b, cfg, x, at)?; // (U, V)
+        let logits = if read.rows.len() < scored.len() { b.rows(&logits, &read.of)? } else { logits }; // (S, V)
         Ok(b.log_softmax_at(&logits, &targets)?)
     }
 
     /// A whole micro-batch through this group when it holds the entire model.
     pub fn score_batch(&self, b: &B, cfg: &ModelConfig, batch: &MicroBatch) -> Result<Vec<f64>, ModelError> {
         score_through(std::slice::from_ref(self), b, cfg, batch)
+    }
+}
+
+/// The distinct rows the head reads for a pass's scored rows: it runs once per row, as every
+/// choice's first target, and every first id of an extract's pass 1 (thousands), is scored at
+/// the prompt's last row.
+struct HeadRows {
+    /// (U,) distinct rows, in first-scored order.
+    rows: Vec<u32>,
+    /// (S,) per scored row, its row's index in `rows`.
+    of: Vec<u32>,
+}
+
+impl HeadRows {
+    fn of(scored: &[ScoredRow]) -> HeadRows {
+        let mut rows: Vec<u32> = vec![];
+        let mut at: HashMap<u32, u32> = HashMap::new();
+        let of = scored
+            .iter()
+            .map(|s| {
+                *at.entry(s.row).or_insert_with(|| {
+                    rows.push(s.row);
+                    rows.len() as u32 - 1
+                })
+            })
+            .collect();
+        HeadRows { rows, of }
     }
 }
 
@@ -174,8 +247,8 @@ pub fn score_keeping<B: KvCache>(
     prompts.release(&batch.release);
     let ctx = RowCtx::of_batch(batch);
     let mut x = first.embed(b, &batch.tokens)?; // (T, C)
-    for g in groups {
+    for g in &groups[..groups.len() - 1] {
         x = g.run_layers_keys(b, cfg, x, &ctx, GroupKeys::Prompts(prompts, BatchPrompts::of(batch)))?;
     }
-    last.scored_logprobs(b, cfg, &x, &batch.scored)
+    last.run_scored(b, cfg, x, &ctx, GroupKeys::Prompts(prompts, BatchPrompts::of(batch)), &batch.scored)
 }

@@ -11,7 +11,7 @@
 
 use super::table::{Origin, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
 use super::weights::{Attn, Norm, PartWeights, Resolver, WeightBias};
-use super::{attention_block, HfJson, LayerKeys, ModelError, Result, RowCtx};
+use super::{attention_block, gather_out, HfJson, LayerKeys, ModelError, Result, RowCtx};
 use crate::backend::KvCache;
 use crate::config::{FalconLayout, Family, ModelConfig};
 
@@ -180,7 +180,8 @@ impl Layer {
     }
 }
 
-/// x (T, C) -> (T, C)
+/// x (T, C) -> (T, C), or (R, C) at rows `out` (model::layer_forward_rows)
+#[allow(clippy::too_many_arguments)]
 pub fn layer_forward<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
@@ -189,28 +190,32 @@ pub fn layer_forward<B: KvCache>(
     x: B::Act,
     ctx: &RowCtx,
     keys: LayerKeys<'_, B>,
+    out: Option<&[u32]>,
 ) -> Result<B::Act> {
     let eps = cfg.norm_eps as f32;
     let parallel = layout(cfg).parallel_attn;
     let norm = |x: &B::Act, n: Norm| b.layer_norm(x, w.at(n.weight), w.at(n.bias), eps);
     let attn_in = norm(&x, l.attn_norm)?; // (T, C)
-    // Parallel attention: the MLP reads the layer's input as well, so a norm of its own is taken
-    // before the attention is summed into x.
-    let parallel_mlp_in = match (parallel, l.mlp_norm) {
-        (true, Some(n)) => Some(norm(&x, n)?),
-        _ => None,
+    // Parallel attention: the MLP reads the layer's input as well, so its norm (its own, or the
+    // attention's) is taken before the attention is summed into x; of the rows going on only,
+    // normed again from the gathered input (a norm's output may be kept narrower: model::gather_out).
+    let parallel_mlp_in = match (parallel, out) {
+        (true, Some(rows)) => Some(norm(&b.rows(&x, rows)?, l.mlp_norm.unwrap_or(l.attn_norm))?), // (R, C)
+        (true, None) => l.mlp_norm.map(|n| norm(&x, n)).transpose()?,
+        (false, _) => None,
     };
     let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, keys, x)?; // x + attention (T, C)
+    let x = gather_out(b, x, out)?; // (T or R, C)
     let mlp_in = match (parallel_mlp_in, l.mlp_norm) {
         (Some(m), _) => m,
         (None, None) => attn_in,
         (None, Some(n)) => norm(&x, n)?,
-    };
+    }; // (T or R, C)
     let (up, up_bias) = w.linear(l.up);
-    let mut up = b.linear(&mlp_in, up, up_bias)?; // (T, F)
+    let mut up = b.linear(&mlp_in, up, up_bias)?; // (T or R, F)
     b.gelu(&mut up)?;
     let (down, down_bias) = w.linear(l.down);
-    Ok(b.linear_residual(&up, down, down_bias, x)?) // (T, C)
+    Ok(b.linear_residual(&up, down, down_bias, x)?) // (T or R, C)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 
 use super::table::{Origin, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
 use super::weights::{Attn, Ix, PartWeights, Resolver, WeightBias};
-use super::{attention_block, HfJson, LayerKeys, ModelError, Result, RowCtx};
+use super::{attention_block, gather_out, HfJson, LayerKeys, ModelError, Result, RowCtx};
 use crate::backend::KvCache;
 use crate::config::{Family, ModelConfig};
 
@@ -113,7 +113,8 @@ impl Layer {
     }
 }
 
-/// x (T, C) -> (T, C)
+/// x (T, C) -> (T, C), or (R, C) at rows `out` (model::layer_forward_rows)
+#[allow(clippy::too_many_arguments)]
 pub fn layer_forward<B: KvCache>(
     b: &B,
     cfg: &ModelConfig,
@@ -122,13 +123,15 @@ pub fn layer_forward<B: KvCache>(
     x: B::Act,
     ctx: &RowCtx,
     keys: LayerKeys<'_, B>,
+    out: Option<&[u32]>,
 ) -> Result<B::Act> {
     let eps = cfg.norm_eps as f32;
     let attn_in = b.rms_norm(&x, w.at(l.attn_norm), eps)?; // (T, C)
     let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, keys, x)?; // x + attention (T, C)
-    let mlp_in = b.rms_norm(&x, w.at(l.mlp_norm), eps)?; // (T, C)
+    let x = gather_out(b, x, out)?; // (T or R, C)
+    let mlp_in = b.rms_norm(&x, w.at(l.mlp_norm), eps)?; // (T or R, C)
     let ((gate, gate_bias), (up, up_bias)) = (w.linear(l.gate), w.linear(l.up));
-    let act = b.linear_silu_mul(&mlp_in, gate, gate_bias, up, up_bias)?; // (T, F)
+    let act = b.linear_silu_mul(&mlp_in, gate, gate_bias, up, up_bias)?; // (T or R, F)
     let (down, down_bias) = w.linear(l.down);
-    Ok(b.linear_residual(&act, down, down_bias, x)?) // (T, C)
+    Ok(b.linear_residual(&act, down, down_bias, x)?) // (T or R, C)
 }

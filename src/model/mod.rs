@@ -243,6 +243,16 @@ fn with_kept_rows<B: KvCache>(b: &B, k: B::Act, v: B::Act, kept: &mut LayerPromp
     Ok((k, v, key_offset))
 }
 
+/// x's rows `out` (in that order) where a layer goes on with those only, else x. Only hidden
+/// states are gathered: a backend may keep a norm's or the attention's output narrower
+/// (Kernels::Act) and refuse it to `rows`.
+pub(crate) fn gather_out<B: Ops>(b: &B, x: B::Act, out: Option<&[u32]>) -> Result<B::Act> {
+    match out {
+        Some(rows) if !is_identity(rows, b.dims(&x).0) => Ok(b.rows(&x, rows)?),
+        _ => Ok(x),
+    }
+}
+
 /// Whether `order` lists rows 0..n in order: a gather by it would copy the matrix unchanged.
 fn is_identity(order: &[u32], n: usize) -> bool {
     order.len() == n && order.iter().enumerate().all(|(i, &r)| r as usize == i)
@@ -274,9 +284,25 @@ pub fn layer_forward_keys<B: KvCache>(
     ctx: &RowCtx,
     keys: LayerKeys<'_, B>,
 ) -> Result<B::Act> {
+    layer_forward_rows(b, cfg, w, x, ctx, keys, None)
+}
+
+/// One decoder layer whose output is read only at rows `out` (the model's last layer, whose
+/// rows the head reads: llama.cpp's `inp_out_ids`): the attention runs for every row (its
+/// keys and values are kept), the MLP and the norm before it for those rows only.
+/// hidden (T, C) -> (R, C), row i the batch's row out[i]; without `out`, (T, C).
+pub fn layer_forward_rows<B: KvCache>(
+    b: &B,
+    cfg: &ModelConfig,
+    w: &PartWeights<B>,
+    x: B::Act,
+    ctx: &RowCtx,
+    keys: LayerKeys<'_, B>,
+    out: Option<&[u32]>,
+) -> Result<B::Act> {
     match w.view() {
-        View::Falcon(l) => falcon::layer_forward(b, cfg, w, l, x, ctx, keys),
-        View::Llama(l) => llama::layer_forward(b, cfg, w, l, x, ctx, keys),
+        View::Falcon(l) => falcon::layer_forward(b, cfg, w, l, x, ctx, keys, out),
+        View::Llama(l) => llama::layer_forward(b, cfg, w, l, x, ctx, keys, out),
         _ => Err(w.wrong_part("a decoder layer")),
     }
 }
@@ -284,7 +310,12 @@ pub fn layer_forward_keys<B: KvCache>(
 /// end: hidden (T, C) at `rows` -> logits (R, V).
 pub fn end_logits<B: Ops>(b: &B, cfg: &ModelConfig, w: &PartWeights<B>, x: &B::Act, rows: &[u32]) -> Result<B::Act> {
     let end = w.end()?;
-    let picked = b.rows(x, rows)?; // (R, C)
+    // A pruned last layer's output is already the head's rows in order: no copy of it.
+    let picked = match is_identity(rows, b.dims(x).0) {
+        true => None,
+        false => Some(b.rows(x, rows)?), // (R, C)
+    };
+    let picked = picked.as_ref().unwrap_or(x);
     let eps = cfg.norm_eps as f32;
     // Falcon's final norm is a layer norm (it has a shift), the others' RMS norms.
     let normed = match w.linear(end.norm) {

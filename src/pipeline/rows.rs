@@ -6,7 +6,7 @@
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::group::DeviceGroup;
-use crate::model::{BatchPrompts, ModelError, RowCtx};
+use crate::model::{BatchPrompts, GroupKeys, ModelError, RowCtx};
 use crate::runner::StepBatch;
 use crate::token_tree::{AttnSpan, MicroBatch, ScoredRow};
 
@@ -58,12 +58,14 @@ impl<'a> ForwardRows<'a> {
     }
 }
 
-/// The last group's output for one pass, as f64 (log-probs, or logits widened exactly).
-pub(crate) fn read_out<B: Backend>(b: &B, cfg: &ModelConfig, group: &DeviceGroup<B>, x: &B::Act, outputs: OutputRows) -> Result<Vec<f64>, ModelError> {
+/// The last group's layers and head over one pass's hidden state (T, C): its output, as f64
+/// (log-probs, or logits widened exactly). The model's last layer runs for the rows the head
+/// reads only where this group has it (DeviceGroup::run_to_head).
+pub(crate) fn run_out<B: Backend>(b: &B, cfg: &ModelConfig, group: &DeviceGroup<B>, x: B::Act, ctx: &RowCtx, keys: GroupKeys<'_, B>, outputs: OutputRows) -> Result<Vec<f64>, ModelError> {
     match outputs {
-        OutputRows::Scored(scored) => group.scored_logprobs(b, cfg, x, scored),
+        OutputRows::Scored(scored) => group.run_scored(b, cfg, x, ctx, keys, scored),
         OutputRows::Logits(rows) => {
-            let logits = group.logits(b, cfg, x, rows)?; // (R, V)
+            let logits = group.run_logits(b, cfg, x, ctx, keys, rows)?; // (R, V)
             Ok(b.download(&logits)?.into_iter().map(f64::from).collect())
         }
     }

@@ -9,7 +9,7 @@
 //! Shapes: T rows of a micro-batch, C hidden, S scored rows, R logit rows, V vocabulary.
 
 use super::cluster::Cluster;
-use super::rows::{read_out, ForwardRows};
+use super::rows::{run_out, ForwardRows};
 use super::transport::{Comm, WaitState, Pending, ProgressThread, SendQueue};
 use super::window::WeightWindow;
 use super::wire::{decode, encode};
@@ -209,14 +209,14 @@ impl<B: Backend + 'static> Worker<B> {
                     (None, Some(p)) => GroupKeys::Prompts(&mut self.prompts, p),
                     (None, None) => GroupKeys::None,
                 };
-                let x = group.run_layers_keys(&*self.backend, &self.cfg, x, &pass.ctx(), keys)?;
                 match next_owner {
                     Some(next) => {
+                        let x = group.run_layers_keys(&*self.backend, &self.cfg, x, &pass.ctx(), keys)?;
                         let data = self.backend.download(&x).map_err(ModelError::from)?; // (T, C)
                         wave.sends.push(self.comm.isend(encode(&data, wire), next, TAG_HIDDEN + g as i32 + 1)?);
                     }
                     None => {
-                        let out = read_out(&*self.backend, &self.cfg, group, &x, pass.outputs)?;
+                        let out = run_out(&*self.backend, &self.cfg, group, x, &pass.ctx(), keys, pass.outputs)?;
                         if rank == 0 {
                             wave.local.push(out);
                         } else {

@@ -7,7 +7,7 @@ use super::{BatchScorer, Decoder, StepBatch};
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::group::{score_keeping, DeviceGroup};
-use crate::model::{LayerCache, ModelError, PromptStore, RowCtx};
+use crate::model::{GroupKeys, LayerCache, ModelError, PromptStore, RowCtx};
 use crate::token_tree::MicroBatch;
 use std::collections::VecDeque;
 
@@ -66,13 +66,15 @@ impl<B: Backend> Decoder for LocalDecoder<'_, B> {
     fn step(&mut self, batch: &StepBatch) -> Result<Vec<Vec<f32>>, ModelError> {
         let b = self.backend;
         let ctx = RowCtx { positions: &batch.positions, spans: &batch.spans, cache_order: Some(&batch.cache_order) };
-        let first = self.groups.first().ok_or_else(|| ModelError::Unsupported("no groups".into()))?;
+        let no_groups = || ModelError::Unsupported("no groups".into());
+        let (last, before) = self.groups.split_last().ok_or_else(no_groups)?;
+        let (last_caches, caches_before) = self.caches.split_last_mut().ok_or_else(no_groups)?;
+        let first = before.first().unwrap_or(last);
         let mut x = first.embed(b, &batch.tokens)?; // (T, C)
-        for (group, caches) in self.groups.iter().zip(self.caches.iter_mut()) {
+        for (group, caches) in before.iter().zip(caches_before) {
             x = group.run_layers(b, self.cfg, x, &ctx, Some(caches))?;
         }
-        let last = self.groups.last().ok_or_else(|| ModelError::Unsupported("no groups".into()))?;
-        let logits = last.logits(b, self.cfg, &x, &batch.last_rows)?; // (R, V)
+        let logits = last.run_logits(b, self.cfg, x, &ctx, GroupKeys::Caches(last_caches), &batch.last_rows)?; // (R, V)
         let flat = b.download(&logits)?;
         Ok(flat.chunks(self.cfg.vocab_size).map(|r| r.to_vec()).collect())
     }
