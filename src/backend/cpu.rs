@@ -286,6 +286,21 @@ impl super::Kernels for CpuBackend {
         Ok(self.rounded(Mat { rows: x.rows, cols: n, data: out }))
     }
 
+    fn swiglu_residual(&self, x: &Mat, w: super::Swiglu<'_, CpuWeight>, mut residual: Mat) -> Result<Mat> {
+        let ((gate, gate_b), (up, up_b), (down, down_b)) = (w.gate, w.up, w.down);
+        let (Some(g), Some(u), Some(d)) = (gate.pairs(), up.pairs(), down.pairs()) else {
+            return super::swiglu_residual_unfused(self, x, w, residual);
+        };
+        // SAFETY: gate and up are packed (F, K), down (C, F), the biases F and C values, the
+        // residual T·C; pair panels exist only where the kernel runs. The activation is made
+        // whole, in bf16 rows, before down reads it.
+        unsafe {
+            let act = gemm_bf16::matmul_silu_mul_rows(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), g, gate_b.and_then(CpuWeight::values), u, up_b.and_then(CpuWeight::values), outputs(gate)); // (T, F)
+            gemm_bf16::matmul(&act, d, outputs(down), down_b.and_then(CpuWeight::values), residual.data.as_mut_ptr(), Out::Accumulate);
+        }
+        Ok(residual)
+    }
+
     fn linear_residual(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>, mut residual: Mat) -> Result<Mat> {
         let n = outputs(w);
         let b = b.and_then(CpuWeight::values);
@@ -452,7 +467,7 @@ impl CpuBackend {
         // SAFETY: out has room for T·F values, all written; both weights are packed (F, K), the
         // biases F values; pair panels exist only where the kernel runs.
         unsafe {
-            gemm_bf16::matmul_silu_mul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), g, gb, u, ub, n, out.as_mut_ptr());
+            gemm_bf16::matmul_silu_mul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), g, gb, u, ub, n, gemm_bf16::SiluOut::F32(out.as_mut_ptr()));
             out.set_len(len);
         }
         Ok(Mat { rows: x.rows, cols: n, data: out })

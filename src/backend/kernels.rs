@@ -2,7 +2,7 @@
 //! shapes.rs has already checked. Callers never call these; they call `Ops` and `KvCache`,
 //! which every `Kernels` gets by a blanket impl, so no backend can skip the checks.
 
-use super::ops::{linear_residual_unfused, linear_silu_mul_unfused};
+use super::ops::{linear_residual_unfused, linear_silu_mul_unfused, swiglu_residual_unfused, Swiglu};
 use super::{AttnShape, Result};
 use crate::token_tree::AttnSpan;
 
@@ -55,6 +55,14 @@ pub trait Kernels: Send + Sync {
         Self: Sized,
     {
         linear_silu_mul_unfused(self, x, gate, gate_b, up, up_b)
+    }
+    /// A backend may keep the MLP's activation narrower between its products (CPU bf16 route);
+    /// the default is the reference.
+    fn swiglu_residual(&self, x: &Self::Act, w: Swiglu<'_, Self::Weight>, residual: Self::Act) -> Result<Self::Act>
+    where
+        Self: Sized,
+    {
+        swiglu_residual_unfused(self, x, w, residual)
     }
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
     fn cols(&self, x: &Self::Act, start: usize, width: usize) -> Result<Self::Act>;

@@ -26,7 +26,7 @@ mod weight_stream;
 
 pub use kernels::Kernels;
 pub use kv_cache::KvCache;
-pub use ops::{linear_residual_unfused, linear_silu_mul_unfused, Ops};
+pub use ops::{linear_residual_unfused, linear_silu_mul_unfused, swiglu_residual_unfused, Ops, Swiglu};
 pub use weight_stream::WeightStream;
 
 use std::time::Instant;

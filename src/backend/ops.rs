@@ -45,6 +45,11 @@ pub trait Ops: Send + Sync {
     /// x (T, K) -> silu(x · gateᵀ + gate_b) * (x · upᵀ + up_b) (T, F): SwiGLU's first half. The
     /// reference is `linear_silu_mul_unfused`: two `linear`s and `silu_mul`.
     fn linear_silu_mul(&self, x: &Self::Act, gate: &Self::Weight, gate_b: Option<&Self::Weight>, up: &Self::Weight, up_b: Option<&Self::Weight>) -> Result<Self::Act>;
+    /// x (T, K), residual (T, C) -> residual + down(silu(x·gateᵀ + gate_b) ⊙ (x·upᵀ + up_b)) +
+    /// down_b (T, C): the whole SwiGLU MLP, so a backend may keep its (T, F) activation in
+    /// whatever form the down projection reads (CPU bf16 route: bf16 rows). The reference is
+    /// `swiglu_residual_unfused`: `linear_silu_mul`, then `linear_residual`.
+    fn swiglu_residual(&self, x: &Self::Act, w: Swiglu<'_, Self::Weight>, residual: Self::Act) -> Result<Self::Act>;
     /// x <- x + y
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
     /// Columns [start, start + width) of x as a new matrix.
@@ -136,6 +141,14 @@ impl<K: Kernels> Ops for K {
         Kernels::linear_silu_mul(self, x, gate, gate_b, up, up_b)
     }
 
+    fn swiglu_residual(&self, x: &K::Act, w: Swiglu<'_, K::Weight>, residual: K::Act) -> Result<K::Act> {
+        fn shape<'w, K: Kernels>(k: &K, (m, b): (&'w K::Weight, Option<&'w K::Weight>)) -> (&'w [usize], Option<&'w [usize]>) {
+            (k.weight_shape(m), b.map(|b| k.weight_shape(b)))
+        }
+        shapes::swiglu_residual(Kernels::dims(self, x), shape(self, w.gate), shape(self, w.up), shape(self, w.down), Kernels::dims(self, &residual))?;
+        Kernels::swiglu_residual(self, x, w, residual)
+    }
+
     fn add(&self, x: &mut K::Act, y: &K::Act) -> Result<()> {
         shapes::same("add", Kernels::dims(self, x), Kernels::dims(self, y))?;
         Kernels::add(self, x, y)
@@ -172,6 +185,27 @@ pub fn linear_silu_mul_unfused<B: Ops + ?Sized>(b: &B, x: &B::Act, gate: &B::Wei
     let mut g = b.linear(x, gate, gate_b)?; // (T, F)
     b.silu_mul(&mut g, &b.linear(x, up, up_b)?)?;
     Ok(g)
+}
+
+/// A SwiGLU MLP's three projections, each with its bias where it has one.
+pub struct Swiglu<'a, W> {
+    pub gate: (&'a W, Option<&'a W>),
+    pub up: (&'a W, Option<&'a W>),
+    pub down: (&'a W, Option<&'a W>),
+}
+
+// Copy for any W: the fields are references (a derive would ask W: Copy).
+impl<W> Clone for Swiglu<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W> Copy for Swiglu<'_, W> {}
+
+/// `Ops::swiglu_residual`'s reference route: `linear_silu_mul`, then `linear_residual`.
+pub fn swiglu_residual_unfused<B: Ops + ?Sized>(b: &B, x: &B::Act, w: Swiglu<'_, B::Weight>, residual: B::Act) -> Result<B::Act> {
+    let act = b.linear_silu_mul(x, w.gate.0, w.gate.1, w.up.0, w.up.1)?; // (T, F)
+    b.linear_residual(&act, w.down.0, w.down.1, residual)
 }
 
 /// `Ops::linear_residual`'s reference route: `linear`, then `add`.

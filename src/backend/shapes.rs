@@ -67,6 +67,14 @@ pub fn linear_silu_mul(x: Dims, (gate, gate_b): (&[usize], Option<&[usize]>), (u
     Ok(())
 }
 
+/// SwiGLU over a residual: gate and up as `linear_silu_mul`, down from their width to the
+/// residual's.
+pub fn swiglu_residual(x: Dims, gate: (&[usize], Option<&[usize]>), up: (&[usize], Option<&[usize]>), down: (&[usize], Option<&[usize]>), residual: Dims) -> Result<()> {
+    linear_silu_mul(x, gate, up)?;
+    let f = linear("swiglu_residual", x, gate.0, gate.1)?;
+    linear_residual((x.0, f), down.0, down.1, residual)
+}
+
 /// A norm's weight or bias: one value per column of x.
 pub fn norm(op: &'static str, x: Dims, w: &[usize]) -> Result<()> {
     match w == [x.1] {

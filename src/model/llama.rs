@@ -6,7 +6,7 @@
 use super::table::{Origin, GgufRows, Src, Table, ATTN_NORM, DOWN, EMBED, LM_HEAD, MLP_NORM, NORM, OUT, QKV, UP};
 use super::weights::{Attn, Ix, PartWeights, Resolver, WeightBias};
 use super::{attention_block, gather_out, HfJson, LayerKeys, ModelError, Result, RowCtx};
-use crate::backend::KvCache;
+use crate::backend::{KvCache, Swiglu};
 use crate::config::{Family, ModelConfig};
 
 pub fn config_from_hf(json: &serde_json::Value, file: &str) -> Result<ModelConfig> {
@@ -130,8 +130,6 @@ pub fn layer_forward<B: KvCache>(
     let x = attention_block(b, cfg, w.attn(l.attn), &attn_in, ctx, keys, x)?; // x + attention (T, C)
     let x = gather_out(b, x, out)?; // (T or R, C)
     let mlp_in = b.rms_norm(&x, w.at(l.mlp_norm), eps)?; // (T or R, C)
-    let ((gate, gate_bias), (up, up_bias)) = (w.linear(l.gate), w.linear(l.up));
-    let act = b.linear_silu_mul(&mlp_in, gate, gate_bias, up, up_bias)?; // (T or R, F)
-    let (down, down_bias) = w.linear(l.down);
-    Ok(b.linear_residual(&act, down, down_bias, x)?) // (T or R, C)
+    let mlp = Swiglu { gate: w.linear(l.gate), up: w.linear(l.up), down: w.linear(l.down) };
+    Ok(b.swiglu_residual(&mlp_in, mlp, x)?) // x + down(silu(gate) ⊙ up) (T or R, C)
 }

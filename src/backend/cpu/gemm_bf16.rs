@@ -150,24 +150,33 @@ pub(super) unsafe fn matmul(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>
 /// of its own over T·N), over the whole depth at once: a bf16 pair panel of any decoder's
 /// depth fits L2.
 ///
+/// Written to `out` (`SiluOut`): f32 rows holding the rounded values, or straight into the
+/// bf16 rows the down projection multiplies (no (T, N) f32 matrix written, read back and
+/// rounded again: the MLP's widest activation).
+///
 /// # Safety
-/// As `matmul` with `Out::Write`, for both weights and biases.
+/// As `matmul` with `Out::Write`, for both weights and biases; `out` covers T rows of N.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u: &[bf16], bu: Option<&[f32]>, n: usize, out: *mut f32) {
+pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u: &[bf16], bu: Option<&[f32]>, n: usize, out: SiluOut) {
     if x.rows == 0 || n == 0 {
         return;
     }
-    let out = SendPtr(out);
     // SAFETY: as in `matmul`.
     gemm::fork(NR, MR, x.rows, x.kp, n, |rows, panels| unsafe {
         #[allow(clippy::redundant_locals)]
-        let out = out; // the whole SendPtr (Sync), not its raw field, into the closure
-        let mut up = [0f32; MR * NR];
+        let out = out; // the whole SiluOut (Sync), not its raw fields, into the closure
+        // Two panels' up tiles (or one tile of r rows), and as much of gate where out is bf16.
+        let (mut up, mut gate) = ([0f32; MR * NR], [0f32; MR * NR]);
         let kp = x.kp;
         for i0 in rows.clone().step_by(MR) {
             let r = MR.min(rows.end - i0);
-            let c = |p: usize| out.0.add(i0 * n + p * NR);
-            let tile = |b: &[bf16], p: usize, c: *mut f32, ldc: usize, bias: Option<&[f32]>| Tile {
+            // Where panel p's gate tile goes (`half`: which of two one-row tiles): out's own
+            // rows where it is f32, else the stack.
+            let gate_at = |p: usize, half: usize, gate: *mut f32| match out {
+                SiluOut::F32(o) => (o.add(i0 * n + p * NR), n),
+                SiluOut::Bf16(..) => (gate.add(half * NR), NR),
+            };
+            let tile = |b: &[bf16], p: usize, (c, ldc): (*mut f32, usize), bias: Option<&[f32]>| Tile {
                 pairs: kp / 2,
                 a: x.data.as_ptr().add(i0 * kp),
                 lda: kp,
@@ -177,40 +186,80 @@ pub(super) unsafe fn matmul_silu_mul(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u
                 ncols: NR.min(n - p * NR),
                 init: Init::at(0, bias, Out::Write, p * NR),
             };
-            // out's rows of panel p = silu(gate) ⊙ up, `up` holding r rows of NR.
-            let silu = |p: usize, up: &[f32], r: usize| {
+            // Rows of panel p = silu(gate) ⊙ up rounded, `up` holding r rows of NR.
+            let silu = |p: usize, (gc, ldg): (*mut f32, usize), up: &[f32], r: usize| {
                 let ncols = NR.min(n - p * NR);
                 for (i, up) in up.chunks_exact(NR).take(r).enumerate() {
-                    let row = std::slice::from_raw_parts_mut(c(p).add(i * n), ncols);
+                    let row = std::slice::from_raw_parts_mut(gc.add(i * ldg), ncols);
                     vmath::silu_mul_slice(row, &up[..ncols]);
-                    round::round_in_place(row);
+                    match out {
+                        SiluOut::F32(_) => round::round_in_place(row),
+                        SiluOut::Bf16(o, ld) => round::round_into(row, std::slice::from_raw_parts_mut(o.add((i0 + i) * ld + p * NR), ncols)),
+                    }
                 }
             };
+            let (up_at, g_buf) = (up.as_mut_ptr(), gate.as_mut_ptr());
             if r == 1 {
                 // One row streams both weights from memory, as `block` does: the gate and up
                 // panels of two panels at once, from the two halves of the task's run.
                 let (start, half) = (panels.start, panels.len() / 2);
                 for j in 0..half {
                     let (p, q) = (start + j, start + half + j);
-                    let up_at = up.as_mut_ptr();
-                    streams::<4>(&[tile(g, p, c(p), n, bg), tile(u, p, up_at, NR, bu), tile(g, q, c(q), n, bg), tile(u, q, up_at.add(NR), NR, bu)]);
-                    silu(p, &up[..NR], 1);
-                    silu(q, &up[NR..2 * NR], 1);
+                    let (gp, gq) = (gate_at(p, 0, g_buf), gate_at(q, 1, g_buf));
+                    streams::<4>(&[tile(g, p, gp, bg), tile(u, p, (up_at, NR), bu), tile(g, q, gq, bg), tile(u, q, (up_at.add(NR), NR), bu)]);
+                    silu(p, gp, &up[..NR], 1);
+                    silu(q, gq, &up[NR..2 * NR], 1);
                 }
                 if panels.len() % 2 == 1 {
                     let p = panels.end - 1;
-                    streams::<2>(&[tile(g, p, c(p), n, bg), tile(u, p, up.as_mut_ptr(), NR, bu)]);
-                    silu(p, &up[..NR], 1);
+                    let gp = gate_at(p, 0, g_buf);
+                    streams::<2>(&[tile(g, p, gp, bg), tile(u, p, (up_at, NR), bu)]);
+                    silu(p, gp, &up[..NR], 1);
                 }
                 continue;
             }
             for p in panels.clone() {
-                tile(g, p, c(p), n, bg).run(r);
-                tile(u, p, up.as_mut_ptr(), NR, bu).run(r);
-                silu(p, &up, r);
+                let gp = gate_at(p, 0, g_buf);
+                tile(g, p, gp, bg).run(r);
+                tile(u, p, (up_at, NR), bu).run(r);
+                silu(p, gp, &up, r);
             }
         }
     });
+}
+
+/// Where `matmul_silu_mul` writes.
+#[derive(Clone, Copy)]
+pub(super) enum SiluOut {
+    /// (T, N) f32 values, rounded.
+    F32(*mut f32),
+    /// (T, ld) bf16 rows, ld >= N: the first N values of each.
+    Bf16(*mut bf16, usize),
+}
+
+// SAFETY: tasks write disjoint (rows, panels) blocks through the pointer (`matmul_silu_mul`).
+unsafe impl Send for SiluOut {}
+unsafe impl Sync for SiluOut {}
+
+/// `matmul_silu_mul` into bf16 rows: the down projection's left operand, made in the products'
+/// epilogue.
+///
+/// # Safety
+/// As `matmul_silu_mul`.
+pub(super) unsafe fn matmul_silu_mul_rows(x: &Rows, g: &[bf16], bg: Option<&[f32]>, u: &[bf16], bu: Option<&[f32]>, n: usize) -> Rows {
+    let (kp, len) = (pairs_depth(n), x.rows * pairs_depth(n));
+    let mut data: Vec<bf16> = Vec::with_capacity(len);
+    matmul_silu_mul(x, g, bg, u, bu, n, SiluOut::Bf16(data.as_mut_ptr(), kp));
+    if kp > n {
+        // An odd N's pad of each row (the epilogue writes the first N).
+        for row in data.spare_capacity_mut()[..len].chunks_exact_mut(kp) {
+            row[n].write(bf16::ZERO);
+        }
+    }
+    // SAFETY: the products wrote each row's N values (n = 0: nothing to write, a zero pad only
+    // where kp > n, written above; x.rows = 0: len = 0).
+    data.set_len(len);
+    Rows { data, rows: x.rows, kp }
 }
 
 /// Rows `rows` and panels `panels` of out, K block by K block (gemm.rs's `block`).
@@ -567,12 +616,21 @@ mod tests {
             unsafe {
                 matmul(&rows, &g, n, None, want.as_mut_ptr(), Out::Write);
                 matmul(&rows, &u, n, Some(&bu), up.as_mut_ptr(), Out::Write);
-                matmul_silu_mul(&rows, &g, None, &u, Some(&bu), n, got.as_mut_ptr());
+                matmul_silu_mul(&rows, &g, None, &u, Some(&bu), n, SiluOut::F32(got.as_mut_ptr()));
             }
             vmath::silu_mul_slice(&mut want, &up);
             round::round_in_place(&mut want);
             let differ = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
             assert_eq!(differ, None, "{t}x{k}x{n}");
+            // Into bf16 rows (the down projection's operand): the same values, an odd N's pad 0.
+            // SAFETY: as above.
+            let rows_out = unsafe { matmul_silu_mul_rows(&rows, &g, None, &u, Some(&bu), n) };
+            let kp = pairs_depth(n);
+            assert_eq!((rows_out.rows, rows_out.kp), (t, kp));
+            for (r, row) in rows_out.data.chunks_exact(kp).enumerate() {
+                let want_row: Vec<bf16> = want[r * n..][..n].iter().map(|&v| bf16::from_f32(v)).chain((n..kp).map(|_| bf16::ZERO)).collect();
+                assert_eq!(row, &want_row[..], "{t}x{k}x{n} row {r} as bf16 rows");
+            }
         }
     }
 

@@ -859,6 +859,16 @@ fn bf16_routes_round_gemm_inputs_where_cuda_does() {
         let unfused = crate::backend::linear_silu_mul_unfused(&b, &x, &g, Some(&bb), &u, None).unwrap();
         assert!(is_bf16(&fused.data) && is_bf16(&unfused.data), "{route}: SiLU·up rounded");
         assert_close(&fused.data, &unfused.data, 1e-2);
+        // The whole MLP (its activation kept in bf16 rows on Bf16Dot) gives linear_silu_mul's
+        // activation through linear_residual bit for bit: the same rounded values, the same
+        // products. Down (K, F) to K outputs, F odd: the rows' padded last pair.
+        let down = b.upload_weight(&host(&[k, f], 96)).unwrap();
+        let down_bias = b.upload_weight(&host(&[k], 97)).unwrap();
+        let res = mat(t, k, 98);
+        let mlp = crate::backend::Swiglu { gate: (&g, Some(&bb)), up: (&u, None), down: (&down, Some(&down_bias)) };
+        let whole = b.swiglu_residual(&x, mlp, res.clone()).unwrap();
+        let parts = b.linear_residual(&fused, &down, Some(&down_bias), res).unwrap();
+        assert_eq!(whole.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), parts.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{route}: swiglu_residual");
         let ones = CpuWeight::new(vec![k], vec![1.0; k]);
         assert!(is_bf16(&b.rms_norm(&x, &ones, 1e-5).unwrap().data), "{route}: rms_norm rounded");
         assert!(is_bf16(&b.layer_norm(&x, &ones, &CpuWeight::new(vec![k], vec![0.5; k]), 1e-5).unwrap().data), "{route}: layer_norm rounded");
