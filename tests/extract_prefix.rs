@@ -108,8 +108,11 @@ fn check(cfg: &ModelConfig) {
     for (d, (a, k)) in resent.iter().zip(&kept).enumerate() {
         let ids = |t: &[Ranked]| t.iter().map(|r| r.candidate).collect::<Vec<_>>();
         assert_eq!(ids(a), ids(k), "document {d}: top-k");
+        // f32 sums in another order (the two runs' batches hold other rows, so a row lands in
+        // tiles of another height, whose products sum in chains): a few ulps of scores near 8,
+        // where one ulp is 9.5e-7.
         for (x, y) in a.iter().zip(k) {
-            assert!((x.score - y.score).abs() < 1e-6 && (x.span_logprob - y.span_logprob).abs() < 1e-6, "document {d}: {x:?} vs {y:?}");
+            assert!((x.score - y.score).abs() < 1e-5 && (x.span_logprob - y.span_logprob).abs() < 1e-5, "document {d}: {x:?} vs {y:?}");
         }
     }
     // Pass 1 sends the prompts either way; later passes send their branch rows alone.
