@@ -319,8 +319,8 @@ pub fn end_logits<B: Ops>(b: &B, cfg: &ModelConfig, w: &PartWeights<B>, x: &B::A
     let eps = cfg.norm_eps as f32;
     // Falcon's final norm is a layer norm (it has a shift), the others' RMS norms.
     let normed = match w.linear(end.norm) {
-        (scale, Some(shift)) => b.layer_norm(&picked, scale, shift, eps)?,
-        (scale, None) => b.rms_norm(&picked, scale, eps)?,
+        (scale, Some(shift)) => b.layer_norm(picked, scale, shift, eps)?,
+        (scale, None) => b.rms_norm(picked, scale, eps)?,
     };
     Ok(b.linear(&normed, w.at(end.head), None)?) // (R, V)
 }
