@@ -151,8 +151,7 @@ impl<B: KvCache> DeviceGroup<B> {
     ) -> Result<(B::Act, Cow<'r, [u32]>), ModelError> {
         // Every row read (a prompt of one token, a decode step): nothing to leave out. No row
         // read: the layer's kernels are not asked for empty products.
-        let all = rows.len() == ctx.positions.len() && rows.iter().enumerate().all(|(i, &r)| r as usize == i);
-        if all || rows.is_empty() || !self.prunes_last_layer(cfg) {
+        if model::is_identity(rows, ctx.positions.len()) || rows.is_empty() || !self.prunes_last_layer(cfg) {
             return Ok((self.run_layers_keys(b, cfg, x, ctx, keys)?, Cow::Borrowed(rows)));
         }
         let x = self.run_layers_rows(b, cfg, x, ctx, keys, Some(rows))?; // (R, C)

@@ -254,7 +254,7 @@ pub(crate) fn gather_out<B: Ops>(b: &B, x: B::Act, out: Option<&[u32]>) -> Resul
 }
 
 /// Whether `order` lists rows 0..n in order: a gather by it would copy the matrix unchanged.
-fn is_identity(order: &[u32], n: usize) -> bool {
+pub(crate) fn is_identity(order: &[u32], n: usize) -> bool {
     order.len() == n && order.iter().enumerate().all(|(i, &r)| r as usize == i)
 }
 
@@ -272,24 +272,13 @@ pub fn layer_forward<B: KvCache>(
     ctx: &RowCtx,
     cache: Option<&mut LayerCache<B>>,
 ) -> Result<B::Act> {
-    layer_forward_keys(b, cfg, w, x, ctx, cache.map_or(LayerKeys::None, LayerKeys::Cache))
+    layer_forward_rows(b, cfg, w, x, ctx, cache.map_or(LayerKeys::None, LayerKeys::Cache), None)
 }
 
-/// One decoder layer, with whatever keys it keeps beyond the call.
-pub fn layer_forward_keys<B: KvCache>(
-    b: &B,
-    cfg: &ModelConfig,
-    w: &PartWeights<B>,
-    x: B::Act,
-    ctx: &RowCtx,
-    keys: LayerKeys<'_, B>,
-) -> Result<B::Act> {
-    layer_forward_rows(b, cfg, w, x, ctx, keys, None)
-}
-
-/// One decoder layer whose output is read only at rows `out` (the model's last layer, whose
-/// rows the head reads: llama.cpp's `inp_out_ids`): the attention runs for every row (its
-/// keys and values are kept), the MLP and the norm before it for those rows only.
+/// One decoder layer, with whatever keys it keeps beyond the call, whose output is read only
+/// at rows `out` where given (the model's last layer, whose rows the head reads: llama.cpp's
+/// `inp_out_ids`): the attention runs for every row (its keys and values are kept), the MLP
+/// and the norm before it for those rows only.
 /// hidden (T, C) -> (R, C), row i the batch's row out[i]; without `out`, (T, C).
 pub fn layer_forward_rows<B: KvCache>(
     b: &B,
