@@ -99,7 +99,7 @@ impl CpuBackend {
     /// An op's output that only GEMMs read, rounded to bf16 on the bf16 routes (as CUDA stores it).
     fn rounded(&self, mut x: Mat) -> Mat {
         if self.route.rounds() {
-            x.data.par_chunks_mut(ELEMWISE_CHUNK).for_each(round::round_in_place);
+            round_values(&mut x.data);
         }
         x
     }
@@ -192,6 +192,23 @@ fn gather<'a, T: Copy + Send + Sync + 'a>(rows: usize, cols: usize, row: impl Fn
 
 /// Elements per parallel work item of the elementwise ops.
 const ELEMWISE_CHUNK: usize = 1 << 14;
+
+/// x's values rounded to bf16 (kept f32), in items of ELEMWISE_CHUNK values.
+fn round_values(x: &mut [f32]) {
+    x.par_chunks_mut(ELEMWISE_CHUNK).for_each(round::round_in_place);
+}
+
+/// x as a bf16 route's products read it: a copy with its values rounded to bf16 where `round`.
+fn rounded_if(x: &Mat, round: bool) -> std::borrow::Cow<'_, Mat> {
+    match round {
+        true => {
+            let mut r = x.clone();
+            round_values(&mut r.data);
+            std::borrow::Cow::Owned(r)
+        }
+        false => std::borrow::Cow::Borrowed(x),
+    }
+}
 
 // Named by path, not imported: tests.rs takes this module's names, and there the ops must
 // be `Ops`' (checked), not these.

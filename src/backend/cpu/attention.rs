@@ -121,16 +121,8 @@ fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &
         _ => Packed::F32(PackedKv::new(k, v, s, route.rounds())),
     };
     // The widened route multiplies q's bf16 values; `Bf16Dot` rounds each block's rows itself.
-    let rounded_q;
-    let q = match route {
-        CpuRoute::Bf16Widened => {
-            let mut data = q.data.clone();
-            data.par_chunks_mut(super::ELEMWISE_CHUNK).for_each(round::round_in_place);
-            rounded_q = Mat { rows: q.rows, cols: q.cols, data };
-            &rounded_q
-        }
-        _ => q,
-    };
+    let q = super::rounded_if(q, route == CpuRoute::Bf16Widened);
+    let q = &*q;
     let len = q.rows * h * d;
     let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
     // Work items: blocks of query rows of one document, every head; each writes its own rows of

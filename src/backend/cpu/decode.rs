@@ -62,14 +62,8 @@ pub(super) fn decode_chunks(spans: &[AttnSpan], s: AttnShape, blocks: &[(usize, 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)], round: bool) -> Mat {
     let (h, d) = (s.heads, s.head_dim);
-    let rounded_q;
-    let q = match round {
-        true => {
-            rounded_q = Mat { rows: q.rows, cols: q.cols, data: q.data.iter().map(|&x| round::round_f32(x)).collect() };
-            &rounded_q
-        }
-        false => q,
-    };
+    let q = super::rounded_if(q, round);
+    let q = &*q;
     let g = h / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let chunks = decode_chunks(spans, s, blocks);
@@ -204,15 +198,10 @@ pub(super) fn group_scaled_dots<E: Elem>(q: &[f32], d: usize, rows: &[E], stride
             unsafe {
                 let (qp, op) = (q.as_ptr().add(i * d), out.as_mut_ptr().add(i * out_stride));
                 let rp = rows.as_ptr();
-                match (d, tile_of.min(g - i), round) {
-                    (64, 3, false) => zmm::group_dots::<E, 4, 3, false>(qp, rp, stride, scale, n, op, out_stride),
-                    (64, 2, false) => zmm::group_dots::<E, 4, 2, false>(qp, rp, stride, scale, n, op, out_stride),
-                    (64, _, false) => zmm::group_dots::<E, 4, 1, false>(qp, rp, stride, scale, n, op, out_stride),
-                    (_, _, false) => zmm::group_dots::<E, 8, 1, false>(qp, rp, stride, scale, n, op, out_stride),
-                    (64, 3, true) => zmm::group_dots::<E, 4, 3, true>(qp, rp, stride, scale, n, op, out_stride),
-                    (64, 2, true) => zmm::group_dots::<E, 4, 2, true>(qp, rp, stride, scale, n, op, out_stride),
-                    (64, _, true) => zmm::group_dots::<E, 4, 1, true>(qp, rp, stride, scale, n, op, out_stride),
-                    (_, _, true) => zmm::group_dots::<E, 8, 1, true>(qp, rp, stride, scale, n, op, out_stride),
+                let tile = tile_of.min(g - i);
+                match round {
+                    true => zmm::group_dots_of::<E, true>(d, tile, qp, rp, stride, scale, n, op, out_stride),
+                    false => zmm::group_dots_of::<E, false>(d, tile, qp, rp, stride, scale, n, op, out_stride),
                 }
             }
         }
@@ -261,15 +250,10 @@ pub(super) fn group_weighted_sum<E: Elem>(g: usize, p: &[f32], p_stride: usize, 
             unsafe {
                 let (pp, op) = (p.as_ptr().add(i * p_stride), out.as_mut_ptr().add(i * out_stride));
                 let rp = rows.as_ptr();
-                match (d, tile_of.min(g - i), round) {
-                    (64, 3, false) => zmm::group_sums::<E, 4, 3, false>(pp, p_stride, rp, stride, n, op, out_stride),
-                    (64, 2, false) => zmm::group_sums::<E, 4, 2, false>(pp, p_stride, rp, stride, n, op, out_stride),
-                    (64, _, false) => zmm::group_sums::<E, 4, 1, false>(pp, p_stride, rp, stride, n, op, out_stride),
-                    (_, _, false) => zmm::group_sums::<E, 8, 1, false>(pp, p_stride, rp, stride, n, op, out_stride),
-                    (64, 3, true) => zmm::group_sums::<E, 4, 3, true>(pp, p_stride, rp, stride, n, op, out_stride),
-                    (64, 2, true) => zmm::group_sums::<E, 4, 2, true>(pp, p_stride, rp, stride, n, op, out_stride),
-                    (64, _, true) => zmm::group_sums::<E, 4, 1, true>(pp, p_stride, rp, stride, n, op, out_stride),
-                    (_, _, true) => zmm::group_sums::<E, 8, 1, true>(pp, p_stride, rp, stride, n, op, out_stride),
+                let tile = tile_of.min(g - i);
+                match round {
+                    true => zmm::group_sums_of::<E, true>(d, tile, pp, p_stride, rp, stride, n, op, out_stride),
+                    false => zmm::group_sums_of::<E, false>(d, tile, pp, p_stride, rp, stride, n, op, out_stride),
                 }
             }
         }
@@ -345,13 +329,41 @@ mod zmm {
         a
     }
 
+    /// `group_dots` of `tile` heads (at most zmm_tile(d)) at the head dim's register width.
+    ///
+    /// # Safety
+    /// As `group_dots` for the V and TG chosen (d = 16V).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn group_dots_of<E: Elem, const ROUND: bool>(d: usize, tile: usize, q: *const f32, rows: *const E, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
+        match (d, tile) {
+            (64, 3) => group_dots::<E, 4, 3, ROUND>(q, rows, stride, scale, n, out, out_stride),
+            (64, 2) => group_dots::<E, 4, 2, ROUND>(q, rows, stride, scale, n, out, out_stride),
+            (64, _) => group_dots::<E, 4, 1, ROUND>(q, rows, stride, scale, n, out, out_stride),
+            _ => group_dots::<E, 8, 1, ROUND>(q, rows, stride, scale, n, out, out_stride),
+        }
+    }
+
+    /// `group_sums` of `tile` heads, as `group_dots_of` chooses.
+    ///
+    /// # Safety
+    /// As `group_sums` for the V and TG chosen (d = 16V).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn group_sums_of<E: Elem, const ROUND: bool>(d: usize, tile: usize, p: *const f32, p_stride: usize, rows: *const E, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
+        match (d, tile) {
+            (64, 3) => group_sums::<E, 4, 3, ROUND>(p, p_stride, rows, stride, n, out, out_stride),
+            (64, 2) => group_sums::<E, 4, 2, ROUND>(p, p_stride, rows, stride, n, out, out_stride),
+            (64, _) => group_sums::<E, 4, 1, ROUND>(p, p_stride, rows, stride, n, out, out_stride),
+            _ => group_sums::<E, 8, 1, ROUND>(p, p_stride, rows, stride, n, out, out_stride),
+        }
+    }
+
     /// Scores of TG heads (q: TG × 16V) over n rows, four keys at a time.
     ///
     /// # Safety
     /// AVX-512F; q holds TG·16V values, rows n rows of 16V `stride` apart, out TG rows of n
     /// `out_stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_dots<E: Elem, const V: usize, const TG: usize, const ROUND: bool>(q: *const f32, rows: *const E, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
+    unsafe fn group_dots<E: Elem, const V: usize, const TG: usize, const ROUND: bool>(q: *const f32, rows: *const E, stride: usize, scale: f32, n: usize, out: *mut f32, out_stride: usize) {
         let qv: [[__m512; V]; TG] = std::array::from_fn(|i| row::<f32, V, false>(q.add(i * 16 * V)));
         let sv = _mm_set1_ps(scale);
         let mut j = 0;
@@ -382,7 +394,7 @@ mod zmm {
     /// AVX-512F; p holds TG rows of n weights `p_stride` apart, rows n rows of 16V `stride`
     /// apart, out TG rows of 16V `out_stride` apart.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group_sums<E: Elem, const V: usize, const TG: usize, const ROUND: bool>(p: *const f32, p_stride: usize, rows: *const E, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
+    unsafe fn group_sums<E: Elem, const V: usize, const TG: usize, const ROUND: bool>(p: *const f32, p_stride: usize, rows: *const E, stride: usize, n: usize, out: *mut f32, out_stride: usize) {
         let mut acc = [[_mm512_setzero_ps(); V]; TG];
         for j in 0..n {
             let r = row::<E, V, ROUND>(rows.add(j * stride));

@@ -279,13 +279,24 @@ pub unsafe fn matmul_tiles(
     used: impl Fn(usize, usize) -> (usize, usize),
 ) {
     let (nr, mr) = (kernel.nr(), kernel.mr());
+    let init = if add { Init::Load } else { Init::Zero };
+    used_tiles(t, k, n, mr, nr, used, |r0, r1, p, ncols, depth| {
+        let tile = Tile { kc: depth, a: x.add(r0 * lda), lda, b: w.add(p * panel_stride), c: out.add(r0 * ldc + p * nr), ldc, ncols, init };
+        tile.run(kernel, r1 - r0);
+    });
+}
+
+/// The tiles of a `matmul_tiles` (this kernel's or gemm_bf16.rs's): for each row tile
+/// [r0, r1) of `mr` rows, `tile(r0, r1, p, ncols, depth)` for its panels p of `nr` columns up to
+/// the columns `used(r0, r1)` says, ncols of panel p, depth as `used` says; both clipped to
+/// n and k.
+pub(super) fn used_tiles(t: usize, k: usize, n: usize, mr: usize, nr: usize, used: impl Fn(usize, usize) -> (usize, usize), mut tile: impl FnMut(usize, usize, usize, usize, usize)) {
     for r0 in (0..t).step_by(mr) {
         let r1 = (r0 + mr).min(t);
         let (cols, depth) = used(r0, r1);
         let (cols, depth) = (cols.min(n), depth.min(k));
         for p in 0..cols.div_ceil(nr) {
-            let tile = Tile { kc: depth, a: x.add(r0 * lda), lda, b: w.add(p * panel_stride), c: out.add(r0 * ldc + p * nr), ldc, ncols: nr.min(cols - p * nr), init: if add { Init::Load } else { Init::Zero } };
-            tile.run(kernel, r1 - r0);
+            tile(r0, r1, p, nr.min(cols - p * nr), depth);
         }
     }
 }

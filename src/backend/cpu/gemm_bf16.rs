@@ -358,16 +358,11 @@ pub(super) unsafe fn matmul_tiles(
     add: bool,
     used: impl Fn(usize, usize) -> (usize, usize),
 ) {
-    for r0 in (0..t).step_by(MR) {
-        let r1 = (r0 + MR).min(t);
-        let (cols, depth) = used(r0, r1);
-        let (cols, depth) = (cols.min(n), depth.min(k));
-        for p in 0..cols.div_ceil(NR) {
-            let init = if add { Init::Load } else { Init::Zero };
-            let tile = Tile { pairs: depth.div_ceil(2), a: x.add(r0 * lda), lda, b: w.add(p * panel_stride), c: out.add(r0 * ldc + p * NR), ldc, ncols: NR.min(cols - p * NR), init };
-            tile.run(r1 - r0);
-        }
-    }
+    let init = if add { Init::Load } else { Init::Zero };
+    gemm::used_tiles(t, k, n, MR, NR, used, |r0, r1, p, ncols, depth| {
+        let tile = Tile { pairs: depth.div_ceil(2), a: x.add(r0 * lda), lda, b: w.add(p * panel_stride), c: out.add(r0 * ldc + p * NR), ldc, ncols, init };
+        tile.run(r1 - r0);
+    });
 }
 
 /// One (rows, ncols) tile of out over `pairs` pairs of depth.
