@@ -21,7 +21,7 @@ use crate::tensor::HostTensor;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
-use gemm::{Kernel, Out};
+use gemm::{Dest, Kernel, Out};
 
 mod attention;
 mod decode;
@@ -111,6 +111,15 @@ impl CpuBackend {
     /// shapes were checked by `shapes::linear`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn matmul(&self, op: &'static str, x: &Mat, w: &CpuWeight, b: Option<&[f32]>, n: usize, out: *mut f32, mode: Out) -> Result<()> {
+        self.matmul_into(op, x, w, b, n, Dest::whole(out, n), mode)
+    }
+
+    /// `matmul` into `out`'s blocks of columns.
+    ///
+    /// # Safety
+    /// As `matmul`, for the T rows of each block's matrix.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul_into(&self, op: &'static str, x: &Mat, w: &CpuWeight, b: Option<&[f32]>, n: usize, out: Dest, mode: Out) -> Result<()> {
         if let Some(pairs) = w.pairs() {
             gemm_bf16::matmul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), pairs, n, b, out, mode);
             return Ok(());
@@ -119,6 +128,14 @@ impl CpuBackend {
         let xs = self.gemm_input(x);
         with_panels!(p, w => gemm::matmul(Kernel::detect(), &xs, x.rows, x.cols, w, n, b, out, mode));
         Ok(())
+    }
+
+    /// The panel width of the kernel that multiplies by w: what `Dest::split` cuts out by.
+    fn panel_width(w: &CpuWeight) -> usize {
+        match w.pairs() {
+            Some(_) => gemm_bf16::NR,
+            None => Kernel::detect().nr(),
+        }
     }
 
     /// x as the widening kernels multiply it: rounded to bf16 values on the bf16 routes (a
@@ -267,6 +284,28 @@ impl super::Kernels for CpuBackend {
         Ok(Mat { rows: x.rows, cols: n, data: out })
     }
 
+    fn linear_split<const P: usize>(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>, widths: [usize; P]) -> Result<[Mat; P]> {
+        let mut outs: [Vec<f32>; P] = widths.map(|width| Vec::with_capacity(x.rows * width)); // (T, width) each
+        let parts: Vec<(*mut f32, usize)> = outs.iter_mut().zip(widths).map(|(o, width)| (o.as_mut_ptr(), width)).collect();
+        let Some(dest) = Dest::split(&parts, Self::panel_width(w)) else {
+            return super::linear_split_unfused(self, x, w, b, widths);
+        };
+        let n = outputs(w);
+        // SAFETY: each block's matrix has room for T rows of its width, which matmul writes (the
+        // bias is its start value); x holds T·K, w is packed (N, K), the widths sum to N.
+        unsafe {
+            self.matmul_into("linear_split", x, w, b.and_then(CpuWeight::values), n, dest, Out::Write)?;
+            for (o, width) in outs.iter_mut().zip(widths) {
+                o.set_len(x.rows * width);
+            }
+        }
+        let mut block = 0;
+        Ok(outs.map(|data| {
+            block += 1;
+            Mat { rows: x.rows, cols: widths[block - 1], data }
+        }))
+    }
+
     fn linear_silu_mul(&self, x: &Mat, gate: &CpuWeight, gate_b: Option<&CpuWeight>, up: &CpuWeight, up_b: Option<&CpuWeight>) -> Result<Mat> {
         if let (Some(g), Some(u)) = (gate.pairs(), up.pairs()) {
             return self.linear_silu_mul_pairs(x, outputs(gate), (g, gate_b), (u, up_b));
@@ -313,7 +352,7 @@ impl super::Kernels for CpuBackend {
         // whole, in bf16 rows, before down reads it.
         unsafe {
             let act = gemm_bf16::matmul_silu_mul_rows(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), g, gate_b.and_then(CpuWeight::values), u, up_b.and_then(CpuWeight::values), outputs(gate)); // (T, F)
-            gemm_bf16::matmul(&act, d, outputs(down), down_b.and_then(CpuWeight::values), residual.data.as_mut_ptr(), Out::Accumulate);
+            gemm_bf16::matmul(&act, d, outputs(down), down_b.and_then(CpuWeight::values), Dest::whole(residual.data.as_mut_ptr(), residual.cols), Out::Accumulate);
         }
         Ok(residual)
     }

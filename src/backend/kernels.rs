@@ -2,7 +2,7 @@
 //! shapes.rs has already checked. Callers never call these; they call `Ops` and `KvCache`,
 //! which every `Kernels` gets by a blanket impl, so no backend can skip the checks.
 
-use super::ops::{linear_residual_unfused, linear_silu_mul_unfused, swiglu_residual_unfused, Swiglu};
+use super::ops::{linear_residual_unfused, linear_silu_mul_unfused, linear_split_unfused, swiglu_residual_unfused, Swiglu};
 use super::{AttnShape, Result};
 use crate::token_tree::AttnSpan;
 
@@ -35,6 +35,14 @@ pub trait Kernels: Send + Sync {
     fn download(&self, x: &Self::Act) -> Result<Vec<f32>>;
     fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Act>;
     fn linear(&self, x: &Self::Act, w: &Self::Weight, b: Option<&Self::Weight>) -> Result<Self::Act>;
+    /// A backend may write the blocks straight from the product (CPU); the default is the
+    /// reference.
+    fn linear_split<const P: usize>(&self, x: &Self::Act, w: &Self::Weight, b: Option<&Self::Weight>, widths: [usize; P]) -> Result<[Self::Act; P]>
+    where
+        Self: Sized,
+    {
+        linear_split_unfused(self, x, w, b, widths)
+    }
     /// A backend may fuse the sum into the GEMM (CUDA: beta = 1); the default is the reference.
     fn linear_residual(&self, x: &Self::Act, w: &Self::Weight, b: Option<&Self::Weight>, residual: Self::Act) -> Result<Self::Act>
     where

@@ -13,7 +13,8 @@
 //! check the op's shape rule (shapes.rs, written once), so every backend refuses the same
 //! inputs with the same errors. `cpu` is the numeric reference; `cuda` must agree with it
 //! within the dtype's tolerance. Fused ops keep their unfused reference route
-//! (`linear_residual_unfused`, `linear_silu_mul_unfused`) and are tested against it.
+//! (`linear_residual_unfused`, `linear_silu_mul_unfused`, `swiglu_residual_unfused`,
+//! `linear_split_unfused`) and are tested against it.
 
 pub mod cpu;
 pub mod cuda;
@@ -26,7 +27,7 @@ mod weight_stream;
 
 pub use kernels::Kernels;
 pub use kv_cache::KvCache;
-pub use ops::{linear_residual_unfused, linear_silu_mul_unfused, swiglu_residual_unfused, Ops, Swiglu};
+pub use ops::{linear_residual_unfused, linear_silu_mul_unfused, linear_split_unfused, swiglu_residual_unfused, Ops, Swiglu};
 pub use weight_stream::WeightStream;
 
 use std::time::Instant;

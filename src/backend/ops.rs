@@ -25,6 +25,11 @@ pub trait Ops: Send + Sync {
     fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Act>;
     /// x (T, K) · w (N, K)ᵀ + b (N,) -> (T, N)
     fn linear(&self, x: &Self::Act, w: &Self::Weight, b: Option<&Self::Weight>) -> Result<Self::Act>;
+    /// x (T, K) · w (N, K)ᵀ + b (N,), its N columns cut into P consecutive blocks of `widths`
+    /// (summing to N), each block its own (T, width) matrix: q, k and v from one fused
+    /// projection. A backend may write the blocks straight from the product (CPU); the
+    /// reference is `linear_split_unfused`: `linear` then `cols`.
+    fn linear_split<const P: usize>(&self, x: &Self::Act, w: &Self::Weight, b: Option<&Self::Weight>, widths: [usize; P]) -> Result<[Self::Act; P]>;
     /// x (T, K) · w (N, K)ᵀ + b (N,) + residual (T, N) -> (T, N), reusing the residual's
     /// memory. The reference is `linear_residual_unfused`: `linear` then `add`.
     fn linear_residual(&self, x: &Self::Act, w: &Self::Weight, b: Option<&Self::Weight>, residual: Self::Act) -> Result<Self::Act>;
@@ -97,6 +102,11 @@ impl<K: Kernels> Ops for K {
     fn linear(&self, x: &K::Act, w: &K::Weight, b: Option<&K::Weight>) -> Result<K::Act> {
         shapes::linear("linear", Kernels::dims(self, x), self.weight_shape(w), b.map(|b| self.weight_shape(b)))?;
         Kernels::linear(self, x, w, b)
+    }
+
+    fn linear_split<const P: usize>(&self, x: &K::Act, w: &K::Weight, b: Option<&K::Weight>, widths: [usize; P]) -> Result<[K::Act; P]> {
+        shapes::linear_split(Kernels::dims(self, x), self.weight_shape(w), b.map(|b| self.weight_shape(b)), &widths)?;
+        Kernels::linear_split(self, x, w, b, widths)
     }
 
     fn linear_residual(&self, x: &K::Act, w: &K::Weight, b: Option<&K::Weight>, residual: K::Act) -> Result<K::Act> {
@@ -206,6 +216,19 @@ impl<W> Copy for Swiglu<'_, W> {}
 pub fn swiglu_residual_unfused<B: Ops + ?Sized>(b: &B, x: &B::Act, w: Swiglu<'_, B::Weight>, residual: B::Act) -> Result<B::Act> {
     let act = b.linear_silu_mul(x, w.gate.0, w.gate.1, w.up.0, w.up.1)?; // (T, F)
     b.linear_residual(&act, w.down.0, w.down.1, residual)
+}
+
+/// `Ops::linear_split`'s reference route: `linear`, then `cols` of each block.
+pub fn linear_split_unfused<B: Ops + ?Sized, const P: usize>(b: &B, x: &B::Act, w: &B::Weight, bias: Option<&B::Weight>, widths: [usize; P]) -> Result<[B::Act; P]> {
+    let y = b.linear(x, w, bias)?; // (T, N)
+    let mut start = 0;
+    let mut parts = Vec::with_capacity(P);
+    for width in widths {
+        parts.push(b.cols(&y, start, width)?); // (T, width)
+        start += width;
+    }
+    // P blocks were pushed, one per width.
+    Ok(parts.try_into().unwrap_or_else(|_| unreachable!("one block per width")))
 }
 
 /// `Ops::linear_residual`'s reference route: `linear`, then `add`.

@@ -58,6 +58,15 @@ pub fn linear_residual(x: Dims, w: &[usize], b: Option<&[usize]>, residual: Dims
     Ok(())
 }
 
+/// `linear` whose N outputs are cut into blocks of these widths: they must sum to N.
+pub fn linear_split(x: Dims, w: &[usize], b: Option<&[usize]>, widths: &[usize]) -> Result<()> {
+    let n = linear("linear_split", x, w, b)?;
+    match widths.iter().sum::<usize>() {
+        sum if sum == n => Ok(()),
+        sum => Err(err("linear_split", format!("blocks {widths:?} ({sum} columns) of a product of {n}"))),
+    }
+}
+
 /// Two `linear`s of x, gate and up, of one width F.
 pub fn linear_silu_mul(x: Dims, (gate, gate_b): (&[usize], Option<&[usize]>), (up, up_b): (&[usize], Option<&[usize]>)) -> Result<()> {
     let op = "linear_silu_mul";

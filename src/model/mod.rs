@@ -159,13 +159,12 @@ pub(crate) fn attention_block<B: KvCache>(
 ) -> Result<B::Act> {
     let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
     let ((qkv_w, qkv_b), (out_w, out_b)) = (w.qkv, w.out);
-    let mut qkv = b.linear(x, qkv_w, qkv_b)?; // (T, (H + 2KV) D)
+    // q (T, H D), k and v (T, KV D): the fused projection's three blocks of columns
+    let [mut q, mut k, v] = b.linear_split(x, qkv_w, qkv_b, [h * d, kv * d, kv * d])?;
     // (D/2); recomputed per call because it is D/2 powf, nothing next to the projections.
     let inv_freq = cfg.rope_inv_freq();
-    b.rope(&mut qkv, 0, h + kv, d, ctx.positions, &inv_freq)?; // q and k are adjacent columns
-    let q = b.cols(&qkv, 0, h * d)?; // (T, H D)
-    let k = b.cols(&qkv, h * d, kv * d)?; // (T, KV D)
-    let v = b.cols(&qkv, (h + kv) * d, kv * d)?; // (T, KV D)
+    b.rope(&mut q, 0, h, d, ctx.positions, &inv_freq)?;
+    b.rope(&mut k, 0, kv, d, ctx.positions, &inv_freq)?;
     let shape = AttnShape { heads: h, kv_heads: kv, head_dim: d, key_offset: 0 };
     let att = match keys {
         LayerKeys::Cache(cache) => cached_attention(b, &q, k, v, shape, ctx, cache)?,

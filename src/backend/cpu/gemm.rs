@@ -181,18 +181,70 @@ pub enum Out {
     Accumulate,
 }
 
+/// Most matrices one product's out is cut into (`Dest`): q, k and v.
+pub(super) const MAX_PARTS: usize = 3;
+
+/// Where a product's out (T, N) goes: N's columns in consecutive blocks, each block its own
+/// row-major (T, width) matrix. One block is one (T, N) matrix; several let a product over a
+/// fused weight (q|k|v) write q, k and v apart, with no copy of its columns after. Every block
+/// but the last is whole panels wide (`Dest::split`), so no tile straddles two.
+#[derive(Clone, Copy)]
+pub(super) struct Dest {
+    /// (the block's first value, its width) for the first `len`
+    parts: [(SendPtr, usize); MAX_PARTS],
+    len: usize,
+}
+
+impl Dest {
+    /// One (T, n) matrix at `out`.
+    pub(super) fn whole(out: *mut f32, n: usize) -> Dest {
+        Dest { parts: [(SendPtr(out), n); MAX_PARTS], len: 1 }
+    }
+
+    /// Blocks of the given (start, width), in column order; None when there are more than
+    /// MAX_PARTS or a block but the last is not whole `nr`-column panels (the caller then
+    /// writes one matrix and copies the columns out).
+    pub(super) fn split(parts: &[(*mut f32, usize)], nr: usize) -> Option<Dest> {
+        let whole_panels = parts.iter().rev().skip(1).all(|&(_, w)| w % nr == 0);
+        if parts.is_empty() || parts.len() > MAX_PARTS || !whole_panels {
+            return None;
+        }
+        let mut d = Dest { parts: [(SendPtr(std::ptr::null_mut()), 0); MAX_PARTS], len: parts.len() };
+        for (slot, &(p, w)) in d.parts.iter_mut().zip(parts) {
+            *slot = (SendPtr(p), w);
+        }
+        Some(d)
+    }
+
+    /// out[row][col]'s address, and the row stride of its block.
+    ///
+    /// # Safety
+    /// col < N and row < T of the matrices the blocks point to.
+    #[inline(always)]
+    pub(super) unsafe fn at(&self, row: usize, col: usize) -> (*mut f32, usize) {
+        let mut c = col;
+        for &(p, w) in &self.parts[..self.len - 1] {
+            if c < w {
+                return (p.0.add(row * w + c), w);
+            }
+            c -= w;
+        }
+        let (p, w) = self.parts[self.len - 1];
+        (p.0.add(row * w + c), w)
+    }
+}
+
 /// out (T, N) (+)= x (T, K) · wᵀ (+ bias (N,)), w packed by `pack` with the same kernel.
 ///
 /// # Safety
-/// `out` points to t·n writable floats (with `Out::Write` they may be uninitialised: every one
+/// `out` covers t·n writable floats (with `Out::Write` they may be uninitialised: every one
 /// is written before any is read); `x` holds t·k values, `w` packed_len(n, k), `bias` n.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn matmul<W: Elem>(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[W], n: usize, bias: Option<&[f32]>, out: *mut f32, mode: Out) {
+pub unsafe fn matmul<W: Elem>(kernel: Kernel, x: &[f32], t: usize, k: usize, w: &[W], n: usize, bias: Option<&[f32]>, out: Dest, mode: Out) {
     debug_assert!(x.len() >= t * k && w.len() >= packed_len(kernel, n, k) && bias.is_none_or(|b| b.len() >= n));
     if t == 0 || n == 0 {
         return;
     }
-    let out = SendPtr(out);
     // SAFETY: tasks write disjoint (rows, panels) blocks of out; the caller's contract covers
     // the rest.
     fork(kernel.nr(), kernel.mr(), t, k, n, |rows, panels| unsafe { block(kernel, x, k, w, n, bias, out, mode, rows, panels) });
@@ -313,7 +365,7 @@ pub(super) fn even_split(len: usize, max: usize, unit: usize) -> usize {
 /// # Safety
 /// As `matmul`, and no one else writes this block of out meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block<W: Elem>(kernel: Kernel, x: &[f32], k: usize, w: &[W], n: usize, bias: Option<&[f32]>, out: SendPtr, mode: Out, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+unsafe fn block<W: Elem>(kernel: Kernel, x: &[f32], k: usize, w: &[W], n: usize, bias: Option<&[f32]>, out: Dest, mode: Out, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
     let (nr, mr) = (kernel.nr(), kernel.mr());
     // Blocks of equal size (rows in whole tiles): 576 = 3 x 192, not 256 + 256 + 64.
     let mc = even_split(rows.len(), MC, mr);
@@ -330,7 +382,10 @@ unsafe fn block<W: Elem>(kernel: Kernel, x: &[f32], k: usize, w: &[W], n: usize,
                 let ncols = nr.min(n - p * nr);
                 let init = Init::at(k0, bias, mode, p * nr);
                 let b = &w[p * k * nr + k0 * nr..][..kc * nr];
-                let tile = |i0: usize| Tile { kc, a: x.as_ptr().add(i0 * k + k0), lda: k, b: std::ptr::null(), c: out.0.add(i0 * n + p * nr), ldc: n, ncols, init };
+                let tile = |i0: usize| {
+                    let (c, ldc) = out.at(i0, p * nr);
+                    Tile { kc, a: x.as_ptr().add(i0 * k + k0), lda: k, b: std::ptr::null(), c, ldc, ncols, init }
+                };
                 match wide.panel(kernel, b, m1 - m0) {
                     Some(b) => (m0..m1).step_by(mr).for_each(|i0| tile(i0).with(b.as_ptr()).run(kernel, mr.min(m1 - i0))),
                     None => (m0..m1).step_by(mr).for_each(|i0| tile(i0).with(b.as_ptr()).run(kernel, mr.min(m1 - i0))),
@@ -686,8 +741,43 @@ mod tests {
             None => (vec![f32::NAN; t * n], Out::Write),
         };
         // SAFETY: out holds t·n floats, x t·k, packed its packed_len, b n.
-        unsafe { matmul(kernel, x, t, k, &packed, n, b, out.as_mut_ptr(), mode) };
+        unsafe { matmul(kernel, x, t, k, &packed, n, b, Dest::whole(out.as_mut_ptr(), n), mode) };
         out
+    }
+
+    /// A product cut into blocks (q|k|v) writes each block's matrix with exactly the values of
+    /// the whole product's columns, for one row and many, with and without bias.
+    #[test]
+    fn split_destinations_get_the_whole_products_columns() {
+        for kernel in Kernel::available() {
+            let nr = kernel.nr();
+            let widths = [3 * nr, nr, nr + 5];
+            let (k, n) = (37, widths.iter().sum::<usize>());
+            for t in [1, 7, 2 * MC + 3] {
+                let (x, w, b) = (values(t * k, 1), values(n * k, 2), values(n, 3));
+                let packed = pack(kernel, &w, n, k);
+                for bias in [None, Some(&b[..])] {
+                    let whole = run(kernel, &x, &w, bias, t, k, n, None);
+                    let mut outs: Vec<Vec<f32>> = widths.iter().map(|&w| vec![f32::NAN; t * w]).collect();
+                    let parts: Vec<(*mut f32, usize)> = outs.iter_mut().zip(widths).map(|(o, w)| (o.as_mut_ptr(), w)).collect();
+                    let dest = Dest::split(&parts, nr).expect("whole panels");
+                    // SAFETY: each block holds t rows of its width, x t·k, packed its packed_len.
+                    unsafe { matmul(kernel, &x, t, k, &packed, n, bias, dest, Out::Write) };
+                    let mut start = 0;
+                    for (o, &width) in outs.iter().zip(&widths) {
+                        for r in 0..t {
+                            assert_eq!(o[r * width..][..width], whole[r * n + start..][..width], "{kernel:?} t {t} block at {start} row {r}");
+                        }
+                        start += width;
+                    }
+                }
+            }
+            // A block but the last that ends inside a panel, or too many blocks: no split.
+            let p = std::ptr::null_mut();
+            assert!(Dest::split(&[(p, nr + 1), (p, nr)], nr).is_none());
+            assert!(Dest::split(&[(p, nr); MAX_PARTS + 1], nr).is_none());
+            assert!(Dest::split(&[(p, nr), (p, 1)], nr).is_some());
+        }
     }
 
     #[test]
@@ -748,11 +838,11 @@ mod tests {
         let (mut written, mut added, mut fused) = (vec![f32::NAN; t * n], residual.to_vec(), vec![f32::NAN; t * n]);
         // SAFETY: each output holds t·n floats, x t·k, the packed weights their packed_len, b n.
         unsafe {
-            matmul(kernel, x, t, k, &pw, n, b, written.as_mut_ptr(), Out::Write);
-            matmul(kernel, x, t, k, &pw, n, b, added.as_mut_ptr(), Out::Accumulate);
+            matmul(kernel, x, t, k, &pw, n, b, Dest::whole(written.as_mut_ptr(), n), Out::Write);
+            matmul(kernel, x, t, k, &pw, n, b, Dest::whole(added.as_mut_ptr(), n), Out::Accumulate);
             match fuses_silu_mul(k) {
                 true => matmul_silu_mul(kernel, x, t, k, &pw, b, &pu, None, n, fused.as_mut_ptr()),
-                false => matmul(kernel, x, t, k, &pu, n, None, fused.as_mut_ptr(), Out::Write),
+                false => matmul(kernel, x, t, k, &pu, n, None, Dest::whole(fused.as_mut_ptr(), n), Out::Write),
             }
         }
         [written, added, fused]

@@ -9,8 +9,8 @@
 //! depths, which is the operand `vdpbf16ps` pairs with one broadcast pair of x. x is not
 //! packed, only rounded into rows of Kp bf16 (`Rows`): a tile broadcasts 32 bits of a row.
 
-use super::gemm::{self, Init, Out, KC, MC};
-use super::{round, vmath, SendPtr};
+use super::gemm::{self, Dest, Init, Out, KC, MC};
+use super::{round, vmath};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -133,12 +133,11 @@ impl Rows {
 /// # Safety
 /// `out` points to T·N writable floats (with `Out::Write` they may be uninitialised); `w` holds
 /// packed_len(n, k) values for x's k, `bias` n; the CPU runs the kernel (`available`).
-pub(super) unsafe fn matmul(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: *mut f32, mode: Out) {
+pub(super) unsafe fn matmul(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: Dest, mode: Out) {
     debug_assert!(w.len() >= n.div_ceil(NR) * x.kp * NR && bias.is_none_or(|b| b.len() >= n));
     if x.rows == 0 || n == 0 {
         return;
     }
-    let out = SendPtr(out);
     // SAFETY: tasks write disjoint (rows, panels) blocks of out; the caller's contract covers
     // the rest.
     gemm::fork(NR, MR, x.rows, x.kp, n, |rows, panels| unsafe { block(x, w, n, bias, out, mode, rows, panels) });
@@ -267,7 +266,7 @@ pub(super) unsafe fn matmul_silu_mul_rows(x: &Rows, g: &[bf16], bg: Option<&[f32
 /// # Safety
 /// As `matmul`, and no one else writes this block of out meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: SendPtr, mode: Out, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+unsafe fn block(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: Dest, mode: Out, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
     let kp = x.kp;
     let mc = gemm::even_split(rows.len(), MC, MR);
     // As in gemm.rs: one tile row (decode) streams whole panels; else K blocks of whole pairs.
@@ -276,7 +275,10 @@ unsafe fn block(x: &Rows, w: &[bf16], n: usize, bias: Option<&[f32]>, out: SendP
         let m1 = (m0 + mc).min(rows.end);
         for k0 in (0..kp.max(1)).step_by(kc_max) {
             let kc = kc_max.min(kp - k0);
-            let tile = |i0: usize, p: usize| Tile { pairs: kc / 2, a: x.data.as_ptr().add(i0 * kp + k0), lda: kp, b: w.as_ptr().add(p * kp * NR + k0 * NR), c: out.0.add(i0 * n + p * NR), ldc: n, ncols: NR.min(n - p * NR), init: Init::at(k0, bias, mode, p * NR) };
+            let tile = |i0: usize, p: usize| {
+                let (c, ldc) = out.at(i0, p * NR);
+                Tile { pairs: kc / 2, a: x.data.as_ptr().add(i0 * kp + k0), lda: kp, b: w.as_ptr().add(p * kp * NR + k0 * NR), c, ldc, ncols: NR.min(n - p * NR), init: Init::at(k0, bias, mode, p * NR) }
+            };
             if rows.len() == 1 {
                 // One row (a decode step of one sequence) reads each panel once, from memory,
                 // and one stream of misses leaves the core waiting on the prefetcher: the task's
@@ -566,9 +568,40 @@ mod tests {
                     None => (vec![f32::NAN; t * n], Out::Write),
                 };
                 // SAFETY: out holds t·n floats, packed its packed_len, b n; the kernel is available.
-                unsafe { matmul(&rows, &packed, n, bias, out.as_mut_ptr(), mode) };
+                unsafe { matmul(&rows, &packed, n, bias, Dest::whole(out.as_mut_ptr(), n), mode) };
                 let want = reference(&x, &w, bias, res, t, k, n);
                 assert_within_f32_sums(&out, &want, &x, &w, t, k, n, &format!("{t}x{k}x{n} bias {} residual {}", bias.is_some(), res.is_some()));
+            }
+        }
+    }
+
+    /// As gemm.rs's test of split destinations, through the pair kernel.
+    #[test]
+    fn split_destinations_get_the_whole_products_columns() {
+        if !available() {
+            println!("skipped: no AVX512-BF16");
+            return;
+        }
+        let widths = [2 * NR, NR, 9];
+        let (k, n) = (41, widths.iter().sum::<usize>());
+        for t in [1, 5, 2 * MC + 1] {
+            let (x, w) = (values(t * k, 11), values(n * k, 12));
+            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let (rows, packed) = (Rows::round(&xf, t, k), pack(&w, n, k));
+            let mut whole = vec![f32::NAN; t * n];
+            let mut outs: Vec<Vec<f32>> = widths.iter().map(|&w| vec![f32::NAN; t * w]).collect();
+            let parts: Vec<(*mut f32, usize)> = outs.iter_mut().zip(widths).map(|(o, w)| (o.as_mut_ptr(), w)).collect();
+            // SAFETY: whole holds t·n floats, each block t rows of its width; the kernel is available.
+            unsafe {
+                matmul(&rows, &packed, n, None, Dest::whole(whole.as_mut_ptr(), n), Out::Write);
+                matmul(&rows, &packed, n, None, Dest::split(&parts, NR).expect("whole panels"), Out::Write);
+            }
+            let mut start = 0;
+            for (o, &width) in outs.iter().zip(&widths) {
+                for r in 0..t {
+                    assert_eq!(o[r * width..][..width], whole[r * n + start..][..width], "t {t} block at {start} row {r}");
+                }
+                start += width;
             }
         }
     }
@@ -588,7 +621,7 @@ mod tests {
         let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
         let mut out = vec![f32::NAN; t * n];
         // SAFETY: as above.
-        unsafe { matmul(&Rows::round(&xf, t, k), &pack(&w, n, k), n, None, out.as_mut_ptr(), Out::Write) };
+        unsafe { matmul(&Rows::round(&xf, t, k), &pack(&w, n, k), n, None, Dest::whole(out.as_mut_ptr(), n), Out::Write) };
         let want = reference(&x, &w, None, None, t, k, n);
         for (i, (g, e)) in out.iter().zip(&want).enumerate() {
             assert_eq!(*g as f64, *e, "at {i}");
@@ -609,8 +642,8 @@ mod tests {
             let (mut want, mut up, mut got) = (vec![0f32; t * n], vec![0f32; t * n], vec![f32::NAN; t * n]);
             // SAFETY: as above, for every output.
             unsafe {
-                matmul(&rows, &g, n, None, want.as_mut_ptr(), Out::Write);
-                matmul(&rows, &u, n, Some(&bu), up.as_mut_ptr(), Out::Write);
+                matmul(&rows, &g, n, None, Dest::whole(want.as_mut_ptr(), n), Out::Write);
+                matmul(&rows, &u, n, Some(&bu), Dest::whole(up.as_mut_ptr(), n), Out::Write);
                 matmul_silu_mul(&rows, &g, None, &u, Some(&bu), n, SiluOut::F32(got.as_mut_ptr()));
             }
             vmath::silu_mul_slice(&mut want, &up);
@@ -649,7 +682,7 @@ mod tests {
                         .map(|_| {
                             let start = std::time::Instant::now();
                             // SAFETY: out holds t·n floats, w its packed_len; the kernel is available.
-                            unsafe { matmul(&Rows::round(&xf, t, k), &w, n, None, out.as_mut_ptr(), Out::Write) };
+                            unsafe { matmul(&Rows::round(&xf, t, k), &w, n, None, Dest::whole(out.as_mut_ptr(), n), Out::Write) };
                             start.elapsed().as_secs_f64()
                         })
                         .collect()

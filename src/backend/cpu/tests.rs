@@ -357,6 +357,38 @@ fn fused_linear_residual_matches_its_unfused_reference_on_every_route() {
     }
 }
 
+/// q, k and v written straight from the product (blocks whole panels wide) or, where a block
+/// is not, through the reference's copies: either way bit for bit `linear` then `cols`.
+#[test]
+fn linear_split_gives_the_columns_of_linear_on_every_route() {
+    for route in [CpuRoute::F32].into_iter().chain(CpuRoute::available(crate::backend::ComputeDtype::Bf16)) {
+        let b = CpuBackend::with_route(KvDtype::F32, route);
+        // Panel-aligned blocks (SmolLM2's 576 | 192 | 192 and a short last one), then a block
+        // that ends inside a panel (the copying route); one row, a few, and many.
+        for (t, widths) in [(1, [576, 192, 192]), (13, [64, 32, 7]), (300, [96, 64, 64]), (5, [40, 24, 24]), (29, [1, 30, 2])] {
+            let (k, n) = (72, widths.iter().sum::<usize>());
+            let host = |shape: &[usize], seed| HostTensor::from_f32(shape.to_vec(), &rand_vec(shape.iter().product(), seed));
+            let (w, bias) = (b.upload_weight(&host(&[n, k], 81)).unwrap(), b.upload_weight(&host(&[n], 82)).unwrap());
+            let x = mat(t, k, 80);
+            let whole = b.linear(&x, &w, Some(&bias)).unwrap();
+            let parts = b.linear_split(&x, &w, Some(&bias), widths).unwrap();
+            let mut start = 0;
+            for (part, width) in parts.iter().zip(widths) {
+                assert_eq!((part.rows, part.cols), (t, width), "{route}: {widths:?}");
+                for r in 0..t {
+                    let want: Vec<u32> = whole.row(r)[start..start + width].iter().map(|v| v.to_bits()).collect();
+                    let got: Vec<u32> = part.row(r).iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{route}: {widths:?} block at column {start}, row {r}");
+                }
+                start += width;
+            }
+        }
+        let (w, x) = (weight(&[10, 4], 83), mat(3, 4, 84));
+        let e = b.linear_split(&x, &w, None, [4, 4]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("linear_split") && e.contains("[4, 4]") && e.contains("10"), "{e}");
+    }
+}
+
 #[test]
 fn cols_copies_the_column_range() {
     let b = CpuBackend::new();
