@@ -7,10 +7,12 @@
 //!
 //! The bf16 compute route (route.rs, `--compute-dtype bf16`) rounds GEMM inputs to bf16 where
 //! the CUDA backend does: matrices once at upload, and the outputs of the norms, GELU, SiLU·up
-//! and attention as these ops make them (the values stay f32, rounded), and inside attention
-//! q, k, v and the probabilities as the CUDA kernel rounds them. Its GEMMs, attention's
-//! products included, are gemm_bf16.rs's `vdpbf16ps` kernel where the CPU has AVX512-BF16;
-//! everything else is f32.
+//! and attention as these ops make them, and inside attention q, k, v and the probabilities as
+//! the CUDA kernel rounds them. Its GEMMs, attention's products included, are gemm_bf16.rs's
+//! `vdpbf16ps` kernel where the CPU has AVX512-BF16; everything else is f32. There the norms'
+//! and prefill attention's outputs are held as the bf16 rows the next GEMM multiplies (`Mat`'s
+//! `narrow`: no f32 matrix written, read back and rounded again), as CUDA holds its bf16
+//! activations; the rounded values otherwise stay f32.
 //!
 //! The ops here are `Kernels`: shapes.rs has checked their inputs before they run.
 //! Shapes: T query rows, S key rows, C hidden, H heads, KV key/value heads, D head dim.
@@ -47,17 +49,57 @@ pub use weight::CpuWeight;
 use weight::with_panels;
 pub use vmath::{erf_one as erf_f32, exp_one as exp_f32, gelu_one as gelu_f32};
 
-/// A row-major (rows, cols) f32 matrix.
+/// A row-major (rows, cols) f32 matrix: the backend's activation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mat {
     pub rows: usize,
     pub cols: usize,
+    /// (rows, cols) values; empty where the matrix is held `narrow`.
     pub data: Vec<f32>,
+    /// On the `Bf16Dot` route, a norm's output held as the bf16 rows its GEMMs multiply, never
+    /// written as f32 (`Kernels::Act`: an output only GEMMs read may be stored narrower). The
+    /// ops that read f32 values refuse it (`f32`), as CUDA's refuse its bf16 activations.
+    narrow: Option<gemm_bf16::Rows>,
 }
 
 impl Mat {
+    /// data (rows·cols values) as a (rows, cols) matrix.
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Mat {
+        debug_assert_eq!(data.len(), rows * cols);
+        Mat { rows, cols, data, narrow: None }
+    }
+
+    /// (rows, cols) held as bf16 GEMM rows.
+    fn narrow(rows: gemm_bf16::Rows, (t, cols): (usize, usize)) -> Mat {
+        Mat { rows: t, cols, data: Vec::new(), narrow: Some(rows) }
+    }
+
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+
+    /// Refuses a matrix held as bf16 GEMM rows as op's input: only GEMMs read those.
+    fn f32(&self, op: &'static str) -> Result<&Mat> {
+        match self.narrow {
+            None => Ok(self),
+            Some(_) => Err(super::bf16_input(op)),
+        }
+    }
+
+    /// The values, widened where the matrix is held as bf16 rows (exact).
+    fn values(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.narrow {
+            None => std::borrow::Cow::Borrowed(&self.data),
+            Some(r) => std::borrow::Cow::Owned(r.widen(self.cols)),
+        }
+    }
+
+    /// The bf16 GEMM's left operand: the rows held, or the values rounded into rows.
+    fn gemm_rows(&self) -> std::borrow::Cow<'_, gemm_bf16::Rows> {
+        match &self.narrow {
+            Some(r) => std::borrow::Cow::Borrowed(r),
+            None => std::borrow::Cow::Owned(gemm_bf16::Rows::round(&self.data, self.rows, self.cols)),
+        }
     }
 }
 
@@ -96,7 +138,8 @@ impl CpuBackend {
         self.route
     }
 
-    /// An op's output that only GEMMs read, rounded to bf16 on the bf16 routes (as CUDA stores it).
+    /// An op's output that only GEMMs read, rounded to bf16 on the bf16 routes (as CUDA stores
+    /// it; one held as bf16 rows has no f32 values to round).
     fn rounded(&self, mut x: Mat) -> Mat {
         if self.route.rounds() {
             round_values(&mut x.data);
@@ -121,7 +164,7 @@ impl CpuBackend {
     #[allow(clippy::too_many_arguments)]
     unsafe fn matmul_into(&self, op: &'static str, x: &Mat, w: &CpuWeight, b: Option<&[f32]>, n: usize, out: Dest, mode: Out) -> Result<()> {
         if let Some(pairs) = w.pairs() {
-            gemm_bf16::matmul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), pairs, n, b, out, mode);
+            gemm_bf16::matmul(&x.gemm_rows(), pairs, n, b, out, mode);
             return Ok(());
         }
         let p = panels(op, w)?;
@@ -142,9 +185,13 @@ impl CpuBackend {
     /// copy; the ops that make GEMM inputs have rounded them already, so the values are the
     /// same, but `linear` takes any activation).
     fn gemm_input<'a>(&self, x: &'a Mat) -> std::borrow::Cow<'a, [f32]> {
-        match self.route.rounds() {
-            true => std::borrow::Cow::Owned(self.rounded(x.clone()).data),
-            false => std::borrow::Cow::Borrowed(&x.data),
+        match (self.route.rounds(), x.values()) {
+            (true, values) => {
+                let mut v = values.into_owned();
+                round_values(&mut v);
+                std::borrow::Cow::Owned(v)
+            }
+            (false, values) => values,
         }
     }
 }
@@ -178,12 +225,12 @@ fn map_rows(x: &Mat, cols: usize, f: impl Fn(&[f32], &mut [MaybeUninit<f32>]) + 
     }
     // SAFETY: f wrote each of the x.rows rows of cols values.
     unsafe { data.set_len(len) };
-    Mat { rows: x.rows, cols, data }
+    Mat::new(x.rows, cols, data)
 }
 
 /// A (rows, cols) matrix whose row i is a copy of `row(i)` (cols values): `gather`.
 fn gather_rows<'a>(rows: usize, cols: usize, row: impl Fn(usize) -> &'a [f32] + Sync) -> Mat {
-    Mat { rows, cols, data: gather(rows, cols, row) }
+    Mat::new(rows, cols, gather(rows, cols, row))
 }
 
 /// rows × cols values, row i a copy of `row(i)`, copied in parallel blocks: a whole generation
@@ -250,11 +297,11 @@ impl super::Kernels for CpuBackend {
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Mat> {
-        Ok(Mat { rows, cols, data: data.to_vec() })
+        Ok(Mat::new(rows, cols, data.to_vec()))
     }
 
     fn download(&self, x: &Mat) -> Result<Vec<f32>> {
-        Ok(x.data.clone())
+        Ok(x.values().into_owned())
     }
 
     fn dims(&self, x: &Mat) -> (usize, usize) {
@@ -267,7 +314,7 @@ impl super::Kernels for CpuBackend {
         for &id in ids {
             table.push_row(id as usize, &mut data);
         }
-        Ok(Mat { rows: ids.len(), cols: c, data })
+        Ok(Mat::new(ids.len(), c, data))
     }
 
     fn linear(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>) -> Result<Mat> {
@@ -281,7 +328,7 @@ impl super::Kernels for CpuBackend {
             self.matmul("linear", x, w, b, n, out.as_mut_ptr(), Out::Write)?;
             out.set_len(len);
         }
-        Ok(Mat { rows: x.rows, cols: n, data: out })
+        Ok(Mat::new(x.rows, n, out))
     }
 
     fn linear_split<const P: usize>(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>, widths: [usize; P]) -> Result<[Mat; P]> {
@@ -302,7 +349,7 @@ impl super::Kernels for CpuBackend {
         let mut block = 0;
         Ok(outs.map(|data| {
             block += 1;
-            Mat { rows: x.rows, cols: widths[block - 1], data }
+            Mat::new(x.rows, widths[block - 1], data)
         }))
     }
 
@@ -326,7 +373,7 @@ impl super::Kernels for CpuBackend {
         use weight::Panels::*;
         let o = out.as_mut_ptr();
         let xs = self.gemm_input(x);
-        let x = &Mat { rows: x.rows, cols: x.cols, data: xs.into_owned() };
+        let x = &Mat::new(x.rows, x.cols, xs.into_owned());
         // SAFETY: as in `linear`, for both weights: out has room for T·F values, all written.
         unsafe {
             match (panels("linear_silu_mul", gate)?, panels("linear_silu_mul", up)?) {
@@ -339,10 +386,11 @@ impl super::Kernels for CpuBackend {
         }
         // SAFETY: matmul_silu_mul wrote all T·F values.
         unsafe { out.set_len(len) };
-        Ok(self.rounded(Mat { rows: x.rows, cols: n, data: out }))
+        Ok(self.rounded(Mat::new(x.rows, n, out)))
     }
 
     fn swiglu_residual(&self, x: &Mat, w: super::Swiglu<'_, CpuWeight>, mut residual: Mat) -> Result<Mat> {
+        residual.f32("swiglu_residual")?;
         let ((gate, gate_b), (up, up_b), (down, down_b)) = (w.gate, w.up, w.down);
         let (Some(g), Some(u), Some(d)) = (gate.pairs(), up.pairs(), down.pairs()) else {
             return super::swiglu_residual_unfused(self, x, w, residual);
@@ -351,13 +399,14 @@ impl super::Kernels for CpuBackend {
         // residual T·C; pair panels exist only where the kernel runs. The activation is made
         // whole, in bf16 rows, before down reads it.
         unsafe {
-            let act = gemm_bf16::matmul_silu_mul_rows(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), g, gate_b.and_then(CpuWeight::values), u, up_b.and_then(CpuWeight::values), outputs(gate)); // (T, F)
+            let act = gemm_bf16::matmul_silu_mul_rows(&x.gemm_rows(), g, gate_b.and_then(CpuWeight::values), u, up_b.and_then(CpuWeight::values), outputs(gate)); // (T, F)
             gemm_bf16::matmul(&act, d, outputs(down), down_b.and_then(CpuWeight::values), Dest::whole(residual.data.as_mut_ptr(), residual.cols), Out::Accumulate);
         }
         Ok(residual)
     }
 
     fn linear_residual(&self, x: &Mat, w: &CpuWeight, b: Option<&CpuWeight>, mut residual: Mat) -> Result<Mat> {
+        residual.f32("linear_residual")?;
         let n = outputs(w);
         let b = b.and_then(CpuWeight::values);
         // SAFETY: as in `linear`; the residual's T·N values are the accumulators' start.
@@ -366,34 +415,55 @@ impl super::Kernels for CpuBackend {
     }
 
     fn layer_norm(&self, x: &Mat, w: &CpuWeight, b: &CpuWeight, eps: f32) -> Result<Mat> {
+        let x = x.f32("layer_norm")?;
         let (w, b) = (vector("layer_norm", w)?, vector("layer_norm", b)?);
-        let round = self.route.rounds();
-        Ok(map_rows(x, x.cols, |row, out| {
+        // Row r's mean and 1/σ, and its output value i.
+        let stats = |row: &[f32]| {
             let n = row.len() as f64;
             let mean = vmath::sum_f64(row) / n;
-            let var = vmath::sum_sq_dev(row, mean) / n;
-            let inv = 1.0 / (var + eps as f64).sqrt();
+            (mean, 1.0 / (vmath::sum_sq_dev(row, mean) / n + eps as f64).sqrt())
+        };
+        let value = |(mean, inv): (f64, f64), i: usize, v: f32| ((v as f64 - mean) * inv) as f32 * w[i] + b[i];
+        if self.route == CpuRoute::Bf16Dot {
+            // SAFETY: each row's C values are written.
+            let rows = unsafe {
+                gemm_bf16::Rows::from_fn(x.rows, x.cols, |r, out| {
+                    let (row, s) = (x.row(r), stats(x.row(r)));
+                    out.iter_mut().zip(row).enumerate().for_each(|(i, (o, &v))| {
+                        o.write(round::round(value(s, i, v)));
+                    });
+                })
+            };
+            return Ok(Mat::narrow(rows, (x.rows, x.cols)));
+        }
+        let round = self.route.rounds();
+        Ok(map_rows(x, x.cols, |row, out| {
+            let s = stats(row);
             for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-                let y = ((v as f64 - mean) * inv) as f32 * w[i] + b[i];
+                let y = value(s, i, v);
                 o.write(if round { round::round_f32(y) } else { y });
             }
         }))
     }
 
     fn rms_norm(&self, x: &Mat, w: &CpuWeight, eps: f32) -> Result<Mat> {
+        let x = x.f32("rms_norm")?;
         let w = vector("rms_norm", w)?;
+        let inv = |row: &[f32]| (1.0 / (vmath::sum_sq_dev(row, 0.0) / row.len() as f64 + eps as f64).sqrt()) as f32;
+        if self.route == CpuRoute::Bf16Dot {
+            // SAFETY: scale_gain_bf16 writes each row's C values.
+            let rows = unsafe { gemm_bf16::Rows::from_fn(x.rows, x.cols, |r, out| vmath::scale_gain_bf16(x.row(r), inv(x.row(r)), w, out)) };
+            return Ok(Mat::narrow(rows, (x.rows, x.cols)));
+        }
         let round = self.route.rounds();
-        Ok(map_rows(x, x.cols, |row, out| {
-            let ms = vmath::sum_sq_dev(row, 0.0) / row.len() as f64;
-            let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
-            match round {
-                true => vmath::scale_gain_rounded(row, inv, w, out),
-                false => vmath::scale_gain(row, inv, w, out),
-            }
+        Ok(map_rows(x, x.cols, |row, out| match round {
+            true => vmath::scale_gain_rounded(row, inv(row), w, out),
+            false => vmath::scale_gain(row, inv(row), w, out),
         }))
     }
 
     fn rope(&self, x: &mut Mat, col0: usize, heads: usize, head_dim: usize, positions: &[u32], inv_freq: &[f32]) -> Result<()> {
+        x.f32("rope")?;
         let table = self.rope_tables.get(positions, inv_freq);
         let cols = x.cols;
         // Rows in items of ELEMWISE_CHUNK values, as in map_rows.
@@ -407,18 +477,22 @@ impl super::Kernels for CpuBackend {
     }
 
     fn attention(&self, q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        Ok(self.rounded(attention::attention(q, k.into(), v.into(), s, spans, self.route)))
+        let (q, k, v) = (q.f32("attention")?, k.f32("attention")?, v.f32("attention")?);
+        Ok(self.rounded(attention::attention(q, k.into(), v.into(), s, spans, self.route, true)))
     }
 
     fn attention_cached(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        self.attention_cached_f32(q, k, v, s, spans).map(|o| self.rounded(o))
+        let q = q.f32("attention_cached")?;
+        self.attend_cache(q, k, v, s, spans).map(|o| self.rounded(o))
     }
 
     fn cache_from(&self, x: Mat) -> Result<CpuCache> {
+        x.f32("cache_from")?;
         Ok(CpuCache::new(x, self.kv_dtype))
     }
 
     fn cache_append(&self, cache: &mut CpuCache, new: &Mat) -> Result<()> {
+        new.f32("cache_append")?;
         cache.append(new);
         Ok(())
     }
@@ -428,6 +502,7 @@ impl super::Kernels for CpuBackend {
     }
 
     fn gelu(&self, x: &mut Mat) -> Result<()> {
+        x.f32("gelu")?;
         let round = self.route.rounds();
         x.data.par_chunks_mut(ELEMWISE_CHUNK).for_each(|c| {
             vmath::gelu_slice(c);
@@ -439,6 +514,7 @@ impl super::Kernels for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut Mat, up: &Mat) -> Result<()> {
+        (gate.f32("silu_mul")?, up.f32("silu_mul")?);
         let round = self.route.rounds();
         gate.data.par_chunks_mut(ELEMWISE_CHUNK).zip(up.data.par_chunks(ELEMWISE_CHUNK)).for_each(|(g, u)| {
             vmath::silu_mul_slice(g, u);
@@ -450,11 +526,13 @@ impl super::Kernels for CpuBackend {
     }
 
     fn add(&self, x: &mut Mat, y: &Mat) -> Result<()> {
+        (x.f32("add")?, y.f32("add")?);
         x.data.par_iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
         Ok(())
     }
 
     fn cols(&self, x: &Mat, start: usize, width: usize) -> Result<Mat> {
+        let x = x.f32("cols")?;
         Ok(map_rows(x, width, |row, out| {
             for (o, &v) in out.iter_mut().zip(&row[start..start + width]) {
                 o.write(v);
@@ -463,18 +541,22 @@ impl super::Kernels for CpuBackend {
     }
 
     fn rows(&self, x: &Mat, rows: &[u32]) -> Result<Mat> {
+        let x = x.f32("rows")?;
         Ok(gather_rows(rows.len(), x.cols, |i| x.row(rows[i] as usize)))
     }
 
     fn concat_rows(&self, a: &Mat, b: &Mat) -> Result<Mat> {
+        let (a, b) = (a.f32("concat_rows")?, b.f32("concat_rows")?);
         Ok(gather_rows(a.rows + b.rows, a.cols, |i| if i < a.rows { a.row(i) } else { b.row(i - a.rows) }))
     }
 
     fn log_softmax_at(&self, logits: &Mat, targets: &[u32]) -> Result<Vec<f64>> {
+        let logits = logits.f32("log_softmax_at")?;
         Ok(logits.data.par_chunks(logits.cols).zip(targets).map(|(row, &t)| row[t as usize] as f64 - logsumexp(row)).collect())
     }
 
     fn log_softmax(&self, logits: &Mat) -> Result<Vec<f32>> {
+        let logits = logits.f32("log_softmax")?;
         let mut out = logits.data.clone();
         out.par_chunks_mut(logits.cols).for_each(|row| {
             let lse = logsumexp(row);
@@ -523,19 +605,19 @@ impl CpuBackend {
         // SAFETY: out has room for T·F values, all written; both weights are packed (F, K), the
         // biases F values; pair panels exist only where the kernel runs.
         unsafe {
-            gemm_bf16::matmul_silu_mul(&gemm_bf16::Rows::round(&x.data, x.rows, x.cols), g, gb, u, ub, n, gemm_bf16::SiluOut::F32(out.as_mut_ptr()));
+            gemm_bf16::matmul_silu_mul(&x.gemm_rows(), g, gb, u, ub, n, gemm_bf16::SiluOut::F32(out.as_mut_ptr()));
             out.set_len(len);
         }
-        Ok(Mat { rows: x.rows, cols: n, data: out })
+        Ok(Mat::new(x.rows, n, out))
     }
 
-    /// `attention_cached` before its output is rounded.
-    fn attention_cached_f32(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
+    /// `attention_cached` before an f32 output is rounded (`attention::attention` with `as_rows`).
+    fn attend_cache(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
         match (k, v) {
-            (CpuCache::F32(k), CpuCache::F32(v)) => Ok(attention::attention(q, k.into(), v.into(), s, spans, self.route)),
+            (CpuCache::F32(k), CpuCache::F32(v)) => Ok(attention::attention(q, k.into(), v.into(), s, spans, self.route, true)),
             (CpuCache::F16 { rows, cols, data: kd }, CpuCache::F16 { rows: vr, cols: vc, data: vd }) => {
                 let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
-                Ok(attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans, self.route))
+                Ok(attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans, self.route, true))
             }
             _ => Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
         }

@@ -48,6 +48,14 @@ pub enum BackendError {
 
 pub type Result<T> = std::result::Result<T, BackendError>;
 
+/// An op given an activation a backend holds in bf16 (`Kernels::Act`), which only a linear reads.
+fn bf16_input(op: &'static str) -> BackendError {
+    BackendError::Shape {
+        op,
+        msg: "input is a bf16 activation (the output of a norm, GELU, SiLU·up or attention), which only a linear reads".into(),
+    }
+}
+
 /// Everything a run needs of a device: its compute ops, its generation cache and the way its
 /// weights reach it. Code that needs only one part bounds on that part.
 pub trait Backend: Ops + KvCache + WeightStream {}

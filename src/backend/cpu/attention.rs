@@ -25,7 +25,7 @@ use super::gemm::{self, Kernel};
 use super::elem::Elem;
 use super::kv_cache::CacheView;
 use super::route::CpuRoute;
-use super::{round, vmath, Mat, SendPtr};
+use super::{gemm_bf16, round, vmath, Mat, SendPtr};
 use crate::backend::AttnShape;
 use crate::token_tree::AttnSpan;
 use rayon::prelude::*;
@@ -42,6 +42,8 @@ pub(super) const ATTN_BLOCK: usize = 64;
 thread_local! {
     /// Each worker's (B, K) scores buffer, kept between blocks and calls: grown, never refilled.
     pub(super) static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each worker's (B, H·D) block output before it is rounded into bf16 rows (`Bf16Dot`).
+    static BLOCK_OUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Every KV head's keys and values in gemm.rs's panels, for the blocks' products.
@@ -94,19 +96,21 @@ fn is_decode(blocks: &[(usize, usize)]) -> bool {
 
 /// out (T, H·D) = softmax(q kᵀ / √D over each row's spans) v; q (T, H·D), k and v (S, KV·D) in
 /// the type they are kept in (f32, or a generation cache's narrower one); shapes as
-/// `shapes::attention` checked them. Rounded as `route` rounds (see the module doc), the output
-/// itself left to the op.
-pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], route: CpuRoute) -> Mat {
+/// `shapes::attention` checked them. Rounded as `route` rounds (see the module doc), the f32
+/// output itself left to the op; with `as_rows`, a `Bf16Dot` prefill returns it rounded, as
+/// the bf16 rows the output projection multiplies (never written whole as f32).
+pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], route: CpuRoute, as_rows: bool) -> Mat {
     let blocks = query_blocks(spans);
     if is_decode(&blocks) {
         return super::decode::decode_attention(q, k, v, s, spans, &blocks, route.rounds());
     }
+    let as_rows = as_rows && route == CpuRoute::Bf16Dot;
     // The micro-kernel packs f32: a narrower cache (rows after a cached prompt) is widened first.
     match (E::as_f32(k.data), E::as_f32(v.data)) {
-        (Some(kd), Some(vd)) => prefill(q, CacheView { rows: k.rows, cols: k.cols, data: kd }, CacheView { rows: v.rows, cols: v.cols, data: vd }, s, spans, &blocks, route),
+        (Some(kd), Some(vd)) => prefill(q, CacheView { rows: k.rows, cols: k.cols, data: kd }, CacheView { rows: v.rows, cols: v.cols, data: vd }, s, spans, &blocks, route, as_rows),
         _ => {
             let (k, v) = (k.widen(), v.widen());
-            prefill(q, (&k).into(), (&v).into(), s, spans, &blocks, route)
+            prefill(q, (&k).into(), (&v).into(), s, spans, &blocks, route, as_rows)
         }
     }
 }
@@ -114,7 +118,7 @@ pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: A
 /// `attention` of calls with a block of more than FEW_QUERY_ROWS rows: its products read the
 /// packed K and V (every block's, on the bf16 routes: only the packed K and V are rounded).
 #[allow(clippy::too_many_arguments)]
-fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)], route: CpuRoute) -> Mat {
+fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)], route: CpuRoute, as_rows: bool) -> Mat {
     let (h, d) = (s.heads, s.head_dim);
     let packed = match route {
         CpuRoute::Bf16Dot => Packed::Bf16(bf16::PackedKv::new(k, v, s)),
@@ -123,25 +127,51 @@ fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &
     // The widened route multiplies q's bf16 values; `Bf16Dot` rounds each block's rows itself.
     let q = super::rounded_if(q, route == CpuRoute::Bf16Widened);
     let q = &*q;
-    let len = q.rows * h * d;
-    let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
     // Work items: blocks of query rows of one document, every head; each writes its own rows of
-    // out, and every row attends at least its own key, so all of out is written. The block's
-    // intervals are worked out once for its heads.
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    blocks.par_iter().for_each(|&(t0, t1)| {
+    // out (at `out`, the block's first row, rows H·D apart), and every row attends at least its
+    // own key, so all of them are written. The block's intervals are worked out once for its heads.
+    let run_block = |t0: usize, t1: usize, out: SendPtr| {
         SCORES.with(|scores| {
             let mut scores = scores.borrow_mut();
             let b = Block::new(spans, s, t0, t1, route.rounds());
             for hh in 0..h {
-                // SAFETY: blocks are disjoint in rows, so no two items write the same element.
-                unsafe { block_head(q, k, v, &packed, s, &b, hh, out_ptr, &mut scores) };
+                // SAFETY: out's rows are this item's alone (the caller's contract).
+                unsafe { block_head(q, k, v, &packed, s, &b, hh, out, &mut scores) };
             }
-        });
+        })
+    };
+    if as_rows {
+        // The output projection's bf16 rows: each block's rows made in a scratch and rounded
+        // into them while in cache, never written whole as f32 (the op's rounding, done here).
+        // SAFETY: every block's rows are rounded whole into its part of the rows.
+        let rows = unsafe {
+            gemm_bf16::Rows::from_blocks(q.rows, h * d, blocks, |t0, kp, part| {
+                BLOCK_OUT.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    let rows = part.len() / kp;
+                    if buf.len() < rows * h * d {
+                        buf.resize(rows * h * d, 0.0);
+                    }
+                    run_block(t0, t0 + rows, SendPtr(buf.as_mut_ptr()));
+                    for (dst, src) in part.chunks_exact_mut(kp).zip(buf.chunks_exact(h * d)) {
+                        round::round_into_uninit(src, &mut dst[..h * d]);
+                    }
+                })
+            })
+        };
+        return Mat::narrow(rows, (q.rows, h * d));
+    }
+    let len = q.rows * h * d;
+    let mut out: Vec<f32> = Vec::with_capacity(len); // (T, H·D)
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    // SAFETY: blocks are disjoint in rows, so no two items write the same element.
+    blocks.par_iter().for_each(|&(t0, t1)| {
+        let out = out_ptr; // the whole SendPtr into the closure, not its raw field
+        run_block(t0, t1, SendPtr(unsafe { out.0.add(t0 * h * d) }))
     });
     // SAFETY: the blocks cover rows [0, T) for every head, each writing its (rows, D) slice.
     unsafe { out.set_len(len) };
-    Mat { rows: q.rows, cols: h * d, data: out }
+    Mat::new(q.rows, h * d, out)
 }
 
 /// The keys rows [t0, t1) can see: from their first row's first key to one past the last any
@@ -257,7 +287,8 @@ fn attended_runs(intervals: &[Intervals], nk: usize, nr: usize) -> Vec<(usize, u
 /// unnormalised through p·v and its output scaled by 1/Σ after: D values, not the row's keys.
 ///
 /// # Safety
-/// `out` points to (q.rows, H·D) floats, and no other caller writes the block's rows of head hh.
+/// `out` points to the block's first row of (rows, H·D) floats, and no other caller writes the
+/// block's rows of head hh.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Packed, s: AttnShape, b: &Block, hh: usize, out: SendPtr, scratch: &mut Vec<f32>) {
     let (h, d) = (s.heads, s.head_dim);
@@ -314,8 +345,8 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
         }
         row[iv[2].1..].fill(0.0);
     }
-    // The block's rows of head hh in out: row i at out + (t0 + i)·H·D + hh·D.
-    let out_row = |i: usize| std::slice::from_raw_parts_mut(out.0.add((t0 + i) * h * d + hh * d), d);
+    // The block's rows of head hh in out: row i at out + i·H·D + hh·D.
+    let out_row = |i: usize| std::slice::from_raw_parts_mut(out.0.add(i * h * d + hh * d), d);
     match (b.gemm, packed) {
         (true, Packed::F32(packed)) => {
             let nr = kernel.nr();
@@ -324,13 +355,13 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
                 // vᵀ's panels are keys_len deep, read from key k0 + c0; p's row is 0 outside its
                 // intervals (between the runs included), so the depth stops at its rows' last
                 // attended key. The first run writes out (even at depth 0), the others add to it.
-                gemm::matmul_tiles(kernel, scores.as_ptr().add(c0), nk, rows, c1 - c0, packed.values[kv].as_ptr().add((k0 + c0) * nr), packed.keys_len * nr, d, out.0.add(t0 * h * d + hh * d), h * d, i > 0, |r0, r1| {
+                gemm::matmul_tiles(kernel, scores.as_ptr().add(c0), nk, rows, c1 - c0, packed.values[kv].as_ptr().add((k0 + c0) * nr), packed.keys_len * nr, d, out.0.add(hh * d), h * d, i > 0, |r0, r1| {
                     (d, b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0))
                 });
             }
         }
         // SAFETY: as above; the caller's contract is bf16.rs's.
-        (true, Packed::Bf16(packed)) => packed.weighted(scores, b, kv, out.0.add(t0 * h * d + hh * d), h * d),
+        (true, Packed::Bf16(packed)) => packed.weighted(scores, b, kv, out.0.add(hh * d), h * d),
         (false, _) => {
             let vbase = k0 * v.cols + kv * d;
             for (i, row) in scores.chunks(nk).enumerate() {

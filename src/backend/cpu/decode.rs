@@ -140,7 +140,7 @@ pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E
         }
         i = j;
     }
-    Mat { rows: q.rows, cols: h * d, data: out }
+    Mat::new(q.rows, h * d, out)
 }
 
 /// Calls `f(j0, n, kv)` for each sub-block [j0, j0 + n) of rows [a, b) of the cache `m`

@@ -13,6 +13,7 @@ use super::gemm::{self, Dest, Init, Out, KC, MC};
 use super::{round, vmath};
 use half::bf16;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Columns of out per tile: two zmm of f32 accumulators per row.
 pub(super) const NR: usize = 32;
@@ -94,6 +95,7 @@ pub(super) fn unpack_row(packed: &[bf16], k: usize, j: usize, out: &mut Vec<f32>
 }
 
 /// x (T, K) rounded to bf16, each row padded to Kp with a zero: the left operand.
+#[derive(Clone, Debug, PartialEq)]
 pub(super) struct Rows {
     data: Vec<bf16>,
     rows: usize,
@@ -101,30 +103,76 @@ pub(super) struct Rows {
 }
 
 impl Rows {
-    /// Rows of this many values or more are rounded as one parallel item: smaller ones cost more
-    /// to hand out than to round.
+    /// Rows of this many values or more are made as one parallel item: smaller ones cost more
+    /// to hand out than to make.
     const CHUNK: usize = 1 << 14;
 
     pub(super) fn round(x: &[f32], t: usize, k: usize) -> Rows {
+        // SAFETY: round_into_uninit writes all k values of each row.
+        unsafe { Rows::from_fn(t, k, |i, values| round::round_into_uninit(&x[i * k..][..k], values)) }
+    }
+
+    /// (t, k) rows whose row i `row(i, values)` writes, in parallel: an op writing its output
+    /// straight into the GEMM's operand.
+    ///
+    /// # Safety
+    /// `row` writes every one of its k values (they start uninitialised).
+    pub(super) unsafe fn from_fn(t: usize, k: usize, row: impl Fn(usize, &mut [MaybeUninit<bf16>]) + Sync) -> Rows {
         let (kp, len) = (pairs_depth(k), t * pairs_depth(k));
         // Not zero-filled first: that was one thread's memset of the whole buffer (3% of a bf16
         // scoring run's wall, the other core waiting), and each value is written below anyway.
         let mut data: Vec<bf16> = Vec::with_capacity(len);
         if k > 0 {
             let per = Self::CHUNK.div_ceil(k);
-            data.spare_capacity_mut()[..len].par_chunks_mut(kp * per).zip(x[..t * k].par_chunks(k * per)).for_each(|(d, s)| {
-                for (d, s) in d.chunks_exact_mut(kp).zip(s.chunks_exact(k)) {
+            data.spare_capacity_mut()[..len].par_chunks_mut(kp * per).enumerate().for_each(|(c, d)| {
+                for (i, d) in d.chunks_exact_mut(kp).enumerate() {
                     let (values, pad) = d.split_at_mut(k);
-                    round::round_into_uninit(s, values);
+                    row(c * per + i, values);
                     pad.iter_mut().for_each(|p| {
                         p.write(bf16::ZERO);
                     });
                 }
             });
         }
-        // SAFETY: each of the t rows' k values and kp - k pads was written above (k = 0: len = 0).
+        // SAFETY: each of the t rows' k values (by `row`'s contract) and kp - k pads was written
+        // above (k = 0: len = 0).
         unsafe { data.set_len(len) };
         Rows { data, rows: t, kp }
+    }
+
+    /// (t, k) rows made by blocks of rows in parallel: `fill(t0, kp, rows)` writes the k values
+    /// of each of the block's rows, rows[i·kp..][..k] being row t0 + i (the pads are written
+    /// after). `blocks` are [t0, t1) ranges covering [0, t) in order.
+    ///
+    /// # Safety
+    /// `fill` writes every one of those values (they start uninitialised).
+    pub(super) unsafe fn from_blocks(t: usize, k: usize, blocks: &[(usize, usize)], fill: impl Fn(usize, usize, &mut [MaybeUninit<bf16>]) + Sync) -> Rows {
+        let (kp, len) = (pairs_depth(k), t * pairs_depth(k));
+        assert!(blocks.first().is_none_or(|b| b.0 == 0) && blocks.windows(2).all(|w| w[0].1 == w[1].0) && blocks.last().map_or(0, |b| b.1) == t, "blocks cover the rows in order");
+        let mut data: Vec<bf16> = Vec::with_capacity(len);
+        let mut parts = Vec::with_capacity(blocks.len());
+        let mut rest = &mut data.spare_capacity_mut()[..len];
+        for &(t0, t1) in blocks {
+            let (part, tail) = rest.split_at_mut((t1 - t0) * kp);
+            parts.push((t0, part));
+            rest = tail;
+        }
+        parts.into_par_iter().for_each(|(t0, part)| {
+            fill(t0, kp, part);
+            for row in part.chunks_exact_mut(kp.max(1)) {
+                row[k..].iter_mut().for_each(|p| {
+                    p.write(bf16::ZERO);
+                });
+            }
+        });
+        // SAFETY: the blocks cover the t rows; `fill` wrote each one's k values, the pads above.
+        data.set_len(len);
+        Rows { data, rows: t, kp }
+    }
+
+    /// Row i's k values, widened (exactly): the f32 matrix these rows hold.
+    pub(super) fn widen(&self, k: usize) -> Vec<f32> {
+        self.data.par_chunks(self.kp.max(1)).take(self.rows).flat_map_iter(|r| r[..k].iter().map(|v| v.to_f32())).collect()
     }
 }
 

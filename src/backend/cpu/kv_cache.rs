@@ -30,7 +30,7 @@ impl<E: Elem> CacheView<'_, E> {
     pub(super) fn widen(&self) -> Mat {
         let mut data = Vec::new();
         gemm::widen_into(Kernel::detect(), self.data, &mut data);
-        Mat { rows: self.rows, cols: self.cols, data }
+        Mat::new(self.rows, self.cols, data)
     }
 }
 

@@ -21,7 +21,7 @@ fn weight(shape: &[usize], seed: u64) -> CpuWeight {
 }
 
 fn mat(rows: usize, cols: usize, seed: u64) -> Mat {
-    Mat { rows, cols, data: rand_vec(rows * cols, seed) }
+    Mat::new(rows, cols, rand_vec(rows * cols, seed))
 }
 
 fn assert_close(a: &[f32], b: &[f32], tol: f32) {
@@ -419,7 +419,7 @@ fn log_softmax_at_matches_f64_over_a_vocabulary_row() {
     // A 49 152-wide row (SmolLM2's vocabulary) with logits spread like a model's: the f32
     // exponentials summed in blocks stay within 1e-6 nats of an f64 log-sum-exp.
     let b = CpuBackend::new();
-    let logits = Mat { rows: 2, cols: 49_152, data: (0..2 * 49_152).map(|i| ((i * 7919) % 2003) as f32 * 0.01 - 12.0).collect() };
+    let logits = Mat::new(2, 49_152, (0..2 * 49_152).map(|i| ((i * 7919) % 2003) as f32 * 0.01 - 12.0).collect());
     let got = b.log_softmax_at(&logits, &[5, 49_151]).unwrap();
     for (r, &t) in [5usize, 49_151].iter().enumerate() {
         let row = logits.row(r);
@@ -434,7 +434,7 @@ fn norms_of_wide_rows_with_an_offset_match_f64() {
     // 577 columns (72 chunks of the 8 f64 partial sums and a tail), values around 100 so the
     // variance is a small difference of large numbers.
     let b = CpuBackend::new();
-    let x = Mat { rows: 2, cols: 577, data: (0..2 * 577).map(|i| 100.0 + ((i * 37) % 101) as f32 * 0.01).collect() };
+    let x = Mat::new(2, 577, (0..2 * 577).map(|i| 100.0 + ((i * 37) % 101) as f32 * 0.01).collect());
     let w = CpuWeight::new(vec![577], vec![1.0; 577]);
     let zero = CpuWeight::new(vec![577], vec![0.0; 577]);
     let ln = b.layer_norm(&x, &w, &zero, 1e-5).unwrap();
@@ -611,7 +611,7 @@ fn attention_over_a_kept_prompt_kept_paths_and_own_rows() {
         // Rows one at a time (dot products), each over all the keys up to its own.
         for r in [0, 9, 30, t - 1] {
             let one = AttnShape { key_offset: kept + r, ..shape };
-            let q1 = Mat { rows: 1, cols: q.cols, data: q.row(r).to_vec() };
+            let q1 = Mat::new(1, q.cols, q.row(r).to_vec());
             let out1 = b.attention(&q1, &k, &v, one, &spans[r..r + 1]).unwrap();
             assert_close(&out1.data, out.row(r), 1e-5);
         }
@@ -671,7 +671,7 @@ fn rows_and_concat_rows_copy_in_order() {
 
 /// x with every value rounded to f16 and back: what an f16 cache holds of it.
 fn rounded_to_f16(x: &Mat) -> Mat {
-    Mat { rows: x.rows, cols: x.cols, data: x.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() }
+    Mat::new(x.rows, x.cols, x.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect())
 }
 
 #[test]
@@ -688,7 +688,7 @@ fn caches_grow_in_place_to_what_concat_rows_makes_and_regroup_by_rows() {
         let want = if dtype == KvDtype::F16 { rounded_to_f16(&want) } else { want };
         let widened = |c: &CpuCache| match c {
             CpuCache::F32(m) => m.clone(),
-            CpuCache::F16 { rows, cols, data } => Mat { rows: *rows, cols: *cols, data: data.iter().map(|x| x.to_f32()).collect() },
+            CpuCache::F16 { rows, cols, data } => Mat::new(*rows, *cols, data.iter().map(|x| x.to_f32()).collect()),
         };
         assert_eq!(widened(&cache), want, "{dtype}");
         assert_eq!(b.cache_len(&cache), want.rows);
@@ -716,8 +716,8 @@ fn attention_over_an_f16_cache_matches_reference_over_its_rounded_values() {
             let new = spans.len();
             let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: d, key_offset: cached };
             let (q, k, v) = (mat(new, 6 * d, 90), mat(cached + new, 2 * d, 91), mat(cached + new, 2 * d, 92));
-            let head = |m: &Mat| Mat { rows: cached, cols: m.cols, data: m.data[..cached * m.cols].to_vec() };
-            let tail = |m: &Mat| Mat { rows: new, cols: m.cols, data: m.data[cached * m.cols..].to_vec() };
+            let head = |m: &Mat| Mat::new(cached, m.cols, m.data[..cached * m.cols].to_vec());
+            let tail = |m: &Mat| Mat::new(new, m.cols, m.data[cached * m.cols..].to_vec());
             let (mut ck, mut cv) = (b.cache_from(head(&k)).unwrap(), b.cache_from(head(&v)).unwrap());
             b.cache_append(&mut ck, &tail(&k)).unwrap();
             b.cache_append(&mut cv, &tail(&v)).unwrap();
@@ -902,8 +902,8 @@ fn bf16_routes_round_gemm_inputs_where_cuda_does() {
         let parts = b.linear_residual(&fused, &down, Some(&down_bias), res).unwrap();
         assert_eq!(whole.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), parts.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{route}: swiglu_residual");
         let ones = CpuWeight::new(vec![k], vec![1.0; k]);
-        assert!(is_bf16(&b.rms_norm(&x, &ones, 1e-5).unwrap().data), "{route}: rms_norm rounded");
-        assert!(is_bf16(&b.layer_norm(&x, &ones, &CpuWeight::new(vec![k], vec![0.5; k]), 1e-5).unwrap().data), "{route}: layer_norm rounded");
+        assert!(is_bf16(&b.rms_norm(&x, &ones, 1e-5).unwrap().values()), "{route}: rms_norm rounded");
+        assert!(is_bf16(&b.layer_norm(&x, &ones, &CpuWeight::new(vec![k], vec![0.5; k]), 1e-5).unwrap().values()), "{route}: layer_norm rounded");
         let mut gl = x.clone();
         b.gelu(&mut gl).unwrap();
         assert!(is_bf16(&gl.data), "{route}: gelu rounded");
@@ -911,11 +911,66 @@ fn bf16_routes_round_gemm_inputs_where_cuda_does() {
         let (q, kk, v) = (mat(6, 16, 96), mat(6, 8, 97), mat(6, 8, 98));
         let att = b.attention(&q, &kk, &v, s, &vec![AttnSpan::causal(0); 6]).unwrap();
         // Its values: `bf16_prefill_attention_rounds_where_cuda_does`.
-        assert!(is_bf16(&att.data), "{route}: attention rounded");
+        assert!(is_bf16(&att.values()) && att.values().len() == 6 * 16, "{route}: attention rounded");
         outputs.push(got);
     }
     for o in &outputs[1..] {
         assert_close(&o.data, &outputs[0].data, 1e-5);
+    }
+}
+
+/// On `Bf16Dot`, a norm's or attention's output is held as the bf16 rows its GEMM multiplies
+/// (`Mat::narrow`): the values the rounding routes give, which `download` widens and every
+/// linear reads as it reads those values; the ops that read f32 values refuse it by name.
+#[test]
+fn bf16_dot_holds_norm_and_attention_outputs_as_gemm_rows() {
+    if !CpuRoute::available(crate::backend::ComputeDtype::Bf16).contains(&CpuRoute::Bf16Dot) {
+        println!("skipped: no AVX512-BF16");
+        return;
+    }
+    let (dot, widened) = (CpuBackend::with_route(KvDtype::F32, CpuRoute::Bf16Dot), CpuBackend::with_route(KvDtype::F32, CpuRoute::Bf16Widened));
+    let (t, c, n) = (37, 131, 70); // odd C: the rows' padded last pair
+    let x = mat(t, c, 110);
+    let (w, shift) = (weight(&[c], 111), weight(&[c], 112));
+    let s = AttnShape { heads: 2, kv_heads: 1, head_dim: 8, key_offset: 0 };
+    let (q, k, v) = (mat(t, 16, 113), mat(t, 8, 114), mat(t, 8, 115));
+    let spans = vec![AttnSpan::causal(0); t];
+    let host = |shape: &[usize], seed| HostTensor::from_f32(shape.to_vec(), &rand_vec(shape.iter().product(), seed));
+    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let outputs = |b: &CpuBackend| [b.rms_norm(&x, &w, 1e-5).unwrap(), b.layer_norm(&x, &w, &shift, 1e-5).unwrap(), b.attention(&q, &k, &v, s, &spans).unwrap()];
+    let (held, plain) = (outputs(&dot), outputs(&widened));
+    for (name, (h, p)) in ["rms_norm", "layer_norm", "attention"].iter().zip(held.iter().zip(&plain)) {
+        assert!(h.narrow.is_some() && h.data.is_empty() && p.narrow.is_none(), "{name}: held as rows on Bf16Dot only");
+        assert_eq!((h.rows, h.cols), (p.rows, p.cols), "{name}");
+        if *name != "attention" {
+            // The same rounded values (attention's sums differ in order between the routes:
+            // `bf16_prefill_attention_rounds_where_cuda_does` checks both against f64).
+            assert_eq!(bits(&dot.download(h).unwrap()), bits(&p.data), "{name}: the rounding routes' values");
+        }
+        // Every GEMM reads the held rows as it reads their values as f32.
+        let as_f32 = Mat::new(h.rows, h.cols, dot.download(h).unwrap());
+        let wt = dot.upload_weight(&host(&[n, h.cols], 116)).unwrap();
+        assert_eq!(bits(&dot.linear(h, &wt, None).unwrap().data), bits(&dot.linear(&as_f32, &wt, None).unwrap().data), "{name}: linear");
+        let res = mat(h.rows, n, 117);
+        assert_eq!(bits(&dot.linear_residual(h, &wt, None, res.clone()).unwrap().data), bits(&dot.linear_residual(&as_f32, &wt, None, res).unwrap().data), "{name}: linear_residual");
+        let [a, _] = dot.linear_split(h, &wt, None, [64, n - 64]).unwrap();
+        assert_eq!(bits(&a.data), bits(&dot.linear_split(&as_f32, &wt, None, [64, n - 64]).unwrap()[0].data), "{name}: linear_split");
+        let wu = dot.upload_weight(&host(&[n, h.cols], 118)).unwrap();
+        assert_eq!(bits(&dot.linear_silu_mul(h, &wt, None, &wu, None).unwrap().data), bits(&dot.linear_silu_mul(&as_f32, &wt, None, &wu, None).unwrap().data), "{name}: linear_silu_mul");
+        // Only GEMMs read them.
+        let refusals = [
+            ("add", dot.add(&mut h.clone(), &as_f32).err()),
+            ("add", dot.add(&mut as_f32.clone(), h).err()),
+            ("cols", dot.cols(h, 0, 1).err()),
+            ("rows", dot.rows(h, &[0]).err()),
+            ("gelu", dot.gelu(&mut h.clone()).err()),
+            ("rms_norm", dot.rms_norm(h, &weight(&[h.cols], 119), 1e-5).err()),
+            ("log_softmax_at", dot.log_softmax_at(h, &vec![0; h.rows]).err()),
+        ];
+        for (op, e) in refusals {
+            let e = e.map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(op) && e.contains("bf16 activation"), "{name} into {op}: {e}");
+        }
     }
 }
 
@@ -998,8 +1053,8 @@ fn assert_bf16_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnS
     let (k16, v16) = (narrow(&k), narrow(&v));
     for route in CpuRoute::available(ComputeDtype::Bf16) {
         let got = match f16_cache {
-            false => super::attention::attention(q, (&k).into(), (&v).into(), s, spans, route),
-            true => super::attention::attention(q, kv_cache::CacheView { rows: k.rows, cols: k.cols, data: &k16[..] }, kv_cache::CacheView { rows: v.rows, cols: v.cols, data: &v16[..] }, s, spans, route),
+            false => super::attention::attention(q, (&k).into(), (&v).into(), s, spans, route, false),
+            true => super::attention::attention(q, kv_cache::CacheView { rows: k.rows, cols: k.cols, data: &k16[..] }, kv_cache::CacheView { rows: v.rows, cols: v.cols, data: &v16[..] }, s, spans, route, false),
         };
         let mut worst = 0f64;
         for (i, ((g, w), b)) in got.data.iter().zip(&want).zip(&bound).enumerate() {
@@ -1008,9 +1063,11 @@ fn assert_bf16_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnS
         }
         eprintln!("{what}, {route}: worst |error| / bound {worst:.3}");
         if !f16_cache {
+            // The op's output (on Bf16Dot the bf16 rows the output projection reads) is those
+            // products rounded, bit for bit.
             let op = CpuBackend::with_route(KvDtype::F32, route).attention(q, &k, &v, s, spans).unwrap();
             let rounded: Vec<u32> = got.data.iter().map(|&x| round::round_f32(x).to_bits()).collect();
-            assert_eq!(op.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), rounded, "{what}, {route}: the op's output is the products' rounded to bf16");
+            assert_eq!(op.values().iter().map(|x| x.to_bits()).collect::<Vec<_>>(), rounded, "{what}, {route}: the op's output is the products' rounded to bf16");
         }
     }
 }

@@ -253,6 +253,14 @@ fn scale_gain_rounded_body(x: &[f32], inv: f32, w: &[f32], out: &mut [MaybeUnini
     }
 }
 
+/// `scale_gain_body` rounded into bf16: a norm's output as the bf16 GEMM's operand.
+#[inline(always)]
+fn scale_gain_bf16_body(x: &[f32], inv: f32, w: &[f32], out: &mut [MaybeUninit<half::bf16>]) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        o.write(super::round::round(v * inv * g));
+    }
+}
+
 /// head (D) <- its rotate-half rotation: pair (i, i + D/2) turns by the angle of cos[i], sin[i].
 #[inline(always)]
 fn rotate_half_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -428,6 +436,10 @@ dispatch!(
 dispatch!(
     /// out = x · inv · w elementwise (RMSNorm's output row; out may start uninitialised).
     scale_gain, scale_gain_avx2, scale_gain_avx512, scale_gain_body, (x: &[f32], inv: f32, w: &[f32], out: &mut [MaybeUninit<f32>]) -> ()
+);
+dispatch!(
+    /// `scale_gain`, each value rounded into bf16.
+    scale_gain_bf16, scale_gain_bf16_avx2, scale_gain_bf16_avx512, scale_gain_bf16_body, (x: &[f32], inv: f32, w: &[f32], out: &mut [MaybeUninit<half::bf16>]) -> ()
 );
 dispatch!(
     /// `scale_gain`, each value rounded to bf16 as it is written.

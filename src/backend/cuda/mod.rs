@@ -68,14 +68,14 @@ impl CudaAct {
     pub(crate) fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
         match &self.buf {
             ActBuf::F32(b) => Ok(b),
-            ActBuf::Bf16(_) => Err(bf16_input(op)),
+            ActBuf::Bf16(_) => Err(super::bf16_input(op)),
         }
     }
 
     pub(crate) fn f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>> {
         match &mut self.buf {
             ActBuf::F32(b) => Ok(b),
-            ActBuf::Bf16(_) => Err(bf16_input(op)),
+            ActBuf::Bf16(_) => Err(super::bf16_input(op)),
         }
     }
 
@@ -85,12 +85,6 @@ impl CudaAct {
     }
 }
 
-fn bf16_input(op: &'static str) -> BackendError {
-    BackendError::Shape {
-        op,
-        msg: "input is a bf16 activation (the output of a norm, GELU, SiLU·up or attention), which only a linear reads".into(),
-    }
-}
 
 pub(crate) enum WeightBuf {
     /// 2+ dims, row-major

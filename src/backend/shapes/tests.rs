@@ -9,7 +9,7 @@ use crate::backend::cpu::{CpuBackend, CpuWeight, Mat};
 use crate::backend::{KvCache, Ops};
 
 fn m(rows: usize, cols: usize) -> Mat {
-    Mat { rows, cols, data: (0..rows * cols).map(|i| (i % 7) as f32 * 0.125).collect() }
+    Mat::new(rows, cols, (0..rows * cols).map(|i| (i % 7) as f32 * 0.125).collect())
 }
 
 fn w(shape: &[usize]) -> CpuWeight {
