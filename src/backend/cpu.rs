@@ -514,7 +514,8 @@ impl super::Kernels for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut Mat, up: &Mat) -> Result<()> {
-        (gate.f32("silu_mul")?, up.f32("silu_mul")?);
+        gate.f32("silu_mul")?;
+        up.f32("silu_mul")?;
         let round = self.route.rounds();
         gate.data.par_chunks_mut(ELEMWISE_CHUNK).zip(up.data.par_chunks(ELEMWISE_CHUNK)).for_each(|(g, u)| {
             vmath::silu_mul_slice(g, u);
@@ -526,7 +527,8 @@ impl super::Kernels for CpuBackend {
     }
 
     fn add(&self, x: &mut Mat, y: &Mat) -> Result<()> {
-        (x.f32("add")?, y.f32("add")?);
+        x.f32("add")?;
+        y.f32("add")?;
         x.data.par_iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
         Ok(())
     }
