@@ -368,14 +368,15 @@ pub(super) fn pack_rows_rounded(src: &[f32], n: usize, k: usize, ld: usize) -> V
 pub(super) fn pack_cols_rounded(src: &[f32], k: usize, n: usize, ld: usize) -> Vec<bf16> {
     let kp = pairs_depth(k);
     let mut out = vec![bf16::ZERO; packed_len(n, k)];
+    let zeros = [0f32; NR];
     if kp > 0 {
         for (p, panel) in out.chunks_exact_mut(kp * NR).enumerate() {
             let (c0, width) = (p * NR, NR.min(n - p * NR));
-            for kk in 0..k {
-                let at = kk / 2 * 2 * NR + kk % 2;
-                for (lane, &v) in src[kk * ld + c0..][..width].iter().enumerate() {
-                    panel[at + 2 * lane] = round::round(v);
-                }
+            // Panel row `pair`: keys 2·pair and 2·pair + 1 (past an odd count, 0) of each column.
+            for (pair, row) in panel.chunks_exact_mut(2 * NR).enumerate() {
+                let (k0, k1) = (2 * pair, 2 * pair + 1);
+                let second = if k1 < k { &src[k1 * ld + c0..][..width] } else { &zeros[..width] };
+                round::round_pairs_into(&src[k0 * ld + c0..][..width], second, &mut row[..2 * width]);
             }
         }
     }

@@ -47,6 +47,14 @@ fn round_into_body(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     });
 }
 
+#[inline(always)]
+fn round_pairs_into_body(a: &[f32], b: &[f32], dst: &mut [bf16]) {
+    dst.chunks_exact_mut(2).zip(a.iter().zip(b)).for_each(|(d, (&a, &b))| {
+        d[0] = round(a);
+        d[1] = round(b);
+    });
+}
+
 // The baseline build's copies of these loops are SSE2, 4 lanes with packing shuffles: 3% of a
 // bf16 scoring run's wall (perf), where the AVX-512 copies are a few instructions per 16.
 dispatch!(
@@ -56,6 +64,12 @@ dispatch!(
 dispatch!(
     /// dst[i] = src[i] rounded to bf16, dst written whole (it may start uninitialised).
     round_into_uninit, round_into_avx2, round_into_avx512, round_into_body, (src: &[f32], dst: &mut [MaybeUninit<bf16>]) -> ()
+);
+
+dispatch!(
+    /// (dst[2i], dst[2i + 1]) = (a[i], b[i]) rounded to bf16: two rows interleaved, as a pair
+    /// panel holds two consecutive depths of each column.
+    round_pairs_into, round_pairs_into_avx2, round_pairs_into_avx512, round_pairs_into_body, (a: &[f32], b: &[f32], dst: &mut [bf16]) -> ()
 );
 
 /// dst[i] = src[i] rounded to bf16.
@@ -106,6 +120,19 @@ mod tests {
             for (i, &v) in x.iter().enumerate() {
                 assert_eq!(y[i].to_bits(), round_f32(v).to_bits(), "len {len} at {i}");
                 assert_eq!(z[i].to_bits(), bf16::from_f32(v).to_bits(), "len {len} at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn pairs_interleave_two_rows_rounded() {
+        for len in [0, 1, 15, 16, 17, 33] {
+            let a: Vec<f32> = (0..len).map(|i| i as f32 * 0.377 - 3.1).collect();
+            let b: Vec<f32> = (0..len).map(|i| f32::from_bits(0x3f80_8000 + i as u32)).collect();
+            let mut d = vec![bf16::ZERO; 2 * len];
+            round_pairs_into(&a, &b, &mut d);
+            for i in 0..len {
+                assert_eq!([d[2 * i].to_bits(), d[2 * i + 1].to_bits()], [bf16::from_f32(a[i]).to_bits(), bf16::from_f32(b[i]).to_bits()], "len {len} at {i}");
             }
         }
     }
