@@ -483,7 +483,15 @@ impl super::Kernels for CpuBackend {
 
     fn attention_cached(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
         let q = q.f32("attention_cached")?;
-        self.attend_cache(q, k, v, s, spans).map(|o| self.rounded(o))
+        let out = match (k, v) {
+            (CpuCache::F32(k), CpuCache::F32(v)) => attention::attention(q, k.into(), v.into(), s, spans, self.route, true),
+            (CpuCache::F16 { rows, cols, data: kd }, CpuCache::F16 { rows: vr, cols: vc, data: vd }) => {
+                let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
+                attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans, self.route, true)
+            }
+            _ => return Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
+        };
+        Ok(self.rounded(out))
     }
 
     fn cache_from(&self, x: Mat) -> Result<CpuCache> {
@@ -611,18 +619,6 @@ impl CpuBackend {
             out.set_len(len);
         }
         Ok(Mat::new(x.rows, n, out))
-    }
-
-    /// `attention_cached` before an f32 output is rounded (`attention::attention` with `as_rows`).
-    fn attend_cache(&self, q: &Mat, k: &CpuCache, v: &CpuCache, s: AttnShape, spans: &[AttnSpan]) -> Result<Mat> {
-        match (k, v) {
-            (CpuCache::F32(k), CpuCache::F32(v)) => Ok(attention::attention(q, k.into(), v.into(), s, spans, self.route, true)),
-            (CpuCache::F16 { rows, cols, data: kd }, CpuCache::F16 { rows: vr, cols: vc, data: vd }) => {
-                let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
-                Ok(attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans, self.route, true))
-            }
-            _ => Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
-        }
     }
 }
 

@@ -145,14 +145,13 @@ fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &
         // into them while in cache, never written whole as f32 (the op's rounding, done here).
         // SAFETY: every block's rows are rounded whole into its part of the rows.
         let rows = unsafe {
-            gemm_bf16::Rows::from_blocks(q.rows, h * d, blocks, |t0, kp, part| {
+            gemm_bf16::Rows::from_blocks(q.rows, h * d, blocks, |(t0, t1), kp, part| {
                 BLOCK_OUT.with(|buf| {
                     let mut buf = buf.borrow_mut();
-                    let rows = part.len() / kp;
-                    if buf.len() < rows * h * d {
-                        buf.resize(rows * h * d, 0.0);
+                    if buf.len() < (t1 - t0) * h * d {
+                        buf.resize((t1 - t0) * h * d, 0.0);
                     }
-                    run_block(t0, t0 + rows, SendPtr(buf.as_mut_ptr()));
+                    run_block(t0, t1, SendPtr(buf.as_mut_ptr()));
                     for (dst, src) in part.chunks_exact_mut(kp).zip(buf.chunks_exact(h * d)) {
                         round::round_into_uninit(src, &mut dst[..h * d]);
                     }

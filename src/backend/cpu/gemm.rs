@@ -201,7 +201,7 @@ impl Dest {
         Dest { parts: [(SendPtr(out), n); MAX_PARTS], len: 1 }
     }
 
-    /// Blocks of the given (start, width), in column order; None when there are more than
+    /// Blocks of the given (first value, width), in column order; None when there are more than
     /// MAX_PARTS or a block but the last is not whole `nr`-column panels (the caller then
     /// writes one matrix and copies the columns out).
     pub(super) fn split(parts: &[(*mut f32, usize)], nr: usize) -> Option<Dest> {

@@ -118,54 +118,45 @@ impl Rows {
     /// # Safety
     /// `row` writes every one of its k values (they start uninitialised).
     pub(super) unsafe fn from_fn(t: usize, k: usize, row: impl Fn(usize, &mut [MaybeUninit<bf16>]) + Sync) -> Rows {
-        let (kp, len) = (pairs_depth(k), t * pairs_depth(k));
-        // Not zero-filled first: that was one thread's memset of the whole buffer (3% of a bf16
-        // scoring run's wall, the other core waiting), and each value is written below anyway.
-        let mut data: Vec<bf16> = Vec::with_capacity(len);
-        if k > 0 {
-            let per = Self::CHUNK.div_ceil(k);
-            data.spare_capacity_mut()[..len].par_chunks_mut(kp * per).enumerate().for_each(|(c, d)| {
-                for (i, d) in d.chunks_exact_mut(kp).enumerate() {
-                    let (values, pad) = d.split_at_mut(k);
-                    row(c * per + i, values);
-                    pad.iter_mut().for_each(|p| {
-                        p.write(bf16::ZERO);
-                    });
-                }
-            });
-        }
-        // SAFETY: each of the t rows' k values (by `row`'s contract) and kp - k pads was written
-        // above (k = 0: len = 0).
-        unsafe { data.set_len(len) };
-        Rows { data, rows: t, kp }
+        let per = Self::CHUNK.div_ceil(k.max(1));
+        let blocks: Vec<(usize, usize)> = (0..t).step_by(per).map(|t0| (t0, (t0 + per).min(t))).collect();
+        // SAFETY: `row` writes each row's k values (the caller's contract).
+        Rows::from_blocks(t, k, &blocks, |(t0, _), kp, part| {
+            for (i, values) in part.chunks_exact_mut(kp.max(1)).enumerate() {
+                row(t0 + i, &mut values[..k]);
+            }
+        })
     }
 
-    /// (t, k) rows made by blocks of rows in parallel: `fill(t0, kp, rows)` writes the k values
-    /// of each of the block's rows, rows[i·kp..][..k] being row t0 + i (the pads are written
-    /// after). `blocks` are [t0, t1) ranges covering [0, t) in order.
+    /// (t, k) rows made by blocks of rows in parallel: `fill((t0, t1), kp, rows)` writes the k
+    /// values of each of the block's rows, rows[i·kp..][..k] being row t0 + i (the pads are
+    /// written after). `blocks` are [t0, t1) ranges covering [0, t) in order.
     ///
     /// # Safety
     /// `fill` writes every one of those values (they start uninitialised).
-    pub(super) unsafe fn from_blocks(t: usize, k: usize, blocks: &[(usize, usize)], fill: impl Fn(usize, usize, &mut [MaybeUninit<bf16>]) + Sync) -> Rows {
+    pub(super) unsafe fn from_blocks(t: usize, k: usize, blocks: &[(usize, usize)], fill: impl Fn((usize, usize), usize, &mut [MaybeUninit<bf16>]) + Sync) -> Rows {
         let (kp, len) = (pairs_depth(k), t * pairs_depth(k));
         assert!(blocks.first().is_none_or(|b| b.0 == 0) && blocks.windows(2).all(|w| w[0].1 == w[1].0) && blocks.last().map_or(0, |b| b.1) == t, "blocks cover the rows in order");
+        // Not zero-filled first: that was one thread's memset of the whole buffer (3% of a bf16
+        // scoring run's wall, the other core waiting), and each value is written below anyway.
         let mut data: Vec<bf16> = Vec::with_capacity(len);
         let mut parts = Vec::with_capacity(blocks.len());
         let mut rest = &mut data.spare_capacity_mut()[..len];
         for &(t0, t1) in blocks {
             let (part, tail) = rest.split_at_mut((t1 - t0) * kp);
-            parts.push((t0, part));
+            parts.push(((t0, t1), part));
             rest = tail;
         }
-        parts.into_par_iter().for_each(|(t0, part)| {
-            fill(t0, kp, part);
+        parts.into_par_iter().for_each(|(block, part)| {
+            fill(block, kp, part);
             for row in part.chunks_exact_mut(kp.max(1)) {
                 row[k..].iter_mut().for_each(|p| {
                     p.write(bf16::ZERO);
                 });
             }
         });
-        // SAFETY: the blocks cover the t rows; `fill` wrote each one's k values, the pads above.
+        // SAFETY: the blocks cover the t rows; `fill` wrote each one's k values, the pads above
+        // (k = 0: len = 0).
         data.set_len(len);
         Rows { data, rows: t, kp }
     }

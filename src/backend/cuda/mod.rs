@@ -85,7 +85,6 @@ impl CudaAct {
     }
 }
 
-
 pub(crate) enum WeightBuf {
     /// 2+ dims, row-major
     Bf16(CudaSlice<u16>),
