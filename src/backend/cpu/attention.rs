@@ -281,6 +281,35 @@ fn attended_runs(intervals: &[Intervals], nk: usize, nr: usize) -> Vec<(usize, u
     runs
 }
 
+/// Each row of scores (rows, nk) in place: e^(s·scale - max·scale) over its intervals (rounded
+/// to bf16 where `round_p`), 0 outside them; the reciprocal of its sum (unrounded) into inv.
+fn softmax(scores: &mut [f32], nk: usize, intervals: &[Intervals], scale: f32, round_p: bool, inv: &mut [f32]) {
+    for ((row, inv), iv) in scores.chunks_mut(nk).zip(inv.iter_mut()).zip(intervals) {
+        let shift = row_max(row, iv) * scale;
+        // Empty intervals left out: their sum, 0, changes no bit of the total.
+        let sum: f32 = iv.iter().filter(|(a, e)| a < e).map(|&(a, e)| vmath::exp_scaled_shift_sum(&mut row[a..e], scale, shift)).sum();
+        *inv = 1.0 / sum;
+        if round_p {
+            iv.iter().for_each(|&(a, e)| round::round_in_place(&mut row[a..e]));
+        }
+        fill_outside(row, iv, 0.0);
+    }
+}
+
+/// The largest score of a row over its intervals.
+fn row_max(row: &[f32], iv: &Intervals) -> f32 {
+    iv.iter().filter(|(a, e)| a < e).map(|&(a, e)| vmath::max(&row[a..e])).fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// row's values outside its intervals (before, between and after them) = zero.
+fn fill_outside<T: Copy>(row: &mut [T], iv: &Intervals, zero: T) {
+    row[..iv[0].0].fill(zero);
+    for w in iv.windows(2) {
+        row[w[0].1..w[1].0].fill(zero);
+    }
+    row[iv[2].1..].fill(zero);
+}
+
 /// Attention of block `b`'s rows for head hh (see the module doc): through `packed` when the
 /// block runs as GEMMs, by dot products otherwise. Each row's probabilities are left
 /// unnormalised through p·v and its output scaled by 1/Σ after: D values, not the row's keys.
@@ -329,25 +358,13 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
         }
     };
     let round_p = matches!(packed, Packed::F32(p) if p.rounded);
-    for ((row, inv), iv) in scores.chunks_mut(nk).zip(inv.iter_mut()).zip(&b.intervals) {
-        let max = iv.iter().map(|&(a, e)| vmath::max(&row[a..e])).fold(f32::NEG_INFINITY, f32::max);
-        let shift = max * score_scale;
-        let sum: f32 = iv.iter().map(|&(a, e)| vmath::exp_scaled_shift_sum(&mut row[a..e], score_scale, shift)).sum();
-        *inv = 1.0 / sum;
-        if round_p {
-            iv.iter().for_each(|&(a, e)| round::round_in_place(&mut row[a..e]));
-        }
-        // The keys it does not attend: before, between and after its intervals.
-        row[..iv[0].0].fill(0.0);
-        for w in iv.windows(2) {
-            row[w[0].1..w[1].0].fill(0.0);
-        }
-        row[iv[2].1..].fill(0.0);
-    }
     // The block's rows of head hh in out: row i at out + i·H·D + hh·D.
     let out_row = |i: usize| std::slice::from_raw_parts_mut(out.0.add(i * h * d + hh * d), d);
     match (b.gemm, packed) {
+        // SAFETY: the caller's contract is bf16.rs's.
+        (true, Packed::Bf16(packed)) => packed.softmax_weighted(scores, b, kv, score_scale, inv, out.0.add(hh * d), h * d),
         (true, Packed::F32(packed)) => {
+            softmax(scores, nk, &b.intervals, score_scale, round_p, inv);
             let nr = kernel.nr();
             for (i, &(c0, c1)) in b.runs.iter().enumerate() {
                 // SAFETY: out's rows t0.. at stride H·D, head hh's D columns, are this call's alone;
@@ -359,9 +376,8 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
                 });
             }
         }
-        // SAFETY: as above; the caller's contract is bf16.rs's.
-        (true, Packed::Bf16(packed)) => packed.weighted(scores, b, kv, out.0.add(hh * d), h * d),
         (false, _) => {
+            softmax(scores, nk, &b.intervals, score_scale, round_p, inv);
             let vbase = k0 * v.cols + kv * d;
             for (i, row) in scores.chunks(nk).enumerate() {
                 // SAFETY: row t's head-hh slice (D) of out is this call's alone (see the contract).

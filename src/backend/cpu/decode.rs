@@ -302,22 +302,10 @@ mod zmm {
         }
         if ROUND {
             for x in x.iter_mut() {
-                *x = round16(*x);
+                *x = super::round::avx512::round16(*x);
             }
         }
         x
-    }
-
-    /// round.rs's rounding to bf16 (nearest, ties to even; a NaN kept a quiet NaN) of 16 lanes.
-    #[inline(always)]
-    unsafe fn round16(x: __m512) -> __m512 {
-        let b = _mm512_castps_si512(x);
-        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
-        let rounded = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), high);
-        let quiet = _mm512_or_si512(_mm512_and_si512(b, high), _mm512_set1_epi32(0x0040_0000));
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-        _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, quiet))
     }
 
     #[inline(always)]

@@ -61,10 +61,63 @@ dispatch!(
     /// Every value of x rounded to bf16, kept as f32: an op's output that only GEMMs read.
     round_in_place, round_in_place_avx2, round_in_place_avx512, round_in_place_body, (x: &mut [f32]) -> ()
 );
-dispatch!(
-    /// dst[i] = src[i] rounded to bf16, dst written whole (it may start uninitialised).
-    round_into_uninit, round_into_avx2, round_into_avx512, round_into_body, (src: &[f32], dst: &mut [MaybeUninit<bf16>]) -> ()
-);
+/// dst[i] = src[i] rounded to bf16, dst written whole (it may start uninitialised).
+pub fn round_into_uninit(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+    let src = &src[..dst.len()];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the copy was compiled for.
+            return unsafe { avx512::round_into(src, dst) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { round_into_avx2(src, dst) };
+        }
+    }
+    round_into_body(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn round_into_avx2(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+    round_into_body(src, dst)
+}
+
+/// The AVX-512 copies written with intrinsics: the callers' slices are short (a head's 64
+/// values, a block's attended keys), where the compiler's vectorised loop (64 wide, unrolled)
+/// seldom ran and its 8-wide remainder loop did the work; here every 16 values, the tail
+/// included (masked), are one vector.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx512 {
+    use half::bf16;
+    use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
+
+    /// `round_f32` of 16 lanes: each the f32 holding its bf16 value.
+    #[inline(always)]
+    pub unsafe fn round16(x: __m512) -> __m512 {
+        let b = _mm512_castps_si512(x);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        let rounded = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), high);
+        let quiet = _mm512_or_si512(_mm512_and_si512(b, high), _mm512_set1_epi32(0x0040_0000));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, quiet))
+    }
+
+    /// dst[i] = src[i] rounded to bf16 (src as long as dst).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn round_into(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
+        debug_assert_eq!(src.len(), dst.len());
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr().cast::<i16>());
+        for i in (0..dst.len()).step_by(16) {
+            let m: __mmask16 = if dst.len() - i >= 16 { !0 } else { (1u16 << (dst.len() - i)) - 1 };
+            let x = round16(_mm512_maskz_loadu_ps(m, s.add(i)));
+            _mm512_mask_cvtepi32_storeu_epi16(d.add(i).cast(), m, _mm512_srli_epi32::<16>(_mm512_castps_si512(x)));
+        }
+    }
+}
 
 dispatch!(
     /// (dst[2i], dst[2i + 1]) = (a[i], b[i]) rounded to bf16: two rows interleaved, as a pair

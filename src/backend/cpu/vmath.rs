@@ -169,16 +169,31 @@ fn silu_mul_body<const FUSED: bool>(gate: &mut [f32], up: &[f32]) {
     rest.copy_from_slice(&g[..rest.len()]);
 }
 
-/// x[i] = e^(x[i]·scale - shift); returns the sum (16 partial sums, so the loop vectorises at
-/// either vector width).
+/// e^(x·scale - shift), its multiply-adds fused where FUSED: a softmax numerator.
+#[inline(always)]
+pub(super) fn exp_scaled_shift<const FUSED: bool>(x: f32, scale: f32, shift: f32) -> f32 {
+    exp_in::<FUSED>(madd::<FUSED>(x, scale, -shift))
+}
+
+/// Lanes of the softmax sums: the numerators are summed in 16 partial sums, so the loops
+/// vectorise at either vector width, and added up at the end (`lane_sums`).
+pub(super) const SUM_LANES: usize = 16;
+
+/// The partial sums' total, in the one order every softmax of the backend adds them.
+#[inline(always)]
+pub(super) fn lane_sums(acc: &[f32; SUM_LANES]) -> f32 {
+    acc.iter().sum::<f32>()
+}
+
+/// x[i] = e^(x[i]·scale - shift); returns the sum (`SUM_LANES` partial sums).
 #[inline(always)]
 fn exp_scaled_shift_sum_body<const FUSED: bool>(x: &mut [f32], scale: f32, shift: f32) -> f32 {
-    const LANES: usize = 16;
+    const LANES: usize = SUM_LANES;
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            c[i] = exp_in::<FUSED>(madd::<FUSED>(c[i], scale, -shift));
+            c[i] = exp_scaled_shift::<FUSED>(c[i], scale, shift);
             acc[i] += c[i];
         }
     }
@@ -188,11 +203,11 @@ fn exp_scaled_shift_sum_body<const FUSED: bool>(x: &mut [f32], scale: f32, shift
     let mut lanes = [0f32; LANES];
     lanes[..rest.len()].copy_from_slice(rest);
     for i in 0..LANES {
-        lanes[i] = exp_in::<FUSED>(madd::<FUSED>(lanes[i], scale, -shift));
+        lanes[i] = exp_scaled_shift::<FUSED>(lanes[i], scale, shift);
         acc[i] += if i < rest.len() { lanes[i] } else { 0.0 };
     }
     rest.copy_from_slice(&lanes[..rest.len()]);
-    acc.iter().sum::<f32>()
+    lane_sums(&acc)
 }
 
 /// The largest of x (-inf when empty), in 16 lanes: `f32::max`'s fold stays one scalar chain.

@@ -11,6 +11,7 @@
 
 use super::super::gemm_bf16::{self, MR, NR};
 use super::super::kv_cache::CacheView;
+use super::super::vmath::{self, dispatch};
 use super::super::{round, Mat};
 use super::Block;
 use crate::backend::AttnShape;
@@ -83,13 +84,17 @@ impl PackedKv {
         });
     }
 
-    /// out (B, D) = p·v of block b's rows over its runs of keys: p (B, K), 0 outside each row's
-    /// intervals, rounded to bf16 here.
+    /// The softmax of block b's scores (rows, nk) and out (B, D) = p·v over its runs of keys,
+    /// in one pass: p = e^(s·scale - max·scale) over each row's intervals, rounded to bf16
+    /// straight into the product's operand (0 outside them, as attention.rs's `softmax` leaves
+    /// it), the reciprocal of its unrounded sum into inv. No f32 p is written back and read
+    /// again to be rounded.
     ///
     /// # Safety
     /// out covers the block's rows at stride ldc of D writable floats, written by no one else
     /// meanwhile; the CPU runs the kernel.
-    pub(super) unsafe fn weighted(&self, p: &[f32], b: &Block, kv: usize, out: *mut f32, ldc: usize) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn softmax_weighted(&self, scores: &[f32], b: &Block, kv: usize, scale: f32, inv: &mut [f32], out: *mut f32, ldc: usize) {
         let (rows, nk) = (b.t1 - b.t0, b.nk);
         // Rows of whole pairs: an odd K's last pair is (p, 0).
         let nkp = nk.div_ceil(2) * 2;
@@ -103,10 +108,12 @@ impl PackedKv {
             for r0 in (0..rows).step_by(MR) {
                 let r1 = (r0 + MR).min(rows);
                 let end = b.keys_attended_by(r0, r1).div_ceil(2) * 2;
-                for (dst, src) in buf[r0 * nkp..r1 * nkp].chunks_exact_mut(nkp).zip(p[r0 * nk..r1 * nk].chunks_exact(nk)) {
-                    let (values, pad) = dst[..end].split_at_mut(end.min(nk));
-                    round::round_into(&src[..values.len()], values);
-                    pad.fill(bf16::ZERO);
+                for i in r0..r1 {
+                    let (row, dst, iv) = (&scores[i * nk..][..nk], &mut buf[i * nkp..][..end], &b.intervals[i]);
+                    let shift = super::row_max(row, iv) * scale;
+                    let sum: f32 = iv.iter().filter(|(a, e)| a < e).map(|&(a, e)| exp_round_sum(&row[a..e], scale, shift, &mut dst[a..e])).sum();
+                    inv[i] = 1.0 / sum;
+                    super::fill_outside(dst, iv, bf16::ZERO);
                 }
             }
             for (i, &(c0, c1)) in b.runs.iter().enumerate() {
@@ -121,3 +128,43 @@ impl PackedKv {
         });
     }
 }
+
+/// dst[i] = e^(x[i]·scale - shift) rounded to bf16; returns the sum of the unrounded values,
+/// added in `vmath::exp_scaled_shift_sum`'s lanes and order (so the sum is that function's to
+/// the bit).
+#[inline(always)]
+fn exp_round_sum_body<const FUSED: bool>(x: &[f32], scale: f32, shift: f32, dst: &mut [bf16]) -> f32 {
+    const LANES: usize = vmath::SUM_LANES;
+    let x = &x[..dst.len()];
+    let mut acc = [0f32; LANES];
+    let mut chunks = dst.chunks_exact_mut(LANES);
+    for (d, c) in (&mut chunks).zip(x.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            let e = vmath::exp_scaled_shift::<FUSED>(c[i], scale, shift);
+            acc[i] += e;
+            d[i] = round::round(e);
+        }
+    }
+    // The tail as one more vector, the lanes past it left out of the sum (none: adding 0 to
+    // the lanes changes no bit of them).
+    let rest = chunks.into_remainder();
+    if rest.is_empty() {
+        return vmath::lane_sums(&acc);
+    }
+    let mut lanes = [0f32; LANES];
+    lanes[..rest.len()].copy_from_slice(&x[x.len() - rest.len()..]);
+    let mut out = [bf16::ZERO; LANES];
+    for i in 0..LANES {
+        let e = vmath::exp_scaled_shift::<FUSED>(lanes[i], scale, shift);
+        acc[i] += if i < rest.len() { e } else { 0.0 };
+        out[i] = round::round(e);
+    }
+    rest.copy_from_slice(&out[..rest.len()]);
+    vmath::lane_sums(&acc)
+}
+
+dispatch!(
+    fused
+    /// dst[i] = e^(x[i]·scale - shift) rounded to bf16, returning the unrounded values' sum.
+    exp_round_sum, exp_round_sum_avx2, exp_round_sum_avx512, exp_round_sum_body, (x: &[f32], scale: f32, shift: f32, dst: &mut [bf16]) -> f32
+);
