@@ -168,3 +168,26 @@ dispatch!(
     /// dst[i] = e^(x[i]·scale - shift) rounded to bf16, returning the unrounded values' sum.
     exp_round_sum, exp_round_sum_avx2, exp_round_sum_avx512, exp_round_sum_body, (x: &[f32], scale: f32, shift: f32, dst: &mut [bf16]) -> f32
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused numerators are `exp_scaled_shift_sum`'s values rounded, and its sum bit for bit,
+    /// at every tail length around the 16-lane vector.
+    #[test]
+    fn exp_round_sum_is_the_numerators_rounded_and_their_sum() {
+        for n in 0..50 {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.71).collect();
+            let (scale, shift) = (0.125f32, 0.3f32);
+            let mut want = x.clone();
+            let want_sum = vmath::exp_scaled_shift_sum(&mut want, scale, shift);
+            let mut got = vec![bf16::ZERO; n];
+            let sum = exp_round_sum(&x, scale, shift, &mut got);
+            assert_eq!(sum.to_bits(), want_sum.to_bits(), "sum of {n}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), round::round(*w).to_bits(), "{n} values, at {i}");
+            }
+        }
+    }
+}
