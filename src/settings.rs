@@ -107,7 +107,7 @@ mod tests {
     fn nothing_set_is_a_lone_process() {
         let s = from(&[]);
         assert_eq!((s.cluster.local_rank, s.cluster.peer_timeout, s.cluster.progress_every), (0, Duration::from_secs(10), Duration::from_micros(500)));
-        assert_eq!(s.cluster.singleton_env.len(), 3);
+        assert_eq!(s.cluster.singleton_env.len(), 4);
         assert_eq!(s.node, NodeShare::default());
         assert!(s.first_rank && !s.cuda_sync_each_op && s.model.is_none() && s.batch_job.is_none());
         assert_eq!(s.faults, Faults::default());
