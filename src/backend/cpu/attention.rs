@@ -286,9 +286,7 @@ fn attended_runs(intervals: &[Intervals], nk: usize, nr: usize) -> Vec<(usize, u
 fn softmax(scores: &mut [f32], nk: usize, intervals: &[Intervals], scale: f32, round_p: bool, inv: &mut [f32]) {
     for ((row, inv), iv) in scores.chunks_mut(nk).zip(inv.iter_mut()).zip(intervals) {
         let shift = row_max(row, iv) * scale;
-        // Empty intervals left out: their sum, 0, changes no bit of the total.
-        let sum: f32 = iv.iter().filter(|(a, e)| a < e).map(|&(a, e)| vmath::exp_scaled_shift_sum(&mut row[a..e], scale, shift)).sum();
-        *inv = 1.0 / sum;
+        *inv = inv_sum(iv, |a, e| vmath::exp_scaled_shift_sum(&mut row[a..e], scale, shift));
         if round_p {
             iv.iter().for_each(|&(a, e)| round::round_in_place(&mut row[a..e]));
         }
@@ -299,6 +297,13 @@ fn softmax(scores: &mut [f32], nk: usize, intervals: &[Intervals], scale: f32, r
 /// The largest score of a row over its intervals.
 fn row_max(row: &[f32], iv: &Intervals) -> f32 {
     iv.iter().filter(|(a, e)| a < e).map(|&(a, e)| vmath::max(&row[a..e])).fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// 1 / the sum of a row's numerators, `numerators(a, e)` making those of interval [a, e) and
+/// returning their sum: the intervals' sums added in order, the empty ones left out (their 0
+/// changes no bit of the total). Every prefill softmax sums this way.
+fn inv_sum(iv: &Intervals, mut numerators: impl FnMut(usize, usize) -> f32) -> f32 {
+    1.0 / iv.iter().filter(|(a, e)| a < e).map(|&(a, e)| numerators(a, e)).sum::<f32>()
 }
 
 /// row's values outside its intervals (before, between and after them) = zero.

@@ -111,8 +111,7 @@ impl PackedKv {
                 for i in r0..r1 {
                     let (row, dst, iv) = (&scores[i * nk..][..nk], &mut buf[i * nkp..][..end], &b.intervals[i]);
                     let shift = super::row_max(row, iv) * scale;
-                    let sum: f32 = iv.iter().filter(|(a, e)| a < e).map(|&(a, e)| exp_round_sum(&row[a..e], scale, shift, &mut dst[a..e])).sum();
-                    inv[i] = 1.0 / sum;
+                    inv[i] = super::inv_sum(iv, |a, e| exp_round_sum(&row[a..e], scale, shift, &mut dst[a..e]));
                     super::fill_outside(dst, iv, bf16::ZERO);
                 }
             }
