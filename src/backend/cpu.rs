@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use gemm::{Dest, Kernel, Out};
 
 mod attention;
-mod decode;
+mod dispatch;
 mod elem;
 mod kv_cache;
 mod gemm;

@@ -10,7 +10,7 @@
 //! only as far as its rows attend (the causal triangle's far side and the keys after a block's
 //! last choice are never multiplied). Decode (a few rows) streams the keys as dot products
 //! instead: packing K would cost more than the product. A call of decode rows only goes to
-//! decode.rs (key chunks, flash-decoding).
+//! decode.rs (key chunks, flash-decoding), a child module: it shares this one's intervals and scores.
 //!
 //! The bf16 routes round where the CUDA kernel (kernels/attention.cu) does: q, k and v to bf16
 //! as they are read, the unnormalised probabilities p = exp(s - max) to bf16 before p·v (Σ
@@ -20,6 +20,7 @@
 //! products of two bf16 values are exact there) through the same path as f32.
 
 mod bf16;
+pub(super) mod decode;
 
 use super::gemm::{self, Kernel};
 use super::elem::Elem;
@@ -102,7 +103,7 @@ fn is_decode(blocks: &[(usize, usize)]) -> bool {
 pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], route: CpuRoute, as_rows: bool) -> Mat {
     let blocks = query_blocks(spans);
     if is_decode(&blocks) {
-        return super::decode::decode_attention(q, k, v, s, spans, &blocks, route.rounds());
+        return decode::decode_attention(q, k, v, s, spans, &blocks, route.rounds());
     }
     let as_rows = as_rows && route == CpuRoute::Bf16Dot;
     // The micro-kernel packs f32: a narrower cache (rows after a cached prompt) is widened first.

@@ -10,7 +10,8 @@
 //! packed, only rounded into rows of Kp bf16 (`Rows`): a tile broadcasts 32 bits of a row.
 
 use super::gemm::{self, Dest, Init, Out, KC, MC};
-use super::vmath::{self, dispatch};
+use super::dispatch::dispatch;
+use super::vmath;
 use super::round;
 use half::bf16;
 use rayon::prelude::*;

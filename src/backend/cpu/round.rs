@@ -4,7 +4,7 @@
 //! One formula serves the weights at load and the activations as ops make them; it is plain
 //! integer arithmetic without branches, so the loops over slices vectorise.
 
-use super::vmath::dispatch;
+use super::dispatch::dispatch;
 use half::bf16;
 use std::mem::MaybeUninit;
 

@@ -1,6 +1,7 @@
 //! The fast CPU ops against plain-loop references (llama2.c style).
 
 use super::*;
+use super::attention::decode;
 use crate::backend::{KvCache, Ops};
 use crate::tensor::DType;
 use crate::token_tree::{MicroBatch, TokenizedDoc};
@@ -1040,7 +1041,7 @@ fn assert_bf16_attention(q: &Mat, k: &Mat, v: &Mat, s: AttnShape, spans: &[AttnS
     let blocks = super::attention::query_blocks(spans);
     let decode = blocks.iter().all(|(t0, t1)| t1 - t0 <= 4);
     let chunks: Vec<(usize, usize, usize)> = match decode {
-        true => super::decode::decode_chunks(spans, s, &blocks).into_iter().map(|c| (c.block, c.c0, c.c1)).collect(),
+        true => decode::decode_chunks(spans, s, &blocks).into_iter().map(|c| (c.block, c.c0, c.c1)).collect(),
         false => vec![],
     };
     let chunks_of = |t: usize| match decode {

@@ -8,6 +8,7 @@
 //! Accuracy (tests in cpu/tests.rs against f64): exp ~2e-7 relative, erf ~3e-7 absolute,
 //! GELU ~3e-7·max(1, |x|): below what f32 activations carry and what HF's goldens test.
 
+use super::dispatch::dispatch;
 use std::mem::MaybeUninit;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -403,49 +404,6 @@ fn weighted_sum_any(p: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     }
 }
 
-/// Each slice function: the AVX-512 copy, else the AVX2+FMA one, where the CPU has them, the
-/// baseline one otherwise.
-macro_rules! dispatch {
-    ($(#[$doc:meta])* $name:ident, $fast:ident, $wide:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
-        dispatch!(@copies $(#[$doc])* $name, $fast, $wide, $body, $body, $body, ($($arg: $ty),*) -> $ret);
-    };
-    // A body generic over FUSED (see `madd`): fused in the copies whose target has FMA.
-    (fused $(#[$doc:meta])* $name:ident, $fast:ident, $wide:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
-        dispatch!(@copies $(#[$doc])* $name, $fast, $wide, $body::<true>, $body::<true>, $body::<false>, ($($arg: $ty),*) -> $ret);
-    };
-    (@copies $(#[$doc:meta])* $name:ident, $fast:ident, $wide:ident, $fast_body:path, $wide_body:path, $base_body:path, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $fast($($arg: $ty),*) -> $ret {
-            $fast_body($($arg),*)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn $wide($($arg: $ty),*) -> $ret {
-            $wide_body($($arg),*)
-        }
-
-        $(#[$doc])*
-        pub fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features the copy was compiled for.
-                    return unsafe { $wide($($arg),*) };
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: as above.
-                    return unsafe { $fast($($arg),*) };
-                }
-            }
-            $base_body($($arg),*)
-        }
-    };
-}
-
-// The other slice loops of the backend (round.rs) take the same three copies.
-pub(super) use dispatch;
 
 dispatch!(
     fused

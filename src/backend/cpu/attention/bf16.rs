@@ -11,7 +11,8 @@
 
 use super::super::gemm_bf16::{self, MR, NR};
 use super::super::kv_cache::CacheView;
-use super::super::vmath::{self, dispatch};
+use super::super::dispatch::dispatch;
+use super::super::vmath;
 use super::super::{round, Mat};
 use super::Block;
 use crate::backend::AttnShape;

@@ -16,10 +16,10 @@
 //! exp(s - max) to bf16 before p·v, max being the chunk's (the CUDA kernel's p is relative to
 //! its running max, the keys so far), Σ summed before the rounding.
 
-use super::attention::{attended_intervals, block_keys, SCORES};
-use super::elem::Elem;
-use super::kv_cache::CacheView;
-use super::{round, vmath, Mat};
+use super::super::elem::Elem;
+use super::super::kv_cache::CacheView;
+use super::super::{round, vmath, Mat};
+use super::{attended_intervals, block_keys, SCORES};
 use crate::backend::AttnShape;
 use crate::token_tree::AttnSpan;
 use rayon::prelude::*;
@@ -34,7 +34,7 @@ const DECODE_ITEMS_PER_THREAD: usize = 4;
 const DECODE_SUB_BLOCK_BYTES: usize = 16 << 10;
 
 /// One decode work item: keys [c0, c1) of every KV head for the rows of block `block`.
-pub(super) struct DecodeChunk {
+pub(in crate::backend::cpu) struct DecodeChunk {
     pub block: usize,
     pub c0: usize,
     pub c1: usize,
@@ -43,7 +43,7 @@ pub(super) struct DecodeChunk {
 /// The work items of decode blocks: each block's keys cut into chunks of at least
 /// DECODE_CHUNK_KEYS, about DECODE_ITEMS_PER_THREAD per thread in all; a block's chunks
 /// consecutive, in key order.
-pub(super) fn decode_chunks(spans: &[AttnSpan], s: AttnShape, blocks: &[(usize, usize)]) -> Vec<DecodeChunk> {
+pub(in crate::backend::cpu) fn decode_chunks(spans: &[AttnSpan], s: AttnShape, blocks: &[(usize, usize)]) -> Vec<DecodeChunk> {
     let want = rayon::current_num_threads() * DECODE_ITEMS_PER_THREAD;
     let per_block = want.div_ceil(blocks.len().max(1));
     let mut chunks = vec![];
@@ -62,14 +62,14 @@ pub(super) fn decode_chunks(spans: &[AttnSpan], s: AttnShape, blocks: &[(usize, 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)], round: bool) -> Mat {
     let (h, d) = (s.heads, s.head_dim);
-    let q = super::rounded_if(q, round);
+    let q = super::super::rounded_if(q, round);
     let q = &*q;
     let g = h / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let chunks = decode_chunks(spans, s, blocks);
     // Per chunk, per (row of its block, head): max score, Σ e^(score - max), and the
     // unnormalised output Σ e^(score - max)·v (D): (rows, H, D + 2).
-    super::spin::keep_workers_awake();
+    super::super::spin::keep_workers_awake();
     let partials: Vec<Vec<f32>> = chunks
         .par_iter()
         .map(|c| {
@@ -184,7 +184,7 @@ fn zmm_tile(d: usize) -> Option<usize> {
 /// heads of one KV group, q (G, D); rows `stride` apart, their values rounded to bf16 first
 /// where `round`. Each row is loaded once for the group.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_scaled_dots<E: Elem>(q: &[f32], d: usize, rows: &[E], stride: usize, scale: f32, n: usize, out: &mut [f32], out_stride: usize, round: bool) {
+pub(in crate::backend::cpu) fn group_scaled_dots<E: Elem>(q: &[f32], d: usize, rows: &[E], stride: usize, scale: f32, n: usize, out: &mut [f32], out_stride: usize, round: bool) {
     let g = q.len() / d;
     if n == 0 || g == 0 {
         return;
@@ -236,7 +236,7 @@ fn value<E: Elem>(x: E, round: bool) -> f32 {
 /// `g` query heads of one KV group; rows `stride` apart, their values rounded to bf16 first
 /// where `round`. Each row is loaded once for the group.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_weighted_sum<E: Elem>(g: usize, p: &[f32], p_stride: usize, rows: &[E], stride: usize, n: usize, out: &mut [f32], d: usize, out_stride: usize, round: bool) {
+pub(in crate::backend::cpu) fn group_weighted_sum<E: Elem>(g: usize, p: &[f32], p_stride: usize, rows: &[E], stride: usize, n: usize, out: &mut [f32], d: usize, out_stride: usize, round: bool) {
     if n == 0 || g == 0 {
         return;
     }
