@@ -122,7 +122,7 @@ pub(super) fn attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E>, s: A
 fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &[AttnSpan], blocks: &[(usize, usize)], route: CpuRoute, as_rows: bool) -> Mat {
     let (h, d) = (s.heads, s.head_dim);
     let packed = match route {
-        CpuRoute::Bf16Dot => Packed::Bf16(bf16::PackedKv::new(k, v, s)),
+        CpuRoute::Bf16Dot => Packed::Bf16(bf16::PackedKv::new(q, k, v, s)),
         _ => Packed::F32(PackedKv::new(k, v, s, route.rounds())),
     };
     // The widened route multiplies q's bf16 values; `Bf16Dot` rounds each block's rows itself.
@@ -350,7 +350,7 @@ unsafe fn block_head(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, packed: &Pac
             scale
         }
         (true, Packed::Bf16(packed)) => {
-            packed.scores(q, s, b, hh, scores);
+            packed.scores(s, b, hh, scores);
             scale
         }
         (false, _) => {

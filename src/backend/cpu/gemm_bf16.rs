@@ -163,6 +163,12 @@ impl Rows {
         Rows { data, rows: t, kp }
     }
 
+    /// Where row i starts (its kp values; i = rows: one past the last).
+    pub(super) fn row(&self, i: usize) -> *const bf16 {
+        assert!(i <= self.rows);
+        self.data[i * self.kp..].as_ptr()
+    }
+
     /// Row i's k values, widened (exactly): the f32 matrix these rows hold.
     pub(super) fn widen(&self, k: usize) -> Vec<f32> {
         self.data.par_chunks(self.kp.max(1)).take(self.rows).flat_map_iter(|r| r[..k].iter().map(|v| v.to_f32())).collect()

@@ -21,13 +21,17 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 thread_local! {
-    /// Each worker's bf16 left operand (a block's q rows of one head, or its p rows): grown,
-    /// never refilled.
+    /// Each worker's bf16 left operand (a block's p rows of one head): grown, never refilled.
     static OPERAND: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Every KV head's keys and values rounded into bf16 pair panels.
+/// A call's operands in bf16: q's rows rounded, every KV head's keys and values rounded into
+/// pair panels.
 pub(super) struct PackedKv {
+    /// (T·H, D) q rounded, `dp` apart: row t·H + hh is row t's head hh. Rounded in one pass
+    /// over q (the blocks' tiles read a head's rows H·dp apart): rounded per block and head,
+    /// 64 values at a time from rows 2304 bytes apart, its loads missed cache (perf annotate).
+    queries: gemm_bf16::Rows,
     /// Per KV head: its (S, D) keys, panels of NR keys, `dp` deep.
     keys: Vec<Vec<bf16>>,
     /// Per KV head: vᵀ (D, S), panels of NR head columns, `sp` deep.
@@ -39,8 +43,9 @@ pub(super) struct PackedKv {
 }
 
 impl PackedKv {
-    pub(super) fn new(k: CacheView<f32>, v: CacheView<f32>, s: AttnShape) -> PackedKv {
+    pub(super) fn new(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape) -> PackedKv {
         let d = s.head_dim;
+        let queries = gemm_bf16::Rows::round(&q.data, q.rows * s.heads, d);
         // Blocks start their keys at a whole panel of the f32 kernel's width: this one's.
         debug_assert_eq!(super::Kernel::detect().nr(), NR);
         // Keys and values of each KV head apart, as the f32 packing does.
@@ -53,36 +58,27 @@ impl PackedKv {
             .collect();
         let values = (0..s.kv_heads).map(|kv| std::mem::take(&mut packed[2 * kv + 1])).collect();
         let keys = (0..s.kv_heads).map(|kv| std::mem::take(&mut packed[2 * kv])).collect();
-        PackedKv { keys, values, d, dp: d.div_ceil(2) * 2, sp: k.rows.div_ceil(2) * 2 }
+        PackedKv { queries, keys, values, d, dp: d.div_ceil(2) * 2, sp: k.rows.div_ceil(2) * 2 }
     }
 
     /// scores (B, K) = q·kᵀ of block b's rows for head hh, over its runs of keys, each tile as
     /// far as its rows attend (the rest left for the softmax to write).
     ///
     /// # Safety
-    /// q holds the block's rows (H·D values each), scores (rows, b.nk); the CPU runs the kernel.
-    pub(super) unsafe fn scores(&self, q: &Mat, s: AttnShape, b: &Block, hh: usize, scores: &mut [f32]) {
-        let (d, dp, rows) = (self.d, self.dp, b.t1 - b.t0);
+    /// scores holds (rows, b.nk) floats; the CPU runs the kernel.
+    pub(super) unsafe fn scores(&self, s: AttnShape, b: &Block, hh: usize, scores: &mut [f32]) {
+        let (dp, rows) = (self.dp, b.t1 - b.t0);
         let kv = hh / (s.heads / s.kv_heads);
-        OPERAND.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            if buf.len() < rows * dp {
-                buf.resize(rows * dp, bf16::ZERO);
-            }
-            for (i, dst) in buf[..rows * dp].chunks_exact_mut(dp).enumerate() {
-                let (values, pad) = dst.split_at_mut(d);
-                round::round_into(&q.data[(b.t0 + i) * q.cols + hh * d..][..d], values);
-                pad.fill(bf16::ZERO);
-            }
-            for &(c0, c1) in &b.runs {
-                // SAFETY: buf holds rows x dp values, the keys' panel of key k0 + c0 (a multiple
-                // of NR) starts the window of c1 - c0 keys, scores has rows x nk floats; a tile
-                // writes only the columns its rows attend up to.
-                gemm_bf16::matmul_tiles(buf.as_ptr(), dp, rows, dp, self.keys[kv].as_ptr().add((b.k0 + c0) / NR * dp * NR), dp * NR, c1 - c0, scores.as_mut_ptr().add(c0), b.nk, false, |r0, r1| {
-                    (b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0), dp)
-                });
-            }
-        });
+        // Head hh of the block's rows: rows H·dp apart from row t0·H + hh.
+        let (q, lda) = (self.queries.row(b.t0 * s.heads + hh), s.heads * dp);
+        for &(c0, c1) in &b.runs {
+            // SAFETY: q's rows are dp values at lda apart, the keys' panel of key k0 + c0 (a
+            // multiple of NR) starts the window of c1 - c0 keys, scores has rows x nk floats;
+            // a tile writes only the columns its rows attend up to.
+            gemm_bf16::matmul_tiles(q, lda, rows, dp, self.keys[kv].as_ptr().add((b.k0 + c0) / NR * dp * NR), dp * NR, c1 - c0, scores.as_mut_ptr().add(c0), b.nk, false, |r0, r1| {
+                (b.keys_attended_by(r0, r1).min(c1).saturating_sub(c0), dp)
+            });
+        }
     }
 
     /// The softmax of block b's scores (rows, nk) and out (B, D) = p·v over its runs of keys,
