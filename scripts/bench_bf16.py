@@ -16,7 +16,8 @@ llama.cpp on a BF16 GGUF of the same values, same machine, same documents, one r
     in the Python given by --torch-python; '' skips it); falcon-batch's decoder-GEMM FLOP rate
     (2·rows·decoder linear weights / wall seconds) as a fraction of it.
 (b) decode: seconds per new token at ~100 and ~2048 tokens of context, falcon-batch bf16 weights
-    on the bf16 route with the f16 cache (llama.cpp's default cache) vs llama.cpp on the BF16 GGUF.
+    on the bf16 route with its bf16 cache and with the f16 cache (llama.cpp's default, the same
+    bytes), and on the f32 route with the f16 cache, vs llama.cpp on the BF16 GGUF.
 Every timing is repeated --repeats times, interleaved across engines, the minimum kept, the load
 average recorded before each run; each repeat's own ratios (falcon-batch over llama.cpp, the
 engines run in turn) are printed too, with their median. Writes --out (JSON) and prints a
@@ -207,7 +208,10 @@ def main():
     if not args.skip_decode:
         steps = args.new_tokens
         llm = bc.llama_load(args.bf16_gguf, args)
-        variants = {"falcon-batch bf16 weights, bf16 compute, f16 cache": ("f16", ["--compute-dtype", "bf16"]),
+        # The bf16 route's own cache (bf16: what it reads of an f32 one, in llama.cpp's f16
+        # cache's bytes) first, then the f16 cache on both routes.
+        variants = {"falcon-batch bf16 weights, bf16 compute, bf16 cache": ("bf16", ["--compute-dtype", "bf16"]),
+                    "falcon-batch bf16 weights, bf16 compute, f16 cache": ("f16", ["--compute-dtype", "bf16"]),
                     "falcon-batch bf16 weights, f32 compute, f16 cache": ("f16", ["--compute-dtype", "f32"])}
         for ctx in [int(x) for x in args.contexts.split(",")]:
             text, plen = bc.prompt_of_length(tok, docs, min(ctx, args.n_ctx - steps - 1))

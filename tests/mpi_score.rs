@@ -152,18 +152,25 @@ fn generation_is_the_same_on_any_number_of_ranks() {
         let out: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(out["tokens"], serde_json::json!(smol::golden_tokens(&gen, run)), "f16 cache, prompt {}", run["prompt"]);
     }
+    // on the bf16 route a bf16 cache holds what that route rounds an f32 cache's keys and
+    // values to as it reads them: the same output to the byte
+    let bf16_route = ["--prompts", p, "--max-new-tokens", "24", "--group-layers", "5", "--compute-dtype", "bf16", "--kv-cache"];
+    let f32_cache = generate_on(2, &[&bf16_route[..], &["f32"]].concat());
+    assert_eq!(generate_on(2, &[&bf16_route[..], &["bf16"]].concat()), f32_cache, "bf16 route, bf16 cache vs f32 cache");
     // sampling with a seed: the same text on 1 and 3 ranks
     let sample = ["--prompts", p, "--max-new-tokens", "12", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7", "--group-layers", "5"];
     assert_eq!(generate_on(1, &sample), generate_on(3, &sample));
 }
 
 #[test]
-fn an_f16_cache_on_cuda_is_refused_naming_the_option() {
+fn a_narrow_cache_on_cuda_is_refused_naming_the_option() {
     // Refused before any device or model is opened, with or without a GPU.
-    let o = Command::new(bin()).args(["generate", "--device", "cuda", "--kv-cache", "f16", "--model", "unused", "--prompt", "hi"]).output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{err}");
-    assert!(err.contains("--kv-cache f16 is for the CPU backend (--device cpu)"), "{err}");
+    for dtype in ["f16", "bf16"] {
+        let o = Command::new(bin()).args(["generate", "--device", "cuda", "--kv-cache", dtype, "--model", "unused", "--prompt", "hi"]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains(&format!("--kv-cache {dtype} is for the CPU backend (--device cpu)")), "{err}");
+    }
 }
 
 /// The whole sample corpus (26 documents), for the wire-dtype comparison.

@@ -485,10 +485,8 @@ impl super::Kernels for CpuBackend {
         let q = q.f32("attention_cached")?;
         let out = match (k, v) {
             (CpuCache::F32(k), CpuCache::F32(v)) => attention::attention(q, k.into(), v.into(), s, spans, self.route, true),
-            (CpuCache::F16 { rows, cols, data: kd }, CpuCache::F16 { rows: vr, cols: vc, data: vd }) => {
-                let k = kv_cache::CacheView { rows: *rows, cols: *cols, data: &kd[..] };
-                attention::attention(q, k, kv_cache::CacheView { rows: *vr, cols: *vc, data: &vd[..] }, s, spans, self.route, true)
-            }
+            (CpuCache::F16(k), CpuCache::F16(v)) => attention::attention(q, k.view(), v.view(), s, spans, self.route, true),
+            (CpuCache::Bf16(k), CpuCache::Bf16(v)) => attention::attention(q, k.view(), v.view(), s, spans, self.route, true),
             _ => return Err(shape_err("attention_cached", format!("keys kept as {}, values as {}", k.dtype(), v.dtype()))),
         };
         Ok(self.rounded(out))

@@ -99,15 +99,18 @@ macro_rules! flag_names {
 
 /// What a generation cache keeps its keys and values as. f32 is the reference; f16 halves
 /// the bytes every decode step reads (the cache is most of them at long contexts), with
-/// llama.cpp's default rounding of K and V (its cache is f16 unless told otherwise).
+/// llama.cpp's default rounding of K and V (its cache is f16 unless told otherwise); bf16
+/// halves them too, with the rounding the bf16 compute route gives K and V as it reads them
+/// anyway (there, a bf16 cache changes no result and saves that rounding at every step).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvDtype {
     #[default]
     F32,
     F16,
+    Bf16,
 }
 
-flag_names!(KvDtype, "cache dtype", F32 => "f32", F16 => "f16");
+flag_names!(KvDtype, "cache dtype", F32 => "f32", F16 => "f16", Bf16 => "bf16");
 
 /// What the GEMMs multiply in. f32 is the reference (HF parity is checked on it). bf16 rounds
 /// every GEMM input to bf16 where the CUDA backend does (weights once at load; the outputs of
@@ -128,13 +131,13 @@ mod flag_name_tests {
 
     #[test]
     fn names_round_trip_and_refusals_list_them() {
-        for k in [KvDtype::F32, KvDtype::F16] {
+        for k in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
             assert_eq!(k.to_string().parse::<KvDtype>(), Ok(k));
         }
         for c in [ComputeDtype::F32, ComputeDtype::Bf16] {
             assert_eq!(format!(" {} ", c.to_string().to_uppercase()).parse::<ComputeDtype>(), Ok(c));
         }
-        assert_eq!("q8".parse::<KvDtype>(), Err("unknown cache dtype `q8`: expected f32 or f16".to_string()));
+        assert_eq!("q8".parse::<KvDtype>(), Err("unknown cache dtype `q8`: expected f32, f16 or bf16".to_string()));
         assert_eq!("fp16".parse::<ComputeDtype>(), Err("unknown compute dtype `fp16`: expected f32 or bf16".to_string()));
     }
 }

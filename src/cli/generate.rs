@@ -50,8 +50,10 @@ pub struct GenerateArgs {
     /// Do not stop at the model's end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
-    /// What the generation cache keeps keys and values as: f32 (the reference) or f16 (half
-    /// the bytes each step reads, most of them at long contexts; llama.cpp's default). CPU only.
+    /// What the generation cache keeps keys and values as: f32 (the reference), f16 (half
+    /// the bytes each step reads, most of them at long contexts; llama.cpp's default) or bf16
+    /// (half the bytes too; with --compute-dtype bf16 it changes no result, as that route rounds
+    /// keys and values to bf16 anyway, and saves that rounding at every step). CPU only.
     #[arg(long, default_value = "f32")]
     kv_cache: KvDtype,
     #[command(flatten)]

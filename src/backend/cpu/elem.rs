@@ -6,6 +6,8 @@
 use half::{bf16, f16};
 
 pub(super) trait Elem: Copy + Default + Send + Sync + 'static {
+    /// Every value is a bf16 value: rounding it to bf16 leaves it as it is.
+    const BF16: bool = false;
     fn widen(self) -> f32;
     /// The values as f32 when they are f32 already: the f32 kernels of vmath.rs then serve.
     fn as_f32(values: &[Self]) -> Option<&[f32]>;
@@ -71,6 +73,8 @@ impl Elem for f16 {
 
 /// bf16 is f32's upper half: widening is a 16-bit shift of the zero-extended bits.
 impl Elem for bf16 {
+    const BF16: bool = true;
+
     fn widen(self) -> f32 {
         self.to_f32()
     }

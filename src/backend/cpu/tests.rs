@@ -675,9 +675,14 @@ fn rounded_to_f16(x: &Mat) -> Mat {
     Mat::new(x.rows, x.cols, x.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect())
 }
 
+/// x with every value rounded to bf16 and back: what a bf16 cache holds of it.
+fn rounded_to_bf16(x: &Mat) -> Mat {
+    Mat::new(x.rows, x.cols, x.data.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect())
+}
+
 #[test]
 fn caches_grow_in_place_to_what_concat_rows_makes_and_regroup_by_rows() {
-    for dtype in [KvDtype::F32, KvDtype::F16] {
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16] {
         let b = CpuBackend::with_kv_dtype(dtype);
         let mut cache = b.cache_from(mat(5, 24, 82)).unwrap();
         let mut want = mat(5, 24, 82);
@@ -686,10 +691,15 @@ fn caches_grow_in_place_to_what_concat_rows_makes_and_regroup_by_rows() {
             want = b.concat_rows(&want, &new).unwrap();
             b.cache_append(&mut cache, &new).unwrap();
         }
-        let want = if dtype == KvDtype::F16 { rounded_to_f16(&want) } else { want };
+        let want = match dtype {
+            KvDtype::F32 => want,
+            KvDtype::F16 => rounded_to_f16(&want),
+            KvDtype::Bf16 => rounded_to_bf16(&want),
+        };
         let widened = |c: &CpuCache| match c {
             CpuCache::F32(m) => m.clone(),
-            CpuCache::F16 { rows, cols, data } => Mat::new(*rows, *cols, data.iter().map(|x| x.to_f32()).collect()),
+            CpuCache::F16(n) => Mat::new(n.rows, n.cols, n.data.iter().map(|x| x.to_f32()).collect()),
+            CpuCache::Bf16(n) => Mat::new(n.rows, n.cols, n.data.iter().map(|x| x.to_f32()).collect()),
         };
         assert_eq!(widened(&cache), want, "{dtype}");
         assert_eq!(b.cache_len(&cache), want.rows);
@@ -1129,6 +1139,38 @@ fn bf16_prefill_attention_rounds_where_cuda_does() {
 /// the prefill does, p relative to its chunk's max: tree spans over 700 cached keys (several
 /// chunks; one, two and three intervals), GQA, at the group kernels' head sizes (64, 128) and
 /// the fallback's (40), over an f32 and an f16 cache.
+/// On the bf16 routes a bf16 cache holds what the kernels would round an f32 cache's keys and
+/// values to as they read them: attention over it is the f32 cache's, bit for bit (the decode
+/// kernels skip the rounding there), for decode rows by key chunks and for prefill rows after
+/// the cache; on the f32 route it is the reference over the rounded keys and values.
+#[test]
+fn a_bf16_cache_changes_no_bit_of_the_bf16_routes() {
+    let cached = 700;
+    let decode = vec![AttnSpan::causal(0), AttnSpan::new(0, 250, cached as u32 + 1), AttnSpan::new(300, 650, cached as u32 + 2).with_path(660, 690)];
+    for d in [40, 64, 128] {
+        for spans in [decode.clone(), vec![AttnSpan::causal(0); 6]] {
+            let new = spans.len();
+            let shape = AttnShape { heads: 6, kv_heads: 2, head_dim: d, key_offset: cached };
+            let (q, k, v) = (mat(new, 6 * d, 120), mat(cached + new, 2 * d, 121), mat(cached + new, 2 * d, 122));
+            let head = |m: &Mat| Mat::new(cached, m.cols, m.data[..cached * m.cols].to_vec());
+            let tail = |m: &Mat| Mat::new(new, m.cols, m.data[cached * m.cols..].to_vec());
+            let run = |b: &CpuBackend| {
+                let (mut ck, mut cv) = (b.cache_from(head(&k)).unwrap(), b.cache_from(head(&v)).unwrap());
+                b.cache_append(&mut ck, &tail(&k)).unwrap();
+                b.cache_append(&mut cv, &tail(&v)).unwrap();
+                b.attention_cached(&q, &ck, &cv, shape, &spans).unwrap()
+            };
+            for route in CpuRoute::available(crate::backend::ComputeDtype::Bf16) {
+                let (f32_cache, bf16_cache) = (run(&CpuBackend::with_route(KvDtype::F32, route)), run(&CpuBackend::with_route(KvDtype::Bf16, route)));
+                let bits = |m: &Mat| m.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&bf16_cache), bits(&f32_cache), "{route:?}, D = {d}, {new} rows");
+            }
+            let out = run(&CpuBackend::with_kv_dtype(KvDtype::Bf16));
+            assert_close(&out.data, &attention_ref(&q, &rounded_to_bf16(&k), &rounded_to_bf16(&v), shape, &spans), 1e-5);
+        }
+    }
+}
+
 #[test]
 fn bf16_decode_attention_rounds_where_cuda_does() {
     let cached = 700;

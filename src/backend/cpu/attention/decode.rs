@@ -66,6 +66,8 @@ pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E
     let q = &*q;
     let g = h / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
+    // A bf16 cache holds k and v rounded already: the kernels skip the rounding per step.
+    let round_kv = round && !E::BF16;
     let chunks = decode_chunks(spans, s, blocks);
     // Per chunk, per (row of its block, head): max score, Σ e^(score - max), and the
     // unnormalised output Σ e^(score - max)·v (D): (rows, H, D + 2).
@@ -89,7 +91,7 @@ pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E
                     for (a, b) in segs.clone() {
                         sub_blocks(k, a, b, s.kv_heads, |j0, n, kv| {
                             let out = &mut scores[kv * g * nk + at + j0 - a..];
-                            group_scaled_dots(&qrow[kv * g * d..][..g * d], d, &k.data[j0 * k.cols + kv * d..], k.cols, scale, n, out, nk, round);
+                            group_scaled_dots(&qrow[kv * g * d..][..g * d], d, &k.data[j0 * k.cols + kv * d..], k.cols, scale, n, out, nk, round_kv);
                         });
                         at += b - a;
                     }
@@ -106,7 +108,7 @@ pub(super) fn decode_attention<E: Elem>(q: &Mat, k: CacheView<E>, v: CacheView<E
                         sub_blocks(v, a, b, s.kv_heads, |j0, n, kv| {
                             let p = &scores[kv * g * nk + at + j0 - a..];
                             let out = &mut part[kv * g * (d + 2) + 2..];
-                            group_weighted_sum(g, p, nk, &v.data[j0 * v.cols + kv * d..], v.cols, n, out, d, d + 2, round);
+                            group_weighted_sum(g, p, nk, &v.data[j0 * v.cols + kv * d..], v.cols, n, out, d, d + 2, round_kv);
                         });
                         at += b - a;
                     }
