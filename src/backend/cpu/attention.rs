@@ -125,7 +125,7 @@ fn prefill(q: &Mat, k: CacheView<f32>, v: CacheView<f32>, s: AttnShape, spans: &
         CpuRoute::Bf16Dot => Packed::Bf16(bf16::PackedKv::new(q, k, v, s)),
         _ => Packed::F32(PackedKv::new(k, v, s, route.rounds())),
     };
-    // The widened route multiplies q's bf16 values; `Bf16Dot` rounds each block's rows itself.
+    // The widened route multiplies q's bf16 values; `Bf16Dot`'s operands rounded q once, above.
     let q = super::rounded_if(q, route == CpuRoute::Bf16Widened);
     let q = &*q;
     // Work items: blocks of query rows of one document, every head; each writes its own rows of

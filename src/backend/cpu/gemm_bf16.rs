@@ -11,8 +11,7 @@
 
 use super::gemm::{self, Dest, Init, Out, KC, MC};
 use super::dispatch::dispatch;
-use super::vmath;
-use super::round;
+use super::{round, vmath};
 use half::bf16;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;

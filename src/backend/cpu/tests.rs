@@ -698,8 +698,8 @@ fn caches_grow_in_place_to_what_concat_rows_makes_and_regroup_by_rows() {
         };
         let widened = |c: &CpuCache| match c {
             CpuCache::F32(m) => m.clone(),
-            CpuCache::F16(n) => Mat::new(n.rows, n.cols, n.data.iter().map(|x| x.to_f32()).collect()),
-            CpuCache::Bf16(n) => Mat::new(n.rows, n.cols, n.data.iter().map(|x| x.to_f32()).collect()),
+            CpuCache::F16(n) => n.view().widen(),
+            CpuCache::Bf16(n) => n.view().widen(),
         };
         assert_eq!(widened(&cache), want, "{dtype}");
         assert_eq!(b.cache_len(&cache), want.rows);
@@ -1135,10 +1135,6 @@ fn bf16_prefill_attention_rounds_where_cuda_does() {
     }
 }
 
-/// The bf16 routes' decode attention (rows of a few per document, by key chunks) rounds as
-/// the prefill does, p relative to its chunk's max: tree spans over 700 cached keys (several
-/// chunks; one, two and three intervals), GQA, at the group kernels' head sizes (64, 128) and
-/// the fallback's (40), over an f32 and an f16 cache.
 /// On the bf16 routes a bf16 cache holds what the kernels would round an f32 cache's keys and
 /// values to as they read them: attention over it is the f32 cache's, bit for bit (the decode
 /// kernels skip the rounding there), for decode rows by key chunks and for prefill rows after
@@ -1171,6 +1167,10 @@ fn a_bf16_cache_changes_no_bit_of_the_bf16_routes() {
     }
 }
 
+/// The bf16 routes' decode attention (rows of a few per document, by key chunks) rounds as
+/// the prefill does, p relative to its chunk's max: tree spans over 700 cached keys (several
+/// chunks; one, two and three intervals), GQA, at the group kernels' head sizes (64, 128) and
+/// the fallback's (40), over an f32 and an f16 cache.
 #[test]
 fn bf16_decode_attention_rounds_where_cuda_does() {
     let cached = 700;

@@ -12,8 +12,7 @@
 use super::super::gemm_bf16::{self, MR, NR};
 use super::super::kv_cache::CacheView;
 use super::super::dispatch::dispatch;
-use super::super::vmath;
-use super::super::{round, Mat};
+use super::super::{round, vmath, Mat};
 use super::Block;
 use crate::backend::AttnShape;
 use half::bf16;
@@ -28,9 +27,9 @@ thread_local! {
 /// A call's operands in bf16: q's rows rounded, every KV head's keys and values rounded into
 /// pair panels.
 pub(super) struct PackedKv {
-    /// (T·H, D) q rounded, `dp` apart: row t·H + hh is row t's head hh. Rounded in one pass
-    /// over q (the blocks' tiles read a head's rows H·dp apart): rounded per block and head,
-    /// 64 values at a time from rows 2304 bytes apart, its loads missed cache (perf annotate).
+    /// (T·H, D) q rounded, `dp` apart: row t·H + hh is row t's head hh, so a block's tiles
+    /// read a head's rows H·dp apart. One pass over q: rounded per block and head instead (64
+    /// values at a time from rows 2304 bytes apart), its loads missed cache (perf annotate).
     queries: gemm_bf16::Rows,
     /// Per KV head: its (S, D) keys, panels of NR keys, `dp` deep.
     keys: Vec<Vec<bf16>>,
